@@ -1,0 +1,1 @@
+//! PCI helpers: configuration space, BARs, capabilities (MSI, MSI-X).

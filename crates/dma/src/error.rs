@@ -1,0 +1,125 @@
+//! The DMA error type: every way a device access can be refused.
+
+use std::fmt;
+
+/// Direction of a DMA, from the device's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Device reads memory.
+    Read,
+    /// Device writes memory.
+    Write,
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Access::Read => "read",
+            Access::Write => "write",
+        })
+    }
+}
+
+/// A refused DMA or mapping operation. Accesses are faults reported to the device model;
+/// mapping errors carry the errno a vfio-user reply needs ([`DmaError::errno`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DmaError {
+    /// No mapping covers (part of) the access.
+    #[error("DMA fault: {access} of {len} bytes at IOVA {iova:#x} is outside every DMA mapping; the driver must map that memory first")]
+    Unmapped {
+        /// First faulting address.
+        iova: u64,
+        /// Bytes requested from that address.
+        len: u64,
+        /// Direction.
+        access: Access,
+    },
+    /// The mapping exists but does not allow this direction.
+    #[error("DMA fault: {access} at IOVA {iova:#x} denied: the mapping does not permit {access}s")]
+    Permission {
+        /// Faulting address.
+        iova: u64,
+        /// Direction.
+        access: Access,
+    },
+    /// Address plus length wraps the 64-bit space.
+    #[error("DMA range at {iova:#x} with length {len:#x} wraps the 64-bit address space")]
+    Overflow {
+        /// Start.
+        iova: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The memory owner reached by messages refused the access.
+    #[error("DMA {access} of {len} bytes at {iova:#x} failed at the peer (errno {errno})")]
+    Peer {
+        /// Address.
+        iova: u64,
+        /// Length.
+        len: u64,
+        /// Direction.
+        access: Access,
+        /// errno from the peer.
+        errno: i32,
+    },
+    /// A new mapping overlaps an existing one.
+    #[error("DMA mapping [{iova:#x}, +{size:#x}) overlaps an existing mapping; unmap it first")]
+    Overlap {
+        /// Start.
+        iova: u64,
+        /// Size.
+        size: u64,
+    },
+    /// An unmap that does not name an existing mapping exactly.
+    #[error("no DMA mapping is exactly [{iova:#x}, +{size:#x}); unmap must name a whole mapping")]
+    NotMapped {
+        /// Start.
+        iova: u64,
+        /// Size.
+        size: u64,
+    },
+    /// The table already holds its maximum number of mappings.
+    #[error("too many DMA mappings (limit {limit}); unmap some or raise max_dma_maps")]
+    TooManyMappings {
+        /// The limit.
+        limit: usize,
+    },
+    /// A malformed request.
+    #[error("invalid DMA request: {0}")]
+    Invalid(String),
+    /// Mapping the backing file descriptor failed.
+    #[error("cannot mmap DMA region [{iova:#x}, +{size:#x}) from its file descriptor: {errno_text} (errno {errno})")]
+    Mmap {
+        /// Start.
+        iova: u64,
+        /// Size.
+        size: u64,
+        /// errno.
+        errno: i32,
+        /// strerror text.
+        errno_text: String,
+    },
+}
+
+impl DmaError {
+    /// The errno this error is reported with on the wire.
+    pub fn errno(&self) -> i32 {
+        match self {
+            DmaError::Unmapped { .. } | DmaError::Permission { .. } => libc::EFAULT,
+            DmaError::Overflow { .. } | DmaError::Invalid(_) => libc::EINVAL,
+            DmaError::Peer { errno, .. } => *errno,
+            DmaError::Overlap { .. } => libc::EEXIST,
+            DmaError::NotMapped { .. } => libc::ENOENT,
+            DmaError::TooManyMappings { .. } => libc::ENOSPC,
+            DmaError::Mmap { errno, .. } => *errno,
+        }
+    }
+
+    /// True for faults raised by a device access (as opposed to mapping management).
+    pub fn is_fault(&self) -> bool {
+        matches!(
+            self,
+            DmaError::Unmapped { .. } | DmaError::Permission { .. } | DmaError::Peer { .. }
+        )
+    }
+}

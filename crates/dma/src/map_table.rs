@@ -1,0 +1,506 @@
+//! The flat DMA map table a vfio-user client (or a VMM) builds with DMA_MAP / DMA_UNMAP.
+//!
+//! Mappings never overlap and are found by a `BTreeMap` keyed on their start address. An
+//! access may span adjacent mappings; each piece is checked (present, permitted) before
+//! any byte moves, so a refused access has no partial effect.
+//!
+//! fd-backed mappings are mmapped once at DMA_MAP time and accessed in place through
+//! `VolatileSlice` copies; the fd's size is checked first so that a mapping can never
+//! reach past the end of its file (which would SIGBUS). peer-backed mappings are copied
+//! by message through the [`DmaPeer`].
+//!
+//! Locking: one `RwLock`. Accesses take it shared; map/unmap take it exclusive, so an
+//! unmap waits for in-flight in-place copies (as an IOMMU unmap waits for the IOTLB
+//! flush). Peer copies run after the lock is released (they may block on a socket).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, VolatileMemory};
+
+use crate::dirty::DirtyLog;
+use crate::{Access, DmaError, DmaPeer, DmaRange, DmaSpace, Prot};
+
+/// What backs a new mapping.
+#[derive(Clone)]
+pub enum DmaBacking {
+    /// Memory shared by file descriptor: mapped here and used in place.
+    Fd {
+        /// The file (memfd, shared memory, a parent's guest RAM).
+        fd: Arc<OwnedFd>,
+        /// Offset of the mapping's first byte in the file.
+        offset: u64,
+    },
+    /// Memory reachable only by messages to its owner.
+    Peer(Arc<dyn DmaPeer>),
+}
+
+impl std::fmt::Debug for DmaBacking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DmaBacking::Fd { fd, offset } => f
+                .debug_struct("Fd")
+                .field("fd", &fd.as_raw_fd())
+                .field("offset", offset)
+                .finish(),
+            DmaBacking::Peer(_) => f.write_str("Peer"),
+        }
+    }
+}
+
+/// A DMA_MAP request in checked form.
+#[derive(Debug, Clone)]
+pub struct DmaMapRequest {
+    /// IOVA range.
+    pub range: DmaRange,
+    /// Device permissions.
+    pub prot: Prot,
+    /// Backing memory.
+    pub backing: DmaBacking,
+}
+
+/// A mapping as listed by [`MapTable::mappings`].
+#[derive(Debug, Clone)]
+pub struct MappingInfo {
+    /// IOVA range.
+    pub range: DmaRange,
+    /// Permissions.
+    pub prot: Prot,
+    /// The backing as given at map time.
+    pub backing: DmaBacking,
+}
+
+/// Counters that show where DMA bytes went.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MapTableStats {
+    /// Bytes copied in place through fd-backed mappings (no message).
+    pub in_place_bytes: u64,
+    /// Bytes moved by messages to a peer.
+    pub peer_bytes: u64,
+    /// Number of peer messages.
+    pub peer_ops: u64,
+    /// Accesses refused (faults).
+    pub faults: u64,
+}
+
+enum Kind {
+    Mem(MmapRegion<()>),
+    Peer(Arc<dyn DmaPeer>),
+}
+
+struct Mapping {
+    range: DmaRange,
+    prot: Prot,
+    kind: Kind,
+    backing: DmaBacking,
+}
+
+struct Inner {
+    maps: BTreeMap<u64, Arc<Mapping>>,
+    dirty: Option<DirtyLog>,
+}
+
+/// A flat, checked IOVA map. See the module documentation.
+pub struct MapTable {
+    inner: RwLock<Inner>,
+    limit: usize,
+    in_place_bytes: AtomicU64,
+    peer_bytes: AtomicU64,
+    peer_ops: AtomicU64,
+    faults: AtomicU64,
+}
+
+impl Default for MapTable {
+    fn default() -> Self {
+        Self::new(65535)
+    }
+}
+
+/// One checked piece of an access.
+struct Piece {
+    map: Arc<Mapping>,
+    /// Offset inside the mapping.
+    off: u64,
+    /// Bytes in this piece.
+    len: usize,
+}
+
+impl MapTable {
+    /// An empty table that holds at most `limit` mappings.
+    pub fn new(limit: usize) -> Self {
+        MapTable {
+            inner: RwLock::new(Inner {
+                maps: BTreeMap::new(),
+                dirty: None,
+            }),
+            limit,
+            in_place_bytes: AtomicU64::new(0),
+            peer_bytes: AtomicU64::new(0),
+            peer_ops: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+        }
+    }
+
+    fn read_lock(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_lock(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Add a mapping. Overlap gives [`DmaError::Overlap`] (EEXIST).
+    pub fn map(&self, req: DmaMapRequest) -> Result<(), DmaError> {
+        let DmaMapRequest {
+            range,
+            prot,
+            backing,
+        } = req;
+        let size = usize::try_from(range.len())
+            .map_err(|_| DmaError::Invalid(format!("mapping size {:#x} too large", range.len())))?;
+        let kind = match &backing {
+            DmaBacking::Fd { fd, offset } => Kind::Mem(mmap_fd(fd, *offset, size, prot, range)?),
+            DmaBacking::Peer(p) => Kind::Peer(p.clone()),
+        };
+        let mut inner = self.write_lock();
+        if inner.maps.len() >= self.limit {
+            return Err(DmaError::TooManyMappings { limit: self.limit });
+        }
+        // The only candidates for overlap: the last mapping starting at or before our last
+        // address.
+        if let Some((_, m)) = inner.maps.range(..=range.last()).next_back() {
+            if m.range.overlaps(&range) {
+                return Err(DmaError::Overlap {
+                    iova: range.start(),
+                    size: range.len(),
+                });
+            }
+        }
+        tracing::debug!(
+            iova = range.start(),
+            size = range.len(),
+            ?prot,
+            ?backing,
+            "dma map"
+        );
+        inner.maps.insert(
+            range.start(),
+            Arc::new(Mapping {
+                range,
+                prot,
+                kind,
+                backing,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Remove the mapping that is exactly `[iova, iova+size)`.
+    pub fn unmap(&self, iova: u64, size: u64) -> Result<(), DmaError> {
+        let mut inner = self.write_lock();
+        match inner.maps.get(&iova) {
+            Some(m) if m.range.len() == size => {
+                inner.maps.remove(&iova);
+                tracing::debug!(iova, size, "dma unmap");
+                Ok(())
+            }
+            _ => Err(DmaError::NotMapped { iova, size }),
+        }
+    }
+
+    /// Remove every mapping (client gone, or DMA_UNMAP with the "all" flag).
+    pub fn unmap_all(&self) {
+        let mut inner = self.write_lock();
+        inner.maps.clear();
+    }
+
+    /// The current mappings, in address order.
+    pub fn mappings(&self) -> Vec<MappingInfo> {
+        self.read_lock()
+            .maps
+            .values()
+            .map(|m| MappingInfo {
+                range: m.range,
+                prot: m.prot,
+                backing: m.backing.clone(),
+            })
+            .collect()
+    }
+
+    /// Number of mappings.
+    pub fn len(&self) -> usize {
+        self.read_lock().maps.len()
+    }
+
+    /// True when nothing is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Counters since creation.
+    pub fn stats(&self) -> MapTableStats {
+        MapTableStats {
+            in_place_bytes: self.in_place_bytes.load(Ordering::Relaxed),
+            peer_bytes: self.peer_bytes.load(Ordering::Relaxed),
+            peer_ops: self.peer_ops.load(Ordering::Relaxed),
+            faults: self.faults.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Start dirty-page logging of `ranges` with granularity `page_size`.
+    pub fn start_logging(&self, page_size: u64, ranges: &[DmaRange]) -> Result<(), DmaError> {
+        let log = DirtyLog::new(page_size, ranges)?;
+        let mut inner = self.write_lock();
+        if inner.dirty.is_some() {
+            return Err(DmaError::Invalid(
+                "dirty logging is already on; stop it first".into(),
+            ));
+        }
+        inner.dirty = Some(log);
+        Ok(())
+    }
+
+    /// Stop dirty-page logging (no error when it was off).
+    pub fn stop_logging(&self) {
+        self.write_lock().dirty = None;
+    }
+
+    /// True while dirty logging is on.
+    pub fn logging(&self) -> bool {
+        self.read_lock().dirty.is_some()
+    }
+
+    /// Report (and clear) the dirty bitmap of `range` at `page_size` granularity: one bit
+    /// per page, in little-endian u64 words as VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT.
+    pub fn report_dirty(&self, range: DmaRange, page_size: u64) -> Result<Vec<u64>, DmaError> {
+        let inner = self.read_lock();
+        let log = inner
+            .dirty
+            .as_ref()
+            .ok_or_else(|| DmaError::Invalid("dirty logging is not on".into()))?;
+        log.report(range, page_size)
+    }
+
+    /// Mark `[iova, iova+len)` dirty (for devices that write memory by other paths).
+    pub fn mark_dirty(&self, iova: u64, len: u64) {
+        if let Some(log) = &self.read_lock().dirty {
+            log.mark(iova, len);
+        }
+    }
+
+    /// Split an access into checked pieces, or fail without side effects.
+    fn pieces(
+        &self,
+        inner: &Inner,
+        iova: u64,
+        len: usize,
+        access: Access,
+    ) -> Result<Vec<Piece>, DmaError> {
+        let mut out = Vec::new();
+        if len == 0 {
+            return Ok(out);
+        }
+        let total = len as u64;
+        if iova.checked_add(total - 1).is_none() {
+            return Err(DmaError::Overflow { iova, len: total });
+        }
+        let mut addr = iova;
+        let mut left = total;
+        while left > 0 {
+            let m = match inner.maps.range(..=addr).next_back() {
+                Some((_, m)) if m.range.contains(addr) => m,
+                _ => {
+                    return Err(DmaError::Unmapped {
+                        iova: addr,
+                        len: left,
+                        access,
+                    })
+                }
+            };
+            let allowed = match access {
+                Access::Read => m.prot.readable(),
+                Access::Write => m.prot.writable(),
+            };
+            if !allowed {
+                return Err(DmaError::Permission { iova: addr, access });
+            }
+            let off = addr - m.range.start();
+            let avail = m.range.len() - off;
+            let n = avail.min(left);
+            out.push(Piece {
+                map: m.clone(),
+                off,
+                len: n as usize,
+            });
+            left -= n;
+            if left > 0 {
+                addr += n;
+            }
+        }
+        Ok(out)
+    }
+
+    fn fault(&self, e: DmaError) -> DmaError {
+        self.faults.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(error = %e, "dma fault");
+        e
+    }
+}
+
+fn mmap_fd(
+    fd: &Arc<OwnedFd>,
+    offset: u64,
+    size: usize,
+    prot: Prot,
+    range: DmaRange,
+) -> Result<MmapRegion<()>, DmaError> {
+    let errno_err = |errno: i32| DmaError::Mmap {
+        iova: range.start(),
+        size: range.len(),
+        errno,
+        errno_text: std::io::Error::from_raw_os_error(errno).to_string(),
+    };
+    // Check the file is large enough: touching a mapping past EOF raises SIGBUS.
+    let end = offset.checked_add(range.len()).ok_or(DmaError::Overflow {
+        iova: offset,
+        len: range.len(),
+    })?;
+    let dup = fd
+        .try_clone()
+        .map_err(|e| errno_err(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+    let file = File::from(dup);
+    let meta = file
+        .metadata()
+        .map_err(|e| errno_err(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+    if meta.is_file() && meta.len() < end {
+        return Err(DmaError::Invalid(format!(
+            "DMA mapping needs bytes up to {end:#x} of its file, which has only {:#x}",
+            meta.len()
+        )));
+    }
+    let mut mprot = 0;
+    if prot.readable() {
+        mprot |= libc::PROT_READ;
+    }
+    if prot.writable() {
+        mprot |= libc::PROT_WRITE;
+    }
+    if mprot == 0 {
+        mprot = libc::PROT_NONE;
+    }
+    MmapRegion::build(
+        Some(FileOffset::new(file, offset)),
+        size,
+        mprot,
+        libc::MAP_SHARED,
+    )
+    .map_err(|e| match e {
+        vm_memory::mmap::MmapRegionError::Mmap(io) => {
+            errno_err(io.raw_os_error().unwrap_or(libc::EINVAL))
+        }
+        other => DmaError::Invalid(format!("cannot map DMA region: {other}")),
+    })
+}
+
+impl DmaSpace for MapTable {
+    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let inner = self.read_lock();
+        let pieces = self
+            .pieces(&inner, iova, buf.len(), Access::Read)
+            .map_err(|e| self.fault(e))?;
+        let mut peer = Vec::new();
+        let mut pos = 0usize;
+        for p in pieces {
+            match &p.map.kind {
+                Kind::Mem(region) => {
+                    let s = region
+                        .get_slice(p.off as usize, p.len)
+                        .map_err(|e| DmaError::Invalid(e.to_string()))?;
+                    s.copy_to(&mut buf[pos..pos + p.len]);
+                    self.in_place_bytes
+                        .fetch_add(p.len as u64, Ordering::Relaxed);
+                }
+                Kind::Peer(_) => {
+                    let n = p.len;
+                    peer.push((pos, p));
+                    pos += n;
+                    continue;
+                }
+            }
+            pos += p.len;
+        }
+        drop(inner);
+        for (pos, p) in peer {
+            let Kind::Peer(peer) = &p.map.kind else {
+                continue;
+            };
+            let addr = p.map.range.start() + p.off;
+            peer.dma_read(addr, &mut buf[pos..pos + p.len])
+                .map_err(|errno| {
+                    self.fault(DmaError::Peer {
+                        iova: addr,
+                        len: p.len as u64,
+                        access: Access::Read,
+                        errno,
+                    })
+                })?;
+            self.peer_bytes.fetch_add(p.len as u64, Ordering::Relaxed);
+            self.peer_ops.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+        let inner = self.read_lock();
+        let pieces = self
+            .pieces(&inner, iova, data.len(), Access::Write)
+            .map_err(|e| self.fault(e))?;
+        if let Some(log) = &inner.dirty {
+            log.mark(iova, data.len() as u64);
+        }
+        let mut peer = Vec::new();
+        let mut pos = 0usize;
+        for p in pieces {
+            match &p.map.kind {
+                Kind::Mem(region) => {
+                    let s = region
+                        .get_slice(p.off as usize, p.len)
+                        .map_err(|e| DmaError::Invalid(e.to_string()))?;
+                    s.copy_from(&data[pos..pos + p.len]);
+                    self.in_place_bytes
+                        .fetch_add(p.len as u64, Ordering::Relaxed);
+                }
+                Kind::Peer(_) => {
+                    let n = p.len;
+                    peer.push((pos, p));
+                    pos += n;
+                    continue;
+                }
+            }
+            pos += p.len;
+        }
+        drop(inner);
+        for (pos, p) in peer {
+            let Kind::Peer(peer) = &p.map.kind else {
+                continue;
+            };
+            let addr = p.map.range.start() + p.off;
+            peer.dma_write(addr, &data[pos..pos + p.len])
+                .map_err(|errno| {
+                    self.fault(DmaError::Peer {
+                        iova: addr,
+                        len: p.len as u64,
+                        access: Access::Write,
+                        errno,
+                    })
+                })?;
+            self.peer_bytes.fetch_add(p.len as u64, Ordering::Relaxed);
+            self.peer_ops.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
