@@ -124,6 +124,11 @@ pub trait NetBackend: Send {
     fn describe(&self) -> String;
 }
 
+/// One-line help for a CLI `--net` option.
+pub const NET_SPEC_HELP: &str = "network backend: \"user\" (built-in 10.0.2.0/24 network: gateway/DHCP 10.0.2.2, \
+guest 10.0.2.15, ping and UDP echo on port 7), \"tap=NAME\" (Linux tap interface, needs CAP_NET_ADMIN), \
+or \"udp=LOCALADDR:PORT,REMOTEADDR:PORT\" (one Ethernet frame per UDP datagram, QEMU -netdev dgram framing)";
+
 /// A parsed `--net` spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetSpec {
@@ -144,7 +149,10 @@ impl std::str::FromStr for NetSpec {
     type Err = NetError;
 
     fn from_str(spec: &str) -> Result<Self, NetError> {
-        let bad = |reason: String| NetError::InvalidSpec { spec: spec.to_string(), reason };
+        let bad = |reason: String| NetError::InvalidSpec {
+            spec: spec.to_string(),
+            reason,
+        };
         let (kind, arg) = match spec.split_once('=') {
             Some((k, a)) => (k, Some(a)),
             None => (spec, None),
@@ -160,21 +168,31 @@ impl std::str::FromStr for NetSpec {
                 let (l, r) = addrs
                     .split_once(',')
                     .ok_or_else(|| bad("udp needs LOCALADDR:PORT,REMOTEADDR:PORT".into()))?;
-                let local: std::net::SocketAddr = l
-                    .parse()
-                    .map_err(|e| bad(format!("local address {l:?}: {e} (use a numeric IP:PORT, [v6]:PORT)")))?;
-                let remote: std::net::SocketAddr = r
-                    .parse()
-                    .map_err(|e| bad(format!("remote address {r:?}: {e} (use a numeric IP:PORT, [v6]:PORT)")))?;
+                let local: std::net::SocketAddr = l.parse().map_err(|e| {
+                    bad(format!(
+                        "local address {l:?}: {e} (use a numeric IP:PORT, [v6]:PORT)"
+                    ))
+                })?;
+                let remote: std::net::SocketAddr = r.parse().map_err(|e| {
+                    bad(format!(
+                        "remote address {r:?}: {e} (use a numeric IP:PORT, [v6]:PORT)"
+                    ))
+                })?;
                 if remote.port() == 0 || remote.ip().is_unspecified() {
-                    return Err(bad(format!("remote address {remote} needs a real address and a non-zero port")));
+                    return Err(bad(format!(
+                        "remote address {remote} needs a real address and a non-zero port"
+                    )));
                 }
                 if local.is_ipv4() != remote.is_ipv4() {
-                    return Err(bad("local and remote addresses must both be IPv4 or both IPv6".into()));
+                    return Err(bad(
+                        "local and remote addresses must both be IPv4 or both IPv6".into(),
+                    ));
                 }
                 Ok(NetSpec::Udp { local, remote })
             }
-            ("tap", None) | ("udp", None) => Err(bad(format!("{kind} needs an argument after '='"))),
+            ("tap", None) | ("udp", None) => {
+                Err(bad(format!("{kind} needs an argument after '='")))
+            }
             _ => Err(bad(format!("unknown backend {kind:?}"))),
         }
     }

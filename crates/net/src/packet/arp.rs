@@ -35,10 +35,18 @@ impl ArpPacket {
         let htype = be16(buf, 0, L)?;
         let ptype = be16(buf, 2, L)?;
         if htype != 1 {
-            return Err(PacketError::BadField { layer: L, field: "hardware type", value: htype.into() });
+            return Err(PacketError::BadField {
+                layer: L,
+                field: "hardware type",
+                value: htype.into(),
+            });
         }
         if ptype != ETHERTYPE_IPV4 {
-            return Err(PacketError::BadField { layer: L, field: "protocol type", value: ptype.into() });
+            return Err(PacketError::BadField {
+                layer: L,
+                field: "protocol type",
+                value: ptype.into(),
+            });
         }
         if buf[4] != 6 || buf[5] != 4 {
             return Err(PacketError::BadField {
@@ -85,7 +93,12 @@ pub fn build_arp_request(src_mac: MacAddr, src_ip: Ipv4Addr, target_ip: Ipv4Addr
 }
 
 /// A unicast "`src_ip` is at `src_mac`" frame sent to `dst_mac`/`dst_ip`.
-pub fn build_arp_reply(src_mac: MacAddr, src_ip: Ipv4Addr, dst_mac: MacAddr, dst_ip: Ipv4Addr) -> Vec<u8> {
+pub fn build_arp_reply(
+    src_mac: MacAddr,
+    src_ip: Ipv4Addr,
+    dst_mac: MacAddr,
+    dst_ip: Ipv4Addr,
+) -> Vec<u8> {
     let arp = ArpPacket {
         op: ARP_OP_REPLY,
         sender_mac: src_mac,
@@ -128,8 +141,14 @@ mod tests {
         for (i, v) in [(1usize, 6u8), (3, 0xdd), (4, 8), (5, 16)] {
             let mut b = good;
             b[i] = v;
-            assert!(matches!(ArpPacket::parse(&b), Err(PacketError::BadField { .. })), "byte {i}");
+            assert!(
+                matches!(ArpPacket::parse(&b), Err(PacketError::BadField { .. })),
+                "byte {i}"
+            );
         }
-        assert!(matches!(ArpPacket::parse(&good[..27]), Err(PacketError::Truncated { .. })));
+        assert!(matches!(
+            ArpPacket::parse(&good[..27]),
+            Err(PacketError::Truncated { .. })
+        ));
     }
 }

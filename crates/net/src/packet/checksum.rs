@@ -45,9 +45,17 @@ pub fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, len: u16) -
 /// passes the segment with its checksum field zeroed (to compute) or intact
 /// (to verify: the result is then 0). `segment.len()` must fit in a u16;
 /// longer input yields `None`.
-pub fn transport_checksum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, segment: &[u8]) -> Option<u16> {
+pub fn transport_checksum(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    segment: &[u8],
+) -> Option<u16> {
     let len = u16::try_from(segment.len()).ok()?;
-    Some(finish(sum_words(segment, pseudo_header_sum(src, dst, protocol, len))))
+    Some(finish(sum_words(
+        segment,
+        pseudo_header_sum(src, dst, protocol, len),
+    )))
 }
 
 #[cfg(test)]

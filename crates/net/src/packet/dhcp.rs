@@ -150,7 +150,11 @@ impl DhcpMessage {
         need(buf, DHCP_OPTIONS_OFFSET, L)?;
         let cookie = be32(buf, 236, L)?;
         if cookie != DHCP_MAGIC {
-            return Err(PacketError::BadField { layer: L, field: "magic cookie", value: cookie });
+            return Err(PacketError::BadField {
+                layer: L,
+                field: "magic cookie",
+                value: cookie,
+            });
         }
         let mut chaddr = [0u8; 16];
         chaddr.copy_from_slice(&buf[28..44]);
@@ -173,7 +177,10 @@ impl DhcpMessage {
                         need: end,
                         have: buf.len(),
                     })?;
-                    options.push(DhcpOption { code, data: data.to_vec() });
+                    options.push(DhcpOption {
+                        code,
+                        data: data.to_vec(),
+                    });
                     i = end;
                 }
             }
@@ -245,12 +252,18 @@ impl DhcpMessage {
 
     /// Data of the first option with `code`.
     pub fn option(&self, code: u8) -> Option<&[u8]> {
-        self.options.iter().find(|o| o.code == code).map(|o| o.data.as_slice())
+        self.options
+            .iter()
+            .find(|o| o.code == code)
+            .map(|o| o.data.as_slice())
     }
 
     /// Append an option.
     pub fn push_option(&mut self, code: u8, data: &[u8]) {
-        self.options.push(DhcpOption { code, data: data.to_vec() });
+        self.options.push(DhcpOption {
+            code,
+            data: data.to_vec(),
+        });
     }
 
     /// Option 53, if present and known.
@@ -341,7 +354,10 @@ mod tests {
         let p = DhcpMessage::parse(&b).unwrap();
         assert_eq!(p, m);
         assert_eq!(p.message_type(), Some(DhcpMessageType::Request));
-        assert_eq!(p.option_ip(opt::REQUESTED_IP), Some(Ipv4Addr::new(10, 0, 2, 15)));
+        assert_eq!(
+            p.option_ip(opt::REQUESTED_IP),
+            Some(Ipv4Addr::new(10, 0, 2, 15))
+        );
         assert_eq!(p.option_u32(opt::LEASE_TIME), Some(86400));
         assert_eq!(p.client_mac(), Some(mac));
     }

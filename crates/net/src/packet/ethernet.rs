@@ -46,7 +46,7 @@ impl MacAddr {
 
     /// Read a MAC address at `off`.
     pub fn read(buf: &[u8], off: usize, layer: &'static str) -> Result<MacAddr, PacketError> {
-        let end = off.checked_add(6).unwrap_or(usize::MAX);
+        let end = off.saturating_add(6);
         match buf.get(off..end) {
             Some(b) => {
                 let mut m = [0u8; 6];
@@ -167,7 +167,13 @@ mod tests {
 
     #[test]
     fn bad_mac_text_rejected() {
-        for s in ["", "1:2:3:4:5:6", "52:55:0a:00:02", "52:55:0a:00:02:02:03", "zz:55:0a:00:02:02"] {
+        for s in [
+            "",
+            "1:2:3:4:5:6",
+            "52:55:0a:00:02",
+            "52:55:0a:00:02:02:03",
+            "zz:55:0a:00:02:02",
+        ] {
             assert!(s.parse::<MacAddr>().is_err(), "{s}");
         }
         assert!(MacAddr::BROADCAST.is_multicast());

@@ -111,7 +111,10 @@ mod tests {
         assert_eq!((p.id, p.seq, p.payload), (0x1234, 9, &b"abc"[..]));
         let mut bad = m.clone();
         bad[9] ^= 0x40;
-        assert_eq!(IcmpPacket::parse(&bad), Err(PacketError::BadChecksum { layer: "icmp" }));
+        assert_eq!(
+            IcmpPacket::parse(&bad),
+            Err(PacketError::BadChecksum { layer: "icmp" })
+        );
         assert!(IcmpPacket::parse(&m[..7]).is_err());
     }
 }

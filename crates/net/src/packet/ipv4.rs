@@ -53,16 +53,28 @@ impl<'a> Ipv4Packet<'a> {
         need(buf, IPV4_MIN_HEADER_LEN, L)?;
         let version = buf[0] >> 4;
         if version != 4 {
-            return Err(PacketError::BadField { layer: L, field: "version", value: version.into() });
+            return Err(PacketError::BadField {
+                layer: L,
+                field: "version",
+                value: version.into(),
+            });
         }
         let header_len = usize::from(buf[0] & 0x0f) * 4;
         if header_len < IPV4_MIN_HEADER_LEN {
-            return Err(PacketError::BadField { layer: L, field: "IHL", value: (header_len / 4) as u32 });
+            return Err(PacketError::BadField {
+                layer: L,
+                field: "IHL",
+                value: (header_len / 4) as u32,
+            });
         }
         need(buf, header_len, L)?;
         let total_len = usize::from(be16(buf, 2, L)?);
         if total_len < header_len {
-            return Err(PacketError::BadField { layer: L, field: "total length", value: total_len as u32 });
+            return Err(PacketError::BadField {
+                layer: L,
+                field: "total length",
+                value: total_len as u32,
+            });
         }
         need(buf, total_len, L)?;
         if internet_checksum(&buf[..header_len]) != 0 {
@@ -97,7 +109,11 @@ pub fn build_ipv4_packet(
     payload: &[u8],
 ) -> Result<Vec<u8>, PacketError> {
     if payload.len() > IPV4_MAX_PAYLOAD {
-        return Err(PacketError::TooLarge { layer: "ipv4", len: payload.len(), max: IPV4_MAX_PAYLOAD });
+        return Err(PacketError::TooLarge {
+            layer: "ipv4",
+            len: payload.len(),
+            max: IPV4_MAX_PAYLOAD,
+        });
     }
     let total = (IPV4_MIN_HEADER_LEN + payload.len()) as u16;
     let mut p = Vec::with_capacity(usize::from(total));
@@ -122,8 +138,15 @@ mod tests {
     use super::*;
 
     fn sample() -> Vec<u8> {
-        build_ipv4_packet(Ipv4Addr::new(10, 0, 2, 15), Ipv4Addr::new(10, 0, 2, 2), PROTO_UDP, 64, 7, b"hello")
-            .unwrap()
+        build_ipv4_packet(
+            Ipv4Addr::new(10, 0, 2, 15),
+            Ipv4Addr::new(10, 0, 2, 2),
+            PROTO_UDP,
+            64,
+            7,
+            b"hello",
+        )
+        .unwrap()
     }
 
     #[test]
@@ -152,19 +175,27 @@ mod tests {
         assert!(Ipv4Packet::parse(&big_ihl).is_err());
         let mut long = good.clone();
         long[3] = 200; // total length beyond buffer
-        assert!(matches!(Ipv4Packet::parse(&long), Err(PacketError::Truncated { .. })));
+        assert!(matches!(
+            Ipv4Packet::parse(&long),
+            Err(PacketError::Truncated { .. })
+        ));
         let mut short = good.clone();
         short[2] = 0;
         short[3] = 10; // total length below header length
         assert!(Ipv4Packet::parse(&short).is_err());
         let mut csum = good.clone();
         csum[8] ^= 1;
-        assert_eq!(Ipv4Packet::parse(&csum), Err(PacketError::BadChecksum { layer: "ipv4" }));
+        assert_eq!(
+            Ipv4Packet::parse(&csum),
+            Err(PacketError::BadChecksum { layer: "ipv4" })
+        );
     }
 
     #[test]
     fn too_large_payload_rejected() {
         let big = vec![0u8; IPV4_MAX_PAYLOAD + 1];
-        assert!(build_ipv4_packet(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, 17, 64, 0, &big).is_err());
+        assert!(
+            build_ipv4_packet(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, 17, 64, 0, &big).is_err()
+        );
     }
 }

@@ -31,7 +31,11 @@ impl<'a> UdpDatagram<'a> {
         need(seg, UDP_HEADER_LEN, L)?;
         let len = usize::from(be16(seg, 4, L)?);
         if len < UDP_HEADER_LEN {
-            return Err(PacketError::BadField { layer: L, field: "length", value: len as u32 });
+            return Err(PacketError::BadField {
+                layer: L,
+                field: "length",
+                value: len as u32,
+            });
         }
         need(seg, len, L)?;
         let seg = &seg[..len];
@@ -58,7 +62,11 @@ pub fn build_udp_datagram(
 ) -> Result<Vec<u8>, PacketError> {
     let max = IPV4_MAX_PAYLOAD - UDP_HEADER_LEN;
     if payload.len() > max {
-        return Err(PacketError::TooLarge { layer: "udp", len: payload.len(), max });
+        return Err(PacketError::TooLarge {
+            layer: "udp",
+            len: payload.len(),
+            max,
+        });
     }
     let len = (UDP_HEADER_LEN + payload.len()) as u16;
     let mut d = Vec::with_capacity(usize::from(len));
@@ -70,7 +78,13 @@ pub fn build_udp_datagram(
     let c = match transport_checksum(src_ip, dst_ip, PROTO_UDP, &d) {
         Some(0) => 0xffff,
         Some(c) => c,
-        None => return Err(PacketError::TooLarge { layer: "udp", len: payload.len(), max }),
+        None => {
+            return Err(PacketError::TooLarge {
+                layer: "udp",
+                len: payload.len(),
+                max,
+            })
+        }
     };
     d[6..8].copy_from_slice(&c.to_be_bytes());
     Ok(d)
@@ -126,7 +140,10 @@ mod tests {
         assert!(UdpDatagram::parse(&l, A, B).is_err());
         let mut l = d.clone();
         l[5] = 200;
-        assert!(matches!(UdpDatagram::parse(&l, A, B), Err(PacketError::Truncated { .. })));
+        assert!(matches!(
+            UdpDatagram::parse(&l, A, B),
+            Err(PacketError::Truncated { .. })
+        ));
         assert!(UdpDatagram::parse(&d[..7], A, B).is_err());
     }
 }

@@ -2,8 +2,8 @@
 //! from 10.0.2.15, so the first client gets 10.0.2.15), one lease per client
 //! MAC, no persistence and no lease expiry (the network lives as long as the
 //! VM). DISCOVER gets an OFFER, REQUEST an ACK (or a NAK when it asks for an
-//! address that is not its lease), RELEASE frees the lease, INFORM gets the
-//! configuration without an address. Relayed messages (giaddr set) and
+//! address that is not its lease), RELEASE frees the lease, DECLINE retires
+//! the address, INFORM gets the configuration without an address. Relayed messages (giaddr set) and
 //! messages naming another server are ignored.
 
 use crate::packet::dhcp::{
@@ -67,7 +67,10 @@ impl DhcpServer {
         if start & mask != net || last & mask != net || start == net || last >= bcast {
             return None;
         }
-        Some(DhcpServer { cfg, leases: Vec::new() })
+        Some(DhcpServer {
+            cfg,
+            leases: Vec::new(),
+        })
     }
 
     /// The configuration.
@@ -148,7 +151,11 @@ impl DhcpServer {
         } else {
             (yiaddr, client_mac)
         };
-        DhcpReply { msg: m, dst_ip, dst_mac }
+        DhcpReply {
+            msg: m,
+            dst_ip,
+            dst_mac,
+        }
     }
 
     /// Handle one client message; `None` when no answer is due.
@@ -158,7 +165,11 @@ impl DhcpServer {
             return None;
         }
         let Some(mac) = req.client_mac() else {
-            debug!(htype = req.htype, hlen = req.hlen, "dhcp: not an Ethernet client, ignored");
+            debug!(
+                htype = req.htype,
+                hlen = req.hlen,
+                "dhcp: not an Ethernet client, ignored"
+            );
             return None;
         };
         if mac.is_multicast() || mac == MacAddr::ZERO {
@@ -201,7 +212,8 @@ impl DhcpServer {
             }
             DhcpMessageType::Release => {
                 if !for_other_server {
-                    self.leases.retain(|l| !(l.mac == mac && l.ip == req.ciaddr));
+                    self.leases
+                        .retain(|l| !(l.mac == mac && l.ip == req.ciaddr));
                 }
                 None
             }
@@ -212,11 +224,118 @@ impl DhcpServer {
                 Some(self.reply(req, DhcpMessageType::Ack, Ipv4Addr::UNSPECIFIED))
             }
             DhcpMessageType::Decline => {
-                debug!(%mac, "dhcp: client declined its address; lease dropped");
-                self.leases.retain(|l| l.mac != mac);
+                // The client found the address in use: keep it reserved (under
+                // the zero MAC) so it is not offered again, and forget the lease.
+                let declined = req.option_ip(opt::REQUESTED_IP);
+                if !for_other_server && declined.is_some() && declined == self.lease_of(mac) {
+                    debug!(%mac, ip = ?declined, "dhcp: client declined its address; address reserved");
+                    for l in self.leases.iter_mut().filter(|l| l.mac == mac) {
+                        l.mac = MacAddr::ZERO;
+                    }
+                }
                 None
             }
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(pool_size: u8) -> DhcpServerConfig {
+        DhcpServerConfig {
+            server_ip: Ipv4Addr::new(10, 0, 2, 2),
+            netmask: Ipv4Addr::new(255, 255, 255, 0),
+            pool_start: Ipv4Addr::new(10, 0, 2, 15),
+            pool_size,
+            lease_time: 3600,
+        }
+    }
+
+    fn msg(t: DhcpMessageType, mac: u8) -> DhcpMessage {
+        let mut m = DhcpMessage::new(BOOTREQUEST, 1, MacAddr([2, 0, 0, 0, 0, mac]));
+        m.push_option(opt::MESSAGE_TYPE, &[t as u8]);
+        m
+    }
+
+    #[test]
+    fn config_checked() {
+        assert!(DhcpServer::new(cfg(0)).is_none());
+        assert!(DhcpServer::new(cfg(240)).is_some()); // .15 ..= .254
+        assert!(DhcpServer::new(cfg(241)).is_none()); // would include .255
+        let mut c = cfg(4);
+        c.pool_start = Ipv4Addr::new(10, 0, 3, 1);
+        assert!(DhcpServer::new(c).is_none());
+        c.pool_start = Ipv4Addr::new(10, 0, 2, 0);
+        assert!(DhcpServer::new(c).is_none());
+    }
+
+    #[test]
+    fn pool_exhaustion_release_and_decline() {
+        let mut s = DhcpServer::new(cfg(2)).unwrap();
+        let a = s.handle(&msg(DhcpMessageType::Discover, 1)).unwrap();
+        let b = s.handle(&msg(DhcpMessageType::Discover, 2)).unwrap();
+        assert_eq!(a.msg.yiaddr, Ipv4Addr::new(10, 0, 2, 15));
+        assert_eq!(b.msg.yiaddr, Ipv4Addr::new(10, 0, 2, 16));
+        assert!(
+            s.handle(&msg(DhcpMessageType::Discover, 3)).is_none(),
+            "pool exhausted"
+        );
+        // Client 1 releases; client 3 now gets .15.
+        let mut rel = msg(DhcpMessageType::Release, 1);
+        rel.ciaddr = Ipv4Addr::new(10, 0, 2, 15);
+        assert!(s.handle(&rel).is_none());
+        assert_eq!(s.lease_of(MacAddr([2, 0, 0, 0, 0, 1])), None);
+        let c = s.handle(&msg(DhcpMessageType::Discover, 3)).unwrap();
+        assert_eq!(c.msg.yiaddr, Ipv4Addr::new(10, 0, 2, 15));
+        // Client 3 declines .15: it stays reserved, and nothing is left.
+        let mut dec = msg(DhcpMessageType::Decline, 3);
+        dec.push_option(opt::REQUESTED_IP, &[10, 0, 2, 15]);
+        assert!(s.handle(&dec).is_none());
+        assert_eq!(s.lease_of(MacAddr([2, 0, 0, 0, 0, 3])), None);
+        assert!(s.handle(&msg(DhcpMessageType::Discover, 3)).is_none());
+    }
+
+    #[test]
+    fn inform_renew_and_ignored_requests() {
+        let mut s = DhcpServer::new(cfg(4)).unwrap();
+        let mut inf = msg(DhcpMessageType::Inform, 9);
+        inf.ciaddr = Ipv4Addr::new(10, 0, 2, 100);
+        let r = s.handle(&inf).unwrap();
+        assert_eq!(r.msg.message_type(), Some(DhcpMessageType::Ack));
+        assert_eq!(r.msg.yiaddr, Ipv4Addr::UNSPECIFIED);
+        assert_eq!(r.msg.option(opt::LEASE_TIME), None);
+        assert_eq!(
+            r.msg.option_ip(opt::ROUTER),
+            Some(Ipv4Addr::new(10, 0, 2, 2))
+        );
+        assert_eq!(
+            (r.dst_ip, r.dst_mac),
+            (inf.ciaddr, MacAddr([2, 0, 0, 0, 0, 9]))
+        );
+
+        // RENEWING: REQUEST with ciaddr, no option 50: ACK unicast to ciaddr.
+        s.handle(&msg(DhcpMessageType::Discover, 1)).unwrap();
+        let mut ren = msg(DhcpMessageType::Request, 1);
+        ren.ciaddr = Ipv4Addr::new(10, 0, 2, 15);
+        let r = s.handle(&ren).unwrap();
+        assert_eq!(r.msg.message_type(), Some(DhcpMessageType::Ack));
+        assert_eq!(r.dst_ip, ren.ciaddr);
+
+        // Replies, relayed requests, non-Ethernet clients, no message type: ignored.
+        let mut m = msg(DhcpMessageType::Discover, 5);
+        m.op = BOOTREPLY;
+        assert!(s.handle(&m).is_none());
+        let mut m = msg(DhcpMessageType::Discover, 5);
+        m.giaddr = Ipv4Addr::new(10, 0, 2, 1);
+        assert!(s.handle(&m).is_none());
+        let mut m = msg(DhcpMessageType::Discover, 5);
+        m.hlen = 16;
+        assert!(s.handle(&m).is_none());
+        let m = DhcpMessage::new(BOOTREQUEST, 1, MacAddr([2, 0, 0, 0, 0, 5]));
+        assert!(s.handle(&m).is_none());
+        assert_eq!(s.lease_of(MacAddr([2, 0, 0, 0, 0, 5])), None);
     }
 }

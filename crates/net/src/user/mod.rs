@@ -108,7 +108,10 @@ impl UserNetwork {
             lease_time: LEASE_TIME_SECS,
         })
         .expect("built-in DHCP pool lies inside 10.0.2.0/24");
-        UserNetwork { dhcp, stats: UserStats::default() }
+        UserNetwork {
+            dhcp,
+            stats: UserStats::default(),
+        }
     }
 
     /// Counters so far.
@@ -131,15 +134,24 @@ impl UserNetwork {
             }
             Verdict::Malformed(why) => {
                 self.stats.malformed += 1;
-                debug!(len = frame.len(), "user net: malformed frame dropped: {why}");
+                debug!(
+                    len = frame.len(),
+                    "user net: malformed frame dropped: {why}"
+                );
             }
             Verdict::NotForUs => {
                 self.stats.not_for_us += 1;
-                debug!(len = frame.len(), "user net: frame not addressed to the gateway, dropped");
+                debug!(
+                    len = frame.len(),
+                    "user net: frame not addressed to the gateway, dropped"
+                );
             }
             Verdict::Unsupported(why) => {
                 self.stats.unsupported += 1;
-                debug!(len = frame.len(), "user net: unsupported frame dropped: {why}");
+                debug!(
+                    len = frame.len(),
+                    "user net: unsupported frame dropped: {why}"
+                );
             }
             Verdict::Ignored => self.stats.ignored += 1,
         }
@@ -182,7 +194,12 @@ impl UserNetwork {
         if arp.sender_mac.is_multicast() || arp.sender_mac == MacAddr::ZERO {
             return Verdict::Malformed(format!("ARP sender MAC {}", arp.sender_mac));
         }
-        Verdict::Reply(build_arp_reply(GATEWAY_MAC, GATEWAY_IP, arp.sender_mac, arp.sender_ip))
+        Verdict::Reply(build_arp_reply(
+            GATEWAY_MAC,
+            GATEWAY_IP,
+            arp.sender_mac,
+            arp.sender_ip,
+        ))
     }
 
     fn ipv4(&mut self, src_mac: MacAddr, dst_mac: MacAddr, payload: &[u8]) -> Verdict {
@@ -215,12 +232,23 @@ impl UserNetwork {
             Err(e) => return Verdict::Malformed(e.to_string()),
         };
         if !icmp.is_echo_request() {
-            return Verdict::Unsupported(format!("ICMP type {} code {}", icmp.icmp_type, icmp.code));
+            return Verdict::Unsupported(format!(
+                "ICMP type {} code {}",
+                icmp.icmp_type, icmp.code
+            ));
         }
         if !Self::valid_unicast_src(ip.src) {
             return Verdict::Malformed(format!("echo request from {}", ip.src));
         }
-        match build_icmp_echo_reply(GATEWAY_MAC, src_mac, GATEWAY_IP, ip.src, icmp.id, icmp.seq, icmp.payload) {
+        match build_icmp_echo_reply(
+            GATEWAY_MAC,
+            src_mac,
+            GATEWAY_IP,
+            ip.src,
+            icmp.id,
+            icmp.seq,
+            icmp.payload,
+        ) {
             Ok(f) => Verdict::Reply(f),
             Err(e) => Verdict::Malformed(e.to_string()),
         }
@@ -232,12 +260,23 @@ impl UserNetwork {
             Err(e) => return Verdict::Malformed(e.to_string()),
         };
         match udp.dst_port {
-            DHCP_SERVER_PORT => self.dhcp(udp.src_port, udp.payload),
+            DHCP_SERVER_PORT => self.dhcp_request(udp.src_port, udp.payload),
             UDP_ECHO_PORT if to_gateway => {
                 if !Self::valid_unicast_src(ip.src) || udp.src_port == 0 {
-                    return Verdict::Malformed(format!("UDP echo from {}:{}", ip.src, udp.src_port));
+                    return Verdict::Malformed(format!(
+                        "UDP echo from {}:{}",
+                        ip.src, udp.src_port
+                    ));
                 }
-                match build_udp_frame(GATEWAY_MAC, src_mac, GATEWAY_IP, ip.src, UDP_ECHO_PORT, udp.src_port, udp.payload) {
+                match build_udp_frame(
+                    GATEWAY_MAC,
+                    src_mac,
+                    GATEWAY_IP,
+                    ip.src,
+                    UDP_ECHO_PORT,
+                    udp.src_port,
+                    udp.payload,
+                ) {
                     Ok(f) => Verdict::Reply(f),
                     Err(e) => Verdict::Malformed(e.to_string()),
                 }
@@ -246,7 +285,7 @@ impl UserNetwork {
         }
     }
 
-    fn dhcp(&mut self, src_port: u16, payload: &[u8]) -> Verdict {
+    fn dhcp_request(&mut self, src_port: u16, payload: &[u8]) -> Verdict {
         if src_port != DHCP_CLIENT_PORT {
             return Verdict::Unsupported(format!("DHCP from port {src_port}"));
         }
@@ -290,7 +329,11 @@ impl UserBackend {
         }
         // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
         let event = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(UserBackend { net: UserNetwork::new(), queue: VecDeque::new(), event })
+        Ok(UserBackend {
+            net: UserNetwork::new(),
+            queue: VecDeque::new(),
+            event,
+        })
     }
 
     /// Counters of the network.
@@ -314,7 +357,10 @@ impl UserBackend {
         let r = unsafe { libc::write(self.event.as_raw_fd(), (&one as *const u64).cast(), 8) };
         if r != 8 {
             // Only EAGAIN (counter saturated) is possible; the fd stays readable.
-            debug!("user net: eventfd write: {}", std::io::Error::last_os_error());
+            debug!(
+                "user net: eventfd write: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 
@@ -348,7 +394,10 @@ impl NetBackend for UserBackend {
             self.unsignal();
         }
         if frame.len() > buf.len() {
-            return Err(NetError::FrameTooLarge { len: frame.len(), buf: buf.len() });
+            return Err(NetError::FrameTooLarge {
+                len: frame.len(),
+                buf: buf.len(),
+            });
         }
         buf[..frame.len()].copy_from_slice(&frame);
         Ok(Some(frame.len()))
@@ -370,8 +419,14 @@ impl NetBackend for UserBackend {
 pub fn check_reply(frame: &[u8]) {
     let eth = EthernetFrame::parse(frame).expect("reply has an Ethernet header");
     assert_eq!(eth.src, GATEWAY_MAC, "reply from the gateway MAC");
-    assert!(frame.len() >= crate::packet::ethernet::ETH_MIN_FRAME_LEN, "reply padded");
-    assert!(!eth.dst.is_multicast() || eth.dst.is_broadcast(), "reply to a unicast or broadcast MAC");
+    assert!(
+        frame.len() >= crate::packet::ethernet::ETH_MIN_FRAME_LEN,
+        "reply padded"
+    );
+    assert!(
+        !eth.dst.is_multicast() || eth.dst.is_broadcast(),
+        "reply to a unicast or broadcast MAC"
+    );
     match eth.ethertype {
         ETHERTYPE_ARP => {
             let a = ArpPacket::parse(eth.payload).expect("reply ARP parses");
@@ -379,14 +434,16 @@ pub fn check_reply(frame: &[u8]) {
             assert_eq!(a.sender_mac, GATEWAY_MAC);
         }
         ETHERTYPE_IPV4 => {
-            let ip = Ipv4Packet::parse(eth.payload).expect("reply IPv4 parses with a valid checksum");
+            let ip =
+                Ipv4Packet::parse(eth.payload).expect("reply IPv4 parses with a valid checksum");
             assert_eq!(ip.src, GATEWAY_IP);
             match ip.protocol {
                 PROTO_ICMP => {
                     IcmpPacket::parse(ip.payload).expect("reply ICMP checksum valid");
                 }
                 PROTO_UDP => {
-                    let u = UdpDatagram::parse(ip.payload, ip.src, ip.dst).expect("reply UDP checksum valid");
+                    let u = UdpDatagram::parse(ip.payload, ip.src, ip.dst)
+                        .expect("reply UDP checksum valid");
                     assert_ne!(u.checksum, 0, "replies carry a UDP checksum");
                     if u.src_port == DHCP_SERVER_PORT {
                         DhcpMessage::parse(u.payload).expect("reply DHCP parses");
