@@ -1,1 +1,54 @@
-fn main() {}
+//! The `nestio` command line: serve an emulated device over vfio-user, run a VM with
+//! devices passed through, run the demo, measure.
+
+mod bench;
+mod device;
+
+use clap::{Parser, Subcommand};
+
+/// nestio: pass devices emulated in another process, or at another nesting level,
+/// through to KVM guests over vfio-user.
+#[derive(Parser, Debug)]
+#[command(name = "nestio", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve an emulated device over vfio-user on a UNIX socket.
+    Device(device::DeviceArgs),
+    /// Measure protocol costs against raw floors measured in the same run.
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Device(a) => device::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("nestio: error: {e}");
+            let mut src = std::error::Error::source(&*e);
+            while let Some(s) = src {
+                eprintln!("  caused by: {s}");
+                src = s.source();
+            }
+            std::process::exit(1);
+        }
+    }
+}
+
+/// What every subcommand returns: an exit status, or an error to print.
+pub type CmdResult = Result<i32, Box<dyn std::error::Error + Send + Sync>>;

@@ -1,0 +1,104 @@
+//! `nestio device …`: serve an emulated device over vfio-user.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Subcommand};
+use nestio_device::VfioDevice;
+use nestio_vfio_user::server::{bind, Server, ServerConfig};
+
+use crate::CmdResult;
+
+#[derive(Args, Debug)]
+pub struct DeviceArgs {
+    #[command(subcommand)]
+    kind: DeviceKind,
+}
+
+#[derive(Subcommand, Debug)]
+enum DeviceKind {
+    /// The sample PCI device: a register BAR, a RAM BAR, a DMA engine and an interrupt.
+    Sample {
+        /// UNIX socket path to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        #[command(flatten)]
+        server: ServerOpts,
+    },
+    /// An Intel 82540EM (e1000) network card.
+    E1000 {
+        /// UNIX socket path to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Network backend.
+        #[arg(long, default_value = "user", help = nestio_net::NET_SPEC_HELP)]
+        net: String,
+        /// Write every frame (both directions) to this pcap file.
+        #[arg(long)]
+        pcap: Option<PathBuf>,
+        /// MAC address (default 52:54:00:12:34:56).
+        #[arg(long, value_parser = parse_mac)]
+        mac: Option<[u8; 6]>,
+        #[command(flatten)]
+        server: ServerOpts,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ServerOpts {
+    /// Do not offer a twin socket (server->client DMA then uses the main socket).
+    #[arg(long)]
+    no_twin_socket: bool,
+    /// Serve one client only, then exit (default: serve clients one after another).
+    #[arg(long)]
+    once: bool,
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("MAC '{s}' must be six hex bytes like 52:54:00:12:34:56"));
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| format!("MAC '{s}': '{p}' is not a hex byte"))?;
+    }
+    Ok(mac)
+}
+
+pub fn run(args: DeviceArgs) -> CmdResult {
+    let (device, socket, opts): (Arc<dyn VfioDevice>, PathBuf, ServerOpts) = match args.kind {
+        DeviceKind::Sample { socket, server } => {
+            (nestio_devices::sample::sample_device()?, socket, server)
+        }
+        DeviceKind::E1000 {
+            socket,
+            net,
+            pcap,
+            mac,
+            server,
+        } => {
+            let backend = nestio_net::open_backend(&net, pcap.as_deref())?;
+            eprintln!("nestio: e1000 network backend: {}", backend.describe());
+            let mut cfg = nestio_devices::e1000::E1000Config::new(backend);
+            if let Some(mac) = mac {
+                cfg.mac = mac;
+            }
+            (nestio_devices::e1000::E1000::new(cfg)?, socket, server)
+        }
+    };
+    let config = ServerConfig {
+        twin_socket: !opts.no_twin_socket,
+        ..ServerConfig::default()
+    };
+    let listener = bind(&socket)?;
+    eprintln!("nestio: serving on {}", socket.display());
+    let server = Server::new(device, config);
+    if opts.once {
+        let (stream, _) = listener.accept()?;
+        server.serve_stream(stream)?;
+    } else {
+        server.serve_listener(listener)?;
+    }
+    Ok(0)
+}
