@@ -1,0 +1,1 @@
+//! Nested guests: copy to and from a nested guest's memory (seed 000).
