@@ -1,1 +1,3 @@
 //! placeholder
+pub mod e1000;
+pub mod sample;

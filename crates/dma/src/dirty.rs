@@ -100,7 +100,7 @@ impl DirtyLog {
                 self.page_size()
             )));
         }
-        if range.start() % page_size != 0 {
+        if !range.start().is_multiple_of(page_size) {
             return Err(DmaError::Invalid(format!(
                 "report range {:#x} is not aligned to {page_size:#x}",
                 range.start()

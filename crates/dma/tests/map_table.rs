@@ -28,7 +28,14 @@ fn pread(fd: &OwnedFd, off: u64, len: usize) -> Vec<u8> {
     v
 }
 
-fn map_fd(t: &MapTable, iova: u64, size: u64, prot: Prot, fd: &Arc<OwnedFd>, off: u64) -> Result<(), DmaError> {
+fn map_fd(
+    t: &MapTable,
+    iova: u64,
+    size: u64,
+    prot: Prot,
+    fd: &Arc<OwnedFd>,
+    off: u64,
+) -> Result<(), DmaError> {
     t.map(DmaMapRequest {
         range: DmaRange::new(iova, size).unwrap(),
         prot,
@@ -93,8 +100,16 @@ fn faults_touch_nothing() {
             access: Access::Write
         }
     );
-    assert_eq!(pread(&fd, 0x1ffc, 4), vec![0; 4], "no partial write before the fault");
-    assert_eq!(pread(&fd, 0x2000, 0x1000), vec![0; 0x1000], "memory after the mapping untouched");
+    assert_eq!(
+        pread(&fd, 0x1ffc, 4),
+        vec![0; 4],
+        "no partial write before the fault"
+    );
+    assert_eq!(
+        pread(&fd, 0x2000, 0x1000),
+        vec![0; 0x1000],
+        "memory after the mapping untouched"
+    );
     // Wraps the address space.
     assert!(matches!(
         t.read(u64::MAX - 1, &mut [0; 4]).unwrap_err(),
@@ -109,8 +124,14 @@ fn permissions_are_enforced() {
     let t = MapTable::default();
     map_fd(&t, 0, 0x1000, Prot::READ, &fd, 0).unwrap();
     map_fd(&t, 0x1000, 0x1000, Prot::WRITE, &fd, 0x1000).unwrap();
-    assert!(matches!(t.write(0x10, &[1]).unwrap_err(), DmaError::Permission { .. }));
-    assert!(matches!(t.read(0x1010, &mut [0]).unwrap_err(), DmaError::Permission { .. }));
+    assert!(matches!(
+        t.write(0x10, &[1]).unwrap_err(),
+        DmaError::Permission { .. }
+    ));
+    assert!(matches!(
+        t.read(0x1010, &mut [0]).unwrap_err(),
+        DmaError::Permission { .. }
+    ));
     t.read(0x10, &mut [0]).unwrap();
     t.write(0x1010, &[7]).unwrap();
     assert_eq!(pread(&fd, 0x1010, 1), vec![7]);
@@ -147,7 +168,9 @@ impl DmaPeer for FakePeer {
         self.ops.lock().unwrap().push((true, addr, data.len()));
         let mut m = self.mem.lock().unwrap();
         let s = usize::try_from(addr).map_err(|_| libc::EFAULT)?;
-        m.get_mut(s..s + data.len()).ok_or(libc::EFAULT)?.copy_from_slice(data);
+        m.get_mut(s..s + data.len())
+            .ok_or(libc::EFAULT)?
+            .copy_from_slice(data);
         Ok(())
     }
 }
@@ -167,8 +190,14 @@ fn peer_backed_mappings_copy_by_message() {
     .unwrap();
     t.write_u64(0x1008, 0x0102030405060708).unwrap();
     assert_eq!(t.read_u64(0x1008).unwrap(), 0x0102030405060708);
-    assert_eq!(&peer.mem.lock().unwrap()[0x1008..0x1010], &0x0102030405060708u64.to_le_bytes());
-    assert_eq!(*peer.ops.lock().unwrap(), vec![(true, 0x1008, 8), (false, 0x1008, 8)]);
+    assert_eq!(
+        &peer.mem.lock().unwrap()[0x1008..0x1010],
+        &0x0102030405060708u64.to_le_bytes()
+    );
+    assert_eq!(
+        *peer.ops.lock().unwrap(),
+        vec![(true, 0x1008, 8), (false, 0x1008, 8)]
+    );
     let s = t.stats();
     assert_eq!((s.peer_bytes, s.peer_ops, s.in_place_bytes), (16, 2, 0));
     // A peer error is a fault with the peer's errno.
@@ -206,7 +235,9 @@ fn dirty_logging_reports_and_clears() {
     t.write(0x104000, &[1]).unwrap();
     // Coarser report granularity: 16 KiB pages -> page 1.
     assert_eq!(t.report_dirty(r, 0x4000).unwrap(), vec![1 << 1]);
-    assert!(t.report_dirty(DmaRange::new(0x200000, 0x1000).unwrap(), 0x1000).is_err());
+    assert!(t
+        .report_dirty(DmaRange::new(0x200000, 0x1000).unwrap(), 0x1000)
+        .is_err());
     assert!(t.report_dirty(r, 0x800).is_err());
     t.stop_logging();
     assert!(t.report_dirty(r, 0x1000).is_err());

@@ -1,1 +1,0 @@
-//! PCI helpers: configuration space, BARs, capabilities (MSI, MSI-X).

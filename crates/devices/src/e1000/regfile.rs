@@ -1,0 +1,444 @@
+//! The register file and interrupt logic of the 82540EM, behind one lock.
+//!
+//! [`Core`] holds every piece of device state: the 32K-entry register array (BAR0 seen
+//! as 32-bit registers; registers without special behaviour read back what was
+//! written), the 64-bit statistics counters, EEPROM and PHY, the transmit assembly
+//! state, the queue-halt flags, the pending receive queue, the PCI configuration
+//! space and the interrupt throttle. Register accesses are done on whole 32-bit
+//! registers: the device splits narrower accesses (see `mod.rs`).
+//!
+//! Interrupts (datasheet semantics, where QEMU departs the datasheet wins):
+//! - a cause sets its bit in ICR; the interrupt line is asserted while `ICR & IMS != 0`;
+//! - ICR reads return the causes and clear them; writes of 1 clear;
+//!   ICS sets causes; ICS and IMC are write-only (read 0);
+//! - delivery goes through the PCI helper [`PciIntr`]: the mode is MSI(-X) when the
+//!   VMM wired message eventfds, else INTx;
+//! - INTx is a level: it is raised when the line asserts and lowered when it
+//!   deasserts; VFIO automasks the eventfd, and an unmask while the level is high
+//!   signals again (done by `PciIntr::set_irqs`);
+//! - MSI is an edge: one message per new enabled cause, only with bus mastering;
+//! - ITR: with a non-zero interval, no two interrupts are sent less than ITR * 256 ns
+//!   apart; an interrupt due earlier is deferred to the RX worker thread, which fires it
+//!   at the deadline if the line is still asserted;
+//! - nothing is signalled while the migration state machine is not running; the line is
+//!   re-evaluated when it runs again.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use nestio_device::migration::MigrationFsm;
+use nestio_device::pci::{IntrMode, PciConfig, PciIntr};
+
+use super::eeprom::{Eeprom, Microwire};
+use super::phy::{Phy, PHY_ADDR};
+use super::regs::*;
+use super::tx::TxState;
+
+/// Bits of `Core::warned`: each problem is logged once until reset.
+pub(crate) mod warn {
+    pub const TX_DMA: u32 = 1 << 0;
+    pub const RX_DMA: u32 = 1 << 1;
+    pub const TX_RING: u32 = 1 << 2;
+    pub const RX_RING: u32 = 1 << 3;
+    pub const TX_OVERSIZE: u32 = 1 << 4;
+    pub const TX_TSO: u32 = 1 << 5;
+    pub const RX_BSIZE: u32 = 1 << 6;
+    pub const RX_BME: u32 = 1 << 7;
+    pub const TX_BME: u32 = 1 << 8;
+}
+
+/// Maximum number of received frames held while the device is stopped (migration).
+pub const PENDING_MAX: usize = 64;
+
+/// Index of the 64-bit counters in `Core::stats64`.
+pub(crate) const S64_GORC: usize = 0;
+pub(crate) const S64_GOTC: usize = 1;
+pub(crate) const S64_TOR: usize = 2;
+pub(crate) const S64_TOT: usize = 3;
+
+/// All device state. See the module documentation.
+pub(crate) struct Core {
+    pub regs: Vec<u32>,
+    pub stats64: [u64; 4],
+    pub eeprom: Eeprom,
+    pub mw: Microwire,
+    pub phy: Phy,
+    pub tx: TxState,
+    pub tx_halted: bool,
+    pub rx_halted: bool,
+    /// Frames received while stopped, delivered when running again.
+    pub pending: VecDeque<Vec<u8>>,
+    pub config: PciConfig,
+    /// The configuration space as built (function-level reset restores it).
+    pub config_init: PciConfig,
+    pub fsm: MigrationFsm,
+    /// Earliest time the next interrupt may be sent (ITR).
+    pub next_irq: Option<Instant>,
+    /// A throttled interrupt is due at this time.
+    pub deferred_irq: Option<Instant>,
+    /// Problems already logged.
+    pub warned: u32,
+    /// Frames transmitted by the last register write, sent after the lock is dropped.
+    pub out_frames: Vec<Vec<u8>>,
+    /// The RX worker must re-evaluate (new buffers, deferred interrupt, resumed).
+    pub wake_worker: bool,
+    /// STOP_COPY output and read position.
+    pub mig_out: Vec<u8>,
+    pub mig_pos: usize,
+    /// RESUMING input.
+    pub mig_in: Vec<u8>,
+    /// IOADDR of the I/O window.
+    pub io_addr: u32,
+}
+
+impl Core {
+    pub fn new(mac: [u8; 6], config: PciConfig, fsm: MigrationFsm) -> Self {
+        let mut c = Core {
+            regs: vec![0; NUM_REGS],
+            stats64: [0; 4],
+            eeprom: Eeprom::new(mac),
+            mw: Microwire::default(),
+            phy: Phy::default(),
+            tx: TxState::default(),
+            tx_halted: false,
+            rx_halted: false,
+            pending: VecDeque::new(),
+            config_init: config.clone(),
+            config,
+            fsm,
+            next_irq: None,
+            deferred_irq: None,
+            warned: 0,
+            out_frames: Vec::new(),
+            wake_worker: false,
+            mig_out: Vec::new(),
+            mig_pos: 0,
+            mig_in: Vec::new(),
+            io_addr: 0,
+        };
+        c.reset_regs();
+        c
+    }
+
+    pub fn reg(&self, off: u32) -> u32 {
+        self.regs.get((off / 4) as usize).copied().unwrap_or(0)
+    }
+
+    pub fn set_reg(&mut self, off: u32, v: u32) {
+        if let Some(r) = self.regs.get_mut((off / 4) as usize) {
+            *r = v;
+        }
+    }
+
+    /// Log `msg` at warn level the first time `bit` is seen (until reset).
+    pub fn warn_once(&mut self, bit: u32, msg: std::fmt::Arguments<'_>) {
+        if self.warned & bit == 0 {
+            self.warned |= bit;
+            tracing::warn!("e1000: {msg}");
+        }
+    }
+
+    /// The software reset (CTRL.RST): registers to their defaults, queues stopped,
+    /// in-flight frames dropped. PCI configuration space and EEPROM are kept.
+    pub fn reset_regs(&mut self) {
+        self.regs.iter_mut().for_each(|r| *r = 0);
+        self.stats64 = [0; 4];
+        self.mw = Microwire::default();
+        self.phy = Phy::default();
+        self.tx = TxState::default();
+        self.tx_halted = false;
+        self.rx_halted = false;
+        self.pending.clear();
+        self.next_irq = None;
+        self.deferred_irq = None;
+        self.warned = 0;
+        // SLU starts clear: the driver sets it, which raises LSC (link up). STATUS
+        // reports link up regardless (the PHY always has link).
+        self.set_reg(CTRL, CTRL_FD | CTRL_SPEED_1000);
+        // The receive address 0 is loaded from the EEPROM at reset.
+        let mac = self.eeprom.mac();
+        self.set_reg(RA, u32::from_le_bytes([mac[0], mac[1], mac[2], mac[3]]));
+        self.set_reg(
+            RA + 4,
+            u32::from(u16::from_le_bytes([mac[4], mac[5]])) | (1 << 31),
+        );
+    }
+
+    // ---- statistics -------------------------------------------------------------------
+
+    pub fn stat_inc(&mut self, off: u32) {
+        let v = self.reg(off).saturating_add(1);
+        self.set_reg(off, v);
+    }
+
+    pub fn stat_add64(&mut self, idx: usize, n: u64) {
+        self.stats64[idx] = self.stats64[idx].saturating_add(n);
+    }
+
+    fn stat_read(&mut self, off: u32) -> u32 {
+        for (i, (lo, hi)) in STATS64.iter().enumerate() {
+            if off == *lo {
+                return self.stats64[i] as u32;
+            }
+            if off == *hi {
+                let v = (self.stats64[i] >> 32) as u32;
+                self.stats64[i] = 0;
+                return v;
+            }
+        }
+        let v = self.reg(off);
+        self.set_reg(off, 0);
+        v
+    }
+
+    // ---- register access ---------------------------------------------------------------
+
+    /// Value of a register without side effects (for merging narrow writes).
+    pub fn peek(&self, off: u32) -> u32 {
+        match off {
+            EECD => self.eecd_value(),
+            STATUS => STATUS_FD | STATUS_LU | STATUS_SPEED_1000,
+            ICS | IMC => 0,
+            _ if is_stat(off) => 0,
+            _ => self.reg(off),
+        }
+    }
+
+    fn eecd_value(&self) -> u32 {
+        let stored = self.reg(EECD);
+        let mut v = stored & (EECD_SK | EECD_CS | EECD_DI | EECD_FWE_MASK | EECD_REQ);
+        v |= EECD_PRES;
+        if stored & EECD_REQ != 0 {
+            v |= EECD_GNT;
+        }
+        if self.mw.dout(&self.eeprom) {
+            v |= EECD_DO;
+        }
+        v
+    }
+
+    /// A 32-bit register read by the driver (with side effects: ICR and statistics
+    /// clear on read).
+    pub fn read(&mut self, off: u32, irqs: &PciIntr) -> u32 {
+        match off {
+            ICR => {
+                // (No INT_ASSERTED bit: bits 31:17 are reserved on the 82540EM.)
+                let v = self.reg(ICR);
+                self.set_reg(ICR, 0);
+                self.update_irq(irqs, false);
+                v
+            }
+            _ if is_stat(off) => self.stat_read(off),
+            _ => self.peek(off),
+        }
+    }
+
+    /// A 32-bit register write by the driver.
+    pub fn write(&mut self, off: u32, v: u32, irqs: &PciIntr, dma: &nestio_dma::MapTable) {
+        match off {
+            CTRL => {
+                if v & CTRL_RST != 0 {
+                    tracing::debug!("e1000: software reset (CTRL.RST)");
+                    self.reset_regs();
+                    self.update_irq(irqs, false);
+                    return;
+                }
+                let old = self.reg(CTRL);
+                self.set_reg(CTRL, v & !(CTRL_RST | CTRL_PHY_RST));
+                if v & CTRL_SLU != 0 && old & CTRL_SLU == 0 {
+                    self.raise(ICR_LSC, irqs);
+                }
+            }
+            STATUS => {}
+            EECD => {
+                let keep = EECD_SK | EECD_CS | EECD_DI | EECD_FWE_MASK | EECD_REQ;
+                self.set_reg(EECD, v & keep);
+                let eeprom = self.eeprom.clone();
+                self.mw.clock(
+                    &eeprom,
+                    v & EECD_CS != 0,
+                    v & EECD_SK != 0,
+                    v & EECD_DI != 0,
+                );
+            }
+            EERD => {
+                if v & EERD_START != 0 {
+                    let addr = (v >> EERD_ADDR_SHIFT) & 0xFF;
+                    let data = u32::from(self.eeprom.word(addr as usize));
+                    self.set_reg(
+                        EERD,
+                        EERD_DONE | (addr << EERD_ADDR_SHIFT) | (data << EERD_DATA_SHIFT),
+                    );
+                } else {
+                    self.set_reg(EERD, v & !(EERD_DONE | (0xFFFF << EERD_DATA_SHIFT)));
+                }
+            }
+            MDIC => self.mdic(v, irqs),
+            ICR => {
+                let icr = self.reg(ICR) & !v;
+                self.set_reg(ICR, icr);
+                self.update_irq(irqs, false);
+            }
+            ICS => self.raise(v & ICR_VALID, irqs),
+            IMS => {
+                let ims = self.reg(IMS) | (v & ICR_VALID);
+                self.set_reg(IMS, ims);
+                let newly = self.reg(ICR) & v != 0;
+                self.update_irq(irqs, newly);
+            }
+            IMC => {
+                let ims = self.reg(IMS) & !v;
+                self.set_reg(IMS, ims);
+                self.update_irq(irqs, false);
+            }
+            ITR => self.set_reg(ITR, v & 0xFFFF),
+            RCTL => {
+                let old = self.reg(RCTL);
+                self.set_reg(RCTL, v);
+                if v & RCTL_EN != 0 && old & RCTL_EN == 0 {
+                    self.rx_halted = false;
+                    self.warned &= !(warn::RX_DMA | warn::RX_RING);
+                }
+                self.wake_worker = true;
+            }
+            TCTL => {
+                let old = self.reg(TCTL);
+                self.set_reg(TCTL, v);
+                if v & TCTL_EN != 0 && old & TCTL_EN == 0 {
+                    self.tx_halted = false;
+                    self.warned &= !(warn::TX_DMA | warn::TX_RING);
+                }
+                self.process_tx(irqs, dma);
+            }
+            RDBAL | TDBAL => self.set_reg(off, v & RING_BASE_LOW_MASK),
+            RDLEN | TDLEN => self.set_reg(off, v & RING_LEN_MASK),
+            RDH | TDH => self.set_reg(off, v & RING_PTR_MASK),
+            RDT => {
+                self.set_reg(RDT, v & RING_PTR_MASK);
+                self.wake_worker = true;
+            }
+            TDT => {
+                self.set_reg(TDT, v & RING_PTR_MASK);
+                self.process_tx(irqs, dma);
+            }
+            _ if is_stat(off) => {}
+            _ => self.set_reg(off, v),
+        }
+    }
+
+    fn mdic(&mut self, v: u32, irqs: &PciIntr) {
+        let phy = (v >> MDIC_PHY_SHIFT) & 0x1F;
+        let reg = ((v >> MDIC_REG_SHIFT) & 0x1F) as usize;
+        let op = v & (3 << 26);
+        let mut out = v & !(MDIC_READY | MDIC_ERROR | (1 << 29));
+        if phy != PHY_ADDR || (op != MDIC_OP_READ && op != MDIC_OP_WRITE) {
+            out |= MDIC_ERROR;
+        } else if op == MDIC_OP_READ {
+            out = (out & !MDIC_DATA_MASK) | u32::from(self.phy.read(reg));
+        } else {
+            self.phy.write(reg, (v & MDIC_DATA_MASK) as u16);
+        }
+        self.set_reg(MDIC, out | MDIC_READY);
+        // Interrupt-on-completion bit (29).
+        if v & (1 << 29) != 0 {
+            self.raise(ICR_MDAC, irqs);
+        }
+    }
+
+    // ---- interrupts -------------------------------------------------------------------
+
+    /// Set cause bits in ICR and signal if enabled.
+    pub fn raise(&mut self, causes: u32, irqs: &PciIntr) {
+        if causes == 0 {
+            return;
+        }
+        let icr = self.reg(ICR) | causes;
+        self.set_reg(ICR, icr);
+        let newly = causes & self.reg(IMS) != 0;
+        self.update_irq(irqs, newly);
+    }
+
+    pub fn asserted(&self) -> bool {
+        self.reg(ICR) & self.reg(IMS) != 0
+    }
+
+    pub fn running(&self) -> bool {
+        use nestio_device::MigState;
+        matches!(
+            self.fsm.state(),
+            MigState::Running | MigState::RunningP2p | MigState::PreCopy | MigState::PreCopyP2p
+        )
+    }
+
+    fn throttle_interval(&self) -> Option<Duration> {
+        let itr = self.reg(ITR) & 0xFFFF;
+        (itr != 0).then(|| Duration::from_nanos(u64::from(itr) * 256))
+    }
+
+    /// Re-evaluate the interrupt line. `new_event`: an enabled cause was just set (a
+    /// message interrupt is sent once per such event).
+    pub fn update_irq(&mut self, intr: &PciIntr, new_event: bool) {
+        let asserted = self.asserted();
+        let msg = message_mode(intr);
+        // The INTx level follows the line, in INTx mode only.
+        if (!asserted || msg) && intr.intx_asserted() {
+            intr.lower_intx(&mut self.config);
+        }
+        if !asserted {
+            self.deferred_irq = None;
+            return;
+        }
+        if !self.running() {
+            return;
+        }
+        if msg && !new_event {
+            return;
+        }
+        if !msg && intr.intx_asserted() {
+            // Already high: the VFIO side signals again at unmask.
+            return;
+        }
+        let now = Instant::now();
+        if let Some(next) = self.next_irq {
+            if now < next {
+                if self.deferred_irq.is_none() {
+                    self.deferred_irq = Some(next);
+                    self.wake_worker = true;
+                }
+                return;
+            }
+        }
+        self.fire(intr, now);
+    }
+
+    fn fire(&mut self, intr: &PciIntr, now: Instant) {
+        self.deferred_irq = None;
+        self.next_irq = self.throttle_interval().and_then(|d| now.checked_add(d));
+        // A message interrupt is a memory write: it needs bus mastering.
+        if message_mode(intr) && !self.config.bus_master() {
+            return;
+        }
+        let d = intr.raise(&mut self.config, 0);
+        tracing::trace!(delivery = ?d, "e1000 interrupt");
+    }
+
+    /// Fire a deferred interrupt whose time has come (called by the worker).
+    pub fn deferred_due(&mut self, intr: &PciIntr, now: Instant) {
+        if let Some(t) = self.deferred_irq {
+            if now >= t {
+                self.deferred_irq = None;
+                if self.asserted()
+                    && self.running()
+                    && (message_mode(intr) || !intr.intx_asserted())
+                {
+                    self.fire(intr, now);
+                }
+            }
+        }
+    }
+}
+
+/// True when interrupts go out as messages (the VMM wired MSI or MSI-X eventfds).
+pub(crate) fn message_mode(intr: &PciIntr) -> bool {
+    matches!(intr.mode(), IntrMode::Msi | IntrMode::MsiX)
+}
