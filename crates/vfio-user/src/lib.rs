@@ -1,1 +1,25 @@
-//! placeholder
+//! vfio-user: serve any [`nestio_device::VfioDevice`] over a UNIX socket, and use a
+//! device served by another process as a local `VfioDevice`.
+//!
+//! - [`proto`]: the wire format (header, commands, typed payloads, VERSION JSON);
+//! - [`socket`]: whole messages with fds over SCM_RIGHTS;
+//! - [`endpoint`]: the connection core (send lock, "whoever waits reads" reply
+//!   demultiplexer, inline handling of the peer's commands);
+//! - [`server`]: `Server` serving one device to one client at a time;
+//! - [`client`]: `Client`, a `VfioDevice` backed by a remote server;
+//! - [`testdev`]: a small device used by tests, the fuzzer and the benchmark;
+//! - [`bench`]: round-trip and throughput measurement.
+
+pub mod bench;
+pub mod client;
+pub mod endpoint;
+pub mod fuzzing;
+pub mod proto;
+pub mod server;
+pub mod socket;
+pub mod testdev;
+
+pub use client::{Client, ClientConfig, ClientError};
+pub use fuzzing::{fuzz_decode, fuzz_dispatch};
+pub use proto::{Capabilities, Command, Header, ProtoError};
+pub use server::{bind, Server, ServerConfig, ServerError, ServerStats};

@@ -1,0 +1,537 @@
+//! Hostile input written as raw bytes to the server socket: the server answers with the
+//! right errno and stays in sync, or ends the session when the stream cannot be trusted;
+//! either way the next client is served.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use common::*;
+use nestio_device::VfioDevice;
+use nestio_vfio_user::proto::{hdr_flags, Command, DmaMap, RegionAccess};
+use nestio_vfio_user::{ClientConfig, ServerConfig};
+
+fn region_write_payload(region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    RegionAccess {
+        offset,
+        region,
+        count: data.len() as u32,
+        data,
+    }
+    .encode_into(&mut p);
+    p
+}
+
+/// After the session ended, a fresh client still gets served by the same device.
+fn next_client_works(h: &Harness) {
+    let (c, _t) = h.client(ClientConfig::default());
+    let mut b = [0u8; 4];
+    c.region_read(0, 0, &mut b).unwrap();
+}
+
+#[test]
+fn command_before_version_closes_session() {
+    let h = Harness::new(ServerConfig::default());
+    let (s, t) = h.session();
+    send(
+        &s,
+        5,
+        Command::DeviceGetInfo as u16,
+        &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        &[],
+    );
+    expect_error(&s, 5, libc::EINVAL);
+    assert!(recv(&s).is_none(), "session closed");
+    assert!(t.join().unwrap().is_err());
+    next_client_works(&h);
+}
+
+#[test]
+fn bad_version_major_and_second_version() {
+    let h = Harness::new(ServerConfig::default());
+    let (s, t) = h.session();
+    send(&s, 1, Command::Version as u16, &[7, 0, 0, 0], &[]);
+    expect_error(&s, 1, libc::ENOTSUP);
+    assert!(recv(&s).is_none());
+    t.join().unwrap().unwrap_err();
+    // Wrong JSON type: refused.
+    let (s, _t) = h.session();
+    let mut p = vec![0, 0, 2, 0];
+    p.extend_from_slice(b"{\"capabilities\":{\"max_msg_fds\":\"lots\"}}\0");
+    send(&s, 1, Command::Version as u16, &p, &[]);
+    expect_error(&s, 1, libc::EINVAL);
+    // A second VERSION after a good one: EINVAL, stream in sync.
+    let (s, _t) = h.session();
+    raw_version(&s);
+    send(&s, 2, Command::Version as u16, &[0, 0, 0, 0], &[]);
+    expect_error(&s, 2, libc::EINVAL);
+    assert_eq!(raw_get_info(&s, 3), 3);
+}
+
+#[test]
+fn unknown_command_keeps_stream_in_sync() {
+    let h = Harness::new(ServerConfig::default());
+    let (s, _t) = h.session();
+    raw_version(&s);
+    send(&s, 2, 99, &[0xee; 37], &[]);
+    expect_error(&s, 2, libc::ENOSYS);
+    send(&s, 3, 14, &[0xee; 8], &[]);
+    expect_error(&s, 3, libc::ENOSYS);
+    assert_eq!(raw_get_info(&s, 4), 3);
+}
+
+#[test]
+fn lying_sizes_truncated_and_oversized_payloads() {
+    let h = Harness::new(ServerConfig {
+        max_data_xfer_size: 4096,
+        ..ServerConfig::default()
+    });
+    let (s, _t) = h.session();
+    raw_version(&s);
+    // DMA_MAP with 20 bytes instead of 32.
+    send(&s, 2, Command::DmaMap as u16, &[0u8; 20], &[]);
+    expect_error(&s, 2, libc::EINVAL);
+    // DMA_MAP whose argsz lies.
+    let mut p = Vec::new();
+    DmaMap {
+        flags: 3,
+        offset: 0,
+        addr: 0x1000,
+        size: 0x1000,
+    }
+    .encode_into(&mut p);
+    p[0] = 64;
+    send(&s, 3, Command::DmaMap as u16, &p, &[]);
+    expect_error(&s, 3, libc::EINVAL);
+    // REGION_WRITE whose count says 100 but carries 4 bytes.
+    let mut p = region_write_payload(0, 0, &[1, 2, 3, 4]);
+    p[12] = 100;
+    send(&s, 4, Command::RegionWrite as u16, &p, &[]);
+    expect_error(&s, 4, libc::EINVAL);
+    // REGION_WRITE with trailing garbage.
+    let mut p = region_write_payload(0, 0, &[1, 2, 3, 4]);
+    p.extend_from_slice(&[0; 3]);
+    send(&s, 5, Command::RegionWrite as u16, &p, &[]);
+    expect_error(&s, 5, libc::EINVAL);
+    // REGION_READ larger than max_data_xfer_size.
+    let mut p = Vec::new();
+    RegionAccess {
+        offset: 0,
+        region: 0,
+        count: 8192,
+        data: &[],
+    }
+    .encode_into(&mut p);
+    send(&s, 6, Command::RegionRead as u16, &p, &[]);
+    expect_error(&s, 6, libc::EINVAL);
+    // offset + count wrapping.
+    let mut p = Vec::new();
+    RegionAccess {
+        offset: u64::MAX - 1,
+        region: 0,
+        count: 4,
+        data: &[],
+    }
+    .encode_into(&mut p);
+    send(&s, 7, Command::RegionRead as u16, &p, &[]);
+    expect_error(&s, 7, libc::EINVAL);
+    // Unknown header flag bits.
+    let hdr = nestio_vfio_user::Header {
+        msg_id: 8,
+        cmd: 4,
+        size: 32,
+        flags: 1 << 9,
+        error: 0,
+    };
+    nestio_vfio_user::socket::send_message(
+        &s,
+        &hdr,
+        &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        &[],
+    )
+    .unwrap();
+    expect_error(&s, 8, libc::EINVAL);
+    // Still in sync.
+    assert_eq!(raw_get_info(&s, 9), 3);
+    // Nothing was written by any refused message.
+    let mut b = [9u8; 4];
+    h.dev.region_read(0, 0, &mut b).unwrap();
+    assert_eq!(b, [0; 4]);
+}
+
+#[test]
+fn header_size_out_of_range_closes_session() {
+    let h = Harness::new(ServerConfig::default());
+    for size in [8u32, 0, 15, u32::MAX, (2 << 20) as u32] {
+        let (mut s, t) = h.session();
+        raw_version(&s);
+        let hdr = nestio_vfio_user::Header {
+            msg_id: 2,
+            cmd: 4,
+            size,
+            flags: 0,
+            error: 0,
+        };
+        s.write_all(&hdr.encode()).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 0, "size {size}: session closed");
+        assert!(t.join().unwrap().is_err());
+    }
+    assert!(h.server.stats().broken_sessions >= 5);
+    next_client_works(&h);
+}
+
+#[test]
+fn no_reply_is_honoured() {
+    let h = Harness::new(ServerConfig::default());
+    let (s, _t) = h.session();
+    raw_version(&s);
+    let p = region_write_payload(0, 0, &[4, 3, 2, 1]);
+    let hdr = nestio_vfio_user::Header {
+        msg_id: 2,
+        cmd: Command::RegionWrite as u16,
+        size: (16 + p.len()) as u32,
+        flags: hdr_flags::NO_REPLY,
+        error: 0,
+    };
+    nestio_vfio_user::socket::send_message(&s, &hdr, &p, &[]).unwrap();
+    // A failing no_reply command also sends nothing.
+    let bad = region_write_payload(9, 0, &[1]);
+    let hdr2 = nestio_vfio_user::Header {
+        msg_id: 3,
+        size: (16 + bad.len()) as u32,
+        ..hdr
+    };
+    nestio_vfio_user::socket::send_message(&s, &hdr2, &bad, &[]).unwrap();
+    // The next reply is GET_INFO's.
+    assert_eq!(raw_get_info(&s, 4), 3);
+    let mut b = [0u8; 4];
+    h.dev.region_read(0, 0, &mut b).unwrap();
+    assert_eq!(b, [4, 3, 2, 1]);
+}
+
+#[test]
+fn too_many_and_unexpected_fds_are_refused_and_closed() {
+    let h = Harness::new(ServerConfig {
+        max_msg_fds: 4,
+        ..ServerConfig::default()
+    });
+    let (s, _t) = h.session();
+    raw_version(&s);
+    let fds: Vec<_> = (0..6).map(|_| eventfd()).collect();
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    // SET_IRQS eventfd with 6 fds > max_msg_fds 4.
+    let mut p = Vec::new();
+    nestio_vfio_user::proto::IrqSet {
+        flags: 4 | 32,
+        index: 1,
+        start: 0,
+        count: 4,
+        data: &[],
+    }
+    .encode_into(&mut p);
+    send(&s, 2, Command::DeviceSetIrqs as u16, &p, &raw);
+    expect_error(&s, 2, libc::EINVAL);
+    // fds that do not match count.
+    send(&s, 3, Command::DeviceSetIrqs as u16, &p, &raw[..3]);
+    expect_error(&s, 3, libc::EINVAL);
+    // An fd on a command that takes none.
+    send(
+        &s,
+        4,
+        Command::DeviceGetInfo as u16,
+        &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        &raw[..1],
+    );
+    expect_error(&s, 4, libc::EINVAL);
+    // Two fds on DMA_MAP.
+    let mut m = Vec::new();
+    DmaMap {
+        flags: 3,
+        offset: 0,
+        addr: 0x1000,
+        size: 0x1000,
+    }
+    .encode_into(&mut m);
+    send(&s, 5, Command::DmaMap as u16, &m, &raw[..2]);
+    expect_error(&s, 5, libc::EINVAL);
+    // Found by the fuzzer: DATA_EVENTFD without fds and a huge count (de-assign) must be
+    // refused before anything is allocated for it.
+    let mut p = Vec::new();
+    nestio_vfio_user::proto::IrqSet {
+        flags: 4 | 32,
+        index: 1,
+        start: 0,
+        count: u32::MAX,
+        data: &[],
+    }
+    .encode_into(&mut p);
+    send(&s, 6, Command::DeviceSetIrqs as u16, &p, &[]);
+    expect_error(&s, 6, libc::EINVAL);
+    assert!(!h.dev.irqs().has_eventfd(1, 0));
+    assert_eq!(h.dev.dma_table().unwrap().len(), 0);
+    assert_eq!(raw_get_info(&s, 7), 3);
+}
+
+#[test]
+fn region_info_argsz_retry() {
+    let h = Harness::new(ServerConfig::default());
+    let (s, _t) = h.session();
+    raw_version(&s);
+    let mut p = Vec::new();
+    nestio_vfio_user::proto::RegionInfoMsg {
+        argsz: 32,
+        index: 2,
+        ..Default::default()
+    }
+    .encode_into(&mut p);
+    send(&s, 2, Command::DeviceGetRegionInfo as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    let r = nestio_vfio_user::proto::RegionInfoReply::decode(&m.payload).unwrap();
+    assert_eq!(r.info.argsz, 64, "needs 32 + sparse cap of one area");
+    assert_eq!(r.info.cap_offset, 0);
+    assert!(r.sparse.is_empty());
+    assert_eq!(m.payload.len(), 32);
+    // argsz below the fixed part: EINVAL.
+    p[0] = 16;
+    send(&s, 3, Command::DeviceGetRegionInfo as u16, &p, &[]);
+    expect_error(&s, 3, libc::EINVAL);
+}
+
+#[test]
+fn dma_unmap_flags() {
+    let h = Harness::new(ServerConfig::default());
+    let (s, _t) = h.session();
+    raw_version(&s);
+    let mut u = Vec::new();
+    nestio_vfio_user::proto::DmaUnmap {
+        argsz: 24,
+        flags: 1,
+        addr: 0x1000,
+        size: 0x1000,
+    }
+    .encode_into(&mut u);
+    u.extend_from_slice(&[0u8; 16]);
+    send(&s, 2, Command::DmaUnmap as u16, &u, &[]);
+    expect_error(&s, 2, libc::ENOTSUP);
+    let mut u = Vec::new();
+    nestio_vfio_user::proto::DmaUnmap {
+        argsz: 24,
+        flags: 2,
+        addr: 0x1000,
+        size: 0,
+    }
+    .encode_into(&mut u);
+    send(&s, 3, Command::DmaUnmap as u16, &u, &[]);
+    // ALL ignores address and size (clients differ there); the entry is echoed.
+    let m = recv(&s).unwrap();
+    assert!(!m.header.is_error());
+    assert_eq!(m.payload, u);
+    // A wrapping range without ALL: EINVAL.
+    let mut u = Vec::new();
+    nestio_vfio_user::proto::DmaUnmap {
+        argsz: 24,
+        flags: 0,
+        addr: u64::MAX,
+        size: 2,
+    }
+    .encode_into(&mut u);
+    send(&s, 5, Command::DmaUnmap as u16, &u, &[]);
+    expect_error(&s, 5, libc::EINVAL);
+    let mut u = Vec::new();
+    nestio_vfio_user::proto::DmaUnmap {
+        argsz: 24,
+        flags: 4,
+        addr: 0,
+        size: 0,
+    }
+    .encode_into(&mut u);
+    send(&s, 4, Command::DmaUnmap as u16, &u, &[]);
+    expect_error(&s, 4, libc::EINVAL);
+}
+
+#[test]
+fn disconnect_mid_message_cleans_up_and_next_client_works() {
+    let h = Harness::new(ServerConfig::default());
+    // A client that maps memory and sets eventfds, then dies mid-message.
+    let (c, t) = h.client(ClientConfig::default());
+    let mem = memfd(0x1000);
+    c.dma_map(nestio_dma::DmaMapRequest {
+        range: nestio_dma::DmaRange::new(0x1000, 0x1000).unwrap(),
+        prot: nestio_dma::Prot::RW,
+        backing: nestio_dma::DmaBacking::Fd {
+            fd: Arc::new(mem.try_clone().unwrap()),
+            offset: 0,
+        },
+    })
+    .unwrap();
+    c.set_irqs(
+        1,
+        nestio_device::IrqAction::Trigger,
+        0,
+        1,
+        nestio_device::IrqData::Eventfd(vec![Some(eventfd())]),
+    )
+    .unwrap();
+    c.region_write(0, 0, b"kept").unwrap();
+    assert_eq!(h.dev.dma_table().unwrap().len(), 1);
+    assert!(h.dev.irqs().has_eventfd(1, 0));
+    drop(c);
+    t.join().unwrap().unwrap();
+    assert_eq!(h.dev.dma_table().unwrap().len(), 0, "DMA unmapped");
+    assert!(!h.dev.irqs().has_eventfd(1, 0), "eventfds dropped");
+
+    // Raw client: half a message, then gone.
+    let (mut s, t) = h.session();
+    raw_version(&s);
+    let p = region_write_payload(0, 0, &[1; 100]);
+    let hdr = nestio_vfio_user::Header {
+        msg_id: 2,
+        cmd: 10,
+        size: (16 + p.len()) as u32,
+        flags: 0,
+        error: 0,
+    };
+    s.write_all(&hdr.encode()).unwrap();
+    s.write_all(&p[..30]).unwrap();
+    drop(s);
+    assert!(t.join().unwrap().is_err(), "truncated message is an error");
+    // Garbage.
+    let (mut s, t) = h.session();
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let _ = s.write_all(&garbage);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    let _ = t.join().unwrap();
+    // Device state kept; next client served.
+    let (c, _t) = h.client(ClientConfig::default());
+    let mut b = [0u8; 4];
+    c.region_read(0, 0, &mut b).unwrap();
+    assert_eq!(&b, b"kept");
+}
+
+#[test]
+fn listener_serves_clients_one_after_another() {
+    let dir = std::env::temp_dir().join(format!("nestio-vu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dev.sock");
+    // A stale socket file is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let listener = nestio_vfio_user::bind(&path).unwrap();
+    let h = Harness::new(ServerConfig::default());
+    let s = h.server.clone();
+    std::thread::spawn(move || {
+        let _ = s.serve_listener(listener);
+    });
+    for i in 0..3u8 {
+        let c = nestio_vfio_user::Client::connect(&path).unwrap();
+        c.region_write(0, i as u64, &[i + 1]).unwrap();
+        drop(c);
+    }
+    let c = nestio_vfio_user::Client::connect(&path).unwrap();
+    let mut b = [0u8; 3];
+    c.region_read(0, 0, &mut b).unwrap();
+    assert_eq!(b, [1, 2, 3]);
+    // A regular file is not replaced.
+    let f = dir.join("plain");
+    std::fs::write(&f, b"x").unwrap();
+    assert!(nestio_vfio_user::bind(&f).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn device_feature_probe_unknown_and_short_argsz() {
+    use nestio_vfio_user::proto::{feature, DeviceFeature};
+    let h = Harness::new(ServerConfig::default());
+    let (s, _t) = h.session();
+    raw_version(&s);
+    let msg = |flags: u32, argsz: u32, data: &[u8]| {
+        let mut p = Vec::new();
+        DeviceFeature { argsz, flags, data }.encode_into(&mut p);
+        p
+    };
+    // PROBE of MIGRATION and of DMA logging: reply echoes argsz/flags only.
+    for (id, idx, op) in [
+        (2u16, feature::MIGRATION, feature::GET),
+        (3, feature::DMA_LOGGING_START, feature::SET),
+    ] {
+        let f = feature::PROBE | op | idx as u32;
+        send(&s, id, Command::DeviceFeature as u16, &msg(f, 8, &[]), &[]);
+        let m = recv(&s).unwrap();
+        assert!(!m.header.is_error(), "probe {idx}");
+        assert_eq!(m.payload.len(), 8);
+    }
+    // PROBE of SET on the GET-only MIGRATION feature: EINVAL.
+    send(
+        &s,
+        10,
+        Command::DeviceFeature as u16,
+        &msg(feature::PROBE | feature::SET | 1, 8, &[]),
+        &[],
+    );
+    expect_error(&s, 10, libc::EINVAL);
+    // Unknown feature: ENOTTY.
+    send(
+        &s,
+        4,
+        Command::DeviceFeature as u16,
+        &msg(feature::GET | 3, 64, &[]),
+        &[],
+    );
+    expect_error(&s, 4, libc::ENOTTY);
+    // GET MIGRATION with no room for the data: EINVAL.
+    send(
+        &s,
+        5,
+        Command::DeviceFeature as u16,
+        &msg(feature::GET | 1, 8, &[]),
+        &[],
+    );
+    expect_error(&s, 5, libc::EINVAL);
+    // GET MIGRATION: flags = STOP_COPY.
+    send(
+        &s,
+        6,
+        Command::DeviceFeature as u16,
+        &msg(feature::GET | 1, 16, &[]),
+        &[],
+    );
+    let m = recv(&s).unwrap();
+    assert_eq!(m.payload.len(), 16);
+    assert_eq!(u64::from_ne_bytes(m.payload[8..16].try_into().unwrap()), 1);
+    // SET MIG_DEVICE_STATE to an unknown state number: EINVAL; state unchanged.
+    let mut d = Vec::new();
+    nestio_vfio_user::proto::encode_mig_state(42, &mut d);
+    send(
+        &s,
+        7,
+        Command::DeviceFeature as u16,
+        &msg(feature::SET | 2, 16, &d),
+        &[],
+    );
+    expect_error(&s, 7, libc::EINVAL);
+    assert_eq!(h.dev.mig_state().unwrap(), nestio_device::MigState::Running);
+    // DMA_LOGGING_REPORT with a bitmap larger than max_data_xfer_size: E2BIG.
+    let mut r = Vec::new();
+    nestio_vfio_user::proto::LoggingReport {
+        iova: 0,
+        length: 1 << 50,
+        page_size: 4096,
+    }
+    .encode_into(&mut r);
+    send(
+        &s,
+        8,
+        Command::DeviceFeature as u16,
+        &msg(feature::GET | 8, u32::MAX, &r),
+        &[],
+    );
+    expect_error(&s, 8, libc::E2BIG);
+    assert_eq!(raw_get_info(&s, 9), 3);
+}
