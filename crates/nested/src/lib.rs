@@ -1,1 +1,35 @@
-//! Nested guests: copy to and from a nested guest's memory (seed 000).
+//! Nested guests: copy to and from a nested guest's memory (seed 000, issue 6).
+//!
+//! A device emulated at level n can be passed through to a guest at any deeper level.
+//! When memory cannot be shared by fd between the levels, DMA and inspection go through
+//! this crate:
+//! - [`level`]: each nested guest's memory is a [`Window`] of its parent's memory; the
+//!   [`Levels`] registry composes windows down to the host, checked at every level.
+//! - [`memory`]: the [`GuestPhysMemory`] trait (bytes at a guest-physical address, errors
+//!   not panics) over a volatile memfd mapping, a [`nestio_dma::DmaSpace`], or vm-memory's
+//!   `GuestMemoryMmap`.
+//! - [`mod@walk`]: an x86-64 4-level page walker over the nested guest's own tables.
+//! - [`copy`]: the copy API with the semantics of the seed's H_COPY_TOFROM_GUEST hcall
+//!   ([`NestedGuests::h_copy_tofrom_guest`]) and plain Rust-buffer forms for `nestio inspect`.
+//! - [`dma`]: [`NestedDma`], the DMA space of a device assigned to a nested guest, which
+//!   can only reach that guest's window.
+//! - [`fuzz`]: [`fuzz_walk`], the fuzzing entry point.
+
+pub mod copy;
+pub mod dma;
+pub mod fuzz;
+pub mod level;
+pub mod memory;
+pub mod walk;
+
+pub use copy::{
+    hcall_code, AddressSpace, CopyError, HcallArgs, HcallStatus, LevelMemory, NestedGuests,
+    MAX_COPY_LEN, PHYSICAL_PID,
+};
+pub use dma::{nested_dma_space, NestedDma};
+pub use fuzz::fuzz_walk;
+pub use level::{Level, LevelError, LevelId, Levels, Window, MAX_DEPTH};
+pub use memory::{DmaMemory, GuestPhysMemory, MemError, MmapMemory};
+pub use walk::{
+    walk, AccessKind, AccessMode, Cr3, FaultReason, PageSize, PtLevel, Translation, WalkError,
+};
