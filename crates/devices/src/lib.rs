@@ -1,3 +1,9 @@
-//! placeholder
+//! Emulated devices, each implementing [`nestio_device::VfioDevice`] so it can be used
+//! in process or served over vfio-user:
+//! - [`sample`]: a small PCI device with a register BAR, a RAM BAR and a DMA engine;
+//! - [`e1000`]: an Intel 82540EM network card;
+//! - [`e1000_bench`]: a guest-side e1000 driver used to measure packets per second.
+
 pub mod e1000;
+pub mod e1000_bench;
 pub mod sample;

@@ -11,8 +11,10 @@
 //! DMA_READ/DMA_WRITE, which this client serves by calling the peer — on the twin socket's
 //! thread when negotiated, and inline on the main socket while one of our threads waits
 //! for a reply (the endpoint's reader handles the server's commands it reads). Without a
-//! twin socket, server-initiated DMA is therefore served only while a client thread is
-//! waiting for a reply (which covers DMA done by a device while it handles a command).
+//! twin socket, the first mapping by message also starts a reader thread that keeps
+//! reading the main socket while no client thread waits, so DMA a device starts on its
+//! own (a NIC receiving while its driver is idle) is served too. That thread costs each
+//! request a hand-off, so it is started only when memory is mapped by message.
 //!
 //! A server that goes away turns every call into `DeviceError::Disconnected`; no call
 //! hangs on a dead socket.
@@ -21,7 +23,7 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use nestio_device::{
@@ -165,6 +167,10 @@ impl PeerMap {
 pub struct Client {
     ep: Arc<Endpoint>,
     twin: Option<(Arc<Endpoint>, JoinHandle<()>)>,
+    /// Without a twin socket: a thread that keeps reading the main socket once memory is
+    /// mapped by message, so the server's DMA_READ/WRITE is served while no client thread
+    /// waits for a reply (a NIC receiving while its driver is idle).
+    idle_reader: Mutex<Option<JoinHandle<()>>>,
     version: Version,
     info: DeviceInfo,
     peers: Arc<PeerMap>,
@@ -288,6 +294,7 @@ impl Client {
         let mut client = Client {
             ep,
             twin,
+            idle_reader: Mutex::new(None),
             max_xfer: server_xfer.max(1),
             max_fds: (v.caps.max_msg_fds as usize).max(1),
             write_multiple: config.write_multiple && v.caps.write_multiple,
@@ -488,6 +495,41 @@ impl Drop for Client {
             t.shutdown("client dropped");
             let _ = h.join();
         }
+        let idle = self
+            .idle_reader
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = idle {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Client {
+    /// Without a twin socket, make sure a thread reads the main socket while the client
+    /// is idle, so that server-initiated DMA is always served. (It costs request threads
+    /// a hand-off, so it starts only once memory is mapped by message.)
+    fn ensure_idle_reader(&self) -> std::io::Result<()> {
+        if self.twin.is_some() {
+            return Ok(());
+        }
+        let mut slot = self.idle_reader.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return Ok(());
+        }
+        let ep = self.ep.clone();
+        let h = std::thread::Builder::new()
+            .name("vfio-user-reader".into())
+            .spawn(move || {
+                // In handle mode this reads until the connection closes: replies are
+                // parked for their waiters, DMA commands are served inline.
+                if let Err(e) = ep.next_command() {
+                    tracing::debug!(error = %e, "vfio-user reader stopped");
+                }
+            })?;
+        *slot = Some(h);
+        Ok(())
     }
 }
 
@@ -801,6 +843,9 @@ impl VfioDevice for Client {
                     peer: p.clone(),
                 },
             );
+        }
+        if matches!(req.backing, DmaBacking::Peer(_)) {
+            self.ensure_idle_reader()?;
         }
         let fds: Vec<RawFd> = fd.into_iter().collect();
         let r = self.call("DMA_MAP", Command::DmaMap, &b, &fds);
