@@ -57,11 +57,14 @@ struct ServerOpts {
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let parts: Vec<&str> = s.split(':').collect();
     if parts.len() != 6 {
-        return Err(format!("MAC '{s}' must be six hex bytes like 52:54:00:12:34:56"));
+        return Err(format!(
+            "MAC '{s}' must be six hex bytes like 52:54:00:12:34:56"
+        ));
     }
     let mut mac = [0u8; 6];
     for (m, p) in mac.iter_mut().zip(parts) {
-        *m = u8::from_str_radix(p, 16).map_err(|_| format!("MAC '{s}': '{p}' is not a hex byte"))?;
+        *m =
+            u8::from_str_radix(p, 16).map_err(|_| format!("MAC '{s}': '{p}' is not a hex byte"))?;
     }
     Ok(mac)
 }
