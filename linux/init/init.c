@@ -1,0 +1,585 @@
+/*
+ * nestio guest /init: one static program instead of a shell and busybox (each
+ * fork+exec costs up to a second on hosts that emulate guest kernel code).
+ *
+ * It mounts proc, sysfs and devtmpfs, configures eth0 with a static IPv4 address
+ * and a default route, then acts according to the kernel command line:
+ *
+ *   nestio.mode=ping     (default) ping the target like `ping -c COUNT TARGET`
+ *   nestio.mode=boot     only report that userspace started
+ *   nestio.mode=shell    a tiny console command loop (help, ping, cat, ls, exit)
+ *   nestio.target=IP     ping target            (default 10.0.2.2)
+ *   nestio.ip=IP[/LEN]   address of eth0        (default 10.0.2.15/24)
+ *   nestio.gw=IP         default gateway        (default 10.0.2.2; "none" for no route)
+ *   nestio.iface=NAME    interface              (default eth0)
+ *   nestio.count=N       echo requests          (default 3)
+ *   nestio.timeout=MS    wait for each reply    (default 5000)
+ *   nestio.end=reboot|poweroff|halt             (default reboot: with reboot=k the
+ *                        kernel writes 0xfe to port 0x64, which ends the VM)
+ *
+ * Markers on the console, for tests and humans:
+ *   NESTIO-INIT: start ...        userspace runs
+ *   NESTIO-NET: eth0 up ...       interface configured (carrier seen or not)
+ *   NESTIO-PING: ok 3/3           all echo requests answered ("fail N/M" otherwise)
+ *   NESTIO-INIT: exit STATUS      just before the VM is ended
+ *
+ * Exit status: before ending the VM, init writes STATUS (0 = success) to the
+ * debug-exit I/O port 0xf4; nestio's VMM makes that byte its process exit status
+ * (QEMU's isa-debug-exit reports (STATUS << 1) | 1).
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <netinet/ip.h>
+#include <netinet/ip_icmp.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <dirent.h>
+#include <sys/io.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define DEBUG_EXIT_PORT 0xf4
+#define CMDLINE_MAX 4096
+
+struct config {
+	char mode[16];
+	char iface[IFNAMSIZ];
+	struct in_addr ip, mask, gw, target;
+	int have_gw;
+	int count;
+	int timeout_ms;
+	char end[16];
+};
+
+static double uptime(void)
+{
+	struct timespec ts;
+
+	if (clock_gettime(CLOCK_BOOTTIME, &ts) != 0)
+		return 0.0;
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void say(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	fflush(stdout);
+}
+
+static double now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+/* ---- command line ------------------------------------------------------------ */
+
+static int parse_ip(const char *s, struct in_addr *out)
+{
+	return inet_pton(AF_INET, s, out) == 1 ? 0 : -1;
+}
+
+static int parse_ip_len(const char *s, struct in_addr *ip, struct in_addr *mask)
+{
+	char buf[64];
+	char *slash;
+	long len = 24;
+
+	if (strlen(s) >= sizeof(buf))
+		return -1;
+	strcpy(buf, s);
+	slash = strchr(buf, '/');
+	if (slash) {
+		char *end;
+
+		*slash = '\0';
+		errno = 0;
+		len = strtol(slash + 1, &end, 10);
+		if (errno || *end || len < 0 || len > 32)
+			return -1;
+	}
+	if (parse_ip(buf, ip))
+		return -1;
+	mask->s_addr = htonl(len == 0 ? 0 : 0xffffffffu << (32 - len));
+	return 0;
+}
+
+static int parse_int(const char *s, int lo, int hi, int *out)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(s, &end, 10);
+	if (errno || *end || v < lo || v > hi)
+		return -1;
+	*out = (int)v;
+	return 0;
+}
+
+static void copy_word(char *dst, size_t cap, const char *src)
+{
+	snprintf(dst, cap, "%s", src);
+}
+
+static void defaults(struct config *c)
+{
+	memset(c, 0, sizeof(*c));
+	copy_word(c->mode, sizeof(c->mode), "ping");
+	copy_word(c->iface, sizeof(c->iface), "eth0");
+	parse_ip_len("10.0.2.15/24", &c->ip, &c->mask);
+	parse_ip("10.0.2.2", &c->gw);
+	c->have_gw = 1;
+	parse_ip("10.0.2.2", &c->target);
+	c->count = 3;
+	c->timeout_ms = 5000;
+	copy_word(c->end, sizeof(c->end), "reboot");
+}
+
+/* Apply one `key=value` word; unknown nestio.* keys are reported, others ignored. */
+static void apply_word(struct config *c, const char *word)
+{
+	const char *v = strchr(word, '=');
+	size_t klen;
+	int bad = 0;
+
+	if (strncmp(word, "nestio.", 7) != 0 || !v)
+		return;
+	klen = (size_t)(v - word);
+	v++;
+#define KEY(k) (klen == strlen(k) && strncmp(word, k, klen) == 0)
+	if (KEY("nestio.mode")) {
+		if (strcmp(v, "ping") && strcmp(v, "boot") && strcmp(v, "shell"))
+			bad = 1;
+		else
+			copy_word(c->mode, sizeof(c->mode), v);
+	} else if (KEY("nestio.target")) {
+		bad = parse_ip(v, &c->target);
+	} else if (KEY("nestio.ip")) {
+		bad = parse_ip_len(v, &c->ip, &c->mask);
+	} else if (KEY("nestio.gw")) {
+		if (strcmp(v, "none") == 0)
+			c->have_gw = 0;
+		else
+			bad = parse_ip(v, &c->gw), c->have_gw = !bad;
+	} else if (KEY("nestio.iface")) {
+		if (strlen(v) == 0 || strlen(v) >= IFNAMSIZ)
+			bad = 1;
+		else
+			copy_word(c->iface, sizeof(c->iface), v);
+	} else if (KEY("nestio.count")) {
+		bad = parse_int(v, 1, 1000000, &c->count);
+	} else if (KEY("nestio.timeout")) {
+		bad = parse_int(v, 1, 3600000, &c->timeout_ms);
+	} else if (KEY("nestio.end")) {
+		if (strcmp(v, "reboot") && strcmp(v, "poweroff") && strcmp(v, "halt"))
+			bad = 1;
+		else
+			copy_word(c->end, sizeof(c->end), v);
+	} else {
+		say("NESTIO-INIT: unknown option %s (ignored)\n", word);
+		return;
+	}
+#undef KEY
+	if (bad)
+		say("NESTIO-INIT: bad value in %s (default kept)\n", word);
+}
+
+static void read_cmdline(struct config *c)
+{
+	char buf[CMDLINE_MAX];
+	ssize_t n;
+	char *save = NULL, *w;
+	int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0) {
+		say("NESTIO-INIT: cannot read /proc/cmdline: %s\n", strerror(errno));
+		return;
+	}
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return;
+	buf[n] = '\0';
+	for (w = strtok_r(buf, " \t\n", &save); w; w = strtok_r(NULL, " \t\n", &save))
+		apply_word(c, w);
+}
+
+/* ---- network setup ----------------------------------------------------------- */
+
+static void set_sin(struct sockaddr *sa, struct in_addr a)
+{
+	struct sockaddr_in sin;
+
+	memset(&sin, 0, sizeof(sin));
+	sin.sin_family = AF_INET;
+	sin.sin_addr = a;
+	memcpy(sa, &sin, sizeof(sin));
+}
+
+static int if_up(int fd, const char *name)
+{
+	struct ifreq ifr;
+
+	memset(&ifr, 0, sizeof(ifr));
+	copy_word(ifr.ifr_name, sizeof(ifr.ifr_name), name);
+	if (ioctl(fd, SIOCGIFFLAGS, &ifr) < 0)
+		return -1;
+	ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+	return ioctl(fd, SIOCSIFFLAGS, &ifr);
+}
+
+static int carrier(const char *iface)
+{
+	char path[96], c = '0';
+	int fd;
+
+	snprintf(path, sizeof(path), "/sys/class/net/%s/carrier", iface);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	if (read(fd, &c, 1) != 1)
+		c = '0';
+	close(fd);
+	return c == '1';
+}
+
+static int net_setup(const struct config *c)
+{
+	struct ifreq ifr;
+	struct rtentry rt;
+	char ip[INET_ADDRSTRLEN], mask[INET_ADDRSTRLEN], gw[INET_ADDRSTRLEN];
+	double t0;
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+
+	if (fd < 0) {
+		say("NESTIO-NET: socket: %s\n", strerror(errno));
+		return -1;
+	}
+	if (if_up(fd, "lo") < 0)
+		say("NESTIO-NET: lo up: %s\n", strerror(errno));
+
+	memset(&ifr, 0, sizeof(ifr));
+	copy_word(ifr.ifr_name, sizeof(ifr.ifr_name), c->iface);
+	set_sin(&ifr.ifr_addr, c->ip);
+	if (ioctl(fd, SIOCSIFADDR, &ifr) < 0) {
+		say("NESTIO-NET: %s: cannot set the address: %s (is the e1000 driver bound? see the kernel log)\n",
+		    c->iface, strerror(errno));
+		close(fd);
+		return -1;
+	}
+	set_sin(&ifr.ifr_netmask, c->mask);
+	if (ioctl(fd, SIOCSIFNETMASK, &ifr) < 0) {
+		say("NESTIO-NET: %s: cannot set the netmask: %s\n", c->iface, strerror(errno));
+		close(fd);
+		return -1;
+	}
+	if (if_up(fd, c->iface) < 0) {
+		say("NESTIO-NET: %s: cannot bring it up: %s\n", c->iface, strerror(errno));
+		close(fd);
+		return -1;
+	}
+	/* The e1000 reports link from its watchdog, shortly after going up; packets
+	 * sent before that are dropped by the noop qdisc. */
+	t0 = now_ms();
+	while (!carrier(c->iface) && now_ms() - t0 < 10000)
+		usleep(10000);
+
+	if (c->have_gw) {
+		memset(&rt, 0, sizeof(rt));
+		set_sin(&rt.rt_dst, (struct in_addr){ .s_addr = 0 });
+		set_sin(&rt.rt_genmask, (struct in_addr){ .s_addr = 0 });
+		set_sin(&rt.rt_gateway, c->gw);
+		rt.rt_flags = RTF_UP | RTF_GATEWAY;
+		rt.rt_dev = (char *)c->iface;
+		if (ioctl(fd, SIOCADDRT, &rt) < 0 && errno != EEXIST)
+			say("NESTIO-NET: default route: %s\n", strerror(errno));
+	}
+	close(fd);
+	inet_ntop(AF_INET, &c->ip, ip, sizeof(ip));
+	inet_ntop(AF_INET, &c->mask, mask, sizeof(mask));
+	inet_ntop(AF_INET, &c->gw, gw, sizeof(gw));
+	say("NESTIO-NET: %s up %s netmask %s gw %s carrier %s (uptime %.2f s)\n", c->iface, ip,
+	    mask, c->have_gw ? gw : "none", carrier(c->iface) ? "yes" : "no", uptime());
+	return 0;
+}
+
+/* ---- ping -------------------------------------------------------------------- */
+
+static uint16_t checksum(const void *data, size_t len)
+{
+	const uint8_t *p = data;
+	uint32_t sum = 0;
+
+	while (len > 1) {
+		sum += (uint32_t)p[0] << 8 | p[1];
+		p += 2;
+		len -= 2;
+	}
+	if (len)
+		sum += (uint32_t)p[0] << 8;
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return htons((uint16_t)~sum);
+}
+
+#define PING_DATA 56
+
+/* Returns the number of replies; prints like iputils ping. */
+static int ping(struct in_addr target, int count, int timeout_ms)
+{
+	struct sockaddr_in to = { .sin_family = AF_INET, .sin_addr = target };
+	uint16_t id = (uint16_t)getpid();
+	double min = 0, max = 0, sum = 0;
+	int received = 0, sent = 0, seq;
+	char name[INET_ADDRSTRLEN];
+	int fd = socket(AF_INET, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_ICMP);
+
+	inet_ntop(AF_INET, &target, name, sizeof(name));
+	if (fd < 0) {
+		say("NESTIO-PING: raw ICMP socket: %s\n", strerror(errno));
+		return 0;
+	}
+	say("PING %s (%s) %d(%d) bytes of data.\n", name, name, PING_DATA,
+	    PING_DATA + 8 + 20);
+	for (seq = 1; seq <= count; seq++) {
+		uint8_t pkt[8 + PING_DATA];
+		struct icmphdr *h = (struct icmphdr *)pkt;
+		double sent_at = now_ms(), deadline = sent_at + timeout_ms;
+		size_t i;
+		int got = 0;
+
+		memset(pkt, 0, sizeof(pkt));
+		h->type = ICMP_ECHO;
+		h->un.echo.id = htons(id);
+		h->un.echo.sequence = htons((uint16_t)seq);
+		for (i = 8; i < sizeof(pkt); i++)
+			pkt[i] = (uint8_t)i;
+		h->checksum = checksum(pkt, sizeof(pkt));
+		if (sendto(fd, pkt, sizeof(pkt), 0, (struct sockaddr *)&to, sizeof(to)) < 0) {
+			say("ping: sendto %s: %s\n", name, strerror(errno));
+			usleep(200000);
+			sent++;
+			continue;
+		}
+		sent++;
+		while (!got) {
+			uint8_t buf[1500];
+			struct pollfd pfd = { .fd = fd, .events = POLLIN };
+			double left = deadline - now_ms();
+			struct sockaddr_in from;
+			socklen_t flen = sizeof(from);
+			ssize_t n;
+			size_t ihl;
+			const struct icmphdr *r;
+
+			if (left <= 0)
+				break;
+			if (poll(&pfd, 1, (int)left + 1) <= 0)
+				continue;
+			n = recvfrom(fd, buf, sizeof(buf), 0, (struct sockaddr *)&from, &flen);
+			if (n < (ssize_t)sizeof(struct iphdr))
+				continue;
+			ihl = (size_t)(buf[0] & 0xf) * 4;
+			if (ihl < 20 || (size_t)n < ihl + 8)
+				continue;
+			r = (const struct icmphdr *)(buf + ihl);
+			if (r->type != ICMP_ECHOREPLY || ntohs(r->un.echo.id) != id ||
+			    ntohs(r->un.echo.sequence) != seq || from.sin_addr.s_addr != target.s_addr)
+				continue;
+			{
+				double rtt = now_ms() - sent_at;
+				char src[INET_ADDRSTRLEN];
+
+				inet_ntop(AF_INET, &from.sin_addr, src, sizeof(src));
+				say("%zd bytes from %s: icmp_seq=%d ttl=%d time=%.3f ms (uptime %.2f s)\n",
+				    n - (ssize_t)ihl, src, seq, buf[8], rtt, uptime());
+				if (!received || rtt < min)
+					min = rtt;
+				if (rtt > max)
+					max = rtt;
+				sum += rtt;
+				received++;
+				got = 1;
+			}
+		}
+		if (!got)
+			say("no reply from %s for icmp_seq=%d within %d ms\n", name, seq, timeout_ms);
+	}
+	close(fd);
+	say("\n--- %s ping statistics ---\n", name);
+	say("%d packets transmitted, %d received, %d%% packet loss\n", sent, received,
+	    sent ? (sent - received) * 100 / sent : 0);
+	if (received)
+		say("rtt min/avg/max = %.3f/%.3f/%.3f ms\n", min, sum / received, max);
+	return received;
+}
+
+/* ---- shell mode -------------------------------------------------------------- */
+
+static void cat(const char *path)
+{
+	char buf[4096];
+	ssize_t n;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0) {
+		say("cat: %s: %s\n", path, strerror(errno));
+		return;
+	}
+	while ((n = read(fd, buf, sizeof(buf))) > 0)
+		fwrite(buf, 1, (size_t)n, stdout);
+	close(fd);
+	fflush(stdout);
+}
+
+static void ls(const char *path)
+{
+	struct dirent *d;
+	DIR *dir = opendir(path);
+
+	if (!dir) {
+		say("ls: %s: %s\n", path, strerror(errno));
+		return;
+	}
+	while ((d = readdir(dir)))
+		say("%s\n", d->d_name);
+	closedir(dir);
+}
+
+/* Returns the exit status the user asked for. */
+static int shell(const struct config *c)
+{
+	char line[256];
+
+	say("NESTIO-SHELL: ready (commands: help, ping [IP [COUNT]], cat FILE, ls [DIR], exit [STATUS])\n");
+	for (;;) {
+		char *argv[4] = { 0 };
+		char *save = NULL;
+		int argc = 0;
+
+		say("nestio# ");
+		if (!fgets(line, sizeof(line), stdin)) {
+			say("\nNESTIO-SHELL: console closed\n");
+			return 0;
+		}
+		for (char *w = strtok_r(line, " \t\r\n", &save); w && argc < 4;
+		     w = strtok_r(NULL, " \t\r\n", &save))
+			argv[argc++] = w;
+		if (argc == 0)
+			continue;
+		if (strcmp(argv[0], "help") == 0) {
+			say("ping [IP [COUNT]] | cat FILE | ls [DIR] | exit [STATUS]\n");
+		} else if (strcmp(argv[0], "ping") == 0) {
+			struct in_addr t = c->target;
+			int n = 3;
+
+			if (argc > 1 && parse_ip(argv[1], &t)) {
+				say("ping: bad address %s\n", argv[1]);
+				continue;
+			}
+			if (argc > 2 && parse_int(argv[2], 1, 1000, &n)) {
+				say("ping: bad count %s\n", argv[2]);
+				continue;
+			}
+			ping(t, n, c->timeout_ms);
+		} else if (strcmp(argv[0], "cat") == 0 && argc > 1) {
+			cat(argv[1]);
+		} else if (strcmp(argv[0], "ls") == 0) {
+			ls(argc > 1 ? argv[1] : "/");
+		} else if (strcmp(argv[0], "exit") == 0) {
+			int st = 0;
+
+			if (argc > 1 && parse_int(argv[1], 0, 255, &st))
+				say("exit: bad status %s, using 0\n", argv[1]);
+			return st;
+		} else {
+			say("%s: unknown command (try help)\n", argv[0]);
+		}
+	}
+}
+
+/* ---- the end ----------------------------------------------------------------- */
+
+static void end_vm(const struct config *c, int status)
+{
+	say("NESTIO-INIT: exit %d (uptime %.2f s)\n", status, uptime());
+	sync();
+	if (ioperm(DEBUG_EXIT_PORT, 1, 1) == 0)
+		outb((unsigned char)status, DEBUG_EXIT_PORT);
+	else
+		say("NESTIO-INIT: ioperm(0x%x): %s; ending without an exit status\n",
+		    DEBUG_EXIT_PORT, strerror(errno));
+	if (strcmp(c->end, "poweroff") == 0)
+		reboot(RB_POWER_OFF);
+	else if (strcmp(c->end, "halt") == 0)
+		reboot(RB_HALT_SYSTEM);
+	else
+		reboot(RB_AUTOBOOT);
+	say("NESTIO-INIT: reboot: %s\n", strerror(errno));
+	for (;;)
+		pause();
+}
+
+static void mount_one(const char *src, const char *dst, const char *type)
+{
+	mkdir(dst, 0755);
+	if (mount(src, dst, type, MS_NOSUID | MS_NOEXEC, NULL) < 0 && errno != EBUSY)
+		say("NESTIO-INIT: mount %s on %s: %s\n", type, dst, strerror(errno));
+}
+
+int main(void)
+{
+	struct config c;
+	int status = 0;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	mount_one("proc", "/proc", "proc");
+	mount_one("sysfs", "/sys", "sysfs");
+	mount_one("devtmpfs", "/dev", "devtmpfs");
+	defaults(&c);
+	read_cmdline(&c);
+	say("NESTIO-INIT: start mode=%s (uptime %.2f s)\n", c.mode, uptime());
+
+	if (strcmp(c.mode, "boot") == 0) {
+		end_vm(&c, 0);
+	}
+	if (net_setup(&c) < 0) {
+		if (strcmp(c.mode, "shell") != 0)
+			end_vm(&c, 2);
+	}
+	if (strcmp(c.mode, "shell") == 0) {
+		status = shell(&c);
+	} else {
+		int got = ping(c.target, c.count, c.timeout_ms);
+
+		if (got == c.count) {
+			say("NESTIO-PING: ok %d/%d\n", got, c.count);
+		} else {
+			say("NESTIO-PING: fail %d/%d\n", got, c.count);
+			status = 1;
+		}
+	}
+	end_vm(&c, status);
+	return status;
+}
