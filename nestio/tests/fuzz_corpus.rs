@@ -1,0 +1,43 @@
+//! Replays the committed cargo-fuzz corpora (fuzz/corpus/<target>/) through the same entry
+//! points the fuzz targets call, so every input a fuzzer once found interesting stays a
+//! regression test in the ordinary test run (without sanitizers).
+
+use std::path::PathBuf;
+
+fn replay(target: &str, f: fn(&[u8])) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let p = e.unwrap().path();
+        let data = std::fs::read(&p).unwrap();
+        f(&data);
+        n += 1;
+    }
+    assert!(n > 0, "corpus {} is empty", dir.display());
+    eprintln!("{target}: replayed {n} inputs");
+}
+
+#[test]
+fn corpus_decode() {
+    replay("decode", nestio_vfio_user::fuzz_decode);
+}
+
+#[test]
+fn corpus_dispatch() {
+    replay("dispatch", nestio_vfio_user::fuzz_dispatch);
+}
+
+#[test]
+fn corpus_net_user() {
+    replay("net_user", nestio_net::fuzz_user_backend);
+}
+
+#[test]
+fn corpus_e1000() {
+    replay("e1000", nestio_devices::e1000::fuzz_e1000);
+}
+
+#[test]
+fn corpus_nested_walk() {
+    replay("nested_walk", nestio_nested::fuzz_walk);
+}
