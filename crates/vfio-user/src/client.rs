@@ -258,8 +258,12 @@ impl Client {
                 proto::VERSION_MINOR
             )));
         }
-        let server_xfer = v.caps.max_data_xfer_size as usize;
-        ep.set_max_msg_size(server_xfer.max(my_xfer) + 4096);
+        // Data moves in both directions within one request/reply pair (a REGION_READ's
+        // reply carries `count` bytes to us), so every count we ask for stays within both
+        // sides' max_data_xfer_size, and what we accept is bounded by our own limit (or
+        // the 1 MiB we allow a capability chain), never by the server's word.
+        let server_xfer = (v.caps.max_data_xfer_size as usize).min(my_xfer);
+        ep.set_max_msg_size(my_xfer.max(1 << 20) + 4096);
         let mut twin = None;
         if v.caps.twin_supported() {
             if !config.twin_socket {
@@ -572,6 +576,22 @@ impl VfioDevice for Client {
             }
             let r = RegionInfoReply::decode(&m.payload)
                 .map_err(|e| bad_reply("DEVICE_GET_REGION_INFO", e))?;
+            // Every sparse area is a part of the region (and of the mmap fd's range).
+            for &(offset, size) in &r.sparse {
+                let inside = offset
+                    .checked_add(size)
+                    .is_some_and(|end| end <= r.info.size)
+                    && r.info.offset.checked_add(offset).is_some();
+                if !inside {
+                    return Err(bad_reply(
+                        "DEVICE_GET_REGION_INFO",
+                        format!(
+                            "sparse area {offset:#x}+{size:#x} lies outside region {index} ({:#x} bytes)",
+                            r.info.size
+                        ),
+                    ));
+                }
+            }
             let fd = if m.fds.is_empty() {
                 None
             } else {
@@ -696,10 +716,39 @@ impl VfioDevice for Client {
                 continue;
             }
             let fds: Vec<Arc<OwnedFd>> = m.fds.into_iter().map(Arc::new).collect();
+            if r.entries.is_empty() {
+                return Ok(Vec::new());
+            }
+            // Spec: the client verifies the sub-regions (e.g. that they stay inside the
+            // region) before wiring them to a guest address.
+            let region_size = self.region_info(index)?.size;
             let mut out = Vec::with_capacity(r.entries.len());
             for e in r.entries {
+                let inside = e
+                    .offset
+                    .checked_add(e.size)
+                    .is_some_and(|end| end <= region_size);
+                if !inside {
+                    return Err(bad_reply(
+                        "DEVICE_GET_REGION_IO_FDS",
+                        format!(
+                            "sub-region {:#x}+{:#x} lies outside region {index} ({region_size:#x} bytes)",
+                            e.offset, e.size
+                        ),
+                    ));
+                }
                 if e.kind != proto::IO_FD_TYPE_IOEVENTFD {
                     tracing::debug!(kind = e.kind, "skipping a non-ioeventfd io fd");
+                    continue;
+                }
+                // An IoEventFd is an MMIO ioeventfd, optionally with datamatch: an entry
+                // with any other KVM flag (PIO, virtio-ccw notify) cannot be described
+                // by it and must not be wired as MMIO.
+                if e.flags & !proto::IOEVENTFD_FLAG_DATAMATCH != 0 {
+                    tracing::debug!(
+                        flags = e.flags,
+                        "skipping an ioeventfd with flags other than DATAMATCH"
+                    );
                     continue;
                 }
                 let fd = fds.get(e.fd_index as usize).ok_or_else(|| {
@@ -939,8 +988,10 @@ impl VfioDevice for Client {
         let mut b = Vec::with_capacity(MigData::SIZE + data.len().min(self.max_xfer));
         for chunk in data.chunks(self.max_xfer) {
             b.clear();
+            // The spec calls argsz the largest reply (none here), libvfio-user checks
+            // it against the request (8 + size): this value satisfies both.
             MigData {
-                argsz: MigData::SIZE as u32,
+                argsz: (MigData::SIZE + chunk.len()) as u32,
                 size: chunk.len() as u32,
                 data: chunk,
             }
@@ -1007,10 +1058,19 @@ impl VfioDevice for Client {
                 LoggingReport::SIZE + bytes,
             )?;
             let data = Self::feature_data("DMA_LOGGING_REPORT", &m, LoggingReport::SIZE + bytes)?;
+            let first = out.len();
             for w in data[LoggingReport::SIZE..].chunks_exact(8) {
                 let mut a = [0u8; 8];
                 a.copy_from_slice(w);
                 out.push(u64::from_ne_bytes(a));
+            }
+            // Spec: bits past the requested range are zero; do not trust the server.
+            let pages = len.div_ceil(page_size);
+            let tail = pages % 64;
+            if tail != 0 && out.len() > first {
+                if let Some(last) = out.last_mut() {
+                    *last &= (1u64 << tail) - 1;
+                }
             }
             match iova.checked_add(len) {
                 Some(n) if n <= end => iova = n,

@@ -262,8 +262,26 @@ impl Endpoint {
             return Err(e);
         }
         let deadline = timeout.map(|t| (Instant::now() + t, t));
-        self.wait(Some(id), deadline)?
-            .ok_or_else(|| EndpointError::Closed("connection closed before the reply".into()))
+        let m = self
+            .wait(Some(id), deadline)?
+            .ok_or_else(|| EndpointError::Closed("connection closed before the reply".into()))?;
+        // The reply names the command it answers; another command under our msg_id
+        // means the peer is out of step with us: nothing more on this stream can be
+        // trusted.
+        if m.header.cmd != cmd as u16 {
+            let why = format!(
+                "reply to message {id} names command {} but we sent {}",
+                m.header.cmd, cmd as u16
+            );
+            tracing::warn!(endpoint = self.name, "{why}");
+            let mut st = self.lock();
+            self.mark_closed(&mut st, false, why.clone());
+            drop(st);
+            let _ = self.sock.shutdown(std::net::Shutdown::Both);
+            self.cond.notify_all();
+            return Err(EndpointError::Closed(why));
+        }
+        Ok(m)
     }
 
     /// Send a command that wants no reply.

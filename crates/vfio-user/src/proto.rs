@@ -727,8 +727,31 @@ impl DmaUnmap {
             c.rest();
         }
         c.finish()?;
-        // With ALL, address and size are ignored (clients differ in what they send).
+        // argsz is the largest reply payload accepted; the reply echoes the 24-byte entry.
+        if (u.argsz as usize) < Self::SIZE {
+            return Err(ProtoError::Argsz {
+                what: "DMA_UNMAP",
+                argsz: u.argsz,
+                expected: Self::SIZE,
+            });
+        }
+        // vfio.h: with ALL, iova and size must be 0, and no dirty bitmap can be asked for.
         if u.flags & dma_flags::UNMAP_ALL != 0 {
+            if u.flags & dma_flags::UNMAP_GET_DIRTY_BITMAP != 0 {
+                return Err(ProtoError::invalid(
+                    "DMA_UNMAP",
+                    "the ALL and GET_DIRTY_BITMAP flags exclude each other",
+                ));
+            }
+            if u.addr != 0 || u.size != 0 {
+                return Err(ProtoError::invalid(
+                    "DMA_UNMAP",
+                    format!(
+                        "unmap-all must carry address 0 and size 0, not {:#x}+{:#x}",
+                        u.addr, u.size
+                    ),
+                ));
+            }
         } else if u.size == 0 || u.addr.checked_add(u.size - 1).is_none() {
             return Err(ProtoError::invalid(
                 "DMA_UNMAP",
@@ -1421,6 +1444,14 @@ impl<'a> DeviceFeature<'a> {
         let mut c = Cursor::new(p, WHAT);
         let argsz = c.u32()?;
         let flags = c.u32()?;
+        // Every reply holds at least `argsz, flags`.
+        if (argsz as usize) < Self::SIZE {
+            return Err(ProtoError::Argsz {
+                what: WHAT,
+                argsz,
+                expected: Self::SIZE,
+            });
+        }
         check_flags(
             WHAT,
             flags,

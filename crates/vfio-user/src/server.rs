@@ -345,11 +345,11 @@ impl Session<'_> {
                 max_bitmap_size: cfg.max_data_xfer_size as u64,
             }),
         };
-        // Replies to our DMA requests are at most the smaller transfer size plus headers.
-        let limit = self
-            .server
-            .max_msg_size()
-            .max(v.caps.max_data_xfer_size as usize + 4096);
+        // Client commands are bounded by our own max_data_xfer_size, and replies to our
+        // DMA requests by the chunk we ask for, which never exceeds it either: the
+        // client's (possibly huge) limit must not raise what we accept (a header alone
+        // would otherwise size our payload buffer).
+        let limit = self.server.max_msg_size();
         self.ep.set_max_msg_size(limit);
         let mut client_end: Option<OwnedFd> = None;
         if twin {
@@ -559,6 +559,14 @@ impl Session<'_> {
                 Ok(Vec::new())
             }
             Request::SetIrqs(s) => {
+                // count 0 is only the "disable the whole index" form: start 0, DATA_NONE,
+                // ACTION_TRIGGER (spec; libvfio-user refuses the rest too).
+                if s.count == 0
+                    && (s.start != 0
+                        || s.flags != irq_set_flags::DATA_NONE | irq_set_flags::ACTION_TRIGGER)
+                {
+                    return Err(libc::EINVAL);
+                }
                 // Bound count by the index's vectors before anything is allocated for it.
                 let info = self.device().irq_info(s.index).map_err(dev_err)?;
                 if s.start as u64 + s.count as u64 > info.count as u64 {
@@ -760,6 +768,10 @@ impl Session<'_> {
                 if !logging {
                     return Err(libc::ENOTTY);
                 }
+                // SET-only: a GET (probed or not) is refused.
+                if get {
+                    return Err(libc::EINVAL);
+                }
                 if probe {
                     head(&mut self.out, 0);
                     return Ok(());
@@ -767,10 +779,31 @@ impl Session<'_> {
                 if !set {
                     return Err(libc::EINVAL);
                 }
+                // The reply repeats the control data: argsz must have room for it.
+                if room < DeviceFeature::SIZE + f.data.len() {
+                    return Err(libc::EINVAL);
+                }
                 let lc = LoggingControl::decode(f.data).map_err(|e| e.errno())?;
+                if lc.ranges.len() > MAX_LOG_RANGES {
+                    return Err(libc::E2BIG);
+                }
                 let mut ranges = Vec::with_capacity(lc.ranges.len());
                 for &(iova, len) in &lc.ranges {
                     ranges.push(DmaRange::new(iova, len).map_err(|e| e.errno())?);
+                }
+                // Spec: zero ranges means "log every write". A device with a DMA table
+                // logs what is mapped now (contiguous mappings merged); any other device
+                // gets the empty list and its own meaning of it.
+                if ranges.is_empty() {
+                    if let Some(t) = dev.dma_table() {
+                        ranges = merged_mappings(t.mappings().iter().map(|m| m.range));
+                        if ranges.is_empty() {
+                            return Err(libc::EINVAL);
+                        }
+                        if ranges.len() > MAX_LOG_RANGES {
+                            return Err(libc::E2BIG);
+                        }
+                    }
                 }
                 dev.dma_logging_start(lc.page_size, &ranges)
                     .map_err(dev_err)?;
@@ -781,6 +814,10 @@ impl Session<'_> {
             feature::DMA_LOGGING_STOP => {
                 if !logging {
                     return Err(libc::ENOTTY);
+                }
+                // SET-only.
+                if get {
+                    return Err(libc::EINVAL);
                 }
                 if probe {
                     head(&mut self.out, 0);
@@ -796,6 +833,10 @@ impl Session<'_> {
             feature::DMA_LOGGING_REPORT => {
                 if !logging {
                     return Err(libc::ENOTTY);
+                }
+                // GET-only.
+                if set {
+                    return Err(libc::EINVAL);
                 }
                 if probe {
                     head(&mut self.out, 0);
@@ -835,6 +876,26 @@ impl Session<'_> {
             _ => Err(libc::ENOTTY),
         }
     }
+}
+
+/// Most ranges one DMA_LOGGING_START may name (Linux's LOG_MAX_RANGES; more is E2BIG).
+const MAX_LOG_RANGES: usize = 256;
+
+/// Address-ordered ranges with touching neighbours merged into one.
+fn merged_mappings(ranges: impl Iterator<Item = DmaRange>) -> Vec<DmaRange> {
+    let mut out: Vec<DmaRange> = Vec::new();
+    for r in ranges {
+        if let Some(last) = out.last_mut() {
+            if last.last().checked_add(1) == Some(r.start()) {
+                if let Ok(m) = DmaRange::new(last.start(), last.len().saturating_add(r.len())) {
+                    *last = m;
+                    continue;
+                }
+            }
+        }
+        out.push(r);
+    }
+    out
 }
 
 /// The client's memory reached by DMA_READ/DMA_WRITE messages.
@@ -909,9 +970,13 @@ impl DmaPeer for SessionPeer {
             if m.header.is_error() {
                 return Err(reply_errno(&m));
             }
-            let r = DmaAccess::decode_write_reply(&m.payload).map_err(|_| libc::EIO)?;
-            if r.addr != a || r.count != n as u64 {
-                return Err(libc::EIO);
+            // QEMU's client acknowledges a DMA_WRITE with the bare header; a payload, when
+            // present, must describe this very write.
+            if !m.payload.is_empty() {
+                let r = DmaAccess::decode_write_reply(&m.payload).map_err(|_| libc::EIO)?;
+                if r.addr != a || r.count != n as u64 {
+                    return Err(libc::EIO);
+                }
             }
             done += n;
         }

@@ -1,1 +1,64 @@
-//! placeholder
+//! nestio-vmm: a small KVM VMM that runs `no_std` guest payloads with devices assigned
+//! through the [`nestio_device::VfioDevice`] trait: in-process device models and
+//! devices served by another process over vfio-user are wired identically.
+//!
+//! Pieces (one module each):
+//! - [`memory`]: guest RAM in a memfd, shared by fd with every device (DMA_MAP);
+//! - [`boot`]: ELF loading (linux-loader), GDT, identity page tables, long-mode entry;
+//! - [`bus`]: checked PIO/MMIO buses; unclaimed reads are all-ones;
+//! - [`serial`]: the 16550 console (vm-superio);
+//! - [`pci`]: host bridge (CF8/CFC and ECAM), BAR windows, GSI routing, and
+//!   [`pci::assigned`], the VFIO-style wiring of one device (config virtualisation, BARs
+//!   as bus ranges + KVM memory slots for mmappable areas + ioeventfds, INTx / MSI /
+//!   MSI-X through irqfd);
+//! - [`cpu`]: the x86 CPU model (CPUID, MSR_TEST_CTRL / CORE_CAPABILITIES through
+//!   user-space MSR exits, split-lock reports);
+//! - [`vcpu`]: the vCPU state machine and state save/restore;
+//! - [`vm`]: assembly, the control loop (SIGINT, stop requests, dead devices) and
+//!   [`run`];
+//! - [`mod@bench`]: exit and interrupt costs measured by a guest (`nestio bench`);
+//! - [`linux`]: direct boot of a Linux kernel (maintained separately).
+//!
+//! Guest/VMM contract: the payload is entered in 64-bit mode at its ELF entry with
+//! `rdi` = RAM size and `rsi` = its command line ([`VmConfig::cmdline`]); a 32-bit write
+//! to port 0xf4 ends the VM with the low byte as exit status; 0xFE to port 0x64 is a
+//! reset; the console is the UART at 0x3f8. Not implemented: multiple vCPUs, PCI
+//! bridges and multi-function devices, expansion ROMs, the MSI pending-bits register,
+//! hot-plug.
+//!
+//! Guest payloads live in the separate cargo workspace `guest/` (a `no_std` library and
+//! the payload binaries), built by this crate's build script with the host toolchain;
+//! [`payloads`] has their paths.
+
+pub mod bench;
+pub mod boot;
+pub mod bus;
+pub mod cpu;
+pub mod linux;
+pub mod memory;
+pub mod pci;
+mod remote;
+pub mod serial;
+pub mod vcpu;
+pub mod vm;
+
+pub use cpu::CpuModel;
+pub use serial::ConsoleOutput;
+pub use vcpu::StopReason;
+pub use vm::{
+    parse_size, run, ConfigError, DeviceConfig, Vm, VmConfig, VmError, VmHandle, VmReport,
+};
+
+/// Paths of the guest payloads built with this crate (by build.rs).
+pub mod payloads {
+    /// Prints a greeting and exits with status 42.
+    pub const HELLO: &str = env!("NESTIO_GUEST_HELLO");
+    /// Checks CORE_CAPABILITIES / MSR_TEST_CTRL from the guest; 0 = all checks passed.
+    pub const CPUTEST: &str = env!("NESTIO_GUEST_CPUTEST");
+    /// Drives the test device 1234:11e9 (BARs, unassigned MMIO, mmap, ioeventfd, MSI).
+    pub const PCITEST: &str = env!("NESTIO_GUEST_PCITEST");
+    /// Guest driver for the nestio sample device; `mode=check|msix|spin|halt|bench`.
+    pub const SAMPLETEST: &str = env!("NESTIO_GUEST_SAMPLETEST");
+    /// Guest e1000 driver: ARP + ICMP echo to 10.0.2.2; `irq=intx|msi`.
+    pub const E1000PING: &str = env!("NESTIO_GUEST_E1000PING");
+}

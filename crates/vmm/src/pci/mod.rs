@@ -1,0 +1,532 @@
+//! The PCI host bridge: configuration mechanism #1 (ports 0xCF8/0xCFC) and ECAM (MMIO),
+//! bus 0, the host bridge itself at 00:00.0 and assigned devices at 00:NN.0.
+//!
+//! Both access paths decode to (device, register) and call the same
+//! [`PciFunction`]; anything that addresses no function (another bus, function != 0, an
+//! empty slot, an access crossing a dword) reads all-ones and ignores writes, as a
+//! master abort does. The root also owns what assigned devices share: the BAR windows
+//! (a bump allocator per window), KVM memory-slot numbers, and the GSI routing table
+//! (IOAPIC pins plus MSI routes; KVM_SET_GSI_ROUTING replaces the whole table, so it
+//! is rebuilt from here on every change).
+
+pub mod assigned;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use kvm_bindings::{kvm_irq_routing_entry, KvmIrqRouting};
+use kvm_ioctls::VmFd;
+use nestio_device::VfioDevice;
+
+use crate::bus::{Bus, BusDevice, BusFault};
+use crate::memory::GuestRam;
+
+pub use assigned::AssignedDevice;
+
+/// ECAM base (bus 0 only).
+pub const ECAM_BASE: u64 = 0xe000_0000;
+/// ECAM size: one bus, 32 devices x 8 functions x 4 KiB.
+pub const ECAM_SIZE: u64 = 1 << 20;
+/// 32-bit MMIO window for BARs.
+pub const MMIO_WINDOW: (u64, u64) = (0xc000_0000, 0xe000_0000);
+/// Port window for I/O BARs.
+pub const PIO_WINDOW: (u64, u64) = (0xc000, 0x1_0000);
+/// First GSI for MSI routes (0..24 are the IOAPIC pins).
+pub const MSI_GSI_BASE: u32 = 24;
+/// GSI limit we use (KVM allows at least 1024).
+pub const MAX_GSI: u32 = 1024;
+
+/// Errors of PCI wiring.
+#[derive(Debug, thiserror::Error)]
+pub enum PciError {
+    /// No free slot, window space, GSI or memory slot.
+    #[error("cannot assign {device}: {what} exhausted")]
+    Exhausted {
+        /// Device.
+        device: String,
+        /// Resource.
+        what: &'static str,
+    },
+    /// The device's description is unusable.
+    #[error("cannot assign {device}: {message}")]
+    Device {
+        /// Device.
+        device: String,
+        /// Why.
+        message: String,
+    },
+    /// A KVM ioctl failed.
+    #[error("cannot assign {device}: {what} failed: {err}")]
+    Kvm {
+        /// Device.
+        device: String,
+        /// Step.
+        what: &'static str,
+        /// Cause.
+        err: kvm_ioctls::Error,
+    },
+    /// Connecting a vfio-user device failed.
+    #[error("cannot connect to vfio-user device at {socket}: {message}")]
+    Connect {
+        /// Socket path.
+        socket: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// A function on the bus, addressed by configuration register.
+pub trait PciFunction: Send + Sync {
+    /// Read `data.len()` (1, 2 or 4) bytes at register `reg` (no dword crossing).
+    fn config_read(&self, reg: u16, data: &mut [u8]) -> Result<(), BusFault>;
+    /// Write `data` at register `reg`.
+    fn config_write(&self, reg: u16, data: &[u8]) -> Result<(), BusFault>;
+}
+
+/// The host bridge at 00:00.0: identity only, read-only.
+struct HostBridge {
+    cfg: [u8; 64],
+}
+
+impl HostBridge {
+    fn new() -> Self {
+        let mut cfg = [0u8; 64];
+        cfg[0..2].copy_from_slice(&0x8086u16.to_le_bytes());
+        cfg[2..4].copy_from_slice(&0x29c0u16.to_le_bytes());
+        cfg[0x0b] = 0x06; // bridge
+        cfg[0x0a] = 0x00; // host bridge
+        HostBridge { cfg }
+    }
+}
+
+impl PciFunction for HostBridge {
+    fn config_read(&self, reg: u16, data: &mut [u8]) -> Result<(), BusFault> {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = self.cfg.get(reg as usize + i).copied().unwrap_or(0);
+        }
+        Ok(())
+    }
+    fn config_write(&self, _reg: u16, _data: &[u8]) -> Result<(), BusFault> {
+        Ok(())
+    }
+}
+
+/// A bump allocator over a window, aligned to each request's size.
+#[derive(Debug)]
+struct Window {
+    next: u64,
+    end: u64,
+}
+
+impl Window {
+    fn alloc(&mut self, size: u64) -> Option<u64> {
+        let base = self.next.checked_next_multiple_of(size)?;
+        let end = base.checked_add(size)?;
+        if end > self.end {
+            return None;
+        }
+        self.next = end;
+        Some(base)
+    }
+}
+
+struct Shared {
+    mmio_window: Window,
+    pio_window: Window,
+    next_slot: u32,
+    next_gsi: u32,
+    msi_routes: BTreeMap<u32, (u64, u32)>,
+}
+
+/// Bus 0: see the module documentation.
+pub struct PciRoot {
+    vm: Arc<VmFd>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    functions: Mutex<BTreeMap<u8, Arc<dyn PciFunction>>>,
+    devices: Mutex<Vec<Arc<AssignedDevice>>>,
+    shared: Mutex<Shared>,
+    config_address: Mutex<u32>,
+}
+
+impl PciRoot {
+    /// An empty bus with the host bridge.
+    pub fn new(vm: Arc<VmFd>, pio: Arc<Bus>, mmio: Arc<Bus>) -> Result<Arc<Self>, PciError> {
+        let root = Arc::new(PciRoot {
+            vm,
+            pio,
+            mmio,
+            functions: Mutex::new(BTreeMap::new()),
+            devices: Mutex::new(Vec::new()),
+            shared: Mutex::new(Shared {
+                mmio_window: Window {
+                    next: MMIO_WINDOW.0,
+                    end: MMIO_WINDOW.1,
+                },
+                pio_window: Window {
+                    next: PIO_WINDOW.0,
+                    end: PIO_WINDOW.1,
+                },
+                next_slot: 1,
+                next_gsi: MSI_GSI_BASE,
+                msi_routes: BTreeMap::new(),
+            }),
+            config_address: Mutex::new(0),
+        });
+        root.functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(0, Arc::new(HostBridge::new()));
+        root.commit_routes().map_err(|err| PciError::Kvm {
+            device: "host bridge".into(),
+            what: "KVM_SET_GSI_ROUTING",
+            err,
+        })?;
+        Ok(root)
+    }
+
+    /// Assign `device` at 00:`slot`.0: DMA-map guest RAM, allocate and map BARs,
+    /// register ioeventfds, wire INTx.
+    pub fn assign(
+        self: &Arc<Self>,
+        slot: u8,
+        name: String,
+        device: Arc<dyn VfioDevice>,
+        ram: &GuestRam,
+    ) -> Result<Arc<AssignedDevice>, PciError> {
+        if slot == 0 || slot >= 32 {
+            return Err(PciError::Exhausted {
+                device: name,
+                what: "PCI slots (31 devices on bus 0)",
+            });
+        }
+        let dev = AssignedDevice::new(self.clone(), slot, name, device, ram)?;
+        self.functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(slot, Arc::new(dev.clone()));
+        self.devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(dev.clone());
+        Ok(dev)
+    }
+
+    /// Assigned devices.
+    pub fn devices(&self) -> Vec<Arc<AssignedDevice>> {
+        self.devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// First device found dead: (name, what happened).
+    pub fn check_devices(&self) -> Option<(String, String)> {
+        self.devices().iter().find_map(|d| d.check_alive())
+    }
+
+    /// The port device for 0xCF8..0xD00.
+    pub fn config_io(self: &Arc<Self>) -> Arc<dyn BusDevice> {
+        Arc::new(ConfigIo(Arc::downgrade(self)))
+    }
+
+    /// The ECAM MMIO device.
+    pub fn ecam(self: &Arc<Self>) -> Arc<dyn BusDevice> {
+        Arc::new(Ecam(Arc::downgrade(self)))
+    }
+
+    fn function(&self, bus: u8, dev: u8, func: u8) -> Option<Arc<dyn PciFunction>> {
+        if bus != 0 || func != 0 {
+            return None;
+        }
+        self.functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&dev)
+            .cloned()
+    }
+
+    fn config_access(
+        &self,
+        bus: u8,
+        dev: u8,
+        func: u8,
+        reg: u16,
+        read: Option<&mut [u8]>,
+        write: Option<&[u8]>,
+    ) -> Result<(), BusFault> {
+        let len = read
+            .as_ref()
+            .map(|d| d.len())
+            .or(write.map(|d| d.len()))
+            .unwrap_or(0);
+        let ok_size = matches!(len, 1 | 2 | 4) && (reg as usize % 4) + len <= 4;
+        let f = if ok_size {
+            self.function(bus, dev, func)
+        } else {
+            None
+        };
+        match (f, read, write) {
+            (Some(f), Some(d), _) => f.config_read(reg, d),
+            (Some(f), None, Some(d)) => f.config_write(reg, d),
+            (None, Some(d), _) => {
+                d.fill(0xff);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn vm(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+    pub(crate) fn pio_bus(&self) -> &Arc<Bus> {
+        &self.pio
+    }
+    pub(crate) fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio
+    }
+
+    pub(crate) fn alloc_bar(&self, io: bool, size: u64) -> Option<u64> {
+        let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if io {
+            s.pio_window.alloc(size)
+        } else {
+            s.mmio_window.alloc(size)
+        }
+    }
+
+    pub(crate) fn alloc_slot(&self) -> Option<u32> {
+        let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let n = s.next_slot;
+        // KVM supports at least 509 user slots.
+        if n >= 500 {
+            return None;
+        }
+        s.next_slot += 1;
+        Some(n)
+    }
+
+    pub(crate) fn alloc_gsi(&self) -> Option<u32> {
+        let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let n = s.next_gsi;
+        if n >= MAX_GSI {
+            return None;
+        }
+        s.next_gsi += 1;
+        Some(n)
+    }
+
+    /// Set (Some) or remove (None) the MSI route of `gsi` and push the table to KVM.
+    pub(crate) fn set_msi_route(
+        &self,
+        gsi: u32,
+        msg: Option<(u64, u32)>,
+    ) -> Result<(), kvm_ioctls::Error> {
+        {
+            let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            match msg {
+                Some(m) => s.msi_routes.insert(gsi, m),
+                None => s.msi_routes.remove(&gsi),
+            };
+        }
+        self.commit_routes()
+    }
+
+    /// Set or remove several MSI routes and push the table once.
+    pub(crate) fn set_msi_routes(
+        &self,
+        routes: &[(u32, Option<(u64, u32)>)],
+    ) -> Result<(), kvm_ioctls::Error> {
+        {
+            let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            for &(gsi, msg) in routes {
+                match msg {
+                    Some(m) => s.msi_routes.insert(gsi, m),
+                    None => s.msi_routes.remove(&gsi),
+                };
+            }
+        }
+        self.commit_routes()
+    }
+
+    fn commit_routes(&self) -> Result<(), kvm_ioctls::Error> {
+        let s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = Vec::new();
+        for gsi in 0..24u32 {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: kvm_bindings::KVM_IRQ_ROUTING_IRQCHIP,
+                ..Default::default()
+            };
+            e.u.irqchip.irqchip = kvm_bindings::KVM_IRQCHIP_IOAPIC;
+            e.u.irqchip.pin = gsi;
+            entries.push(e);
+            if gsi < 16 && gsi != 2 {
+                let mut p = kvm_irq_routing_entry {
+                    gsi,
+                    type_: kvm_bindings::KVM_IRQ_ROUTING_IRQCHIP,
+                    ..Default::default()
+                };
+                p.u.irqchip.irqchip = if gsi < 8 {
+                    kvm_bindings::KVM_IRQCHIP_PIC_MASTER
+                } else {
+                    kvm_bindings::KVM_IRQCHIP_PIC_SLAVE
+                };
+                p.u.irqchip.pin = gsi % 8;
+                entries.push(p);
+            }
+        }
+        for (&gsi, &(addr, data)) in &s.msi_routes {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: kvm_bindings::KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi.address_lo = addr as u32;
+            e.u.msi.address_hi = (addr >> 32) as u32;
+            e.u.msi.data = data;
+            entries.push(e);
+        }
+        let routing = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
+        self.vm.set_gsi_routing(&routing)
+    }
+}
+
+/// The root owns the buses these handlers sit on, so they hold it weakly (no cycle).
+struct ConfigIo(Weak<PciRoot>);
+
+impl BusDevice for ConfigIo {
+    fn read(&self, offset: u64, data: &mut [u8]) -> Result<(), BusFault> {
+        let Some(root) = self.0.upgrade() else {
+            data.fill(0xff);
+            return Ok(());
+        };
+        root.config_io_read(offset, data)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BusFault> {
+        match self.0.upgrade() {
+            Some(root) => root.config_io_write(offset, data),
+            None => Ok(()),
+        }
+    }
+}
+
+impl PciRoot {
+    fn config_io_read(&self, offset: u64, data: &mut [u8]) -> Result<(), BusFault> {
+        if offset == 0 && data.len() == 4 {
+            let a = *self
+                .config_address
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            data.copy_from_slice(&a.to_le_bytes());
+            return Ok(());
+        }
+        if offset < 4 {
+            data.fill(0xff);
+            return Ok(());
+        }
+        let a = *self
+            .config_address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if a & 0x8000_0000 == 0 {
+            data.fill(0xff);
+            return Ok(());
+        }
+        let (bus, dev, func) = (
+            (a >> 16) as u8,
+            ((a >> 11) & 0x1f) as u8,
+            ((a >> 8) & 7) as u8,
+        );
+        let reg = (a & 0xfc) as u16 + (offset - 4) as u16;
+        self.config_access(bus, dev, func, reg, Some(data), None)
+    }
+    fn config_io_write(&self, offset: u64, data: &[u8]) -> Result<(), BusFault> {
+        if offset == 0 && data.len() == 4 {
+            let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            *self
+                .config_address
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = v & 0x80ff_fffc;
+            return Ok(());
+        }
+        if offset < 4 {
+            return Ok(());
+        }
+        let a = *self
+            .config_address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if a & 0x8000_0000 == 0 {
+            return Ok(());
+        }
+        let (bus, dev, func) = (
+            (a >> 16) as u8,
+            ((a >> 11) & 0x1f) as u8,
+            ((a >> 8) & 7) as u8,
+        );
+        let reg = (a & 0xfc) as u16 + (offset - 4) as u16;
+        self.config_access(bus, dev, func, reg, None, Some(data))
+    }
+}
+
+struct Ecam(Weak<PciRoot>);
+
+fn ecam_decode(offset: u64) -> (u8, u8, u8, u16) {
+    (
+        (offset >> 20) as u8,
+        ((offset >> 15) & 0x1f) as u8,
+        ((offset >> 12) & 7) as u8,
+        (offset & 0xfff) as u16,
+    )
+}
+
+impl BusDevice for Ecam {
+    fn read(&self, offset: u64, data: &mut [u8]) -> Result<(), BusFault> {
+        let (b, d, f, r) = ecam_decode(offset);
+        match self.0.upgrade() {
+            Some(root) => root.config_access(b, d, f, r, Some(data), None),
+            None => {
+                data.fill(0xff);
+                Ok(())
+            }
+        }
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BusFault> {
+        let (b, d, f, r) = ecam_decode(offset);
+        match self.0.upgrade() {
+            Some(root) => root.config_access(b, d, f, r, None, Some(data)),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_aligns_and_refuses_overflow() {
+        let mut w = Window {
+            next: 0x1000,
+            end: 0x10000,
+        };
+        assert_eq!(w.alloc(0x4000), Some(0x4000));
+        assert_eq!(w.alloc(0x1000), Some(0x8000));
+        assert_eq!(w.alloc(0x8000), None);
+        assert_eq!(w.alloc(0x1000), Some(0x9000));
+        let mut w = Window {
+            next: u64::MAX - 10,
+            end: u64::MAX,
+        };
+        assert_eq!(w.alloc(1 << 63), None);
+    }
+
+    #[test]
+    fn ecam_decodes() {
+        assert_eq!(ecam_decode(0x0000_8004), (0, 1, 0, 4));
+        assert_eq!(ecam_decode(0x000f_ffff), (0, 31, 7, 0xfff));
+    }
+}

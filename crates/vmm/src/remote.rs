@@ -1,0 +1,22 @@
+//! Devices served by another process: `--device vfio-user=PATH` connects the vfio-user
+//! client ([`nestio_vfio_user::Client`]), which is itself a [`VfioDevice`], so the VMM
+//! wires it exactly like an in-process device.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use nestio_device::VfioDevice;
+
+use crate::pci::PciError;
+
+/// Connect to the vfio-user server at `socket`.
+pub fn connect(socket: &Path) -> Result<Arc<dyn VfioDevice>, PciError> {
+    let client = nestio_vfio_user::Client::connect(socket).map_err(|e| PciError::Connect {
+        socket: socket.display().to_string(),
+        message: format!(
+            "{e} (is `nestio device ... --socket {}` running?)",
+            socket.display()
+        ),
+    })?;
+    Ok(Arc::new(client))
+}

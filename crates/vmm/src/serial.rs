@@ -1,0 +1,139 @@
+//! The 16550 console (vm-superio) at 0x3f8, IRQ 4 through a KVM irqfd.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::{BusDevice, BusFault};
+
+/// Base port.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// Number of ports.
+pub const SERIAL_PORTS: u64 = 8;
+/// ISA IRQ (GSI) of the port.
+pub const SERIAL_GSI: u32 = 4;
+
+/// Where the console output goes.
+#[derive(Clone, Default)]
+pub enum ConsoleOutput {
+    /// The VMM's stdout.
+    #[default]
+    Stdout,
+    /// Discarded.
+    Sink,
+    /// Appended to a shared buffer (tests, embedding).
+    Buffer(Arc<Mutex<Vec<u8>>>),
+}
+
+impl std::fmt::Debug for ConsoleOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConsoleOutput::Stdout => "Stdout",
+            ConsoleOutput::Sink => "Sink",
+            ConsoleOutput::Buffer(_) => "Buffer",
+        })
+    }
+}
+
+struct Out(ConsoleOutput);
+
+impl Write for Out {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &self.0 {
+            ConsoleOutput::Stdout => {
+                let mut o = std::io::stdout().lock();
+                o.write_all(buf)?;
+                if buf.contains(&b'\n') {
+                    o.flush()?;
+                }
+            }
+            ConsoleOutput::Sink => {}
+            ConsoleOutput::Buffer(b) => b.lock().unwrap_or_else(|e| e.into_inner()).extend(buf),
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if let ConsoleOutput::Stdout = self.0 {
+            std::io::stdout().flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// The serial interrupt: an eventfd registered as irqfd.
+pub struct IrqLine(EventFd);
+
+impl Trigger for IrqLine {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// The console device.
+pub struct SerialConsole {
+    uart: Mutex<Serial<IrqLine, NoEvents, Out>>,
+}
+
+impl SerialConsole {
+    /// A UART signalling `irq` and writing to `out`.
+    pub fn new(irq: EventFd, out: ConsoleOutput) -> Self {
+        SerialConsole {
+            uart: Mutex::new(Serial::new(IrqLine(irq), Out(out))),
+        }
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&self, offset: u64, data: &mut [u8]) -> Result<(), BusFault> {
+        data.fill(0xff);
+        if data.len() == 1 {
+            data[0] = self
+                .uart
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read(offset as u8);
+        }
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BusFault> {
+        if data.len() == 1 {
+            let r = self
+                .uart
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(offset as u8, data[0]);
+            if let Err(e) = r {
+                tracing::warn!(error = ?e, "serial console write failed");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_reach_the_buffer_and_lsr_says_ready() {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let s = SerialConsole::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ConsoleOutput::Buffer(buf.clone()),
+        );
+        for b in b"hi\n" {
+            s.write(0, &[*b]).unwrap();
+        }
+        assert_eq!(&*buf.lock().unwrap(), b"hi\n");
+        let mut lsr = [0u8];
+        s.read(5, &mut lsr).unwrap();
+        assert_ne!(lsr[0] & 0x20, 0, "THR empty");
+        let mut wide = [0u8; 2];
+        s.read(0, &mut wide).unwrap();
+        assert_eq!(wide, [0xff, 0xff], "16-bit access is not a UART access");
+    }
+}

@@ -1,0 +1,510 @@
+//! The vCPU loop as an explicit state machine, and vCPU state save/restore.
+//!
+//! States: [`RunState::Ready`] (registers set, never entered) -> `Running` (one KVM_RUN
+//! and the handling of its exit per step) -> `Stopped(reason)`. Every exit is handled to
+//! completion in [`Vcpu::step`], which returns the next state; nothing else changes it.
+//! A stop request (SIGINT, a device that died, [`crate::VmHandle::stop`]) sets a flag and
+//! kicks the thread with a signal so that KVM_RUN returns `EINTR`; the loop checks the flag
+//! before every entry.
+//!
+//! Exits: port I/O and MMIO go to the buses (unclaimed reads are all-ones); the
+//! debug-exit port ends the VM; MSR exits go to the CPU model; #AC and bus-lock exits
+//! are explained ([`crate::cpu`]); a KVM emulation failure stops with the guest RIP and the
+//! instruction bytes; a triple fault stops with the RIP.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, Msrs,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::bus::{Bus, BusFault};
+use crate::cpu::{self, AcAction, CpuModel, CpuState, HostSplitLockPolicy, SplitLockEvent};
+
+/// Guest/VMM contract: a write to this port ends the VM with the low byte as exit status.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// The keyboard controller's command port: 0xFE there is a reset (Linux `reboot=k`).
+pub const RESET_PORT: u16 = 0x64;
+const RESET_VALUE: u8 = 0xfe;
+
+/// Why the vCPU stopped (not an error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest wrote its exit status to the debug-exit port.
+    GuestExit(u8),
+    /// A stop was requested (SIGINT, `VmHandle::stop`).
+    Interrupted,
+    /// The guest halted with interrupts off, or asked for power-off.
+    Halted,
+    /// The guest asked for a reset (0xFE to port 0x64, or a KVM reset event).
+    Reset,
+}
+
+/// Why the vCPU could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A device failed on an access (e.g. its process died).
+    #[error("{0}; the VM was stopped")]
+    Device(#[from] BusFault),
+    /// A split-locked access the guest did not ask to see.
+    #[error("{0}")]
+    SplitLock(String),
+    /// Triple fault.
+    #[error("the guest triple-faulted (KVM shutdown exit) at RIP {rip:#x}: an exception occurred that the guest could not handle (no IDT yet, or a fault in the handler)")]
+    TripleFault {
+        /// Guest RIP.
+        rip: u64,
+    },
+    /// KVM could not emulate an instruction.
+    #[error("KVM could not emulate the guest instruction at RIP {rip:#x} (bytes {bytes}, internal error suberror {suberror}); this host runs guest code through KVM's instruction emulator, which lacks this instruction: avoid it in the guest")]
+    Emulation {
+        /// Guest RIP.
+        rip: u64,
+        /// Instruction bytes, hex.
+        bytes: String,
+        /// KVM suberror.
+        suberror: u32,
+    },
+    /// KVM_RUN failed.
+    #[error("KVM_RUN failed: {0}")]
+    Run(kvm_ioctls::Error),
+    /// VM entry failed.
+    #[error("KVM could not enter the guest (hardware entry failure reason {0:#x}); the initial vCPU state is invalid")]
+    FailEntry(u64),
+    /// An exit this VMM does not handle.
+    #[error("unexpected KVM exit {what} at RIP {rip:#x}")]
+    Unexpected {
+        /// The exit.
+        what: String,
+        /// Guest RIP.
+        rip: u64,
+    },
+    /// Reading or writing vCPU state failed.
+    #[error("cannot {what} vCPU state: {err}")]
+    State {
+        /// Operation.
+        what: &'static str,
+        /// Cause.
+        err: kvm_ioctls::Error,
+    },
+}
+
+/// State of the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Set up, not entered yet.
+    Ready,
+    /// Entering / handling exits.
+    Running,
+    /// Done (the outcome was returned by `run`).
+    Stopped,
+}
+
+/// The transition out of one step.
+#[derive(Debug)]
+pub enum Step {
+    /// Stay `Running`.
+    Continue,
+    /// Go to `Stopped` with this outcome.
+    Stop(Result<StopReason, VcpuError>),
+}
+
+/// Exit counters (for tests and the benchmark).
+#[derive(Debug, Default)]
+pub struct ExitStats {
+    /// Port I/O exits.
+    pub pio: AtomicU64,
+    /// MMIO exits.
+    pub mmio: AtomicU64,
+    /// MMIO or port reads nobody claimed (answered all-ones).
+    pub unclaimed: AtomicU64,
+    /// MSR exits.
+    pub msr: AtomicU64,
+    /// Bus-lock exits.
+    pub bus_lock: AtomicU64,
+}
+
+/// What a vCPU shares with the rest of the VM.
+pub struct VcpuContext {
+    /// Port I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// CPU model.
+    pub cpu: CpuModel,
+    /// Host split-lock policy (for reports).
+    pub policy: HostSplitLockPolicy,
+    /// Guest memory (for instruction bytes in reports).
+    pub mem: GuestMemoryMmap,
+    /// Stop request.
+    pub stop: Arc<AtomicBool>,
+    /// Counters.
+    pub stats: Arc<ExitStats>,
+    /// Size of the vCPU's kvm_run mapping (KVM_GET_VCPU_MMAP_SIZE).
+    pub run_size: usize,
+}
+
+/// The saved state of a vCPU, including the CPU model's part.
+#[derive(Clone)]
+pub struct VcpuSnapshot {
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Special registers.
+    pub sregs: kvm_sregs,
+    /// FPU / SSE.
+    pub fpu: kvm_fpu,
+    /// Local APIC.
+    pub lapic: kvm_lapic_state,
+    /// Pending events.
+    pub events: kvm_vcpu_events,
+    /// MSRs kept by KVM.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// MSRs kept by the CPU model (MSR_TEST_CTRL).
+    pub cpu: CpuState,
+}
+
+/// MSRs that KVM keeps and a snapshot saves.
+const SAVED_MSRS: [u32; 11] = [
+    0x10,        // IA32_TSC
+    0x1b,        // IA32_APIC_BASE
+    0x174,       // SYSENTER_CS
+    0x175,       // SYSENTER_ESP
+    0x176,       // SYSENTER_EIP
+    0x277,       // PAT
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // FMASK
+    0xc000_0102, // KERNEL_GS_BASE
+];
+
+/// One vCPU: see the module documentation.
+pub struct Vcpu {
+    fd: VcpuFd,
+    ctx: VcpuContext,
+    cpu_state: CpuState,
+    state: RunState,
+}
+
+enum Deferred {
+    None,
+    Stop(Result<StopReason, VcpuError>),
+    Exception,
+    Pio,
+    BusLock,
+    Internal,
+    Shutdown,
+    Unexpected(String),
+}
+
+impl Vcpu {
+    /// A vCPU ready to run.
+    pub fn new(fd: VcpuFd, ctx: VcpuContext) -> Self {
+        Vcpu {
+            fd,
+            ctx,
+            cpu_state: CpuState::default(),
+            state: RunState::Ready,
+        }
+    }
+
+    /// The KVM vCPU.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// The CPU model state (MSR_TEST_CTRL).
+    pub fn cpu_state(&self) -> CpuState {
+        self.cpu_state
+    }
+
+    /// Current state.
+    pub fn state(&self) -> RunState {
+        self.state
+    }
+
+    /// Run until stopped: `Ready`/`Running` -> step -> ... -> `Stopped`.
+    pub fn run(&mut self) -> Result<StopReason, VcpuError> {
+        self.state = RunState::Running;
+        loop {
+            if let Step::Stop(r) = self.step() {
+                self.state = RunState::Stopped;
+                return r;
+            }
+        }
+    }
+
+    fn rip(&self) -> u64 {
+        self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
+    }
+
+    /// One KVM_RUN and its exit.
+    pub fn step(&mut self) -> Step {
+        if self.ctx.stop.load(Ordering::SeqCst) {
+            return Step::Stop(Ok(StopReason::Interrupted));
+        }
+        let ctx = &self.ctx;
+        let cpu_state = &mut self.cpu_state;
+        let deferred = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Deferred::None,
+            Err(e) => Deferred::Stop(Err(VcpuError::Run(e))),
+            Ok(exit) => match exit {
+                VcpuExit::IoOut(..) | VcpuExit::IoIn(..) => {
+                    ctx.stats.pio.fetch_add(1, Ordering::Relaxed);
+                    Deferred::Pio
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    ctx.stats.mmio.fetch_add(1, Ordering::Relaxed);
+                    match ctx.mmio.read(addr, data) {
+                        Ok(claimed) => {
+                            if !claimed {
+                                ctx.stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(addr, len = data.len(), "unclaimed MMIO read");
+                            }
+                            Deferred::None
+                        }
+                        Err(f) => Deferred::Stop(Err(f.into())),
+                    }
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    ctx.stats.mmio.fetch_add(1, Ordering::Relaxed);
+                    match ctx.mmio.write(addr, data) {
+                        Ok(_) => Deferred::None,
+                        Err(f) => Deferred::Stop(Err(f.into())),
+                    }
+                }
+                VcpuExit::X86Rdmsr(m) => {
+                    ctx.stats.msr.fetch_add(1, Ordering::Relaxed);
+                    match ctx.cpu.rdmsr(cpu_state, m.index) {
+                        Some(v) => *m.data = v,
+                        None => {
+                            tracing::debug!(msr = m.index, "guest RDMSR refused with #GP");
+                            *m.error = 1;
+                        }
+                    }
+                    Deferred::None
+                }
+                VcpuExit::X86Wrmsr(m) => {
+                    ctx.stats.msr.fetch_add(1, Ordering::Relaxed);
+                    if !ctx.cpu.wrmsr(cpu_state, m.index, m.data) {
+                        tracing::debug!(
+                            msr = m.index,
+                            value = m.data,
+                            "guest WRMSR refused with #GP"
+                        );
+                        *m.error = 1;
+                    }
+                    Deferred::None
+                }
+                VcpuExit::Hlt => Deferred::Stop(Ok(StopReason::Halted)),
+                VcpuExit::Intr => Deferred::None,
+                VcpuExit::Shutdown => Deferred::Shutdown,
+                VcpuExit::Exception => Deferred::Exception,
+                VcpuExit::InternalError => Deferred::Internal,
+                VcpuExit::Unsupported(cpu::KVM_EXIT_X86_BUS_LOCK) => Deferred::BusLock,
+                VcpuExit::FailEntry(reason, _) => Deferred::Stop(Err(VcpuError::FailEntry(reason))),
+                VcpuExit::SystemEvent(..) => Deferred::Stop(Ok(StopReason::Halted)),
+                other => Deferred::Unexpected(format!("{other:?}")),
+            },
+        };
+        // A bus lock can also be flagged on any other exit.
+        let flags = self.fd.get_kvm_run().flags as u32;
+        if flags & kvm_bindings::KVM_RUN_X86_BUS_LOCK != 0 && !matches!(deferred, Deferred::BusLock)
+        {
+            self.report_bus_lock();
+        }
+        match deferred {
+            Deferred::None => Step::Continue,
+            Deferred::Stop(r) => Step::Stop(r),
+            Deferred::BusLock => {
+                self.report_bus_lock();
+                Step::Continue
+            }
+            Deferred::Exception => self.on_exception(),
+            Deferred::Pio => self.on_pio(),
+            Deferred::Internal => self.on_internal_error(),
+            Deferred::Shutdown => Step::Stop(Err(VcpuError::TripleFault { rip: self.rip() })),
+            Deferred::Unexpected(what) => Step::Stop(Err(VcpuError::Unexpected {
+                what,
+                rip: self.rip(),
+            })),
+        }
+    }
+
+    fn report_bus_lock(&self) {
+        self.ctx.stats.bus_lock.fetch_add(1, Ordering::Relaxed);
+        let msg = cpu::explain(
+            SplitLockEvent::BusLock { rip: self.rip() },
+            &self.ctx.policy,
+            &self.cpu_state,
+        );
+        tracing::warn!("{msg}");
+        eprintln!("nestio: {msg}");
+    }
+
+    /// Port I/O, including string I/O (`rep outsb`): KVM hands `count` accesses of
+    /// `size` bytes at `data_offset` in the run page; each goes to the bus separately.
+    fn on_pio(&mut self) -> Step {
+        let run_size = self.ctx.run_size;
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_IO, so `io` is the active union field.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = io.size as usize;
+        let off = io.data_offset as usize;
+        let len = size.checked_mul(io.count as usize);
+        let fits = len
+            .and_then(|l| off.checked_add(l))
+            .is_some_and(|end| end <= run_size);
+        if !matches!(size, 1 | 2 | 4) || !fits || off < std::mem::size_of::<kvm_bindings::kvm_run>()
+        {
+            return Step::Stop(Err(VcpuError::Unexpected {
+                what: format!(
+                    "malformed I/O exit (size {size}, count {}, offset {off})",
+                    io.count
+                ),
+                rip: 0,
+            }));
+        }
+        let len = len.unwrap_or(0);
+        let base = run as *mut kvm_bindings::kvm_run as *mut u8;
+        // SAFETY: KVM put `len` bytes at `off` inside the kvm_run mapping of `run_size`
+        // bytes (checked above, past the kvm_run header); nothing else touches them
+        // until the next KVM_RUN.
+        let data = unsafe { std::slice::from_raw_parts_mut(base.add(off), len) };
+        let port = io.port;
+        let out = io.direction as u32 == kvm_bindings::KVM_EXIT_IO_OUT;
+        for chunk in data.chunks_mut(size) {
+            if out {
+                if port == DEBUG_EXIT_PORT {
+                    return Step::Stop(Ok(StopReason::GuestExit(chunk[0])));
+                }
+                if port == RESET_PORT && chunk[0] == RESET_VALUE {
+                    return Step::Stop(Ok(StopReason::Reset));
+                }
+                if let Err(f) = self.ctx.pio.write(port as u64, chunk) {
+                    return Step::Stop(Err(f.into()));
+                }
+            } else {
+                match self.ctx.pio.read(port as u64, chunk) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.ctx.stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(f) => return Step::Stop(Err(f.into())),
+                }
+            }
+        }
+        Step::Continue
+    }
+
+    fn on_exception(&mut self) -> Step {
+        // SAFETY: the exit reason is KVM_EXIT_EXCEPTION, so `ex` is the active union field.
+        let ex = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.ex };
+        let rip = self.rip();
+        if ex.exception != cpu::AC_VECTOR {
+            return Step::Stop(Err(VcpuError::Unexpected {
+                what: format!(
+                    "exception vector {} (error code {:#x})",
+                    ex.exception, ex.error_code
+                ),
+                rip,
+            }));
+        }
+        match cpu::on_alignment_check(&self.cpu_state, rip, ex.error_code, &self.ctx.policy) {
+            AcAction::Stop(msg) => Step::Stop(Err(VcpuError::SplitLock(msg))),
+            AcAction::InjectIntoGuest => {
+                let mut ev = match self.fd.get_vcpu_events() {
+                    Ok(e) => e,
+                    Err(err) => return Step::Stop(Err(VcpuError::State { what: "read", err })),
+                };
+                ev.exception.injected = 1;
+                ev.exception.nr = cpu::AC_VECTOR as u8;
+                ev.exception.has_error_code = 1;
+                ev.exception.error_code = ex.error_code;
+                match self.fd.set_vcpu_events(&ev) {
+                    Ok(()) => Step::Continue,
+                    Err(err) => Step::Stop(Err(VcpuError::State { what: "write", err })),
+                }
+            }
+        }
+    }
+
+    fn on_internal_error(&mut self) -> Step {
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is active.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let rip = self.rip();
+        let mut bytes = [0u8; 15];
+        let phys = self
+            .fd
+            .translate_gva(rip)
+            .ok()
+            .filter(|t| t.valid != 0)
+            .map(|t| t.physical_address)
+            .unwrap_or(rip);
+        let text = match self.ctx.mem.read_slice(&mut bytes, GuestAddress(phys)) {
+            Ok(()) => bytes
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            Err(_) => "unreadable".into(),
+        };
+        Step::Stop(Err(VcpuError::Emulation {
+            rip,
+            bytes: text,
+            suberror,
+        }))
+    }
+
+    /// Save the vCPU state (KVM's part and the CPU model's).
+    pub fn save(&self) -> Result<VcpuSnapshot, VcpuError> {
+        let e = |err| VcpuError::State { what: "save", err };
+        let mut msrs = Msrs::from_entries(
+            &SAVED_MSRS
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|_| VcpuError::State {
+            what: "save",
+            err: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let n = self.fd.get_msrs(&mut msrs).map_err(e)?;
+        Ok(VcpuSnapshot {
+            regs: self.fd.get_regs().map_err(e)?,
+            sregs: self.fd.get_sregs().map_err(e)?,
+            fpu: self.fd.get_fpu().map_err(e)?,
+            lapic: self.fd.get_lapic().map_err(e)?,
+            events: self.fd.get_vcpu_events().map_err(e)?,
+            msrs: msrs.as_slice()[..n.min(msrs.as_slice().len())].to_vec(),
+            cpu: self.cpu_state,
+        })
+    }
+
+    /// Restore a saved state (the vCPU becomes `Ready`).
+    pub fn restore(&mut self, s: &VcpuSnapshot) -> Result<(), VcpuError> {
+        let e = |err| VcpuError::State {
+            what: "restore",
+            err,
+        };
+        self.fd.set_sregs(&s.sregs).map_err(e)?;
+        self.fd.set_regs(&s.regs).map_err(e)?;
+        self.fd.set_fpu(&s.fpu).map_err(e)?;
+        self.fd.set_lapic(&s.lapic).map_err(e)?;
+        let msrs = Msrs::from_entries(&s.msrs).map_err(|_| VcpuError::State {
+            what: "restore",
+            err: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        self.fd.set_msrs(&msrs).map_err(e)?;
+        self.fd.set_vcpu_events(&s.events).map_err(e)?;
+        self.cpu_state = s.cpu;
+        self.state = RunState::Ready;
+        Ok(())
+    }
+}

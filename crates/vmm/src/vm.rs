@@ -1,0 +1,537 @@
+//! Building and running a VM: KVM, memfd RAM, in-kernel irqchip, buses, console, PCI,
+//! assigned devices, the CPU model, the payload; then the vCPU thread and the control
+//! loop that watches for SIGINT, stop requests and dead devices.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Once};
+use std::time::Duration;
+
+use kvm_bindings::{kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
+use nestio_device::VfioDevice;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError};
+use crate::bus::{Bus, BusError, BusRange};
+use crate::cpu::{CpuModel, CpuState, HostSplitLockPolicy};
+use crate::memory::{GuestRam, MemoryError};
+use crate::pci::{PciError, PciRoot};
+use crate::serial::{self, ConsoleOutput, SerialConsole};
+use crate::vcpu::{ExitStats, StopReason, Vcpu, VcpuContext, VcpuError, VcpuSnapshot};
+
+/// A device to assign to the guest as a PCI function.
+#[derive(Clone)]
+pub enum DeviceConfig {
+    /// A device served by another process over vfio-user at this socket.
+    VfioUser {
+        /// The server's UNIX socket.
+        socket: PathBuf,
+    },
+    /// A device object in this process (wired exactly like a remote one).
+    Local {
+        /// Name used in messages.
+        name: String,
+        /// The device.
+        device: Arc<dyn VfioDevice>,
+    },
+}
+
+impl std::fmt::Debug for DeviceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceConfig::VfioUser { socket } => write!(f, "vfio-user={}", socket.display()),
+            DeviceConfig::Local { name, .. } => write!(f, "local {name}"),
+        }
+    }
+}
+
+/// Errors of command-line values.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A `--device` value that is not understood.
+    #[error("invalid --device {0:?}: use vfio-user=SOCKET_PATH")]
+    Device(String),
+    /// A size that is not understood.
+    #[error("invalid size {0:?}: use a number with an optional K, M or G suffix (e.g. 64M)")]
+    Size(String),
+}
+
+impl std::str::FromStr for DeviceConfig {
+    type Err = ConfigError;
+    /// `vfio-user=PATH`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s.split_once('=') {
+            Some(("vfio-user", path)) if !path.is_empty() => Ok(DeviceConfig::VfioUser {
+                socket: PathBuf::from(path),
+            }),
+            _ => Err(ConfigError::Device(s.into())),
+        }
+    }
+}
+
+/// Parse a memory size: bytes, or with a K/M/G suffix (binary units): `64M`, `1G`.
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let t = s.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 30),
+        _ => (t, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| ConfigError::Size(s.into()))
+}
+
+/// Everything `nestio run` needs.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The guest payload (static x86-64 ELF, linked at or above 2 MiB).
+    pub payload: PathBuf,
+    /// RAM size in bytes (multiple of 2 MiB, 4 MiB ..= 3 GiB).
+    pub memory: u64,
+    /// Assigned devices, in PCI slot order (00:01.0, 00:02.0, ...).
+    pub devices: Vec<DeviceConfig>,
+    /// The CPU model (`--cpu`).
+    pub cpu: CpuModel,
+    /// Where the serial console goes.
+    pub console: ConsoleOutput,
+    /// Stop cleanly on SIGINT (the CLI sets this; embedders may handle signals themselves).
+    pub handle_sigint: bool,
+    /// A command line for the payload (at most 4095 bytes; `nestio_guest::cmdline()`).
+    pub cmdline: String,
+}
+
+impl VmConfig {
+    /// A config with defaults: 64 MiB, no devices, default CPU, console on stdout.
+    pub fn new(payload: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            payload: payload.into(),
+            memory: 64 << 20,
+            devices: Vec::new(),
+            cpu: CpuModel::default(),
+            console: ConsoleOutput::Stdout,
+            handle_sigint: false,
+            cmdline: String::new(),
+        }
+    }
+}
+
+/// Errors of building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled and are you allowed to use it?)")]
+    NoKvm(kvm_ioctls::Error),
+    /// A KVM ioctl failed during setup.
+    #[error("KVM setup failed at {what}: {err}")]
+    Kvm {
+        /// Step.
+        what: &'static str,
+        /// Cause.
+        err: kvm_ioctls::Error,
+    },
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading / machine setup.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Bus layout.
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    /// PCI / device wiring.
+    #[error(transparent)]
+    Pci(#[from] PciError),
+    /// The vCPU stopped with an error.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// An assigned device died while the guest was waiting for it.
+    #[error("device {device} is gone: {message}; the VM was stopped")]
+    DeviceLost {
+        /// Device name.
+        device: String,
+        /// What was observed.
+        message: String,
+    },
+    /// Thread trouble.
+    #[error("the vCPU thread failed: {0}")]
+    Thread(String),
+}
+
+/// How a VM ended.
+#[derive(Debug)]
+pub struct VmReport {
+    /// The stop reason.
+    pub outcome: StopReason,
+    /// Exit counters.
+    pub stats: Arc<ExitStats>,
+    /// The vCPU state at the end (CPU model included).
+    pub snapshot: Option<VcpuSnapshot>,
+}
+
+impl std::fmt::Debug for VcpuSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuSnapshot")
+            .field("rip", &self.regs.rip)
+            .field("cpu", &self.cpu)
+            .finish()
+    }
+}
+
+impl VmReport {
+    /// The exit status for the VMM process: the guest's status, 130 after SIGINT, 0 on
+    /// halt or reset.
+    pub fn exit_status(&self) -> i32 {
+        match self.outcome {
+            StopReason::GuestExit(c) => c as i32,
+            StopReason::Interrupted => 130,
+            StopReason::Halted | StopReason::Reset => 0,
+        }
+    }
+}
+
+/// Asks a running VM to stop.
+#[derive(Clone)]
+pub struct VmHandle {
+    stop: Arc<AtomicBool>,
+}
+
+impl VmHandle {
+    /// Request a stop; `run` returns `StopReason::Interrupted` shortly after.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A built VM, ready to run.
+///
+/// Fields drop in order: the vCPU and the devices first, then the VM fd, guest RAM last.
+pub struct Vm {
+    vcpu: Option<Vcpu>,
+    pci: Arc<PciRoot>,
+    vm: Arc<VmFd>,
+    _kvm: Kvm,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ExitStats>,
+    handle_sigint: bool,
+    ram: GuestRam,
+}
+
+/// Port range of the PCI configuration mechanism #1.
+const PCI_CONFIG_PORT: u64 = 0xcf8;
+/// KVM's TSS area (Intel needs it below 4 GiB, outside RAM).
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+/// The CPU model MSR filter and bus-lock exits.
+const KVM_CAP_X86_BUS_LOCK_EXIT: u64 = 193;
+
+static SIGINT_SEEN: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    SIGINT_SEEN.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 2
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick) {
+            tracing::warn!(error = %e, "cannot install the vCPU kick signal handler");
+        }
+    });
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |err| VmError::Kvm { what, err }
+}
+
+impl Vm {
+    /// Build the VM described by `cfg`.
+    pub fn new(cfg: VmConfig) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::NoKvm)?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        vm.set_tss_address(KVM_TSS_ADDR)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let ram = GuestRam::new(cfg.memory)?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.size(),
+            userspace_addr: ram.host_address(),
+        };
+        // SAFETY: the region maps `ram`, which the Vm owns and keeps alive longer than
+        // the VM fd's use of it (fields drop in order; the vCPU is joined in `run`).
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (RAM)"))?;
+
+        setup_msr_exits(&vm)?;
+        if vm.check_extension_raw(KVM_CAP_X86_BUS_LOCK_EXIT) as u32
+            & kvm_bindings::KVM_BUS_LOCK_DETECTION_EXIT
+            != 0
+        {
+            let mut cap = kvm_enable_cap {
+                cap: KVM_CAP_X86_BUS_LOCK_EXIT as u32,
+                ..Default::default()
+            };
+            cap.args[0] = kvm_bindings::KVM_BUS_LOCK_DETECTION_EXIT as u64;
+            if let Err(e) = vm.enable_cap(&cap) {
+                tracing::info!(error = %e, "bus-lock exits not available");
+            }
+        }
+
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Kvm {
+            what: "eventfd for the serial IRQ",
+            err: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+        vm.register_irqfd(&serial_irq, serial::SERIAL_GSI)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        pio.insert(
+            BusRange::new(serial::SERIAL_PORT as u64, serial::SERIAL_PORTS)?,
+            Arc::new(SerialConsole::new(serial_irq, cfg.console.clone())),
+        )?;
+
+        let pci = PciRoot::new(vm.clone(), pio.clone(), mmio.clone())?;
+        pio.insert(BusRange::new(PCI_CONFIG_PORT, 8)?, pci.config_io())?;
+        mmio.insert(
+            BusRange::new(crate::pci::ECAM_BASE, crate::pci::ECAM_SIZE)?,
+            pci.ecam(),
+        )?;
+        for (i, d) in cfg.devices.iter().enumerate() {
+            let (name, dev): (String, Arc<dyn VfioDevice>) = match d {
+                DeviceConfig::Local { name, device } => (name.clone(), device.clone()),
+                DeviceConfig::VfioUser { socket } => {
+                    let dev = crate::remote::connect(socket)?;
+                    (format!("vfio-user:{}", socket.display()), dev)
+                }
+            };
+            pci.assign(i as u8 + 1, name, dev, &ram)?;
+        }
+
+        let mem = ram.memory().clone();
+        boot::write_tables(&mem)?;
+        boot::write_cmdline(&mem, &cfg.cmdline)?;
+        let entry = boot::load_elf(&mem, &cfg.payload)?;
+
+        let fd = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let mut cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        cfg.cpu.apply_cpuid(&mut cpuid);
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        boot::setup_vcpu(&fd, entry, ram.size())?;
+
+        let run_size = kvm
+            .get_vcpu_mmap_size()
+            .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(ExitStats::default());
+        let ctx = VcpuContext {
+            pio,
+            mmio,
+            cpu: cfg.cpu,
+            policy: HostSplitLockPolicy::detect(),
+            mem,
+            stop: stop.clone(),
+            stats: stats.clone(),
+            run_size,
+        };
+        Ok(Vm {
+            _kvm: kvm,
+            vm,
+            ram,
+            vcpu: Some(Vcpu::new(fd, ctx)),
+            stop,
+            stats,
+            pci,
+            handle_sigint: cfg.handle_sigint,
+        })
+    }
+
+    /// A handle to stop the VM from another thread.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            stop: self.stop.clone(),
+        }
+    }
+
+    /// The KVM VM.
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The PCI root (assigned devices, for inspection).
+    pub fn pci(&self) -> &Arc<PciRoot> {
+        &self.pci
+    }
+
+    /// The vCPU (None while running).
+    pub fn vcpu_mut(&mut self) -> Option<&mut Vcpu> {
+        self.vcpu.as_mut()
+    }
+
+    /// Run until the guest exits, a stop is requested, or something fails.
+    pub fn run(&mut self) -> Result<VmReport, VmError> {
+        let mut vcpu = self
+            .vcpu
+            .take()
+            .ok_or_else(|| VmError::Thread("the VM has already run".into()))?;
+        install_kick_handler();
+        let old_sigint = if self.handle_sigint {
+            SIGINT_SEEN.store(false, Ordering::SeqCst);
+            Some(set_sigint_handler(on_sigint as *const () as usize))
+        } else {
+            None
+        };
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || {
+                let r = vcpu.run();
+                let _ = tx.send(());
+                (vcpu, r)
+            })
+            .map_err(|e| VmError::Thread(e.to_string()))?;
+        let mut lost: Option<VmError> = None;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if self.handle_sigint && SIGINT_SEEN.load(Ordering::SeqCst) {
+                self.stop.store(true, Ordering::SeqCst);
+            }
+            if lost.is_none() {
+                if let Some((device, message)) = self.pci.check_devices() {
+                    lost = Some(VmError::DeviceLost { device, message });
+                    self.stop.store(true, Ordering::SeqCst);
+                }
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                use std::os::unix::thread::JoinHandleExt;
+                // SAFETY: the thread is alive until it sends on the channel (checked above
+                // by the timeout); the kick signal has a no-op handler installed.
+                unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+            }
+        }
+        let joined = thread.join();
+        if let Some(old) = old_sigint {
+            set_sigint_handler(old);
+        }
+        let (vcpu, result) =
+            joined.map_err(|_| VmError::Thread("the vCPU thread panicked".into()))?;
+        let snapshot = vcpu.save().ok();
+        self.vcpu = Some(vcpu);
+        let outcome = match (result, lost) {
+            (Ok(StopReason::Interrupted), Some(e)) => return Err(e),
+            (Ok(r), _) => r,
+            (Err(e), _) => return Err(e.into()),
+        };
+        Ok(VmReport {
+            outcome,
+            stats: self.stats.clone(),
+            snapshot,
+        })
+    }
+
+    /// The CPU model state of the vCPU (when not running).
+    pub fn cpu_state(&self) -> Option<CpuState> {
+        self.vcpu.as_ref().map(|v| v.cpu_state())
+    }
+}
+
+fn set_sigint_handler(handler: usize) -> usize {
+    // SAFETY: installs a handler that only stores to an atomic (async-signal-safe), or
+    // restores the previous disposition; `sa` is fully initialised.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = handler;
+        libc::sigemptyset(&mut sa.sa_mask);
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGINT, &sa, &mut old);
+        old.sa_sigaction
+    }
+}
+
+fn setup_msr_exits(vm: &VmFd) -> Result<(), VmError> {
+    if !vm.check_extension(Cap::X86UserSpaceMsr) || !vm.check_extension(Cap::X86MsrFilter) {
+        return Err(VmError::Kvm {
+            what: "KVM_CAP_X86_USER_SPACE_MSR / KVM_CAP_X86_MSR_FILTER (the CPU model needs user-space MSR exits; use a Linux >= 5.10 host)",
+            err: kvm_ioctls::Error::new(libc::ENOTSUP),
+        });
+    }
+    let mut cap = kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+        ..Default::default()
+    };
+    cap.args[0] = (kvm_bindings::KVM_MSR_EXIT_REASON_FILTER
+        | kvm_bindings::KVM_MSR_EXIT_REASON_UNKNOWN) as u64;
+    vm.enable_cap(&cap)
+        .map_err(kvm_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+    let deny = [0u8; 1];
+    let ranges: Vec<MsrFilterRange<'_>> = CpuModel::MSRS
+        .iter()
+        .map(|&base| MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            base,
+            msr_count: 1,
+            bitmap: &deny,
+        })
+        .collect();
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+        .map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))
+}
+
+/// Build and run a VM; returns the process exit status (see [`VmReport::exit_status`]).
+pub fn run(cfg: VmConfig) -> Result<i32, VmError> {
+    let mut vm = Vm::new(cfg)?;
+    let report = vm.run()?;
+    Ok(report.exit_status())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cli_values() {
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+        assert!(parse_size("-1M").is_err());
+        match "vfio-user=/tmp/e1000.sock".parse::<DeviceConfig>().unwrap() {
+            DeviceConfig::VfioUser { socket } => {
+                assert_eq!(socket, PathBuf::from("/tmp/e1000.sock"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!("vfio-user=".parse::<DeviceConfig>().is_err());
+        assert!("e1000".parse::<DeviceConfig>().is_err());
+    }
+}

@@ -1,0 +1,102 @@
+//! Device servers in a child process: the test binary re-runs itself with
+//! `NESTIO_CHILD_DEVICE=<kind>` and `NESTIO_CHILD_SOCKET=<path>` set, running only the
+//! test named `child_device_server`, which serves the device over vfio-user until killed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nestio_device::VfioDevice;
+
+/// A device process; killed (SIGKILL) on drop.
+pub struct DeviceProcess {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl DeviceProcess {
+    /// Start a server for `kind` ("sample" or "e1000") and wait for its socket.
+    pub fn start(kind: &str) -> DeviceProcess {
+        let dir = std::env::temp_dir().join(format!("nestio-vmm-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join(format!("{kind}-{}.sock", rand_suffix()));
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_device_server",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("NESTIO_CHILD_DEVICE", kind)
+            .env("NESTIO_CHILD_SOCKET", &socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn device process");
+        let t = Instant::now();
+        while !socket.exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "device process did not bind {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        DeviceProcess { child, socket }
+    }
+
+    /// SIGKILL the process and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DeviceProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.socket);
+        if let Some(dir) = self.socket.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+/// Serve `dev` on `socket` forever.
+pub fn serve(dev: Arc<dyn VfioDevice>, socket: &Path) {
+    let listener = nestio_vfio_user::bind(socket).expect("bind");
+    let server = nestio_vfio_user::Server::new(dev, nestio_vfio_user::ServerConfig::default());
+    let _ = server.serve_listener(listener);
+}
+
+/// The body of the `child_device_server` test: true when this process is a child.
+pub fn child_main() -> bool {
+    let (Ok(kind), Ok(socket)) = (
+        std::env::var("NESTIO_CHILD_DEVICE"),
+        std::env::var("NESTIO_CHILD_SOCKET"),
+    ) else {
+        return false;
+    };
+    // Die with the test that started us, even if it crashes.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    let dev: Arc<dyn VfioDevice> = match kind.as_str() {
+        "sample" => nestio_devices::sample::sample_device().expect("sample device"),
+        "e1000" => {
+            let backend = nestio_net::open_backend("user", None).expect("user network");
+            nestio_devices::e1000::E1000::new(nestio_devices::e1000::E1000Config::new(backend))
+                .expect("e1000")
+        }
+        other => panic!("unknown child device {other}"),
+    };
+    serve(dev, Path::new(&socket));
+    true
+}

@@ -1,0 +1,282 @@
+//! A small PCI test device (1234:11e9) implementing `VfioDevice`, for the VMM tests.
+//!
+//! BAR0: 4 KiB BAR over a 2 KiB register region: 0x0 scratch, 0x4 ident "nest",
+//! 0x8 doorbell (raises MSI vector 0, or INTx), 0x10 ioeventfd register (offered via
+//! `region_io_fds`). BAR2: 8 KiB memfd-backed region whose first page is an mmappable
+//! sparse area; the second page reads 0x5a bytes through region reads. MSI capability
+//! (64-bit, 1 vector) at 0x40; INTA.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nestio_device::irq::Irqs;
+use nestio_device::{
+    flags, irq_flags, pci_index, region_flags, DeviceError, DeviceInfo, IoEventFd, IrqAction,
+    IrqData, IrqInfo, RegionInfo, Result, SparseArea, VfioDevice,
+};
+use nestio_dma::MapTable;
+
+pub struct TestDev {
+    cfg: Mutex<[u8; 256]>,
+    scratch: AtomicU32,
+    irqs: Irqs,
+    mem: Arc<OwnedFd>,
+    ioevent: Arc<OwnedFd>,
+    dma: MapTable,
+    /// Set to make every access fail as if the device process died.
+    pub dead: AtomicBool,
+    /// Region accesses to BAR2's mmappable first page (must stay 0: no exits).
+    pub mapped_page_accesses: AtomicU32,
+}
+
+fn memfd(size: u64) -> OwnedFd {
+    // SAFETY: valid NUL-terminated name; result checked.
+    let fd = unsafe { libc::memfd_create(c"testdev".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fresh fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate on our fd.
+    assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) }, 0);
+    fd
+}
+
+fn eventfd() -> OwnedFd {
+    // SAFETY: plain eventfd; result checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    assert!(fd >= 0);
+    // SAFETY: fresh fd.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+impl TestDev {
+    pub fn new() -> Arc<Self> {
+        let mut c = [0u8; 256];
+        c[0..2].copy_from_slice(&0x1234u16.to_le_bytes());
+        c[2..4].copy_from_slice(&0x11e9u16.to_le_bytes());
+        c[6] = 0x10; // capability list
+        c[0x0b] = 0xff;
+        c[0x10] = 0x0; // BAR0: 32-bit memory
+        c[0x18] = 0x4; // BAR2: 64-bit memory
+        c[0x34] = 0x40;
+        c[0x3d] = 1; // INTA
+        c[0x40] = 0x05; // MSI
+        c[0x41] = 0;
+        c[0x42] = 0x80; // 64-bit capable, 1 vector
+        Arc::new(TestDev {
+            cfg: Mutex::new(c),
+            scratch: AtomicU32::new(0),
+            irqs: Irqs::new(&[
+                IrqInfo {
+                    index: 0,
+                    flags: irq_flags::EVENTFD | irq_flags::MASKABLE | irq_flags::AUTOMASKED,
+                    count: 1,
+                },
+                IrqInfo {
+                    index: 1,
+                    flags: irq_flags::EVENTFD | irq_flags::NORESIZE,
+                    count: 1,
+                },
+                IrqInfo {
+                    index: 2,
+                    flags: 0,
+                    count: 0,
+                },
+                IrqInfo {
+                    index: 3,
+                    flags: 0,
+                    count: 0,
+                },
+                IrqInfo {
+                    index: 4,
+                    flags: 0,
+                    count: 0,
+                },
+            ]),
+            mem: Arc::new(memfd(0x2000)),
+            ioevent: Arc::new(eventfd()),
+            dma: MapTable::new(16),
+            dead: AtomicBool::new(false),
+            mapped_page_accesses: AtomicU32::new(0),
+        })
+    }
+
+    /// The BAR2 memory word at `off`, as the device sees it.
+    pub fn mem_u32(&self, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        // SAFETY: pread into a local buffer.
+        let n = unsafe { libc::pread(self.mem.as_raw_fd(), b.as_mut_ptr().cast(), 4, off as i64) };
+        assert_eq!(n, 4);
+        u32::from_le_bytes(b)
+    }
+
+    /// The ioeventfd counter (consumed).
+    pub fn ioevent_count(&self) -> u64 {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a local u64.
+        let n = unsafe { libc::read(self.ioevent.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        if n == 8 {
+            v
+        } else {
+            0
+        }
+    }
+
+    pub fn scratch(&self) -> u32 {
+        self.scratch.load(Ordering::SeqCst)
+    }
+
+    pub fn dma_mappings(&self) -> usize {
+        self.dma.mappings().len()
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        if self.dead.load(Ordering::SeqCst) {
+            Err(DeviceError::Disconnected("test device killed".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl VfioDevice for TestDev {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            flags: flags::PCI | flags::RESET,
+            num_regions: 9,
+            num_irqs: 5,
+        }
+    }
+    fn region_info(&self, index: u32) -> Result<RegionInfo> {
+        Ok(match index {
+            0 => RegionInfo::rw(0, 0x800),
+            2 => RegionInfo {
+                index: 2,
+                flags: region_flags::READ | region_flags::WRITE | region_flags::MMAP,
+                size: 0x2000,
+                fd_offset: 0,
+                sparse: vec![SparseArea {
+                    offset: 0,
+                    size: 0x1000,
+                }],
+                fd: Some(self.mem.clone()),
+            },
+            pci_index::CONFIG => RegionInfo::rw(7, 256),
+            i if i < 9 => RegionInfo::absent(i),
+            i => return Err(DeviceError::NoSuchRegion(i)),
+        })
+    }
+    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_alive()?;
+        let info = self.region_info(index)?;
+        info.check(offset, buf.len())?;
+        match index {
+            0 => {
+                let v: u32 = match offset {
+                    0 => self.scratch.load(Ordering::SeqCst),
+                    4 => u32::from_le_bytes(*b"nest"),
+                    _ => 0,
+                };
+                let b = v.to_le_bytes();
+                for (i, x) in buf.iter_mut().enumerate() {
+                    *x = b.get(i).copied().unwrap_or(0);
+                }
+            }
+            2 => {
+                if offset < 0x1000 {
+                    self.mapped_page_accesses.fetch_add(1, Ordering::SeqCst);
+                    // SAFETY: pread into the caller's buffer.
+                    unsafe {
+                        libc::pread(
+                            self.mem.as_raw_fd(),
+                            buf.as_mut_ptr().cast(),
+                            buf.len(),
+                            offset as i64,
+                        )
+                    };
+                } else {
+                    buf.fill(0x5a);
+                }
+            }
+            7 => {
+                let c = self.cfg.lock().unwrap();
+                buf.copy_from_slice(&c[offset as usize..offset as usize + buf.len()]);
+            }
+            _ => return Err(DeviceError::NoSuchRegion(index)),
+        }
+        Ok(())
+    }
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_alive()?;
+        let info = self.region_info(index)?;
+        info.check(offset, data.len())?;
+        match index {
+            0 => match offset {
+                0 if data.len() == 4 => self.scratch.store(
+                    u32::from_le_bytes(data.try_into().unwrap()),
+                    Ordering::SeqCst,
+                ),
+                8 => {
+                    let _ = self.irqs.trigger(pci_index::MSI_IRQ, 0)
+                        || self.irqs.trigger(pci_index::INTX_IRQ, 0);
+                }
+                _ => {}
+            },
+            2 => {
+                if offset < 0x1000 {
+                    self.mapped_page_accesses.fetch_add(1, Ordering::SeqCst);
+                }
+                // SAFETY: pwrite from the caller's buffer.
+                unsafe {
+                    libc::pwrite(
+                        self.mem.as_raw_fd(),
+                        data.as_ptr().cast(),
+                        data.len(),
+                        offset as i64,
+                    )
+                };
+            }
+            7 => {
+                let mut c = self.cfg.lock().unwrap();
+                // Command register, interrupt line and the MSI capability are writable.
+                for (i, b) in data.iter().enumerate() {
+                    let o = offset as usize + i;
+                    if matches!(o, 4 | 5 | 0x3c) || (0x42..0x50).contains(&o) {
+                        c[o] = *b;
+                    }
+                }
+            }
+            _ => return Err(DeviceError::NoSuchRegion(index)),
+        }
+        Ok(())
+    }
+    fn region_io_fds(&self, index: u32) -> Result<Vec<IoEventFd>> {
+        Ok(if index == 0 {
+            vec![IoEventFd {
+                offset: 0x10,
+                size: 4,
+                datamatch: None,
+                fd: self.ioevent.clone(),
+            }]
+        } else {
+            Vec::new()
+        })
+    }
+    fn irq_info(&self, index: u32) -> Result<IrqInfo> {
+        self.irqs.info(index)
+    }
+    fn set_irqs(
+        &self,
+        index: u32,
+        action: IrqAction,
+        start: u32,
+        count: u32,
+        data: IrqData,
+    ) -> Result<()> {
+        self.check_alive()?;
+        self.irqs.set_irqs(index, action, start, count, data)
+    }
+    fn dma_table(&self) -> Option<&MapTable> {
+        Some(&self.dma)
+    }
+}

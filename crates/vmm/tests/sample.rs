@@ -1,0 +1,188 @@
+//! The nestio sample device driven by the guest, in this process and in another
+//! process over vfio-user; killing the device process ends the VM with a clear error.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::child::DeviceProcess;
+use nestio_vmm::{payloads, DeviceConfig, StopReason, Vm, VmConfig, VmError};
+
+/// Helper, not a test: serves a device when this binary runs as a device process.
+#[test]
+fn child_device_server() {
+    common::child::child_main();
+}
+
+fn sample_cfg(
+    dev: DeviceConfig,
+    mode: &str,
+) -> (VmConfig, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let (console, buf) = common::console();
+    let mut cfg = VmConfig::new(payloads::SAMPLETEST);
+    cfg.console = console;
+    cfg.cmdline = format!("mode={mode}");
+    cfg.devices.push(dev);
+    (cfg, buf)
+}
+
+#[test]
+fn in_process_sample_device_msi_and_dma() {
+    if !common::kvm_or_skip("in_process_sample_device_msi_and_dma") {
+        return;
+    }
+    let dev = nestio_devices::sample::sample_device().unwrap();
+    let (cfg, buf) = sample_cfg(
+        DeviceConfig::Local {
+            name: "sample".into(),
+            device: dev,
+        },
+        "check",
+    );
+    let report = Vm::new(cfg).unwrap().run().unwrap();
+    let out = common::text(&buf);
+    assert_eq!(report.outcome, StopReason::GuestExit(0), "console: {out}");
+    assert!(out.contains("sample msi interrupts: 3"), "{out}");
+    assert!(out.contains("msi mask: held while masked"), "{out}");
+}
+
+#[test]
+fn msix_table_masking_and_pending_bit() {
+    if !common::kvm_or_skip("msix_table_masking_and_pending_bit") {
+        return;
+    }
+    let dev = nestio_devices::sample::sample_device().unwrap();
+    let (cfg, buf) = sample_cfg(
+        DeviceConfig::Local {
+            name: "sample".into(),
+            device: dev,
+        },
+        "msix",
+    );
+    let report = Vm::new(cfg).unwrap().run().unwrap();
+    let out = common::text(&buf);
+    assert_eq!(report.outcome, StopReason::GuestExit(0), "console: {out}");
+    assert!(out.contains("delivered at unmask"), "{out}");
+}
+
+#[test]
+fn msix_over_vfio_user() {
+    if !common::kvm_or_skip("msix_over_vfio_user") {
+        return;
+    }
+    let p = DeviceProcess::start("sample");
+    let (cfg, buf) = sample_cfg(
+        DeviceConfig::VfioUser {
+            socket: p.socket.clone(),
+        },
+        "msix",
+    );
+    let report = Vm::new(cfg).unwrap().run().unwrap();
+    let out = common::text(&buf);
+    assert_eq!(report.outcome, StopReason::GuestExit(0), "console: {out}");
+}
+
+#[test]
+fn bench_measures_both_devices() {
+    if !common::kvm_or_skip("bench_measures_both_devices") {
+        return;
+    }
+    let p = DeviceProcess::start("sample");
+    let local = nestio_devices::sample::sample_device().unwrap();
+    let r = nestio_vmm::bench::exit_costs(payloads::SAMPLETEST, local, p.socket.clone())
+        .expect("benchmark run");
+    // Every figure was measured (no timing thresholds asserted).
+    for c in [r.local, r.remote] {
+        assert!(c.read > 0 && c.write > 0 && c.irq > 0, "{r:?}");
+    }
+    eprintln!("{r}");
+}
+
+#[test]
+fn vfio_user_sample_device_in_another_process() {
+    if !common::kvm_or_skip("vfio_user_sample_device_in_another_process") {
+        return;
+    }
+    let proc_ = DeviceProcess::start("sample");
+    let (cfg, buf) = sample_cfg(
+        DeviceConfig::VfioUser {
+            socket: proc_.socket.clone(),
+        },
+        "check",
+    );
+    let report = Vm::new(cfg).unwrap().run().unwrap();
+    let out = common::text(&buf);
+    assert_eq!(report.outcome, StopReason::GuestExit(0), "console: {out}");
+    assert!(out.contains("sample msi interrupts: 3"), "{out}");
+    assert!(
+        out.contains("first 0xa5a55a5a"),
+        "DMA into guest RAM from the other process: {out}"
+    );
+}
+
+fn kill_mid_run(mode: &str, wait_for: &str) -> VmError {
+    let mut proc_ = DeviceProcess::start("sample");
+    let socket = proc_.socket.clone();
+    let (cfg, buf) = sample_cfg(
+        DeviceConfig::VfioUser {
+            socket: socket.clone(),
+        },
+        mode,
+    );
+    let mut vm = Vm::new(cfg).unwrap();
+    let handle = vm.handle();
+    let runner = std::thread::spawn(move || vm.run());
+    let t = Instant::now();
+    while !common::text(&buf).contains(wait_for) {
+        if t.elapsed() > Duration::from_secs(30) {
+            handle.stop();
+            panic!("guest never reached {wait_for:?}: {}", common::text(&buf));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    proc_.kill();
+    let t = Instant::now();
+    while !runner.is_finished() {
+        if t.elapsed() > Duration::from_secs(30) {
+            handle.stop();
+            panic!("the VM did not stop after its device process died");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let err = runner
+        .join()
+        .unwrap()
+        .expect_err("VM must fail when its device dies");
+    let msg = err.to_string();
+    eprintln!("VM error after the device process died: {msg}");
+    assert!(
+        msg.contains(&socket.display().to_string()),
+        "error must name the device: {msg}"
+    );
+    assert!(
+        msg.contains("went away") || msg.contains("connection"),
+        "{msg}"
+    );
+    err
+}
+
+#[test]
+fn killing_device_process_while_guest_polls_ends_vm() {
+    if !common::kvm_or_skip("killing_device_process_while_guest_polls_ends_vm") {
+        return;
+    }
+    let err = kill_mid_run("spin", "spinning");
+    assert!(
+        matches!(err, VmError::Vcpu(_) | VmError::DeviceLost { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn killing_device_process_while_guest_waits_for_irq_ends_vm() {
+    if !common::kvm_or_skip("killing_device_process_while_guest_waits_for_irq_ends_vm") {
+        return;
+    }
+    let err = kill_mid_run("halt", "waiting");
+    assert!(matches!(err, VmError::DeviceLost { .. }), "{err}");
+}

@@ -1,0 +1,367 @@
+//! A guest e1000 (82540EM) driver that pings the gateway: reset, MAC from the EEPROM,
+//! RX/TX rings in guest RAM (the device DMAs into them), interrupts taken through the
+//! IDT/APIC — INTx via the IOAPIC pin in the interrupt-line register (default) or MSI
+//! (`irq=msi`) — then ARP for 10.0.2.2 and an ICMP echo request; exit 0 on the reply.
+#![no_std]
+#![no_main]
+
+use core::ptr::{addr_of_mut, read_volatile, write_volatile};
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use nestio_guest::io::{mmio_read32, mmio_write32, wait_for_interrupt};
+use nestio_guest::{cmdline_value, interrupts, pci, println};
+
+nestio_guest::entry!(main);
+
+const CTRL: u64 = 0x0;
+const EERD: u64 = 0x14;
+const ICR: u64 = 0xc0;
+const IMS: u64 = 0xd0;
+const IMC: u64 = 0xd8;
+const RCTL: u64 = 0x100;
+const TCTL: u64 = 0x400;
+const TIPG: u64 = 0x410;
+const RDBAL: u64 = 0x2800;
+const RDBAH: u64 = 0x2804;
+const RDLEN: u64 = 0x2808;
+const RDH: u64 = 0x2810;
+const RDT: u64 = 0x2818;
+const TDBAL: u64 = 0x3800;
+const TDBAH: u64 = 0x3804;
+const TDLEN: u64 = 0x3808;
+const TDH: u64 = 0x3810;
+const TDT: u64 = 0x3818;
+const MTA: u64 = 0x5200;
+const ICR_RXT0: u32 = 0x80;
+const VECTOR: u8 = 0x31;
+const N: usize = 8;
+const BUF: usize = 2048;
+const MY_IP: [u8; 4] = [10, 0, 2, 15];
+const GW_IP: [u8; 4] = [10, 0, 2, 2];
+
+#[repr(C, align(128))]
+struct Ring([[u64; 2]; N]);
+#[repr(C, align(4096))]
+struct Bufs([[u8; BUF]; N]);
+
+static mut RX_RING: Ring = Ring([[0; 2]; N]);
+static mut TX_RING: Ring = Ring([[0; 2]; N]);
+static mut RX_BUF: Bufs = Bufs([[0; BUF]; N]);
+static mut TX_BUF: Bufs = Bufs([[0; BUF]; N]);
+
+static IRQS: AtomicU32 = AtomicU32::new(0);
+static CAUSES: AtomicU32 = AtomicU32::new(0);
+/// Interrupts whose cause included RXT0 (a frame was received).
+static RX_IRQS: AtomicU32 = AtomicU32::new(0);
+/// RX_IRQS when the last frame was sent: receive() waits for an RX interrupt after it.
+static RX_MARK: AtomicU32 = AtomicU32::new(0);
+static mut BAR0: u64 = 0;
+
+fn reg(off: u64) -> u64 {
+    // SAFETY: written once before interrupts are enabled.
+    unsafe { BAR0 + off }
+}
+
+fn on_irq(v: u8) {
+    if v == VECTOR {
+        // Reading ICR clears it and drops the INTx level before the EOI.
+        let icr = mmio_read32(reg(ICR));
+        CAUSES.fetch_or(icr, Ordering::SeqCst);
+        IRQS.fetch_add(1, Ordering::SeqCst);
+        if icr & ICR_RXT0 != 0 {
+            RX_IRQS.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn eeprom(word: u32) -> u16 {
+    mmio_write32(reg(EERD), (word << 8) | 1);
+    for _ in 0..1000 {
+        let v = mmio_read32(reg(EERD));
+        if v & 0x10 != 0 {
+            return (v >> 16) as u16;
+        }
+    }
+    0xffff
+}
+
+fn rx_ring() -> *mut [u64; 2] {
+    addr_of_mut!(RX_RING) as *mut [u64; 2]
+}
+fn tx_ring() -> *mut [u64; 2] {
+    addr_of_mut!(TX_RING) as *mut [u64; 2]
+}
+fn rx_buf(i: usize) -> *mut u8 {
+    // SAFETY: i < N; pointer arithmetic inside the static.
+    unsafe { (addr_of_mut!(RX_BUF) as *mut u8).add(i * BUF) }
+}
+fn tx_buf(i: usize) -> *mut u8 {
+    // SAFETY: i < N; pointer arithmetic inside the static.
+    unsafe { (addr_of_mut!(TX_BUF) as *mut u8).add(i * BUF) }
+}
+
+struct Nic {
+    tx_next: usize,
+    rx_next: usize,
+    mac: [u8; 6],
+}
+
+impl Nic {
+    fn send(&mut self, frame: &[u8]) -> bool {
+        let i = self.tx_next;
+        let len = frame.len().max(60);
+        let b = tx_buf(i);
+        for k in 0..len {
+            // SAFETY: k < len <= BUF inside buffer i.
+            unsafe { write_volatile(b.add(k), frame.get(k).copied().unwrap_or(0)) }
+        }
+        // cmd: EOP | IFCS | RS
+        let d1 = len as u64 | (0x0b << 24);
+        // SAFETY: descriptor i of the TX ring.
+        unsafe {
+            write_volatile(&mut (*tx_ring().add(i))[0], b as u64);
+            write_volatile(&mut (*tx_ring().add(i))[1], d1);
+        }
+        self.tx_next = (i + 1) % N;
+        RX_MARK.store(RX_IRQS.load(Ordering::SeqCst), Ordering::SeqCst);
+        mmio_write32(reg(TDT), self.tx_next as u32);
+        for _ in 0..1000 {
+            // SAFETY: reading the status byte the device writes back.
+            let st = unsafe { read_volatile(&(*tx_ring().add(i))[1]) } >> 32;
+            if st & 1 != 0 {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Wait for a frame (interrupt-driven: the ring is looked at only after an RX
+    /// interrupt since the last send) and pass it to `f`; true when `f` accepts it.
+    fn receive(&mut self, mut f: impl FnMut(&[u8]) -> bool) -> bool {
+        interrupts::disable();
+        while RX_IRQS.load(Ordering::SeqCst) == RX_MARK.load(Ordering::SeqCst) {
+            wait_for_interrupt();
+            interrupts::disable();
+        }
+        for _ in 0..200 {
+            loop {
+                let i = self.rx_next;
+                // SAFETY: descriptor i of the RX ring, written by the device.
+                let d1 = unsafe { read_volatile(&(*rx_ring().add(i))[1]) };
+                let status = (d1 >> 32) as u8;
+                if status & 1 == 0 {
+                    break;
+                }
+                let len = ((d1 & 0xffff) as usize).min(BUF);
+                let mut frame = [0u8; 128];
+                let n = len.min(frame.len());
+                for (k, x) in frame.iter_mut().enumerate().take(n) {
+                    // SAFETY: k < n <= BUF inside buffer i.
+                    *x = unsafe { read_volatile(rx_buf(i).add(k)) };
+                }
+                // SAFETY: give the descriptor back.
+                unsafe { write_volatile(&mut (*rx_ring().add(i))[1], 0) };
+                mmio_write32(reg(RDT), i as u32);
+                self.rx_next = (i + 1) % N;
+                if f(&frame[..n]) {
+                    return true;
+                }
+            }
+            let before = IRQS.load(Ordering::SeqCst);
+            while IRQS.load(Ordering::SeqCst) == before {
+                wait_for_interrupt();
+            }
+            interrupts::disable();
+        }
+        false
+    }
+}
+
+fn csum(data: &[u8]) -> u16 {
+    let mut s: u32 = 0;
+    for c in data.chunks(2) {
+        s += (c[0] as u32) << 8 | c.get(1).copied().unwrap_or(0) as u32;
+    }
+    while s >> 16 != 0 {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+fn main(_ram: u64) -> u32 {
+    interrupts::init_idt();
+    interrupts::set_irq_handler(on_irq);
+    interrupts::init_lapic();
+    let Some(dev) = pci::find(0x8086, 0x100e) else {
+        println!("e1000 not found");
+        return 10;
+    };
+    pci::enable(dev);
+    // SAFETY: single-threaded init before interrupts are enabled.
+    unsafe { BAR0 = pci::bar_address(dev, 0) };
+    mmio_write32(reg(IMC), u32::MAX);
+    mmio_write32(reg(CTRL), mmio_read32(reg(CTRL)) | (1 << 26));
+    let mut n = 0;
+    while mmio_read32(reg(CTRL)) & (1 << 26) != 0 && n < 1000 {
+        n += 1;
+    }
+    mmio_write32(reg(IMC), u32::MAX);
+    mmio_read32(reg(ICR));
+    mmio_write32(reg(CTRL), mmio_read32(reg(CTRL)) | (1 << 6)); // SLU
+    let mut mac = [0u8; 6];
+    for w in 0..3 {
+        let v = eeprom(w as u32);
+        mac[2 * w] = v as u8;
+        mac[2 * w + 1] = (v >> 8) as u8;
+    }
+    println!(
+        "e1000 at {:#x}, mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        reg(0),
+        mac[0],
+        mac[1],
+        mac[2],
+        mac[3],
+        mac[4],
+        mac[5]
+    );
+    for i in 0..128 {
+        mmio_write32(reg(MTA + 4 * i), 0);
+    }
+    // Rings: all RX descriptors owned by the device.
+    for i in 0..N {
+        // SAFETY: descriptor i of the RX ring.
+        unsafe {
+            write_volatile(&mut (*rx_ring().add(i))[0], rx_buf(i) as u64);
+            write_volatile(&mut (*rx_ring().add(i))[1], 0);
+        }
+    }
+    let rx = rx_ring() as u64;
+    let tx = tx_ring() as u64;
+    mmio_write32(reg(RDBAL), rx as u32);
+    mmio_write32(reg(RDBAH), (rx >> 32) as u32);
+    mmio_write32(reg(RDLEN), (N * 16) as u32);
+    mmio_write32(reg(RDH), 0);
+    mmio_write32(reg(RDT), (N - 1) as u32);
+    mmio_write32(reg(TDBAL), tx as u32);
+    mmio_write32(reg(TDBAH), (tx >> 32) as u32);
+    mmio_write32(reg(TDLEN), (N * 16) as u32);
+    mmio_write32(reg(TDH), 0);
+    mmio_write32(reg(TDT), 0);
+    mmio_write32(reg(TIPG), 10 | (8 << 10) | (6 << 20));
+    mmio_write32(reg(TCTL), (1 << 1) | (1 << 3) | (0x0f << 4) | (0x40 << 12));
+    mmio_write32(reg(RCTL), (1 << 1) | (1 << 15) | (1 << 26));
+    // Interrupts.
+    let use_msi = cmdline_value("irq") == Some("msi");
+    if use_msi {
+        if !pci::enable_msi(dev, VECTOR) {
+            return 11;
+        }
+        println!("interrupts: MSI vector {:#x}", VECTOR);
+    } else {
+        let line = (pci::read32(dev, 0x3c) & 0xff) as u8;
+        if line == 0xff || line >= 24 {
+            return 12;
+        }
+        interrupts::ioapic_route(line, VECTOR);
+        println!("interrupts: INTx on IOAPIC pin {}", line);
+    }
+    mmio_write32(reg(IMS), ICR_RXT0);
+    let mut nic = Nic {
+        tx_next: 0,
+        rx_next: 0,
+        mac,
+    };
+
+    // ARP who-has 10.0.2.2.
+    let mut f = [0u8; 42];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&[0x08, 0x06]);
+    f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f[22..28].copy_from_slice(&mac);
+    f[28..32].copy_from_slice(&MY_IP);
+    f[38..42].copy_from_slice(&GW_IP);
+    let t_arp = nestio_guest::cpu::rdtsc();
+    if !nic.send(&f) {
+        return 13;
+    }
+    let mut gw = [0u8; 6];
+    let got = nic.receive(|fr| {
+        if fr.len() >= 42
+            && fr[12..14] == [0x08, 0x06]
+            && fr[20..22] == [0, 2]
+            && fr[28..32] == GW_IP
+        {
+            gw.copy_from_slice(&fr[22..28]);
+            true
+        } else {
+            false
+        }
+    });
+    if !got {
+        println!("no ARP reply");
+        return 14;
+    }
+    let arp_cycles = nestio_guest::cpu::rdtsc().wrapping_sub(t_arp);
+    println!(
+        "arp: 10.0.2.2 is at {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} (rtt {} tsc cycles)",
+        gw[0],
+        gw[1],
+        gw[2],
+        gw[3],
+        gw[4],
+        gw[5],
+        nestio_guest::fmt::Dec(arp_cycles)
+    );
+
+    // ICMP echo request.
+    let payload = b"nestio-ping-0001";
+    let mut p = [0u8; 14 + 20 + 8 + 16];
+    p[0..6].copy_from_slice(&gw);
+    p[6..12].copy_from_slice(&nic.mac);
+    p[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut p[14..34];
+    ip[0] = 0x45;
+    let total = (20 + 8 + payload.len()) as u16;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[4..6].copy_from_slice(&[0x4e, 0x53]);
+    ip[8] = 64;
+    ip[9] = 1;
+    ip[12..16].copy_from_slice(&MY_IP);
+    ip[16..20].copy_from_slice(&GW_IP);
+    let c = csum(ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let icmp = &mut p[34..];
+    icmp[0] = 8;
+    icmp[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+    icmp[6..8].copy_from_slice(&1u16.to_be_bytes());
+    icmp[8..].copy_from_slice(payload);
+    let c = csum(icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let t_ping = nestio_guest::cpu::rdtsc();
+    if !nic.send(&p) {
+        return 15;
+    }
+    let got = nic.receive(|fr| {
+        fr.len() >= 42 + 16
+            && fr[12..14] == [0x08, 0x00]
+            && fr[23] == 1
+            && fr[26..30] == GW_IP
+            && fr[34] == 0
+            && fr[38..40] == 0x1234u16.to_be_bytes()
+            && &fr[42..58] == payload
+    });
+    if !got {
+        println!("no echo reply");
+        return 16;
+    }
+    let ping_cycles = nestio_guest::cpu::rdtsc().wrapping_sub(t_ping);
+    println!(
+        "ping: echo reply from 10.0.2.2 seq=1 (rtt {} tsc cycles; {} interrupts, {} with RXT0, causes {:#x})",
+        nestio_guest::fmt::Dec(ping_cycles),
+        nestio_guest::fmt::Dec(IRQS.load(Ordering::SeqCst) as u64),
+        nestio_guest::fmt::Dec(RX_IRQS.load(Ordering::SeqCst) as u64),
+        CAUSES.load(Ordering::SeqCst)
+    );
+    0
+}
