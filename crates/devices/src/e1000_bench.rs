@@ -31,53 +31,22 @@ use nestio_net::packet::icmp::{build_icmp_echo_request, IcmpPacket, ICMP_ECHO_RE
 use nestio_net::packet::ipv4::{Ipv4Packet, PROTO_ICMP};
 use nestio_net::packet::MacAddr;
 
-/// Register offsets and bits the driver uses (82540EM, BAR0).
-#[allow(missing_docs)]
+/// Register offsets and bits the driver uses: the device model's own definitions
+/// (82540EM, BAR0), plus the few names a driver spells differently.
 pub mod reg {
-    pub const CTRL: u32 = 0x0000;
-    pub const STATUS: u32 = 0x0008;
-    pub const EERD: u32 = 0x0014;
-    pub const ICR: u32 = 0x00C0;
-    pub const IMS: u32 = 0x00D0;
-    pub const IMC: u32 = 0x00D8;
-    pub const RCTL: u32 = 0x0100;
-    pub const TCTL: u32 = 0x0400;
-    pub const RDBAL: u32 = 0x2800;
-    pub const RDBAH: u32 = 0x2804;
-    pub const RDLEN: u32 = 0x2808;
-    pub const RDH: u32 = 0x2810;
-    pub const RDT: u32 = 0x2818;
-    pub const TDBAL: u32 = 0x3800;
-    pub const TDBAH: u32 = 0x3804;
-    pub const TDLEN: u32 = 0x3808;
-    pub const TDH: u32 = 0x3810;
-    pub const TDT: u32 = 0x3818;
-    pub const MPC: u32 = 0x4010;
-    pub const GPRC: u32 = 0x4074;
-    pub const GPTC: u32 = 0x4080;
-    pub const RAL0: u32 = 0x5400;
-    pub const RAH0: u32 = 0x5404;
-
-    pub const CTRL_SLU: u32 = 1 << 6;
-    pub const CTRL_RST: u32 = 1 << 26;
-    pub const STATUS_LU: u32 = 1 << 1;
-    pub const EERD_START: u32 = 1 << 0;
-    pub const EERD_DONE: u32 = 1 << 4;
-    pub const RCTL_EN: u32 = 1 << 1;
-    pub const RCTL_BAM: u32 = 1 << 15;
-    pub const RCTL_SECRC: u32 = 1 << 26;
-    pub const TCTL_EN: u32 = 1 << 1;
-    pub const TCTL_PSP: u32 = 1 << 3;
-    pub const RAH_AV: u32 = 1 << 31;
-    pub const ICR_TXDW: u32 = 0x01;
-    pub const ICR_RXO: u32 = 0x40;
-    pub const ICR_RXT0: u32 = 0x80;
-    pub const TXD_EOP: u8 = 0x01;
+    pub use crate::e1000::regs::*;
+    /// Receive address low, entry 0.
+    pub const RAL0: u32 = RA;
+    /// Receive address high, entry 0.
+    pub const RAH0: u32 = RA + 4;
+    /// TX command: end of packet.
+    pub const TXD_EOP: u8 = TXD_CMD_EOP;
+    /// TX command: insert FCS.
     pub const TXD_IFCS: u8 = 0x02;
-    pub const TXD_RS: u8 = 0x08;
-    pub const TXD_STA_DD: u8 = 0x01;
-    pub const RXD_STA_DD: u8 = 0x01;
-    pub const RXD_STA_EOP: u8 = 0x02;
+    /// TX command: report status.
+    pub const TXD_RS: u8 = TXD_CMD_RS;
+    /// RAH: address valid.
+    pub const RAH_AV: u32 = 1 << 31;
 }
 
 /// First IOVA of guest memory as the device sees it.

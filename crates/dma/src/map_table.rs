@@ -406,101 +406,89 @@ fn mmap_fd(
     })
 }
 
-impl DmaSpace for MapTable {
-    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+/// One checked piece of an access, handed to the copy routine.
+enum Seg<'a> {
+    /// In place: `len` bytes at offset `off` of the mapped region, buffer position `pos`.
+    Mem(&'a MmapRegion<()>, usize, usize, usize),
+    /// By message: `len` bytes at peer address `addr`, buffer position `pos`.
+    Peer(&'a dyn DmaPeer, u64, usize, usize),
+}
+
+impl MapTable {
+    /// Check a whole access, then copy it piece by piece with `copy`: in-place pieces
+    /// under the shared lock, peer pieces after it is released. Counters and dirty bits
+    /// are kept here, so reads and writes differ only in their copy routine.
+    fn access(
+        &self,
+        iova: u64,
+        len: usize,
+        access: Access,
+        mut copy: impl FnMut(Seg<'_>) -> Result<(), i32>,
+    ) -> Result<(), DmaError> {
         let inner = self.read_lock();
         let pieces = self
-            .pieces(&inner, iova, buf.len(), Access::Read)
+            .pieces(&inner, iova, len, access)
             .map_err(|e| self.fault(e))?;
+        if access == Access::Write {
+            if let Some(log) = &inner.dirty {
+                log.mark(iova, len as u64);
+            }
+        }
         let mut peer = Vec::new();
         let mut pos = 0usize;
         for p in pieces {
+            let n = p.len;
             match &p.map.kind {
                 Kind::Mem(region) => {
-                    let s = region
-                        .get_slice(p.off as usize, p.len)
-                        .map_err(|e| DmaError::Invalid(e.to_string()))?;
-                    s.copy_to(&mut buf[pos..pos + p.len]);
-                    self.in_place_bytes
-                        .fetch_add(p.len as u64, Ordering::Relaxed);
+                    copy(Seg::Mem(region, p.off as usize, pos, n))
+                        .map_err(|_| DmaError::Invalid("mapping smaller than recorded".into()))?;
+                    self.in_place_bytes.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                Kind::Peer(_) => {
-                    let n = p.len;
-                    peer.push((pos, p));
-                    pos += n;
-                    continue;
-                }
+                Kind::Peer(_) => peer.push((pos, p)),
             }
-            pos += p.len;
+            pos += n;
         }
         drop(inner);
         for (pos, p) in peer {
-            let Kind::Peer(peer) = &p.map.kind else {
+            let Kind::Peer(dev) = &p.map.kind else {
                 continue;
             };
             let addr = p.map.range.start() + p.off;
-            peer.dma_read(addr, &mut buf[pos..pos + p.len])
-                .map_err(|errno| {
-                    self.fault(DmaError::Peer {
-                        iova: addr,
-                        len: p.len as u64,
-                        access: Access::Read,
-                        errno,
-                    })
-                })?;
+            copy(Seg::Peer(dev.as_ref(), addr, pos, p.len)).map_err(|errno| {
+                self.fault(DmaError::Peer {
+                    iova: addr,
+                    len: p.len as u64,
+                    access,
+                    errno,
+                })
+            })?;
             self.peer_bytes.fetch_add(p.len as u64, Ordering::Relaxed);
             self.peer_ops.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
+}
+
+impl DmaSpace for MapTable {
+    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        self.access(iova, buf.len(), Access::Read, |seg| match seg {
+            Seg::Mem(region, off, pos, n) => {
+                let s = region.get_slice(off, n).map_err(|_| libc::EFAULT)?;
+                s.copy_to(&mut buf[pos..pos + n]);
+                Ok(())
+            }
+            Seg::Peer(peer, addr, pos, n) => peer.dma_read(addr, &mut buf[pos..pos + n]),
+        })
+    }
 
     fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
-        let inner = self.read_lock();
-        let pieces = self
-            .pieces(&inner, iova, data.len(), Access::Write)
-            .map_err(|e| self.fault(e))?;
-        if let Some(log) = &inner.dirty {
-            log.mark(iova, data.len() as u64);
-        }
-        let mut peer = Vec::new();
-        let mut pos = 0usize;
-        for p in pieces {
-            match &p.map.kind {
-                Kind::Mem(region) => {
-                    let s = region
-                        .get_slice(p.off as usize, p.len)
-                        .map_err(|e| DmaError::Invalid(e.to_string()))?;
-                    s.copy_from(&data[pos..pos + p.len]);
-                    self.in_place_bytes
-                        .fetch_add(p.len as u64, Ordering::Relaxed);
-                }
-                Kind::Peer(_) => {
-                    let n = p.len;
-                    peer.push((pos, p));
-                    pos += n;
-                    continue;
-                }
+        self.access(iova, data.len(), Access::Write, |seg| match seg {
+            Seg::Mem(region, off, pos, n) => {
+                let s = region.get_slice(off, n).map_err(|_| libc::EFAULT)?;
+                s.copy_from(&data[pos..pos + n]);
+                Ok(())
             }
-            pos += p.len;
-        }
-        drop(inner);
-        for (pos, p) in peer {
-            let Kind::Peer(peer) = &p.map.kind else {
-                continue;
-            };
-            let addr = p.map.range.start() + p.off;
-            peer.dma_write(addr, &data[pos..pos + p.len])
-                .map_err(|errno| {
-                    self.fault(DmaError::Peer {
-                        iova: addr,
-                        len: p.len as u64,
-                        access: Access::Write,
-                        errno,
-                    })
-                })?;
-            self.peer_bytes.fetch_add(p.len as u64, Ordering::Relaxed);
-            self.peer_ops.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
+            Seg::Peer(peer, addr, pos, n) => peer.dma_write(addr, &data[pos..pos + n]),
+        })
     }
 }
