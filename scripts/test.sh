@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Runs every nestio test. Installs the system packages the tests use (tshark, iproute2)
-# when missing and we are root; otherwise the tests that need them SKIP loudly.
+# Runs every nestio test. Installs the system packages the tests use (tshark, iproute2,
+# iputils-ping) when missing and we are root; otherwise the tests that need them SKIP
+# loudly. As root with apt, also builds the guest Linux (linux/build.sh: the first build
+# installs packages and takes a few minutes, later runs reuse target/linux/) so that
+# the Linux guest tests run; elsewhere they use a kernel built before, or SKIP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v tshark >/dev/null 2>&1 || need+=(tshark)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "== installing ${need[*]}"
@@ -15,6 +19,16 @@ if [ ${#need[@]} -gt 0 ]; then
     else
         echo "WARNING: ${need[*]} missing and cannot install (not root / no apt): the tests that need them will SKIP" >&2
     fi
+fi
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== guest Linux (linux/build.sh; first build: a few minutes)"
+    linux/build.sh
+elif [ -e target/linux/out/paths.env ]; then
+    echo "== guest Linux (linux/build.sh, cached; NESTIO_LINUX_NO_INSTALL=1)"
+    NESTIO_LINUX_NO_INSTALL=1 linux/build.sh || echo "WARNING: linux/build.sh failed: the Linux guest tests will fail" >&2
+else
+    echo "WARNING: not root / no apt and no guest kernel built: the Linux guest tests will SKIP" >&2
 fi
 
 echo "== cargo test (workspace)"

@@ -16,14 +16,21 @@
  *   nestio.timeout=MS    wait for each reply    (default 5000)
  *   nestio.end=reboot|poweroff|halt             (default reboot: with reboot=k the
  *                        kernel writes 0xfe to port 0x64, which ends the VM)
+ *   nestio.answer=N      after pinging, stay up until the kernel has answered N echo
+ *                        requests from outside (Icmp OutEchoReps in /proc/net/snmp),
+ *                        so a test can ping the guest (default 0: do not wait)
+ *   nestio.wait=MS       the longest that wait lasts (default 60000)
  *
  * Markers on the console, for tests and humans:
  *   NESTIO-INIT: start ...        userspace runs
  *   NESTIO-NET: eth0 up ...       interface configured (carrier seen or not)
  *   NESTIO-PING: ok 3/3           all echo requests answered ("fail N/M" otherwise)
+ *   NESTIO-ANSWER: waiting for N echo requests   (nestio.answer=N) ping me now
+ *   NESTIO-ANSWER: ok N/N         the kernel answered them ("fail K/N" on timeout)
  *   NESTIO-INIT: exit STATUS      just before the VM is ended
  *
- * Exit status: before ending the VM, init writes STATUS (0 = success) to the
+ * Exit status (0 ok, 1 echo replies missing, 2 no interface, 3 not pinged from outside
+ * within nestio.wait): before ending the VM, init writes STATUS to the
  * debug-exit I/O port 0xf4; nestio's VMM makes that byte its process exit status
  * (QEMU's isa-debug-exit reports (STATUS << 1) | 1).
  */
@@ -63,6 +70,8 @@ struct config {
 	int count;
 	int timeout_ms;
 	char end[16];
+	int answer;
+	int wait_ms;
 };
 
 static double uptime(void)
@@ -154,6 +163,8 @@ static void defaults(struct config *c)
 	c->count = 3;
 	c->timeout_ms = 5000;
 	copy_word(c->end, sizeof(c->end), "reboot");
+	c->answer = 0;
+	c->wait_ms = 60000;
 }
 
 /* Apply one `key=value` word; unknown nestio.* keys are reported, others ignored. */
@@ -191,6 +202,10 @@ static void apply_word(struct config *c, const char *word)
 		bad = parse_int(v, 1, 1000000, &c->count);
 	} else if (KEY("nestio.timeout")) {
 		bad = parse_int(v, 1, 3600000, &c->timeout_ms);
+	} else if (KEY("nestio.answer")) {
+		bad = parse_int(v, 0, 1000000, &c->answer);
+	} else if (KEY("nestio.wait")) {
+		bad = parse_int(v, 1, 3600000, &c->wait_ms);
 	} else if (KEY("nestio.end")) {
 		if (strcmp(v, "reboot") && strcmp(v, "poweroff") && strcmp(v, "halt"))
 			bad = 1;
@@ -435,6 +450,69 @@ static int ping(struct in_addr target, int count, int timeout_ms)
 	return received;
 }
 
+/* ---- being pinged ------------------------------------------------------------ */
+
+/*
+ * The kernel's count of echo replies sent (Icmp OutEchoReps in /proc/net/snmp: a
+ * header line of names and a line of values, both starting "Icmp: "); -1 if unknown.
+ */
+static long out_echo_reps(void)
+{
+	char buf[8192], *names = NULL, *values = NULL, *save1 = NULL, *save2 = NULL;
+	char *n, *v;
+	ssize_t len;
+	int fd = open("/proc/net/snmp", O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return -1;
+	len = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (len <= 0)
+		return -1;
+	buf[len] = '\0';
+	for (char *line = buf; line && *line;) {
+		char *next = strchr(line, '\n');
+
+		if (next)
+			*next++ = '\0';
+		if (strncmp(line, "Icmp: ", 6) == 0) {
+			if (!names)
+				names = line + 6;
+			else if (!values)
+				values = line + 6;
+		}
+		line = next;
+	}
+	if (!names || !values)
+		return -1;
+	for (n = strtok_r(names, " ", &save1), v = strtok_r(values, " ", &save2); n && v;
+	     n = strtok_r(NULL, " ", &save1), v = strtok_r(NULL, " ", &save2)) {
+		if (strcmp(n, "OutEchoReps") == 0)
+			return strtol(v, NULL, 10);
+	}
+	return -1;
+}
+
+/* Wait until the kernel has answered `want` more echo requests; returns how many. */
+static int be_pinged(int want, int wait_ms)
+{
+	long base = out_echo_reps(), now = base;
+	double t0 = now_ms();
+
+	if (base < 0) {
+		say("NESTIO-ANSWER: cannot read Icmp OutEchoReps from /proc/net/snmp\n");
+		return 0;
+	}
+	say("NESTIO-ANSWER: waiting for %d echo requests (at most %d ms)\n", want, wait_ms);
+	while (now - base < want && now_ms() - t0 < wait_ms) {
+		usleep(20000);
+		now = out_echo_reps();
+		if (now < 0)
+			now = base;
+	}
+	return (int)(now - base < want ? now - base : want);
+}
+
 /* ---- shell mode -------------------------------------------------------------- */
 
 static void cat(const char *path)
@@ -578,6 +656,14 @@ int main(void)
 		} else {
 			say("NESTIO-PING: fail %d/%d\n", got, c.count);
 			status = 1;
+		}
+		if (c.answer > 0) {
+			int answered = be_pinged(c.answer, c.wait_ms);
+
+			say("NESTIO-ANSWER: %s %d/%d\n", answered == c.answer ? "ok" : "fail",
+			    answered, c.answer);
+			if (answered != c.answer && status == 0)
+				status = 3;
 		}
 	}
 	end_vm(&c, status);

@@ -1,6 +1,7 @@
-//! nestio-vmm: a small KVM VMM that runs `no_std` guest payloads with devices assigned
-//! through the [`nestio_device::VfioDevice`] trait: in-process device models and
-//! devices served by another process over vfio-user are wired identically.
+//! nestio-vmm: a small KVM VMM that runs `no_std` guest payloads or a Linux kernel
+//! ([`Boot`]) with devices assigned through the [`nestio_device::VfioDevice`] trait:
+//! in-process device models and devices served by another process over vfio-user are
+//! wired identically.
 //!
 //! Pieces (one module each):
 //! - [`memory`]: guest RAM in a memfd, shared by fd with every device (DMA_MAP);
@@ -17,12 +18,15 @@
 //! - [`vm`]: assembly, the control loop (SIGINT, stop requests, dead devices) and
 //!   [`run`];
 //! - [`mod@bench`]: exit and interrupt costs measured by a guest (`nestio bench`);
-//! - [`linux`]: direct boot of a Linux kernel (maintained separately).
+//! - [`linux`]: direct boot of a Linux kernel ([`Boot::Linux`], `nestio run --kernel`).
 //!
-//! Guest/VMM contract: the payload is entered in 64-bit mode at its ELF entry with
-//! `rdi` = RAM size and `rsi` = its command line ([`VmConfig::cmdline`]); a 32-bit write
-//! to port 0xf4 ends the VM with the low byte as exit status; 0xFE to port 0x64 is a
-//! reset; the console is the UART at 0x3f8. Not implemented: multiple vCPUs, PCI
+//! Payload/VMM contract: the payload is entered in 64-bit mode at its ELF entry with
+//! `rdi` = RAM size and `rsi` = its command line ([`VmConfig::cmdline`]); a write to port
+//! 0xf4 ends the VM with the low byte as exit status; 0xFE to port 0x64 is a reset; the
+//! console is the UART at 0x3f8. A Linux guest ends the same way: nestio's guest /init
+//! writes its status to 0xf4 before rebooting (`reboot=k`: 0xFE to port 0x64); a reset
+//! without a status ends the VM with status 0. A Linux kernel panic or a power-off
+//! (no ACPI) leaves the vCPU halted; stop it with SIGINT or [`VmHandle::stop`]. Not implemented: multiple vCPUs, PCI
 //! bridges and multi-function devices, expansion ROMs, the MSI pending-bits register,
 //! hot-plug.
 //!
@@ -46,7 +50,8 @@ pub use cpu::CpuModel;
 pub use serial::ConsoleOutput;
 pub use vcpu::StopReason;
 pub use vm::{
-    parse_size, run, ConfigError, DeviceConfig, Vm, VmConfig, VmError, VmHandle, VmReport,
+    default_linux_cmdline, parse_size, run, Boot, ConfigError, DeviceConfig, Vm, VmConfig, VmError,
+    VmHandle, VmReport,
 };
 
 /// Paths of the guest payloads built with this crate (by build.rs).

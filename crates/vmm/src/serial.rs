@@ -16,6 +16,9 @@ pub const SERIAL_PORTS: u64 = 8;
 /// ISA IRQ (GSI) of the port.
 pub const SERIAL_GSI: u32 = 4;
 
+/// A function receiving console bytes ([`ConsoleOutput::Callback`]).
+pub type ConsoleFn = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// Where the console output goes.
 #[derive(Clone, Default)]
 pub enum ConsoleOutput {
@@ -26,6 +29,9 @@ pub enum ConsoleOutput {
     Sink,
     /// Appended to a shared buffer (tests, embedding).
     Buffer(Arc<Mutex<Vec<u8>>>),
+    /// Handed to a function as the guest writes it (called on the vCPU thread, one
+    /// call per byte written to the UART; it must not block for long).
+    Callback(ConsoleFn),
 }
 
 impl std::fmt::Debug for ConsoleOutput {
@@ -34,6 +40,7 @@ impl std::fmt::Debug for ConsoleOutput {
             ConsoleOutput::Stdout => "Stdout",
             ConsoleOutput::Sink => "Sink",
             ConsoleOutput::Buffer(_) => "Buffer",
+            ConsoleOutput::Callback(_) => "Callback",
         })
     }
 }
@@ -52,6 +59,7 @@ impl Write for Out {
             }
             ConsoleOutput::Sink => {}
             ConsoleOutput::Buffer(b) => b.lock().unwrap_or_else(|e| e.into_inner()).extend(buf),
+            ConsoleOutput::Callback(f) => f(buf),
         }
         Ok(buf.len())
     }
@@ -132,6 +140,16 @@ mod tests {
         let mut lsr = [0u8];
         s.read(5, &mut lsr).unwrap();
         assert_ne!(lsr[0] & 0x20, 0, "THR empty");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let cb = SerialConsole::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ConsoleOutput::Callback(Arc::new(move |b: &[u8]| {
+                sink.lock().unwrap().extend_from_slice(b)
+            })),
+        );
+        cb.write(0, b"x").unwrap();
+        assert_eq!(&*seen.lock().unwrap(), b"x");
         let mut wide = [0u8; 2];
         s.read(0, &mut wide).unwrap();
         assert_eq!(wide, [0xff, 0xff], "16-bit access is not a UART access");

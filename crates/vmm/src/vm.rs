@@ -1,6 +1,19 @@
 //! Building and running a VM: KVM, memfd RAM, in-kernel irqchip, buses, console, PCI,
-//! assigned devices, the CPU model, the payload; then the vCPU thread and the control
-//! loop that watches for SIGINT, stop requests and dead devices.
+//! assigned devices, the CPU model, what to boot ([`Boot`]); then the vCPU thread and
+//! the control loop that watches for SIGINT, stop requests and dead devices.
+//!
+//! Two kinds of guest ([`Boot`]): a `no_std` payload entered in 64-bit mode (see the
+//! crate documentation), or a Linux kernel ([`crate::linux`]). For Linux the machine
+//! also gets what the kernel expects of a PC without firmware tables beyond the MP
+//! table: CPUID with the TSC-deadline timer ([`crate::linux::platform::linux_cpuid`]),
+//! PCI INTx on 8259 lines marked level-triggered in the ELCR
+//! ([`crate::pci::IntxRouting::Pic`]; the line is in each device's interrupt-line
+//! register and in the MP table), and the kernel loaded with its initrd and command
+//! line. Both kinds share the rest: the in-kernel PIC/IOAPIC/LAPIC and PIT, the 16550
+//! at 0x3f8 on IRQ 4, the keyboard controller's status port 0x64 (reads 0: "input
+//! buffer empty", so Linux's `reboot=k` writes its 0xFE reset at once), port 0x80
+//! (POST codes / I/O delay: ignored), the debug-exit port 0xf4 (the exit status) and
+//! the PCI host bridge 00:00.0 with BARs assigned below 4 GiB.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,10 +26,13 @@ use nestio_device::VfioDevice;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError};
-use crate::bus::{Bus, BusError, BusRange};
+use crate::bus::{Bus, BusDevice, BusError, BusFault, BusRange};
 use crate::cpu::{CpuModel, CpuState, HostSplitLockPolicy};
+use crate::linux::mptable::PciIntxRoute;
+use crate::linux::platform::{self, PlatformError};
+use crate::linux::{LinuxBootError, LinuxLayout};
 use crate::memory::{GuestRam, MemoryError};
-use crate::pci::{PciError, PciRoot};
+use crate::pci::{IntxRouting, PciError, PciRoot};
 use crate::serial::{self, ConsoleOutput, SerialConsole};
 use crate::vcpu::{ExitStats, StopReason, Vcpu, VcpuContext, VcpuError, VcpuSnapshot};
 
@@ -85,11 +101,33 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
         .ok_or_else(|| ConfigError::Size(s.into()))
 }
 
+/// What the VM boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boot {
+    /// A `no_std` guest payload (static x86-64 ELF, linked at or above 2 MiB), entered
+    /// in 64-bit mode with `rdi` = RAM size, `rsi` = [`VmConfig::cmdline`].
+    Payload(PathBuf),
+    /// A Linux kernel (`vmlinux` with a PVH note, or a `bzImage`), with an optional
+    /// initrd; [`VmConfig::cmdline`] is the kernel command line.
+    Linux {
+        /// The kernel image.
+        kernel: PathBuf,
+        /// The initial RAM disk (an uncompressed or compressed cpio archive).
+        initrd: Option<PathBuf>,
+    },
+}
+
+/// The default kernel command line of `nestio run --kernel`: the platform's base line
+/// plus the nestio guest init's ping mode (see `linux/README.md`).
+pub fn default_linux_cmdline() -> String {
+    format!("{} nestio.mode=ping", platform::BASE_CMDLINE)
+}
+
 /// Everything `nestio run` needs.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    /// The guest payload (static x86-64 ELF, linked at or above 2 MiB).
-    pub payload: PathBuf,
+    /// What to boot.
+    pub boot: Boot,
     /// RAM size in bytes (multiple of 2 MiB, 4 MiB ..= 3 GiB).
     pub memory: u64,
     /// Assigned devices, in PCI slot order (00:01.0, 00:02.0, ...).
@@ -100,21 +138,37 @@ pub struct VmConfig {
     pub console: ConsoleOutput,
     /// Stop cleanly on SIGINT (the CLI sets this; embedders may handle signals themselves).
     pub handle_sigint: bool,
-    /// A command line for the payload (at most 4095 bytes; `nestio_guest::cmdline()`).
+    /// The payload's command line (at most 4095 bytes; `nestio_guest::cmdline()`), or
+    /// the Linux kernel command line (at most 2047 bytes for a vmlinux).
     pub cmdline: String,
 }
 
 impl VmConfig {
-    /// A config with defaults: 64 MiB, no devices, default CPU, console on stdout.
+    /// A payload config with defaults: 64 MiB, no devices, default CPU, console on
+    /// stdout, empty command line.
     pub fn new(payload: impl Into<PathBuf>) -> Self {
         VmConfig {
-            payload: payload.into(),
+            boot: Boot::Payload(payload.into()),
             memory: 64 << 20,
             devices: Vec::new(),
             cpu: CpuModel::default(),
             console: ConsoleOutput::Stdout,
             handle_sigint: false,
             cmdline: String::new(),
+        }
+    }
+
+    /// A Linux config with defaults: 128 MiB, no devices, default CPU, console on
+    /// stdout, [`default_linux_cmdline`].
+    pub fn linux(kernel: impl Into<PathBuf>, initrd: Option<PathBuf>) -> Self {
+        VmConfig {
+            boot: Boot::Linux {
+                kernel: kernel.into(),
+                initrd,
+            },
+            memory: 128 << 20,
+            cmdline: default_linux_cmdline(),
+            ..VmConfig::new(PathBuf::new())
         }
     }
 }
@@ -139,6 +193,12 @@ pub enum VmError {
     /// Loading / machine setup.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// Loading a Linux kernel.
+    #[error(transparent)]
+    Linux(#[from] LinuxBootError),
+    /// Platform settings for a Linux guest.
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
     /// Bus layout.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
@@ -222,6 +282,38 @@ pub struct Vm {
 
 /// Port range of the PCI configuration mechanism #1.
 const PCI_CONFIG_PORT: u64 = 0xcf8;
+/// POST code / I/O delay port.
+const POST_PORT: u64 = 0x80;
+
+/// The keyboard controller's status port (0x64): reads 0 (output buffer empty, input
+/// buffer empty), so a guest waiting to send a command (Linux `reboot=k` polls bit 1
+/// before writing 0xFE) goes on at once; the 0xFE write itself is the vCPU's reset
+/// exit. Other writes are ignored.
+struct KeyboardStatus;
+
+impl BusDevice for KeyboardStatus {
+    fn read(&self, _offset: u64, data: &mut [u8]) -> Result<(), BusFault> {
+        data.fill(0);
+        Ok(())
+    }
+    fn write(&self, _offset: u64, _data: &[u8]) -> Result<(), BusFault> {
+        Ok(())
+    }
+}
+
+/// Port 0x80: POST codes and Linux's I/O delay writes; ignored (logged at trace level).
+struct PostCode;
+
+impl BusDevice for PostCode {
+    fn read(&self, _offset: u64, data: &mut [u8]) -> Result<(), BusFault> {
+        data.fill(0xff);
+        Ok(())
+    }
+    fn write(&self, _offset: u64, data: &[u8]) -> Result<(), BusFault> {
+        tracing::trace!(code = ?data, "port 0x80");
+        Ok(())
+    }
+}
 /// KVM's TSS area (Intel needs it below 4 GiB, outside RAM).
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 /// The CPU model MSR filter and bus-lock exits.
@@ -309,7 +401,19 @@ impl Vm {
             Arc::new(SerialConsole::new(serial_irq, cfg.console.clone())),
         )?;
 
-        let pci = PciRoot::new(vm.clone(), pio.clone(), mmio.clone())?;
+        pio.insert(
+            BusRange::new(u64::from(crate::vcpu::RESET_PORT), 1)?,
+            Arc::new(KeyboardStatus),
+        )?;
+        pio.insert(BusRange::new(POST_PORT, 1)?, Arc::new(PostCode))?;
+
+        let is_linux = matches!(cfg.boot, Boot::Linux { .. });
+        let intx = if is_linux {
+            IntxRouting::Pic
+        } else {
+            IntxRouting::Ioapic
+        };
+        let pci = PciRoot::with_intx(vm.clone(), pio.clone(), mmio.clone(), intx)?;
         pio.insert(BusRange::new(PCI_CONFIG_PORT, 8)?, pci.config_io())?;
         mmio.insert(
             BusRange::new(crate::pci::ECAM_BASE, crate::pci::ECAM_SIZE)?,
@@ -327,17 +431,40 @@ impl Vm {
         }
 
         let mem = ram.memory().clone();
-        boot::write_tables(&mem)?;
-        boot::write_cmdline(&mem, &cfg.cmdline)?;
-        let entry = boot::load_elf(&mem, &cfg.payload)?;
-
         let fd = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let mut cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         cfg.cpu.apply_cpuid(&mut cpuid);
-        fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        boot::setup_vcpu(&fd, entry, ram.size())?;
+        match &cfg.boot {
+            Boot::Payload(payload) => {
+                boot::write_tables(&mem)?;
+                boot::write_cmdline(&mem, &cfg.cmdline)?;
+                let entry = boot::load_elf(&mem, payload)?;
+                fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+                boot::setup_vcpu(&fd, entry, ram.size())?;
+            }
+            Boot::Linux { kernel, initrd } => {
+                let routes = linux_intx_routes(&pci)?;
+                let lines: Vec<u8> = routes.iter().map(|r| r.irq).collect();
+                platform::set_pic_level_triggered(&vm, &lines)?;
+                let layout = LinuxLayout {
+                    pci_intx: routes,
+                    ..LinuxLayout::default()
+                };
+                let lb = crate::linux::load_linux(
+                    &mem,
+                    ram.size(),
+                    kernel,
+                    initrd.as_deref(),
+                    &cfg.cmdline,
+                    &layout,
+                )?;
+                platform::linux_cpuid(&mut cpuid)?;
+                fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+                lb.setup_vcpu(&fd)?;
+            }
+        }
 
         let run_size = kvm
             .get_vcpu_mmap_size()
@@ -461,6 +588,23 @@ impl Vm {
     pub fn cpu_state(&self) -> Option<CpuState> {
         self.vcpu.as_ref().map(|v| v.cpu_state())
     }
+}
+
+/// The MP-table routes of the assigned devices' INTx lines (8259 lines under
+/// [`IntxRouting::Pic`]).
+fn linux_intx_routes(pci: &PciRoot) -> Result<Vec<PciIntxRoute>, VmError> {
+    let mut routes = Vec::new();
+    for d in pci.devices() {
+        let Some(gsi) = d.intx_gsi() else { continue };
+        let irq = u8::try_from(gsi).map_err(|_| {
+            LinuxBootError::Layout(format!("INTx GSI {gsi} of {} is not an ISA line", d.name()))
+        })?;
+        routes.push(
+            PciIntxRoute::new(d.slot(), d.intx_pin(), irq)
+                .map_err(|e| LinuxBootError::Layout(e.to_string()))?,
+        );
+    }
+    Ok(routes)
 }
 
 fn set_sigint_handler(handler: usize) -> usize {

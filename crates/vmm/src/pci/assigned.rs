@@ -154,6 +154,7 @@ pub struct AssignedDevice {
     state: Mutex<State>,
     lost: Mutex<Option<String>>,
     intx_gsi: Option<u32>,
+    intx_pin: u8,
     stop: Option<EventFd>,
 }
 
@@ -413,7 +414,7 @@ impl AssignedDevice {
             .map(|i| i.count >= 1)
             .unwrap_or(false);
         if (1..=4).contains(&pin) && intx_ok {
-            let gsi = 16 + (slot as u32 + pin as u32 - 1) % 8;
+            let gsi = root.intx_routing().gsi(slot, pin);
             let (trigger, resample) = (
                 EventFd::new(libc::EFD_NONBLOCK).map_err(|e| derr(e.to_string()))?,
                 EventFd::new(libc::EFD_NONBLOCK).map_err(|e| derr(e.to_string()))?,
@@ -506,6 +507,7 @@ impl AssignedDevice {
             state: Mutex::new(st),
             lost: Mutex::new(None),
             intx_gsi,
+            intx_pin: pin,
             stop,
         });
         Ok(d)
@@ -529,6 +531,11 @@ impl AssignedDevice {
     /// GSI of INTx, if wired.
     pub fn intx_gsi(&self) -> Option<u32> {
         self.intx_gsi
+    }
+
+    /// INTx pin from configuration space (1 = INTA .. 4 = INTD; 0: none).
+    pub fn intx_pin(&self) -> u8 {
+        self.intx_pin
     }
 
     /// Where BAR `index` is mapped now (None: not decoded).

@@ -35,6 +35,34 @@ pub const PIO_WINDOW: (u64, u64) = (0xc000, 0x1_0000);
 pub const MSI_GSI_BASE: u32 = 24;
 /// GSI limit we use (KVM allows at least 1024).
 pub const MAX_GSI: u32 = 1024;
+/// The 8259 lines PCI INTx uses under [`IntxRouting::Pic`] (all level-capable on the
+/// 8259 ELCR), by `(slot + pin - 2) % 4`: 00:01.0 INTA gets 11.
+pub const PIC_INTX_LINES: [u8; 4] = [11, 10, 9, 5];
+
+/// Which interrupt lines PCI INTx is wired to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IntxRouting {
+    /// I/O APIC pins 16..24 (`16 + (slot + pin - 1) % 8`), for guests that program the
+    /// I/O APIC themselves (the `no_std` payloads).
+    #[default]
+    Ioapic,
+    /// ISA lines that both the 8259 pair and the I/O APIC see ([`PIC_INTX_LINES`]),
+    /// for a Linux guest booted with `noapic`: it takes the line from the
+    /// configuration-space interrupt-line register and never reprograms the ELCR, so
+    /// the VMM marks these lines level-triggered.
+    Pic,
+}
+
+impl IntxRouting {
+    /// The GSI that INTx pin `pin` (1..=4) of device `slot` raises.
+    pub fn gsi(self, slot: u8, pin: u8) -> u32 {
+        let (slot, pin) = (u32::from(slot), u32::from(pin.clamp(1, 4)));
+        match self {
+            IntxRouting::Ioapic => 16 + (slot + pin - 1) % 8,
+            IntxRouting::Pic => u32::from(PIC_INTX_LINES[((slot + pin + 2) % 4) as usize]),
+        }
+    }
+}
 
 /// Errors of PCI wiring.
 #[derive(Debug, thiserror::Error)]
@@ -147,11 +175,22 @@ pub struct PciRoot {
     devices: Mutex<Vec<Arc<AssignedDevice>>>,
     shared: Mutex<Shared>,
     config_address: Mutex<u32>,
+    intx: IntxRouting,
 }
 
 impl PciRoot {
-    /// An empty bus with the host bridge.
+    /// An empty bus with the host bridge; INTx on I/O APIC pins.
     pub fn new(vm: Arc<VmFd>, pio: Arc<Bus>, mmio: Arc<Bus>) -> Result<Arc<Self>, PciError> {
+        Self::with_intx(vm, pio, mmio, IntxRouting::Ioapic)
+    }
+
+    /// An empty bus with the host bridge and the given INTx wiring.
+    pub fn with_intx(
+        vm: Arc<VmFd>,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        intx: IntxRouting,
+    ) -> Result<Arc<Self>, PciError> {
         let root = Arc::new(PciRoot {
             vm,
             pio,
@@ -172,6 +211,7 @@ impl PciRoot {
                 msi_routes: BTreeMap::new(),
             }),
             config_address: Mutex::new(0),
+            intx,
         });
         root.functions
             .lock()
@@ -275,6 +315,11 @@ impl PciRoot {
             }
             _ => Ok(()),
         }
+    }
+
+    /// How INTx is wired.
+    pub fn intx_routing(&self) -> IntxRouting {
+        self.intx
     }
 
     pub(crate) fn vm(&self) -> &Arc<VmFd> {
@@ -522,6 +567,23 @@ mod tests {
             end: u64::MAX,
         };
         assert_eq!(w.alloc(1 << 63), None);
+    }
+
+    #[test]
+    fn intx_lines() {
+        assert_eq!(IntxRouting::Ioapic.gsi(1, 1), 17);
+        assert_eq!(IntxRouting::Ioapic.gsi(7, 2), 16);
+        assert_eq!(IntxRouting::Pic.gsi(1, 1), 11);
+        assert_eq!(IntxRouting::Pic.gsi(2, 1), 10);
+        assert_eq!(IntxRouting::Pic.gsi(1, 4), 5);
+        assert_eq!(IntxRouting::Pic.gsi(4, 1), 5);
+        assert_eq!(IntxRouting::Pic.gsi(5, 1), 11);
+        for slot in 1..32 {
+            for pin in 1..=4 {
+                let g = IntxRouting::Pic.gsi(slot, pin) as u8;
+                assert!(crate::linux::platform::can_be_level(g), "{slot}/{pin}: {g}");
+            }
+        }
     }
 
     #[test]
