@@ -13,13 +13,18 @@
 //!   ([`NestedGuests::h_copy_tofrom_guest`]) and plain Rust-buffer forms for `nestio inspect`.
 //! - [`dma`]: [`NestedDma`], the DMA space of a device assigned to a nested guest, which
 //!   can only reach that guest's window.
+//! - [`export`]: [`ExportedDevice`], a device passed on to the next level (maps checked
+//!   against the child's window and re-issued in this level's terms, interrupts fd-to-fd).
+//! - [`stack`]: a whole stack of exporting levels in one process, and [`bench_depths`].
 //! - [`fuzz`]: [`fuzz_walk`], the fuzzing entry point.
 
 pub mod copy;
 pub mod dma;
+pub mod export;
 pub mod fuzz;
 pub mod level;
 pub mod memory;
+pub mod stack;
 pub mod walk;
 
 pub use copy::{
@@ -27,9 +32,11 @@ pub use copy::{
     MAX_COPY_LEN, PHYSICAL_PID,
 };
 pub use dma::{nested_dma_space, NestedDma};
+pub use export::{ExportConfig, ExportError, ExportStats, ExportedDevice, LevelRam, RamRegion};
 pub use fuzz::fuzz_walk;
 pub use level::{Level, LevelError, LevelId, Levels, Window, MAX_DEPTH};
 pub use memory::{DmaMemory, GuestPhysMemory, MemError, MmapMemory};
+pub use stack::{bench_depths, DepthRow, NestedStack, RoundTrip, StackConfig, StackError};
 pub use walk::{
     walk, AccessKind, AccessMode, Cr3, FaultReason, PageSize, PtLevel, Translation, WalkError,
 };

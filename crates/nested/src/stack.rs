@@ -1,0 +1,413 @@
+//! A whole nesting stack in one process: the device's level 0 served on a socket, one
+//! [`ExportedDevice`] per intermediate level served over vfio-user, and the innermost
+//! level's client; plus [`bench_depths`], which measures how costs grow with depth.
+//!
+//! Memory layout (all levels share one memfd, as nested guests' RAM is a piece of their
+//! parent's RAM): level k's RAM is GPA `g_k..g_k+r_k` at file offsets `0..r_k`, where the
+//! innermost level's `g` is [`StackConfig::inner_gpa`] and each level further out adds
+//! [`StackConfig::step`] (`g_k = g_{k+1} + step`), and each level further in loses
+//! [`StackConfig::shrink`] bytes of RAM (`r_{k+1} = r_k - shrink`). The child's window is
+//! therefore `[step, g_k + r_{k+1})` of its parent: a non-trivial translation, and the top
+//! `shrink` bytes of every parent's RAM are outside the child's reach.
+//!
+//! Each level is connected by a socketpair; [`NestedStack::kill_level`] closes a level's
+//! socket and drops its exporter (a level going away). Depth d means the innermost
+//! guest is level d: depth 1 is a plain client of the device, depth 2 has one exporter.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nestio_device::{pci_index, VfioDevice};
+use nestio_vfio_user::{Client, ClientConfig, Server, ServerConfig};
+
+use crate::export::{ExportConfig, ExportError, ExportedDevice, LevelRam, RamRegion};
+use crate::level::{LevelError, LevelId, Window};
+
+/// Errors building a stack or benchmarking it.
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    /// The layout does not fit.
+    #[error("bad stack layout: {0}; give more RAM or fewer levels")]
+    Layout(String),
+    /// A window is malformed.
+    #[error(transparent)]
+    Level(#[from] LevelError),
+    /// An exporter could not be built.
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    /// A socket or memfd failed.
+    #[error("I/O error building the stack: {0}")]
+    Io(#[from] std::io::Error),
+    /// A vfio-user connection failed.
+    #[error("cannot connect level {level}: {reason}")]
+    Connect {
+        /// Level.
+        level: u32,
+        /// Why.
+        reason: String,
+    },
+    /// The caller's workload failed.
+    #[error("benchmark workload at depth {depth} failed: {reason}")]
+    Workload {
+        /// Depth.
+        depth: u32,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Layout of a [`NestedStack`].
+#[derive(Debug, Clone, Copy)]
+pub struct StackConfig {
+    /// Level 1's RAM size (the whole memfd).
+    pub ram_size: u64,
+    /// GPA of file offset 0 in the innermost level.
+    pub inner_gpa: u64,
+    /// GPA shift between a level and its child.
+    pub step: u64,
+    /// RAM each level has less than its parent.
+    pub shrink: u64,
+    /// Level 1's exporter serves device DMA by copy instead of passing its RAM fd.
+    pub no_shared_memory: bool,
+}
+
+impl Default for StackConfig {
+    fn default() -> Self {
+        StackConfig {
+            ram_size: 8 << 20,
+            inner_gpa: 0x10_0000,
+            step: 1 << 20,
+            shrink: 1 << 20,
+            no_shared_memory: false,
+        }
+    }
+}
+
+struct LevelThread {
+    stream: UnixStream,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A device passed through `depth - 1` exporters. See the module documentation.
+pub struct NestedStack {
+    ram: Arc<OwnedFd>,
+    client: Option<Arc<Client>>,
+    exporters: Vec<Option<Arc<ExportedDevice>>>,
+    levels: Vec<LevelThread>,
+    regions: Vec<RamRegion>,
+    windows: Vec<Window>,
+    depth: u32,
+}
+
+fn memfd(size: u64) -> Result<Arc<OwnedFd>, StackError> {
+    // SAFETY: NUL-terminated literal name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"nestio-level1-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = libc::off_t::try_from(size)
+        .map_err(|_| StackError::Layout(format!("RAM size {size:#x} too large")))?;
+    // SAFETY: plain syscall on a valid fd.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(Arc::new(fd))
+}
+
+impl NestedStack {
+    /// Connect to the device served at `device_socket` (level 0) and pass it down to
+    /// level `depth` (>= 1) through `depth - 1` exporters.
+    pub fn build(
+        device_socket: &Path,
+        depth: u32,
+        cfg: StackConfig,
+    ) -> Result<NestedStack, StackError> {
+        if depth == 0 || depth > crate::level::MAX_DEPTH {
+            return Err(StackError::Layout(format!("depth {depth} out of 1..=64")));
+        }
+        let d = u64::from(depth);
+        cfg.shrink
+            .checked_mul(d - 1)
+            .filter(|s| *s < cfg.ram_size)
+            .ok_or_else(|| StackError::Layout("RAM too small for the shrink".into()))?;
+        let ram = memfd(cfg.ram_size)?;
+        // Level k (1-based) GPA of file offset 0 and RAM size.
+        let g = |k: u64| -> Option<u64> { cfg.step.checked_mul(d - k)?.checked_add(cfg.inner_gpa) };
+        let r = |k: u64| cfg.ram_size - cfg.shrink * (k - 1);
+        let mut regions = Vec::new();
+        for k in 1..=d {
+            let gk = g(k).ok_or_else(|| StackError::Layout("GPA overflow".into()))?;
+            regions.push(RamRegion::new(ram.clone(), gk, r(k), 0)?);
+        }
+        let mut windows = Vec::new();
+        for k in 1..d {
+            // Child k+1 in level k: [g_k - g_{k+1}, g_k + r_{k+1}).
+            let gk = regions[(k - 1) as usize].gpa();
+            let gc = regions[k as usize].gpa();
+            // g_k >= g_{k+1} by construction; the end is checked against overflow.
+            let base = gk - gc;
+            let size = gk
+                .checked_add(r(k + 1))
+                .map(|end| end - base)
+                .ok_or_else(|| StackError::Layout("window end overflows".into()))?;
+            windows.push(Window::new(base, size)?);
+        }
+        let stream = UnixStream::connect(device_socket).map_err(|e| StackError::Connect {
+            level: 1,
+            reason: format!("{}: {e}", device_socket.display()),
+        })?;
+        let mut client = Arc::new(
+            Client::from_stream(stream, ClientConfig::default()).map_err(|e| {
+                StackError::Connect {
+                    level: 1,
+                    reason: e.to_string(),
+                }
+            })?,
+        );
+        let mut exporters = Vec::new();
+        let mut levels = Vec::new();
+        for k in 1..d {
+            let exp = Arc::new(ExportedDevice::new(
+                client,
+                LevelRam::Shared(regions[(k - 1) as usize].clone()),
+                ExportConfig {
+                    window: windows[(k - 1) as usize],
+                    no_shared_memory: cfg.no_shared_memory && k == 1,
+                    child: LevelId::from_raw(k + 1).unwrap_or(LevelId::HOST),
+                },
+            )?);
+            let (srv_end, cli_end) = UnixStream::pair()?;
+            let keep = srv_end.try_clone()?;
+            let dev: Arc<dyn VfioDevice> = exp.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("nestio-level{k}-export"))
+                .spawn(move || {
+                    let server = Server::new(dev, ServerConfig::default());
+                    if let Err(e) = server.serve_stream(srv_end) {
+                        tracing::warn!(level = k, error = %e, "export session ended with an error");
+                    }
+                })?;
+            levels.push(LevelThread {
+                stream: keep,
+                thread: Some(thread),
+            });
+            exporters.push(Some(exp));
+            client = Arc::new(
+                Client::from_stream(cli_end, ClientConfig::default()).map_err(|e| {
+                    StackError::Connect {
+                        level: (k + 1) as u32,
+                        reason: e.to_string(),
+                    }
+                })?,
+            );
+        }
+        Ok(NestedStack {
+            ram,
+            client: Some(client),
+            exporters,
+            levels,
+            regions,
+            windows,
+            depth,
+        })
+    }
+
+    /// The innermost level's device.
+    pub fn client(&self) -> Arc<Client> {
+        self.client.clone().expect("client present until drop")
+    }
+    /// Depth of the innermost level.
+    pub fn depth(&self) -> u32 {
+        self.depth
+    }
+    /// The shared RAM file (level 1's RAM).
+    pub fn ram(&self) -> &Arc<OwnedFd> {
+        &self.ram
+    }
+    /// RAM region of `level` (1..=depth).
+    pub fn region(&self, level: u32) -> Option<&RamRegion> {
+        self.regions.get(level.checked_sub(1)? as usize)
+    }
+    /// Window of `level` (2..=depth) in its parent.
+    pub fn window(&self, level: u32) -> Option<Window> {
+        self.windows.get(level.checked_sub(2)? as usize).copied()
+    }
+    /// The exporter run by `level` (1..depth) for its child.
+    pub fn exporter(&self, level: u32) -> Option<&Arc<ExportedDevice>> {
+        self.exporters.get(level.checked_sub(1)? as usize)?.as_ref()
+    }
+    /// `level` (1..depth) goes away: its socket to the child closes and its exporter
+    /// (with its connection to the level below) is dropped.
+    pub fn kill_level(&mut self, level: u32) {
+        let Some(i) = level.checked_sub(1).map(|i| i as usize) else {
+            return;
+        };
+        if let Some(l) = self.levels.get_mut(i) {
+            let _ = l.stream.shutdown(std::net::Shutdown::Both);
+            if let Some(t) = l.thread.take() {
+                let _ = t.join();
+            }
+        }
+        if let Some(e) = self.exporters.get_mut(i) {
+            e.take();
+        }
+    }
+}
+
+impl Drop for NestedStack {
+    fn drop(&mut self) {
+        self.client.take();
+        for i in (0..self.levels.len()).rev() {
+            self.kill_level(i as u32 + 1);
+        }
+    }
+}
+
+/// One row of [`bench_depths`].
+#[derive(Debug, Clone, Copy)]
+pub struct DepthRow {
+    /// Depth of the innermost level.
+    pub depth: u32,
+    /// Best batch mean of one workload round trip (for the e1000: an ICMP echo), ns.
+    pub round_trip_ns: f64,
+    /// Best batch mean of one 4-byte config-space read, ns.
+    pub region_access_ns: f64,
+    /// `round_trip_ns` over the first row's.
+    pub round_trip_ratio: f64,
+    /// `region_access_ns` over the first row's.
+    pub region_ratio: f64,
+    /// Trapped region accesses per round trip (counted at level 1's exporter, so known
+    /// from depth 2 on; depth-1 rows take the value of the first deeper row).
+    pub accesses_per_round_trip: Option<f64>,
+    /// What is left of a round trip without its region accesses: DMA, interrupts, the
+    /// backend (`round_trip_ns - accesses_per_round_trip * region_access_ns`).
+    pub dma_irq_ns: Option<f64>,
+    /// `dma_irq_ns` over the first row's.
+    pub dma_irq_ratio: Option<f64>,
+}
+
+fn best_mean(
+    batches: u32,
+    per_batch: u32,
+    mut f: impl FnMut() -> Result<(), String>,
+) -> Result<f64, String> {
+    let mut best = f64::INFINITY;
+    for _ in 0..batches.max(1) {
+        let t = Instant::now();
+        for _ in 0..per_batch.max(1) {
+            f()?;
+        }
+        let ns = t.elapsed().as_nanos() as f64 / f64::from(per_batch.max(1));
+        best = best.min(ns);
+    }
+    Ok(best)
+}
+
+/// A workload run once per measured round trip.
+pub type RoundTrip = Box<dyn FnMut() -> Result<(), String>>;
+
+/// Measure, at each of `depths`, the caller's round trip (set up by `workload` on the
+/// stack's innermost device: e.g. attach a guest driver and return a closure doing one
+/// ping) and the cost of a trapped region access (config-space read), `iterations` per
+/// batch, best of 3 batches; prints and returns the rows with ratios to the first depth.
+pub fn bench_depths(
+    device_socket: &Path,
+    depths: &[u32],
+    iterations: u32,
+    cfg: StackConfig,
+    workload: &mut dyn FnMut(&NestedStack) -> Result<RoundTrip, String>,
+) -> Result<Vec<DepthRow>, StackError> {
+    let mut rows: Vec<DepthRow> = Vec::new();
+    for &depth in depths {
+        let stack = NestedStack::build(device_socket, depth, cfg)?;
+        let werr = |reason: String| StackError::Workload { depth, reason };
+        let mut rt = workload(&stack).map_err(werr)?;
+        for _ in 0..iterations.clamp(1, 10) {
+            rt().map_err(werr)?; // warm up
+        }
+        let count = |st: &NestedStack| {
+            st.exporter(1)
+                .map(|e| e.stats())
+                .map(|s| s.region_reads + s.region_writes)
+        };
+        let before = count(&stack);
+        let round_trip_ns = best_mean(3, iterations, &mut rt).map_err(werr)?;
+        let accesses = match (before, count(&stack)) {
+            (Some(b), Some(a)) => Some((a - b) as f64 / (3.0 * f64::from(iterations.max(1)))),
+            _ => None,
+        };
+        drop(rt);
+        let dev = stack.client();
+        let mut b = [0u8; 4];
+        let region_access_ns = best_mean(3, iterations.saturating_mul(4), || {
+            dev.region_read(pci_index::CONFIG, 0, &mut b)
+                .map_err(|e| e.to_string())
+        })
+        .map_err(werr)?;
+        drop(dev);
+        drop(stack);
+        let (rt0, ra0) = rows
+            .first()
+            .map(|r| (r.round_trip_ns, r.region_access_ns))
+            .unwrap_or((round_trip_ns, region_access_ns));
+        rows.push(DepthRow {
+            depth,
+            round_trip_ns,
+            region_access_ns,
+            round_trip_ratio: round_trip_ns / rt0,
+            region_ratio: region_access_ns / ra0,
+            accesses_per_round_trip: accesses,
+            dma_irq_ns: None,
+            dma_irq_ratio: None,
+        });
+    }
+    // Rows without an exporter (depth 1) run the same workload: borrow the count.
+    let known = rows.iter().find_map(|r| r.accesses_per_round_trip);
+    let mut base: Option<f64> = None;
+    for r in &mut rows {
+        r.accesses_per_round_trip = r.accesses_per_round_trip.or(known);
+        r.dma_irq_ns = r
+            .accesses_per_round_trip
+            .map(|a| (r.round_trip_ns - a * r.region_access_ns).max(0.0));
+        if base.is_none() {
+            base = r.dma_irq_ns;
+        }
+        r.dma_irq_ratio = match (r.dma_irq_ns, base) {
+            (Some(v), Some(b)) if b > 0.0 => Some(v / b),
+            _ => None,
+        };
+        println!(
+            "depth {}: round trip {:.1} us (x{:.2}), region access {:.1} us (x{:.2}), \
+             {:.1} region accesses per round trip, DMA+irq+backend {} (x{})",
+            r.depth,
+            r.round_trip_ns / 1e3,
+            r.round_trip_ratio,
+            r.region_access_ns / 1e3,
+            r.region_ratio,
+            r.accesses_per_round_trip.unwrap_or(f64::NAN),
+            r.dma_irq_ns
+                .map(|v| format!("{:.1} us", v / 1e3))
+                .unwrap_or_else(|| "n/a".into()),
+            r.dma_irq_ratio
+                .map(|v| format!("{v:.2}"))
+                .unwrap_or_else(|| "n/a".into()),
+        );
+    }
+    Ok(rows)
+}
+
+/// A fresh socket path in the temp directory for a level-0 server.
+pub fn socket_path(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("nestio-{tag}-{}-{n}.sock", std::process::id()))
+}
+
+/// How long [`bench_depths`] callers should allow one round trip (generous: CI is slow).
+pub const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(10);
