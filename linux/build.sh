@@ -41,6 +41,7 @@ command -v xz >/dev/null || need+=(xz-utils)
 [ -e /usr/include/gelf.h ] || need+=(libelf-dev)   # objtool
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev) # static /init
 [ -e "$TARBALL" ] || need+=(linux-source-6.1)
+[ -x /bin/busybox ] || need+=(busybox-static)          # `ping -c 3` in the guest
 if [ "${#need[@]}" -gt 0 ]; then
     [ "${NESTIO_LINUX_NO_INSTALL:-0}" = 1 ] && die "missing packages: ${need[*]} (install them or unset NESTIO_LINUX_NO_INSTALL)"
     [ "$(id -u)" = 0 ] || die "missing packages: ${need[*]}; run as root or: sudo apt-get install -y ${need[*]}"
@@ -123,7 +124,9 @@ fi
 
 # --- 5. /init and the initramfs ------------------------------------------------------
 INIT_C="$HERE/init/init.c"
-want_init="$(hash_of "$INIT_C")"
+BUSYBOX=/bin/busybox
+[ -x "$BUSYBOX" ] || die "$BUSYBOX is missing (apt-get install busybox-static)"
+want_init="$( (hash_of "$INIT_C"; sha256sum "$BUSYBOX"; echo busybox-v1) | sha256sum | cut -d' ' -f1)"
 if [ "$want_init" != "$(cat "$OUT/initramfs.hash" 2>/dev/null || true)" ] || [ ! -e "$OUT/initramfs.cpio" ]; then
     log "building /init and the initramfs"
     gcc -static -O2 -Wall -Wextra -Werror -o "$OUT/init" "$INIT_C"
@@ -137,6 +140,10 @@ dir /proc 0555 0 0
 dir /sys 0555 0 0
 dir /tmp 01777 0 0
 file /init $OUT/init 0755 0 0
+dir /bin 0755 0 0
+file /bin/busybox $BUSYBOX 0755 0 0
+slink /bin/ping busybox 0777 0 0
+slink /bin/sh busybox 0777 0 0
 EOF
     # Uncompressed: unpacking gzip in the guest costs ~30 s on an emulating host.
     "$OUT/gen_init_cpio" "$OUT/initramfs.list" > "$OUT/initramfs.cpio.new"

@@ -13,6 +13,9 @@
  *   nestio.gw=IP         default gateway        (default 10.0.2.2; "none" for no route)
  *   nestio.iface=NAME    interface              (default eth0)
  *   nestio.count=N       echo requests          (default 3)
+ *   nestio.ping=builtin|busybox   who pings: this program (default) or busybox's
+ *                        `ping -c COUNT TARGET` (/bin/busybox in the initramfs; one
+ *                        fork+exec more)
  *   nestio.timeout=MS    wait for each reply    (default 5000)
  *   nestio.end=reboot|poweroff|halt             (default reboot: with reboot=k the
  *                        kernel writes 0xfe to port 0x64, which ends the VM)
@@ -25,6 +28,7 @@
  *   NESTIO-INIT: start ...        userspace runs
  *   NESTIO-NET: eth0 up ...       interface configured (carrier seen or not)
  *   NESTIO-PING: ok 3/3           all echo requests answered ("fail N/M" otherwise)
+ *   NESTIO-PING: busybox exit S   busybox ping ended with status S (0: replies came)
  *   NESTIO-ANSWER: waiting for N echo requests   (nestio.answer=N) ping me now
  *   NESTIO-ANSWER: ok N/N         the kernel answered them ("fail K/N" on timeout)
  *   NESTIO-INIT: exit STATUS      just before the VM is ended
@@ -56,6 +60,7 @@
 #include <sys/reboot.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -72,6 +77,7 @@ struct config {
 	char end[16];
 	int answer;
 	int wait_ms;
+	int busybox_ping;
 };
 
 static double uptime(void)
@@ -165,6 +171,7 @@ static void defaults(struct config *c)
 	copy_word(c->end, sizeof(c->end), "reboot");
 	c->answer = 0;
 	c->wait_ms = 60000;
+	c->busybox_ping = 0;
 }
 
 /* Apply one `key=value` word; unknown nestio.* keys are reported, others ignored. */
@@ -202,6 +209,13 @@ static void apply_word(struct config *c, const char *word)
 		bad = parse_int(v, 1, 1000000, &c->count);
 	} else if (KEY("nestio.timeout")) {
 		bad = parse_int(v, 1, 3600000, &c->timeout_ms);
+	} else if (KEY("nestio.ping")) {
+		if (strcmp(v, "builtin") == 0)
+			c->busybox_ping = 0;
+		else if (strcmp(v, "busybox") == 0)
+			c->busybox_ping = 1;
+		else
+			bad = 1;
 	} else if (KEY("nestio.answer")) {
 		bad = parse_int(v, 0, 1000000, &c->answer);
 	} else if (KEY("nestio.wait")) {
@@ -597,6 +611,38 @@ static int shell(const struct config *c)
 	}
 }
 
+/* ---- busybox ping ------------------------------------------------------------- */
+
+/* Run `busybox ping -c COUNT -W SECS TARGET`; returns its exit status (-1: could not run). */
+static int busybox_ping(const struct config *c)
+{
+	char count[16], wait_s[16], target[INET_ADDRSTRLEN];
+	char *argv[] = { "ping", "-c", count, "-W", wait_s, target, NULL };
+	int st;
+	pid_t pid;
+
+	snprintf(count, sizeof(count), "%d", c->count);
+	snprintf(wait_s, sizeof(wait_s), "%d", (c->timeout_ms + 999) / 1000);
+	if (!inet_ntop(AF_INET, &c->target, target, sizeof(target)))
+		return -1;
+	say("NESTIO-PING: running busybox ping -c %s %s\n", count, target);
+	pid = fork();
+	if (pid < 0) {
+		say("NESTIO-PING: fork: %s\n", strerror(errno));
+		return -1;
+	}
+	if (pid == 0) {
+		execv("/bin/busybox", argv);
+		say("NESTIO-PING: exec /bin/busybox: %s\n", strerror(errno));
+		_exit(127);
+	}
+	while (waitpid(pid, &st, 0) < 0) {
+		if (errno != EINTR)
+			return -1;
+	}
+	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
 /* ---- the end ----------------------------------------------------------------- */
 
 static void end_vm(const struct config *c, int status)
@@ -648,6 +694,12 @@ int main(void)
 	}
 	if (strcmp(c.mode, "shell") == 0) {
 		status = shell(&c);
+	} else if (c.busybox_ping) {
+		int st = busybox_ping(&c);
+
+		say("NESTIO-PING: busybox exit %d\n", st);
+		if (st != 0)
+			status = 1;
 	} else {
 		int got = ping(c.target, c.count, c.timeout_ms);
 

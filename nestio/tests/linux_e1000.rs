@@ -279,6 +279,41 @@ fn linux_e1000_pings_user_gateway_through_device_process() {
     drop(dev);
 }
 
+/// The issue's own words: `ping -c 3 10.0.2.2` (busybox's ping, exec'd by init) gets
+/// 3 replies through Linux's e1000 driver.
+#[test]
+fn linux_e1000_busybox_ping_c3_gets_three_replies() {
+    let test = "linux_e1000_busybox_ping_c3_gets_three_replies";
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((kernel, initrd)) = guest_linux(test) else {
+        return;
+    };
+    let dev = device("user", None, "bbping");
+    let socket = dev.socket.clone().unwrap_or_default();
+    let cmdline = format!(
+        "{} nestio.mode=ping nestio.ping=busybox",
+        nestio_vmm::linux::platform::BASE_CMDLINE
+    );
+    let guest = Guest::start(&kernel, &initrd, &socket, Some(&cmdline));
+    let (status, console) = guest.finish();
+    let text = console.join("\n");
+    assert_eq!(status, Some(0), "nestio run's exit status; console:\n{text}");
+    assert!(text.contains("NESTIO-PING: running busybox ping -c 3 10.0.2.2"), "{text}");
+    for seq in 0..3 {
+        assert!(
+            text.contains(&format!("bytes from 10.0.2.2: seq={seq} ")),
+            "busybox reply {seq} missing:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("3 packets transmitted, 3 packets received, 0% packet loss"),
+        "{text}"
+    );
+    assert!(text.contains("NESTIO-PING: busybox exit 0"), "{text}");
+    check_console(&console);
+    drop(dev);
+}
+
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(args)
