@@ -765,19 +765,9 @@ impl Session<'_> {
                 Ok(())
             }
             feature::DMA_LOGGING_START => {
-                if !logging {
-                    return Err(libc::ENOTTY);
-                }
-                // SET-only: a GET (probed or not) is refused.
-                if get {
-                    return Err(libc::EINVAL);
-                }
-                if probe {
+                if set_only_feature(logging, get, probe, set)? {
                     head(&mut self.out, 0);
                     return Ok(());
-                }
-                if !set {
-                    return Err(libc::EINVAL);
                 }
                 // The reply repeats the control data: argsz must have room for it.
                 if room < DeviceFeature::SIZE + f.data.len() {
@@ -812,19 +802,9 @@ impl Session<'_> {
                 Ok(())
             }
             feature::DMA_LOGGING_STOP => {
-                if !logging {
-                    return Err(libc::ENOTTY);
-                }
-                // SET-only.
-                if get {
-                    return Err(libc::EINVAL);
-                }
-                if probe {
+                if set_only_feature(logging, get, probe, set)? {
                     head(&mut self.out, 0);
                     return Ok(());
-                }
-                if !set {
-                    return Err(libc::EINVAL);
                 }
                 dev.dma_logging_stop().map_err(dev_err)?;
                 head(&mut self.out, 0);
@@ -982,4 +962,23 @@ impl DmaPeer for SessionPeer {
         }
         Ok(())
     }
+}
+
+/// Checks of a SET-only feature (DMA logging start/stop): ENOTTY when the device lacks
+/// it, EINVAL for a GET (probed or not) or for neither SET nor PROBE. `Ok(true)`: a probe
+/// that succeeded (the caller answers it); `Ok(false)`: go on with the SET.
+fn set_only_feature(supported: bool, get: bool, probe: bool, set: bool) -> Result<bool, i32> {
+    if !supported {
+        return Err(libc::ENOTTY);
+    }
+    if get {
+        return Err(libc::EINVAL);
+    }
+    if probe {
+        return Ok(true);
+    }
+    if !set {
+        return Err(libc::EINVAL);
+    }
+    Ok(false)
 }
