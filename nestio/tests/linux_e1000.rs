@@ -297,8 +297,15 @@ fn linux_e1000_busybox_ping_c3_gets_three_replies() {
     let guest = Guest::start(&kernel, &initrd, &socket, Some(&cmdline));
     let (status, console) = guest.finish();
     let text = console.join("\n");
-    assert_eq!(status, Some(0), "nestio run's exit status; console:\n{text}");
-    assert!(text.contains("NESTIO-PING: running busybox ping -c 3 10.0.2.2"), "{text}");
+    assert_eq!(
+        status,
+        Some(0),
+        "nestio run's exit status; console:\n{text}"
+    );
+    assert!(
+        text.contains("NESTIO-PING: running busybox ping -c 3 10.0.2.2"),
+        "{text}"
+    );
     for seq in 0..3 {
         assert!(
             text.contains(&format!("bytes from 10.0.2.2: seq={seq} ")),
@@ -314,32 +321,7 @@ fn linux_e1000_busybox_ping_c3_gets_three_replies() {
     drop(dev);
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// Deletes the network namespace (and the tap inside it) on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = ip(&["netns", "del", &self.0]) {
-            eprintln!("warning: netns cleanup failed: {e}");
-        }
-    }
-}
+use nestio_net::netns::{ip, Netns};
 
 #[test]
 fn linux_e1000_tap_pings_both_ways_in_netns() {

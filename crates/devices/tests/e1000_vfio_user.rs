@@ -198,32 +198,7 @@ fn e1000_vfio_user_message_dma_main_socket_idle_client() {
     );
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// Deletes the network namespace (and the tap inside it) on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = ip(&["netns", "del", &self.0]) {
-            eprintln!("warning: netns cleanup failed: {e}");
-        }
-    }
-}
+use nestio_net::netns::{ip, Netns};
 
 #[test]
 fn e1000_vfio_user_tap_kernel_answers_in_netns() {

@@ -18,6 +18,7 @@
 use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
+pub mod netns;
 pub mod packet;
 pub mod pcap;
 pub mod tap;

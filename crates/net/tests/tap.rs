@@ -14,39 +14,13 @@ use nestio_net::packet::ipv4::{Ipv4Packet, PROTO_ICMP};
 use nestio_net::packet::MacAddr;
 use nestio_net::{NetBackend, TapBackend};
 use std::net::Ipv4Addr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const OUR_MAC: MacAddr = MacAddr([0x02, 0x6e, 0x65, 0x00, 0x03, 0x02]);
 const OUR_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 3, 2);
 const KERNEL_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 3, 1);
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// Deletes the namespace (and with it anything left inside) on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = ip(&["netns", "del", &self.0]) {
-            eprintln!("warning: cleanup failed: {e}");
-        }
-    }
-}
+use nestio_net::netns::{ip, Netns};
 
 /// Receive frames until `want` accepts one, answering the kernel's ARP
 /// requests for our address meanwhile. Gives up after 10 s.
