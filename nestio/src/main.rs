@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod device;
+mod inspect;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure costs against floors measured in the same run.
     Bench(bench::BenchArgs),
+    /// Hex-dump a running nested guest's memory by its guest-physical address (through
+    /// its parent level's memory socket, `PATH.mem` of `nestio run --export`).
+    Inspect(inspect::InspectArgs),
 }
 
 fn main() {
@@ -44,6 +48,7 @@ fn main() {
         Command::Run(a) => run::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Inspect(a) => inspect::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,11 +1,39 @@
 //! `nestio run`: a KVM guest with devices passed through as PCI functions. The guest
 //! is a built-in or given `no_std` payload (`--guest`) or a Linux kernel (`--kernel`,
 //! `--initrd`, `--cmdline`).
+//!
+//! Nesting levels (issue 6), as separate processes:
+//! - `--export vfio-user=PATH [--export-window SIZE]` makes this process a level that
+//!   passes its one `--device` on to the next level instead of assigning it to its own
+//!   guest (as a real L1 binds a device to VFIO for its nested guest). The top SIZE bytes
+//!   of this level's guest RAM (default: half, rounded down to 2 MiB) are the nested
+//!   guest's window; the device is wrapped in `nestio_nested::ExportedDevice` (every DMA
+//!   map of the child is checked against that window; interrupt eventfds pass straight
+//!   through to the device process) and served with the vfio-user server on PATH, to
+//!   exactly one child session. `PATH.mem` serves the RAM handoff
+//!   ([`nestio_vmm::handoff`]): the RAM memfd, the window's file offset and size, and the
+//!   child's level number, to any number of clients (the child level, `nestio inspect`).
+//!   Lifetime: this level's own guest runs as usual; when it has exited the process
+//!   keeps serving until its child has connected and gone away, then exits with its own
+//!   guest's status (a guest that exits at once, like `--guest hello`, is fine). The
+//!   guest must leave the window alone, as an L1 hypervisor's OS would reserve it.
+//!   With `--no-shared-memory` the RAM fd is not passed on to the device: the child's
+//!   maps become peer mappings and the device's DMA is copied by this level within the
+//!   window (exact when the child is the innermost guest). On exit the level prints one
+//!   line of counters (`nestio: level N export: maps=.. fd_maps=.. peer_maps=.. copies=..`).
+//! - `--memory-from PATH.mem` takes this level's guest RAM from its parent: the window
+//!   received by the handoff becomes guest physical `0..size` (the RAM size is the
+//!   window size, so `--memory` is refused), and DMA maps name the same file and
+//!   offsets, which the parent's exporter checks. A level can hand down only memory it
+//!   owns: combine `--memory-from` with `--export` for deeper stacks.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::Args;
-use nestio_vmm::{CpuModel, DeviceConfig, VmConfig};
+use nestio_nested::{ExportConfig, ExportedDevice, LevelId, LevelRam, RamRegion, Window};
+use nestio_vmm::handoff::{mem_socket_path, RamHandoff};
+use nestio_vmm::{CpuModel, DeviceConfig, RamFile, Vm, VmConfig};
 
 use crate::CmdResult;
 
@@ -37,6 +65,24 @@ pub struct RunArgs {
     /// nestio.mode=ping").
     #[arg(long)]
     cmdline: Option<String>,
+    /// Pass this level's (single) --device on to the next nesting level, served over
+    /// vfio-user at `vfio-user=PATH`; the RAM handoff is served on `PATH.mem`. The
+    /// device is then not assigned to this level's own guest.
+    #[arg(long, value_parser = parse_device)]
+    export: Option<PathBuf>,
+    /// Size of the nested guest's window: the top SIZE bytes of this level's RAM
+    /// (multiple of 2 MiB, at least 4M, less than the RAM; default: half the RAM).
+    #[arg(long, value_parser = parse_memory, requires = "export")]
+    export_window: Option<u64>,
+    /// Never pass this level's RAM fd down to the device: the exported device's DMA
+    /// arrives here as messages (DMA_READ/WRITE) and is copied within the child's window.
+    /// Exact for a level whose child is the innermost guest.
+    #[arg(long, requires = "export")]
+    no_shared_memory: bool,
+    /// Take guest RAM from the parent level's memory socket (`PATH.mem` of the parent's
+    /// `--export vfio-user=PATH`); the RAM size is the parent's window.
+    #[arg(long, conflicts_with = "memory")]
+    memory_from: Option<PathBuf>,
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
@@ -66,7 +112,160 @@ pub fn payload_path(name: &str) -> PathBuf {
 }
 
 pub fn run(args: RunArgs) -> CmdResult {
-    Ok(nestio_vmm::run(config(args)?)?)
+    let export = args.export.clone();
+    let window = args.export_window;
+    let no_shared_memory = args.no_shared_memory;
+    let memory_from = args.memory_from.clone();
+    let mut cfg = config(args)?;
+    let mut level = 1;
+    if let Some(path) = &memory_from {
+        let h = RamHandoff::fetch(path)?;
+        tracing::info!(
+            level = h.level,
+            offset = h.offset,
+            size = h.size,
+            "RAM from the parent level"
+        );
+        cfg.memory = h.size;
+        cfg.ram_file = Some(RamFile {
+            fd: h.fd,
+            offset: h.offset,
+        });
+        level = h.level;
+    }
+    match export {
+        None => Ok(nestio_vmm::run(cfg)?),
+        Some(path) => run_exporting(cfg, level, &path, window, no_shared_memory),
+    }
+}
+
+/// The nested guest's window size: `requested`, or half of `ram` rounded down to
+/// 2 MiB; a multiple of 2 MiB, at least 4 MiB, smaller than `ram`.
+pub fn export_window(ram: u64, requested: Option<u64>) -> Result<u64, String> {
+    const TWO_MIB: u64 = 2 << 20;
+    let w = requested.unwrap_or((ram / 2) & !(TWO_MIB - 1));
+    if w < nestio_vmm::memory::MIN_RAM || !w.is_multiple_of(TWO_MIB) || w >= ram {
+        return Err(format!(
+            "export window of {w:#x} bytes does not fit {ram:#x} bytes of RAM: it must be a \
+             multiple of 2 MiB, at least 4M and less than the RAM (give more --memory or a \
+             smaller --export-window)"
+        ));
+    }
+    Ok(w)
+}
+
+/// Removes the export sockets when the level ends.
+struct SocketFiles(Vec<PathBuf>);
+
+impl Drop for SocketFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A level that passes its device on (see the module documentation).
+fn run_exporting(
+    mut cfg: VmConfig,
+    level: u32,
+    path: &Path,
+    window: Option<u64>,
+    no_shared_memory: bool,
+) -> CmdResult {
+    let socket = match cfg.devices.as_slice() {
+        [DeviceConfig::VfioUser { socket }] => socket.clone(),
+        _ => {
+            return Err("--export passes on exactly one device: give exactly one \
+                        --device vfio-user=PATH (it is not assigned to this level's own guest)"
+                .into())
+        }
+    };
+    let win = export_window(cfg.memory, window)?;
+    cfg.devices.clear();
+    let client = nestio_vfio_user::Client::connect(&socket).map_err(|e| {
+        format!(
+            "cannot connect to the device to export at {}: {e} (is its server running?)",
+            socket.display()
+        )
+    })?;
+    let mut vm = Vm::new(cfg)?;
+    let ram = vm.ram();
+    let size = ram.size();
+    let base = size
+        .checked_sub(win)
+        .ok_or("export window larger than the RAM")?;
+    let child = level.checked_add(1).ok_or("nesting level overflow")?;
+    let region = RamRegion::new(ram.fd().clone(), 0, size, ram.fd_offset())?;
+    let exported = ExportedDevice::new(
+        Arc::new(client),
+        LevelRam::Shared(region),
+        ExportConfig {
+            window: Window::new(base, win)?,
+            no_shared_memory,
+            child: LevelId::from_raw(u64::from(child)).ok_or("bad level id")?,
+        },
+    )?;
+    let file_offset = ram
+        .fd_offset()
+        .checked_add(base)
+        .ok_or("window offset overflow")?;
+    let handoff = RamHandoff::new(ram.fd().clone(), file_offset, win, child)?;
+
+    let mem_path = mem_socket_path(path);
+    let listener = nestio_vfio_user::bind(path)
+        .map_err(|e| format!("cannot bind the export socket {}: {e}", path.display()))?;
+    let mut files = SocketFiles(vec![path.to_path_buf()]);
+    let mem_listener = nestio_vfio_user::bind(&mem_path)
+        .map_err(|e| format!("cannot bind the memory socket {}: {e}", mem_path.display()))?;
+    files.0.push(mem_path);
+    // Detached: it only answers connections, and ends with the process.
+    std::thread::Builder::new()
+        .name("export-mem".into())
+        .spawn(move || {
+            if let Err(e) = handoff.serve(mem_listener) {
+                tracing::warn!(error = %e, "memory socket stopped");
+            }
+        })?;
+    let exported = Arc::new(exported);
+    let server =
+        nestio_vfio_user::Server::new(exported.clone(), nestio_vfio_user::ServerConfig::default());
+    let serve = std::thread::Builder::new().name("export".into()).spawn(
+        move || -> Result<(), String> {
+            let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
+            server.serve_stream(stream).map_err(|e| e.to_string())
+        },
+    )?;
+    tracing::info!(level, export = %path.display(), window_base = base, window_size = win, "exporting the device to level {child}");
+
+    let status = vm.run()?.exit_status();
+    // The guest is done; keep serving until the child level has come and gone.
+    match serve.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            eprintln!("nestio: level {level}: the level-{child} session ended with an error: {e}")
+        }
+        Err(_) => return Err("the export thread panicked".into()),
+    }
+    drop(files);
+    let st = exported.stats();
+    // One line for the user (and the tests): what crossed this level. `copies=0` with
+    // `peer_maps=0` means device DMA reached the innermost guest's pages directly.
+    eprintln!(
+        "nestio: level {level} export: maps={} fd_maps={} peer_maps={} refused_maps={} \
+         unmaps={} copies={} copy_bytes={} set_irqs={} region_reads={} region_writes={}",
+        st.maps,
+        st.fd_maps,
+        st.peer_maps,
+        st.refused_maps,
+        st.unmaps,
+        st.copy_ops,
+        st.copy_bytes,
+        st.set_irqs,
+        st.region_reads,
+        st.region_writes
+    );
+    Ok(status)
 }
 
 /// The VM config of `nestio run` (also used by `nestio demo --linux`).
@@ -140,6 +339,56 @@ mod tests {
         assert_eq!(cfg.cmdline, "console=ttyS0 nestio.mode=boot");
         assert_eq!(cfg.devices.len(), 1);
         assert!(matches!(cfg.boot, Boot::Linux { initrd: None, .. }));
+    }
+
+    #[test]
+    fn export_window_defaults_to_half_and_is_checked() {
+        assert_eq!(export_window(64 << 20, None).unwrap(), 32 << 20);
+        assert_eq!(export_window(10 << 20, None).unwrap(), 4 << 20);
+        assert_eq!(export_window(64 << 20, Some(48 << 20)).unwrap(), 48 << 20);
+        assert!(export_window(6 << 20, None).is_err(), "half is below 4M");
+        assert!(
+            export_window(64 << 20, Some(64 << 20)).is_err(),
+            "whole RAM"
+        );
+        assert!(
+            export_window(64 << 20, Some(5 << 20)).is_err(),
+            "not 2M aligned"
+        );
+        assert!(export_window(64 << 20, Some(u64::MAX)).is_err());
+    }
+
+    #[test]
+    fn nesting_options_parse_and_conflict() {
+        let cli = Cli::try_parse_from([
+            "run",
+            "--guest",
+            "hello",
+            "--device",
+            "vfio-user=/tmp/s0",
+            "--export",
+            "vfio-user=/tmp/s1",
+            "--export-window",
+            "16M",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.export, Some(PathBuf::from("/tmp/s1")));
+        assert_eq!(cli.run.export_window, Some(16 << 20));
+        assert!(Cli::try_parse_from(["run", "--guest", "hello", "--export", "/tmp/s1"]).is_err());
+        assert!(
+            Cli::try_parse_from(["run", "--guest", "hello", "--export-window", "16M"]).is_err(),
+            "--export-window needs --export"
+        );
+        assert!(Cli::try_parse_from([
+            "run",
+            "--guest",
+            "hello",
+            "--memory-from",
+            "/tmp/s1.mem",
+            "--memory",
+            "64M"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //!
 //! Pieces (one module each):
 //! - [`memory`]: guest RAM in a memfd, shared by fd with every device (DMA_MAP);
+//! - [`handoff`]: a nesting level's RAM window handed to the level below (`PATH.mem`);
 //! - [`boot`]: ELF loading (linux-loader), GDT, identity page tables, long-mode entry;
 //! - [`bus`]: checked PIO/MMIO buses; unclaimed reads are all-ones;
 //! - [`serial`]: the 16550 console (vm-superio);
@@ -38,6 +39,7 @@ pub mod bench;
 pub mod boot;
 pub mod bus;
 pub mod cpu;
+pub mod handoff;
 pub mod linux;
 pub mod memory;
 pub mod pci;
@@ -50,8 +52,8 @@ pub use cpu::CpuModel;
 pub use serial::ConsoleOutput;
 pub use vcpu::StopReason;
 pub use vm::{
-    default_linux_cmdline, parse_size, run, Boot, ConfigError, DeviceConfig, Vm, VmConfig, VmError,
-    VmHandle, VmReport,
+    default_linux_cmdline, parse_size, run, Boot, ConfigError, DeviceConfig, RamFile, Vm, VmConfig,
+    VmError, VmHandle, VmReport,
 };
 
 /// Paths of the guest payloads built with this crate (by build.rs).

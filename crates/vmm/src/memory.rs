@@ -5,6 +5,10 @@
 //! memfd itself is kept as `Arc<OwnedFd>` so that every assigned device receives it in a
 //! DMA_MAP (`DmaBacking::Fd`) and maps the very same pages: device DMA is zero-copy,
 //! whether the device runs in this process or in another one.
+//!
+//! A nested level's RAM is not a fresh memfd but a window of its parent's RAM file
+//! ([`GuestRam::from_file`], `nestio run --memory-from`): the same file at a non-zero
+//! offset, so DMA maps name that offset ([`GuestRam::fd_offset`]).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -32,6 +36,25 @@ pub enum MemoryError {
     /// Mapping the memfd failed.
     #[error("cannot map guest RAM: {0}")]
     Map(String),
+    /// A RAM file window that is not usable.
+    #[error(
+        "the RAM window of {size:#x} bytes at file offset {offset:#x} is not usable: {reason}"
+    )]
+    BadWindow {
+        /// File offset.
+        offset: u64,
+        /// Size.
+        size: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn check_size(size: u64) -> Result<(), MemoryError> {
+    if !(MIN_RAM..=MAX_RAM).contains(&size) || !size.is_multiple_of(2 << 20) {
+        return Err(MemoryError::BadSize { size });
+    }
+    Ok(())
 }
 
 /// Guest RAM: a memfd and its mapping.
@@ -39,14 +62,13 @@ pub struct GuestRam {
     fd: Arc<OwnedFd>,
     mem: GuestMemoryMmap,
     size: u64,
+    fd_offset: u64,
 }
 
 impl GuestRam {
     /// RAM of `size` bytes at guest physical 0.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        if !(MIN_RAM..=MAX_RAM).contains(&size) || !size.is_multiple_of(2 << 20) {
-            return Err(MemoryError::BadSize { size });
-        }
+        check_size(size)?;
         // SAFETY: the name is a valid NUL-terminated string; the result is checked.
         let raw = unsafe { libc::memfd_create(c"nestio-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
         if raw < 0 {
@@ -58,18 +80,60 @@ impl GuestRam {
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
             return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
         }
+        Self::map(Arc::new(fd), 0, size)
+    }
+
+    /// RAM of `size` bytes at guest physical 0 backed by `fd` at file offsets
+    /// `offset..offset+size` (a window of a parent level's RAM, received from it).
+    /// The size obeys the rules of [`GuestRam::new`]; the offset must be page aligned
+    /// and the file a regular file (a memfd) at least `offset + size` bytes long.
+    pub fn from_file(fd: Arc<OwnedFd>, offset: u64, size: u64) -> Result<Self, MemoryError> {
+        check_size(size)?;
+        let bad = |reason: String| MemoryError::BadWindow {
+            offset,
+            size,
+            reason,
+        };
+        if !offset.is_multiple_of(4096) {
+            return Err(bad("the offset is not 4 KiB aligned".into()));
+        }
+        let end = offset
+            .checked_add(size)
+            .ok_or_else(|| bad("offset + size wraps".into()))?;
+        let file = File::from(fd.try_clone().map_err(MemoryError::Memfd)?);
+        let meta = file.metadata().map_err(MemoryError::Memfd)?;
+        if !meta.is_file() {
+            return Err(bad("the descriptor is not a regular file (memfd)".into()));
+        }
+        if meta.len() < end {
+            return Err(bad(format!(
+                "the file has only {:#x} bytes, the window ends at {end:#x}",
+                meta.len()
+            )));
+        }
+        Self::map(fd, offset, size)
+    }
+
+    fn map(fd: Arc<OwnedFd>, offset: u64, size: u64) -> Result<Self, MemoryError> {
         let file = File::from(fd.try_clone().map_err(MemoryError::Memfd)?);
         let mem = GuestMemoryMmap::from_ranges_with_files([(
             GuestAddress(0),
             size as usize,
-            Some(FileOffset::new(file, 0)),
+            Some(FileOffset::new(file, offset)),
         )])
         .map_err(|e| MemoryError::Map(e.to_string()))?;
         Ok(GuestRam {
-            fd: Arc::new(fd),
+            fd,
             mem,
             size,
+            fd_offset: offset,
         })
+    }
+
+    /// File offset of guest physical 0 in [`GuestRam::fd`] (0 unless the RAM is a
+    /// window of a parent's RAM).
+    pub fn fd_offset(&self) -> u64 {
+        self.fd_offset
     }
 
     /// The memfd (for DMA_MAP to devices).
@@ -124,5 +188,33 @@ mod tests {
         assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
         assert_ne!(ram.host_address(), 0);
         assert!(ram.memory().read_obj::<u32>(GuestAddress(4 << 20)).is_err());
+    }
+
+    #[test]
+    fn window_of_a_file_is_checked_and_shares_the_pages() {
+        let parent = GuestRam::new(16 << 20).unwrap();
+        let fd = parent.fd().clone();
+        let child = GuestRam::from_file(fd.clone(), 8 << 20, 8 << 20).unwrap();
+        assert_eq!(child.fd_offset(), 8 << 20);
+        child
+            .memory()
+            .write_obj(0x1234_5678u32, GuestAddress(0x10))
+            .unwrap();
+        let v: u32 = parent
+            .memory()
+            .read_obj(GuestAddress((8 << 20) + 0x10))
+            .unwrap();
+        assert_eq!(
+            v, 0x1234_5678,
+            "the child's GPA 0x10 is the parent's 8M+0x10"
+        );
+        // Past the end of the file, unaligned, wrapping, bad sizes.
+        assert!(matches!(
+            GuestRam::from_file(fd.clone(), 10 << 20, 8 << 20),
+            Err(MemoryError::BadWindow { .. })
+        ));
+        assert!(GuestRam::from_file(fd.clone(), 0x800, 4 << 20).is_err());
+        assert!(GuestRam::from_file(fd.clone(), u64::MAX - 0xfff, 4 << 20).is_err());
+        assert!(GuestRam::from_file(fd.clone(), 0, 3 << 20).is_err());
     }
 }

@@ -141,6 +141,19 @@ pub struct VmConfig {
     /// The payload's command line (at most 4095 bytes; `nestio_guest::cmdline()`), or
     /// the Linux kernel command line (at most 2047 bytes for a vmlinux).
     pub cmdline: String,
+    /// Take guest RAM from this file window instead of a fresh memfd (a nested level's
+    /// RAM handed down by its parent, `--memory-from`); its size is [`VmConfig::memory`].
+    pub ram_file: Option<RamFile>,
+}
+
+/// A window of a RAM file that becomes this VM's guest RAM: file offsets
+/// `offset..offset + VmConfig::memory` are guest physical `0..`.
+#[derive(Debug, Clone)]
+pub struct RamFile {
+    /// The file (the parent level's RAM memfd).
+    pub fd: Arc<std::os::fd::OwnedFd>,
+    /// File offset of guest physical 0.
+    pub offset: u64,
 }
 
 impl VmConfig {
@@ -155,6 +168,7 @@ impl VmConfig {
             console: ConsoleOutput::Stdout,
             handle_sigint: false,
             cmdline: String::new(),
+            ram_file: None,
         }
     }
 
@@ -359,7 +373,10 @@ impl Vm {
         })
         .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let ram = GuestRam::new(cfg.memory)?;
+        let ram = match &cfg.ram_file {
+            Some(f) => GuestRam::from_file(f.fd.clone(), f.offset, cfg.memory)?,
+            None => GuestRam::new(cfg.memory)?,
+        };
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,

@@ -231,7 +231,7 @@ impl AssignedDevice {
             prot: Prot::RW,
             backing: DmaBacking::Fd {
                 fd: ram.fd().clone(),
-                offset: 0,
+                offset: ram.fd_offset(),
             },
         })
         .map_err(|e| derr(format!("DMA_MAP of guest RAM refused: {e}")))?;

@@ -1,0 +1,626 @@
+//! Nesting levels as separate `nestio` processes (issue 6): an e1000 emulated at level 0
+//! (`nestio device`), passed on by exporting levels (`nestio run --export`), used by the
+//! innermost level's guest, whose RAM is a window of its parent's RAM (`--memory-from`).
+//! The innermost guest is the `e1000ping` payload, or a Linux kernel whose own e1000
+//! driver pings through two exporting levels (skipped loudly without a built kernel,
+//! except under CI=true).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const NESTIO: &str = env!("CARGO_BIN_EXE_nestio");
+/// Hang guard only (a stuck level fails the test instead of blocking it forever).
+const DEADLINE: Duration = Duration::from_secs(240);
+
+fn kvm_or_skip(name: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{name}: /dev/kvm is missing and CI=true: KVM tests must run in CI");
+    }
+    eprintln!("SKIP: {name}: /dev/kvm is missing on this machine (KVM tests need it)");
+    false
+}
+
+/// A per-test directory for sockets and console logs.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("nestio-levels-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A process of the stack; SIGKILLed on drop. Its stdout and stderr go to files.
+struct Level {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Level {
+    fn spawn(dir: &Dir, name: &str, args: &[&str]) -> Level {
+        let out = dir.path(&format!("{name}.out"));
+        let err = dir.path(&format!("{name}.err"));
+        let child = Command::new(NESTIO)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).unwrap())
+            .stderr(File::create(&err).unwrap())
+            .spawn()
+            .expect("spawn nestio");
+        Level { child, out, err }
+    }
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+    fn wait(&mut self) -> ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if t.elapsed() > DEADLINE {
+                let _ = self.child.kill();
+                panic!(
+                    "a level did not end: stdout {}\nstderr {}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    /// Wait until `path` exists (a socket this process binds) while the process lives.
+    fn wait_for(&mut self, path: &Path) {
+        let t = Instant::now();
+        while !path.exists() {
+            assert!(
+                self.running(),
+                "the process ended before binding {}: {}",
+                path.display(),
+                self.stderr()
+            );
+            assert!(t.elapsed() < DEADLINE, "{} never appeared", path.display());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    /// Wait until the console shows `text`.
+    fn wait_for_output(&mut self, text: &str) {
+        let t = Instant::now();
+        while !self.stdout().contains(text) {
+            assert!(
+                self.running(),
+                "the process ended without printing {text:?}: {}{}",
+                self.stdout(),
+                self.stderr()
+            );
+            assert!(t.elapsed() < DEADLINE, "{text:?} never appeared");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Level {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Level 0: the e1000 on the user network, serving clients one after another.
+fn device(dir: &Dir) -> (Level, PathBuf) {
+    let sock = dir.path("s0");
+    let mut d = Level::spawn(
+        dir,
+        "device",
+        &["device", "e1000", "--net", "user", "--socket", &s(&sock)],
+    );
+    d.wait_for(&sock);
+    (d, sock)
+}
+
+/// An exporting level running `--guest hello` (its guest exits at once; the level keeps
+/// serving its child), optionally on its parent's memory.
+fn exporter(
+    dir: &Dir,
+    name: &str,
+    device: &Path,
+    export: &Path,
+    memory_from: Option<&Path>,
+    cmdline: &str,
+    extra: &[&str],
+) -> Level {
+    let dev = format!("vfio-user={}", s(device));
+    let exp = format!("vfio-user={}", s(export));
+    let mem = memory_from.map(s);
+    let mut args = vec![
+        "run",
+        "--guest",
+        "hello",
+        "--cmdline",
+        cmdline,
+        "--device",
+        &dev,
+        "--export",
+        &exp,
+    ];
+    if let Some(m) = &mem {
+        args.extend(["--memory-from", m.as_str()]);
+    }
+    args.extend(extra);
+    let mut l = Level::spawn(dir, name, &args);
+    l.wait_for(&PathBuf::from(format!("{}.mem", s(export))));
+    // Its guest is done, yet the level stays to serve its child.
+    l.wait_for_output("hello from the guest");
+    assert!(l.running(), "an exporting level waits for its child");
+    l
+}
+
+/// The innermost level: e1000ping on the parent's memory; returns (status, console).
+fn ping(dir: &Dir, name: &str, device: &Path) -> (ExitStatus, String, String) {
+    let dev = format!("vfio-user={}", s(device));
+    let mem = format!("{}.mem", s(device));
+    let mut l = Level::spawn(
+        dir,
+        name,
+        &[
+            "run",
+            "--guest",
+            "e1000ping",
+            "--cmdline",
+            "irq=msi",
+            "--memory-from",
+            &mem,
+            "--device",
+            &dev,
+        ],
+    );
+    let st = l.wait();
+    (st, l.stdout(), l.stderr())
+}
+
+fn inspect(mem: &Path, addr: &str, len: &str) -> std::process::Output {
+    Command::new(NESTIO)
+        .args([
+            "inspect",
+            "--memory-from",
+            &s(mem),
+            "--addr",
+            addr,
+            "--len",
+            len,
+        ])
+        .output()
+        .unwrap()
+}
+
+/// The counters an exporting level prints when it ends (`nestio: level N export: k=v ...`).
+fn export_stat(stderr: &str, key: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(" export: "))
+        .unwrap_or_else(|| panic!("no export summary in: {stderr}"));
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in: {line}"))
+}
+
+/// Device DMA went to the innermost guest's pages by fd (no copy at this level), and
+/// interrupt eventfds were handed down (so no interrupt passes through this process).
+fn assert_zero_copy(level: &Level) {
+    let e = level.stderr();
+    assert!(export_stat(&e, "fd_maps") >= 1, "{e}");
+    assert_eq!(export_stat(&e, "peer_maps"), 0, "{e}");
+    assert_eq!(export_stat(&e, "copies"), 0, "{e}");
+    assert_eq!(export_stat(&e, "copy_bytes"), 0, "{e}");
+    assert_eq!(export_stat(&e, "refused_maps"), 0, "{e}");
+    assert!(export_stat(&e, "set_irqs") >= 1, "{e}");
+}
+
+fn inspect_va(mem: &Path, cr3: &str, addr: &str, len: &str) -> std::process::Output {
+    Command::new(NESTIO)
+        .args([
+            "inspect",
+            "--memory-from",
+            &s(mem),
+            "--cr3",
+            cr3,
+            "--addr",
+            addr,
+            "--len",
+            len,
+        ])
+        .output()
+        .unwrap()
+}
+
+fn assert_pinged(st: ExitStatus, out: &str, err: &str) {
+    assert!(st.success(), "innermost level failed ({st}): {out}\n{err}");
+    assert!(out.contains("interrupts: MSI vector"), "{out}");
+    assert!(
+        out.contains("arp: 10.0.2.2 is at 52:55:0a:00:02:02"),
+        "{out}"
+    );
+    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+}
+
+#[test]
+fn level2_guest_pings_through_a_device_exported_by_level1() {
+    let name = "level2_guest_pings_through_a_device_exported_by_level1";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("depth2");
+    let (mut dev, s0) = device(&dir);
+    let s1 = dir.path("s1");
+    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
+    assert!(l1.stdout().contains("(64 MiB)"), "{}", l1.stdout());
+
+    let (st, out, err) = ping(&dir, "level2", &s1);
+    assert_pinged(st, &out, &err);
+
+    // Level 1 ends once its child has gone, with its own guest's status (hello: 42),
+    // and removes its sockets.
+    let st1 = l1.wait();
+    assert_eq!(st1.code(), Some(42), "{}", l1.stderr());
+    assert!(
+        !s1.exists() && !dir.path("s1.mem").exists(),
+        "sockets removed"
+    );
+    assert!(dev.running(), "the device process survives its client");
+}
+
+#[test]
+fn level2_guest_pings_through_copies_with_no_shared_memory() {
+    let name = "level2_guest_pings_through_copies_with_no_shared_memory";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("copies");
+    let (mut dev, s0) = device(&dir);
+    let s1 = dir.path("s1");
+    let mut l1 = exporter(
+        &dir,
+        "level1",
+        &s0,
+        &s1,
+        None,
+        "level1",
+        &["--no-shared-memory"],
+    );
+    let (st, out, err) = ping(&dir, "level2", &s1);
+    assert_pinged(st, &out, &err);
+    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
+    // Every device DMA (descriptors, frames, status write-backs) was a message copied by
+    // level 1 within the child's window; the RAM fd never reached the device.
+    let e = l1.stderr();
+    assert_eq!(export_stat(&e, "fd_maps"), 0, "{e}");
+    assert_eq!(export_stat(&e, "peer_maps"), 1, "{e}");
+    assert!(export_stat(&e, "copies") >= 4, "{e}");
+    assert!(
+        export_stat(&e, "copy_bytes") >= 2 * 42,
+        "two frames received: {e}"
+    );
+    assert!(dev.running());
+}
+
+#[test]
+fn level3_guest_pings_through_two_exporting_levels_and_inspect_reads_level2() {
+    let name = "level3_guest_pings_through_two_exporting_levels_and_inspect_reads_level2";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("depth3");
+    let (mut dev, s0) = device(&dir);
+    let s1 = dir.path("s1");
+    let s2 = dir.path("s2");
+    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
+    let mut l2 = exporter(
+        &dir,
+        "level2",
+        &s1,
+        &s2,
+        Some(&dir.path("s1.mem")),
+        "level2-marker",
+        &[],
+    );
+    assert!(
+        l2.stdout().contains("(32 MiB)"),
+        "level 2's RAM is level 1's window: {}",
+        l2.stdout()
+    );
+
+    // Level 2's memory, by level 2's GPA, through level 1's memory socket: the VMM wrote
+    // level 2's payload command line at 0x7000.
+    let o = inspect(&dir.path("s1.mem"), "0x7000", "32");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        text.starts_with("0000000000007000  6c 65 76 65 6c 32"),
+        "{text}"
+    );
+    assert!(text.contains("|level2-marker."), "{text}");
+    // The same bytes by guest-virtual address, through level 2's own page tables (the
+    // payload's identity map rooted at 0x9000).
+    let v = inspect_va(&dir.path("s1.mem"), "0x9000", "0x7000", "32");
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert_eq!(v.stdout, o.stdout, "virtual and physical views agree");
+    // Distinct errors: a translation fault, a non-canonical address, and a copy that
+    // runs off the end of level 2's 32 MiB (prints what it got, says how much).
+    let f = inspect_va(&dir.path("s1.mem"), "0x9000", "0x100000000", "8");
+    assert!(!f.status.success());
+    let e = String::from_utf8_lossy(&f.stderr);
+    assert!(e.contains("page walk") && e.contains("not present"), "{e}");
+    let f = inspect_va(&dir.path("s1.mem"), "0x9000", "0x800000000000", "8");
+    let e = String::from_utf8_lossy(&f.stderr);
+    assert!(!f.status.success() && e.contains("canonical"), "{e}");
+    let f = inspect_va(&dir.path("s1.mem"), "0x9000", "0x1fffff0", "32");
+    let e = String::from_utf8_lossy(&f.stderr);
+    assert!(
+        !f.status.success() && e.contains("copy stopped after 16 bytes"),
+        "{e}"
+    );
+    assert_eq!(String::from_utf8_lossy(&f.stdout).lines().count(), 1);
+    // Level 3's window is 16 MiB: its last byte is readable, the next one is not.
+    let o = inspect(&dir.path("s2.mem"), "0xffffff", "1");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = inspect(&dir.path("s2.mem"), "0xffffff", "2");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("level 3") && err.contains("outside"), "{err}");
+
+    let (st, out, err) = ping(&dir, "level3", &s2);
+    assert_pinged(st, &out, &err);
+
+    assert_eq!(l2.wait().code(), Some(42), "{}", l2.stderr());
+    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
+    assert_zero_copy(&l2);
+    assert_zero_copy(&l1);
+    assert!(dev.running(), "the device process survives");
+}
+
+#[test]
+fn a_level_without_its_parents_memory_is_refused() {
+    let name = "a_level_without_its_parents_memory_is_refused";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("foreign");
+    let (mut dev, s0) = device(&dir);
+    let s1 = dir.path("s1");
+    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
+    // A "child" with RAM of its own (no --memory-from): its DMA map names a file that is
+    // not level 1's RAM, so level 1's exporter refuses it before it reaches the device.
+    let dev1 = format!("vfio-user={}", s(&s1));
+    let mut bad = Level::spawn(
+        &dir,
+        "intruder",
+        &["run", "--guest", "e1000ping", "--device", &dev1],
+    );
+    let st = bad.wait();
+    assert!(!st.success());
+    let err = bad.stderr();
+    assert!(err.contains("DMA_MAP of guest RAM refused"), "{err}");
+    assert_eq!(l1.wait().code(), Some(42));
+    assert_eq!(
+        export_stat(&l1.stderr(), "refused_maps"),
+        1,
+        "{}",
+        l1.stderr()
+    );
+    assert_eq!(
+        export_stat(&l1.stderr(), "maps"),
+        0,
+        "nothing reached the device"
+    );
+    assert!(dev.running());
+}
+
+#[test]
+fn a_dead_intermediate_level_ends_the_levels_below_with_an_error() {
+    let name = "a_dead_intermediate_level_ends_the_levels_below_with_an_error";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("dead");
+    let (mut dev, s0) = device(&dir);
+    let s1 = dir.path("s1");
+    let s2 = dir.path("s2");
+    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
+    let mut l2 = exporter(
+        &dir,
+        "level2",
+        &s1,
+        &s2,
+        Some(&dir.path("s1.mem")),
+        "l2",
+        &[],
+    );
+    l1.child.kill().unwrap();
+    l1.child.wait().unwrap();
+    // Level 2's connection to level 1 is dead: level 2 answers level 3 with ENOTCONN.
+    let (st, out, err) = ping(&dir, "level3", &s2);
+    assert!(!st.success(), "level 3 must fail: {out}");
+    assert!(
+        err.contains("nestio: error:") && err.contains("not connected"),
+        "a clear error: {err}"
+    );
+    // Level 2 ends too once its child has gone.
+    let st2 = l2.wait();
+    assert_eq!(st2.code(), Some(42), "{}", l2.stderr());
+    assert!(dev.running(), "the device process survives a dead level");
+}
+
+#[test]
+fn export_needs_exactly_one_device_and_a_window_that_fits() {
+    // Refused before KVM or any socket is touched.
+    let one = Command::new(NESTIO)
+        .args([
+            "run",
+            "--guest",
+            "hello",
+            "--export",
+            "vfio-user=/tmp/nestio-x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!one.status.success());
+    assert!(
+        String::from_utf8_lossy(&one.stderr).contains("exactly one"),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    let big = Command::new(NESTIO)
+        .args([
+            "run",
+            "--guest",
+            "hello",
+            "--memory",
+            "16M",
+            "--device",
+            "vfio-user=/nonexistent/s0",
+            "--export",
+            "vfio-user=/tmp/nestio-x",
+            "--export-window",
+            "16M",
+        ])
+        .output()
+        .unwrap();
+    assert!(!big.status.success());
+    let err = String::from_utf8_lossy(&big.stderr);
+    assert!(err.contains("export window"), "{err}");
+    let gone = Command::new(NESTIO)
+        .args([
+            "run",
+            "--guest",
+            "hello",
+            "--memory-from",
+            "/nonexistent/s1.mem",
+        ])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success());
+    let err = String::from_utf8_lossy(&gone.stderr);
+    assert!(err.contains("/nonexistent/s1.mem"), "{err}");
+}
+
+/// `(vmlinux, initramfs)` from linux/build.sh, or None after a loud SKIP.
+fn guest_linux(test: &str) -> Option<(String, String)> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    if !repo.join("target/linux/out/paths.env").exists() && !ci {
+        eprintln!(
+            "SKIP: {test}: no guest kernel (target/linux/out/paths.env missing); run linux/build.sh (first build ~4 min) or scripts/test.sh"
+        );
+        return None;
+    }
+    // A cached rebuild takes under a second; under CI it builds the kernel.
+    let out = Command::new(repo.join("linux/build.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run linux/build.sh");
+    assert!(out.status.success(), "{test}: linux/build.sh failed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let get = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("{test}: linux/build.sh printed no {key}: {text}"))
+    };
+    Some((get("NESTIO_LINUX_VMLINUX="), get("NESTIO_LINUX_INITRAMFS=")))
+}
+
+#[test]
+fn linux_guest_pings_through_two_exporting_levels() {
+    let name = "linux_guest_pings_through_two_exporting_levels";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let Some((kernel, initrd)) = guest_linux(name) else {
+        return;
+    };
+    let dir = Dir::new("linux3");
+    let (mut dev, s0) = device(&dir);
+    let s1 = dir.path("s1");
+    let s2 = dir.path("s2");
+    // 512 MiB at level 1, 256 MiB at level 2, 128 MiB for the Linux guest at level 3.
+    let mut l1 = exporter(
+        &dir,
+        "level1",
+        &s0,
+        &s1,
+        None,
+        "level1",
+        &["--memory", "512M"],
+    );
+    let mut l2 = exporter(
+        &dir,
+        "level2",
+        &s1,
+        &s2,
+        Some(&dir.path("s1.mem")),
+        "level2",
+        &[],
+    );
+    let dev2 = format!("vfio-user={}", s(&s2));
+    let mem2 = format!("{}.mem", s(&s2));
+    let mut l3 = Level::spawn(
+        &dir,
+        "level3",
+        &[
+            "run",
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &initrd,
+            "--memory-from",
+            &mem2,
+            "--device",
+            &dev2,
+        ],
+    );
+    let st = l3.wait();
+    let console = l3.stdout();
+    assert!(
+        st.success(),
+        "Linux at level 3 failed ({st}): {console}\n{}",
+        l3.stderr()
+    );
+    assert!(console.contains("NESTIO-PING: ok 3/3"), "{console}");
+    assert!(console.contains("eth0: Intel(R) PRO/1000"), "{console}");
+    for bad in ["WARNING:", "Oops", "Hardware Error", "Tx Unit Hang"] {
+        assert!(!console.contains(bad), "{bad} in the console: {console}");
+    }
+    assert_eq!(l2.wait().code(), Some(42), "{}", l2.stderr());
+    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
+    assert_zero_copy(&l2);
+    assert_zero_copy(&l1);
+    assert!(dev.running());
+}
