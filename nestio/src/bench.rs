@@ -1,5 +1,12 @@
 //! `nestio bench`: costs measured against floors measured in the same run, printed as
 //! ratios (this machine is shared and noisy: compare ratios, not absolute times).
+//!
+//! `--only nested` runs `nestio_nested::stack::measure_depths` on an in-process stack
+//! (level 0's e1000 on a socket, exporters over socketpairs) at depth 1, 2 and 3, in
+//! alternating rounds (best of each kept): with a small ICMP echo (round trip, region
+//! access cost) and with 1500-byte IP packets (DMA throughput: the frame bytes the
+//! device moves per round trip over its time, and the marginal DMA cost per KiB between
+//! the two sizes), all as ratios to depth 1.
 
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -7,7 +14,9 @@ use std::sync::Arc;
 use clap::Args;
 use nestio_device::VfioDevice;
 use nestio_devices::e1000::{E1000Config, E1000};
-use nestio_devices::e1000_bench::{self, DmaVia, IrqMode};
+use nestio_devices::e1000_bench::{self, DmaVia, Driver, IrqMode, GATEWAY_IP, GUEST_IP};
+use nestio_nested::stack::{best_rows, measure_depths, print_rows};
+use nestio_nested::{DepthRow, NestedStack, RoundTrip, StackConfig};
 use nestio_vfio_user::{Client, ClientConfig, Server, ServerConfig};
 
 use crate::CmdResult;
@@ -20,17 +29,27 @@ pub struct BenchArgs {
     /// Packets per e1000 measurement.
     #[arg(long, default_value_t = 1000)]
     packets: u64,
-    /// Which benchmarks: protocol, e1000, or all.
-    #[arg(long, default_value = "all", value_parser = ["all", "protocol", "e1000"])]
+    /// Round trips per batch of the nested depth measurement.
+    #[arg(long, default_value_t = 200)]
+    nested_iterations: u32,
+    /// Rounds of the nested depth measurement (depths interleaved; best round kept).
+    #[arg(long, default_value_t = 5)]
+    nested_rounds: u32,
+    /// Which benchmarks: protocol, e1000, nested (depth 1/2/3), or all.
+    #[arg(long, default_value = "all", value_parser = ["all", "protocol", "e1000", "nested"])]
     only: String,
 }
 
 pub fn run(args: BenchArgs) -> CmdResult {
-    if args.only != "e1000" {
+    let all = args.only == "all";
+    if all || args.only == "protocol" {
         let r = nestio_vfio_user::bench::run(args.iterations)?;
         println!("{r}");
     }
-    if args.only != "protocol" {
+    if all || args.only == "nested" {
+        nested(args.nested_iterations, args.nested_rounds)?;
+    }
+    if all || args.only == "e1000" {
         for (mode, via) in [
             (IrqMode::Msi, DmaVia::SharedFd),
             (IrqMode::Msi, DmaVia::Messages),
@@ -68,4 +87,124 @@ fn served_e1000(
     });
     let client = Arc::new(Client::from_stream(a, ClientConfig::default())?);
     Ok((client, h))
+}
+
+/// ICMP payload of the small echo (42 + 16 = 58-byte frames, padded to 60).
+const SMALL_PAYLOAD: usize = 16;
+/// ICMP payload of the large echo: a 1500-byte IP packet, a 1514-byte frame.
+const LARGE_PAYLOAD: usize = 1500 - 20 - 8;
+
+/// Ethernet frame length of an echo with `payload` bytes (without FCS, min 60).
+fn frame_len(payload: usize) -> usize {
+    (14 + 20 + 8 + payload).max(60)
+}
+
+/// A workload for [`measure_depths`]: the innermost driver attaches to the stack's device,
+/// ARPs the gateway, and each round trip is one ICMP echo carrying `payload` bytes.
+fn echo_workload(payload: usize) -> impl FnMut(&NestedStack) -> Result<RoundTrip, String> {
+    let mut seq = 0u16;
+    move |stack: &NestedStack| -> Result<RoundTrip, String> {
+        let dev: Arc<dyn VfioDevice> = stack.client();
+        let mut drv = Driver::new_via(dev, stack.ram().clone(), IrqMode::Msi, DmaVia::SharedFd)
+            .map_err(|e| e.to_string())?;
+        drv.reset().map_err(|e| e.to_string())?;
+        drv.probe().map_err(|e| e.to_string())?;
+        drv.setup().map_err(|e| e.to_string())?;
+        let gw = drv
+            .arp(
+                GUEST_IP,
+                GATEWAY_IP,
+                nestio_nested::stack::ROUND_TRIP_TIMEOUT,
+            )
+            .map_err(|e| e.to_string())?;
+        let data: Vec<u8> = (0..payload).map(|i| i as u8).collect();
+        seq = seq.wrapping_add(1000);
+        let mut s = seq;
+        Ok(Box::new(move || {
+            s = s.wrapping_add(1);
+            drv.ping(
+                GUEST_IP,
+                gw,
+                GATEWAY_IP,
+                0x6e,
+                s,
+                &data,
+                nestio_nested::stack::ROUND_TRIP_TIMEOUT,
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        }))
+    }
+}
+
+/// Depth 1, 2 and 3 of an in-process nested stack: round trip, region access and DMA
+/// throughput, each as a ratio to depth 1.
+fn nested(iterations: u32, rounds: u32) -> CmdResult {
+    let backend = nestio_net::open_backend("user", None)?;
+    let dev: Arc<dyn VfioDevice> = E1000::new(E1000Config::new(backend))?;
+    let path = nestio_nested::stack::socket_path("bench-l0");
+    let listener = nestio_vfio_user::bind(&path)?;
+    // Level 0 serves one stack after another; the thread ends with the process.
+    std::thread::spawn(move || {
+        let server = Server::new(dev, ServerConfig::default());
+        if let Err(e) = server.serve_listener(listener) {
+            eprintln!("nestio bench: level-0 e1000 server ended with an error: {e}");
+        }
+    });
+    let depths = [1, 2, 3];
+    let cfg = StackConfig::default();
+    let mut small = echo_workload(SMALL_PAYLOAD);
+    let mut large = echo_workload(LARGE_PAYLOAD);
+    // Small and large rounds alternate, so load on the shared machine hits both alike.
+    let mut small_rounds = Vec::new();
+    let mut large_rounds = Vec::new();
+    let mut measured = || -> Result<(), nestio_nested::StackError> {
+        for _ in 0..rounds.max(1) {
+            small_rounds.push(measure_depths(&path, &depths, iterations, cfg, &mut small)?);
+            large_rounds.push(measure_depths(&path, &depths, iterations, cfg, &mut large)?);
+        }
+        Ok(())
+    };
+    let r = measured();
+    let _ = std::fs::remove_file(&path);
+    r?;
+    let (small_rows, large_rows) = (best_rows(&small_rounds), best_rows(&large_rounds));
+    println!(
+        "nested e1000 (in-process levels over socketpairs, shared-memory DMA, MSI; best of \
+         {rounds} rounds), {SMALL_PAYLOAD}-byte ICMP echo:"
+    );
+    print_rows(&small_rows);
+    println!("nested e1000, {LARGE_PAYLOAD}-byte ICMP echo (1500-byte IP packets):");
+    print_rows(&large_rows);
+    print_dma(&small_rows, &large_rows);
+    Ok(0)
+}
+
+/// DMA throughput per depth from the two runs: frame bytes moved by the device per
+/// large round trip (read for TX, written for RX) over its time, and the marginal cost
+/// of the extra bytes (large minus small round trip, per KiB moved).
+fn print_dma(small: &[DepthRow], large: &[DepthRow]) {
+    let moved = 2.0 * frame_len(LARGE_PAYLOAD) as f64;
+    let extra = 2.0 * (frame_len(LARGE_PAYLOAD) - frame_len(SMALL_PAYLOAD)) as f64;
+    let mut base: Option<(f64, f64)> = None;
+    println!("nested DMA throughput ({moved} frame bytes per 1500-byte round trip):");
+    for (s, l) in small.iter().zip(large) {
+        let mb_s = moved / l.round_trip_ns * 1e3;
+        // Negative when noise exceeds the extra bytes' cost: shown as below noise.
+        let ns_per_kib = (l.round_trip_ns - s.round_trip_ns) / extra * 1024.0;
+        let (b_tp, b_kib) = *base.get_or_insert((mb_s, ns_per_kib));
+        let marginal = if ns_per_kib <= 0.0 {
+            "below noise".to_string()
+        } else if b_kib > 0.0 {
+            format!("{ns_per_kib:.1} ns per KiB (x{:.2})", ns_per_kib / b_kib)
+        } else {
+            format!("{ns_per_kib:.1} ns per KiB")
+        };
+        println!(
+            "depth {}: {:.1} MB/s (x{:.2}), marginal DMA cost {marginal}",
+            l.depth,
+            mb_s,
+            mb_s / b_tp,
+        );
+    }
 }

@@ -184,6 +184,11 @@ fn exporter(
 
 /// The innermost level: e1000ping on the parent's memory; returns (status, console).
 fn ping(dir: &Dir, name: &str, device: &Path) -> (ExitStatus, String, String) {
+    ping_with(dir, name, device, "irq=msi")
+}
+
+/// [`ping`] with the payload command line `cmdline`.
+fn ping_with(dir: &Dir, name: &str, device: &Path, cmdline: &str) -> (ExitStatus, String, String) {
     let dev = format!("vfio-user={}", s(device));
     let mem = format!("{}.mem", s(device));
     let mut l = Level::spawn(
@@ -194,7 +199,7 @@ fn ping(dir: &Dir, name: &str, device: &Path) -> (ExitStatus, String, String) {
             "--guest",
             "e1000ping",
             "--cmdline",
-            "irq=msi",
+            cmdline,
             "--memory-from",
             &mem,
             "--device",
@@ -404,6 +409,103 @@ fn level3_guest_pings_through_two_exporting_levels_and_inspect_reads_level2() {
     assert_zero_copy(&l2);
     assert_zero_copy(&l1);
     assert!(dev.running(), "the device process survives");
+}
+
+/// Isolation: level 2's guest (e1000ping `dma=outside`) points an RX and then a TX
+/// descriptor's buffer at guest-physical `RAM size + 1 MiB`, outside its 32 MiB; in
+/// level 1's terms that address is level-1 memory outside the window handed down.
+///
+/// Why this proves the memory outside stayed untouched: with shared memory the device's
+/// DMA goes straight to the memfd through level 0's map table, and the only mappings in
+/// it are those level 1's exporter forwarded after translating and checking them against
+/// the window (`maps == fd_maps`, `refused_maps == 0`: level 2's VMM only ever asked for
+/// its own RAM). The guest sees the device refuse both DMAs — PCI status "received
+/// master abort" set after each step, no descriptor write-back — so the device found no
+/// mapping at the address and wrote (RX) or read (TX) nothing there; no copy went
+/// through level 1 either (`copies == 0`). Level 2's window itself ends where level 1's
+/// memory socket says so: the same address is refused by `nestio inspect`.
+/// Runs the isolation scenario with level 1 started with `extra`; returns level 1's
+/// stderr (its export counters) after checking the guest saw both DMAs refused.
+fn dma_outside_through_level1(tag: &str, extra: &[&str]) -> String {
+    let dir = Dir::new(tag);
+    let (mut dev, s0) = device(&dir);
+    let s1 = dir.path("s1");
+    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", extra);
+    // The target address is outside level 2's window as level 1 serves it.
+    let o = inspect(&dir.path("s1.mem"), "0x2100000", "1");
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("outside"), "{e}");
+
+    let (st, out, err) = ping_with(&dir, "level2", &s1, "irq=msi dma=outside");
+    // The device worked normally first, then refused both out-of-window DMAs.
+    assert!(
+        out.contains("ping: echo reply from 10.0.2.2"),
+        "{out}\n{err}"
+    );
+    assert!(
+        out.contains("dma outside: target gpa 0x2100000 (ram 0x2000000)"),
+        "{out}"
+    );
+    for dir in ["RX", "TX"] {
+        let line = format!("dma outside: {dir} fault: master abort, descriptor not written back");
+        assert!(out.contains(&line), "{out}\n{err}");
+    }
+    assert_eq!(st.code(), Some(7), "both DMAs refused: {out}\n{err}");
+    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
+    assert!(dev.running(), "the device process survives the faults");
+    let e = l1.stderr();
+    assert!(export_stat(&e, "maps") >= 1, "{e}");
+    assert_eq!(export_stat(&e, "refused_maps"), 0, "{e}");
+    e
+}
+
+/// Isolation: level 2's guest (e1000ping `dma=outside`) points an RX and then a TX
+/// descriptor's buffer at guest-physical `RAM size + 1 MiB`, outside its 32 MiB; in
+/// level 1's terms that address is level-1 memory outside the window handed down.
+///
+/// Why this proves the memory outside stayed untouched: with shared memory the device's
+/// DMA goes straight to the memfd through level 0's map table, and the only mappings in
+/// it are those level 1's exporter forwarded after translating and checking them against
+/// the window (`maps == fd_maps`, `refused_maps == 0`: level 2's VMM only ever asked for
+/// its own RAM). The guest sees the device refuse both DMAs — PCI status "received
+/// master abort" set after each step, no descriptor write-back — so the device found no
+/// mapping at the address and wrote (RX) or read (TX) nothing there; no copy went
+/// through level 1 either (`copies == 0`). Level 2's window itself ends where level 1's
+/// memory socket says so: the same address is refused by `nestio inspect`.
+#[test]
+fn level2_guest_dma_outside_its_window_faults_and_touches_nothing() {
+    let name = "level2_guest_dma_outside_its_window_faults_and_touches_nothing";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let e = dma_outside_through_level1("outside", &[]);
+    assert_eq!(
+        export_stat(&e, "fd_maps"),
+        export_stat(&e, "maps"),
+        "every map was the window, by fd: {e}"
+    );
+    assert_eq!(export_stat(&e, "peer_maps"), 0, "{e}");
+    assert_eq!(
+        export_stat(&e, "copies"),
+        0,
+        "no DMA went through level 1: {e}"
+    );
+}
+
+/// The same with `--no-shared-memory`: the device holds one peer mapping covering the
+/// window only, so DMA outside it faults at level 0 before any copy is asked of level
+/// 1; the in-window DMA of the normal ping (descriptors, frames) were copies within it.
+#[test]
+fn level2_guest_dma_outside_its_window_faults_with_no_shared_memory() {
+    let name = "level2_guest_dma_outside_its_window_faults_with_no_shared_memory";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let e = dma_outside_through_level1("outside-copies", &["--no-shared-memory"]);
+    assert_eq!(export_stat(&e, "fd_maps"), 0, "{e}");
+    assert_eq!(export_stat(&e, "peer_maps"), 1, "{e}");
+    assert!(export_stat(&e, "copies") >= 4, "{e}");
 }
 
 #[test]

@@ -323,35 +323,117 @@ pub fn bench_depths(
     cfg: StackConfig,
     workload: &mut dyn FnMut(&NestedStack) -> Result<RoundTrip, String>,
 ) -> Result<Vec<DepthRow>, StackError> {
-    let mut rows: Vec<DepthRow> = Vec::new();
+    bench_depths_rounds(device_socket, depths, iterations, 1, cfg, workload)
+}
+
+/// [`bench_depths`] repeated `rounds` times, the depths interleaved within each round
+/// (so drift on a shared machine hits every depth alike), keeping each depth's best
+/// round trip and best region access over all rounds.
+pub fn bench_depths_rounds(
+    device_socket: &Path,
+    depths: &[u32],
+    iterations: u32,
+    rounds: u32,
+    cfg: StackConfig,
+    workload: &mut dyn FnMut(&NestedStack) -> Result<RoundTrip, String>,
+) -> Result<Vec<DepthRow>, StackError> {
+    let mut all = Vec::new();
+    for _ in 0..rounds.max(1) {
+        all.push(measure_depths(
+            device_socket,
+            depths,
+            iterations,
+            cfg,
+            workload,
+        )?);
+    }
+    let rows = best_rows(&all);
+    print_rows(&rows);
+    Ok(rows)
+}
+
+/// One unprinted round of [`bench_depths`]: a row per depth, ratios to the first.
+pub fn measure_depths(
+    device_socket: &Path,
+    depths: &[u32],
+    iterations: u32,
+    cfg: StackConfig,
+    workload: &mut dyn FnMut(&NestedStack) -> Result<RoundTrip, String>,
+) -> Result<Vec<DepthRow>, StackError> {
+    let mut raw = Vec::with_capacity(depths.len());
     for &depth in depths {
-        let stack = NestedStack::build(device_socket, depth, cfg)?;
-        let werr = |reason: String| StackError::Workload { depth, reason };
-        let mut rt = workload(&stack).map_err(werr)?;
-        for _ in 0..iterations.clamp(1, 10) {
-            rt().map_err(werr)?; // warm up
+        raw.push(measure_depth(
+            device_socket,
+            depth,
+            iterations,
+            cfg,
+            workload,
+        )?);
+    }
+    Ok(finish_rows(depths, &raw))
+}
+
+/// The best of several rounds of [`measure_depths`] over the same depths: per depth the
+/// lowest round trip and the lowest region access, with the ratios recomputed.
+pub fn best_rows(rounds: &[Vec<DepthRow>]) -> Vec<DepthRow> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    let depths: Vec<u32> = first.iter().map(|r| r.depth).collect();
+    let mut best: Vec<(f64, f64, Option<f64>)> =
+        vec![(f64::INFINITY, f64::INFINITY, None); depths.len()];
+    for round in rounds {
+        for (slot, r) in best.iter_mut().zip(round) {
+            slot.0 = slot.0.min(r.round_trip_ns);
+            slot.1 = slot.1.min(r.region_access_ns);
+            slot.2 = slot.2.or(r.accesses_per_round_trip);
         }
-        let count = |st: &NestedStack| {
-            st.exporter(1)
-                .map(|e| e.stats())
-                .map(|s| s.region_reads + s.region_writes)
-        };
-        let before = count(&stack);
-        let round_trip_ns = best_mean(3, iterations, &mut rt).map_err(werr)?;
-        let accesses = match (before, count(&stack)) {
-            (Some(b), Some(a)) => Some((a - b) as f64 / (3.0 * f64::from(iterations.max(1)))),
-            _ => None,
-        };
-        drop(rt);
-        let dev = stack.client();
-        let mut b = [0u8; 4];
-        let region_access_ns = best_mean(3, iterations.saturating_mul(4), || {
-            dev.region_read(pci_index::CONFIG, 0, &mut b)
-                .map_err(|e| e.to_string())
-        })
-        .map_err(werr)?;
-        drop(dev);
-        drop(stack);
+    }
+    finish_rows(&depths, &best)
+}
+
+/// One depth: (best round trip ns, best region access ns, trapped accesses per trip).
+fn measure_depth(
+    device_socket: &Path,
+    depth: u32,
+    iterations: u32,
+    cfg: StackConfig,
+    workload: &mut dyn FnMut(&NestedStack) -> Result<RoundTrip, String>,
+) -> Result<(f64, f64, Option<f64>), StackError> {
+    let stack = NestedStack::build(device_socket, depth, cfg)?;
+    let werr = |reason: String| StackError::Workload { depth, reason };
+    let mut rt = workload(&stack).map_err(werr)?;
+    for _ in 0..iterations.clamp(1, 10) {
+        rt().map_err(werr)?; // warm up
+    }
+    let count = |st: &NestedStack| {
+        st.exporter(1)
+            .map(|e| e.stats())
+            .map(|s| s.region_reads + s.region_writes)
+    };
+    let before = count(&stack);
+    let round_trip_ns = best_mean(3, iterations, &mut rt).map_err(werr)?;
+    let accesses = match (before, count(&stack)) {
+        (Some(b), Some(a)) => {
+            Some(a.saturating_sub(b) as f64 / (3.0 * f64::from(iterations.max(1))))
+        }
+        _ => None,
+    };
+    drop(rt);
+    let dev = stack.client();
+    let mut b = [0u8; 4];
+    let region_access_ns = best_mean(3, iterations.saturating_mul(4), || {
+        dev.region_read(pci_index::CONFIG, 0, &mut b)
+            .map_err(|e| e.to_string())
+    })
+    .map_err(werr)?;
+    Ok((round_trip_ns, region_access_ns, accesses))
+}
+
+/// Rows with ratios to the first depth.
+fn finish_rows(depths: &[u32], best: &[(f64, f64, Option<f64>)]) -> Vec<DepthRow> {
+    let mut rows: Vec<DepthRow> = Vec::new();
+    for (&depth, &(round_trip_ns, region_access_ns, accesses)) in depths.iter().zip(best) {
         let (rt0, ra0) = rows
             .first()
             .map(|r| (r.round_trip_ns, r.region_access_ns))
@@ -382,6 +464,13 @@ pub fn bench_depths(
             (Some(v), Some(b)) if b > 0.0 => Some(v / b),
             _ => None,
         };
+    }
+    rows
+}
+
+/// Print one line per row: times, ratios to the first row, and the DMA+irq remainder.
+pub fn print_rows(rows: &[DepthRow]) {
+    for r in rows {
         println!(
             "depth {}: round trip {:.1} us (x{:.2}), region access {:.1} us (x{:.2}), \
              {:.1} region accesses per round trip, DMA+irq+backend {} (x{})",
@@ -399,7 +488,6 @@ pub fn bench_depths(
                 .unwrap_or_else(|| "n/a".into()),
         );
     }
-    Ok(rows)
 }
 
 /// A fresh socket path in the temp directory for a level-0 server.
@@ -411,3 +499,30 @@ pub fn socket_path(tag: &str) -> PathBuf {
 
 /// How long [`bench_depths`] callers should allow one round trip (generous: CI is slow).
 pub const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(depth: u32, rt: f64, ra: f64, acc: Option<f64>) -> DepthRow {
+        finish_rows(&[depth], &[(rt, ra, acc)])[0]
+    }
+
+    #[test]
+    fn best_rows_keeps_each_depths_minimum_and_recomputes_ratios() {
+        let r1 = vec![row(1, 100.0, 10.0, None), row(2, 300.0, 20.0, Some(2.0))];
+        let r2 = vec![row(1, 80.0, 12.0, None), row(2, 400.0, 16.0, Some(2.0))];
+        let b = best_rows(&[r1, r2]);
+        assert_eq!(b.iter().map(|r| r.depth).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!((b[0].round_trip_ns, b[0].region_access_ns), (80.0, 10.0));
+        assert_eq!((b[1].round_trip_ns, b[1].region_access_ns), (300.0, 16.0));
+        assert_eq!(b[1].round_trip_ratio, 300.0 / 80.0);
+        assert_eq!(b[1].region_ratio, 1.6);
+        // Depth 1 borrows depth 2's access count; the remainder is the DMA+irq part.
+        assert_eq!(b[0].accesses_per_round_trip, Some(2.0));
+        assert_eq!(b[0].dma_irq_ns, Some(60.0));
+        assert_eq!(b[1].dma_irq_ns, Some(268.0));
+        assert_eq!(b[1].dma_irq_ratio, Some(268.0 / 60.0));
+        assert!(best_rows(&[]).is_empty());
+    }
+}

@@ -2,6 +2,14 @@
 //! RX/TX rings in guest RAM (the device DMAs into them), interrupts taken through the
 //! IDT/APIC — INTx via the IOAPIC pin in the interrupt-line register (default) or MSI
 //! (`irq=msi`) — then ARP for 10.0.2.2 and an ICMP echo request; exit 0 on the reply.
+//!
+//! `dma=outside` (isolation check, opt-in): after the echo reply, point the next RX
+//! descriptor's buffer, then a TX descriptor's buffer, at `RAM size + 1 MiB` — a
+//! guest-physical address outside this guest's RAM — and check that the device refused
+//! both DMAs: no descriptor write-back, and PCI status "received master abort" set (it
+//! is cleared before each step, so each step's fault is seen on its own). Exits
+//! [`DMA_OUTSIDE_REFUSED`] when both faults were seen, 17/18 when the RX/TX DMA was not
+//! refused.
 #![no_std]
 #![no_main]
 
@@ -37,6 +45,10 @@ const VECTOR: u8 = 0x31;
 const N: usize = 8;
 const BUF: usize = 2048;
 const MY_IP: [u8; 4] = [10, 0, 2, 15];
+/// PCI status "received master abort" (bit 13 of the status word).
+const STATUS_MASTER_ABORT: u32 = 1 << 13;
+/// Exit status of `dma=outside` when the device refused both out-of-RAM DMAs.
+const DMA_OUTSIDE_REFUSED: u32 = 7;
 const GW_IP: [u8; 4] = [10, 0, 2, 2];
 
 #[repr(C, align(128))]
@@ -188,7 +200,7 @@ fn csum(data: &[u8]) -> u16 {
     !(s as u16)
 }
 
-fn main(_ram: u64) -> u32 {
+fn main(ram: u64) -> u32 {
     interrupts::init_idt();
     interrupts::set_irq_handler(on_irq);
     interrupts::init_lapic();
@@ -363,5 +375,84 @@ fn main(_ram: u64) -> u32 {
         nestio_guest::fmt::Dec(RX_IRQS.load(Ordering::SeqCst) as u64),
         CAUSES.load(Ordering::SeqCst)
     );
+    if cmdline_value("dma") == Some("outside") {
+        return dma_outside(dev, ram, &mut nic, &f);
+    }
     0
+}
+
+/// PCI status "received master abort", as the device reports it in config space.
+fn master_abort(dev: pci::Bdf) -> bool {
+    (pci::read32(dev, 4) >> 16) & STATUS_MASTER_ABORT != 0
+}
+
+/// Clear "received master abort" (write 1 to clear), keeping the command word.
+fn clear_master_abort(dev: pci::Bdf) {
+    let cmd = pci::read32(dev, 4) & 0xffff;
+    pci::write32(dev, 4, cmd | (STATUS_MASTER_ABORT << 16));
+}
+
+/// Poll (bounded) until the device reports a master abort.
+fn wait_master_abort(dev: pci::Bdf) -> bool {
+    for _ in 0..2000 {
+        if master_abort(dev) {
+            return true;
+        }
+    }
+    false
+}
+
+/// The `dma=outside` isolation check (see the module documentation).
+fn dma_outside(dev: pci::Bdf, ram: u64, nic: &mut Nic, arp: &[u8]) -> u32 {
+    let outside = ram + (1 << 20);
+    println!("dma outside: target gpa {:#x} (ram {:#x})", outside, ram);
+    clear_master_abort(dev);
+    if master_abort(dev) {
+        println!("dma outside: master abort does not clear");
+        return 19;
+    }
+    // RX: the device fills descriptor rx_next for the next frame; its buffer is now
+    // outside RAM. The gateway's answer to another ARP request is that frame.
+    let i = nic.rx_next;
+    // SAFETY: descriptor i of the RX ring.
+    unsafe {
+        write_volatile(&mut (*rx_ring().add(i))[0], outside);
+        write_volatile(&mut (*rx_ring().add(i))[1], 0);
+    }
+    if !nic.send(arp) {
+        return 13;
+    }
+    let rx_fault = wait_master_abort(dev);
+    // SAFETY: descriptor i of the RX ring (the device would have written DD there).
+    let rx_status = unsafe { read_volatile(&(*rx_ring().add(i))[1]) } >> 32;
+    if !rx_fault || rx_status & 1 != 0 {
+        println!(
+            "dma outside: RX DMA not refused (status {:#x}, master abort {:#x})",
+            rx_status, rx_fault as u32
+        );
+        return 17;
+    }
+    println!("dma outside: RX fault: master abort, descriptor not written back");
+    clear_master_abort(dev);
+    // TX: a descriptor whose buffer lies outside RAM (the device must read it).
+    let t = nic.tx_next;
+    // SAFETY: descriptor t of the TX ring.
+    unsafe {
+        write_volatile(&mut (*tx_ring().add(t))[0], outside);
+        write_volatile(&mut (*tx_ring().add(t))[1], 60 | (0x0b << 24));
+    }
+    nic.tx_next = (t + 1) % N;
+    mmio_write32(reg(TDT), nic.tx_next as u32);
+    let tx_fault = wait_master_abort(dev);
+    // SAFETY: descriptor t of the TX ring.
+    let tx_status = unsafe { read_volatile(&(*tx_ring().add(t))[1]) } >> 32;
+    if !tx_fault || tx_status & 1 != 0 {
+        println!(
+            "dma outside: TX DMA not refused (status {:#x}, master abort {:#x})",
+            tx_status, tx_fault as u32
+        );
+        return 18;
+    }
+    println!("dma outside: TX fault: master abort, descriptor not written back");
+    DMA_OUTSIDE_REFUSED
 }
