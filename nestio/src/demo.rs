@@ -54,6 +54,34 @@ impl Drop for DeviceProcess {
     }
 }
 
+/// Start `nestio device e1000 --net user` as its own process on a fresh socket and wait
+/// until it serves; `step` numbers the transcript line.
+fn start_e1000(
+    tag: &str,
+    pcap: Option<&Path>,
+    step: u32,
+) -> Result<DeviceProcess, Box<dyn std::error::Error + Send + Sync>> {
+    let exe = std::env::current_exe()?;
+    let socket = std::env::temp_dir().join(format!("{tag}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let mut cmd = Command::new(&exe);
+    cmd.args(["device", "e1000", "--net", "user", "--once", "--socket"])
+        .arg(&socket)
+        .stdin(Stdio::null());
+    if let Some(p) = pcap {
+        cmd.arg("--pcap").arg(p);
+    }
+    let child = cmd.spawn()?;
+    let mut dev = DeviceProcess { child, socket };
+    println!(
+        "[{step}] device process (pid {}): `nestio device e1000 --net user --socket {}`",
+        dev.child.id(),
+        dev.socket.display()
+    );
+    wait_for(&dev.socket, &mut dev.child)?;
+    Ok(dev)
+}
+
 fn wait_for(path: &Path, child: &mut Child) -> Result<(), String> {
     let t0 = Instant::now();
     while !path.exists() {
@@ -72,30 +100,11 @@ pub fn run(args: DemoArgs) -> CmdResult {
     if args.linux {
         return run_linux(args);
     }
-    let exe = std::env::current_exe()?;
-    let socket = std::env::temp_dir().join(format!("nestio-demo-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&socket);
     println!(
         "nestio demo: an e1000 emulated in one process, passed through to a KVM guest in another"
     );
-    let mut cmd = Command::new(&exe);
-    cmd.args(["device", "e1000", "--net", "user", "--once", "--socket"])
-        .arg(&socket)
-        .stdin(Stdio::null());
-    if let Some(p) = &args.pcap {
-        cmd.arg("--pcap").arg(p);
-    }
-    let child = cmd.spawn()?;
-    let mut dev = DeviceProcess {
-        child,
-        socket: socket.clone(),
-    };
-    println!(
-        "[1] device process (pid {}): `nestio device e1000 --net user --socket {}`",
-        dev.child.id(),
-        socket.display()
-    );
-    wait_for(&socket, &mut dev.child)?;
+    let dev = start_e1000("nestio-demo", args.pcap.as_deref(), 1)?;
+    let socket = dev.socket.clone();
 
     let console = Arc::new(Mutex::new(Vec::new()));
     let mut cfg = VmConfig::new(nestio_vmm::payloads::E1000PING);
@@ -316,28 +325,8 @@ fn run_linux(args: DemoArgs) -> CmdResult {
         }
     };
 
-    let exe = std::env::current_exe()?;
-    let socket =
-        std::env::temp_dir().join(format!("nestio-demo-linux-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&socket);
-    let mut cmd = Command::new(&exe);
-    cmd.args(["device", "e1000", "--net", "user", "--once", "--socket"])
-        .arg(&socket)
-        .stdin(Stdio::null());
-    if let Some(p) = &args.pcap {
-        cmd.arg("--pcap").arg(p);
-    }
-    let child = cmd.spawn()?;
-    let mut dev = DeviceProcess {
-        child,
-        socket: socket.clone(),
-    };
-    println!(
-        "[2] device process (pid {}): `nestio device e1000 --net user --socket {}`",
-        dev.child.id(),
-        socket.display()
-    );
-    wait_for(&socket, &mut dev.child)?;
+    let dev = start_e1000("nestio-demo-linux", args.pcap.as_deref(), 2)?;
+    let socket = dev.socket.clone();
 
     let mut cfg = VmConfig::linux(&kernel, initrd);
     let cmdline = cfg.cmdline.clone();
