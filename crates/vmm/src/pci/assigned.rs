@@ -41,7 +41,7 @@ use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{PciError, PciFunction, PciRoot, MMIO_WINDOW};
-use crate::bus::{BusDevice, BusFault, BusRange};
+use crate::bus::{Bus, BusDevice, BusFault, BusRange};
 use crate::memory::GuestRam;
 
 const CFG: usize = 256;
@@ -120,6 +120,25 @@ struct Msix {
     registered: Vec<bool>,
     /// Eventfds handed to the device.
     active: bool,
+}
+
+impl Bar {
+    /// The bus the BAR decodes on.
+    fn bus<'r>(&self, root: &'r PciRoot) -> &'r Arc<Bus> {
+        if self.io {
+            root.pio_bus()
+        } else {
+            root.mmio_bus()
+        }
+    }
+    /// The KVM ioeventfd address of guest address `addr` inside this BAR.
+    fn ioevent_addr(&self, addr: u64) -> IoEventAddress {
+        if self.io {
+            IoEventAddress::Pio(addr)
+        } else {
+            IoEventAddress::Mmio(addr)
+        }
+    }
 }
 
 impl Msix {
@@ -695,11 +714,7 @@ impl AssignedDevice {
     }
 
     fn map_bar(self: &Arc<Self>, root: &PciRoot, bar: &Bar, addr: u64) -> bool {
-        let bus = if bar.io {
-            root.pio_bus()
-        } else {
-            root.mmio_bus()
-        };
+        let bus = bar.bus(root);
         let Ok(range) = BusRange::new(addr, bar.size) else {
             return false;
         };
@@ -727,11 +742,7 @@ impl AssignedDevice {
             }
         }
         for ev in &bar.ioevents {
-            let a = if bar.io {
-                IoEventAddress::Pio(addr + ev.offset)
-            } else {
-                IoEventAddress::Mmio(addr + ev.offset)
-            };
+            let a = bar.ioevent_addr(addr + ev.offset);
             if let Err(e) = register_ioevent(root, &ev.fd, &a, ev.datamatch) {
                 tracing::warn!(device = %self.name, bar = bar.index, error = %e, "cannot register ioeventfd; writes will exit");
             }
@@ -740,11 +751,7 @@ impl AssignedDevice {
     }
 
     fn unmap_bar(&self, root: &PciRoot, bar: &Bar, addr: u64) {
-        let bus = if bar.io {
-            root.pio_bus()
-        } else {
-            root.mmio_bus()
-        };
+        let bus = bar.bus(root);
         bus.remove(addr);
         for a in &bar.areas {
             let region = kvm_userspace_memory_region {
@@ -758,11 +765,7 @@ impl AssignedDevice {
             let _ = unsafe { root.vm().set_user_memory_region(region) };
         }
         for ev in &bar.ioevents {
-            let a = if bar.io {
-                IoEventAddress::Pio(addr + ev.offset)
-            } else {
-                IoEventAddress::Mmio(addr + ev.offset)
-            };
+            let a = bar.ioevent_addr(addr + ev.offset);
             let _ = unregister_ioevent(root, &ev.fd, &a, ev.datamatch);
         }
     }
@@ -820,13 +823,17 @@ impl AssignedDevice {
             }
             return None;
         }
+        if !ok {
+            // Also covers an access straddling the table start (`offset < t0`).
+            if let Some(d) = read {
+                d.fill(0xff);
+            }
+            return None;
+        }
+        // `ok` with an 8-aligned table start implies `t0 <= offset`.
         let first = ((offset - t0) / 4) as usize;
         match (read, write) {
             (Some(d), _) => {
-                if !ok {
-                    d.fill(0xff);
-                    return None;
-                }
                 for (k, chunk) in d.chunks_mut(4).enumerate() {
                     let w = first + k;
                     let v = m.table[w / 4][w % 4];
@@ -835,9 +842,6 @@ impl AssignedDevice {
                 None
             }
             (None, Some(d)) => {
-                if !ok {
-                    return None;
-                }
                 for (k, chunk) in d.chunks(4).enumerate() {
                     let w = first + k;
                     let v = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
@@ -977,14 +981,21 @@ impl AssignedDevice {
             msi.registered.push(true);
         }
         let want = want.min(msi.vectors.len() as u32);
-        for (v, vec) in msi.vectors.iter().enumerate() {
-            let route = ((v as u32) < want).then(|| {
-                let vdata = (data & !(want - 1)) | v as u32;
-                (address, vdata)
-            });
-            if let Err(e) = root.set_msi_route(vec.gsi, route) {
-                tracing::warn!(device = %self.name, error = %e, "KVM_SET_GSI_ROUTING failed");
-            }
+        // One KVM_SET_GSI_ROUTING for all vectors, not one per vector.
+        let routes: Vec<_> = msi
+            .vectors
+            .iter()
+            .enumerate()
+            .map(|(v, vec)| {
+                let route = ((v as u32) < want).then(|| {
+                    let vdata = (data & !(want - 1)) | v as u32;
+                    (address, vdata)
+                });
+                (vec.gsi, route)
+            })
+            .collect();
+        if let Err(e) = root.set_msi_routes(&routes) {
+            tracing::warn!(device = %self.name, error = %e, "KVM_SET_GSI_ROUTING failed");
         }
         if want != msi.active {
             let r = if want == 0 {
@@ -1066,20 +1077,28 @@ impl Drop for AssignedDevice {
     }
 }
 
+/// Calls KVM's `$op` (register or unregister) with the datamatch width the device asked
+/// for; both directions must use the same width or KVM will not find the entry.
+macro_rules! ioevent_op {
+    ($root:expr, $op:ident, $fd:expr, $a:expr, $dm:expr) => {{
+        let vm = $root.vm();
+        match $dm {
+            None => vm.$op($fd, $a, NoDatamatch),
+            Some((v, 1)) => vm.$op($fd, $a, v as u8),
+            Some((v, 2)) => vm.$op($fd, $a, v as u16),
+            Some((v, 4)) => vm.$op($fd, $a, v as u32),
+            Some((v, _)) => vm.$op($fd, $a, v),
+        }
+    }};
+}
+
 fn register_ioevent(
     root: &PciRoot,
     fd: &EventFd,
     a: &IoEventAddress,
     dm: Option<(u64, u64)>,
 ) -> Result<(), kvm_ioctls::Error> {
-    let vm = root.vm();
-    match dm {
-        None => vm.register_ioevent(fd, a, NoDatamatch),
-        Some((v, 1)) => vm.register_ioevent(fd, a, v as u8),
-        Some((v, 2)) => vm.register_ioevent(fd, a, v as u16),
-        Some((v, 4)) => vm.register_ioevent(fd, a, v as u32),
-        Some((v, _)) => vm.register_ioevent(fd, a, v),
-    }
+    ioevent_op!(root, register_ioevent, fd, a, dm)
 }
 
 fn unregister_ioevent(
@@ -1088,14 +1107,7 @@ fn unregister_ioevent(
     a: &IoEventAddress,
     dm: Option<(u64, u64)>,
 ) -> Result<(), kvm_ioctls::Error> {
-    let vm = root.vm();
-    match dm {
-        None => vm.unregister_ioevent(fd, a, NoDatamatch),
-        Some((v, 1)) => vm.unregister_ioevent(fd, a, v as u8),
-        Some((v, 2)) => vm.unregister_ioevent(fd, a, v as u16),
-        Some((v, 4)) => vm.unregister_ioevent(fd, a, v as u32),
-        Some((v, _)) => vm.unregister_ioevent(fd, a, v),
-    }
+    ioevent_op!(root, unregister_ioevent, fd, a, dm)
 }
 
 fn map_area(
@@ -1211,18 +1223,24 @@ impl PciFunction for Arc<AssignedDevice> {
 }
 
 impl AssignedDevice {
+    /// Read configuration space from the device itself; a refusal reads all-ones.
+    fn device_config_read(&self, reg: u16, data: &mut [u8]) -> Result<(), BusFault> {
+        if let Err(e) = self.dev.region_read(pci_index::CONFIG, reg as u64, data) {
+            if is_fatal(&e) {
+                return Err(self.fault("configuration read", e));
+            }
+            data.fill(0xff);
+        }
+        Ok(())
+    }
+
     fn config_read_inner(&self, reg: u16, data: &mut [u8]) -> Result<(), BusFault> {
         let r = reg as usize;
         let end = r + data.len();
         if end > CFG {
             // Extended space: the device's, if it has one.
             if (end as u64) <= self.config_size {
-                if let Err(e) = self.dev.region_read(pci_index::CONFIG, reg as u64, data) {
-                    if is_fatal(&e) {
-                        return Err(self.fault("configuration read", e));
-                    }
-                    data.fill(0xff);
-                }
+                self.device_config_read(reg, data)?;
             } else {
                 data.fill(0);
             }
@@ -1231,12 +1249,7 @@ impl AssignedDevice {
         let st = self.lock();
         if st.virt[r..end].iter().any(|v| !v) {
             drop(st);
-            if let Err(e) = self.dev.region_read(pci_index::CONFIG, reg as u64, data) {
-                if is_fatal(&e) {
-                    return Err(self.fault("configuration read", e));
-                }
-                data.fill(0xff);
-            }
+            self.device_config_read(reg, data)?;
             let st = self.lock();
             for (i, b) in data.iter_mut().enumerate() {
                 if st.virt[r + i] {

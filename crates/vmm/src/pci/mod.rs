@@ -362,22 +362,6 @@ impl PciRoot {
         Some(n)
     }
 
-    /// Set (Some) or remove (None) the MSI route of `gsi` and push the table to KVM.
-    pub(crate) fn set_msi_route(
-        &self,
-        gsi: u32,
-        msg: Option<(u64, u32)>,
-    ) -> Result<(), kvm_ioctls::Error> {
-        {
-            let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-            match msg {
-                Some(m) => s.msi_routes.insert(gsi, m),
-                None => s.msi_routes.remove(&gsi),
-            };
-        }
-        self.commit_routes()
-    }
-
     /// Set or remove several MSI routes and push the table once.
     pub(crate) fn set_msi_routes(
         &self,
@@ -472,20 +456,10 @@ impl PciRoot {
             data.fill(0xff);
             return Ok(());
         }
-        let a = *self
-            .config_address
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if a & 0x8000_0000 == 0 {
+        let Some((bus, dev, func, reg)) = self.config_target(offset) else {
             data.fill(0xff);
             return Ok(());
-        }
-        let (bus, dev, func) = (
-            (a >> 16) as u8,
-            ((a >> 11) & 0x1f) as u8,
-            ((a >> 8) & 7) as u8,
-        );
-        let reg = (a & 0xfc) as u16 + (offset - 4) as u16;
+        };
         self.config_access(bus, dev, func, reg, Some(data), None)
     }
     fn config_io_write(&self, offset: u64, data: &[u8]) -> Result<(), BusFault> {
@@ -500,20 +474,29 @@ impl PciRoot {
         if offset < 4 {
             return Ok(());
         }
+        let Some((bus, dev, func, reg)) = self.config_target(offset) else {
+            return Ok(());
+        };
+        self.config_access(bus, dev, func, reg, None, Some(data))
+    }
+
+    /// (bus, device, function, register) that CONFIG_DATA at `offset` (4..8) addresses
+    /// through the latched CONFIG_ADDRESS, or `None` while its enable bit is clear.
+    fn config_target(&self, offset: u64) -> Option<(u8, u8, u8, u16)> {
         let a = *self
             .config_address
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if a & 0x8000_0000 == 0 {
-            return Ok(());
+            return None;
         }
-        let (bus, dev, func) = (
+        let reg = (a & 0xfc) as u16 + ((offset - 4) & 3) as u16;
+        Some((
             (a >> 16) as u8,
             ((a >> 11) & 0x1f) as u8,
             ((a >> 8) & 7) as u8,
-        );
-        let reg = (a & 0xfc) as u16 + (offset - 4) as u16;
-        self.config_access(bus, dev, func, reg, None, Some(data))
+            reg,
+        ))
     }
 }
 
