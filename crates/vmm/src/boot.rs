@@ -131,7 +131,9 @@ pub fn write_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     Ok(())
 }
 
-fn segment(selector: u16, descriptor: u64) -> kvm_segment {
+/// The KVM segment register loaded from GDT `descriptor` under `selector` (shared by
+/// the Linux loader).
+pub(crate) fn segment(selector: u16, descriptor: u64) -> kvm_segment {
     kvm_segment {
         base: ((descriptor >> 16) & 0xff_ffff) | (((descriptor >> 56) & 0xff) << 24),
         limit: {

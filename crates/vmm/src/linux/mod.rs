@@ -41,7 +41,9 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
+
+use crate::boot::segment;
 use kvm_ioctls::VcpuFd;
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
@@ -630,26 +632,6 @@ pub fn load_linux(
         page_tables: layout.page_tables,
         stack_top: layout.stack_top,
     })
-}
-
-fn segment(selector: u16, descriptor: u64) -> kvm_segment {
-    let limit = ((descriptor & 0xffff) | ((descriptor >> 32) & 0xf_0000)) as u32;
-    let g = ((descriptor >> 55) & 1) as u8;
-    kvm_segment {
-        base: ((descriptor >> 16) & 0xff_ffff) | (((descriptor >> 56) & 0xff) << 24),
-        limit: if g == 1 { (limit << 12) | 0xfff } else { limit },
-        selector,
-        type_: ((descriptor >> 40) & 0xf) as u8,
-        present: ((descriptor >> 47) & 1) as u8,
-        dpl: ((descriptor >> 45) & 3) as u8,
-        db: ((descriptor >> 54) & 1) as u8,
-        s: ((descriptor >> 44) & 1) as u8,
-        l: ((descriptor >> 53) & 1) as u8,
-        g,
-        avl: ((descriptor >> 52) & 1) as u8,
-        unusable: 0,
-        padding: 0,
-    }
 }
 
 impl LinuxBoot {
