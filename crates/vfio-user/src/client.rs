@@ -368,12 +368,10 @@ impl Client {
             return Ok(());
         }
         let per_msg = (self.max_xfer / WriteMulti::ENTRY).max(1);
+        let mut b = Vec::with_capacity(8 + writes.len().min(per_msg) * WriteMulti::ENTRY);
         for chunk in writes.chunks(per_msg) {
-            let mut b = Vec::with_capacity(8 + chunk.len() * WriteMulti::ENTRY);
-            WriteMulti {
-                writes: chunk.to_vec(),
-            }
-            .encode_into(&mut b);
+            b.clear();
+            WriteMulti::encode_writes_into(chunk, &mut b);
             let m = self.call("REGION_WRITE_MULTI", Command::RegionWriteMulti, &b, &[])?;
             let n = proto::decode_write_multi_reply(&m.payload)
                 .map_err(|e| bad_reply("REGION_WRITE_MULTI", e))?;
@@ -387,24 +385,49 @@ impl Client {
         Ok(())
     }
 
+    /// Encodes into `b` the REGION_READ/WRITE request for the next chunk (at most
+    /// `max_xfer` bytes) of a `len`-byte access at `offset`, `done` bytes in; `data` is
+    /// the whole write buffer (`None` for a read). Returns the chunk's offset and length.
+    fn encode_region_chunk(
+        &self,
+        b: &mut Vec<u8>,
+        index: u32,
+        offset: u64,
+        len: usize,
+        done: usize,
+        data: Option<&[u8]>,
+    ) -> Result<(u64, usize)> {
+        let n = len.saturating_sub(done).min(self.max_xfer);
+        let off = offset
+            .checked_add(done as u64)
+            .ok_or_else(|| DeviceError::Invalid("offset overflows".into()))?;
+        let count =
+            u32::try_from(n).map_err(|_| DeviceError::Invalid("access too large".into()))?;
+        let chunk = match data {
+            Some(d) => d
+                .get(done..done + n)
+                .ok_or_else(|| DeviceError::Invalid("access outside the buffer".into()))?,
+            None => &[],
+        };
+        b.clear();
+        RegionAccess {
+            offset: off,
+            region: index,
+            count,
+            data: chunk,
+        }
+        .encode_into(b);
+        Ok((off, n))
+    }
+
     /// A region write that asks for no reply (posted, like PCI MMIO writes). Errors are
     /// only logged by the server.
     pub fn region_write_posted(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
         let mut done = 0usize;
         let mut b = Vec::with_capacity(RegionAccess::SIZE + data.len().min(self.max_xfer));
         while done < data.len() {
-            let n = (data.len() - done).min(self.max_xfer);
-            let off = offset
-                .checked_add(done as u64)
-                .ok_or_else(|| DeviceError::Invalid("offset overflows".into()))?;
-            b.clear();
-            RegionAccess {
-                offset: off,
-                region: index,
-                count: n as u32,
-                data: &data[done..done + n],
-            }
-            .encode_into(&mut b);
+            let (_, n) =
+                self.encode_region_chunk(&mut b, index, offset, data.len(), done, Some(data))?;
             self.ep
                 .post(Command::RegionWrite, &b, &[])
                 .map_err(disconnected)?;
@@ -464,6 +487,20 @@ impl Client {
         self.call("DEVICE_SET_IRQS", Command::DeviceSetIrqs, &b, fds)?;
         Ok(())
     }
+}
+
+/// A REGION_READ/WRITE reply must echo the access it answers (offset, region, count).
+fn check_region_reply(
+    what: &str,
+    r: &RegionAccess<'_>,
+    offset: u64,
+    region: u32,
+    count: usize,
+) -> Result<()> {
+    if r.offset != offset || r.region != region || r.count as usize != count {
+        return Err(bad_reply(what, "reply describes a different access"));
+    }
+    Ok(())
 }
 
 fn twin_loop(ep: &Endpoint, peers: &PeerMap, max_xfer: usize) {
@@ -623,27 +660,12 @@ impl VfioDevice for Client {
         let mut done = 0usize;
         let mut b = Vec::with_capacity(RegionAccess::SIZE);
         while done < buf.len() || (buf.is_empty() && done == 0) {
-            let n = (buf.len() - done).min(self.max_xfer);
-            let off = offset
-                .checked_add(done as u64)
-                .ok_or_else(|| DeviceError::Invalid("offset overflows".into()))?;
-            b.clear();
-            RegionAccess {
-                offset: off,
-                region: index,
-                count: n as u32,
-                data: &[],
-            }
-            .encode_into(&mut b);
+            let (off, n) =
+                self.encode_region_chunk(&mut b, index, offset, buf.len(), done, None)?;
             let m = self.call("REGION_READ", Command::RegionRead, &b, &[])?;
             let r =
                 RegionAccess::decode(&m.payload, true).map_err(|e| bad_reply("REGION_READ", e))?;
-            if r.offset != off || r.region != index || r.count as usize != n {
-                return Err(bad_reply(
-                    "REGION_READ",
-                    "reply describes a different access",
-                ));
-            }
+            check_region_reply("REGION_READ", &r, off, index, n)?;
             buf[done..done + n].copy_from_slice(r.data);
             done += n;
             if n == 0 {
@@ -657,27 +679,12 @@ impl VfioDevice for Client {
         let mut done = 0usize;
         let mut b = Vec::with_capacity(RegionAccess::SIZE + data.len().min(self.max_xfer));
         while done < data.len() || (data.is_empty() && done == 0) {
-            let n = (data.len() - done).min(self.max_xfer);
-            let off = offset
-                .checked_add(done as u64)
-                .ok_or_else(|| DeviceError::Invalid("offset overflows".into()))?;
-            b.clear();
-            RegionAccess {
-                offset: off,
-                region: index,
-                count: n as u32,
-                data: &data[done..done + n],
-            }
-            .encode_into(&mut b);
+            let (off, n) =
+                self.encode_region_chunk(&mut b, index, offset, data.len(), done, Some(data))?;
             let m = self.call("REGION_WRITE", Command::RegionWrite, &b, &[])?;
             let r = RegionAccess::decode(&m.payload, false)
                 .map_err(|e| bad_reply("REGION_WRITE", e))?;
-            if r.offset != off || r.region != index || r.count as usize != n {
-                return Err(bad_reply(
-                    "REGION_WRITE",
-                    "reply describes a different access",
-                ));
-            }
+            check_region_reply("REGION_WRITE", &r, off, index, n)?;
             done += n;
             if n == 0 {
                 break;

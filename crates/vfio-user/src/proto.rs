@@ -1353,8 +1353,13 @@ impl WriteMulti {
     pub const ENTRY: usize = 24;
     /// Append the wire form.
     pub fn encode_into(&self, b: &mut Vec<u8>) {
-        put_u64(b, self.writes.len() as u64);
-        for w in &self.writes {
+        Self::encode_writes_into(&self.writes, b);
+    }
+    /// Append the wire form of a request carrying `writes`, without building a
+    /// `WriteMulti` (no copy of the slice).
+    pub fn encode_writes_into(writes: &[MultiWrite], b: &mut Vec<u8>) {
+        put_u64(b, writes.len() as u64);
+        for w in writes {
             put_u64(b, w.offset);
             put_u32(b, w.region);
             put_u32(b, w.count);

@@ -899,21 +899,42 @@ fn reply_errno(m: &Message) -> i32 {
     }
 }
 
+impl SessionPeer {
+    /// Encodes into `req` the DMA_READ/WRITE request for the next chunk (at most
+    /// `self.chunk` bytes) of a `len`-byte access at `addr`, `done` bytes in; `data` is
+    /// the whole write buffer (`None` for a read). Returns the chunk's address and length.
+    fn encode_dma_chunk(
+        &self,
+        req: &mut Vec<u8>,
+        addr: u64,
+        len: usize,
+        done: usize,
+        data: Option<&[u8]>,
+    ) -> Result<(u64, usize), i32> {
+        let n = len.saturating_sub(done).min(self.chunk);
+        let a = addr.checked_add(done as u64).ok_or(libc::EINVAL)?;
+        let chunk = match data {
+            Some(d) => d.get(done..done + n).ok_or(libc::EINVAL)?,
+            None => &[],
+        };
+        req.clear();
+        DmaAccess {
+            addr: a,
+            count: n as u64,
+            data: chunk,
+        }
+        .encode_into(req);
+        Ok((a, n))
+    }
+}
+
 impl DmaPeer for SessionPeer {
     fn dma_read(&self, addr: u64, buf: &mut [u8]) -> Result<(), i32> {
         let ep = self.ep.upgrade().ok_or(libc::ENOTCONN)?;
         let mut req = Vec::with_capacity(DmaAccess::SIZE);
         let mut done = 0usize;
         while done < buf.len() {
-            let n = (buf.len() - done).min(self.chunk);
-            let a = addr.checked_add(done as u64).ok_or(libc::EINVAL)?;
-            req.clear();
-            DmaAccess {
-                addr: a,
-                count: n as u64,
-                data: &[],
-            }
-            .encode_into(&mut req);
+            let (a, n) = self.encode_dma_chunk(&mut req, addr, buf.len(), done, None)?;
             let m = ep
                 .request_timeout(Command::DmaRead, &req, &[], self.timeout)
                 .map_err(endpoint_errno)?;
@@ -935,15 +956,7 @@ impl DmaPeer for SessionPeer {
         let mut req = Vec::with_capacity(DmaAccess::SIZE + data.len().min(self.chunk));
         let mut done = 0usize;
         while done < data.len() {
-            let n = (data.len() - done).min(self.chunk);
-            let a = addr.checked_add(done as u64).ok_or(libc::EINVAL)?;
-            req.clear();
-            DmaAccess {
-                addr: a,
-                count: n as u64,
-                data: &data[done..done + n],
-            }
-            .encode_into(&mut req);
+            let (a, n) = self.encode_dma_chunk(&mut req, addr, data.len(), done, Some(data))?;
             let m = ep
                 .request_timeout(Command::DmaWrite, &req, &[], self.timeout)
                 .map_err(endpoint_errno)?;
