@@ -198,7 +198,6 @@ impl Core {
             self.raise(ICR_RXO, irqs);
             return RxOutcome::NoBuffers;
         }
-        let chunks = data.chunks(bufsize).count();
         for (i, chunk) in data.chunks(bufsize).enumerate() {
             let Some(daddr) = base.checked_add(u64::from(head) * DESC_SIZE) else {
                 self.rx_dma_fault(format_args!("descriptor address overflows"));
@@ -217,7 +216,7 @@ impl Core {
                 self.rx_missed();
                 return RxOutcome::Halted;
             }
-            let last = i + 1 == chunks;
+            let last = i + 1 == needed;
             let mut wb = [0u8; 8];
             wb[..2].copy_from_slice(&(chunk.len() as u16).to_le_bytes());
             wb[4] = RXD_STA_DD | RXD_STA_IXSM | if last { RXD_STA_EOP } else { 0 };
