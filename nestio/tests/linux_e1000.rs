@@ -248,16 +248,18 @@ fn check_console(console: &[String]) {
     assert!(bad.is_empty(), "kernel reported problems {bad:?}:\n{text}");
 }
 
-#[test]
-fn linux_e1000_pings_user_gateway_through_device_process() {
-    let test = "linux_e1000_pings_user_gateway_through_device_process";
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((kernel, initrd)) = guest_linux(test) else {
-        return;
-    };
-    let dev = device("user", None, "user");
+/// Boots the guest against an e1000 device process on the user network and checks
+/// `nestio run` exited 0. Returns the device process (kept alive until the caller is
+/// done), the console lines and the joined console text; None after a loud SKIP.
+fn run_user_net_guest(
+    test: &str,
+    tag: &str,
+    cmdline: Option<&str>,
+) -> Option<(Proc, Vec<String>, String)> {
+    let (kernel, initrd) = guest_linux(test)?;
+    let dev = device("user", None, tag);
     let socket = dev.socket.clone().unwrap_or_default();
-    let guest = Guest::start(&kernel, &initrd, &socket, None);
+    let guest = Guest::start(&kernel, &initrd, &socket, cmdline);
     let (status, console) = guest.finish();
     let text = console.join("\n");
     assert_eq!(
@@ -265,6 +267,16 @@ fn linux_e1000_pings_user_gateway_through_device_process() {
         Some(0),
         "nestio run's exit status; console:\n{text}"
     );
+    Some((dev, console, text))
+}
+
+#[test]
+fn linux_e1000_pings_user_gateway_through_device_process() {
+    let test = "linux_e1000_pings_user_gateway_through_device_process";
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((dev, console, text)) = run_user_net_guest(test, "user", None) else {
+        return;
+    };
     assert!(text.contains("NESTIO-INIT: start mode=ping"), "{text}");
     assert!(text.contains("NESTIO-NET: eth0 up 10.0.2.15"), "{text}");
     for seq in 1..=3 {
@@ -285,23 +297,13 @@ fn linux_e1000_pings_user_gateway_through_device_process() {
 fn linux_e1000_busybox_ping_c3_gets_three_replies() {
     let test = "linux_e1000_busybox_ping_c3_gets_three_replies";
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((kernel, initrd)) = guest_linux(test) else {
-        return;
-    };
-    let dev = device("user", None, "bbping");
-    let socket = dev.socket.clone().unwrap_or_default();
     let cmdline = format!(
         "{} nestio.mode=ping nestio.ping=busybox",
         nestio_vmm::linux::platform::BASE_CMDLINE
     );
-    let guest = Guest::start(&kernel, &initrd, &socket, Some(&cmdline));
-    let (status, console) = guest.finish();
-    let text = console.join("\n");
-    assert_eq!(
-        status,
-        Some(0),
-        "nestio run's exit status; console:\n{text}"
-    );
+    let Some((dev, console, text)) = run_user_net_guest(test, "bbping", Some(&cmdline)) else {
+        return;
+    };
     assert!(
         text.contains("NESTIO-PING: running busybox ping -c 3 10.0.2.2"),
         "{text}"

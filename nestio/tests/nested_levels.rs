@@ -147,6 +147,30 @@ fn device(dir: &Dir) -> (Level, PathBuf) {
 
 /// An exporting level running `--guest hello` (its guest exits at once; the level keeps
 /// serving its child), optionally on its parent's memory.
+/// The level-0 device at `s0`, `level1` exporting it at `s1`, and `level2` (its memory
+/// from level 1's `s1.mem`) exporting it again at `s2`. Returns
+/// `(device, level1, level2, s2)`.
+fn device_and_two_levels(
+    dir: &Dir,
+    l1_extra: &[&str],
+    l2_cmdline: &str,
+) -> (Level, Level, Level, PathBuf) {
+    let (dev, s0) = device(dir);
+    let s1 = dir.path("s1");
+    let s2 = dir.path("s2");
+    let l1 = exporter(dir, "level1", &s0, &s1, None, "level1", l1_extra);
+    let l2 = exporter(
+        dir,
+        "level2",
+        &s1,
+        &s2,
+        Some(&dir.path("s1.mem")),
+        l2_cmdline,
+        &[],
+    );
+    (dev, l1, l2, s2)
+}
+
 fn exporter(
     dir: &Dir,
     name: &str,
@@ -343,19 +367,7 @@ fn level3_guest_pings_through_two_exporting_levels_and_inspect_reads_level2() {
         return;
     }
     let dir = Dir::new("depth3");
-    let (mut dev, s0) = device(&dir);
-    let s1 = dir.path("s1");
-    let s2 = dir.path("s2");
-    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
-    let mut l2 = exporter(
-        &dir,
-        "level2",
-        &s1,
-        &s2,
-        Some(&dir.path("s1.mem")),
-        "level2-marker",
-        &[],
-    );
+    let (mut dev, mut l1, mut l2, s2) = device_and_two_levels(&dir, &[], "level2-marker");
     assert!(
         l2.stdout().contains("(32 MiB)"),
         "level 2's RAM is level 1's window: {}",
@@ -552,19 +564,7 @@ fn a_dead_intermediate_level_ends_the_levels_below_with_an_error() {
         return;
     }
     let dir = Dir::new("dead");
-    let (mut dev, s0) = device(&dir);
-    let s1 = dir.path("s1");
-    let s2 = dir.path("s2");
-    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
-    let mut l2 = exporter(
-        &dir,
-        "level2",
-        &s1,
-        &s2,
-        Some(&dir.path("s1.mem")),
-        "l2",
-        &[],
-    );
+    let (mut dev, mut l1, mut l2, s2) = device_and_two_levels(&dir, &[], "l2");
     l1.child.kill().unwrap();
     l1.child.wait().unwrap();
     // Level 2's connection to level 1 is dead: level 2 answers level 3 with ENOTCONN.
@@ -669,28 +669,9 @@ fn linux_guest_pings_through_two_exporting_levels() {
         return;
     };
     let dir = Dir::new("linux3");
-    let (mut dev, s0) = device(&dir);
-    let s1 = dir.path("s1");
-    let s2 = dir.path("s2");
     // 512 MiB at level 1, 256 MiB at level 2, 128 MiB for the Linux guest at level 3.
-    let mut l1 = exporter(
-        &dir,
-        "level1",
-        &s0,
-        &s1,
-        None,
-        "level1",
-        &["--memory", "512M"],
-    );
-    let mut l2 = exporter(
-        &dir,
-        "level2",
-        &s1,
-        &s2,
-        Some(&dir.path("s1.mem")),
-        "level2",
-        &[],
-    );
+    let (mut dev, mut l1, mut l2, s2) =
+        device_and_two_levels(&dir, &["--memory", "512M"], "level2");
     let dev2 = format!("vfio-user={}", s(&s2));
     let mem2 = format!("{}.mem", s(&s2));
     let mut l3 = Level::spawn(

@@ -6,8 +6,10 @@ mod common;
 use common::child::DeviceProcess;
 use nestio_vmm::{payloads, DeviceConfig, StopReason, Vm, VmConfig};
 
-/// Helper, not a test: serves a device when this binary runs as a device process.
+/// Helper, not a test: serves a device when this binary runs as a device process
+/// (started by `DeviceProcess` with `--ignored --exact child_device_server`).
 #[test]
+#[ignore = "device-process entry point, run only by DeviceProcess"]
 fn child_device_server() {
     common::child::child_main();
 }

@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 use common::child::DeviceProcess;
 use nestio_vmm::{payloads, DeviceConfig, StopReason, Vm, VmConfig, VmError};
 
-/// Helper, not a test: serves a device when this binary runs as a device process.
+/// Helper, not a test: serves a device when this binary runs as a device process
+/// (started by `DeviceProcess` with `--ignored --exact child_device_server`).
 #[test]
+#[ignore = "device-process entry point, run only by DeviceProcess"]
 fn child_device_server() {
     common::child::child_main();
 }
@@ -26,22 +28,30 @@ fn sample_cfg(
     (cfg, buf)
 }
 
+/// Runs the sample payload in `mode` against `dev`, asserts the guest exited 0, and
+/// returns the console text.
+fn run_sample_ok(dev: DeviceConfig, mode: &str) -> String {
+    let (cfg, buf) = sample_cfg(dev, mode);
+    let report = Vm::new(cfg).unwrap().run().unwrap();
+    let out = common::text(&buf);
+    assert_eq!(report.outcome, StopReason::GuestExit(0), "console: {out}");
+    out
+}
+
+/// The sample device served in this process.
+fn local_sample() -> DeviceConfig {
+    DeviceConfig::Local {
+        name: "sample".into(),
+        device: nestio_devices::sample::sample_device().unwrap(),
+    }
+}
+
 #[test]
 fn in_process_sample_device_msi_and_dma() {
     if !common::kvm_or_skip("in_process_sample_device_msi_and_dma") {
         return;
     }
-    let dev = nestio_devices::sample::sample_device().unwrap();
-    let (cfg, buf) = sample_cfg(
-        DeviceConfig::Local {
-            name: "sample".into(),
-            device: dev,
-        },
-        "check",
-    );
-    let report = Vm::new(cfg).unwrap().run().unwrap();
-    let out = common::text(&buf);
-    assert_eq!(report.outcome, StopReason::GuestExit(0), "console: {out}");
+    let out = run_sample_ok(local_sample(), "check");
     assert!(out.contains("sample msi interrupts: 3"), "{out}");
     assert!(out.contains("msi mask: held while masked"), "{out}");
 }
@@ -51,17 +61,7 @@ fn msix_table_masking_and_pending_bit() {
     if !common::kvm_or_skip("msix_table_masking_and_pending_bit") {
         return;
     }
-    let dev = nestio_devices::sample::sample_device().unwrap();
-    let (cfg, buf) = sample_cfg(
-        DeviceConfig::Local {
-            name: "sample".into(),
-            device: dev,
-        },
-        "msix",
-    );
-    let report = Vm::new(cfg).unwrap().run().unwrap();
-    let out = common::text(&buf);
-    assert_eq!(report.outcome, StopReason::GuestExit(0), "console: {out}");
+    let out = run_sample_ok(local_sample(), "msix");
     assert!(out.contains("delivered at unmask"), "{out}");
 }
 
@@ -71,15 +71,12 @@ fn msix_over_vfio_user() {
         return;
     }
     let p = DeviceProcess::start("sample");
-    let (cfg, buf) = sample_cfg(
+    run_sample_ok(
         DeviceConfig::VfioUser {
             socket: p.socket.clone(),
         },
         "msix",
     );
-    let report = Vm::new(cfg).unwrap().run().unwrap();
-    let out = common::text(&buf);
-    assert_eq!(report.outcome, StopReason::GuestExit(0), "console: {out}");
 }
 
 #[test]
@@ -104,15 +101,12 @@ fn vfio_user_sample_device_in_another_process() {
         return;
     }
     let proc_ = DeviceProcess::start("sample");
-    let (cfg, buf) = sample_cfg(
+    let out = run_sample_ok(
         DeviceConfig::VfioUser {
             socket: proc_.socket.clone(),
         },
         "check",
     );
-    let report = Vm::new(cfg).unwrap().run().unwrap();
-    let out = common::text(&buf);
-    assert_eq!(report.outcome, StopReason::GuestExit(0), "console: {out}");
     assert!(out.contains("sample msi interrupts: 3"), "{out}");
     assert!(
         out.contains("first 0xa5a55a5a"),

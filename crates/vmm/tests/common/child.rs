@@ -26,6 +26,7 @@ impl DeviceProcess {
             .args([
                 "--exact",
                 "child_device_server",
+                "--ignored",
                 "--nocapture",
                 "--test-threads=1",
             ])
