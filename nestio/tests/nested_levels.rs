@@ -106,10 +106,12 @@ impl Level {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    /// Wait until the console shows `text`.
+    /// Wait until the console shows a whole line containing `text` (the serial console
+    /// arrives byte by byte, so a prefix alone may be followed by the rest later).
     fn wait_for_output(&mut self, text: &str) {
         let t = Instant::now();
-        while !self.stdout().contains(text) {
+        let complete = |out: String| out.find(text).is_some_and(|at| out[at..].contains('\n'));
+        while !complete(self.stdout()) {
             assert!(
                 self.running(),
                 "the process ended without printing {text:?}: {}{}",
