@@ -54,13 +54,7 @@ fn wait_for_socket(p: &Path) {
 }
 
 fn memfd(size: u64) -> Arc<OwnedFd> {
-    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"cli-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: a fresh fd nobody else owns.
-    let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    f.set_len(size).unwrap();
-    Arc::new(OwnedFd::from(f))
+    Arc::new(nestio_dma::memfd::sealed_memfd(c"cli-test", size).unwrap())
 }
 
 fn eventfd() -> OwnedFd {

@@ -62,6 +62,19 @@ pub enum DmaError {
         /// errno from the peer.
         errno: i32,
     },
+    /// A `pread`/`pwrite` on the file behind an unsealed fd mapping failed or came up
+    /// short (errno 0 means end of file: the file's owner shrank it after mapping).
+    #[error("DMA {access} of {len} bytes at IOVA {iova:#x} failed on the file behind its mapping (errno {errno}; 0 means the file was shrunk after DMA_MAP); the client must keep mapped files at their size, e.g. by sealing its memfd with F_SEAL_SHRINK")]
+    File {
+        /// Address.
+        iova: u64,
+        /// Length.
+        len: u64,
+        /// Direction.
+        access: Access,
+        /// errno of the system call, 0 for end of file.
+        errno: i32,
+    },
     /// A new mapping overlaps an existing one.
     #[error("DMA mapping [{iova:#x}, +{size:#x}) overlaps an existing mapping; unmap it first")]
     Overlap {
@@ -108,6 +121,7 @@ impl DmaError {
             DmaError::Unmapped { .. } | DmaError::Permission { .. } => libc::EFAULT,
             DmaError::Overflow { .. } | DmaError::Invalid(_) => libc::EINVAL,
             DmaError::Peer { errno, .. } => *errno,
+            DmaError::File { .. } => libc::EFAULT,
             DmaError::Overlap { .. } => libc::EEXIST,
             DmaError::NotMapped { .. } => libc::ENOENT,
             DmaError::TooManyMappings { .. } => libc::ENOSPC,
@@ -119,7 +133,10 @@ impl DmaError {
     pub fn is_fault(&self) -> bool {
         matches!(
             self,
-            DmaError::Unmapped { .. } | DmaError::Permission { .. } | DmaError::Peer { .. }
+            DmaError::Unmapped { .. }
+                | DmaError::Permission { .. }
+                | DmaError::Peer { .. }
+                | DmaError::File { .. }
         )
     }
 }

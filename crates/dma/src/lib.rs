@@ -7,7 +7,9 @@
 //! The building blocks:
 //! - [`MapTable`] is the flat map that a vfio-user client (or a VMM) builds with DMA_MAP /
 //!   DMA_UNMAP. A mapping is backed either by a file descriptor (guest RAM shared by fd,
-//!   mmapped here and accessed in place with volatile copies — zero copy), or by a
+//!   mmapped here and accessed in place with volatile copies — zero copy — when the file
+//!   is sealed against shrinking, see [`memfd`]; read and written with `pread`/`pwrite`
+//!   otherwise, so a peer cannot crash us by truncating it), or by a
 //!   [`DmaPeer`], the owner of the memory reached by messages (vfio-user DMA_READ/WRITE).
 //! - [`DirtyLog`] records the pages a device wrote while logging is on (VFIO
 //!   DMA_LOGGING_START/REPORT), so migration can copy only what changed.
@@ -21,6 +23,7 @@
 mod dirty;
 mod error;
 mod map_table;
+pub mod memfd;
 mod range;
 
 pub use dirty::DirtyLog;

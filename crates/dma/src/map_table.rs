@@ -4,10 +4,13 @@
 //! access may span adjacent mappings; each piece is checked (present, permitted) before
 //! any byte moves, so a refused access has no partial effect.
 //!
-//! fd-backed mappings are mmapped once at DMA_MAP time and accessed in place through
-//! `VolatileSlice` copies; the fd's size is checked first so that a mapping can never
-//! reach past the end of its file (which would SIGBUS). peer-backed mappings are copied
-//! by message through the [`DmaPeer`].
+//! fd-backed mappings of files that cannot shrink (memfds sealed with `F_SEAL_SHRINK`,
+//! see [`crate::memfd`]) are mmapped once at DMA_MAP time and accessed in place through
+//! `VolatileSlice` copies — zero copy. Any other regular file could be truncated by its
+//! owner after the map, and touching an mmap past the new end raises SIGBUS; such
+//! mappings are accessed with `pread`/`pwrite` at the file offset instead, where a shrunk
+//! file is a short read and so a reported fault. In both cases the file's size is checked
+//! at map time. peer-backed mappings are copied by message through the [`DmaPeer`].
 //!
 //! Locking: one `RwLock`. Accesses take it shared; map/unmap take it exclusive, so an
 //! unmap waits for in-flight in-place copies (as an IOMMU unmap waits for the IOTLB
@@ -16,6 +19,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -77,8 +81,11 @@ pub struct MappingInfo {
 /// Counters that show where DMA bytes went.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct MapTableStats {
-    /// Bytes copied in place through fd-backed mappings (no message).
+    /// Bytes copied in place through mmapped fd-backed mappings (no message).
     pub in_place_bytes: u64,
+    /// Bytes moved with `pread`/`pwrite` on fd-backed mappings whose file is not sealed
+    /// against shrinking (no message, one system call per piece).
+    pub file_bytes: u64,
     /// Bytes moved by messages to a peer.
     pub peer_bytes: u64,
     /// Number of peer messages.
@@ -88,7 +95,11 @@ pub struct MapTableStats {
 }
 
 enum Kind {
+    /// Mapped in place (the file cannot shrink).
     Mem(MmapRegion<()>),
+    /// Accessed by `pread`/`pwrite`: the mapping's first byte is at `offset` in `file`.
+    File { file: File, offset: u64 },
+    /// Reached by messages.
     Peer(Arc<dyn DmaPeer>),
 }
 
@@ -109,6 +120,7 @@ pub struct MapTable {
     inner: RwLock<Inner>,
     limit: usize,
     in_place_bytes: AtomicU64,
+    file_bytes: AtomicU64,
     peer_bytes: AtomicU64,
     peer_ops: AtomicU64,
     faults: AtomicU64,
@@ -139,6 +151,7 @@ impl MapTable {
             }),
             limit,
             in_place_bytes: AtomicU64::new(0),
+            file_bytes: AtomicU64::new(0),
             peer_bytes: AtomicU64::new(0),
             peer_ops: AtomicU64::new(0),
             faults: AtomicU64::new(0),
@@ -163,7 +176,7 @@ impl MapTable {
         let size = usize::try_from(range.len())
             .map_err(|_| DmaError::Invalid(format!("mapping size {:#x} too large", range.len())))?;
         let kind = match &backing {
-            DmaBacking::Fd { fd, offset } => Kind::Mem(mmap_fd(fd, *offset, size, prot, range)?),
+            DmaBacking::Fd { fd, offset } => open_fd(fd, *offset, size, prot, range)?,
             DmaBacking::Peer(p) => Kind::Peer(p.clone()),
         };
         let mut inner = self.write_lock();
@@ -245,6 +258,7 @@ impl MapTable {
     pub fn stats(&self) -> MapTableStats {
         MapTableStats {
             in_place_bytes: self.in_place_bytes.load(Ordering::Relaxed),
+            file_bytes: self.file_bytes.load(Ordering::Relaxed),
             peer_bytes: self.peer_bytes.load(Ordering::Relaxed),
             peer_ops: self.peer_ops.load(Ordering::Relaxed),
             faults: self.faults.load(Ordering::Relaxed),
@@ -351,13 +365,15 @@ impl MapTable {
     }
 }
 
-fn mmap_fd(
+/// Check an fd-backed mapping and choose how it is accessed: mmapped in place when its
+/// file cannot shrink, by `pread`/`pwrite` otherwise (module documentation).
+fn open_fd(
     fd: &Arc<OwnedFd>,
     offset: u64,
     size: usize,
     prot: Prot,
     range: DmaRange,
-) -> Result<MmapRegion<()>, DmaError> {
+) -> Result<Kind, DmaError> {
     let errno_err = |errno: i32| DmaError::Mmap {
         iova: range.start(),
         size: range.len(),
@@ -382,6 +398,16 @@ fn mmap_fd(
             meta.len()
         )));
     }
+    let in_place = crate::memfd::shrink_proof(&file)
+        .map_err(|e| errno_err(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+    if !in_place {
+        tracing::debug!(
+            iova = range.start(),
+            size = range.len(),
+            "DMA mapping's file is not sealed against shrinking: accessed with pread/pwrite"
+        );
+        return Ok(Kind::File { file, offset });
+    }
     let mut mprot = 0;
     if prot.readable() {
         mprot |= libc::PROT_READ;
@@ -398,6 +424,7 @@ fn mmap_fd(
         mprot,
         libc::MAP_SHARED,
     )
+    .map(Kind::Mem)
     .map_err(|e| match e {
         vm_memory::mmap::MmapRegionError::Mmap(io) => {
             errno_err(io.raw_os_error().unwrap_or(libc::EINVAL))
@@ -410,6 +437,8 @@ fn mmap_fd(
 enum Seg<'a> {
     /// In place: `len` bytes at offset `off` of the mapped region, buffer position `pos`.
     Mem(&'a MmapRegion<()>, usize, usize, usize),
+    /// By system call: `len` bytes at file offset `at`, buffer position `pos`.
+    File(&'a File, u64, usize, usize),
     /// By message: `len` bytes at peer address `addr`, buffer position `pos`.
     Peer(&'a dyn DmaPeer, u64, usize, usize),
 }
@@ -444,6 +473,20 @@ impl MapTable {
                         .map_err(|_| DmaError::Invalid("mapping smaller than recorded".into()))?;
                     self.in_place_bytes.fetch_add(n as u64, Ordering::Relaxed);
                 }
+                Kind::File { file, offset } => {
+                    // The mapping was checked to fit its file at map time, so this sum
+                    // cannot overflow; a file shrunk since then is a short read.
+                    let at = offset + p.off;
+                    copy(Seg::File(file, at, pos, n)).map_err(|errno| {
+                        self.fault(DmaError::File {
+                            iova: p.map.range.start() + p.off,
+                            len: n as u64,
+                            access,
+                            errno,
+                        })
+                    })?;
+                    self.file_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
                 Kind::Peer(_) => peer.push((pos, p)),
             }
             pos += n;
@@ -477,6 +520,9 @@ impl DmaSpace for MapTable {
                 s.copy_to(&mut buf[pos..pos + n]);
                 Ok(())
             }
+            Seg::File(file, at, pos, n) => file
+                .read_exact_at(&mut buf[pos..pos + n], at)
+                .map_err(|e| e.raw_os_error().unwrap_or(0)),
             Seg::Peer(peer, addr, pos, n) => peer.dma_read(addr, &mut buf[pos..pos + n]),
         })
     }
@@ -487,6 +533,19 @@ impl DmaSpace for MapTable {
                 let s = region.get_slice(off, n).map_err(|_| libc::EFAULT)?;
                 s.copy_from(&data[pos..pos + n]);
                 Ok(())
+            }
+            Seg::File(file, at, pos, n) => {
+                // pwrite past the end would grow the file back; a write to memory the
+                // owner has cut off is a fault, like a read of it.
+                let size = file
+                    .metadata()
+                    .map_err(|e| e.raw_os_error().unwrap_or(0))?
+                    .len();
+                if size < at + n as u64 {
+                    return Err(0);
+                }
+                file.write_all_at(&data[pos..pos + n], at)
+                    .map_err(|e| e.raw_os_error().unwrap_or(0))
             }
             Seg::Peer(peer, addr, pos, n) => peer.dma_write(addr, &data[pos..pos + n]),
         })

@@ -4,14 +4,21 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
+use nestio_dma::memfd::sealed_memfd;
 use nestio_dma::{
     Access, DmaBacking, DmaError, DmaMapRequest, DmaPeer, DmaRange, DmaSpace, DmaSpaceExt,
     MapTable, Prot,
 };
 
+/// Guest-RAM-like memory: a memfd sealed against shrinking, mapped in place.
 fn memfd(size: u64) -> Arc<OwnedFd> {
+    Arc::new(sealed_memfd(c"dma-test", size).unwrap())
+}
+
+/// A memfd its owner may still truncate.
+fn unsealed_memfd(size: u64) -> Arc<OwnedFd> {
     // SAFETY: memfd_create with a valid NUL-terminated name; result checked.
-    let fd = unsafe { libc::memfd_create(c"dma-test".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"dma-test-unsealed".as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0);
     // SAFETY: fresh fd owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -56,6 +63,74 @@ fn in_place_access_reaches_the_file() {
     assert_eq!(t.read_u32(0x10004).unwrap(), 0xdead_beef);
     assert_eq!(t.stats().in_place_bytes, 8);
     assert_eq!(t.stats().peer_bytes, 0);
+}
+
+/// A client that shrinks its (unsealed) file after DMA_MAP must not be able to kill the
+/// device with SIGBUS: such a mapping is accessed by pread/pwrite, and the bytes past the
+/// new end of file become a reported fault.
+#[test]
+fn unsealed_file_is_accessed_by_system_calls_and_shrinking_it_is_a_fault() {
+    let fd = unsealed_memfd(0x4000);
+    let t = MapTable::default();
+    map_fd(&t, 0x10000, 0x3000, Prot::RW, &fd, 0x1000).unwrap();
+    t.write_u32(0x10ffe, 0x1234_5678).unwrap(); // crosses a page boundary
+    assert_eq!(pread(&fd, 0x1ffe, 4), 0x1234_5678_u32.to_le_bytes());
+    assert_eq!(t.read_u32(0x10ffe).unwrap(), 0x1234_5678);
+    let st = t.stats();
+    assert_eq!((st.file_bytes, st.in_place_bytes), (8, 0));
+
+    // The owner shrinks the file under the live mapping.
+    std::fs::File::from(fd.try_clone().unwrap())
+        .set_len(0x2000)
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let e = t.read(0x10ff8, &mut buf).unwrap_err(); // [0x1ff8, 0x2008) in the file
+    assert!(
+        matches!(
+            e,
+            DmaError::File {
+                iova: 0x10ff8,
+                len: 16,
+                access: Access::Read,
+                errno: 0
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.is_fault());
+    assert_eq!(e.errno(), libc::EFAULT);
+    let e = t.write_u32(0x10ffe, 0).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DmaError::File {
+                access: Access::Write,
+                errno: 0,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(t.stats().faults, 2);
+    assert_eq!(
+        std::fs::File::from(fd.try_clone().unwrap())
+            .metadata()
+            .unwrap()
+            .len(),
+        0x2000
+    );
+    // What is still inside the file works as before: [0x1ffe, 0x2000) is its last word.
+    assert_eq!(t.read_u16(0x10ffe).unwrap(), 0x5678);
+}
+
+#[test]
+fn sealed_memfd_is_mapped_in_place() {
+    let fd = memfd(0x2000);
+    let t = MapTable::default();
+    map_fd(&t, 0, 0x2000, Prot::RW, &fd, 0).unwrap();
+    t.write_u64(0x1ffc - 4, u64::MAX).unwrap();
+    let st = t.stats();
+    assert_eq!((st.file_bytes, st.in_place_bytes), (0, 8));
 }
 
 #[test]

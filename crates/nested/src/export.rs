@@ -635,17 +635,7 @@ mod tests {
     }
 
     fn memfd(size: u64) -> Arc<OwnedFd> {
-        // SAFETY: literal name; result checked.
-        let fd = unsafe { libc::memfd_create(c"export-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fresh fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: valid fd.
-        assert_eq!(
-            unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) },
-            0
-        );
-        Arc::new(fd)
+        Arc::new(nestio_dma::memfd::sealed_memfd(c"export-test", size).unwrap())
     }
 
     fn pread(fd: &OwnedFd, off: u64, len: usize) -> Vec<u8> {

@@ -16,7 +16,7 @@
 //!   holes between regions are errors.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use nestio_dma::{DmaError, DmaSpace};
@@ -165,21 +165,9 @@ impl MmapMemory {
         if size == 0 {
             return Err(create_err(size, "size", "must not be zero"));
         }
-        // SAFETY: memfd_create reads a NUL-terminated literal; the result is checked below.
-        let raw = unsafe { libc::memfd_create(c"nestio-nested".as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(create_err(
-                size,
-                "memfd_create",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: `raw` is a fresh fd owned by nobody else; OwnedFd takes ownership at once.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let file = File::from(fd);
-        file.set_len(size)
-            .map_err(|e| create_err(size, "ftruncate", e))?;
-        Self::from_fd(Arc::new(OwnedFd::from(file)), 0, size)
+        let fd = nestio_dma::memfd::sealed_memfd(c"nestio-nested", size)
+            .map_err(|e| create_err(size, "memfd_create", e))?;
+        Self::from_fd(Arc::new(fd), 0, size)
     }
 
     /// Map `size` bytes of `fd` starting at `offset` (shared). The file must be at least

@@ -14,7 +14,7 @@
 //! socket and drops its exporter (a level going away). Depth d means the innermost
 //! guest is level d: depth 1 is a plain client of the device, depth 2 has one exporter.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -104,20 +104,10 @@ pub struct NestedStack {
 }
 
 fn memfd(size: u64) -> Result<Arc<OwnedFd>, StackError> {
-    // SAFETY: NUL-terminated literal name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"nestio-level1-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = libc::off_t::try_from(size)
-        .map_err(|_| StackError::Layout(format!("RAM size {size:#x} too large")))?;
-    // SAFETY: plain syscall on a valid fd.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    Ok(Arc::new(fd))
+    Ok(Arc::new(nestio_dma::memfd::sealed_memfd(
+        c"nestio-level1-ram",
+        size,
+    )?))
 }
 
 impl NestedStack {

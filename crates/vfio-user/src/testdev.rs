@@ -77,13 +77,7 @@ fn new_fd(r: libc::c_int) -> std::io::Result<OwnedFd> {
 impl TestDevice {
     /// A new device.
     pub fn new() -> std::io::Result<Self> {
-        // SAFETY: memfd_create with a static NUL-terminated name.
-        let memfd =
-            new_fd(unsafe { libc::memfd_create(c"nestio-testdev".as_ptr(), libc::MFD_CLOEXEC) })?;
-        // SAFETY: ftruncate on an fd we own.
-        if unsafe { libc::ftruncate(memfd.as_raw_fd(), MEMFD_SIZE as libc::off_t) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let memfd = nestio_dma::memfd::sealed_memfd(c"nestio-testdev", MEMFD_SIZE)?;
         // SAFETY: eventfd returns a new fd or -1 (checked by new_fd).
         let doorbell = new_fd(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
         Ok(TestDevice {

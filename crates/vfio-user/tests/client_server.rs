@@ -225,6 +225,43 @@ fn dma_fd_mapping_and_device_dma() {
     assert_eq!(h.dev.dma_table().unwrap().len(), 0);
 }
 
+/// A client may hand over a memory file it can still truncate (an unsealed memfd). Had
+/// the server mmapped it, shrinking the file would make the next device DMA raise
+/// SIGBUS and kill the server (here: this test process). Instead the device gets a fault
+/// and the server keeps serving.
+#[test]
+fn shrinking_an_unsealed_mapped_file_is_a_dma_fault_not_a_crash() {
+    let h = Harness::new(ServerConfig::default());
+    let (c, _t) = h.client(ClientConfig::default());
+    // SAFETY: memfd_create with a literal name; the result is checked.
+    let raw = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(raw >= 0);
+    // SAFETY: a fresh descriptor owned by nobody else.
+    let mem = std::fs::File::from(unsafe {
+        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw)
+    });
+    mem.set_len(0x4000).unwrap();
+    let mem = std::os::fd::OwnedFd::from(mem);
+    c.dma_map(fd_map(0x100000, 0x4000, &mem, 0)).unwrap();
+    pwrite(&mem, 0x3000, b"still here");
+    assert_eq!(device_dma(&c, 0x103000, 10, 0x100, 1), 0);
+    let stats = h.dev.dma_table().unwrap().stats();
+    assert_eq!((stats.file_bytes, stats.in_place_bytes), (10, 0));
+
+    std::fs::File::from(mem.try_clone().unwrap())
+        .set_len(0x1000)
+        .unwrap();
+    assert_eq!(device_dma(&c, 0x103000, 10, 0x100, 1), libc::EFAULT as u64);
+    assert_eq!(device_dma(&c, 0x103000, 10, 0x100, 2), libc::EFAULT as u64);
+    // The server is alive and the device state intact.
+    let mut b = [0u8; 10];
+    c.region_read(0, 0x100, &mut b).unwrap();
+    assert_eq!(&b, b"still here");
+    // Below the new end of file the mapping still works.
+    assert_eq!(device_dma(&c, 0x100000, 10, 0x100, 2), 0);
+    assert_eq!(pread(&mem, 0, 10), b"still here");
+}
+
 fn peer_dma(twin: bool) {
     let h = Harness::new(ServerConfig::default());
     let (c, _t) = h.client(ClientConfig {
@@ -534,12 +571,15 @@ fn silent_server_gives_disconnected_after_reply_timeout() {
     fake.join().unwrap();
 }
 
-/// A peer that takes too long.
-struct SlowPeer;
+/// A peer that takes too long: each read blocks until the test releases it (or 120 s
+/// pass), so it answers after the server's DMA timeout however loaded the machine is
+/// (a fixed sleep could end before a starved server thread looks at its clock).
+struct SlowPeer(std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
 
 impl nestio_dma::DmaPeer for SlowPeer {
     fn dma_read(&self, _addr: u64, _buf: &mut [u8]) -> Result<(), i32> {
-        std::thread::sleep(std::time::Duration::from_millis(600));
+        let release = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = release.recv_timeout(std::time::Duration::from_secs(120));
         Ok(())
     }
     fn dma_write(&self, _addr: u64, _data: &[u8]) -> Result<(), i32> {
@@ -555,10 +595,13 @@ fn client_that_does_not_answer_dma_gets_etimedout() {
     });
     let (c, _t) = h.client(ClientConfig::default());
     assert!(c.twin_socket());
+    // Dropped before the client (declared after it), even on a failed assertion: the
+    // blocked peer is released before the client goes.
+    let (_release, blocked) = std::sync::mpsc::channel::<()>();
     c.dma_map(DmaMapRequest {
         range: DmaRange::new(0x50000, 0x1000).unwrap(),
         prot: Prot::RW,
-        backing: DmaBacking::Peer(Arc::new(SlowPeer)),
+        backing: DmaBacking::Peer(Arc::new(SlowPeer(std::sync::Mutex::new(blocked)))),
     })
     .unwrap();
     assert_eq!(device_dma(&c, 0x50000, 8, 0, 1), libc::ETIMEDOUT as u64);

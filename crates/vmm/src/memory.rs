@@ -11,7 +11,7 @@
 //! offset, so DMA maps name that offset ([`GuestRam::fd_offset`]).
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
@@ -69,17 +69,10 @@ impl GuestRam {
     /// RAM of `size` bytes at guest physical 0.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         check_size(size)?;
-        // SAFETY: the name is a valid NUL-terminated string; the result is checked.
-        let raw = unsafe { libc::memfd_create(c"nestio-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh descriptor owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: ftruncate on an fd we own; the result is checked.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
-            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
-        }
+        // Sealed against resizing: devices and child levels that receive this fd map it
+        // in place, which is safe only because it can never shrink under them.
+        let fd = nestio_dma::memfd::sealed_memfd(c"nestio-guest-ram", size)
+            .map_err(MemoryError::Memfd)?;
         Self::map(Arc::new(fd), 0, size)
     }
 
@@ -110,6 +103,15 @@ impl GuestRam {
                 "the file has only {:#x} bytes, the window ends at {end:#x}",
                 meta.len()
             )));
+        }
+        // Guest RAM is used in place (and by KVM); a file its owner could still shrink
+        // would turn the next access into SIGBUS.
+        if !nestio_dma::memfd::shrink_proof(&file).map_err(MemoryError::Memfd)? {
+            return Err(bad(
+                "the file is not sealed against shrinking (F_SEAL_SHRINK); the parent must \
+                 hand down its sealed guest RAM memfd"
+                    .into(),
+            ));
         }
         Self::map(fd, offset, size)
     }
@@ -182,10 +184,14 @@ mod tests {
             .write_obj(0xdead_beefu32, GuestAddress(0x1000))
             .unwrap();
         let mut b = [0u8; 4];
-        // SAFETY: pread into a local buffer from an fd we own.
-        let n = unsafe { libc::pread(ram.fd().as_raw_fd(), b.as_mut_ptr().cast(), 4, 0x1000) };
-        assert_eq!(n, 4);
+        let file = std::fs::File::from(ram.fd().try_clone().unwrap());
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
+        // Sealed: a device or child level that maps this fd can rely on its size.
+        assert_eq!(
+            file.set_len(1 << 20).unwrap_err().raw_os_error(),
+            Some(libc::EPERM)
+        );
         assert_ne!(ram.host_address(), 0);
         assert!(ram.memory().read_obj::<u32>(GuestAddress(4 << 20)).is_err());
     }
@@ -216,5 +222,18 @@ mod tests {
         assert!(GuestRam::from_file(fd.clone(), 0x800, 4 << 20).is_err());
         assert!(GuestRam::from_file(fd.clone(), u64::MAX - 0xfff, 4 << 20).is_err());
         assert!(GuestRam::from_file(fd.clone(), 0, 3 << 20).is_err());
+    }
+
+    #[test]
+    fn a_window_of_a_file_that_can_shrink_is_refused() {
+        // SAFETY: memfd_create with a literal name; the result is checked.
+        let raw = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: a fresh descriptor owned by nobody else.
+        let file = File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) });
+        file.set_len(16 << 20).unwrap();
+        let fd = Arc::new(OwnedFd::from(file));
+        let e = GuestRam::from_file(fd, 0, 8 << 20).err().expect("refused");
+        assert!(e.to_string().contains("F_SEAL_SHRINK"), "{e}");
     }
 }

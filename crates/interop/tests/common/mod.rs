@@ -66,15 +66,7 @@ pub fn sock_path(tag: &str) -> PathBuf {
 
 /// A memfd of `size` bytes.
 pub fn memfd(size: u64) -> OwnedFd {
-    // SAFETY: the name is a valid NUL-terminated string; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"nestio-interop".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ftruncate on a valid fd we own.
-    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) };
-    assert_eq!(r, 0, "ftruncate: {}", std::io::Error::last_os_error());
-    fd
+    nestio_dma::memfd::sealed_memfd(c"nestio-interop", size).expect("memfd")
 }
 
 /// pwrite all of `data` at `off` of `fd`.

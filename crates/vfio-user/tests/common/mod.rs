@@ -121,17 +121,7 @@ pub fn eventfd_count(fd: &OwnedFd) -> u64 {
 }
 
 pub fn memfd(size: u64) -> OwnedFd {
-    // SAFETY: static NUL-terminated name; result checked.
-    let fd = unsafe { libc::memfd_create(c"nestio-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fresh fd owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ftruncate on our fd.
-    assert_eq!(
-        unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) },
-        0
-    );
-    fd
+    nestio_dma::memfd::sealed_memfd(c"nestio-test", size).expect("memfd")
 }
 
 pub fn pwrite(fd: &OwnedFd, off: u64, data: &[u8]) {

@@ -31,14 +31,7 @@ pub struct TestDev {
 }
 
 fn memfd(size: u64) -> OwnedFd {
-    // SAFETY: valid NUL-terminated name; result checked.
-    let fd = unsafe { libc::memfd_create(c"testdev".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fresh fd.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ftruncate on our fd.
-    assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) }, 0);
-    fd
+    nestio_dma::memfd::sealed_memfd(c"testdev", size).unwrap()
 }
 
 fn eventfd() -> OwnedFd {
