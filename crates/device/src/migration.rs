@@ -5,6 +5,12 @@
 //! (STOP_COPY, RESUMING) are never passed through on the way somewhere else, nor are the
 //! PRE_COPY states unless the walk starts in one. An arc that fails leaves the device in
 //! ERROR, from which only a reset leaves.
+//!
+//! [`MigrationData`] is the other half a device needs: the data stream. It holds the
+//! serialised state while it is read out in chunks (saving) and collects the chunks of
+//! an incoming state (resuming), checking the migration state, offsets and bounds of
+//! every MIG_DATA_READ / MIG_DATA_WRITE in one place, so every device answers the same
+//! request with the same errno.
 
 use std::collections::VecDeque;
 
@@ -210,6 +216,169 @@ impl MigrationFsm {
     }
 }
 
+/// The open data transfer session of a [`MigrationData`].
+#[derive(Debug, Default)]
+enum Session {
+    /// No session: the device is in a state without a data stream.
+    #[default]
+    Closed,
+    /// Saving: `data` is read out from `pos`.
+    Saving { data: Vec<u8>, pos: usize },
+    /// Resuming: chunks are appended to `data`.
+    Resuming { data: Vec<u8> },
+}
+
+/// The device side of the migration data stream (VFIO v2 `data_fd`, vfio-user
+/// MIG_DATA_READ / MIG_DATA_WRITE).
+///
+/// A device opens a session on the arcs that start one and closes it on the arcs that
+/// end one (see [`MigrationData::begin_save`], [`MigrationData::begin_resume`],
+/// [`MigrationData::finish_resume`], [`MigrationData::close`]); reads and writes in
+/// between are checked here:
+///
+/// - a read is served only in a saving state (STOP_COPY, PRE_COPY, PRE_COPY_P2P) with
+///   a saving session open; it returns the next bytes, 0 at the end of the stream;
+/// - a write is accepted only in RESUMING with a resuming session open, and only while
+///   the collected stream stays within the device's limit (given at construction).
+///
+/// **Errno of a read or write without an open stream: EINVAL**
+/// ([`DeviceError::Invalid`]). In the Linux VFIO migration v2 uAPI a data transfer
+/// session exists only between the arc that opens it (entering STOP_COPY, PRE_COPY or
+/// RESUMING returns a new data fd) and the arc that terminates it; outside it there is
+/// no stream to read or write, so the request is invalid for the device's current
+/// state rather than temporarily impossible. The one state-dependent errno the uAPI
+/// names for an operation on the data stream is EINVAL (VFIO_MIG_GET_PRECOPY_INFO
+/// outside the PRE_COPY states). The vfio-user specification defines MIG_DATA_READ for
+/// the saving states and MIG_DATA_WRITE for RESUMING without naming an errno, and
+/// carries VFIO's semantics over. EBUSY would tell the client to retry the same
+/// request later, which can never succeed without a state change it must make itself.
+/// A write beyond the device's limit is EINVAL too (a stream no device of this kind
+/// produced).
+#[derive(Debug)]
+pub struct MigrationData {
+    device: &'static str,
+    max_resume: usize,
+    session: Session,
+}
+
+impl MigrationData {
+    /// No session open. `device` names the device in error messages; `max_resume` is
+    /// the largest stream accepted while resuming.
+    pub fn new(device: &'static str, max_resume: usize) -> Self {
+        MigrationData {
+            device,
+            max_resume,
+            session: Session::Closed,
+        }
+    }
+
+    /// The largest stream accepted while resuming.
+    pub fn max_resume(&self) -> usize {
+        self.max_resume
+    }
+
+    /// Open a saving session over the serialised state `data` (on entering
+    /// STOP_COPY or PRE_COPY). Replaces any open session.
+    pub fn begin_save(&mut self, data: Vec<u8>) {
+        self.session = Session::Saving { data, pos: 0 };
+    }
+
+    /// Open an empty resuming session (on STOP -> RESUMING). Replaces any open session.
+    pub fn begin_resume(&mut self) {
+        self.session = Session::Resuming { data: Vec::new() };
+    }
+
+    /// Close the resuming session and hand over the collected stream (on RESUMING ->
+    /// STOP). Fails, closing whatever was open, when no resuming session was open.
+    pub fn finish_resume(&mut self) -> Result<Vec<u8>> {
+        match std::mem::take(&mut self.session) {
+            Session::Resuming { data } => Ok(data),
+            _ => Err(DeviceError::Invalid(format!(
+                "{} migration: no resuming session to complete; move the device to RESUMING first",
+                self.device
+            ))),
+        }
+    }
+
+    /// Close any session (an arc that ends one, or a device reset).
+    pub fn close(&mut self) {
+        self.session = Session::Closed;
+    }
+
+    /// True while a saving session is open.
+    pub fn saving(&self) -> bool {
+        matches!(self.session, Session::Saving { .. })
+    }
+
+    /// True while a resuming session is open.
+    pub fn resuming(&self) -> bool {
+        matches!(self.session, Session::Resuming { .. })
+    }
+
+    /// Bytes of the saving session not read yet (0 without one).
+    pub fn remaining(&self) -> usize {
+        match &self.session {
+            Session::Saving { data, pos } => data.len().saturating_sub(*pos),
+            _ => 0,
+        }
+    }
+
+    /// Bytes collected by the resuming session (0 without one).
+    pub fn received(&self) -> usize {
+        match &self.session {
+            Session::Resuming { data } => data.len(),
+            _ => 0,
+        }
+    }
+
+    /// MIG_DATA_READ in migration state `state`: copy the next bytes of the stream
+    /// into `buf`; returns how many (0: end of stream). See the type documentation for
+    /// the errors.
+    pub fn read(&mut self, state: MigState, buf: &mut [u8]) -> Result<usize> {
+        let saving_state = matches!(
+            state,
+            MigState::StopCopy | MigState::PreCopy | MigState::PreCopyP2p
+        );
+        match &mut self.session {
+            Session::Saving { data, pos } if saving_state => {
+                let start = (*pos).min(data.len());
+                let n = buf.len().min(data.len() - start);
+                buf[..n].copy_from_slice(&data[start..start + n]);
+                *pos = start + n;
+                Ok(n)
+            }
+            _ => Err(DeviceError::Invalid(format!(
+                "{} migration data can be read only in STOP_COPY or PRE_COPY (device is in {state:?}); move it to STOP_COPY first",
+                self.device
+            ))),
+        }
+    }
+
+    /// MIG_DATA_WRITE in migration state `state`: append `chunk` to the incoming
+    /// stream. See the type documentation for the errors; a refused chunk leaves the
+    /// collected stream unchanged.
+    pub fn write(&mut self, state: MigState, chunk: &[u8]) -> Result<()> {
+        match &mut self.session {
+            Session::Resuming { data } if state == MigState::Resuming => {
+                match data.len().checked_add(chunk.len()) {
+                    Some(total) if total <= self.max_resume => {
+                        data.extend_from_slice(chunk);
+                        Ok(())
+                    }
+                    _ => Err(DeviceError::Invalid(format!(
+                        "{} migration stream is longer than the {} bytes such a device produces; resume only from a stream saved by the same kind of device and nestio version",
+                        self.device, self.max_resume
+                    ))),
+                }
+            }
+            _ => Err(DeviceError::Invalid(format!(
+                "{} migration data can be written only in RESUMING (device is in {state:?}); move it to RESUMING first",
+                self.device
+            ))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,5 +434,78 @@ mod tests {
         assert!(fsm.transition(Running, |_, _| Ok(())).is_err());
         fsm.reset();
         assert_eq!(fsm.transition(Stop, |_, _| Ok(())).unwrap(), Stop);
+    }
+
+    #[test]
+    fn data_stream_read_in_chunks() {
+        let mut d = MigrationData::new("test", 16);
+        let mut buf = [0u8; 4];
+        d.begin_save((0u8..10).collect());
+        assert!(d.saving() && !d.resuming());
+        assert_eq!(d.remaining(), 10);
+        assert_eq!(d.read(StopCopy, &mut buf).unwrap(), 4);
+        assert_eq!(buf, [0, 1, 2, 3]);
+        assert_eq!(d.read(StopCopy, &mut buf).unwrap(), 4);
+        assert_eq!(d.read(StopCopy, &mut buf).unwrap(), 2);
+        assert_eq!(&buf[..2], &[8, 9]);
+        assert_eq!(d.read(StopCopy, &mut buf).unwrap(), 0, "end of stream");
+        assert_eq!(d.read(StopCopy, &mut []).unwrap(), 0);
+        assert_eq!(d.remaining(), 0);
+        d.close();
+        assert!(!d.saving());
+        assert_eq!(
+            d.read(StopCopy, &mut buf).unwrap_err().errno(),
+            libc::EINVAL
+        );
+    }
+
+    #[test]
+    fn data_stream_write_bounded() {
+        let mut d = MigrationData::new("test", 8);
+        assert!(d.finish_resume().is_err(), "no session");
+        d.begin_resume();
+        d.write(Resuming, &[1, 2, 3]).unwrap();
+        d.write(Resuming, &[]).unwrap();
+        d.write(Resuming, &[4, 5, 6, 7, 8]).unwrap();
+        assert_eq!(d.received(), 8);
+        let e = d.write(Resuming, &[9]).unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        assert_eq!(d.received(), 8, "a refused chunk is not kept");
+        assert_eq!(d.finish_resume().unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 8]);
+        assert!(!d.resuming());
+        assert!(d.finish_resume().is_err(), "finish closes the session");
+    }
+
+    #[test]
+    fn data_stream_wrong_state_is_einval() {
+        let mut d = MigrationData::new("test", 8);
+        let mut buf = [0u8; 4];
+        for s in MigState::ALL {
+            // No session open: every state refuses both directions.
+            assert_eq!(d.read(s, &mut buf).unwrap_err().errno(), libc::EINVAL);
+            assert_eq!(d.write(s, &[1]).unwrap_err().errno(), libc::EINVAL);
+        }
+        d.begin_save(vec![1, 2, 3]);
+        for s in [Error, Stop, Running, Resuming, RunningP2p] {
+            assert_eq!(d.read(s, &mut buf).unwrap_err().errno(), libc::EINVAL);
+        }
+        for s in MigState::ALL {
+            assert_eq!(
+                d.write(s, &[1]).unwrap_err().errno(),
+                libc::EINVAL,
+                "no write into a saving session ({s:?})"
+            );
+        }
+        assert_eq!(d.read(PreCopy, &mut buf).unwrap(), 3);
+        d.begin_resume();
+        for s in [
+            Error, Stop, Running, StopCopy, RunningP2p, PreCopy, PreCopyP2p,
+        ] {
+            assert_eq!(d.write(s, &[1]).unwrap_err().errno(), libc::EINVAL);
+        }
+        for s in MigState::ALL {
+            assert_eq!(d.read(s, &mut buf).unwrap_err().errno(), libc::EINVAL);
+        }
+        assert_eq!(d.received(), 0);
     }
 }

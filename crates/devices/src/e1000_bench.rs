@@ -160,18 +160,9 @@ fn errno() -> std::io::Error {
 
 /// A memfd of [`FILE_SIZE`] bytes: the guest's RAM.
 pub fn guest_memory() -> Result<Arc<OwnedFd>> {
-    // SAFETY: NUL-terminated name, no other pointers; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"nestio-guest".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(DriverError::Memory(errno()));
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: plain syscall on a valid fd.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), FILE_SIZE as libc::off_t) } != 0 {
-        return Err(DriverError::Memory(errno()));
-    }
-    Ok(Arc::new(fd))
+    nestio_dma::memfd::sealed_memfd(c"nestio-guest", FILE_SIZE)
+        .map(Arc::new)
+        .map_err(DriverError::Memory)
 }
 
 /// A non-blocking eventfd.

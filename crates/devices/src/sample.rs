@@ -50,14 +50,18 @@
 //! register writes are refused while the device is not RUNNING; moving to STOP waits
 //! for an in-flight DMA. Interrupts pending in a restored state are raised when the
 //! device next enters RUNNING.
+//! The stream itself is kept by [`MigrationData`] (shared with the e1000): a data read
+//! outside STOP_COPY or a write outside RESUMING is refused with EINVAL.
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
-use nestio_device::migration::MigrationFsm;
-use nestio_device::pci::{BarKind, IntrMode, MsixTable, PciConfig, PciError, PciIntr};
+use nestio_device::migration::{MigrationData, MigrationFsm};
+use nestio_device::pci::{
+    BarKind, IntrMode, MsixCap, MsixHit, MsixTable, PciConfig, PciError, PciIntr,
+};
 use nestio_device::{
     flags, pci_index, region_flags, DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, MigState,
     MigrationFlags, RegionInfo, Result, SparseArea, VfioDevice,
@@ -287,9 +291,7 @@ struct State {
     cfg: PciConfig,
     msix: MsixTable,
     fsm: MigrationFsm,
-    mig_out: Vec<u8>,
-    mig_out_pos: usize,
-    mig_in: Vec<u8>,
+    mig: MigrationData,
     /// A state was restored: raise its pending interrupts at the next RUNNING.
     resumed: bool,
 }
@@ -310,6 +312,9 @@ pub struct SampleDevice {
     /// Held while a DMA command moves bytes; reset and migration take it to quiesce.
     dma_lock: Mutex<()>,
     intr: PciIntr,
+    /// Where the MSI-X table and PBA are in BAR0 (fixed at construction), so a BAR0
+    /// access is routed without taking the state lock.
+    msix_cap: MsixCap,
     table: MapTable,
     ram: File,
     ram_fd: Arc<OwnedFd>,
@@ -321,16 +326,7 @@ pub fn sample_device() -> std::result::Result<Arc<SampleDevice>, SampleError> {
 }
 
 fn memfd(size: u64) -> std::io::Result<File> {
-    // SAFETY: the name is a NUL-terminated literal; memfd_create returns a new fd or -1
-    // and touches no memory of ours otherwise.
-    let fd = unsafe { libc::memfd_create(c"nestio-sample-bar2".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    file.set_len(size)?;
-    Ok(file)
+    nestio_dma::memfd::sealed_memfd(c"nestio-sample-bar2", size).map(File::from)
 }
 
 /// Adler-32 (RFC 1950) state.
@@ -512,20 +508,25 @@ impl SampleDevice {
         let ram_fd = Arc::new(OwnedFd::from(ram.try_clone().map_err(SampleError::Memfd)?));
         let cfg = Self::build_config().map_err(SampleError::Config)?;
         let intr = PciIntr::for_config(&cfg);
-        let msix = MsixTable::with_vectors(VECTORS);
+        let msix_cap = cfg.msix().ok_or_else(|| {
+            SampleError::Config(PciError::Capability {
+                id: nestio_device::pci::cap_id::MSIX.into(),
+                reason: "the configuration space was built without MSI-X".into(),
+            })
+        })?;
+        let msix = msix_cap.new_table();
         Ok(SampleDevice {
             state: Mutex::new(State {
                 regs: Registers::default(),
                 cfg,
                 msix,
                 fsm: MigrationFsm::new(MigrationFlags(MigrationFlags::STOP_COPY)),
-                mig_out: Vec::new(),
-                mig_out_pos: 0,
-                mig_in: Vec::new(),
+                mig: MigrationData::new("sample device", STREAM_LEN),
                 resumed: false,
             }),
             dma_lock: Mutex::new(()),
             intr,
+            msix_cap,
             table: MapTable::default(),
             ram,
             ram_fd,
@@ -779,18 +780,15 @@ impl SampleDevice {
     }
 
     fn bar0_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let st = self.lock();
-        let len = buf.len() as u64;
-        let end = offset.saturating_add(len);
-        let t_end = MSIX_TABLE_OFFSET + st.msix.table_len();
-        let p_end = MSIX_PBA_OFFSET + st.msix.pba_len();
-        if offset >= MSIX_TABLE_OFFSET && end <= t_end {
-            return Ok(st.msix.read_table(offset - MSIX_TABLE_OFFSET, buf)?);
-        }
-        if offset >= MSIX_PBA_OFFSET && end <= p_end {
-            return Ok(st.msix.read_pba(offset - MSIX_PBA_OFFSET, buf)?);
+        // The MSI-X location is immutable: only a table / PBA access takes the lock
+        // for the table, a bad register access none.
+        match self.msix_cap.locate(0, offset, buf.len()) {
+            Some(MsixHit::Table(o)) => return Ok(self.lock().msix.read_table(o, buf)?),
+            Some(MsixHit::Pba(o)) => return Ok(self.lock().msix.read_pba(o, buf)?),
+            None => {}
         }
         check_reg_access(offset, buf.len())?;
+        let st = self.lock();
         for (i, chunk) in buf.chunks_exact_mut(4).enumerate() {
             let v = Self::read_reg(&st, offset + 4 * i as u64);
             chunk.copy_from_slice(&v.to_le_bytes());
@@ -799,6 +797,12 @@ impl SampleDevice {
     }
 
     fn bar0_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        match self.msix_cap.locate(0, offset, data.len()) {
+            Some(MsixHit::Table(o)) => return Ok(self.lock().msix.write_table(o, data)?),
+            Some(MsixHit::Pba(o)) => return Ok(self.lock().msix.write_pba(o, data)?),
+            None => {}
+        }
+        check_reg_access(offset, data.len())?;
         // A write that reaches DMA_CMD claims the DMA engine before the state lock (the
         // lock order everywhere is engine, then state), so a command can never start
         // after the device was stopped or reset.
@@ -815,16 +819,6 @@ impl SampleDevice {
         };
         let job = {
             let mut st = self.lock();
-            let end = offset.saturating_add(data.len() as u64);
-            let t_end = MSIX_TABLE_OFFSET + st.msix.table_len();
-            let p_end = MSIX_PBA_OFFSET + st.msix.pba_len();
-            if offset >= MSIX_TABLE_OFFSET && end <= t_end {
-                return Ok(st.msix.write_table(offset - MSIX_TABLE_OFFSET, data)?);
-            }
-            if offset >= MSIX_PBA_OFFSET && end <= p_end {
-                return Ok(st.msix.write_pba(offset - MSIX_PBA_OFFSET, data)?);
-            }
-            check_reg_access(offset, data.len())?;
             if !Self::running(&st) {
                 return Err(DeviceError::Busy(format!(
                     "sample device registers are frozen in migration state {:?}; move it to RUNNING first",
@@ -892,16 +886,13 @@ impl SampleDevice {
     fn mig_arc(&self, st: &mut State, from: MigState, to: MigState) -> Result<()> {
         match (from, to) {
             (MigState::Stop, MigState::StopCopy) => {
-                st.mig_out = self.snapshot(st)?;
-                st.mig_out_pos = 0;
+                let data = self.snapshot(st)?;
+                st.mig.begin_save(data);
             }
-            (MigState::StopCopy, MigState::Stop) => {
-                st.mig_out = Vec::new();
-                st.mig_out_pos = 0;
-            }
-            (MigState::Stop, MigState::Resuming) => st.mig_in = Vec::new(),
+            (MigState::StopCopy, MigState::Stop) => st.mig.close(),
+            (MigState::Stop, MigState::Resuming) => st.mig.begin_resume(),
             (MigState::Resuming, MigState::Stop) => {
-                let data = std::mem::take(&mut st.mig_in);
+                let data = st.mig.finish_resume()?;
                 let snap = Snapshot::decode(&data)?;
                 self.apply(st, snap)?;
             }
@@ -1012,9 +1003,7 @@ impl VfioDevice for SampleDevice {
         st.msix.reset();
         self.intr.reset(&mut st.cfg);
         st.fsm.reset();
-        st.mig_out = Vec::new();
-        st.mig_out_pos = 0;
-        st.mig_in = Vec::new();
+        st.mig.close();
         st.resumed = false;
         Ok(())
     }
@@ -1042,35 +1031,14 @@ impl VfioDevice for SampleDevice {
 
     fn mig_data_read(&self, buf: &mut [u8]) -> Result<usize> {
         let mut st = self.lock();
-        if st.fsm.state() != MigState::StopCopy {
-            return Err(DeviceError::Invalid(format!(
-                "migration data can be read only in STOP_COPY (device is in {:?})",
-                st.fsm.state()
-            )));
-        }
-        let pos = st.mig_out_pos.min(st.mig_out.len());
-        let n = buf.len().min(st.mig_out.len() - pos);
-        buf[..n].copy_from_slice(&st.mig_out[pos..pos + n]);
-        st.mig_out_pos = pos + n;
-        Ok(n)
+        let state = st.fsm.state();
+        st.mig.read(state, buf)
     }
 
     fn mig_data_write(&self, data: &[u8]) -> Result<()> {
         let mut st = self.lock();
-        if st.fsm.state() != MigState::Resuming {
-            return Err(DeviceError::Invalid(format!(
-                "migration data can be written only in RESUMING (device is in {:?})",
-                st.fsm.state()
-            )));
-        }
-        if st.mig_in.len().saturating_add(data.len()) > STREAM_LEN {
-            return Err(SampleError::Stream(format!(
-                "more than the {STREAM_LEN} bytes of a version {STREAM_VERSION} stream"
-            ))
-            .into());
-        }
-        st.mig_in.extend_from_slice(data);
-        Ok(())
+        let state = st.fsm.state();
+        st.mig.write(state, data)
     }
 }
 
@@ -1090,6 +1058,56 @@ mod tests {
         assert_eq!(c.msi().map(|m| m.vectors_capable()), Some(2));
         assert_eq!(c.msix().map(|m| m.vectors()), Some(VECTORS));
         assert_eq!(c.capabilities().len(), 2);
+    }
+
+    /// Routing a BAR0 access (MSI-X table, PBA or register) needs no state lock: with
+    /// the lock held elsewhere, accesses refused by the routing alone complete, and
+    /// table accesses still reach the table afterwards.
+    #[test]
+    fn bar0_routing_is_lock_free() {
+        let dev = Arc::new(SampleDevice::new().unwrap());
+        let held = dev.lock();
+        let d = dev.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 4];
+            let errs = [
+                d.region_read(0, 0x2, &mut b).map_err(|e| e.errno()),
+                d.region_write(0, 0x10, &[0; 2]).map_err(|e| e.errno()),
+                d.region_read(0, BAR0_SIZE, &mut b).map_err(|e| e.errno()),
+                d.region_write(0, u64::MAX - 1, &[0; 4])
+                    .map_err(|e| e.errno()),
+            ];
+            let _ = tx.send(errs);
+        });
+        // A hang bound, not a timing check: before the routing was lock-free this
+        // waited for `held` forever.
+        let errs = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a refused BAR0 access waited for the state lock");
+        drop(held);
+        assert!(errs.iter().all(|r| *r == Err(libc::EINVAL)), "{errs:?}");
+        // The table and PBA are reached (entry 1 data), registers still work.
+        dev.region_write(0, MSIX_TABLE_OFFSET + 0x18, &0x4242u32.to_le_bytes())
+            .unwrap();
+        let mut b = [0u8; 4];
+        dev.region_read(0, MSIX_TABLE_OFFSET + 0x18, &mut b)
+            .unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0x4242);
+        dev.region_read(0, MSIX_TABLE_OFFSET + 0x1c, &mut b)
+            .unwrap();
+        assert_eq!(u32::from_le_bytes(b), 1, "entries start masked");
+        dev.region_read(0, MSIX_PBA_OFFSET, &mut b).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0);
+        // An access straddling the table end is a register access (reads 0).
+        let mut q = [0xffu8; 8];
+        dev.region_read(0, MSIX_TABLE_OFFSET + 0x1c, &mut q)
+            .unwrap_err();
+        dev.region_read(0, MSIX_TABLE_OFFSET + 0x20, &mut b)
+            .unwrap();
+        assert_eq!(b, [0; 4]);
+        dev.region_read(0, regs::ID, &mut b).unwrap();
+        assert_eq!(u32::from_le_bytes(b), ID_VALUE);
     }
 
     #[test]

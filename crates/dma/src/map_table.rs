@@ -133,12 +133,14 @@ impl Default for MapTable {
 }
 
 /// One checked piece of an access.
-struct Piece {
-    map: Arc<Mapping>,
+struct Piece<'a> {
+    map: &'a Arc<Mapping>,
     /// Offset inside the mapping.
     off: u64,
     /// Bytes in this piece.
     len: usize,
+    /// Position of the piece in the caller's buffer.
+    pos: usize,
 }
 
 impl MapTable {
@@ -306,17 +308,18 @@ impl MapTable {
         }
     }
 
-    /// Split an access into checked pieces, or fail without side effects.
-    fn pieces(
-        &self,
-        inner: &Inner,
+    /// Walk an access piece by piece (one piece per mapping it touches), checking each
+    /// piece for presence and permission; `visit` sees only checked pieces, and the
+    /// walk stops at the first refused one. Nothing is allocated.
+    fn walk<'a>(
+        inner: &'a Inner,
         iova: u64,
         len: usize,
         access: Access,
-    ) -> Result<Vec<Piece>, DmaError> {
-        let mut out = Vec::new();
+        mut visit: impl FnMut(Piece<'a>) -> Result<(), DmaError>,
+    ) -> Result<(), DmaError> {
         if len == 0 {
-            return Ok(out);
+            return Ok(());
         }
         let total = len as u64;
         if iova.checked_add(total - 1).is_none() {
@@ -324,6 +327,7 @@ impl MapTable {
         }
         let mut addr = iova;
         let mut left = total;
+        let mut pos = 0usize;
         while left > 0 {
             let m = match inner.maps.range(..=addr).next_back() {
                 Some((_, m)) if m.range.contains(addr) => m,
@@ -343,19 +347,20 @@ impl MapTable {
                 return Err(DmaError::Permission { iova: addr, access });
             }
             let off = addr - m.range.start();
-            let avail = m.range.len() - off;
-            let n = avail.min(left);
-            out.push(Piece {
-                map: m.clone(),
+            let n = (m.range.len() - off).min(left);
+            visit(Piece {
+                map: m,
                 off,
                 len: n as usize,
-            });
+                pos,
+            })?;
             left -= n;
+            pos += n as usize;
             if left > 0 {
                 addr += n;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     fn fault(&self, e: DmaError) -> DmaError {
@@ -455,18 +460,18 @@ impl MapTable {
         mut copy: impl FnMut(Seg<'_>) -> Result<(), i32>,
     ) -> Result<(), DmaError> {
         let inner = self.read_lock();
-        let pieces = self
-            .pieces(&inner, iova, len, access)
-            .map_err(|e| self.fault(e))?;
+        // First the whole access is checked, so a refused one has no partial effect.
+        Self::walk(&inner, iova, len, access, |_| Ok(())).map_err(|e| self.fault(e))?;
         if access == Access::Write {
             if let Some(log) = &inner.dirty {
                 log.mark(iova, len as u64);
             }
         }
-        let mut peer = Vec::new();
-        let mut pos = 0usize;
-        for p in pieces {
-            let n = p.len;
+        // Peer pieces wait until the lock is released (they block on a socket); the
+        // list allocates only if there are any.
+        let mut peer: Vec<(Arc<dyn DmaPeer>, u64, usize, usize)> = Vec::new();
+        Self::walk(&inner, iova, len, access, |p| {
+            let (n, pos) = (p.len, p.pos);
             match &p.map.kind {
                 Kind::Mem(region) => {
                     copy(Seg::Mem(region, p.off as usize, pos, n))
@@ -487,25 +492,21 @@ impl MapTable {
                     })?;
                     self.file_bytes.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                Kind::Peer(_) => peer.push((pos, p)),
+                Kind::Peer(dev) => peer.push((dev.clone(), p.map.range.start() + p.off, pos, n)),
             }
-            pos += n;
-        }
+            Ok(())
+        })?;
         drop(inner);
-        for (pos, p) in peer {
-            let Kind::Peer(dev) = &p.map.kind else {
-                continue;
-            };
-            let addr = p.map.range.start() + p.off;
-            copy(Seg::Peer(dev.as_ref(), addr, pos, p.len)).map_err(|errno| {
+        for (dev, addr, pos, n) in peer {
+            copy(Seg::Peer(dev.as_ref(), addr, pos, n)).map_err(|errno| {
                 self.fault(DmaError::Peer {
                     iova: addr,
-                    len: p.len as u64,
+                    len: n as u64,
                     access,
                     errno,
                 })
             })?;
-            self.peer_bytes.fetch_add(p.len as u64, Ordering::Relaxed);
+            self.peer_bytes.fetch_add(n as u64, Ordering::Relaxed);
             self.peer_ops.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())

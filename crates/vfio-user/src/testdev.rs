@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nestio_device::irq::Irqs;
-use nestio_device::migration::MigrationFsm;
+use nestio_device::migration::{MigrationData, MigrationFsm};
 use nestio_device::{
     flags, irq_flags, region_flags, DeviceError, DeviceInfo, IoEventFd, IrqAction, IrqData,
     IrqInfo, MigState, MigrationFlags, RegionInfo, Result, SparseArea, VfioDevice,
@@ -50,9 +50,7 @@ pub mod reg {
 struct State {
     ram: Vec<u8>,
     regs: [u8; REGS_SIZE],
-    mig_out: Vec<u8>,
-    mig_pos: usize,
-    mig_in: Vec<u8>,
+    mig: MigrationData,
 }
 
 /// The test device. See the module documentation.
@@ -84,9 +82,7 @@ impl TestDevice {
             state: Mutex::new(State {
                 ram: vec![0; RAM_SIZE],
                 regs: [0; REGS_SIZE],
-                mig_out: Vec::new(),
-                mig_pos: 0,
-                mig_in: Vec::new(),
+                mig: MigrationData::new("test device", RAM_SIZE + REGS_SIZE),
             }),
             fsm: Mutex::new(MigrationFsm::new(MigrationFlags(MigrationFlags::STOP_COPY))),
             memfd: Arc::new(memfd),
@@ -283,6 +279,7 @@ impl VfioDevice for TestDevice {
         let mut st = self.lock();
         st.ram.fill(0);
         st.regs = [0; REGS_SIZE];
+        st.mig.close();
         fsm.reset();
         self.resets.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -306,22 +303,23 @@ impl VfioDevice for TestDevice {
         fsm.transition(target, |from, to| {
             match (from, to) {
                 (MigState::Stop, MigState::StopCopy) => {
-                    st.mig_out = Self::snapshot(&st);
-                    st.mig_pos = 0;
+                    let snap = Self::snapshot(&st);
+                    st.mig.begin_save(snap);
                 }
-                (MigState::Stop, MigState::Resuming) => st.mig_in.clear(),
+                (MigState::Stop, MigState::Resuming) => st.mig.begin_resume(),
                 (MigState::Resuming, MigState::Stop) => {
-                    if st.mig_in.len() != RAM_SIZE + REGS_SIZE {
+                    let data = st.mig.finish_resume()?;
+                    if data.len() != RAM_SIZE + REGS_SIZE {
                         return Err(DeviceError::Invalid(format!(
                             "migration stream has {} bytes, expected {}",
-                            st.mig_in.len(),
+                            data.len(),
                             RAM_SIZE + REGS_SIZE
                         )));
                     }
-                    let data = std::mem::take(&mut st.mig_in);
                     st.ram.copy_from_slice(&data[..RAM_SIZE]);
                     st.regs.copy_from_slice(&data[RAM_SIZE..]);
                 }
+                (MigState::StopCopy, _) => st.mig.close(),
                 _ => {}
             }
             Ok(())
@@ -329,29 +327,13 @@ impl VfioDevice for TestDevice {
     }
 
     fn mig_data_read(&self, buf: &mut [u8]) -> Result<usize> {
-        if self.mig_state()? != MigState::StopCopy {
-            return Err(DeviceError::Busy(
-                "migration data is read in STOP_COPY".into(),
-            ));
-        }
-        let mut st = self.lock();
-        let n = buf.len().min(st.mig_out.len() - st.mig_pos);
-        buf[..n].copy_from_slice(&st.mig_out[st.mig_pos..st.mig_pos + n]);
-        st.mig_pos += n;
-        Ok(n)
+        // Lock order: fsm, then state.
+        let fsm = self.fsm.lock().unwrap_or_else(|e| e.into_inner());
+        self.lock().mig.read(fsm.state(), buf)
     }
 
     fn mig_data_write(&self, data: &[u8]) -> Result<()> {
-        if self.mig_state()? != MigState::Resuming {
-            return Err(DeviceError::Busy(
-                "migration data is written in RESUMING".into(),
-            ));
-        }
-        let mut st = self.lock();
-        if st.mig_in.len() + data.len() > RAM_SIZE + REGS_SIZE {
-            return Err(DeviceError::Invalid("migration stream too long".into()));
-        }
-        st.mig_in.extend_from_slice(data);
-        Ok(())
+        let fsm = self.fsm.lock().unwrap_or_else(|e| e.into_inner());
+        self.lock().mig.write(fsm.state(), data)
     }
 }

@@ -37,8 +37,8 @@ pub mod msix;
 pub use bar::{Bar, BarKind};
 pub use config::PciConfig;
 pub use intr::{Delivery, IntrMode, PciIntr};
-pub use msi::{MsiCap, MsiMessage};
-pub use msix::{MsixCap, MsixEntry, MsixTable};
+pub use msi::{MsiCap, MsiEnable, MsiMessage};
+pub use msix::{MsixCap, MsixEntry, MsixHit, MsixTable};
 
 use crate::{pci_index, DeviceError};
 

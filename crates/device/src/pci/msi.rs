@@ -7,6 +7,14 @@
 //! masking capable. Vector `v` is sent as the programmed data with its low bits replaced
 //! by `v`.
 //!
+//! Multiple Message Capable / Enable encode 1, 2, 4, 8, 16 or 32 vectors as log2 (0..=5);
+//! 6 and 7 are reserved. The field a driver writes is stored as written (it is a plain
+//! read-write field), but the vectors the function uses are [`MsiEnable`]: the enable
+//! value clamped to what the function is capable of (and to 32), so a reserved value or
+//! one above the capability never enables more than the function asks for. The number of
+//! low data bits a vector replaces is log2 of that power of two, however many of the
+//! vectors a VMM actually wires.
+//!
 //! [`MsiCap`] is a small copyable handle (offset and shape); its accessors read the
 //! current values from the [`PciConfig`] that holds it.
 
@@ -31,6 +39,52 @@ pub struct MsiMessage {
     pub address: u64,
     /// Data.
     pub data: u32,
+}
+
+/// Largest log2 of an MSI vector count (32 vectors); 6 and 7 are reserved encodings.
+const LOG2_MAX: u8 = 5;
+
+/// The vectors an enabled MSI function uses: a power of two 1..=32 (see the module
+/// documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsiEnable {
+    log2: u8,
+}
+
+impl MsiEnable {
+    /// From the Multiple Message Enable and Multiple Message Capable fields (log2
+    /// encodings, any value 0..=7; higher bits are ignored): the enable value clamped to
+    /// the capable one and to 32 vectors.
+    pub fn new(multiple_message_enable: u8, multiple_message_capable: u8) -> Self {
+        let mme = multiple_message_enable & 0b111;
+        let mmc = (multiple_message_capable & 0b111).min(LOG2_MAX);
+        MsiEnable { log2: mme.min(mmc) }
+    }
+
+    /// From a message control register value: `None` while MSI is disabled.
+    pub fn from_control(control: u16) -> Option<Self> {
+        if control & CTRL_ENABLE == 0 {
+            return None;
+        }
+        Some(Self::new((control >> 4) as u8, (control >> 1) as u8))
+    }
+
+    /// log2 of the vector count (0..=5).
+    pub fn log2(self) -> u8 {
+        self.log2
+    }
+
+    /// Vectors enabled: 1, 2, 4, 8, 16 or 32.
+    pub fn count(self) -> u32 {
+        1 << self.log2
+    }
+
+    /// The message data of `vector`: the programmed `data` with its low log2(count)
+    /// bits replaced by the vector number; `None` for a vector beyond the count.
+    pub fn data(self, data: u16, vector: u32) -> Option<u32> {
+        let n = self.count();
+        (vector < n).then(|| u32::from(data) & !(n - 1) | vector)
+    }
 }
 
 /// Handle of an MSI capability. See the module documentation.
@@ -115,14 +169,19 @@ impl MsiCap {
     pub fn data(&self, cfg: &PciConfig) -> u16 {
         cfg.read_u16(self.offset + DATA)
     }
-    /// Vectors enabled by the driver (0 while MSI is disabled). A multiple-message
-    /// enable larger than the capability is clamped to it.
-    pub fn vectors_enabled(&self, cfg: &PciConfig) -> u32 {
-        if !self.enabled(cfg) {
-            return 0;
+    /// The vectors in use, `None` while MSI is disabled. A multiple-message enable
+    /// larger than the capability (or reserved) is clamped to it.
+    pub fn enable(&self, cfg: &PciConfig) -> Option<MsiEnable> {
+        let ctrl = self.control(cfg);
+        if ctrl & CTRL_ENABLE == 0 {
+            return None;
         }
-        let mme = ((self.control(cfg) >> 4) & 0b111) as u8;
-        1 << mme.min(self.log2_capable)
+        Some(MsiEnable::new((ctrl >> 4) as u8, self.log2_capable))
+    }
+    /// Vectors enabled by the driver (0 while MSI is disabled). A multiple-message
+    /// enable larger than the capability (or reserved) is clamped to it.
+    pub fn vectors_enabled(&self, cfg: &PciConfig) -> u32 {
+        self.enable(cfg).map_or(0, MsiEnable::count)
     }
     /// Vector `vector` is masked (always false without per-vector masking; true for a
     /// vector beyond the capability).
@@ -154,11 +213,7 @@ impl MsiCap {
     /// The message for `vector`, when MSI is enabled and the vector is among the enabled
     /// ones (masking is not considered; see [`MsiCap::masked`]).
     pub fn message(&self, cfg: &PciConfig, vector: u32) -> Option<MsiMessage> {
-        let n = self.vectors_enabled(cfg);
-        if vector >= n {
-            return None;
-        }
-        let data = u32::from(self.data(cfg)) & !(n - 1) | vector;
+        let data = self.enable(cfg)?.data(self.data(cfg), vector)?;
         Some(MsiMessage {
             address: self.address(cfg),
             data,
@@ -219,6 +274,80 @@ mod tests {
         assert!(m.masked(&c, 8));
         m.set_pending(&mut c, 0, true);
         assert!(!m.pending(&c, 0));
+    }
+
+    /// Every Multiple Message Enable value 0..=7 against every capability: the count is
+    /// the enable value clamped to the capability, and vector i's data has exactly the
+    /// low log2(count) bits replaced by i.
+    #[test]
+    fn every_mme_against_every_mmc() {
+        for log2_cap in 0..=5u8 {
+            let mut c = PciConfig::new();
+            let m = c.add_msi(1 << log2_cap, false).unwrap();
+            let o = m.offset();
+            for data in [0x0000u16, 0x4041, 0xffff] {
+                w(&mut c, o + 0xc, &data.to_le_bytes());
+                for mme in 0..=7u16 {
+                    w(&mut c, o + 2, &(1 | mme << 4).to_le_bytes());
+                    assert_eq!(
+                        (m.control(&c) >> 4) & 7,
+                        mme,
+                        "the field reads back as written"
+                    );
+                    let log2 = (mme as u8).min(log2_cap);
+                    let n = 1u32 << log2;
+                    assert_eq!(m.vectors_enabled(&c), n, "MMC {log2_cap} MME {mme}");
+                    assert_eq!(m.enable(&c).map(MsiEnable::log2), Some(log2));
+                    for v in 0..n {
+                        let want = (u32::from(data) >> log2 << log2) | v;
+                        assert_eq!(
+                            m.message(&c, v).map(|msg| msg.data),
+                            Some(want),
+                            "MMC {log2_cap} MME {mme} data {data:#x} vector {v}"
+                        );
+                        // Bits above the vector field are the programmed ones.
+                        assert_eq!(want & !(n - 1), u32::from(data) & !(n - 1));
+                    }
+                    assert_eq!(m.message(&c, n), None);
+                    assert_eq!(m.message(&c, 32), None);
+                    assert_eq!(m.message(&c, u32::MAX), None);
+                }
+                w(&mut c, o + 2, &0x0070u16.to_le_bytes());
+                assert_eq!(m.vectors_enabled(&c), 0, "disabled");
+                assert_eq!(m.message(&c, 0), None);
+            }
+        }
+    }
+
+    /// The raw helper, as a VMM uses it on a shadow control register: reserved
+    /// capability encodings (6, 7) count as 32 vectors, never more; the data of a vector
+    /// depends on the enabled count, not on how many vectors a caller wired.
+    #[test]
+    fn msi_enable_from_raw_control() {
+        for mmc in 0..=7u16 {
+            for mme in 0..=7u16 {
+                let ctrl = CTRL_64BIT | mmc << 1 | mme << 4;
+                assert_eq!(MsiEnable::from_control(ctrl), None, "disabled");
+                let e = MsiEnable::from_control(ctrl | CTRL_ENABLE).unwrap();
+                let log2 = mme.min(mmc).min(5) as u8;
+                assert_eq!(e, MsiEnable::new(mme as u8, mmc as u8));
+                assert_eq!(e.log2(), log2);
+                assert_eq!(e.count(), 1 << log2);
+                assert!(e.count() <= 32);
+                assert_eq!(e.data(0xffff, e.count()), None);
+                assert_eq!(e.data(0xffff, u32::MAX), None);
+                for v in 0..e.count() {
+                    assert_eq!(e.data(0xffff, v), Some(0xffff & !(e.count() - 1) | v));
+                    assert_eq!(e.data(0x0000, v), Some(v));
+                }
+            }
+        }
+        // Eight vectors enabled: vector 2 replaces three low bits, whatever the data.
+        let e = MsiEnable::new(3, 5);
+        assert_eq!(e.data(0x4047, 2), Some(0x4042));
+        assert_eq!(e.data(0x4040, 7), Some(0x4047));
+        // Higher bits of the raw fields are ignored.
+        assert_eq!(MsiEnable::new(0xfb, 0xff).count(), 8);
     }
 
     #[test]

@@ -161,6 +161,45 @@ impl MsixCap {
     }
 }
 
+/// Where a BAR access lands, as found by [`MsixCap::locate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MsixHit {
+    /// Inside the table, at this offset from its start.
+    Table(u64),
+    /// Inside the PBA, at this offset from its start.
+    Pba(u64),
+}
+
+impl MsixCap {
+    /// Where an access of `len` bytes at `offset` of BAR `bar` lands: entirely inside
+    /// the table or the PBA, or `None` (elsewhere, or only partly inside one of them).
+    ///
+    /// The location of both arrays is fixed when the capability is added, so a device
+    /// keeps a copy of this handle next to its lock and routes a BAR access without
+    /// taking the lock; only an access that hits the table or PBA needs the
+    /// [`MsixTable`] behind it.
+    pub fn locate(&self, bar: usize, offset: u64, len: usize) -> Option<MsixHit> {
+        let end = offset.checked_add(len as u64)?;
+        let inside = |start: u64, size: u64| offset >= start && end <= start + size;
+        if bar == self.table_bar && inside(self.table_offset(), self.table_len()) {
+            return Some(MsixHit::Table(offset - self.table_offset()));
+        }
+        if bar == self.pba_bar && inside(self.pba_offset(), self.pba_len()) {
+            return Some(MsixHit::Pba(offset - self.pba_offset()));
+        }
+        None
+    }
+
+    /// True when an access of `len` bytes at `offset` of BAR `bar` touches any byte of
+    /// the table or the PBA (lock-free, like [`MsixCap::locate`]).
+    pub fn overlaps(&self, bar: usize, offset: u64, len: usize) -> bool {
+        let end = offset.saturating_add(len as u64);
+        let touches = |start: u64, size: u64| offset < start + size && end > start;
+        (bar == self.table_bar && touches(self.table_offset(), self.table_len()))
+            || (bar == self.pba_bar && touches(self.pba_offset(), self.pba_len()))
+    }
+}
+
 /// One table entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MsixEntry {
@@ -390,6 +429,45 @@ mod tests {
         c.write(o as u64 + 4, &0xffff_ffffu32.to_le_bytes())
             .unwrap();
         assert_eq!(c.read_u32(o + 4), 0, "table offset is read-only");
+    }
+
+    #[test]
+    fn locate_is_exact() {
+        let mut c = PciConfig::new();
+        c.add_bar(0, BarKind::Mmio32, 4096).unwrap();
+        c.add_bar(2, BarKind::Mmio32, 4096).unwrap();
+        let m = c.add_msix(3, 0, 0x800, 2, 0x40).unwrap();
+        assert_eq!(m.locate(0, 0x800, 4), Some(MsixHit::Table(0)));
+        assert_eq!(m.locate(0, 0x828, 8), Some(MsixHit::Table(0x28)));
+        assert_eq!(m.locate(0, 0x82c, 4), Some(MsixHit::Table(0x2c)));
+        assert_eq!(m.locate(0, 0x82c, 8), None, "straddles the table end");
+        assert_eq!(m.locate(0, 0x7fc, 8), None, "straddles the table start");
+        assert_eq!(m.locate(0, 0x40, 4), None, "the PBA is in BAR 2");
+        assert_eq!(m.locate(2, 0x800, 4), None, "the table is in BAR 0");
+        assert_eq!(m.locate(2, 0x44, 4), Some(MsixHit::Pba(4)));
+        assert_eq!(m.locate(2, 0x48, 4), None);
+        assert_eq!(m.locate(0, u64::MAX - 3, 8), None, "no overflow");
+        assert_eq!(m.locate(0, u64::MAX, usize::MAX), None);
+        assert!(m.overlaps(0, 0x7fc, 8) && m.overlaps(0, 0x82c, 8));
+        assert!(m.overlaps(2, 0x3c, 8) && !m.overlaps(2, 0x38, 8));
+        assert!(!m.overlaps(0, 0x830, 4) && !m.overlaps(1, 0x800, 4));
+        assert!(!m.overlaps(0, u64::MAX, 8));
+        // Against the definition, for every small access around both arrays.
+        for bar in 0..3usize {
+            for offset in 0x0..0x900u64 {
+                for len in [0usize, 1, 2, 4, 8, 16] {
+                    let end = offset + len as u64;
+                    let want = if bar == 0 && offset >= 0x800 && end <= 0x830 {
+                        Some(MsixHit::Table(offset - 0x800))
+                    } else if bar == 2 && offset >= 0x40 && end <= 0x48 {
+                        Some(MsixHit::Pba(offset - 0x40))
+                    } else {
+                        None
+                    };
+                    assert_eq!(m.locate(bar, offset, len), want, "{bar} {offset:#x} {len}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -104,18 +104,7 @@ const HOT: [u32; 24] = [
 ];
 
 fn memfd() -> Option<OwnedFd> {
-    // SAFETY: memfd_create reads a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"e1000-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: fd is a new descriptor owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ftruncate on a valid fd we own.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), FILE_SIZE as libc::off_t) } != 0 {
-        return None;
-    }
-    Some(fd)
+    nestio_dma::memfd::sealed_memfd(c"e1000-fuzz", FILE_SIZE as u64).ok()
 }
 
 fn pwrite(fd: &OwnedFd, off: u64, data: &[u8]) {

@@ -11,7 +11,8 @@
 //! - `tx.rs`: the transmit ring, walked synchronously inside the TDT write;
 //! - `rx.rs`: filtering and delivery of one received frame into the receive ring;
 //! - `eeprom.rs`, `phy.rs`: EEPROM (EERD and Microwire bit-bang) and the MDIC PHY;
-//! - `state.rs`: the migration stream;
+//! - `state.rs`: the migration stream's format (its transfer in chunks, and the
+//!   errno of a request in the wrong state, are `nestio_device::migration::MigrationData`'s);
 //! - this file: the [`E1000`] device (region dispatch, access-size checks, VFIO
 //!   interrupts and migration) and its RX worker thread.
 //!
@@ -526,16 +527,13 @@ impl Inner {
     fn mig_step(&self, c: &mut Core, from: MigState, to: MigState) -> Result<()> {
         match (from, to) {
             (_, MigState::StopCopy) => {
-                c.mig_out = state::save(c);
-                c.mig_pos = 0;
+                let data = state::save(c);
+                c.mig.begin_save(data);
             }
-            (MigState::StopCopy, _) => {
-                c.mig_out = Vec::new();
-                c.mig_pos = 0;
-            }
-            (_, MigState::Resuming) => c.mig_in.clear(),
+            (MigState::StopCopy, _) => c.mig.close(),
+            (_, MigState::Resuming) => c.mig.begin_resume(),
             (MigState::Resuming, _) => {
-                let data = std::mem::take(&mut c.mig_in);
+                let data = c.mig.finish_resume()?;
                 state::load(c, &data).map_err(|e| DeviceError::Invalid(e.to_string()))?;
             }
             _ => {}
@@ -645,9 +643,7 @@ impl VfioDevice for E1000 {
         self.inner.intr.reset(&mut c.config);
         c.io_addr = 0;
         c.fsm.reset();
-        c.mig_out = Vec::new();
-        c.mig_in = Vec::new();
-        c.mig_pos = 0;
+        c.mig.close();
         c.out_frames.clear();
         c.wake_worker = true;
         drop(c);
@@ -688,34 +684,14 @@ impl VfioDevice for E1000 {
 
     fn mig_data_read(&self, buf: &mut [u8]) -> Result<usize> {
         let mut c = self.inner.lock();
-        if c.fsm.state() != MigState::StopCopy {
-            return Err(DeviceError::Busy(format!(
-                "migration data can be read only in STOP_COPY (device is in {:?})",
-                c.fsm.state()
-            )));
-        }
-        let pos = c.mig_pos.min(c.mig_out.len());
-        let n = buf.len().min(c.mig_out.len() - pos);
-        buf[..n].copy_from_slice(&c.mig_out[pos..pos + n]);
-        c.mig_pos = pos + n;
-        Ok(n)
+        let state = c.fsm.state();
+        c.mig.read(state, buf)
     }
 
     fn mig_data_write(&self, data: &[u8]) -> Result<()> {
         let mut c = self.inner.lock();
-        if c.fsm.state() != MigState::Resuming {
-            return Err(DeviceError::Busy(format!(
-                "migration data can be written only in RESUMING (device is in {:?})",
-                c.fsm.state()
-            )));
-        }
-        if c.mig_in.len().saturating_add(data.len()) > MAX_MIG_STREAM {
-            return Err(DeviceError::Invalid(format!(
-                "e1000 migration stream exceeds {MAX_MIG_STREAM} bytes; the source is not an e1000"
-            )));
-        }
-        c.mig_in.extend_from_slice(data);
-        Ok(())
+        let state = c.fsm.state();
+        c.mig.write(state, data)
     }
 }
 

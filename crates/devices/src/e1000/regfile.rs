@@ -26,13 +26,14 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use nestio_device::migration::MigrationFsm;
+use nestio_device::migration::{MigrationData, MigrationFsm};
 use nestio_device::pci::{IntrMode, PciConfig, PciIntr};
 
 use super::eeprom::{Eeprom, Microwire};
 use super::phy::{Phy, PHY_ADDR};
 use super::regs::*;
 use super::tx::TxState;
+use super::MAX_MIG_STREAM;
 
 /// Bits of `Core::warned`: each problem is logged once until reset.
 pub(crate) mod warn {
@@ -68,6 +69,9 @@ pub(crate) struct Core {
     pub rx_halted: bool,
     /// Frames received while stopped, delivered when running again.
     pub pending: VecDeque<Vec<u8>>,
+    /// Reused by the receiver to assemble a buffer chunk that spans the end of a frame
+    /// and the padding / FCS (not device state: never migrated or reset).
+    pub rx_scratch: Vec<u8>,
     pub config: PciConfig,
     /// The configuration space as built (function-level reset restores it).
     pub config_init: PciConfig,
@@ -82,11 +86,8 @@ pub(crate) struct Core {
     pub out_frames: Vec<Vec<u8>>,
     /// The RX worker must re-evaluate (new buffers, deferred interrupt, resumed).
     pub wake_worker: bool,
-    /// STOP_COPY output and read position.
-    pub mig_out: Vec<u8>,
-    pub mig_pos: usize,
-    /// RESUMING input.
-    pub mig_in: Vec<u8>,
+    /// The migration data stream (STOP_COPY output, RESUMING input).
+    pub mig: MigrationData,
     /// IOADDR of the I/O window.
     pub io_addr: u32,
 }
@@ -103,6 +104,7 @@ impl Core {
             tx_halted: false,
             rx_halted: false,
             pending: VecDeque::new(),
+            rx_scratch: Vec::new(),
             config_init: config.clone(),
             config,
             fsm,
@@ -111,9 +113,7 @@ impl Core {
             warned: 0,
             out_frames: Vec::new(),
             wake_worker: false,
-            mig_out: Vec::new(),
-            mig_pos: 0,
-            mig_in: Vec::new(),
+            mig: MigrationData::new("e1000", MAX_MIG_STREAM),
             io_addr: 0,
         };
         c.reset_regs();

@@ -9,6 +9,9 @@
 //! 3. Size: frames shorter than 60 bytes are padded (as the MAC would see a padded
 //!    frame); with SECRC clear the 4-byte FCS is appended (computed CRC-32); a frame
 //!    over 1522 bytes with FCS is dropped and counted in ROC unless RCTL.LPE is set.
+//!    The frame is not copied for this: buffer chunks inside the frame are DMAed
+//!    from the caller's buffer, and a chunk that mixes frame bytes with padding / FCS
+//!    is assembled in a scratch buffer the device keeps (no allocation per frame).
 //! 4. Buffers: BSIZE/BSEX give the buffer size; the frame spans as many descriptors as
 //!    it needs, EOP on the last. If fewer free descriptors than needed are between
 //!    RDH and RDT, the frame is dropped: MPC and RNBC count it and RXO is raised (the
@@ -39,7 +42,11 @@ const MIN_FRAME: usize = 60;
 
 /// Ethernet CRC-32 (reflected, polynomial 0xEDB88320), as the FCS is computed.
 pub fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
+    !crc32_update(0xFFFF_FFFF, data)
+}
+
+/// Continue a CRC-32 register (not inverted) over `data`.
+fn crc32_update(mut crc: u32, data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
@@ -47,7 +54,61 @@ pub fn crc32(data: &[u8]) -> u32 {
             crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
         }
     }
-    !crc
+    crc
+}
+
+/// Most bytes the receiver adds after a frame: padding of a 6-byte frame to 60, and
+/// the FCS.
+const TAIL_MAX: usize = MIN_FRAME - 6 + 4;
+
+/// The bytes stored for one frame — the frame as received, zero padding up to
+/// [`MIN_FRAME`] and, with RCTL.SECRC clear, the FCS — described without copying the
+/// frame: buffer chunks that lie inside the frame are DMAed straight from the caller's
+/// buffer (the backend's receive buffer or a pending frame); only a chunk that spans
+/// the end of the frame and the added bytes is assembled, in a scratch buffer the
+/// device keeps (so no allocation per frame once it has grown).
+struct Stored<'a> {
+    frame: &'a [u8],
+    tail: [u8; TAIL_MAX],
+    tail_len: usize,
+}
+
+impl<'a> Stored<'a> {
+    /// `frame` is at least 6 bytes (the receiver drops shorter ones before).
+    fn new(frame: &'a [u8], with_fcs: bool) -> Self {
+        let pad = MIN_FRAME.saturating_sub(frame.len());
+        let mut tail = [0u8; TAIL_MAX];
+        let mut tail_len = pad;
+        if with_fcs {
+            let crc = !crc32_update(crc32_update(0xFFFF_FFFF, frame), &tail[..pad]);
+            tail[pad..pad + 4].copy_from_slice(&crc.to_le_bytes());
+            tail_len += 4;
+        }
+        Stored {
+            frame,
+            tail,
+            tail_len,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.frame.len() + self.tail_len
+    }
+
+    /// Bytes `[start, end)` of the stored frame (`start <= end <= len()`).
+    fn bytes<'s>(&'s self, start: usize, end: usize, scratch: &'s mut Vec<u8>) -> &'s [u8] {
+        let f = self.frame.len();
+        if end <= f {
+            &self.frame[start..end]
+        } else if start >= f {
+            &self.tail[start - f..end - f]
+        } else {
+            scratch.clear();
+            scratch.extend_from_slice(&self.frame[start..]);
+            scratch.extend_from_slice(&self.tail[..end - f]);
+            scratch
+        }
+    }
 }
 
 /// Outcome of offering a frame to the receiver (for tests and tracing).
@@ -116,6 +177,62 @@ impl Core {
         );
     }
 
+    /// Write `data` into `needed` descriptors from RDH on (the caller checked they are
+    /// free), advancing RDH after each write-back. A fault halts the queue and counts
+    /// the frame as missed.
+    fn rx_store(
+        &mut self,
+        data: &Stored<'_>,
+        bufsize: usize,
+        needed: usize,
+        dma: &MapTable,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), RxOutcome> {
+        let (base, count) = self.rx_ring();
+        let mut head = self.reg(RDH);
+        for i in 0..needed {
+            let start = i * bufsize;
+            let end = (start + bufsize).min(data.len());
+            let chunk = data.bytes(start, end, scratch);
+            let Some(daddr) = base.checked_add(u64::from(head) * DESC_SIZE) else {
+                self.rx_dma_fault(format_args!("descriptor address overflows"));
+                self.rx_missed();
+                return Err(RxOutcome::Halted);
+            };
+            let mut d = [0u8; 8];
+            if let Err(e) = dma.read(daddr, &mut d) {
+                self.rx_dma_fault(format_args!("descriptor read: {e}"));
+                self.rx_missed();
+                return Err(RxOutcome::Halted);
+            }
+            let baddr = u64::from_le_bytes(d);
+            if let Err(e) = dma.write(baddr, chunk) {
+                self.rx_dma_fault(format_args!("buffer write: {e}"));
+                self.rx_missed();
+                return Err(RxOutcome::Halted);
+            }
+            let last = i + 1 == needed;
+            let mut wb = [0u8; 8];
+            wb[..2].copy_from_slice(&(chunk.len() as u16).to_le_bytes());
+            wb[4] = RXD_STA_DD | RXD_STA_IXSM | if last { RXD_STA_EOP } else { 0 };
+            let r = match daddr.checked_add(8) {
+                Some(a) => dma.write(a, &wb),
+                None => Err(nestio_dma::DmaError::Overflow {
+                    iova: daddr,
+                    len: 16,
+                }),
+            };
+            if let Err(e) = r {
+                self.rx_dma_fault(format_args!("descriptor write-back: {e}"));
+                self.rx_missed();
+                return Err(RxOutcome::Halted);
+            }
+            head = (head + 1) % count;
+            self.set_reg(RDH, head);
+        }
+        Ok(())
+    }
+
     /// Offer one frame (without FCS) to the receiver.
     pub fn receive(&mut self, frame: &[u8], irqs: &PciIntr, dma: &MapTable) -> RxOutcome {
         let rctl = self.reg(RCTL);
@@ -132,11 +249,7 @@ impl Core {
         if !self.rx_accepts(&dst) {
             return RxOutcome::Filtered;
         }
-        let mut data = frame.to_vec();
-        if data.len() < MIN_FRAME {
-            data.resize(MIN_FRAME, 0);
-        }
-        let wire = data.len() + 4;
+        let wire = frame.len().max(MIN_FRAME) + 4;
         let limit = if rctl & RCTL_LPE != 0 {
             MAX_LONG_FRAME
         } else {
@@ -146,10 +259,7 @@ impl Core {
             self.stat_inc(ROC);
             return RxOutcome::Oversize;
         }
-        if rctl & RCTL_SECRC == 0 {
-            let fcs = crc32(&data);
-            data.extend_from_slice(&fcs.to_le_bytes());
-        }
+        let data = Stored::new(frame, rctl & RCTL_SECRC == 0);
         let Some(bufsize) = rx_buffer_size(rctl) else {
             self.warn_once(
                 warn::RX_BSIZE,
@@ -172,8 +282,8 @@ impl Core {
             self.rx_missed();
             return RxOutcome::Halted;
         }
-        let (base, count) = self.rx_ring();
-        let mut head = self.reg(RDH);
+        let (_, count) = self.rx_ring();
+        let head = self.reg(RDH);
         let tail = self.reg(RDT);
         if count == 0 {
             self.rx_missed();
@@ -198,43 +308,13 @@ impl Core {
             self.raise(ICR_RXO, irqs);
             return RxOutcome::NoBuffers;
         }
-        for (i, chunk) in data.chunks(bufsize).enumerate() {
-            let Some(daddr) = base.checked_add(u64::from(head) * DESC_SIZE) else {
-                self.rx_dma_fault(format_args!("descriptor address overflows"));
-                self.rx_missed();
-                return RxOutcome::Halted;
-            };
-            let mut d = [0u8; 8];
-            if let Err(e) = dma.read(daddr, &mut d) {
-                self.rx_dma_fault(format_args!("descriptor read: {e}"));
-                self.rx_missed();
-                return RxOutcome::Halted;
-            }
-            let baddr = u64::from_le_bytes(d);
-            if let Err(e) = dma.write(baddr, chunk) {
-                self.rx_dma_fault(format_args!("buffer write: {e}"));
-                self.rx_missed();
-                return RxOutcome::Halted;
-            }
-            let last = i + 1 == needed;
-            let mut wb = [0u8; 8];
-            wb[..2].copy_from_slice(&(chunk.len() as u16).to_le_bytes());
-            wb[4] = RXD_STA_DD | RXD_STA_IXSM | if last { RXD_STA_EOP } else { 0 };
-            let r = match daddr.checked_add(8) {
-                Some(a) => dma.write(a, &wb),
-                None => Err(nestio_dma::DmaError::Overflow {
-                    iova: daddr,
-                    len: 16,
-                }),
-            };
-            if let Err(e) = r {
-                self.rx_dma_fault(format_args!("descriptor write-back: {e}"));
-                self.rx_missed();
-                return RxOutcome::Halted;
-            }
-            head = (head + 1) % count;
-            self.set_reg(RDH, head);
+        let mut scratch = std::mem::take(&mut self.rx_scratch);
+        let stored = self.rx_store(&data, bufsize, needed, dma, &mut scratch);
+        self.rx_scratch = scratch;
+        if let Err(outcome) = stored {
+            return outcome;
         }
+        let head = self.reg(RDH);
         // Statistics count the frame with its FCS, whether or not the FCS was stored.
         let wire = wire as u64;
         self.stat_inc(GPRC);
@@ -280,6 +360,37 @@ mod tests {
     #[test]
     fn crc_known_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    /// Every split of the stored bytes equals the same range of the frame copied,
+    /// padded and extended with its FCS (what the receiver stored before it stopped
+    /// copying frames).
+    #[test]
+    fn stored_bytes_match_padded_frame_with_fcs() {
+        let mut scratch = Vec::new();
+        for len in [6usize, 42, 59, 60, 61, 100, 1514] {
+            let frame: Vec<u8> = (0..len).map(|i| (i * 13 + len) as u8).collect();
+            for with_fcs in [false, true] {
+                let mut want = frame.clone();
+                want.resize(len.max(MIN_FRAME), 0);
+                if with_fcs {
+                    let fcs = crc32(&want);
+                    want.extend_from_slice(&fcs.to_le_bytes());
+                }
+                let s = Stored::new(&frame, with_fcs);
+                assert_eq!(s.len(), want.len());
+                for bufsize in [1, 3, 7, 59, 60, 64, 256, 2048] {
+                    let mut got = Vec::new();
+                    let mut start = 0;
+                    while start < s.len() {
+                        let end = (start + bufsize).min(s.len());
+                        got.extend_from_slice(s.bytes(start, end, &mut scratch));
+                        start = end;
+                    }
+                    assert_eq!(got, want, "len {len} fcs {with_fcs} bufsize {bufsize}");
+                }
+            }
+        }
     }
 
     #[test]

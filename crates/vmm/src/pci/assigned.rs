@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
+use nestio_device::pci::MsiEnable;
 use nestio_device::{pci_index, region_flags, DeviceError, IrqAction, IrqData, VfioDevice};
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
 use vmm_sys_util::eventfd::EventFd;
@@ -141,7 +142,37 @@ impl Bar {
     }
 }
 
+/// Where the MSI-X table and PBA live: fixed when the device is attached, so a BAR
+/// access is classified without taking the state lock (only table/PBA hits lock).
+#[derive(Debug, Clone, Copy)]
+struct MsixLayout {
+    table_bar: u32,
+    table: (u64, u64),
+    pba_bar: u32,
+    pba: (u64, u64),
+}
+
+impl MsixLayout {
+    /// Whether `[offset, end)` of BAR `index` touches the table, the PBA, or neither.
+    fn hits(&self, index: u32, offset: u64, end: u64) -> (bool, bool) {
+        let (t0, t1) = self.table;
+        let (p0, p1) = self.pba;
+        (
+            index == self.table_bar && offset < t1 && end > t0,
+            index == self.pba_bar && offset < p1 && end > p0,
+        )
+    }
+}
+
 impl Msix {
+    fn layout(&self) -> MsixLayout {
+        MsixLayout {
+            table_bar: self.table_bar,
+            table: self.table_range(),
+            pba_bar: self.pba_bar,
+            pba: self.pba_range(),
+        }
+    }
     fn table_range(&self) -> (u64, u64) {
         (self.table_off, self.table_off + 16 * self.size as u64)
     }
@@ -170,6 +201,8 @@ pub struct AssignedDevice {
     name: String,
     dev: Arc<dyn VfioDevice>,
     config_size: u64,
+    /// MSI-X table/PBA location (immutable; `None` without usable MSI-X).
+    msix_layout: Option<MsixLayout>,
     state: Mutex<State>,
     lost: Mutex<Option<String>>,
     intx_gsi: Option<u32>,
@@ -523,6 +556,7 @@ impl AssignedDevice {
             name,
             dev,
             config_size: cfg_info.size,
+            msix_layout: st.msix.as_ref().map(Msix::layout),
             state: Mutex::new(st),
             lost: Mutex::new(None),
             intx_gsi,
@@ -780,8 +814,7 @@ impl AssignedDevice {
         read: Option<&'a mut [u8]>,
         write: Option<&'b [u8]>,
     ) -> Option<(Option<&'a mut [u8]>, Option<&'b [u8]>)> {
-        let mut st = self.lock();
-        let Some(m) = st.msix.as_mut() else {
+        let Some(layout) = self.msix_layout else {
             return Some((read, write));
         };
         let len = read
@@ -790,13 +823,16 @@ impl AssignedDevice {
             .or(write.map(|d| d.len()))
             .unwrap_or(0) as u64;
         let end = offset.saturating_add(len);
-        let (t0, t1) = m.table_range();
-        let (p0, p1) = m.pba_range();
-        let in_table = index == m.table_bar && offset < t1 && end > t0;
-        let in_pba = index == m.pba_bar && offset < p1 && end > p0;
+        // Ordinary register accesses leave here without touching the lock.
+        let (in_table, in_pba) = layout.hits(index, offset, end);
         if !in_table && !in_pba {
             return Some((read, write));
         }
+        let ((t0, t1), (p0, p1)) = (layout.table, layout.pba);
+        let mut st = self.lock();
+        let Some(m) = st.msix.as_mut() else {
+            return Some((read, write));
+        };
         // The specification requires aligned dword or qword accesses here.
         let ok = (len == 4 || len == 8)
             && offset.is_multiple_of(len)
@@ -939,12 +975,10 @@ impl AssignedDevice {
         let Some(msi) = st.msi.as_mut() else { return };
         let cap = msi.cap;
         let ctrl = u16::from_le_bytes([shadow[cap + 2], shadow[cap + 3]]);
-        let enabled = ctrl & 1 != 0;
-        let want = if enabled {
-            (1u32 << ((ctrl >> 4) & 7).min(5)).min(msi.max_vectors)
-        } else {
-            0
-        };
+        // The enabled count as the PCI spec defines it (reserved MME values and values
+        // above MMC clamped); the vectors wired are at most what the device has.
+        let enable = MsiEnable::from_control(ctrl);
+        let want = enable.map_or(0, |e| e.count().min(msi.max_vectors));
         let addr_lo = u32::from_le_bytes([
             shadow[cap + 4],
             shadow[cap + 5],
@@ -962,7 +996,7 @@ impl AssignedDevice {
             0
         };
         let d = msi.data_off();
-        let data = u16::from_le_bytes([shadow[d], shadow[d + 1]]) as u32;
+        let data = u16::from_le_bytes([shadow[d], shadow[d + 1]]);
         let address = addr_lo | addr_hi << 32;
         // Make sure enough vectors exist (GSI + eventfd + irqfd).
         while (msi.vectors.len() as u32) < want {
@@ -982,18 +1016,8 @@ impl AssignedDevice {
         }
         let want = want.min(msi.vectors.len() as u32);
         // One KVM_SET_GSI_ROUTING for all vectors, not one per vector.
-        let routes: Vec<_> = msi
-            .vectors
-            .iter()
-            .enumerate()
-            .map(|(v, vec)| {
-                let route = ((v as u32) < want).then(|| {
-                    let vdata = (data & !(want - 1)) | v as u32;
-                    (address, vdata)
-                });
-                (vec.gsi, route)
-            })
-            .collect();
+        let gsis: Vec<u32> = msi.vectors.iter().map(|v| v.gsi).collect();
+        let routes = msi_routes(enable, want, address, data, &gsis);
         if let Err(e) = root.set_msi_routes(&routes) {
             tracing::warn!(device = %self.name, error = %e, "KVM_SET_GSI_ROUTING failed");
         }
@@ -1342,5 +1366,72 @@ impl BusDevice for BarIo {
             Some(d) => d.region_access(self.index, self.region_size, offset, None, Some(data)),
             None => Ok(()),
         }
+    }
+}
+
+/// The KVM MSI route of each allocated vector (`gsis[v]` is vector v's GSI): vectors
+/// below `wired` get `address` and their data — the programmed `data` with the low
+/// log2(enabled count) bits replaced by v, per the PCI spec, computed from the *enabled*
+/// count even when fewer vectors could be wired — and the rest no route.
+fn msi_routes(
+    enable: Option<MsiEnable>,
+    wired: u32,
+    address: u64,
+    data: u16,
+    gsis: &[u32],
+) -> Vec<(u32, Option<(u64, u32)>)> {
+    gsis.iter()
+        .enumerate()
+        .map(|(v, &gsi)| {
+            let v = v as u32;
+            let route = enable
+                .filter(|_| v < wired)
+                .and_then(|e| e.data(data, v))
+                .map(|vdata| (address, vdata));
+            (gsi, route)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msi_route_data_follows_the_enabled_count_not_the_wired_count() {
+        // MME = 4 vectors (log2 2), MMC = 8, enabled; only 3 GSIs could be wired.
+        let ctrl = 1 | (3 << 1) | (2 << 4);
+        let en = MsiEnable::from_control(ctrl);
+        let r = msi_routes(en, 3, 0xfee0_0000, 0x41, &[24, 25, 26]);
+        assert_eq!(
+            r,
+            vec![
+                (24, Some((0xfee0_0000, 0x40))),
+                (25, Some((0xfee0_0000, 0x41))),
+                (26, Some((0xfee0_0000, 0x42))),
+            ],
+            "each vector has its own data; the low 2 bits are the vector number"
+        );
+    }
+
+    #[test]
+    fn msi_routes_for_reserved_and_oversized_enables_and_disabled_msi() {
+        // MME 7 (reserved) with MMC 2 vectors: 2 vectors, data bit 0 is the vector.
+        let en = MsiEnable::from_control(1 | (1 << 1) | (7 << 4));
+        let r = msi_routes(en, 2, 0xfee0_1000, 0x55, &[30, 31, 32]);
+        assert_eq!(
+            r,
+            vec![
+                (30, Some((0xfee0_1000, 0x54))),
+                (31, Some((0xfee0_1000, 0x55))),
+                (32, None),
+            ]
+        );
+        // Disabled: no routes at all.
+        let r = msi_routes(MsiEnable::from_control(0x70), 0, 0xfee0_0000, 0, &[1, 2]);
+        assert_eq!(r, vec![(1, None), (2, None)]);
+        // Single vector: data untouched.
+        let r = msi_routes(MsiEnable::from_control(1), 1, 0xfee0_0000, 0xffff, &[5]);
+        assert_eq!(r, vec![(5, Some((0xfee0_0000, 0xffff)))]);
     }
 }
