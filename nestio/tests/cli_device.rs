@@ -1,6 +1,8 @@
 //! The `nestio device` command as a user runs it: a separate process serving a device on
 //! a socket path, driven by nestio's vfio-user client from this (test) process.
 
+mod common;
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -36,17 +38,25 @@ fn serve(args: &[&str], tag: &str) -> Served {
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn nestio device");
-    let s = Served { child, path };
-    wait_for_socket(&s.path);
+    let mut s = Served { child, path };
+    wait_for_socket(&mut s.child, &s.path);
     s
 }
 
-fn wait_for_socket(p: &Path) {
+/// Wait until `child` listens on `p` (the socket file appears at bind(), before
+/// listen(), when a connect would still be refused).
+fn wait_for_socket(child: &mut Child, p: &Path) {
     let t0 = Instant::now();
-    while !p.exists() {
+    while !common::listening(child.id(), p) {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "nestio device exited before listening on {}: {st}",
+                p.display()
+            );
+        }
         assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "{} never appeared",
+            t0.elapsed() < Duration::from_secs(120),
+            "nothing ever listened on {}",
             p.display()
         );
         std::thread::sleep(Duration::from_millis(10));
@@ -126,7 +136,7 @@ fn sample_device_process_driven_by_client() {
     w32(&c, regs::DMA_PATTERN, 0xa5a5_a5a5);
     w32(&c, regs::DMA_CMD, cmd::FILL);
     assert!(
-        wait_event(&ev, 10_000),
+        wait_event(&ev, 60_000),
         "completion interrupt from the device process"
     );
     assert_eq!(

@@ -15,6 +15,8 @@
 //! Both read the whole guest console and fail on kernel warnings, oopses, and e1000
 //! error lines (hardware error, TX unit hang).
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -133,13 +135,15 @@ fn device(net: &str, netns: Option<&str>, tag: &str) -> Proc {
     };
     let t0 = Instant::now();
     let path = p.socket.clone().unwrap_or_default();
-    while !path.exists() {
+    // Listening, not merely bound (the file appears before listen()); `ip netns exec`
+    // execs nestio, so the child's pid shows the namespace's socket table.
+    while !common::listening(p.child.id(), &path) {
         if let Ok(Some(st)) = p.child.try_wait() {
             panic!("nestio device exited early: {st}");
         }
         assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "{} never appeared",
+            t0.elapsed() < Duration::from_secs(120),
+            "nothing ever listened on {}",
             path.display()
         );
         std::thread::sleep(Duration::from_millis(10));
@@ -350,6 +354,9 @@ fn linux_e1000_tap_pings_both_ways_in_netns() {
     };
     let pid = std::process::id();
     let ns = format!("nestio-lx-{pid}");
+    // A namespace of this name can only be left over from an earlier process with our
+    // pid that died without cleaning up (e.g. a deadlock guard's abort): remove it.
+    let _ = ip(&["netns", "del", &ns]);
     if let Err(e) = ip(&["netns", "add", &ns]) {
         skip_or_fail(test, &format!("cannot create a network namespace: {e}"));
         return;

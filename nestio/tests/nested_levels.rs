@@ -5,6 +5,8 @@
 //! driver pings through two exporting levels (skipped loudly without a built kernel,
 //! except under CI=true).
 
+mod common;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -92,17 +94,22 @@ impl Level {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    /// Wait until `path` exists (a socket this process binds) while the process lives.
+    /// Wait until this process listens on the socket `path` while the process lives
+    /// (the file alone appears before listen(), when a connect is still refused).
     fn wait_for(&mut self, path: &Path) {
         let t = Instant::now();
-        while !path.exists() {
+        while !common::listening(self.child.id(), path) {
             assert!(
                 self.running(),
                 "the process ended before binding {}: {}",
                 path.display(),
                 self.stderr()
             );
-            assert!(t.elapsed() < DEADLINE, "{} never appeared", path.display());
+            assert!(
+                t.elapsed() < DEADLINE,
+                "nothing ever listened on {}",
+                path.display()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }

@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nestio_device::{pci_index, IrqAction, IrqData, MigState, VfioDevice};
 use nestio_devices::e1000::regs::*;
@@ -46,7 +46,8 @@ fn take(fd: &OwnedFd) -> u64 {
     }
 }
 
-/// Wait until `fd` is readable (up to 10 s; the bound only avoids hanging forever).
+/// Wait until `fd` is readable (up to 60 s: the bound only avoids hanging forever, and
+/// is generous for a loaded CI machine).
 fn wait(fd: &OwnedFd) -> bool {
     let mut p = libc::pollfd {
         fd: fd.as_raw_fd(),
@@ -54,7 +55,7 @@ fn wait(fd: &OwnedFd) -> bool {
         revents: 0,
     };
     // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, 10_000) > 0 }
+    unsafe { libc::poll(&mut p, 1, 60_000) > 0 }
 }
 
 /// A backend recording sent frames; `push` makes a frame receivable.
@@ -63,6 +64,8 @@ struct Capture {
     sent: Arc<Mutex<Vec<Vec<u8>>>>,
     inbox: Arc<Mutex<Vec<Vec<u8>>>>,
     fd: Arc<OwnedFd>,
+    /// The result of every `recv` call in order (true: a frame was returned).
+    recvs: Arc<Mutex<Vec<bool>>>,
 }
 
 impl Capture {
@@ -71,7 +74,23 @@ impl Capture {
             sent: Arc::default(),
             inbox: Arc::default(),
             fd: Arc::new(eventfd()),
+            recvs: Arc::default(),
         }
+    }
+    /// The number of `recv` calls so far.
+    fn recv_calls(&self) -> usize {
+        self.recvs.lock().unwrap().len()
+    }
+    /// True once a `recv` call after the first `since` returned a frame and the
+    /// backend was asked again afterwards. The RX worker handles a frame (delivers or
+    /// queues it) between taking it and its next `recv`, so only that later call shows
+    /// the frame is in the device (an empty inbox alone does not).
+    fn frame_handled_since(&self, since: usize) -> bool {
+        let log = self.recvs.lock().unwrap();
+        let tail = log.get(since..).unwrap_or(&[]);
+        tail.iter()
+            .position(|&got| got)
+            .is_some_and(|i| i + 1 < tail.len())
     }
     fn sent(&self) -> Vec<Vec<u8>> {
         self.sent.lock().unwrap().clone()
@@ -97,6 +116,7 @@ impl NetBackend for Capture {
     }
     fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, NetError> {
         let mut q = self.inbox.lock().unwrap();
+        self.recvs.lock().unwrap().push(!q.is_empty());
         if q.is_empty() {
             take(&self.fd);
             return Ok(None);
@@ -126,17 +146,7 @@ struct Guest {
 }
 
 fn memfd(size: u64) -> OwnedFd {
-    // SAFETY: NUL-terminated name; result checked.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fresh descriptor.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: valid fd.
-    assert_eq!(
-        unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) },
-        0
-    );
-    fd
+    nestio_dma::memfd::sealed_memfd(c"guest", size).unwrap()
 }
 
 impl Guest {
@@ -940,17 +950,20 @@ fn e1000_migration_round_trip() {
     // While stopped: no DMA; received frames (from the backend through the worker,
     // or injected) wait in the pending queue.
     let rdh = a.rd(RDH);
+    let calls = cap_a.recv_calls();
     cap_a.push(frame_to(DEFAULT_MAC, 80));
-    for _ in 0..2000 {
-        if cap_a.inbox.lock().unwrap().is_empty() {
-            break;
-        }
+    // Wait until the worker has queued the frame, not merely taken it from the backend:
+    // otherwise the injected frame below could be queued first, or the state read
+    // before the frame is in it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cap_a.frame_handled_since(calls) {
+        assert!(
+            Instant::now() < deadline,
+            "worker takes frames while stopped"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(
-        cap_a.inbox.lock().unwrap().is_empty(),
-        "worker takes frames while stopped"
-    );
+    assert!(cap_a.inbox.lock().unwrap().is_empty());
     assert_eq!(a.dev.inject_frame(&frame_to(DEFAULT_MAC, 70)), None);
     assert_eq!(a.rx_desc(rdh).1 & RXD_STA_DD, 0, "no DMA while stopped");
     let bitmap = a
@@ -1002,10 +1015,8 @@ fn e1000_migration_round_trip() {
     assert_eq!(b.eerd(0), u16::from_le_bytes([0x52, 0x54]));
     assert_ne!(b.cfg_read16(4) & 0x4, 0, "bus master restored");
     // The pending frames are delivered, in order, by the destination's worker.
-    for _ in 0..2000 {
-        if b.rx_desc(rdh + 1).1 & RXD_STA_DD != 0 {
-            break;
-        }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while b.rx_desc(rdh + 1).1 & RXD_STA_DD == 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     let (len, st) = b.rx_desc(rdh);

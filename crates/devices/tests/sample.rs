@@ -20,13 +20,7 @@ const GUEST_IOVA: u64 = 0x10_0000;
 const GUEST_SIZE: u64 = 2 << 20;
 
 fn memfd(size: u64) -> File {
-    // SAFETY: NUL-terminated literal name; returns a new fd or -1 (checked).
-    let fd = unsafe { libc::memfd_create(c"sample-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: fresh descriptor owned by nobody else.
-    let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    f.set_len(size).unwrap();
-    f
+    File::from(nestio_dma::memfd::sealed_memfd(c"sample-test-guest", size).unwrap())
 }
 
 fn eventfd() -> OwnedFd {

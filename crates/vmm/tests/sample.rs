@@ -114,6 +114,10 @@ fn vfio_user_sample_device_in_another_process() {
     );
 }
 
+/// A hang bound for the guest reaching a point or the VM stopping: generous for a
+/// loaded 2-core CI machine.
+const WAIT: Duration = Duration::from_secs(120);
+
 fn kill_mid_run(mode: &str, wait_for: &str) -> VmError {
     let mut proc_ = DeviceProcess::start("sample");
     let socket = proc_.socket.clone();
@@ -128,7 +132,7 @@ fn kill_mid_run(mode: &str, wait_for: &str) -> VmError {
     let runner = std::thread::spawn(move || vm.run());
     let t = Instant::now();
     while !common::text(&buf).contains(wait_for) {
-        if t.elapsed() > Duration::from_secs(30) {
+        if t.elapsed() > WAIT {
             handle.stop();
             panic!("guest never reached {wait_for:?}: {}", common::text(&buf));
         }
@@ -137,7 +141,7 @@ fn kill_mid_run(mode: &str, wait_for: &str) -> VmError {
     proc_.kill();
     let t = Instant::now();
     while !runner.is_finished() {
-        if t.elapsed() > Duration::from_secs(30) {
+        if t.elapsed() > WAIT {
             handle.stop();
             panic!("the VM did not stop after its device process died");
         }

@@ -16,13 +16,18 @@ pub struct DeviceProcess {
 }
 
 impl DeviceProcess {
-    /// Start a server for `kind` ("sample" or "e1000") and wait for its socket.
+    /// Start a server for `kind` ("sample" or "e1000") and wait until it listens.
     pub fn start(kind: &str) -> DeviceProcess {
-        let dir = std::env::temp_dir().join(format!("nestio-vmm-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join(format!("{kind}-{}.sock", rand_suffix()));
+        // Directly in the temp directory: a per-process directory shared by the tests
+        // of this binary could be removed by one test's drop (when momentarily empty)
+        // while another test's device process is about to bind in it.
+        let socket = std::env::temp_dir().join(format!(
+            "nestio-vmm-test-{}-{kind}-{}.sock",
+            std::process::id(),
+            rand_suffix()
+        ));
         let _ = std::fs::remove_file(&socket);
-        let child = Command::new(std::env::current_exe().unwrap())
+        let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
                 "child_device_server",
@@ -37,12 +42,18 @@ impl DeviceProcess {
             .spawn()
             .expect("spawn device process");
         let t = Instant::now();
-        while !socket.exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "device process did not bind {}",
-                socket.display()
-            );
+        while !listening(&socket) {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "device process exited ({st}) before listening on {}",
+                    socket.display()
+                );
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("device process did not listen on {}", socket.display());
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         DeviceProcess { child, socket }
@@ -59,10 +70,28 @@ impl Drop for DeviceProcess {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_file(&self.socket);
-        if let Some(dir) = self.socket.parent() {
-            let _ = std::fs::remove_dir(dir);
-        }
     }
+}
+
+/// The `__SO_ACCEPTCON` bit of the Flags column of `/proc/net/unix`: listening.
+const SO_ACCEPTCON: u32 = 0x1_0000;
+
+/// True once a socket bound to `path` is listening (`/proc/self/net/unix`). The file
+/// appears at bind(), a moment before listen(); a connect in between is refused, so on
+/// a loaded machine the file alone does not mean the server can be reached.
+pub fn listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/self/net/unix") else {
+        // Without the socket table (a restricted /proc), the file is all there is.
+        return path.exists();
+    };
+    let want = path.as_os_str().to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        // Num RefCount Protocol Flags Type St Inode Path
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() == 8
+            && f[7] == want
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & SO_ACCEPTCON != 0)
+    })
 }
 
 fn rand_suffix() -> u64 {
