@@ -105,9 +105,7 @@ pub struct Server {
     broken: AtomicU64,
 }
 
-/// Remove a stale socket file at `path` and bind a listener there. The file appears only
-/// when the listener already accepts connections (it is bound under a temporary name and
-/// renamed), so "wait until the path exists, then connect" is race-free.
+/// Remove a stale socket file at `path` and bind a listener there.
 pub fn bind(path: impl AsRef<Path>) -> std::io::Result<UnixListener> {
     let path = path.as_ref();
     if let Ok(md) = std::fs::symlink_metadata(path) {
@@ -124,36 +122,7 @@ pub fn bind(path: impl AsRef<Path>) -> std::io::Result<UnixListener> {
             ));
         }
     }
-    // Bind and listen under a temporary name next to `path`, then rename it into place:
-    // the path appears only once the socket accepts connections, so a client that waits
-    // for the file to exist never connects between bind() and listen() (ECONNREFUSED).
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("{} does not name a socket file", path.display()),
-        )
-    })?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(
-        ".{}.{}.tmp",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    let tmp = path.with_file_name(tmp_name);
-    let listener = match UnixListener::bind(&tmp) {
-        Ok(l) => l,
-        // A path near the sun_path limit leaves no room for the temporary name: bind in
-        // place (then the file exists a moment before listen()).
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => return UnixListener::bind(path),
-        Err(e) => return Err(e),
-    };
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(listener)
+    UnixListener::bind(path)
 }
 
 enum Flow {
