@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every nestio test. Installs the system packages the tests use (tshark, iproute2,
-# iputils-ping) when missing and we are root; otherwise the tests that need them SKIP
-# loudly. As root with apt, also builds the guest Linux (linux/build.sh: the first build
+# iputils-ping, and qemu-system-x86 as an independent e1000 peer) when missing and we
+# are root; otherwise the tests that need them SKIP loudly. As root with apt, also builds the guest Linux (linux/build.sh: the first build
 # installs packages and takes a few minutes, later runs reuse target/linux/) so that
 # the Linux guest tests run; elsewhere they use a kernel built before, or SKIP.
 set -euo pipefail
@@ -11,11 +11,12 @@ need=()
 command -v tshark >/dev/null 2>&1 || need+=(tshark)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "== installing ${need[*]}"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
     else
         echo "WARNING: ${need[*]} missing and cannot install (not root / no apt): the tests that need them will SKIP" >&2
     fi

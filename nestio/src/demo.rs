@@ -82,14 +82,19 @@ fn start_e1000(
     Ok(dev)
 }
 
+/// Wait until the device process listens on `path` (not merely until the file exists:
+/// it appears at bind(), a moment before listen(), and the device serves one client).
 fn wait_for(path: &Path, child: &mut Child) -> Result<(), String> {
     let t0 = Instant::now();
-    while !path.exists() {
+    while !nestio_vfio_user::listening(child.id(), path) {
         if let Ok(Some(st)) = child.try_wait() {
             return Err(format!("the device process exited early ({st})"));
         }
-        if t0.elapsed() > Duration::from_secs(20) {
-            return Err(format!("{} did not appear within 20 s", path.display()));
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "the device process did not listen on {} within 60 s",
+                path.display()
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -22,4 +22,4 @@ pub mod testdev;
 pub use client::{Client, ClientConfig, ClientError};
 pub use fuzzing::{fuzz_decode, fuzz_dispatch};
 pub use proto::{Capabilities, Command, Header, ProtoError};
-pub use server::{bind, Server, ServerConfig, ServerError, ServerStats};
+pub use server::{bind, listening, Server, ServerConfig, ServerError, ServerStats};

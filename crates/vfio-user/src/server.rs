@@ -125,6 +125,38 @@ pub fn bind(path: impl AsRef<Path>) -> std::io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
+/// The `__SO_ACCEPTCON` bit of the Flags column of `/proc/net/unix`: listening.
+const SO_ACCEPTCON: u32 = 0x1_0000;
+
+/// True once a UNIX socket bound to `path` is listening, as the socket table of process
+/// `pid`'s network namespace (`/proc/PID/net/unix`) shows.
+///
+/// A server's socket file appears at bind(), a moment before listen(); a client that
+/// connects in between is refused. Whoever starts a server process and waits for it
+/// should wait for this, not for the file (a one-shot server cannot be probed with a
+/// connect). Without a readable socket table the file's existence is all there is.
+pub fn listening(pid: u32, path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/unix")) else {
+        // No table for `pid`: a restricted /proc (fall back to the file), or the
+        // process is gone (then nothing listens).
+        return !Path::new("/proc/self/net/unix").exists() && path.exists();
+    };
+    let want = path.as_os_str().to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        // Num RefCount Protocol Flags Type St Inode Path (the path may hold spaces).
+        let mut rest = line;
+        let mut fields = [""; 7];
+        for f in &mut fields {
+            rest = rest.trim_start();
+            let end = rest.find(' ').unwrap_or(rest.len());
+            *f = &rest[..end];
+            rest = &rest[end..];
+        }
+        rest.strip_prefix(' ') == Some(&*want)
+            && u32::from_str_radix(fields[3], 16).is_ok_and(|fl| fl & SO_ACCEPTCON != 0)
+    })
+}
+
 enum Flow {
     Continue,
     Close(String),

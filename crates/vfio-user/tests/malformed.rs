@@ -457,6 +457,49 @@ fn listener_serves_clients_one_after_another() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `listening` tells a bound-but-not-listening socket (the moment between bind() and
+/// listen() in which a connect is refused) from a listening one, paths with spaces
+/// included.
+#[test]
+fn listening_sees_listen_not_bind() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let dir = std::env::temp_dir().join(format!("nestio vu listen {}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dev sock");
+    let me = std::process::id();
+    assert!(!nestio_vfio_user::listening(me, &path));
+    // SAFETY: socket() returns a new fd or -1 (checked).
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(raw >= 0);
+    // SAFETY: a fresh descriptor owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_encoded_bytes();
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: addr is a valid sockaddr_un of the given size; sock is ours.
+    let r = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+    assert!(path.exists());
+    assert!(!nestio_vfio_user::listening(me, &path), "bound only");
+    // SAFETY: listen on our bound socket.
+    assert_eq!(unsafe { libc::listen(sock.as_raw_fd(), 1) }, 0);
+    assert!(nestio_vfio_user::listening(me, &path));
+    // A process that does not exist shows nothing.
+    assert!(!nestio_vfio_user::listening(u32::MAX, &path));
+    drop(sock);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn device_feature_probe_unknown_and_short_argsz() {
     use nestio_vfio_user::proto::{feature, DeviceFeature};

@@ -73,25 +73,10 @@ impl Drop for DeviceProcess {
     }
 }
 
-/// The `__SO_ACCEPTCON` bit of the Flags column of `/proc/net/unix`: listening.
-const SO_ACCEPTCON: u32 = 0x1_0000;
-
-/// True once a socket bound to `path` is listening (`/proc/self/net/unix`). The file
-/// appears at bind(), a moment before listen(); a connect in between is refused, so on
-/// a loaded machine the file alone does not mean the server can be reached.
+/// True once a socket bound to `path` is listening in this process's network namespace
+/// (the file alone appears a moment before listen()).
 pub fn listening(path: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/self/net/unix") else {
-        // Without the socket table (a restricted /proc), the file is all there is.
-        return path.exists();
-    };
-    let want = path.as_os_str().to_string_lossy();
-    table.lines().skip(1).any(|line| {
-        // Num RefCount Protocol Flags Type St Inode Path
-        let f: Vec<&str> = line.split_whitespace().collect();
-        f.len() == 8
-            && f[7] == want
-            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & SO_ACCEPTCON != 0)
-    })
+    nestio_vfio_user::listening(std::process::id(), path)
 }
 
 fn rand_suffix() -> u64 {
