@@ -319,6 +319,14 @@ impl Client {
         &self.version
     }
 
+    /// Change how long a request waits for its reply (`None`: forever) from now on;
+    /// the connection's negotiation used [`ClientConfig::reply_timeout`]. A request
+    /// without a reply in time ends the connection (`DeviceError::Disconnected`): the
+    /// stream can no longer be trusted to be in sync.
+    pub fn set_reply_timeout(&self, timeout: Option<std::time::Duration>) {
+        self.ep.set_reply_timeout(timeout);
+    }
+
     /// Is twin-socket mode in use?
     pub fn twin_socket(&self) -> bool {
         self.twin.is_some()

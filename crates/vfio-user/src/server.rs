@@ -307,7 +307,7 @@ impl Session<'_> {
         }
     }
 
-    fn handle(&mut self, m: Message) -> Result<Flow, EndpointError> {
+    fn handle(&mut self, mut m: Message) -> Result<Flow, EndpointError> {
         self.out.clear();
         let h = m.header;
         if let Err(e) = h.check_flags() {
@@ -322,6 +322,7 @@ impl Session<'_> {
         }
         if m.fds.len() > self.cfg().max_msg_fds as usize {
             tracing::warn!(fds = m.fds.len(), "too many fds in one message");
+            m.fds.clear();
             self.send_reply(&m, Err(libc::EINVAL))?;
             return Ok(Flow::Continue);
         }
@@ -332,6 +333,10 @@ impl Session<'_> {
                 Err(e.errno())
             }
         };
+        // The fds that came with the request are closed before the reply goes out (the
+        // device holds its own duplicates of those it keeps), so when the client sees
+        // the reply, the server holds exactly what the device kept.
+        m.fds.clear();
         self.send_reply(&m, r)?;
         Ok(Flow::Continue)
     }
