@@ -277,8 +277,9 @@ impl MigrationData {
         self.max_resume
     }
 
-    /// Open a saving session over the serialised state `data` (on entering
-    /// STOP_COPY or PRE_COPY). Replaces any open session.
+    /// Open a saving session over the serialised state `data` (on STOP -> STOP_COPY, or
+    /// RUNNING -> PRE_COPY). Replaces any open session, so it is not for PRE_COPY ->
+    /// STOP_COPY, which continues the stream PRE_COPY opened.
     pub fn begin_save(&mut self, data: Vec<u8>) {
         self.session = Session::Saving { data, pos: 0 };
     }

@@ -75,6 +75,18 @@ pub enum DmaError {
         /// errno of the system call, 0 for end of file.
         errno: i32,
     },
+    /// The file descriptor of a DMA_MAP cannot be used for DMA.
+    #[error("cannot use the file of DMA mapping [{iova:#x}, +{size:#x}): {reason}")]
+    BadFile {
+        /// Start.
+        iova: u64,
+        /// Size.
+        size: u64,
+        /// errno for the reply.
+        errno: i32,
+        /// What is wrong, for the user.
+        reason: String,
+    },
     /// A new mapping overlaps an existing one.
     #[error("DMA mapping [{iova:#x}, +{size:#x}) overlaps an existing mapping; unmap it first")]
     Overlap {
@@ -125,8 +137,34 @@ impl DmaError {
             DmaError::Overlap { .. } => libc::EEXIST,
             DmaError::NotMapped { .. } => libc::ENOENT,
             DmaError::TooManyMappings { .. } => libc::ENOSPC,
-            DmaError::Mmap { errno, .. } => *errno,
+            DmaError::Mmap { errno, .. } | DmaError::BadFile { errno, .. } => *errno,
         }
+    }
+
+    /// The faulting device address of an access fault (`None` for mapping errors).
+    pub fn fault_iova(&self) -> Option<u64> {
+        match self {
+            DmaError::Unmapped { iova, .. }
+            | DmaError::Permission { iova, .. }
+            | DmaError::Overflow { iova, .. }
+            | DmaError::Peer { iova, .. }
+            | DmaError::File { iova, .. } => Some(*iova),
+            _ => None,
+        }
+    }
+
+    /// The same error with its faulting address rewritten by `f` (a translating space
+    /// reporting a fault in its own device's terms); mapping errors are unchanged.
+    pub fn map_fault_iova(mut self, f: impl FnOnce(u64) -> u64) -> DmaError {
+        match &mut self {
+            DmaError::Unmapped { iova, .. }
+            | DmaError::Permission { iova, .. }
+            | DmaError::Overflow { iova, .. }
+            | DmaError::Peer { iova, .. }
+            | DmaError::File { iova, .. } => *iova = f(*iova),
+            _ => {}
+        }
+        self
     }
 
     /// True for faults raised by a device access (as opposed to mapping management).

@@ -1,20 +1,29 @@
 //! The flat DMA map table a vfio-user client (or a VMM) builds with DMA_MAP / DMA_UNMAP.
 //!
 //! Mappings never overlap and are found by a `BTreeMap` keyed on their start address. An
-//! access may span adjacent mappings; each piece is checked (present, permitted) before
-//! any byte moves, so a refused access has no partial effect.
+//! access may span adjacent mappings; every piece is checked (present, permitted) before
+//! any byte moves, so an access outside the mappings or against their permissions has
+//! no partial effect. (A fault found only while copying — a file its owner shrank, a
+//! peer that refuses — can leave the pieces before it done, as on real hardware.)
 //!
-//! fd-backed mappings of files that cannot shrink (memfds sealed with `F_SEAL_SHRINK`,
-//! see [`crate::memfd`]) are mmapped once at DMA_MAP time and accessed in place through
-//! `VolatileSlice` copies — zero copy. Any other regular file could be truncated by its
-//! owner after the map, and touching an mmap past the new end raises SIGBUS; such
-//! mappings are accessed with `pread`/`pwrite` at the file offset instead, where a shrunk
-//! file is a short read and so a reported fault. In both cases the file's size is checked
-//! at map time. peer-backed mappings are copied by message through the [`DmaPeer`].
+//! fd-backed mappings are classified at DMA_MAP time ([`crate::memfd::classify`]; seals
+//! before size, so the sender cannot race the check):
+//! - a tmpfs file sealed with `F_SEAL_SHRINK` (nestio's guest RAM, QEMU's default memfd)
+//!   is mmapped once and accessed in place through `VolatileSlice` copies — zero copy;
+//! - any other regular file could be truncated by its owner after the map, and touching
+//!   an mmap past the new end raises SIGBUS; it is reopened privately (so the sender's
+//!   later `O_APPEND` cannot redirect our writes) and accessed with `pread` (one system
+//!   call) / `fstat` + `pwrite` (two), where a shrunk file is a short read or a refused
+//!   write and so a reported fault;
+//! - anything else (devices, sockets, anonymous inodes, FUSE files) is refused (EINVAL),
+//!   as is an fd opened for less access than the mapping's permissions (EACCES).
+//!
+//! peer-backed mappings are copied by message through the [`DmaPeer`].
 //!
 //! Locking: one `RwLock`. Accesses take it shared; map/unmap take it exclusive, so an
-//! unmap waits for in-flight in-place copies (as an IOMMU unmap waits for the IOTLB
-//! flush). Peer copies run after the lock is released (they may block on a socket).
+//! unmap waits for in-flight copies (as an IOMMU unmap waits for the IOTLB flush). In-place
+//! copies and file system calls (tmpfs or local files, never FUSE) run under it; peer
+//! copies run after it is released (they may block on a socket).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -32,7 +41,8 @@ use crate::{Access, DmaError, DmaPeer, DmaRange, DmaSpace, Prot};
 /// What backs a new mapping.
 #[derive(Clone)]
 pub enum DmaBacking {
-    /// Memory shared by file descriptor: mapped here and used in place.
+    /// Memory shared by file descriptor: used in place when it is a sealed tmpfs file,
+    /// by `pread`/`pwrite` otherwise (module documentation).
     Fd {
         /// The file (memfd, shared memory, a parent's guest RAM).
         fd: Arc<OwnedFd>,
@@ -379,39 +389,66 @@ fn open_fd(
     prot: Prot,
     range: DmaRange,
 ) -> Result<Kind, DmaError> {
-    let errno_err = |errno: i32| DmaError::Mmap {
+    let refuse = |errno: i32, reason: String| DmaError::BadFile {
         iova: range.start(),
         size: range.len(),
         errno,
-        errno_text: std::io::Error::from_raw_os_error(errno).to_string(),
+        reason,
     };
-    // Check the file is large enough: touching a mapping past EOF raises SIGBUS.
+    let io_refuse = |what: &str, e: std::io::Error| {
+        refuse(
+            e.raw_os_error().unwrap_or(libc::EBADF),
+            format!("{what} failed: {e}"),
+        )
+    };
     let end = offset.checked_add(range.len()).ok_or(DmaError::Overflow {
         iova: offset,
         len: range.len(),
     })?;
-    let dup = fd
-        .try_clone()
-        .map_err(|e| errno_err(e.raw_os_error().unwrap_or(libc::EBADF)))?;
-    let file = File::from(dup);
-    let meta = file
-        .metadata()
-        .map_err(|e| errno_err(e.raw_os_error().unwrap_or(libc::EBADF)))?;
-    if meta.is_file() && meta.len() < end {
+    let file = File::from(fd.try_clone().map_err(|e| io_refuse("dup", e))?);
+    // 1. How the file may be used — before its size: a seal, once seen, stays, so the
+    //    size check below cannot be undone by the sender (see `memfd`).
+    let sharing = crate::memfd::classify(&file)
+        .map_err(|e| io_refuse("fstat", e))?
+        .map_err(|why| refuse(libc::EINVAL, why.into()))?;
+    // 2. The mapping must lie inside the file.
+    let len = file.metadata().map_err(|e| io_refuse("fstat", e))?.len();
+    if len < end {
         return Err(DmaError::Invalid(format!(
-            "DMA mapping needs bytes up to {end:#x} of its file, which has only {:#x}",
-            meta.len()
+            "DMA mapping needs bytes up to {end:#x} of its file, which has only {len:#x}"
         )));
     }
-    let in_place = crate::memfd::shrink_proof(&file)
-        .map_err(|e| errno_err(e.raw_os_error().unwrap_or(libc::EBADF)))?;
-    if !in_place {
+    // 3. The sender's access mode must allow what the mapping permits.
+    // SAFETY: F_GETFL only reads the descriptor's flags.
+    let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if fl < 0 {
+        return Err(io_refuse("fcntl(F_GETFL)", std::io::Error::last_os_error()));
+    }
+    let mode = fl & libc::O_ACCMODE;
+    if (prot.readable() && mode == libc::O_WRONLY) || (prot.writable() && mode == libc::O_RDONLY) {
+        return Err(refuse(
+            libc::EACCES,
+            format!("the file was opened for less access than the mapping's {prot:?}"),
+        ));
+    }
+    if sharing == crate::memfd::Sharing::SystemCalls {
         tracing::debug!(
             iova = range.start(),
             size = range.len(),
-            "DMA mapping's file is not sealed against shrinking: accessed with pread/pwrite"
+            "DMA mapping's file is not a sealed tmpfs file: accessed with pread/pwrite"
         );
-        return Ok(Kind::File { file, offset });
+        // A private open file description, so flags the sender sets on its own later
+        // (O_APPEND would turn every pwrite into an append) cannot reach ours. Opened
+        // for exactly the access the mapping permits, never more than the sender had.
+        if !prot.readable() && !prot.writable() {
+            return Ok(Kind::File { file, offset });
+        }
+        let own = std::fs::OpenOptions::new()
+            .read(prot.readable())
+            .write(prot.writable())
+            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map_err(|e| io_refuse("reopening the file through /proc/self/fd", e))?;
+        return Ok(Kind::File { file: own, offset });
     }
     let mut mprot = 0;
     if prot.readable() {
@@ -431,9 +468,12 @@ fn open_fd(
     )
     .map(Kind::Mem)
     .map_err(|e| match e {
-        vm_memory::mmap::MmapRegionError::Mmap(io) => {
-            errno_err(io.raw_os_error().unwrap_or(libc::EINVAL))
-        }
+        vm_memory::mmap::MmapRegionError::Mmap(io) => DmaError::Mmap {
+            iova: range.start(),
+            size: range.len(),
+            errno: io.raw_os_error().unwrap_or(libc::EINVAL),
+            errno_text: io.to_string(),
+        },
         other => DmaError::Invalid(format!("cannot map DMA region: {other}")),
     })
 }
@@ -537,7 +577,9 @@ impl DmaSpace for MapTable {
             }
             Seg::File(file, at, pos, n) => {
                 // pwrite past the end would grow the file back; a write to memory the
-                // owner has cut off is a fault, like a read of it.
+                // owner has cut off is a fault, like a read of it. (A truncate between
+                // this check and the pwrite still grows the file back — sparse, and
+                // harmless to us.)
                 let size = file
                     .metadata()
                     .map_err(|e| e.raw_os_error().unwrap_or(0))?

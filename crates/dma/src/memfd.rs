@@ -9,10 +9,19 @@
 //! - [`sealed_memfd`] makes the memory files nestio hands out (guest RAM, test memory):
 //!   sized once, then sealed against shrinking, growing and further sealing, as QEMU's
 //!   `memory-backend-memfd` does by default.
-//! - [`shrink_proof`] is what the receiving side asks before it maps a file in place. A
-//!   regular file without the seal (an unsealed memfd, a file on tmpfs or disk) is
-//!   accessed with `pread`/`pwrite` instead ([`crate::MapTable`] does this), which sees a
-//!   shrunk file as a short read — a reported fault, never a signal.
+//! - [`classify`] is what the receiving side asks before it uses a file for DMA. Only a
+//!   regular file on tmpfs/shmem (a memfd, a `/dev/shm` file) sealed with
+//!   `F_SEAL_SHRINK` is [`Sharing::InPlace`]: its pages cannot go away under a mapping
+//!   (hugetlbfs can lose a page to a punched hole even when sealed, so it does not
+//!   qualify). Other regular files are [`Sharing::SystemCalls`]: accessed with
+//!   `pread`/`pwrite` ([`crate::MapTable`] does this), which sees a shrunk file as a
+//!   short read — a reported fault, never a signal. Anything else (devices, sockets,
+//!   anonymous inodes such as a KVM vCPU fd, FUSE files whose reads the sender could
+//!   block forever) is refused.
+//!
+//! The seals are read before the size: once `F_SEAL_SHRINK` is on it cannot be taken
+//! off, so a size check made after seeing it stays true. (Checking the size first would
+//! let a sender shrink and then seal the file between the two checks.)
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -58,15 +67,54 @@ pub fn seals(fd: impl AsFd) -> Option<libc::c_int> {
     (s >= 0).then_some(s)
 }
 
-/// True when an mmap of `file` can never raise SIGBUS because the file shrank: it is
-/// not a regular file (a device or anonymous object has no size to lose), or it is a
-/// regular file sealed with `F_SEAL_SHRINK`.
-pub fn shrink_proof(file: &File) -> io::Result<bool> {
+/// `statfs` magic of tmpfs/shmem (memfds, `/dev/shm`).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// `statfs` magic of FUSE file systems.
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// How a file handed over for DMA (or as guest RAM) can be used safely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// A sealed tmpfs file: mmap it and use it in place.
+    InPlace,
+    /// A regular file that may shrink or lose pages: `pread`/`pwrite` only.
+    SystemCalls,
+}
+
+/// Decide how `file` may be used (module documentation); `Err` with the reason for a
+/// file that must be refused. Call it *before* checking the file's size.
+pub fn classify(file: &File) -> io::Result<Result<Sharing, &'static str>> {
     let meta = file.metadata()?;
     if !meta.is_file() {
-        return Ok(true);
+        return Ok(Err(
+            "it is not a regular file (memory must be shared as a memfd, a /dev/shm file \
+             or another regular file)",
+        ));
     }
-    Ok(seals(file).is_some_and(|s| s & libc::F_SEAL_SHRINK != 0))
+    // SAFETY: statfs is plain data; zeroed is a valid value, and fstatfs fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes into `st`, which lives for the call; the result is checked.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    let fs = st.f_type as i64;
+    if fs == FUSE_SUPER_MAGIC {
+        return Ok(Err(
+            "it is on a FUSE file system, whose reads its server could block forever",
+        ));
+    }
+    let sealed = seals(file).is_some_and(|s| s & libc::F_SEAL_SHRINK != 0);
+    Ok(Ok(if sealed && fs == TMPFS_MAGIC {
+        Sharing::InPlace
+    } else {
+        Sharing::SystemCalls
+    }))
+}
+
+/// True when `file` is safe to mmap and use in place for good ([`Sharing::InPlace`]).
+pub fn shrink_proof(file: &File) -> io::Result<bool> {
+    Ok(classify(file)? == Ok(Sharing::InPlace))
 }
 
 #[cfg(test)]
@@ -109,12 +157,23 @@ mod tests {
             .unwrap();
         std::fs::remove_file(&dir).unwrap();
         assert!(!shrink_proof(&plain).unwrap());
+        assert_eq!(classify(&plain).unwrap(), Ok(Sharing::SystemCalls));
+        assert_eq!(classify(&file).unwrap(), Ok(Sharing::SystemCalls));
     }
 
     #[test]
-    fn devices_are_shrink_proof() {
+    fn devices_sockets_and_anonymous_inodes_are_refused() {
         let zero = File::open("/dev/zero").unwrap();
-        assert!(shrink_proof(&zero).unwrap());
+        assert!(classify(&zero).unwrap().is_err());
+        assert!(!shrink_proof(&zero).unwrap());
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(classify(&File::from(OwnedFd::from(a))).unwrap().is_err());
+        // SAFETY: eventfd returns a new fd or -1 (checked).
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: a fresh descriptor owned by nobody else.
+        let ev = unsafe { File::from_raw_fd(raw) };
+        assert!(classify(&ev).unwrap().is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Behaviour of the DMA map table: mapping rules, in-place and peer copies, faults that
 //! touch nothing, dirty logging.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use nestio_dma::memfd::sealed_memfd;
@@ -121,6 +121,59 @@ fn unsealed_file_is_accessed_by_system_calls_and_shrinking_it_is_a_fault() {
     );
     // What is still inside the file works as before: [0x1ffe, 0x2000) is its last word.
     assert_eq!(t.read_u16(0x10ffe).unwrap(), 0x5678);
+}
+
+/// Files that are not regular files cannot be used for DMA: a device, a socket or an
+/// anonymous inode (an eventfd here; a KVM vCPU fd is another) has no size to check,
+/// and mmapping one past what it backs raises SIGBUS.
+#[test]
+fn non_regular_files_are_refused() {
+    let t = MapTable::default();
+    // SAFETY: eventfd returns a new fd or -1 (checked).
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    assert!(raw >= 0);
+    // SAFETY: a fresh descriptor owned by nobody else.
+    let ev = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+    let e = map_fd(&t, 0, 0x10000, Prot::RW, &ev, 0).unwrap_err();
+    assert!(matches!(e, DmaError::BadFile { .. }), "{e:?}");
+    assert_eq!(e.errno(), libc::EINVAL);
+    let zero = Arc::new(OwnedFd::from(std::fs::File::open("/dev/zero").unwrap()));
+    let e = map_fd(&t, 0, 0x1000, Prot::READ, &zero, 0).unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL, "{e}");
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+    assert!(t.is_empty());
+}
+
+/// The fd's access mode bounds the mapping's permissions, as mmap would.
+#[test]
+fn read_only_file_cannot_back_a_writable_mapping() {
+    let fd = unsealed_memfd(0x2000);
+    let ro = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+    let ro = Arc::new(OwnedFd::from(ro));
+    let t = MapTable::default();
+    let e = map_fd(&t, 0, 0x2000, Prot::RW, &ro, 0).unwrap_err();
+    assert_eq!(e.errno(), libc::EACCES, "{e}");
+    map_fd(&t, 0, 0x2000, Prot::READ, &ro, 0).unwrap();
+    assert_eq!(t.read_u32(0x10).unwrap(), 0);
+}
+
+/// The sender keeps its own open file description: setting O_APPEND on it after
+/// DMA_MAP must not turn the device's positioned writes into appends.
+#[test]
+fn sender_flags_do_not_reach_the_devices_writes() {
+    let fd = unsealed_memfd(0x2000);
+    let t = MapTable::default();
+    map_fd(&t, 0x10000, 0x2000, Prot::RW, &fd, 0).unwrap();
+    // SAFETY: F_SETFL on a descriptor we own.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_APPEND) };
+    assert_eq!(r, 0);
+    for i in 0..4u32 {
+        t.write_u32(0x10000 + 4 * i as u64, 0xa0 + i).unwrap();
+    }
+    let f = std::fs::File::from(fd.try_clone().unwrap());
+    assert_eq!(f.metadata().unwrap().len(), 0x2000, "nothing was appended");
+    assert_eq!(pread(&fd, 8, 4), 0xa2u32.to_le_bytes());
+    assert_eq!(t.read_u32(0x1000c).unwrap(), 0xa3);
 }
 
 #[test]

@@ -72,33 +72,7 @@ impl NestedDma {
                 a
             }
         };
-        match e {
-            DmaError::Unmapped { iova, len, access } => DmaError::Unmapped {
-                iova: back(iova),
-                len,
-                access,
-            },
-            DmaError::Permission { iova, access } => DmaError::Permission {
-                iova: back(iova),
-                access,
-            },
-            DmaError::Overflow { iova, len } => DmaError::Overflow {
-                iova: back(iova),
-                len,
-            },
-            DmaError::Peer {
-                iova,
-                len,
-                access,
-                errno,
-            } => DmaError::Peer {
-                iova: back(iova),
-                len,
-                access,
-                errno,
-            },
-            other => other,
-        }
+        e.map_fault_iova(back)
     }
 }
 

@@ -170,8 +170,10 @@ impl MmapMemory {
         Self::from_fd(Arc::new(fd), 0, size)
     }
 
-    /// Map `size` bytes of `fd` starting at `offset` (shared). The file must be at least
-    /// `offset + size` bytes long (a mapping past EOF would SIGBUS on access).
+    /// Map `size` bytes of `fd` starting at `offset` (shared). The file must be a tmpfs
+    /// file sealed against shrinking (a level's guest RAM memfd; see
+    /// [`nestio_dma::memfd`]) at least `offset + size` bytes long: a mapping past EOF,
+    /// or of a file its owner can still shrink, would SIGBUS on access.
     pub fn from_fd(fd: Arc<OwnedFd>, offset: u64, size: u64) -> Result<Self, MemError> {
         let len = usize::try_from(size).map_err(|e| create_err(size, "size", e))?;
         if len == 0 {
@@ -181,8 +183,17 @@ impl MmapMemory {
             .checked_add(size)
             .ok_or_else(|| create_err(size, "offset + size", "wraps"))?;
         let file = File::from(fd.try_clone().map_err(|e| create_err(size, "dup", e))?);
+        // Seals before size (a seal, once seen, stays; see nestio_dma::memfd).
+        if !nestio_dma::memfd::shrink_proof(&file).map_err(|e| create_err(size, "fstat", e))? {
+            return Err(create_err(
+                size,
+                "file",
+                "not a tmpfs file sealed against shrinking (F_SEAL_SHRINK): mapping it \
+                 would let its owner crash this process",
+            ));
+        }
         let meta = file.metadata().map_err(|e| create_err(size, "fstat", e))?;
-        if meta.is_file() && meta.len() < end {
+        if meta.len() < end {
             return Err(create_err(
                 size,
                 "file too small",

@@ -79,7 +79,8 @@ impl GuestRam {
     /// RAM of `size` bytes at guest physical 0 backed by `fd` at file offsets
     /// `offset..offset+size` (a window of a parent level's RAM, received from it).
     /// The size obeys the rules of [`GuestRam::new`]; the offset must be page aligned
-    /// and the file a regular file (a memfd) at least `offset + size` bytes long.
+    /// and the file a tmpfs file sealed against shrinking (the parent's guest RAM memfd,
+    /// see [`nestio_dma::memfd`]) at least `offset + size` bytes long.
     pub fn from_file(fd: Arc<OwnedFd>, offset: u64, size: u64) -> Result<Self, MemoryError> {
         check_size(size)?;
         let bad = |reason: String| MemoryError::BadWindow {
@@ -94,24 +95,21 @@ impl GuestRam {
             .checked_add(size)
             .ok_or_else(|| bad("offset + size wraps".into()))?;
         let file = File::from(fd.try_clone().map_err(MemoryError::Memfd)?);
-        let meta = file.metadata().map_err(MemoryError::Memfd)?;
-        if !meta.is_file() {
-            return Err(bad("the descriptor is not a regular file (memfd)".into()));
-        }
-        if meta.len() < end {
-            return Err(bad(format!(
-                "the file has only {:#x} bytes, the window ends at {end:#x}",
-                meta.len()
-            )));
-        }
         // Guest RAM is used in place (and by KVM); a file its owner could still shrink
-        // would turn the next access into SIGBUS.
+        // would turn the next access into SIGBUS. The seal is checked before the size:
+        // once seen it stays, so the size cannot change after the check.
         if !nestio_dma::memfd::shrink_proof(&file).map_err(MemoryError::Memfd)? {
             return Err(bad(
-                "the file is not sealed against shrinking (F_SEAL_SHRINK); the parent must \
-                 hand down its sealed guest RAM memfd"
+                "the file is not a tmpfs file sealed against shrinking (F_SEAL_SHRINK); the \
+                 parent must hand down its sealed guest RAM memfd"
                     .into(),
             ));
+        }
+        let len = file.metadata().map_err(MemoryError::Memfd)?.len();
+        if len < end {
+            return Err(bad(format!(
+                "the file has only {len:#x} bytes, the window ends at {end:#x}"
+            )));
         }
         Self::map(fd, offset, size)
     }

@@ -526,7 +526,9 @@ impl Inner {
 
     fn mig_step(&self, c: &mut Core, from: MigState, to: MigState) -> Result<()> {
         match (from, to) {
-            (_, MigState::StopCopy) => {
+            // The e1000 offers no PRE_COPY, so STOP_COPY is always entered from STOP and
+            // opens a new stream.
+            (MigState::Stop, MigState::StopCopy) => {
                 let data = state::save(c);
                 c.mig.begin_save(data);
             }
