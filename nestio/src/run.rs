@@ -33,6 +33,7 @@ use std::sync::Arc;
 use clap::Args;
 use nestio_nested::{ExportConfig, ExportedDevice, LevelId, LevelRam, RamRegion, Window};
 use nestio_vmm::handoff::{mem_socket_path, RamHandoff};
+use nestio_vmm::serial_input::ConsoleInput;
 use nestio_vmm::{CpuModel, DeviceConfig, RamFile, Vm, VmConfig};
 
 use crate::CmdResult;
@@ -83,6 +84,33 @@ pub struct RunArgs {
     /// `--export vfio-user=PATH`); the RAM size is the parent's window.
     #[arg(long, conflicts_with = "memory")]
     memory_from: Option<PathBuf>,
+    /// What the guest's serial console receives: `stdin` (this process's standard
+    /// input; a terminal is switched to raw mode while the VM runs, Ctrl-C still stops
+    /// it), `none`, or `auto` (stdin when it is a terminal).
+    #[arg(long, value_enum, default_value_t = ConsoleInputArg::Auto)]
+    console_input: ConsoleInputArg,
+}
+
+/// `--console-input`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsoleInputArg {
+    /// Standard input when it is a terminal, else nothing.
+    Auto,
+    /// Standard input (a terminal, a pipe, a file).
+    Stdin,
+    /// Nothing.
+    None,
+}
+
+impl ConsoleInputArg {
+    fn resolve(self) -> ConsoleInput {
+        use std::io::IsTerminal;
+        match self {
+            ConsoleInputArg::Stdin => ConsoleInput::Stdin,
+            ConsoleInputArg::Auto if std::io::stdin().is_terminal() => ConsoleInput::Stdin,
+            ConsoleInputArg::Auto | ConsoleInputArg::None => ConsoleInput::None,
+        }
+    }
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
@@ -283,6 +311,7 @@ pub fn config(args: RunArgs) -> Result<VmConfig, String> {
     }
     cfg.cpu = args.cpu;
     cfg.handle_sigint = true;
+    cfg.console_input = args.console_input.resolve();
     cfg.devices = args
         .devices
         .into_iter()

@@ -179,9 +179,14 @@ impl Guest {
 
     /// Start any VMM whose stdout is the guest's serial console.
     fn spawn(mut cmd: Command) -> Guest {
+        cmd.stdin(Stdio::null());
+        Guest::spawn_with_stdin(cmd)
+    }
+
+    /// [`Guest::spawn`] with the caller's choice of stdin.
+    fn spawn_with_stdin(mut cmd: Command) -> Guest {
         let started = Instant::now();
         let mut child = cmd
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
@@ -564,5 +569,66 @@ fn linux_e1000_pings_a_qemu_guest_over_udp() {
         Some(1),
         "QEMU's exit status: init status 0 through isa-debug-exit; console:\n{peer_text}"
     );
+    drop(dev);
+}
+
+/// The serial console takes input: `--console-input stdin` feeds the process's stdin to
+/// the guest's UART, and init's shell (`nestio.mode=shell`) reads commands from it.
+#[test]
+fn linux_shell_reads_commands_from_the_console() {
+    let test = "linux_shell_reads_commands_from_the_console";
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((kernel, initrd)) = guest_linux(test) else {
+        return;
+    };
+    let dev = device("user", None, "shell");
+    let socket = dev.socket.clone().unwrap_or_default();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nestio"));
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg("--device")
+        .arg(format!("vfio-user={}", socket.display()))
+        .args(["--console-input", "stdin", "--cmdline"])
+        .arg(format!(
+            "{} nestio.mode=shell",
+            nestio_vmm::linux::platform::BASE_CMDLINE
+        ))
+        .stdin(Stdio::piped());
+    let mut guest = Guest::spawn_with_stdin(cmd);
+    let mut input = guest.proc.child.stdin.take().expect("stdin pipe");
+    let mut say = |line: &str| {
+        use std::io::Write;
+        input
+            .write_all(line.as_bytes())
+            .expect("write to nestio run's stdin");
+    };
+    assert!(guest.wait_for("NESTIO-SHELL: ready"), "{:?}", guest.console);
+    say("ping 10.0.2.2 2\n");
+    assert!(
+        guest.wait_for("2 packets transmitted, 2 received"),
+        "{:?}",
+        guest.console
+    );
+    // A line longer than the UART's 64-byte FIFO arrives whole.
+    say(&format!("cat /proc{}version\n", "/".repeat(80)));
+    assert!(guest.wait_for("Linux version 6.1"), "{:?}", guest.console);
+    say("exit 7\n");
+    let (status, console) = guest.finish();
+    let text = console.join("\n");
+    assert_eq!(
+        status,
+        Some(7),
+        "the shell's exit status ends the VM:\n{text}"
+    );
+    // The guest's tty echoed what it received.
+    assert!(
+        console.iter().any(|l| l.ends_with("ping 10.0.2.2 2")),
+        "{text}"
+    );
+    assert!(!text.contains("No such file"), "{text}");
+    check_console(&console);
     drop(dev);
 }

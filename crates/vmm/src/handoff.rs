@@ -210,6 +210,82 @@ pub fn mem_socket_path(export: &Path) -> std::path::PathBuf {
     std::path::PathBuf::from(s)
 }
 
+/// The fuzz target's entry point (`fuzz/fuzz_targets/handoff.rs`): a hostile parent's
+/// handoff. The first byte picks 0..2 fds to come with the message (an 8 MiB sealed
+/// memfd — sparse, so it costs nothing — or an eventfd, the wrong kind of file) and
+/// whether the rest is the payload for [`RamHandoff::decode`] or a whole message
+/// (header + payload) sent over a socketpair to [`RamHandoff::recv`]. A handoff that is
+/// accepted is then mapped as the child's RAM ([`crate::memory::GuestRam::from_file`],
+/// which must refuse windows the file cannot hold) and its last byte read. Never
+/// panics, never raises SIGBUS, never leaks an fd.
+pub fn fuzz_handoff(data: &[u8]) {
+    use std::os::fd::FromRawFd;
+    use vm_memory::{Bytes, GuestAddress};
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    let mut fds = Vec::new();
+    for kind in [sel & 3, (sel >> 2) & 3] {
+        match kind {
+            1 => fds.extend(nestio_dma::memfd::sealed_memfd(c"fuzz-handoff", 8 << 20).ok()),
+            2 => {
+                // SAFETY: eventfd takes no pointers; the result is checked.
+                let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+                if raw >= 0 {
+                    // SAFETY: a new descriptor owned by nothing else.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+            }
+            _ => {}
+        }
+    }
+    let result = if sel & 0x10 != 0 {
+        let Ok((a, b)) = UnixStream::pair() else {
+            return;
+        };
+        let word = |i: usize| {
+            let mut w = [0u8; 4];
+            for (k, x) in w.iter_mut().enumerate() {
+                *x = rest.get(i + k).copied().unwrap_or(0);
+            }
+            u32::from_ne_bytes(w)
+        };
+        // The header's fields as the fuzzer wrote them (size included: it may lie).
+        let header = Header {
+            msg_id: word(0) as u16,
+            cmd: (word(0) >> 16) as u16,
+            size: word(4),
+            flags: word(8),
+            error: word(12),
+        };
+        let payload = rest
+            .get(nestio_vfio_user::proto::HEADER_SIZE..)
+            .unwrap_or(&[]);
+        let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let _ = b.set_read_timeout(Some(Duration::from_secs(1)));
+        if send_message(&a, &header, payload, &raw).is_err() {
+            return;
+        }
+        drop(fds);
+        drop(a);
+        RamHandoff::recv(&b)
+    } else {
+        RamHandoff::decode(rest, fds)
+    };
+    let Ok(h) = result else {
+        return;
+    };
+    assert!(h.size > 0 && h.offset.checked_add(h.size).is_some());
+    assert!((1..=MAX_LEVEL).contains(&h.level));
+    if let Ok(ram) = crate::memory::GuestRam::from_file(h.fd.clone(), h.offset, h.size) {
+        let mut b = [0u8; 1];
+        assert!(ram
+            .memory()
+            .read_slice(&mut b, GuestAddress(h.size - 1))
+            .is_ok());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

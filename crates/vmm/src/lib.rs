@@ -45,10 +45,12 @@ pub mod memory;
 pub mod pci;
 mod remote;
 pub mod serial;
+pub mod serial_input;
 pub mod vcpu;
 pub mod vm;
 
 pub use cpu::CpuModel;
+pub use handoff::fuzz_handoff;
 pub use serial::ConsoleOutput;
 pub use vcpu::StopReason;
 pub use vm::{

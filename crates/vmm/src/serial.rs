@@ -95,6 +95,23 @@ impl SerialConsole {
     }
 }
 
+impl SerialConsole {
+    /// Put received bytes into the UART's FIFO (raising the receive interrupt when the
+    /// guest enabled it); returns how many fitted — the rest waits for the guest to
+    /// read (see [`crate::serial_input`]).
+    pub fn feed(&self, bytes: &[u8]) -> usize {
+        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        match uart.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(vm_superio::serial::Error::FullFifo) => 0,
+            Err(e) => {
+                tracing::warn!(error = ?e, "serial receive interrupt failed");
+                bytes.len().min(1)
+            }
+        }
+    }
+}
+
 impl BusDevice for SerialConsole {
     fn read(&self, offset: u64, data: &mut [u8]) -> Result<(), BusFault> {
         data.fill(0xff);
@@ -149,6 +166,17 @@ mod tests {
             })),
         );
         cb.write(0, b"x").unwrap();
+        // Input: the FIFO takes 64 bytes, the guest reads them from RBR with LSR.DR set.
+        let input: Vec<u8> = (0..100u8).collect();
+        assert_eq!(s.feed(&input), 64);
+        assert_eq!(s.feed(&input[64..]), 0, "full");
+        let mut lsr = [0u8];
+        s.read(5, &mut lsr).unwrap();
+        assert_ne!(lsr[0] & 0x01, 0, "data ready");
+        let mut rbr = [0u8];
+        s.read(0, &mut rbr).unwrap();
+        assert_eq!(rbr[0], 0);
+        assert_eq!(s.feed(&input[64..]), 1, "one byte of room again");
         assert_eq!(&*seen.lock().unwrap(), b"x");
         let mut wide = [0u8; 2];
         s.read(0, &mut wide).unwrap();

@@ -34,6 +34,7 @@ use crate::linux::{LinuxBootError, LinuxLayout};
 use crate::memory::{GuestRam, MemoryError};
 use crate::pci::{IntxRouting, PciError, PciRoot};
 use crate::serial::{self, ConsoleOutput, SerialConsole};
+use crate::serial_input::{ConsoleInput, InputPump};
 use crate::vcpu::{ExitStats, StopReason, Vcpu, VcpuContext, VcpuError, VcpuSnapshot};
 
 /// A device to assign to the guest as a PCI function.
@@ -136,6 +137,8 @@ pub struct VmConfig {
     pub cpu: CpuModel,
     /// Where the serial console goes.
     pub console: ConsoleOutput,
+    /// What the serial console receives (`--console-input`; none by default).
+    pub console_input: ConsoleInput,
     /// Stop cleanly on SIGINT (the CLI sets this; embedders may handle signals themselves).
     pub handle_sigint: bool,
     /// The payload's command line (at most 4095 bytes; `nestio_guest::cmdline()`), or
@@ -166,6 +169,7 @@ impl VmConfig {
             devices: Vec::new(),
             cpu: CpuModel::default(),
             console: ConsoleOutput::Stdout,
+            console_input: ConsoleInput::None,
             handle_sigint: false,
             cmdline: String::new(),
             ram_file: None,
@@ -291,6 +295,8 @@ pub struct Vm {
     stop: Arc<AtomicBool>,
     stats: Arc<ExitStats>,
     handle_sigint: bool,
+    serial: Arc<SerialConsole>,
+    console_input: ConsoleInput,
     ram: GuestRam,
 }
 
@@ -413,9 +419,10 @@ impl Vm {
         })?;
         vm.register_irqfd(&serial_irq, serial::SERIAL_GSI)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial = Arc::new(SerialConsole::new(serial_irq, cfg.console.clone()));
         pio.insert(
             BusRange::new(serial::SERIAL_PORT as u64, serial::SERIAL_PORTS)?,
-            Arc::new(SerialConsole::new(serial_irq, cfg.console.clone())),
+            serial.clone(),
         )?;
 
         pio.insert(
@@ -507,6 +514,8 @@ impl Vm {
             stats,
             pci,
             handle_sigint: cfg.handle_sigint,
+            serial,
+            console_input: cfg.console_input,
         })
     }
 
@@ -544,6 +553,9 @@ impl Vm {
             .take()
             .ok_or_else(|| VmError::Thread("the VM has already run".into()))?;
         install_kick_handler();
+        // Console input runs while the vCPU does; stopped (terminal restored) below.
+        let input = InputPump::start(std::mem::take(&mut self.console_input), self.serial.clone())
+            .map_err(|e| VmError::Thread(format!("cannot start the console input: {e}")))?;
         let old_sigint = if self.handle_sigint {
             SIGINT_SEEN.store(false, Ordering::SeqCst);
             Some(set_sigint_handler(on_sigint as *const () as usize))
@@ -582,6 +594,9 @@ impl Vm {
             }
         }
         let joined = thread.join();
+        if let Some(p) = input {
+            p.stop();
+        }
         if let Some(old) = old_sigint {
             set_sigint_handler(old);
         }
