@@ -19,12 +19,14 @@ use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
 pub mod netns;
+pub mod none;
 pub mod packet;
 pub mod pcap;
 pub mod tap;
 pub mod udp;
 pub mod user;
 
+pub use none::NoneBackend;
 pub use packet::MacAddr;
 pub use pcap::{PcapBackend, PcapWriter};
 pub use tap::TapBackend;
@@ -35,7 +37,7 @@ pub use user::{UserBackend, UserNetwork, UserStats};
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     /// The backend spec could not be parsed.
-    #[error("invalid --net spec {spec:?}: {reason} (expected \"user\", \"tap=NAME\" or \"udp=LOCALADDR:PORT,REMOTEADDR:PORT\")")]
+    #[error("invalid --net spec {spec:?}: {reason} (expected \"user\", \"tap=NAME\", \"udp=LOCALADDR:PORT,REMOTEADDR:PORT\" or \"none\")")]
     InvalidSpec {
         /// The spec as given.
         spec: String,
@@ -50,8 +52,8 @@ pub enum NetError {
         /// Buffer length.
         buf: usize,
     },
-    /// The user network could not create its eventfd.
-    #[error("cannot create an eventfd for the user network: {0} (out of file descriptors? raise `ulimit -n`)")]
+    /// The user or none backend could not create its eventfd.
+    #[error("cannot create an eventfd for the network backend: {0} (out of file descriptors? raise `ulimit -n`)")]
     Eventfd(#[source] std::io::Error),
     /// /dev/net/tun could not be opened.
     #[error("cannot open /dev/net/tun: {0} (need root or CAP_NET_ADMIN, and the tun driver: `modprobe tun`)")]
@@ -128,13 +130,16 @@ pub trait NetBackend: Send {
 /// One-line help for a CLI `--net` option.
 pub const NET_SPEC_HELP: &str = "network backend: \"user\" (built-in 10.0.2.0/24 network: gateway/DHCP 10.0.2.2, \
 guest 10.0.2.15, ping and UDP echo on port 7), \"tap=NAME\" (Linux tap interface, needs CAP_NET_ADMIN), \
-or \"udp=LOCALADDR:PORT,REMOTEADDR:PORT\" (one Ethernet frame per UDP datagram, QEMU -netdev dgram framing)";
+\"udp=LOCALADDR:PORT,REMOTEADDR:PORT\" (one Ethernet frame per UDP datagram, QEMU -netdev dgram framing), \
+or \"none\" (no peer: transmitted frames are dropped, nothing is received)";
 
 /// A parsed `--net` spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetSpec {
     /// "user".
     User,
+    /// "none".
+    None,
     /// "tap=NAME".
     Tap(String),
     /// "udp=LOCAL,REMOTE".
@@ -161,6 +166,8 @@ impl std::str::FromStr for NetSpec {
         match (kind, arg) {
             ("user", None) => Ok(NetSpec::User),
             ("user", Some(_)) => Err(bad("\"user\" takes no arguments".into())),
+            ("none", None) => Ok(NetSpec::None),
+            ("none", Some(_)) => Err(bad("\"none\" takes no arguments".into())),
             ("tap", Some(name)) => {
                 tap::validate_ifname(name)?;
                 Ok(NetSpec::Tap(name.to_string()))
@@ -199,11 +206,12 @@ impl std::str::FromStr for NetSpec {
     }
 }
 
-/// Parse a --net spec: "user", "tap=NAME", "udp=LOCALADDR:PORT,REMOTEADDR:PORT";
+/// Parse a --net spec: "user", "tap=NAME", "udp=LOCALADDR:PORT,REMOTEADDR:PORT", "none";
 /// `pcap: Some(path)` wraps the backend so every frame both ways is written to a pcap file.
 pub fn open_backend(spec: &str, pcap: Option<&Path>) -> Result<Box<dyn NetBackend>, NetError> {
     let backend: Box<dyn NetBackend> = match spec.parse::<NetSpec>()? {
         NetSpec::User => Box::new(UserBackend::new()?),
+        NetSpec::None => Box::new(NoneBackend::new()?),
         NetSpec::Tap(name) => Box::new(TapBackend::open(&name)?),
         NetSpec::Udp { local, remote } => Box::new(UdpBackend::new(local, remote)?),
     };

@@ -518,10 +518,15 @@ fn fuzz_entry_point_handles_length_prefixed_sequences() {
 fn open_backend_parses_specs() {
     let b = open_backend("user", None).unwrap();
     assert_eq!(b.describe(), "user (10.0.2.0/24)");
+    let mut n = open_backend("none", None).unwrap();
+    assert_eq!(n.describe(), "none (no peer)");
+    n.send(&[0u8; 60]).unwrap();
+    assert_eq!(n.recv(&mut [0u8; 2048]).unwrap(), None);
     for bad in [
         "",
         "usr",
         "user=1",
+        "none=1",
         "tap",
         "tap=",
         "tap=waytoolonginterfacename",
