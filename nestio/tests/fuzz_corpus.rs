@@ -43,3 +43,18 @@ fn corpus_e1000() {
 fn corpus_nested_walk() {
     replay("nested_walk", nestio_nested::fuzz_walk);
 }
+
+#[test]
+fn corpus_client() {
+    replay("client", nestio_vfio_user::fuzz_client);
+}
+
+#[test]
+fn corpus_migration() {
+    replay("migration", nestio_devices::fuzz_migration);
+}
+
+#[test]
+fn corpus_handoff() {
+    replay("handoff", nestio_vmm::fuzz_handoff);
+}

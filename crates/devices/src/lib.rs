@@ -6,4 +6,6 @@
 
 pub mod e1000;
 pub mod e1000_bench;
+mod migration_fuzz;
+pub use migration_fuzz::fuzz_migration;
 pub mod sample;

@@ -127,6 +127,18 @@ impl Endpoint {
     pub fn set_reply_timeout(&self, t: Option<Duration>) {
         let ns = t.map_or(u64::MAX, |d| d.as_nanos().min(u64::MAX as u128 - 1) as u64);
         self.timeout_ns.store(ns, Ordering::Relaxed);
+        // A peer that stops reading must not block a sender forever either: each
+        // `sendmsg` waits at most as long (SO_SNDTIMEO).
+        self.set_send_timeout(t);
+    }
+
+    /// Bound each `sendmsg` to `t` (`None`: no bound). A send that times out means the
+    /// peer stopped reading; the connection is then closed (see [`Endpoint::send`]).
+    /// [`Endpoint::set_reply_timeout`] sets this too.
+    pub fn set_send_timeout(&self, t: Option<Duration>) {
+        let _ = self
+            .sock
+            .set_write_timeout(t.map(|d| d.max(Duration::from_millis(1))));
     }
 
     /// The reply timeout.
@@ -183,10 +195,23 @@ impl Endpoint {
             send_message(&self.sock, header, payload, fds)
         };
         r.map_err(|e| {
-            let why = format!("send failed: {e}");
+            // SO_SNDTIMEO expired: the peer stopped reading, maybe mid-message; the
+            // stream is out of step, so close it.
+            let stalled = matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            );
+            let why = if stalled {
+                format!("the peer stopped reading: a send timed out ({e})")
+            } else {
+                format!("send failed: {e}")
+            };
             let mut st = self.lock();
             self.mark_closed(&mut st, false, why.clone());
             drop(st);
+            if stalled {
+                let _ = self.sock.shutdown(std::net::Shutdown::Both);
+            }
             self.cond.notify_all();
             EndpointError::Closed(why)
         })

@@ -20,6 +20,6 @@ pub mod socket;
 pub mod testdev;
 
 pub use client::{Client, ClientConfig, ClientError};
-pub use fuzzing::{fuzz_decode, fuzz_dispatch};
+pub use fuzzing::{fuzz_client, fuzz_decode, fuzz_dispatch};
 pub use proto::{Capabilities, Command, Header, ProtoError};
 pub use server::{bind, listening, Server, ServerConfig, ServerError, ServerStats};

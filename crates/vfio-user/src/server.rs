@@ -218,6 +218,10 @@ impl Server {
             Incoming::Queue,
             "server",
         ));
+        // A client that stops reading (a full socket buffer) must not block the server
+        // (or a device thread sending DMA_READ/WRITE) forever: a send waits at most the
+        // DMA timeout, then the session ends.
+        ep.set_send_timeout(self.config.dma_timeout);
         let mut s = Session {
             server: self,
             ep: ep.clone(),
@@ -392,12 +396,9 @@ impl Session<'_> {
         if twin {
             match UnixStream::pair() {
                 Ok((ours, theirs)) => {
-                    self.twin = Some(Arc::new(Endpoint::new(
-                        ours,
-                        limit,
-                        Incoming::Refuse,
-                        "server-twin",
-                    )));
+                    let twin = Endpoint::new(ours, limit, Incoming::Refuse, "server-twin");
+                    twin.set_send_timeout(self.cfg().dma_timeout);
+                    self.twin = Some(Arc::new(twin));
                     client_end = Some(theirs.into());
                     caps.twin_socket = Some(TwinSocket {
                         supported: true,

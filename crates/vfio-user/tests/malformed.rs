@@ -25,6 +25,88 @@ fn region_write_payload(region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
     p
 }
 
+/// A client that maps memory by message and then stops reading: the device's DMA_WRITE
+/// requests and the replies pile up in its socket until the buffer is full. The server
+/// must not block in `sendmsg` for ever (nor the device thread behind it): a send waits
+/// at most the DMA timeout, then the session ends and the next client is served.
+#[test]
+fn client_that_stops_reading_cannot_block_the_server() {
+    use nestio_vfio_user::proto::DmaMap;
+    use nestio_vfio_user::testdev::reg;
+    let h = Harness::new(ServerConfig {
+        dma_timeout: Some(std::time::Duration::from_millis(100)),
+        ..ServerConfig::default()
+    });
+    // A small send buffer on the server's end: one 64 KiB DMA_WRITE does not fit, so
+    // the server's send blocks until the client reads (which it never does).
+    let (s, server_end) = std::os::unix::net::UnixStream::pair().unwrap();
+    let small: libc::c_int = 4096;
+    // SAFETY: setsockopt with a valid int option value on our socket.
+    let r = unsafe {
+        libc::setsockopt(
+            server_end.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&small as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+    let srv = h.server.clone();
+    let t = std::thread::spawn(move || srv.serve_stream(server_end));
+    raw_version(&s);
+    let mut p = Vec::new();
+    DmaMap {
+        flags: nestio_vfio_user::proto::dma_flags::READ | nestio_vfio_user::proto::dma_flags::WRITE,
+        offset: 0,
+        addr: 0x100000,
+        size: 0x100000,
+    }
+    .encode_into(&mut p);
+    send(&s, 2, Command::DmaMap as u16, &p, &[]);
+    assert!(!recv(&s).unwrap().header.is_error());
+    // From here on the client only writes: each DMA command makes the device send a
+    // 64 KiB DMA_WRITE that nobody reads.
+    let mut id = 3u16;
+    let mut reg_write = |off: u64, v: u64| {
+        let _ = nestio_vfio_user::socket::send_message(
+            &s,
+            &nestio_vfio_user::proto::Header {
+                msg_id: id,
+                cmd: Command::RegionWrite as u16,
+                size: (16 + 16 + 8) as u32,
+                flags: hdr_flags::NO_REPLY,
+                error: 0,
+            },
+            &region_write_payload(1, off, &v.to_le_bytes()),
+            &[],
+        );
+        id = id.wrapping_add(1);
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(t.join());
+    });
+    for _ in 0..64 {
+        reg_write(reg::DMA_ADDR, 0x100000);
+        reg_write(reg::DMA_LEN, nestio_vfio_user::testdev::RAM_SIZE as u64);
+        reg_write(reg::DMA_OFF, 0);
+        reg_write(reg::DMA_CMD, 2);
+        if rx.try_recv().is_ok() {
+            break;
+        }
+    }
+    // A watchdog for the old hang, not a timing assertion.
+    let ended = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the server stayed blocked sending to a client that stopped reading");
+    let why = format!("{:?}", ended.unwrap());
+    assert!(why.contains("stopped reading"), "{why}");
+    waiter.join().unwrap();
+    drop(s);
+    next_client_works(&h);
+}
+
 /// After the session ended, a fresh client still gets served by the same device.
 fn next_client_works(h: &Harness) {
     let (c, _t) = h.client(ClientConfig::default());
