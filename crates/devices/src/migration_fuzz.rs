@@ -20,12 +20,11 @@
 //!   and a reset all return `Ok` or an error, and after the reset the device is
 //!   RUNNING again.
 
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use nestio_device::{pci_index, IrqAction, IrqData, MigState, VfioDevice};
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
-use nestio_net::{NetBackend, NetError};
+use nestio_net::NoneBackend;
 
 use crate::e1000::{regs as e1k, E1000Config, E1000};
 use crate::sample::{self, SampleDevice};
@@ -33,31 +32,6 @@ use crate::sample::{self, SampleDevice};
 /// IOVA of the memory mapped to the device under test.
 const IOVA: u64 = 0x10000;
 const MEM: u64 = 0x10000;
-
-/// A backend that never receives and drops what is sent.
-struct NullBackend(OwnedFd);
-
-impl NetBackend for NullBackend {
-    fn send(&mut self, _frame: &[u8]) -> Result<(), NetError> {
-        Ok(())
-    }
-    fn recv(&mut self, _buf: &mut [u8]) -> Result<Option<usize>, NetError> {
-        Ok(None)
-    }
-    fn poll_fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
-    }
-    fn describe(&self) -> String {
-        "null".into()
-    }
-}
-
-fn eventfd() -> Option<OwnedFd> {
-    // SAFETY: eventfd takes no pointers; the result is checked.
-    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    // SAFETY: a new descriptor owned by nothing else.
-    (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) })
-}
 
 /// Which device, and how to poke it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -77,7 +51,7 @@ impl Dev {
         let d = match kind {
             Kind::Sample => Dev::Sample(Box::new(SampleDevice::new().ok()?)),
             Kind::E1000 => {
-                Dev::E1000(E1000::new(E1000Config::new(Box::new(NullBackend(eventfd()?)))).ok()?)
+                Dev::E1000(E1000::new(E1000Config::new(Box::new(NoneBackend::new().ok()?))).ok()?)
             }
         };
         let fd = nestio_dma::memfd::sealed_memfd(c"fuzz-migration", MEM).ok()?;

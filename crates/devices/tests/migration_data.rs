@@ -2,46 +2,16 @@
 //! sample device share `nestio_device::migration::MigrationData`, so a MIG_DATA_READ or
 //! MIG_DATA_WRITE in a state without an open stream gets the same errno from both.
 
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
-
 use nestio_device::{MigState, VfioDevice};
 use nestio_devices::e1000::{E1000Config, E1000};
 use nestio_devices::sample::SampleDevice;
-use nestio_net::{NetBackend, NetError};
-
-/// A backend that never has a frame (its poll fd is an eventfd nobody signals).
-struct Silent(OwnedFd);
-
-impl Silent {
-    fn new() -> Self {
-        // SAFETY: eventfd takes no pointers; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        assert!(fd >= 0, "eventfd failed");
-        // SAFETY: a fresh descriptor owned by nobody else.
-        Silent(unsafe { OwnedFd::from_raw_fd(fd) })
-    }
-}
-
-impl NetBackend for Silent {
-    fn send(&mut self, _frame: &[u8]) -> Result<(), NetError> {
-        Ok(())
-    }
-    fn recv(&mut self, _buf: &mut [u8]) -> Result<Option<usize>, NetError> {
-        Ok(None)
-    }
-    fn poll_fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
-    }
-    fn describe(&self) -> String {
-        "silent".into()
-    }
-}
+use nestio_net::NoneBackend;
 
 fn devices() -> Vec<(&'static str, Box<dyn VfioDevice>)> {
     vec![
         (
             "e1000",
-            Box::new(E1000::new(E1000Config::new(Box::new(Silent::new()))).unwrap()),
+            Box::new(E1000::new(E1000Config::new(Box::new(NoneBackend::new().unwrap()))).unwrap()),
         ),
         ("sample", Box::new(SampleDevice::new().unwrap())),
     ]
