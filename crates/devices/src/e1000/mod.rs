@@ -8,6 +8,7 @@
 //!
 //! Structure:
 //! - `regfile.rs`: the register file and interrupt logic behind one mutex (`Core`);
+//! - `delay.rs`: the interrupt delay timers (TIDV/TADV, RDTR/RADV);
 //! - `tx.rs`: the transmit ring, walked synchronously inside the TDT write;
 //! - `rx.rs`: filtering and delivery of one received frame into the receive ring;
 //! - `eeprom.rs`, `phy.rs`: EEPROM (EERD and Microwire bit-bang) and the MDIC PHY;
@@ -17,10 +18,13 @@
 //!   interrupts and migration) and its RX worker thread.
 //!
 //! The RX worker polls the backend's fd and an eventfd of its own (stop, new receive
-//! buffers, a deferred interrupt, migration state changes). Received frames are
-//! delivered under the device lock; while the device is stopped for migration it
-//! does no DMA: up to 64 frames wait in a queue that is part of the
-//! migration state, further frames are counted as missed (MPC).
+//! buffers, a deferred interrupt, migration state changes), with a timeout at the next
+//! ITR-deferred interrupt or interrupt delay timer expiry (`ppoll`: a nanosecond
+//! timeout, as the delays are microseconds); it is also what fires those interrupts, so
+//! the timers cost no thread of their own. Received frames are delivered under the
+//! device lock; while the device is stopped for migration it does no DMA: up to 64
+//! frames wait in a queue that is part of the migration state, further frames are
+//! counted as missed (MPC), and the delay timers are paused.
 //!
 //! Every DMA goes through the device's [`MapTable`] and only while the PCI command
 //! register allows bus mastering. Register accesses must be 1, 2, 4 or 8 bytes and
@@ -35,6 +39,7 @@
 //! ICS and IMC read 0; TIPG reads back what was written; TXQE is raised only when
 //! descriptors were used and the ring ran dry; RX starts as soon as RCTL.EN is set.
 
+mod delay;
 mod eeprom;
 mod fuzz;
 mod phy;
@@ -325,19 +330,31 @@ impl Inner {
                 let mut c = self.lock();
                 c.wake_worker = false;
                 let now = Instant::now();
+                c.delay_due(&self.intr, now);
                 c.deferred_due(&self.intr, now);
                 if c.running() {
                     while let Some(f) = c.pending.pop_front() {
                         c.receive(&f, &self.intr, &self.dma);
                     }
                 }
-                let timeout = match c.deferred_irq {
-                    Some(t) => {
-                        let d = t.saturating_duration_since(now);
-                        i32::try_from(d.as_millis() + 1).unwrap_or(i32::MAX)
-                    }
-                    None => -1,
+                // Delay timers count only while running (paused ones have no deadline).
+                let delay = if c.running() {
+                    c.delay_deadline()
+                } else {
+                    None
                 };
+                let next = match (c.deferred_irq, delay) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let timeout = next.map(|t| {
+                    let d = t.saturating_duration_since(now);
+                    libc::timespec {
+                        // At most about 67 ms (the longest delay) or the ITR interval.
+                        tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+                        tv_nsec: d.subsec_nanos() as libc::c_long,
+                    }
+                });
                 (c.running() || c.pending.len() < PENDING_MAX, timeout)
             };
             let mut fds = [
@@ -352,8 +369,12 @@ impl Inner {
                     revents: 0,
                 },
             ];
-            // SAFETY: fds is a valid array of 2 pollfd for the duration of the call.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+            let tp = timeout
+                .as_ref()
+                .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+            // SAFETY: fds is a valid array of 2 pollfd and tp null or a valid timespec,
+            // both alive for the duration of the call; no signal mask is changed.
+            let r = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, tp, std::ptr::null()) };
             if r < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.raw_os_error() != Some(libc::EINTR) {
@@ -670,6 +691,9 @@ impl VfioDevice for E1000 {
         let mut fsm = c.fsm.clone();
         let r = fsm.transition(target, |from, to| self.inner.mig_step(&mut c, from, to));
         c.fsm = fsm;
+        // Delay timers count only while running (after a failed transition too: the
+        // state may have changed on the way).
+        c.sync_delay_clock(Instant::now());
         let s = r?;
         if c.running() {
             // Resume: transmit what was queued meanwhile, deliver pending frames, and

@@ -20,6 +20,13 @@
 //! - ITR: with a non-zero interval, no two interrupts are sent less than ITR * 256 ns
 //!   apart; an interrupt due earlier is deferred to the RX worker thread, which fires it
 //!   at the deadline if the line is still asserted;
+//! - the interrupt delay timers (TIDV/TADV for TXDW, RDTR/RADV for RXT0; see
+//!   `delay.rs`) hold a cause back: its ICR bit is set only when a timer expires
+//!   (the manual: TIDV is the time between the write-back and "when the IMS.TXDW
+//!   interrupt bit is set"), so an ICR read before shows nothing. The same RX worker
+//!   fires them ([`Core::delay_due`]); ITR then throttles the resulting interrupt like
+//!   any other. Writing TIDV or RDTR with FPD (bit 31, self-clearing) delivers a pending
+//!   delayed cause at once;
 //! - nothing is signalled while the migration state machine is not running; the line is
 //!   re-evaluated when it runs again.
 
@@ -29,6 +36,7 @@ use std::time::{Duration, Instant};
 use nestio_device::migration::{MigrationData, MigrationFsm};
 use nestio_device::pci::{IntrMode, PciConfig, PciIntr};
 
+use super::delay::{ticks, DelayTimer};
 use super::eeprom::{Eeprom, Microwire};
 use super::phy::{Phy, PHY_ADDR};
 use super::regs::*;
@@ -80,6 +88,10 @@ pub(crate) struct Core {
     pub next_irq: Option<Instant>,
     /// A throttled interrupt is due at this time.
     pub deferred_irq: Option<Instant>,
+    /// TXDW held back by TIDV / TADV.
+    pub tx_delay: DelayTimer,
+    /// RXT0 held back by RDTR / RADV.
+    pub rx_delay: DelayTimer,
     /// Problems already logged.
     pub warned: u32,
     /// Frames transmitted by the last register write, sent after the lock is dropped.
@@ -110,6 +122,8 @@ impl Core {
             fsm,
             next_irq: None,
             deferred_irq: None,
+            tx_delay: DelayTimer::default(),
+            rx_delay: DelayTimer::default(),
             warned: 0,
             out_frames: Vec::new(),
             wake_worker: false,
@@ -151,6 +165,8 @@ impl Core {
         self.pending.clear();
         self.next_irq = None;
         self.deferred_irq = None;
+        self.tx_delay.clear();
+        self.rx_delay.clear();
         self.warned = 0;
         // SLU starts clear: the driver sets it, which raises LSC (link up). STATUS
         // reports link up regardless (the PHY always has link).
@@ -292,6 +308,17 @@ impl Core {
                 self.update_irq(irqs, false);
             }
             ITR => self.set_reg(ITR, v & 0xFFFF),
+            TIDV | RDTR => {
+                log_delay_write(off, v);
+                self.set_reg(off, v & DELAY_MASK);
+                if v & DELAY_FPD != 0 {
+                    self.flush_delay(off == TIDV, irqs);
+                }
+            }
+            TADV | RADV => {
+                log_delay_write(off, v);
+                self.set_reg(off, v & DELAY_MASK);
+            }
             RCTL => {
                 let old = self.reg(RCTL);
                 self.set_reg(RCTL, v);
@@ -370,6 +397,116 @@ impl Core {
         )
     }
 
+    /// Transmit descriptors were written back at `now`: `immediate` ones with RS and
+    /// without IDE (or with TIDV 0), `delayed` ones with RS and IDE after the last
+    /// immediate one. Returns the causes to raise now. An immediate TXDW also delivers
+    /// what was delayed (the manual: it halts the absolute timer).
+    pub fn tx_written_back(&mut self, now: Instant, immediate: bool, delayed: bool) -> u32 {
+        let mut causes = 0;
+        if immediate {
+            self.tx_delay.clear();
+            causes |= ICR_TXDW;
+        }
+        if delayed {
+            match ticks(self.reg(TIDV)) {
+                Some(d) => {
+                    let before = self.delay_deadline();
+                    let abs = ticks(self.reg(TADV));
+                    self.tx_delay.arm(now, d, abs);
+                    self.note_deadline(before);
+                }
+                None => {
+                    self.tx_delay.clear();
+                    causes |= ICR_TXDW;
+                }
+            }
+        }
+        causes
+    }
+
+    /// A frame was stored in host memory at `now`: returns RXT0 when it is due at
+    /// once (RDTR 0), else (re)starts the receive delay timers and returns 0.
+    pub fn rx_stored(&mut self, now: Instant) -> u32 {
+        match ticks(self.reg(RDTR)) {
+            Some(d) => {
+                let before = self.delay_deadline();
+                // RADV counts only while the packet timer is in use (RDTR != 0).
+                let abs = ticks(self.reg(RADV));
+                self.rx_delay.arm(now, d, abs);
+                self.note_deadline(before);
+                0
+            }
+            None => {
+                self.rx_delay.clear();
+                ICR_RXT0
+            }
+        }
+    }
+
+    /// The earliest delay timer deadline (none while the device is stopped: its
+    /// timers are paused then).
+    pub fn delay_deadline(&self) -> Option<Instant> {
+        match (self.tx_delay.deadline(), self.rx_delay.deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Wake the worker when a timer now expires before anything it waits for.
+    fn note_deadline(&mut self, before: Option<Instant>) {
+        if let Some(new) = self.delay_deadline() {
+            if before.is_none_or(|b| new < b) {
+                self.wake_worker = true;
+            }
+        }
+    }
+
+    /// FPD written to TIDV (`tx`) or RDTR: a pending delayed cause is delivered now.
+    /// (With nothing pending there is nothing to flush: no interrupt.)
+    fn flush_delay(&mut self, tx: bool, irqs: &PciIntr) {
+        let (timer, cause) = if tx {
+            (&mut self.tx_delay, ICR_TXDW)
+        } else {
+            (&mut self.rx_delay, ICR_RXT0)
+        };
+        if timer.pending() {
+            timer.clear();
+            self.raise(cause, irqs);
+        }
+    }
+
+    /// Deliver the delayed causes whose timer expired by `now` (called by the worker;
+    /// nothing happens while the device is stopped).
+    pub fn delay_due(&mut self, intr: &PciIntr, now: Instant) {
+        if !self.running() {
+            return;
+        }
+        let mut causes = 0;
+        if self.tx_delay.expire(now) {
+            causes |= ICR_TXDW;
+        }
+        if self.rx_delay.expire(now) {
+            causes |= ICR_RXT0;
+        }
+        if causes != 0 {
+            tracing::trace!(causes, "e1000: delayed interrupt causes due");
+        }
+        self.raise(causes, intr);
+    }
+
+    /// Stop (the device stopped for migration) or restart (running again) the delay
+    /// timers' countdowns, according to the migration state.
+    pub fn sync_delay_clock(&mut self, now: Instant) {
+        if self.running() {
+            self.tx_delay.resume(now);
+            self.rx_delay.resume(now);
+            self.wake_worker = true;
+        } else {
+            self.tx_delay.pause(now);
+            self.rx_delay.pause(now);
+        }
+    }
+
     fn throttle_interval(&self) -> Option<Duration> {
         let itr = self.reg(ITR) & 0xFFFF;
         (itr != 0).then(|| Duration::from_nanos(u64::from(itr) * 256))
@@ -438,7 +575,264 @@ impl Core {
     }
 }
 
+fn log_delay_write(off: u32, v: u32) {
+    tracing::debug!(
+        reg = %format_args!("{off:#06x}"),
+        value = %format_args!("{v:#x}"),
+        "e1000: interrupt delay register written"
+    );
+}
+
 /// True when interrupts go out as messages (the VMM wired MSI or MSI-X eventfds).
 pub(crate) fn message_mode(intr: &PciIntr) -> bool {
     matches!(intr.mode(), IntrMode::Msi | IntrMode::MsiX)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The delay timers driven with synthetic time (no sleeping, no wall clock).
+    use super::super::delay::{Countdown, MAX_DELAY, TICK_NS};
+    use super::super::{build_config, state};
+    use super::*;
+    use nestio_device::MigrationFlags;
+    use nestio_dma::MapTable;
+
+    fn core() -> (Core, PciIntr, MapTable) {
+        let pci = build_config().unwrap();
+        let intr = PciIntr::for_config(&pci);
+        let c = Core::new(
+            [2, 0, 0, 0, 0, 1],
+            pci,
+            MigrationFsm::new(MigrationFlags(MigrationFlags::STOP_COPY)),
+        );
+        (c, intr, MapTable::default())
+    }
+
+    fn ticks(n: u64) -> Duration {
+        Duration::from_nanos(n * TICK_NS)
+    }
+
+    /// Read ICR (clears it) and return it.
+    fn icr(c: &mut Core, intr: &PciIntr) -> u32 {
+        c.read(ICR, intr)
+    }
+
+    #[test]
+    fn tidv_delays_txdw_and_restarts() {
+        let (mut c, intr, dma) = core();
+        c.write(TIDV, 100, &intr, &dma);
+        let t0 = Instant::now();
+        assert_eq!(
+            c.tx_written_back(t0, false, true),
+            0,
+            "delayed: no cause now"
+        );
+        c.delay_due(&intr, t0 + ticks(99));
+        assert_eq!(icr(&mut c, &intr), 0, "ICR does not show a delayed cause");
+        // A second delayed write-back restarts the countdown.
+        assert_eq!(c.tx_written_back(t0 + ticks(50), false, true), 0);
+        c.delay_due(&intr, t0 + ticks(149));
+        assert_eq!(icr(&mut c, &intr), 0);
+        c.delay_due(&intr, t0 + ticks(150));
+        assert_eq!(icr(&mut c, &intr), ICR_TXDW);
+        assert!(!c.tx_delay.pending());
+        c.delay_due(&intr, t0 + ticks(10_000));
+        assert_eq!(icr(&mut c, &intr), 0, "fired once");
+    }
+
+    #[test]
+    fn immediate_txdw_without_ide_or_tidv() {
+        let (mut c, intr, dma) = core();
+        let t0 = Instant::now();
+        // TIDV 0: even IDE write-backs interrupt at once.
+        assert_eq!(c.tx_written_back(t0, false, true), ICR_TXDW);
+        c.write(TIDV, 100, &intr, &dma);
+        assert_eq!(c.tx_written_back(t0, true, false), ICR_TXDW);
+        // An immediate TXDW delivers what was delayed and stops its timers.
+        assert_eq!(c.tx_written_back(t0, false, true), 0);
+        assert!(c.tx_delay.pending());
+        assert_eq!(c.tx_written_back(t0 + ticks(1), true, false), ICR_TXDW);
+        assert!(!c.tx_delay.pending());
+        // Immediate then delayed in one walk: TXDW now, and a new delayed one.
+        assert_eq!(c.tx_written_back(t0 + ticks(2), true, true), ICR_TXDW);
+        assert!(c.tx_delay.pending());
+    }
+
+    #[test]
+    fn tadv_caps_a_stream_of_restarts() {
+        let (mut c, intr, dma) = core();
+        c.write(TIDV, 0xFFFF, &intr, &dma);
+        c.write(TADV, 1000, &intr, &dma);
+        let t0 = Instant::now();
+        for k in 0..100u64 {
+            let t = t0 + ticks(k * 10);
+            c.delay_due(&intr, t);
+            assert_eq!(icr(&mut c, &intr), 0, "nothing before TADV ({k})");
+            assert_eq!(c.tx_written_back(t, false, true), 0);
+        }
+        c.delay_due(&intr, t0 + ticks(999));
+        assert_eq!(icr(&mut c, &intr), 0);
+        c.delay_due(&intr, t0 + ticks(1000));
+        assert_eq!(
+            icr(&mut c, &intr),
+            ICR_TXDW,
+            "TADV after the first write-back"
+        );
+        // TADV 0 disables the cap: only the packet timer counts.
+        c.write(TADV, 0, &intr, &dma);
+        c.write(TIDV, 100, &intr, &dma);
+        let t1 = t0 + ticks(5000);
+        c.tx_written_back(t1, false, true);
+        assert_eq!(c.tx_delay.absolute, Countdown::Idle);
+        assert_eq!(c.delay_deadline(), Some(t1 + ticks(100)));
+    }
+
+    #[test]
+    fn fpd_flushes_a_pending_cause() {
+        let (mut c, intr, dma) = core();
+        c.write(TIDV, 0xFFFF, &intr, &dma);
+        c.write(RDTR, 0xFFFF, &intr, &dma);
+        // FPD with nothing pending: nothing to deliver.
+        c.write(TIDV, 0xFFFF | DELAY_FPD, &intr, &dma);
+        c.write(RDTR, 0xFFFF | DELAY_FPD, &intr, &dma);
+        assert_eq!(icr(&mut c, &intr), 0);
+        assert_eq!(c.read(TIDV, &intr), 0xFFFF, "FPD self-clears");
+        assert_eq!(c.read(RDTR, &intr), 0xFFFF, "FPD self-clears");
+        let t0 = Instant::now();
+        c.tx_written_back(t0, false, true);
+        assert_eq!(c.rx_stored(t0), 0);
+        c.write(TIDV, 0xFFFF | DELAY_FPD, &intr, &dma);
+        assert_eq!(icr(&mut c, &intr), ICR_TXDW);
+        assert!(c.rx_delay.pending(), "TIDV.FPD leaves RX alone");
+        c.write(RDTR, 0xFFFF | DELAY_FPD, &intr, &dma);
+        assert_eq!(icr(&mut c, &intr), ICR_RXT0);
+        assert_eq!(c.delay_deadline(), None);
+        c.delay_due(&intr, t0 + MAX_DELAY);
+        assert_eq!(icr(&mut c, &intr), 0, "flushed timers do not fire again");
+    }
+
+    #[test]
+    fn rdtr_restarts_and_radv_caps() {
+        let (mut c, intr, dma) = core();
+        let t0 = Instant::now();
+        // RDTR 0: RXT0 at once, RADV ignored.
+        c.write(RADV, 8, &intr, &dma);
+        assert_eq!(c.rx_stored(t0), ICR_RXT0);
+        assert!(!c.rx_delay.pending());
+        c.write(RDTR, 100, &intr, &dma);
+        c.write(RADV, 0, &intr, &dma);
+        assert_eq!(c.rx_stored(t0), 0);
+        assert_eq!(c.rx_stored(t0 + ticks(80)), 0);
+        c.delay_due(&intr, t0 + ticks(179));
+        assert_eq!(icr(&mut c, &intr), 0);
+        c.delay_due(&intr, t0 + ticks(180));
+        assert_eq!(icr(&mut c, &intr), ICR_RXT0);
+        // RADV caps a stream of frames arriving faster than RDTR.
+        c.write(RADV, 300, &intr, &dma);
+        let t1 = t0 + ticks(1000);
+        for k in 0..30u64 {
+            c.delay_due(&intr, t1 + ticks(k * 10));
+            assert_eq!(icr(&mut c, &intr), 0);
+            c.rx_stored(t1 + ticks(k * 10));
+        }
+        c.delay_due(&intr, t1 + ticks(300));
+        assert_eq!(icr(&mut c, &intr), ICR_RXT0);
+        // Expiry stopped both: the next frame starts a fresh absolute period.
+        c.rx_stored(t1 + ticks(400));
+        assert_eq!(c.rx_delay.absolute, Countdown::Running(t1 + ticks(700)));
+    }
+
+    #[test]
+    fn hostile_values_do_not_overflow() {
+        let (mut c, intr, dma) = core();
+        for r in [TIDV, TADV, RDTR, RADV] {
+            c.write(r, u32::MAX, &intr, &dma);
+            assert_eq!(c.read(r, &intr), 0xFFFF);
+        }
+        let t0 = Instant::now();
+        c.tx_written_back(t0, false, true);
+        c.rx_stored(t0);
+        assert_eq!(c.delay_deadline(), Some(t0 + MAX_DELAY));
+        c.delay_due(&intr, t0 + MAX_DELAY);
+        assert_eq!(icr(&mut c, &intr), ICR_TXDW | ICR_RXT0);
+    }
+
+    #[test]
+    fn reset_clears_timers() {
+        let (mut c, intr, dma) = core();
+        c.write(TIDV, 10, &intr, &dma);
+        c.write(RDTR, 10, &intr, &dma);
+        let t0 = Instant::now();
+        c.tx_written_back(t0, false, true);
+        c.rx_stored(t0);
+        c.write(CTRL, CTRL_RST, &intr, &dma);
+        assert!(!c.tx_delay.pending() && !c.rx_delay.pending());
+        assert_eq!(c.read(TIDV, &intr), 0);
+        c.delay_due(&intr, t0 + Duration::from_secs(1));
+        assert_eq!(icr(&mut c, &intr), 0);
+    }
+
+    #[test]
+    fn stopped_device_keeps_time_left_through_migration() {
+        use nestio_device::MigState;
+        let (mut c, intr, dma) = core();
+        c.write(TIDV, 1000, &intr, &dma);
+        c.write(TADV, 3000, &intr, &dma);
+        c.write(RDTR, 500, &intr, &dma);
+        let t0 = Instant::now();
+        c.tx_written_back(t0, false, true);
+        c.rx_stored(t0);
+        c.fsm.transition(MigState::Stop, |_, _| Ok(())).unwrap();
+        c.sync_delay_clock(t0 + ticks(100));
+        // Stopped: no time passes, nothing fires.
+        c.delay_due(&intr, t0 + Duration::from_secs(10));
+        assert_eq!(icr(&mut c, &intr), 0);
+        assert_eq!(c.delay_deadline(), None);
+        let s1 = state::save(&c);
+        assert_eq!(s1[4..8], state::VERSION.to_le_bytes());
+        assert_eq!(state::save(&c), s1, "a stopped device saves the same bytes");
+
+        let (mut d, intr2, _) = core();
+        d.fsm.transition(MigState::Stop, |_, _| Ok(())).unwrap();
+        state::load(&mut d, &s1).unwrap();
+        assert_eq!(d.tx_delay.packet, Countdown::Paused(ticks(900)));
+        assert_eq!(d.tx_delay.absolute, Countdown::Paused(ticks(2900)));
+        assert_eq!(d.rx_delay.packet, Countdown::Paused(ticks(400)));
+        assert_eq!(state::save(&d), s1, "restore + save is a fixed point");
+        // Running again: the time left counts from then.
+        d.fsm.transition(MigState::Running, |_, _| Ok(())).unwrap();
+        let t1 = t0 + Duration::from_secs(60);
+        d.sync_delay_clock(t1);
+        d.delay_due(&intr2, t1 + ticks(399));
+        assert_eq!(icr(&mut d, &intr2), 0);
+        d.delay_due(&intr2, t1 + ticks(400));
+        assert_eq!(icr(&mut d, &intr2), ICR_RXT0);
+        d.delay_due(&intr2, t1 + ticks(900));
+        assert_eq!(icr(&mut d, &intr2), ICR_TXDW);
+
+        // A version 1 stream (no timers) still loads, with nothing pending.
+        let mut v1 = s1.clone();
+        v1[4..8].copy_from_slice(&1u32.to_le_bytes());
+        v1.truncate(v1.len() - 4 * 9);
+        let (mut e, _, _) = core();
+        state::load(&mut e, &v1).unwrap();
+        assert!(!e.tx_delay.pending() && !e.rx_delay.pending());
+        assert_eq!(e.reg(TIDV), 1000);
+        // Hostile timer fields are refused.
+        let n = s1.len();
+        let mut bad = s1.clone();
+        bad[n - 8..].copy_from_slice(&u64::MAX.to_le_bytes());
+        bad[n - 9] = 1;
+        assert!(
+            state::load(&mut e, &bad).is_err(),
+            "time left beyond 0xFFFF ticks"
+        );
+        let mut bad = s1.clone();
+        bad[n - 9] = 2;
+        assert!(state::load(&mut e, &bad).is_err(), "flag neither 0 nor 1");
+        let mut bad = s1;
+        bad[n - 9] = 0;
+        bad[n - 1] = 1;
+        assert!(state::load(&mut e, &bad).is_err(), "idle with time left");
+    }
 }

@@ -29,11 +29,15 @@ pub const RDBAH: u32 = 0x2804;
 pub const RDLEN: u32 = 0x2808;
 pub const RDH: u32 = 0x2810;
 pub const RDT: u32 = 0x2818;
+pub const RDTR: u32 = 0x2820;
+pub const RADV: u32 = 0x282C;
 pub const TDBAL: u32 = 0x3800;
 pub const TDBAH: u32 = 0x3804;
 pub const TDLEN: u32 = 0x3808;
 pub const TDH: u32 = 0x3810;
 pub const TDT: u32 = 0x3818;
+pub const TIDV: u32 = 0x3820;
+pub const TADV: u32 = 0x382C;
 /// First statistics register.
 pub const STATS_START: u32 = 0x4000;
 /// Last statistics register (inclusive).
@@ -138,6 +142,11 @@ pub const RCTL_SECRC: u32 = 1 << 26;
 pub const TCTL_EN: u32 = 1 << 1;
 pub const TCTL_PSP: u32 = 1 << 3;
 
+/// Delay registers (TIDV, RDTR): flush partial descriptor block (write-only, reads 0).
+pub const DELAY_FPD: u32 = 1 << 31;
+/// Delay registers keep bits 15:0 (units of 1.024 us).
+pub const DELAY_MASK: u32 = 0xFFFF;
+
 /// Ring length registers keep bits 19:7 (a multiple of 128 bytes, 8 descriptors).
 pub const RING_LEN_MASK: u32 = 0x000F_FF80;
 /// Ring base low registers ignore bits 3:0 (16-byte aligned).
@@ -154,6 +163,8 @@ pub const TXD_CMD_IC: u8 = 0x04;
 pub const TXD_CMD_TSE: u8 = 0x04;
 pub const TXD_CMD_RS: u8 = 0x08;
 pub const TXD_CMD_DEXT: u8 = 0x20;
+/// Interrupt delay enable (legacy CMD, data DCMD and context TUCMD bit 7).
+pub const TXD_CMD_IDE: u8 = 0x80;
 pub const TXD_STA_DD: u8 = 0x01;
 pub const TXD_POPTS_IXSM: u8 = 0x01;
 pub const TXD_POPTS_TXSM: u8 = 0x02;

@@ -17,8 +17,9 @@
 //!    RDH and RDT, the frame is dropped: MPC and RNBC count it and RXO is raised (the
 //!    receive FIFO would overflow) — never lost silently.
 //! 5. Write-back: length, status DD (| EOP on the last | IXSM: no checksum offload),
-//!    errors 0; RDH advances; RXT0 is raised (receive delay timers are not modelled:
-//!    the interrupt is immediate), and RXDMT0 when the free descriptors fall to the
+//!    errors 0; RDH advances; RXT0 is raised at once when RDTR is 0, else after the
+//!    receive delay timers (RDTR restarted by each frame, capped by RADV; see
+//!    `delay.rs`); RXDMT0 is raised at once when the free descriptors fall to the
 //!    RCTL.RDMTS threshold (1/2, 1/4, 1/8 of the ring).
 //!
 //! Hostile rings: as for transmit (see `tx.rs`): RDLEN keeps bits 19:7; a head or tail
@@ -326,7 +327,7 @@ impl Core {
             self.stat_inc(MPRC);
         }
         self.stat_inc(size_bucket(PRC64, wire));
-        let mut causes = ICR_RXT0;
+        let mut causes = self.rx_stored(std::time::Instant::now());
         let free = (tail + count - head) % count;
         let shift = match (rctl >> RCTL_RDMTS_SHIFT) & 3 {
             0 => 1,

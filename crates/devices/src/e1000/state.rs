@@ -1,10 +1,16 @@
 //! The migration stream of the e1000: a versioned, little-endian byte stream.
 //!
-//! Layout (version 1):
+//! Layout (version 2):
 //! `magic "NE1K" | version u32 | regs: count u32, (index u32, value u32)* (non-zero
 //! registers only) | stats64 4 x u64 | EEPROM 64 x u16 | microwire state | PHY 32 x u16
 //! | transmit assembly (packet, flags, context) | tx_halted u8 | rx_halted u8 | IOADDR u32 |
-//! pending frames: count u32, (len u32, bytes)* | PCI config: len u32, bytes`.
+//! pending frames: count u32, (len u32, bytes)* | PCI config: len u32, bytes |
+//! delay timers: TIDV, TADV, RDTR, RADV countdowns, each (counting u8, ns left u64)`.
+//!
+//! Version 1 is the same without the delay timers; it still loads (no delayed cause
+//! pending). The time left of a delay timer is at most 0xFFFF x 1.024 us; the device
+//! is stopped while saved, so its timers are paused and the values are exact (saving
+//! twice gives the same bytes).
 //!
 //! The stream is produced in STOP_COPY and consumed when RESUMING ends. Loading is
 //! all-or-nothing: the whole stream is parsed and checked (magic, version, every
@@ -16,6 +22,9 @@ use std::collections::VecDeque;
 
 use nestio_device::pci::PciConfig;
 
+use std::time::{Duration, Instant};
+
+use super::delay::{Countdown, DelayTimer, MAX_DELAY};
 use super::eeprom::{Eeprom, Microwire, EEPROM_WORDS};
 use super::phy::{Phy, PHY_REGS};
 use super::regfile::{Core, PENDING_MAX};
@@ -24,8 +33,10 @@ use super::tx::{TxContext, TxState, TX_MAX_TSO};
 
 /// Stream magic.
 pub const MAGIC: &[u8; 4] = b"NE1K";
-/// Stream version.
-pub const VERSION: u32 = 1;
+/// Stream version written.
+pub const VERSION: u32 = 2;
+/// Oldest stream version read.
+pub const MIN_VERSION: u32 = 1;
 /// Largest pending frame accepted from a stream.
 const MAX_PENDING_FRAME: usize = 65536;
 
@@ -39,7 +50,7 @@ pub enum StateError {
     #[error("not an e1000 migration stream (bad magic); migrate between e1000 devices only")]
     Magic,
     /// Unknown version.
-    #[error("e1000 migration stream version {0} is not supported (this build reads version {VERSION}); use matching nestio versions")]
+    #[error("e1000 migration stream version {0} is not supported (this build reads versions {MIN_VERSION} to {VERSION}); use matching nestio versions")]
     Version(u32),
     /// A field is out of bounds.
     #[error("e1000 migration stream field {field} is invalid ({value})")]
@@ -201,7 +212,39 @@ pub(crate) fn save(c: &Core) -> Vec<u8> {
         w.bytes(f);
     }
     w.bytes(&c.config.snapshot());
+    let now = Instant::now();
+    for t in [&c.tx_delay, &c.rx_delay] {
+        for cd in [t.packet, t.absolute] {
+            match cd.remaining(now) {
+                Some(d) => {
+                    w.u8(1);
+                    w.u64(d.as_nanos() as u64);
+                }
+                None => {
+                    w.u8(0);
+                    w.u64(0);
+                }
+            }
+        }
+    }
     w.0
+}
+
+/// One countdown of a version 2 stream (restored paused: the device is not running
+/// while it resumes).
+fn countdown(r: &mut R<'_>, field: &'static str) -> Result<Countdown, StateError> {
+    let counting = r.bool(field)?;
+    let ns = r.u64()?;
+    if !counting {
+        if ns != 0 {
+            return Err(StateError::Field { field, value: ns });
+        }
+        return Ok(Countdown::Idle);
+    }
+    if ns > MAX_DELAY.as_nanos() as u64 {
+        return Err(StateError::Field { field, value: ns });
+    }
+    Ok(Countdown::Paused(Duration::from_nanos(ns)))
 }
 
 /// Parse `b` and, when all of it is valid, replace the state of `c`.
@@ -210,9 +253,9 @@ pub(crate) fn load(c: &mut Core, b: &[u8]) -> Result<(), StateError> {
     if r.take(4)? != MAGIC {
         return Err(StateError::Magic);
     }
-    let v = r.u32()?;
-    if v != VERSION {
-        return Err(StateError::Version(v));
+    let version = r.u32()?;
+    if !(MIN_VERSION..=VERSION).contains(&version) {
+        return Err(StateError::Version(version));
     }
     let n = r.u32()? as usize;
     if n > NUM_REGS {
@@ -291,6 +334,13 @@ pub(crate) fn load(c: &mut Core, b: &[u8]) -> Result<(), StateError> {
         pending.push_back(r.bytes(MAX_PENDING_FRAME, "pending frame")?.to_vec());
     }
     let cfg = r.bytes(4096, "PCI configuration")?;
+    let mut delays = [DelayTimer::default(); 2];
+    if version >= 2 {
+        for (t, names) in delays.iter_mut().zip([["TIDV", "TADV"], ["RDTR", "RADV"]]) {
+            t.packet = countdown(&mut r, names[0])?;
+            t.absolute = countdown(&mut r, names[1])?;
+        }
+    }
     if r.pos != b.len() {
         return Err(StateError::Trailing(b.len() - r.pos));
     }
@@ -319,5 +369,6 @@ pub(crate) fn load(c: &mut Core, b: &[u8]) -> Result<(), StateError> {
     c.config = config;
     c.next_irq = None;
     c.deferred_irq = None;
+    [c.tx_delay, c.rx_delay] = delays;
     Ok(())
 }

@@ -10,8 +10,10 @@
 //!
 //! Buffers are gathered until EOP into one frame of at most [`TX_MAX_FRAME`] bytes; a
 //! longer packet is consumed to its EOP and dropped. A descriptor with RS gets DD
-//! written back and raises TXDW; an emptied ring raises TXQE. Frames go to the backend
-//! after the device lock is released (`Core::out_frames`).
+//! written back and raises TXDW — at once, or, with IDE set in its command byte and a
+//! non-zero TIDV, after the transmit delay timers (TIDV restarted by each such
+//! write-back, capped by TADV; see `delay.rs`); an emptied ring raises TXQE at once.
+//! Frames go to the backend after the device lock is released (`Core::out_frames`).
 //!
 //! Hostile rings (the documented choice): TDLEN keeps only bits 19:7 (so the ring is a
 //! whole number of 128-byte blocks; 0 means no ring). A head or tail beyond the ring,
@@ -142,6 +144,8 @@ impl Core {
         }
         let mut causes = 0u32;
         let mut processed = 0u32;
+        // Write-backs asking for TXDW now, and delayed ones after the last immediate.
+        let (mut immediate, mut delayed) = (false, false);
         for _ in 0..count {
             if head == tail {
                 break;
@@ -158,6 +162,7 @@ impl Core {
                 self.tx_dma_fault(format_args!("descriptor read: {e}"));
                 break;
             }
+            let ide = d[11] & TXD_CMD_IDE != 0;
             let rs = match self.tx_descriptor(&d, dma) {
                 Ok(rs) => rs,
                 Err(e) => {
@@ -177,7 +182,12 @@ impl Core {
                     self.tx_dma_fault(format_args!("descriptor write-back: {e}"));
                     break;
                 }
-                causes |= ICR_TXDW;
+                if ide {
+                    delayed = true;
+                } else {
+                    immediate = true;
+                    delayed = false;
+                }
             }
             head = (head + 1) % count;
             self.set_reg(TDH, head);
@@ -186,6 +196,9 @@ impl Core {
         // TXQE: the queue ran dry after using descriptors (not on an idle ring).
         if processed > 0 && head == tail {
             causes |= ICR_TXQE;
+        }
+        if immediate || delayed {
+            causes |= self.tx_written_back(std::time::Instant::now(), immediate, delayed);
         }
         self.raise(causes, irqs);
     }
