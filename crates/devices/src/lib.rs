@@ -6,6 +6,7 @@
 
 pub mod e1000;
 pub mod e1000_bench;
+mod fuzz_input;
 mod migration_fuzz;
 pub use migration_fuzz::fuzz_migration;
 pub mod sample;

@@ -27,6 +27,7 @@ use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
 use nestio_net::NoneBackend;
 
 use crate::e1000::{regs as e1k, E1000Config, E1000};
+use crate::fuzz_input::FuzzInput;
 use crate::sample::{self, SampleDevice};
 
 /// IOVA of the memory mapped to the device under test.
@@ -150,32 +151,6 @@ impl Dev {
     }
 }
 
-struct In<'a>(&'a [u8]);
-
-impl<'a> In<'a> {
-    fn u8(&mut self) -> Option<u8> {
-        let (&b, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(b)
-    }
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes([self.u8()?, self.u8()?]))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes([
-            self.u8()?,
-            self.u8()?,
-            self.u8()?,
-            self.u8()?,
-        ]))
-    }
-    fn take(&mut self, n: usize) -> &'a [u8] {
-        let (a, b) = self.0.split_at(n.min(self.0.len()));
-        self.0 = b;
-        a
-    }
-}
-
 /// FNV-1a 64, the sample stream's trailer.
 fn fnv1a64(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
@@ -184,7 +159,7 @@ fn fnv1a64(data: &[u8]) -> u64 {
 }
 
 /// The device's own stream with the edits `inp` describes.
-fn patched(kind: Kind, fix_sum: bool, inp: &mut In<'_>) -> Option<Vec<u8>> {
+fn patched(kind: Kind, fix_sum: bool, inp: &mut FuzzInput<'_>) -> Option<Vec<u8>> {
     let src = Dev::new(kind)?;
     src.configure();
     src.dev().mig_set_state(MigState::Stop).ok()?;
@@ -234,7 +209,7 @@ pub fn fuzz_migration(data: &[u8]) {
 
 /// [`fuzz_migration`]'s body: `Some(accepted)` once a restore was tried.
 fn run(data: &[u8]) -> Option<bool> {
-    let mut inp = In(data);
+    let mut inp = FuzzInput(data);
     let (sel, cp) = (inp.u8()?, inp.u8()?);
     let kind = if sel & 1 != 0 {
         Kind::E1000
@@ -290,13 +265,13 @@ fn run(data: &[u8]) -> Option<bool> {
     assert_eq!(d.mig_state().ok(), Some(MigState::Running));
     exercise(
         &dst,
-        &mut In(&[0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]),
+        &mut FuzzInput(&[0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]),
     );
     Some(result.is_ok())
 }
 
 /// Register, config and interrupt traffic after the restore.
-fn exercise(dst: &Dev, inp: &mut In<'_>) {
+fn exercise(dst: &Dev, inp: &mut FuzzInput<'_>) {
     let d = dst.dev();
     // Everything readable reads without panicking.
     let mut buf = [0u8; 4];

@@ -7,7 +7,6 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -15,7 +14,6 @@ use nestio_device::{pci_index, VfioDevice};
 use nestio_devices::e1000::regs::*;
 use nestio_devices::e1000::{crc32, E1000Config, RxOutcome, E1000};
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, DmaSpace, Prot};
-use nestio_net::{NetBackend, NetError};
 
 struct Counting;
 
@@ -59,24 +57,6 @@ fn allocs() -> u64 {
     ALLOCS.with(|c| c.get())
 }
 
-/// A backend that never has a frame.
-struct Silent(OwnedFd);
-
-impl NetBackend for Silent {
-    fn send(&mut self, _frame: &[u8]) -> Result<(), NetError> {
-        Ok(())
-    }
-    fn recv(&mut self, _buf: &mut [u8]) -> Result<Option<usize>, NetError> {
-        Ok(None)
-    }
-    fn poll_fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
-    }
-    fn describe(&self) -> String {
-        "silent".into()
-    }
-}
-
 const IOVA: u64 = 0x10_0000;
 const MEM: u64 = 1 << 20;
 const RING: u64 = 0;
@@ -90,11 +70,7 @@ struct Nic {
 
 impl Nic {
     fn new(rctl: u32) -> Nic {
-        // SAFETY: eventfd takes no pointers; the result is checked.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        assert!(efd >= 0);
-        // SAFETY: a fresh descriptor owned by nobody else.
-        let backend = Silent(unsafe { OwnedFd::from_raw_fd(efd) });
+        let backend = nestio_net::NoneBackend::new().unwrap();
         let dev = E1000::new(E1000Config::new(Box::new(backend))).unwrap();
         let fd = Arc::new(nestio_dma::memfd::sealed_memfd(c"rx-alloc", MEM).unwrap());
         let mem = File::from(fd.try_clone().unwrap());

@@ -6,13 +6,15 @@
 //! worker polling it sleeps until it is woken for another reason.
 
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::{NetBackend, NetError};
 
 /// The `none` backend. See the module documentation.
 pub struct NoneBackend {
     idle: OwnedFd,
-    sent: u64,
+    sent: Arc<AtomicU64>,
 }
 
 impl NoneBackend {
@@ -26,19 +28,24 @@ impl NoneBackend {
         Ok(NoneBackend {
             // SAFETY: a fresh descriptor owned by nobody else.
             idle: unsafe { OwnedFd::from_raw_fd(fd) },
-            sent: 0,
+            sent: Arc::new(AtomicU64::new(0)),
         })
     }
 
     /// Frames dropped so far.
     pub fn frames_dropped(&self) -> u64 {
-        self.sent
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// The dropped-frame counter, readable after the backend was handed to a device.
+    pub fn dropped_counter(&self) -> Arc<AtomicU64> {
+        self.sent.clone()
     }
 }
 
 impl NetBackend for NoneBackend {
     fn send(&mut self, _frame: &[u8]) -> Result<(), NetError> {
-        self.sent += 1;
+        self.sent.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
     fn recv(&mut self, _buf: &mut [u8]) -> Result<Option<usize>, NetError> {
@@ -62,6 +69,9 @@ mod tests {
         b.send(&[0u8; 60]).unwrap();
         b.send(&[0u8; 1514]).unwrap();
         assert_eq!(b.frames_dropped(), 2);
+        let counter = b.dropped_counter();
+        b.send(&[0u8; 60]).unwrap();
+        assert_eq!(counter.load(Ordering::Relaxed), 3);
         assert_eq!(b.recv(&mut [0u8; 2048]).unwrap(), None);
         let mut p = libc::pollfd {
             fd: std::os::fd::AsRawFd::as_raw_fd(&b.poll_fd()),

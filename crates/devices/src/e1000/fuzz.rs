@@ -6,16 +6,17 @@
 //! second half is never mapped, and the run asserts it is still zero at the end (a
 //! DMA that escaped the mappings would be a finding), as is any panic.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use nestio_device::{pci_index, IrqAction, IrqData, MigState, VfioDevice};
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
-use nestio_net::{NetBackend, NetError};
+use nestio_net::NoneBackend;
 
 use super::regs::*;
 use super::{E1000Config, RxOutcome, E1000};
+use crate::fuzz_input::FuzzInput;
 
 /// IOVA of the fuzzed device's memory.
 pub const FUZZ_IOVA: u64 = 0x10000;
@@ -25,55 +26,6 @@ const MAPPED: u64 = 0x8000;
 const RX_RING_OFF: u64 = 0x80;
 /// RX buffers offset in the window.
 const RX_BUFS: u64 = 0x2000;
-
-/// A backend that never receives and counts what is sent.
-struct NullBackend {
-    fd: OwnedFd,
-    sent: Arc<AtomicUsize>,
-}
-
-impl NetBackend for NullBackend {
-    fn send(&mut self, _frame: &[u8]) -> Result<(), NetError> {
-        self.sent.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-    fn recv(&mut self, _buf: &mut [u8]) -> Result<Option<usize>, NetError> {
-        Ok(None)
-    }
-    fn poll_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-    fn describe(&self) -> String {
-        "null".into()
-    }
-}
-
-struct Bytes<'a>(&'a [u8]);
-
-impl Bytes<'_> {
-    fn u8(&mut self) -> Option<u8> {
-        let (&b, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(b)
-    }
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes([self.u8()?, self.u8()?]))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes([
-            self.u8()?,
-            self.u8()?,
-            self.u8()?,
-            self.u8()?,
-        ]))
-    }
-    fn take(&mut self, n: usize) -> &[u8] {
-        let n = n.min(self.0.len());
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        a
-    }
-}
 
 /// Registers worth hitting often.
 const HOT: [u32; 24] = [
@@ -155,19 +107,13 @@ pub fn fuzz_e1000(data: &[u8]) {
 
 fn fuzz_run(data: &[u8]) -> FuzzStats {
     let mut stats = FuzzStats::default();
-    let sent = Arc::new(AtomicUsize::new(0));
+
     let Some(mem) = memfd() else { return stats };
-    // SAFETY: eventfd takes no pointers; the result is checked.
-    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if efd < 0 {
+    let Ok(backend) = NoneBackend::new() else {
         return stats;
-    }
-    // SAFETY: efd is a new descriptor owned by nobody else.
-    let efd = unsafe { OwnedFd::from_raw_fd(efd) };
-    let Ok(dev) = E1000::new(E1000Config::new(Box::new(NullBackend {
-        fd: efd,
-        sent: sent.clone(),
-    }))) else {
+    };
+    let sent = backend.dropped_counter();
+    let Ok(dev) = E1000::new(E1000Config::new(Box::new(backend))) else {
         return stats;
     };
     let mem = Arc::new(mem);
@@ -206,7 +152,7 @@ fn fuzz_run(data: &[u8]) -> FuzzStats {
         w(TCTL, TCTL_EN);
         w(IMS, 0xFF);
     }
-    let mut b = Bytes(data.get(1..).unwrap_or(&[]));
+    let mut b = FuzzInput(data.get(1..).unwrap_or(&[]));
     let mut ops = 0;
     while let Some(op) = b.u8() {
         ops += 1;
@@ -325,7 +271,7 @@ fn fuzz_run(data: &[u8]) -> FuzzStats {
         }
     }
     drop(dev);
-    stats.sent = sent.load(Ordering::Relaxed);
+    stats.sent = sent.load(Ordering::Relaxed) as usize;
     let mut rest = vec![0u8; FILE_SIZE - MAPPED as usize];
     pread(&mem, MAPPED, &mut rest);
     assert!(
