@@ -1,5 +1,6 @@
 //! `nestio bench`: costs measured against floors measured in the same run, printed as
-//! ratios (this machine is shared and noisy: compare ratios, not absolute times).
+//! ratios (this machine is shared and noisy: compare ratios, not absolute times). All
+//! threads run on one CPU (see `nestio_vfio_user::bench::Pin`).
 //!
 //! `--only nested` runs `nestio_nested::stack::measure_depths` on an in-process stack
 //! (level 0's e1000 on a socket, exporters over socketpairs) at depth 1, 2 and 3, in
@@ -42,6 +43,11 @@ pub struct BenchArgs {
 
 pub fn run(args: BenchArgs) -> CmdResult {
     let all = args.only == "all";
+    // Every thread (clients, servers, device workers) on one CPU: a wake-up across the
+    // (virtual) CPUs of a nested VM costs tens of microseconds, and whether it happens
+    // depends on the scheduler's placement, which would make each run bimodal.
+    let _pin = nestio_vfio_user::bench::Pin::current();
+    println!("(all benchmark threads pinned to one CPU)");
     if all || args.only == "protocol" {
         let r = nestio_vfio_user::bench::run(args.iterations)?;
         println!("{r}");

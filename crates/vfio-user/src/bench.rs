@@ -142,11 +142,15 @@ pub fn run(iterations: u64) -> Result<BenchReport, BenchError> {
     r
 }
 
-/// Restores the CPU affinity it replaced.
-struct Pin(Option<libc::cpu_set_t>);
+/// Pins the calling thread — and so every thread it spawns afterwards — to the CPU it
+/// runs on; restores the CPU affinity it replaced when dropped. Benchmarks use it so
+/// that they measure the code, not cross-CPU wake-ups (tens of microseconds on a nested
+/// VM, and bimodal with the scheduler's placement).
+pub struct Pin(Option<libc::cpu_set_t>);
 
 impl Pin {
-    fn current() -> Pin {
+    /// Pin to the current CPU (a no-op `Pin` when the affinity cannot be changed).
+    pub fn current() -> Pin {
         // SAFETY: an all-zero cpu_set_t is a valid empty set.
         let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         // SAFETY: sched_getaffinity writes at most size_of::<cpu_set_t>() bytes to `old`.

@@ -9,6 +9,10 @@ fn main() {
         eprintln!("SKIP: /dev/kvm is missing; the exit benchmark needs KVM");
         return;
     }
+    // All threads (vCPU, device server, client) on one CPU, so the result measures the
+    // exit path rather than where the scheduler put the threads (a cross-CPU wake-up
+    // costs tens of microseconds on a nested VM).
+    let _pin = nestio_vfio_user::bench::Pin::current();
     let dir = std::env::temp_dir().join(format!("nestio-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let socket = dir.join("sample.sock");
