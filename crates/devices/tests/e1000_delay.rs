@@ -8,7 +8,7 @@
 //! repeated; the exact timing logic is unit-tested with synthetic time in
 //! `src/e1000/regfile.rs` and `src/e1000/delay.rs`.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,6 @@ use nestio_device::{pci_index, IrqAction, IrqData, MigState, VfioDevice};
 use nestio_devices::e1000::regs::*;
 use nestio_devices::e1000::{E1000Config, RxOutcome, DEFAULT_MAC, E1000};
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
-use nestio_net::{NetBackend, NetError};
 
 const IOVA: u64 = 0x10_0000;
 const MAPPED: u64 = 1 << 20;
@@ -62,24 +61,6 @@ fn wait_for(fd: &OwnedFd, d: Duration) -> bool {
     unsafe { libc::poll(&mut p, 1, ms) > 0 }
 }
 
-/// A backend that never receives and drops what is sent.
-struct Null(OwnedFd);
-
-impl NetBackend for Null {
-    fn send(&mut self, _frame: &[u8]) -> Result<(), NetError> {
-        Ok(())
-    }
-    fn recv(&mut self, _buf: &mut [u8]) -> Result<Option<usize>, NetError> {
-        Ok(None)
-    }
-    fn poll_fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
-    }
-    fn describe(&self) -> String {
-        "null".into()
-    }
-}
-
 struct Guest {
     dev: Arc<E1000>,
     mem: Arc<OwnedFd>,
@@ -94,7 +75,10 @@ impl Guest {
     }
 
     fn with_mem(mem: Arc<OwnedFd>) -> Guest {
-        let dev = E1000::new(E1000Config::new(Box::new(Null(eventfd())))).unwrap();
+        let dev = E1000::new(E1000Config::new(Box::new(
+            nestio_net::NoneBackend::new().unwrap(),
+        )))
+        .unwrap();
         dev.dma_map(DmaMapRequest {
             range: DmaRange::new(IOVA, MAPPED).unwrap(),
             prot: Prot::RW,
