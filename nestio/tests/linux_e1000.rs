@@ -78,25 +78,6 @@ fn guest_linux(test: &str) -> Option<(PathBuf, PathBuf)> {
     Some((get("NESTIO_LINUX_VMLINUX="), get("NESTIO_LINUX_INITRAMFS=")))
 }
 
-/// Kernel console lines that mean the platform or the device misbehaved.
-fn bad_lines(console: &[String]) -> Vec<&String> {
-    console
-        .iter()
-        .filter(|l| {
-            l.contains("WARNING:")
-                || l.contains("BUG:")
-                || l.contains("Kernel panic")
-                || l.contains("Oops")
-                || l.contains("Call Trace")
-                || l.contains("nobody cared")
-                || l.contains("Hardware Error")
-                || l.contains("Tx Unit Hang")
-                || (l.contains("e1000")
-                    && (l.contains("rror") || l.contains("failed") || l.contains("invalid")))
-        })
-        .collect()
-}
-
 /// A child process killed (and its socket removed) on drop.
 struct Proc {
     child: Child,
@@ -258,7 +239,7 @@ fn check_console(console: &[String]) {
         text.contains("e1000 0000:00:01.0 eth0: Intel(R) PRO/1000 Network Connection"),
         "Linux's e1000 driver did not probe the device:\n{text}"
     );
-    let bad = bad_lines(console);
+    let bad = nestio_vmm::linux::platform::kernel_problems(&text);
     assert!(bad.is_empty(), "kernel reported problems {bad:?}:\n{text}");
 }
 

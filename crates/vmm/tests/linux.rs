@@ -8,24 +8,6 @@ use std::time::Duration;
 
 use nestio_vmm::{DeviceConfig, StopReason, Vm, VmConfig};
 
-/// Kernel log lines that mean something went wrong with the platform or the device.
-pub fn bad_lines(console: &str) -> Vec<&str> {
-    console
-        .lines()
-        .filter(|l| {
-            l.contains("WARNING:")
-                || l.contains("BUG:")
-                || l.contains("Kernel panic")
-                || l.contains("Oops")
-                || l.contains("Call Trace")
-                || l.contains("Hardware Error")
-                || l.contains("Tx Unit Hang")
-                || l.contains("irq 11: nobody cared")
-                || (l.contains("e1000") && (l.contains("rror") || l.contains("failed")))
-        })
-        .collect()
-}
-
 fn local_e1000() -> DeviceConfig {
     let backend = nestio_net::open_backend("user", None).unwrap();
     let dev = nestio_devices::e1000::E1000::new(nestio_devices::e1000::E1000Config::new(backend))
@@ -71,7 +53,7 @@ fn linux_e1000_driver_pings_the_gateway_in_process() {
     );
     assert!(out.contains("NESTIO-PING: ok 3/3"), "{out}");
     assert!(out.contains("64 bytes from 10.0.2.2: icmp_seq=3"), "{out}");
-    let bad = bad_lines(&out);
+    let bad = nestio_vmm::linux::platform::kernel_problems(&out);
     assert!(bad.is_empty(), "bad kernel lines {bad:?} in:\n{out}");
     // The I/O BAR was decoded (Linux's e1000 resets the 82540 through it).
     assert!(dev.bar_mapping(1).is_some(), "I/O BAR1 mapped");

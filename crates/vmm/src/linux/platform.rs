@@ -9,6 +9,8 @@
 //!   interrupt line and never programs the ELCR itself; an edge-triggered line that a
 //!   resampling irqfd holds high would lose every interrupt after the first.
 //! - [`BASE_CMDLINE`]: the command line the brief measured on these hosts.
+//! - [`kernel_problems`]: the console lines that mean the platform or a device
+//!   misbehaved (what the Linux tests check for).
 
 use kvm_bindings::{kvm_irqchip, CpuId, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
 use kvm_ioctls::VmFd;
@@ -94,9 +96,52 @@ pub fn set_pic_level_triggered(vm: &VmFd, irqs: &[u8]) -> Result<(), PlatformErr
     Ok(())
 }
 
+/// Kernel messages that are always a problem.
+const PROBLEM_MARKERS: [&str; 8] = [
+    "WARNING:",
+    "BUG:",
+    "Kernel panic",
+    "Oops",
+    "Call Trace",
+    "nobody cared",
+    "Hardware Error",
+    "Tx Unit Hang",
+];
+
+/// The lines of a Linux guest's console that mean the platform or an emulated device
+/// misbehaved: kernel warnings, oopses and panics, an unhandled interrupt, and e1000
+/// driver errors (hardware error, TX unit hang, failed or invalid anything).
+pub fn kernel_problems(console: &str) -> Vec<&str> {
+    console
+        .lines()
+        .filter(|l| {
+            PROBLEM_MARKERS.iter().any(|k| l.contains(k))
+                || (l.contains("e1000")
+                    && (l.contains("rror") || l.contains("failed") || l.contains("invalid")))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_problems_finds_warnings_and_e1000_errors_only() {
+        let log = "[0.1] e1000 0000:00:01.0 eth0: Intel(R) PRO/1000 Network Connection\n\
+                   [0.2] WARNING: CPU: 0 PID: 1 at kernel/x.c:1\n\
+                   [0.3] e1000 0000:00:01.0 eth0: Detected Tx Unit Hang\n\
+                   [0.4] e1000: probe of 0000:00:01.0 failed with error -5\n\
+                   [0.5] Run /init as init process";
+        assert_eq!(
+            kernel_problems(log),
+            vec![
+                "[0.2] WARNING: CPU: 0 PID: 1 at kernel/x.c:1",
+                "[0.3] e1000 0000:00:01.0 eth0: Detected Tx Unit Hang",
+                "[0.4] e1000: probe of 0000:00:01.0 failed with error -5",
+            ]
+        );
+    }
     use kvm_ioctls::Kvm;
 
     #[test]
