@@ -413,9 +413,9 @@ fn kvm_or_skip() -> Option<Kvm> {
     }
 }
 
-/// Run the vCPU at the boot entry; collect the dwords written to port 0xf4 until hlt.
-fn run_entry(kvm: &Kvm, mem: &GuestMemoryMmap, size: u64, boot: &LinuxBoot) -> Vec<u32> {
-    let vm = kvm.create_vm().unwrap();
+/// Guest RAM `mem` (`size` bytes from GPA 0) as memory slot 0 of `vm`. The callers keep
+/// `mem` alive until the VM is dropped.
+fn map_ram(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap, size: u64) {
     let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
     let region = kvm_userspace_memory_region {
         slot: 0,
@@ -424,9 +424,15 @@ fn run_entry(kvm: &Kvm, mem: &GuestMemoryMmap, size: u64, boot: &LinuxBoot) -> V
         memory_size: size,
         userspace_addr: host,
     };
-    // SAFETY: `mem` maps `size` bytes at `host` and outlives the VM (dropped at the end
-    // of this function).
+    // SAFETY: `mem` maps `size` bytes at `host` and outlives the VM (both callers drop
+    // the VM at the end of the function that owns `mem`).
     unsafe { vm.set_user_memory_region(region) }.unwrap();
+}
+
+/// Run the vCPU at the boot entry; collect the dwords written to port 0xf4 until hlt.
+fn run_entry(kvm: &Kvm, mem: &GuestMemoryMmap, size: u64, boot: &LinuxBoot) -> Vec<u32> {
+    let vm = kvm.create_vm().unwrap();
+    map_ram(&vm, mem, size);
     vm.set_tss_address(0xfffb_d000).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let cpuid = kvm
@@ -544,16 +550,7 @@ fn boot_real_linux(protocol: ProtocolChoice) {
         ..Default::default()
     })
     .unwrap();
-    let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: size,
-        userspace_addr: host,
-    };
-    // SAFETY: `mem` maps `size` bytes at `host` and outlives the VM.
-    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    map_ram(&vm, &mem, size);
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     vm.register_irqfd(&irq, 4).unwrap();
     let console = Console::default();
