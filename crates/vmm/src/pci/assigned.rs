@@ -648,13 +648,9 @@ impl AssignedDevice {
         read: Option<&mut [u8]>,
         write: Option<&[u8]>,
     ) -> Result<(), BusFault> {
-        let len = read
-            .as_ref()
-            .map(|d| d.len())
-            .or(write.map(|d| d.len()))
-            .unwrap_or(0) as u64;
+        let len = super::access_len(&read, write) as u64;
         let inside = offset.checked_add(len).is_some_and(|e| e <= region_size);
-        let (read, write) = match self.msix_access(index, offset, read, write) {
+        let (read, write) = match self.msix_access(index, offset, len, read, write) {
             None => return Ok(()),
             Some(rw) => rw,
         };
@@ -804,24 +800,20 @@ impl AssignedDevice {
         }
     }
 
-    /// MSI-X table and PBA accesses are the VMM's; returns `None` when handled here,
-    /// else the access back for the device.
+    /// MSI-X table and PBA accesses (`len` bytes at `offset` of BAR `index`) are the
+    /// VMM's; returns `None` when handled here, else the access back for the device.
     #[allow(clippy::type_complexity)]
     fn msix_access<'a, 'b>(
         &self,
         index: u32,
         offset: u64,
+        len: u64,
         read: Option<&'a mut [u8]>,
         write: Option<&'b [u8]>,
     ) -> Option<(Option<&'a mut [u8]>, Option<&'b [u8]>)> {
         let Some(layout) = self.msix_layout else {
             return Some((read, write));
         };
-        let len = read
-            .as_ref()
-            .map(|d| d.len())
-            .or(write.map(|d| d.len()))
-            .unwrap_or(0) as u64;
         let end = offset.saturating_add(len);
         // Ordinary register accesses leave here without touching the lock.
         let (in_table, in_pba) = layout.hits(index, offset, end);

@@ -295,11 +295,7 @@ impl PciRoot {
         read: Option<&mut [u8]>,
         write: Option<&[u8]>,
     ) -> Result<(), BusFault> {
-        let len = read
-            .as_ref()
-            .map(|d| d.len())
-            .or(write.map(|d| d.len()))
-            .unwrap_or(0);
+        let len = access_len(&read, write);
         let ok_size = matches!(len, 1 | 2 | 4) && (reg as usize % 4) + len <= 4;
         let f = if ok_size {
             self.function(bus, dev, func)
@@ -501,6 +497,12 @@ impl PciRoot {
 }
 
 struct Ecam(Weak<PciRoot>);
+
+/// Bytes of an access given as a read buffer or write data.
+pub(crate) fn access_len(read: &Option<&mut [u8]>, write: Option<&[u8]>) -> usize {
+    read.as_ref()
+        .map_or_else(|| write.map_or(0, <[u8]>::len), |d| d.len())
+}
 
 fn ecam_decode(offset: u64) -> (u8, u8, u8, u16) {
     (
