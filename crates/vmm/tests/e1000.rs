@@ -39,22 +39,12 @@ fn ping(dev: DeviceConfig, irq: &str) -> String {
     out
 }
 
-fn local_e1000() -> DeviceConfig {
-    let backend = nestio_net::open_backend("user", None).unwrap();
-    let dev = nestio_devices::e1000::E1000::new(nestio_devices::e1000::E1000Config::new(backend))
-        .unwrap();
-    DeviceConfig::Local {
-        name: "e1000".into(),
-        device: dev,
-    }
-}
-
 #[test]
 fn guest_pings_through_in_process_e1000_with_intx() {
     if !common::kvm_or_skip("guest_pings_through_in_process_e1000_with_intx") {
         return;
     }
-    let out = ping(local_e1000(), "intx");
+    let out = ping(common::local_e1000(), "intx");
     assert!(out.contains("INTx on IOAPIC pin"), "{out}");
     assert!(out.contains("mac 52:54:00:12:34:56"), "{out}");
 }

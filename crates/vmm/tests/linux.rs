@@ -6,17 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use nestio_vmm::{DeviceConfig, StopReason, Vm, VmConfig};
-
-fn local_e1000() -> DeviceConfig {
-    let backend = nestio_net::open_backend("user", None).unwrap();
-    let dev = nestio_devices::e1000::E1000::new(nestio_devices::e1000::E1000Config::new(backend))
-        .unwrap();
-    DeviceConfig::Local {
-        name: "e1000".into(),
-        device: dev,
-    }
-}
+use nestio_vmm::{StopReason, Vm, VmConfig};
 
 #[test]
 fn linux_e1000_driver_pings_the_gateway_in_process() {
@@ -30,7 +20,7 @@ fn linux_e1000_driver_pings_the_gateway_in_process() {
     let (console, buf) = common::console();
     let mut cfg = VmConfig::linux(kernel, Some(initrd));
     cfg.console = console;
-    cfg.devices.push(local_e1000());
+    cfg.devices.push(common::local_e1000());
     let mut vm = Vm::new(cfg).unwrap();
     let dev = vm.pci().devices()[0].clone();
     assert_eq!(dev.intx_gsi(), Some(11), "00:01.0 INTA on 8259 line 11");

@@ -62,3 +62,14 @@ pub fn guest_linux(test: &str) -> Option<(std::path::PathBuf, std::path::PathBuf
     };
     Some((get("NESTIO_LINUX_VMLINUX="), get("NESTIO_LINUX_INITRAMFS=")))
 }
+
+/// An e1000 on the built-in `user` network, attached in process (no vfio-user hop).
+pub fn local_e1000() -> nestio_vmm::DeviceConfig {
+    let backend = nestio_net::open_backend("user", None).unwrap();
+    let dev = nestio_devices::e1000::E1000::new(nestio_devices::e1000::E1000Config::new(backend))
+        .unwrap();
+    nestio_vmm::DeviceConfig::Local {
+        name: "e1000".into(),
+        device: dev,
+    }
+}
