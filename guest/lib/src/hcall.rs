@@ -43,8 +43,9 @@ pub struct HcallRet {
     pub rets: [u64; 9],
 }
 
-/// Make hypercall `opcode` with `args` (missing ones are 0).
-#[inline(never)]
+/// Make hypercall `opcode` with `args` (missing ones are 0). Inlined, so constant
+/// arguments become plain register loads: every guest instruction may be emulated.
+#[inline(always)]
 pub fn hcall(opcode: u64, args: &[u64]) -> HcallRet {
     let mut a = [0u64; 9];
     let n = args.len().min(9);

@@ -21,8 +21,9 @@
 //! | r3 | `rax` | opcode | return code (sign-extended, [`HStatus`]) |
 //! | r4..r12 | `rdi rsi rdx r10 r8 r9 r12 r13 r14` ([`ARG_REGS`]) | arguments 0..8 | return values 0..8 |
 //!
-//! then `out 0xe0, eax` ([`HYPERCALL_PORT`]; a 32-bit write, the immediate form, so `dx`
-//! stays an argument). The nine argument registers are always overwritten with the
+//! then `out 0xe0, eax` ([`HYPERCALL_PORT`]; a 32-bit write in the immediate-port form,
+//! which needs a port below 0x100 and keeps `dx` free for an argument; nothing on a PC
+//! decodes 0xe0, and neither KVM's in-kernel PIC/PIT nor this VMM's bus has it). The nine argument registers are always overwritten with the
 //! return buffer, 0 where the call returns nothing (like POWER's volatile `r4..r12`);
 //! every other register, `rip` aside, is preserved. Other accesses to the port (8- or
 //! 16-bit, string I/O, reads) are not hypercalls: writes are ignored, reads return
@@ -45,6 +46,10 @@
 //! guest-physical address from an argument is hostile, so every access is bounds- and
 //! overflow-checked and fails with an error the handler turns into `H_PARAMETER` (or
 //! its call's PAPR code) — never a panic.
+//!
+//! Cost: the exit plus two register ioctls. With `KVM_CAP_SYNC_REGS` the registers
+//! could travel in the run page instead (not done: it makes every exit copy them, and a
+//! snapshot taken between the exit and the next entry would have to flush them).
 //!
 //! Not wired: `H_COPY_TOFROM_GUEST` (FACTS §3). `nestio_nested::copy` implements its
 //! semantics, but an x86 payload has no nested guests registered with this VMM (no

@@ -346,6 +346,57 @@ mod tests {
     }
 
     #[test]
+    fn random_buffers_never_panic_and_obey_the_limits() {
+        let m = ram(0x1000);
+        let ctx = HcallContext::new(&m, 0);
+        let (rtas, token) = sum_table();
+        // xorshift: deterministic, no dependency.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let gpa = match next() % 4 {
+                0 => next(),
+                1 => 0x1000 - (next() % 80),
+                _ => next() % 0x1000,
+            };
+            let small = |v: u64| (v % 20) as u32;
+            let cells = [
+                if next() % 2 == 0 {
+                    token.0
+                } else {
+                    next() as u32
+                },
+                if next() % 4 == 0 {
+                    next() as u32
+                } else {
+                    small(next())
+                },
+                if next() % 4 == 0 {
+                    next() as u32
+                } else {
+                    small(next())
+                },
+            ];
+            if gpa <= 0x1000 - 12 {
+                put(&ctx.mem, gpa, &cells);
+            }
+            match RtasArgs::decode(&ctx.mem, gpa) {
+                Ok(a) => {
+                    assert!(a.nret >= 1 && a.args.len() as u32 + a.nret <= RTAS_MAX_CELLS);
+                    let end = gpa + HEADER + 4 * (a.args.len() as u64 + u64::from(a.nret));
+                    assert!(end <= 0x1000, "decoded a buffer running past RAM");
+                }
+                Err(_) => assert_eq!(rtas.hcall(&ctx, gpa), H_PARAMETER),
+            }
+        }
+    }
+
+    #[test]
     fn unknown_token_gets_param_error_status() {
         let m = ram(0x10000);
         let ctx = HcallContext::new(&m, 0);

@@ -8,7 +8,8 @@
 //!
 //! Prints `ok <check>` or `FAIL <check>` per check; exit status = number of failures.
 //! `input=1`: also read a line through `H_GET_TERM_CHAR` and print `got input: <line>`.
-//! `bench=N`: only make N unregistered hypercalls (H_FUNCTION) and exit 0.
+//! `bench=N`: only make N unregistered hypercalls (H_FUNCTION) and exit 0; with `port=1`
+//! N plain 32-bit writes to port 0x80 instead (the exit without the hypercall's work).
 #![no_std]
 #![no_main]
 
@@ -55,8 +56,15 @@ static mut TCES: TceList = TceList([0; 4]);
 fn main(ram: u64) -> u32 {
     if let Some(n) = nestio_guest::cmdline_value("bench") {
         let n: u64 = n.parse().unwrap_or(0);
-        for _ in 0..n {
-            hcall(0x400, &[]);
+        if nestio_guest::cmdline_value("port") == Some("1") {
+            // Baseline: the same number of plain port exits (POST code port).
+            for _ in 0..n {
+                io::outl(0x80, 0);
+            }
+        } else {
+            for _ in 0..n {
+                hcall(0x400, &[]);
+            }
         }
         return 0;
     }
