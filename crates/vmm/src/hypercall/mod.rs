@@ -31,6 +31,10 @@
 //! memory keep PAPR's big-endian layout (RTAS buffers, TCE lists), so traces of a POWER
 //! guest replay unchanged.
 //!
+//! Only guest code allowed port I/O (CPL <= IOPL, or the TSS I/O bitmap) can ring the
+//! doorbell; anything else takes a #GP inside the guest, the x86 counterpart of PAPR
+//! reserving `sc 1` for the supervisor, so handlers do not check privilege.
+//!
 //! # Dispatch
 //!
 //! [`Hypercalls`] maps opcodes ([`Opcode`]: multiples of 4 up to `0xFFFC`) to
@@ -46,6 +50,40 @@
 //! guest-physical address from an argument is hostile, so every access is bounds- and
 //! overflow-checked and fails with an error the handler turns into `H_PARAMETER` (or
 //! its call's PAPR code) — never a panic.
+//!
+//! # Plugging in a model
+//!
+//! ```
+//! use std::sync::Arc;
+//! use nestio_vmm::hypercall::papr::{H_GET_TCE, H_PARAMETER, H_SUCCESS};
+//! use nestio_vmm::hypercall::rtas::{RTAS_OUT_PARAM_ERROR, RTAS_OUT_SUCCESS};
+//! use nestio_vmm::hypercall::{Hcall, HcallContext, HcallReturn, Hypercalls};
+//!
+//! let mut hc = Hypercalls::new();
+//! // H_GET_TCE(liobn, ioba) -> tce: a model would look the entry up in its table.
+//! hc.register(H_GET_TCE, Arc::new(|_: &HcallContext<'_>, c: &Hcall| {
+//!     if c.arg(0) != 0x8000_0000 {
+//!         return HcallReturn::status(H_PARAMETER); // unknown LIOBN
+//!     }
+//!     HcallReturn::with_rets(H_SUCCESS, [0])
+//! }))?;
+//! // An RTAS call: 3 input cells, status + 1 output.
+//! hc.register_rtas("ibm,query-pe-dma-window", Arc::new(
+//!     |_: &HcallContext<'_>, args: &[u32], rets: &mut [u32]| {
+//!         if args.len() != 3 || rets.len() != 1 {
+//!             return RTAS_OUT_PARAM_ERROR;
+//!         }
+//!         rets[0] = 1; // e.g. windows available
+//!         RTAS_OUT_SUCCESS
+//!     },
+//! ))?;
+//! let mut cfg = nestio_vmm::VmConfig::new("payload.elf");
+//! cfg.hypercalls = hc;
+//! # Ok::<(), nestio_vmm::hypercall::HypercallError>(())
+//! ```
+//!
+//! [`HcallContext::vcpu`] is the calling vCPU's index (always 0 while the VMM runs one
+//! vCPU).
 //!
 //! Cost: the exit plus two register ioctls. With `KVM_CAP_SYNC_REGS` the registers
 //! could travel in the run page instead (not done: it makes every exit copy them, and a
