@@ -28,6 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootError};
 use crate::bus::{Bus, BusDevice, BusError, BusFault, BusRange};
 use crate::cpu::{CpuModel, CpuState, HostSplitLockPolicy};
+use crate::hypercall::Hypercalls;
 use crate::linux::mptable::PciIntxRoute;
 use crate::linux::platform::{self, PlatformError};
 use crate::linux::{LinuxBootError, LinuxLayout};
@@ -131,6 +132,10 @@ pub struct VmConfig {
     pub boot: Boot,
     /// RAM size in bytes (multiple of 2 MiB, 4 MiB ..= 3 GiB).
     pub memory: u64,
+    /// Hypercall and RTAS handlers the guest reaches through the hypercall port
+    /// ([`crate::hypercall`]); the VM adds the virtual terminal where these leave its
+    /// opcodes free.
+    pub hypercalls: Hypercalls,
     /// Assigned devices, in PCI slot order (00:01.0, 00:02.0, ...).
     pub devices: Vec<DeviceConfig>,
     /// The CPU model (`--cpu`).
@@ -166,6 +171,7 @@ impl VmConfig {
         VmConfig {
             boot: Boot::Payload(payload.into()),
             memory: 64 << 20,
+            hypercalls: Hypercalls::new(),
             devices: Vec::new(),
             cpu: CpuModel::default(),
             console: ConsoleOutput::Stdout,
@@ -490,6 +496,8 @@ impl Vm {
             }
         }
 
+        let mut hypercalls = cfg.hypercalls.clone();
+        crate::hypercall::console::register_default(&mut hypercalls, serial.clone());
         let run_size = kvm
             .get_vcpu_mmap_size()
             .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
@@ -504,6 +512,7 @@ impl Vm {
             stop: stop.clone(),
             stats: stats.clone(),
             run_size,
+            hypercalls: Arc::new(hypercalls),
         };
         Ok(Vm {
             _kvm: kvm,
