@@ -164,9 +164,10 @@ impl Pin {
         if cpu < 0 {
             return Pin(None);
         }
-        // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET stays in bounds for
-        // a cpu number the kernel returned.
+        // SAFETY: an all-zero cpu_set_t is a valid empty set.
         let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: CPU_SET stays in bounds for a cpu number the kernel returned (below
+        // CPU_SETSIZE) and writes only into the local set.
         unsafe { libc::CPU_SET(cpu as usize, &mut one) };
         // SAFETY: passes a valid cpu_set_t of the stated size.
         if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) } != 0
