@@ -5,8 +5,12 @@
 //! - [`e1000_bench`]: a guest-side e1000 driver used to measure packets per second.
 
 pub mod e1000;
+#[cfg(feature = "harness")]
 pub mod e1000_bench;
+#[cfg(feature = "harness")]
 mod fuzz_input;
+#[cfg(feature = "harness")]
 mod migration_fuzz;
+#[cfg(feature = "harness")]
 pub use migration_fuzz::fuzz_migration;
 pub mod sample;

@@ -38,6 +38,7 @@
 //! the payload binaries), built by this crate's build script with the host toolchain;
 //! [`payloads`] has their paths.
 
+#[cfg(feature = "harness")]
 pub mod bench;
 pub mod boot;
 pub mod bus;

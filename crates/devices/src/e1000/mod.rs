@@ -41,6 +41,7 @@
 
 mod delay;
 mod eeprom;
+#[cfg(feature = "harness")]
 mod fuzz;
 mod phy;
 mod regfile;
@@ -67,6 +68,7 @@ use nestio_net::NetBackend;
 
 use self::regfile::{Core, PENDING_MAX};
 pub use eeprom::{Eeprom, EEPROM_SUM, EEPROM_WORDS};
+#[cfg(feature = "harness")]
 pub use fuzz::fuzz_e1000;
 pub use rx::{crc32, mta_hash, RxOutcome};
 pub use state::StateError;
