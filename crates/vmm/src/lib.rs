@@ -9,10 +9,14 @@
 //! - [`boot`]: ELF loading (linux-loader), GDT, identity page tables, long-mode entry;
 //! - [`bus`]: checked PIO/MMIO buses; unclaimed reads are all-ones;
 //! - [`serial`]: the 16550 console (vm-superio);
-//! - [`pci`]: host bridge (CF8/CFC and ECAM), BAR windows, GSI routing, and
+//! - [`irqchip`]: the interrupt-controller seam ([`irqchip::IrqChip`]: sources,
+//!   eventfds, MSI messages, masking, snapshots) and its x86 in-kernel implementation;
+//! - [`address_space`]: the KVM operations that map memory slots and ioeventfds, as a
+//!   trait (testable without `/dev/kvm`);
+//! - [`pci`]: host bridge (CF8/CFC and ECAM), BAR windows, and
 //!   [`pci::assigned`], the VFIO-style wiring of one device (config virtualisation, BARs
 //!   as bus ranges + KVM memory slots for mmappable areas + ioeventfds, INTx / MSI /
-//!   MSI-X through irqfd);
+//!   MSI-X through the irqchip);
 //! - [`cpu`]: the x86 CPU model (CPUID, MSR_TEST_CTRL / CORE_CAPABILITIES through
 //!   user-space MSR exits, split-lock reports);
 //! - [`vcpu`]: the vCPU state machine and state save/restore;
@@ -35,11 +39,13 @@
 //! the payload binaries), built by this crate's build script with the host toolchain;
 //! [`payloads`] has their paths.
 
+pub mod address_space;
 pub mod bench;
 pub mod boot;
 pub mod bus;
 pub mod cpu;
 pub mod handoff;
+pub mod irqchip;
 pub mod linux;
 pub mod memory;
 pub mod pci;

@@ -7,7 +7,7 @@
 //! also gets what the kernel expects of a PC without firmware tables beyond the MP
 //! table: CPUID with the TSC-deadline timer ([`crate::linux::platform::linux_cpuid`]),
 //! PCI INTx on 8259 lines marked level-triggered in the ELCR
-//! ([`crate::pci::IntxRouting::Pic`]; the line is in each device's interrupt-line
+//! ([`crate::irqchip::x86::IntxRouting::Pic`]; the line is in each device's interrupt-line
 //! register and in the MP table), and the kernel loaded with its initrd and command
 //! line. Both kinds share the rest: the in-kernel PIC/IOAPIC/LAPIC and PIT, the 16550
 //! at 0x3f8 on IRQ 4, the keyboard controller's status port 0x64 (reads 0: "input
@@ -28,11 +28,13 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootError};
 use crate::bus::{Bus, BusDevice, BusError, BusFault, BusRange};
 use crate::cpu::{CpuModel, CpuState, HostSplitLockPolicy};
+use crate::irqchip::x86::{IntxRouting, KvmIrqChip};
+use crate::irqchip::{IrqChip, IrqChipError, SourceRequest};
 use crate::linux::mptable::PciIntxRoute;
 use crate::linux::platform::{self, PlatformError};
 use crate::linux::{LinuxBootError, LinuxLayout};
 use crate::memory::{GuestRam, MemoryError};
-use crate::pci::{IntxRouting, PciError, PciRoot};
+use crate::pci::{PciError, PciRoot};
 use crate::serial::{self, ConsoleOutput, SerialConsole};
 use crate::serial_input::{ConsoleInput, InputPump};
 use crate::vcpu::{ExitStats, StopReason, Vcpu, VcpuContext, VcpuError, VcpuSnapshot};
@@ -223,6 +225,9 @@ pub enum VmError {
     /// PCI / device wiring.
     #[error(transparent)]
     Pci(#[from] PciError),
+    /// The interrupt controller.
+    #[error("interrupt controller: {0}")]
+    Irq(#[from] IrqChipError),
     /// The vCPU stopped with an error.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -413,12 +418,20 @@ impl Vm {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
 
+        let is_linux = matches!(cfg.boot, Boot::Linux { .. });
+        let intx = if is_linux {
+            IntxRouting::Pic
+        } else {
+            IntxRouting::Ioapic
+        };
+        let irqchip: Arc<dyn IrqChip> = Arc::new(KvmIrqChip::new(vm.clone(), intx)?);
+
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Kvm {
             what: "eventfd for the serial IRQ",
             err: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
         })?;
-        vm.register_irqfd(&serial_irq, serial::SERIAL_GSI)
-            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial_source = irqchip.allocate(SourceRequest::Line(serial::SERIAL_GSI))?;
+        irqchip.attach(serial_source, &serial_irq, None)?;
         let serial = Arc::new(SerialConsole::new(serial_irq, cfg.console.clone()));
         pio.insert(
             BusRange::new(serial::SERIAL_PORT as u64, serial::SERIAL_PORTS)?,
@@ -431,13 +444,7 @@ impl Vm {
         )?;
         pio.insert(BusRange::new(POST_PORT, 1)?, Arc::new(PostCode))?;
 
-        let is_linux = matches!(cfg.boot, Boot::Linux { .. });
-        let intx = if is_linux {
-            IntxRouting::Pic
-        } else {
-            IntxRouting::Ioapic
-        };
-        let pci = PciRoot::with_intx(vm.clone(), pio.clone(), mmio.clone(), intx)?;
+        let pci = PciRoot::new(irqchip.clone(), vm.clone(), pio.clone(), mmio.clone());
         pio.insert(BusRange::new(PCI_CONFIG_PORT, 8)?, pci.config_io())?;
         mmio.insert(
             BusRange::new(crate::pci::ECAM_BASE, crate::pci::ECAM_SIZE)?,

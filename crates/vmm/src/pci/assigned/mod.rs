@@ -16,16 +16,17 @@
 //! sparse area (the guest touches the device's memory with no exit), and (3) the
 //! device's ioeventfds registered with KVM.
 //!
-//! Interrupts travel as eventfds from the device straight into KVM: INTx is an irqfd
-//! on an IOAPIC pin with a resample fd (a small thread unmasks the device's INTx when
-//! the guest EOIs); MSI vectors get a GSI each with an MSI route built from the
-//! guest's address/data, an irqfd, and the eventfd handed to the device by SET_IRQS
+//! Interrupts travel as eventfds from the device straight into the interrupt
+//! controller, through the platform's [`crate::irqchip::IrqChip`]: INTx is a line
+//! source attached with a resample fd (a small thread unmasks the device's INTx when
+//! the guest EOIs); MSI vectors get a message source each, programmed with the
+//! guest's address/data, an attached eventfd, handed to the device by SET_IRQS
 //! when the guest enables MSI. MSI-X is virtualised the same way: the VMM keeps the
 //! table (BAR accesses to the table and PBA are intercepted, and no mmapped area may
-//! cover them), routes each entry's message, hands the device one eventfd per vector
-//! while MSI-X is enabled, and masks a vector by unregistering its irqfd: the eventfd
-//! keeps counting, the PBA shows it pending, and KVM injects it when the irqfd is
-//! registered again at unmask. MSI per-vector mask bits work the same way (the MSI
+//! cover them), programs each entry's message, hands the device one eventfd per vector
+//! while MSI-X is enabled, and masks a vector by detaching its eventfd: the eventfd
+//! keeps counting, the PBA shows it pending, and the controller delivers it when the
+//! eventfd is attached again at unmask. MSI per-vector mask bits work the same way (the MSI
 //! pending-bits register is not emulated: it reads as the shadow value, 0).
 //!
 //! A device error that means the device is gone (disconnected, I/O error) is fatal for
@@ -34,15 +35,15 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, Weak};
 
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{IoEventAddress, NoDatamatch};
-use nestio_device::pci::MsiEnable;
+use nestio_device::pci::{MsiEnable, MsiMessage};
 use nestio_device::{pci_index, region_flags, DeviceError, IrqAction, IrqData, VfioDevice};
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{PciError, PciFunction, PciRoot, MMIO_WINDOW};
+use crate::address_space::{IoEventSpec, IoSpace};
 use crate::bus::{Bus, BusDevice, BusFault, BusRange};
+use crate::irqchip::{IrqSource, SourceRequest};
 use crate::memory::GuestRam;
 
 const CFG: usize = 256;
@@ -81,7 +82,7 @@ struct Bar {
 }
 
 struct MsiVector {
-    gsi: u32,
+    source: IrqSource,
     fd: EventFd,
 }
 
@@ -132,12 +133,12 @@ impl Bar {
             root.mmio_bus()
         }
     }
-    /// The KVM ioeventfd address of guest address `addr` inside this BAR.
-    fn ioevent_addr(&self, addr: u64) -> IoEventAddress {
-        if self.io {
-            IoEventAddress::Pio(addr)
-        } else {
-            IoEventAddress::Mmio(addr)
+    /// The ioeventfd at guest address `addr` inside this BAR.
+    fn ioevent_spec(&self, addr: u64, datamatch: Option<(u64, u64)>) -> IoEventSpec {
+        IoEventSpec {
+            space: if self.io { IoSpace::Pio } else { IoSpace::Mmio },
+            addr,
+            datamatch,
         }
     }
 }
@@ -205,7 +206,7 @@ pub struct AssignedDevice {
     msix_layout: Option<MsixLayout>,
     state: Mutex<State>,
     lost: Mutex<Option<String>>,
-    intx_gsi: Option<u32>,
+    intx: Option<IrqSource>,
     intx_pin: u8,
     stop: Option<EventFd>,
 }
@@ -459,25 +460,28 @@ impl AssignedDevice {
         st.virt[0x3c] = true;
         st.wmask[0x3c] = 0xff;
         let pin = raw[0x3d];
-        let mut intx_gsi = None;
+        let mut intx = None;
         let mut stop = None;
         let intx_ok = dev
             .irq_info(pci_index::INTX_IRQ)
             .map(|i| i.count >= 1)
             .unwrap_or(false);
         if (1..=4).contains(&pin) && intx_ok {
-            let gsi = root.intx_routing().gsi(slot, pin);
+            let irq_err = |err| PciError::Irq {
+                device: name.clone(),
+                err,
+            };
+            let source = root
+                .irqchip()
+                .allocate(SourceRequest::PciIntx { slot, pin })
+                .map_err(irq_err)?;
             let (trigger, resample) = (
                 EventFd::new(libc::EFD_NONBLOCK).map_err(|e| derr(e.to_string()))?,
                 EventFd::new(libc::EFD_NONBLOCK).map_err(|e| derr(e.to_string()))?,
             );
-            root.vm()
-                .register_irqfd_with_resample(&trigger, &resample, gsi)
-                .map_err(|err| PciError::Kvm {
-                    device: name.clone(),
-                    what: "KVM_IRQFD (INTx with resample)",
-                    err,
-                })?;
+            root.irqchip()
+                .attach(source, &trigger, Some(&resample))
+                .map_err(irq_err)?;
             let fd = owned_dup(&trigger).map_err(|e| derr(e.to_string()))?;
             dev.set_irqs(
                 pci_index::INTX_IRQ,
@@ -495,8 +499,8 @@ impl AssignedDevice {
                 .name(format!("intx-{slot}"))
                 .spawn(move || resample_loop(d, n, resample, thread_stop, trigger))
                 .map_err(|e| derr(e.to_string()))?;
-            st.shadow[0x3c] = gsi as u8;
-            intx_gsi = Some(gsi);
+            st.shadow[0x3c] = u8::try_from(source.number()).unwrap_or(0xff);
+            intx = Some(source);
             stop = Some(stop_fd);
         } else {
             st.shadow[0x3c] = 0xff;
@@ -559,7 +563,7 @@ impl AssignedDevice {
             msix_layout: st.msix.as_ref().map(Msix::layout),
             state: Mutex::new(st),
             lost: Mutex::new(None),
-            intx_gsi,
+            intx,
             intx_pin: pin,
             stop,
         });
@@ -581,9 +585,9 @@ impl AssignedDevice {
         &self.dev
     }
 
-    /// GSI of INTx, if wired.
+    /// The interrupt controller's number of the INTx line (a GSI on x86), if wired.
     pub fn intx_gsi(&self) -> Option<u32> {
-        self.intx_gsi
+        self.intx.map(|s| s.number())
     }
 
     /// INTx pin from configuration space (1 = INTA .. 4 = INTD; 0: none).
@@ -758,22 +762,19 @@ impl AssignedDevice {
             return false;
         }
         for a in &bar.areas {
-            let region = kvm_userspace_memory_region {
-                slot: a.slot,
-                flags: 0,
-                guest_phys_addr: addr + a.offset,
-                memory_size: a.size,
-                userspace_addr: a.host as u64,
-            };
             // SAFETY: the area is a live mmap owned by this device, unmapped from KVM
             // (size 0) before the mmap goes away.
-            if let Err(e) = unsafe { root.vm().set_user_memory_region(region) } {
+            let r = unsafe {
+                root.space()
+                    .set_memory_slot(a.slot, addr + a.offset, a.size, a.host as u64)
+            };
+            if let Err(e) = r {
                 tracing::warn!(device = %self.name, bar = bar.index, error = %e, "cannot map sparse area into the guest; accesses will exit");
             }
         }
         for ev in &bar.ioevents {
-            let a = bar.ioevent_addr(addr + ev.offset);
-            if let Err(e) = register_ioevent(root, &ev.fd, &a, ev.datamatch) {
+            let spec = bar.ioevent_spec(addr + ev.offset, ev.datamatch);
+            if let Err(e) = root.space().register_ioevent(&ev.fd, &spec) {
                 tracing::warn!(device = %self.name, bar = bar.index, error = %e, "cannot register ioeventfd; writes will exit");
             }
         }
@@ -784,19 +785,15 @@ impl AssignedDevice {
         let bus = bar.bus(root);
         bus.remove(addr);
         for a in &bar.areas {
-            let region = kvm_userspace_memory_region {
-                slot: a.slot,
-                flags: 0,
-                guest_phys_addr: addr + a.offset,
-                memory_size: 0,
-                userspace_addr: a.host as u64,
-            };
             // SAFETY: removing a slot (size 0) never gives KVM new memory.
-            let _ = unsafe { root.vm().set_user_memory_region(region) };
+            let _ = unsafe {
+                root.space()
+                    .set_memory_slot(a.slot, addr + a.offset, 0, a.host as u64)
+            };
         }
         for ev in &bar.ioevents {
-            let a = bar.ioevent_addr(addr + ev.offset);
-            let _ = unregister_ioevent(root, &ev.fd, &a, ev.datamatch);
+            let spec = bar.ioevent_spec(addr + ev.offset, ev.datamatch);
+            let _ = root.space().unregister_ioevent(&ev.fd, &spec);
         }
     }
 
@@ -896,21 +893,32 @@ impl AssignedDevice {
         let fmask = ctrl & 0x4000 != 0;
         if enabled {
             while (m.vectors.len() as u32) < m.size {
-                let (Some(gsi), Ok(fd)) = (root.alloc_gsi(), EventFd::new(libc::EFD_NONBLOCK))
-                else {
-                    tracing::warn!(device = %self.name, "out of GSIs or eventfds for MSI-X");
+                let (Ok(source), Ok(fd)) = (
+                    root.irqchip().allocate(SourceRequest::Msi),
+                    EventFd::new(libc::EFD_NONBLOCK),
+                ) else {
+                    tracing::warn!(device = %self.name, "out of interrupt sources or eventfds for MSI-X");
                     return;
                 };
-                m.vectors.push(MsiVector { gsi, fd });
+                m.vectors.push(MsiVector { source, fd });
             }
-            let routes: Vec<(u32, Option<(u64, u32)>)> = m
+            let routes: Vec<(IrqSource, Option<MsiMessage>)> = m
                 .vectors
                 .iter()
                 .zip(&m.table)
-                .map(|(v, e)| (v.gsi, Some((e[0] as u64 | (e[1] as u64) << 32, e[2]))))
+                .map(|(v, e)| {
+                    let address = e[0] as u64 | (e[1] as u64) << 32;
+                    (
+                        v.source,
+                        Some(MsiMessage {
+                            address,
+                            data: e[2],
+                        }),
+                    )
+                })
                 .collect();
-            if let Err(e) = root.set_msi_routes(&routes) {
-                tracing::warn!(device = %self.name, error = %e, "KVM_SET_GSI_ROUTING failed");
+            if let Err(e) = root.irqchip().program_msi(&routes) {
+                tracing::warn!(device = %self.name, error = %e, "cannot program MSI-X messages");
             }
             if !m.active {
                 let fds: Vec<Option<OwnedFd>> =
@@ -945,14 +953,14 @@ impl AssignedDevice {
                 continue;
             }
             let r = if want {
-                root.vm().register_irqfd(&vec.fd, vec.gsi)
+                root.irqchip().unmask(vec.source, &vec.fd)
             } else {
-                root.vm().unregister_irqfd(&vec.fd, vec.gsi)
+                root.irqchip().mask(vec.source, &vec.fd)
             };
             match r {
                 Ok(()) => m.registered[v] = want,
                 Err(e) => {
-                    tracing::warn!(device = %self.name, vector = v, error = %e, "KVM_IRQFD for MSI-X failed")
+                    tracing::warn!(device = %self.name, vector = v, error = %e, "MSI-X mask change failed")
                 }
             }
         }
@@ -992,26 +1000,39 @@ impl AssignedDevice {
         let address = addr_lo | addr_hi << 32;
         // Make sure enough vectors exist (GSI + eventfd + irqfd).
         while (msi.vectors.len() as u32) < want {
-            let Some(gsi) = root.alloc_gsi() else {
-                tracing::warn!(device = %self.name, "out of GSIs for MSI");
-                break;
+            let source = match root.irqchip().allocate(SourceRequest::Msi) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(device = %self.name, error = %e, "no interrupt source for MSI");
+                    break;
+                }
             };
             let Ok(fd) = EventFd::new(libc::EFD_NONBLOCK) else {
                 break;
             };
-            if let Err(e) = root.vm().register_irqfd(&fd, gsi) {
-                tracing::warn!(device = %self.name, error = %e, "KVM_IRQFD for MSI failed");
+            if let Err(e) = root.irqchip().attach(source, &fd, None) {
+                tracing::warn!(device = %self.name, error = %e, "cannot attach an MSI vector");
                 break;
             }
-            msi.vectors.push(MsiVector { gsi, fd });
+            msi.vectors.push(MsiVector { source, fd });
             msi.registered.push(true);
         }
         let want = want.min(msi.vectors.len() as u32);
         // One KVM_SET_GSI_ROUTING for all vectors, not one per vector.
-        let gsis: Vec<u32> = msi.vectors.iter().map(|v| v.gsi).collect();
-        let routes = msi_routes(enable, want, address, data, &gsis);
-        if let Err(e) = root.set_msi_routes(&routes) {
-            tracing::warn!(device = %self.name, error = %e, "KVM_SET_GSI_ROUTING failed");
+        let gsis: Vec<u32> = msi.vectors.iter().map(|v| v.source.number()).collect();
+        let routes: Vec<(IrqSource, Option<MsiMessage>)> =
+            msi_routes(enable, want, address, data, &gsis)
+                .into_iter()
+                .zip(&msi.vectors)
+                .map(|((_, r), v)| {
+                    (
+                        v.source,
+                        r.map(|(address, data)| MsiMessage { address, data }),
+                    )
+                })
+                .collect();
+        if let Err(e) = root.irqchip().program_msi(&routes) {
+            tracing::warn!(device = %self.name, error = %e, "cannot program MSI messages");
         }
         if want != msi.active {
             let r = if want == 0 {
@@ -1063,14 +1084,14 @@ impl AssignedDevice {
                 continue;
             }
             let r = if want_reg {
-                root.vm().register_irqfd(&vec.fd, vec.gsi)
+                root.irqchip().unmask(vec.source, &vec.fd)
             } else {
-                root.vm().unregister_irqfd(&vec.fd, vec.gsi)
+                root.irqchip().mask(vec.source, &vec.fd)
             };
             match r {
                 Ok(()) => msi.registered[v] = want_reg,
                 Err(e) => {
-                    tracing::warn!(device = %self.name, vector = v, error = %e, "KVM_IRQFD for MSI mask failed")
+                    tracing::warn!(device = %self.name, vector = v, error = %e, "MSI mask change failed")
                 }
             }
         }
@@ -1091,39 +1112,6 @@ impl Drop for AssignedDevice {
         }
         let _ = self.dev.dma_unmap_all();
     }
-}
-
-/// Calls KVM's `$op` (register or unregister) with the datamatch width the device asked
-/// for; both directions must use the same width or KVM will not find the entry.
-macro_rules! ioevent_op {
-    ($root:expr, $op:ident, $fd:expr, $a:expr, $dm:expr) => {{
-        let vm = $root.vm();
-        match $dm {
-            None => vm.$op($fd, $a, NoDatamatch),
-            Some((v, 1)) => vm.$op($fd, $a, v as u8),
-            Some((v, 2)) => vm.$op($fd, $a, v as u16),
-            Some((v, 4)) => vm.$op($fd, $a, v as u32),
-            Some((v, _)) => vm.$op($fd, $a, v),
-        }
-    }};
-}
-
-fn register_ioevent(
-    root: &PciRoot,
-    fd: &EventFd,
-    a: &IoEventAddress,
-    dm: Option<(u64, u64)>,
-) -> Result<(), kvm_ioctls::Error> {
-    ioevent_op!(root, register_ioevent, fd, a, dm)
-}
-
-fn unregister_ioevent(
-    root: &PciRoot,
-    fd: &EventFd,
-    a: &IoEventAddress,
-    dm: Option<(u64, u64)>,
-) -> Result<(), kvm_ioctls::Error> {
-    ioevent_op!(root, unregister_ioevent, fd, a, dm)
 }
 
 fn map_area(
@@ -1427,3 +1415,6 @@ mod tests {
         assert_eq!(r, vec![(5, Some((0xfee0_0000, 0xffff)))]);
     }
 }
+
+#[cfg(test)]
+mod wiring_tests;
