@@ -17,6 +17,11 @@
 //!   [`pci::assigned`], the VFIO-style wiring of one device (config virtualisation, BARs
 //!   as bus ranges + KVM memory slots for mmappable areas + ioeventfds, INTx / MSI /
 //!   MSI-X through the irqchip);
+//! - [`region_map`]: the bus-neutral region mapper (device region -> bus range + KVM
+//!   memory slots for mmappable areas + ioeventfds), used by PCI BARs and platform
+//!   devices;
+//! - [`platform`]: non-PCI (platform / AMBA / FSL-MC) devices at addresses of the
+//!   platform MMIO window, interrupts wired through the irqchip;
 //! - [`cpu`]: the x86 CPU model (CPUID, MSR_TEST_CTRL / CORE_CAPABILITIES through
 //!   user-space MSR exits, split-lock reports);
 //! - [`vcpu`]: the vCPU state machine and state save/restore;
@@ -49,6 +54,8 @@ pub mod irqchip;
 pub mod linux;
 pub mod memory;
 pub mod pci;
+pub mod platform;
+pub mod region_map;
 mod remote;
 pub mod serial;
 pub mod serial_input;

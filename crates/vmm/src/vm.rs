@@ -35,6 +35,8 @@ use crate::linux::platform::{self, PlatformError};
 use crate::linux::{LinuxBootError, LinuxLayout};
 use crate::memory::{GuestRam, MemoryError};
 use crate::pci::{PciError, PciRoot};
+use crate::platform::{PlatformBus, PlatformDeviceError, PlatformMmioAllocator, PLATFORM_FLAGS};
+use crate::region_map::RegionMapper;
 use crate::serial::{self, ConsoleOutput, SerialConsole};
 use crate::serial_input::{ConsoleInput, InputPump};
 use crate::vcpu::{ExitStats, StopReason, Vcpu, VcpuContext, VcpuError, VcpuSnapshot};
@@ -228,6 +230,17 @@ pub enum VmError {
     /// The interrupt controller.
     #[error("interrupt controller: {0}")]
     Irq(#[from] IrqChipError),
+    /// Platform (non-PCI) device wiring.
+    #[error(transparent)]
+    PlatformDevice(#[from] PlatformDeviceError),
+    /// A device of a type the VMM cannot attach.
+    #[error("cannot attach {device}: it is neither a PCI nor a platform device (VFIO device flags {flags:#x}); nestio attaches VFIO PCI, platform, AMBA and FSL-MC devices")]
+    UnsupportedDevice {
+        /// Device.
+        device: String,
+        /// Its VFIO device flags.
+        flags: u32,
+    },
     /// The vCPU stopped with an error.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -295,6 +308,7 @@ impl VmHandle {
 pub struct Vm {
     vcpu: Option<Vcpu>,
     pci: Arc<PciRoot>,
+    platform: Arc<PlatformBus>,
     vm: Arc<VmFd>,
     _kvm: Kvm,
     stop: Arc<AtomicBool>,
@@ -444,22 +458,19 @@ impl Vm {
         )?;
         pio.insert(BusRange::new(POST_PORT, 1)?, Arc::new(PostCode))?;
 
-        let pci = PciRoot::new(irqchip.clone(), vm.clone(), pio.clone(), mmio.clone());
+        let mapper = RegionMapper::new(vm.clone(), pio.clone(), mmio.clone());
+        let pci = PciRoot::new(irqchip.clone(), mapper.clone());
+        let platform_bus = Arc::new(PlatformBus::new(
+            irqchip.clone(),
+            mapper,
+            PlatformMmioAllocator::default_window(),
+        ));
         pio.insert(BusRange::new(PCI_CONFIG_PORT, 8)?, pci.config_io())?;
         mmio.insert(
             BusRange::new(crate::pci::ECAM_BASE, crate::pci::ECAM_SIZE)?,
             pci.ecam(),
         )?;
-        for (i, d) in cfg.devices.iter().enumerate() {
-            let (name, dev): (String, Arc<dyn VfioDevice>) = match d {
-                DeviceConfig::Local { name, device } => (name.clone(), device.clone()),
-                DeviceConfig::VfioUser { socket } => {
-                    let dev = crate::remote::connect(socket)?;
-                    (format!("vfio-user:{}", socket.display()), dev)
-                }
-            };
-            pci.assign(i as u8 + 1, name, dev, &ram)?;
-        }
+        attach_devices(&cfg.devices, &pci, &platform_bus, &ram)?;
 
         let mem = ram.memory().clone();
         let fd = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
@@ -520,6 +531,7 @@ impl Vm {
             stop,
             stats,
             pci,
+            platform: platform_bus,
             handle_sigint: cfg.handle_sigint,
             serial,
             console_input: cfg.console_input,
@@ -546,6 +558,11 @@ impl Vm {
     /// The PCI root (assigned devices, for inspection).
     pub fn pci(&self) -> &Arc<PciRoot> {
         &self.pci
+    }
+
+    /// The platform (non-PCI) devices, for inspection: where each landed.
+    pub fn platform(&self) -> &Arc<PlatformBus> {
+        &self.platform
     }
 
     /// The vCPU (None while running).
@@ -588,7 +605,8 @@ impl Vm {
                 self.stop.store(true, Ordering::SeqCst);
             }
             if lost.is_none() {
-                if let Some((device, message)) = self.pci.check_devices() {
+                let dead = self.pci.check_devices();
+                if let Some((device, message)) = dead.or_else(|| self.platform.check_devices()) {
                     lost = Some(VmError::DeviceLost { device, message });
                     self.stop.store(true, Ordering::SeqCst);
                 }
@@ -627,6 +645,40 @@ impl Vm {
     pub fn cpu_state(&self) -> Option<CpuState> {
         self.vcpu.as_ref().map(|v| v.cpu_state())
     }
+}
+
+/// Attach each configured device where its VFIO flags say it belongs: PCI devices at
+/// 00:01.0, 00:02.0, ... in order; platform / AMBA / FSL-MC devices in the platform
+/// MMIO window.
+fn attach_devices(
+    devices: &[DeviceConfig],
+    pci: &Arc<PciRoot>,
+    platform: &PlatformBus,
+    ram: &GuestRam,
+) -> Result<(), VmError> {
+    let mut slot = 1u8;
+    for d in devices {
+        let (name, dev): (String, Arc<dyn VfioDevice>) = match d {
+            DeviceConfig::Local { name, device } => (name.clone(), device.clone()),
+            DeviceConfig::VfioUser { socket } => {
+                let dev = crate::remote::connect(socket)?;
+                (format!("vfio-user:{}", socket.display()), dev)
+            }
+        };
+        let flags = dev.info().flags;
+        if flags & nestio_device::flags::PCI != 0 {
+            pci.assign(slot, name, dev, ram)?;
+            slot = slot.saturating_add(1);
+        } else if flags & PLATFORM_FLAGS != 0 {
+            platform.attach(name, dev, ram)?;
+        } else {
+            return Err(VmError::UnsupportedDevice {
+                device: name,
+                flags,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The MP-table routes of the assigned devices' INTx lines (8259 lines under

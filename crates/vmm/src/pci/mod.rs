@@ -5,7 +5,8 @@
 //! [`PciFunction`]; anything that addresses no function (another bus, function != 0, an
 //! empty slot, an access crossing a dword) reads all-ones and ignores writes, as a
 //! master abort does. The root also owns what assigned devices share: the BAR windows
-//! (a bump allocator per window) and KVM memory-slot numbers. Interrupts go through
+//! (a bump allocator per window); BARs are mapped through the bus-neutral
+//! [`RegionMapper`]. Interrupts go through
 //! the platform's [`IrqChip`] (injected at creation): nothing here knows which
 //! interrupt controller the guest has; INTx wiring is the chip's policy.
 
@@ -16,10 +17,10 @@ use std::sync::{Arc, Mutex, Weak};
 
 use nestio_device::VfioDevice;
 
-use crate::address_space::VmAddressSpace;
-use crate::bus::{Bus, BusDevice, BusFault};
+use crate::bus::{BusDevice, BusFault};
 use crate::irqchip::IrqChip;
 use crate::memory::GuestRam;
+use crate::region_map::RegionMapper;
 
 pub use assigned::AssignedDevice;
 
@@ -136,15 +137,12 @@ impl Window {
 struct Shared {
     mmio_window: Window,
     pio_window: Window,
-    next_slot: u32,
 }
 
 /// Bus 0: see the module documentation.
 pub struct PciRoot {
     irqchip: Arc<dyn IrqChip>,
-    space: Arc<dyn VmAddressSpace>,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
+    mapper: Arc<RegionMapper>,
     functions: Mutex<BTreeMap<u8, Arc<dyn PciFunction>>>,
     devices: Mutex<Vec<Arc<AssignedDevice>>>,
     shared: Mutex<Shared>,
@@ -153,18 +151,11 @@ pub struct PciRoot {
 
 impl PciRoot {
     /// An empty bus with the host bridge, wiring interrupts into `irqchip` and
-    /// mapping BAR areas and ioeventfds through `space`.
-    pub fn new(
-        irqchip: Arc<dyn IrqChip>,
-        space: Arc<dyn VmAddressSpace>,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-    ) -> Arc<Self> {
+    /// mapping BARs through `mapper`.
+    pub fn new(irqchip: Arc<dyn IrqChip>, mapper: Arc<RegionMapper>) -> Arc<Self> {
         let root = Arc::new(PciRoot {
             irqchip,
-            space,
-            pio,
-            mmio,
+            mapper,
             functions: Mutex::new(BTreeMap::new()),
             devices: Mutex::new(Vec::new()),
             shared: Mutex::new(Shared {
@@ -176,7 +167,6 @@ impl PciRoot {
                     next: PIO_WINDOW.0,
                     end: PIO_WINDOW.1,
                 },
-                next_slot: 1,
             }),
             config_address: Mutex::new(0),
         });
@@ -280,14 +270,9 @@ impl PciRoot {
         &self.irqchip
     }
 
-    pub(crate) fn space(&self) -> &Arc<dyn VmAddressSpace> {
-        &self.space
-    }
-    pub(crate) fn pio_bus(&self) -> &Arc<Bus> {
-        &self.pio
-    }
-    pub(crate) fn mmio_bus(&self) -> &Arc<Bus> {
-        &self.mmio
+    /// The region mapper BARs are mapped through.
+    pub fn mapper(&self) -> &Arc<RegionMapper> {
+        &self.mapper
     }
 
     pub(crate) fn alloc_bar(&self, io: bool, size: u64) -> Option<u64> {
@@ -297,17 +282,6 @@ impl PciRoot {
         } else {
             s.mmio_window.alloc(size)
         }
-    }
-
-    pub(crate) fn alloc_slot(&self) -> Option<u32> {
-        let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        let n = s.next_slot;
-        // KVM supports at least 509 user slots.
-        if n >= 500 {
-            return None;
-        }
-        s.next_slot += 1;
-        Some(n)
     }
 }
 

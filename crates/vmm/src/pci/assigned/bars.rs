@@ -9,47 +9,24 @@
 //! rest of a rounded-up BAR reads all-ones; MSI-X table and PBA accesses are the
 //! VMM's, see [`super::interrupts`]), (2) one KVM memory slot per mmappable sparse area
 //! (the guest touches the device's memory with no exit; an area that would cover the
-//! MSI-X table or PBA is left to exits), and (3) the device's ioeventfds.
+//! MSI-X table or PBA is left to exits), and (3) the device's ioeventfds. (2) and (3)
+//! are the bus-neutral [`crate::region_map::RegionMapper`]'s work.
 
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Weak};
 
 use nestio_device::pci::MsixCap;
-use nestio_device::{region_flags, VfioDevice};
-use vmm_sys_util::eventfd::EventFd;
+use nestio_device::VfioDevice;
 
 use super::config::ConfigShadow;
-use super::interrupts::dup_eventfd;
 use super::{is_fatal, AssignedDevice, State};
-use crate::address_space::{IoEventSpec, IoSpace};
-use crate::bus::{Bus, BusDevice, BusFault, BusRange};
+use crate::address_space::IoSpace;
+use crate::bus::{BusDevice, BusFault};
 use crate::pci::{PciError, PciRoot, MMIO_WINDOW};
+use crate::region_map::{PreparedRegion, PAGE};
 
-const PAGE: u64 = 4096;
 /// Largest memory BAR the VMM places (1 GiB) and largest I/O BAR (4 KiB).
 const MAX_MEM_BAR: u64 = 1 << 30;
 const MAX_IO_BAR: u64 = 0x1000;
-
-/// One mmapped sparse area of a BAR.
-struct MmapArea {
-    offset: u64,
-    size: u64,
-    host: usize,
-    slot: u32,
-}
-
-impl Drop for MmapArea {
-    fn drop(&mut self) {
-        // SAFETY: `host`/`size` came from a successful mmap owned by this value.
-        unsafe { libc::munmap(self.host as *mut libc::c_void, self.size as usize) };
-    }
-}
-
-struct IoEvent {
-    offset: u64,
-    datamatch: Option<(u64, u64)>,
-    fd: EventFd,
-}
 
 /// One BAR of an assigned device, as the VMM placed it.
 pub(super) struct AssignedBar {
@@ -57,10 +34,9 @@ pub(super) struct AssignedBar {
     io: bool,
     is64: bool,
     size: u64,
-    region_size: u64,
     mapped: Option<u64>,
-    areas: Vec<MmapArea>,
-    ioevents: Vec<IoEvent>,
+    /// The device region behind the BAR, prepared by the region mapper.
+    region: PreparedRegion,
 }
 
 impl AssignedBar {
@@ -74,23 +50,7 @@ impl AssignedBar {
     }
     /// Number of mmapped (exit-free) areas.
     pub(super) fn mapped_areas(&self) -> usize {
-        self.areas.len()
-    }
-    /// The bus the BAR decodes on.
-    fn bus<'r>(&self, root: &'r PciRoot) -> &'r Arc<Bus> {
-        if self.io {
-            root.pio_bus()
-        } else {
-            root.mmio_bus()
-        }
-    }
-    /// The ioeventfd at guest address `addr` inside this BAR.
-    fn ioevent_spec(&self, addr: u64, datamatch: Option<(u64, u64)>) -> IoEventSpec {
-        IoEventSpec {
-            space: if self.io { IoSpace::Pio } else { IoSpace::Mmio },
-            addr,
-            datamatch,
-        }
+        self.region.mapped_areas()
     }
     /// The guest address the BAR registers hold now.
     fn programmed_address(&self, cfg: &ConfigShadow) -> u64 {
@@ -180,57 +140,20 @@ pub(super) fn build_bars(
                 &u32::MAX.to_le_bytes(),
             );
         }
-        let mut bar = AssignedBar {
+        let space = if io { IoSpace::Pio } else { IoSpace::Mmio };
+        let keep_out = |offset, size| msix.is_some_and(|m| covers_msix(m, i, offset, size));
+        let region = root
+            .mapper()
+            .prepare(dev, i, space, name, &keep_out)
+            .map_err(|e| derr(e.to_string()))?;
+        let bar = AssignedBar {
             index: i,
             io,
             is64,
             size,
-            region_size: ri.size,
             mapped: None,
-            areas: Vec::new(),
-            ioevents: Vec::new(),
+            region,
         };
-        if let (false, true, Some(fd)) = (io, ri.flags & region_flags::MMAP != 0, &ri.fd) {
-            let areas = if ri.sparse.is_empty() {
-                vec![nestio_device::SparseArea {
-                    offset: 0,
-                    size: ri.size,
-                }]
-            } else {
-                ri.sparse.clone()
-            };
-            for a in areas {
-                if msix.is_some_and(|m| covers_msix(m, i, a.offset, a.size)) {
-                    tracing::info!(device = %name, bar = i, "sparse area overlaps the MSI-X table/PBA; left to exits");
-                    continue;
-                }
-                match map_area(root, fd, ri.fd_offset, ri.size, a.offset, a.size) {
-                    Ok(m) => bar.areas.push(m),
-                    Err(why) => tracing::warn!(
-                        device = %name, bar = i, offset = a.offset, size = a.size,
-                        "sparse area not mapped, accesses will exit: {why}"
-                    ),
-                }
-            }
-        }
-        match dev.region_io_fds(i) {
-            Ok(fds) => {
-                for e in fds {
-                    let end = e.offset.checked_add(e.size);
-                    if !matches!(e.size, 1 | 2 | 4 | 8) || end.is_none_or(|x| x > ri.size) {
-                        tracing::warn!(device = %name, bar = i, offset = e.offset, "ioeventfd outside its region ignored");
-                        continue;
-                    }
-                    let fd = dup_eventfd(&*e.fd).map_err(|e| derr(format!("ioeventfd: {e}")))?;
-                    bar.ioevents.push(IoEvent {
-                        offset: e.offset,
-                        datamatch: e.datamatch.map(|d| (d, e.size)),
-                        fd,
-                    });
-                }
-            }
-            Err(e) => tracing::debug!(device = %name, bar = i, error = %e, "no ioeventfds"),
-        }
         bars.push(bar);
         i += if is64 { 2 } else { 1 };
     }
@@ -247,48 +170,6 @@ fn covers_msix(m: &MsixCap, bar: u32, offset: u64, size: u64) -> bool {
     .into_iter()
     .any(|(b, lo, len)| {
         b == bar as usize && offset < lo + len && lo & !(PAGE - 1) < offset.saturating_add(size)
-    })
-}
-
-fn map_area(
-    root: &PciRoot,
-    fd: &OwnedFd,
-    fd_offset: u64,
-    region_size: u64,
-    offset: u64,
-    size: u64,
-) -> Result<MmapArea, String> {
-    if size == 0 || !offset.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) {
-        return Err("not page aligned".into());
-    }
-    if offset.checked_add(size).is_none_or(|e| e > region_size) {
-        return Err("outside the region".into());
-    }
-    let file_off = fd_offset
-        .checked_add(offset)
-        .filter(|o| *o <= i64::MAX as u64)
-        .ok_or("file offset overflows")?;
-    let slot = root.alloc_slot().ok_or("out of KVM memory slots")?;
-    // SAFETY: a fresh shared mapping of the device's fd; checked for failure; owned by
-    // the returned MmapArea (built exactly once), which unmaps it on drop.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            size as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            file_off as libc::off_t,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
-    }
-    Ok(MmapArea {
-        offset,
-        size,
-        host: p as usize,
-        slot,
     })
 }
 
@@ -318,53 +199,25 @@ impl AssignedDevice {
     }
 
     fn map_bar(self: &Arc<Self>, root: &PciRoot, bar: &AssignedBar, addr: u64) -> bool {
-        let bus = bar.bus(root);
-        let Ok(range) = BusRange::new(addr, bar.size) else {
-            return false;
-        };
         let handler = Arc::new(BarIo {
             dev: Arc::downgrade(self),
             index: bar.index,
-            region_size: bar.region_size,
+            region_size: bar.region.size(),
         });
-        if let Err(e) = bus.insert(range, handler) {
-            tracing::warn!(device = %self.name, bar = bar.index, addr, error = %e, "guest placed a BAR over another device; not decoded");
-            return false;
-        }
-        for a in &bar.areas {
-            // SAFETY: the area is a live mmap owned by this device, unmapped from KVM
-            // (size 0) before the mmap goes away.
-            let r = unsafe {
-                root.space()
-                    .set_memory_slot(a.slot, addr + a.offset, a.size, a.host as u64)
-            };
-            if let Err(e) = r {
-                tracing::warn!(device = %self.name, bar = bar.index, error = %e, "cannot map sparse area into the guest; accesses will exit");
+        match root
+            .mapper()
+            .map(&bar.region, addr, bar.size, handler, &self.name)
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(device = %self.name, bar = bar.index, addr, error = %e, "guest placed a BAR over another device; not decoded");
+                false
             }
         }
-        for ev in &bar.ioevents {
-            let spec = bar.ioevent_spec(addr + ev.offset, ev.datamatch);
-            if let Err(e) = root.space().register_ioevent(&ev.fd, &spec) {
-                tracing::warn!(device = %self.name, bar = bar.index, error = %e, "cannot register ioeventfd; writes will exit");
-            }
-        }
-        true
     }
 
     fn unmap_bar(&self, root: &PciRoot, bar: &AssignedBar, addr: u64) {
-        let bus = bar.bus(root);
-        bus.remove(addr);
-        for a in &bar.areas {
-            // SAFETY: removing a slot (size 0) never gives KVM new memory.
-            let _ = unsafe {
-                root.space()
-                    .set_memory_slot(a.slot, addr + a.offset, 0, a.host as u64)
-            };
-        }
-        for ev in &bar.ioevents {
-            let spec = bar.ioevent_spec(addr + ev.offset, ev.datamatch);
-            let _ = root.space().unregister_ioevent(&ev.fd, &spec);
-        }
+        root.mapper().unmap(&bar.region, addr);
     }
 
     fn region_access(

@@ -19,7 +19,7 @@
 //!   eventfd: it keeps counting, the PBA shows it pending, and the controller delivers
 //!   it when the eventfd is attached again at unmask.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use nestio_device::pci::{MsiEnable, MsiMessage, MsixCap, MsixHit, MsixTable};
@@ -30,32 +30,13 @@ use super::config::{find_cap, ConfigShadow, CFG, INTERRUPT_LINE};
 use super::{is_fatal, AssignedDevice, State};
 use crate::irqchip::{IrqSource, SourceRequest};
 use crate::pci::{PciError, PciRoot};
+use crate::region_map::{dup_eventfd, owned_dup};
 
 const MSI_CAP_ID: u8 = 0x05;
 const MSIX_CAP_ID: u8 = 0x11;
 const MSI_CTRL_ENABLE_MME: u8 = 0x71;
 const MSIX_CTRL_ENABLE: u16 = 0x8000;
 const MSIX_CTRL_FUNCTION_MASK: u16 = 0x4000;
-
-pub(super) fn dup_eventfd(fd: &impl AsRawFd) -> std::io::Result<EventFd> {
-    // SAFETY: dup of a valid fd; the result is checked and owned by the EventFd.
-    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `n` is a fresh descriptor referring to an eventfd.
-    Ok(unsafe { EventFd::from_raw_fd(n) })
-}
-
-fn owned_dup(fd: &impl AsRawFd) -> std::io::Result<OwnedFd> {
-    // SAFETY: dup of a valid fd; the result is checked and owned.
-    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `n` is a fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(n) })
-}
 
 /// True when the eventfd's counter is non-zero (without consuming it).
 fn eventfd_pending(fd: &EventFd) -> bool {

@@ -55,9 +55,7 @@ pub struct AssignedDevice {
     intx_pin: u8,
 }
 
-fn is_fatal(e: &DeviceError) -> bool {
-    matches!(e, DeviceError::Disconnected(_) | DeviceError::Io(_))
-}
+use crate::region_map::is_fatal;
 
 impl AssignedDevice {
     pub(super) fn new(

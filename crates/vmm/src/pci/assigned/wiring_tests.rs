@@ -14,6 +14,7 @@ use crate::irqchip::fake::{IrqCall, RecordingIrqChip};
 use crate::irqchip::{IrqChip, SourceKind, SourceRequest};
 use crate::memory::GuestRam;
 use crate::pci::{PciFunction, PciRoot};
+use crate::region_map::RegionMapper;
 
 struct Rig {
     chip: Arc<RecordingIrqChip>,
@@ -26,12 +27,8 @@ struct Rig {
 fn rig() -> Rig {
     let chip = Arc::new(RecordingIrqChip::default());
     let space = Arc::new(RecordingSpace::default());
-    let root = PciRoot::new(
-        chip.clone(),
-        space.clone(),
-        Arc::new(Bus::new()),
-        Arc::new(Bus::new()),
-    );
+    let mapper = RegionMapper::new(space.clone(), Arc::new(Bus::new()), Arc::new(Bus::new()));
+    let root = PciRoot::new(chip.clone(), mapper);
     let ram = GuestRam::new(4 << 20).unwrap();
     let sample = Arc::new(SampleDevice::new().unwrap());
     let dev = root.assign(1, "sample".into(), sample, &ram).unwrap();
@@ -167,7 +164,7 @@ fn msix_entries_program_messages_and_the_mask_bit_detaches() {
     );
     // Program entry 1 through the BAR, then unmask it.
     let entry = bar0 + MSIX_TABLE_OFFSET + 16;
-    let mmio = r.root.mmio_bus();
+    let mmio = r.root.mapper().mmio_bus();
     mmio.write(entry, &0xfee0_2000u32.to_le_bytes()).unwrap();
     mmio.write(entry + 8, &0x55u32.to_le_bytes()).unwrap();
     r.chip.take();
