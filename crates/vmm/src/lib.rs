@@ -17,6 +17,8 @@
 //!   [`pci::assigned`], the VFIO-style wiring of one device (config virtualisation, BARs
 //!   as bus ranges + KVM memory slots for mmappable areas + ioeventfds, INTx / MSI /
 //!   MSI-X through the irqchip);
+//! - [`iommu`]: DMA domains keyed by stream ID (identity: all RAM at IOVA = GPA; a
+//!   shadow domain a vIOMMU drives with map/unmap);
 //! - [`region_map`]: the bus-neutral region mapper (device region -> bus range + KVM
 //!   memory slots for mmappable areas + ioeventfds), used by PCI BARs and platform
 //!   devices;
@@ -50,6 +52,7 @@ pub mod boot;
 pub mod bus;
 pub mod cpu;
 pub mod handoff;
+pub mod iommu;
 pub mod irqchip;
 pub mod linux;
 pub mod memory;

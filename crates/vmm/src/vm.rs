@@ -28,6 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootError};
 use crate::bus::{Bus, BusDevice, BusError, BusFault, BusRange};
 use crate::cpu::{CpuModel, CpuState, HostSplitLockPolicy};
+use crate::iommu::{DmaDomain, GuestRamFile, IdentityDomain};
 use crate::irqchip::x86::{IntxRouting, KvmIrqChip};
 use crate::irqchip::{IrqChip, IrqChipError, SourceRequest};
 use crate::linux::mptable::PciIntxRoute;
@@ -459,10 +460,13 @@ impl Vm {
         pio.insert(BusRange::new(POST_PORT, 1)?, Arc::new(PostCode))?;
 
         let mapper = RegionMapper::new(vm.clone(), pio.clone(), mmio.clone());
-        let pci = PciRoot::new(irqchip.clone(), mapper.clone());
+        // No vIOMMU: every device reaches all of guest RAM at IOVA = GPA.
+        let dma: Arc<dyn DmaDomain> = Arc::new(IdentityDomain::new(GuestRamFile::of(&ram)));
+        let pci = PciRoot::new(irqchip.clone(), mapper.clone(), dma.clone());
         let platform_bus = Arc::new(PlatformBus::new(
             irqchip.clone(),
             mapper,
+            dma,
             PlatformMmioAllocator::default_window(),
         ));
         pio.insert(BusRange::new(PCI_CONFIG_PORT, 8)?, pci.config_io())?;
@@ -470,7 +474,7 @@ impl Vm {
             BusRange::new(crate::pci::ECAM_BASE, crate::pci::ECAM_SIZE)?,
             pci.ecam(),
         )?;
-        attach_devices(&cfg.devices, &pci, &platform_bus, &ram)?;
+        attach_devices(&cfg.devices, &pci, &platform_bus)?;
 
         let mem = ram.memory().clone();
         let fd = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
@@ -654,7 +658,6 @@ fn attach_devices(
     devices: &[DeviceConfig],
     pci: &Arc<PciRoot>,
     platform: &PlatformBus,
-    ram: &GuestRam,
 ) -> Result<(), VmError> {
     let mut slot = 1u8;
     for d in devices {
@@ -667,10 +670,10 @@ fn attach_devices(
         };
         let flags = dev.info().flags;
         if flags & nestio_device::flags::PCI != 0 {
-            pci.assign(slot, name, dev, ram)?;
+            pci.assign(slot, name, dev)?;
             slot = slot.saturating_add(1);
         } else if flags & PLATFORM_FLAGS != 0 {
-            platform.attach(name, dev, ram)?;
+            platform.attach(name, dev)?;
         } else {
             return Err(VmError::UnsupportedDevice {
                 device: name,

@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex, Weak};
 use nestio_device::VfioDevice;
 
 use crate::bus::{BusDevice, BusFault};
+use crate::iommu::DmaDomain;
 use crate::irqchip::IrqChip;
-use crate::memory::GuestRam;
 use crate::region_map::RegionMapper;
 
 pub use assigned::AssignedDevice;
@@ -143,6 +143,7 @@ struct Shared {
 pub struct PciRoot {
     irqchip: Arc<dyn IrqChip>,
     mapper: Arc<RegionMapper>,
+    dma: Arc<dyn DmaDomain>,
     functions: Mutex<BTreeMap<u8, Arc<dyn PciFunction>>>,
     devices: Mutex<Vec<Arc<AssignedDevice>>>,
     shared: Mutex<Shared>,
@@ -150,12 +151,17 @@ pub struct PciRoot {
 }
 
 impl PciRoot {
-    /// An empty bus with the host bridge, wiring interrupts into `irqchip` and
-    /// mapping BARs through `mapper`.
-    pub fn new(irqchip: Arc<dyn IrqChip>, mapper: Arc<RegionMapper>) -> Arc<Self> {
+    /// An empty bus with the host bridge, wiring interrupts into `irqchip`, mapping
+    /// BARs through `mapper` and attaching devices' DMA to `dma`.
+    pub fn new(
+        irqchip: Arc<dyn IrqChip>,
+        mapper: Arc<RegionMapper>,
+        dma: Arc<dyn DmaDomain>,
+    ) -> Arc<Self> {
         let root = Arc::new(PciRoot {
             irqchip,
             mapper,
+            dma,
             functions: Mutex::new(BTreeMap::new()),
             devices: Mutex::new(Vec::new()),
             shared: Mutex::new(Shared {
@@ -177,14 +183,13 @@ impl PciRoot {
         root
     }
 
-    /// Assign `device` at 00:`slot`.0: DMA-map guest RAM, allocate and map BARs,
-    /// register ioeventfds, wire INTx.
+    /// Assign `device` at 00:`slot`.0: attach it to the DMA domain, allocate and map
+    /// BARs, register ioeventfds, wire INTx.
     pub fn assign(
         self: &Arc<Self>,
         slot: u8,
         name: String,
         device: Arc<dyn VfioDevice>,
-        ram: &GuestRam,
     ) -> Result<Arc<AssignedDevice>, PciError> {
         if slot == 0 || slot >= 32 {
             return Err(PciError::Exhausted {
@@ -192,7 +197,7 @@ impl PciRoot {
                 what: "PCI slots (31 devices on bus 0)",
             });
         }
-        let dev = AssignedDevice::new(self.clone(), slot, name, device, ram)?;
+        let dev = AssignedDevice::new(self.clone(), slot, name, device)?;
         self.functions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -268,6 +273,11 @@ impl PciRoot {
     /// The interrupt controller devices are wired into.
     pub fn irqchip(&self) -> &Arc<dyn IrqChip> {
         &self.irqchip
+    }
+
+    /// The DMA domain devices are attached to.
+    pub fn dma_domain(&self) -> &Arc<dyn DmaDomain> {
+        &self.dma
     }
 
     /// The region mapper BARs are mapped through.

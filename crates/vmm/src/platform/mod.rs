@@ -9,7 +9,8 @@
 //! reads/writes, mmappable areas as memory slots, ioeventfds), and every interrupt of
 //! the device becomes a wired source of the platform's [`IrqChip`]
 //! ([`SourceRequest::PlatformLine`]) with the device's eventfd attached (edge
-//! triggered). Guest RAM is DMA-mapped to the device like to a PCI one. Where a device
+//! triggered). Its DMA is the platform's [`DmaDomain`]'s, under a platform
+//! [`StreamId`] (the FSL-MC ICID's place). Where a device
 //! landed is reported by [`PlatformDevice::placement`] and logged; a guest learns it
 //! from the firmware description the platform gives it (a device tree node per device
 //! on Arm/Power; an FSL-MC DPRC lists its objects) — the x86 payloads here are told by
@@ -27,12 +28,11 @@
 use std::sync::{Arc, Mutex};
 
 use nestio_device::{flags, irq_flags, IrqAction, IrqData, VfioDevice};
-use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::address_space::IoSpace;
+use crate::iommu::{DmaDomain, StreamId};
 use crate::irqchip::{IrqChip, IrqChipError, IrqSource, SourceRequest};
-use crate::memory::GuestRam;
 use crate::region_map::{
     is_fatal, owned_dup, PreparedRegion, RegionIo, RegionMapError, RegionMapper, PAGE,
 };
@@ -198,6 +198,8 @@ pub struct PlatformDevice {
     dev: Arc<dyn VfioDevice>,
     mapper: Arc<RegionMapper>,
     irqchip: Arc<dyn IrqChip>,
+    dma: Arc<dyn DmaDomain>,
+    stream: StreamId,
     regions: Vec<(PreparedRegion, u64)>,
     irqs: Vec<(IrqSource, EventFd)>,
     placement: Placement,
@@ -241,7 +243,7 @@ impl Drop for PlatformDevice {
         for (source, fd) in &self.irqs {
             let _ = self.irqchip.detach(*source, fd);
         }
-        let _ = self.dev.dma_unmap_all();
+        self.dma.detach(self.stream);
     }
 }
 
@@ -250,20 +252,24 @@ impl Drop for PlatformDevice {
 pub struct PlatformBus {
     irqchip: Arc<dyn IrqChip>,
     mapper: Arc<RegionMapper>,
+    dma: Arc<dyn DmaDomain>,
     window: Mutex<PlatformMmioAllocator>,
     devices: Mutex<Vec<Arc<PlatformDevice>>>,
 }
 
 impl PlatformBus {
-    /// An empty platform bus placing devices in `window`.
+    /// An empty platform bus placing devices in `window`, their interrupts in
+    /// `irqchip` and their DMA in `dma`.
     pub fn new(
         irqchip: Arc<dyn IrqChip>,
         mapper: Arc<RegionMapper>,
+        dma: Arc<dyn DmaDomain>,
         window: PlatformMmioAllocator,
     ) -> Self {
         PlatformBus {
             irqchip,
             mapper,
+            dma,
             window: Mutex::new(window),
             devices: Mutex::new(Vec::new()),
         }
@@ -287,13 +293,13 @@ impl PlatformBus {
         self.devices().iter().find_map(|d| d.check_alive())
     }
 
-    /// Attach `dev` (a device with one of [`PLATFORM_FLAGS`]): guest RAM DMA-mapped,
-    /// each non-empty region mapped in the platform window, each interrupt wired.
+    /// Attach `dev` (a device with one of [`PLATFORM_FLAGS`]): attached to the DMA
+    /// domain under the next platform stream ID (0, 1, ... in attach order), each
+    /// non-empty region mapped in the platform window, each interrupt wired.
     pub fn attach(
         &self,
         name: String,
         dev: Arc<dyn VfioDevice>,
-        ram: &GuestRam,
     ) -> Result<Arc<PlatformDevice>, PlatformDeviceError> {
         let derr = |message: String| PlatformDeviceError::Device {
             device: name.clone(),
@@ -306,22 +312,19 @@ impl PlatformBus {
                     .into(),
             ));
         }
-        let range = DmaRange::new(0, ram.size()).map_err(|e| derr(e.to_string()))?;
-        dev.dma_map(DmaMapRequest {
-            range,
-            prot: Prot::RW,
-            backing: DmaBacking::Fd {
-                fd: ram.fd().clone(),
-                offset: ram.fd_offset(),
-            },
-        })
-        .map_err(|e| derr(format!("DMA_MAP of guest RAM refused: {e}")))?;
+        let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let stream = StreamId::Platform(devices.len() as u32);
+        self.dma
+            .attach(stream, dev.clone())
+            .map_err(|e| derr(e.to_string()))?;
         let lost = Arc::new(Mutex::new(None));
         let mut pd = PlatformDevice {
             name: name.clone(),
             dev: dev.clone(),
             mapper: self.mapper.clone(),
             irqchip: self.irqchip.clone(),
+            dma: self.dma.clone(),
+            stream,
             regions: Vec::new(),
             irqs: Vec::new(),
             placement: Placement::default(),
@@ -414,10 +417,7 @@ impl PlatformBus {
             "platform device attached"
         );
         let pd = Arc::new(pd);
-        self.devices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(pd.clone());
+        devices.push(pd.clone());
         Ok(pd)
     }
 }

@@ -9,7 +9,9 @@
 //!   [`crate::irqchip::IrqChip`] (the MSI-X table is `nestio_device`'s `MsixTable`).
 //!
 //! [`AssignedDevice::new`] reads the device's configuration space and hands it to each
-//! part in turn. Guest RAM is DMA-mapped to the device at creation.
+//! part in turn. What the device reaches by DMA is the platform's
+//! [`crate::iommu::DmaDomain`]'s decision: the device is attached to it under its
+//! requester ID at creation and detached when it goes away.
 //!
 //! A device error that means the device is gone (disconnected, I/O error) is fatal for
 //! the VM and names the device; any other refused access reads all-ones.
@@ -22,11 +24,10 @@ use std::sync::{Arc, Mutex, Weak};
 
 use nestio_device::pci::MsixCap;
 use nestio_device::{pci_index, DeviceError, IrqAction, IrqData, VfioDevice};
-use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
 
 use super::{PciError, PciFunction, PciRoot};
 use crate::bus::BusFault;
-use crate::memory::GuestRam;
+use crate::iommu::{DmaDomain, StreamId};
 use bars::AssignedBar;
 use config::{ConfigShadow, INTERRUPT_PIN};
 use interrupts::{Intx, Msi, Msix};
@@ -53,6 +54,9 @@ pub struct AssignedDevice {
     lost: Mutex<Option<String>>,
     intx: Option<Intx>,
     intx_pin: u8,
+    /// The DMA domain the device is attached to, under its requester ID.
+    dma: Arc<dyn DmaDomain>,
+    stream: StreamId,
 }
 
 use crate::region_map::is_fatal;
@@ -63,7 +67,6 @@ impl AssignedDevice {
         slot: u8,
         name: String,
         dev: Arc<dyn VfioDevice>,
-        ram: &GuestRam,
     ) -> Result<Arc<Self>, PciError> {
         let derr = |message: String| PciError::Device {
             device: name.clone(),
@@ -76,17 +79,10 @@ impl AssignedDevice {
         }
         let (raw, config_size) = config::read_device_config(&*dev).map_err(derr)?;
 
-        // DMA: all of guest RAM, shared by fd.
-        let range = DmaRange::new(0, ram.size()).map_err(|e| derr(e.to_string()))?;
-        dev.dma_map(DmaMapRequest {
-            range,
-            prot: Prot::RW,
-            backing: DmaBacking::Fd {
-                fd: ram.fd().clone(),
-                offset: ram.fd_offset(),
-            },
-        })
-        .map_err(|e| derr(format!("DMA_MAP of guest RAM refused: {e}")))?;
+        // DMA: whatever the platform's domain gives requester 00:slot.0.
+        let (dma, stream) = (root.dma_domain().clone(), StreamId::pci(0, slot, 0));
+        dma.attach(stream, dev.clone())
+            .map_err(|e| derr(e.to_string()))?;
 
         let mut cfg = ConfigShadow::new(&raw);
         // MSI-X first, so that no mmapped area covers its table or PBA.
@@ -112,6 +108,8 @@ impl AssignedDevice {
             lost: Mutex::new(None),
             intx,
             intx_pin: pin,
+            dma,
+            stream,
         }))
     }
 
@@ -202,7 +200,7 @@ impl Drop for AssignedDevice {
                 .dev
                 .set_irqs(index, IrqAction::Trigger, 0, 0, IrqData::None);
         }
-        let _ = self.dev.dma_unmap_all();
+        self.dma.detach(self.stream);
     }
 }
 

@@ -10,6 +10,7 @@ use nestio_devices::sample::{SampleDevice, MSIX_TABLE_OFFSET};
 use super::AssignedDevice;
 use crate::address_space::fake::{RecordingSpace, SpaceCall};
 use crate::bus::Bus;
+use crate::iommu::{GuestRamFile, IdentityDomain};
 use crate::irqchip::fake::{IrqCall, RecordingIrqChip};
 use crate::irqchip::{IrqChip, SourceKind, SourceRequest};
 use crate::memory::GuestRam;
@@ -28,10 +29,11 @@ fn rig() -> Rig {
     let chip = Arc::new(RecordingIrqChip::default());
     let space = Arc::new(RecordingSpace::default());
     let mapper = RegionMapper::new(space.clone(), Arc::new(Bus::new()), Arc::new(Bus::new()));
-    let root = PciRoot::new(chip.clone(), mapper);
     let ram = GuestRam::new(4 << 20).unwrap();
+    let dma = Arc::new(IdentityDomain::new(GuestRamFile::of(&ram)));
+    let root = PciRoot::new(chip.clone(), mapper, dma);
     let sample = Arc::new(SampleDevice::new().unwrap());
-    let dev = root.assign(1, "sample".into(), sample, &ram).unwrap();
+    let dev = root.assign(1, "sample".into(), sample).unwrap();
     Rig {
         chip,
         space,
