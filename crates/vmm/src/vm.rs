@@ -35,7 +35,7 @@ use crate::linux::mptable::PciIntxRoute;
 use crate::linux::platform::{self, PlatformError};
 use crate::linux::{LinuxBootError, LinuxLayout};
 use crate::memory::{GuestRam, MemoryError};
-use crate::pci::{PciError, PciRoot};
+use crate::pci::{PciHostError, PciRoot};
 use crate::platform::{PlatformBus, PlatformDeviceError, PlatformMmioAllocator, PLATFORM_FLAGS};
 use crate::region_map::RegionMapper;
 use crate::serial::{self, ConsoleOutput, SerialConsole};
@@ -227,7 +227,7 @@ pub enum VmError {
     Bus(#[from] BusError),
     /// PCI / device wiring.
     #[error(transparent)]
-    Pci(#[from] PciError),
+    Pci(#[from] PciHostError),
     /// The interrupt controller.
     #[error("interrupt controller: {0}")]
     Irq(#[from] IrqChipError),

@@ -2,7 +2,7 @@
 //! bus 0, the host bridge itself at 00:00.0 and assigned devices at 00:NN.0.
 //!
 //! Both access paths decode to (device, register) and call the same
-//! [`PciFunction`]; anything that addresses no function (another bus, function != 0, an
+//! [`ConfigSpaceFunction`]; anything that addresses no function (another bus, function != 0, an
 //! empty slot, an access crossing a dword) reads all-ones and ignores writes, as a
 //! master abort does. The root also owns what assigned devices share: the BAR windows
 //! (a bump allocator per window); BARs are mapped through the bus-neutral
@@ -32,9 +32,10 @@ pub const ECAM_SIZE: u64 = 1 << 20;
 pub const MMIO_WINDOW: (u64, u64) = (0xc000_0000, 0xe000_0000);
 /// Port window for I/O BARs.
 pub const PIO_WINDOW: (u64, u64) = (0xc000, 0x1_0000);
-/// Errors of PCI wiring.
+/// Errors of the VMM's PCI host side (wiring assigned devices), as opposed to
+/// `nestio_device::pci::PciError` of device models' configuration spaces.
 #[derive(Debug, thiserror::Error)]
-pub enum PciError {
+pub enum PciHostError {
     /// No free slot, window space, GSI or memory slot.
     #[error("cannot assign {device}: {what} exhausted")]
     Exhausted {
@@ -79,8 +80,11 @@ pub enum PciError {
     },
 }
 
-/// A function on the bus, addressed by configuration register.
-pub trait PciFunction: Send + Sync {
+/// A function on the VMM's bus as the host bridge sees it: something that answers
+/// configuration-register accesses (the host bridge itself, an [`AssignedDevice`]).
+/// Not to be confused with a device model's `nestio_device::pci` helpers, which
+/// implement a device's own configuration space behind `VfioDevice`.
+pub trait ConfigSpaceFunction: Send + Sync {
     /// Read `data.len()` (1, 2 or 4) bytes at register `reg` (no dword crossing).
     fn config_read(&self, reg: u16, data: &mut [u8]) -> Result<(), BusFault>;
     /// Write `data` at register `reg`.
@@ -103,7 +107,7 @@ impl HostBridge {
     }
 }
 
-impl PciFunction for HostBridge {
+impl ConfigSpaceFunction for HostBridge {
     fn config_read(&self, reg: u16, data: &mut [u8]) -> Result<(), BusFault> {
         for (i, b) in data.iter_mut().enumerate() {
             *b = self.cfg.get(reg as usize + i).copied().unwrap_or(0);
@@ -115,14 +119,14 @@ impl PciFunction for HostBridge {
     }
 }
 
-/// A bump allocator over a window, aligned to each request's size.
+/// A bump allocator over a BAR window, aligned to each request's size.
 #[derive(Debug)]
-struct Window {
+struct BarWindow {
     next: u64,
     end: u64,
 }
 
-impl Window {
+impl BarWindow {
     fn alloc(&mut self, size: u64) -> Option<u64> {
         let base = self.next.checked_next_multiple_of(size)?;
         let end = base.checked_add(size)?;
@@ -135,8 +139,8 @@ impl Window {
 }
 
 struct Shared {
-    mmio_window: Window,
-    pio_window: Window,
+    mmio_window: BarWindow,
+    pio_window: BarWindow,
 }
 
 /// Bus 0: see the module documentation.
@@ -144,7 +148,7 @@ pub struct PciRoot {
     irqchip: Arc<dyn IrqChip>,
     mapper: Arc<RegionMapper>,
     dma: Arc<dyn DmaDomain>,
-    functions: Mutex<BTreeMap<u8, Arc<dyn PciFunction>>>,
+    functions: Mutex<BTreeMap<u8, Arc<dyn ConfigSpaceFunction>>>,
     devices: Mutex<Vec<Arc<AssignedDevice>>>,
     shared: Mutex<Shared>,
     config_address: Mutex<u32>,
@@ -165,11 +169,11 @@ impl PciRoot {
             functions: Mutex::new(BTreeMap::new()),
             devices: Mutex::new(Vec::new()),
             shared: Mutex::new(Shared {
-                mmio_window: Window {
+                mmio_window: BarWindow {
                     next: MMIO_WINDOW.0,
                     end: MMIO_WINDOW.1,
                 },
-                pio_window: Window {
+                pio_window: BarWindow {
                     next: PIO_WINDOW.0,
                     end: PIO_WINDOW.1,
                 },
@@ -190,9 +194,9 @@ impl PciRoot {
         slot: u8,
         name: String,
         device: Arc<dyn VfioDevice>,
-    ) -> Result<Arc<AssignedDevice>, PciError> {
+    ) -> Result<Arc<AssignedDevice>, PciHostError> {
         if slot == 0 || slot >= 32 {
-            return Err(PciError::Exhausted {
+            return Err(PciHostError::Exhausted {
                 device: name,
                 what: "PCI slots (31 devices on bus 0)",
             });
@@ -232,7 +236,7 @@ impl PciRoot {
         Arc::new(Ecam(Arc::downgrade(self)))
     }
 
-    fn function(&self, bus: u8, dev: u8, func: u8) -> Option<Arc<dyn PciFunction>> {
+    fn function(&self, bus: u8, dev: u8, func: u8) -> Option<Arc<dyn ConfigSpaceFunction>> {
         if bus != 0 || func != 0 {
             return None;
         }
@@ -415,7 +419,7 @@ mod tests {
 
     #[test]
     fn window_aligns_and_refuses_overflow() {
-        let mut w = Window {
+        let mut w = BarWindow {
             next: 0x1000,
             end: 0x10000,
         };
@@ -423,7 +427,7 @@ mod tests {
         assert_eq!(w.alloc(0x1000), Some(0x8000));
         assert_eq!(w.alloc(0x8000), None);
         assert_eq!(w.alloc(0x1000), Some(0x9000));
-        let mut w = Window {
+        let mut w = BarWindow {
             next: u64::MAX - 10,
             end: u64::MAX,
         };

@@ -21,7 +21,7 @@ use super::config::ConfigShadow;
 use super::{is_fatal, AssignedDevice, State};
 use crate::address_space::IoSpace;
 use crate::bus::{BusDevice, BusFault};
-use crate::pci::{PciError, PciRoot, MMIO_WINDOW};
+use crate::pci::{PciHostError, PciRoot, MMIO_WINDOW};
 use crate::region_map::{PreparedRegion, PAGE};
 
 /// Largest memory BAR the VMM places (1 GiB) and largest I/O BAR (4 KiB).
@@ -90,8 +90,8 @@ pub(super) fn build_bars(
     raw: &[u8; super::config::CFG],
     cfg: &mut ConfigShadow,
     msix: Option<&MsixCap>,
-) -> Result<Vec<AssignedBar>, PciError> {
-    let derr = |message: String| PciError::Device {
+) -> Result<Vec<AssignedBar>, PciHostError> {
+    let derr = |message: String| PciHostError::Device {
         device: name.into(),
         message,
     };
@@ -118,7 +118,7 @@ pub(super) fn build_bars(
             .ok_or_else(|| derr(format!("BAR {i} size {:#x} is too large", ri.size)))?;
         let addr = root
             .alloc_bar(io, size)
-            .ok_or_else(|| PciError::Exhausted {
+            .ok_or_else(|| PciHostError::Exhausted {
                 device: name.into(),
                 what: if io {
                     "the I/O BAR window"

@@ -29,7 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::config::{find_cap, ConfigShadow, CFG, INTERRUPT_LINE};
 use super::{is_fatal, AssignedDevice, State};
 use crate::irqchip::{IrqSource, SourceRequest};
-use crate::pci::{PciError, PciRoot};
+use crate::pci::{PciHostError, PciRoot};
 use crate::region_map::{dup_eventfd, owned_dup};
 
 const MSI_CAP_ID: u8 = 0x05;
@@ -258,8 +258,8 @@ pub(super) fn wire_intx(
     name: &str,
     pin: u8,
     cfg: &mut ConfigShadow,
-) -> Result<Option<Intx>, PciError> {
-    let derr = |message: String| PciError::Device {
+) -> Result<Option<Intx>, PciHostError> {
+    let derr = |message: String| PciHostError::Device {
         device: name.into(),
         message,
     };
@@ -271,7 +271,7 @@ pub(super) fn wire_intx(
         cfg.set_virtual(INTERRUPT_LINE, &[0xff], &[0xff]);
         return Ok(None);
     }
-    let irq_err = |err| PciError::Irq {
+    let irq_err = |err| PciHostError::Irq {
         device: name.into(),
         err,
     };

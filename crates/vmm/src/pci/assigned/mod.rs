@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, Weak};
 use nestio_device::pci::MsixCap;
 use nestio_device::{pci_index, DeviceError, IrqAction, IrqData, VfioDevice};
 
-use super::{PciError, PciFunction, PciRoot};
+use super::{ConfigSpaceFunction, PciHostError, PciRoot};
 use crate::bus::BusFault;
 use crate::iommu::{DmaDomain, StreamId};
 use bars::AssignedBar;
@@ -67,8 +67,8 @@ impl AssignedDevice {
         slot: u8,
         name: String,
         dev: Arc<dyn VfioDevice>,
-    ) -> Result<Arc<Self>, PciError> {
-        let derr = |message: String| PciError::Device {
+    ) -> Result<Arc<Self>, PciHostError> {
+        let derr = |message: String| PciHostError::Device {
             device: name.clone(),
             message,
         };
@@ -204,7 +204,7 @@ impl Drop for AssignedDevice {
     }
 }
 
-impl PciFunction for Arc<AssignedDevice> {
+impl ConfigSpaceFunction for Arc<AssignedDevice> {
     fn config_read(&self, reg: u16, data: &mut [u8]) -> Result<(), BusFault> {
         (**self).config_read_inner(reg, data)
     }

@@ -14,7 +14,7 @@ use crate::iommu::{GuestRamFile, IdentityDomain};
 use crate::irqchip::fake::{IrqCall, RecordingIrqChip};
 use crate::irqchip::{IrqChip, SourceKind, SourceRequest};
 use crate::memory::GuestRam;
-use crate::pci::{PciFunction, PciRoot};
+use crate::pci::{ConfigSpaceFunction, PciRoot};
 use crate::region_map::RegionMapper;
 
 struct Rig {
@@ -44,12 +44,12 @@ fn rig() -> Rig {
 }
 
 fn cfg_write(d: &Arc<AssignedDevice>, reg: u16, v: &[u8]) {
-    PciFunction::config_write(d, reg, v).unwrap();
+    ConfigSpaceFunction::config_write(d, reg, v).unwrap();
 }
 
 fn cfg_read32(d: &Arc<AssignedDevice>, reg: u16) -> u32 {
     let mut b = [0u8; 4];
-    PciFunction::config_read(d, reg, &mut b).unwrap();
+    ConfigSpaceFunction::config_read(d, reg, &mut b).unwrap();
     u32::from_le_bytes(b)
 }
 
