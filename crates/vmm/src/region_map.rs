@@ -427,3 +427,72 @@ impl BusDevice for RegionIo {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::address_space::fake::{RecordingSpace, SpaceCall};
+    use nestio_devices::sample::{SampleDevice, RAM_BAR};
+
+    struct Nothing;
+    impl BusDevice for Nothing {
+        fn read(&self, _: u64, d: &mut [u8]) -> Result<(), BusFault> {
+            d.fill(0);
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &[u8]) -> Result<(), BusFault> {
+            Ok(())
+        }
+    }
+
+    fn mapper() -> (Arc<RecordingSpace>, Arc<RegionMapper>) {
+        let space = Arc::new(RecordingSpace::default());
+        let m = RegionMapper::new(space.clone(), Arc::new(Bus::new()), Arc::new(Bus::new()));
+        (space, m)
+    }
+
+    #[test]
+    fn mmappable_areas_become_slots_while_mapped_and_kept_out_areas_do_not() {
+        let (space, m) = mapper();
+        let dev = SampleDevice::new().unwrap();
+        let r = m
+            .prepare(&dev, RAM_BAR, IoSpace::Mmio, "sample", &|_, _| false)
+            .unwrap();
+        assert_eq!((r.index(), r.mapped_areas()), (RAM_BAR, 1));
+        assert_eq!(r.slots(), vec![(0, FIRST_SLOT)]);
+        assert!(space.take().is_empty(), "prepared, not mapped");
+        m.map(&r, 0xe800_0000, r.size(), Arc::new(Nothing), "sample")
+            .unwrap();
+        let calls = space.take();
+        assert!(matches!(
+            calls.as_slice(),
+            [SpaceCall::Slot { slot: FIRST_SLOT, gpa: 0xe800_0000, size }] if *size > 0
+        ));
+        assert!(m.mmio_bus().resolve(0xe800_0000, 4).is_some());
+        // The same guest range cannot be taken twice.
+        let e = m.map(&r, 0xe800_0000, 0x1000, Arc::new(Nothing), "sample");
+        assert!(matches!(e, Err(RegionMapError::Bus { .. })));
+        m.unmap(&r, 0xe800_0000);
+        assert_eq!(
+            space.take(),
+            vec![SpaceCall::Slot {
+                slot: FIRST_SLOT,
+                gpa: 0xe800_0000,
+                size: 0
+            }]
+        );
+        assert!(m.mmio_bus().resolve(0xe800_0000, 4).is_none());
+        // An area the caller keeps out stays unmapped; ports never get slots.
+        let kept = m
+            .prepare(&dev, RAM_BAR, IoSpace::Mmio, "sample", &|o, _| o == 0)
+            .unwrap();
+        assert_eq!(kept.mapped_areas(), 0);
+        let pio = m
+            .prepare(&dev, RAM_BAR, IoSpace::Pio, "sample", &|_, _| false)
+            .unwrap();
+        assert_eq!(pio.mapped_areas(), 0);
+        assert!(m
+            .prepare(&dev, 99, IoSpace::Mmio, "sample", &|_, _| false)
+            .is_err());
+    }
+}

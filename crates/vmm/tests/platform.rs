@@ -175,6 +175,24 @@ fn fsl_mc_device_is_placed_in_the_platform_window_and_wired_into_kvm() {
     let again = vm.vm_fd().register_irqfd(&dup, gsi);
     assert_eq!(again.map_err(|e| e.errno()), Err(libc::EBUSY));
 
+    // The interrupt controller describes the wiring for migration: the UART's line
+    // and the platform line, each with one eventfd attached, edge-triggered.
+    let snap = vm.pci().irqchip().snapshot();
+    assert_eq!(snap.model, "kvm-x86");
+    let line = snap
+        .sources
+        .iter()
+        .find(|s| s.number == gsi)
+        .expect("platform line");
+    assert_eq!((line.attached, line.resample), (1, false));
+    assert!(snap
+        .sources
+        .iter()
+        .any(|s| s.number == 4 && s.attached == 1));
+    let json = serde_json::to_string(&snap).unwrap();
+    let back: nestio_vmm::irqchip::IrqChipSnapshot = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, snap);
+
     // The guest still runs.
     let report = vm.run().unwrap();
     assert_eq!(

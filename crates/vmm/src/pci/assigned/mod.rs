@@ -1,14 +1,14 @@
 //! An assigned device: a [`VfioDevice`] wired into the VM as PCI function 00:NN.0.
 //!
 //! Three parts, one module each:
-//! - [`config`]: configuration-space virtualisation (a shadow of the VMM-owned
+//! - `config`: configuration-space virtualisation (a shadow of the VMM-owned
 //!   registers with write masks; everything else is the device's);
-//! - [`bars`]: BAR placement and mapping (bus ranges, mmappable sparse areas as KVM
+//! - `bars`: BAR placement and mapping (bus ranges, mmappable sparse areas as KVM
 //!   memory slots, ioeventfds), following the guest's reprogramming;
-//! - [`interrupts`]: INTx, MSI and MSI-X wired through the platform's
+//! - `interrupts`: INTx, MSI and MSI-X wired through the platform's
 //!   [`crate::irqchip::IrqChip`] (the MSI-X table is `nestio_device`'s `MsixTable`).
 //!
-//! [`AssignedDevice::new`] reads the device's configuration space and hands it to each
+//! `AssignedDevice::new` reads the device's configuration space and hands it to each
 //! part in turn. What the device reaches by DMA is the platform's
 //! [`crate::iommu::DmaDomain`]'s decision: the device is attached to it under its
 //! requester ID at creation and detached when it goes away.
