@@ -96,7 +96,7 @@ pub enum DmaDomainError {
         size: u64,
     },
     /// A device refused a map or unmap.
-    #[error("{stream}: the device refused {what}: {err}")]
+    #[error("{stream}: {what} refused by the device: {err}")]
     Device {
         /// Its stream.
         stream: StreamId,
@@ -354,6 +354,7 @@ mod tests {
     struct DmaRecorder {
         maps: Mutex<Vec<MapCall>>,
         unmaps: Mutex<Vec<(u64, u64)>>,
+        refuse: bool,
     }
 
     impl VfioDevice for DmaRecorder {
@@ -380,6 +381,9 @@ mod tests {
             Err(DeviceError::NoSuchIrq(i))
         }
         fn dma_map(&self, req: DmaMapRequest) -> Result<()> {
+            if self.refuse {
+                return Err(DeviceError::Invalid("not this file".into()));
+            }
             let (fd, off) = match &req.backing {
                 DmaBacking::Fd { fd, offset } => (fd.as_raw_fd(), *offset),
                 DmaBacking::Peer(_) => (-1, 0),
@@ -426,6 +430,20 @@ mod tests {
         assert_eq!(*dev.unmaps.lock().unwrap(), vec![(0, u64::MAX)]);
         dom.detach(s);
         assert_eq!(dev.unmaps.lock().unwrap().len(), 1, "detached once");
+        // A refusal names the stream and says what was refused (users grep for it).
+        let refusing = Arc::new(DmaRecorder {
+            refuse: true,
+            ..DmaRecorder::default()
+        });
+        let msg = dom
+            .attach(StreamId::pci(0, 2, 0), refusing)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("PCI 00:02.0: DMA_MAP of guest RAM refused by the device: "),
+            "{msg}"
+        );
+        assert!(msg.contains("not this file"), "{msg}");
     }
 
     #[test]

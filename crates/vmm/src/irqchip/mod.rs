@@ -125,13 +125,21 @@ pub enum IrqChipError {
     /// The source was not allocated by this controller.
     #[error("interrupt source {0} was not allocated by this interrupt controller")]
     UnknownSource(u32),
-    /// The hypervisor refused an operation.
+    /// The hypervisor refused an operation on a source.
     #[error("{what} failed for interrupt source {source_number}: {err}")]
     Hypervisor {
         /// The operation (an ioctl name).
         what: &'static str,
         /// The source.
         source_number: u32,
+        /// Cause.
+        err: kvm_ioctls::Error,
+    },
+    /// The hypervisor refused the routing table.
+    #[error("installing the interrupt routing table ({entries} routes) failed: {err}")]
+    Routing {
+        /// Routes in the table.
+        entries: usize,
         /// Cause.
         err: kvm_ioctls::Error,
     },

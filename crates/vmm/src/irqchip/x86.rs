@@ -122,9 +122,8 @@ impl KvmIrqChip {
                 .then_some(s.message.map(|m| (gsi, m)))
                 .flatten()
         }));
-        let err = |err| IrqChipError::Hypervisor {
-            what: "KVM_SET_GSI_ROUTING",
-            source_number: 0,
+        let err = |err| IrqChipError::Routing {
+            entries: entries.len(),
             err,
         };
         let routing = KvmIrqRouting::from_entries(&entries)

@@ -83,15 +83,16 @@ impl AssignedDevice {
         let (dma, stream) = (root.dma_domain().clone(), StreamId::pci(0, slot, 0));
         dma.attach(stream, dev.clone())
             .map_err(|e| derr(e.to_string()))?;
-
-        let mut cfg = ConfigShadow::new(&raw);
-        // MSI-X first, so that no mmapped area covers its table or PBA.
-        let msix = Msix::probe(&*dev, &name, &raw, &mut cfg);
-        let msix_cap = msix.as_ref().map(Msix::cap);
-        let bars = bars::build_bars(&root, &*dev, &name, &raw, &mut cfg, msix_cap.as_ref())?;
-        let pin = raw[INTERRUPT_PIN];
-        let intx = interrupts::wire_intx(&root, &dev, slot, &name, pin, &mut cfg)?;
-        let msi = Msi::probe(&*dev, &raw, &mut cfg);
+        let wired = Self::wire(&root, slot, &name, &dev, &raw);
+        let (state, intx) = match wired {
+            Ok(w) => w,
+            Err(e) => {
+                // Nothing keeps guest memory reachable from a device that is not attached.
+                dma.detach(stream);
+                return Err(e);
+            }
+        };
+        let msix_cap = state.msix.as_ref().map(Msix::cap);
         Ok(Arc::new(AssignedDevice {
             root: Arc::downgrade(&root),
             slot,
@@ -99,18 +100,38 @@ impl AssignedDevice {
             dev,
             config_size,
             msix_cap,
-            state: Mutex::new(State {
-                cfg,
-                bars,
-                msi,
-                msix,
-            }),
+            state: Mutex::new(state),
             lost: Mutex::new(None),
             intx,
-            intx_pin: pin,
+            intx_pin: raw[INTERRUPT_PIN],
             dma,
             stream,
         }))
+    }
+
+    /// Configuration virtualisation, BARs and interrupts of a new device.
+    fn wire(
+        root: &Arc<PciRoot>,
+        slot: u8,
+        name: &str,
+        dev: &Arc<dyn VfioDevice>,
+        raw: &[u8; config::CFG],
+    ) -> Result<(State, Option<Intx>), PciHostError> {
+        let mut cfg = ConfigShadow::new(raw);
+        // MSI-X first, so that no mmapped area covers its table or PBA.
+        let msix = Msix::probe(&**dev, name, raw, &mut cfg);
+        let msix_cap = msix.as_ref().map(Msix::cap);
+        let bars = bars::build_bars(root, &**dev, name, raw, &mut cfg, msix_cap.as_ref())?;
+        let pin = raw[INTERRUPT_PIN];
+        let intx = interrupts::wire_intx(root, dev, slot, name, pin, &mut cfg)?;
+        let msi = Msi::probe(&**dev, raw, &mut cfg);
+        let state = State {
+            cfg,
+            bars,
+            msi,
+            msix,
+        };
+        Ok((state, intx))
     }
 
     /// The device's name.

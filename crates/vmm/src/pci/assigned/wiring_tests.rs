@@ -229,3 +229,19 @@ fn bar_decode_maps_mmappable_areas_as_slots_and_unmaps_them_on_decode_off() {
         "the slot is removed: {calls:?}"
     );
 }
+
+#[test]
+fn the_dma_domain_maps_guest_ram_at_attach_and_takes_it_back_when_the_vm_goes() {
+    let r = rig();
+    let sample = r.dev.device().clone();
+    let maps = sample.dma_table().unwrap().mappings();
+    assert_eq!(maps.len(), 1);
+    assert_eq!((maps[0].range.start(), maps[0].range.len()), (0, 4 << 20));
+    assert_eq!(maps[0].prot, nestio_dma::Prot::RW);
+    assert_eq!(r.root.dma_domain().model(), "identity");
+    drop(r);
+    assert!(
+        sample.dma_table().unwrap().mappings().is_empty(),
+        "detached from the domain when the device went away"
+    );
+}
