@@ -351,6 +351,101 @@ mod tests {
         }
     }
 
+    /// A KVM VM with the in-kernel irqchip, or None (loudly) without /dev/kvm.
+    fn kvm_chip(intx: IntxRouting) -> Option<KvmIrqChip> {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("SKIP: /dev/kvm is missing, this KVM test did not run");
+            return None;
+        };
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        Some(KvmIrqChip::new(Arc::new(vm), intx).unwrap())
+    }
+
+    #[test]
+    fn kvm_chip_allocates_attaches_programs_and_describes_its_sources() {
+        let Some(chip) = kvm_chip(IntxRouting::Pic) else {
+            return;
+        };
+        assert_eq!(chip.intx_routing(), IntxRouting::Pic);
+        let intx = chip
+            .allocate(SourceRequest::PciIntx { slot: 1, pin: 1 })
+            .unwrap();
+        assert_eq!((intx.number(), intx.kind()), (11, SourceKind::Line));
+        assert!(chip
+            .allocate(SourceRequest::PciIntx { slot: 1, pin: 5 })
+            .is_err());
+        assert!(chip.allocate(SourceRequest::Line(24)).is_err());
+        let lines: Vec<u32> = (0..4)
+            .map(|_| chip.allocate(SourceRequest::PlatformLine).unwrap().number())
+            .collect();
+        assert_eq!(lines, PLATFORM_LINES);
+        assert!(matches!(
+            chip.allocate(SourceRequest::PlatformLine),
+            Err(IrqChipError::Exhausted { .. })
+        ));
+        let msi = chip.allocate(SourceRequest::Msi).unwrap();
+        assert_eq!((msi.number(), msi.kind()), (MSI_GSI_BASE, SourceKind::Msi));
+
+        let (trig, res) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+        chip.attach(intx, &trig, Some(&res)).unwrap();
+        let m = EventFd::new(0).unwrap();
+        assert!(
+            matches!(
+                chip.attach(msi, &m, Some(&res)),
+                Err(IrqChipError::Invalid { .. })
+            ),
+            "a message source is never level-triggered"
+        );
+        let msg = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x31,
+        };
+        chip.program_msi(&[(msi, Some(msg))]).unwrap();
+        assert!(
+            matches!(
+                chip.program_msi(&[(intx, Some(msg))]),
+                Err(IrqChipError::UnknownSource(11))
+            ),
+            "a line has no message"
+        );
+        chip.attach(msi, &m, None).unwrap();
+        assert!(
+            chip.attach(msi, &m, None).is_err(),
+            "KVM refuses a second irqfd"
+        );
+        chip.mask(msi, &m).unwrap();
+        let snap = chip.snapshot();
+        assert_eq!(snap.model, "kvm-x86");
+        let get = |n| snap.sources.iter().find(|s| s.number == n).unwrap().clone();
+        let (l, s) = (get(11), get(MSI_GSI_BASE));
+        assert_eq!(
+            (l.kind, l.attached, l.resample, l.message),
+            (SourceKind::Line, 1, true, None)
+        );
+        assert_eq!(
+            (s.kind, s.attached),
+            (SourceKind::Msi, 0),
+            "masked: detached"
+        );
+        assert_eq!(s.message, Some(MessageState::from(msg)));
+        chip.unmask(msi, &m).unwrap();
+        assert_eq!(
+            chip.snapshot()
+                .sources
+                .iter()
+                .find(|x| x.number == MSI_GSI_BASE)
+                .unwrap()
+                .attached,
+            1
+        );
+        let unknown = IrqSource::new(900, SourceKind::Msi);
+        assert!(matches!(
+            chip.attach(unknown, &m, None),
+            Err(IrqChipError::UnknownSource(900))
+        ));
+    }
+
     #[test]
     fn routing_table_has_wired_lines_then_messages() {
         let msg = MsiMessage {
