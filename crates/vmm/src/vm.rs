@@ -2,6 +2,14 @@
 //! assigned devices, the CPU model, what to boot ([`Boot`]); then the vCPU thread and
 //! the control loop that watches for SIGINT, stop requests and dead devices.
 //!
+//! The platform's shared services are built once and handed to the buses: the
+//! interrupt controller ([`crate::irqchip::x86::KvmIrqChip`] behind
+//! [`crate::irqchip::IrqChip`]), the DMA domain ([`crate::iommu::IdentityDomain`]: no
+//! vIOMMU) and the region mapper ([`crate::region_map::RegionMapper`]). Each device is
+//! attached by its VFIO flags: PCI devices to the PCI root in slot order, platform /
+//! AMBA / FSL-MC devices to the [`crate::platform::PlatformBus`]; any other device is
+//! refused ([`VmError::UnsupportedDevice`]).
+//!
 //! Two kinds of guest ([`Boot`]): a `no_std` payload entered in 64-bit mode (see the
 //! crate documentation), or a Linux kernel ([`crate::linux`]). For Linux the machine
 //! also gets what the kernel expects of a PC without firmware tables beyond the MP
