@@ -219,10 +219,17 @@ impl PlatformDevice {
     pub fn placement(&self) -> &Placement {
         &self.placement
     }
-    /// `Some((name, what))` once an access found the device gone.
+    /// `Some((name, what))` once the device is seen dead: a fatal error on an earlier
+    /// access, or now on a cheap probe (REGION_INFO, a round trip for a remote device),
+    /// so that a guest waiting for an interrupt does not wait forever.
     pub fn check_alive(&self) -> Option<(String, String)> {
-        let lost = self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        lost.map(|m| (self.name.clone(), m))
+        let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+        if lost.is_none() {
+            if let Some(e) = self.dev.region_info(0).err().filter(is_fatal) {
+                *lost = Some(format!("liveness probe: {e}"));
+            }
+        }
+        lost.clone().map(|m| (self.name.clone(), m))
     }
 }
 
