@@ -9,10 +9,21 @@
 //! - [`boot`]: ELF loading (linux-loader), GDT, identity page tables, long-mode entry;
 //! - [`bus`]: checked PIO/MMIO buses; unclaimed reads are all-ones;
 //! - [`serial`]: the 16550 console (vm-superio);
-//! - [`pci`]: host bridge (CF8/CFC and ECAM), BAR windows, GSI routing, and
+//! - [`irqchip`]: the interrupt-controller seam ([`irqchip::IrqChip`]: sources,
+//!   eventfds, MSI messages, masking, snapshots) and its x86 in-kernel implementation;
+//! - [`address_space`]: the KVM operations that map memory slots and ioeventfds, as a
+//!   trait (testable without `/dev/kvm`);
+//! - [`pci`]: host bridge (CF8/CFC and ECAM), BAR windows, and
 //!   [`pci::assigned`], the VFIO-style wiring of one device (config virtualisation, BARs
 //!   as bus ranges + KVM memory slots for mmappable areas + ioeventfds, INTx / MSI /
-//!   MSI-X through irqfd);
+//!   MSI-X through the irqchip);
+//! - [`iommu`]: DMA domains keyed by stream ID (identity: all RAM at IOVA = GPA; a
+//!   shadow domain a vIOMMU drives with map/unmap);
+//! - [`region_map`]: the bus-neutral region mapper (device region -> bus range + KVM
+//!   memory slots for mmappable areas + ioeventfds), used by PCI BARs and platform
+//!   devices;
+//! - [`platform`]: non-PCI (platform / AMBA / FSL-MC) devices at addresses of the
+//!   platform MMIO window, interrupts wired through the irqchip;
 //! - [`hypercall`]: the PAPR hypercall entry (a port doorbell, registers as arguments),
 //!   its dispatcher, RTAS and the virtual terminal;
 //! - [`cpu`]: the x86 CPU model (CPUID, MSR_TEST_CTRL / CORE_CAPABILITIES through
@@ -38,6 +49,7 @@
 //! the payload binaries), built by this crate's build script with the host toolchain;
 //! [`payloads`] has their paths.
 
+pub mod address_space;
 #[cfg(feature = "harness")]
 pub mod bench;
 pub mod boot;
@@ -45,9 +57,13 @@ pub mod bus;
 pub mod cpu;
 pub mod handoff;
 pub mod hypercall;
+pub mod iommu;
+pub mod irqchip;
 pub mod linux;
 pub mod memory;
 pub mod pci;
+pub mod platform;
+pub mod region_map;
 mod remote;
 pub mod serial;
 pub mod serial_input;
