@@ -28,7 +28,9 @@ mod range;
 
 pub use dirty::DirtyLog;
 pub use error::{Access, DmaError};
-pub use map_table::{DmaBacking, DmaMapRequest, MapTable, MapTableStats, MappingInfo};
+pub use map_table::{
+    DmaBacking, DmaMapRequest, MapTable, MapTableStats, MappingInfo, SPLIT_GRANULE,
+};
 pub use range::{DmaRange, Prot};
 
 /// The side that owns memory a device can reach only by messages (vfio-user DMA_READ /
