@@ -20,6 +20,8 @@
 //! Translating spaces (SMMUv3 stages, sPAPR TCE windows, nested levels) are further
 //! implementations of [`DmaSpace`] that translate, check, and then delegate.
 
+#[cfg(feature = "bench")]
+pub mod bench;
 mod dirty;
 mod error;
 mod map_table;

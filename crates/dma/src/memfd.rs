@@ -112,18 +112,12 @@ pub enum Sharing {
 /// Decide how `file` may be used (module documentation); `Err` with the reason for a
 /// file that must be refused. Call it *before* checking the file's size.
 pub fn classify(file: &File) -> io::Result<Result<Sharing, &'static str>> {
-    classify_fd(file.as_fd())
+    Ok(classify_fd(file.as_fd())?.0)
 }
 
-/// [`classify`] of a borrowed descriptor.
-fn classify_fd(fd: BorrowedFd<'_>) -> io::Result<Result<Sharing, &'static str>> {
-    let meta = fstat(fd)?;
-    if meta.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Ok(Err(
-            "it is not a regular file (memory must be shared as a memfd, a /dev/shm file \
-             or another regular file)",
-        ));
-    }
+/// [`classify`] of a borrowed descriptor, with the file's `fstat` taken *after* its
+/// seals were read (so its size is one a sealed file keeps).
+fn classify_fd(fd: BorrowedFd<'_>) -> io::Result<(Result<Sharing, &'static str>, libc::stat)> {
     // SAFETY: statfs is plain data; zeroed is a valid value, and fstatfs fills it.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: fstatfs writes into `st`, which lives for the call; the result is checked.
@@ -132,17 +126,21 @@ fn classify_fd(fd: BorrowedFd<'_>) -> io::Result<Result<Sharing, &'static str>> 
     }
     #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
     let fs = st.f_type as i64;
-    if fs == FUSE_SUPER_MAGIC {
-        return Ok(Err(
-            "it is on a FUSE file system, whose reads its server could block forever",
-        ));
-    }
     let sealed = seals(fd).is_some_and(|s| s & libc::F_SEAL_SHRINK != 0);
-    Ok(Ok(if sealed && fs == TMPFS_MAGIC {
-        Sharing::InPlace
+    let meta = fstat(fd)?;
+    let verdict = if meta.st_mode & libc::S_IFMT != libc::S_IFREG {
+        Err(
+            "it is not a regular file (memory must be shared as a memfd, a /dev/shm file \
+             or another regular file)",
+        )
+    } else if fs == FUSE_SUPER_MAGIC {
+        Err("it is on a FUSE file system, whose reads its server could block forever")
+    } else if sealed && fs == TMPFS_MAGIC {
+        Ok(Sharing::InPlace)
     } else {
-        Sharing::SystemCalls
-    }))
+        Ok(Sharing::SystemCalls)
+    };
+    Ok((verdict, meta))
 }
 
 /// True when `file` is safe to mmap and use in place for good ([`Sharing::InPlace`]).
@@ -257,10 +255,8 @@ pub fn check_dma_file(fd: BorrowedFd<'_>, prot: Prot) -> Result<DmaFile, FileRef
     }
     let io = |what| move |source| FileRefusal::Io { what, source };
     // Seals before size: see the module documentation.
-    let sharing = classify_fd(fd)
-        .map_err(io("fstat/fstatfs"))?
-        .map_err(FileRefusal::Unsuitable)?;
-    let st = fstat(fd).map_err(io("fstat"))?;
+    let (sharing, st) = classify_fd(fd).map_err(io("fstat/fstatfs"))?;
+    let sharing = sharing.map_err(FileRefusal::Unsuitable)?;
     let mode = fl & libc::O_ACCMODE;
     let can_read = mode == libc::O_RDONLY || mode == libc::O_RDWR;
     let can_write = mode == libc::O_WRONLY || mode == libc::O_RDWR;
