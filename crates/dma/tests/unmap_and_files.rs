@@ -278,8 +278,8 @@ fn mappings_of_one_file_share_a_backing_per_permission() {
     ));
 }
 
-/// A regular file only root can read (mode 000), holding a secret.
-fn secret_file(tag: &str) -> (std::path::PathBuf, std::fs::File) {
+/// A regular file with permissions `mode` (000: only root may read it), holding a secret.
+fn secret_file(tag: &str, mode: u32) -> (std::path::PathBuf, std::fs::File) {
     let path = std::env::temp_dir().join(format!("nestio-shadow-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let f = std::fs::File::options()
@@ -291,7 +291,7 @@ fn secret_file(tag: &str) -> (std::path::PathBuf, std::fs::File) {
     f.write_all_at(b"root:$6$secret-hash:19000:0:99999:7:::\n", 0)
         .unwrap();
     f.set_len(PAGE).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
     (path, f)
 }
 
@@ -326,7 +326,7 @@ fn fds_of(file: &std::fs::File) -> Vec<(i32, i32)> {
 /// server's rights.
 #[test]
 fn o_path_descriptor_gives_no_dma_access() {
-    let (path, owner) = secret_file("opath");
+    let (path, owner) = secret_file("opath", 0o000);
     let opath = std::fs::File::options()
         .read(true)
         .custom_flags(libc::O_PATH)
@@ -363,7 +363,7 @@ fn o_path_descriptor_gives_no_dma_access() {
 /// pread/pwrite file is never wider than the descriptor the peer sent.
 #[test]
 fn access_mode_bounds_the_mapping_and_the_reopen() {
-    let (path, owner) = secret_file("modes");
+    let (path, owner) = secret_file("modes", 0o600);
     // A write-only descriptor cannot back a readable mapping: the peer could not read.
     let wo = std::fs::File::options().write(true).open(&path).unwrap();
     let wo = Arc::new(OwnedFd::from(wo));
