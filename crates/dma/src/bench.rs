@@ -68,10 +68,15 @@ pub struct ChurnReport {
     pub access: Duration,
     /// See `map`.
     pub split: Duration,
+    /// The last unmap of the file: the backing's munmap (of every page the reads
+    /// touched) and close.
+    pub release: Duration,
     /// Floor for a map: fd dup + close + `BTreeMap` insert, per `maps`.
     pub floor_insert: Duration,
     /// Floor for an unmap: `BTreeMap` remove, per `maps`.
     pub floor_remove: Duration,
+    /// Floor for a split unmap: the same peel on a bare `BTreeMap` of ranges.
+    pub floor_split: Duration,
     /// Floor for an access: `BTreeMap` lookup + 8-byte read of the same word of the file
     /// through one plain mapping of it, per `maps`.
     pub floor_lookup: Duration,
@@ -135,8 +140,10 @@ pub fn churn(maps: u64, rounds: u32) -> Result<ChurnReport, ChurnError> {
             (&mut best.unmap, r.unmap),
             (&mut best.access, r.access),
             (&mut best.split, r.split),
+            (&mut best.release, r.release),
             (&mut best.floor_insert, r.floor_insert),
             (&mut best.floor_remove, r.floor_remove),
+            (&mut best.floor_split, r.floor_split),
             (&mut best.floor_lookup, r.floor_lookup),
             (&mut best.mmap_pair, r.mmap_pair),
         ] {
@@ -197,6 +204,28 @@ fn round(maps: u64) -> Result<ChurnReport, ChurnError> {
     }
     let floor_remove = t0.elapsed();
     drop(floor);
+    // The split floor: the same page-by-page peel on a bare tree of (start -> length,
+    // file offset): find the containing range, remove it, insert what is left of it.
+    let mut ranges: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    ranges.insert(0, (maps * PAGE, 0));
+    let t0 = Instant::now();
+    for i in 0..maps {
+        let a = order(i);
+        let Some((&start, &(len, off))) = ranges.range(..=a).next_back() else {
+            continue;
+        };
+        ranges.remove(&start);
+        if a > start {
+            ranges.insert(start, (a - start, off));
+        }
+        let end = start + len;
+        if a + PAGE < end {
+            ranges.insert(a + PAGE, (end - a - PAGE, off + (a + PAGE - start)));
+        }
+    }
+    let floor_split = t0.elapsed();
+    black_box(ranges.len());
+    drop(ranges);
     // Hand the floor's freed heap back to the system, so the table's growth below is not
     // hidden by reuse of it.
     #[cfg(target_env = "gnu")]
@@ -229,7 +258,8 @@ fn round(maps: u64) -> Result<ChurnReport, ChurnError> {
     let mmap_pair = t0.elapsed().mul_f64(maps as f64 / samples as f64);
 
     // The table.
-    let t = MapTable::new(usize::try_from(maps).map_err(|_| ChurnError::Count(maps))?);
+    let limit = usize::try_from(maps + 1).map_err(|_| ChurnError::Count(maps))?;
+    let t = MapTable::new(limit);
     let (fds0, vmas0, rss0) = (count_fds()?, count_vmas()?, rss_bytes()?);
     let t0 = Instant::now();
     for i in 0..maps {
@@ -256,6 +286,19 @@ fn round(maps: u64) -> Result<ChurnReport, ChurnError> {
         black_box(t.read_u64(order(i) + 8).map_err(table("a read"))?);
     }
     let access = t0.elapsed();
+    // A sentinel mapping keeps the file's backing alive through the timed unmaps, so
+    // they measure the table, and the one-time teardown of the backing (munmap of all
+    // the pages the reads faulted in) is timed on its own.
+    let sentinel = DmaRange::new(1 << 52, PAGE).map_err(table("a range"))?;
+    t.map(DmaMapRequest {
+        range: sentinel,
+        prot: Prot::RW,
+        backing: DmaBacking::Fd {
+            fd: Arc::new(mem.try_clone().map_err(setup("dup"))?),
+            offset: 0,
+        },
+    })
+    .map_err(table("the sentinel map"))?;
     let t0 = Instant::now();
     for i in 0..maps {
         t.unmap(i * PAGE, PAGE).map_err(table("an unmap"))?;
@@ -278,6 +321,10 @@ fn round(maps: u64) -> Result<ChurnReport, ChurnError> {
         t.unmap_split(r).map_err(table("a split unmap"))?;
     }
     let split = t0.elapsed();
+    let t0 = Instant::now();
+    t.unmap(sentinel.start(), PAGE)
+        .map_err(table("the sentinel unmap"))?;
+    let release = t0.elapsed();
     if !t.is_empty() {
         return Err(ChurnError::Table {
             what: "to be emptied by split unmaps",
@@ -291,8 +338,10 @@ fn round(maps: u64) -> Result<ChurnReport, ChurnError> {
         unmap,
         access,
         split,
+        release,
         floor_insert,
         floor_remove,
+        floor_split,
         floor_lookup,
         mmap_pair,
         fds_held: fds1 - fds0,
@@ -343,9 +392,14 @@ impl fmt::Display for ChurnReport {
         )?;
         writeln!(
             f,
-            "  split unmap  {:>10}  {:5.2}x the floor (BTreeMap remove), pages peeled off one {n}-page map",
+            "  split unmap  {:>10}  {:5.2}x the floor (the same peel on a bare BTreeMap of ranges), pages peeled off one {n}-page map in scattered order",
             per_sec(n, self.split),
-            ratio(self.split, self.floor_remove),
+            ratio(self.split, self.floor_split),
+        )?;
+        writeln!(
+            f,
+            "  release of the file's backing (last unmap: munmap of {n} touched pages + close): {:.1} ms",
+            self.release.as_secs_f64() * 1e3
         )?;
         write!(
             f,

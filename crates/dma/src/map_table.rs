@@ -71,11 +71,12 @@
 //! after the exclusive lock is dropped; no access can still use them, because accesses
 //! borrow mappings only while they hold the shared lock.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use vm_memory::mmap::MmapRegion;
@@ -181,6 +182,8 @@ struct FileBacking {
     /// The fd reported by [`MapTable::mappings`].
     fd: Arc<OwnedFd>,
     access: FileAccess,
+    /// Mappings in the table that use this backing.
+    maps: AtomicUsize,
 }
 
 impl FileBacking {
@@ -230,15 +233,11 @@ impl Mapping {
     }
 }
 
-/// A registered backing and the number of mappings counted against its key.
-struct FileEntry {
-    backing: Arc<FileBacking>,
-    maps: usize,
-}
-
 struct Inner {
     maps: BTreeMap<u64, Mapping>,
-    files: HashMap<FileKey, FileEntry>,
+    /// The backing new mappings of a file use; an entry goes when its backing's last
+    /// mapping does.
+    files: HashMap<FileKey, Arc<FileBacking>>,
     dirty: Option<DirtyLog>,
 }
 
@@ -251,20 +250,26 @@ impl Inner {
         Some(m)
     }
 
+    /// Count a mapping entering the table against its backing.
     fn count(&mut self, m: &Mapping) {
         if let Kind::File { backing, .. } = &m.kind {
-            if let Some(e) = backing.key.and_then(|k| self.files.get_mut(&k)) {
-                e.maps += 1;
-            }
+            // Changed only under the exclusive lock: the atomic is for `Sync`.
+            backing.maps.fetch_add(1, Ordering::Relaxed);
         }
     }
 
+    /// Uncount a mapping leaving the table; the last mapping of a registered backing
+    /// takes its registry entry with it (so the registry never holds more than the
+    /// files mapped now).
     fn uncount(&mut self, m: &Mapping) {
         if let Kind::File { backing, .. } = &m.kind {
-            if let Some(key) = backing.key {
-                if let Some(e) = self.files.get_mut(&key) {
-                    e.maps -= 1;
-                    if e.maps == 0 {
+            if backing.maps.fetch_sub(1, Ordering::Relaxed) == 1 {
+                if let Some(key) = backing.key {
+                    if self
+                        .files
+                        .get(&key)
+                        .is_some_and(|b| Arc::ptr_eq(b, backing))
+                    {
                         self.files.remove(&key);
                     }
                 }
@@ -390,16 +395,16 @@ impl MapTable {
     /// anything else is [`DmaError::NotMapped`], ENOENT).
     pub fn unmap(&self, iova: u64, size: u64) -> Result<(), DmaError> {
         let mut inner = self.write_lock();
-        match inner.maps.get(&iova) {
-            Some(m) if m.range.len() == size => {
-                let gone = inner.remove(iova);
-                drop(inner);
-                drop(gone);
-                tracing::debug!(iova, size, "dma unmap");
-                Ok(())
-            }
-            _ => Err(DmaError::NotMapped { iova, size }),
-        }
+        // One tree walk: find and remove in place.
+        let gone = match inner.maps.entry(iova) {
+            Entry::Occupied(e) if e.get().range.len() == size => e.remove(),
+            _ => return Err(DmaError::NotMapped { iova, size }),
+        };
+        inner.uncount(&gone);
+        drop(inner);
+        drop(gone);
+        tracing::debug!(iova, size, "dma unmap");
+        Ok(())
     }
 
     /// Remove every mapping that lies wholly inside `range` (VFIO type1 v2 unmap: see the
@@ -721,9 +726,9 @@ fn file_backing(
         in_place,
         prot,
     };
-    if let Some(e) = inner.files.get(&key) {
-        if e.backing.covers(offset, end) {
-            return Ok(e.backing.clone());
+    if let Some(b) = inner.files.get(&key) {
+        if b.covers(offset, end) {
+            return Ok(b.clone());
         }
     }
     let access = if in_place {
@@ -738,6 +743,7 @@ fn file_backing(
                     key: None,
                     fd,
                     access: FileAccess::Mem { region, base },
+                    maps: AtomicUsize::new(0),
                 };
                 return Ok(Arc::new(backing));
             }
@@ -757,17 +763,11 @@ fn file_backing(
         key: Some(key),
         fd,
         access,
+        maps: AtomicUsize::new(0),
     });
-    // A backing this file had (too small: the file grew) keeps serving its mappings;
-    // the count of the key carries over, so the entry goes with the last of them.
-    let maps = inner.files.get(&key).map_or(0, |e| e.maps);
-    inner.files.insert(
-        key,
-        FileEntry {
-            backing: backing.clone(),
-            maps,
-        },
-    );
+    // A backing this file had (too small: the file grew) keeps serving its mappings
+    // until they go; new mappings of the file use the new one.
+    inner.files.insert(key, backing.clone());
     Ok(backing)
 }
 
