@@ -435,3 +435,25 @@ fn accesses_race_split_unmaps_safely() {
     }
     assert_eq!(t.file_backings(), 0);
 }
+
+/// A sealed file too large to map whole (a 1 PiB sparse memfd: more than the address
+/// space) is still usable: each mapping gets its own mmap of just its range.
+#[test]
+fn a_file_too_large_to_map_whole_is_mapped_per_mapping() {
+    let fd = Arc::new(sealed_memfd(c"huge-sparse", 1 << 50).unwrap());
+    let t = MapTable::default();
+    let far = (1u64 << 49) + 123 * PAGE + 0x100; // not page-aligned in the file
+    map_fd(&t, 0x10000, PAGE, Prot::RW, &fd, far).unwrap();
+    map_fd(&t, 0x20000, PAGE, Prot::RW, &fd, far + PAGE).unwrap();
+    assert_eq!(t.file_backings(), 2, "one private mmap per mapping");
+    t.write_u64(0x10ff8, 0x0123_4567_89ab_cdef).unwrap();
+    t.write_u64(0x20000, 42).unwrap();
+    assert_eq!(
+        pread(&fd, far + 0xff8, 8),
+        0x0123_4567_89ab_cdefu64.to_le_bytes()
+    );
+    assert_eq!(pread(&fd, far + PAGE, 8), 42u64.to_le_bytes());
+    t.unmap(0x10000, PAGE).unwrap();
+    assert_eq!(t.read_u64(0x20000).unwrap(), 42);
+    assert_eq!(t.file_backings(), 1);
+}
