@@ -488,9 +488,13 @@ impl MapTable {
         if inner.maps.len() - starts.len() + keep.len() > self.limit {
             return Err(DmaError::TooManyMappings { limit: self.limit });
         }
+        // The pieces are counted before the mappings they come from go, so a backing
+        // whose only mapping is split stays registered for later maps of its file.
+        for m in &keep {
+            inner.count(m);
+        }
         let gone: Vec<Mapping> = starts.iter().filter_map(|s| inner.remove(*s)).collect();
         for m in keep {
-            inner.count(&m);
             inner.maps.insert(m.range.start(), m);
         }
         drop(inner);

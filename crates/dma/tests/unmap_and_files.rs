@@ -457,3 +457,17 @@ fn a_file_too_large_to_map_whole_is_mapped_per_mapping() {
     assert_eq!(t.read_u64(0x20000).unwrap(), 42);
     assert_eq!(t.file_backings(), 1);
 }
+
+/// Splitting a file's only mapping keeps its backing registered: a later map of the
+/// same file shares it instead of mapping the file a second time.
+#[test]
+fn split_pieces_keep_the_backing_shared() {
+    let fd = memfd(4 * PAGE);
+    let t = MapTable::default();
+    map_fd(&t, 0x10000, 4 * PAGE, Prot::RW, &fd, 0).unwrap();
+    t.unmap_split(range(0x11000, PAGE)).unwrap();
+    map_fd(&t, 0x40000, PAGE, Prot::RW, &fd, PAGE).unwrap();
+    assert_eq!(t.file_backings(), 1);
+    t.write_u32(0x40000, 0x77).unwrap();
+    assert_eq!(pread(&fd, PAGE, 4), 0x77u32.to_le_bytes());
+}
