@@ -23,7 +23,7 @@
 //! Translating spaces (SMMUv3 stages, sPAPR TCE windows, nested levels) are further
 //! implementations of [`DmaSpace`] that translate, check, and then delegate.
 
-#[cfg(feature = "bench")]
+#[cfg(feature = "harness")]
 pub mod bench;
 mod dirty;
 mod error;

@@ -210,10 +210,8 @@ fn a_grown_file_gets_a_larger_backing() {
     let file = unsafe { std::fs::File::from_raw_fd(raw) };
     file.set_len(2 * PAGE).unwrap();
     // SAFETY: fcntl on a descriptor we own.
-    assert_eq!(
-        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
-        0
-    );
+    let sealed = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+    assert_eq!(sealed, 0);
     let fd = Arc::new(OwnedFd::from(file));
     let t = MapTable::default();
     map_fd(&t, 0, 2 * PAGE, Prot::RW, &fd, 0).unwrap();
