@@ -19,6 +19,7 @@
 //! Methods take `&self`: devices are shared between the server's threads, vCPU threads
 //! and their own workers, and synchronise inside.
 
+pub mod eventfd;
 pub mod irq;
 pub mod migration;
 pub mod pci;
