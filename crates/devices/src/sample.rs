@@ -21,7 +21,8 @@
 //! 32-bit PATTERN repeated (little-endian), 3 = Adler-32 checksum of SRC into
 //! DMA_RESULT. LEN must be 1..=1 MiB. The command runs *synchronously* in the CMD write
 //! (the vCPU or server thread that writes CMD waits for it; there is no worker thread),
-//! moving 16 KiB chunks through the device's [`MapTable`]; the device state lock is not
+//! moving 16 KiB chunks through the device's [`DmaPort`] (its map table, or a translating
+//! space stacked on it); the device state lock is not
 //! held while bytes move, so a DMA that reaches a peer by messages blocks nothing else.
 //! The device must be bus master (command register bit 2), else the command fails with
 //! [`dma_error::NO_BUS_MASTER`]. On completion DMA_STATUS gets DONE (or ERROR with a code
@@ -63,10 +64,10 @@ use nestio_device::pci::{
     BarKind, IntrMode, MsixCap, MsixHit, MsixTable, PciConfig, PciError, PciIntr,
 };
 use nestio_device::{
-    flags, pci_index, region_flags, DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, MigState,
-    MigrationFlags, RegionInfo, Result, SparseArea, VfioDevice,
+    flags, pci_index, region_flags, DeviceError, DeviceInfo, DmaPort, IrqAction, IrqData, IrqInfo,
+    MigState, MigrationFlags, RegionInfo, Result, SparseArea, VfioDevice,
 };
-use nestio_dma::{DmaError, DmaSpace, MapTable};
+use nestio_dma::{DmaError, DmaSpace};
 
 /// PCI vendor ID.
 pub const VENDOR_ID: u16 = 0x1b36;
@@ -315,7 +316,7 @@ pub struct SampleDevice {
     /// Where the MSI-X table and PBA are in BAR0 (fixed at construction), so a BAR0
     /// access is routed without taking the state lock.
     msix_cap: MsixCap,
-    table: MapTable,
+    dma: DmaPort,
     ram: File,
     ram_fd: Arc<OwnedFd>,
 }
@@ -521,7 +522,7 @@ impl SampleDevice {
             dma_lock: Mutex::new(()),
             intr,
             msix_cap,
-            table: MapTable::default(),
+            dma: DmaPort::default(),
             ram,
             ram_fd,
         })
@@ -717,11 +718,15 @@ impl SampleDevice {
         }
     }
 
-    /// Move the bytes of `job` through the map table. Returns the checksum for CHECKSUM.
+    /// Move the bytes of `job` through the DMA port's space. Returns the checksum for CHECKSUM.
     fn run_job(&self, job: &Job) -> std::result::Result<u32, DmaError> {
         let len = u64::from(job.len);
         let chunk = DMA_CHUNK as u64;
         let mut buf = vec![0u8; DMA_CHUNK.min(job.len as usize)];
+        // The space is taken once per command: a decorator stacked meanwhile applies
+        // from the next command on.
+        let space = self.dma.space();
+        let dma: &dyn DmaSpace = &*space;
         match job.cmd {
             cmd::COPY => {
                 // Overlap with DST above SRC: copy from the end (memmove).
@@ -732,8 +737,8 @@ impl SampleDevice {
                     let off = k * chunk;
                     let sz = (len - off).min(chunk) as usize;
                     let b = &mut buf[..sz];
-                    self.table.read(at(job.src, off, job.len)?, b)?;
-                    self.table.write(at(job.dst, off, job.len)?, b)?;
+                    dma.read(at(job.src, off, job.len)?, b)?;
+                    dma.write(at(job.dst, off, job.len)?, b)?;
                 }
                 Ok(0)
             }
@@ -746,7 +751,7 @@ impl SampleDevice {
                 while off < len {
                     // DMA_CHUNK is a multiple of 4, so the pattern phase stays aligned.
                     let sz = (len - off).min(chunk) as usize;
-                    self.table.write(at(job.dst, off, job.len)?, &buf[..sz])?;
+                    dma.write(at(job.dst, off, job.len)?, &buf[..sz])?;
                     off += sz as u64;
                 }
                 Ok(0)
@@ -757,7 +762,7 @@ impl SampleDevice {
                 while off < len {
                     let sz = (len - off).min(chunk) as usize;
                     let b = &mut buf[..sz];
-                    self.table.read(at(job.src, off, job.len)?, b)?;
+                    dma.read(at(job.src, off, job.len)?, b)?;
                     sum.update(b);
                     off += sz as u64;
                 }
@@ -1002,8 +1007,8 @@ impl VfioDevice for SampleDevice {
         Ok(())
     }
 
-    fn dma_table(&self) -> Option<&MapTable> {
-        Some(&self.table)
+    fn dma_port(&self) -> Option<&DmaPort> {
+        Some(&self.dma)
     }
 
     fn migration_flags(&self) -> Option<MigrationFlags> {

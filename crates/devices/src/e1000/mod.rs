@@ -26,7 +26,8 @@
 //! frames wait in a queue that is part of the migration state, further frames are
 //! counted as missed (MPC), and the delay timers are paused.
 //!
-//! Every DMA goes through the device's [`MapTable`] and only while the PCI command
+//! Every DMA goes through the device's [`DmaPort`] (its map table, or a translating
+//! space stacked on it) and only while the PCI command
 //! register allows bus mastering. Register accesses must be 1, 2, 4 or 8 bytes and
 //! naturally aligned (an 8-byte access is two 4-byte ones); anything else is refused
 //! with EINVAL. A narrower read of a register with read side effects (ICR, statistics)
@@ -59,10 +60,9 @@ use nestio_device::irq::signal_eventfd;
 use nestio_device::migration::MigrationFsm;
 use nestio_device::pci::{BarKind, PciConfig, PciError, PciIntr};
 use nestio_device::{
-    flags, pci_index, DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, MigState,
+    flags, pci_index, DeviceError, DeviceInfo, DmaPort, IrqAction, IrqData, IrqInfo, MigState,
     MigrationFlags, RegionInfo, Result, VfioDevice,
 };
-use nestio_dma::MapTable;
 use nestio_net::NetBackend;
 
 use self::regfile::{Core, PENDING_MAX};
@@ -156,7 +156,7 @@ pub enum E1000Error {
 struct Inner {
     core: Mutex<Core>,
     intr: PciIntr,
-    dma: MapTable,
+    dma: DmaPort,
     backend: Mutex<Box<dyn NetBackend>>,
     backend_fd: RawFd,
     wake: OwnedFd,
@@ -215,7 +215,7 @@ impl E1000 {
         let inner = Arc::new(Inner {
             core: Mutex::new(core),
             intr,
-            dma: MapTable::default(),
+            dma: DmaPort::default(),
             backend: Mutex::new(config.backend),
             backend_fd,
             wake: new_eventfd().map_err(E1000Error::Eventfd)?,
@@ -674,7 +674,7 @@ impl VfioDevice for E1000 {
         Ok(())
     }
 
-    fn dma_table(&self) -> Option<&MapTable> {
+    fn dma_port(&self) -> Option<&DmaPort> {
         Some(&self.inner.dma)
     }
 

@@ -250,7 +250,7 @@ impl Core {
     }
 
     /// A 32-bit register write by the driver.
-    pub fn write(&mut self, off: u32, v: u32, irqs: &PciIntr, dma: &nestio_dma::MapTable) {
+    pub fn write(&mut self, off: u32, v: u32, irqs: &PciIntr, dma: &dyn nestio_dma::DmaSpace) {
         match off {
             CTRL => {
                 if v & CTRL_RST != 0 {

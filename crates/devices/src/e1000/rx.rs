@@ -29,7 +29,7 @@
 //! and frames are counted as missed.
 
 use nestio_device::pci::PciIntr;
-use nestio_dma::{DmaSpace, MapTable};
+use nestio_dma::DmaSpace;
 
 use super::regfile::{warn, Core, S64_GORC, S64_TOR};
 use super::regs::*;
@@ -186,7 +186,7 @@ impl Core {
         data: &Stored<'_>,
         bufsize: usize,
         needed: usize,
-        dma: &MapTable,
+        dma: &dyn DmaSpace,
         scratch: &mut Vec<u8>,
     ) -> Result<(), RxOutcome> {
         let (base, count) = self.rx_ring();
@@ -235,7 +235,7 @@ impl Core {
     }
 
     /// Offer one frame (without FCS) to the receiver.
-    pub fn receive(&mut self, frame: &[u8], irqs: &PciIntr, dma: &MapTable) -> RxOutcome {
+    pub fn receive(&mut self, frame: &[u8], irqs: &PciIntr, dma: &dyn DmaSpace) -> RxOutcome {
         let rctl = self.reg(RCTL);
         if rctl & RCTL_EN == 0 {
             return RxOutcome::Disabled;

@@ -25,7 +25,7 @@
 //! mastering the queue simply waits (no DMA); a later enable or TDT write restarts it.
 
 use nestio_device::pci::PciIntr;
-use nestio_dma::{DmaSpace, MapTable};
+use nestio_dma::DmaSpace;
 
 use super::regfile::{warn, Core, S64_GOTC, S64_TOT};
 use super::regs::*;
@@ -115,7 +115,7 @@ impl Core {
     }
 
     /// Walk the transmit ring from TDH to TDT.
-    pub fn process_tx(&mut self, irqs: &PciIntr, dma: &MapTable) {
+    pub fn process_tx(&mut self, irqs: &PciIntr, dma: &dyn DmaSpace) {
         if self.reg(TCTL) & TCTL_EN == 0 || self.tx_halted || !self.running() {
             return;
         }
@@ -217,7 +217,7 @@ impl Core {
     fn tx_descriptor(
         &mut self,
         d: &[u8; 16],
-        dma: &MapTable,
+        dma: &dyn DmaSpace,
     ) -> Result<bool, nestio_dma::DmaError> {
         let addr = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
         let cmd = d[11];
