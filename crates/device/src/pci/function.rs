@@ -69,6 +69,12 @@ impl PciFunction {
         self.lock_config().clone()
     }
 
+    /// The configuration space as built (what [`PciFunction::reset_to_power_on`]
+    /// restores; a base to restore a migrated configuration onto).
+    pub fn power_on_config(&self) -> PciConfig {
+        self.power_on.clone()
+    }
+
     /// The interrupt indices.
     pub fn intr(&self) -> &PciIntr {
         &self.intr
