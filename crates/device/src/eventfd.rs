@@ -19,15 +19,33 @@
 //!   anonymous inode gives ENXIO) and `pwritev2(RWF_NOWAIT)` is not supported on eventfds
 //!   (EOPNOTSUPP), so the shared flag is the per-write guarantee available.
 //!
-//! [`PeerEventFd::signal`] re-asserts `O_NONBLOCK` when the peer cleared it since (logged
-//! once per fd), then adds 1 to the counter. A full counter (EAGAIN) is a dropped
+//! [`PeerEventFd::signal`] adds 1 to the counter. A full counter (EAGAIN) is a dropped
 //! interrupt: counted ([`PeerEventFd::dropped`]) and logged, never a wait. The caller
-//! signals outside its own locks (see `irq.rs`), so even a peer racing to clear the flag
-//! between the check and the write stalls only the raising thread, not the device's
-//! interrupt state.
+//! signals outside its own locks (see `irq.rs`).
+//!
+//! The peer can clear `O_NONBLOCK` again at any moment (it shares the flag), so the
+//! write itself is guarded too: for the duration of the write the thread is registered
+//! with a watchdog and has [`guard_signal`] unblocked (it is blocked at every other
+//! time). A write still in progress after [`STALL_LIMIT`] — the peer made the fd blocking
+//! and filled the counter — is interrupted by that signal (its handler does nothing and
+//! is installed without `SA_RESTART`, so the write returns EINTR). The fd is then marked
+//! stalled: its interrupts are dropped from then on without writing, so a hostile peer
+//! costs one raise at most [`STALL_LIMIT`], once. A signal that arrives after the write
+//! finished stays pending (blocked) and is consumed harmlessly at the next guarded write.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long a write to a peer's eventfd may take before the watchdog interrupts it.
+pub const STALL_LIMIT: Duration = Duration::from_millis(50);
+
+/// The signal the watchdog uses to interrupt a stalled write (`SIGRTMIN + 6`; nestio's
+/// VMM kicks vCPUs with `SIGRTMIN + 2`).
+pub fn guard_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 6
+}
 
 /// Why a peer's fd was refused as an interrupt eventfd.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +87,8 @@ pub enum Signal {
 pub struct PeerEventFd {
     fd: OwnedFd,
     dropped: AtomicU64,
-    tamper_logged: AtomicBool,
+    /// A write stalled: the peer made the fd blocking with a full counter.
+    stalled: AtomicBool,
 }
 
 fn io_err() -> std::io::Error {
@@ -140,45 +159,42 @@ impl PeerEventFd {
         Ok(PeerEventFd {
             fd,
             dropped: AtomicU64::new(0),
-            tamper_logged: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
         })
     }
 
-    /// Add 1 to the counter without ever blocking. See the module documentation.
+    /// Add 1 to the counter without ever blocking for long. See the module
+    /// documentation.
     pub fn signal(&self) -> Signal {
-        let fd = self.fd.as_fd();
-        match get_flags(fd) {
-            Ok(f) if f & libc::O_NONBLOCK == 0 => {
-                if !self.tamper_logged.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        fd = fd.as_raw_fd(),
-                        "the peer made its interrupt eventfd blocking again; nestio keeps it non-blocking"
-                    );
-                }
-                if let Err(e) = set_nonblocking(fd, f) {
-                    tracing::warn!(error = %e, "cannot make an interrupt eventfd non-blocking; interrupt dropped");
-                    return self.drop_one();
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read an interrupt eventfd's flags");
-                return Signal::Failed;
-            }
-        }
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid local u64 to a valid fd; the fd is
-        // non-blocking, so the call returns at once.
-        let r = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        if r == 8 {
-            return Signal::Delivered;
-        }
-        let e = io_err();
-        if e.raw_os_error() == Some(libc::EAGAIN) {
+        if self.stalled.load(Ordering::Relaxed) {
             return self.drop_one();
         }
-        tracing::warn!(error = %e, "cannot signal an interrupt eventfd");
-        Signal::Failed
+        let one = 1u64.to_ne_bytes();
+        match guarded_write(self.fd.as_fd(), &one) {
+            Ok(8) => Signal::Delivered,
+            Ok(n) => {
+                tracing::warn!(written = n, "short write to an interrupt eventfd");
+                Signal::Failed
+            }
+            Err(WriteError::Stalled) => {
+                self.stalled.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    fd = self.fd.as_raw_fd(),
+                    "the peer made its interrupt eventfd blocking with a full counter; its interrupts are dropped from now on"
+                );
+                self.drop_one()
+            }
+            Err(WriteError::Io(e)) if e.raw_os_error() == Some(libc::EAGAIN) => self.drop_one(),
+            Err(WriteError::Io(e)) => {
+                tracing::warn!(error = %e, "cannot signal an interrupt eventfd");
+                Signal::Failed
+            }
+        }
+    }
+
+    /// True once a write stalled (the peer's fd is ignored from then on).
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
     }
 
     fn drop_one(&self) -> Signal {
@@ -212,6 +228,150 @@ impl AsRawFd for PeerEventFd {
     }
 }
 
+/// A write that was interrupted or failed.
+#[derive(Debug)]
+enum WriteError {
+    /// The watchdog interrupted it after [`STALL_LIMIT`].
+    Stalled,
+    /// The system error.
+    Io(std::io::Error),
+}
+
+/// A thread that writes peer eventfds, as the watchdog sees it.
+struct Writer {
+    thread: libc::pthread_t,
+    /// Nanoseconds since [`epoch`] (+1) when the current write began; 0 = not writing.
+    since: AtomicU64,
+    /// The watchdog interrupted the current write.
+    kicked: AtomicBool,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn writers() -> &'static Mutex<Vec<Arc<Writer>>> {
+    static WRITERS: Mutex<Vec<Arc<Writer>>> = Mutex::new(Vec::new());
+    &WRITERS
+}
+
+/// This thread's registration; removed from the watchdog's list when the thread exits.
+struct Registration(Arc<Writer>);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut w = writers().lock().unwrap_or_else(|e| e.into_inner());
+        w.retain(|x| !Arc::ptr_eq(x, &self.0));
+    }
+}
+
+thread_local! {
+    static ME: Registration = {
+        // SAFETY: pthread_self has no preconditions.
+        let thread = unsafe { libc::pthread_self() };
+        let me = Arc::new(Writer {
+            thread,
+            since: AtomicU64::new(0),
+            kicked: AtomicBool::new(false),
+        });
+        writers().lock().unwrap_or_else(|e| e.into_inner()).push(me.clone());
+        Registration(me)
+    };
+}
+
+extern "C" fn on_guard_signal(_: libc::c_int) {}
+
+fn sigset(sig: libc::c_int) -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is valid storage; sigemptyset / sigaddset initialise
+    // and fill it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        set
+    }
+}
+
+fn set_mask(how: libc::c_int, sig: libc::c_int) {
+    let set = sigset(sig);
+    // SAFETY: pthread_sigmask reads a valid sigset_t; the old mask is not requested.
+    unsafe { libc::pthread_sigmask(how, &set, std::ptr::null_mut()) };
+}
+
+/// Install the no-op handler (no SA_RESTART) and start the watchdog, once per process.
+fn start_guard() {
+    static START: Once = Once::new();
+    START.call_once(|| {
+        // SAFETY: an all-zero sigaction is a valid starting value; the handler is an
+        // `extern "C" fn(c_int)` that does nothing (async-signal-safe), and sa_flags
+        // leaves out SA_RESTART so an interrupted write returns EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_guard_signal as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = 0;
+            if libc::sigaction(guard_signal(), &sa, std::ptr::null_mut()) != 0 {
+                tracing::error!(error = %io_err(), "cannot install the interrupt-write guard handler");
+            }
+        }
+        let spawned = std::thread::Builder::new()
+            .name("nestio-irq-guard".into())
+            .spawn(|| {
+                // The watchdog itself never receives the signal.
+                set_mask(libc::SIG_BLOCK, guard_signal());
+                loop {
+                    std::thread::sleep(STALL_LIMIT / 4);
+                    let now = epoch().elapsed().as_nanos() as u64 + 1;
+                    let limit = STALL_LIMIT.as_nanos() as u64;
+                    for w in writers().lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                        let since = w.since.load(Ordering::SeqCst);
+                        if since != 0 && now.saturating_sub(since) > limit {
+                            w.kicked.store(true, Ordering::SeqCst);
+                            // SAFETY: the thread is registered, so alive (it deregisters
+                            // under this lock when it exits); the signal is handled by a
+                            // no-op handler and blocked outside guarded writes.
+                            unsafe { libc::pthread_kill(w.thread, guard_signal()) };
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the interrupt-write watchdog");
+        }
+    });
+}
+
+/// `write(2)` to a peer's fd, interrupted by the watchdog after [`STALL_LIMIT`].
+fn guarded_write(fd: BorrowedFd<'_>, data: &[u8]) -> Result<usize, WriteError> {
+    start_guard();
+    let sig = guard_signal();
+    ME.with(|me| {
+        let w = &me.0;
+        w.kicked.store(false, Ordering::SeqCst);
+        loop {
+            w.since
+                .store(epoch().elapsed().as_nanos() as u64 + 1, Ordering::SeqCst);
+            set_mask(libc::SIG_UNBLOCK, sig);
+            // SAFETY: writes `data.len()` bytes from a live slice to a valid fd.
+            let r = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+            let e = io_err();
+            set_mask(libc::SIG_BLOCK, sig);
+            w.since.store(0, Ordering::SeqCst);
+            if r >= 0 {
+                return Ok(r as usize);
+            }
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(WriteError::Io(e));
+            }
+            if w.kicked.swap(false, Ordering::SeqCst) {
+                return Err(WriteError::Stalled);
+            }
+            // Another signal interrupted the write: try again.
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,25 +402,41 @@ mod tests {
     }
 
     #[test]
-    fn full_counter_is_dropped_and_counted_and_flag_is_restored() {
+    fn full_counter_is_dropped_and_counted_and_a_reblocked_fd_stalls_once() {
         // SAFETY: eventfd takes no pointers.
         let raw = owned(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) });
         let peer = raw.try_clone().unwrap();
         let ev = PeerEventFd::from_peer(raw).unwrap();
         assert_ne!(get_flags(peer.as_fd()).unwrap() & libc::O_NONBLOCK, 0);
         assert_eq!(ev.signal(), Signal::Delivered);
-        // The peer clears O_NONBLOCK and fills the counter to 2^64-2.
-        // SAFETY: F_SETFL with an integer argument.
-        assert_eq!(
-            unsafe { libc::fcntl(peer.as_raw_fd(), libc::F_SETFL, 0) },
-            0
-        );
+        // The counter is 1; the peer fills it to 2^64-2: raises are counted drops.
         let v: u64 = u64::MAX - 2;
         // SAFETY: writes 8 bytes from a local u64.
         let n = unsafe { libc::write(peer.as_raw_fd(), (&v as *const u64).cast(), 8) };
         assert_eq!(n, 8);
         assert_eq!(ev.signal(), Signal::Dropped);
+        assert!(!ev.stalled());
+        // The peer makes the fd blocking again: the next write would wait forever; the
+        // watchdog interrupts it, and the fd is ignored from then on.
+        // SAFETY: F_SETFL with an integer argument.
+        assert_eq!(
+            unsafe { libc::fcntl(peer.as_raw_fd(), libc::F_SETFL, 0) },
+            0
+        );
+        let t = Instant::now();
         assert_eq!(ev.signal(), Signal::Dropped);
-        assert_eq!(ev.dropped(), 2);
+        assert!(ev.stalled());
+        assert!(t.elapsed() >= STALL_LIMIT, "{:?}", t.elapsed());
+        let t = Instant::now();
+        assert_eq!(ev.signal(), Signal::Dropped);
+        assert!(
+            t.elapsed() < STALL_LIMIT,
+            "a stalled fd is not written again"
+        );
+        assert_eq!(ev.dropped(), 3);
+        // The thread keeps working: a good eventfd is still signalled.
+        // SAFETY: eventfd takes no pointers.
+        let good = PeerEventFd::from_peer(owned(unsafe { libc::eventfd(0, 0) })).unwrap();
+        assert_eq!(good.signal(), Signal::Delivered);
     }
 }
