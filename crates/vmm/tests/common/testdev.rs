@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use nestio_device::pci::{BarKind, PciConfig, PciFunction};
 use nestio_device::{
-    pci_index, region_flags, DeviceError, DeviceInfo, IoEventFd, IrqAction, IrqData, IrqInfo,
-    RegionInfo, Result, SparseArea, VfioDevice,
+    pci_index, region_flags, DeviceError, DeviceInfo, DmaPort, IoEventFd, IrqAction, IrqData,
+    IrqInfo, RegionInfo, Result, SparseArea, VfioDevice,
 };
 use nestio_dma::MapTable;
 
@@ -23,7 +23,7 @@ pub struct TestDev {
     scratch: AtomicU32,
     mem: Arc<OwnedFd>,
     ioevent: Arc<OwnedFd>,
-    dma: MapTable,
+    dma: DmaPort,
     /// Set to make every access fail as if the device process died.
     pub dead: AtomicBool,
     /// Region accesses to BAR2's mmappable first page (must stay 0: no exits).
@@ -65,7 +65,7 @@ impl TestDev {
             scratch: AtomicU32::new(0),
             mem: Arc::new(memfd(0x2000)),
             ioevent: Arc::new(eventfd()),
-            dma: MapTable::new(16),
+            dma: DmaPort::new(MapTable::new(16)),
             dead: AtomicBool::new(false),
             mapped_page_accesses: AtomicU32::new(0),
         })
@@ -97,7 +97,7 @@ impl TestDev {
     }
 
     pub fn dma_mappings(&self) -> usize {
-        self.dma.mappings().len()
+        self.dma.table().mappings().len()
     }
 
     fn check_alive(&self) -> Result<()> {
@@ -231,7 +231,7 @@ impl VfioDevice for TestDev {
         self.check_alive()?;
         self.pci.set_irqs(index, action, start, count, data)
     }
-    fn dma_table(&self) -> Option<&MapTable> {
+    fn dma_port(&self) -> Option<&DmaPort> {
         Some(&self.dma)
     }
 }
