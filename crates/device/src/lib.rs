@@ -13,11 +13,18 @@
 //! - interrupts: [`IrqInfo`] and `set_irqs` with VFIO_IRQ_SET semantics ([`irq`] has a
 //!   reusable implementation a device embeds);
 //! - DMA: the owner maps memory with `dma_map` / `dma_unmap`; a local device keeps those
-//!   in a `nestio_dma::MapTable` and does every DMA through it;
+//!   in the `nestio_dma::MapTable` of its [`DmaPort`] and does every DMA through the port,
+//!   as a `&dyn DmaSpace` that a translating space can be stacked on ([`dma`]);
+//! - PCI: [`pci::PciFunction`] answers configuration space, SET_IRQS and irq info for a
+//!   PCI device, so a device is its registers ([`pci::PciDevice`]);
+//! - peer fds: interrupt eventfds are checked and signalled without blocking
+//!   ([`eventfd`]);
 //! - migration v2 ([`migration`]): device state machine, data stream, dirty logging.
 //!
 //! Methods take `&self`: devices are shared between the server's threads, vCPU threads
-//! and their own workers, and synchronise inside.
+//! and their own workers, and synchronise inside. The trait and its forwarding impl for
+//! `Arc<T>` are generated from one method list ([`VFIO_DEVICE_METHODS`]), so a shared
+//! device can never answer "unsupported" for a method the forwarding impl forgot.
 
 pub mod dma;
 pub mod eventfd;
