@@ -304,7 +304,7 @@ enum Data {
 
 fn checked_eventfd(fd: OwnedFd) -> Result<Arc<PeerEventFd>> {
     PeerEventFd::from_peer(fd).map(Arc::new).map_err(|e| {
-        tracing::warn!(error = %e, "SET_IRQS fd refused");
+        tracing::debug!(error = %e, "SET_IRQS fd refused");
         DeviceError::Invalid(e.to_string())
     })
 }
