@@ -26,7 +26,8 @@
 //! frames wait in a queue that is part of the migration state, further frames are
 //! counted as missed (MPC), and the delay timers are paused.
 //!
-//! Every DMA goes through the device's [`MapTable`] and only while the PCI command
+//! Every DMA goes through the device's [`DmaPort`] (its map table, or a translating
+//! space stacked on it) and only while the PCI command
 //! register allows bus mastering. Register accesses must be 1, 2, 4 or 8 bytes and
 //! naturally aligned (an 8-byte access is two 4-byte ones); anything else is refused
 //! with EINVAL. A narrower read of a register with read side effects (ICR, statistics)
@@ -58,12 +59,11 @@ use std::time::Instant;
 
 use nestio_device::irq::signal_eventfd;
 use nestio_device::migration::MigrationFsm;
-use nestio_device::pci::{BarKind, PciConfig, PciError, PciIntr};
+use nestio_device::pci::{BarKind, PciConfig, PciError, PciFunction};
 use nestio_device::{
-    flags, pci_index, DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, MigState,
+    pci_index, DeviceError, DeviceInfo, DmaPort, IrqAction, IrqData, IrqInfo, MigState,
     MigrationFlags, RegionInfo, Result, VfioDevice,
 };
-use nestio_dma::MapTable;
 use nestio_net::NetBackend;
 
 use self::regfile::{Core, PENDING_MAX};
@@ -157,8 +157,9 @@ pub enum E1000Error {
 
 struct Inner {
     core: Mutex<Core>,
-    intr: PciIntr,
-    dma: MapTable,
+    /// Configuration space and interrupts (shared with the register file).
+    pci: Arc<PciFunction>,
+    dma: DmaPort,
     backend: Mutex<Box<dyn NetBackend>>,
     backend_fd: RawFd,
     wake: OwnedFd,
@@ -205,19 +206,18 @@ fn build_config() -> std::result::Result<PciConfig, PciError> {
 impl E1000 {
     /// Create the device and start its RX worker (stopped when the device is dropped).
     pub fn new(config: E1000Config) -> std::result::Result<Arc<E1000>, E1000Error> {
-        let pci = build_config()?;
-        let intr = PciIntr::for_config(&pci);
+        let pci = Arc::new(PciFunction::new(build_config()?));
         let core = Core::new(
             config.mac,
-            pci,
+            pci.clone(),
             MigrationFsm::new(MigrationFlags(MigrationFlags::STOP_COPY)),
         );
         let backend_fd = config.backend.poll_fd().as_raw_fd();
         let describe = config.backend.describe();
         let inner = Arc::new(Inner {
             core: Mutex::new(core),
-            intr,
-            dma: MapTable::default(),
+            pci,
+            dma: DmaPort::default(),
             backend: Mutex::new(config.backend),
             backend_fd,
             wake: new_eventfd().map_err(E1000Error::Eventfd)?,
@@ -312,7 +312,7 @@ impl Inner {
     fn offer_frame(&self, frame: &[u8]) -> (Option<RxOutcome>, bool) {
         let mut c = self.lock();
         if c.running() {
-            return (Some(c.receive(frame, &self.intr, &self.dma)), false);
+            return (Some(c.receive(frame, &self.pci, &self.dma)), false);
         }
         if frame.len() > rx::MAX_LONG_FRAME {
             c.stat_inc(regs::ROC);
@@ -332,11 +332,11 @@ impl Inner {
                 let mut c = self.lock();
                 c.wake_worker = false;
                 let now = Instant::now();
-                c.delay_due(&self.intr, now);
-                c.deferred_due(&self.intr, now);
+                c.delay_due(&self.pci, now);
+                c.deferred_due(&self.pci, now);
                 if c.running() {
                     while let Some(f) = c.pending.pop_front() {
-                        c.receive(&f, &self.intr, &self.dma);
+                        c.receive(&f, &self.pci, &self.dma);
                     }
                 }
                 // Delay timers count only while running (paused ones have no deadline).
@@ -460,7 +460,7 @@ impl Inner {
     fn mmio_read32(&self, c: &mut Core, off: u32, buf: &mut [u8]) {
         let reg = off & !3;
         let shift = (off & 3) * 8;
-        let v = c.read(reg, &self.intr) >> shift;
+        let v = c.read(reg, &self.pci) >> shift;
         let bytes = v.to_le_bytes();
         buf.copy_from_slice(&bytes[..buf.len()]);
     }
@@ -480,7 +480,7 @@ impl Inner {
             let base = if reg == regs::ICR { 0 } else { c.peek(reg) };
             (base & !(mask << shift)) | ((val & mask) << shift)
         };
-        c.write(reg, v, &self.intr, &self.dma);
+        c.write(reg, v, &self.pci, &self.dma);
     }
 
     fn mmio_read(&self, c: &mut Core, off: u64, buf: &mut [u8]) {
@@ -569,31 +569,23 @@ impl Inner {
 
 impl VfioDevice for E1000 {
     fn info(&self) -> DeviceInfo {
-        DeviceInfo {
-            flags: flags::PCI | flags::RESET,
-            num_regions: pci_index::NUM_REGIONS,
-            num_irqs: self.inner.intr.num_irqs(),
-        }
+        self.inner.pci.device_info()
     }
 
     fn region_info(&self, index: u32) -> Result<RegionInfo> {
-        match index {
-            0 => Ok(RegionInfo::rw(0, regs::MMIO_SIZE)),
-            1 => Ok(RegionInfo::rw(1, regs::IO_SIZE)),
-            pci_index::CONFIG => {
-                let size = self.inner.lock().config.size() as u64;
-                Ok(RegionInfo::rw(pci_index::CONFIG, size))
-            }
-            i if i < pci_index::NUM_REGIONS => Ok(RegionInfo::absent(i)),
-            i => Err(DeviceError::NoSuchRegion(i)),
-        }
+        self.inner.pci.region_info(index, |i| {
+            Ok(match i {
+                0 => RegionInfo::rw(0, regs::MMIO_SIZE),
+                1 => RegionInfo::rw(1, regs::IO_SIZE),
+                i => RegionInfo::absent(i),
+            })
+        })
     }
 
     fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         let size = self.region_info(index)?.size;
         if index == pci_index::CONFIG {
-            let c = self.inner.lock();
-            return Ok(c.config.read(offset, buf)?);
+            return self.inner.pci.config_read(offset, buf);
         }
         Inner::check_access(index, offset, buf.len(), size)?;
         {
@@ -611,17 +603,16 @@ impl VfioDevice for E1000 {
         let size = self.region_info(index)?.size;
         if index == pci_index::CONFIG {
             let mut c = self.inner.lock();
-            let msg_before = regfile::message_mode(&self.inner.intr) && c.config.bus_master();
-            c.config.write(offset, data)?;
-            self.inner.intr.command_written(&c.config);
+            let msg_before = regfile::message_mode(&self.inner.pci) && self.inner.pci.bus_master();
+            self.inner.pci.config_write(offset, data)?;
             // Bus mastering or MSI enable may have changed: restart what waited.
-            c.process_tx(&self.inner.intr, &self.inner.dma);
+            c.process_tx(&self.inner.pci, &self.inner.dma);
             // Bus mastering just enabled with a message interrupt due: send it.
             let edge = c.asserted()
-                && regfile::message_mode(&self.inner.intr)
-                && c.config.bus_master()
+                && regfile::message_mode(&self.inner.pci)
+                && self.inner.pci.bus_master()
                 && !msg_before;
-            c.update_irq(&self.inner.intr, edge);
+            c.update_irq(&self.inner.pci, edge);
             c.wake_worker = true;
             drop(c);
             self.inner.after_access();
@@ -640,7 +631,7 @@ impl VfioDevice for E1000 {
     }
 
     fn irq_info(&self, index: u32) -> Result<IrqInfo> {
-        self.inner.intr.irq_info(index)
+        self.inner.pci.irq_info(index)
     }
 
     fn set_irqs(
@@ -653,9 +644,7 @@ impl VfioDevice for E1000 {
     ) -> Result<()> {
         // Under the device lock, so a raise and an unmask do not interleave.
         let c = self.inner.lock();
-        self.inner
-            .intr
-            .set_irqs(index, action, start, count, data)?;
+        self.inner.pci.set_irqs(index, action, start, count, data)?;
         drop(c);
         self.inner.after_access();
         Ok(())
@@ -663,9 +652,8 @@ impl VfioDevice for E1000 {
 
     fn reset(&self) -> Result<()> {
         let mut c = self.inner.lock();
-        c.config = c.config_init.clone();
         c.reset_regs();
-        self.inner.intr.reset(&mut c.config);
+        self.inner.pci.reset_to_power_on();
         c.io_addr = 0;
         c.fsm.reset();
         c.mig.close();
@@ -676,7 +664,7 @@ impl VfioDevice for E1000 {
         Ok(())
     }
 
-    fn dma_table(&self) -> Option<&MapTable> {
+    fn dma_port(&self) -> Option<&DmaPort> {
         Some(&self.inner.dma)
     }
 
@@ -700,9 +688,9 @@ impl VfioDevice for E1000 {
         if c.running() {
             // Resume: transmit what was queued meanwhile, deliver pending frames, and
             // re-signal an interrupt still asserted.
-            c.process_tx(&self.inner.intr, &self.inner.dma);
+            c.process_tx(&self.inner.pci, &self.inner.dma);
             let asserted = c.asserted();
-            c.update_irq(&self.inner.intr, asserted);
+            c.update_irq(&self.inner.pci, asserted);
         }
         c.wake_worker = true;
         drop(c);
