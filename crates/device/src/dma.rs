@@ -18,7 +18,8 @@
 //! decorator may block (a peer copy) without stalling a swap, and a swap never tears an
 //! access in two.
 
-use std::sync::{Arc, RwLock};
+use parking_lot::RwLock;
+use std::sync::Arc;
 
 use nestio_dma::{DmaError, DmaSpace, MapTable};
 
@@ -65,19 +66,19 @@ impl DmaPort {
 
     /// The space the device's DMA goes through now.
     pub fn space(&self) -> Arc<dyn DmaSpace> {
-        self.space.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.space.read().clone()
     }
 
     /// Send the device's DMA through `space` from now on (it usually wraps
     /// [`DmaPort::shared_table`]).
     pub fn set_space(&self, space: Arc<dyn DmaSpace>) {
-        *self.space.write().unwrap_or_else(|e| e.into_inner()) = space;
+        *self.space.write() = space;
     }
 
     /// Stack a decorator on the current space: `wrap` gets the current space and returns
     /// the one to use instead.
     pub fn stack(&self, wrap: impl FnOnce(Arc<dyn DmaSpace>) -> Arc<dyn DmaSpace>) {
-        let mut s = self.space.write().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.space.write();
         *s = wrap(s.clone());
     }
 

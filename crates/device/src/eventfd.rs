@@ -33,9 +33,10 @@
 //! costs one raise at most [`STALL_LIMIT`], once. A signal that arrives after the write
 //! finished stays pending (blocked) and is consumed harmlessly at the next guarded write.
 
+use parking_lot::Mutex;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::sync::{Arc, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How long a write to a peer's eventfd may take before the watchdog interrupts it.
@@ -261,7 +262,7 @@ struct Registration(Arc<Writer>);
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut w = writers().lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = writers().lock();
         w.retain(|x| !Arc::ptr_eq(x, &self.0));
     }
 }
@@ -275,7 +276,7 @@ thread_local! {
             since: AtomicU64::new(0),
             kicked: AtomicBool::new(false),
         });
-        writers().lock().unwrap_or_else(|e| e.into_inner()).push(me.clone());
+        writers().lock().push(me.clone());
         Registration(me)
     };
 }
@@ -324,7 +325,7 @@ fn start_guard() {
                     std::thread::sleep(STALL_LIMIT / 4);
                     let now = epoch().elapsed().as_nanos() as u64 + 1;
                     let limit = STALL_LIMIT.as_nanos() as u64;
-                    for w in writers().lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    for w in writers().lock().iter() {
                         let since = w.since.load(Ordering::SeqCst);
                         if since != 0 && now.saturating_sub(since) > limit {
                             w.kicked.store(true, Ordering::SeqCst);

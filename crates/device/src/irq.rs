@@ -16,8 +16,9 @@
 //! write that never blocks: a full counter is a dropped, counted interrupt. So no fd a
 //! peer chooses can stall SET_IRQS, another vector or another device.
 
+use parking_lot::Mutex;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::eventfd::{PeerEventFd, Signal};
 use crate::{irq_flags, DeviceError, IrqAction, IrqData, IrqInfo, Result};
@@ -88,8 +89,8 @@ impl Irqs {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Index>> {
-        self.indices.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Vec<Index>> {
+        self.indices.lock()
     }
 
     /// Number of indices.

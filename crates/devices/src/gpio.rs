@@ -19,10 +19,9 @@
 //! with [`Gpio::drive_inputs`], or, with loopback, by the outputs (what `nestio device
 //! gpio` serves, so a driver can test the card alone).
 
-use std::sync::Mutex;
-
 use nestio_device::pci::{BarKind, PciConfig, PciDevice, PciError, PciFunction};
 use nestio_device::{pci_index, DeviceError, RegionInfo, Result};
+use parking_lot::Mutex;
 
 /// BAR0 register offsets.
 pub mod regs {
@@ -75,7 +74,7 @@ impl Gpio {
 
     /// Drive the input pins to `level` (bits 0..15).
     pub fn drive_inputs(&self, level: u32) {
-        let mut p = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.pins.lock();
         self.set_inputs(&mut p, level);
     }
 
@@ -102,7 +101,7 @@ impl PciDevice for Gpio {
     }
 
     fn bar_read(&self, _: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let p = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let p = self.pins.lock();
         let v = match register(offset, buf.len())? {
             regs::OUTPUT => p.output,
             regs::INPUT => p.input,
@@ -116,7 +115,7 @@ impl PciDevice for Gpio {
     fn bar_write(&self, _: u32, offset: u64, data: &[u8]) -> Result<()> {
         let reg = register(offset, data.len())?;
         let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) & PINS;
-        let mut p = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.pins.lock();
         match reg {
             regs::OUTPUT => {
                 p.output = v;
@@ -135,7 +134,7 @@ impl PciDevice for Gpio {
     }
 
     fn reset_registers(&self) {
-        *self.pins.lock().unwrap_or_else(|e| e.into_inner()) = Pins::default();
+        *self.pins.lock() = Pins::default();
     }
 }
 

@@ -54,10 +54,11 @@
 //! The stream itself is kept by [`MigrationData`] (shared with the e1000): a data read
 //! outside STOP_COPY or a write outside RESUMING is refused with EINVAL.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::Arc;
 
 use nestio_device::migration::{MigrationData, MigrationFsm};
 use nestio_device::pci::{
@@ -552,11 +553,11 @@ impl SampleDevice {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     fn lock_dma(&self) -> MutexGuard<'_, ()> {
-        self.dma_lock.lock().unwrap_or_else(|e| e.into_inner())
+        self.dma_lock.lock()
     }
 
     /// A copy of the register file.
@@ -806,11 +807,7 @@ impl SampleDevice {
         let dwords = (data.len() / 4) as u64;
         let touches_cmd = (0..dwords).any(|i| offset.checked_add(4 * i) == Some(regs::DMA_CMD));
         let engine = if touches_cmd {
-            match self.dma_lock.try_lock() {
-                Ok(g) => Some(g),
-                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-                Err(TryLockError::WouldBlock) => None,
-            }
+            self.dma_lock.try_lock()
         } else {
             None
         };

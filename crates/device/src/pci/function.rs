@@ -20,8 +20,6 @@
 //! while holding its own state lock; the function never calls back into the device, and
 //! it holds its configuration lock only inside its own methods.
 
-use std::sync::{Mutex, MutexGuard};
-
 use super::intr::{Delivery, IntrMode, PciIntr};
 use super::PciConfig;
 use crate::irq::Irqs;
@@ -29,6 +27,7 @@ use crate::{
     flags, pci_index, DeviceError, DeviceInfo, DmaPort, IoEventFd, IrqAction, IrqData, IrqInfo,
     RegionInfo, Result, VfioDevice,
 };
+use parking_lot::{Mutex, MutexGuard};
 
 /// A PCI function's configuration space and interrupts. See the module documentation.
 pub struct PciFunction {
@@ -61,7 +60,7 @@ impl PciFunction {
 
     /// The configuration space, locked (device-side setters, typed capability reads).
     pub fn lock_config(&self) -> MutexGuard<'_, PciConfig> {
-        self.config.lock().unwrap_or_else(|e| e.into_inner())
+        self.config.lock()
     }
 
     /// A copy of the configuration space.

@@ -51,9 +51,10 @@ mod rx;
 mod state;
 mod tx;
 
+use parking_lot::{Mutex, MutexGuard};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -260,7 +261,7 @@ impl E1000 {
     pub fn stop_worker(&self) {
         self.inner.stop.store(true, Ordering::SeqCst);
         let _ = signal_eventfd(&self.inner.wake);
-        let h = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let h = self.worker.lock().take();
         if let Some(h) = h {
             if h.join().is_err() {
                 tracing::error!("e1000 RX worker panicked");
@@ -277,7 +278,7 @@ impl Drop for E1000 {
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
+        self.core.lock()
     }
 
     /// Send frames queued by a transmit and wake the worker if asked; called after
@@ -291,7 +292,7 @@ impl Inner {
             )
         };
         if !frames.is_empty() {
-            let mut b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+            let mut b = self.backend.lock();
             for f in frames {
                 if let Err(e) = b.send(&f) {
                     tracing::debug!(error = %e, "e1000: backend dropped a frame");
@@ -399,7 +400,7 @@ impl Inner {
                 if backend_errors == 0 {
                     tracing::warn!(
                         revents = fds[1].revents,
-                        backend = %self.backend.lock().unwrap_or_else(|e| e.into_inner()).describe(),
+                        backend = %self.backend.lock().describe(),
                         "e1000: backend descriptor reports an error or hang-up"
                     );
                 }
@@ -412,7 +413,7 @@ impl Inner {
             // Take a bounded batch, then re-check stop / deferred interrupts.
             for _ in 0..64 {
                 let got = {
-                    let mut b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut b = self.backend.lock();
                     b.recv(&mut buf)
                 };
                 match got {
