@@ -31,9 +31,9 @@ use nestio_dma::{DmaBacking, DmaMapRequest, DmaPeer, DmaRange, Prot};
 use crate::endpoint::{Endpoint, EndpointError, Incoming};
 use crate::proto::{
     self, dma_flags, feature, irq_set_flags, Capabilities, Command, DeviceFeature, DeviceInfoMsg,
-    DmaAccess, DmaUnmap, IoFdEntry, IoFdsMsg, IoFdsReply, IrqInfoMsg, LegacyMigration,
-    LoggingControl, LoggingReport, MigData, RegionAccess, RegionInfoMsg, RegionInfoReply, Request,
-    TwinSocket, Version,
+    DmaAccess, DmaMap, DmaUnmap, IoFdEntry, IoFdsMsg, IoFdsReply, IrqInfoMsg, IrqSet,
+    LegacyMigration, LoggingControl, LoggingReport, MigData, RegionAccess, RegionInfoMsg,
+    RegionInfoReply, Request, TwinSocket, Version, WriteMulti,
 };
 use crate::socket::Message;
 
@@ -437,245 +437,20 @@ impl Session<'_> {
         }
     }
 
+    /// Routes one decoded command to its handler. Each handler writes its reply payload
+    /// into `self.out` and returns the fds to attach, or an errno for an error reply.
     fn dispatch(&mut self, req: Request<'_>, m: &Message) -> Result<Fds, i32> {
         match req {
             Request::Version(_) => Err(libc::EINVAL),
-            Request::DmaMap(d) => {
-                if m.fds.len() > 1 {
-                    return Err(libc::EINVAL);
-                }
-                let range = DmaRange::new(d.addr, d.size).map_err(|e| e.errno())?;
-                let prot = Prot::from_bits(d.flags).ok_or(libc::EINVAL)?;
-                let backing = match m.fds.first() {
-                    Some(fd) => DmaBacking::Fd {
-                        fd: Arc::new(
-                            fd.try_clone()
-                                .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?,
-                        ),
-                        offset: d.offset,
-                    },
-                    None => {
-                        let ep = self.twin.as_ref().unwrap_or(&self.ep);
-                        let client_xfer = self
-                            .client
-                            .as_ref()
-                            .map_or(proto::DEFAULT_MAX_DATA_XFER, |c| c.max_data_xfer_size);
-                        DmaBacking::Peer(Arc::new(SessionPeer {
-                            ep: Arc::downgrade(ep),
-                            timeout: self.cfg().dma_timeout,
-                            chunk: (client_xfer as usize).min(self.max_xfer()).max(1),
-                        }))
-                    }
-                };
-                self.device()
-                    .dma_map(DmaMapRequest {
-                        range,
-                        prot,
-                        backing,
-                    })
-                    .map_err(dev_err)?;
-                Ok(Vec::new())
-            }
-            Request::DmaUnmap(u) => {
-                Self::no_fds(m)?;
-                if u.flags & dma_flags::UNMAP_GET_DIRTY_BITMAP != 0 {
-                    return Err(libc::ENOTSUP);
-                }
-                if u.flags & dma_flags::UNMAP_ALL != 0 {
-                    self.device().dma_unmap_all().map_err(dev_err)?;
-                } else {
-                    self.device().dma_unmap(u.addr, u.size).map_err(dev_err)?;
-                }
-                DmaUnmap {
-                    argsz: DmaUnmap::SIZE as u32,
-                    ..u
-                }
-                .encode_into(&mut self.out);
-                Ok(Vec::new())
-            }
-            Request::GetInfo(i) => {
-                Self::no_fds(m)?;
-                if (i.argsz as usize) < DeviceInfoMsg::SIZE {
-                    return Err(libc::EINVAL);
-                }
-                let info = self.device().info();
-                DeviceInfoMsg {
-                    argsz: DeviceInfoMsg::SIZE as u32,
-                    flags: info.flags,
-                    num_regions: info.num_regions,
-                    num_irqs: info.num_irqs,
-                }
-                .encode_into(&mut self.out);
-                Ok(Vec::new())
-            }
-            Request::GetRegionInfo(r) => {
-                Self::no_fds(m)?;
-                if (r.argsz as usize) < RegionInfoMsg::SIZE {
-                    return Err(libc::EINVAL);
-                }
-                let ri = self.device().region_info(r.index).map_err(dev_err)?;
-                let reply = RegionInfoReply {
-                    info: RegionInfoMsg {
-                        argsz: 0,
-                        flags: ri.flags & !region_flags::CAPS,
-                        index: r.index,
-                        cap_offset: 0,
-                        size: ri.size,
-                        offset: ri.fd_offset,
-                    },
-                    sparse: ri.sparse.iter().map(|a| (a.offset, a.size)).collect(),
-                };
-                reply.encode_into(r.argsz, &mut self.out);
-                let mut fds = Vec::new();
-                if ri.flags & region_flags::MMAP != 0 {
-                    if let Some(fd) = ri.fd {
-                        fds.push(fd);
-                    }
-                }
-                Ok(fds)
-            }
-            Request::GetRegionIoFds(r) => {
-                Self::no_fds(m)?;
-                if (r.argsz as usize) < IoFdsMsg::SIZE {
-                    return Err(libc::EINVAL);
-                }
-                let list = self.device().region_io_fds(r.index).map_err(dev_err)?;
-                let mut fds: Fds = Vec::new();
-                let mut entries = Vec::with_capacity(list.len());
-                for e in &list {
-                    let idx = match fds.iter().position(|f| Arc::ptr_eq(f, &e.fd)) {
-                        Some(i) => i,
-                        None => {
-                            fds.push(e.fd.clone());
-                            fds.len() - 1
-                        }
-                    };
-                    entries.push(IoFdEntry {
-                        offset: e.offset,
-                        size: e.size,
-                        fd_index: idx as u32,
-                        kind: proto::IO_FD_TYPE_IOEVENTFD,
-                        flags: if e.datamatch.is_some() {
-                            proto::IOEVENTFD_FLAG_DATAMATCH
-                        } else {
-                            0
-                        },
-                        datamatch: e.datamatch.unwrap_or(0),
-                    });
-                }
-                let client_fds = self.client.as_ref().map_or(1, |c| c.max_msg_fds) as usize;
-                if fds.len() > client_fds {
-                    return Err(libc::E2BIG);
-                }
-                let needed = IoFdsMsg::SIZE + IoFdsMsg::ENTRY * entries.len();
-                let fits = r.argsz as usize >= needed;
-                let reply = IoFdsReply {
-                    hdr: IoFdsMsg {
-                        argsz: needed as u32,
-                        flags: 0,
-                        index: r.index,
-                        count: entries.len() as u32,
-                    },
-                    entries: if fits { entries } else { Vec::new() },
-                };
-                reply.encode_into(&mut self.out);
-                Ok(if fits { fds } else { Vec::new() })
-            }
-            Request::GetIrqInfo(i) => {
-                Self::no_fds(m)?;
-                if (i.argsz as usize) < IrqInfoMsg::SIZE {
-                    return Err(libc::EINVAL);
-                }
-                let info = self.device().irq_info(i.index).map_err(dev_err)?;
-                IrqInfoMsg {
-                    argsz: IrqInfoMsg::SIZE as u32,
-                    flags: info.flags,
-                    index: i.index,
-                    count: info.count,
-                }
-                .encode_into(&mut self.out);
-                Ok(Vec::new())
-            }
-            Request::SetIrqs(s) => {
-                // count 0 is only the "disable the whole index" form: start 0, DATA_NONE,
-                // ACTION_TRIGGER (spec; libvfio-user refuses the rest too).
-                if s.count == 0
-                    && (s.start != 0
-                        || s.flags != irq_set_flags::DATA_NONE | irq_set_flags::ACTION_TRIGGER)
-                {
-                    return Err(libc::EINVAL);
-                }
-                // Bound count by the index's vectors before anything is allocated for it.
-                let info = self.device().irq_info(s.index).map_err(dev_err)?;
-                if s.start as u64 + s.count as u64 > info.count as u64 {
-                    return Err(libc::EINVAL);
-                }
-                let action = match s.flags & irq_set_flags::ACTION_MASK_ALL {
-                    irq_set_flags::ACTION_MASK => IrqAction::Mask,
-                    irq_set_flags::ACTION_UNMASK => IrqAction::Unmask,
-                    _ => IrqAction::Trigger,
-                };
-                let data = match s.flags & irq_set_flags::DATA_MASK {
-                    irq_set_flags::DATA_NONE => {
-                        Self::no_fds(m)?;
-                        IrqData::None
-                    }
-                    irq_set_flags::DATA_BOOL => {
-                        Self::no_fds(m)?;
-                        IrqData::Bool(s.data.iter().map(|&b| b != 0).collect())
-                    }
-                    _ => {
-                        let n = s.count as usize;
-                        if m.fds.is_empty() {
-                            IrqData::Eventfd((0..n).map(|_| None).collect())
-                        } else if m.fds.len() == n {
-                            let mut v = Vec::with_capacity(n);
-                            for f in &m.fds {
-                                v.push(Some(
-                                    f.try_clone()
-                                        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?,
-                                ));
-                            }
-                            IrqData::Eventfd(v)
-                        } else {
-                            tracing::warn!(
-                                fds = m.fds.len(),
-                                count = n,
-                                "SET_IRQS fds do not match count"
-                            );
-                            return Err(libc::EINVAL);
-                        }
-                    }
-                };
-                self.device()
-                    .set_irqs(s.index, action, s.start, s.count, data)
-                    .map_err(dev_err)?;
-                Ok(Vec::new())
-            }
-            Request::RegionRead(a) => {
-                Self::no_fds(m)?;
-                let n = a.count as usize;
-                if n > self.max_xfer() {
-                    return Err(libc::EINVAL);
-                }
-                RegionAccess { data: &[], ..a }.encode_into(&mut self.out);
-                self.out.resize(RegionAccess::SIZE + n, 0);
-                let dev = &*self.server.device;
-                dev.region_read(a.region, a.offset, &mut self.out[RegionAccess::SIZE..])
-                    .map_err(dev_err)?;
-                Ok(Vec::new())
-            }
-            Request::RegionWrite(a) => {
-                Self::no_fds(m)?;
-                if a.count as usize > self.max_xfer() {
-                    return Err(libc::EINVAL);
-                }
-                self.device()
-                    .region_write(a.region, a.offset, a.data)
-                    .map_err(dev_err)?;
-                RegionAccess { data: &[], ..a }.encode_into(&mut self.out);
-                Ok(Vec::new())
-            }
+            Request::DmaMap(d) => self.dma_map(d, m),
+            Request::DmaUnmap(u) => self.dma_unmap(u, m),
+            Request::GetInfo(i) => self.get_info(i, m),
+            Request::GetRegionInfo(r) => self.get_region_info(r, m),
+            Request::GetRegionIoFds(r) => self.get_region_io_fds(r, m),
+            Request::GetIrqInfo(i) => self.get_irq_info(i, m),
+            Request::SetIrqs(s) => self.set_irqs(s, m),
+            Request::RegionRead(a) => self.region_read(a, m),
+            Request::RegionWrite(a) => self.region_write(a, m),
             Request::DmaRead(_) | Request::DmaWrite(_) => {
                 tracing::warn!("client sent DMA_READ/WRITE, a server->client command");
                 Err(libc::EINVAL)
@@ -685,214 +460,523 @@ impl Session<'_> {
                 self.device().reset().map_err(dev_err)?;
                 Ok(Vec::new())
             }
-            Request::WriteMulti(w) => {
-                Self::no_fds(m)?;
-                let negotiated = self.cfg().write_multiple
-                    && self.client.as_ref().is_some_and(|c| c.write_multiple);
-                if !negotiated {
-                    return Err(libc::ENOTSUP);
-                }
-                for wr in &w.writes {
-                    self.device()
-                        .region_write(wr.region, wr.offset, wr.bytes())
-                        .map_err(dev_err)?;
-                }
-                self.out
-                    .extend_from_slice(&(w.writes.len() as u64).to_ne_bytes());
-                Ok(Vec::new())
-            }
+            Request::WriteMulti(w) => self.write_multi(w, m),
             Request::Feature(f) => {
                 Self::no_fds(m)?;
                 self.feature(f)?;
                 Ok(Vec::new())
             }
-            Request::MigDataRead(d) => {
-                Self::no_fds(m)?;
-                let n = d.size as usize;
-                if n > self.max_xfer() || (d.argsz as usize) < MigData::SIZE + n {
-                    return Err(libc::EINVAL);
-                }
-                self.out.resize(MigData::SIZE + n, 0);
-                let dev = &*self.server.device;
-                let got = dev
-                    .mig_data_read(&mut self.out[MigData::SIZE..])
-                    .map_err(dev_err)?;
-                if got > n {
-                    return Err(libc::EIO);
-                }
-                self.out.truncate(MigData::SIZE + got);
-                let hdr = MigData {
-                    argsz: (MigData::SIZE + got) as u32,
-                    size: got as u32,
-                    data: &[],
-                };
-                let mut b = Vec::with_capacity(8);
-                hdr.encode_into(&mut b);
-                self.out[..8].copy_from_slice(&b);
-                Ok(Vec::new())
-            }
-            Request::MigDataWrite(d) => {
-                Self::no_fds(m)?;
-                if d.size as usize > self.max_xfer() {
-                    return Err(libc::EINVAL);
-                }
-                self.device().mig_data_write(d.data).map_err(dev_err)?;
-                Ok(Vec::new())
-            }
+            Request::MigDataRead(d) => self.mig_data_read(d, m),
+            Request::MigDataWrite(d) => self.mig_data_write(d, m),
         }
     }
 
-    /// DEVICE_FEATURE. Writes the reply into `self.out`.
-    fn feature(&mut self, f: DeviceFeature<'_>) -> Result<(), i32> {
-        let get = f.flags & feature::GET != 0;
-        let set = f.flags & feature::SET != 0;
-        let probe = f.flags & feature::PROBE != 0;
-        let dev = &*self.server.device;
-        let mig = dev.migration_flags();
-        let head = |out: &mut Vec<u8>, extra: usize| {
-            DeviceFeature {
-                argsz: (DeviceFeature::SIZE + extra) as u32,
-                flags: f.flags,
-                data: &[],
+    /// DMA_MAP: the client's memory by fd (mapped in place) or, without an fd, reached
+    /// by DMA_READ/DMA_WRITE messages (over the twin socket when there is one).
+    fn dma_map(&mut self, d: DmaMap, m: &Message) -> Result<Fds, i32> {
+        if m.fds.len() > 1 {
+            return Err(libc::EINVAL);
+        }
+        let range = DmaRange::new(d.addr, d.size).map_err(|e| e.errno())?;
+        let prot = Prot::from_bits(d.flags).ok_or(libc::EINVAL)?;
+        let backing = match m.fds.first() {
+            Some(fd) => DmaBacking::Fd {
+                fd: Arc::new(
+                    fd.try_clone()
+                        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?,
+                ),
+                offset: d.offset,
+            },
+            None => {
+                let ep = self.twin.as_ref().unwrap_or(&self.ep);
+                let client_xfer = self
+                    .client
+                    .as_ref()
+                    .map_or(proto::DEFAULT_MAX_DATA_XFER, |c| c.max_data_xfer_size);
+                DmaBacking::Peer(Arc::new(SessionPeer {
+                    ep: Arc::downgrade(ep),
+                    timeout: self.cfg().dma_timeout,
+                    chunk: (client_xfer as usize).min(self.max_xfer()).max(1),
+                }))
             }
-            .encode_into(out)
         };
-        let room = f.argsz as usize;
-        // Dirty logging is offered by devices with a DMA table or with migration.
-        let logging = dev.dma_table().is_some() || mig.is_some();
-        match f.index() {
-            feature::MIGRATION => {
-                let flags = mig.ok_or(libc::ENOTTY)?;
-                if set {
-                    return Err(libc::EINVAL);
-                }
-                if probe {
-                    head(&mut self.out, 0);
-                    return Ok(());
-                }
-                if !get || room < DeviceFeature::SIZE + 8 {
-                    return Err(libc::EINVAL);
-                }
-                head(&mut self.out, 8);
-                self.out.extend_from_slice(&flags.0.to_ne_bytes());
-                Ok(())
+        self.device()
+            .dma_map(DmaMapRequest {
+                range,
+                prot,
+                backing,
+            })
+            .map_err(dev_err)?;
+        Ok(Vec::new())
+    }
+
+    /// DMA_UNMAP: one exact mapping, or all of them (dirty bitmaps on unmap: ENOTSUP).
+    fn dma_unmap(&mut self, u: DmaUnmap, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        if u.flags & dma_flags::UNMAP_GET_DIRTY_BITMAP != 0 {
+            return Err(libc::ENOTSUP);
+        }
+        if u.flags & dma_flags::UNMAP_ALL != 0 {
+            self.device().dma_unmap_all().map_err(dev_err)?;
+        } else {
+            self.device().dma_unmap(u.addr, u.size).map_err(dev_err)?;
+        }
+        DmaUnmap {
+            argsz: DmaUnmap::SIZE as u32,
+            ..u
+        }
+        .encode_into(&mut self.out);
+        Ok(Vec::new())
+    }
+
+    /// DEVICE_GET_INFO.
+    fn get_info(&mut self, i: DeviceInfoMsg, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        if (i.argsz as usize) < DeviceInfoMsg::SIZE {
+            return Err(libc::EINVAL);
+        }
+        let info = self.device().info();
+        DeviceInfoMsg {
+            argsz: DeviceInfoMsg::SIZE as u32,
+            flags: info.flags,
+            num_regions: info.num_regions,
+            num_irqs: info.num_irqs,
+        }
+        .encode_into(&mut self.out);
+        Ok(Vec::new())
+    }
+
+    /// DEVICE_GET_REGION_INFO: the info, the sparse-mmap capability, and the region's fd
+    /// when it is mappable.
+    fn get_region_info(&mut self, r: RegionInfoMsg, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        if (r.argsz as usize) < RegionInfoMsg::SIZE {
+            return Err(libc::EINVAL);
+        }
+        let ri = self.device().region_info(r.index).map_err(dev_err)?;
+        let reply = RegionInfoReply {
+            info: RegionInfoMsg {
+                argsz: 0,
+                flags: ri.flags & !region_flags::CAPS,
+                index: r.index,
+                cap_offset: 0,
+                size: ri.size,
+                offset: ri.fd_offset,
+            },
+            sparse: ri.sparse.iter().map(|a| (a.offset, a.size)).collect(),
+        };
+        reply.encode_into(r.argsz, &mut self.out);
+        let mut fds = Vec::new();
+        if ri.flags & region_flags::MMAP != 0 {
+            if let Some(fd) = ri.fd {
+                fds.push(fd);
             }
-            feature::MIG_DEVICE_STATE => {
-                mig.ok_or(libc::ENOTTY)?;
-                if probe {
-                    head(&mut self.out, 0);
-                    return Ok(());
+        }
+        Ok(fds)
+    }
+
+    /// DEVICE_GET_REGION_IO_FDS: the region's ioeventfds, each distinct fd sent once.
+    fn get_region_io_fds(&mut self, r: IoFdsMsg, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        if (r.argsz as usize) < IoFdsMsg::SIZE {
+            return Err(libc::EINVAL);
+        }
+        let list = self.device().region_io_fds(r.index).map_err(dev_err)?;
+        let mut fds: Fds = Vec::new();
+        let mut entries = Vec::with_capacity(list.len());
+        for e in &list {
+            let idx = match fds.iter().position(|f| Arc::ptr_eq(f, &e.fd)) {
+                Some(i) => i,
+                None => {
+                    fds.push(e.fd.clone());
+                    fds.len() - 1
                 }
-                if room < DeviceFeature::SIZE + 8 {
-                    return Err(libc::EINVAL);
-                }
-                let state = if set {
-                    let want = proto::decode_mig_state(f.data).map_err(|e| e.errno())?;
-                    let target = MigState::from_u32(want).ok_or(libc::EINVAL)?;
-                    dev.mig_set_state(target).map_err(dev_err)?
-                } else if get {
-                    if !f.data.is_empty() && f.data.len() != 8 {
-                        return Err(libc::EINVAL);
-                    }
-                    dev.mig_state().map_err(dev_err)?
+            };
+            entries.push(IoFdEntry {
+                offset: e.offset,
+                size: e.size,
+                fd_index: idx as u32,
+                kind: proto::IO_FD_TYPE_IOEVENTFD,
+                flags: if e.datamatch.is_some() {
+                    proto::IOEVENTFD_FLAG_DATAMATCH
                 } else {
-                    return Err(libc::EINVAL);
-                };
-                head(&mut self.out, 8);
-                proto::encode_mig_state(state as u32, &mut self.out);
-                Ok(())
+                    0
+                },
+                datamatch: e.datamatch.unwrap_or(0),
+            });
+        }
+        let client_fds = self.client.as_ref().map_or(1, |c| c.max_msg_fds) as usize;
+        if fds.len() > client_fds {
+            return Err(libc::E2BIG);
+        }
+        let needed = IoFdsMsg::SIZE + IoFdsMsg::ENTRY * entries.len();
+        let fits = r.argsz as usize >= needed;
+        let reply = IoFdsReply {
+            hdr: IoFdsMsg {
+                argsz: needed as u32,
+                flags: 0,
+                index: r.index,
+                count: entries.len() as u32,
+            },
+            entries: if fits { entries } else { Vec::new() },
+        };
+        reply.encode_into(&mut self.out);
+        Ok(if fits { fds } else { Vec::new() })
+    }
+
+    /// DEVICE_GET_IRQ_INFO.
+    fn get_irq_info(&mut self, i: IrqInfoMsg, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        if (i.argsz as usize) < IrqInfoMsg::SIZE {
+            return Err(libc::EINVAL);
+        }
+        let info = self.device().irq_info(i.index).map_err(dev_err)?;
+        IrqInfoMsg {
+            argsz: IrqInfoMsg::SIZE as u32,
+            flags: info.flags,
+            index: i.index,
+            count: info.count,
+        }
+        .encode_into(&mut self.out);
+        Ok(Vec::new())
+    }
+
+    /// DEVICE_SET_IRQS: the action (mask, unmask, trigger) and its data (none, bools,
+    /// eventfds), checked against the index's vector count before anything is built.
+    fn set_irqs(&mut self, s: IrqSet<'_>, m: &Message) -> Result<Fds, i32> {
+        // count 0 is only the "disable the whole index" form: start 0, DATA_NONE,
+        // ACTION_TRIGGER (spec; libvfio-user refuses the rest too).
+        if s.count == 0
+            && (s.start != 0 || s.flags != irq_set_flags::DATA_NONE | irq_set_flags::ACTION_TRIGGER)
+        {
+            return Err(libc::EINVAL);
+        }
+        // Bound count by the index's vectors before anything is allocated for it.
+        let info = self.device().irq_info(s.index).map_err(dev_err)?;
+        if s.start as u64 + s.count as u64 > info.count as u64 {
+            return Err(libc::EINVAL);
+        }
+        let action = match s.flags & irq_set_flags::ACTION_MASK_ALL {
+            irq_set_flags::ACTION_MASK => IrqAction::Mask,
+            irq_set_flags::ACTION_UNMASK => IrqAction::Unmask,
+            _ => IrqAction::Trigger,
+        };
+        let data = match s.flags & irq_set_flags::DATA_MASK {
+            irq_set_flags::DATA_NONE => {
+                Self::no_fds(m)?;
+                IrqData::None
             }
-            feature::DMA_LOGGING_START => {
-                if set_only_feature(logging, get, probe, set)? {
-                    head(&mut self.out, 0);
-                    return Ok(());
-                }
-                // The reply repeats the control data: argsz must have room for it.
-                if room < DeviceFeature::SIZE + f.data.len() {
-                    return Err(libc::EINVAL);
-                }
-                let lc = LoggingControl::decode(f.data).map_err(|e| e.errno())?;
-                if lc.ranges.len() > MAX_LOG_RANGES {
-                    return Err(libc::E2BIG);
-                }
-                let mut ranges = Vec::with_capacity(lc.ranges.len());
-                for &(iova, len) in &lc.ranges {
-                    ranges.push(DmaRange::new(iova, len).map_err(|e| e.errno())?);
-                }
-                // Spec: zero ranges means "log every write". A device with a DMA table
-                // logs what is mapped now (contiguous mappings merged); any other device
-                // gets the empty list and its own meaning of it.
-                if ranges.is_empty() {
-                    if let Some(t) = dev.dma_table() {
-                        ranges = merged_mappings(t.mappings().iter().map(|m| m.range));
-                        if ranges.is_empty() {
-                            return Err(libc::EINVAL);
-                        }
-                        if ranges.len() > MAX_LOG_RANGES {
-                            return Err(libc::E2BIG);
-                        }
-                    }
-                }
-                dev.dma_logging_start(lc.page_size, &ranges)
-                    .map_err(dev_err)?;
-                head(&mut self.out, f.data.len());
-                self.out.extend_from_slice(f.data);
-                Ok(())
+            irq_set_flags::DATA_BOOL => {
+                Self::no_fds(m)?;
+                IrqData::Bool(s.data.iter().map(|&b| b != 0).collect())
             }
-            feature::DMA_LOGGING_STOP => {
-                if set_only_feature(logging, get, probe, set)? {
-                    head(&mut self.out, 0);
-                    return Ok(());
-                }
-                dev.dma_logging_stop().map_err(dev_err)?;
-                head(&mut self.out, 0);
-                Ok(())
-            }
-            feature::DMA_LOGGING_REPORT => {
-                if !logging {
-                    return Err(libc::ENOTTY);
-                }
-                // GET-only.
-                if set {
-                    return Err(libc::EINVAL);
-                }
-                if probe {
-                    head(&mut self.out, 0);
-                    return Ok(());
-                }
-                if !get {
-                    return Err(libc::EINVAL);
-                }
-                let r = LoggingReport::decode(f.data).map_err(|e| e.errno())?;
-                let bytes = r.bitmap_bytes().ok_or(libc::EINVAL)?;
-                if bytes > self.max_xfer() {
-                    return Err(libc::E2BIG);
-                }
-                let needed = DeviceFeature::SIZE + LoggingReport::SIZE + bytes;
-                if room < needed {
-                    return Err(libc::EINVAL);
-                }
-                let range = DmaRange::new(r.iova, r.length).map_err(|e| e.errno())?;
-                let words = dev
-                    .dma_logging_report(range, r.page_size)
-                    .map_err(dev_err)?;
-                if words.len() * 8 != bytes {
-                    tracing::warn!(
-                        got = words.len(),
-                        want = bytes / 8,
-                        "device returned a bitmap of the wrong size"
-                    );
-                    return Err(libc::EIO);
-                }
-                head(&mut self.out, LoggingReport::SIZE + bytes);
-                r.encode_into(&mut self.out);
-                for w in words {
-                    self.out.extend_from_slice(&w.to_ne_bytes());
-                }
-                Ok(())
-            }
+            _ => Self::irq_eventfds(s.count as usize, m)?,
+        };
+        self.device()
+            .set_irqs(s.index, action, s.start, s.count, data)
+            .map_err(dev_err)?;
+        Ok(Vec::new())
+    }
+
+    /// The eventfds of a SET_IRQS with DATA_EVENTFD: none (unset all `n`), or exactly
+    /// `n`, duplicated for the device to keep.
+    fn irq_eventfds(n: usize, m: &Message) -> Result<IrqData, i32> {
+        if m.fds.is_empty() {
+            return Ok(IrqData::Eventfd((0..n).map(|_| None).collect()));
+        }
+        if m.fds.len() != n {
+            tracing::warn!(
+                fds = m.fds.len(),
+                count = n,
+                "SET_IRQS fds do not match count"
+            );
+            return Err(libc::EINVAL);
+        }
+        let mut v = Vec::with_capacity(n);
+        for f in &m.fds {
+            v.push(Some(
+                f.try_clone()
+                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?,
+            ));
+        }
+        Ok(IrqData::Eventfd(v))
+    }
+
+    /// REGION_READ: the reply repeats the request header followed by the data.
+    fn region_read(&mut self, a: RegionAccess<'_>, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        let n = a.count as usize;
+        if n > self.max_xfer() {
+            return Err(libc::EINVAL);
+        }
+        RegionAccess { data: &[], ..a }.encode_into(&mut self.out);
+        self.out.resize(RegionAccess::SIZE + n, 0);
+        let dev = &*self.server.device;
+        dev.region_read(a.region, a.offset, &mut self.out[RegionAccess::SIZE..])
+            .map_err(dev_err)?;
+        Ok(Vec::new())
+    }
+
+    /// REGION_WRITE: the reply repeats the request header without the data.
+    fn region_write(&mut self, a: RegionAccess<'_>, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        if a.count as usize > self.max_xfer() {
+            return Err(libc::EINVAL);
+        }
+        self.device()
+            .region_write(a.region, a.offset, a.data)
+            .map_err(dev_err)?;
+        RegionAccess { data: &[], ..a }.encode_into(&mut self.out);
+        Ok(Vec::new())
+    }
+
+    /// REGION_WRITE_MULTI (only when negotiated): the writes in order; the reply is the
+    /// count done.
+    fn write_multi(&mut self, w: WriteMulti, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        let negotiated =
+            self.cfg().write_multiple && self.client.as_ref().is_some_and(|c| c.write_multiple);
+        if !negotiated {
+            return Err(libc::ENOTSUP);
+        }
+        for wr in &w.writes {
+            self.device()
+                .region_write(wr.region, wr.offset, wr.bytes())
+                .map_err(dev_err)?;
+        }
+        self.out
+            .extend_from_slice(&(w.writes.len() as u64).to_ne_bytes());
+        Ok(Vec::new())
+    }
+
+    /// MIG_DATA_READ: up to `size` bytes of the device's migration stream; a short read
+    /// ends the stream.
+    fn mig_data_read(&mut self, d: MigData<'_>, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        let n = d.size as usize;
+        if n > self.max_xfer() || (d.argsz as usize) < MigData::SIZE + n {
+            return Err(libc::EINVAL);
+        }
+        self.out.resize(MigData::SIZE + n, 0);
+        let dev = &*self.server.device;
+        let got = dev
+            .mig_data_read(&mut self.out[MigData::SIZE..])
+            .map_err(dev_err)?;
+        if got > n {
+            return Err(libc::EIO);
+        }
+        self.out.truncate(MigData::SIZE + got);
+        let hdr = MigData {
+            argsz: (MigData::SIZE + got) as u32,
+            size: got as u32,
+            data: &[],
+        };
+        let mut b = Vec::with_capacity(8);
+        hdr.encode_into(&mut b);
+        self.out[..8].copy_from_slice(&b);
+        Ok(Vec::new())
+    }
+
+    /// MIG_DATA_WRITE: the next piece of the migration stream, to the device.
+    fn mig_data_write(&mut self, d: MigData<'_>, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        if d.size as usize > self.max_xfer() {
+            return Err(libc::EINVAL);
+        }
+        self.device().mig_data_write(d.data).map_err(dev_err)?;
+        Ok(Vec::new())
+    }
+
+    /// DEVICE_FEATURE: routed by feature index. Writes the reply into `self.out`.
+    fn feature(&mut self, f: DeviceFeature<'_>) -> Result<(), i32> {
+        let index = f.index();
+        let req = FeatureReq {
+            get: f.flags & feature::GET != 0,
+            set: f.flags & feature::SET != 0,
+            probe: f.flags & feature::PROBE != 0,
+            room: f.argsz as usize,
+            f,
+        };
+        match index {
+            feature::MIGRATION => self.feature_migration(&req),
+            feature::MIG_DEVICE_STATE => self.feature_mig_state(&req),
+            feature::DMA_LOGGING_START => self.logging_start(&req),
+            feature::DMA_LOGGING_STOP => self.logging_stop(&req),
+            feature::DMA_LOGGING_REPORT => self.logging_report(&req),
             _ => Err(libc::ENOTTY),
         }
+    }
+
+    /// Dirty logging is offered by devices with a DMA table or with migration.
+    fn logging_supported(&self) -> bool {
+        let dev = self.device();
+        dev.dma_table().is_some() || dev.migration_flags().is_some()
+    }
+
+    /// MIGRATION (GET-only): the device's migration flags.
+    fn feature_migration(&mut self, r: &FeatureReq<'_>) -> Result<(), i32> {
+        let flags = self.device().migration_flags().ok_or(libc::ENOTTY)?;
+        if r.set {
+            return Err(libc::EINVAL);
+        }
+        if r.probe {
+            r.head(&mut self.out, 0);
+            return Ok(());
+        }
+        if !r.get || r.room < DeviceFeature::SIZE + 8 {
+            return Err(libc::EINVAL);
+        }
+        r.head(&mut self.out, 8);
+        self.out.extend_from_slice(&flags.0.to_ne_bytes());
+        Ok(())
+    }
+
+    /// MIG_DEVICE_STATE: GET the state, or SET a new one (the reply is the state reached).
+    fn feature_mig_state(&mut self, r: &FeatureReq<'_>) -> Result<(), i32> {
+        let dev = &*self.server.device;
+        dev.migration_flags().ok_or(libc::ENOTTY)?;
+        if r.probe {
+            r.head(&mut self.out, 0);
+            return Ok(());
+        }
+        if r.room < DeviceFeature::SIZE + 8 {
+            return Err(libc::EINVAL);
+        }
+        let state = if r.set {
+            let want = proto::decode_mig_state(r.f.data).map_err(|e| e.errno())?;
+            let target = MigState::from_u32(want).ok_or(libc::EINVAL)?;
+            dev.mig_set_state(target).map_err(dev_err)?
+        } else if r.get {
+            if !r.f.data.is_empty() && r.f.data.len() != 8 {
+                return Err(libc::EINVAL);
+            }
+            dev.mig_state().map_err(dev_err)?
+        } else {
+            return Err(libc::EINVAL);
+        };
+        r.head(&mut self.out, 8);
+        proto::encode_mig_state(state as u32, &mut self.out);
+        Ok(())
+    }
+
+    /// DMA_LOGGING_START (SET-only): start dirty logging of the given ranges (none: every
+    /// mapping); the reply repeats the control data.
+    fn logging_start(&mut self, r: &FeatureReq<'_>) -> Result<(), i32> {
+        if set_only_feature(self.logging_supported(), r.get, r.probe, r.set)? {
+            r.head(&mut self.out, 0);
+            return Ok(());
+        }
+        let data = r.f.data;
+        // The reply repeats the control data: argsz must have room for it.
+        if r.room < DeviceFeature::SIZE + data.len() {
+            return Err(libc::EINVAL);
+        }
+        let lc = LoggingControl::decode(data).map_err(|e| e.errno())?;
+        if lc.ranges.len() > MAX_LOG_RANGES {
+            return Err(libc::E2BIG);
+        }
+        let mut ranges = Vec::with_capacity(lc.ranges.len());
+        for &(iova, len) in &lc.ranges {
+            ranges.push(DmaRange::new(iova, len).map_err(|e| e.errno())?);
+        }
+        let dev = &*self.server.device;
+        // Spec: zero ranges means "log every write". A device with a DMA table logs what
+        // is mapped now (contiguous mappings merged); any other device gets the empty
+        // list and its own meaning of it.
+        if ranges.is_empty() {
+            if let Some(t) = dev.dma_table() {
+                ranges = merged_mappings(t.mappings().iter().map(|m| m.range));
+                if ranges.is_empty() {
+                    return Err(libc::EINVAL);
+                }
+                if ranges.len() > MAX_LOG_RANGES {
+                    return Err(libc::E2BIG);
+                }
+            }
+        }
+        dev.dma_logging_start(lc.page_size, &ranges)
+            .map_err(dev_err)?;
+        r.head(&mut self.out, data.len());
+        self.out.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// DMA_LOGGING_STOP (SET-only).
+    fn logging_stop(&mut self, r: &FeatureReq<'_>) -> Result<(), i32> {
+        if set_only_feature(self.logging_supported(), r.get, r.probe, r.set)? {
+            r.head(&mut self.out, 0);
+            return Ok(());
+        }
+        self.device().dma_logging_stop().map_err(dev_err)?;
+        r.head(&mut self.out, 0);
+        Ok(())
+    }
+
+    /// DMA_LOGGING_REPORT (GET-only): the dirty bitmap of one range, read and cleared.
+    fn logging_report(&mut self, r: &FeatureReq<'_>) -> Result<(), i32> {
+        if !self.logging_supported() {
+            return Err(libc::ENOTTY);
+        }
+        if r.set {
+            return Err(libc::EINVAL);
+        }
+        if r.probe {
+            r.head(&mut self.out, 0);
+            return Ok(());
+        }
+        if !r.get {
+            return Err(libc::EINVAL);
+        }
+        let rep = LoggingReport::decode(r.f.data).map_err(|e| e.errno())?;
+        let bytes = rep.bitmap_bytes().ok_or(libc::EINVAL)?;
+        if bytes > self.max_xfer() {
+            return Err(libc::E2BIG);
+        }
+        let needed = DeviceFeature::SIZE + LoggingReport::SIZE + bytes;
+        if r.room < needed {
+            return Err(libc::EINVAL);
+        }
+        let range = DmaRange::new(rep.iova, rep.length).map_err(|e| e.errno())?;
+        let words = self
+            .device()
+            .dma_logging_report(range, rep.page_size)
+            .map_err(dev_err)?;
+        if words.len() * 8 != bytes {
+            tracing::warn!(
+                got = words.len(),
+                want = bytes / 8,
+                "device returned a bitmap of the wrong size"
+            );
+            return Err(libc::EIO);
+        }
+        r.head(&mut self.out, LoggingReport::SIZE + bytes);
+        rep.encode_into(&mut self.out);
+        for w in words {
+            self.out.extend_from_slice(&w.to_ne_bytes());
+        }
+        Ok(())
+    }
+}
+
+/// A DEVICE_FEATURE request with its flags decoded.
+struct FeatureReq<'a> {
+    f: DeviceFeature<'a>,
+    get: bool,
+    set: bool,
+    probe: bool,
+    /// The reply payload the client accepts (its argsz).
+    room: usize,
+}
+
+impl FeatureReq<'_> {
+    /// The reply's feature header, announcing `extra` bytes of data after it.
+    fn head(&self, out: &mut Vec<u8>, extra: usize) {
+        DeviceFeature {
+            argsz: (DeviceFeature::SIZE + extra) as u32,
+            flags: self.f.flags,
+            data: &[],
+        }
+        .encode_into(out)
     }
 }
 
