@@ -258,16 +258,27 @@ fn run_exporting(
     let exported = Arc::new(exported);
     let server =
         nestio_vfio_user::Server::new(exported.clone(), nestio_vfio_user::ServerConfig::default());
+    let export_path = path.to_path_buf();
     let serve = std::thread::Builder::new().name("export".into()).spawn(
         move || -> Result<(), String> {
-            let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
-            server.serve_stream(stream).map_err(|e| e.to_string())
+            // One child session: connections that never negotiate (a stray connect,
+            // garbage, an early close) are dropped and do not use it up.
+            server
+                .serve_owners(listener, 1)
+                .map_err(|e| format!("serving {}: {e}", export_path.display()))
         },
     )?;
     tracing::info!(level, export = %path.display(), window_base = base, window_size = win, "exporting the device to level {child}");
 
     let status = vm.run()?.exit_status();
     // The guest is done; keep serving until the child level has come and gone.
+    if !serve.is_finished() {
+        eprintln!(
+            "nestio: level {level}: guest done; waiting for the level-{child} child to connect \
+             to {} and leave",
+            path.display()
+        );
+    }
     match serve.join() {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {

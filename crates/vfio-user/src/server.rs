@@ -1,12 +1,26 @@
-//! The vfio-user server: serves one [`VfioDevice`] to one client at a time.
+//! The vfio-user server: serves one [`VfioDevice`] to one owner at a time.
 //!
 //! A session starts with VERSION (anything else first: error reply, session closed),
-//! then handles commands in arrival order on the calling thread. Each command is decoded
-//! by [`crate::proto`] (every length and flag checked), executed on the device, and
-//! answered with the payload or an error reply carrying the errno of the
+//! then handles commands in arrival order on the session's thread. Each command is
+//! decoded by [`crate::proto`] (every length and flag checked), routed by
+//! `Session::dispatch` to one handler per command, executed on the device, and answered
+//! with the payload or an error reply carrying the errno of the
 //! `DeviceError`/`DmaError`/`ProtoError`. The stream stays in sync after any error in a
 //! message whose header is sane (the whole message has been read); a header whose size is
 //! out of range means the stream cannot be trusted and the session ends.
+//!
+//! Sessions and owners (as VFIO has it: one open device fd at a time). Every connection
+//! is served on its own thread ([`Server::serve_listener`]); its peer must pass the
+//! [`PeerPolicy`] (`SO_PEERCRED` uid, default: the server's own) and complete VERSION
+//! within [`ServerConfig::handshake_timeout`], else it is closed (logged). The first
+//! connection to complete VERSION becomes the device's *owner*; a VERSION arriving while
+//! there is an owner is answered with an error reply, `EBUSY`, and the connection closed.
+//! An error reply to VERSION is what vfio-user clients already handle (QEMU's
+//! vfio-user-pci and libvfio-user's client report the errno, "Device or resource busy"),
+//! where a bare close reads as a broken server. Connections that have not negotiated
+//! never touch the device, so a stray connect, garbage or an early close cannot hold it.
+//! At most [`ServerConfig::max_connections`] connections are served at once; beyond, a
+//! new one is closed at once (logged).
 //!
 //! DMA: a DMA_MAP with an fd maps the client's memory in place; without an fd the
 //! mapping is backed by a [`DmaPeer`] that sends DMA_READ/DMA_WRITE to the client — over
@@ -14,16 +28,20 @@
 //! [`Endpoint`] (the server thread waiting for the DMA reply becomes the reader and
 //! queues any client command it reads meanwhile).
 //!
-//! The server survives its client: when a session ends (disconnect, crash mid-message,
-//! garbage) every DMA mapping is removed (`dma_unmap_all`), every irq eventfd dropped
-//! (`set_irqs(i, Trigger, 0, 0, None)`), the sockets and received fds closed, and the
-//! device state kept for the next client.
+//! The server survives its client. When the owner goes away (disconnect, crash
+//! mid-message, garbage) the device is *released* as Linux releases a VFIO device fd
+//! ([`release_device`]): every DMA mapping removed (`dma_unmap_all`), every irq eventfd
+//! dropped (`set_irqs(i, Trigger, 0, 0, None)`), dirty logging stopped, and the migration
+//! state brought back to RUNNING (a device stuck in ERROR is reset, the only way out);
+//! the sockets and received fds are closed. Register contents are kept for the next
+//! owner, as before (an explicit DEVICE_RESET clears them).
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use nestio_device::{region_flags, DeviceError, IrqAction, IrqData, MigState, VfioDevice};
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaPeer, DmaRange, Prot};
@@ -35,7 +53,7 @@ use crate::proto::{
     LegacyMigration, LoggingControl, LoggingReport, MigData, RegionAccess, RegionInfoMsg,
     RegionInfoReply, Request, TwinSocket, Version, WriteMulti,
 };
-use crate::socket::Message;
+use crate::socket::{peer_credentials, Message, PeerCredentials, SocketError};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -53,7 +71,58 @@ pub struct ServerConfig {
     /// How long a DMA_READ/DMA_WRITE to the client may wait for its reply; on expiry the
     /// DMA fails with ETIMEDOUT and the channel it used is closed. None: forever.
     pub dma_timeout: Option<std::time::Duration>,
+    /// How long a new connection may take to complete VERSION; it is then closed.
+    /// None: forever (not advised: an idle connection then holds a thread).
+    pub handshake_timeout: Option<Duration>,
+    /// Which peers may connect (checked by `SO_PEERCRED` before anything is read).
+    pub peers: PeerPolicy,
+    /// Most connections served at once (the owner and those still negotiating); a
+    /// connection beyond is closed at once.
+    pub max_connections: usize,
 }
+
+/// Who may talk to the server, by the peer's effective uid at connect time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerPolicy {
+    /// Any local user that can open the socket (its file mode is the only guard).
+    AnyUid,
+    /// Only these uids.
+    Uids(Vec<u32>),
+}
+
+impl PeerPolicy {
+    /// Only the uid this process runs as (the default).
+    pub fn own_uid() -> PeerPolicy {
+        // SAFETY: geteuid cannot fail and takes no pointers.
+        PeerPolicy::Uids(vec![unsafe { libc::geteuid() }])
+    }
+
+    /// The own uid and `extra` (`--allow-uid`).
+    pub fn own_uid_and(extra: &[u32]) -> PeerPolicy {
+        let PeerPolicy::Uids(mut v) = PeerPolicy::own_uid() else {
+            unreachable!("own_uid is a uid list")
+        };
+        for u in extra {
+            if !v.contains(u) {
+                v.push(*u);
+            }
+        }
+        PeerPolicy::Uids(v)
+    }
+
+    /// Does the policy let `peer` in?
+    pub fn allows(&self, peer: &PeerCredentials) -> bool {
+        match self {
+            PeerPolicy::AnyUid => true,
+            PeerPolicy::Uids(v) => v.contains(&peer.uid),
+        }
+    }
+}
+
+/// Default [`ServerConfig::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default [`ServerConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -64,6 +133,9 @@ impl Default for ServerConfig {
             twin_socket: true,
             write_multiple: true,
             dma_timeout: Some(std::time::Duration::from_secs(10)),
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            peers: PeerPolicy::own_uid(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -79,6 +151,15 @@ pub struct ServerStats {
     pub error_replies: u64,
     /// Sessions that ended on a broken stream (garbage, truncation).
     pub broken_sessions: u64,
+    /// Sessions that completed VERSION and owned the device.
+    pub owner_sessions: u64,
+    /// Connections refused: a VERSION while another client owned the device (EBUSY).
+    pub refused_busy: u64,
+    /// Connections refused: the peer's uid is not allowed.
+    pub refused_peers: u64,
+    /// Connections closed: no VERSION within the handshake timeout, or over
+    /// `max_connections`.
+    pub dropped_idle: u64,
 }
 
 /// Errors of the server.
@@ -93,6 +174,20 @@ pub enum ServerError {
     /// The connection failed.
     #[error(transparent)]
     Connection(#[from] EndpointError),
+    /// The peer's uid is not allowed (see [`PeerPolicy`]).
+    #[error("refused a connection from pid {} uid {} (allowed: {policy:?}); give its uid with --allow-uid to admit it", peer.pid, peer.uid)]
+    PeerRefused {
+        /// Who connected.
+        peer: PeerCredentials,
+        /// The policy it failed.
+        policy: PeerPolicy,
+    },
+    /// Another client owns the device; this one got EBUSY to its VERSION.
+    #[error("refused a second client: the device is owned by another client (one at a time)")]
+    Busy,
+    /// The connection did not complete VERSION in time.
+    #[error("closed a connection that sent no VERSION within {0:?}")]
+    HandshakeTimeout(Duration),
 }
 
 /// A vfio-user server for one device. See the module documentation.
@@ -103,26 +198,21 @@ pub struct Server {
     commands: AtomicU64,
     error_replies: AtomicU64,
     broken: AtomicU64,
+    owner_sessions: AtomicU64,
+    owners_ended: AtomicU64,
+    refused_busy: AtomicU64,
+    refused_peers: AtomicU64,
+    dropped_idle: AtomicU64,
+    /// A client owns the device (completed VERSION, still connected).
+    owned: AtomicBool,
+    /// Owner sessions still allowed (u64::MAX: no limit); see [`Server::serve_owners`].
+    owner_budget: AtomicU64,
 }
 
-/// Remove a stale socket file at `path` and bind a listener there.
-pub fn bind(path: impl AsRef<Path>) -> std::io::Result<UnixListener> {
-    let path = path.as_ref();
-    if let Ok(md) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if md.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        } else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists and is not a socket; refusing to replace it",
-                    path.display()
-                ),
-            ));
-        }
-    }
-    UnixListener::bind(path)
+/// Listen on an owner-only (0600) socket at `path`; a stale socket file there is
+/// replaced, a live one is refused (see [`crate::socket::listen_private`]).
+pub fn bind(path: impl AsRef<Path>) -> Result<UnixListener, SocketError> {
+    crate::socket::listen_private(path.as_ref())
 }
 
 /// The `__SO_ACCEPTCON` bit of the Flags column of `/proc/net/unix`: listening.
@@ -159,6 +249,8 @@ pub fn listening(pid: u32, path: &Path) -> bool {
 
 enum Flow {
     Continue,
+    /// Refused with EBUSY: another client owns the device.
+    Busy,
     Close(String),
 }
 
@@ -172,6 +264,13 @@ impl Server {
             commands: AtomicU64::new(0),
             error_replies: AtomicU64::new(0),
             broken: AtomicU64::new(0),
+            owner_sessions: AtomicU64::new(0),
+            owners_ended: AtomicU64::new(0),
+            refused_busy: AtomicU64::new(0),
+            refused_peers: AtomicU64::new(0),
+            dropped_idle: AtomicU64::new(0),
+            owned: AtomicBool::new(false),
+            owner_budget: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -187,31 +286,155 @@ impl Server {
             commands: self.commands.load(Ordering::Relaxed),
             error_replies: self.error_replies.load(Ordering::Relaxed),
             broken_sessions: self.broken.load(Ordering::Relaxed),
+            owner_sessions: self.owner_sessions.load(Ordering::Relaxed),
+            refused_busy: self.refused_busy.load(Ordering::Relaxed),
+            refused_peers: self.refused_peers.load(Ordering::Relaxed),
+            dropped_idle: self.dropped_idle.load(Ordering::Relaxed),
         }
+    }
+
+    /// True while a client owns the device.
+    pub fn owned(&self) -> bool {
+        self.owned.load(Ordering::Acquire)
+    }
+
+    /// Make the caller the owner, if nobody is and the owner budget allows.
+    fn claim_owner(&self) -> bool {
+        if self
+            .owned
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        let budget = self
+            .owner_budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                if b == u64::MAX {
+                    Some(b)
+                } else {
+                    b.checked_sub(1)
+                }
+            });
+        if budget.is_err() {
+            self.owned.store(false, Ordering::Release);
+            return false;
+        }
+        self.owner_sessions.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// The owner has gone: release the device, then let the next one in.
+    fn end_owner(&self) {
+        release_device(&*self.device);
+        self.owned.store(false, Ordering::Release);
+        self.owners_ended.fetch_add(1, Ordering::AcqRel);
     }
 
     fn max_msg_size(&self) -> usize {
         self.config.max_data_xfer_size as usize + 4096
     }
 
-    /// Serve clients from `listener` one at a time, forever (until accept fails).
+    /// Serve connections from `listener`, forever (until accept fails): each on its own
+    /// thread, one owner at a time (see the module documentation).
     pub fn serve_listener(&self, listener: UnixListener) -> Result<(), ServerError> {
-        loop {
-            let (stream, _) = match listener.accept() {
-                Ok(s) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
-            };
-            match self.serve_stream(stream) {
-                Ok(()) => tracing::info!("vfio-user client disconnected"),
-                Err(e) => tracing::warn!(error = %e, "vfio-user session ended with an error"),
-            }
-        }
+        self.serve_connections(listener, None)
     }
 
-    /// Serve one client until it goes away. `Ok` on a clean disconnect.
+    /// Like [`Server::serve_listener`], but return once `owners` owner sessions (that
+    /// completed VERSION) have ended; connections that never negotiate do not count, so a
+    /// stray connect, garbage or an early close does not use up the budget. Later
+    /// VERSIONs are refused with EBUSY. Connections still negotiating are closed within
+    /// the handshake timeout before this returns.
+    pub fn serve_owners(&self, listener: UnixListener, owners: u64) -> Result<(), ServerError> {
+        self.serve_connections(listener, Some(owners))
+    }
+
+    fn serve_connections(
+        &self,
+        listener: UnixListener,
+        owners: Option<u64>,
+    ) -> Result<(), ServerError> {
+        let start = self.owners_ended.load(Ordering::Acquire);
+        if let Some(n) = owners {
+            self.owner_budget.store(n, Ordering::Release);
+            // Accept without blocking so the loop sees the budget run out.
+            listener.set_nonblocking(true)?;
+        }
+        let live = AtomicUsize::new(0);
+        std::thread::scope(|scope| loop {
+            if let Some(n) = owners {
+                let ended = self.owners_ended.load(Ordering::Acquire) - start;
+                if ended >= n && !self.owned() {
+                    return Ok(());
+                }
+                if !poll_readable(&listener, 50)? {
+                    continue;
+                }
+            }
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted
+                            | std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Err(e) = stream.set_nonblocking(false) {
+                tracing::warn!(error = %e, "cannot set up an accepted connection; closed");
+                continue;
+            }
+            if live.load(Ordering::Acquire) >= self.config.max_connections {
+                self.dropped_idle.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    max = self.config.max_connections,
+                    "too many vfio-user connections at once; closed the newest"
+                );
+                continue;
+            }
+            live.fetch_add(1, Ordering::AcqRel);
+            let live = &live;
+            let spawned = std::thread::Builder::new()
+                .name("vfio-user-conn".into())
+                .spawn_scoped(scope, move || {
+                    log_session_end(self.serve_connection(stream, true));
+                    live.fetch_sub(1, Ordering::AcqRel);
+                });
+            if let Err(e) = spawned {
+                live.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(error = %e, "cannot start a connection thread; connection closed");
+            }
+        })
+    }
+
+    /// Serve one connection the caller set up (a socketpair, an accepted stream) until it
+    /// goes away: check the peer, negotiate VERSION within the handshake timeout, then
+    /// serve commands, and release the device at the end. `Ok` on a clean disconnect.
+    ///
+    /// The caller decides who connects here, so this does not take part in the
+    /// one-owner rule of [`Server::serve_listener`] (a test may run sessions side by
+    /// side on purpose); serve untrusted connections through a listener.
     pub fn serve_stream(&self, stream: UnixStream) -> Result<(), ServerError> {
+        self.serve_connection(stream, false)
+    }
+
+    /// `exclusive`: the session must own the device (one owner at a time).
+    fn serve_connection(&self, stream: UnixStream, exclusive: bool) -> Result<(), ServerError> {
         self.sessions.fetch_add(1, Ordering::Relaxed);
+        let peer = peer_credentials(&stream)?;
+        if !self.config.peers.allows(&peer) {
+            self.refused_peers.fetch_add(1, Ordering::Relaxed);
+            return Err(ServerError::PeerRefused {
+                peer,
+                policy: self.config.peers.clone(),
+            });
+        }
         let ep = Arc::new(Endpoint::new(
             stream,
             self.max_msg_size(),
@@ -227,12 +450,26 @@ impl Server {
             ep: ep.clone(),
             twin: None,
             client: None,
+            exclusive,
+            owner: false,
             out: Vec::with_capacity(4096),
         };
+        let handshake = self
+            .config
+            .handshake_timeout
+            .map(|t| (std::time::Instant::now() + t, t));
         let result = loop {
-            let m = match ep.next_command() {
+            let next = match handshake {
+                Some((deadline, t)) if s.client.is_none() => ep.next_command_until(deadline, t),
+                _ => ep.next_command(),
+            };
+            let m = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => break Ok(()),
+                Err(EndpointError::TimedOut(t)) if s.client.is_none() => {
+                    self.dropped_idle.fetch_add(1, Ordering::Relaxed);
+                    break Err(ServerError::HandshakeTimeout(t));
+                }
                 Err(e) => {
                     self.broken.fetch_add(1, Ordering::Relaxed);
                     break Err(ServerError::Connection(e));
@@ -241,6 +478,7 @@ impl Server {
             self.commands.fetch_add(1, Ordering::Relaxed);
             match s.handle(m) {
                 Ok(Flow::Continue) => {}
+                Ok(Flow::Busy) => break Err(ServerError::Busy),
                 Ok(Flow::Close(why)) => {
                     self.broken.fetch_add(1, Ordering::Relaxed);
                     break Err(ServerError::Protocol(why));
@@ -253,11 +491,75 @@ impl Server {
     }
 }
 
+/// Log how a connection ended (refusals at warn: someone tried and failed).
+fn log_session_end(r: Result<(), ServerError>) {
+    match r {
+        Ok(()) => tracing::info!("vfio-user client disconnected"),
+        Err(e @ ServerError::Busy) => tracing::warn!(error = %e, "answered VERSION with EBUSY"),
+        Err(e) => tracing::warn!(error = %e, "vfio-user session ended with an error"),
+    }
+}
+
+/// Wait up to `ms` milliseconds for a connection on `listener`.
+fn poll_readable(listener: &UnixListener, ms: i32) -> std::io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polls one valid pollfd for at most `ms` milliseconds.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(r > 0)
+}
+
+/// Release `dev` as Linux releases a VFIO device fd when its owner closes it: DMA
+/// mappings removed, interrupt eventfds dropped, dirty logging stopped, migration state
+/// back to RUNNING (a device that cannot get there, e.g. in ERROR, is reset). Each step
+/// is tried whatever the others do; what a device does not support is skipped.
+pub fn release_device(dev: &dyn VfioDevice) {
+    if let Err(e) = dev.dma_unmap_all() {
+        tracing::warn!(error = %e, "cannot unmap the departed client's DMA");
+    }
+    for i in 0..dev.info().num_irqs {
+        if let Err(e) = dev.set_irqs(i, IrqAction::Trigger, 0, 0, IrqData::None) {
+            tracing::debug!(index = i, error = %e, "cannot drop irq eventfds");
+        }
+    }
+    if let Err(e) = dev.dma_logging_stop() {
+        tracing::debug!(error = %e, "dirty logging not stopped (unsupported or off)");
+    }
+    if dev.migration_flags().is_some() {
+        let back = match dev.mig_state() {
+            Ok(MigState::Running) => return,
+            Ok(_) => dev.mig_set_state(MigState::Running),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = back {
+            tracing::warn!(error = %e, "migration state not back to RUNNING; resetting the device");
+            if let Err(e) = dev.reset() {
+                tracing::warn!(error = %e, "cannot reset the device after its owner left");
+            }
+        }
+    }
+}
+
 struct Session<'a> {
     server: &'a Server,
     ep: Arc<Endpoint>,
     twin: Option<Arc<Endpoint>>,
     client: Option<Capabilities>,
+    /// The session must own the device: a VERSION while another owns it gets EBUSY.
+    exclusive: bool,
+    /// This session owns the device (its VERSION was accepted).
+    owner: bool,
     out: Vec<u8>,
 }
 
@@ -282,19 +584,19 @@ impl Session<'_> {
         self.cfg().max_data_xfer_size as usize
     }
 
+    /// The connection is over: close it; if it owned the device, release the device and
+    /// let the next owner in.
     fn cleanup(&mut self) {
-        let dev = self.device();
-        if let Err(e) = dev.dma_unmap_all() {
-            tracing::warn!(error = %e, "cannot unmap the departed client's DMA");
-        }
-        for i in 0..dev.info().num_irqs {
-            if let Err(e) = dev.set_irqs(i, IrqAction::Trigger, 0, 0, IrqData::None) {
-                tracing::debug!(index = i, error = %e, "cannot drop irq eventfds");
-            }
-        }
         self.ep.shutdown("session ended");
         if let Some(t) = self.twin.take() {
             t.shutdown("session ended");
+        }
+        if std::mem::take(&mut self.owner) {
+            if self.exclusive {
+                self.server.end_owner();
+            } else {
+                release_device(&*self.server.device);
+            }
         }
     }
 
@@ -372,6 +674,14 @@ impl Session<'_> {
             self.send_reply(&m, Err(libc::EINVAL))?;
             return Ok(Flow::Close("VERSION carried file descriptors".into()));
         }
+        if !self.exclusive {
+            self.server.owner_sessions.fetch_add(1, Ordering::Relaxed);
+        } else if !self.server.claim_owner() {
+            self.server.refused_busy.fetch_add(1, Ordering::Relaxed);
+            self.send_reply(&m, Err(libc::EBUSY))?;
+            return Ok(Flow::Busy);
+        }
+        self.owner = true;
         let cfg = self.cfg().clone();
         let twin = cfg.twin_socket && v.caps.twin_supported();
         let mut caps = Capabilities {
