@@ -207,6 +207,8 @@ pub struct Server {
     owned: AtomicBool,
     /// Owner sessions still allowed (u64::MAX: no limit); see [`Server::serve_owners`].
     owner_budget: AtomicU64,
+    /// Set by [`Server::stop`]: serving loops return.
+    stop: AtomicBool,
 }
 
 /// Listen on an owner-only (0600) socket at `path`; a stale socket file there is
@@ -271,6 +273,7 @@ impl Server {
             dropped_idle: AtomicU64::new(0),
             owned: AtomicBool::new(false),
             owner_budget: AtomicU64::new(u64::MAX),
+            stop: AtomicBool::new(false),
         }
     }
 
@@ -291,6 +294,12 @@ impl Server {
             refused_peers: self.refused_peers.load(Ordering::Relaxed),
             dropped_idle: self.dropped_idle.load(Ordering::Relaxed),
         }
+    }
+
+    /// Make [`Server::serve_listener`] / [`Server::serve_owners`] return: within 50 ms,
+    /// or at once on the next connection; sessions in progress are served to their end.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
     }
 
     /// True while a client owns the device.
@@ -358,19 +367,22 @@ impl Server {
         let start = self.owners_ended.load(Ordering::Acquire);
         if let Some(n) = owners {
             self.owner_budget.store(n, Ordering::Release);
-            // Accept without blocking so the loop sees the budget run out.
-            listener.set_nonblocking(true)?;
         }
+        // Accept without blocking so the loop sees the budget run out or a stop.
+        listener.set_nonblocking(true)?;
         let live = AtomicUsize::new(0);
         std::thread::scope(|scope| loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
             if let Some(n) = owners {
                 let ended = self.owners_ended.load(Ordering::Acquire) - start;
                 if ended >= n && !self.owned() {
                     return Ok(());
                 }
-                if !poll_readable(&listener, 50)? {
-                    continue;
-                }
+            }
+            if !poll_readable(&listener, 50)? {
+                continue;
             }
             let stream = match listener.accept() {
                 Ok((s, _)) => s,

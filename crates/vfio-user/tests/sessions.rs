@@ -390,3 +390,25 @@ fn a_connection_flood_is_bounded() {
     owner.region_write(0, 0, b"fine").unwrap();
     let _ = Server::stats(&h.server);
 }
+
+/// The session fuzz entry point on a few fixed scripts (the fuzzer runs it on many).
+#[test]
+fn session_fuzz_scripts_hold_their_invariants() {
+    // connect 0, VERSION 0, map, irq, STOP, logging; connect 1, VERSION 1 (EBUSY); drain;
+    // close 0; connect 2, VERSION 2, STOP_COPY; garbage on 1; close all.
+    let scripts: &[&[u8]] = &[
+        &[
+            0x00, 0x02, 0, 0x05, 1, 0x06, 0x07, 0, 0x08, 0x10, 0x12, 0, 0x1e, 0x0e, 0x0b,
+        ],
+        &[
+            0x20, 0x22, 0, 0x27, 1, 0x2b, 0x30, 0x32, 0, 0x34, 3, 1, 2, 3, 0x3d, 40,
+        ],
+        &[
+            0x00, 0x04, 16, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ],
+        &[0x00, 0x0d, 60, 0x02, 0, 0x05, 0],
+    ];
+    for s in scripts {
+        nestio_vfio_user::fuzz_sessions(s);
+    }
+}
