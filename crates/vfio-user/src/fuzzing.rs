@@ -977,6 +977,7 @@ pub fn fuzz_sessions(data: &[u8]) {
         ServerConfig {
             handshake_timeout: Some(std::time::Duration::from_millis(30)),
             max_connections: 4,
+            busy_grace: std::time::Duration::from_millis(5),
             dma_timeout: Some(std::time::Duration::from_millis(200)),
             ..ServerConfig::default()
         },

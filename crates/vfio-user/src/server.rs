@@ -79,6 +79,10 @@ pub struct ServerConfig {
     /// Most connections served at once (the owner and those still negotiating); a
     /// connection beyond is closed at once.
     pub max_connections: usize,
+    /// How long a VERSION waits for the current owner to go before it is refused with
+    /// EBUSY. A client that closes and reconnects at once (a VMM restarting) races with
+    /// the server noticing the close; this grace covers that race.
+    pub busy_grace: Duration,
 }
 
 /// Who may talk to the server, by the peer's effective uid at connect time.
@@ -121,6 +125,8 @@ impl PeerPolicy {
 
 /// Default [`ServerConfig::handshake_timeout`].
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default [`ServerConfig::busy_grace`].
+pub const DEFAULT_BUSY_GRACE: Duration = Duration::from_secs(1);
 /// Default [`ServerConfig::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
 
@@ -136,6 +142,7 @@ impl Default for ServerConfig {
             handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
             peers: PeerPolicy::own_uid(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            busy_grace: DEFAULT_BUSY_GRACE,
         }
     }
 }
@@ -305,6 +312,20 @@ impl Server {
     /// True while a client owns the device.
     pub fn owned(&self) -> bool {
         self.owned.load(Ordering::Acquire)
+    }
+
+    /// Make the caller the owner, waiting up to the busy grace for the current one to go.
+    fn claim_owner_within_grace(&self) -> bool {
+        let t0 = std::time::Instant::now();
+        loop {
+            if self.claim_owner() {
+                return true;
+            }
+            if t0.elapsed() >= self.config.busy_grace || self.stop.load(Ordering::Acquire) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// Make the caller the owner, if nobody is and the owner budget allows.
@@ -688,7 +709,7 @@ impl Session<'_> {
         }
         if !self.exclusive {
             self.server.owner_sessions.fetch_add(1, Ordering::Relaxed);
-        } else if !self.server.claim_owner() {
+        } else if !self.server.claim_owner_within_grace() {
             self.server.refused_busy.fetch_add(1, Ordering::Relaxed);
             self.send_reply(&m, Err(libc::EBUSY))?;
             return Ok(Flow::Busy);
