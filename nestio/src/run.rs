@@ -10,9 +10,12 @@
 //!   guest's window; the device is wrapped in `nestio_nested::ExportedDevice` (every DMA
 //!   map of the child is checked against that window; interrupt eventfds pass straight
 //!   through to the device process) and served with the vfio-user server on PATH, to
-//!   exactly one child session. `PATH.mem` serves the RAM handoff
-//!   ([`nestio_vmm::handoff`]): the RAM memfd, the window's file offset and size, and the
-//!   child's level number, to any number of clients (the child level, `nestio inspect`).
+//!   exactly one child session (connections that never complete VERSION do not count).
+//!   `PATH.mem` serves the RAM handoff ([`nestio_vmm::handoff`]): the window's memfd, its
+//!   file offset and size, and the child's level number, to any number of clients of
+//!   this process's uid (the child level, `nestio inspect`). A level with fresh RAM keeps
+//!   the window in a memfd of its own, so the child gets its window and nothing else; a
+//!   level whose RAM came from its parent hands down that one file (its own RAM).
 //!   Lifetime: this level's own guest runs as usual; when it has exited the process
 //!   keeps serving until its child has connected and gone away, then exits with its own
 //!   guest's status (a guest that exits at once, like `--guest hello`, is fine). The
@@ -211,6 +214,12 @@ fn run_exporting(
     };
     let win = export_window(cfg.memory, window)?;
     cfg.devices.clear();
+    // Fresh RAM keeps the child's window in a memfd of its own, handed down alone. RAM
+    // received from a parent (`--memory-from`) is one file already and cannot be split:
+    // then the handoff names the window's place in it.
+    if cfg.ram_file.is_none() {
+        cfg.ram_window = Some(win);
+    }
     let client = nestio_vfio_user::Client::connect(&socket).map_err(|e| {
         format!(
             "cannot connect to the device to export at {}: {e} (is its server running?)",
@@ -224,7 +233,24 @@ fn run_exporting(
         .checked_sub(win)
         .ok_or("export window larger than the RAM")?;
     let child = level.checked_add(1).ok_or("nesting level overflow")?;
-    let region = RamRegion::new(ram.fd().clone(), 0, size, ram.fd_offset())?;
+    // This level's RAM as the exporter sees it, and the file and offset handed down.
+    let (region, handoff) = match ram.parts() {
+        [_, w] if w.gpa == base && w.size == win => (
+            RamRegion::new(w.fd.clone(), w.gpa, w.size, w.fd_offset)?,
+            RamHandoff::new(w.fd.clone(), w.fd_offset, win, child)?,
+        ),
+        [_] => {
+            let file_offset = ram
+                .fd_offset()
+                .checked_add(base)
+                .ok_or("window offset overflow")?;
+            (
+                RamRegion::new(ram.fd().clone(), 0, size, ram.fd_offset())?,
+                RamHandoff::new(ram.fd().clone(), file_offset, win, child)?,
+            )
+        }
+        _ => return Err("this level's RAM is not laid out as its export window needs".into()),
+    };
     let exported = ExportedDevice::new(
         Arc::new(client),
         LevelRam::Shared(region),
@@ -234,11 +260,6 @@ fn run_exporting(
             child: LevelId::from_raw(u64::from(child)).ok_or("bad level id")?,
         },
     )?;
-    let file_offset = ram
-        .fd_offset()
-        .checked_add(base)
-        .ok_or("window offset overflow")?;
-    let handoff = RamHandoff::new(ram.fd().clone(), file_offset, win, child)?;
 
     let mem_path = mem_socket_path(path);
     let listener = nestio_vfio_user::bind(path)
