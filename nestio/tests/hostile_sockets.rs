@@ -151,10 +151,6 @@ fn an_export_level_survives_bad_connections_and_hands_down_only_the_window() {
     );
     l1.wait_for(&s1);
     l1.wait_for(&mem);
-    for p in [&s1, &mem] {
-        let mode = std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "{} has mode {mode:o}", p.display());
-    }
 
     // Finding 5: the handoff is the 32 MiB window, in a file of exactly that size.
     let h = RamHandoff::fetch(&mem).unwrap();
@@ -166,6 +162,10 @@ fn an_export_level_survives_bad_connections_and_hands_down_only_the_window() {
         "the handed-down file holds the window and nothing of the parent's other RAM"
     );
     assert_eq!(h.offset, 0);
+    for p in [&s1, &mem] {
+        let mode = std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} has mode {mode:o}", p.display());
+    }
 
     // Finding 3: bad connections do not use up the level's one child session.
     drop(UnixStream::connect(&s1).unwrap());
@@ -239,8 +239,6 @@ fn a_second_device_server_never_takes_over_a_live_socket() {
     let dir = Dir::new("live");
     let s = dir.path("dev.sock");
     let mut first = sample(&dir, "first", &s);
-    let mode = std::fs::symlink_metadata(&s).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "socket mode {mode:o}");
     let mut second = Proc::spawn(
         &dir,
         "second",
@@ -254,6 +252,8 @@ fn a_second_device_server_never_takes_over_a_live_socket() {
     assert!(first.running());
     let c = Client::connect(&s).expect("the first server still answers");
     assert!(c.info().num_regions > 0);
+    let mode = std::fs::symlink_metadata(&s).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
 }
 
 /// Finding 7: a socket in a missing directory: the error names the path.
