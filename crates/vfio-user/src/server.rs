@@ -680,33 +680,16 @@ impl Session<'_> {
         Ok(Flow::Continue)
     }
 
+    /// VERSION, the first message of every session: checked, the owner slot claimed
+    /// (EBUSY when taken), capabilities answered, the twin socket offered.
     fn version(&mut self, m: Message) -> Result<Flow, EndpointError> {
-        if m.header.cmd != Command::Version as u16 {
-            self.send_reply(&m, Err(libc::EINVAL))?;
-            return Ok(Flow::Close(format!(
-                "client sent command {} before VERSION",
-                m.header.cmd
-            )));
-        }
-        let v = match Version::decode(&m.payload) {
+        let v = match Self::check_version(&m) {
             Ok(v) => v,
-            Err(e) => {
-                self.send_reply(&m, Err(e.errno()))?;
-                return Ok(Flow::Close(format!("bad VERSION: {e}")));
+            Err((errno, why)) => {
+                self.send_reply(&m, Err(errno))?;
+                return Ok(Flow::Close(why));
             }
         };
-        if v.major != proto::VERSION_MAJOR {
-            self.send_reply(&m, Err(libc::ENOTSUP))?;
-            return Ok(Flow::Close(format!(
-                "client speaks major version {}, we speak {}",
-                v.major,
-                proto::VERSION_MAJOR
-            )));
-        }
-        if !m.fds.is_empty() {
-            self.send_reply(&m, Err(libc::EINVAL))?;
-            return Ok(Flow::Close("VERSION carried file descriptors".into()));
-        }
         if !self.exclusive {
             self.server.owner_sessions.fetch_add(1, Ordering::Relaxed);
         } else if !self.server.claim_owner_within_grace() {
@@ -715,8 +698,7 @@ impl Session<'_> {
             return Ok(Flow::Busy);
         }
         self.owner = true;
-        let cfg = self.cfg().clone();
-        let twin = cfg.twin_socket && v.caps.twin_supported();
+        let cfg = self.cfg();
         let mut caps = Capabilities {
             max_msg_fds: cfg.max_msg_fds,
             max_data_xfer_size: cfg.max_data_xfer_size,
@@ -735,23 +717,17 @@ impl Session<'_> {
         // would otherwise size our payload buffer).
         let limit = self.server.max_msg_size();
         self.ep.set_max_msg_size(limit);
-        let mut client_end: Option<OwnedFd> = None;
+        let client_end = if cfg.twin_socket && v.caps.twin_supported() {
+            self.open_twin(limit)
+        } else {
+            None
+        };
+        let twin = client_end.is_some();
         if twin {
-            match UnixStream::pair() {
-                Ok((ours, theirs)) => {
-                    let twin = Endpoint::new(ours, limit, Incoming::Refuse, "server-twin");
-                    twin.set_send_timeout(self.cfg().dma_timeout);
-                    self.twin = Some(Arc::new(twin));
-                    client_end = Some(theirs.into());
-                    caps.twin_socket = Some(TwinSocket {
-                        supported: true,
-                        fd_index: Some(0),
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot create the twin socket; continuing without")
-                }
-            }
+            caps.twin_socket = Some(TwinSocket {
+                supported: true,
+                fd_index: Some(0),
+            });
         }
         let reply = Version {
             major: proto::VERSION_MAJOR,
@@ -770,6 +746,50 @@ impl Session<'_> {
         );
         self.client = Some(v.caps);
         Ok(Flow::Continue)
+    }
+
+    /// The first message must be a well-formed VERSION of our major, without fds; else
+    /// the errno to answer and why the session ends.
+    fn check_version(m: &Message) -> Result<Version, (i32, String)> {
+        if m.header.cmd != Command::Version as u16 {
+            return Err((
+                libc::EINVAL,
+                format!("client sent command {} before VERSION", m.header.cmd),
+            ));
+        }
+        let v =
+            Version::decode(&m.payload).map_err(|e| (e.errno(), format!("bad VERSION: {e}")))?;
+        if v.major != proto::VERSION_MAJOR {
+            return Err((
+                libc::ENOTSUP,
+                format!(
+                    "client speaks major version {}, we speak {}",
+                    v.major,
+                    proto::VERSION_MAJOR
+                ),
+            ));
+        }
+        if !m.fds.is_empty() {
+            return Err((libc::EINVAL, "VERSION carried file descriptors".into()));
+        }
+        Ok(v)
+    }
+
+    /// Create the twin socket (server->client commands); returns the client's end, or
+    /// None (logged) when it cannot be made: the session goes on without.
+    fn open_twin(&mut self, limit: usize) -> Option<OwnedFd> {
+        match UnixStream::pair() {
+            Ok((ours, theirs)) => {
+                let twin = Endpoint::new(ours, limit, Incoming::Refuse, "server-twin");
+                twin.set_send_timeout(self.cfg().dma_timeout);
+                self.twin = Some(Arc::new(twin));
+                Some(theirs.into())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create the twin socket; continuing without");
+                None
+            }
+        }
     }
 
     fn no_fds(m: &Message) -> Result<(), i32> {
