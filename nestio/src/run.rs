@@ -262,11 +262,10 @@ fn run_exporting(
     )?;
 
     let mem_path = mem_socket_path(path);
-    let listener = nestio_vfio_user::bind(path)
-        .map_err(|e| format!("cannot bind the export socket {}: {e}", path.display()))?;
+    let listener = nestio_vfio_user::bind(path).map_err(|e| format!("export socket: {e}"))?;
     let mut files = SocketFiles(vec![path.to_path_buf()]);
-    let mem_listener = nestio_vfio_user::bind(&mem_path)
-        .map_err(|e| format!("cannot bind the memory socket {}: {e}", mem_path.display()))?;
+    let mem_listener =
+        nestio_vfio_user::bind(&mem_path).map_err(|e| format!("memory socket: {e}"))?;
     files.0.push(mem_path);
     // Detached: it only answers connections, and ends with the process.
     std::thread::Builder::new()

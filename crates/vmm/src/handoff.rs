@@ -66,7 +66,7 @@ pub enum HandoffError {
     #[error("receiving the memory handoff failed: {0}")]
     Socket(#[from] SocketError),
     /// The peer closed without sending.
-    #[error("the parent level closed the memory socket without sending its RAM")]
+    #[error("the parent level closed the memory socket without sending its RAM (it sends only to its own uid: run this level as the same user)")]
     Closed,
     /// The message is not a valid handoff.
     #[error(
