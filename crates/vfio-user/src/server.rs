@@ -15,9 +15,10 @@
 //! within [`ServerConfig::handshake_timeout`], else it is closed (logged). The first
 //! connection to complete VERSION becomes the device's *owner*; a VERSION arriving while
 //! there is an owner is answered with an error reply, `EBUSY`, and the connection closed.
-//! An error reply to VERSION is what vfio-user clients already handle (QEMU's
-//! vfio-user-pci and libvfio-user's client report the errno, "Device or resource busy"),
-//! where a bare close reads as a broken server. Connections that have not negotiated
+//! An error reply to VERSION is the refusal clients already handle: QEMU's vfio-user-pci
+//! checks the reply's error flag and fails with that errno ("version reply: Device or
+//! resource busy"), as nestio's own client does (`ClientError::Busy`), whereas a bare
+//! close reads as a broken server or a lost connection. Connections that have not negotiated
 //! never touch the device, so a stray connect, garbage or an early close cannot hold it.
 //! At most [`ServerConfig::max_connections`] connections are served at once; beyond, a
 //! new one is closed at once (logged).
