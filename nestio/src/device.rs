@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use nestio_device::VfioDevice;
-use nestio_vfio_user::server::{bind, PeerPolicy, Server, ServerConfig};
+use nestio_vfio_user::server::{bind_for, PeerPolicy, Server, ServerConfig};
 
 use crate::CmdResult;
 
@@ -54,7 +54,8 @@ struct ServerOpts {
     #[arg(long)]
     once: bool,
     /// Also admit clients running as this uid (repeatable; by default only this
-    /// process's own uid may connect, checked by SO_PEERCRED).
+    /// process's own uid may connect, checked by SO_PEERCRED, and the socket is 0600;
+    /// with --allow-uid it is 0666 and the SO_PEERCRED check alone admits).
     #[arg(long = "allow-uid", value_name = "UID")]
     allow_uids: Vec<u32>,
     /// Seconds a new connection has to complete VERSION before it is closed.
@@ -111,7 +112,7 @@ pub fn run(args: DeviceArgs) -> CmdResult {
         peers: PeerPolicy::own_uid_and(&opts.allow_uids),
         ..ServerConfig::default()
     };
-    let listener = bind(&socket)?;
+    let listener = bind_for(&socket, &config.peers)?;
     eprintln!("nestio: serving on {}", socket.display());
     let server = Server::new(device, config);
     let r = if opts.once {

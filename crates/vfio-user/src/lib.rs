@@ -26,5 +26,6 @@ pub use client::{Client, ClientConfig, ClientError};
 pub use fuzzing::{fuzz_client, fuzz_decode, fuzz_dispatch, fuzz_sessions};
 pub use proto::{Capabilities, Command, Header, ProtoError};
 pub use server::{
-    bind, listening, release_device, PeerPolicy, Server, ServerConfig, ServerError, ServerStats,
+    bind, bind_for, listening, release_device, PeerPolicy, Server, ServerConfig, ServerError,
+    ServerStats,
 };

@@ -225,6 +225,18 @@ pub fn bind(path: impl AsRef<Path>) -> Result<UnixListener, SocketError> {
     crate::socket::listen_private(path.as_ref())
 }
 
+/// [`bind`] for a server admitting `peers`: owner-only (0600) when only this process's
+/// uid is admitted, else 0666 so the admitted users can connect at all — the
+/// `SO_PEERCRED` check of every connection is then the gate.
+pub fn bind_for(path: impl AsRef<Path>, peers: &PeerPolicy) -> Result<UnixListener, SocketError> {
+    let mode = if *peers == PeerPolicy::own_uid() {
+        crate::socket::SOCKET_MODE
+    } else {
+        0o666
+    };
+    crate::socket::listen_with_mode(path.as_ref(), mode)
+}
+
 /// The `__SO_ACCEPTCON` bit of the Flags column of `/proc/net/unix`: listening.
 const SO_ACCEPTCON: u32 = 0x1_0000;
 

@@ -73,7 +73,7 @@ pub enum SocketError {
         source: io::Error,
     },
     /// The socket file did not get owner-only permissions.
-    #[error("{} was created with mode {mode:o}, not owner-only; refusing to listen on it", path.display())]
+    #[error("{} was created with mode {mode:o}, wider than asked; refusing to listen on it", path.display())]
     Mode {
         /// The socket path.
         path: PathBuf,
@@ -98,6 +98,13 @@ fn listen_err(path: &Path) -> impl Fn(io::Error) -> SocketError + '_ {
 /// socket file there is replaced; a live one (a connect succeeds) or anything that is not
 /// a socket is refused. See the module documentation.
 pub fn listen_private(path: &Path) -> Result<UnixListener, SocketError> {
+    listen_with_mode(path, SOCKET_MODE)
+}
+
+/// [`listen_private`] with another file mode (at most 0666; the umask still applies):
+/// 0666 lets every local user connect, for a server whose peer check
+/// ([`peer_credentials`]) admits other uids.
+pub fn listen_with_mode(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let err = listen_err(path);
@@ -137,9 +144,10 @@ pub fn listen_private(path: &Path) -> Result<UnixListener, SocketError> {
     }
     // SAFETY: a new descriptor owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let want = mode & 0o666;
     // The socket inode's mode becomes the file's mode at bind (less the umask).
     // SAFETY: fchmod on a valid descriptor, no pointers.
-    if unsafe { libc::fchmod(fd.as_raw_fd(), SOCKET_MODE) } != 0 {
+    if unsafe { libc::fchmod(fd.as_raw_fd(), want as libc::mode_t) } != 0 {
         return Err(err(io::Error::last_os_error()));
     }
     let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
@@ -155,13 +163,19 @@ pub fn listen_private(path: &Path) -> Result<UnixListener, SocketError> {
     if r != 0 {
         return Err(err(io::Error::last_os_error()));
     }
-    // Nobody can connect before listen(): check the file's mode now.
-    let mode = std::fs::symlink_metadata(path)
+    // Nobody can connect before listen(): check the file's mode now, and widen it to
+    // `want` if the umask narrowed it (through an O_PATH handle of the very socket file:
+    // never through a symlink put in its place).
+    let mut mode = std::fs::symlink_metadata(path)
         .map_err(&err)?
         .permissions()
         .mode()
         & 0o777;
-    if mode & !SOCKET_MODE != 0 {
+    if mode != want && mode & !want == 0 {
+        chmod_socket_file(path, want).map_err(&err)?;
+        mode = want;
+    }
+    if mode & !want != 0 {
         let _ = std::fs::remove_file(path);
         return Err(SocketError::Mode {
             path: path.into(),
@@ -175,6 +189,32 @@ pub fn listen_private(path: &Path) -> Result<UnixListener, SocketError> {
         return Err(err(e));
     }
     Ok(UnixListener::from(fd))
+}
+
+/// Set the mode of the socket file at `path` (not following a symlink).
+fn chmod_socket_file(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a NUL-terminated path; the result is checked.
+    let raw = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let proc_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    if !std::fs::metadata(&proc_path)?.file_type().is_socket() {
+        return Err(io::Error::other("the path is no longer our socket"));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&proc_path, std::fs::Permissions::from_mode(mode))
 }
 
 /// Who is at the other end of a UNIX socket (`SO_PEERCRED`: as of `connect`).
