@@ -14,8 +14,10 @@
 //! checked after `bind`, before `listen`. A socket file already at the path is probed with
 //! a connect: a live server there is never replaced (clear error naming the path), a
 //! stale file (connection refused) is. Accepted peers are identified by `SO_PEERCRED`
-//! ([`peer_credentials`]); what to allow is the server's policy. Every error names the
-//! path it is about.
+//! ([`peer_credentials`]); what to allow is the server's policy. A server that admits
+//! other uids listens with [`listen_with_mode`] 0666 (widened past the umask before
+//! `listen`), and the peer check is then the gate. Every error names the path it is
+//! about.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
