@@ -165,7 +165,30 @@ pub fn run(args: RunArgs) -> CmdResult {
         level = h.level;
     }
     match export {
-        None => Ok(nestio_vmm::run(cfg)?),
+        None => {
+            let sockets: Vec<String> = cfg
+                .devices
+                .iter()
+                .filter_map(|d| match d {
+                    DeviceConfig::VfioUser { socket } => Some(socket.display().to_string()),
+                    _ => None,
+                })
+                .collect();
+            let waiting = (!sockets.is_empty()).then(|| {
+                WaitNotice::after(
+                    NOTICE_AFTER,
+                    format!(
+                        "nestio: still waiting for the device server at {} to answer (a \
+                         server that has another client answers \"busy\"; one that never \
+                         answers is not a vfio-user server or is stuck)",
+                        sockets.join(", ")
+                    ),
+                )
+            });
+            let mut vm = Vm::new(cfg)?;
+            drop(waiting);
+            Ok(vm.run()?.exit_status())
+        }
         Some(path) => run_exporting(cfg, level, &path, window, no_shared_memory),
     }
 }
@@ -183,6 +206,35 @@ pub fn export_window(ram: u64, requested: Option<u64>) -> Result<u64, String> {
         ));
     }
     Ok(w)
+}
+
+/// When a notice about a slow device connection is printed.
+const NOTICE_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Prints a line to stderr if it is still alive after a delay: says what `nestio run`
+/// waits for when a device server is slow to answer. Dropping it cancels the notice.
+struct WaitNotice(Option<std::sync::mpsc::Sender<()>>);
+
+impl WaitNotice {
+    fn after(delay: std::time::Duration, message: String) -> WaitNotice {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("wait-notice".into())
+            .spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(delay) {
+                    eprintln!("{message}");
+                }
+            });
+        WaitNotice(spawned.is_ok().then_some(tx))
+    }
+}
+
+impl Drop for WaitNotice {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 /// Removes the export sockets when the level ends.
@@ -220,12 +272,20 @@ fn run_exporting(
     if cfg.ram_file.is_none() {
         cfg.ram_window = Some(win);
     }
+    let waiting = WaitNotice::after(
+        NOTICE_AFTER,
+        format!(
+            "nestio: still waiting for the device server at {} to answer",
+            socket.display()
+        ),
+    );
     let client = nestio_vfio_user::Client::connect(&socket).map_err(|e| {
         format!(
             "cannot connect to the device to export at {}: {e} (is its server running?)",
             socket.display()
         )
     })?;
+    drop(waiting);
     let mut vm = Vm::new(cfg)?;
     let ram = vm.ram();
     let size = ram.size();

@@ -268,3 +268,38 @@ fn a_socket_error_names_the_path() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/no/such/dir/s.sock"), "{err}");
 }
+
+/// Finding 3: `nestio run` against a server that accepts but never answers (a stuck or
+/// foreign server) says what it is waiting for, naming the socket.
+#[test]
+fn nestio_run_says_what_it_waits_for() {
+    if !kvm_or_skip("nestio_run_says_what_it_waits_for") {
+        return;
+    }
+    let dir = Dir::new("waits");
+    let s0 = dir.path("mute.sock");
+    // Listens (the kernel queues the connection) but never reads or answers.
+    let _mute = std::os::unix::net::UnixListener::bind(&s0).unwrap();
+    let mut run = Proc::spawn(
+        &dir,
+        "run",
+        &[
+            "run",
+            "--guest",
+            "hello",
+            "--device",
+            &format!("vfio-user={}", s0.display()),
+        ],
+    );
+    let t0 = Instant::now();
+    let want = format!("still waiting for the device server at {}", s0.display());
+    while !run.stderr().contains(&want) {
+        assert!(run.running(), "ended: {}", run.stderr());
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no notice: {}",
+            run.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
