@@ -3,7 +3,7 @@
 //!
 //! A nested guest's memory is a window of its parent guest's RAM. The parent level
 //! hands that window down as its RAM file (a memfd) plus the window's place in the file;
-//! the child maps exactly that window as its own guest RAM ([`crate::GuestRam::from_file`])
+//! the child maps exactly that window as its own guest RAM ([`crate::memory::GuestRam::from_file`])
 //! and names the same file and offsets in its DMA maps, which the parent's exporter checks
 //! against the window (`nestio_nested::ExportedDevice`).
 //!
