@@ -45,10 +45,11 @@
 //!   client's `DeviceError::Disconnected`, which the server returns to the child as an
 //!   error; the child's own client sees `Disconnected` when this level's socket closes.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use nestio_device::{
     DeviceError, DeviceInfo, IoEventFd, IrqAction, IrqData, IrqInfo, MigState, MigrationFlags,
@@ -390,8 +391,8 @@ impl ExportedDevice {
         self.lock_maps().iter().map(|(a, s)| (*a, *s)).collect()
     }
 
-    fn lock_maps(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, u64>> {
-        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_maps(&self) -> parking_lot::MutexGuard<'_, BTreeMap<u64, u64>> {
+        self.maps.lock()
     }
 
     /// This level's GPA of the child map's target, checked against the window.
@@ -617,19 +618,16 @@ mod tests {
             data: IrqData,
         ) -> nestio_device::Result<()> {
             if let IrqData::Eventfd(fds) = data {
-                self.irq_fds
-                    .lock()
-                    .unwrap()
-                    .extend(fds.into_iter().flatten());
+                self.irq_fds.lock().extend(fds.into_iter().flatten());
             }
             Ok(())
         }
         fn dma_map(&self, req: DmaMapRequest) -> nestio_device::Result<()> {
-            self.maps.lock().unwrap().push(req);
+            self.maps.lock().push(req);
             Ok(())
         }
         fn dma_unmap(&self, iova: u64, size: u64) -> nestio_device::Result<()> {
-            self.unmaps.lock().unwrap().push((iova, size));
+            self.unmaps.lock().push((iova, size));
             Ok(())
         }
     }
@@ -722,7 +720,7 @@ mod tests {
             },
         })
         .unwrap();
-        let maps = rec.maps.lock().unwrap();
+        let maps = rec.maps.lock();
         assert_eq!(maps.len(), 2);
         for (m, iova) in maps.iter().zip([0x18_0000u64, 0x9000_0000]) {
             assert_eq!(m.range.start(), iova, "IOVA unchanged");
@@ -774,7 +772,7 @@ mod tests {
             },
         };
         assert_eq!(errno(exp.dma_map(foreign)), libc::EINVAL);
-        assert!(rec.maps.lock().unwrap().is_empty(), "nothing forwarded");
+        assert!(rec.maps.lock().is_empty(), "nothing forwarded");
         assert_eq!(exp.stats().refused_maps, 6);
     }
 
@@ -784,9 +782,9 @@ mod tests {
         exp.dma_map(peer_req(0x20_0000, 0x2000)).unwrap();
         let e = exp.dma_unmap(0x20_0000, 0x1000).unwrap_err();
         assert_eq!(e.errno(), libc::ENOENT);
-        assert!(rec.unmaps.lock().unwrap().is_empty());
+        assert!(rec.unmaps.lock().is_empty());
         exp.dma_unmap(0x20_0000, 0x2000).unwrap();
-        assert_eq!(*rec.unmaps.lock().unwrap(), vec![(0x20_0000, 0x2000)]);
+        assert_eq!(*rec.unmaps.lock(), vec![(0x20_0000, 0x2000)]);
         assert!(exp.child_mappings().is_empty());
         assert_eq!(
             exp.dma_unmap(0x20_0000, 0x2000).unwrap_err().errno(),
@@ -798,7 +796,7 @@ mod tests {
     fn no_shared_memory_copies_within_the_mapping() {
         let (rec, exp, fd) = setup(true);
         exp.dma_map(peer_req(0x18_0000, 0x1000)).unwrap();
-        let peer = match &rec.maps.lock().unwrap()[0].backing {
+        let peer = match &rec.maps.lock()[0].backing {
             DmaBacking::Peer(p) => p.clone(),
             DmaBacking::Fd { .. } => panic!("no_shared_memory passed the fd"),
         };
@@ -836,7 +834,7 @@ mod tests {
             IrqData::Eventfd(vec![Some(ours.try_clone().unwrap())]),
         )
         .unwrap();
-        let fds = rec.irq_fds.lock().unwrap();
+        let fds = rec.irq_fds.lock();
         assert_eq!(fds.len(), 1);
         let one = 1u64;
         // SAFETY: writes 8 bytes from a local.

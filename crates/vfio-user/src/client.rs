@@ -19,11 +19,12 @@
 //! A server that goes away turns every call into `DeviceError::Disconnected`; no call
 //! hangs on a dead socket.
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use nestio_device::{
@@ -107,7 +108,7 @@ struct PeerMap {
 
 impl PeerMap {
     fn find(&self, addr: u64, len: u64, write: bool) -> std::result::Result<Arc<dyn DmaPeer>, i32> {
-        let maps = self.maps.read().unwrap_or_else(|e| e.into_inner());
+        let maps = self.maps.read();
         let last = addr
             .checked_add(len.checked_sub(1).ok_or(libc::EINVAL)?)
             .ok_or(libc::EINVAL)?;
@@ -550,11 +551,7 @@ impl Drop for Client {
             t.shutdown("client dropped");
             let _ = h.join();
         }
-        let idle = self
-            .idle_reader
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let idle = self.idle_reader.get_mut().take();
         if let Some(h) = idle {
             let _ = h.join();
         }
@@ -569,7 +566,7 @@ impl Client {
         if self.twin.is_some() {
             return Ok(());
         }
-        let mut slot = self.idle_reader.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.idle_reader.lock();
         if slot.is_some() {
             return Ok(());
         }
@@ -897,7 +894,7 @@ impl VfioDevice for Client {
         .encode_into(&mut b);
         let start = req.range.start();
         if let DmaBacking::Peer(p) = &req.backing {
-            let mut maps = self.peers.maps.write().unwrap_or_else(|e| e.into_inner());
+            let mut maps = self.peers.maps.write();
             if maps.values().any(|m| m.range.overlaps(&req.range)) {
                 return Err(nestio_dma::DmaError::Overlap {
                     iova: start,
@@ -920,11 +917,7 @@ impl VfioDevice for Client {
         let fds: Vec<RawFd> = fd.into_iter().collect();
         let r = self.call("DMA_MAP", Command::DmaMap, &b, &fds);
         if r.is_err() && matches!(req.backing, DmaBacking::Peer(_)) {
-            self.peers
-                .maps
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&start);
+            self.peers.maps.write().remove(&start);
         }
         r.map(|_| ())
     }
@@ -939,7 +932,7 @@ impl VfioDevice for Client {
         }
         .encode_into(&mut b);
         self.call("DMA_UNMAP", Command::DmaUnmap, &b, &[])?;
-        let mut maps = self.peers.maps.write().unwrap_or_else(|e| e.into_inner());
+        let mut maps = self.peers.maps.write();
         if maps.get(&iova).is_some_and(|m| m.range.len() == size) {
             maps.remove(&iova);
         }
@@ -956,11 +949,7 @@ impl VfioDevice for Client {
         }
         .encode_into(&mut b);
         self.call("DMA_UNMAP", Command::DmaUnmap, &b, &[])?;
-        self.peers
-            .maps
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.peers.maps.write().clear();
         Ok(())
     }
 

@@ -16,12 +16,13 @@
 //! When the socket fails or closes, every waiter gets [`EndpointError::Closed`]; nobody
 //! hangs on a dead peer.
 
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+
 use std::time::{Duration, Instant};
 
 use crate::proto::{Command, Header, MsgType};
@@ -155,7 +156,7 @@ impl Endpoint {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     /// Is the connection closed?
@@ -191,7 +192,7 @@ impl Endpoint {
         fds: &[RawFd],
     ) -> Result<(), EndpointError> {
         let r = {
-            let _g = self.send_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = self.send_lock.lock();
             send_message(&self.sock, header, payload, fds)
         };
         r.map_err(|e| {
@@ -374,34 +375,27 @@ impl Endpoint {
             }
             if st.reader_busy {
                 st.waiters += 1;
-                st = match deadline {
-                    None => self.cond.wait(st).unwrap_or_else(|e| e.into_inner()),
+                match deadline {
+                    None => self.cond.wait(&mut st),
                     Some((d, t)) => {
                         let now = Instant::now();
                         if now >= d {
                             st.waiters -= 1;
                             return Err(self.timed_out(&mut st, id, t));
                         }
-                        self.cond
-                            .wait_timeout(st, d - now)
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0
+                        self.cond.wait_for(&mut st, d - now);
                     }
-                };
+                }
                 st.waiters -= 1;
                 continue;
             }
             st.reader_busy = true;
             drop(st);
-            let r = self
-                .receiver
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .recv_until(
-                    &self.sock,
-                    self.max_msg_size.load(Ordering::Relaxed),
-                    deadline.map(|(d, _)| d),
-                );
+            let r = self.receiver.lock().recv_until(
+                &self.sock,
+                self.max_msg_size.load(Ordering::Relaxed),
+                deadline.map(|(d, _)| d),
+            );
             st = self.lock();
             st.reader_busy = false;
             let routed = match r {

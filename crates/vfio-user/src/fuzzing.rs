@@ -149,11 +149,11 @@ const PEER_LEN: usize = 0x4000;
 const FD_IOVA: u64 = 0x20_0000;
 
 /// Memory served by DMA_READ/DMA_WRITE messages.
-struct VecPeer(std::sync::Mutex<Vec<u8>>);
+struct VecPeer(parking_lot::Mutex<Vec<u8>>);
 
 impl nestio_dma::DmaPeer for VecPeer {
     fn dma_read(&self, addr: u64, buf: &mut [u8]) -> Result<(), i32> {
-        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let m = self.0.lock();
         let off = addr.checked_sub(PEER_IOVA).ok_or(libc::EFAULT)? as usize;
         let src = off
             .checked_add(buf.len())
@@ -163,7 +163,7 @@ impl nestio_dma::DmaPeer for VecPeer {
         Ok(())
     }
     fn dma_write(&self, addr: u64, data: &[u8]) -> Result<(), i32> {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.0.lock();
         let off = addr.checked_sub(PEER_IOVA).ok_or(libc::EFAULT)? as usize;
         let dst = off
             .checked_add(data.len())
@@ -257,7 +257,7 @@ fn run_client(stream: UnixStream, config: crate::ClientConfig, p: &mut Script<'_
     let mut count = |r: bool| ok += usize::from(r);
     let _ = (c.info(), c.version(), c.twin_socket(), c.write_multiple());
     // Memory the server may reach by message from now on.
-    let peer = Arc::new(VecPeer(std::sync::Mutex::new(vec![0u8; PEER_LEN])));
+    let peer = Arc::new(VecPeer(parking_lot::Mutex::new(vec![0u8; PEER_LEN])));
     if let Ok(range) = DmaRange::new(PEER_IOVA, PEER_LEN as u64) {
         count(
             c.dma_map(DmaMapRequest {

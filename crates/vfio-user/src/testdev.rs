@@ -13,9 +13,10 @@
 //! Irqs: index 0 INTx (1 vector, maskable, automasked), index 1 MSI (4 vectors).
 //! Migration v2 with STOP_COPY: the state is region 0 followed by the registers.
 
+use parking_lot::Mutex;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use nestio_device::irq::Irqs;
 use nestio_device::migration::{MigrationData, MigrationFsm};
@@ -104,8 +105,8 @@ impl TestDevice {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// Number of resets so far.
@@ -275,7 +276,7 @@ impl VfioDevice for TestDevice {
 
     fn reset(&self) -> Result<()> {
         // Lock order everywhere: fsm, then state.
-        let mut fsm = self.fsm.lock().unwrap_or_else(|e| e.into_inner());
+        let mut fsm = self.fsm.lock();
         let mut st = self.lock();
         st.ram.fill(0);
         st.regs = [0; REGS_SIZE];
@@ -290,15 +291,15 @@ impl VfioDevice for TestDevice {
     }
 
     fn migration_flags(&self) -> Option<MigrationFlags> {
-        Some(self.fsm.lock().unwrap_or_else(|e| e.into_inner()).flags())
+        Some(self.fsm.lock().flags())
     }
 
     fn mig_state(&self) -> Result<MigState> {
-        Ok(self.fsm.lock().unwrap_or_else(|e| e.into_inner()).state())
+        Ok(self.fsm.lock().state())
     }
 
     fn mig_set_state(&self, target: MigState) -> Result<MigState> {
-        let mut fsm = self.fsm.lock().unwrap_or_else(|e| e.into_inner());
+        let mut fsm = self.fsm.lock();
         let mut st = self.lock();
         fsm.transition(target, |from, to| {
             match (from, to) {
@@ -328,12 +329,12 @@ impl VfioDevice for TestDevice {
 
     fn mig_data_read(&self, buf: &mut [u8]) -> Result<usize> {
         // Lock order: fsm, then state.
-        let fsm = self.fsm.lock().unwrap_or_else(|e| e.into_inner());
+        let fsm = self.fsm.lock();
         self.lock().mig.read(fsm.state(), buf)
     }
 
     fn mig_data_write(&self, data: &[u8]) -> Result<()> {
-        let fsm = self.fsm.lock().unwrap_or_else(|e| e.into_inner());
+        let fsm = self.fsm.lock();
         self.lock().mig.write(fsm.state(), data)
     }
 }
