@@ -29,6 +29,8 @@
 pub mod bench;
 mod dirty;
 mod error;
+#[cfg(feature = "harness")]
+pub mod fuzzing;
 mod guard;
 mod map_table;
 pub mod memfd;
