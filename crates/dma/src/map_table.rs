@@ -21,7 +21,11 @@
 //!   [`crate::guard`]: a page the owner took away is a SIGBUS recovered inside the copy
 //!   and reported as a fault ([`DmaError::File`], errno 0: the file was shrunk), and the
 //!   pages come back when the owner regrows the file — zero copy, at the cost of a
-//!   process-wide SIGBUS/SIGSEGV handler that chains to the one before it;
+//!   process-wide SIGBUS/SIGSEGV handler that chains to the one before it. Such faults
+//!   are found per page, as for any mmap: a file shrunk to a size that is not a whole
+//!   number of pages leaves the rest of its last page reachable past the end of file
+//!   (as it is through every mapping of the file, the client's own included), where
+//!   `pread`/`pwrite` stop at the byte;
 //! - with [`UnsealedAccess::SystemCalls`] (or where the guarded copy is not available, or
 //!   the file cannot be mapped), such a file is reopened privately
 //!   ([`crate::memfd::reopen_private`], never with more access than the sender's fd, so
