@@ -270,6 +270,7 @@ mod imp {
     unsafe fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
         let prev = PREVIOUS[slot(sig)].get();
         let handler = prev.map_or(libc::SIG_DFL, |p| p.sa_sigaction);
+        let flags = prev.map_or(0, |p| p.sa_flags);
         if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
             // SAFETY: `info` is valid (see `on_fault`).
             let from_kernel = unsafe { (*info).si_code } > 0;
@@ -291,8 +292,9 @@ mod imp {
             }
             return;
         }
-        let prev = prev.expect("a handler other than SIG_DFL was recorded");
-        if prev.sa_flags & libc::SA_SIGINFO != 0 {
+        // The previous handler is called directly, in our signal frame (its own
+        // `sa_mask` is not applied: the signal itself stays blocked, as it would be).
+        if flags & libc::SA_SIGINFO != 0 {
             // SAFETY: the previous handler was installed with SA_SIGINFO, so this is its
             // three-argument entry point, called as the kernel would.
             unsafe {
