@@ -39,7 +39,7 @@ pub struct BenchArgs {
     /// Live 4 KiB mappings of the DMA map table churn measurement.
     #[arg(long, default_value_t = 100_000)]
     dma_maps: u64,
-    /// Which benchmarks: protocol, e1000, nested (depth 1/2/3), dma (map table churn), or all.
+    /// Which benchmarks: protocol, e1000, nested (depth 1/2/3), dma (map table churn and copies), or all.
     #[arg(long, default_value = "all", value_parser = ["all", "protocol", "e1000", "nested", "dma"])]
     only: String,
 }
@@ -60,6 +60,7 @@ pub fn run(args: BenchArgs) -> CmdResult {
     }
     if all || args.only == "dma" {
         println!("{}", nestio_dma::bench::churn(args.dma_maps, 5)?);
+        println!("{}", nestio_dma::bench::copy(5)?);
     }
     if all || args.only == "e1000" {
         for (mode, via) in [

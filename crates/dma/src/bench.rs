@@ -1,4 +1,5 @@
-//! Map/unmap churn of a [`MapTable`] at scale (feature `bench`; `nestio bench --only dma`).
+//! Map/unmap churn of a [`MapTable`] at scale, and the cost of its copies (feature
+//! `harness`; `nestio bench --only dma`).
 //!
 //! A shadowing vIOMMU turns every guest IOMMU page-table update into a DMA map or unmap,
 //! so a table must take hundreds of thousands of page-sized mappings of one file (guest
@@ -15,6 +16,12 @@
 //! and `mmap` + `munmap` of one page of the file (what a table with one mmap per mapping
 //! pays per map/unmap pair, before fds and `vm.max_map_count` stop it near 65530).
 //! Nothing here asserts a time.
+//!
+//! [`copy`] times single DMA accesses (an 8-byte descriptor word, a 1500-byte packet, a
+//! 64 KiB block) through a table over a sealed memfd (in place, vm-memory's volatile
+//! copies), an unsealed memfd in place (the fault-tolerant copy that survives a
+//! truncation), and an unsealed memfd by `pread`/`pwrite` (the path unsealed files took
+//! before), each as a ratio to `memcpy` on a plain mapping measured in the same run.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -27,7 +34,7 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, FileOffset, VolatileMemory};
 
 use crate::memfd::sealed_memfd;
-use crate::{DmaBacking, DmaError, DmaMapRequest, DmaRange, DmaSpaceExt, MapTable, Prot};
+use crate::{DmaBacking, DmaError, DmaMapRequest, DmaRange, DmaSpace, DmaSpaceExt, MapTable, Prot};
 
 const PAGE: u64 = 4096;
 
@@ -411,5 +418,194 @@ impl fmt::Display for ChurnReport {
             self.rss_growth as f64 / (self.floor_rss_growth.max(1)) as f64,
             self.floor_rss_growth as f64 / (1 << 20) as f64,
         )
+    }
+}
+
+/// What [`copy`] measured: the time of one access of each size through each path,
+/// best over the rounds.
+#[derive(Debug, Clone)]
+pub struct CopyReport {
+    /// One row per access size.
+    pub rows: Vec<CopyRow>,
+    /// Rounds run.
+    pub rounds: u32,
+}
+
+/// One access size of a [`CopyReport`]; times are per access (a read and a write
+/// alternate).
+#[derive(Debug, Clone, Copy)]
+pub struct CopyRow {
+    /// Bytes per access.
+    pub size: usize,
+    /// `copy_nonoverlapping` between a buffer and a plain mapping of the file (no table).
+    pub floor: Duration,
+    /// Through the table, sealed memfd (in place, vm-memory volatile copies).
+    pub sealed: Duration,
+    /// Through the table, unsealed memfd, in place with the fault-tolerant copy.
+    pub guarded: Duration,
+    /// Through the table, unsealed memfd, `pread` / `fstat` + `pwrite`.
+    pub calls: Duration,
+}
+
+/// The access sizes [`copy`] measures: a descriptor word, a packet, a 64 KiB block.
+pub const COPY_SIZES: [usize; 3] = [8, 1500, 64 << 10];
+
+fn unsealed_memfd(size: u64) -> Result<OwnedFd, ChurnError> {
+    // SAFETY: memfd_create with a literal name; the result is checked.
+    let raw = unsafe { libc::memfd_create(c"nestio-copy".as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(setup("memfd")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh descriptor owned by nobody else.
+    let f = std::fs::File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) });
+    f.set_len(size).map_err(setup("ftruncate"))?;
+    Ok(OwnedFd::from(f))
+}
+
+/// Time DMA copies of each of [`COPY_SIZES`] through a sealed memfd, an unsealed one
+/// accessed in place with the fault-tolerant copy, and an unsealed one accessed with
+/// `pread`/`pwrite`, against a `memcpy` floor on a plain mapping, interleaved over
+/// `rounds` rounds (best kept: this machine is shared and noisy).
+pub fn copy(rounds: u32) -> Result<CopyReport, ChurnError> {
+    const MEM: u64 = 4 << 20;
+    let sealed = MapTable::default();
+    let guarded = MapTable::default();
+    let calls = MapTable::with_unsealed_access(16, crate::UnsealedAccess::SystemCalls);
+    let floor_fd = sealed_memfd(c"nestio-copy-floor", MEM).map_err(setup("memfd"))?;
+    for (t, fd) in [
+        (
+            &sealed,
+            sealed_memfd(c"nestio-copy", MEM).map_err(setup("memfd"))?,
+        ),
+        (&guarded, unsealed_memfd(MEM)?),
+        (&calls, unsealed_memfd(MEM)?),
+    ] {
+        t.map(DmaMapRequest {
+            range: DmaRange::new(0, MEM).map_err(table("a range"))?,
+            prot: Prot::RW,
+            backing: DmaBacking::Fd {
+                fd: Arc::new(fd),
+                offset: 0,
+            },
+        })
+        .map_err(table("a copy benchmark map"))?;
+    }
+    let floor_map = MmapRegion::<()>::build(
+        Some(FileOffset::new(std::fs::File::from(floor_fd), 0)),
+        MEM as usize,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED,
+    )
+    .map_err(|e| setup("mmap")(std::io::Error::other(e.to_string())))?;
+    let mut rows: Vec<CopyRow> = COPY_SIZES
+        .iter()
+        .map(|&size| CopyRow {
+            size,
+            floor: Duration::MAX,
+            sealed: Duration::MAX,
+            guarded: Duration::MAX,
+            calls: Duration::MAX,
+        })
+        .collect();
+    let mut buf = vec![0x5au8; 64 << 10];
+    for _ in 0..rounds.max(1) {
+        for row in &mut rows {
+            let n = row.size;
+            // About 16 MiB per path and round, at least 20,000 accesses.
+            let iters = ((16usize << 20) / n).clamp(64, 20_000) as u64;
+            let span = MEM - n as u64;
+            let at = |i: u64| (i * 4096 + (i % 7) * 8) % span; // aligned, spread
+            let base = floor_map.as_ptr();
+            let t0 = Instant::now();
+            for i in 0..iters {
+                // SAFETY: `at(i) + n` lies inside the mapping of MEM bytes; `buf` holds at
+                // least `n` bytes and is not part of the mapping.
+                unsafe {
+                    let p = base.add(at(i) as usize);
+                    if i % 2 == 0 {
+                        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
+                    } else {
+                        std::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+                    }
+                }
+                black_box(&mut buf);
+            }
+            row.floor = row.floor.min(t0.elapsed() / iters as u32);
+            for (t, slot) in [
+                (&sealed, &mut row.sealed),
+                (&guarded, &mut row.guarded),
+                (&calls, &mut row.calls),
+            ] {
+                let t0 = Instant::now();
+                for i in 0..iters {
+                    if i % 2 == 0 {
+                        t.read(at(i), &mut buf[..n])
+                    } else {
+                        t.write(at(i), &buf[..n])
+                    }
+                    .map_err(table("a benchmark copy"))?;
+                    black_box(&mut buf);
+                }
+                *slot = (*slot).min(t0.elapsed() / iters as u32);
+            }
+        }
+    }
+    if guarded.stats().guarded_bytes == 0 {
+        return Err(ChurnError::Table {
+            what: "to copy an unsealed file in place",
+            source: DmaError::Invalid("the guarded copy is not available here".into()),
+        });
+    }
+    Ok(CopyReport { rows, rounds })
+}
+
+impl fmt::Display for CopyReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "DMA copies through the map table (reads and writes alternating; best of {} rounds; x = time / memcpy floor on a plain mapping)",
+            self.rounds
+        )?;
+        writeln!(
+            f,
+            "  {:>8}  {:>10}  {:>17}  {:>26}  {:>25}  {:>9}",
+            "size",
+            "memcpy",
+            "sealed in place",
+            "unsealed in place (guard)",
+            "unsealed pread/pwrite",
+            "guard/sealed"
+        )?;
+        let ns = |d: Duration| d.as_secs_f64() * 1e9;
+        for r in &self.rows {
+            let x = |d: Duration| ns(d) / ns(r.floor).max(1e-3);
+            writeln!(
+                f,
+                "  {:>8}  {:>8.0}ns  {:>8.0}ns {:>6.2}x  {:>17.0}ns {:>6.2}x  {:>16.0}ns {:>6.2}x  {:>8.2}x",
+                r.size,
+                ns(r.floor),
+                ns(r.sealed),
+                x(r.sealed),
+                ns(r.guarded),
+                x(r.guarded),
+                ns(r.calls),
+                x(r.calls),
+                ns(r.guarded) / ns(r.sealed).max(1e-3),
+            )?;
+        }
+        let gib = |r: &CopyRow, d: Duration| {
+            r.size as f64 / d.as_secs_f64().max(1e-12) / f64::from(1u32 << 30)
+        };
+        if let Some(r) = self.rows.iter().find(|r| r.size == 64 << 10) {
+            write!(
+                f,
+                "  64 KiB throughput: memcpy {:.1} GiB/s, sealed {:.1}, unsealed guarded {:.1}, unsealed pread/pwrite {:.1}",
+                gib(r, r.floor),
+                gib(r, r.sealed),
+                gib(r, r.guarded),
+                gib(r, r.calls)
+            )?;
+        }
+        Ok(())
     }
 }

@@ -62,8 +62,10 @@ pub enum DmaError {
         /// errno from the peer.
         errno: i32,
     },
-    /// A `pread`/`pwrite` on the file behind an unsealed fd mapping failed or came up
-    /// short (errno 0 means end of file: the file's owner shrank it after mapping).
+    /// An access to the file behind an unsealed fd mapping failed: a `pread`/`pwrite`
+    /// failed or came up short, or an in-place copy was stopped by SIGBUS (the page is
+    /// past the end of file) or SIGSEGV. errno 0 means end of file: the file's owner
+    /// shrank it after mapping.
     #[error("DMA {access} of {len} bytes at IOVA {iova:#x} failed on the file behind its mapping (errno {errno}; 0 means the file was shrunk after DMA_MAP); the client must keep mapped files at their size, e.g. by sealing its memfd with F_SEAL_SHRINK")]
     File {
         /// Address.

@@ -7,9 +7,11 @@
 //! The building blocks:
 //! - [`MapTable`] is the flat map that a vfio-user client (or a VMM) builds with DMA_MAP /
 //!   DMA_UNMAP. A mapping is backed either by a file descriptor (guest RAM shared by fd,
-//!   mmapped here and accessed in place with volatile copies — zero copy — when the file
-//!   is sealed against shrinking, see [`memfd`]; read and written with `pread`/`pwrite`
-//!   otherwise, so a peer cannot crash us by truncating it), or by a
+//!   mmapped here and accessed in place — zero copy — with vm-memory's volatile copies
+//!   when the file is sealed against shrinking, see [`memfd`]; with a fault-tolerant
+//!   copy routine otherwise, whose SIGBUS on a page the peer truncated away is recovered
+//!   and reported as a DMA fault, so a peer cannot crash us by truncating it (module
+//!   `guard`); or, when asked, with `pread`/`pwrite`), or by a
 //!   [`DmaPeer`], the owner of the memory reached by messages (vfio-user DMA_READ/WRITE).
 //!   All mappings of one file share one backing (one mmap or one private fd), so a
 //!   vIOMMU's hundreds of thousands of page-sized maps cost O(1) fds and VMAs; every fd
@@ -27,6 +29,9 @@
 pub mod bench;
 mod dirty;
 mod error;
+#[cfg(feature = "harness")]
+pub mod fuzzing;
+mod guard;
 mod map_table;
 pub mod memfd;
 mod range;
@@ -34,7 +39,7 @@ mod range;
 pub use dirty::DirtyLog;
 pub use error::{Access, DmaError};
 pub use map_table::{
-    DmaBacking, DmaMapRequest, MapTable, MapTableStats, MappingInfo, SPLIT_GRANULE,
+    DmaBacking, DmaMapRequest, MapTable, MapTableStats, MappingInfo, UnsealedAccess, SPLIT_GRANULE,
 };
 pub use range::{DmaRange, Prot};
 

@@ -14,12 +14,24 @@
 //! sender cannot race the check) and classified:
 //! - a tmpfs file sealed with `F_SEAL_SHRINK` (nestio's guest RAM, QEMU's default memfd)
 //!   is mmapped and accessed in place through `VolatileSlice` copies — zero copy;
-//! - any other regular file could be truncated by its owner after the map, and touching
-//!   an mmap past the new end raises SIGBUS; it is reopened privately
+//! - any other regular file (Cloud Hypervisor's guest RAM memfd, a plain file) could be
+//!   truncated by its owner after the map, and touching an mmap past the new end raises
+//!   SIGBUS. By default ([`UnsealedAccess::Guarded`]) it is mmapped in place all the
+//!   same, and every access to it goes through the fault-tolerant copy of
+//!   [`crate::guard`]: a page the owner took away is a SIGBUS recovered inside the copy
+//!   and reported as a fault ([`DmaError::File`], errno 0: the file was shrunk), and the
+//!   pages come back when the owner regrows the file — zero copy, at the cost of a
+//!   process-wide SIGBUS/SIGSEGV handler that chains to the one before it. Such faults
+//!   are found per page, as for any mmap: a file shrunk to a size that is not a whole
+//!   number of pages leaves the rest of its last page reachable past the end of file
+//!   (as it is through every mapping of the file, the client's own included), where
+//!   `pread`/`pwrite` stop at the byte;
+//! - with [`UnsealedAccess::SystemCalls`] (or where the guarded copy is not available, or
+//!   the file cannot be mapped), such a file is reopened privately
 //!   ([`crate::memfd::reopen_private`], never with more access than the sender's fd, so
 //!   the sender's later `O_APPEND` cannot redirect our writes) and accessed with `pread`
 //!   (one system call) / `fstat` + `pwrite` (two), where a shrunk file is a short read
-//!   or a refused write and so a reported fault;
+//!   or a refused write and so the same reported fault;
 //! - anything else (devices, sockets, anonymous inodes, FUSE files) is refused (EINVAL),
 //!   an `O_PATH` fd with EBADF, an fd opened for less than the mapping's permissions
 //!   with EACCES.
@@ -71,13 +83,14 @@
 //! after the exclusive lock is dropped; no access can still use them, because accesses
 //! borrow mappings only while they hold the shared lock.
 
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, VolatileMemory};
@@ -145,9 +158,13 @@ pub struct MappingInfo {
 pub struct MapTableStats {
     /// Bytes copied in place through mmapped fd-backed mappings (no message).
     pub in_place_bytes: u64,
-    /// Bytes moved with `pread`/`pwrite` on fd-backed mappings whose file is not sealed
-    /// against shrinking (no message, one system call per piece).
+    /// Bytes moved on fd-backed mappings whose file is not sealed against shrinking (no
+    /// message): in place by the fault-tolerant copy (also counted in `guarded_bytes`),
+    /// or with `pread`/`pwrite` (one or two system calls per piece).
     pub file_bytes: u64,
+    /// The part of `file_bytes` copied in place by the fault-tolerant routine (zero
+    /// copy).
+    pub guarded_bytes: u64,
     /// Bytes moved by messages to a peer.
     pub peer_bytes: u64,
     /// Number of peer messages.
@@ -165,10 +182,30 @@ struct FileKey {
     prot: Prot,
 }
 
+/// How the mappings of files that are not sealed against shrinking are accessed
+/// (module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnsealedAccess {
+    /// Mapped in place and copied by the fault-tolerant routine (module `guard`): a
+    /// page the owner truncated away is a reported fault. Falls back to
+    /// [`UnsealedAccess::SystemCalls`] where the routine is not available (not x86_64
+    /// Linux), the recovery handler cannot be installed, or the file cannot be mapped.
+    #[default]
+    Guarded,
+    /// `pread` / `fstat` + `pwrite` on a private file description (one or two system
+    /// calls per piece).
+    SystemCalls,
+}
+
 /// How a file's bytes are reached.
 enum FileAccess {
-    /// Mapped in place; the region's first byte is at file offset `base`.
-    Mem { region: MmapRegion<()>, base: u64 },
+    /// Mapped in place; the region's first byte is at file offset `base`. `guarded`: the
+    /// file may shrink, so every copy goes through [`crate::guard`].
+    Mem {
+        region: MmapRegion<()>,
+        base: u64,
+        guarded: bool,
+    },
     /// By `pread`/`pwrite` on a private file description.
     Calls(File),
     /// Nothing: a mapping without permissions is never accessed.
@@ -190,7 +227,7 @@ impl FileBacking {
     /// True when this backing reaches file bytes `[offset, end)`.
     fn covers(&self, offset: u64, end: u64) -> bool {
         match &self.access {
-            FileAccess::Mem { region, base } => {
+            FileAccess::Mem { region, base, .. } => {
                 offset >= *base && end - base <= region.size() as u64
             }
             FileAccess::Calls(_) | FileAccess::Nothing => true,
@@ -291,8 +328,10 @@ impl Inner {
 pub struct MapTable {
     inner: RwLock<Inner>,
     limit: usize,
+    unsealed: UnsealedAccess,
     in_place_bytes: AtomicU64,
     file_bytes: AtomicU64,
+    guarded_bytes: AtomicU64,
     peer_bytes: AtomicU64,
     peer_ops: AtomicU64,
     faults: AtomicU64,
@@ -316,8 +355,15 @@ struct Piece<'a> {
 }
 
 impl MapTable {
-    /// An empty table that holds at most `limit` mappings.
+    /// An empty table that holds at most `limit` mappings; unsealed files are accessed
+    /// in place with fault-tolerant copies ([`UnsealedAccess::Guarded`]).
     pub fn new(limit: usize) -> Self {
+        Self::with_unsealed_access(limit, UnsealedAccess::Guarded)
+    }
+
+    /// An empty table that holds at most `limit` mappings and accesses the mappings of
+    /// files not sealed against shrinking as `unsealed` says.
+    pub fn with_unsealed_access(limit: usize, unsealed: UnsealedAccess) -> Self {
         MapTable {
             inner: RwLock::new(Inner {
                 maps: BTreeMap::new(),
@@ -325,8 +371,10 @@ impl MapTable {
                 dirty: None,
             }),
             limit,
+            unsealed,
             in_place_bytes: AtomicU64::new(0),
             file_bytes: AtomicU64::new(0),
+            guarded_bytes: AtomicU64::new(0),
             peer_bytes: AtomicU64::new(0),
             peer_ops: AtomicU64::new(0),
             faults: AtomicU64::new(0),
@@ -334,11 +382,11 @@ impl MapTable {
     }
 
     fn read_lock(&self) -> RwLockReadGuard<'_, Inner> {
-        self.inner.read().unwrap_or_else(|e| e.into_inner())
+        self.inner.read()
     }
 
     fn write_lock(&self) -> RwLockWriteGuard<'_, Inner> {
-        self.inner.write().unwrap_or_else(|e| e.into_inner())
+        self.inner.write()
     }
 
     /// Add a mapping. Overlap gives [`DmaError::Overlap`] (EEXIST).
@@ -379,7 +427,7 @@ impl MapTable {
         );
         let kind = match (backing, checked) {
             (DmaBacking::Fd { fd, offset }, Some(file)) => Kind::File {
-                backing: file_backing(&mut inner, fd, offset, prot, range, &file)?,
+                backing: file_backing(&mut inner, fd, offset, prot, range, &file, self.unsealed)?,
                 offset,
             },
             (DmaBacking::Peer(p), _) => Kind::Peer(p),
@@ -572,9 +620,11 @@ impl MapTable {
 
     /// Counters since creation.
     pub fn stats(&self) -> MapTableStats {
+        let guarded = self.guarded_bytes.load(Ordering::Relaxed);
         MapTableStats {
             in_place_bytes: self.in_place_bytes.load(Ordering::Relaxed),
-            file_bytes: self.file_bytes.load(Ordering::Relaxed),
+            file_bytes: self.file_bytes.load(Ordering::Relaxed) + guarded,
+            guarded_bytes: guarded,
             peer_bytes: self.peer_bytes.load(Ordering::Relaxed),
             peer_ops: self.peer_ops.load(Ordering::Relaxed),
             faults: self.faults.load(Ordering::Relaxed),
@@ -721,6 +771,7 @@ fn file_backing(
     prot: Prot,
     range: DmaRange,
     file: &DmaFile,
+    unsealed: UnsealedAccess,
 ) -> Result<Arc<FileBacking>, DmaError> {
     let end = offset + range.len(); // checked in `check_file`
     let in_place = file.sharing == Sharing::InPlace;
@@ -735,43 +786,93 @@ fn file_backing(
             return Ok(b.clone());
         }
     }
-    let access = if in_place {
+    // The whole file mapped once (registered), or, for a file too large to map whole,
+    // just this mapping's pages (private to the mapping).
+    let map_in_place = |guarded: bool| -> Result<(FileAccess, bool), DmaError> {
         match mmap(&fd, 0, file.size, prot, range) {
-            Ok(region) => FileAccess::Mem { region, base: 0 },
+            Ok(region) => Ok((
+                FileAccess::Mem {
+                    region,
+                    base: 0,
+                    guarded,
+                },
+                true,
+            )),
             Err(whole) => {
-                // Too large to map whole: map just this mapping, privately.
                 tracing::debug!(error = %whole, size = file.size, "mapping only the DMA range of a file too large to map whole");
                 let base = offset & !(page_size() - 1);
                 let region = mmap(&fd, base, end - base, prot, range)?;
-                let backing = FileBacking {
-                    key: None,
-                    fd,
-                    access: FileAccess::Mem { region, base },
-                    maps: AtomicUsize::new(0),
-                };
-                return Ok(Arc::new(backing));
+                Ok((
+                    FileAccess::Mem {
+                        region,
+                        base,
+                        guarded,
+                    },
+                    false,
+                ))
             }
         }
-    } else {
+    };
+    let calls = || -> Result<FileAccess, DmaError> {
         tracing::debug!(
             iova = range.start(),
             size = range.len(),
             "DMA mapping's file is not a sealed tmpfs file: accessed with pread/pwrite"
         );
-        match crate::memfd::reopen_private(fd.as_fd(), file, prot).map_err(|e| refuse(range, e))? {
-            Some(own) => FileAccess::Calls(own),
-            None => FileAccess::Nothing,
+        Ok(
+            match crate::memfd::reopen_private(fd.as_fd(), file, prot)
+                .map_err(|e| refuse(range, e))?
+            {
+                Some(own) => FileAccess::Calls(own),
+                None => FileAccess::Nothing,
+            },
+        )
+    };
+    let (access, shared) = if in_place {
+        map_in_place(false)?
+    } else if unsealed == UnsealedAccess::Guarded && (prot.readable() || prot.writable()) {
+        // Checked first, so the file is never mapped unguarded; a file that cannot be
+        // mapped (a write-only fd, a hugetlbfs file not mapped at its huge page size)
+        // keeps the system-call path.
+        match crate::guard::install().map_err(|errno| DmaError::Mmap {
+            iova: range.start(),
+            size: range.len(),
+            errno,
+            errno_text: "the SIGBUS/SIGSEGV recovery handler cannot be installed".into(),
+        }) {
+            Ok(()) => match map_in_place(true) {
+                Ok(done) => {
+                    tracing::debug!(
+                        iova = range.start(),
+                        size = range.len(),
+                        "DMA mapping's file is not sealed: mapped in place with fault-tolerant copies"
+                    );
+                    done
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot map an unsealed DMA file in place");
+                    (calls()?, true)
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "unsealed DMA files fall back to pread/pwrite");
+                (calls()?, true)
+            }
         }
+    } else {
+        (calls()?, true)
     };
     let backing = Arc::new(FileBacking {
-        key: Some(key),
+        key: shared.then_some(key),
         fd,
         access,
         maps: AtomicUsize::new(0),
     });
-    // A backing this file had (too small: the file grew) keeps serving its mappings
-    // until they go; new mappings of the file use the new one.
-    inner.files.insert(key, backing.clone());
+    if shared {
+        // A backing this file had (too small: the file grew) keeps serving its mappings
+        // until they go; new mappings of the file use the new one.
+        inner.files.insert(key, backing.clone());
+    }
     Ok(backing)
 }
 
@@ -828,6 +929,8 @@ fn mmap(
 enum Seg<'a> {
     /// In place: `len` bytes at offset `off` of the mapped region, buffer position `pos`.
     Mem(&'a MmapRegion<()>, usize, usize, usize),
+    /// In place with the fault-tolerant routine ([`crate::guard`]): as `Mem`.
+    Guarded(&'a MmapRegion<()>, usize, usize, usize),
     /// By system call: `len` bytes at file offset `at`, buffer position `pos`.
     File(&'a File, u64, usize, usize),
     /// By message: `len` bytes at peer address `addr`, buffer position `pos`.
@@ -860,7 +963,26 @@ impl MapTable {
             let (n, pos) = (p.len, p.pos);
             match &p.map.kind {
                 Kind::File { backing, offset } => match &backing.access {
-                    FileAccess::Mem { region, base } => {
+                    FileAccess::Mem {
+                        region,
+                        base,
+                        guarded: true,
+                    } => {
+                        // The backing covers the mapping (checked at map time); a page the
+                        // owner truncated away is a fault, as a short pread is.
+                        let at = (offset + p.off - base) as usize;
+                        copy(Seg::Guarded(region, at, pos, n)).map_err(|errno| {
+                            self.fault(DmaError::File {
+                                iova: p.map.range.start() + p.off,
+                                len: n as u64,
+                                access,
+                                errno,
+                            })
+                        })?;
+                        // Also reported in `file_bytes` (see `stats`): one atomic here.
+                        self.guarded_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    FileAccess::Mem { region, base, .. } => {
                         // The backing covers the mapping (checked at map time).
                         let at = (offset + p.off - base) as usize;
                         copy(Seg::Mem(region, at, pos, n)).map_err(|_| {
@@ -920,6 +1042,17 @@ impl DmaSpace for MapTable {
                 s.copy_to(&mut buf[pos..pos + n]);
                 Ok(())
             }
+            Seg::Guarded(region, off, pos, n) => {
+                let buf = &mut buf[pos..pos + n];
+                let src = guarded_ptr(region, off, n)?;
+                // SAFETY: `src` is `n` bytes inside the live mapping `region` (checked by
+                // `guarded_ptr`; the table's shared lock keeps it mapped), whose pages
+                // the owner may take away (a recovered fault); `buf` is our own memory
+                // and cannot overlap a file mapping; the handler was installed before
+                // the backing was created.
+                let done = unsafe { crate::guard::load(buf.as_mut_ptr(), src, n) };
+                guarded_result(done)
+            }
             Seg::File(file, at, pos, n) => file
                 .read_exact_at(&mut buf[pos..pos + n], at)
                 .map_err(|e| e.raw_os_error().unwrap_or(0)),
@@ -933,6 +1066,14 @@ impl DmaSpace for MapTable {
                 let s = region.get_slice(off, n).map_err(|_| libc::EFAULT)?;
                 s.copy_from(&data[pos..pos + n]);
                 Ok(())
+            }
+            Seg::Guarded(region, off, pos, n) => {
+                let data = &data[pos..pos + n];
+                let dst = guarded_ptr(region, off, n)?;
+                // SAFETY: as in `read`. The routine's probe reads the last byte: x86
+                // pages that are writable are also readable.
+                let done = unsafe { crate::guard::store(dst, data.as_ptr(), n) };
+                guarded_result(done)
             }
             Seg::File(file, at, pos, n) => {
                 // pwrite past the end would grow the file back; a write to memory the
@@ -951,5 +1092,25 @@ impl DmaSpace for MapTable {
             }
             Seg::Peer(peer, addr, pos, n) => peer.dma_write(addr, &data[pos..pos + n]),
         })
+    }
+}
+
+/// The address of `n` bytes at `off` in `region`, checked to lie inside it.
+fn guarded_ptr(region: &MmapRegion<()>, off: usize, n: usize) -> Result<*mut u8, i32> {
+    if off.checked_add(n).is_none_or(|end| end > region.size()) {
+        return Err(libc::EFAULT);
+    }
+    // SAFETY: `off` is inside the region (checked above), so the pointer stays within
+    // its allocation.
+    Ok(unsafe { region.as_ptr().add(off) })
+}
+
+/// A guarded copy's outcome as the errno of a [`DmaError::File`]: 0 (end of file) when
+/// the owner truncated the file under the mapping (SIGBUS), EFAULT otherwise.
+fn guarded_result(done: crate::guard::Copied) -> Result<(), i32> {
+    match done.left {
+        0 => Ok(()),
+        _ if done.signal == libc::SIGBUS as usize => Err(0),
+        _ => Err(libc::EFAULT),
     }
 }

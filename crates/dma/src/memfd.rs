@@ -13,9 +13,11 @@
 //!   regular file on tmpfs/shmem (a memfd, a `/dev/shm` file) sealed with
 //!   `F_SEAL_SHRINK` is [`Sharing::InPlace`]: its pages cannot go away under a mapping
 //!   (hugetlbfs can lose a page to a punched hole even when sealed, so it does not
-//!   qualify). Other regular files are [`Sharing::SystemCalls`]: accessed with
-//!   `pread`/`pwrite` ([`crate::MapTable`] does this), which sees a shrunk file as a
-//!   short read — a reported fault, never a signal. Anything else (devices, sockets,
+//!   qualify). Other regular files are [`Sharing::SystemCalls`]: never touched by a
+//!   plain load or store. [`crate::MapTable`] maps them in place but copies only with
+//!   its fault-tolerant routine, which recovers the SIGBUS of a truncated page (or, when
+//!   asked or where that routine does not exist, uses `pread`/`pwrite`, which see a
+//!   shrunk file as a short read): a reported fault, never a crash. Anything else (devices, sockets,
 //!   anonymous inodes such as a KVM vCPU fd, FUSE files whose reads the sender could
 //!   block forever) is refused.
 //!
@@ -105,7 +107,8 @@ const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 pub enum Sharing {
     /// A sealed tmpfs file: mmap it and use it in place.
     InPlace,
-    /// A regular file that may shrink or lose pages: `pread`/`pwrite` only.
+    /// A regular file that may shrink or lose pages: never touched by a plain load or
+    /// store (fault-tolerant copies or `pread`/`pwrite`, see [`crate::MapTable`]).
     SystemCalls,
 }
 

@@ -66,10 +66,11 @@ fn in_place_access_reaches_the_file() {
 }
 
 /// A client that shrinks its (unsealed) file after DMA_MAP must not be able to kill the
-/// device with SIGBUS: such a mapping is accessed by pread/pwrite, and the bytes past the
-/// new end of file become a reported fault.
+/// device with SIGBUS: such a mapping is accessed with fault-tolerant copies (or by
+/// pread/pwrite where those are not available), and the bytes past the new end of file
+/// become a reported fault. (`tests/guarded.rs` checks both paths separately.)
 #[test]
-fn unsealed_file_is_accessed_by_system_calls_and_shrinking_it_is_a_fault() {
+fn unsealed_file_shrunk_under_its_mapping_is_a_fault() {
     let fd = unsealed_memfd(0x4000);
     let t = MapTable::default();
     map_fd(&t, 0x10000, 0x3000, Prot::RW, &fd, 0x1000).unwrap();
