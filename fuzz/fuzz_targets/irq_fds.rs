@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
-use nestio_device::{IrqAction, IrqData, VfioDevice};
+use nestio_device_model::{IrqAction, IrqData, VfioDevice};
 use nestio_vfio_user::testdev::TestDevice;
 use nestio_vfio_user::{Client, ClientConfig, Server, ServerConfig};
 

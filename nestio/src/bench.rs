@@ -13,9 +13,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use clap::Args;
-use nestio_device::VfioDevice;
-use nestio_devices::e1000::{E1000Config, E1000};
-use nestio_devices::e1000_bench::{self, DmaVia, Driver, IrqMode, GATEWAY_IP, GUEST_IP};
+use nestio_device_model::VfioDevice;
+use nestio_emulated::e1000::{E1000Config, E1000};
+use nestio_emulated::e1000_bench::{self, DmaVia, Driver, IrqMode, GATEWAY_IP, GUEST_IP};
 use nestio_nested::stack::{best_rows, measure_depths, print_rows};
 use nestio_nested::{DepthRow, NestedStack, RoundTrip, StackConfig};
 use nestio_vfio_user::{Client, ClientConfig, Server, ServerConfig};

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Args, Subcommand};
-use nestio_device::VfioDevice;
+use nestio_device_model::VfioDevice;
 use nestio_vfio_user::server::{bind_for, PeerPolicy, Server, ServerConfig};
 
 use crate::CmdResult;
@@ -96,10 +96,10 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 pub fn run(args: DeviceArgs) -> CmdResult {
     let (device, socket, opts): (Arc<dyn VfioDevice>, PathBuf, ServerOpts) = match args.kind {
         DeviceKind::Sample { socket, server } => {
-            (nestio_devices::sample::sample_device()?, socket, server)
+            (nestio_emulated::sample::sample_device()?, socket, server)
         }
         DeviceKind::Gpio { socket, server } => (
-            Arc::new(nestio_devices::gpio::Gpio::new(true)?),
+            Arc::new(nestio_emulated::gpio::Gpio::new(true)?),
             socket,
             server,
         ),
@@ -112,11 +112,11 @@ pub fn run(args: DeviceArgs) -> CmdResult {
         } => {
             let backend = nestio_net::open_backend(&net, pcap.as_deref())?;
             eprintln!("nestio: e1000 network backend: {}", backend.describe());
-            let mut cfg = nestio_devices::e1000::E1000Config::new(backend);
+            let mut cfg = nestio_emulated::e1000::E1000Config::new(backend);
             if let Some(mac) = mac {
                 cfg.mac = mac;
             }
-            (nestio_devices::e1000::E1000::new(cfg)?, socket, server)
+            (nestio_emulated::e1000::E1000::new(cfg)?, socket, server)
         }
     };
     let config = ServerConfig {

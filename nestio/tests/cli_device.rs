@@ -9,9 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nestio_device::{pci_index, IrqAction, IrqData, VfioDevice};
-use nestio_devices::sample::{cmd, dma_status, regs, DEVICE_ID, ID_VALUE, VENDOR_ID};
+use nestio_device_model::{pci_index, IrqAction, IrqData, VfioDevice};
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
+use nestio_emulated::sample::{cmd, dma_status, regs, DEVICE_ID, ID_VALUE, VENDOR_ID};
 use nestio_vfio_user::Client;
 
 struct Served {

@@ -7,8 +7,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nestio_device::{pci_index, IrqAction, IrqData, VfioDevice};
-use nestio_devices::gpio::regs;
+use nestio_device_model::{pci_index, IrqAction, IrqData, VfioDevice};
+use nestio_emulated::gpio::regs;
 use nestio_vfio_user::Client;
 
 #[test]

@@ -36,7 +36,7 @@ fn corpus_net_user() {
 
 #[test]
 fn corpus_e1000() {
-    replay("e1000", nestio_devices::e1000::fuzz_e1000);
+    replay("e1000", nestio_emulated::e1000::fuzz_e1000);
 }
 
 #[test]
@@ -51,7 +51,7 @@ fn corpus_client() {
 
 #[test]
 fn corpus_migration() {
-    replay("migration", nestio_devices::fuzz_migration);
+    replay("migration", nestio_emulated::fuzz_migration);
 }
 
 #[test]

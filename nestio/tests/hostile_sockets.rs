@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use nestio_device::VfioDevice;
+use nestio_device_model::VfioDevice;
 use nestio_vfio_user::{Client, ClientError};
 use nestio_vmm::handoff::RamHandoff;
 
@@ -184,7 +184,7 @@ fn an_export_level_survives_bad_connections_and_hands_down_only_the_window() {
     let child = Client::connect(&s1).expect("the real child is served");
     let mut id = [0u8; 4];
     child
-        .region_read(nestio_device::pci_index::CONFIG, 0, &mut id)
+        .region_read(nestio_device_model::pci_index::CONFIG, 0, &mut id)
         .unwrap();
     assert_ne!(u32::from_le_bytes(id), 0xffff_ffff);
     let second = Client::connect(&s1)

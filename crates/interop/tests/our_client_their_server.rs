@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use common::their::{self, TheirServer};
 use common::*;
-use nestio_device::{
+use nestio_device_model::{
     flags, irq_flags, pci_index, region_flags, DeviceError, IrqAction, IrqData, VfioDevice,
 };
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use common::*;
-use nestio_device::{flags, pci_index, VfioDevice};
+use nestio_device_model::{flags, pci_index, VfioDevice};
 use nestio_vfio_user::server::{Server, ServerConfig, ServerError};
 use ours::TestDevice;
 use vfio_bindings::bindings::vfio::*;

@@ -51,7 +51,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use nestio_device::{
+use nestio_device_model::{
     DeviceError, DeviceInfo, IoEventFd, IrqAction, IrqData, IrqInfo, MigState, MigrationFlags,
     RegionInfo, VfioDevice,
 };
@@ -429,22 +429,32 @@ impl VfioDevice for ExportedDevice {
     fn info(&self) -> DeviceInfo {
         self.inner.info()
     }
-    fn region_info(&self, index: u32) -> nestio_device::Result<RegionInfo> {
+    fn region_info(&self, index: u32) -> nestio_device_model::Result<RegionInfo> {
         // Passed down unchanged: an mmappable region's fd reaches the child as is.
         self.inner.region_info(index)
     }
-    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> nestio_device::Result<()> {
+    fn region_read(
+        &self,
+        index: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> nestio_device_model::Result<()> {
         bump(&self.counters.region_reads);
         self.inner.region_read(index, offset, buf)
     }
-    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> nestio_device::Result<()> {
+    fn region_write(
+        &self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> nestio_device_model::Result<()> {
         bump(&self.counters.region_writes);
         self.inner.region_write(index, offset, data)
     }
-    fn region_io_fds(&self, index: u32) -> nestio_device::Result<Vec<IoEventFd>> {
+    fn region_io_fds(&self, index: u32) -> nestio_device_model::Result<Vec<IoEventFd>> {
         self.inner.region_io_fds(index)
     }
-    fn irq_info(&self, index: u32) -> nestio_device::Result<IrqInfo> {
+    fn irq_info(&self, index: u32) -> nestio_device_model::Result<IrqInfo> {
         self.inner.irq_info(index)
     }
     fn set_irqs(
@@ -454,16 +464,16 @@ impl VfioDevice for ExportedDevice {
         start: u32,
         count: u32,
         data: IrqData,
-    ) -> nestio_device::Result<()> {
+    ) -> nestio_device_model::Result<()> {
         bump(&self.counters.set_irqs);
         // The child's eventfds go to the device unchanged (fd-to-fd).
         self.inner.set_irqs(index, action, start, count, data)
     }
-    fn reset(&self) -> nestio_device::Result<()> {
+    fn reset(&self) -> nestio_device_model::Result<()> {
         bump(&self.counters.resets);
         self.inner.reset()
     }
-    fn dma_map(&self, req: DmaMapRequest) -> nestio_device::Result<()> {
+    fn dma_map(&self, req: DmaMapRequest) -> nestio_device_model::Result<()> {
         let gpa = match self.resolve(&req) {
             Ok(g) => g,
             Err(e) => {
@@ -519,7 +529,7 @@ impl VfioDevice for ExportedDevice {
         });
         Ok(())
     }
-    fn dma_unmap(&self, iova: u64, size: u64) -> nestio_device::Result<()> {
+    fn dma_unmap(&self, iova: u64, size: u64) -> nestio_device_model::Result<()> {
         let mut maps = self.lock_maps();
         if maps.get(&iova) != Some(&size) {
             return Err(DeviceError::Dma(DmaError::NotMapped { iova, size }));
@@ -529,7 +539,7 @@ impl VfioDevice for ExportedDevice {
         bump(&self.counters.unmaps);
         Ok(())
     }
-    fn dma_unmap_all(&self) -> nestio_device::Result<()> {
+    fn dma_unmap_all(&self) -> nestio_device_model::Result<()> {
         let mut maps = self.lock_maps();
         self.inner.dma_unmap_all()?;
         maps.clear();
@@ -539,29 +549,33 @@ impl VfioDevice for ExportedDevice {
     fn migration_flags(&self) -> Option<MigrationFlags> {
         self.inner.migration_flags()
     }
-    fn mig_state(&self) -> nestio_device::Result<MigState> {
+    fn mig_state(&self) -> nestio_device_model::Result<MigState> {
         self.inner.mig_state()
     }
-    fn mig_set_state(&self, target: MigState) -> nestio_device::Result<MigState> {
+    fn mig_set_state(&self, target: MigState) -> nestio_device_model::Result<MigState> {
         self.inner.mig_set_state(target)
     }
-    fn mig_data_read(&self, buf: &mut [u8]) -> nestio_device::Result<usize> {
+    fn mig_data_read(&self, buf: &mut [u8]) -> nestio_device_model::Result<usize> {
         self.inner.mig_data_read(buf)
     }
-    fn mig_data_write(&self, data: &[u8]) -> nestio_device::Result<()> {
+    fn mig_data_write(&self, data: &[u8]) -> nestio_device_model::Result<()> {
         self.inner.mig_data_write(data)
     }
-    fn dma_logging_start(&self, page_size: u64, ranges: &[DmaRange]) -> nestio_device::Result<()> {
+    fn dma_logging_start(
+        &self,
+        page_size: u64,
+        ranges: &[DmaRange],
+    ) -> nestio_device_model::Result<()> {
         self.inner.dma_logging_start(page_size, ranges)
     }
-    fn dma_logging_stop(&self) -> nestio_device::Result<()> {
+    fn dma_logging_stop(&self) -> nestio_device_model::Result<()> {
         self.inner.dma_logging_stop()
     }
     fn dma_logging_report(
         &self,
         range: DmaRange,
         page_size: u64,
-    ) -> nestio_device::Result<Vec<u64>> {
+    ) -> nestio_device_model::Result<Vec<u64>> {
         self.inner.dma_logging_report(range, page_size)
     }
 }
@@ -582,27 +596,27 @@ mod tests {
     impl VfioDevice for Recorder {
         fn info(&self) -> DeviceInfo {
             DeviceInfo {
-                flags: nestio_device::flags::PCI,
+                flags: nestio_device_model::flags::PCI,
                 num_regions: 1,
                 num_irqs: 1,
             }
         }
-        fn region_info(&self, index: u32) -> nestio_device::Result<RegionInfo> {
+        fn region_info(&self, index: u32) -> nestio_device_model::Result<RegionInfo> {
             let mut r = RegionInfo::rw(index, 0x1000);
             if let Some(fd) = &self.region_fd {
-                r.flags |= nestio_device::region_flags::MMAP;
+                r.flags |= nestio_device_model::region_flags::MMAP;
                 r.fd = Some(fd.clone());
             }
             Ok(r)
         }
-        fn region_read(&self, _: u32, _: u64, buf: &mut [u8]) -> nestio_device::Result<()> {
+        fn region_read(&self, _: u32, _: u64, buf: &mut [u8]) -> nestio_device_model::Result<()> {
             buf.fill(0xAB);
             Ok(())
         }
-        fn region_write(&self, _: u32, _: u64, _: &[u8]) -> nestio_device::Result<()> {
+        fn region_write(&self, _: u32, _: u64, _: &[u8]) -> nestio_device_model::Result<()> {
             Ok(())
         }
-        fn irq_info(&self, index: u32) -> nestio_device::Result<IrqInfo> {
+        fn irq_info(&self, index: u32) -> nestio_device_model::Result<IrqInfo> {
             Ok(IrqInfo {
                 index,
                 flags: 0,
@@ -616,17 +630,17 @@ mod tests {
             _: u32,
             _: u32,
             data: IrqData,
-        ) -> nestio_device::Result<()> {
+        ) -> nestio_device_model::Result<()> {
             if let IrqData::Eventfd(fds) = data {
                 self.irq_fds.lock().extend(fds.into_iter().flatten());
             }
             Ok(())
         }
-        fn dma_map(&self, req: DmaMapRequest) -> nestio_device::Result<()> {
+        fn dma_map(&self, req: DmaMapRequest) -> nestio_device_model::Result<()> {
             self.maps.lock().push(req);
             Ok(())
         }
-        fn dma_unmap(&self, iova: u64, size: u64) -> nestio_device::Result<()> {
+        fn dma_unmap(&self, iova: u64, size: u64) -> nestio_device_model::Result<()> {
             self.unmaps.lock().push((iova, size));
             Ok(())
         }
@@ -740,7 +754,7 @@ mod tests {
     #[test]
     fn maps_outside_window_or_ram_are_refused() {
         let (rec, exp, fd) = setup(false);
-        let errno = |r: nestio_device::Result<()>| r.unwrap_err().errno();
+        let errno = |r: nestio_device_model::Result<()>| r.unwrap_err().errno();
         // Child GPA 0 is own GPA 0x10_0000: inside the window, below RAM.
         assert_eq!(errno(exp.dma_map(peer_req(0, 0x1000))), libc::EFAULT);
         // Past the window end, straddling it, wrapping.

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nestio_device::{pci_index, VfioDevice};
+use nestio_device_model::{pci_index, VfioDevice};
 use nestio_vfio_user::{Client, ClientConfig, Server, ServerConfig};
 
 use crate::export::{ExportConfig, ExportError, ExportedDevice, LevelRam, RamRegion};

@@ -10,15 +10,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use nestio_device::{
+use nestio_device_model::{
     pci_index, DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, RegionInfo, VfioDevice,
 };
-use nestio_devices::e1000::{E1000Config, E1000};
-use nestio_devices::e1000_bench::{
+use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, MapTableStats, Prot};
+use nestio_emulated::e1000::{E1000Config, E1000};
+use nestio_emulated::e1000_bench::{
     file_read, file_write, reg, DmaVia, Driver, IrqMode, GATEWAY_IP, GUEST_IP, IOVA, MAPPED,
     RX_RING,
 };
-use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, MapTableStats, Prot};
 use nestio_nested::stack::socket_path;
 use nestio_nested::{bench_depths, NestedStack, RoundTrip, StackConfig};
 use nestio_vfio_user::{Client, ClientConfig, Server, ServerConfig};
@@ -103,16 +103,26 @@ impl VfioDevice for IrqSpy {
     fn info(&self) -> DeviceInfo {
         self.dev.info()
     }
-    fn region_info(&self, index: u32) -> nestio_device::Result<RegionInfo> {
+    fn region_info(&self, index: u32) -> nestio_device_model::Result<RegionInfo> {
         self.dev.region_info(index)
     }
-    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> nestio_device::Result<()> {
+    fn region_read(
+        &self,
+        index: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> nestio_device_model::Result<()> {
         self.dev.region_read(index, offset, buf)
     }
-    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> nestio_device::Result<()> {
+    fn region_write(
+        &self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> nestio_device_model::Result<()> {
         self.dev.region_write(index, offset, data)
     }
-    fn irq_info(&self, index: u32) -> nestio_device::Result<IrqInfo> {
+    fn irq_info(&self, index: u32) -> nestio_device_model::Result<IrqInfo> {
         self.dev.irq_info(index)
     }
     fn set_irqs(
@@ -122,7 +132,7 @@ impl VfioDevice for IrqSpy {
         start: u32,
         count: u32,
         data: IrqData,
-    ) -> nestio_device::Result<()> {
+    ) -> nestio_device_model::Result<()> {
         self.set_irqs.fetch_add(1, Ordering::Relaxed);
         if let IrqData::Eventfd(fds) = &data {
             if let Some(Some(fd)) = fds.first() {
@@ -131,16 +141,16 @@ impl VfioDevice for IrqSpy {
         }
         self.dev.set_irqs(index, action, start, count, data)
     }
-    fn reset(&self) -> nestio_device::Result<()> {
+    fn reset(&self) -> nestio_device_model::Result<()> {
         self.dev.reset()
     }
-    fn dma_map(&self, req: DmaMapRequest) -> nestio_device::Result<()> {
+    fn dma_map(&self, req: DmaMapRequest) -> nestio_device_model::Result<()> {
         self.dev.dma_map(req)
     }
-    fn dma_unmap(&self, iova: u64, size: u64) -> nestio_device::Result<()> {
+    fn dma_unmap(&self, iova: u64, size: u64) -> nestio_device_model::Result<()> {
         self.dev.dma_unmap(iova, size)
     }
-    fn dma_unmap_all(&self) -> nestio_device::Result<()> {
+    fn dma_unmap_all(&self) -> nestio_device_model::Result<()> {
         self.dev.dma_unmap_all()
     }
 }
@@ -345,7 +355,7 @@ fn nested_isolation_window_enforced() {
 
     let dev = drv.dev.clone();
     let l2_end = stack.window(2).unwrap().size();
-    let efault = |r: nestio_device::Result<()>| match r {
+    let efault = |r: nestio_device_model::Result<()>| match r {
         Err(DeviceError::Remote { errno, .. }) => errno == libc::EFAULT,
         other => panic!("expected an EFAULT refusal, got {other:?}"),
     };
@@ -383,7 +393,7 @@ fn nested_isolation_window_enforced() {
         backing: DmaBacking::Peer(Arc::new(Nobody)),
     })));
     // 4. A foreign file is not the child's memory.
-    let foreign = nestio_devices::e1000_bench::guest_memory().unwrap();
+    let foreign = nestio_emulated::e1000_bench::guest_memory().unwrap();
     match dev.dma_map(DmaMapRequest {
         range: DmaRange::new(0x4000_0000, 0x1000).unwrap(),
         prot: Prot::RW,
@@ -431,7 +441,7 @@ fn nested_isolation_window_enforced() {
     let faults = l0.stats().faults;
     drv.wr(
         reg::TDT,
-        (drv.next_tx + 1) % nestio_devices::e1000_bench::NDESC,
+        (drv.next_tx + 1) % nestio_emulated::e1000_bench::NDESC,
     )
     .unwrap();
     assert_eq!(
@@ -486,7 +496,7 @@ fn nested_dead_intermediate_level() {
     let c = Arc::new(Client::from_stream(stream, ClientConfig::default()).unwrap());
     let mut d1 = Driver::new(
         c,
-        nestio_devices::e1000_bench::guest_memory().unwrap(),
+        nestio_emulated::e1000_bench::guest_memory().unwrap(),
         IrqMode::Intx,
     )
     .expect("level 0 serves a new client");

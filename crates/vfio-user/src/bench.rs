@@ -18,7 +18,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Instant;
 
-use nestio_device::VfioDevice;
+use nestio_device_model::VfioDevice;
 
 use crate::client::{Client, ClientConfig};
 use crate::server::{Server, ServerConfig};
@@ -38,7 +38,7 @@ pub enum ProtocolBenchError {
     Client(#[from] crate::client::ClientError),
     /// A device call failed.
     #[error("benchmark device call failed: {0}")]
-    Device(#[from] nestio_device::DeviceError),
+    Device(#[from] nestio_device_model::DeviceError),
 }
 
 /// Results of one run (nanoseconds per operation).

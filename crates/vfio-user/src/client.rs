@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use nestio_device::{
+use nestio_device_model::{
     region_flags, DeviceError, DeviceInfo, IoEventFd, IrqAction, IrqData, IrqInfo, MigState,
     MigrationFlags, RegionInfo, Result, SparseArea, VfioDevice,
 };

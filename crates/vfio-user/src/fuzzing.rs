@@ -247,7 +247,7 @@ pub fn fuzz_client_no_fd_leak(data: &[u8]) {
 
 /// Runs the client's operations; returns how many succeeded (0: no connection).
 fn run_client(stream: UnixStream, config: crate::ClientConfig, p: &mut Script<'_>) -> usize {
-    use nestio_device::{region_flags, IrqAction, IrqData, MigState, VfioDevice};
+    use nestio_device_model::{region_flags, IrqAction, IrqData, MigState, VfioDevice};
     use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
 
     let Ok(c) = crate::Client::from_stream(stream, config) else {
@@ -878,7 +878,7 @@ mod tests {
 #[cfg(test)]
 mod stalled_server {
     use super::*;
-    use nestio_device::{DeviceError, VfioDevice};
+    use nestio_device_model::{DeviceError, VfioDevice};
 
     /// Regression (found while writing the `client` target's stalling server): a server
     /// that answers the handshake and then stops reading used to block a client's
@@ -958,7 +958,7 @@ const SESSION_CONNS: usize = 6;
 /// device and it is released (no DMA maps, no eventfds, logging off, RUNNING). Never
 /// panics, never hangs, never leaks an fd.
 pub fn fuzz_sessions(data: &[u8]) {
-    use nestio_device::VfioDevice;
+    use nestio_device_model::VfioDevice;
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixListener};
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -1063,7 +1063,7 @@ pub fn fuzz_sessions(data: &[u8]) {
     );
     assert_eq!(
         dev.mig_state().ok(),
-        Some(nestio_device::MigState::Running),
+        Some(nestio_device_model::MigState::Running),
         "migration state not RUNNING after the owner went"
     );
 }

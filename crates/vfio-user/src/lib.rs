@@ -1,4 +1,4 @@
-//! vfio-user: serve any [`nestio_device::VfioDevice`] over a UNIX socket, and use a
+//! vfio-user: serve any [`nestio_device_model::VfioDevice`] over a UNIX socket, and use a
 //! device served by another process as a local `VfioDevice`.
 //!
 //! - [`proto`]: the wire format (header, commands, typed payloads, VERSION JSON);

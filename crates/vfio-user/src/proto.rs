@@ -918,7 +918,7 @@ impl RegionInfoReply {
         info.argsz = full as u32;
         let with_caps = caps_len > 0 && room as usize >= full;
         if caps_len > 0 {
-            info.flags |= nestio_device::region_flags::CAPS;
+            info.flags |= nestio_device_model::region_flags::CAPS;
         }
         info.cap_offset = if with_caps {
             RegionInfoMsg::SIZE as u32

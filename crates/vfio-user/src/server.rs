@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use nestio_device::{region_flags, DeviceError, IrqAction, IrqData, MigState, VfioDevice};
+use nestio_device_model::{region_flags, DeviceError, IrqAction, IrqData, MigState, VfioDevice};
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaPeer, DmaRange, Prot};
 
 use crate::endpoint::{Endpoint, EndpointError, Incoming};

@@ -18,9 +18,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use nestio_device::irq::Irqs;
-use nestio_device::migration::{MigrationData, MigrationFsm};
-use nestio_device::{
+use nestio_device_model::irq::Irqs;
+use nestio_device_model::migration::{MigrationData, MigrationFsm};
+use nestio_device_model::{
     flags, irq_flags, region_flags, DeviceError, DeviceInfo, DmaPort, IoEventFd, IrqAction,
     IrqData, IrqInfo, MigState, MigrationFlags, RegionInfo, Result, SparseArea, VfioDevice,
 };

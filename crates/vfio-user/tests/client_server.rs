@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use common::*;
-use nestio_device::{
+use nestio_device_model::{
     flags, irq_flags, region_flags, DeviceError, IrqAction, IrqData, MigState, VfioDevice,
 };
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};

@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::sync::Arc;
 
 use common::*;
-use nestio_device::VfioDevice;
+use nestio_device_model::VfioDevice;
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
 use nestio_vfio_user::{ClientConfig, ServerConfig};
 
@@ -31,7 +31,7 @@ fn secret_file(tag: &str, mode: u32) -> std::path::PathBuf {
     path
 }
 
-fn map(c: &dyn VfioDevice, fd: OwnedFd, prot: Prot) -> nestio_device::Result<()> {
+fn map(c: &dyn VfioDevice, fd: OwnedFd, prot: Prot) -> nestio_device_model::Result<()> {
     c.dma_map(DmaMapRequest {
         range: DmaRange::new(0x10_0000, 0x1000).unwrap(),
         prot,

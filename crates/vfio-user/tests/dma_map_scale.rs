@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use nestio_device::VfioDevice;
+use nestio_device_model::VfioDevice;
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
 use nestio_vfio_user::proto::DEFAULT_MAX_DMA_MAPS;
 use nestio_vfio_user::socket::open_fd_count;

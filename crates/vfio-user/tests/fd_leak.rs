@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use nestio_device::{IrqAction, IrqData, VfioDevice};
+use nestio_device_model::{IrqAction, IrqData, VfioDevice};
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
 use nestio_vfio_user::socket::open_fd_count;
 use nestio_vfio_user::{ClientConfig, ServerConfig};

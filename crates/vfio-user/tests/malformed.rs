@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use common::*;
-use nestio_device::VfioDevice;
+use nestio_device_model::VfioDevice;
 use nestio_vfio_user::proto::{hdr_flags, Command, DmaMap, RegionAccess};
 use nestio_vfio_user::{ClientConfig, ServerConfig};
 
@@ -464,10 +464,10 @@ fn disconnect_mid_message_cleans_up_and_next_client_works() {
     .unwrap();
     c.set_irqs(
         1,
-        nestio_device::IrqAction::Trigger,
+        nestio_device_model::IrqAction::Trigger,
         0,
         1,
-        nestio_device::IrqData::Eventfd(vec![Some(eventfd())]),
+        nestio_device_model::IrqData::Eventfd(vec![Some(eventfd())]),
     )
     .unwrap();
     c.region_write(0, 0, b"kept").unwrap();
@@ -653,7 +653,10 @@ fn device_feature_probe_unknown_and_short_argsz() {
         &[],
     );
     expect_error(&s, 7, libc::EINVAL);
-    assert_eq!(h.dev.mig_state().unwrap(), nestio_device::MigState::Running);
+    assert_eq!(
+        h.dev.mig_state().unwrap(),
+        nestio_device_model::MigState::Running
+    );
     // DMA_LOGGING_REPORT with a bitmap larger than max_data_xfer_size: E2BIG.
     let mut r = Vec::new();
     nestio_vfio_user::proto::LoggingReport {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use nestio_device::VfioDevice;
+use nestio_device_model::VfioDevice;
 use nestio_vfio_user::{Client, ClientConfig, PeerPolicy, ServerConfig};
 
 const HELPER_ENV: &str = "NESTIO_PEER_UID_HELPER";

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nestio_device::{IrqAction, IrqData, MigState, VfioDevice};
+use nestio_device_model::{IrqAction, IrqData, MigState, VfioDevice};
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
 use nestio_vfio_user::proto::{Capabilities, Command, Version};
 use nestio_vfio_user::{Client, ClientConfig, PeerPolicy, Server, ServerConfig};

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::*;
-use nestio_device::VfioDevice;
+use nestio_device_model::VfioDevice;
 use nestio_vfio_user::proto::{
     dma_flags, irq_set_flags, Capabilities, Command, DeviceInfoMsg, DmaMap, DmaUnmap, Header,
     IoFdsMsg, IrqSet, RegionInfoMsg, Version,

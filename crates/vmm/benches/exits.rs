@@ -17,14 +17,14 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let socket = dir.join("sample.sock");
     let listener = nestio_vfio_user::bind(&socket).expect("bind vfio-user socket");
-    let remote = nestio_devices::sample::sample_device().expect("sample device");
+    let remote = nestio_emulated::sample::sample_device().expect("sample device");
     std::thread::spawn(move || {
         let server =
             nestio_vfio_user::Server::new(remote, nestio_vfio_user::ServerConfig::default());
         let _ = server.serve_listener(listener);
     });
-    let local: Arc<dyn nestio_device::VfioDevice> =
-        nestio_devices::sample::sample_device().expect("sample device");
+    let local: Arc<dyn nestio_device_model::VfioDevice> =
+        nestio_emulated::sample::sample_device().expect("sample device");
     match nestio_vmm::bench::exit_costs(nestio_vmm::payloads::SAMPLETEST, local, socket.clone()) {
         Ok(r) => println!("{r}"),
         Err(e) => {

@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use nestio_device::VfioDevice;
+use nestio_device_model::VfioDevice;
 
 use crate::serial::ConsoleOutput;
 use crate::vm::{DeviceConfig, Vm, VmConfig, VmError};

@@ -1,5 +1,5 @@
 //! nestio-vmm: a small KVM VMM that runs `no_std` guest payloads or a Linux kernel
-//! ([`Boot`]) with devices assigned through the [`nestio_device::VfioDevice`] trait:
+//! ([`Boot`]) with devices assigned through the [`nestio_device_model::VfioDevice`] trait:
 //! in-process device models and devices served by another process over vfio-user are
 //! wired identically.
 //!

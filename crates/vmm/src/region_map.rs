@@ -18,7 +18,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, Weak};
 
-use nestio_device::{region_flags, DeviceError, VfioDevice};
+use nestio_device_model::{region_flags, DeviceError, VfioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::address_space::{IoEventSpec, IoSpace, VmAddressSpace};
@@ -201,7 +201,7 @@ impl RegionMapper {
         if let (IoSpace::Mmio, true, Some(fd)) = (space, ri.flags & region_flags::MMAP != 0, &ri.fd)
         {
             let areas = if ri.sparse.is_empty() {
-                vec![nestio_device::SparseArea {
+                vec![nestio_device_model::SparseArea {
                     offset: 0,
                     size: ri.size,
                 }]
@@ -432,7 +432,7 @@ impl BusDevice for RegionIo {
 mod tests {
     use super::*;
     use crate::address_space::fake::{RecordingSpace, SpaceCall};
-    use nestio_devices::sample::{SampleDevice, RAM_BAR};
+    use nestio_emulated::sample::{SampleDevice, RAM_BAR};
 
     struct Nothing;
     impl BusDevice for Nothing {

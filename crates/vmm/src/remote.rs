@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use nestio_device::VfioDevice;
+use nestio_device_model::VfioDevice;
 
 use crate::pci::PciHostError;
 

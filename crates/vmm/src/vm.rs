@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use kvm_bindings::{kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
-use nestio_device::VfioDevice;
+use nestio_device_model::VfioDevice;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError};
@@ -711,7 +711,7 @@ fn attach_devices(
             }
         };
         let flags = dev.info().flags;
-        if flags & nestio_device::flags::PCI != 0 {
+        if flags & nestio_device_model::flags::PCI != 0 {
             pci.assign(slot, name, dev)?;
             slot = slot.saturating_add(1);
         } else if flags & PLATFORM_FLAGS != 0 {

@@ -8,7 +8,7 @@ mod common;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use nestio_device::{
+use nestio_device_model::{
     flags, irq_flags, region_flags, DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo,
     RegionInfo, Result, VfioDevice,
 };

@@ -42,7 +42,7 @@ fn run_sample_ok(dev: DeviceConfig, mode: &str) -> String {
 fn local_sample() -> DeviceConfig {
     DeviceConfig::Local {
         name: "sample".into(),
-        device: nestio_devices::sample::sample_device().unwrap(),
+        device: nestio_emulated::sample::sample_device().unwrap(),
     }
 }
 
@@ -85,7 +85,7 @@ fn bench_measures_both_devices() {
         return;
     }
     let p = DeviceProcess::start("sample");
-    let local = nestio_devices::sample::sample_device().unwrap();
+    let local = nestio_emulated::sample::sample_device().unwrap();
     let r = nestio_vmm::bench::exit_costs(payloads::SAMPLETEST, local, p.socket.clone())
         .expect("benchmark run");
     // Every figure was measured (no timing thresholds asserted).

@@ -19,8 +19,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use nestio_device::irq::Irqs;
-use nestio_device::{
+use nestio_device_model::irq::Irqs;
+use nestio_device_model::{
     flags, irq_flags, pci_index, region_flags, DeviceError, DeviceInfo, IrqAction, IrqData,
     IrqInfo, RegionInfo, Result, SparseArea, VfioDevice,
 };

@@ -194,7 +194,7 @@ impl DmaPeer for VecPeer {
 
 /// Program the test device's DMA engine through `dev` and return DMA_STATUS.
 pub fn device_dma(
-    dev: &dyn nestio_device::VfioDevice,
+    dev: &dyn nestio_device_model::VfioDevice,
     addr: u64,
     len: u64,
     off: u64,

@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
-use nestio_device::{DeviceError, VfioDevice};
+use nestio_device_model::{DeviceError, VfioDevice};
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
 
 use crate::memory::GuestRam;
@@ -343,7 +343,7 @@ impl DmaDomain for ShadowDomain {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nestio_device::{DeviceInfo, IrqAction, IrqData, IrqInfo, RegionInfo, Result};
+    use nestio_device_model::{DeviceInfo, IrqAction, IrqData, IrqInfo, RegionInfo, Result};
     use std::os::fd::AsRawFd;
 
     /// A device that records its DMA calls: `(iova, len, prot, fd, file offset)` maps and
@@ -360,7 +360,7 @@ mod tests {
     impl VfioDevice for DmaRecorder {
         fn info(&self) -> DeviceInfo {
             DeviceInfo {
-                flags: nestio_device::flags::PCI,
+                flags: nestio_device_model::flags::PCI,
                 num_regions: 0,
                 num_irqs: 0,
             }

@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use nestio_device::pci::MsiMessage;
+use nestio_device_model::pci::MsiMessage;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{

@@ -46,7 +46,7 @@ pub mod x86;
 #[cfg(test)]
 pub(crate) mod fake;
 
-use nestio_device::pci::MsiMessage;
+use nestio_device_model::pci::MsiMessage;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_irq_routing_entry, KvmIrqRouting};
 use kvm_ioctls::VmFd;
-use nestio_device::pci::MsiMessage;
+use nestio_device_model::pci::MsiMessage;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{

@@ -15,7 +15,7 @@ pub mod assigned;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 
-use nestio_device::VfioDevice;
+use nestio_device_model::VfioDevice;
 
 use crate::bus::{BusDevice, BusFault};
 use crate::iommu::DmaDomain;
@@ -33,7 +33,7 @@ pub const MMIO_WINDOW: (u64, u64) = (0xc000_0000, 0xe000_0000);
 /// Port window for I/O BARs.
 pub const PIO_WINDOW: (u64, u64) = (0xc000, 0x1_0000);
 /// Errors of the VMM's PCI host side (wiring assigned devices), as opposed to
-/// `nestio_device::pci::PciError` of device models' configuration spaces.
+/// `nestio_device_model::pci::PciError` of device models' configuration spaces.
 #[derive(Debug, thiserror::Error)]
 pub enum PciHostError {
     /// No free slot, window space, GSI or memory slot.
@@ -82,7 +82,7 @@ pub enum PciHostError {
 
 /// A function on the VMM's bus as the host bridge sees it: something that answers
 /// configuration-register accesses (the host bridge itself, an [`AssignedDevice`]).
-/// Not to be confused with a device model's `nestio_device::pci` helpers, which
+/// Not to be confused with a device model's `nestio_device_model::pci` helpers, which
 /// implement a device's own configuration space behind `VfioDevice`.
 pub trait ConfigSpaceFunction: Send + Sync {
     /// Read `data.len()` (1, 2 or 4) bytes at register `reg` (no dword crossing).

@@ -27,7 +27,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use nestio_device::{flags, irq_flags, IrqAction, IrqData, VfioDevice};
+use nestio_device_model::{flags, irq_flags, IrqAction, IrqData, VfioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::address_space::IoSpace;

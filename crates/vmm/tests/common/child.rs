@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nestio_device::VfioDevice;
+use nestio_device_model::VfioDevice;
 
 /// A device process; killed (SIGKILL) on drop.
 pub struct DeviceProcess {
@@ -104,10 +104,10 @@ pub fn child_main() -> bool {
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     let dev: Arc<dyn VfioDevice> = match kind.as_str() {
-        "sample" => nestio_devices::sample::sample_device().expect("sample device"),
+        "sample" => nestio_emulated::sample::sample_device().expect("sample device"),
         "e1000" => {
             let backend = nestio_net::open_backend("user", None).expect("user network");
-            nestio_devices::e1000::E1000::new(nestio_devices::e1000::E1000Config::new(backend))
+            nestio_emulated::e1000::E1000::new(nestio_emulated::e1000::E1000Config::new(backend))
                 .expect("e1000")
         }
         other => panic!("unknown child device {other}"),

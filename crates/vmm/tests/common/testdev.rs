@@ -11,8 +11,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use nestio_device::pci::{BarKind, PciConfig, PciFunction};
-use nestio_device::{
+use nestio_device_model::pci::{BarKind, PciConfig, PciFunction};
+use nestio_device_model::{
     pci_index, region_flags, DeviceError, DeviceInfo, DmaPort, IoEventFd, IrqAction, IrqData,
     IrqInfo, RegionInfo, Result, SparseArea, VfioDevice,
 };

@@ -14,8 +14,8 @@
 
 use std::sync::{Arc, Weak};
 
-use nestio_device::pci::MsixCap;
-use nestio_device::VfioDevice;
+use nestio_device_model::pci::MsixCap;
+use nestio_device_model::VfioDevice;
 
 use super::config::ConfigShadow;
 use super::{is_fatal, AssignedDevice, State};

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use nestio_device::{pci_index, VfioDevice};
+use nestio_device_model::{pci_index, VfioDevice};
 
 use super::{is_fatal, AssignedDevice};
 use crate::bus::BusFault;

@@ -22,8 +22,8 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
-use nestio_device::pci::{MsiEnable, MsiMessage, MsixCap, MsixHit, MsixTable};
-use nestio_device::{pci_index, IrqAction, IrqData, VfioDevice};
+use nestio_device_model::pci::{MsiEnable, MsiMessage, MsixCap, MsixHit, MsixTable};
+use nestio_device_model::{pci_index, IrqAction, IrqData, VfioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::config::{find_cap, ConfigShadow, CFG, INTERRUPT_LINE};

@@ -6,7 +6,7 @@
 //! - `bars`: BAR placement and mapping (bus ranges, mmappable sparse areas as KVM
 //!   memory slots, ioeventfds), following the guest's reprogramming;
 //! - `interrupts`: INTx, MSI and MSI-X wired through the platform's
-//!   [`crate::irqchip::IrqChip`] (the MSI-X table is `nestio_device`'s `MsixTable`).
+//!   [`crate::irqchip::IrqChip`] (the MSI-X table is `nestio_device_model`'s `MsixTable`).
 //!
 //! `AssignedDevice::new` reads the device's configuration space and hands it to each
 //! part in turn. What the device reaches by DMA is the platform's
@@ -22,8 +22,8 @@ mod interrupts;
 
 use std::sync::{Arc, Mutex, Weak};
 
-use nestio_device::pci::MsixCap;
-use nestio_device::{pci_index, DeviceError, IrqAction, IrqData, VfioDevice};
+use nestio_device_model::pci::MsixCap;
+use nestio_device_model::{pci_index, DeviceError, IrqAction, IrqData, VfioDevice};
 
 use super::{ConfigSpaceFunction, PciHostError, PciRoot};
 use crate::bus::BusFault;
@@ -72,7 +72,7 @@ impl AssignedDevice {
             device: name.clone(),
             message,
         };
-        if dev.info().flags & nestio_device::flags::PCI == 0 {
+        if dev.info().flags & nestio_device_model::flags::PCI == 0 {
             return Err(derr(
                 "it is not a PCI device (VFIO_DEVICE_FLAGS_PCI clear)".into(),
             ));

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use nestio_device::pci::MsiMessage;
-use nestio_devices::sample::{SampleDevice, MSIX_TABLE_OFFSET};
+use nestio_device_model::pci::MsiMessage;
+use nestio_emulated::sample::{SampleDevice, MSIX_TABLE_OFFSET};
 
 use super::AssignedDevice;
 use crate::address_space::fake::{RecordingSpace, SpaceCall};
