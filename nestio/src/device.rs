@@ -52,6 +52,12 @@ struct ServerOpts {
     /// Serve one client only, then exit (default: serve clients one after another).
     #[arg(long)]
     once: bool,
+    #[command(flatten)]
+    sandbox: crate::SandboxOpts,
+    /// Test only: make a system call outside the allowlist once serving (the sandbox
+    /// test checks that it ends this process with a report naming the call).
+    #[arg(long, hide = true)]
+    seccomp_test_forbidden_call: bool,
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -95,7 +101,14 @@ pub fn run(args: DeviceArgs) -> CmdResult {
         ..ServerConfig::default()
     };
     let listener = bind(&socket)?;
+    // Set-up is done: from here on the process (the server, the e1000 worker and any
+    // thread started later) only makes the calls of the device allowlist.
+    opts.sandbox
+        .install_process(nestio_sandbox::Profile::Device)?;
     eprintln!("nestio: serving on {}", socket.display());
+    if opts.seccomp_test_forbidden_call {
+        crate::forbidden_call_for_tests();
+    }
     let server = Server::new(device, config);
     if opts.once {
         let (stream, _) = listener.accept()?;

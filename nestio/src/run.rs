@@ -32,9 +32,10 @@ use std::sync::Arc;
 
 use clap::Args;
 use nestio_nested::{ExportConfig, ExportedDevice, LevelId, LevelRam, RamRegion, Window};
+use nestio_sandbox::Profile;
 use nestio_vmm::handoff::{mem_socket_path, RamHandoff};
 use nestio_vmm::serial_input::ConsoleInput;
-use nestio_vmm::{CpuModel, DeviceConfig, RamFile, Vm, VmConfig};
+use nestio_vmm::{CpuModel, DeviceConfig, RamFile, ThreadHooks, ThreadRole, Vm, VmConfig};
 
 use crate::CmdResult;
 
@@ -89,6 +90,15 @@ pub struct RunArgs {
     /// it), `none`, or `auto` (stdin when it is a terminal).
     #[arg(long, value_enum, default_value_t = ConsoleInputArg::Auto)]
     console_input: ConsoleInputArg,
+    /// After set-up the whole process runs under the VMM allowlist, and the vCPU
+    /// thread, the control loop, the console input pump and the export threads each
+    /// under a narrower one of their own.
+    #[command(flatten)]
+    sandbox: crate::SandboxOpts,
+    /// Test only: the vCPU thread makes a system call outside its allowlist before
+    /// running the guest.
+    #[arg(long, hide = true)]
+    seccomp_test_forbidden_call: bool,
 }
 
 /// `--console-input`.
@@ -144,7 +154,10 @@ pub fn run(args: RunArgs) -> CmdResult {
     let window = args.export_window;
     let no_shared_memory = args.no_shared_memory;
     let memory_from = args.memory_from.clone();
+    let sandbox = args.sandbox;
+    let forbidden_call = args.seccomp_test_forbidden_call;
     let mut cfg = config(args)?;
+    cfg.thread_hooks = thread_hooks(sandbox.sandbox(), forbidden_call);
     let mut level = 1;
     if let Some(path) = &memory_from {
         let h = RamHandoff::fetch(path)?;
@@ -162,9 +175,29 @@ pub fn run(args: RunArgs) -> CmdResult {
         level = h.level;
     }
     match export {
-        None => Ok(nestio_vmm::run(cfg)?),
-        Some(path) => run_exporting(cfg, level, &path, window, no_shared_memory),
+        None => {
+            let mut vm = Vm::new(cfg)?;
+            sandbox.install_process(Profile::Vmm)?;
+            Ok(vm.run()?.exit_status())
+        }
+        Some(path) => run_exporting(cfg, level, &path, window, no_shared_memory, sandbox),
     }
+}
+
+/// Each VMM thread confines itself to its role's allowlist as it starts (on top of
+/// the process-wide [`Profile::Vmm`] installed after set-up).
+fn thread_hooks(sandbox: nestio_sandbox::Sandbox, forbidden_call: bool) -> ThreadHooks {
+    ThreadHooks::new(move |role| {
+        let profile = match role {
+            ThreadRole::Vcpu(_) => Profile::Vcpu,
+            ThreadRole::Control => Profile::Control,
+            ThreadRole::SerialInput => Profile::SerialInput,
+        };
+        sandbox.confine_thread_or_exit(profile);
+        if forbidden_call && matches!(role, ThreadRole::Vcpu(_)) {
+            crate::forbidden_call_for_tests();
+        }
+    })
 }
 
 /// The nested guest's window size: `requested`, or half of `ram` rounded down to
@@ -200,6 +233,7 @@ fn run_exporting(
     path: &Path,
     window: Option<u64>,
     no_shared_memory: bool,
+    sandbox: crate::SandboxOpts,
 ) -> CmdResult {
     let socket = match cfg.devices.as_slice() {
         [DeviceConfig::VfioUser { socket }] => socket.clone(),
@@ -247,10 +281,14 @@ fn run_exporting(
     let mem_listener = nestio_vfio_user::bind(&mem_path)
         .map_err(|e| format!("cannot bind the memory socket {}: {e}", mem_path.display()))?;
     files.0.push(mem_path);
+    // Set-up is done (VM built, sockets bound): every thread from here on is confined.
+    sandbox.install_process(Profile::Vmm)?;
+    let confine = sandbox.sandbox();
     // Detached: it only answers connections, and ends with the process.
     std::thread::Builder::new()
         .name("export-mem".into())
         .spawn(move || {
+            confine.confine_thread_or_exit(Profile::Export);
             if let Err(e) = handoff.serve(mem_listener) {
                 tracing::warn!(error = %e, "memory socket stopped");
             }
@@ -260,6 +298,7 @@ fn run_exporting(
         nestio_vfio_user::Server::new(exported.clone(), nestio_vfio_user::ServerConfig::default());
     let serve = std::thread::Builder::new().name("export".into()).spawn(
         move || -> Result<(), String> {
+            confine.confine_thread_or_exit(Profile::Export);
             let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
             server.serve_stream(stream).map_err(|e| e.to_string())
         },

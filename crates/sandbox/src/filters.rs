@@ -93,6 +93,7 @@ impl Profile {
                 Eventfds,
                 Signals,
                 Unlink,
+                Narrowing,
             ],
             Profile::Vcpu => &[Base, Threads, PeerSockets, Files, Kvm, Eventfds],
             Profile::Control => &[Base, PeerSockets, Kvm, Terminal, Signals, Unlink],
@@ -184,6 +185,10 @@ enum Group {
     Signals,
     /// Removing the level's own socket files on exit.
     Unlink,
+    /// A thread adding its own, narrower filter (what seccompiler's install does:
+    /// `PR_SET_NO_NEW_PRIVS`, then `seccomp(SECCOMP_SET_MODE_FILTER)`). A filter can
+    /// only take rights away, so this widens nothing.
+    Narrowing,
 }
 
 fn any(nrs: &[i64]) -> Calls {
@@ -333,6 +338,13 @@ impl Group {
             Group::Eventfds => any(&[SYS_eventfd2]),
             Group::Signals => any(&[SYS_rt_sigaction]),
             Group::Unlink => any(&[SYS_unlink, SYS_unlinkat]),
+            Group::Narrowing => vec![
+                (SYS_prctl, Some(vec![vec![eq(0, PR_SET_NO_NEW_PRIVS as u64)]])),
+                (
+                    SYS_seccomp,
+                    Some(vec![vec![eq(0, SECCOMP_SET_MODE_FILTER as u64)]]),
+                ),
+            ],
         }
     }
 }

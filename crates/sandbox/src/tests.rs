@@ -114,7 +114,6 @@ fn dangerous_calls_are_in_no_profile() {
             SYS_fork,
             SYS_vfork,
             SYS_process_vm_writev,
-            SYS_seccomp,
         ] {
             assert_eq!(
                 check(p, nr, [0; 6]),
@@ -122,6 +121,25 @@ fn dangerous_calls_are_in_no_profile() {
                 "{p:?} allows {:?}",
                 names::name(nr)
             );
+        }
+    }
+}
+
+#[test]
+fn only_the_vmm_profile_lets_threads_narrow_it() {
+    use libc::*;
+    let nnp = [PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0];
+    let filter = [SECCOMP_SET_MODE_FILTER as u64, 0, 0, 0, 0, 0];
+    let strict = [SECCOMP_SET_MODE_STRICT as u64, 0, 0, 0, 0, 0];
+    let dumpable = [PR_SET_DUMPABLE as u64, 1, 0, 0, 0, 0];
+    assert_eq!(check(Profile::Vmm, SYS_prctl, nnp), RET_ALLOW);
+    assert_eq!(check(Profile::Vmm, SYS_seccomp, filter), RET_ALLOW);
+    assert_eq!(check(Profile::Vmm, SYS_seccomp, strict), RET_TRAP);
+    for p in Profile::ALL {
+        assert_eq!(check(p, SYS_prctl, dumpable), RET_TRAP, "{p:?}");
+        if p != Profile::Vmm {
+            assert_eq!(check(p, SYS_seccomp, filter), RET_TRAP, "{p:?}");
+            assert_eq!(check(p, SYS_prctl, nnp), RET_TRAP, "{p:?}");
         }
     }
 }

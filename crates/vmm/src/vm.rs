@@ -35,6 +35,7 @@ use crate::memory::{GuestRam, MemoryError};
 use crate::pci::{IntxRouting, PciError, PciRoot};
 use crate::serial::{self, ConsoleOutput, SerialConsole};
 use crate::serial_input::{ConsoleInput, InputPump};
+use crate::threads::{ThreadHooks, ThreadRole};
 use crate::vcpu::{ExitStats, StopReason, Vcpu, VcpuContext, VcpuError, VcpuSnapshot};
 
 /// A device to assign to the guest as a PCI function.
@@ -147,6 +148,9 @@ pub struct VmConfig {
     /// Take guest RAM from this file window instead of a fresh memfd (a nested level's
     /// RAM handed down by its parent, `--memory-from`); its size is [`VmConfig::memory`].
     pub ram_file: Option<RamFile>,
+    /// Called by each VMM thread with its role as it starts (e.g. to install a seccomp
+    /// filter per thread; see [`crate::threads`]).
+    pub thread_hooks: ThreadHooks,
 }
 
 /// A window of a RAM file that becomes this VM's guest RAM: file offsets
@@ -173,6 +177,7 @@ impl VmConfig {
             handle_sigint: false,
             cmdline: String::new(),
             ram_file: None,
+            thread_hooks: ThreadHooks::default(),
         }
     }
 
@@ -298,6 +303,7 @@ pub struct Vm {
     serial: Arc<SerialConsole>,
     console_input: ConsoleInput,
     ram: GuestRam,
+    thread_hooks: ThreadHooks,
 }
 
 /// Port range of the PCI configuration mechanism #1.
@@ -516,6 +522,7 @@ impl Vm {
             handle_sigint: cfg.handle_sigint,
             serial,
             console_input: cfg.console_input,
+            thread_hooks: cfg.thread_hooks,
         })
     }
 
@@ -554,8 +561,13 @@ impl Vm {
             .ok_or_else(|| VmError::Thread("the VM has already run".into()))?;
         install_kick_handler();
         // Console input runs while the vCPU does; stopped (terminal restored) below.
-        let input = InputPump::start(std::mem::take(&mut self.console_input), self.serial.clone())
-            .map_err(|e| VmError::Thread(format!("cannot start the console input: {e}")))?;
+        let hooks = self.thread_hooks.clone();
+        let input = InputPump::start(
+            std::mem::take(&mut self.console_input),
+            self.serial.clone(),
+            hooks.clone(),
+        )
+        .map_err(|e| VmError::Thread(format!("cannot start the console input: {e}")))?;
         let old_sigint = if self.handle_sigint {
             SIGINT_SEEN.store(false, Ordering::SeqCst);
             Some(set_sigint_handler(on_sigint as *const () as usize))
@@ -566,11 +578,13 @@ impl Vm {
         let thread = std::thread::Builder::new()
             .name("vcpu0".into())
             .spawn(move || {
+                hooks.enter(ThreadRole::Vcpu(0));
                 let r = vcpu.run();
                 let _ = tx.send(());
                 (vcpu, r)
             })
             .map_err(|e| VmError::Thread(e.to_string()))?;
+        self.thread_hooks.enter(ThreadRole::Control);
         let mut lost: Option<VmError> = None;
         loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
