@@ -65,13 +65,17 @@ fn main() {
 }
 
 /// `--seccomp` of `nestio device` and `nestio run`.
-#[derive(clap::Args, Debug, Clone, Copy)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct SandboxOpts {
     /// seccomp sandbox installed after set-up: `on` (a system call outside the
     /// allowlist ends the process with a one-line report naming it), `log` (allow it but
     /// log it in the kernel log: `dmesg | grep type=1326` shows `syscall=N`) or `off`.
     #[arg(long, value_name = "on|log|off", default_value = "on")]
     seccomp: nestio_sandbox::Mode,
+    /// Give up root after set-up: run as this user (a name or a numeric uid), with its
+    /// primary group only. Descriptors opened during set-up (KVM, sockets) stay usable.
+    #[arg(long, value_name = "NAME|UID", value_parser = parse_user)]
+    user: Option<nestio_sandbox::User>,
 }
 
 impl SandboxOpts {
@@ -80,13 +84,21 @@ impl SandboxOpts {
         nestio_sandbox::Sandbox::new(self.seccomp)
     }
 
-    /// Install `profile` on every thread of this process (see [`nestio_sandbox`]).
+    /// End of set-up: switch to `--user` if given, then install `profile` on every
+    /// thread of this process (see [`nestio_sandbox`]).
     pub fn install_process(
         &self,
         profile: nestio_sandbox::Profile,
     ) -> Result<(), nestio_sandbox::SandboxError> {
+        if let Some(user) = &self.user {
+            user.drop_to()?;
+        }
         self.sandbox().install_process(profile)
     }
+}
+
+fn parse_user(s: &str) -> Result<nestio_sandbox::User, String> {
+    nestio_sandbox::User::resolve(s).map_err(|e| e.to_string())
 }
 
 /// A system call no profile allows (`execve` of `/bin/true`), for the sandbox test: with

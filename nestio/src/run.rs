@@ -154,7 +154,7 @@ pub fn run(args: RunArgs) -> CmdResult {
     let window = args.export_window;
     let no_shared_memory = args.no_shared_memory;
     let memory_from = args.memory_from.clone();
-    let sandbox = args.sandbox;
+    let sandbox = args.sandbox.clone();
     let forbidden_call = args.seccomp_test_forbidden_call;
     let mut cfg = config(args)?;
     cfg.thread_hooks = thread_hooks(sandbox.sandbox(), forbidden_call);

@@ -339,7 +339,10 @@ impl Group {
             Group::Signals => any(&[SYS_rt_sigaction]),
             Group::Unlink => any(&[SYS_unlink, SYS_unlinkat]),
             Group::Narrowing => vec![
-                (SYS_prctl, Some(vec![vec![eq(0, PR_SET_NO_NEW_PRIVS as u64)]])),
+                (
+                    SYS_prctl,
+                    Some(vec![vec![eq(0, PR_SET_NO_NEW_PRIVS as u64)]]),
+                ),
                 (
                     SYS_seccomp,
                     Some(vec![vec![eq(0, SECCOMP_SET_MODE_FILTER as u64)]]),

@@ -40,6 +40,7 @@
 mod filters;
 pub mod names;
 mod trap;
+mod user;
 
 use std::fmt;
 use std::str::FromStr;
@@ -47,6 +48,7 @@ use std::str::FromStr;
 pub use filters::{Profile, KVMIO};
 pub use seccompiler::BpfProgram;
 use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
+pub use user::{User, UserError};
 
 /// The exit status of a process ended by a blocked system call: 128 + SIGSYS, as a
 /// shell reports a process killed by SIGSYS.
@@ -132,6 +134,9 @@ pub enum SandboxError {
     /// The SIGSYS handler could not be installed.
     #[error("cannot install the SIGSYS handler of the seccomp sandbox: {0}")]
     Handler(std::io::Error),
+    /// `--user` could not be resolved or switched to.
+    #[error(transparent)]
+    User(#[from] UserError),
     /// This architecture has no allowlists.
     #[error("the seccomp sandbox has allowlists for x86-64 only, not {0}: run with --seccomp=off")]
     Unsupported(&'static str),

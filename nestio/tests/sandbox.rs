@@ -1,0 +1,253 @@
+//! The seccomp sandbox of `nestio device` and `nestio run` as a user meets it: a system
+//! call outside the allowlist ends that process — only that process — with one line
+//! naming the call, while the same processes serve and run guests normally with the
+//! sandbox on (the default).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nestio_device::VfioDevice;
+use nestio_sandbox::{BLOCKED_EXIT_STATUS, BLOCKED_MESSAGE};
+
+fn socket(tag: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("nestio-sandbox-{tag}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+fn nestio() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nestio"));
+    c.stdin(Stdio::null());
+    c
+}
+
+/// The one report line of a blocked call in `stderr`.
+fn report_line(stderr: &str) -> &str {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(BLOCKED_MESSAGE))
+        .collect();
+    assert_eq!(lines.len(), 1, "one report expected in: {stderr}");
+    lines[0]
+}
+
+fn kvm_or_skip(name: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{name}: /dev/kvm is missing in CI"
+    );
+    eprintln!("SKIP: {name}: /dev/kvm is missing on this machine (KVM tests need it)");
+    false
+}
+
+struct Device {
+    child: Child,
+    path: PathBuf,
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve_sample(tag: &str) -> Device {
+    serve_sample_with(tag, &[])
+}
+
+fn serve_sample_with(tag: &str, extra: &[&str]) -> Device {
+    let path = socket(tag);
+    let child = nestio()
+        .args(["device", "sample", "--once"])
+        .args(extra)
+        .arg("--socket")
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nestio device");
+    let mut d = Device { child, path };
+    let t0 = Instant::now();
+    while !common::listening(d.child.id(), &d.path) {
+        if let Ok(Some(st)) = d.child.try_wait() {
+            panic!("nestio device exited before listening: {st}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    d
+}
+
+#[test]
+fn forbidden_call_ends_only_the_device_process_with_its_name() {
+    let path = socket("forbidden");
+    let out: Output = nestio()
+        .args([
+            "device",
+            "sample",
+            "--seccomp-test-forbidden-call",
+            "--socket",
+        ])
+        .arg(&path)
+        .output()
+        .expect("run nestio device");
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(BLOCKED_EXIT_STATUS), "{stderr}");
+    assert!(
+        stderr.contains("nestio: serving on"),
+        "it got past set-up: {stderr}"
+    );
+    assert_eq!(
+        report_line(&stderr),
+        format!(
+            "nestio: system call 59 (execve) {BLOCKED_MESSAGE} (device filter); rerun with \
+             --seccomp=log to find it"
+        )
+    );
+
+    // Without the sandbox the same call goes through: the process becomes /bin/true.
+    let out = nestio()
+        .args([
+            "device",
+            "sample",
+            "--seccomp=off",
+            "--seccomp-test-forbidden-call",
+            "--socket",
+        ])
+        .arg(&path)
+        .output()
+        .expect("run nestio device");
+    let _ = std::fs::remove_file(&path);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(BLOCKED_MESSAGE));
+
+    // This process (the parent) is unaffected, and a sandboxed device still serves it.
+    let dev = serve_sample("serves");
+    let client = nestio_vfio_user::Client::connect(&dev.path).expect("connect");
+    let info = client.info();
+    assert!(info.num_regions > 0, "{info:?}");
+    drop(client);
+}
+
+#[test]
+fn forbidden_call_in_the_vcpu_thread_ends_the_vmm_with_its_name() {
+    if !kvm_or_skip("forbidden_call_in_the_vcpu_thread_ends_the_vmm_with_its_name") {
+        return;
+    }
+    let out = nestio()
+        .args(["run", "--guest", "hello", "--seccomp-test-forbidden-call"])
+        .output()
+        .expect("run nestio run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(BLOCKED_EXIT_STATUS), "{stderr}");
+    assert_eq!(
+        report_line(&stderr),
+        format!(
+            "nestio: system call 59 (execve) {BLOCKED_MESSAGE} (vcpu filter); rerun with \
+             --seccomp=log to find it"
+        )
+    );
+    // The guest never ran: the vCPU thread was stopped before its first KVM_RUN.
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("hello"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_guest_runs_with_every_thread_sandboxed_and_in_log_mode() {
+    if !kvm_or_skip("a_guest_runs_with_every_thread_sandboxed_and_in_log_mode") {
+        return;
+    }
+    for mode in ["on", "log", "off"] {
+        let dev = serve_sample(&format!("run-{mode}"));
+        let out = nestio()
+            .args(["run", "--guest", "sampletest", "--console-input", "none"])
+            .arg(format!("--seccomp={mode}"))
+            .arg("--device")
+            .arg(format!("vfio-user={}", dev.path.display()))
+            .output()
+            .expect("run nestio run");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "--seccomp={mode}: {stdout}\n{stderr}");
+        assert!(
+            stdout.contains("dma status 0x2"),
+            "--seccomp={mode}: {stdout}"
+        );
+        assert!(!stderr.contains(BLOCKED_MESSAGE), "{stderr}");
+    }
+    let e = nestio()
+        .args(["run", "--guest", "hello", "--seccomp=trap"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&e.stderr);
+    assert!(!e.status.success());
+    assert!(
+        stderr.contains("on (trap forbidden calls, the default)"),
+        "{stderr}"
+    );
+}
+
+/// The `Name:` line of `/proc/PID/status`, whitespace-collapsed.
+fn status_line(pid: u32, name: &str) -> String {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    st.lines()
+        .find(|l| l.starts_with(name))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+#[test]
+fn device_gives_up_root_and_is_confined_after_set_up() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "SKIP: device_gives_up_root_and_is_confined_after_set_up: needs root to switch users"
+        );
+        return;
+    }
+    let dev = serve_sample_with("user", &["--user", "65534"]);
+    let pid = dev.child.id();
+    assert_eq!(status_line(pid, "Uid:"), "Uid: 65534 65534 65534 65534");
+    assert_eq!(status_line(pid, "Gid:"), "Gid: 65534 65534 65534 65534");
+    assert_eq!(status_line(pid, "Groups:"), "Groups: 65534");
+    assert_eq!(status_line(pid, "NoNewPrivs:"), "NoNewPrivs: 1");
+    assert_eq!(status_line(pid, "Seccomp:"), "Seccomp: 2", "filter mode");
+    // Still a working device for its (root) client.
+    let client = nestio_vfio_user::Client::connect(&dev.path).expect("connect");
+    assert!(client.info().num_regions > 0);
+    drop(client);
+
+    // The default: root stays root (nothing asked), and the filter is on.
+    let dev = serve_sample("root");
+    assert_eq!(status_line(dev.child.id(), "Uid:"), "Uid: 0 0 0 0");
+    assert_eq!(status_line(dev.child.id(), "Seccomp:"), "Seccomp: 2");
+    let dev = serve_sample_with("off", &["--seccomp=off"]);
+    assert_eq!(status_line(dev.child.id(), "Seccomp:"), "Seccomp: 0");
+
+    let out = nestio()
+        .args([
+            "device",
+            "sample",
+            "--user",
+            "no-such-user-nestio",
+            "--socket",
+            "/tmp/x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no such user"),
+        "{out:?}"
+    );
+}
