@@ -251,3 +251,84 @@ fn device_gives_up_root_and_is_confined_after_set_up() {
         "{out:?}"
     );
 }
+
+/// (thread name, number of seccomp filters) of every thread of `pid`.
+fn thread_filters(pid: u32) -> Vec<(String, u32)> {
+    let mut v = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return v;
+    };
+    for t in tasks.flatten() {
+        let dir = t.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let filters = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        v.push((name.trim().to_string(), filters));
+    }
+    v.sort();
+    v
+}
+
+#[test]
+fn every_thread_of_an_exporting_level_is_confined() {
+    if !kvm_or_skip("every_thread_of_an_exporting_level_is_confined") {
+        return;
+    }
+    let dev = serve_sample("level-dev");
+    let export = socket("level-export");
+    let mut level = Device {
+        child: nestio()
+            .args(["run", "--guest", "hello", "--console-input", "none"])
+            .arg("--device")
+            .arg(format!("vfio-user={}", dev.path.display()))
+            .arg("--export")
+            .arg(format!("vfio-user={}", export.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the level"),
+        path: export.clone(),
+    };
+    // Its guest exits at once; the level then waits for its child with the control
+    // loop's filter on the main thread, beside the export threads and the client's.
+    let pid = level.child.id();
+    let t0 = Instant::now();
+    let threads = loop {
+        let threads = thread_filters(pid);
+        let main = threads.iter().find(|(n, _)| n == "nestio").map(|t| t.1);
+        if main == Some(2) && threads.iter().any(|(n, _)| n == "export") {
+            break threads;
+        }
+        if let Ok(Some(st)) = level.child.try_wait() {
+            panic!("the level exited early: {st}");
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the level never reached its waiting state: {threads:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for (name, filters) in &threads {
+        match name.as_str() {
+            // The process-wide VMM filter plus the thread's own.
+            "nestio" | "export" | "export-mem" => assert_eq!(*filters, 2, "{threads:?}"),
+            // KVM's own worker (`kvm-nx-lpage-recovery`), started by the vCPU's first
+            // KVM_RUN, copies that thread's filters.
+            n if n.starts_with("kvm-") => assert!(*filters >= 1, "{threads:?}"),
+            // Started during set-up (the vfio-user client's twin-socket thread):
+            // covered by the process-wide filter.
+            _ => assert_eq!(*filters, 1, "thread {name}: {threads:?}"),
+        }
+    }
+    assert!(
+        threads.iter().any(|(n, _)| n == "export-mem"),
+        "{threads:?}"
+    );
+    let _ = level.child.kill();
+    let _ = level.child.wait();
+    let _ = std::fs::remove_file(nestio_vmm::handoff::mem_socket_path(&export));
+}
