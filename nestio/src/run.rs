@@ -281,7 +281,11 @@ fn run_exporting(
     let mem_listener = nestio_vfio_user::bind(&mem_path)
         .map_err(|e| format!("cannot bind the memory socket {}: {e}", mem_path.display()))?;
     files.0.push(mem_path);
-    // Set-up is done (VM built, sockets bound): every thread from here on is confined.
+    let exported = Arc::new(exported);
+    let server =
+        nestio_vfio_user::Server::new(exported.clone(), nestio_vfio_user::ServerConfig::default());
+    // Set-up is done (VM built, sockets bound, server configured): every thread from
+    // here on is confined.
     sandbox.install_process(Profile::Vmm)?;
     let confine = sandbox.sandbox();
     // Detached: it only answers connections, and ends with the process.
@@ -293,9 +297,6 @@ fn run_exporting(
                 tracing::warn!(error = %e, "memory socket stopped");
             }
         })?;
-    let exported = Arc::new(exported);
-    let server =
-        nestio_vfio_user::Server::new(exported.clone(), nestio_vfio_user::ServerConfig::default());
     let serve = std::thread::Builder::new().name("export".into()).spawn(
         move || -> Result<(), String> {
             confine.confine_thread_or_exit(Profile::Export);

@@ -6,8 +6,12 @@
 //! profiles is visible here rather than in two long lists. Argument filters are kept
 //! where they are cheap and meaningful:
 //! - `mmap` / `mprotect` never with `PROT_EXEC` (no new code after set-up);
-//! - `ioctl` only KVM requests (type byte `KVMIO`, 0xAE) and a handful of terminal
-//!   requests (the raw-mode console): no VFIO, no network or block device ioctls;
+//! - `ioctl` only `FIONBIO`/`FIOCLEX`/`FIONCLEX` everywhere (std's `set_nonblocking`),
+//!   KVM requests (type byte `KVMIO`, 0xAE) in the VMM, and a handful of terminal
+//!   requests where the raw-mode console is restored: no VFIO, no network or block
+//!   device ioctls;
+//! - `rt_sigaction` for any signal but SIGSYS (the blocked-call report cannot be
+//!   replaced), and only where dispositions change after set-up;
 //! - `fcntl` only the descriptor-flag, dup and seal commands the code uses;
 //! - `clone` only with `CLONE_THREAD` (threads, never a new process);
 //! - `openat` never with `O_CREAT`/`O_TRUNC`/`O_APPEND` (the device reopens a peer's
@@ -80,7 +84,15 @@ impl Profile {
     fn groups(self) -> &'static [Group] {
         use Group::*;
         match self {
-            Profile::Device => &[Base, Threads, PeerSockets, Accept, Files, OpenNoCreate],
+            Profile::Device => &[
+                Base,
+                Threads,
+                PeerSockets,
+                Accept,
+                Files,
+                OpenNoCreate,
+                Signals,
+            ],
             Profile::Vmm => &[
                 Base,
                 Threads,
@@ -181,7 +193,8 @@ enum Group {
     Terminal,
     /// Creating eventfds (MSI vectors enabled at run time).
     Eventfds,
-    /// Signal dispositions and kicks (SIGINT handler, the vCPU kick signal).
+    /// Signal dispositions (SIGINT handler, the vCPU kick signal, a device's write
+    /// watchdog), never SIGSYS's.
     Signals,
     /// Removing the level's own socket files on exit.
     Unlink,
@@ -241,7 +254,22 @@ impl Group {
                     SYS_restart_syscall,
                     // panic = abort and `std::process::abort` raise SIGABRT at themselves.
                     SYS_tgkill,
+                    // Who am I (a peer-uid policy compares SO_PEERCRED with these).
+                    SYS_getuid,
+                    SYS_geteuid,
+                    SYS_getgid,
+                    SYS_getegid,
                 ]);
+                // std's set_nonblocking is ioctl(FIONBIO); close-on-exec by ioctl.
+                v.push((
+                    SYS_ioctl,
+                    Some(
+                        [FIONBIO, FIOCLEX, FIONCLEX]
+                            .iter()
+                            .map(|&r| vec![eq(1, r)])
+                            .collect(),
+                    ),
+                ));
                 v.push((SYS_mmap, no_exec()));
                 v.push((SYS_mprotect, no_exec()));
                 v.push((
@@ -336,7 +364,11 @@ impl Group {
                 ),
             )],
             Group::Eventfds => any(&[SYS_eventfd2]),
-            Group::Signals => any(&[SYS_rt_sigaction]),
+            // Any signal's disposition but SIGSYS's: the blocked-call report stays.
+            Group::Signals => vec![(
+                SYS_rt_sigaction,
+                Some(vec![vec![(0, SeccompCmpOp::Ne, SIGSYS as u64)]]),
+            )],
             Group::Unlink => any(&[SYS_unlink, SYS_unlinkat]),
             Group::Narrowing => vec![
                 (

@@ -225,6 +225,22 @@ fn arguments_are_filtered() {
         let r = check(p, SYS_ioctl, [5, VFIO_DEVICE_GET_INFO, 0, 0, 0, 0]);
         assert_eq!(r, RET_TRAP, "{p:?}");
     }
+    // Non-blocking mode everywhere, by std's ioctl.
+    for p in Profile::ALL {
+        assert_eq!(
+            check(p, SYS_ioctl, [5, FIONBIO, 0, 0, 0, 0]),
+            RET_ALLOW,
+            "{p:?}"
+        );
+    }
+    // Signal dispositions where needed, never SIGSYS's (the report stays).
+    let sigint = [SIGINT as u64, 0, 0, 0, 0, 0];
+    let sigsys = [SIGSYS as u64, 0, 0, 0, 0, 0];
+    for p in [Profile::Vmm, Profile::Control, Profile::Device] {
+        assert_eq!(check(p, SYS_rt_sigaction, sigint), RET_ALLOW, "{p:?}");
+        assert_eq!(check(p, SYS_rt_sigaction, sigsys), RET_TRAP, "{p:?}");
+    }
+    assert_eq!(check(Profile::Vcpu, SYS_rt_sigaction, sigint), RET_TRAP);
     // The terminal only where the console is restored.
     assert_eq!(
         check(Profile::Control, SYS_ioctl, [0, TCSETS, 0, 0, 0, 0]),
