@@ -80,7 +80,7 @@ def nestio_run(nestio, kernel, initrd):
 
 
 def qemu_run(kernel, initrd):
-    return timed(["qemu-system-x86_64", "-enable-kvm", "-m", "128M", "-nographic",
+    return timed(["qemu-system-x86_64", "-enable-kvm", "-cpu", "qemu64,+xsaveerptr", "-m", "128M", "-nographic",
                   "-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", CMDLINE,
                   "-netdev", "user,id=n0", "-device", "e1000,netdev=n0,romfile=",
                   "-device", "isa-debug-exit,iobase=0xf4,iosize=1"])

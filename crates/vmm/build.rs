@@ -9,7 +9,14 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const PAYLOADS: &[&str] = &["hello", "cputest", "pcitest", "sampletest", "e1000ping"];
+const PAYLOADS: &[&str] = &[
+    "hello",
+    "cputest",
+    "pcitest",
+    "sampletest",
+    "e1000ping",
+    "hcalltest",
+];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));

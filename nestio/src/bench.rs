@@ -36,8 +36,11 @@ pub struct BenchArgs {
     /// Rounds of the nested depth measurement (depths interleaved; best round kept).
     #[arg(long, default_value_t = 5)]
     nested_rounds: u32,
-    /// Which benchmarks: protocol, e1000, nested (depth 1/2/3), or all.
-    #[arg(long, default_value = "all", value_parser = ["all", "protocol", "e1000", "nested"])]
+    /// Live 4 KiB mappings of the DMA map table churn measurement.
+    #[arg(long, default_value_t = 100_000)]
+    dma_maps: u64,
+    /// Which benchmarks: protocol, e1000, nested (depth 1/2/3), dma (map table churn), or all.
+    #[arg(long, default_value = "all", value_parser = ["all", "protocol", "e1000", "nested", "dma"])]
     only: String,
 }
 
@@ -54,6 +57,9 @@ pub fn run(args: BenchArgs) -> CmdResult {
     }
     if all || args.only == "nested" {
         nested(args.nested_iterations, args.nested_rounds)?;
+    }
+    if all || args.only == "dma" {
+        println!("{}", nestio_dma::bench::churn(args.dma_maps, 5)?);
     }
     if all || args.only == "e1000" {
         for (mode, via) in [

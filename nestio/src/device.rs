@@ -42,6 +42,14 @@ enum DeviceKind {
         #[command(flatten)]
         server: ServerOpts,
     },
+    /// A 16-pin GPIO card (outputs looped back to inputs, an interrupt on change).
+    Gpio {
+        /// UNIX socket path to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        #[command(flatten)]
+        server: ServerOpts,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -80,6 +88,11 @@ pub fn run(args: DeviceArgs) -> CmdResult {
         DeviceKind::Sample { socket, server } => {
             (nestio_devices::sample::sample_device()?, socket, server)
         }
+        DeviceKind::Gpio { socket, server } => (
+            Arc::new(nestio_devices::gpio::Gpio::new(true)?),
+            socket,
+            server,
+        ),
         DeviceKind::E1000 {
             socket,
             net,

@@ -473,10 +473,16 @@ fn linux_e1000_pings_a_qemu_guest_over_udp() {
 
     // The QEMU guest: 10.0.3.1, does not ping, stays up until it has answered 3 echo
     // requests. Its init reports its status through isa-debug-exit: QEMU then exits
-    // with (status << 1) | 1.
+    // with (status << 1) | 1. QEMU's default CPU model lacks XSAVEERPTR, so on an AMD
+    // host Linux applies its FXSAVE-leak workaround (FNCLEX/EMMS/FILD on every FPU
+    // restore), which the instruction emulator of these hosts cannot execute; nestio's
+    // VMM passes the host's CPUID, which has the bit. `-cpu host` is refused here (the
+    // nested KVM rejects QEMU's ARCH_CAPABILITIES write), so the bit is added by name.
     let mut cmd = Command::new(qemu);
     cmd.args([
         "-enable-kvm",
+        "-cpu",
+        "qemu64,+xsaveerptr",
         "-m",
         "128M",
         "-nographic",

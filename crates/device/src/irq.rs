@@ -9,17 +9,36 @@
 //! arrives while masked is remembered and delivered at unmask. Index flags decide what is
 //! allowed: MASKABLE for mask/unmask, AUTOMASKED for level-style interrupts (INTx) that
 //! mask themselves when they fire until the driver unmasks them.
+//!
+//! The fds come from the peer and are hostile until checked: SET_IRQS accepts only
+//! eventfds ([`PeerEventFd::from_peer`], EINVAL otherwise, and nothing of the request is
+//! applied), and a vector is signalled *after* the state lock is released, through a
+//! write that never blocks: a full counter is a dropped, counted interrupt. So no fd a
+//! peer chooses can stall SET_IRQS, another vector or another device.
 
+use parking_lot::Mutex;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Mutex;
+use std::sync::Arc;
 
+use crate::eventfd::{PeerEventFd, Signal};
 use crate::{irq_flags, DeviceError, IrqAction, IrqData, IrqInfo, Result};
 
 #[derive(Default)]
 struct Vector {
-    fd: Option<OwnedFd>,
+    fd: Option<Arc<PeerEventFd>>,
     masked: bool,
     pending: bool,
+}
+
+/// Eventfds to signal once the state lock is released.
+type Fire = Vec<Arc<PeerEventFd>>;
+
+fn signal_all(fire: Fire) -> bool {
+    let mut all = true;
+    for fd in fire {
+        all &= fd.signal() == Signal::Delivered;
+    }
+    all
 }
 
 struct Index {
@@ -32,7 +51,8 @@ pub struct Irqs {
     indices: Mutex<Vec<Index>>,
 }
 
-/// Signal an eventfd (add 1 to its counter).
+/// Signal an eventfd the device created itself, non-blocking (add 1 to its counter).
+/// Peer-given fds go through [`PeerEventFd::signal`] instead.
 pub fn signal_eventfd(fd: &OwnedFd) -> std::io::Result<()> {
     let one: u64 = 1;
     // SAFETY: writes 8 bytes from a valid local u64 to an fd we own; no memory is shared.
@@ -69,8 +89,8 @@ impl Irqs {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Index>> {
-        self.indices.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Vec<Index>> {
+        self.indices.lock()
     }
 
     /// Number of indices.
@@ -95,6 +115,32 @@ impl Irqs {
         count: u32,
         data: IrqData,
     ) -> Result<()> {
+        // Check every fd before touching any state: a refused request changes nothing.
+        let data = match data {
+            IrqData::Eventfd(fds) => {
+                let checked = fds
+                    .into_iter()
+                    .map(|f| f.map(checked_eventfd).transpose())
+                    .collect::<Result<Vec<_>>>()?;
+                Data::Fds(checked)
+            }
+            IrqData::None => Data::None,
+            IrqData::Bool(b) => Data::Bool(b),
+        };
+        let fire = self.apply(index, action, start, count, data)?;
+        signal_all(fire);
+        Ok(())
+    }
+
+    fn apply(
+        &self,
+        index: u32,
+        action: IrqAction,
+        start: u32,
+        count: u32,
+        data: Data,
+    ) -> Result<Fire> {
+        let mut fire = Fire::new();
         let mut all = self.lock();
         let idx = all
             .get_mut(index as usize)
@@ -103,11 +149,11 @@ impl Irqs {
         // count 0 + DATA_NONE + TRIGGER: disable every vector of the index.
         if count == 0 {
             return match (action, &data) {
-                (IrqAction::Trigger, IrqData::None) => {
+                (IrqAction::Trigger, Data::None) => {
                     for v in &mut idx.vectors {
                         *v = Vector::default();
                     }
-                    Ok(())
+                    Ok(fire)
                 }
                 _ => Err(DeviceError::Invalid(
                     "SET_IRQS with count 0 is only valid as DATA_NONE|ACTION_TRIGGER".into(),
@@ -125,13 +171,13 @@ impl Irqs {
             })?;
         let n = count as usize;
         match &data {
-            IrqData::Bool(b) if b.len() != n => {
+            Data::Bool(b) if b.len() != n => {
                 return Err(DeviceError::Invalid(format!(
                     "{} bools for {count} vectors",
                     b.len()
                 )))
             }
-            IrqData::Eventfd(f) if f.len() != n => {
+            Data::Fds(f) if f.len() != n => {
                 return Err(DeviceError::Invalid(format!(
                     "{} eventfds for {count} vectors",
                     f.len()
@@ -148,9 +194,9 @@ impl Irqs {
                     )));
                 }
                 let sel: Vec<bool> = match data {
-                    IrqData::None => vec![true; n],
-                    IrqData::Bool(b) => b,
-                    IrqData::Eventfd(_) => {
+                    Data::None => vec![true; n],
+                    Data::Bool(b) => b,
+                    Data::Fds(_) => {
                         return Err(DeviceError::Unsupported(
                             "mask/unmask by eventfd (resampling irqfd)".into(),
                         ))
@@ -166,25 +212,25 @@ impl Irqs {
                         v.masked = false;
                         if v.pending {
                             v.pending = false;
-                            fire(v, flags);
+                            fire.extend(fire_vector(v, flags));
                         }
                     }
                 }
             }
             IrqAction::Trigger => match data {
-                IrqData::None => {
+                Data::None => {
                     for v in &mut idx.vectors[range] {
-                        deliver(v, flags);
+                        fire.extend(deliver(v, flags));
                     }
                 }
-                IrqData::Bool(b) => {
+                Data::Bool(b) => {
                     for (v, s) in idx.vectors[range].iter_mut().zip(b) {
                         if s {
-                            deliver(v, flags);
+                            fire.extend(deliver(v, flags));
                         }
                     }
                 }
-                IrqData::Eventfd(fds) => {
+                Data::Fds(fds) => {
                     for (v, fd) in idx.vectors[range].iter_mut().zip(fds) {
                         v.fd = fd;
                         v.pending = false;
@@ -192,21 +238,36 @@ impl Irqs {
                 }
             },
         }
-        Ok(())
+        Ok(fire)
     }
 
     /// Raise vector `vector` of `index`. Returns true when an eventfd was signalled now
-    /// (false: masked and left pending, no eventfd, or no such vector).
+    /// (false: masked and left pending, no eventfd, no such vector, or the eventfd's
+    /// counter was full and the interrupt dropped). The eventfd is written after the
+    /// state lock is released and never blocks.
     pub fn trigger(&self, index: u32, vector: u32) -> bool {
-        let mut all = self.lock();
-        let Some(idx) = all.get_mut(index as usize) else {
-            return false;
+        let fd = {
+            let mut all = self.lock();
+            let Some(idx) = all.get_mut(index as usize) else {
+                return false;
+            };
+            let flags = idx.info.flags;
+            match idx.vectors.get_mut(vector as usize) {
+                Some(v) => deliver(v, flags),
+                None => None,
+            }
         };
-        let flags = idx.info.flags;
-        match idx.vectors.get_mut(vector as usize) {
-            Some(v) => deliver(v, flags),
-            None => false,
-        }
+        fd.is_some_and(|fd| fd.signal() == Signal::Delivered)
+    }
+
+    /// Interrupts dropped so far on vector `vector` of `index` because its eventfd's
+    /// counter was full (0 without an eventfd).
+    pub fn dropped(&self, index: u32, vector: u32) -> u64 {
+        self.lock()
+            .get(index as usize)
+            .and_then(|i| i.vectors.get(vector as usize))
+            .and_then(|v| v.fd.as_ref())
+            .map_or(0, |fd| fd.dropped())
     }
 
     /// True when vector `vector` of `index` has an eventfd.
@@ -235,24 +296,36 @@ impl Irqs {
     }
 }
 
-fn deliver(v: &mut Vector, flags: u32) -> bool {
-    if v.masked {
-        v.pending = true;
-        return false;
-    }
-    fire(v, flags)
+/// A SET_IRQS payload whose fds were checked.
+enum Data {
+    None,
+    Bool(Vec<bool>),
+    Fds(Vec<Option<Arc<PeerEventFd>>>),
 }
 
-fn fire(v: &mut Vector, flags: u32) -> bool {
-    let Some(fd) = &v.fd else { return false };
-    if let Err(e) = signal_eventfd(fd) {
-        tracing::warn!(error = %e, "cannot signal interrupt eventfd");
-        return false;
+fn checked_eventfd(fd: OwnedFd) -> Result<Arc<PeerEventFd>> {
+    PeerEventFd::from_peer(fd).map(Arc::new).map_err(|e| {
+        tracing::debug!(error = %e, "SET_IRQS fd refused");
+        DeviceError::Invalid(e.to_string())
+    })
+}
+
+/// Raise `v`: the eventfd to signal, or None (masked: now pending; or no eventfd).
+fn deliver(v: &mut Vector, flags: u32) -> Option<Arc<PeerEventFd>> {
+    if v.masked {
+        v.pending = true;
+        return None;
     }
+    fire_vector(v, flags)
+}
+
+/// `v` fires: automask it if its index says so, and return its eventfd to signal.
+fn fire_vector(v: &mut Vector, flags: u32) -> Option<Arc<PeerEventFd>> {
+    let fd = v.fd.clone()?;
     if flags & irq_flags::AUTOMASKED != 0 {
         v.masked = true;
     }
-    true
+    Some(fd)
 }
 
 #[cfg(test)]

@@ -13,12 +13,21 @@
 //! - interrupts: [`IrqInfo`] and `set_irqs` with VFIO_IRQ_SET semantics ([`irq`] has a
 //!   reusable implementation a device embeds);
 //! - DMA: the owner maps memory with `dma_map` / `dma_unmap`; a local device keeps those
-//!   in a `nestio_dma::MapTable` and does every DMA through it;
+//!   in the `nestio_dma::MapTable` of its [`DmaPort`] and does every DMA through the port,
+//!   as a `&dyn DmaSpace` that a translating space can be stacked on ([`dma`]);
+//! - PCI: [`pci::PciFunction`] answers configuration space, SET_IRQS and irq info for a
+//!   PCI device, so a device is its registers ([`pci::PciDevice`]);
+//! - peer fds: interrupt eventfds are checked and signalled without blocking
+//!   ([`eventfd`]);
 //! - migration v2 ([`migration`]): device state machine, data stream, dirty logging.
 //!
 //! Methods take `&self`: devices are shared between the server's threads, vCPU threads
-//! and their own workers, and synchronise inside.
+//! and their own workers, and synchronise inside. The trait and its forwarding impl for
+//! `Arc<T>` are generated from one method list ([`VFIO_DEVICE_METHODS`]), so a shared
+//! device can never answer "unsupported" for a method the forwarding impl forgot.
 
+pub mod dma;
+pub mod eventfd;
 pub mod irq;
 pub mod migration;
 pub mod pci;
@@ -28,6 +37,7 @@ use std::sync::Arc;
 
 use nestio_dma::{DmaError, DmaMapRequest, DmaRange, MapTable};
 
+pub use dma::DmaPort;
 pub use migration::{MigState, MigrationFlags};
 
 /// VFIO device flags (linux/vfio.h `VFIO_DEVICE_FLAGS_*`).
@@ -296,182 +306,164 @@ impl DeviceError {
 /// Result alias of the device model.
 pub type Result<T> = std::result::Result<T, DeviceError>;
 
-/// A device with VFIO semantics. See the crate documentation.
-///
-/// Default methods give the behaviour of a device without the feature; a local device
-/// that does DMA returns its table from [`VfioDevice::dma_table`] and gets DMA mapping
-/// and dirty logging for free.
-pub trait VfioDevice: Send + Sync {
-    /// Flags and counts.
-    fn info(&self) -> DeviceInfo;
-    /// Describe region `index` (an absent region has size 0).
-    fn region_info(&self, index: u32) -> Result<RegionInfo>;
-    /// Read `buf.len()` bytes at `offset` of region `index`.
-    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()>;
-    /// Write `data` at `offset` of region `index`.
-    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()>;
-    /// The ioeventfds the device offers for region `index` (none by default).
-    fn region_io_fds(&self, index: u32) -> Result<Vec<IoEventFd>> {
-        self.region_info(index)?;
-        Ok(Vec::new())
-    }
-    /// Describe irq index `index`.
-    fn irq_info(&self, index: u32) -> Result<IrqInfo>;
-    /// VFIO_DEVICE_SET_IRQS.
-    fn set_irqs(
-        &self,
-        index: u32,
-        action: IrqAction,
-        start: u32,
-        count: u32,
-        data: IrqData,
-    ) -> Result<()>;
-    /// Reset the device (function-level).
-    fn reset(&self) -> Result<()> {
-        Err(DeviceError::Unsupported("reset".into()))
-    }
+/// Declares [`VfioDevice`] and its forwarding impl for `Arc<T>` from one list of methods,
+/// so the forwarding impl cannot miss one: a default-bodied method forgotten there would
+/// silently answer "unsupported" for every shared device. Also records the method names
+/// in [`VFIO_DEVICE_METHODS`] (a test checks every one is forwarded).
+macro_rules! vfio_device_trait {
+    (
+        $(#[$tmeta:meta])*
+        pub trait VfioDevice {
+            $(
+                $(#[$meta:meta])*
+                fn $name:ident(&$self:ident $(, $arg:ident : $ty:ty)* $(,)?) -> $ret:ty
+                    $(;)? $($body:block)?
+            )*
+        }
+    ) => {
+        $(#[$tmeta])*
+        pub trait VfioDevice: Send + Sync {
+            $(
+                vfio_device_trait!(@method [$(#[$meta])*] $name $self [$($arg: $ty),*] $ret; $($body)?);
+            )*
+        }
 
-    /// The map table of a local device that does DMA.
-    fn dma_table(&self) -> Option<&MapTable> {
-        None
-    }
-    /// Make memory available to the device.
-    fn dma_map(&self, req: DmaMapRequest) -> Result<()> {
-        match self.dma_table() {
-            Some(t) => Ok(t.map(req)?),
-            None => Ok(()),
+        /// Every method is forwarded, generated from the same list as the trait.
+        impl<T: VfioDevice + ?Sized> VfioDevice for Arc<T> {
+            $(
+                #[inline]
+                fn $name(&$self $(, $arg: $ty)*) -> $ret {
+                    (**$self).$name($($arg),*)
+                }
+            )*
         }
-    }
-    /// Remove exactly the mapping `[iova, iova+size)`.
-    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
-        match self.dma_table() {
-            Some(t) => Ok(t.unmap(iova, size)?),
-            None => Ok(()),
-        }
-    }
-    /// Remove every mapping.
-    fn dma_unmap_all(&self) -> Result<()> {
-        if let Some(t) = self.dma_table() {
-            t.unmap_all();
-        }
-        Ok(())
-    }
 
-    /// Migration support (None: the device cannot migrate).
-    fn migration_flags(&self) -> Option<MigrationFlags> {
-        None
-    }
-    /// Current migration state.
-    fn mig_state(&self) -> Result<MigState> {
-        Err(DeviceError::Unsupported("migration".into()))
-    }
-    /// Move to `target` (any state reachable by the VFIO v2 FSM); returns the new state.
-    fn mig_set_state(&self, target: MigState) -> Result<MigState> {
-        let _ = target;
-        Err(DeviceError::Unsupported("migration".into()))
-    }
-    /// Read the next chunk of the migration stream (STOP_COPY / PRE_COPY); 0 = end.
-    fn mig_data_read(&self, buf: &mut [u8]) -> Result<usize> {
-        let _ = buf;
-        Err(DeviceError::Unsupported("migration".into()))
-    }
-    /// Write the next chunk of the migration stream (RESUMING).
-    fn mig_data_write(&self, data: &[u8]) -> Result<()> {
-        let _ = data;
-        Err(DeviceError::Unsupported("migration".into()))
-    }
-    /// Start dirty logging of device DMA writes.
-    fn dma_logging_start(&self, page_size: u64, ranges: &[DmaRange]) -> Result<()> {
-        match self.dma_table() {
-            Some(t) => Ok(t.start_logging(page_size, ranges)?),
-            None => Err(DeviceError::Unsupported("DMA dirty logging".into())),
-        }
-    }
-    /// Stop dirty logging.
-    fn dma_logging_stop(&self) -> Result<()> {
-        match self.dma_table() {
-            Some(t) => {
-                t.stop_logging();
-                Ok(())
-            }
-            None => Err(DeviceError::Unsupported("DMA dirty logging".into())),
-        }
-    }
-    /// Report and clear the dirty bitmap of `range` (u64 words, bit per page).
-    fn dma_logging_report(&self, range: DmaRange, page_size: u64) -> Result<Vec<u64>> {
-        match self.dma_table() {
-            Some(t) => Ok(t.report_dirty(range, page_size)?),
-            None => Err(DeviceError::Unsupported("DMA dirty logging".into())),
-        }
-    }
+        /// The names of [`VfioDevice`]'s methods, in declaration order (generated with the
+        /// trait: used to check that wrappers forward every one).
+        pub const VFIO_DEVICE_METHODS: &[&str] = &[$(stringify!($name)),*];
+    };
+    (@method [$($m:tt)*] $name:ident $self:ident [$($arg:ident: $ty:ty),*] $ret:ty;) => {
+        $($m)* fn $name(&$self $(, $arg: $ty)*) -> $ret;
+    };
+    (@method [$($m:tt)*] $name:ident $self:ident [$($arg:ident: $ty:ty),*] $ret:ty; $body:block) => {
+        $($m)* fn $name(&$self $(, $arg: $ty)*) -> $ret $body
+    };
 }
 
-impl<T: VfioDevice + ?Sized> VfioDevice for Arc<T> {
-    fn info(&self) -> DeviceInfo {
-        (**self).info()
-    }
-    fn region_info(&self, index: u32) -> Result<RegionInfo> {
-        (**self).region_info(index)
-    }
-    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
-        (**self).region_read(index, offset, buf)
-    }
-    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
-        (**self).region_write(index, offset, data)
-    }
-    fn region_io_fds(&self, index: u32) -> Result<Vec<IoEventFd>> {
-        (**self).region_io_fds(index)
-    }
-    fn irq_info(&self, index: u32) -> Result<IrqInfo> {
-        (**self).irq_info(index)
-    }
-    fn set_irqs(
-        &self,
-        index: u32,
-        action: IrqAction,
-        start: u32,
-        count: u32,
-        data: IrqData,
-    ) -> Result<()> {
-        (**self).set_irqs(index, action, start, count, data)
-    }
-    fn reset(&self) -> Result<()> {
-        (**self).reset()
-    }
-    fn dma_table(&self) -> Option<&MapTable> {
-        (**self).dma_table()
-    }
-    fn dma_map(&self, req: DmaMapRequest) -> Result<()> {
-        (**self).dma_map(req)
-    }
-    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
-        (**self).dma_unmap(iova, size)
-    }
-    fn dma_unmap_all(&self) -> Result<()> {
-        (**self).dma_unmap_all()
-    }
-    fn migration_flags(&self) -> Option<MigrationFlags> {
-        (**self).migration_flags()
-    }
-    fn mig_state(&self) -> Result<MigState> {
-        (**self).mig_state()
-    }
-    fn mig_set_state(&self, target: MigState) -> Result<MigState> {
-        (**self).mig_set_state(target)
-    }
-    fn mig_data_read(&self, buf: &mut [u8]) -> Result<usize> {
-        (**self).mig_data_read(buf)
-    }
-    fn mig_data_write(&self, data: &[u8]) -> Result<()> {
-        (**self).mig_data_write(data)
-    }
-    fn dma_logging_start(&self, page_size: u64, ranges: &[DmaRange]) -> Result<()> {
-        (**self).dma_logging_start(page_size, ranges)
-    }
-    fn dma_logging_stop(&self) -> Result<()> {
-        (**self).dma_logging_stop()
-    }
-    fn dma_logging_report(&self, range: DmaRange, page_size: u64) -> Result<Vec<u64>> {
-        (**self).dma_logging_report(range, page_size)
+vfio_device_trait! {
+    /// A device with VFIO semantics. See the crate documentation.
+    ///
+    /// Default methods give the behaviour of a device without the feature; a local device
+    /// that does DMA returns its [`DmaPort`] from [`VfioDevice::dma_port`] (or its table
+    /// from [`VfioDevice::dma_table`]) and gets DMA mapping and dirty logging for free.
+    pub trait VfioDevice {
+        /// Flags and counts.
+        fn info(&self) -> DeviceInfo;
+        /// Describe region `index` (an absent region has size 0).
+        fn region_info(&self, index: u32) -> Result<RegionInfo>;
+        /// Read `buf.len()` bytes at `offset` of region `index`.
+        fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()>;
+        /// Write `data` at `offset` of region `index`.
+        fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()>;
+        /// The ioeventfds the device offers for region `index` (none by default).
+        fn region_io_fds(&self, index: u32) -> Result<Vec<IoEventFd>> {
+            self.region_info(index)?;
+            Ok(Vec::new())
+        }
+        /// Describe irq index `index`.
+        fn irq_info(&self, index: u32) -> Result<IrqInfo>;
+        /// VFIO_DEVICE_SET_IRQS.
+        fn set_irqs(
+            &self,
+            index: u32,
+            action: IrqAction,
+            start: u32,
+            count: u32,
+            data: IrqData,
+        ) -> Result<()>;
+        /// Reset the device (function-level).
+        fn reset(&self) -> Result<()> {
+            Err(DeviceError::Unsupported("reset".into()))
+        }
+
+        /// The DMA port of a local device that does DMA: the map table its owner maps
+        /// into and the [`nestio_dma::DmaSpace`] its DMA goes through.
+        fn dma_port(&self) -> Option<&DmaPort> {
+            None
+        }
+        /// The map table of a local device that does DMA (by default its port's).
+        fn dma_table(&self) -> Option<&MapTable> {
+            self.dma_port().map(DmaPort::table)
+        }
+        /// Make memory available to the device.
+        fn dma_map(&self, req: DmaMapRequest) -> Result<()> {
+            match self.dma_table() {
+                Some(t) => Ok(t.map(req)?),
+                None => Ok(()),
+            }
+        }
+        /// Remove exactly the mapping `[iova, iova+size)`.
+        fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
+            match self.dma_table() {
+                Some(t) => Ok(t.unmap(iova, size)?),
+                None => Ok(()),
+            }
+        }
+        /// Remove every mapping.
+        fn dma_unmap_all(&self) -> Result<()> {
+            if let Some(t) = self.dma_table() {
+                t.unmap_all();
+            }
+            Ok(())
+        }
+
+        /// Migration support (None: the device cannot migrate).
+        fn migration_flags(&self) -> Option<MigrationFlags> {
+            None
+        }
+        /// Current migration state.
+        fn mig_state(&self) -> Result<MigState> {
+            Err(DeviceError::Unsupported("migration".into()))
+        }
+        /// Move to `target` (any state reachable by the VFIO v2 FSM); returns the new
+        /// state.
+        fn mig_set_state(&self, target: MigState) -> Result<MigState> {
+            let _ = target;
+            Err(DeviceError::Unsupported("migration".into()))
+        }
+        /// Read the next chunk of the migration stream (STOP_COPY / PRE_COPY); 0 = end.
+        fn mig_data_read(&self, buf: &mut [u8]) -> Result<usize> {
+            let _ = buf;
+            Err(DeviceError::Unsupported("migration".into()))
+        }
+        /// Write the next chunk of the migration stream (RESUMING).
+        fn mig_data_write(&self, data: &[u8]) -> Result<()> {
+            let _ = data;
+            Err(DeviceError::Unsupported("migration".into()))
+        }
+        /// Start dirty logging of device DMA writes.
+        fn dma_logging_start(&self, page_size: u64, ranges: &[DmaRange]) -> Result<()> {
+            match self.dma_table() {
+                Some(t) => Ok(t.start_logging(page_size, ranges)?),
+                None => Err(DeviceError::Unsupported("DMA dirty logging".into())),
+            }
+        }
+        /// Stop dirty logging.
+        fn dma_logging_stop(&self) -> Result<()> {
+            match self.dma_table() {
+                Some(t) => {
+                    t.stop_logging();
+                    Ok(())
+                }
+                None => Err(DeviceError::Unsupported("DMA dirty logging".into())),
+            }
+        }
+        /// Report and clear the dirty bitmap of `range` (u64 words, bit per page).
+        fn dma_logging_report(&self, range: DmaRange, page_size: u64) -> Result<Vec<u64>> {
+            match self.dma_table() {
+                Some(t) => Ok(t.report_dirty(range, page_size)?),
+                None => Err(DeviceError::Unsupported("DMA dirty logging".into())),
+            }
+        }
     }
 }

@@ -1,12 +1,19 @@
 //! Emulated devices, each implementing [`nestio_device::VfioDevice`] so it can be used
 //! in process or served over vfio-user:
 //! - [`sample`]: a small PCI device with a register BAR, a RAM BAR and a DMA engine;
+//! - [`gpio`]: a 16-pin GPIO card, the minimal example of a device that is its
+//!   registers ([`nestio_device::pci::PciDevice`]);
 //! - [`e1000`]: an Intel 82540EM network card;
 //! - [`e1000_bench`]: a guest-side e1000 driver used to measure packets per second.
 
 pub mod e1000;
+#[cfg(feature = "harness")]
 pub mod e1000_bench;
+#[cfg(feature = "harness")]
 mod fuzz_input;
+pub mod gpio;
+#[cfg(feature = "harness")]
 mod migration_fuzz;
+#[cfg(feature = "harness")]
 pub use migration_fuzz::fuzz_migration;
 pub mod sample;

@@ -21,7 +21,8 @@
 //! 32-bit PATTERN repeated (little-endian), 3 = Adler-32 checksum of SRC into
 //! DMA_RESULT. LEN must be 1..=1 MiB. The command runs *synchronously* in the CMD write
 //! (the vCPU or server thread that writes CMD waits for it; there is no worker thread),
-//! moving 16 KiB chunks through the device's [`MapTable`]; the device state lock is not
+//! moving 16 KiB chunks through the device's [`DmaPort`] (its map table, or a translating
+//! space stacked on it); the device state lock is not
 //! held while bytes move, so a DMA that reaches a peer by messages blocks nothing else.
 //! The device must be bus master (command register bit 2), else the command fails with
 //! [`dma_error::NO_BUS_MASTER`]. On completion DMA_STATUS gets DONE (or ERROR with a code
@@ -53,20 +54,21 @@
 //! The stream itself is kept by [`MigrationData`] (shared with the e1000): a data read
 //! outside STOP_COPY or a write outside RESUMING is refused with EINVAL.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::Arc;
 
 use nestio_device::migration::{MigrationData, MigrationFsm};
 use nestio_device::pci::{
-    BarKind, IntrMode, MsixCap, MsixHit, MsixTable, PciConfig, PciError, PciIntr,
+    BarKind, IntrMode, MsixCap, MsixHit, MsixTable, PciConfig, PciError, PciFunction,
 };
 use nestio_device::{
-    flags, pci_index, region_flags, DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, MigState,
-    MigrationFlags, RegionInfo, Result, SparseArea, VfioDevice,
+    pci_index, region_flags, DeviceError, DeviceInfo, DmaPort, IrqAction, IrqData, IrqInfo,
+    MigState, MigrationFlags, RegionInfo, Result, SparseArea, VfioDevice,
 };
-use nestio_dma::{DmaError, DmaSpace, MapTable};
+use nestio_dma::{DmaError, DmaSpace};
 
 /// PCI vendor ID.
 pub const VENDOR_ID: u16 = 0x1b36;
@@ -288,7 +290,6 @@ impl Registers {
 
 struct State {
     regs: Registers,
-    cfg: PciConfig,
     msix: MsixTable,
     fsm: MigrationFsm,
     mig: MigrationData,
@@ -311,11 +312,12 @@ pub struct SampleDevice {
     state: Mutex<State>,
     /// Held while a DMA command moves bytes; reset and migration take it to quiesce.
     dma_lock: Mutex<()>,
-    intr: PciIntr,
+    /// Configuration space and interrupts (locked after `state` when both are held).
+    pci: PciFunction,
     /// Where the MSI-X table and PBA are in BAR0 (fixed at construction), so a BAR0
     /// access is routed without taking the state lock.
     msix_cap: MsixCap,
-    table: MapTable,
+    dma: DmaPort,
     ram: File,
     ram_fd: Arc<OwnedFd>,
 }
@@ -501,7 +503,6 @@ impl SampleDevice {
         let ram = memfd(RAM_SIZE).map_err(SampleError::Memfd)?;
         let ram_fd = Arc::new(OwnedFd::from(ram.try_clone().map_err(SampleError::Memfd)?));
         let cfg = Self::build_config().map_err(SampleError::Config)?;
-        let intr = PciIntr::for_config(&cfg);
         let msix_cap = cfg.msix().ok_or_else(|| {
             SampleError::Config(PciError::Capability {
                 id: nestio_device::pci::cap_id::MSIX.into(),
@@ -512,16 +513,15 @@ impl SampleDevice {
         Ok(SampleDevice {
             state: Mutex::new(State {
                 regs: Registers::default(),
-                cfg,
                 msix,
                 fsm: MigrationFsm::new(MigrationFlags(MigrationFlags::STOP_COPY)),
                 mig: MigrationData::new("sample device", STREAM_LEN),
                 resumed: false,
             }),
             dma_lock: Mutex::new(()),
-            intr,
+            pci: PciFunction::new(cfg),
             msix_cap,
-            table: MapTable::default(),
+            dma: DmaPort::default(),
             ram,
             ram_fd,
         })
@@ -553,11 +553,11 @@ impl SampleDevice {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     fn lock_dma(&self) -> MutexGuard<'_, ()> {
-        self.dma_lock.lock().unwrap_or_else(|e| e.into_inner())
+        self.dma_lock.lock()
     }
 
     /// A copy of the register file.
@@ -567,7 +567,7 @@ impl SampleDevice {
 
     /// A copy of the configuration space.
     pub fn config(&self) -> PciConfig {
-        self.lock().cfg.clone()
+        self.pci.config()
     }
 
     /// The RAM BAR's contents.
@@ -590,15 +590,15 @@ impl SampleDevice {
             if new & intr::SOFT != 0 {
                 vectors.push(1);
             }
-            if self.intr.mode() == IntrMode::Intx {
+            if self.pci.mode() == IntrMode::Intx {
                 vectors.truncate(1);
             }
             for v in vectors {
-                let d = self.intr.raise(&mut st.cfg, v);
+                let d = self.pci.raise(v);
                 tracing::trace!(vector = v, delivery = ?d, "sample device interrupt");
             }
         } else if pending == 0 && prev_pending != 0 {
-            self.intr.lower_intx(&mut st.cfg);
+            self.pci.lower_intx();
         }
     }
 
@@ -678,7 +678,7 @@ impl SampleDevice {
             Some(dma_error::BAD_COMMAND)
         } else if r.len == 0 || r.len > MAX_DMA_LEN {
             Some(dma_error::BAD_LENGTH)
-        } else if !st.cfg.bus_master() {
+        } else if !self.pci.bus_master() {
             Some(dma_error::NO_BUS_MASTER)
         } else {
             None
@@ -717,11 +717,15 @@ impl SampleDevice {
         }
     }
 
-    /// Move the bytes of `job` through the map table. Returns the checksum for CHECKSUM.
+    /// Move the bytes of `job` through the DMA port's space. Returns the checksum for CHECKSUM.
     fn run_job(&self, job: &Job) -> std::result::Result<u32, DmaError> {
         let len = u64::from(job.len);
         let chunk = DMA_CHUNK as u64;
         let mut buf = vec![0u8; DMA_CHUNK.min(job.len as usize)];
+        // The space is taken once per command: a decorator stacked meanwhile applies
+        // from the next command on.
+        let space = self.dma.space();
+        let dma: &dyn DmaSpace = &*space;
         match job.cmd {
             cmd::COPY => {
                 // Overlap with DST above SRC: copy from the end (memmove).
@@ -732,8 +736,8 @@ impl SampleDevice {
                     let off = k * chunk;
                     let sz = (len - off).min(chunk) as usize;
                     let b = &mut buf[..sz];
-                    self.table.read(at(job.src, off, job.len)?, b)?;
-                    self.table.write(at(job.dst, off, job.len)?, b)?;
+                    dma.read(at(job.src, off, job.len)?, b)?;
+                    dma.write(at(job.dst, off, job.len)?, b)?;
                 }
                 Ok(0)
             }
@@ -746,7 +750,7 @@ impl SampleDevice {
                 while off < len {
                     // DMA_CHUNK is a multiple of 4, so the pattern phase stays aligned.
                     let sz = (len - off).min(chunk) as usize;
-                    self.table.write(at(job.dst, off, job.len)?, &buf[..sz])?;
+                    dma.write(at(job.dst, off, job.len)?, &buf[..sz])?;
                     off += sz as u64;
                 }
                 Ok(0)
@@ -757,7 +761,7 @@ impl SampleDevice {
                 while off < len {
                     let sz = (len - off).min(chunk) as usize;
                     let b = &mut buf[..sz];
-                    self.table.read(at(job.src, off, job.len)?, b)?;
+                    dma.read(at(job.src, off, job.len)?, b)?;
                     sum.update(b);
                     off += sz as u64;
                 }
@@ -803,11 +807,7 @@ impl SampleDevice {
         let dwords = (data.len() / 4) as u64;
         let touches_cmd = (0..dwords).any(|i| offset.checked_add(4 * i) == Some(regs::DMA_CMD));
         let engine = if touches_cmd {
-            match self.dma_lock.try_lock() {
-                Ok(g) => Some(g),
-                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-                Err(TryLockError::WouldBlock) => None,
-            }
+            self.dma_lock.try_lock()
         } else {
             None
         };
@@ -850,7 +850,7 @@ impl SampleDevice {
             .fold(0u64, |p, v| p | 1 << v);
         Ok(Snapshot {
             regs: st.regs,
-            config: st.cfg.snapshot(),
+            config: self.pci.lock_config().snapshot(),
             msix_entries,
             pba,
             ram: self.ram_contents()?,
@@ -859,7 +859,7 @@ impl SampleDevice {
     }
 
     fn apply(&self, st: &mut State, snap: Snapshot) -> Result<()> {
-        st.cfg.restore(&snap.config)?;
+        self.pci.lock_config().restore(&snap.config)?;
         let mut msix = MsixTable::with_vectors(VECTORS);
         for (v, e) in snap.msix_entries.iter().enumerate() {
             for (i, w) in e.iter().enumerate() {
@@ -872,7 +872,7 @@ impl SampleDevice {
         self.ram.write_all_at(&snap.ram, 0)?;
         st.msix = msix;
         st.regs = snap.regs;
-        self.intr.reset(&mut st.cfg);
+        self.pci.reset();
         st.resumed = true;
         Ok(())
     }
@@ -913,18 +913,14 @@ fn check_reg_access(offset: u64, len: usize) -> Result<()> {
 
 impl VfioDevice for SampleDevice {
     fn info(&self) -> DeviceInfo {
-        DeviceInfo {
-            flags: flags::PCI | flags::RESET,
-            num_regions: pci_index::NUM_REGIONS,
-            num_irqs: self.intr.num_irqs(),
-        }
+        self.pci.device_info()
     }
 
     fn region_info(&self, index: u32) -> Result<RegionInfo> {
-        match index {
-            pci_index::BAR0 => Ok(RegionInfo::rw(index, BAR0_SIZE)),
+        self.pci.region_info(index, |i| match i {
+            pci_index::BAR0 => Ok(RegionInfo::rw(i, BAR0_SIZE)),
             RAM_BAR => Ok(RegionInfo {
-                index,
+                index: i,
                 flags: region_flags::READ | region_flags::WRITE | region_flags::MMAP,
                 size: RAM_SIZE,
                 fd_offset: 0,
@@ -934,10 +930,8 @@ impl VfioDevice for SampleDevice {
                 }],
                 fd: Some(self.ram_fd.clone()),
             }),
-            pci_index::CONFIG => Ok(RegionInfo::rw(index, CONFIG_LEN as u64)),
-            i if i < pci_index::NUM_REGIONS => Ok(RegionInfo::absent(i)),
-            i => Err(DeviceError::NoSuchRegion(i)),
-        }
+            i => Ok(RegionInfo::absent(i)),
+        })
     }
 
     fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -947,7 +941,7 @@ impl VfioDevice for SampleDevice {
                 Self::ram_access_check(offset, buf.len())?;
                 Ok(self.ram.read_exact_at(buf, offset)?)
             }
-            pci_index::CONFIG => Ok(self.lock().cfg.read(offset, buf)?),
+            pci_index::CONFIG => self.pci.config_read(offset, buf),
             i => {
                 self.region_info(i)?.check(offset, buf.len())?;
                 Err(DeviceError::NoSuchRegion(i))
@@ -962,12 +956,7 @@ impl VfioDevice for SampleDevice {
                 Self::ram_access_check(offset, data.len())?;
                 Ok(self.ram.write_all_at(data, offset)?)
             }
-            pci_index::CONFIG => {
-                let mut st = self.lock();
-                st.cfg.write(offset, data)?;
-                self.intr.command_written(&st.cfg);
-                Ok(())
-            }
+            pci_index::CONFIG => self.pci.config_write(offset, data),
             i => {
                 self.region_info(i)?.check(offset, data.len())?;
                 Err(DeviceError::NoSuchRegion(i))
@@ -976,7 +965,7 @@ impl VfioDevice for SampleDevice {
     }
 
     fn irq_info(&self, index: u32) -> Result<IrqInfo> {
-        self.intr.irq_info(index)
+        self.pci.irq_info(index)
     }
 
     fn set_irqs(
@@ -987,7 +976,7 @@ impl VfioDevice for SampleDevice {
         count: u32,
         data: IrqData,
     ) -> Result<()> {
-        self.intr.set_irqs(index, action, start, count, data)
+        self.pci.set_irqs(index, action, start, count, data)
     }
 
     fn reset(&self) -> Result<()> {
@@ -995,15 +984,15 @@ impl VfioDevice for SampleDevice {
         let mut st = self.lock();
         st.regs = Registers::default();
         st.msix.reset();
-        self.intr.reset(&mut st.cfg);
+        self.pci.reset();
         st.fsm.reset();
         st.mig.close();
         st.resumed = false;
         Ok(())
     }
 
-    fn dma_table(&self) -> Option<&MapTable> {
-        Some(&self.table)
+    fn dma_port(&self) -> Option<&DmaPort> {
+        Some(&self.dma)
     }
 
     fn migration_flags(&self) -> Option<MigrationFlags> {

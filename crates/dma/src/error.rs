@@ -103,6 +103,18 @@ pub enum DmaError {
         /// Size.
         size: u64,
     },
+    /// An unmap range that cuts a mapping (VFIO type1 v2 refuses to bisect one).
+    #[error("unmap of [{iova:#x}, +{size:#x}) would bisect the DMA mapping [{map_iova:#x}, +{map_size:#x}); unmap whole mappings")]
+    Bisect {
+        /// Start of the unmap.
+        iova: u64,
+        /// Size of the unmap.
+        size: u64,
+        /// Start of the mapping it cuts.
+        map_iova: u64,
+        /// Size of that mapping.
+        map_size: u64,
+    },
     /// The table already holds its maximum number of mappings.
     #[error("too many DMA mappings (limit {limit}); unmap some or raise max_dma_maps")]
     TooManyMappings {
@@ -131,7 +143,9 @@ impl DmaError {
     pub fn errno(&self) -> i32 {
         match self {
             DmaError::Unmapped { .. } | DmaError::Permission { .. } => libc::EFAULT,
-            DmaError::Overflow { .. } | DmaError::Invalid(_) => libc::EINVAL,
+            DmaError::Overflow { .. } | DmaError::Invalid(_) | DmaError::Bisect { .. } => {
+                libc::EINVAL
+            }
             DmaError::Peer { errno, .. } => *errno,
             DmaError::File { .. } => libc::EFAULT,
             DmaError::Overlap { .. } => libc::EEXIST,

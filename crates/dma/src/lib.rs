@@ -11,6 +11,9 @@
 //!   is sealed against shrinking, see [`memfd`]; read and written with `pread`/`pwrite`
 //!   otherwise, so a peer cannot crash us by truncating it), or by a
 //!   [`DmaPeer`], the owner of the memory reached by messages (vfio-user DMA_READ/WRITE).
+//!   All mappings of one file share one backing (one mmap or one private fd), so a
+//!   vIOMMU's hundreds of thousands of page-sized maps cost O(1) fds and VMAs; every fd
+//!   a peer sends is checked first by [`memfd::check_dma_file`].
 //! - [`DirtyLog`] records the pages a device wrote while logging is on (VFIO
 //!   DMA_LOGGING_START/REPORT), so migration can copy only what changed.
 //!
@@ -20,6 +23,8 @@
 //! Translating spaces (SMMUv3 stages, sPAPR TCE windows, nested levels) are further
 //! implementations of [`DmaSpace`] that translate, check, and then delegate.
 
+#[cfg(feature = "harness")]
+pub mod bench;
 mod dirty;
 mod error;
 mod map_table;
@@ -28,7 +33,9 @@ mod range;
 
 pub use dirty::DirtyLog;
 pub use error::{Access, DmaError};
-pub use map_table::{DmaBacking, DmaMapRequest, MapTable, MapTableStats, MappingInfo};
+pub use map_table::{
+    DmaBacking, DmaMapRequest, MapTable, MapTableStats, MappingInfo, SPLIT_GRANULE,
+};
 pub use range::{DmaRange, Prot};
 
 /// The side that owns memory a device can reach only by messages (vfio-user DMA_READ /

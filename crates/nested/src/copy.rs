@@ -63,7 +63,7 @@ impl HcallStatus {
             HcallStatus::Success => 0,
             HcallStatus::Parameter => -4,
             HcallStatus::NoMemory => -9,
-            HcallStatus::NotFound => -56,
+            HcallStatus::NotFound => -7,
         }
     }
 }
@@ -224,7 +224,7 @@ impl CopyError {
             | CopyError::ParentMemory { .. } => HcallStatus::NotFound,
         }
     }
-    /// The hcall return code (H_PARAMETER -4, H_NO_MEM -9, H_NOT_FOUND -56).
+    /// The hcall return code (H_PARAMETER -4, H_NO_MEM -9, H_NOT_FOUND -7).
     pub fn hcall_code(&self) -> i64 {
         self.status().code()
     }

@@ -21,6 +21,7 @@
 pub mod copy;
 pub mod dma;
 pub mod export;
+#[cfg(feature = "harness")]
 pub mod fuzz;
 pub mod level;
 pub mod memory;
@@ -33,6 +34,7 @@ pub use copy::{
 };
 pub use dma::{nested_dma_space, NestedDma};
 pub use export::{ExportConfig, ExportError, ExportStats, ExportedDevice, LevelRam, RamRegion};
+#[cfg(feature = "harness")]
 pub use fuzz::fuzz_walk;
 pub use level::{Level, LevelError, LevelId, Levels, Window, MAX_DEPTH};
 pub use memory::{DmaMemory, GuestPhysMemory, MemError, MmapMemory};

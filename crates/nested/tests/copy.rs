@@ -236,7 +236,7 @@ fn hcall_huge_length_is_no_mem_without_allocating() {
         .nested
         .h_copy_tofrom_guest(e.l1, &hargs(&e, PHYSICAL_PID, 0, 0x1000, 0, MAX_COPY_LEN));
     assert!(matches!(r, Err(CopyError::ParentMemory { .. })), "{r:?}");
-    assert_eq!(hcall_code(&r), -56);
+    assert_eq!(hcall_code(&r), -7, "H_NOT_FOUND");
     // Within both memories: a short copy of exactly L2's memory.
     let r = e.nested.h_copy_tofrom_guest(
         e.l1,
@@ -259,7 +259,7 @@ fn hcall_translation_failure_is_not_found() {
             .h_copy_tofrom_guest(e.l1, &hargs(&e, cr3, eaddr, gp_to, gp_from, 16));
         let err = r.clone().unwrap_err();
         assert_eq!(err.status(), HcallStatus::NotFound, "{err}");
-        assert_eq!(hcall_code(&r), -56);
+        assert_eq!(hcall_code(&r), -7, "H_NOT_FOUND");
         assert_eq!(err.copied(), 0);
     }
     // The read-only page was not modified.
@@ -281,7 +281,7 @@ fn hcall_translation_failure_is_not_found() {
         .nested
         .h_copy_tofrom_guest(e.l1, &hargs(&e, cr3, VA, L1_SIZE, 0, 16));
     assert!(matches!(r, Err(CopyError::ParentMemory { .. })), "{r:?}");
-    assert_eq!(hcall_code(&r), -56);
+    assert_eq!(hcall_code(&r), -7, "H_NOT_FOUND");
 }
 
 #[test]
@@ -331,7 +331,7 @@ fn short_read_reports_count_and_zero_fills_tail() {
     l1_mem.write(0x4000, &[0xff; 0x1000]).unwrap();
     let args = hargs(&e, e.cr3.raw(), VA_RO + 0x800, 0x4000, 0, 0x1000);
     let r = e.nested.h_copy_tofrom_guest(e.l1, &args);
-    assert_eq!(hcall_code(&r), -56);
+    assert_eq!(hcall_code(&r), -7, "H_NOT_FOUND");
     assert_eq!(r.unwrap_err().copied(), 0x800);
     let mut got = vec![0u8; 0x1000];
     l1_mem.read(0x4000, &mut got).unwrap();

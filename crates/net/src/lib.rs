@@ -226,6 +226,7 @@ pub fn open_backend(spec: &str, pcap: Option<&Path>) -> Result<Box<dyn NetBacken
 /// u16 length (so stateful exchanges such as DISCOVER then REQUEST are
 /// reachable). Every reply is checked to be a well-formed frame from the
 /// gateway with valid checksums; a violation panics (a fuzzing finding).
+#[cfg(feature = "harness")]
 pub fn fuzz_user_backend(data: &[u8]) {
     let Ok(mut b) = UserBackend::new() else {
         return;

@@ -29,7 +29,7 @@ pub const BULK: usize = 64 * 1024;
 
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]
-pub enum BenchError {
+pub enum ProtocolBenchError {
     /// Setup or I/O failed.
     #[error("benchmark I/O failed: {0}")]
     Io(#[from] std::io::Error),
@@ -43,7 +43,7 @@ pub enum BenchError {
 
 /// Results of one run (nanoseconds per operation).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BenchReport {
+pub struct ProtocolBenchReport {
     /// Iterations of each measurement.
     pub iterations: u64,
     /// Raw socketpair 4-byte round trip.
@@ -58,7 +58,7 @@ pub struct BenchReport {
     pub region_write_64k_ns: f64,
 }
 
-impl BenchReport {
+impl ProtocolBenchReport {
     /// REGION_READ round trip / raw round trip.
     pub fn rtt_ratio(&self) -> f64 {
         self.region_read_ns / self.raw_rtt_ns
@@ -74,7 +74,7 @@ impl BenchReport {
     }
 }
 
-impl std::fmt::Display for BenchReport {
+impl std::fmt::Display for ProtocolBenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mbs = |ns: f64| BULK as f64 / ns * 1e9 / (1 << 20) as f64;
         writeln!(
@@ -132,7 +132,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Run every measurement about `iterations` times (at least one per round). Raw and
 /// client/server round trips alternate round by round so both see the same load.
-pub fn run(iterations: u64) -> Result<BenchReport, BenchError> {
+pub fn run(iterations: u64) -> Result<ProtocolBenchReport, ProtocolBenchError> {
     // Pin this thread (and so the threads it spawns) to the CPU it runs on: a wake-up
     // across (virtual) CPUs costs tens of microseconds on a nested VM and would measure
     // the scheduler, not the protocol. The previous mask is restored at the end.
@@ -164,9 +164,10 @@ impl Pin {
         if cpu < 0 {
             return Pin(None);
         }
-        // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET stays in bounds for
-        // a cpu number the kernel returned.
+        // SAFETY: an all-zero cpu_set_t is a valid empty set.
         let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: CPU_SET stays in bounds for a cpu number the kernel returned (below
+        // CPU_SETSIZE) and writes only into the local set.
         unsafe { libc::CPU_SET(cpu as usize, &mut one) };
         // SAFETY: passes a valid cpu_set_t of the stated size.
         if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) } != 0
@@ -186,7 +187,7 @@ impl Drop for Pin {
     }
 }
 
-fn measure(iterations: u64) -> Result<BenchReport, BenchError> {
+fn measure(iterations: u64) -> Result<ProtocolBenchReport, ProtocolBenchError> {
     let per = iterations.div_ceil(ROUNDS).max(1);
     let n = per * ROUNDS;
 
@@ -272,7 +273,7 @@ fn measure(iterations: u64) -> Result<BenchReport, BenchError> {
     drop(a);
     let _ = sink.join();
 
-    Ok(BenchReport {
+    Ok(ProtocolBenchReport {
         iterations: n,
         raw_rtt_ns: median(raw),
         region_read_ns: median(rpc),

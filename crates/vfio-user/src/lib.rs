@@ -10,16 +10,20 @@
 //! - [`testdev`]: a small device used by tests, the fuzzer and the benchmark;
 //! - [`bench`]: round-trip and throughput measurement.
 
+#[cfg(feature = "harness")]
 pub mod bench;
 pub mod client;
 pub mod endpoint;
+#[cfg(feature = "harness")]
 pub mod fuzzing;
 pub mod proto;
 pub mod server;
 pub mod socket;
+#[cfg(feature = "harness")]
 pub mod testdev;
 
 pub use client::{Client, ClientConfig, ClientError};
+#[cfg(feature = "harness")]
 pub use fuzzing::{fuzz_client, fuzz_decode, fuzz_dispatch};
 pub use proto::{Capabilities, Command, Header, ProtoError};
 pub use server::{bind, listening, Server, ServerConfig, ServerError, ServerStats};

@@ -20,10 +20,10 @@ use std::sync::{Arc, Mutex};
 use nestio_device::irq::Irqs;
 use nestio_device::migration::{MigrationData, MigrationFsm};
 use nestio_device::{
-    flags, irq_flags, region_flags, DeviceError, DeviceInfo, IoEventFd, IrqAction, IrqData,
-    IrqInfo, MigState, MigrationFlags, RegionInfo, Result, SparseArea, VfioDevice,
+    flags, irq_flags, region_flags, DeviceError, DeviceInfo, DmaPort, IoEventFd, IrqAction,
+    IrqData, IrqInfo, MigState, MigrationFlags, RegionInfo, Result, SparseArea, VfioDevice,
 };
-use nestio_dma::{DmaSpace, MapTable};
+use nestio_dma::DmaSpace;
 
 /// Size of region 0.
 pub const RAM_SIZE: usize = 64 * 1024;
@@ -60,7 +60,7 @@ pub struct TestDevice {
     memfd: Arc<OwnedFd>,
     doorbell: Arc<OwnedFd>,
     irqs: Irqs,
-    dma: MapTable,
+    dma: DmaPort,
     resets: AtomicU32,
 }
 
@@ -99,7 +99,7 @@ impl TestDevice {
                     count: 4,
                 },
             ]),
-            dma: MapTable::default(),
+            dma: DmaPort::default(),
             resets: AtomicU32::new(0),
         })
     }
@@ -285,7 +285,7 @@ impl VfioDevice for TestDevice {
         Ok(())
     }
 
-    fn dma_table(&self) -> Option<&MapTable> {
+    fn dma_port(&self) -> Option<&DmaPort> {
         Some(&self.dma)
     }
 

@@ -39,14 +39,14 @@ impl DeviceCosts {
 
 /// The result of one run.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BenchReport {
+pub struct ExitBenchReport {
     /// The in-process device.
     pub local: DeviceCosts,
     /// The vfio-user device.
     pub remote: DeviceCosts,
 }
 
-impl BenchReport {
+impl ExitBenchReport {
     /// vfio-user MMIO read round trip / in-process one.
     pub fn remote_over_local_read(&self) -> f64 {
         self.remote.read as f64 / self.local.read.max(1) as f64
@@ -66,7 +66,7 @@ impl BenchReport {
     }
 }
 
-impl std::fmt::Display for BenchReport {
+impl std::fmt::Display for ExitBenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "guest TSC cycles per operation (one run):")?;
         for (name, c) in [("in-process", self.local), ("vfio-user", self.remote)] {
@@ -105,7 +105,7 @@ impl std::fmt::Display for BenchReport {
 
 /// Errors of the benchmark.
 #[derive(Debug, thiserror::Error)]
-pub enum BenchError {
+pub enum ExitBenchError {
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] VmError),
@@ -140,7 +140,7 @@ pub fn exit_costs(
     payload: impl Into<PathBuf>,
     local: Arc<dyn VfioDevice>,
     remote_socket: PathBuf,
-) -> Result<BenchReport, BenchError> {
+) -> Result<ExitBenchReport, ExitBenchError> {
     let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut cfg = VmConfig::new(payload);
     cfg.console = ConsoleOutput::Buffer(buf.clone());
@@ -159,8 +159,8 @@ pub fn exit_costs(
         String::from_utf8_lossy(&buf.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
     let status = report.exit_status();
     match (status, parse(&console, 0), parse(&console, 1)) {
-        (0, Some(local), Some(remote)) => Ok(BenchReport { local, remote }),
-        _ => Err(BenchError::Guest { status, console }),
+        (0, Some(local), Some(remote)) => Ok(ExitBenchReport { local, remote }),
+        _ => Err(ExitBenchError::Guest { status, console }),
     }
 }
 
@@ -175,7 +175,7 @@ mod tests {
         let l = parse(c, 0).unwrap();
         let r = parse(c, 1).unwrap();
         assert_eq!((l.read, l.write, l.irq, l.delivery()), (100, 90, 400, 310));
-        let b = BenchReport {
+        let b = ExitBenchReport {
             local: l,
             remote: r,
         };

@@ -9,10 +9,23 @@
 //! - [`boot`]: ELF loading (linux-loader), GDT, identity page tables, long-mode entry;
 //! - [`bus`]: checked PIO/MMIO buses; unclaimed reads are all-ones;
 //! - [`serial`]: the 16550 console (vm-superio);
-//! - [`pci`]: host bridge (CF8/CFC and ECAM), BAR windows, GSI routing, and
+//! - [`irqchip`]: the interrupt-controller seam ([`irqchip::IrqChip`]: sources,
+//!   eventfds, MSI messages, masking, snapshots) and its x86 in-kernel implementation;
+//! - [`address_space`]: the KVM operations that map memory slots and ioeventfds, as a
+//!   trait (testable without `/dev/kvm`);
+//! - [`pci`]: host bridge (CF8/CFC and ECAM), BAR windows, and
 //!   [`pci::assigned`], the VFIO-style wiring of one device (config virtualisation, BARs
 //!   as bus ranges + KVM memory slots for mmappable areas + ioeventfds, INTx / MSI /
-//!   MSI-X through irqfd);
+//!   MSI-X through the irqchip);
+//! - [`iommu`]: DMA domains keyed by stream ID (identity: all RAM at IOVA = GPA; a
+//!   shadow domain a vIOMMU drives with map/unmap);
+//! - [`region_map`]: the bus-neutral region mapper (device region -> bus range + KVM
+//!   memory slots for mmappable areas + ioeventfds), used by PCI BARs and platform
+//!   devices;
+//! - [`platform`]: non-PCI (platform / AMBA / FSL-MC) devices at addresses of the
+//!   platform MMIO window, interrupts wired through the irqchip;
+//! - [`hypercall`]: the PAPR hypercall entry (a port doorbell, registers as arguments),
+//!   its dispatcher, RTAS and the virtual terminal;
 //! - [`cpu`]: the x86 CPU model (CPUID, MSR_TEST_CTRL / CORE_CAPABILITIES through
 //!   user-space MSR exits, split-lock reports);
 //! - [`vcpu`]: the vCPU state machine and state save/restore;
@@ -23,7 +36,8 @@
 //!
 //! Payload/VMM contract: the payload is entered in 64-bit mode at its ELF entry with
 //! `rdi` = RAM size and `rsi` = its command line ([`VmConfig::cmdline`]); a write to port
-//! 0xf4 ends the VM with the low byte as exit status; 0xFE to port 0x64 is a reset; the
+//! 0xf4 ends the VM with the low byte as exit status; a 32-bit write to port 0xe0 is a
+//! hypercall ([`hypercall`]); 0xFE to port 0x64 is a reset; the
 //! console is the UART at 0x3f8. A Linux guest ends the same way: nestio's guest /init
 //! writes its status to 0xf4 before rebooting (`reboot=k`: 0xFE to port 0x64); a reset
 //! without a status ends the VM with status 0. A Linux kernel panic or a power-off
@@ -35,14 +49,21 @@
 //! the payload binaries), built by this crate's build script with the host toolchain;
 //! [`payloads`] has their paths.
 
+pub mod address_space;
+#[cfg(feature = "harness")]
 pub mod bench;
 pub mod boot;
 pub mod bus;
 pub mod cpu;
 pub mod handoff;
+pub mod hypercall;
+pub mod iommu;
+pub mod irqchip;
 pub mod linux;
 pub mod memory;
 pub mod pci;
+pub mod platform;
+pub mod region_map;
 mod remote;
 pub mod serial;
 pub mod serial_input;
@@ -72,4 +93,7 @@ pub mod payloads {
     pub const SAMPLETEST: &str = env!("NESTIO_GUEST_SAMPLETEST");
     /// Guest e1000 driver: ARP + ICMP echo to 10.0.2.2; `irq=intx|msi`.
     pub const E1000PING: &str = env!("NESTIO_GUEST_E1000PING");
+    /// Makes PAPR hypercalls through the hypercall port and checks their return codes
+    /// (see `crates/vmm/tests/hypercall.rs` for the handlers it expects).
+    pub const HCALLTEST: &str = env!("NESTIO_GUEST_HCALLTEST");
 }

@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use nestio_device::VfioDevice;
 
-use crate::pci::PciError;
+use crate::pci::PciHostError;
 
 /// Connect to the vfio-user server at `socket`.
-pub fn connect(socket: &Path) -> Result<Arc<dyn VfioDevice>, PciError> {
-    let client = nestio_vfio_user::Client::connect(socket).map_err(|e| PciError::Connect {
+pub fn connect(socket: &Path) -> Result<Arc<dyn VfioDevice>, PciHostError> {
+    let client = nestio_vfio_user::Client::connect(socket).map_err(|e| PciHostError::Connect {
         socket: socket.display().to_string(),
         message: format!(
             "{e} (is `nestio device ... --socket {}` running?)",

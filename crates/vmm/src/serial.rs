@@ -110,6 +110,36 @@ impl SerialConsole {
             }
         }
     }
+
+    /// Write `bytes` to the console output directly, not through the UART registers
+    /// (the PAPR virtual terminal, [`crate::hypercall::console`]); serialised with the
+    /// UART's own output.
+    pub fn write_output(&self, bytes: &[u8]) {
+        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = uart.writer_mut().write_all(bytes) {
+            tracing::warn!(error = %e, "console write failed");
+        }
+    }
+
+    /// Take up to `buf.len()` received bytes out of the receive FIFO (as the guest's
+    /// reads of the data register would); 0 when none is waiting, or while the guest
+    /// has the divisor latch selected (the data register is then the divisor).
+    pub fn take_input(&self, buf: &mut [u8]) -> usize {
+        const LCR: u8 = 3;
+        const LSR: u8 = 5;
+        const LCR_DLAB: u8 = 0x80;
+        const LSR_DATA_READY: u8 = 0x01;
+        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        if uart.read(LCR) & LCR_DLAB != 0 {
+            return 0;
+        }
+        let mut n = 0;
+        while n < buf.len() && uart.read(LSR) & LSR_DATA_READY != 0 {
+            buf[n] = uart.read(0);
+            n += 1;
+        }
+        n
+    }
 }
 
 impl BusDevice for SerialConsole {
@@ -181,5 +211,31 @@ mod tests {
         let mut wide = [0u8; 2];
         s.read(0, &mut wide).unwrap();
         assert_eq!(wide, [0xff, 0xff], "16-bit access is not a UART access");
+    }
+
+    #[test]
+    fn direct_output_and_fifo_input_for_the_virtual_terminal() {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let s = SerialConsole::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ConsoleOutput::Buffer(buf.clone()),
+        );
+        s.write(0, b"a").unwrap();
+        s.write_output(b"bc");
+        assert_eq!(&*buf.lock().unwrap(), b"abc");
+        let mut got = [0u8; 4];
+        assert_eq!(s.take_input(&mut got), 0, "nothing received");
+        assert_eq!(s.feed(b"xyz"), 3);
+        assert_eq!(s.take_input(&mut got[..2]), 2);
+        assert_eq!(&got[..2], b"xy");
+        // Divisor latch selected: the data register is not the FIFO.
+        s.write(3, &[0x80]).unwrap();
+        assert_eq!(s.take_input(&mut got), 0);
+        s.write(3, &[0x03]).unwrap();
+        assert_eq!(s.take_input(&mut got), 1);
+        assert_eq!(got[0], b'z');
+        let mut lsr = [0u8];
+        s.read(5, &mut lsr).unwrap();
+        assert_eq!(lsr[0] & 0x01, 0, "FIFO drained");
     }
 }

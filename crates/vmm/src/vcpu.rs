@@ -8,7 +8,10 @@
 //! before every entry.
 //!
 //! Exits: port I/O and MMIO go to the buses (unclaimed reads are all-ones); the
-//! debug-exit port ends the VM; MSR exits go to the CPU model; #AC and bus-lock exits
+//! debug-exit port ends the VM; a 32-bit write to the hypercall port
+//! ([`crate::hypercall::HYPERCALL_PORT`]) is a PAPR hypercall: the registers are read,
+//! the call dispatched to the platform's [`Hypercalls`] and the outcome written back
+//! before the guest resumes; MSR exits go to the CPU model; #AC and bus-lock exits
 //! are explained ([`crate::cpu`]); a KVM emulation failure stops with the guest RIP and the
 //! instruction bytes; a triple fault stops with the RIP.
 
@@ -23,6 +26,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::bus::{Bus, BusFault};
 use crate::cpu::{self, AcAction, CpuModel, CpuState, HostSplitLockPolicy, SplitLockEvent};
+use crate::hypercall::{HcallContext, Hypercalls, HYPERCALL_PORT};
 
 /// Guest/VMM contract: a write to this port ends the VM with the low byte as exit status.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
@@ -125,6 +129,8 @@ pub struct ExitStats {
     pub msr: AtomicU64,
     /// Bus-lock exits.
     pub bus_lock: AtomicU64,
+    /// Hypercalls (doorbell writes), whatever their outcome.
+    pub hypercall: AtomicU64,
 }
 
 /// What a vCPU shares with the rest of the VM.
@@ -145,6 +151,8 @@ pub struct VcpuContext {
     pub stats: Arc<ExitStats>,
     /// Size of the vCPU's kvm_run mapping (KVM_GET_VCPU_MMAP_SIZE).
     pub run_size: usize,
+    /// The platform's hypercall handlers.
+    pub hypercalls: Arc<Hypercalls>,
 }
 
 /// The saved state of a vCPU, including the CPU model's part.
@@ -376,6 +384,21 @@ impl Vcpu {
         let data = unsafe { std::slice::from_raw_parts_mut(base.add(off), len) };
         let port = io.port;
         let out = io.direction as u32 == kvm_bindings::KVM_EXIT_IO_OUT;
+        if port == HYPERCALL_PORT {
+            if out && size == 4 && io.count == 1 {
+                return self.on_hypercall();
+            }
+            if !out {
+                data.fill(0xff);
+            }
+            tracing::debug!(
+                size,
+                count = io.count,
+                out,
+                "access to the hypercall port that is not a 32-bit write: ignored"
+            );
+            return Step::Continue;
+        }
         for chunk in data.chunks_mut(size) {
             if out {
                 if port == DEBUG_EXIT_PORT {
@@ -398,6 +421,21 @@ impl Vcpu {
             }
         }
         Step::Continue
+    }
+
+    /// A doorbell write: the call is in the registers (see [`crate::hypercall`]).
+    fn on_hypercall(&mut self) -> Step {
+        self.ctx.stats.hypercall.fetch_add(1, Ordering::Relaxed);
+        let mut regs = match self.fd.get_regs() {
+            Ok(r) => r,
+            Err(err) => return Step::Stop(Err(VcpuError::State { what: "read", err })),
+        };
+        let ctx = HcallContext::new(&self.ctx.mem, 0);
+        self.ctx.hypercalls.dispatch_regs(&ctx, &mut regs);
+        match self.fd.set_regs(&regs) {
+            Ok(()) => Step::Continue,
+            Err(err) => Step::Stop(Err(VcpuError::State { what: "write", err })),
+        }
     }
 
     fn on_exception(&mut self) -> Step {

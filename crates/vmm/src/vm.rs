@@ -2,12 +2,20 @@
 //! assigned devices, the CPU model, what to boot ([`Boot`]); then the vCPU thread and
 //! the control loop that watches for SIGINT, stop requests and dead devices.
 //!
+//! The platform's shared services are built once and handed to the buses: the
+//! interrupt controller ([`crate::irqchip::x86::KvmIrqChip`] behind
+//! [`crate::irqchip::IrqChip`]), the DMA domain ([`crate::iommu::IdentityDomain`]: no
+//! vIOMMU) and the region mapper ([`crate::region_map::RegionMapper`]). Each device is
+//! attached by its VFIO flags: PCI devices to the PCI root in slot order, platform /
+//! AMBA / FSL-MC devices to the [`crate::platform::PlatformBus`]; any other device is
+//! refused ([`VmError::UnsupportedDevice`]).
+//!
 //! Two kinds of guest ([`Boot`]): a `no_std` payload entered in 64-bit mode (see the
 //! crate documentation), or a Linux kernel ([`crate::linux`]). For Linux the machine
 //! also gets what the kernel expects of a PC without firmware tables beyond the MP
 //! table: CPUID with the TSC-deadline timer ([`crate::linux::platform::linux_cpuid`]),
 //! PCI INTx on 8259 lines marked level-triggered in the ELCR
-//! ([`crate::pci::IntxRouting::Pic`]; the line is in each device's interrupt-line
+//! ([`crate::irqchip::x86::IntxRouting::Pic`]; the line is in each device's interrupt-line
 //! register and in the MP table), and the kernel loaded with its initrd and command
 //! line. Both kinds share the rest: the in-kernel PIC/IOAPIC/LAPIC and PIT, the 16550
 //! at 0x3f8 on IRQ 4, the keyboard controller's status port 0x64 (reads 0: "input
@@ -28,11 +36,17 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootError};
 use crate::bus::{Bus, BusDevice, BusError, BusFault, BusRange};
 use crate::cpu::{CpuModel, CpuState, HostSplitLockPolicy};
+use crate::hypercall::Hypercalls;
+use crate::iommu::{DmaDomain, GuestRamFile, IdentityDomain};
+use crate::irqchip::x86::{IntxRouting, KvmIrqChip};
+use crate::irqchip::{IrqChip, IrqChipError, SourceRequest};
 use crate::linux::mptable::PciIntxRoute;
 use crate::linux::platform::{self, PlatformError};
 use crate::linux::{LinuxBootError, LinuxLayout};
 use crate::memory::{GuestRam, MemoryError};
-use crate::pci::{IntxRouting, PciError, PciRoot};
+use crate::pci::{PciHostError, PciRoot};
+use crate::platform::{PlatformBus, PlatformDeviceError, PlatformMmioAllocator, PLATFORM_FLAGS};
+use crate::region_map::RegionMapper;
 use crate::serial::{self, ConsoleOutput, SerialConsole};
 use crate::serial_input::{ConsoleInput, InputPump};
 use crate::threads::{ThreadHooks, ThreadRole};
@@ -132,6 +146,10 @@ pub struct VmConfig {
     pub boot: Boot,
     /// RAM size in bytes (multiple of 2 MiB, 4 MiB ..= 3 GiB).
     pub memory: u64,
+    /// Hypercall and RTAS handlers the guest reaches through the hypercall port
+    /// ([`crate::hypercall`]); the VM adds the virtual terminal where these leave its
+    /// opcodes free.
+    pub hypercalls: Hypercalls,
     /// Assigned devices, in PCI slot order (00:01.0, 00:02.0, ...).
     pub devices: Vec<DeviceConfig>,
     /// The CPU model (`--cpu`).
@@ -170,6 +188,7 @@ impl VmConfig {
         VmConfig {
             boot: Boot::Payload(payload.into()),
             memory: 64 << 20,
+            hypercalls: Hypercalls::new(),
             devices: Vec::new(),
             cpu: CpuModel::default(),
             console: ConsoleOutput::Stdout,
@@ -227,7 +246,21 @@ pub enum VmError {
     Bus(#[from] BusError),
     /// PCI / device wiring.
     #[error(transparent)]
-    Pci(#[from] PciError),
+    Pci(#[from] PciHostError),
+    /// The interrupt controller.
+    #[error("interrupt controller: {0}")]
+    Irq(#[from] IrqChipError),
+    /// Platform (non-PCI) device wiring.
+    #[error(transparent)]
+    PlatformDevice(#[from] PlatformDeviceError),
+    /// A device of a type the VMM cannot attach.
+    #[error("cannot attach {device}: it is neither a PCI nor a platform device (VFIO device flags {flags:#x}); nestio attaches VFIO PCI, platform, AMBA and FSL-MC devices")]
+    UnsupportedDevice {
+        /// Device.
+        device: String,
+        /// Its VFIO device flags.
+        flags: u32,
+    },
     /// The vCPU stopped with an error.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -295,6 +328,7 @@ impl VmHandle {
 pub struct Vm {
     vcpu: Option<Vcpu>,
     pci: Arc<PciRoot>,
+    platform: Arc<PlatformBus>,
     vm: Arc<VmFd>,
     _kvm: Kvm,
     stop: Arc<AtomicBool>,
@@ -419,12 +453,20 @@ impl Vm {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
 
+        let is_linux = matches!(cfg.boot, Boot::Linux { .. });
+        let intx = if is_linux {
+            IntxRouting::Pic
+        } else {
+            IntxRouting::Ioapic
+        };
+        let irqchip: Arc<dyn IrqChip> = Arc::new(KvmIrqChip::new(vm.clone(), intx)?);
+
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Kvm {
             what: "eventfd for the serial IRQ",
             err: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
         })?;
-        vm.register_irqfd(&serial_irq, serial::SERIAL_GSI)
-            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial_source = irqchip.allocate(SourceRequest::Line(serial::SERIAL_GSI))?;
+        irqchip.attach(serial_source, &serial_irq, None)?;
         let serial = Arc::new(SerialConsole::new(serial_irq, cfg.console.clone()));
         pio.insert(
             BusRange::new(serial::SERIAL_PORT as u64, serial::SERIAL_PORTS)?,
@@ -437,28 +479,22 @@ impl Vm {
         )?;
         pio.insert(BusRange::new(POST_PORT, 1)?, Arc::new(PostCode))?;
 
-        let is_linux = matches!(cfg.boot, Boot::Linux { .. });
-        let intx = if is_linux {
-            IntxRouting::Pic
-        } else {
-            IntxRouting::Ioapic
-        };
-        let pci = PciRoot::with_intx(vm.clone(), pio.clone(), mmio.clone(), intx)?;
+        let mapper = RegionMapper::new(vm.clone(), pio.clone(), mmio.clone());
+        // No vIOMMU: every device reaches all of guest RAM at IOVA = GPA.
+        let dma: Arc<dyn DmaDomain> = Arc::new(IdentityDomain::new(GuestRamFile::of(&ram)));
+        let pci = PciRoot::new(irqchip.clone(), mapper.clone(), dma.clone());
+        let platform_bus = Arc::new(PlatformBus::new(
+            irqchip.clone(),
+            mapper,
+            dma,
+            PlatformMmioAllocator::default_window(),
+        ));
         pio.insert(BusRange::new(PCI_CONFIG_PORT, 8)?, pci.config_io())?;
         mmio.insert(
             BusRange::new(crate::pci::ECAM_BASE, crate::pci::ECAM_SIZE)?,
             pci.ecam(),
         )?;
-        for (i, d) in cfg.devices.iter().enumerate() {
-            let (name, dev): (String, Arc<dyn VfioDevice>) = match d {
-                DeviceConfig::Local { name, device } => (name.clone(), device.clone()),
-                DeviceConfig::VfioUser { socket } => {
-                    let dev = crate::remote::connect(socket)?;
-                    (format!("vfio-user:{}", socket.display()), dev)
-                }
-            };
-            pci.assign(i as u8 + 1, name, dev, &ram)?;
-        }
+        attach_devices(&cfg.devices, &pci, &platform_bus)?;
 
         let mem = ram.memory().clone();
         let fd = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
@@ -496,6 +532,8 @@ impl Vm {
             }
         }
 
+        let mut hypercalls = cfg.hypercalls.clone();
+        crate::hypercall::console::register_default(&mut hypercalls, serial.clone());
         let run_size = kvm
             .get_vcpu_mmap_size()
             .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
@@ -510,6 +548,7 @@ impl Vm {
             stop: stop.clone(),
             stats: stats.clone(),
             run_size,
+            hypercalls: Arc::new(hypercalls),
         };
         Ok(Vm {
             _kvm: kvm,
@@ -519,6 +558,7 @@ impl Vm {
             stop,
             stats,
             pci,
+            platform: platform_bus,
             handle_sigint: cfg.handle_sigint,
             serial,
             console_input: cfg.console_input,
@@ -546,6 +586,11 @@ impl Vm {
     /// The PCI root (assigned devices, for inspection).
     pub fn pci(&self) -> &Arc<PciRoot> {
         &self.pci
+    }
+
+    /// The platform (non-PCI) devices, for inspection: where each landed.
+    pub fn platform(&self) -> &Arc<PlatformBus> {
+        &self.platform
     }
 
     /// The vCPU (None while running).
@@ -595,7 +640,8 @@ impl Vm {
                 self.stop.store(true, Ordering::SeqCst);
             }
             if lost.is_none() {
-                if let Some((device, message)) = self.pci.check_devices() {
+                let dead = self.pci.check_devices();
+                if let Some((device, message)) = dead.or_else(|| self.platform.check_devices()) {
                     lost = Some(VmError::DeviceLost { device, message });
                     self.stop.store(true, Ordering::SeqCst);
                 }
@@ -634,6 +680,39 @@ impl Vm {
     pub fn cpu_state(&self) -> Option<CpuState> {
         self.vcpu.as_ref().map(|v| v.cpu_state())
     }
+}
+
+/// Attach each configured device where its VFIO flags say it belongs: PCI devices at
+/// 00:01.0, 00:02.0, ... in order; platform / AMBA / FSL-MC devices in the platform
+/// MMIO window.
+fn attach_devices(
+    devices: &[DeviceConfig],
+    pci: &Arc<PciRoot>,
+    platform: &PlatformBus,
+) -> Result<(), VmError> {
+    let mut slot = 1u8;
+    for d in devices {
+        let (name, dev): (String, Arc<dyn VfioDevice>) = match d {
+            DeviceConfig::Local { name, device } => (name.clone(), device.clone()),
+            DeviceConfig::VfioUser { socket } => {
+                let dev = crate::remote::connect(socket)?;
+                (format!("vfio-user:{}", socket.display()), dev)
+            }
+        };
+        let flags = dev.info().flags;
+        if flags & nestio_device::flags::PCI != 0 {
+            pci.assign(slot, name, dev)?;
+            slot = slot.saturating_add(1);
+        } else if flags & PLATFORM_FLAGS != 0 {
+            platform.attach(name, dev)?;
+        } else {
+            return Err(VmError::UnsupportedDevice {
+                device: name,
+                flags,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The MP-table routes of the assigned devices' INTx lines (8259 lines under

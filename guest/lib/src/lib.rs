@@ -7,12 +7,14 @@
 //! this library does the minimum: port and MMIO accessors ([`io`]), serial output
 //! ([`serial`], `println!`), the debug-exit port ([`exit`]), PCI configuration access
 //! and enumeration ([`pci`]), an IDT with exception and interrupt dispatch plus the
-//! local APIC ([`interrupts`]), and CPUID / MSR access that survives #GP ([`cpu`]).
+//! local APIC ([`interrupts`]), CPUID / MSR access that survives #GP ([`cpu`]), and
+//! PAPR hypercalls through the VMM's hypercall port ([`hcall`]).
 #![no_std]
 
 pub mod cpu;
 pub mod exit;
 pub mod fmt;
+pub mod hcall;
 pub mod interrupts;
 pub mod io;
 mod mem;

@@ -30,12 +30,14 @@
 pub mod bar;
 pub mod capability;
 pub mod config;
+pub mod function;
 pub mod intr;
 pub mod msi;
 pub mod msix;
 
 pub use bar::{Bar, BarKind};
 pub use config::PciConfig;
+pub use function::{PciDevice, PciFunction};
 pub use intr::{Delivery, IntrMode, PciIntr};
 pub use msi::{MsiCap, MsiEnable, MsiMessage};
 pub use msix::{MsixCap, MsixEntry, MsixHit, MsixTable};

@@ -115,6 +115,48 @@ impl PciConfig {
 }
 
 impl MsixCap {
+    /// The handle of an MSI-X capability found in a configuration space this crate did
+    /// not build (a VMM reading an assigned device's): `offset` of the header and the
+    /// raw message control, table and PBA registers. Checked like
+    /// [`PciConfig::add_msix`] except for the BAR sizes, which the caller checks against
+    /// the device's regions: BIRs 0..=5, both arrays inside 32-bit offsets and not
+    /// overlapping when they share a BAR.
+    pub fn from_registers(
+        offset: usize,
+        control: u16,
+        table: u32,
+        pba: u32,
+    ) -> Result<MsixCap, PciError> {
+        let err = |reason: String| PciError::Capability {
+            id: cap_id::MSIX.into(),
+            reason,
+        };
+        let vectors = (control & 0x7ff) + 1;
+        let (table_bar, table_offset) = ((table & 7) as usize, table & !7);
+        let (pba_bar, pba_offset) = ((pba & 7) as usize, pba & !7);
+        let cap = MsixCap {
+            offset,
+            vectors,
+            table_bar,
+            table_offset,
+            pba_bar,
+            pba_offset,
+        };
+        if table_bar > 5 || pba_bar > 5 {
+            return Err(err(format!(
+                "BAR indicator {table_bar}/{pba_bar} is not a BAR"
+            )));
+        }
+        let (t, p) = (cap.table_offset(), cap.pba_offset());
+        if t + cap.table_len() > 1 << 32 || p + cap.pba_len() > 1 << 32 {
+            return Err(err("the table or the PBA ends beyond 4 GiB".into()));
+        }
+        if table_bar == pba_bar && t < p + cap.pba_len() && p < t + cap.table_len() {
+            return Err(err("the table and the PBA overlap".into()));
+        }
+        Ok(cap)
+    }
+
     /// Offset of the capability header.
     pub fn offset(&self) -> usize {
         self.offset
@@ -395,6 +437,23 @@ mod tests {
         let mut b = [0u8; 4];
         t.read_table(off, &mut b).unwrap();
         u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn from_registers_checks_bars_and_overlap() {
+        let c = MsixCap::from_registers(0x50, 7, 0x800, 0xc00 | 2).unwrap();
+        assert_eq!(
+            (c.offset(), c.vectors(), c.table_bar(), c.table_offset()),
+            (0x50, 8, 0, 0x800)
+        );
+        assert_eq!((c.pba_bar(), c.pba_offset(), c.pba_len()), (2, 0xc00, 8));
+        assert_eq!(c.locate(0, 0x810, 4), Some(MsixHit::Table(0x10)));
+        assert!(MsixCap::from_registers(0x50, 0, 6, 0).is_err(), "BIR 6");
+        assert!(
+            MsixCap::from_registers(0x50, 7, 0x800, 0x810).is_err(),
+            "overlap"
+        );
+        assert!(MsixCap::from_registers(0x50, 0x7ff, 0xffff_f000, 0x1).is_err());
     }
 
     #[test]

@@ -26,7 +26,8 @@
 //! frames wait in a queue that is part of the migration state, further frames are
 //! counted as missed (MPC), and the delay timers are paused.
 //!
-//! Every DMA goes through the device's [`MapTable`] and only while the PCI command
+//! Every DMA goes through the device's [`DmaPort`] (its map table, or a translating
+//! space stacked on it) and only while the PCI command
 //! register allows bus mastering. Register accesses must be 1, 2, 4 or 8 bytes and
 //! naturally aligned (an 8-byte access is two 4-byte ones); anything else is refused
 //! with EINVAL. A narrower read of a register with read side effects (ICR, statistics)
@@ -41,6 +42,7 @@
 
 mod delay;
 mod eeprom;
+#[cfg(feature = "harness")]
 mod fuzz;
 mod phy;
 mod regfile;
@@ -49,24 +51,25 @@ mod rx;
 mod state;
 mod tx;
 
+use parking_lot::{Mutex, MutexGuard};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use nestio_device::irq::signal_eventfd;
 use nestio_device::migration::MigrationFsm;
-use nestio_device::pci::{BarKind, PciConfig, PciError, PciIntr};
+use nestio_device::pci::{BarKind, PciConfig, PciError, PciFunction};
 use nestio_device::{
-    flags, pci_index, DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, MigState,
+    pci_index, DeviceError, DeviceInfo, DmaPort, IrqAction, IrqData, IrqInfo, MigState,
     MigrationFlags, RegionInfo, Result, VfioDevice,
 };
-use nestio_dma::MapTable;
 use nestio_net::NetBackend;
 
 use self::regfile::{Core, PENDING_MAX};
 pub use eeprom::{Eeprom, EEPROM_SUM, EEPROM_WORDS};
+#[cfg(feature = "harness")]
 pub use fuzz::fuzz_e1000;
 pub use rx::{crc32, mta_hash, RxOutcome};
 pub use state::StateError;
@@ -155,8 +158,9 @@ pub enum E1000Error {
 
 struct Inner {
     core: Mutex<Core>,
-    intr: PciIntr,
-    dma: MapTable,
+    /// Configuration space and interrupts (shared with the register file).
+    pci: Arc<PciFunction>,
+    dma: DmaPort,
     backend: Mutex<Box<dyn NetBackend>>,
     backend_fd: RawFd,
     wake: OwnedFd,
@@ -203,19 +207,18 @@ fn build_config() -> std::result::Result<PciConfig, PciError> {
 impl E1000 {
     /// Create the device and start its RX worker (stopped when the device is dropped).
     pub fn new(config: E1000Config) -> std::result::Result<Arc<E1000>, E1000Error> {
-        let pci = build_config()?;
-        let intr = PciIntr::for_config(&pci);
+        let pci = Arc::new(PciFunction::new(build_config()?));
         let core = Core::new(
             config.mac,
-            pci,
+            pci.clone(),
             MigrationFsm::new(MigrationFlags(MigrationFlags::STOP_COPY)),
         );
         let backend_fd = config.backend.poll_fd().as_raw_fd();
         let describe = config.backend.describe();
         let inner = Arc::new(Inner {
             core: Mutex::new(core),
-            intr,
-            dma: MapTable::default(),
+            pci,
+            dma: DmaPort::default(),
             backend: Mutex::new(config.backend),
             backend_fd,
             wake: new_eventfd().map_err(E1000Error::Eventfd)?,
@@ -258,7 +261,7 @@ impl E1000 {
     pub fn stop_worker(&self) {
         self.inner.stop.store(true, Ordering::SeqCst);
         let _ = signal_eventfd(&self.inner.wake);
-        let h = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let h = self.worker.lock().take();
         if let Some(h) = h {
             if h.join().is_err() {
                 tracing::error!("e1000 RX worker panicked");
@@ -275,7 +278,7 @@ impl Drop for E1000 {
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
+        self.core.lock()
     }
 
     /// Send frames queued by a transmit and wake the worker if asked; called after
@@ -289,7 +292,7 @@ impl Inner {
             )
         };
         if !frames.is_empty() {
-            let mut b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+            let mut b = self.backend.lock();
             for f in frames {
                 if let Err(e) = b.send(&f) {
                     tracing::debug!(error = %e, "e1000: backend dropped a frame");
@@ -310,7 +313,7 @@ impl Inner {
     fn offer_frame(&self, frame: &[u8]) -> (Option<RxOutcome>, bool) {
         let mut c = self.lock();
         if c.running() {
-            return (Some(c.receive(frame, &self.intr, &self.dma)), false);
+            return (Some(c.receive(frame, &self.pci, &self.dma)), false);
         }
         if frame.len() > rx::MAX_LONG_FRAME {
             c.stat_inc(regs::ROC);
@@ -330,11 +333,11 @@ impl Inner {
                 let mut c = self.lock();
                 c.wake_worker = false;
                 let now = Instant::now();
-                c.delay_due(&self.intr, now);
-                c.deferred_due(&self.intr, now);
+                c.delay_due(&self.pci, now);
+                c.deferred_due(&self.pci, now);
                 if c.running() {
                     while let Some(f) = c.pending.pop_front() {
-                        c.receive(&f, &self.intr, &self.dma);
+                        c.receive(&f, &self.pci, &self.dma);
                     }
                 }
                 // Delay timers count only while running (paused ones have no deadline).
@@ -397,7 +400,7 @@ impl Inner {
                 if backend_errors == 0 {
                     tracing::warn!(
                         revents = fds[1].revents,
-                        backend = %self.backend.lock().unwrap_or_else(|e| e.into_inner()).describe(),
+                        backend = %self.backend.lock().describe(),
                         "e1000: backend descriptor reports an error or hang-up"
                     );
                 }
@@ -410,7 +413,7 @@ impl Inner {
             // Take a bounded batch, then re-check stop / deferred interrupts.
             for _ in 0..64 {
                 let got = {
-                    let mut b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut b = self.backend.lock();
                     b.recv(&mut buf)
                 };
                 match got {
@@ -458,7 +461,7 @@ impl Inner {
     fn mmio_read32(&self, c: &mut Core, off: u32, buf: &mut [u8]) {
         let reg = off & !3;
         let shift = (off & 3) * 8;
-        let v = c.read(reg, &self.intr) >> shift;
+        let v = c.read(reg, &self.pci) >> shift;
         let bytes = v.to_le_bytes();
         buf.copy_from_slice(&bytes[..buf.len()]);
     }
@@ -478,7 +481,7 @@ impl Inner {
             let base = if reg == regs::ICR { 0 } else { c.peek(reg) };
             (base & !(mask << shift)) | ((val & mask) << shift)
         };
-        c.write(reg, v, &self.intr, &self.dma);
+        c.write(reg, v, &self.pci, &self.dma);
     }
 
     fn mmio_read(&self, c: &mut Core, off: u64, buf: &mut [u8]) {
@@ -567,31 +570,23 @@ impl Inner {
 
 impl VfioDevice for E1000 {
     fn info(&self) -> DeviceInfo {
-        DeviceInfo {
-            flags: flags::PCI | flags::RESET,
-            num_regions: pci_index::NUM_REGIONS,
-            num_irqs: self.inner.intr.num_irqs(),
-        }
+        self.inner.pci.device_info()
     }
 
     fn region_info(&self, index: u32) -> Result<RegionInfo> {
-        match index {
-            0 => Ok(RegionInfo::rw(0, regs::MMIO_SIZE)),
-            1 => Ok(RegionInfo::rw(1, regs::IO_SIZE)),
-            pci_index::CONFIG => {
-                let size = self.inner.lock().config.size() as u64;
-                Ok(RegionInfo::rw(pci_index::CONFIG, size))
-            }
-            i if i < pci_index::NUM_REGIONS => Ok(RegionInfo::absent(i)),
-            i => Err(DeviceError::NoSuchRegion(i)),
-        }
+        self.inner.pci.region_info(index, |i| {
+            Ok(match i {
+                0 => RegionInfo::rw(0, regs::MMIO_SIZE),
+                1 => RegionInfo::rw(1, regs::IO_SIZE),
+                i => RegionInfo::absent(i),
+            })
+        })
     }
 
     fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         let size = self.region_info(index)?.size;
         if index == pci_index::CONFIG {
-            let c = self.inner.lock();
-            return Ok(c.config.read(offset, buf)?);
+            return self.inner.pci.config_read(offset, buf);
         }
         Inner::check_access(index, offset, buf.len(), size)?;
         {
@@ -609,17 +604,16 @@ impl VfioDevice for E1000 {
         let size = self.region_info(index)?.size;
         if index == pci_index::CONFIG {
             let mut c = self.inner.lock();
-            let msg_before = regfile::message_mode(&self.inner.intr) && c.config.bus_master();
-            c.config.write(offset, data)?;
-            self.inner.intr.command_written(&c.config);
+            let msg_before = regfile::message_mode(&self.inner.pci) && self.inner.pci.bus_master();
+            self.inner.pci.config_write(offset, data)?;
             // Bus mastering or MSI enable may have changed: restart what waited.
-            c.process_tx(&self.inner.intr, &self.inner.dma);
+            c.process_tx(&self.inner.pci, &self.inner.dma);
             // Bus mastering just enabled with a message interrupt due: send it.
             let edge = c.asserted()
-                && regfile::message_mode(&self.inner.intr)
-                && c.config.bus_master()
+                && regfile::message_mode(&self.inner.pci)
+                && self.inner.pci.bus_master()
                 && !msg_before;
-            c.update_irq(&self.inner.intr, edge);
+            c.update_irq(&self.inner.pci, edge);
             c.wake_worker = true;
             drop(c);
             self.inner.after_access();
@@ -638,7 +632,7 @@ impl VfioDevice for E1000 {
     }
 
     fn irq_info(&self, index: u32) -> Result<IrqInfo> {
-        self.inner.intr.irq_info(index)
+        self.inner.pci.irq_info(index)
     }
 
     fn set_irqs(
@@ -651,9 +645,7 @@ impl VfioDevice for E1000 {
     ) -> Result<()> {
         // Under the device lock, so a raise and an unmask do not interleave.
         let c = self.inner.lock();
-        self.inner
-            .intr
-            .set_irqs(index, action, start, count, data)?;
+        self.inner.pci.set_irqs(index, action, start, count, data)?;
         drop(c);
         self.inner.after_access();
         Ok(())
@@ -661,9 +653,8 @@ impl VfioDevice for E1000 {
 
     fn reset(&self) -> Result<()> {
         let mut c = self.inner.lock();
-        c.config = c.config_init.clone();
         c.reset_regs();
-        self.inner.intr.reset(&mut c.config);
+        self.inner.pci.reset_to_power_on();
         c.io_addr = 0;
         c.fsm.reset();
         c.mig.close();
@@ -674,7 +665,7 @@ impl VfioDevice for E1000 {
         Ok(())
     }
 
-    fn dma_table(&self) -> Option<&MapTable> {
+    fn dma_port(&self) -> Option<&DmaPort> {
         Some(&self.inner.dma)
     }
 
@@ -698,9 +689,9 @@ impl VfioDevice for E1000 {
         if c.running() {
             // Resume: transmit what was queued meanwhile, deliver pending frames, and
             // re-signal an interrupt still asserted.
-            c.process_tx(&self.inner.intr, &self.inner.dma);
+            c.process_tx(&self.inner.pci, &self.inner.dma);
             let asserted = c.asserted();
-            c.update_irq(&self.inner.intr, asserted);
+            c.update_irq(&self.inner.pci, asserted);
         }
         c.wake_worker = true;
         drop(c);

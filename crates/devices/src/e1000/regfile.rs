@@ -34,7 +34,9 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use nestio_device::migration::{MigrationData, MigrationFsm};
-use nestio_device::pci::{IntrMode, PciConfig, PciIntr};
+use std::sync::Arc;
+
+use nestio_device::pci::{IntrMode, PciFunction};
 
 use super::delay::{ticks, DelayTimer};
 use super::eeprom::{Eeprom, Microwire};
@@ -80,9 +82,9 @@ pub(crate) struct Core {
     /// Reused by the receiver to assemble a buffer chunk that spans the end of a frame
     /// and the padding / FCS (not device state: never migrated or reset).
     pub rx_scratch: Vec<u8>,
-    pub config: PciConfig,
-    /// The configuration space as built (function-level reset restores it).
-    pub config_init: PciConfig,
+    /// The PCI function: configuration space (behind its own lock, taken after this
+    /// one) and interrupts.
+    pub pci: Arc<PciFunction>,
     pub fsm: MigrationFsm,
     /// Earliest time the next interrupt may be sent (ITR).
     pub next_irq: Option<Instant>,
@@ -105,7 +107,7 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    pub fn new(mac: [u8; 6], config: PciConfig, fsm: MigrationFsm) -> Self {
+    pub fn new(mac: [u8; 6], pci: Arc<PciFunction>, fsm: MigrationFsm) -> Self {
         let mut c = Core {
             regs: vec![0; NUM_REGS],
             stats64: [0; 4],
@@ -117,8 +119,7 @@ impl Core {
             rx_halted: false,
             pending: VecDeque::new(),
             rx_scratch: Vec::new(),
-            config_init: config.clone(),
-            config,
+            pci,
             fsm,
             next_irq: None,
             deferred_irq: None,
@@ -235,7 +236,7 @@ impl Core {
 
     /// A 32-bit register read by the driver (with side effects: ICR and statistics
     /// clear on read).
-    pub fn read(&mut self, off: u32, irqs: &PciIntr) -> u32 {
+    pub fn read(&mut self, off: u32, irqs: &PciFunction) -> u32 {
         match off {
             ICR => {
                 // (No INT_ASSERTED bit: bits 31:17 are reserved on the 82540EM.)
@@ -250,7 +251,7 @@ impl Core {
     }
 
     /// A 32-bit register write by the driver.
-    pub fn write(&mut self, off: u32, v: u32, irqs: &PciIntr, dma: &nestio_dma::MapTable) {
+    pub fn write(&mut self, off: u32, v: u32, irqs: &PciFunction, dma: &dyn nestio_dma::DmaSpace) {
         match off {
             CTRL => {
                 if v & CTRL_RST != 0 {
@@ -353,7 +354,7 @@ impl Core {
         }
     }
 
-    fn mdic(&mut self, v: u32, irqs: &PciIntr) {
+    fn mdic(&mut self, v: u32, irqs: &PciFunction) {
         let phy = (v >> MDIC_PHY_SHIFT) & 0x1F;
         let reg = ((v >> MDIC_REG_SHIFT) & 0x1F) as usize;
         let op = v & (3 << 26);
@@ -375,7 +376,7 @@ impl Core {
     // ---- interrupts -------------------------------------------------------------------
 
     /// Set cause bits in ICR and signal if enabled.
-    pub fn raise(&mut self, causes: u32, irqs: &PciIntr) {
+    pub fn raise(&mut self, causes: u32, irqs: &PciFunction) {
         if causes == 0 {
             return;
         }
@@ -463,7 +464,7 @@ impl Core {
 
     /// FPD written to TIDV (`tx`) or RDTR: a pending delayed cause is delivered now.
     /// (With nothing pending there is nothing to flush: no interrupt.)
-    fn flush_delay(&mut self, tx: bool, irqs: &PciIntr) {
+    fn flush_delay(&mut self, tx: bool, irqs: &PciFunction) {
         let (timer, cause) = if tx {
             (&mut self.tx_delay, ICR_TXDW)
         } else {
@@ -477,7 +478,7 @@ impl Core {
 
     /// Deliver the delayed causes whose timer expired by `now` (called by the worker;
     /// nothing happens while the device is stopped).
-    pub fn delay_due(&mut self, intr: &PciIntr, now: Instant) {
+    pub fn delay_due(&mut self, intr: &PciFunction, now: Instant) {
         if !self.running() {
             return;
         }
@@ -514,12 +515,12 @@ impl Core {
 
     /// Re-evaluate the interrupt line. `new_event`: an enabled cause was just set (a
     /// message interrupt is sent once per such event).
-    pub fn update_irq(&mut self, intr: &PciIntr, new_event: bool) {
+    pub fn update_irq(&mut self, intr: &PciFunction, new_event: bool) {
         let asserted = self.asserted();
         let msg = message_mode(intr);
         // The INTx level follows the line, in INTx mode only.
-        if (!asserted || msg) && intr.intx_asserted() {
-            intr.lower_intx(&mut self.config);
+        if (!asserted || msg) && intr.intr().intx_asserted() {
+            intr.lower_intx();
         }
         if !asserted {
             self.deferred_irq = None;
@@ -531,7 +532,7 @@ impl Core {
         if msg && !new_event {
             return;
         }
-        if !msg && intr.intx_asserted() {
+        if !msg && intr.intr().intx_asserted() {
             // Already high: the VFIO side signals again at unmask.
             return;
         }
@@ -548,25 +549,25 @@ impl Core {
         self.fire(intr, now);
     }
 
-    fn fire(&mut self, intr: &PciIntr, now: Instant) {
+    fn fire(&mut self, intr: &PciFunction, now: Instant) {
         self.deferred_irq = None;
         self.next_irq = self.throttle_interval().and_then(|d| now.checked_add(d));
         // A message interrupt is a memory write: it needs bus mastering.
-        if message_mode(intr) && !self.config.bus_master() {
+        if message_mode(intr) && !intr.bus_master() {
             return;
         }
-        let d = intr.raise(&mut self.config, 0);
+        let d = intr.raise(0);
         tracing::trace!(delivery = ?d, "e1000 interrupt");
     }
 
     /// Fire a deferred interrupt whose time has come (called by the worker).
-    pub fn deferred_due(&mut self, intr: &PciIntr, now: Instant) {
+    pub fn deferred_due(&mut self, intr: &PciFunction, now: Instant) {
         if let Some(t) = self.deferred_irq {
             if now >= t {
                 self.deferred_irq = None;
                 if self.asserted()
                     && self.running()
-                    && (message_mode(intr) || !intr.intx_asserted())
+                    && (message_mode(intr) || !intr.intr().intx_asserted())
                 {
                     self.fire(intr, now);
                 }
@@ -584,7 +585,7 @@ fn log_delay_write(off: u32, v: u32) {
 }
 
 /// True when interrupts go out as messages (the VMM wired MSI or MSI-X eventfds).
-pub(crate) fn message_mode(intr: &PciIntr) -> bool {
+pub(crate) fn message_mode(intr: &PciFunction) -> bool {
     matches!(intr.mode(), IntrMode::Msi | IntrMode::MsiX)
 }
 
@@ -597,12 +598,11 @@ mod tests {
     use nestio_device::MigrationFlags;
     use nestio_dma::MapTable;
 
-    fn core() -> (Core, PciIntr, MapTable) {
-        let pci = build_config().unwrap();
-        let intr = PciIntr::for_config(&pci);
+    fn core() -> (Core, Arc<PciFunction>, MapTable) {
+        let intr = Arc::new(PciFunction::new(build_config().unwrap()));
         let c = Core::new(
             [2, 0, 0, 0, 0, 1],
-            pci,
+            intr.clone(),
             MigrationFsm::new(MigrationFlags(MigrationFlags::STOP_COPY)),
         );
         (c, intr, MapTable::default())
@@ -613,7 +613,7 @@ mod tests {
     }
 
     /// Read ICR (clears it) and return it.
-    fn icr(c: &mut Core, intr: &PciIntr) -> u32 {
+    fn icr(c: &mut Core, intr: &PciFunction) -> u32 {
         c.read(ICR, intr)
     }
 

@@ -28,8 +28,8 @@
 //! RCTL.EN 0 -> 1 or a reset restarts it. Without PCI bus mastering nothing is DMAed
 //! and frames are counted as missed.
 
-use nestio_device::pci::PciIntr;
-use nestio_dma::{DmaSpace, MapTable};
+use nestio_device::pci::PciFunction;
+use nestio_dma::DmaSpace;
 
 use super::regfile::{warn, Core, S64_GORC, S64_TOR};
 use super::regs::*;
@@ -170,7 +170,8 @@ impl Core {
 
     fn rx_dma_fault(&mut self, what: std::fmt::Arguments<'_>) {
         self.rx_halted = true;
-        self.config
+        self.pci
+            .lock_config()
             .set_status_bits(nestio_device::pci::status::REC_MASTER_ABORT, true);
         self.warn_once(
             warn::RX_DMA,
@@ -186,7 +187,7 @@ impl Core {
         data: &Stored<'_>,
         bufsize: usize,
         needed: usize,
-        dma: &MapTable,
+        dma: &dyn DmaSpace,
         scratch: &mut Vec<u8>,
     ) -> Result<(), RxOutcome> {
         let (base, count) = self.rx_ring();
@@ -235,7 +236,7 @@ impl Core {
     }
 
     /// Offer one frame (without FCS) to the receiver.
-    pub fn receive(&mut self, frame: &[u8], irqs: &PciIntr, dma: &MapTable) -> RxOutcome {
+    pub fn receive(&mut self, frame: &[u8], irqs: &PciFunction, dma: &dyn DmaSpace) -> RxOutcome {
         let rctl = self.reg(RCTL);
         if rctl & RCTL_EN == 0 {
             return RxOutcome::Disabled;
@@ -275,7 +276,7 @@ impl Core {
             self.rx_missed();
             return RxOutcome::Halted;
         }
-        if !self.config.bus_master() {
+        if !self.pci.bus_master() {
             self.warn_once(
                 warn::RX_BME,
                 format_args!("receive enabled without PCI bus mastering; frames counted as missed"),

@@ -211,7 +211,7 @@ pub(crate) fn save(c: &Core) -> Vec<u8> {
     for f in &c.pending {
         w.bytes(f);
     }
-    w.bytes(&c.config.snapshot());
+    w.bytes(&c.pci.lock_config().snapshot());
     let now = Instant::now();
     for t in [&c.tx_delay, &c.rx_delay] {
         for cd in [t.packet, t.absolute] {
@@ -344,7 +344,7 @@ pub(crate) fn load(c: &mut Core, b: &[u8]) -> Result<(), StateError> {
     if r.pos != b.len() {
         return Err(StateError::Trailing(b.len() - r.pos));
     }
-    let mut config: PciConfig = c.config_init.clone();
+    let mut config: PciConfig = c.pci.power_on_config();
     config
         .restore(cfg)
         .map_err(|e| StateError::Config(e.to_string()))?;
@@ -366,7 +366,7 @@ pub(crate) fn load(c: &mut Core, b: &[u8]) -> Result<(), StateError> {
     c.rx_halted = rx_halted;
     c.io_addr = io_addr;
     c.pending = pending;
-    c.config = config;
+    *c.pci.lock_config() = config;
     c.next_irq = None;
     c.deferred_irq = None;
     [c.tx_delay, c.rx_delay] = delays;

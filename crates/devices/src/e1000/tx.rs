@@ -24,8 +24,8 @@
 //! resets the device. The walk is bounded by the ring size per kick. Without PCI bus
 //! mastering the queue simply waits (no DMA); a later enable or TDT write restarts it.
 
-use nestio_device::pci::PciIntr;
-use nestio_dma::{DmaSpace, MapTable};
+use nestio_device::pci::PciFunction;
+use nestio_dma::DmaSpace;
 
 use super::regfile::{warn, Core, S64_GOTC, S64_TOT};
 use super::regs::*;
@@ -115,11 +115,11 @@ impl Core {
     }
 
     /// Walk the transmit ring from TDH to TDT.
-    pub fn process_tx(&mut self, irqs: &PciIntr, dma: &MapTable) {
+    pub fn process_tx(&mut self, irqs: &PciFunction, dma: &dyn DmaSpace) {
         if self.reg(TCTL) & TCTL_EN == 0 || self.tx_halted || !self.running() {
             return;
         }
-        if !self.config.bus_master() {
+        if !self.pci.bus_master() {
             self.warn_once(
                 warn::TX_BME,
                 format_args!("transmit enabled without PCI bus mastering; waiting"),
@@ -205,7 +205,8 @@ impl Core {
 
     fn tx_dma_fault(&mut self, what: std::fmt::Arguments<'_>) {
         self.tx_halted = true;
-        self.config
+        self.pci
+            .lock_config()
             .set_status_bits(nestio_device::pci::status::REC_MASTER_ABORT, true);
         self.warn_once(
             warn::TX_DMA,
@@ -217,7 +218,7 @@ impl Core {
     fn tx_descriptor(
         &mut self,
         d: &[u8; 16],
-        dma: &MapTable,
+        dma: &dyn DmaSpace,
     ) -> Result<bool, nestio_dma::DmaError> {
         let addr = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
         let cmd = d[11];

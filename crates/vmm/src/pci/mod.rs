@@ -2,24 +2,25 @@
 //! bus 0, the host bridge itself at 00:00.0 and assigned devices at 00:NN.0.
 //!
 //! Both access paths decode to (device, register) and call the same
-//! [`PciFunction`]; anything that addresses no function (another bus, function != 0, an
+//! [`ConfigSpaceFunction`]; anything that addresses no function (another bus, function != 0, an
 //! empty slot, an access crossing a dword) reads all-ones and ignores writes, as a
 //! master abort does. The root also owns what assigned devices share: the BAR windows
-//! (a bump allocator per window), KVM memory-slot numbers, and the GSI routing table
-//! (IOAPIC pins plus MSI routes; KVM_SET_GSI_ROUTING replaces the whole table, so it
-//! is rebuilt from here on every change).
+//! (a bump allocator per window); BARs are mapped through the bus-neutral
+//! [`RegionMapper`]. Interrupts go through
+//! the platform's [`IrqChip`] (injected at creation): nothing here knows which
+//! interrupt controller the guest has; INTx wiring is the chip's policy.
 
 pub mod assigned;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 
-use kvm_bindings::{kvm_irq_routing_entry, KvmIrqRouting};
-use kvm_ioctls::VmFd;
 use nestio_device::VfioDevice;
 
-use crate::bus::{Bus, BusDevice, BusFault};
-use crate::memory::GuestRam;
+use crate::bus::{BusDevice, BusFault};
+use crate::iommu::DmaDomain;
+use crate::irqchip::IrqChip;
+use crate::region_map::RegionMapper;
 
 pub use assigned::AssignedDevice;
 
@@ -31,42 +32,10 @@ pub const ECAM_SIZE: u64 = 1 << 20;
 pub const MMIO_WINDOW: (u64, u64) = (0xc000_0000, 0xe000_0000);
 /// Port window for I/O BARs.
 pub const PIO_WINDOW: (u64, u64) = (0xc000, 0x1_0000);
-/// First GSI for MSI routes (0..24 are the IOAPIC pins).
-pub const MSI_GSI_BASE: u32 = 24;
-/// GSI limit we use (KVM allows at least 1024).
-pub const MAX_GSI: u32 = 1024;
-/// The 8259 lines PCI INTx uses under [`IntxRouting::Pic`] (all level-capable on the
-/// 8259 ELCR), by `(slot + pin - 2) % 4`: 00:01.0 INTA gets 11.
-pub const PIC_INTX_LINES: [u8; 4] = [11, 10, 9, 5];
-
-/// Which interrupt lines PCI INTx is wired to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum IntxRouting {
-    /// I/O APIC pins 16..24 (`16 + (slot + pin - 1) % 8`), for guests that program the
-    /// I/O APIC themselves (the `no_std` payloads).
-    #[default]
-    Ioapic,
-    /// ISA lines that both the 8259 pair and the I/O APIC see ([`PIC_INTX_LINES`]),
-    /// for a Linux guest booted with `noapic`: it takes the line from the
-    /// configuration-space interrupt-line register and never reprograms the ELCR, so
-    /// the VMM marks these lines level-triggered.
-    Pic,
-}
-
-impl IntxRouting {
-    /// The GSI that INTx pin `pin` (1..=4) of device `slot` raises.
-    pub fn gsi(self, slot: u8, pin: u8) -> u32 {
-        let (slot, pin) = (u32::from(slot), u32::from(pin.clamp(1, 4)));
-        match self {
-            IntxRouting::Ioapic => 16 + (slot + pin - 1) % 8,
-            IntxRouting::Pic => u32::from(PIC_INTX_LINES[((slot + pin + 2) % 4) as usize]),
-        }
-    }
-}
-
-/// Errors of PCI wiring.
+/// Errors of the VMM's PCI host side (wiring assigned devices), as opposed to
+/// `nestio_device::pci::PciError` of device models' configuration spaces.
 #[derive(Debug, thiserror::Error)]
-pub enum PciError {
+pub enum PciHostError {
     /// No free slot, window space, GSI or memory slot.
     #[error("cannot assign {device}: {what} exhausted")]
     Exhausted {
@@ -93,6 +62,14 @@ pub enum PciError {
         /// Cause.
         err: kvm_ioctls::Error,
     },
+    /// The interrupt controller refused to wire an interrupt.
+    #[error("cannot assign {device}: {err}")]
+    Irq {
+        /// Device.
+        device: String,
+        /// Cause.
+        err: crate::irqchip::IrqChipError,
+    },
     /// Connecting a vfio-user device failed.
     #[error("cannot connect to vfio-user device at {socket}: {message}")]
     Connect {
@@ -103,8 +80,11 @@ pub enum PciError {
     },
 }
 
-/// A function on the bus, addressed by configuration register.
-pub trait PciFunction: Send + Sync {
+/// A function on the VMM's bus as the host bridge sees it: something that answers
+/// configuration-register accesses (the host bridge itself, an [`AssignedDevice`]).
+/// Not to be confused with a device model's `nestio_device::pci` helpers, which
+/// implement a device's own configuration space behind `VfioDevice`.
+pub trait ConfigSpaceFunction: Send + Sync {
     /// Read `data.len()` (1, 2 or 4) bytes at register `reg` (no dword crossing).
     fn config_read(&self, reg: u16, data: &mut [u8]) -> Result<(), BusFault>;
     /// Write `data` at register `reg`.
@@ -127,7 +107,7 @@ impl HostBridge {
     }
 }
 
-impl PciFunction for HostBridge {
+impl ConfigSpaceFunction for HostBridge {
     fn config_read(&self, reg: u16, data: &mut [u8]) -> Result<(), BusFault> {
         for (i, b) in data.iter_mut().enumerate() {
             *b = self.cfg.get(reg as usize + i).copied().unwrap_or(0);
@@ -139,14 +119,14 @@ impl PciFunction for HostBridge {
     }
 }
 
-/// A bump allocator over a window, aligned to each request's size.
+/// A bump allocator over a BAR window, aligned to each request's size.
 #[derive(Debug)]
-struct Window {
+struct BarWindow {
     next: u64,
     end: u64,
 }
 
-impl Window {
+impl BarWindow {
     fn alloc(&mut self, size: u64) -> Option<u64> {
         let base = self.next.checked_next_multiple_of(size)?;
         let end = base.checked_add(size)?;
@@ -159,88 +139,69 @@ impl Window {
 }
 
 struct Shared {
-    mmio_window: Window,
-    pio_window: Window,
-    next_slot: u32,
-    next_gsi: u32,
-    msi_routes: BTreeMap<u32, (u64, u32)>,
+    mmio_window: BarWindow,
+    pio_window: BarWindow,
 }
 
 /// Bus 0: see the module documentation.
 pub struct PciRoot {
-    vm: Arc<VmFd>,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    functions: Mutex<BTreeMap<u8, Arc<dyn PciFunction>>>,
+    irqchip: Arc<dyn IrqChip>,
+    mapper: Arc<RegionMapper>,
+    dma: Arc<dyn DmaDomain>,
+    functions: Mutex<BTreeMap<u8, Arc<dyn ConfigSpaceFunction>>>,
     devices: Mutex<Vec<Arc<AssignedDevice>>>,
     shared: Mutex<Shared>,
     config_address: Mutex<u32>,
-    intx: IntxRouting,
 }
 
 impl PciRoot {
-    /// An empty bus with the host bridge; INTx on I/O APIC pins.
-    pub fn new(vm: Arc<VmFd>, pio: Arc<Bus>, mmio: Arc<Bus>) -> Result<Arc<Self>, PciError> {
-        Self::with_intx(vm, pio, mmio, IntxRouting::Ioapic)
-    }
-
-    /// An empty bus with the host bridge and the given INTx wiring.
-    pub fn with_intx(
-        vm: Arc<VmFd>,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-        intx: IntxRouting,
-    ) -> Result<Arc<Self>, PciError> {
+    /// An empty bus with the host bridge, wiring interrupts into `irqchip`, mapping
+    /// BARs through `mapper` and attaching devices' DMA to `dma`.
+    pub fn new(
+        irqchip: Arc<dyn IrqChip>,
+        mapper: Arc<RegionMapper>,
+        dma: Arc<dyn DmaDomain>,
+    ) -> Arc<Self> {
         let root = Arc::new(PciRoot {
-            vm,
-            pio,
-            mmio,
+            irqchip,
+            mapper,
+            dma,
             functions: Mutex::new(BTreeMap::new()),
             devices: Mutex::new(Vec::new()),
             shared: Mutex::new(Shared {
-                mmio_window: Window {
+                mmio_window: BarWindow {
                     next: MMIO_WINDOW.0,
                     end: MMIO_WINDOW.1,
                 },
-                pio_window: Window {
+                pio_window: BarWindow {
                     next: PIO_WINDOW.0,
                     end: PIO_WINDOW.1,
                 },
-                next_slot: 1,
-                next_gsi: MSI_GSI_BASE,
-                msi_routes: BTreeMap::new(),
             }),
             config_address: Mutex::new(0),
-            intx,
         });
         root.functions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(0, Arc::new(HostBridge::new()));
-        root.commit_routes().map_err(|err| PciError::Kvm {
-            device: "host bridge".into(),
-            what: "KVM_SET_GSI_ROUTING",
-            err,
-        })?;
-        Ok(root)
+        root
     }
 
-    /// Assign `device` at 00:`slot`.0: DMA-map guest RAM, allocate and map BARs,
-    /// register ioeventfds, wire INTx.
+    /// Assign `device` at 00:`slot`.0: attach it to the DMA domain, allocate and map
+    /// BARs, register ioeventfds, wire INTx.
     pub fn assign(
         self: &Arc<Self>,
         slot: u8,
         name: String,
         device: Arc<dyn VfioDevice>,
-        ram: &GuestRam,
-    ) -> Result<Arc<AssignedDevice>, PciError> {
+    ) -> Result<Arc<AssignedDevice>, PciHostError> {
         if slot == 0 || slot >= 32 {
-            return Err(PciError::Exhausted {
+            return Err(PciHostError::Exhausted {
                 device: name,
                 what: "PCI slots (31 devices on bus 0)",
             });
         }
-        let dev = AssignedDevice::new(self.clone(), slot, name, device, ram)?;
+        let dev = AssignedDevice::new(self.clone(), slot, name, device)?;
         self.functions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -275,7 +236,7 @@ impl PciRoot {
         Arc::new(Ecam(Arc::downgrade(self)))
     }
 
-    fn function(&self, bus: u8, dev: u8, func: u8) -> Option<Arc<dyn PciFunction>> {
+    fn function(&self, bus: u8, dev: u8, func: u8) -> Option<Arc<dyn ConfigSpaceFunction>> {
         if bus != 0 || func != 0 {
             return None;
         }
@@ -313,19 +274,19 @@ impl PciRoot {
         }
     }
 
-    /// How INTx is wired.
-    pub fn intx_routing(&self) -> IntxRouting {
-        self.intx
+    /// The interrupt controller devices are wired into.
+    pub fn irqchip(&self) -> &Arc<dyn IrqChip> {
+        &self.irqchip
     }
 
-    pub(crate) fn vm(&self) -> &Arc<VmFd> {
-        &self.vm
+    /// The DMA domain devices are attached to.
+    pub fn dma_domain(&self) -> &Arc<dyn DmaDomain> {
+        &self.dma
     }
-    pub(crate) fn pio_bus(&self) -> &Arc<Bus> {
-        &self.pio
-    }
-    pub(crate) fn mmio_bus(&self) -> &Arc<Bus> {
-        &self.mmio
+
+    /// The region mapper BARs are mapped through.
+    pub fn mapper(&self) -> &Arc<RegionMapper> {
+        &self.mapper
     }
 
     pub(crate) fn alloc_bar(&self, io: bool, size: u64) -> Option<u64> {
@@ -335,87 +296,6 @@ impl PciRoot {
         } else {
             s.mmio_window.alloc(size)
         }
-    }
-
-    pub(crate) fn alloc_slot(&self) -> Option<u32> {
-        let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        let n = s.next_slot;
-        // KVM supports at least 509 user slots.
-        if n >= 500 {
-            return None;
-        }
-        s.next_slot += 1;
-        Some(n)
-    }
-
-    pub(crate) fn alloc_gsi(&self) -> Option<u32> {
-        let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        let n = s.next_gsi;
-        if n >= MAX_GSI {
-            return None;
-        }
-        s.next_gsi += 1;
-        Some(n)
-    }
-
-    /// Set or remove several MSI routes and push the table once.
-    pub(crate) fn set_msi_routes(
-        &self,
-        routes: &[(u32, Option<(u64, u32)>)],
-    ) -> Result<(), kvm_ioctls::Error> {
-        {
-            let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-            for &(gsi, msg) in routes {
-                match msg {
-                    Some(m) => s.msi_routes.insert(gsi, m),
-                    None => s.msi_routes.remove(&gsi),
-                };
-            }
-        }
-        self.commit_routes()
-    }
-
-    fn commit_routes(&self) -> Result<(), kvm_ioctls::Error> {
-        let s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        let mut entries = Vec::new();
-        for gsi in 0..24u32 {
-            let mut e = kvm_irq_routing_entry {
-                gsi,
-                type_: kvm_bindings::KVM_IRQ_ROUTING_IRQCHIP,
-                ..Default::default()
-            };
-            e.u.irqchip.irqchip = kvm_bindings::KVM_IRQCHIP_IOAPIC;
-            e.u.irqchip.pin = gsi;
-            entries.push(e);
-            if gsi < 16 && gsi != 2 {
-                let mut p = kvm_irq_routing_entry {
-                    gsi,
-                    type_: kvm_bindings::KVM_IRQ_ROUTING_IRQCHIP,
-                    ..Default::default()
-                };
-                p.u.irqchip.irqchip = if gsi < 8 {
-                    kvm_bindings::KVM_IRQCHIP_PIC_MASTER
-                } else {
-                    kvm_bindings::KVM_IRQCHIP_PIC_SLAVE
-                };
-                p.u.irqchip.pin = gsi % 8;
-                entries.push(p);
-            }
-        }
-        for (&gsi, &(addr, data)) in &s.msi_routes {
-            let mut e = kvm_irq_routing_entry {
-                gsi,
-                type_: kvm_bindings::KVM_IRQ_ROUTING_MSI,
-                ..Default::default()
-            };
-            e.u.msi.address_lo = addr as u32;
-            e.u.msi.address_hi = (addr >> 32) as u32;
-            e.u.msi.data = data;
-            entries.push(e);
-        }
-        let routing = KvmIrqRouting::from_entries(&entries)
-            .map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
-        self.vm.set_gsi_routing(&routing)
     }
 }
 
@@ -539,7 +419,7 @@ mod tests {
 
     #[test]
     fn window_aligns_and_refuses_overflow() {
-        let mut w = Window {
+        let mut w = BarWindow {
             next: 0x1000,
             end: 0x10000,
         };
@@ -547,28 +427,11 @@ mod tests {
         assert_eq!(w.alloc(0x1000), Some(0x8000));
         assert_eq!(w.alloc(0x8000), None);
         assert_eq!(w.alloc(0x1000), Some(0x9000));
-        let mut w = Window {
+        let mut w = BarWindow {
             next: u64::MAX - 10,
             end: u64::MAX,
         };
         assert_eq!(w.alloc(1 << 63), None);
-    }
-
-    #[test]
-    fn intx_lines() {
-        assert_eq!(IntxRouting::Ioapic.gsi(1, 1), 17);
-        assert_eq!(IntxRouting::Ioapic.gsi(7, 2), 16);
-        assert_eq!(IntxRouting::Pic.gsi(1, 1), 11);
-        assert_eq!(IntxRouting::Pic.gsi(2, 1), 10);
-        assert_eq!(IntxRouting::Pic.gsi(1, 4), 5);
-        assert_eq!(IntxRouting::Pic.gsi(4, 1), 5);
-        assert_eq!(IntxRouting::Pic.gsi(5, 1), 11);
-        for slot in 1..32 {
-            for pin in 1..=4 {
-                let g = IntxRouting::Pic.gsi(slot, pin) as u8;
-                assert!(crate::linux::platform::can_be_level(g), "{slot}/{pin}: {g}");
-            }
-        }
     }
 
     #[test]

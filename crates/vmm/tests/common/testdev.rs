@@ -4,26 +4,26 @@
 //! 0x8 doorbell (raises MSI vector 0, or INTx), 0x10 ioeventfd register (offered via
 //! `region_io_fds`). BAR2: 8 KiB memfd-backed region whose first page is an mmappable
 //! sparse area; the second page reads 0x5a bytes through region reads. MSI capability
-//! (64-bit, 1 vector) at 0x40; INTA.
+//! (64-bit, 1 vector) at 0x40; INTA. Configuration space and SET_IRQS are its
+//! `PciFunction`'s.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use nestio_device::irq::Irqs;
+use nestio_device::pci::{BarKind, PciConfig, PciFunction};
 use nestio_device::{
-    flags, irq_flags, pci_index, region_flags, DeviceError, DeviceInfo, IoEventFd, IrqAction,
-    IrqData, IrqInfo, RegionInfo, Result, SparseArea, VfioDevice,
+    pci_index, region_flags, DeviceError, DeviceInfo, DmaPort, IoEventFd, IrqAction, IrqData,
+    IrqInfo, RegionInfo, Result, SparseArea, VfioDevice,
 };
 use nestio_dma::MapTable;
 
 pub struct TestDev {
-    cfg: Mutex<[u8; 256]>,
+    pci: PciFunction,
     scratch: AtomicU32,
-    irqs: Irqs,
     mem: Arc<OwnedFd>,
     ioevent: Arc<OwnedFd>,
-    dma: MapTable,
+    dma: DmaPort,
     /// Set to make every access fail as if the device process died.
     pub dead: AtomicBool,
     /// Region accesses to BAR2's mmappable first page (must stay 0: no exits).
@@ -44,51 +44,28 @@ fn eventfd() -> OwnedFd {
 
 impl TestDev {
     pub fn new() -> Arc<Self> {
-        let mut c = [0u8; 256];
-        c[0..2].copy_from_slice(&0x1234u16.to_le_bytes());
-        c[2..4].copy_from_slice(&0x11e9u16.to_le_bytes());
-        c[6] = 0x10; // capability list
-        c[0x0b] = 0xff;
-        c[0x10] = 0x0; // BAR0: 32-bit memory
-        c[0x18] = 0x4; // BAR2: 64-bit memory
-        c[0x34] = 0x40;
-        c[0x3d] = 1; // INTA
-        c[0x40] = 0x05; // MSI
-        c[0x41] = 0;
-        c[0x42] = 0x80; // 64-bit capable, 1 vector
+        let mut c = PciConfig::new();
+        c.set_vendor_id(0x1234);
+        c.set_device_id(0x11e9);
+        c.set_class(0xff0000);
+        c.set_interrupt_pin(1).unwrap(); // INTA
+        c.add_bar(0, BarKind::Mmio32, 0x1000).unwrap();
+        c.add_bar(
+            2,
+            BarKind::Mmio64 {
+                prefetchable: false,
+            },
+            0x2000,
+        )
+        .unwrap();
+        let msi = c.add_msi(1, false).unwrap();
+        assert_eq!(msi.offset(), 0x40);
         Arc::new(TestDev {
-            cfg: Mutex::new(c),
+            pci: PciFunction::new(c),
             scratch: AtomicU32::new(0),
-            irqs: Irqs::new(&[
-                IrqInfo {
-                    index: 0,
-                    flags: irq_flags::EVENTFD | irq_flags::MASKABLE | irq_flags::AUTOMASKED,
-                    count: 1,
-                },
-                IrqInfo {
-                    index: 1,
-                    flags: irq_flags::EVENTFD | irq_flags::NORESIZE,
-                    count: 1,
-                },
-                IrqInfo {
-                    index: 2,
-                    flags: 0,
-                    count: 0,
-                },
-                IrqInfo {
-                    index: 3,
-                    flags: 0,
-                    count: 0,
-                },
-                IrqInfo {
-                    index: 4,
-                    flags: 0,
-                    count: 0,
-                },
-            ]),
             mem: Arc::new(memfd(0x2000)),
             ioevent: Arc::new(eventfd()),
-            dma: MapTable::new(16),
+            dma: DmaPort::new(MapTable::new(16)),
             dead: AtomicBool::new(false),
             mapped_page_accesses: AtomicU32::new(0),
         })
@@ -120,7 +97,7 @@ impl TestDev {
     }
 
     pub fn dma_mappings(&self) -> usize {
-        self.dma.mappings().len()
+        self.dma.table().mappings().len()
     }
 
     fn check_alive(&self) -> Result<()> {
@@ -134,29 +111,25 @@ impl TestDev {
 
 impl VfioDevice for TestDev {
     fn info(&self) -> DeviceInfo {
-        DeviceInfo {
-            flags: flags::PCI | flags::RESET,
-            num_regions: 9,
-            num_irqs: 5,
-        }
+        self.pci.device_info()
     }
     fn region_info(&self, index: u32) -> Result<RegionInfo> {
-        Ok(match index {
-            0 => RegionInfo::rw(0, 0x800),
-            2 => RegionInfo {
-                index: 2,
-                flags: region_flags::READ | region_flags::WRITE | region_flags::MMAP,
-                size: 0x2000,
-                fd_offset: 0,
-                sparse: vec![SparseArea {
-                    offset: 0,
-                    size: 0x1000,
-                }],
-                fd: Some(self.mem.clone()),
-            },
-            pci_index::CONFIG => RegionInfo::rw(7, 256),
-            i if i < 9 => RegionInfo::absent(i),
-            i => return Err(DeviceError::NoSuchRegion(i)),
+        self.pci.region_info(index, |i| {
+            Ok(match i {
+                0 => RegionInfo::rw(0, 0x800),
+                2 => RegionInfo {
+                    index: 2,
+                    flags: region_flags::READ | region_flags::WRITE | region_flags::MMAP,
+                    size: 0x2000,
+                    fd_offset: 0,
+                    sparse: vec![SparseArea {
+                        offset: 0,
+                        size: 0x1000,
+                    }],
+                    fd: Some(self.mem.clone()),
+                },
+                i => RegionInfo::absent(i),
+            })
         })
     }
     fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -191,10 +164,7 @@ impl VfioDevice for TestDev {
                     buf.fill(0x5a);
                 }
             }
-            7 => {
-                let c = self.cfg.lock().unwrap();
-                buf.copy_from_slice(&c[offset as usize..offset as usize + buf.len()]);
-            }
+            7 => self.pci.config_read(offset, buf)?,
             _ => return Err(DeviceError::NoSuchRegion(index)),
         }
         Ok(())
@@ -210,8 +180,9 @@ impl VfioDevice for TestDev {
                     Ordering::SeqCst,
                 ),
                 8 => {
-                    let _ = self.irqs.trigger(pci_index::MSI_IRQ, 0)
-                        || self.irqs.trigger(pci_index::INTX_IRQ, 0);
+                    let irqs = self.pci.irqs();
+                    let _ =
+                        irqs.trigger(pci_index::MSI_IRQ, 0) || irqs.trigger(pci_index::INTX_IRQ, 0);
                 }
                 _ => {}
             },
@@ -229,16 +200,7 @@ impl VfioDevice for TestDev {
                     )
                 };
             }
-            7 => {
-                let mut c = self.cfg.lock().unwrap();
-                // Command register, interrupt line and the MSI capability are writable.
-                for (i, b) in data.iter().enumerate() {
-                    let o = offset as usize + i;
-                    if matches!(o, 4 | 5 | 0x3c) || (0x42..0x50).contains(&o) {
-                        c[o] = *b;
-                    }
-                }
-            }
+            7 => self.pci.config_write(offset, data)?,
             _ => return Err(DeviceError::NoSuchRegion(index)),
         }
         Ok(())
@@ -256,7 +218,7 @@ impl VfioDevice for TestDev {
         })
     }
     fn irq_info(&self, index: u32) -> Result<IrqInfo> {
-        self.irqs.info(index)
+        self.pci.irq_info(index)
     }
     fn set_irqs(
         &self,
@@ -267,9 +229,9 @@ impl VfioDevice for TestDev {
         data: IrqData,
     ) -> Result<()> {
         self.check_alive()?;
-        self.irqs.set_irqs(index, action, start, count, data)
+        self.pci.set_irqs(index, action, start, count, data)
     }
-    fn dma_table(&self) -> Option<&MapTable> {
+    fn dma_port(&self) -> Option<&DmaPort> {
         Some(&self.dma)
     }
 }
