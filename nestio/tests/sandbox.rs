@@ -332,3 +332,96 @@ fn every_thread_of_an_exporting_level_is_confined() {
     let _ = level.child.wait();
     let _ = std::fs::remove_file(nestio_vmm::handoff::mem_socket_path(&export));
 }
+
+#[test]
+fn a_sandboxed_device_survives_a_client_that_blocks_its_interrupt_fd() {
+    use nestio_device::{pci_index, IrqAction, IrqData};
+    use nestio_devices::sample::{cmd, dma_status, regs};
+    use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::sync::Arc;
+
+    let mut dev = serve_sample_with("hostile-irq", &[]);
+    let c = nestio_vfio_user::Client::connect(&dev.path).expect("connect");
+    let w32 = |off: u64, v: u32| {
+        c.region_write(pci_index::BAR0, off, &v.to_le_bytes())
+            .unwrap()
+    };
+    let r32 = |off: u64| {
+        let mut b = [0u8; 4];
+        c.region_read(pci_index::BAR0, off, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    };
+    c.region_write(pci_index::CONFIG, 4, &6u16.to_le_bytes())
+        .unwrap();
+    let mem = Arc::new(nestio_dma::memfd::sealed_memfd(c"sandbox-test", 0x10000).unwrap());
+    c.dma_map(DmaMapRequest {
+        range: DmaRange::new(0x10_0000, 0x10000).unwrap(),
+        prot: Prot::RW,
+        backing: DmaBacking::Fd {
+            fd: mem.clone(),
+            offset: 0,
+        },
+    })
+    .unwrap();
+    // SAFETY: eventfd returns a new fd or -1, checked.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    assert!(raw >= 0);
+    // SAFETY: a fresh fd nobody else owns.
+    let ev = unsafe { OwnedFd::from_raw_fd(raw) };
+    c.set_irqs(
+        pci_index::INTX_IRQ,
+        IrqAction::Trigger,
+        0,
+        1,
+        IrqData::Eventfd(vec![Some(ev.try_clone().unwrap())]),
+    )
+    .unwrap();
+    // The hostile part: the fd made blocking again and its counter filled, so the
+    // device's next interrupt write would wait for ever. The device's watchdog
+    // (a thread, a signal handler, a signal) must work inside the sandbox.
+    // SAFETY: F_SETFL with an integer argument on a valid fd.
+    assert_eq!(unsafe { libc::fcntl(ev.as_raw_fd(), libc::F_SETFL, 0) }, 0);
+    let full: u64 = u64::MAX - 1;
+    // SAFETY: writes 8 bytes from a local u64.
+    let n = unsafe { libc::write(ev.as_raw_fd(), (&full as *const u64).cast(), 8) };
+    assert_eq!(n, 8);
+    for round in 0..2 {
+        w32(regs::DMA_DST_LO, 0x10_0100);
+        w32(regs::DMA_DST_HI, 0);
+        w32(regs::DMA_LEN, 256);
+        w32(regs::DMA_PATTERN, 0x5a5a_5a5a);
+        w32(regs::DMA_CMD, cmd::FILL);
+        let st = r32(regs::DMA_STATUS);
+        assert_eq!(
+            st & dma_status::DONE,
+            dma_status::DONE,
+            "round {round}: {st:#x}"
+        );
+    }
+    assert!(
+        dev.child.try_wait().unwrap().is_none(),
+        "the device process died"
+    );
+    drop(c);
+    let _ = dev.child.kill();
+    let out = dev.child.wait_with_output_stderr();
+    assert!(!out.contains(BLOCKED_MESSAGE), "{out}");
+}
+
+trait StderrOf {
+    fn wait_with_output_stderr(&mut self) -> String;
+}
+
+impl StderrOf for Child {
+    /// The child's stderr once it has ended (it was spawned with a piped stderr).
+    fn wait_with_output_stderr(&mut self) -> String {
+        use std::io::Read;
+        let _ = self.wait();
+        let mut s = String::new();
+        if let Some(mut e) = self.stderr.take() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+}
