@@ -67,9 +67,11 @@ fn main() {
 /// `--seccomp` of `nestio device` and `nestio run`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SandboxOpts {
-    /// seccomp sandbox installed after set-up: `on` (a system call outside the
-    /// allowlist ends the process with a one-line report naming it), `log` (allow it but
-    /// log it in the kernel log: `dmesg | grep type=1326` shows `syscall=N`) or `off`.
+    /// seccomp sandbox installed after set-up on every thread (in `nestio run` the vCPU,
+    /// control, console-input and export threads each also get a narrower list of their
+    /// own): `on` (a system call outside the allowlist ends the process with a one-line
+    /// report naming it, exit status 159), `log` (allow it but log it in the kernel log:
+    /// `dmesg | grep type=1326` shows `syscall=N`) or `off`.
     #[arg(long, value_name = "on|log|off", default_value = "on")]
     seccomp: nestio_sandbox::Mode,
     /// Give up root after set-up: run as this user (a name or a numeric uid), with its
