@@ -13,7 +13,8 @@
 //! - `rt_sigaction` for any signal but SIGSYS (the blocked-call report cannot be
 //!   replaced), and only where dispositions change after set-up;
 //! - `fcntl` only the descriptor-flag, dup and seal commands the code uses;
-//! - `clone` only with `CLONE_THREAD` (threads, never a new process);
+//! - `clone` only with `CLONE_THREAD` (threads, never a new process); `clone3` is
+//!   answered ENOSYS by a companion filter (`compile_no_clone3`), so glibc uses `clone`;
 //! - `openat` never with `O_CREAT`/`O_TRUNC`/`O_APPEND` (the device reopens a peer's
 //!   file privately through `/proc/self/fd` and reads `/proc/self/fdinfo`; it creates
 //!   nothing);

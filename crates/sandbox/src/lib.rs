@@ -30,8 +30,9 @@
 //!   with their own profile as they start (through `nestio_vmm::ThreadHook`).
 //!
 //! Threads started after the filter inherit it, so they need what starting a thread
-//! needs (`clone` with `CLONE_THREAD`, `clone3`, `set_robust_list`, `rseq`, `mmap`,
-//! `mprotect` of the stack guard). No profile allows `execve`, `ptrace`, credential
+//! needs (`clone` with `CLONE_THREAD`, `set_robust_list`, `rseq`, `mmap`, `mprotect`
+//! of the stack guard); `clone3`, whose flags BPF cannot read, fails with ENOSYS
+//! ([`compile_no_clone3`]) so that glibc falls back to the checked `clone`. No profile allows `execve`, `ptrace`, credential
 //! changes, `socket`/`connect`/`bind`, or executable mappings.
 //!
 //! x86-64 only (like the VMM); on other architectures installing reports
@@ -44,6 +45,7 @@ mod user;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use filters::{Profile, KVMIO};
 pub use seccompiler::BpfProgram;
@@ -169,6 +171,33 @@ pub fn compile(profile: Profile, mode: Mode) -> Result<Option<BpfProgram>, Sandb
     Ok(Some(prog))
 }
 
+/// The companion filter of every allowlist: `clone3` fails with ENOSYS. Its flags sit
+/// in a struct that BPF cannot read, so the allowlists cannot tell a thread from a new
+/// process there; refused, glibc falls back to `clone`, whose flags the allowlists check
+/// (`CLONE_THREAD` only). (An allowlist must still allow `clone3`: the kernel takes the
+/// strictest answer of all filters, and its trap would beat this errno.)
+pub fn compile_no_clone3() -> Result<BpfProgram, SandboxError> {
+    if std::env::consts::ARCH != "x86_64" {
+        return Err(SandboxError::Unsupported(std::env::consts::ARCH));
+    }
+    let compile_err = |source| SandboxError::Compile {
+        profile: "clone3",
+        source,
+    };
+    let filter = SeccompFilter::new(
+        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(compile_err)?;
+    filter.try_into().map_err(compile_err)
+}
+
+/// Whether [`Sandbox::install_process`] has installed the `clone3` filter every thread
+/// inherits (then [`Sandbox::install_thread`] does not add it again).
+static PROCESS_FILTERED: AtomicBool = AtomicBool::new(false);
+
 /// The sandbox of one process: its mode, and the installers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Sandbox {
@@ -193,7 +222,7 @@ impl Sandbox {
             return Ok(());
         };
         trap::prepare(self.mode, Some(profile))?;
-        seccompiler::apply_filter_all_threads(&prog).map_err(|source| match source {
+        let sync_err = |source| match source {
             seccompiler::Error::ThreadSync(tid) => SandboxError::ThreadSync {
                 profile: profile.name(),
                 tid,
@@ -202,7 +231,10 @@ impl Sandbox {
                 profile: profile.name(),
                 source,
             },
-        })?;
+        };
+        seccompiler::apply_filter_all_threads(&compile_no_clone3()?).map_err(sync_err)?;
+        seccompiler::apply_filter_all_threads(&prog).map_err(sync_err)?;
+        PROCESS_FILTERED.store(true, Ordering::SeqCst);
         tracing::info!(profile = profile.name(), mode = %self.mode, "seccomp filter installed on every thread");
         Ok(())
     }
@@ -213,10 +245,14 @@ impl Sandbox {
             return Ok(());
         };
         trap::prepare(self.mode, None)?;
-        seccompiler::apply_filter(&prog).map_err(|source| SandboxError::Install {
+        let err = |source| SandboxError::Install {
             profile: profile.name(),
             source,
-        })?;
+        };
+        if !PROCESS_FILTERED.load(Ordering::SeqCst) {
+            seccompiler::apply_filter(&compile_no_clone3()?).map_err(err)?;
+        }
+        seccompiler::apply_filter(&prog).map_err(err)?;
         trap::set_thread_profile(profile);
         tracing::debug!(profile = profile.name(), mode = %self.mode, "seccomp filter installed on this thread");
         Ok(())

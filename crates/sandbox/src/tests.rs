@@ -170,7 +170,7 @@ fn arguments_are_filtered() {
             RET_TRAP
         );
     }
-    // Threads, never processes.
+    // Threads, never processes (clone3: see clone3_fails_with_enosys_so_that_clone_is_used).
     let thread = (CLONE_VM | CLONE_THREAD | CLONE_SIGHAND) as u64;
     assert_eq!(
         check(Profile::Device, SYS_clone, [thread, 0, 0, 0, 0, 0]),
@@ -278,6 +278,28 @@ fn thread_profiles_narrow_the_vmm_profile() {
     );
     assert_eq!(check(Profile::Vcpu, libc::SYS_accept4, [0; 6]), RET_TRAP);
     assert_eq!(check(Profile::Control, libc::SYS_openat, [0; 6]), RET_TRAP);
+}
+
+#[test]
+fn clone3_fails_with_enosys_so_that_clone_is_used() {
+    let prog = compile_no_clone3().unwrap();
+    let enosys = 0x0005_0000 | libc::ENOSYS as u32;
+    assert_eq!(
+        run(&prog, AUDIT_ARCH_X86_64, libc::SYS_clone3, [0; 6]),
+        enosys
+    );
+    for nr in [libc::SYS_clone, libc::SYS_write, libc::SYS_execve] {
+        assert_eq!(run(&prog, AUDIT_ARCH_X86_64, nr, [0; 6]), RET_ALLOW);
+    }
+    // Allowlists that start threads let clone3 through to that errno rather than
+    // trapping it; the others trap both.
+    let thread = (libc::CLONE_VM | libc::CLONE_THREAD) as u64;
+    for p in Profile::ALL {
+        let clone = check(p, libc::SYS_clone, [thread, 0, 0, 0, 0, 0]);
+        assert_eq!(check(p, libc::SYS_clone3, [0; 6]), clone, "{p:?}");
+    }
+    assert_eq!(check(Profile::Control, libc::SYS_clone3, [0; 6]), RET_TRAP);
+    assert_eq!(check(Profile::Vcpu, libc::SYS_clone3, [0; 6]), RET_ALLOW);
 }
 
 #[test]
