@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use nestio_device::VfioDevice;
-use nestio_vfio_user::server::{bind, Server, ServerConfig};
+use nestio_vfio_user::server::{bind_for, PeerPolicy, Server, ServerConfig};
 
 use crate::CmdResult;
 
@@ -58,14 +58,30 @@ struct ServerOpts {
     #[arg(long)]
     no_twin_socket: bool,
     /// Serve one client only, then exit (default: serve clients one after another).
+    /// Connections that never complete VERSION do not count.
     #[arg(long)]
     once: bool,
+    /// Also admit clients running as this uid (repeatable; by default only this
+    /// process's own uid may connect, checked by SO_PEERCRED, and the socket is 0600;
+    /// with --allow-uid it is 0666 and the SO_PEERCRED check alone admits).
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<u32>,
+    /// Seconds a new connection has to complete VERSION before it is closed.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
+    handshake_timeout: f64,
     #[command(flatten)]
     sandbox: crate::SandboxOpts,
     /// Test only: make a system call outside the allowlist once serving (the sandbox
     /// test checks that it ends this process with a report naming the call).
     #[arg(long, hide = true)]
     seccomp_test_forbidden_call: bool,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86400.0 => Ok(v),
+        _ => Err(format!("'{s}' is not a number of seconds in (0, 86400]")),
+    }
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -111,9 +127,11 @@ pub fn run(args: DeviceArgs) -> CmdResult {
     };
     let config = ServerConfig {
         twin_socket: !opts.no_twin_socket,
+        handshake_timeout: Some(std::time::Duration::from_secs_f64(opts.handshake_timeout)),
+        peers: PeerPolicy::own_uid_and(&opts.allow_uids),
         ..ServerConfig::default()
     };
-    let listener = bind(&socket)?;
+    let listener = bind_for(&socket, &config.peers)?;
     // Set-up is done: from here on the process (the server, the e1000 worker and any
     // thread started later) only makes the calls of the device allowlist.
     opts.sandbox
@@ -123,11 +141,11 @@ pub fn run(args: DeviceArgs) -> CmdResult {
         crate::forbidden_call_for_tests();
     }
     let server = Server::new(device, config);
-    if opts.once {
-        let (stream, _) = listener.accept()?;
-        server.serve_stream(stream)?;
+    let r = if opts.once {
+        server.serve_owners(listener, 1)
     } else {
-        server.serve_listener(listener)?;
-    }
+        server.serve_listener(listener)
+    };
+    r.map_err(|e| format!("serving on {}: {e}", socket.display()))?;
     Ok(0)
 }

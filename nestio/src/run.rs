@@ -10,9 +10,12 @@
 //!   guest's window; the device is wrapped in `nestio_nested::ExportedDevice` (every DMA
 //!   map of the child is checked against that window; interrupt eventfds pass straight
 //!   through to the device process) and served with the vfio-user server on PATH, to
-//!   exactly one child session. `PATH.mem` serves the RAM handoff
-//!   ([`nestio_vmm::handoff`]): the RAM memfd, the window's file offset and size, and the
-//!   child's level number, to any number of clients (the child level, `nestio inspect`).
+//!   exactly one child session (connections that never complete VERSION do not count).
+//!   `PATH.mem` serves the RAM handoff ([`nestio_vmm::handoff`]): the window's memfd, its
+//!   file offset and size, and the child's level number, to any number of clients of
+//!   this process's uid (the child level, `nestio inspect`). A level with fresh RAM keeps
+//!   the window in a memfd of its own, so the child gets its window and nothing else; a
+//!   level whose RAM came from its parent hands down that one file (its own RAM).
 //!   Lifetime: this level's own guest runs as usual; when it has exited the process
 //!   keeps serving until its child has connected and gone away, then exits with its own
 //!   guest's status (a guest that exits at once, like `--guest hello`, is fine). The
@@ -176,7 +179,27 @@ pub fn run(args: RunArgs) -> CmdResult {
     }
     match export {
         None => {
+            let sockets: Vec<String> = cfg
+                .devices
+                .iter()
+                .filter_map(|d| match d {
+                    DeviceConfig::VfioUser { socket } => Some(socket.display().to_string()),
+                    _ => None,
+                })
+                .collect();
+            let waiting = (!sockets.is_empty()).then(|| {
+                WaitNotice::after(
+                    NOTICE_AFTER,
+                    format!(
+                        "nestio: still waiting for the device server at {} to answer (a \
+                         server that has another client answers \"busy\"; one that never \
+                         answers is not a vfio-user server or is stuck)",
+                        sockets.join(", ")
+                    ),
+                )
+            });
             let mut vm = Vm::new(cfg)?;
+            drop(waiting);
             sandbox.install_process(Profile::Vmm)?;
             Ok(vm.run()?.exit_status())
         }
@@ -215,6 +238,35 @@ pub fn export_window(ram: u64, requested: Option<u64>) -> Result<u64, String> {
     Ok(w)
 }
 
+/// When a notice about a slow device connection is printed.
+const NOTICE_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Prints a line to stderr if it is still alive after a delay: says what `nestio run`
+/// waits for when a device server is slow to answer. Dropping it cancels the notice.
+struct WaitNotice(Option<std::sync::mpsc::Sender<()>>);
+
+impl WaitNotice {
+    fn after(delay: std::time::Duration, message: String) -> WaitNotice {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("wait-notice".into())
+            .spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(delay) {
+                    eprintln!("{message}");
+                }
+            });
+        WaitNotice(spawned.is_ok().then_some(tx))
+    }
+}
+
+impl Drop for WaitNotice {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
 /// Removes the export sockets when the level ends.
 struct SocketFiles(Vec<PathBuf>);
 
@@ -245,12 +297,26 @@ fn run_exporting(
     };
     let win = export_window(cfg.memory, window)?;
     cfg.devices.clear();
+    // Fresh RAM keeps the child's window in a memfd of its own, handed down alone. RAM
+    // received from a parent (`--memory-from`) is one file already and cannot be split:
+    // then the handoff names the window's place in it.
+    if cfg.ram_file.is_none() {
+        cfg.ram_window = Some(win);
+    }
+    let waiting = WaitNotice::after(
+        NOTICE_AFTER,
+        format!(
+            "nestio: still waiting for the device server at {} to answer",
+            socket.display()
+        ),
+    );
     let client = nestio_vfio_user::Client::connect(&socket).map_err(|e| {
         format!(
             "cannot connect to the device to export at {}: {e} (is its server running?)",
             socket.display()
         )
     })?;
+    drop(waiting);
     let mut vm = Vm::new(cfg)?;
     let ram = vm.ram();
     let size = ram.size();
@@ -258,7 +324,24 @@ fn run_exporting(
         .checked_sub(win)
         .ok_or("export window larger than the RAM")?;
     let child = level.checked_add(1).ok_or("nesting level overflow")?;
-    let region = RamRegion::new(ram.fd().clone(), 0, size, ram.fd_offset())?;
+    // This level's RAM as the exporter sees it, and the file and offset handed down.
+    let (region, handoff) = match ram.parts() {
+        [_, w] if w.gpa == base && w.size == win => (
+            RamRegion::new(w.fd.clone(), w.gpa, w.size, w.fd_offset)?,
+            RamHandoff::new(w.fd.clone(), w.fd_offset, win, child)?,
+        ),
+        [_] => {
+            let file_offset = ram
+                .fd_offset()
+                .checked_add(base)
+                .ok_or("window offset overflow")?;
+            (
+                RamRegion::new(ram.fd().clone(), 0, size, ram.fd_offset())?,
+                RamHandoff::new(ram.fd().clone(), file_offset, win, child)?,
+            )
+        }
+        _ => return Err("this level's RAM is not laid out as its export window needs".into()),
+    };
     let exported = ExportedDevice::new(
         Arc::new(client),
         LevelRam::Shared(region),
@@ -268,22 +351,18 @@ fn run_exporting(
             child: LevelId::from_raw(u64::from(child)).ok_or("bad level id")?,
         },
     )?;
-    let file_offset = ram
-        .fd_offset()
-        .checked_add(base)
-        .ok_or("window offset overflow")?;
-    let handoff = RamHandoff::new(ram.fd().clone(), file_offset, win, child)?;
 
     let mem_path = mem_socket_path(path);
-    let listener = nestio_vfio_user::bind(path)
-        .map_err(|e| format!("cannot bind the export socket {}: {e}", path.display()))?;
+    let listener = nestio_vfio_user::bind(path).map_err(|e| format!("export socket: {e}"))?;
     let mut files = SocketFiles(vec![path.to_path_buf()]);
-    let mem_listener = nestio_vfio_user::bind(&mem_path)
-        .map_err(|e| format!("cannot bind the memory socket {}: {e}", mem_path.display()))?;
+    let mem_listener =
+        nestio_vfio_user::bind(&mem_path).map_err(|e| format!("memory socket: {e}"))?;
     files.0.push(mem_path);
     let exported = Arc::new(exported);
     let server =
         nestio_vfio_user::Server::new(exported.clone(), nestio_vfio_user::ServerConfig::default());
+    // Who may fetch the RAM handoff: this process's uid as it is now, before `--user`.
+    let mem_peers = nestio_vfio_user::PeerPolicy::own_uid();
     // Set-up is done (VM built, sockets bound, server configured): every thread from
     // here on is confined.
     sandbox.install_process(Profile::Vmm)?;
@@ -293,21 +372,32 @@ fn run_exporting(
         .name("export-mem".into())
         .spawn(move || {
             confine.confine_thread_or_exit(Profile::Export);
-            if let Err(e) = handoff.serve(mem_listener) {
+            if let Err(e) = handoff.serve_to(mem_listener, &mem_peers) {
                 tracing::warn!(error = %e, "memory socket stopped");
             }
         })?;
+    let export_path = path.to_path_buf();
     let serve = std::thread::Builder::new().name("export".into()).spawn(
         move || -> Result<(), String> {
             confine.confine_thread_or_exit(Profile::Export);
-            let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
-            server.serve_stream(stream).map_err(|e| e.to_string())
+            // One child session: connections that never negotiate (a stray connect,
+            // garbage, an early close) are dropped and do not use it up.
+            server
+                .serve_owners(listener, 1)
+                .map_err(|e| format!("serving {}: {e}", export_path.display()))
         },
     )?;
     tracing::info!(level, export = %path.display(), window_base = base, window_size = win, "exporting the device to level {child}");
 
     let status = vm.run()?.exit_status();
     // The guest is done; keep serving until the child level has come and gone.
+    if !serve.is_finished() {
+        eprintln!(
+            "nestio: level {level}: guest done; waiting for the level-{child} child to connect \
+             to {} and leave",
+            path.display()
+        );
+    }
     match serve.join() {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {

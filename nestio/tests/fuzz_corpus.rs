@@ -58,3 +58,8 @@ fn corpus_migration() {
 fn corpus_handoff() {
     replay("handoff", nestio_vmm::fuzz_handoff);
 }
+
+#[test]
+fn corpus_sessions() {
+    replay("sessions", nestio_vfio_user::fuzz_sessions);
+}

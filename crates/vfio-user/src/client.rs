@@ -82,6 +82,9 @@ pub enum ClientError {
     /// The server answered VERSION with an error.
     #[error("the vfio-user server refused our VERSION (errno {0}); is it a compatible server?")]
     Refused(i32),
+    /// The server answered VERSION with EBUSY: another client owns the device.
+    #[error("the device is busy: another client owns it (a vfio-user device serves one client at a time); stop that client or wait until it leaves")]
+    Busy,
     /// The server's answer breaks the protocol.
     #[error("vfio-user server broke the protocol during negotiation: {0}")]
     Protocol(String),
@@ -245,7 +248,10 @@ impl Client {
         offer.encode_into(&mut b);
         let mut reply = ep.request(Command::Version, &b, &[])?;
         if reply.header.is_error() {
-            return Err(ClientError::Refused(reply_errno(&reply)));
+            return Err(match reply_errno(&reply) {
+                libc::EBUSY => ClientError::Busy,
+                e => ClientError::Refused(e),
+            });
         }
         let v =
             Version::decode(&reply.payload).map_err(|e| ClientError::Protocol(e.to_string()))?;

@@ -329,6 +329,17 @@ impl Endpoint {
         self.wait(None, None)
     }
 
+    /// [`Endpoint::next_command`], giving up at `deadline` with
+    /// [`EndpointError::TimedOut`]`(timeout)` (the connection is then closed): a peer that
+    /// sends nothing, or a message too slowly, cannot hold the caller past it.
+    pub fn next_command_until(
+        &self,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Option<Message>, EndpointError> {
+        self.wait(None, Some((deadline, timeout)))
+    }
+
     /// Wait for the reply `id` (Some) or for the next queued command (None).
     fn wait(
         &self,
@@ -433,7 +444,12 @@ impl Endpoint {
         if let Some(id) = id {
             st.expected.remove(&id);
         }
-        tracing::warn!(endpoint = self.name, timeout = ?t, "no reply in time; closing the connection");
+        let what = if id.is_some() {
+            "no reply"
+        } else {
+            "no message"
+        };
+        tracing::warn!(endpoint = self.name, timeout = ?t, "{what} in time; closing the connection");
         self.mark_closed(st, false, format!("no reply within {t:?}"));
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         EndpointError::TimedOut(t)

@@ -10,6 +10,11 @@
 //! fuzz bytes — well formed, mutated, errors, silence, stray fds, its own DMA commands —
 //! while the client runs a fixed sequence of device operations. A device process below
 //! us may be compromised: nothing it sends may panic, hang or leak an fd in the client.
+//!
+//! [`fuzz_sessions`] plays many clients at once against a listening server: connects,
+//! VERSIONs, garbage, state-changing commands, half-closes and closes in any order. The
+//! one-owner rule, the handshake timeout and the connection cap must hold, and once
+//! everyone has left the device must be released to a clean state.
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -934,6 +939,193 @@ mod stalled_server {
                 "the connection stays closed: {after:?}"
             );
             srv.join().unwrap();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Session handling: many connections, in any order.
+
+/// Most connections a [`fuzz_sessions`] script keeps open at once.
+const SESSION_CONNS: usize = 6;
+
+/// Feed `data` as a script of connection events against a server listening on an
+/// abstract UNIX socket (one owner at a time, 30 ms handshake timeout, at most 4
+/// connections): each step picks an op and a connection slot — connect, send VERSION,
+/// send garbage, send a valid command (DMA_MAP of a memfd, SET_IRQS with an eventfd,
+/// migration to STOP, dirty logging start, GET_INFO), half-close, close, drain replies.
+/// At the end every connection is closed and the server stopped; then nobody owns the
+/// device and it is released (no DMA maps, no eventfds, logging off, RUNNING). Never
+/// panics, never hangs, never leaks an fd.
+pub fn fuzz_sessions(data: &[u8]) {
+    use nestio_device::VfioDevice;
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("nestio-fuzz-sessions-{}-{n}", std::process::id());
+    let Ok(addr) = SocketAddr::from_abstract_name(name.as_bytes()) else {
+        return;
+    };
+    let Ok(listener) = UnixListener::bind_addr(&addr) else {
+        return;
+    };
+    let Ok(dev) = TestDevice::new() else { return };
+    let dev = Arc::new(dev);
+    let server = Server::new(
+        dev.clone(),
+        ServerConfig {
+            handshake_timeout: Some(std::time::Duration::from_millis(30)),
+            max_connections: 4,
+            busy_grace: std::time::Duration::from_millis(5),
+            dma_timeout: Some(std::time::Duration::from_millis(200)),
+            ..ServerConfig::default()
+        },
+    );
+    std::thread::scope(|s| {
+        let srv = s.spawn(|| server.serve_listener(listener));
+        let mut conns: Vec<Option<UnixStream>> = (0..SESSION_CONNS).map(|_| None).collect();
+        let mut script = Script { d: data };
+        let mut id = 1u16;
+        while let Some(op) = script.u8() {
+            let slot = (op >> 4) as usize % SESSION_CONNS;
+            id = id.wrapping_add(1);
+            match op & 0xf {
+                0 | 1 => {
+                    if let Ok(c) = UnixStream::connect_addr(&addr) {
+                        let _ = c.set_nonblocking(true);
+                        conns[slot] = Some(c);
+                    }
+                }
+                2 | 3 => {
+                    if let Some(c) = &conns[slot] {
+                        let v = Version {
+                            major: script.b() as u16 & 1,
+                            minor: crate::proto::VERSION_MINOR,
+                            caps: Capabilities::default(),
+                        };
+                        let mut p = Vec::new();
+                        v.encode_into(&mut p);
+                        session_send(c, id, Command::Version as u16, &p, &[]);
+                    }
+                }
+                4 => {
+                    if let Some(c) = &conns[slot] {
+                        let len = script.b() as usize;
+                        let g = script.take(len);
+                        let _ = (&*c).write(g);
+                    }
+                }
+                5..=9 => {
+                    if let Some(c) = &conns[slot] {
+                        session_command(c, id, op & 0xf, &mut script);
+                    }
+                }
+                10 => {
+                    if let Some(c) = &conns[slot] {
+                        let _ = c.shutdown(std::net::Shutdown::Write);
+                    }
+                }
+                11 | 12 => conns[slot] = None,
+                13 => std::thread::sleep(std::time::Duration::from_millis(script.b() as u64 % 40)),
+                _ => {
+                    if let Some(c) = &conns[slot] {
+                        let mut b = [0u8; 4096];
+                        while matches!((&*c).read(&mut b), Ok(n) if n > 0) {}
+                    }
+                }
+            }
+        }
+        drop(conns);
+        // Every connection is closed: the owner (if any) goes, the device is released.
+        let t0 = std::time::Instant::now();
+        while server.owned() {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(5),
+                "the device is still owned after every client left"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        server.stop();
+        let _ = UnixStream::connect_addr(&addr);
+        let _ = srv.join();
+    });
+    assert!(!server.owned());
+    let st = server.stats();
+    assert!(st.owner_sessions <= st.sessions);
+    if let Some(t) = dev.dma_table() {
+        assert_eq!(t.len(), 0, "DMA maps left after the owner went");
+        assert!(!t.logging(), "dirty logging left on after the owner went");
+    }
+    assert!(
+        !dev.irqs().has_eventfd(1, 0),
+        "an eventfd left after the owner went"
+    );
+    assert_eq!(
+        dev.mig_state().ok(),
+        Some(nestio_device::MigState::Running),
+        "migration state not RUNNING after the owner went"
+    );
+}
+
+fn session_send(c: &UnixStream, id: u16, cmd: u16, payload: &[u8], fds: &[std::os::fd::RawFd]) {
+    let h = Header {
+        msg_id: id,
+        cmd,
+        size: (crate::proto::HEADER_SIZE + payload.len()) as u32,
+        flags: 0,
+        error: 0,
+    };
+    // Non-blocking: a full socket buffer drops the message (the stream may then be out
+    // of step, which is one more kind of garbage).
+    let _ = send_message(c, &h, payload, fds);
+}
+
+/// One valid command that changes device state an owner must not leave behind.
+fn session_command(c: &UnixStream, id: u16, which: u8, script: &mut Script<'_>) {
+    use std::os::fd::AsRawFd;
+    let words = |v: &[u32]| v.iter().flat_map(|w| w.to_ne_bytes()).collect::<Vec<u8>>();
+    match which {
+        5 => {
+            let Ok(fd) = nestio_dma::memfd::sealed_memfd(c"fuzz-sessions", 0x4000) else {
+                return;
+            };
+            let mut p = words(&[32, 3]);
+            p.extend_from_slice(&0u64.to_ne_bytes());
+            p.extend_from_slice(&((script.b() as u64) << 14).to_ne_bytes());
+            p.extend_from_slice(&0x4000u64.to_ne_bytes());
+            session_send(c, id, Command::DmaMap as u16, &p, &[fd.as_raw_fd()]);
+        }
+        6 => {
+            // SAFETY: eventfd takes no pointers; the result is checked.
+            let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+            if raw < 0 {
+                return;
+            }
+            // SAFETY: a new descriptor owned by nothing else.
+            let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+            // index 1 (MSI), vector 0, DATA_EVENTFD | ACTION_TRIGGER.
+            let p = words(&[20, (1 << 2) | (1 << 5), 1, 0, 1]);
+            session_send(c, id, Command::DeviceSetIrqs as u16, &p, &[fd.as_raw_fd()]);
+        }
+        7 => {
+            // DEVICE_FEATURE SET MIG_DEVICE_STATE = STOP (1) or STOP_COPY (3).
+            let state = if script.b() & 1 == 0 { 1u32 } else { 3 };
+            let p = words(&[16, (1 << 17) | 2, state, 0]);
+            session_send(c, id, Command::DeviceFeature as u16, &p, &[]);
+        }
+        8 => {
+            // DEVICE_FEATURE SET DMA_LOGGING_START: page 4 KiB, one range.
+            let mut p = words(&[40, (1 << 17) | 6]);
+            p.extend_from_slice(&4096u64.to_ne_bytes());
+            p.extend_from_slice(&words(&[1, 0]));
+            p.extend_from_slice(&0u64.to_ne_bytes());
+            p.extend_from_slice(&0x4000u64.to_ne_bytes());
+            session_send(c, id, Command::DeviceFeature as u16, &p, &[]);
+        }
+        _ => {
+            let p = words(&[16, 0, 0, 0]);
+            session_send(c, id, Command::DeviceGetInfo as u16, &p, &[]);
         }
     }
 }

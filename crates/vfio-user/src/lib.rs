@@ -2,10 +2,13 @@
 //! device served by another process as a local `VfioDevice`.
 //!
 //! - [`proto`]: the wire format (header, commands, typed payloads, VERSION JSON);
-//! - [`socket`]: whole messages with fds over SCM_RIGHTS;
+//! - [`socket`]: whole messages with fds over SCM_RIGHTS; owner-only listening sockets
+//!   that never replace a live one; peer credentials;
 //! - [`endpoint`]: the connection core (send lock, "whoever waits reads" reply
 //!   demultiplexer, inline handling of the peer's commands);
-//! - [`server`]: `Server` serving one device to one client at a time;
+//! - [`server`]: `Server` serving one device to one owner at a time (peer uid checked,
+//!   handshake bounded, a second client refused with EBUSY, the device released when its
+//!   owner leaves);
 //! - [`client`]: `Client`, a `VfioDevice` backed by a remote server;
 //! - [`testdev`]: a small device used by tests, the fuzzer and the benchmark;
 //! - [`bench`]: round-trip and throughput measurement.
@@ -24,6 +27,9 @@ pub mod testdev;
 
 pub use client::{Client, ClientConfig, ClientError};
 #[cfg(feature = "harness")]
-pub use fuzzing::{fuzz_client, fuzz_decode, fuzz_dispatch};
+pub use fuzzing::{fuzz_client, fuzz_decode, fuzz_dispatch, fuzz_sessions};
 pub use proto::{Capabilities, Command, Header, ProtoError};
-pub use server::{bind, listening, Server, ServerConfig, ServerError, ServerStats};
+pub use server::{
+    bind, bind_for, listening, release_device, PeerPolicy, Server, ServerConfig, ServerError,
+    ServerStats,
+};

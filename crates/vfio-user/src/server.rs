@@ -1,12 +1,27 @@
-//! The vfio-user server: serves one [`VfioDevice`] to one client at a time.
+//! The vfio-user server: serves one [`VfioDevice`] to one owner at a time.
 //!
 //! A session starts with VERSION (anything else first: error reply, session closed),
-//! then handles commands in arrival order on the calling thread. Each command is decoded
-//! by [`crate::proto`] (every length and flag checked), executed on the device, and
-//! answered with the payload or an error reply carrying the errno of the
+//! then handles commands in arrival order on the session's thread. Each command is
+//! decoded by [`crate::proto`] (every length and flag checked), routed by
+//! `Session::dispatch` to one handler per command, executed on the device, and answered
+//! with the payload or an error reply carrying the errno of the
 //! `DeviceError`/`DmaError`/`ProtoError`. The stream stays in sync after any error in a
 //! message whose header is sane (the whole message has been read); a header whose size is
 //! out of range means the stream cannot be trusted and the session ends.
+//!
+//! Sessions and owners (as VFIO has it: one open device fd at a time). Every connection
+//! is served on its own thread ([`Server::serve_listener`]); its peer must pass the
+//! [`PeerPolicy`] (`SO_PEERCRED` uid, default: the server's own) and complete VERSION
+//! within [`ServerConfig::handshake_timeout`], else it is closed (logged). The first
+//! connection to complete VERSION becomes the device's *owner*; a VERSION arriving while
+//! there is an owner is answered with an error reply, `EBUSY`, and the connection closed.
+//! An error reply to VERSION is the refusal clients already handle: QEMU's vfio-user-pci
+//! checks the reply's error flag and fails with that errno ("version reply: Device or
+//! resource busy"), as nestio's own client does (`ClientError::Busy`), whereas a bare
+//! close reads as a broken server or a lost connection. Connections that have not negotiated
+//! never touch the device, so a stray connect, garbage or an early close cannot hold it.
+//! At most [`ServerConfig::max_connections`] connections are served at once; beyond, a
+//! new one is closed at once (logged).
 //!
 //! DMA: a DMA_MAP with an fd maps the client's memory in place; without an fd the
 //! mapping is backed by a [`DmaPeer`] that sends DMA_READ/DMA_WRITE to the client — over
@@ -14,16 +29,20 @@
 //! [`Endpoint`] (the server thread waiting for the DMA reply becomes the reader and
 //! queues any client command it reads meanwhile).
 //!
-//! The server survives its client: when a session ends (disconnect, crash mid-message,
-//! garbage) every DMA mapping is removed (`dma_unmap_all`), every irq eventfd dropped
-//! (`set_irqs(i, Trigger, 0, 0, None)`), the sockets and received fds closed, and the
-//! device state kept for the next client.
+//! The server survives its client. When the owner goes away (disconnect, crash
+//! mid-message, garbage) the device is *released* as Linux releases a VFIO device fd
+//! ([`release_device`]): every DMA mapping removed (`dma_unmap_all`), every irq eventfd
+//! dropped (`set_irqs(i, Trigger, 0, 0, None)`), dirty logging stopped, and the migration
+//! state brought back to RUNNING (a device stuck in ERROR is reset, the only way out);
+//! the sockets and received fds are closed. Register contents are kept for the next
+//! owner, as before (an explicit DEVICE_RESET clears them).
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use nestio_device::{region_flags, DeviceError, IrqAction, IrqData, MigState, VfioDevice};
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaPeer, DmaRange, Prot};
@@ -31,11 +50,11 @@ use nestio_dma::{DmaBacking, DmaMapRequest, DmaPeer, DmaRange, Prot};
 use crate::endpoint::{Endpoint, EndpointError, Incoming};
 use crate::proto::{
     self, dma_flags, feature, irq_set_flags, Capabilities, Command, DeviceFeature, DeviceInfoMsg,
-    DmaAccess, DmaUnmap, IoFdEntry, IoFdsMsg, IoFdsReply, IrqInfoMsg, LegacyMigration,
-    LoggingControl, LoggingReport, MigData, RegionAccess, RegionInfoMsg, RegionInfoReply, Request,
-    TwinSocket, Version,
+    DmaAccess, DmaMap, DmaUnmap, IoFdEntry, IoFdsMsg, IoFdsReply, IrqInfoMsg, IrqSet,
+    LegacyMigration, LoggingControl, LoggingReport, MigData, RegionAccess, RegionInfoMsg,
+    RegionInfoReply, Request, TwinSocket, Version, WriteMulti,
 };
-use crate::socket::Message;
+use crate::socket::{peer_credentials, Message, PeerCredentials, SocketError};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -53,7 +72,64 @@ pub struct ServerConfig {
     /// How long a DMA_READ/DMA_WRITE to the client may wait for its reply; on expiry the
     /// DMA fails with ETIMEDOUT and the channel it used is closed. None: forever.
     pub dma_timeout: Option<std::time::Duration>,
+    /// How long a new connection may take to complete VERSION; it is then closed.
+    /// None: forever (not advised: an idle connection then holds a thread).
+    pub handshake_timeout: Option<Duration>,
+    /// Which peers may connect (checked by `SO_PEERCRED` before anything is read).
+    pub peers: PeerPolicy,
+    /// Most connections served at once (the owner and those still negotiating); a
+    /// connection beyond is closed at once.
+    pub max_connections: usize,
+    /// How long a VERSION waits for the current owner to go before it is refused with
+    /// EBUSY. A client that closes and reconnects at once (a VMM restarting) races with
+    /// the server noticing the close; this grace covers that race.
+    pub busy_grace: Duration,
 }
+
+/// Who may talk to the server, by the peer's effective uid at connect time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerPolicy {
+    /// Any local user that can open the socket (its file mode is the only guard).
+    AnyUid,
+    /// Only these uids.
+    Uids(Vec<u32>),
+}
+
+impl PeerPolicy {
+    /// Only the uid this process runs as (the default).
+    pub fn own_uid() -> PeerPolicy {
+        // SAFETY: geteuid cannot fail and takes no pointers.
+        PeerPolicy::Uids(vec![unsafe { libc::geteuid() }])
+    }
+
+    /// The own uid and `extra` (`--allow-uid`).
+    pub fn own_uid_and(extra: &[u32]) -> PeerPolicy {
+        let PeerPolicy::Uids(mut v) = PeerPolicy::own_uid() else {
+            unreachable!("own_uid is a uid list")
+        };
+        for u in extra {
+            if !v.contains(u) {
+                v.push(*u);
+            }
+        }
+        PeerPolicy::Uids(v)
+    }
+
+    /// Does the policy let `peer` in?
+    pub fn allows(&self, peer: &PeerCredentials) -> bool {
+        match self {
+            PeerPolicy::AnyUid => true,
+            PeerPolicy::Uids(v) => v.contains(&peer.uid),
+        }
+    }
+}
+
+/// Default [`ServerConfig::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default [`ServerConfig::busy_grace`].
+pub const DEFAULT_BUSY_GRACE: Duration = Duration::from_secs(1);
+/// Default [`ServerConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -64,6 +140,10 @@ impl Default for ServerConfig {
             twin_socket: true,
             write_multiple: true,
             dma_timeout: Some(std::time::Duration::from_secs(10)),
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            peers: PeerPolicy::own_uid(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            busy_grace: DEFAULT_BUSY_GRACE,
         }
     }
 }
@@ -79,6 +159,15 @@ pub struct ServerStats {
     pub error_replies: u64,
     /// Sessions that ended on a broken stream (garbage, truncation).
     pub broken_sessions: u64,
+    /// Sessions that completed VERSION and owned the device.
+    pub owner_sessions: u64,
+    /// Connections refused: a VERSION while another client owned the device (EBUSY).
+    pub refused_busy: u64,
+    /// Connections refused: the peer's uid is not allowed.
+    pub refused_peers: u64,
+    /// Connections closed: no VERSION within the handshake timeout, or over
+    /// `max_connections`.
+    pub dropped_idle: u64,
 }
 
 /// Errors of the server.
@@ -93,6 +182,20 @@ pub enum ServerError {
     /// The connection failed.
     #[error(transparent)]
     Connection(#[from] EndpointError),
+    /// The peer's uid is not allowed (see [`PeerPolicy`]).
+    #[error("refused a connection from pid {} uid {} (allowed: {policy:?}); give its uid with --allow-uid to admit it", peer.pid, peer.uid)]
+    PeerRefused {
+        /// Who connected.
+        peer: PeerCredentials,
+        /// The policy it failed.
+        policy: PeerPolicy,
+    },
+    /// Another client owns the device; this one got EBUSY to its VERSION.
+    #[error("refused a second client: the device is owned by another client (one at a time)")]
+    Busy,
+    /// The connection did not complete VERSION in time.
+    #[error("closed a connection that sent no VERSION within {0:?}")]
+    HandshakeTimeout(Duration),
 }
 
 /// A vfio-user server for one device. See the module documentation.
@@ -103,26 +206,35 @@ pub struct Server {
     commands: AtomicU64,
     error_replies: AtomicU64,
     broken: AtomicU64,
+    owner_sessions: AtomicU64,
+    owners_ended: AtomicU64,
+    refused_busy: AtomicU64,
+    refused_peers: AtomicU64,
+    dropped_idle: AtomicU64,
+    /// A client owns the device (completed VERSION, still connected).
+    owned: AtomicBool,
+    /// Owner sessions still allowed (u64::MAX: no limit); see [`Server::serve_owners`].
+    owner_budget: AtomicU64,
+    /// Set by [`Server::stop`]: serving loops return.
+    stop: AtomicBool,
 }
 
-/// Remove a stale socket file at `path` and bind a listener there.
-pub fn bind(path: impl AsRef<Path>) -> std::io::Result<UnixListener> {
-    let path = path.as_ref();
-    if let Ok(md) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if md.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        } else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists and is not a socket; refusing to replace it",
-                    path.display()
-                ),
-            ));
-        }
-    }
-    UnixListener::bind(path)
+/// Listen on an owner-only (0600) socket at `path`; a stale socket file there is
+/// replaced, a live one is refused (see [`crate::socket::listen_private`]).
+pub fn bind(path: impl AsRef<Path>) -> Result<UnixListener, SocketError> {
+    crate::socket::listen_private(path.as_ref())
+}
+
+/// [`bind`] for a server admitting `peers`: owner-only (0600) when only this process's
+/// uid is admitted, else 0666 so the admitted users can connect at all — the
+/// `SO_PEERCRED` check of every connection is then the gate.
+pub fn bind_for(path: impl AsRef<Path>, peers: &PeerPolicy) -> Result<UnixListener, SocketError> {
+    let mode = if *peers == PeerPolicy::own_uid() {
+        crate::socket::SOCKET_MODE
+    } else {
+        0o666
+    };
+    crate::socket::listen_with_mode(path.as_ref(), mode)
 }
 
 /// The `__SO_ACCEPTCON` bit of the Flags column of `/proc/net/unix`: listening.
@@ -159,6 +271,8 @@ pub fn listening(pid: u32, path: &Path) -> bool {
 
 enum Flow {
     Continue,
+    /// Refused with EBUSY: another client owns the device.
+    Busy,
     Close(String),
 }
 
@@ -172,6 +286,14 @@ impl Server {
             commands: AtomicU64::new(0),
             error_replies: AtomicU64::new(0),
             broken: AtomicU64::new(0),
+            owner_sessions: AtomicU64::new(0),
+            owners_ended: AtomicU64::new(0),
+            refused_busy: AtomicU64::new(0),
+            refused_peers: AtomicU64::new(0),
+            dropped_idle: AtomicU64::new(0),
+            owned: AtomicBool::new(false),
+            owner_budget: AtomicU64::new(u64::MAX),
+            stop: AtomicBool::new(false),
         }
     }
 
@@ -187,31 +309,178 @@ impl Server {
             commands: self.commands.load(Ordering::Relaxed),
             error_replies: self.error_replies.load(Ordering::Relaxed),
             broken_sessions: self.broken.load(Ordering::Relaxed),
+            owner_sessions: self.owner_sessions.load(Ordering::Relaxed),
+            refused_busy: self.refused_busy.load(Ordering::Relaxed),
+            refused_peers: self.refused_peers.load(Ordering::Relaxed),
+            dropped_idle: self.dropped_idle.load(Ordering::Relaxed),
         }
+    }
+
+    /// Make [`Server::serve_listener`] / [`Server::serve_owners`] return: within 50 ms,
+    /// or at once on the next connection; sessions in progress are served to their end.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// True while a client owns the device.
+    pub fn owned(&self) -> bool {
+        self.owned.load(Ordering::Acquire)
+    }
+
+    /// Make the caller the owner, waiting up to the busy grace for the current one to go.
+    fn claim_owner_within_grace(&self) -> bool {
+        let t0 = std::time::Instant::now();
+        loop {
+            if self.claim_owner() {
+                return true;
+            }
+            if t0.elapsed() >= self.config.busy_grace || self.stop.load(Ordering::Acquire) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Make the caller the owner, if nobody is and the owner budget allows.
+    fn claim_owner(&self) -> bool {
+        if self
+            .owned
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        let budget = self
+            .owner_budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                if b == u64::MAX {
+                    Some(b)
+                } else {
+                    b.checked_sub(1)
+                }
+            });
+        if budget.is_err() {
+            self.owned.store(false, Ordering::Release);
+            return false;
+        }
+        self.owner_sessions.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// The owner has gone: release the device, then let the next one in.
+    fn end_owner(&self) {
+        release_device(&*self.device);
+        self.owned.store(false, Ordering::Release);
+        self.owners_ended.fetch_add(1, Ordering::AcqRel);
     }
 
     fn max_msg_size(&self) -> usize {
         self.config.max_data_xfer_size as usize + 4096
     }
 
-    /// Serve clients from `listener` one at a time, forever (until accept fails).
+    /// Serve connections from `listener`, forever (until accept fails): each on its own
+    /// thread, one owner at a time (see the module documentation).
     pub fn serve_listener(&self, listener: UnixListener) -> Result<(), ServerError> {
-        loop {
-            let (stream, _) = match listener.accept() {
-                Ok(s) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
-            };
-            match self.serve_stream(stream) {
-                Ok(()) => tracing::info!("vfio-user client disconnected"),
-                Err(e) => tracing::warn!(error = %e, "vfio-user session ended with an error"),
-            }
-        }
+        self.serve_connections(listener, None)
     }
 
-    /// Serve one client until it goes away. `Ok` on a clean disconnect.
+    /// Like [`Server::serve_listener`], but return once `owners` owner sessions (that
+    /// completed VERSION) have ended; connections that never negotiate do not count, so a
+    /// stray connect, garbage or an early close does not use up the budget. Later
+    /// VERSIONs are refused with EBUSY. Connections still negotiating are closed within
+    /// the handshake timeout before this returns.
+    pub fn serve_owners(&self, listener: UnixListener, owners: u64) -> Result<(), ServerError> {
+        self.serve_connections(listener, Some(owners))
+    }
+
+    fn serve_connections(
+        &self,
+        listener: UnixListener,
+        owners: Option<u64>,
+    ) -> Result<(), ServerError> {
+        let start = self.owners_ended.load(Ordering::Acquire);
+        if let Some(n) = owners {
+            self.owner_budget.store(n, Ordering::Release);
+        }
+        // Accept without blocking so the loop sees the budget run out or a stop.
+        listener.set_nonblocking(true)?;
+        let live = AtomicUsize::new(0);
+        std::thread::scope(|scope| loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if let Some(n) = owners {
+                let ended = self.owners_ended.load(Ordering::Acquire) - start;
+                if ended >= n && !self.owned() {
+                    return Ok(());
+                }
+            }
+            if !poll_readable(&listener, 50)? {
+                continue;
+            }
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted
+                            | std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Err(e) = stream.set_nonblocking(false) {
+                tracing::warn!(error = %e, "cannot set up an accepted connection; closed");
+                continue;
+            }
+            if live.load(Ordering::Acquire) >= self.config.max_connections {
+                self.dropped_idle.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    max = self.config.max_connections,
+                    "too many vfio-user connections at once; closed the newest"
+                );
+                continue;
+            }
+            live.fetch_add(1, Ordering::AcqRel);
+            let live = &live;
+            let spawned = std::thread::Builder::new()
+                .name("vfio-user-conn".into())
+                .spawn_scoped(scope, move || {
+                    log_session_end(self.serve_connection(stream, true));
+                    live.fetch_sub(1, Ordering::AcqRel);
+                });
+            if let Err(e) = spawned {
+                live.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(error = %e, "cannot start a connection thread; connection closed");
+            }
+        })
+    }
+
+    /// Serve one connection the caller set up (a socketpair, an accepted stream) until it
+    /// goes away: check the peer, negotiate VERSION within the handshake timeout, then
+    /// serve commands, and release the device at the end. `Ok` on a clean disconnect.
+    ///
+    /// The caller decides who connects here, so this does not take part in the
+    /// one-owner rule of [`Server::serve_listener`] (a test may run sessions side by
+    /// side on purpose); serve untrusted connections through a listener.
     pub fn serve_stream(&self, stream: UnixStream) -> Result<(), ServerError> {
+        self.serve_connection(stream, false)
+    }
+
+    /// `exclusive`: the session must own the device (one owner at a time).
+    fn serve_connection(&self, stream: UnixStream, exclusive: bool) -> Result<(), ServerError> {
         self.sessions.fetch_add(1, Ordering::Relaxed);
+        let peer = peer_credentials(&stream)?;
+        if !self.config.peers.allows(&peer) {
+            self.refused_peers.fetch_add(1, Ordering::Relaxed);
+            return Err(ServerError::PeerRefused {
+                peer,
+                policy: self.config.peers.clone(),
+            });
+        }
         let ep = Arc::new(Endpoint::new(
             stream,
             self.max_msg_size(),
@@ -227,12 +496,26 @@ impl Server {
             ep: ep.clone(),
             twin: None,
             client: None,
+            exclusive,
+            owner: false,
             out: Vec::with_capacity(4096),
         };
+        let handshake = self
+            .config
+            .handshake_timeout
+            .map(|t| (std::time::Instant::now() + t, t));
         let result = loop {
-            let m = match ep.next_command() {
+            let next = match handshake {
+                Some((deadline, t)) if s.client.is_none() => ep.next_command_until(deadline, t),
+                _ => ep.next_command(),
+            };
+            let m = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => break Ok(()),
+                Err(EndpointError::TimedOut(t)) if s.client.is_none() => {
+                    self.dropped_idle.fetch_add(1, Ordering::Relaxed);
+                    break Err(ServerError::HandshakeTimeout(t));
+                }
                 Err(e) => {
                     self.broken.fetch_add(1, Ordering::Relaxed);
                     break Err(ServerError::Connection(e));
@@ -241,6 +524,7 @@ impl Server {
             self.commands.fetch_add(1, Ordering::Relaxed);
             match s.handle(m) {
                 Ok(Flow::Continue) => {}
+                Ok(Flow::Busy) => break Err(ServerError::Busy),
                 Ok(Flow::Close(why)) => {
                     self.broken.fetch_add(1, Ordering::Relaxed);
                     break Err(ServerError::Protocol(why));
@@ -253,11 +537,75 @@ impl Server {
     }
 }
 
+/// Log how a connection ended (refusals at warn: someone tried and failed).
+fn log_session_end(r: Result<(), ServerError>) {
+    match r {
+        Ok(()) => tracing::info!("vfio-user client disconnected"),
+        Err(e @ ServerError::Busy) => tracing::warn!(error = %e, "answered VERSION with EBUSY"),
+        Err(e) => tracing::warn!(error = %e, "vfio-user session ended with an error"),
+    }
+}
+
+/// Wait up to `ms` milliseconds for a connection on `listener`.
+fn poll_readable(listener: &UnixListener, ms: i32) -> std::io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polls one valid pollfd for at most `ms` milliseconds.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(r > 0)
+}
+
+/// Release `dev` as Linux releases a VFIO device fd when its owner closes it: DMA
+/// mappings removed, interrupt eventfds dropped, dirty logging stopped, migration state
+/// back to RUNNING (a device that cannot get there, e.g. in ERROR, is reset). Each step
+/// is tried whatever the others do; what a device does not support is skipped.
+pub fn release_device(dev: &dyn VfioDevice) {
+    if let Err(e) = dev.dma_unmap_all() {
+        tracing::warn!(error = %e, "cannot unmap the departed client's DMA");
+    }
+    for i in 0..dev.info().num_irqs {
+        if let Err(e) = dev.set_irqs(i, IrqAction::Trigger, 0, 0, IrqData::None) {
+            tracing::debug!(index = i, error = %e, "cannot drop irq eventfds");
+        }
+    }
+    if let Err(e) = dev.dma_logging_stop() {
+        tracing::debug!(error = %e, "dirty logging not stopped (unsupported or off)");
+    }
+    if dev.migration_flags().is_some() {
+        let back = match dev.mig_state() {
+            Ok(MigState::Running) => return,
+            Ok(_) => dev.mig_set_state(MigState::Running),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = back {
+            tracing::warn!(error = %e, "migration state not back to RUNNING; resetting the device");
+            if let Err(e) = dev.reset() {
+                tracing::warn!(error = %e, "cannot reset the device after its owner left");
+            }
+        }
+    }
+}
+
 struct Session<'a> {
     server: &'a Server,
     ep: Arc<Endpoint>,
     twin: Option<Arc<Endpoint>>,
     client: Option<Capabilities>,
+    /// The session must own the device: a VERSION while another owns it gets EBUSY.
+    exclusive: bool,
+    /// This session owns the device (its VERSION was accepted).
+    owner: bool,
     out: Vec<u8>,
 }
 
@@ -282,19 +630,19 @@ impl Session<'_> {
         self.cfg().max_data_xfer_size as usize
     }
 
+    /// The connection is over: close it; if it owned the device, release the device and
+    /// let the next owner in.
     fn cleanup(&mut self) {
-        let dev = self.device();
-        if let Err(e) = dev.dma_unmap_all() {
-            tracing::warn!(error = %e, "cannot unmap the departed client's DMA");
-        }
-        for i in 0..dev.info().num_irqs {
-            if let Err(e) = dev.set_irqs(i, IrqAction::Trigger, 0, 0, IrqData::None) {
-                tracing::debug!(index = i, error = %e, "cannot drop irq eventfds");
-            }
-        }
         self.ep.shutdown("session ended");
         if let Some(t) = self.twin.take() {
             t.shutdown("session ended");
+        }
+        if std::mem::take(&mut self.owner) {
+            if self.exclusive {
+                self.server.end_owner();
+            } else {
+                release_device(&*self.server.device);
+            }
         }
     }
 
@@ -345,35 +693,25 @@ impl Session<'_> {
         Ok(Flow::Continue)
     }
 
+    /// VERSION, the first message of every session: checked, the owner slot claimed
+    /// (EBUSY when taken), capabilities answered, the twin socket offered.
     fn version(&mut self, m: Message) -> Result<Flow, EndpointError> {
-        if m.header.cmd != Command::Version as u16 {
-            self.send_reply(&m, Err(libc::EINVAL))?;
-            return Ok(Flow::Close(format!(
-                "client sent command {} before VERSION",
-                m.header.cmd
-            )));
-        }
-        let v = match Version::decode(&m.payload) {
+        let v = match Self::check_version(&m) {
             Ok(v) => v,
-            Err(e) => {
-                self.send_reply(&m, Err(e.errno()))?;
-                return Ok(Flow::Close(format!("bad VERSION: {e}")));
+            Err((errno, why)) => {
+                self.send_reply(&m, Err(errno))?;
+                return Ok(Flow::Close(why));
             }
         };
-        if v.major != proto::VERSION_MAJOR {
-            self.send_reply(&m, Err(libc::ENOTSUP))?;
-            return Ok(Flow::Close(format!(
-                "client speaks major version {}, we speak {}",
-                v.major,
-                proto::VERSION_MAJOR
-            )));
+        if !self.exclusive {
+            self.server.owner_sessions.fetch_add(1, Ordering::Relaxed);
+        } else if !self.server.claim_owner_within_grace() {
+            self.server.refused_busy.fetch_add(1, Ordering::Relaxed);
+            self.send_reply(&m, Err(libc::EBUSY))?;
+            return Ok(Flow::Busy);
         }
-        if !m.fds.is_empty() {
-            self.send_reply(&m, Err(libc::EINVAL))?;
-            return Ok(Flow::Close("VERSION carried file descriptors".into()));
-        }
-        let cfg = self.cfg().clone();
-        let twin = cfg.twin_socket && v.caps.twin_supported();
+        self.owner = true;
+        let cfg = self.cfg();
         let mut caps = Capabilities {
             max_msg_fds: cfg.max_msg_fds,
             max_data_xfer_size: cfg.max_data_xfer_size,
@@ -392,23 +730,17 @@ impl Session<'_> {
         // would otherwise size our payload buffer).
         let limit = self.server.max_msg_size();
         self.ep.set_max_msg_size(limit);
-        let mut client_end: Option<OwnedFd> = None;
+        let client_end = if cfg.twin_socket && v.caps.twin_supported() {
+            self.open_twin(limit)
+        } else {
+            None
+        };
+        let twin = client_end.is_some();
         if twin {
-            match UnixStream::pair() {
-                Ok((ours, theirs)) => {
-                    let twin = Endpoint::new(ours, limit, Incoming::Refuse, "server-twin");
-                    twin.set_send_timeout(self.cfg().dma_timeout);
-                    self.twin = Some(Arc::new(twin));
-                    client_end = Some(theirs.into());
-                    caps.twin_socket = Some(TwinSocket {
-                        supported: true,
-                        fd_index: Some(0),
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot create the twin socket; continuing without")
-                }
-            }
+            caps.twin_socket = Some(TwinSocket {
+                supported: true,
+                fd_index: Some(0),
+            });
         }
         let reply = Version {
             major: proto::VERSION_MAJOR,
@@ -429,6 +761,50 @@ impl Session<'_> {
         Ok(Flow::Continue)
     }
 
+    /// The first message must be a well-formed VERSION of our major, without fds; else
+    /// the errno to answer and why the session ends.
+    fn check_version(m: &Message) -> Result<Version, (i32, String)> {
+        if m.header.cmd != Command::Version as u16 {
+            return Err((
+                libc::EINVAL,
+                format!("client sent command {} before VERSION", m.header.cmd),
+            ));
+        }
+        let v =
+            Version::decode(&m.payload).map_err(|e| (e.errno(), format!("bad VERSION: {e}")))?;
+        if v.major != proto::VERSION_MAJOR {
+            return Err((
+                libc::ENOTSUP,
+                format!(
+                    "client speaks major version {}, we speak {}",
+                    v.major,
+                    proto::VERSION_MAJOR
+                ),
+            ));
+        }
+        if !m.fds.is_empty() {
+            return Err((libc::EINVAL, "VERSION carried file descriptors".into()));
+        }
+        Ok(v)
+    }
+
+    /// Create the twin socket (server->client commands); returns the client's end, or
+    /// None (logged) when it cannot be made: the session goes on without.
+    fn open_twin(&mut self, limit: usize) -> Option<OwnedFd> {
+        match UnixStream::pair() {
+            Ok((ours, theirs)) => {
+                let twin = Endpoint::new(ours, limit, Incoming::Refuse, "server-twin");
+                twin.set_send_timeout(self.cfg().dma_timeout);
+                self.twin = Some(Arc::new(twin));
+                Some(theirs.into())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create the twin socket; continuing without");
+                None
+            }
+        }
+    }
+
     fn no_fds(m: &Message) -> Result<(), i32> {
         if m.fds.is_empty() {
             Ok(())
@@ -437,245 +813,20 @@ impl Session<'_> {
         }
     }
 
+    /// Routes one decoded command to its handler. Each handler writes its reply payload
+    /// into `self.out` and returns the fds to attach, or an errno for an error reply.
     fn dispatch(&mut self, req: Request<'_>, m: &Message) -> Result<Fds, i32> {
         match req {
             Request::Version(_) => Err(libc::EINVAL),
-            Request::DmaMap(d) => {
-                if m.fds.len() > 1 {
-                    return Err(libc::EINVAL);
-                }
-                let range = DmaRange::new(d.addr, d.size).map_err(|e| e.errno())?;
-                let prot = Prot::from_bits(d.flags).ok_or(libc::EINVAL)?;
-                let backing = match m.fds.first() {
-                    Some(fd) => DmaBacking::Fd {
-                        fd: Arc::new(
-                            fd.try_clone()
-                                .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?,
-                        ),
-                        offset: d.offset,
-                    },
-                    None => {
-                        let ep = self.twin.as_ref().unwrap_or(&self.ep);
-                        let client_xfer = self
-                            .client
-                            .as_ref()
-                            .map_or(proto::DEFAULT_MAX_DATA_XFER, |c| c.max_data_xfer_size);
-                        DmaBacking::Peer(Arc::new(SessionPeer {
-                            ep: Arc::downgrade(ep),
-                            timeout: self.cfg().dma_timeout,
-                            chunk: (client_xfer as usize).min(self.max_xfer()).max(1),
-                        }))
-                    }
-                };
-                self.device()
-                    .dma_map(DmaMapRequest {
-                        range,
-                        prot,
-                        backing,
-                    })
-                    .map_err(dev_err)?;
-                Ok(Vec::new())
-            }
-            Request::DmaUnmap(u) => {
-                Self::no_fds(m)?;
-                if u.flags & dma_flags::UNMAP_GET_DIRTY_BITMAP != 0 {
-                    return Err(libc::ENOTSUP);
-                }
-                if u.flags & dma_flags::UNMAP_ALL != 0 {
-                    self.device().dma_unmap_all().map_err(dev_err)?;
-                } else {
-                    self.device().dma_unmap(u.addr, u.size).map_err(dev_err)?;
-                }
-                DmaUnmap {
-                    argsz: DmaUnmap::SIZE as u32,
-                    ..u
-                }
-                .encode_into(&mut self.out);
-                Ok(Vec::new())
-            }
-            Request::GetInfo(i) => {
-                Self::no_fds(m)?;
-                if (i.argsz as usize) < DeviceInfoMsg::SIZE {
-                    return Err(libc::EINVAL);
-                }
-                let info = self.device().info();
-                DeviceInfoMsg {
-                    argsz: DeviceInfoMsg::SIZE as u32,
-                    flags: info.flags,
-                    num_regions: info.num_regions,
-                    num_irqs: info.num_irqs,
-                }
-                .encode_into(&mut self.out);
-                Ok(Vec::new())
-            }
-            Request::GetRegionInfo(r) => {
-                Self::no_fds(m)?;
-                if (r.argsz as usize) < RegionInfoMsg::SIZE {
-                    return Err(libc::EINVAL);
-                }
-                let ri = self.device().region_info(r.index).map_err(dev_err)?;
-                let reply = RegionInfoReply {
-                    info: RegionInfoMsg {
-                        argsz: 0,
-                        flags: ri.flags & !region_flags::CAPS,
-                        index: r.index,
-                        cap_offset: 0,
-                        size: ri.size,
-                        offset: ri.fd_offset,
-                    },
-                    sparse: ri.sparse.iter().map(|a| (a.offset, a.size)).collect(),
-                };
-                reply.encode_into(r.argsz, &mut self.out);
-                let mut fds = Vec::new();
-                if ri.flags & region_flags::MMAP != 0 {
-                    if let Some(fd) = ri.fd {
-                        fds.push(fd);
-                    }
-                }
-                Ok(fds)
-            }
-            Request::GetRegionIoFds(r) => {
-                Self::no_fds(m)?;
-                if (r.argsz as usize) < IoFdsMsg::SIZE {
-                    return Err(libc::EINVAL);
-                }
-                let list = self.device().region_io_fds(r.index).map_err(dev_err)?;
-                let mut fds: Fds = Vec::new();
-                let mut entries = Vec::with_capacity(list.len());
-                for e in &list {
-                    let idx = match fds.iter().position(|f| Arc::ptr_eq(f, &e.fd)) {
-                        Some(i) => i,
-                        None => {
-                            fds.push(e.fd.clone());
-                            fds.len() - 1
-                        }
-                    };
-                    entries.push(IoFdEntry {
-                        offset: e.offset,
-                        size: e.size,
-                        fd_index: idx as u32,
-                        kind: proto::IO_FD_TYPE_IOEVENTFD,
-                        flags: if e.datamatch.is_some() {
-                            proto::IOEVENTFD_FLAG_DATAMATCH
-                        } else {
-                            0
-                        },
-                        datamatch: e.datamatch.unwrap_or(0),
-                    });
-                }
-                let client_fds = self.client.as_ref().map_or(1, |c| c.max_msg_fds) as usize;
-                if fds.len() > client_fds {
-                    return Err(libc::E2BIG);
-                }
-                let needed = IoFdsMsg::SIZE + IoFdsMsg::ENTRY * entries.len();
-                let fits = r.argsz as usize >= needed;
-                let reply = IoFdsReply {
-                    hdr: IoFdsMsg {
-                        argsz: needed as u32,
-                        flags: 0,
-                        index: r.index,
-                        count: entries.len() as u32,
-                    },
-                    entries: if fits { entries } else { Vec::new() },
-                };
-                reply.encode_into(&mut self.out);
-                Ok(if fits { fds } else { Vec::new() })
-            }
-            Request::GetIrqInfo(i) => {
-                Self::no_fds(m)?;
-                if (i.argsz as usize) < IrqInfoMsg::SIZE {
-                    return Err(libc::EINVAL);
-                }
-                let info = self.device().irq_info(i.index).map_err(dev_err)?;
-                IrqInfoMsg {
-                    argsz: IrqInfoMsg::SIZE as u32,
-                    flags: info.flags,
-                    index: i.index,
-                    count: info.count,
-                }
-                .encode_into(&mut self.out);
-                Ok(Vec::new())
-            }
-            Request::SetIrqs(s) => {
-                // count 0 is only the "disable the whole index" form: start 0, DATA_NONE,
-                // ACTION_TRIGGER (spec; libvfio-user refuses the rest too).
-                if s.count == 0
-                    && (s.start != 0
-                        || s.flags != irq_set_flags::DATA_NONE | irq_set_flags::ACTION_TRIGGER)
-                {
-                    return Err(libc::EINVAL);
-                }
-                // Bound count by the index's vectors before anything is allocated for it.
-                let info = self.device().irq_info(s.index).map_err(dev_err)?;
-                if s.start as u64 + s.count as u64 > info.count as u64 {
-                    return Err(libc::EINVAL);
-                }
-                let action = match s.flags & irq_set_flags::ACTION_MASK_ALL {
-                    irq_set_flags::ACTION_MASK => IrqAction::Mask,
-                    irq_set_flags::ACTION_UNMASK => IrqAction::Unmask,
-                    _ => IrqAction::Trigger,
-                };
-                let data = match s.flags & irq_set_flags::DATA_MASK {
-                    irq_set_flags::DATA_NONE => {
-                        Self::no_fds(m)?;
-                        IrqData::None
-                    }
-                    irq_set_flags::DATA_BOOL => {
-                        Self::no_fds(m)?;
-                        IrqData::Bool(s.data.iter().map(|&b| b != 0).collect())
-                    }
-                    _ => {
-                        let n = s.count as usize;
-                        if m.fds.is_empty() {
-                            IrqData::Eventfd((0..n).map(|_| None).collect())
-                        } else if m.fds.len() == n {
-                            let mut v = Vec::with_capacity(n);
-                            for f in &m.fds {
-                                v.push(Some(
-                                    f.try_clone()
-                                        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?,
-                                ));
-                            }
-                            IrqData::Eventfd(v)
-                        } else {
-                            tracing::warn!(
-                                fds = m.fds.len(),
-                                count = n,
-                                "SET_IRQS fds do not match count"
-                            );
-                            return Err(libc::EINVAL);
-                        }
-                    }
-                };
-                self.device()
-                    .set_irqs(s.index, action, s.start, s.count, data)
-                    .map_err(dev_err)?;
-                Ok(Vec::new())
-            }
-            Request::RegionRead(a) => {
-                Self::no_fds(m)?;
-                let n = a.count as usize;
-                if n > self.max_xfer() {
-                    return Err(libc::EINVAL);
-                }
-                RegionAccess { data: &[], ..a }.encode_into(&mut self.out);
-                self.out.resize(RegionAccess::SIZE + n, 0);
-                let dev = &*self.server.device;
-                dev.region_read(a.region, a.offset, &mut self.out[RegionAccess::SIZE..])
-                    .map_err(dev_err)?;
-                Ok(Vec::new())
-            }
-            Request::RegionWrite(a) => {
-                Self::no_fds(m)?;
-                if a.count as usize > self.max_xfer() {
-                    return Err(libc::EINVAL);
-                }
-                self.device()
-                    .region_write(a.region, a.offset, a.data)
-                    .map_err(dev_err)?;
-                RegionAccess { data: &[], ..a }.encode_into(&mut self.out);
-                Ok(Vec::new())
-            }
+            Request::DmaMap(d) => self.dma_map(d, m),
+            Request::DmaUnmap(u) => self.dma_unmap(u, m),
+            Request::GetInfo(i) => self.get_info(i, m),
+            Request::GetRegionInfo(r) => self.get_region_info(r, m),
+            Request::GetRegionIoFds(r) => self.get_region_io_fds(r, m),
+            Request::GetIrqInfo(i) => self.get_irq_info(i, m),
+            Request::SetIrqs(s) => self.set_irqs(s, m),
+            Request::RegionRead(a) => self.region_read(a, m),
+            Request::RegionWrite(a) => self.region_write(a, m),
             Request::DmaRead(_) | Request::DmaWrite(_) => {
                 tracing::warn!("client sent DMA_READ/WRITE, a server->client command");
                 Err(libc::EINVAL)
@@ -685,214 +836,523 @@ impl Session<'_> {
                 self.device().reset().map_err(dev_err)?;
                 Ok(Vec::new())
             }
-            Request::WriteMulti(w) => {
-                Self::no_fds(m)?;
-                let negotiated = self.cfg().write_multiple
-                    && self.client.as_ref().is_some_and(|c| c.write_multiple);
-                if !negotiated {
-                    return Err(libc::ENOTSUP);
-                }
-                for wr in &w.writes {
-                    self.device()
-                        .region_write(wr.region, wr.offset, wr.bytes())
-                        .map_err(dev_err)?;
-                }
-                self.out
-                    .extend_from_slice(&(w.writes.len() as u64).to_ne_bytes());
-                Ok(Vec::new())
-            }
+            Request::WriteMulti(w) => self.write_multi(w, m),
             Request::Feature(f) => {
                 Self::no_fds(m)?;
                 self.feature(f)?;
                 Ok(Vec::new())
             }
-            Request::MigDataRead(d) => {
-                Self::no_fds(m)?;
-                let n = d.size as usize;
-                if n > self.max_xfer() || (d.argsz as usize) < MigData::SIZE + n {
-                    return Err(libc::EINVAL);
-                }
-                self.out.resize(MigData::SIZE + n, 0);
-                let dev = &*self.server.device;
-                let got = dev
-                    .mig_data_read(&mut self.out[MigData::SIZE..])
-                    .map_err(dev_err)?;
-                if got > n {
-                    return Err(libc::EIO);
-                }
-                self.out.truncate(MigData::SIZE + got);
-                let hdr = MigData {
-                    argsz: (MigData::SIZE + got) as u32,
-                    size: got as u32,
-                    data: &[],
-                };
-                let mut b = Vec::with_capacity(8);
-                hdr.encode_into(&mut b);
-                self.out[..8].copy_from_slice(&b);
-                Ok(Vec::new())
-            }
-            Request::MigDataWrite(d) => {
-                Self::no_fds(m)?;
-                if d.size as usize > self.max_xfer() {
-                    return Err(libc::EINVAL);
-                }
-                self.device().mig_data_write(d.data).map_err(dev_err)?;
-                Ok(Vec::new())
-            }
+            Request::MigDataRead(d) => self.mig_data_read(d, m),
+            Request::MigDataWrite(d) => self.mig_data_write(d, m),
         }
     }
 
-    /// DEVICE_FEATURE. Writes the reply into `self.out`.
-    fn feature(&mut self, f: DeviceFeature<'_>) -> Result<(), i32> {
-        let get = f.flags & feature::GET != 0;
-        let set = f.flags & feature::SET != 0;
-        let probe = f.flags & feature::PROBE != 0;
-        let dev = &*self.server.device;
-        let mig = dev.migration_flags();
-        let head = |out: &mut Vec<u8>, extra: usize| {
-            DeviceFeature {
-                argsz: (DeviceFeature::SIZE + extra) as u32,
-                flags: f.flags,
-                data: &[],
+    /// DMA_MAP: the client's memory by fd (mapped in place) or, without an fd, reached
+    /// by DMA_READ/DMA_WRITE messages (over the twin socket when there is one).
+    fn dma_map(&mut self, d: DmaMap, m: &Message) -> Result<Fds, i32> {
+        if m.fds.len() > 1 {
+            return Err(libc::EINVAL);
+        }
+        let range = DmaRange::new(d.addr, d.size).map_err(|e| e.errno())?;
+        let prot = Prot::from_bits(d.flags).ok_or(libc::EINVAL)?;
+        let backing = match m.fds.first() {
+            Some(fd) => DmaBacking::Fd {
+                fd: Arc::new(
+                    fd.try_clone()
+                        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?,
+                ),
+                offset: d.offset,
+            },
+            None => {
+                let ep = self.twin.as_ref().unwrap_or(&self.ep);
+                let client_xfer = self
+                    .client
+                    .as_ref()
+                    .map_or(proto::DEFAULT_MAX_DATA_XFER, |c| c.max_data_xfer_size);
+                DmaBacking::Peer(Arc::new(SessionPeer {
+                    ep: Arc::downgrade(ep),
+                    timeout: self.cfg().dma_timeout,
+                    chunk: (client_xfer as usize).min(self.max_xfer()).max(1),
+                }))
             }
-            .encode_into(out)
         };
-        let room = f.argsz as usize;
-        // Dirty logging is offered by devices with a DMA table or with migration.
-        let logging = dev.dma_table().is_some() || mig.is_some();
-        match f.index() {
-            feature::MIGRATION => {
-                let flags = mig.ok_or(libc::ENOTTY)?;
-                if set {
-                    return Err(libc::EINVAL);
-                }
-                if probe {
-                    head(&mut self.out, 0);
-                    return Ok(());
-                }
-                if !get || room < DeviceFeature::SIZE + 8 {
-                    return Err(libc::EINVAL);
-                }
-                head(&mut self.out, 8);
-                self.out.extend_from_slice(&flags.0.to_ne_bytes());
-                Ok(())
+        self.device()
+            .dma_map(DmaMapRequest {
+                range,
+                prot,
+                backing,
+            })
+            .map_err(dev_err)?;
+        Ok(Vec::new())
+    }
+
+    /// DMA_UNMAP: one exact mapping, or all of them (dirty bitmaps on unmap: ENOTSUP).
+    fn dma_unmap(&mut self, u: DmaUnmap, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        if u.flags & dma_flags::UNMAP_GET_DIRTY_BITMAP != 0 {
+            return Err(libc::ENOTSUP);
+        }
+        if u.flags & dma_flags::UNMAP_ALL != 0 {
+            self.device().dma_unmap_all().map_err(dev_err)?;
+        } else {
+            self.device().dma_unmap(u.addr, u.size).map_err(dev_err)?;
+        }
+        DmaUnmap {
+            argsz: DmaUnmap::SIZE as u32,
+            ..u
+        }
+        .encode_into(&mut self.out);
+        Ok(Vec::new())
+    }
+
+    /// DEVICE_GET_INFO.
+    fn get_info(&mut self, i: DeviceInfoMsg, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        if (i.argsz as usize) < DeviceInfoMsg::SIZE {
+            return Err(libc::EINVAL);
+        }
+        let info = self.device().info();
+        DeviceInfoMsg {
+            argsz: DeviceInfoMsg::SIZE as u32,
+            flags: info.flags,
+            num_regions: info.num_regions,
+            num_irqs: info.num_irqs,
+        }
+        .encode_into(&mut self.out);
+        Ok(Vec::new())
+    }
+
+    /// DEVICE_GET_REGION_INFO: the info, the sparse-mmap capability, and the region's fd
+    /// when it is mappable.
+    fn get_region_info(&mut self, r: RegionInfoMsg, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        if (r.argsz as usize) < RegionInfoMsg::SIZE {
+            return Err(libc::EINVAL);
+        }
+        let ri = self.device().region_info(r.index).map_err(dev_err)?;
+        let reply = RegionInfoReply {
+            info: RegionInfoMsg {
+                argsz: 0,
+                flags: ri.flags & !region_flags::CAPS,
+                index: r.index,
+                cap_offset: 0,
+                size: ri.size,
+                offset: ri.fd_offset,
+            },
+            sparse: ri.sparse.iter().map(|a| (a.offset, a.size)).collect(),
+        };
+        reply.encode_into(r.argsz, &mut self.out);
+        let mut fds = Vec::new();
+        if ri.flags & region_flags::MMAP != 0 {
+            if let Some(fd) = ri.fd {
+                fds.push(fd);
             }
-            feature::MIG_DEVICE_STATE => {
-                mig.ok_or(libc::ENOTTY)?;
-                if probe {
-                    head(&mut self.out, 0);
-                    return Ok(());
+        }
+        Ok(fds)
+    }
+
+    /// DEVICE_GET_REGION_IO_FDS: the region's ioeventfds, each distinct fd sent once.
+    fn get_region_io_fds(&mut self, r: IoFdsMsg, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        if (r.argsz as usize) < IoFdsMsg::SIZE {
+            return Err(libc::EINVAL);
+        }
+        let list = self.device().region_io_fds(r.index).map_err(dev_err)?;
+        let mut fds: Fds = Vec::new();
+        let mut entries = Vec::with_capacity(list.len());
+        for e in &list {
+            let idx = match fds.iter().position(|f| Arc::ptr_eq(f, &e.fd)) {
+                Some(i) => i,
+                None => {
+                    fds.push(e.fd.clone());
+                    fds.len() - 1
                 }
-                if room < DeviceFeature::SIZE + 8 {
-                    return Err(libc::EINVAL);
-                }
-                let state = if set {
-                    let want = proto::decode_mig_state(f.data).map_err(|e| e.errno())?;
-                    let target = MigState::from_u32(want).ok_or(libc::EINVAL)?;
-                    dev.mig_set_state(target).map_err(dev_err)?
-                } else if get {
-                    if !f.data.is_empty() && f.data.len() != 8 {
-                        return Err(libc::EINVAL);
-                    }
-                    dev.mig_state().map_err(dev_err)?
+            };
+            entries.push(IoFdEntry {
+                offset: e.offset,
+                size: e.size,
+                fd_index: idx as u32,
+                kind: proto::IO_FD_TYPE_IOEVENTFD,
+                flags: if e.datamatch.is_some() {
+                    proto::IOEVENTFD_FLAG_DATAMATCH
                 } else {
-                    return Err(libc::EINVAL);
-                };
-                head(&mut self.out, 8);
-                proto::encode_mig_state(state as u32, &mut self.out);
-                Ok(())
+                    0
+                },
+                datamatch: e.datamatch.unwrap_or(0),
+            });
+        }
+        let client_fds = self.client.as_ref().map_or(1, |c| c.max_msg_fds) as usize;
+        if fds.len() > client_fds {
+            return Err(libc::E2BIG);
+        }
+        let needed = IoFdsMsg::SIZE + IoFdsMsg::ENTRY * entries.len();
+        let fits = r.argsz as usize >= needed;
+        let reply = IoFdsReply {
+            hdr: IoFdsMsg {
+                argsz: needed as u32,
+                flags: 0,
+                index: r.index,
+                count: entries.len() as u32,
+            },
+            entries: if fits { entries } else { Vec::new() },
+        };
+        reply.encode_into(&mut self.out);
+        Ok(if fits { fds } else { Vec::new() })
+    }
+
+    /// DEVICE_GET_IRQ_INFO.
+    fn get_irq_info(&mut self, i: IrqInfoMsg, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        if (i.argsz as usize) < IrqInfoMsg::SIZE {
+            return Err(libc::EINVAL);
+        }
+        let info = self.device().irq_info(i.index).map_err(dev_err)?;
+        IrqInfoMsg {
+            argsz: IrqInfoMsg::SIZE as u32,
+            flags: info.flags,
+            index: i.index,
+            count: info.count,
+        }
+        .encode_into(&mut self.out);
+        Ok(Vec::new())
+    }
+
+    /// DEVICE_SET_IRQS: the action (mask, unmask, trigger) and its data (none, bools,
+    /// eventfds), checked against the index's vector count before anything is built.
+    fn set_irqs(&mut self, s: IrqSet<'_>, m: &Message) -> Result<Fds, i32> {
+        // count 0 is only the "disable the whole index" form: start 0, DATA_NONE,
+        // ACTION_TRIGGER (spec; libvfio-user refuses the rest too).
+        if s.count == 0
+            && (s.start != 0 || s.flags != irq_set_flags::DATA_NONE | irq_set_flags::ACTION_TRIGGER)
+        {
+            return Err(libc::EINVAL);
+        }
+        // Bound count by the index's vectors before anything is allocated for it.
+        let info = self.device().irq_info(s.index).map_err(dev_err)?;
+        if s.start as u64 + s.count as u64 > info.count as u64 {
+            return Err(libc::EINVAL);
+        }
+        let action = match s.flags & irq_set_flags::ACTION_MASK_ALL {
+            irq_set_flags::ACTION_MASK => IrqAction::Mask,
+            irq_set_flags::ACTION_UNMASK => IrqAction::Unmask,
+            _ => IrqAction::Trigger,
+        };
+        let data = match s.flags & irq_set_flags::DATA_MASK {
+            irq_set_flags::DATA_NONE => {
+                Self::no_fds(m)?;
+                IrqData::None
             }
-            feature::DMA_LOGGING_START => {
-                if set_only_feature(logging, get, probe, set)? {
-                    head(&mut self.out, 0);
-                    return Ok(());
-                }
-                // The reply repeats the control data: argsz must have room for it.
-                if room < DeviceFeature::SIZE + f.data.len() {
-                    return Err(libc::EINVAL);
-                }
-                let lc = LoggingControl::decode(f.data).map_err(|e| e.errno())?;
-                if lc.ranges.len() > MAX_LOG_RANGES {
-                    return Err(libc::E2BIG);
-                }
-                let mut ranges = Vec::with_capacity(lc.ranges.len());
-                for &(iova, len) in &lc.ranges {
-                    ranges.push(DmaRange::new(iova, len).map_err(|e| e.errno())?);
-                }
-                // Spec: zero ranges means "log every write". A device with a DMA table
-                // logs what is mapped now (contiguous mappings merged); any other device
-                // gets the empty list and its own meaning of it.
-                if ranges.is_empty() {
-                    if let Some(t) = dev.dma_table() {
-                        ranges = merged_mappings(t.mappings().iter().map(|m| m.range));
-                        if ranges.is_empty() {
-                            return Err(libc::EINVAL);
-                        }
-                        if ranges.len() > MAX_LOG_RANGES {
-                            return Err(libc::E2BIG);
-                        }
-                    }
-                }
-                dev.dma_logging_start(lc.page_size, &ranges)
-                    .map_err(dev_err)?;
-                head(&mut self.out, f.data.len());
-                self.out.extend_from_slice(f.data);
-                Ok(())
+            irq_set_flags::DATA_BOOL => {
+                Self::no_fds(m)?;
+                IrqData::Bool(s.data.iter().map(|&b| b != 0).collect())
             }
-            feature::DMA_LOGGING_STOP => {
-                if set_only_feature(logging, get, probe, set)? {
-                    head(&mut self.out, 0);
-                    return Ok(());
-                }
-                dev.dma_logging_stop().map_err(dev_err)?;
-                head(&mut self.out, 0);
-                Ok(())
-            }
-            feature::DMA_LOGGING_REPORT => {
-                if !logging {
-                    return Err(libc::ENOTTY);
-                }
-                // GET-only.
-                if set {
-                    return Err(libc::EINVAL);
-                }
-                if probe {
-                    head(&mut self.out, 0);
-                    return Ok(());
-                }
-                if !get {
-                    return Err(libc::EINVAL);
-                }
-                let r = LoggingReport::decode(f.data).map_err(|e| e.errno())?;
-                let bytes = r.bitmap_bytes().ok_or(libc::EINVAL)?;
-                if bytes > self.max_xfer() {
-                    return Err(libc::E2BIG);
-                }
-                let needed = DeviceFeature::SIZE + LoggingReport::SIZE + bytes;
-                if room < needed {
-                    return Err(libc::EINVAL);
-                }
-                let range = DmaRange::new(r.iova, r.length).map_err(|e| e.errno())?;
-                let words = dev
-                    .dma_logging_report(range, r.page_size)
-                    .map_err(dev_err)?;
-                if words.len() * 8 != bytes {
-                    tracing::warn!(
-                        got = words.len(),
-                        want = bytes / 8,
-                        "device returned a bitmap of the wrong size"
-                    );
-                    return Err(libc::EIO);
-                }
-                head(&mut self.out, LoggingReport::SIZE + bytes);
-                r.encode_into(&mut self.out);
-                for w in words {
-                    self.out.extend_from_slice(&w.to_ne_bytes());
-                }
-                Ok(())
-            }
+            _ => Self::irq_eventfds(s.count as usize, m)?,
+        };
+        self.device()
+            .set_irqs(s.index, action, s.start, s.count, data)
+            .map_err(dev_err)?;
+        Ok(Vec::new())
+    }
+
+    /// The eventfds of a SET_IRQS with DATA_EVENTFD: none (unset all `n`), or exactly
+    /// `n`, duplicated for the device to keep.
+    fn irq_eventfds(n: usize, m: &Message) -> Result<IrqData, i32> {
+        if m.fds.is_empty() {
+            return Ok(IrqData::Eventfd((0..n).map(|_| None).collect()));
+        }
+        if m.fds.len() != n {
+            tracing::warn!(
+                fds = m.fds.len(),
+                count = n,
+                "SET_IRQS fds do not match count"
+            );
+            return Err(libc::EINVAL);
+        }
+        let mut v = Vec::with_capacity(n);
+        for f in &m.fds {
+            v.push(Some(
+                f.try_clone()
+                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?,
+            ));
+        }
+        Ok(IrqData::Eventfd(v))
+    }
+
+    /// REGION_READ: the reply repeats the request header followed by the data.
+    fn region_read(&mut self, a: RegionAccess<'_>, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        let n = a.count as usize;
+        if n > self.max_xfer() {
+            return Err(libc::EINVAL);
+        }
+        RegionAccess { data: &[], ..a }.encode_into(&mut self.out);
+        self.out.resize(RegionAccess::SIZE + n, 0);
+        let dev = &*self.server.device;
+        dev.region_read(a.region, a.offset, &mut self.out[RegionAccess::SIZE..])
+            .map_err(dev_err)?;
+        Ok(Vec::new())
+    }
+
+    /// REGION_WRITE: the reply repeats the request header without the data.
+    fn region_write(&mut self, a: RegionAccess<'_>, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        if a.count as usize > self.max_xfer() {
+            return Err(libc::EINVAL);
+        }
+        self.device()
+            .region_write(a.region, a.offset, a.data)
+            .map_err(dev_err)?;
+        RegionAccess { data: &[], ..a }.encode_into(&mut self.out);
+        Ok(Vec::new())
+    }
+
+    /// REGION_WRITE_MULTI (only when negotiated): the writes in order; the reply is the
+    /// count done.
+    fn write_multi(&mut self, w: WriteMulti, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        let negotiated =
+            self.cfg().write_multiple && self.client.as_ref().is_some_and(|c| c.write_multiple);
+        if !negotiated {
+            return Err(libc::ENOTSUP);
+        }
+        for wr in &w.writes {
+            self.device()
+                .region_write(wr.region, wr.offset, wr.bytes())
+                .map_err(dev_err)?;
+        }
+        self.out
+            .extend_from_slice(&(w.writes.len() as u64).to_ne_bytes());
+        Ok(Vec::new())
+    }
+
+    /// MIG_DATA_READ: up to `size` bytes of the device's migration stream; a short read
+    /// ends the stream.
+    fn mig_data_read(&mut self, d: MigData<'_>, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        let n = d.size as usize;
+        if n > self.max_xfer() || (d.argsz as usize) < MigData::SIZE + n {
+            return Err(libc::EINVAL);
+        }
+        self.out.resize(MigData::SIZE + n, 0);
+        let dev = &*self.server.device;
+        let got = dev
+            .mig_data_read(&mut self.out[MigData::SIZE..])
+            .map_err(dev_err)?;
+        if got > n {
+            return Err(libc::EIO);
+        }
+        self.out.truncate(MigData::SIZE + got);
+        let hdr = MigData {
+            argsz: (MigData::SIZE + got) as u32,
+            size: got as u32,
+            data: &[],
+        };
+        let mut b = Vec::with_capacity(8);
+        hdr.encode_into(&mut b);
+        self.out[..8].copy_from_slice(&b);
+        Ok(Vec::new())
+    }
+
+    /// MIG_DATA_WRITE: the next piece of the migration stream, to the device.
+    fn mig_data_write(&mut self, d: MigData<'_>, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        if d.size as usize > self.max_xfer() {
+            return Err(libc::EINVAL);
+        }
+        self.device().mig_data_write(d.data).map_err(dev_err)?;
+        Ok(Vec::new())
+    }
+
+    /// DEVICE_FEATURE: routed by feature index. Writes the reply into `self.out`.
+    fn feature(&mut self, f: DeviceFeature<'_>) -> Result<(), i32> {
+        let index = f.index();
+        let req = FeatureReq {
+            get: f.flags & feature::GET != 0,
+            set: f.flags & feature::SET != 0,
+            probe: f.flags & feature::PROBE != 0,
+            room: f.argsz as usize,
+            f,
+        };
+        match index {
+            feature::MIGRATION => self.feature_migration(&req),
+            feature::MIG_DEVICE_STATE => self.feature_mig_state(&req),
+            feature::DMA_LOGGING_START => self.logging_start(&req),
+            feature::DMA_LOGGING_STOP => self.logging_stop(&req),
+            feature::DMA_LOGGING_REPORT => self.logging_report(&req),
             _ => Err(libc::ENOTTY),
         }
+    }
+
+    /// Dirty logging is offered by devices with a DMA table or with migration.
+    fn logging_supported(&self) -> bool {
+        let dev = self.device();
+        dev.dma_table().is_some() || dev.migration_flags().is_some()
+    }
+
+    /// MIGRATION (GET-only): the device's migration flags.
+    fn feature_migration(&mut self, r: &FeatureReq<'_>) -> Result<(), i32> {
+        let flags = self.device().migration_flags().ok_or(libc::ENOTTY)?;
+        if r.set {
+            return Err(libc::EINVAL);
+        }
+        if r.probe {
+            r.head(&mut self.out, 0);
+            return Ok(());
+        }
+        if !r.get || r.room < DeviceFeature::SIZE + 8 {
+            return Err(libc::EINVAL);
+        }
+        r.head(&mut self.out, 8);
+        self.out.extend_from_slice(&flags.0.to_ne_bytes());
+        Ok(())
+    }
+
+    /// MIG_DEVICE_STATE: GET the state, or SET a new one (the reply is the state reached).
+    fn feature_mig_state(&mut self, r: &FeatureReq<'_>) -> Result<(), i32> {
+        let dev = &*self.server.device;
+        dev.migration_flags().ok_or(libc::ENOTTY)?;
+        if r.probe {
+            r.head(&mut self.out, 0);
+            return Ok(());
+        }
+        if r.room < DeviceFeature::SIZE + 8 {
+            return Err(libc::EINVAL);
+        }
+        let state = if r.set {
+            let want = proto::decode_mig_state(r.f.data).map_err(|e| e.errno())?;
+            let target = MigState::from_u32(want).ok_or(libc::EINVAL)?;
+            dev.mig_set_state(target).map_err(dev_err)?
+        } else if r.get {
+            if !r.f.data.is_empty() && r.f.data.len() != 8 {
+                return Err(libc::EINVAL);
+            }
+            dev.mig_state().map_err(dev_err)?
+        } else {
+            return Err(libc::EINVAL);
+        };
+        r.head(&mut self.out, 8);
+        proto::encode_mig_state(state as u32, &mut self.out);
+        Ok(())
+    }
+
+    /// DMA_LOGGING_START (SET-only): start dirty logging of the given ranges (none: every
+    /// mapping); the reply repeats the control data.
+    fn logging_start(&mut self, r: &FeatureReq<'_>) -> Result<(), i32> {
+        if set_only_feature(self.logging_supported(), r.get, r.probe, r.set)? {
+            r.head(&mut self.out, 0);
+            return Ok(());
+        }
+        let data = r.f.data;
+        // The reply repeats the control data: argsz must have room for it.
+        if r.room < DeviceFeature::SIZE + data.len() {
+            return Err(libc::EINVAL);
+        }
+        let lc = LoggingControl::decode(data).map_err(|e| e.errno())?;
+        if lc.ranges.len() > MAX_LOG_RANGES {
+            return Err(libc::E2BIG);
+        }
+        let mut ranges = Vec::with_capacity(lc.ranges.len());
+        for &(iova, len) in &lc.ranges {
+            ranges.push(DmaRange::new(iova, len).map_err(|e| e.errno())?);
+        }
+        let dev = &*self.server.device;
+        // Spec: zero ranges means "log every write". A device with a DMA table logs what
+        // is mapped now (contiguous mappings merged); any other device gets the empty
+        // list and its own meaning of it.
+        if ranges.is_empty() {
+            if let Some(t) = dev.dma_table() {
+                ranges = merged_mappings(t.mappings().iter().map(|m| m.range));
+                if ranges.is_empty() {
+                    return Err(libc::EINVAL);
+                }
+                if ranges.len() > MAX_LOG_RANGES {
+                    return Err(libc::E2BIG);
+                }
+            }
+        }
+        dev.dma_logging_start(lc.page_size, &ranges)
+            .map_err(dev_err)?;
+        r.head(&mut self.out, data.len());
+        self.out.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// DMA_LOGGING_STOP (SET-only).
+    fn logging_stop(&mut self, r: &FeatureReq<'_>) -> Result<(), i32> {
+        if set_only_feature(self.logging_supported(), r.get, r.probe, r.set)? {
+            r.head(&mut self.out, 0);
+            return Ok(());
+        }
+        self.device().dma_logging_stop().map_err(dev_err)?;
+        r.head(&mut self.out, 0);
+        Ok(())
+    }
+
+    /// DMA_LOGGING_REPORT (GET-only): the dirty bitmap of one range, read and cleared.
+    fn logging_report(&mut self, r: &FeatureReq<'_>) -> Result<(), i32> {
+        if !self.logging_supported() {
+            return Err(libc::ENOTTY);
+        }
+        if r.set {
+            return Err(libc::EINVAL);
+        }
+        if r.probe {
+            r.head(&mut self.out, 0);
+            return Ok(());
+        }
+        if !r.get {
+            return Err(libc::EINVAL);
+        }
+        let rep = LoggingReport::decode(r.f.data).map_err(|e| e.errno())?;
+        let bytes = rep.bitmap_bytes().ok_or(libc::EINVAL)?;
+        if bytes > self.max_xfer() {
+            return Err(libc::E2BIG);
+        }
+        let needed = DeviceFeature::SIZE + LoggingReport::SIZE + bytes;
+        if r.room < needed {
+            return Err(libc::EINVAL);
+        }
+        let range = DmaRange::new(rep.iova, rep.length).map_err(|e| e.errno())?;
+        let words = self
+            .device()
+            .dma_logging_report(range, rep.page_size)
+            .map_err(dev_err)?;
+        if words.len() * 8 != bytes {
+            tracing::warn!(
+                got = words.len(),
+                want = bytes / 8,
+                "device returned a bitmap of the wrong size"
+            );
+            return Err(libc::EIO);
+        }
+        r.head(&mut self.out, LoggingReport::SIZE + bytes);
+        rep.encode_into(&mut self.out);
+        for w in words {
+            self.out.extend_from_slice(&w.to_ne_bytes());
+        }
+        Ok(())
+    }
+}
+
+/// A DEVICE_FEATURE request with its flags decoded.
+struct FeatureReq<'a> {
+    f: DeviceFeature<'a>,
+    get: bool,
+    set: bool,
+    probe: bool,
+    /// The reply payload the client accepts (its argsz).
+    room: usize,
+}
+
+impl FeatureReq<'_> {
+    /// The reply's feature header, announcing `extra` bytes of data after it.
+    fn head(&self, out: &mut Vec<u8>, extra: usize) {
+        DeviceFeature {
+            argsz: (DeviceFeature::SIZE + extra) as u32,
+            flags: self.f.flags,
+            data: &[],
+        }
+        .encode_into(out)
     }
 }
 

@@ -7,10 +7,22 @@
 //! size checked against the limit *before* the payload buffer is allocated, then the
 //! payload. Every `recvmsg` collects fds; each becomes an [`OwnedFd`] at once, so any
 //! error path (including MSG_CTRUNC, which means the kernel dropped fds) closes them.
+//!
+//! Listening sockets ([`listen_private`]) are owner-only from birth: the socket's own
+//! inode is `fchmod`ed to 0600 before `bind`, so Linux creates the file with that mode
+//! (less the umask) and there is no moment when another user may connect; the mode is
+//! checked after `bind`, before `listen`. A socket file already at the path is probed with
+//! a connect: a live server there is never replaced (clear error naming the path), a
+//! stale file (connection refused) is. Accepted peers are identified by `SO_PEERCRED`
+//! ([`peer_credentials`]); what to allow is the server's policy. A server that admits
+//! other uids listens with [`listen_with_mode`] 0666 (widened past the umask before
+//! `listen`), and the peer check is then the gate. Every error names the path it is
+//! about.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::proto::{Header, ProtoError, HEADER_SIZE};
@@ -41,6 +53,209 @@ pub enum SocketError {
     /// A system call failed.
     #[error("socket I/O failed: {0}")]
     Io(#[from] io::Error),
+    /// A server is already listening at the path.
+    #[error("{} is a live socket: another server accepted a connection there; stop it or choose another socket path", path.display())]
+    InUse {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// Something that is not a socket is at the path.
+    #[error("{} exists and is not a socket; refusing to replace it (choose another socket path)", path.display())]
+    NotSocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Creating, binding or listening failed.
+    #[error("cannot listen on {}: {source} (does the directory exist and is it writable?)", path.display())]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The socket file did not get owner-only permissions.
+    #[error("{} was created with mode {mode:o}, wider than asked; refusing to listen on it", path.display())]
+    Mode {
+        /// The socket path.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+    },
+}
+
+/// Owner-only: read and write for the owner (connecting needs write permission).
+pub const SOCKET_MODE: u32 = 0o600;
+/// Pending connections the kernel queues for a listener.
+const BACKLOG: i32 = 64;
+
+fn listen_err(path: &Path) -> impl Fn(io::Error) -> SocketError + '_ {
+    move |source| SocketError::Listen {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Listen on a new owner-only (0600) UNIX socket at `path` whatever the umask. A stale
+/// socket file there is replaced; a live one (a connect succeeds) or anything that is not
+/// a socket is refused. See the module documentation.
+pub fn listen_private(path: &Path) -> Result<UnixListener, SocketError> {
+    listen_with_mode(path, SOCKET_MODE)
+}
+
+/// [`listen_private`] with another file mode (at most 0666; the umask still applies):
+/// 0666 lets every local user connect, for a server whose peer check
+/// ([`peer_credentials`]) admits other uids.
+pub fn listen_with_mode(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let err = listen_err(path);
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => return Err(SocketError::InUse { path: path.into() }),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                tracing::info!(path = %path.display(), "replacing a stale socket file");
+                std::fs::remove_file(path).map_err(&err)?;
+            }
+            Err(e) => return Err(err(e)),
+        },
+        Ok(_) => return Err(SocketError::NotSocket { path: path.into() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: an all-zero sockaddr_un is a valid (empty) address.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a socket path must be 1 to {} bytes without NUL",
+                addr.sun_path.len() - 1
+            ),
+        )));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket() takes no pointers; the result is checked.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let want = mode & 0o666;
+    // The socket inode's mode becomes the file's mode at bind (less the umask).
+    // SAFETY: fchmod on a valid descriptor, no pointers.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), want as libc::mode_t) } != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a live sockaddr_un and `len` covers the family, the path and its
+    // NUL, within the struct (checked above).
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            len as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // Nobody can connect before listen(): check the file's mode now, and widen it to
+    // `want` if the umask narrowed it (through an O_PATH handle of the very socket file:
+    // never through a symlink put in its place).
+    let mut mode = std::fs::symlink_metadata(path)
+        .map_err(&err)?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode != want && mode & !want == 0 {
+        chmod_socket_file(path, want).map_err(&err)?;
+        mode = want;
+    }
+    if mode & !want != 0 {
+        let _ = std::fs::remove_file(path);
+        return Err(SocketError::Mode {
+            path: path.into(),
+            mode,
+        });
+    }
+    // SAFETY: listen on a valid bound socket, no pointers.
+    if unsafe { libc::listen(fd.as_raw_fd(), BACKLOG) } != 0 {
+        let e = io::Error::last_os_error();
+        let _ = std::fs::remove_file(path);
+        return Err(err(e));
+    }
+    Ok(UnixListener::from(fd))
+}
+
+/// Set the mode of the socket file at `path` (not following a symlink).
+fn chmod_socket_file(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a NUL-terminated path; the result is checked.
+    let raw = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let proc_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    if !std::fs::metadata(&proc_path)?.file_type().is_socket() {
+        return Err(io::Error::other("the path is no longer our socket"));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&proc_path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Who is at the other end of a UNIX socket (`SO_PEERCRED`: as of `connect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCredentials {
+    /// Process id.
+    pub pid: i32,
+    /// Effective user id.
+    pub uid: u32,
+    /// Effective group id.
+    pub gid: u32,
+}
+
+/// The credentials of `sock`'s peer.
+pub fn peer_credentials(sock: &UnixStream) -> io::Result<PeerCredentials> {
+    let mut c = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `c` and `len` are live locals of the sizes the kernel is told.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut c as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(PeerCredentials {
+        pid: c.pid,
+        uid: c.uid,
+        gid: c.gid,
+    })
 }
 
 /// A received message.

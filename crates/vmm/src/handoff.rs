@@ -3,7 +3,7 @@
 //!
 //! A nested guest's memory is a window of its parent guest's RAM. The parent level
 //! hands that window down as its RAM file (a memfd) plus the window's place in the file;
-//! the child maps exactly that window as its own guest RAM ([`crate::GuestRam::from_file`])
+//! the child maps exactly that window as its own guest RAM ([`crate::memory::GuestRam::from_file`])
 //! and names the same file and offsets in its DMA maps, which the parent's exporter checks
 //! against the window (`nestio_nested::ExportedDevice`).
 //!
@@ -18,6 +18,13 @@
 //!   `reserved` u32 (0), `offset` u64 (file offset of the window, child GPA 0), `size`
 //!   u64 (window size in bytes = the child's RAM size).
 //!
+//! Who gets it: the server checks each client's uid (`SO_PEERCRED`) against a
+//! [`PeerPolicy`] (default: this process's own uid) and closes any other connection
+//! without sending (logged); the socket itself is owner-only
+//! (`nestio_vfio_user::bind`). The fd is the child's window alone when the parent built
+//! its RAM with a separate window memfd (`GuestRam::with_window`, what `nestio run
+//! --export` does for fresh RAM), so the child cannot reach the rest of its parent's RAM.
+//!
 //! The receiver treats the message as hostile: wrong command, size, magic, reserved
 //! bits, fd count, a level of 0 or beyond the deepest allowed, an empty or wrapping
 //! window are each refused with a clear error; the fd is owned from the moment it
@@ -29,8 +36,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nestio_vfio_user::socket::{recv_message, send_message, SocketError};
-use nestio_vfio_user::Header;
+use nestio_vfio_user::socket::{peer_credentials, recv_message, send_message, SocketError};
+use nestio_vfio_user::{Header, PeerPolicy};
 
 /// The header command number of a handoff message ("NM").
 pub const HANDOFF_CMD: u16 = 0x4e4d;
@@ -59,7 +66,7 @@ pub enum HandoffError {
     #[error("receiving the memory handoff failed: {0}")]
     Socket(#[from] SocketError),
     /// The peer closed without sending.
-    #[error("the parent level closed the memory socket without sending its RAM")]
+    #[error("the parent level closed the memory socket without sending its RAM (it sends only to its own uid: run this level as the same user)")]
     Closed,
     /// The message is not a valid handoff.
     #[error(
@@ -188,14 +195,43 @@ impl RamHandoff {
         RamHandoff::recv(&s)
     }
 
-    /// Send this handoff to every client of `listener`, forever (until accept fails).
+    /// Send this handoff to every client of `listener` that runs as this process's uid,
+    /// forever (until accept fails).
     pub fn serve(&self, listener: UnixListener) -> std::io::Result<()> {
+        self.serve_to(listener, &PeerPolicy::own_uid())
+    }
+
+    /// Send this handoff to every client of `listener` that `peers` allows; close the
+    /// others without sending (logged). Forever (until accept fails).
+    pub fn serve_to(&self, listener: UnixListener, peers: &PeerPolicy) -> std::io::Result<()> {
         loop {
             let (s, _) = match listener.accept() {
                 Ok(c) => c,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue
+                }
                 Err(e) => return Err(e),
             };
+            match peer_credentials(&s) {
+                Ok(p) if peers.allows(&p) => {}
+                Ok(p) => {
+                    tracing::warn!(
+                        pid = p.pid,
+                        uid = p.uid,
+                        "memory handoff refused to a peer of another uid"
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot identify a memory socket peer; closed");
+                    continue;
+                }
+            }
             if let Err(e) = self.send(&s) {
                 tracing::warn!(error = %e, "memory handoff to a client failed");
             }
@@ -359,6 +395,29 @@ mod tests {
             RamHandoff::recv(&b),
             Err(HandoffError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn the_handoff_goes_only_to_allowed_peers() {
+        let dir = std::env::temp_dir().join(format!("nestio-handoff-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let h = RamHandoff::new(memfd(), 0, 4 << 20, 2).unwrap();
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        let refused = dir.join("refused.mem");
+        let l = nestio_vfio_user::bind(&refused).unwrap();
+        let h2 = h.clone();
+        std::thread::spawn(move || h2.serve_to(l, &PeerPolicy::Uids(vec![me.wrapping_add(7)])));
+        assert!(
+            matches!(RamHandoff::fetch(&refused), Err(HandoffError::Closed)),
+            "another uid gets nothing"
+        );
+        let ok = dir.join("ok.mem");
+        let l = nestio_vfio_user::bind(&ok).unwrap();
+        std::thread::spawn(move || h.serve(l));
+        assert_eq!(RamHandoff::fetch(&ok).unwrap().size, 4 << 20);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //! A nested level's RAM is not a fresh memfd but a window of its parent's RAM file
 //! ([`GuestRam::from_file`], `nestio run --memory-from`): the same file at a non-zero
 //! offset, so DMA maps name that offset ([`GuestRam::fd_offset`]).
+//!
+//! A level that exports a device to a nested guest builds its RAM from two memfds
+//! ([`GuestRam::with_window`]): the nested guest's window (the top of RAM) is a file of
+//! its own, so the RAM handoff can give the child exactly its window and nothing of the
+//! parent's other memory (a memfd cannot be handed down in part). Each file is one
+//! [`RamPart`] and one KVM memory slot.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -57,12 +63,27 @@ fn check_size(size: u64) -> Result<(), MemoryError> {
     Ok(())
 }
 
-/// Guest RAM: a memfd and its mapping.
+/// One file-backed piece of guest RAM: GPA `gpa..gpa+size` is `fd` at file offsets
+/// `fd_offset..fd_offset+size` (one KVM memory slot).
+#[derive(Debug, Clone)]
+pub struct RamPart {
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The file.
+    pub fd: Arc<OwnedFd>,
+    /// File offset of `gpa`.
+    pub fd_offset: u64,
+}
+
+/// Guest RAM: one memfd (or two, see [`GuestRam::with_window`]) and its mapping.
 pub struct GuestRam {
     fd: Arc<OwnedFd>,
     mem: GuestMemoryMmap,
     size: u64,
     fd_offset: u64,
+    parts: Vec<RamPart>,
 }
 
 impl GuestRam {
@@ -74,6 +95,68 @@ impl GuestRam {
         let fd = nestio_dma::memfd::sealed_memfd(c"nestio-guest-ram", size)
             .map_err(MemoryError::Memfd)?;
         Self::map(Arc::new(fd), 0, size)
+    }
+
+    /// RAM of `size` bytes whose top `window` bytes (a nested guest's window: a multiple
+    /// of 2 MiB, at least 4 MiB, less than `size`) are a separate sealed memfd, so that
+    /// window alone can be handed to a child level. Two [`RamPart`]s.
+    pub fn with_window(size: u64, window: u64) -> Result<Self, MemoryError> {
+        check_size(size)?;
+        let base = size.wrapping_sub(window);
+        if window < MIN_RAM || window >= size || !window.is_multiple_of(2 << 20) {
+            return Err(MemoryError::BadWindow {
+                offset: base,
+                size: window,
+                reason: format!(
+                    "a separate window must be a multiple of 2 MiB, at least 4 MiB and less \
+                     than the {size:#x} bytes of RAM"
+                ),
+            });
+        }
+        let low = Arc::new(
+            nestio_dma::memfd::sealed_memfd(c"nestio-guest-ram", base)
+                .map_err(MemoryError::Memfd)?,
+        );
+        let win = Arc::new(
+            nestio_dma::memfd::sealed_memfd(c"nestio-guest-ram-window", window)
+                .map_err(MemoryError::Memfd)?,
+        );
+        let file = |fd: &Arc<OwnedFd>| -> Result<File, MemoryError> {
+            Ok(File::from(fd.try_clone().map_err(MemoryError::Memfd)?))
+        };
+        let mem = GuestMemoryMmap::from_ranges_with_files([
+            (
+                GuestAddress(0),
+                base as usize,
+                Some(FileOffset::new(file(&low)?, 0)),
+            ),
+            (
+                GuestAddress(base),
+                window as usize,
+                Some(FileOffset::new(file(&win)?, 0)),
+            ),
+        ])
+        .map_err(|e| MemoryError::Map(e.to_string()))?;
+        Ok(GuestRam {
+            fd: low.clone(),
+            mem,
+            size,
+            fd_offset: 0,
+            parts: vec![
+                RamPart {
+                    gpa: 0,
+                    size: base,
+                    fd: low,
+                    fd_offset: 0,
+                },
+                RamPart {
+                    gpa: base,
+                    size: window,
+                    fd: win,
+                    fd_offset: 0,
+                },
+            ],
+        })
     }
 
     /// RAM of `size` bytes at guest physical 0 backed by `fd` at file offsets
@@ -123,11 +206,32 @@ impl GuestRam {
         )])
         .map_err(|e| MemoryError::Map(e.to_string()))?;
         Ok(GuestRam {
+            parts: vec![RamPart {
+                gpa: 0,
+                size,
+                fd: fd.clone(),
+                fd_offset: offset,
+            }],
             fd,
             mem,
             size,
             fd_offset: offset,
         })
+    }
+
+    /// The file-backed pieces of the RAM, by address (one unless built
+    /// [`GuestRam::with_window`]).
+    pub fn parts(&self) -> &[RamPart] {
+        &self.parts
+    }
+
+    /// Host address of guest physical `gpa` (0 if it is not RAM).
+    pub fn host_address_of(&self, gpa: u64) -> u64 {
+        use vm_memory::GuestMemoryBackend;
+        self.mem
+            .get_host_address(GuestAddress(gpa))
+            .map(|p| p as u64)
+            .unwrap_or(0)
     }
 
     /// File offset of guest physical 0 in [`GuestRam::fd`] (0 unless the RAM is a
@@ -136,7 +240,9 @@ impl GuestRam {
         self.fd_offset
     }
 
-    /// The memfd (for DMA_MAP to devices).
+    /// The memfd of guest physical 0 (for DMA_MAP to devices). It holds the whole RAM
+    /// unless the RAM was built [`GuestRam::with_window`]: then only the first of
+    /// [`GuestRam::parts`].
     pub fn fd(&self) -> &Arc<OwnedFd> {
         &self.fd
     }
@@ -220,6 +326,49 @@ mod tests {
         assert!(GuestRam::from_file(fd.clone(), 0x800, 4 << 20).is_err());
         assert!(GuestRam::from_file(fd.clone(), u64::MAX - 0xfff, 4 << 20).is_err());
         assert!(GuestRam::from_file(fd.clone(), 0, 3 << 20).is_err());
+    }
+
+    #[test]
+    fn a_separate_window_is_its_own_file_and_the_ram_is_seamless() {
+        let ram = GuestRam::with_window(16 << 20, 6 << 20).unwrap();
+        let parts = ram.parts();
+        assert_eq!(parts.len(), 2);
+        assert_eq!((parts[0].gpa, parts[0].size), (0, 10 << 20));
+        assert_eq!(
+            (parts[1].gpa, parts[1].size, parts[1].fd_offset),
+            (10 << 20, 6 << 20, 0)
+        );
+        let len = |fd: &Arc<OwnedFd>| {
+            File::from(fd.try_clone().unwrap())
+                .metadata()
+                .unwrap()
+                .len()
+        };
+        assert_eq!(len(&parts[0].fd), 10 << 20);
+        assert_eq!(
+            len(&parts[1].fd),
+            6 << 20,
+            "the window file holds the window only"
+        );
+        // An access across the boundary lands in both files.
+        ram.memory()
+            .write_slice(&[1, 2, 3, 4], GuestAddress((10 << 20) - 2))
+            .unwrap();
+        let mut b = [0u8; 2];
+        let w = File::from(parts[1].fd.try_clone().unwrap());
+        std::os::unix::fs::FileExt::read_exact_at(&w, &mut b, 0).unwrap();
+        assert_eq!(b, [3, 4]);
+        // A child maps the window file whole, as its RAM.
+        let child = GuestRam::from_file(parts[1].fd.clone(), 0, 6 << 20).unwrap();
+        assert_eq!(
+            child.memory().read_obj::<u16>(GuestAddress(0)).unwrap(),
+            0x0403
+        );
+        assert!(GuestRam::from_file(parts[1].fd.clone(), 0, 8 << 20).is_err());
+        assert_ne!(ram.host_address_of(10 << 20), 0);
+        assert!(GuestRam::with_window(16 << 20, 16 << 20).is_err());
+        assert!(GuestRam::with_window(16 << 20, 2 << 20).is_err());
+        assert!(GuestRam::with_window(16 << 20, 5 << 20).is_err());
     }
 
     #[test]

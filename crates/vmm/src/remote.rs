@@ -13,10 +13,14 @@ use crate::pci::PciHostError;
 pub fn connect(socket: &Path) -> Result<Arc<dyn VfioDevice>, PciHostError> {
     let client = nestio_vfio_user::Client::connect(socket).map_err(|e| PciHostError::Connect {
         socket: socket.display().to_string(),
-        message: format!(
-            "{e} (is `nestio device ... --socket {}` running?)",
-            socket.display()
-        ),
+        message: match e {
+            // The server is up and answered: it has another client.
+            nestio_vfio_user::ClientError::Busy => e.to_string(),
+            _ => format!(
+                "{e} (is `nestio device ... --socket {}` running?)",
+                socket.display()
+            ),
+        },
     })?;
     Ok(Arc::new(client))
 }

@@ -166,10 +166,18 @@ pub struct VmConfig {
     /// Take guest RAM from this file window instead of a fresh memfd (a nested level's
     /// RAM handed down by its parent, `--memory-from`); its size is [`VmConfig::memory`].
     pub ram_file: Option<RamFile>,
+    /// Keep the top N bytes of fresh RAM in a memfd of their own
+    /// ([`GuestRam::with_window`]): a nesting level's child window, handed down alone.
+    /// Not with `ram_file` (a received file cannot be split) nor with assigned devices.
+    pub ram_window: Option<u64>,
     /// Called by each VMM thread with its role as it starts (e.g. to install a seccomp
     /// filter per thread; see [`crate::threads`]).
     pub thread_hooks: ThreadHooks,
 }
+
+/// KVM memory slot of the second and later [`crate::memory::RamPart`]s (the PCI slot
+/// allocator stops below it).
+const RAM_EXTRA_SLOT: u32 = 500;
 
 /// A window of a RAM file that becomes this VM's guest RAM: file offsets
 /// `offset..offset + VmConfig::memory` are guest physical `0..`.
@@ -196,6 +204,7 @@ impl VmConfig {
             handle_sigint: false,
             cmdline: String::new(),
             ram_file: None,
+            ram_window: None,
             thread_hooks: ThreadHooks::default(),
         }
     }
@@ -419,21 +428,37 @@ impl Vm {
         })
         .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let ram = match &cfg.ram_file {
-            Some(f) => GuestRam::from_file(f.fd.clone(), f.offset, cfg.memory)?,
-            None => GuestRam::new(cfg.memory)?,
+        let ram = match (&cfg.ram_file, cfg.ram_window) {
+            (Some(f), _) => GuestRam::from_file(f.fd.clone(), f.offset, cfg.memory)?,
+            (None, Some(w)) if cfg.devices.is_empty() => GuestRam::with_window(cfg.memory, w)?,
+            (None, Some(w)) => {
+                return Err(MemoryError::BadWindow {
+                    offset: cfg.memory.wrapping_sub(w),
+                    size: w,
+                    reason: "a VM with assigned devices maps its RAM as one file".into(),
+                }
+                .into())
+            }
+            (None, None) => GuestRam::new(cfg.memory)?,
         };
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: ram.size(),
-            userspace_addr: ram.host_address(),
-        };
-        // SAFETY: the region maps `ram`, which the Vm owns and keeps alive longer than
-        // the VM fd's use of it (fields drop in order; the vCPU is joined in `run`).
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (RAM)"))?;
+        for (i, part) in ram.parts().iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: if i == 0 {
+                    0
+                } else {
+                    RAM_EXTRA_SLOT + i as u32 - 1
+                },
+                flags: 0,
+                guest_phys_addr: part.gpa,
+                memory_size: part.size,
+                userspace_addr: ram.host_address_of(part.gpa),
+            };
+            // SAFETY: the region maps part of `ram`, which the Vm owns and keeps alive
+            // longer than the VM fd's use of it (fields drop in order; the vCPU is joined
+            // in `run`).
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (RAM)"))?;
+        }
 
         setup_msr_exits(&vm)?;
         if vm.check_extension_raw(KVM_CAP_X86_BUS_LOCK_EXIT) as u32
