@@ -69,6 +69,12 @@ struct ServerOpts {
     /// Seconds a new connection has to complete VERSION before it is closed.
     #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
     handshake_timeout: f64,
+    #[command(flatten)]
+    sandbox: crate::SandboxOpts,
+    /// Test only: make a system call outside the allowlist once serving (the sandbox
+    /// test checks that it ends this process with a report naming the call).
+    #[arg(long, hide = true)]
+    seccomp_test_forbidden_call: bool,
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -126,7 +132,14 @@ pub fn run(args: DeviceArgs) -> CmdResult {
         ..ServerConfig::default()
     };
     let listener = bind_for(&socket, &config.peers)?;
+    // Set-up is done: from here on the process (the server, the e1000 worker and any
+    // thread started later) only makes the calls of the device allowlist.
+    opts.sandbox
+        .install_process(nestio_sandbox::Profile::Device)?;
     eprintln!("nestio: serving on {}", socket.display());
+    if opts.seccomp_test_forbidden_call {
+        crate::forbidden_call_for_tests();
+    }
     let server = Server::new(device, config);
     let r = if opts.once {
         server.serve_owners(listener, 1)

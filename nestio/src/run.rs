@@ -35,9 +35,10 @@ use std::sync::Arc;
 
 use clap::Args;
 use nestio_nested::{ExportConfig, ExportedDevice, LevelId, LevelRam, RamRegion, Window};
+use nestio_sandbox::Profile;
 use nestio_vmm::handoff::{mem_socket_path, RamHandoff};
 use nestio_vmm::serial_input::ConsoleInput;
-use nestio_vmm::{CpuModel, DeviceConfig, RamFile, Vm, VmConfig};
+use nestio_vmm::{CpuModel, DeviceConfig, RamFile, ThreadHooks, ThreadRole, Vm, VmConfig};
 
 use crate::CmdResult;
 
@@ -92,6 +93,15 @@ pub struct RunArgs {
     /// it), `none`, or `auto` (stdin when it is a terminal).
     #[arg(long, value_enum, default_value_t = ConsoleInputArg::Auto)]
     console_input: ConsoleInputArg,
+    /// After set-up the whole process runs under the VMM allowlist, and the vCPU
+    /// thread, the control loop, the console input pump and the export threads each
+    /// under a narrower one of their own.
+    #[command(flatten)]
+    sandbox: crate::SandboxOpts,
+    /// Test only: the vCPU thread makes a system call outside its allowlist before
+    /// running the guest.
+    #[arg(long, hide = true)]
+    seccomp_test_forbidden_call: bool,
 }
 
 /// `--console-input`.
@@ -147,7 +157,10 @@ pub fn run(args: RunArgs) -> CmdResult {
     let window = args.export_window;
     let no_shared_memory = args.no_shared_memory;
     let memory_from = args.memory_from.clone();
+    let sandbox = args.sandbox.clone();
+    let forbidden_call = args.seccomp_test_forbidden_call;
     let mut cfg = config(args)?;
+    cfg.thread_hooks = thread_hooks(sandbox.sandbox(), forbidden_call);
     let mut level = 1;
     if let Some(path) = &memory_from {
         let h = RamHandoff::fetch(path)?;
@@ -187,10 +200,27 @@ pub fn run(args: RunArgs) -> CmdResult {
             });
             let mut vm = Vm::new(cfg)?;
             drop(waiting);
+            sandbox.install_process(Profile::Vmm)?;
             Ok(vm.run()?.exit_status())
         }
-        Some(path) => run_exporting(cfg, level, &path, window, no_shared_memory),
+        Some(path) => run_exporting(cfg, level, &path, window, no_shared_memory, sandbox),
     }
+}
+
+/// Each VMM thread confines itself to its role's allowlist as it starts (on top of
+/// the process-wide [`Profile::Vmm`] installed after set-up).
+fn thread_hooks(sandbox: nestio_sandbox::Sandbox, forbidden_call: bool) -> ThreadHooks {
+    ThreadHooks::new(move |role| {
+        let profile = match role {
+            ThreadRole::Vcpu(_) => Profile::Vcpu,
+            ThreadRole::Control => Profile::Control,
+            ThreadRole::SerialInput => Profile::SerialInput,
+        };
+        sandbox.confine_thread_or_exit(profile);
+        if forbidden_call && matches!(role, ThreadRole::Vcpu(_)) {
+            crate::forbidden_call_for_tests();
+        }
+    })
 }
 
 /// The nested guest's window size: `requested`, or half of `ram` rounded down to
@@ -255,6 +285,7 @@ fn run_exporting(
     path: &Path,
     window: Option<u64>,
     no_shared_memory: bool,
+    sandbox: crate::SandboxOpts,
 ) -> CmdResult {
     let socket = match cfg.devices.as_slice() {
         [DeviceConfig::VfioUser { socket }] => socket.clone(),
@@ -327,20 +358,28 @@ fn run_exporting(
     let mem_listener =
         nestio_vfio_user::bind(&mem_path).map_err(|e| format!("memory socket: {e}"))?;
     files.0.push(mem_path);
+    let exported = Arc::new(exported);
+    let server =
+        nestio_vfio_user::Server::new(exported.clone(), nestio_vfio_user::ServerConfig::default());
+    // Who may fetch the RAM handoff: this process's uid as it is now, before `--user`.
+    let mem_peers = nestio_vfio_user::PeerPolicy::own_uid();
+    // Set-up is done (VM built, sockets bound, server configured): every thread from
+    // here on is confined.
+    sandbox.install_process(Profile::Vmm)?;
+    let confine = sandbox.sandbox();
     // Detached: it only answers connections, and ends with the process.
     std::thread::Builder::new()
         .name("export-mem".into())
         .spawn(move || {
-            if let Err(e) = handoff.serve(mem_listener) {
+            confine.confine_thread_or_exit(Profile::Export);
+            if let Err(e) = handoff.serve_to(mem_listener, &mem_peers) {
                 tracing::warn!(error = %e, "memory socket stopped");
             }
         })?;
-    let exported = Arc::new(exported);
-    let server =
-        nestio_vfio_user::Server::new(exported.clone(), nestio_vfio_user::ServerConfig::default());
     let export_path = path.to_path_buf();
     let serve = std::thread::Builder::new().name("export".into()).spawn(
         move || -> Result<(), String> {
+            confine.confine_thread_or_exit(Profile::Export);
             // One child session: connections that never negotiate (a stray connect,
             // garbage, an early close) are dropped and do not use it up.
             server

@@ -67,12 +67,14 @@ pub mod region_map;
 mod remote;
 pub mod serial;
 pub mod serial_input;
+pub mod threads;
 pub mod vcpu;
 pub mod vm;
 
 pub use cpu::CpuModel;
 pub use handoff::fuzz_handoff;
 pub use serial::ConsoleOutput;
+pub use threads::{ThreadHooks, ThreadRole};
 pub use vcpu::StopReason;
 pub use vm::{
     default_linux_cmdline, parse_size, run, Boot, ConfigError, DeviceConfig, RamFile, Vm, VmConfig,

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::serial::SerialConsole;
+use crate::threads::{ThreadHooks, ThreadRole};
 
 /// How long the pump waits for input before looking at the stop flag again.
 pub const POLL_MS: i32 = 50;
@@ -83,8 +84,13 @@ pub struct InputPump {
 }
 
 impl InputPump {
-    /// Start feeding `input` into `uart`; `None` for [`ConsoleInput::None`].
-    pub fn start(input: ConsoleInput, uart: Arc<SerialConsole>) -> io::Result<Option<Self>> {
+    /// Start feeding `input` into `uart`; `None` for [`ConsoleInput::None`]. The pump
+    /// thread calls `hooks` with [`ThreadRole::SerialInput`] first.
+    pub fn start(
+        input: ConsoleInput,
+        uart: Arc<SerialConsole>,
+        hooks: ThreadHooks,
+    ) -> io::Result<Option<Self>> {
         let fd = match input {
             ConsoleInput::None => return Ok(None),
             ConsoleInput::Stdin => std::io::stdin().as_fd().try_clone_to_owned()?,
@@ -95,7 +101,10 @@ impl InputPump {
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("serial-input".into())
-            .spawn(move || pump(&fd, &uart, &flag))?;
+            .spawn(move || {
+                hooks.enter(ThreadRole::SerialInput);
+                pump(&fd, &uart, &flag)
+            })?;
         Ok(Some(InputPump {
             stop,
             thread: Some(thread),
@@ -192,9 +201,13 @@ mod tests {
             ConsoleOutput::Sink,
         ));
         let (rx, mut tx) = std::os::unix::net::UnixStream::pair().unwrap();
-        let pump = InputPump::start(ConsoleInput::Fd(Arc::new(OwnedFd::from(rx))), uart.clone())
-            .unwrap()
-            .expect("a pump for an fd");
+        let pump = InputPump::start(
+            ConsoleInput::Fd(Arc::new(OwnedFd::from(rx))),
+            uart.clone(),
+            ThreadHooks::default(),
+        )
+        .unwrap()
+        .expect("a pump for an fd");
         let sent: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
         tx.write_all(&sent).unwrap();
         drop(tx); // end of input: what was read is still delivered
@@ -226,8 +239,10 @@ mod tests {
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             ConsoleOutput::Sink,
         ));
-        assert!(InputPump::start(ConsoleInput::None, uart)
-            .unwrap()
-            .is_none());
+        assert!(
+            InputPump::start(ConsoleInput::None, uart, ThreadHooks::default())
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -49,6 +49,7 @@ use crate::platform::{PlatformBus, PlatformDeviceError, PlatformMmioAllocator, P
 use crate::region_map::RegionMapper;
 use crate::serial::{self, ConsoleOutput, SerialConsole};
 use crate::serial_input::{ConsoleInput, InputPump};
+use crate::threads::{ThreadHooks, ThreadRole};
 use crate::vcpu::{ExitStats, StopReason, Vcpu, VcpuContext, VcpuError, VcpuSnapshot};
 
 /// A device to assign to the guest as a PCI function.
@@ -169,6 +170,9 @@ pub struct VmConfig {
     /// ([`GuestRam::with_window`]): a nesting level's child window, handed down alone.
     /// Not with `ram_file` (a received file cannot be split) nor with assigned devices.
     pub ram_window: Option<u64>,
+    /// Called by each VMM thread with its role as it starts (e.g. to install a seccomp
+    /// filter per thread; see [`crate::threads`]).
+    pub thread_hooks: ThreadHooks,
 }
 
 /// KVM memory slot of the second and later [`crate::memory::RamPart`]s (the PCI slot
@@ -201,6 +205,7 @@ impl VmConfig {
             cmdline: String::new(),
             ram_file: None,
             ram_window: None,
+            thread_hooks: ThreadHooks::default(),
         }
     }
 
@@ -341,6 +346,7 @@ pub struct Vm {
     serial: Arc<SerialConsole>,
     console_input: ConsoleInput,
     ram: GuestRam,
+    thread_hooks: ThreadHooks,
 }
 
 /// Port range of the PCI configuration mechanism #1.
@@ -581,6 +587,7 @@ impl Vm {
             handle_sigint: cfg.handle_sigint,
             serial,
             console_input: cfg.console_input,
+            thread_hooks: cfg.thread_hooks,
         })
     }
 
@@ -624,8 +631,13 @@ impl Vm {
             .ok_or_else(|| VmError::Thread("the VM has already run".into()))?;
         install_kick_handler();
         // Console input runs while the vCPU does; stopped (terminal restored) below.
-        let input = InputPump::start(std::mem::take(&mut self.console_input), self.serial.clone())
-            .map_err(|e| VmError::Thread(format!("cannot start the console input: {e}")))?;
+        let hooks = self.thread_hooks.clone();
+        let input = InputPump::start(
+            std::mem::take(&mut self.console_input),
+            self.serial.clone(),
+            hooks.clone(),
+        )
+        .map_err(|e| VmError::Thread(format!("cannot start the console input: {e}")))?;
         let old_sigint = if self.handle_sigint {
             SIGINT_SEEN.store(false, Ordering::SeqCst);
             Some(set_sigint_handler(on_sigint as *const () as usize))
@@ -636,11 +648,13 @@ impl Vm {
         let thread = std::thread::Builder::new()
             .name("vcpu0".into())
             .spawn(move || {
+                hooks.enter(ThreadRole::Vcpu(0));
                 let r = vcpu.run();
                 let _ = tx.send(());
                 (vcpu, r)
             })
             .map_err(|e| VmError::Thread(e.to_string()))?;
+        self.thread_hooks.enter(ThreadRole::Control);
         let mut lost: Option<VmError> = None;
         loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
