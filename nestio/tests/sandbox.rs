@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nestio_device::VfioDevice;
+use nestio_device_model::VfioDevice;
 use nestio_sandbox::{BLOCKED_EXIT_STATUS, BLOCKED_MESSAGE};
 
 fn socket(tag: &str) -> PathBuf {
@@ -335,9 +335,9 @@ fn every_thread_of_an_exporting_level_is_confined() {
 
 #[test]
 fn a_sandboxed_device_survives_a_client_that_blocks_its_interrupt_fd() {
-    use nestio_device::{pci_index, IrqAction, IrqData};
-    use nestio_devices::sample::{cmd, dma_status, regs};
+    use nestio_device_model::{pci_index, IrqAction, IrqData};
     use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
+    use nestio_emulated::sample::{cmd, dma_status, regs};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::sync::Arc;
 
