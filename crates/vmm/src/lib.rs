@@ -35,6 +35,7 @@
 //! the payload binaries), built by this crate's build script with the host toolchain;
 //! [`payloads`] has their paths.
 
+pub mod acpi;
 pub mod bench;
 pub mod boot;
 pub mod bus;
