@@ -124,6 +124,9 @@ pub fn default_linux_cmdline() -> String {
     format!("{} nestio.mode=ping", platform::BASE_CMDLINE)
 }
 
+/// Whether [`VmConfig::linux`] turns ACPI on (`nestio run --kernel` without `--acpi`).
+pub const DEFAULT_LINUX_ACPI: bool = false;
+
 /// Everything `nestio run` needs.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -147,6 +150,9 @@ pub struct VmConfig {
     /// Take guest RAM from this file window instead of a fresh memfd (a nested level's
     /// RAM handed down by its parent, `--memory-from`); its size is [`VmConfig::memory`].
     pub ram_file: Option<RamFile>,
+    /// Linux only: also describe the machine with ACPI tables (`--acpi on|off`; see
+    /// [`crate::acpi`]); a guest power-off through ACPI S5 then ends the VM with status 0.
+    pub acpi: bool,
 }
 
 /// A window of a RAM file that becomes this VM's guest RAM: file offsets
@@ -173,6 +179,7 @@ impl VmConfig {
             handle_sigint: false,
             cmdline: String::new(),
             ram_file: None,
+            acpi: false,
         }
     }
 
@@ -186,6 +193,7 @@ impl VmConfig {
             },
             memory: 128 << 20,
             cmdline: default_linux_cmdline(),
+            acpi: DEFAULT_LINUX_ACPI,
             ..VmConfig::new(PathBuf::new())
         }
     }
@@ -293,6 +301,8 @@ pub struct Vm {
     vm: Arc<VmFd>,
     _kvm: Kvm,
     stop: Arc<AtomicBool>,
+    /// Set by the ACPI PM device when the guest enters S5.
+    powered_off: Arc<AtomicBool>,
     stats: Arc<ExitStats>,
     handle_sigint: bool,
     serial: Arc<SerialConsole>,
@@ -455,6 +465,8 @@ impl Vm {
         }
 
         let mem = ram.memory().clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let powered_off = Arc::new(AtomicBool::new(false));
         let fd = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let mut cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -472,8 +484,22 @@ impl Vm {
                 let routes = linux_intx_routes(&pci)?;
                 let lines: Vec<u8> = routes.iter().map(|r| r.irq).collect();
                 platform::set_pic_level_triggered(&vm, &lines)?;
+                let acpi = if cfg.acpi {
+                    // The PM1 ports of the FADT; S5 there is a clean power-off.
+                    let (stop, off) = (stop.clone(), powered_off.clone());
+                    let pm = crate::acpi::pm::PmRegisters::new(move || {
+                        off.store(true, Ordering::SeqCst);
+                        stop.store(true, Ordering::SeqCst);
+                    });
+                    let ports = BusRange::new(crate::acpi::PM_BASE.into(), crate::acpi::PM_LEN)?;
+                    pio.insert(ports, Arc::new(pm))?;
+                    Some(crate::acpi::AcpiConfig::new(1, intx).map_err(LinuxBootError::from)?)
+                } else {
+                    None
+                };
                 let layout = LinuxLayout {
                     pci_intx: routes,
+                    acpi,
                     ..LinuxLayout::default()
                 };
                 let lb = crate::linux::load_linux(
@@ -493,7 +519,6 @@ impl Vm {
         let run_size = kvm
             .get_vcpu_mmap_size()
             .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
-        let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ExitStats::default());
         let ctx = VcpuContext {
             pio,
@@ -511,6 +536,7 @@ impl Vm {
             ram,
             vcpu: Some(Vcpu::new(fd, ctx)),
             stop,
+            powered_off,
             stats,
             pci,
             handle_sigint: cfg.handle_sigint,
@@ -608,6 +634,14 @@ impl Vm {
             (Ok(StopReason::Interrupted), Some(e)) => return Err(e),
             (Ok(r), _) => r,
             (Err(e), _) => return Err(e.into()),
+        };
+        // An ACPI power-off stops the vCPU through the stop flag: report it as the
+        // guest's own halt (status 0), not as an interruption.
+        let outcome = match outcome {
+            StopReason::Interrupted if self.powered_off.load(Ordering::SeqCst) => {
+                StopReason::Halted
+            }
+            r => r,
         };
         Ok(VmReport {
             outcome,

@@ -181,3 +181,130 @@ fn iasl_notices_a_corrupted_table() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+mod common;
+
+use std::time::Duration;
+
+use nestio_vmm::{StopReason, Vm, VmConfig};
+
+/// Run `cfg` with a watchdog; returns the report and the console text.
+fn run_linux(
+    cfg: VmConfig,
+) -> (
+    nestio_vmm::vm::VmReport,
+    String,
+    Option<std::sync::Arc<nestio_vmm::pci::AssignedDevice>>,
+) {
+    let (console, buf) = common::console();
+    let mut cfg = cfg;
+    cfg.console = console;
+    let mut vm = Vm::new(cfg).unwrap();
+    let dev = vm.pci().devices().first().cloned();
+    let handle = vm.handle();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if rx.recv_timeout(Duration::from_secs(240)).is_err() {
+            handle.stop();
+        }
+    });
+    let report = vm.run().unwrap();
+    let _ = tx.send(());
+    watchdog.join().unwrap();
+    (report, common::text(&buf), dev)
+}
+
+/// ACPI trouble the kernel reports about the tables or the AML.
+fn acpi_complaints(out: &str) -> Vec<&str> {
+    out.lines()
+        .filter(|l| {
+            l.contains("ACPI Error")
+                || l.contains("ACPI BIOS Error")
+                || l.contains("ACPI Warning")
+                || l.contains("ACPI BIOS Warning")
+                || l.contains("no GSI")
+                || l.contains("can't derive routing")
+                || l.contains("Incorrect checksum")
+        })
+        .collect()
+}
+
+#[test]
+fn linux_with_acpi_pings_through_the_prt_route() {
+    let name = "linux_with_acpi_pings_through_the_prt_route";
+    if !common::kvm_or_skip(name) {
+        return;
+    }
+    let Some((kernel, initrd)) = common::guest_linux(name) else {
+        return;
+    };
+    let mut cfg = VmConfig::linux(kernel, Some(initrd));
+    cfg.acpi = true;
+    cfg.devices.push(common::local_e1000());
+    let (report, out, dev) = run_linux(cfg);
+    assert_eq!(report.outcome, StopReason::GuestExit(0), "console:\n{out}");
+    for want in [
+        "ACPI: RSDP 0x00000000000F0000 000024 (v02 NESTIO)",
+        "ACPI: XSDT 0x",
+        "ACPI: FACP 0x",
+        "ACPI: DSDT 0x",
+        "ACPI: APIC 0x",
+        "ACPI: MCFG 0x",
+        "ACPI: Interpreter enabled",
+        "ACPI: PM: (supports S0 S5)",
+        // noapic: the 8259s, with the _PRT's GSIs as their lines.
+        "ACPI: Using PIC for interrupt routing",
+        "ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00])",
+        "pci_bus 0000:00: root bus resource [io  0xc000-0xffff window]",
+        "pci_bus 0000:00: root bus resource [mem 0xc0000000-0xdfffffff window]",
+        "PCI: MMCONFIG at [mem 0xe0000000-0xe00fffff] reserved in ACPI motherboard resources",
+        "PCI: Using ACPI for IRQ routing",
+        "e1000 0000:00:01.0 eth0: Intel(R) PRO/1000 Network Connection",
+        "NESTIO-PING: ok 3/3",
+    ] {
+        assert!(out.contains(want), "{want:?} missing from:\n{out}");
+    }
+    // The e1000's interrupt came from the _PRT (PIC mode programs the ELCR for the
+    // GSI it finds there), not from a fallback to the config-space line.
+    assert!(out.contains("ACPI: setting ELCR to"), "{out}");
+    let bad = acpi_complaints(&out);
+    assert!(bad.is_empty(), "ACPI complaints {bad:?} in:\n{out}");
+    let bad = nestio_vmm::linux::platform::kernel_problems(&out);
+    assert!(bad.is_empty(), "bad kernel lines {bad:?} in:\n{out}");
+    assert_eq!(dev.unwrap().intx_gsi(), Some(11));
+}
+
+#[test]
+fn linux_lists_the_tables_and_powers_off_through_s5() {
+    let name = "linux_lists_the_tables_and_powers_off_through_s5";
+    if !common::kvm_or_skip(name) {
+        return;
+    }
+    let Some((kernel, initrd)) = common::guest_linux(name) else {
+        return;
+    };
+    let mut cfg = VmConfig::linux(kernel, Some(initrd));
+    cfg.acpi = true;
+    // busybox as init: list the tables the kernel found, then power off through ACPI
+    // (no debug-exit write: only S5 can end the VM with status 0 here).
+    cfg.cmdline = format!(
+        "{} rdinit=/bin/sh -- -c \"/bin/busybox mount -t sysfs sysfs /sys; \
+         echo TABLES: $(/bin/busybox ls /sys/firmware/acpi/tables); /bin/busybox poweroff -f\"",
+        nestio_vmm::linux::platform::BASE_CMDLINE
+    );
+    let (report, out, _) = run_linux(cfg);
+    assert_eq!(report.outcome, StopReason::Halted, "console:\n{out}");
+    assert_eq!(report.exit_status(), 0);
+    let tables = out
+        .lines()
+        .find_map(|l| l.split_once("TABLES: ").map(|(_, t)| t.to_string()))
+        .unwrap_or_else(|| panic!("no TABLES line in:\n{out}"));
+    for t in ["APIC", "DSDT", "FACP", "FACS", "MCFG"] {
+        assert!(
+            tables.split_whitespace().any(|x| x == t),
+            "{t} not in {tables:?}"
+        );
+    }
+    let bad = acpi_complaints(&out);
+    assert!(bad.is_empty(), "ACPI complaints {bad:?} in:\n{out}");
+}
