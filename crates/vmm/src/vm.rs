@@ -9,7 +9,8 @@
 //! PCI INTx on 8259 lines marked level-triggered in the ELCR
 //! ([`crate::pci::IntxRouting::Pic`]; the line is in each device's interrupt-line
 //! register and in the MP table), and the kernel loaded with its initrd and command
-//! line. Both kinds share the rest: the in-kernel PIC/IOAPIC/LAPIC and PIT, the 16550
+//! line; with [`VmConfig::acpi`] also the ACPI tables of [`crate::acpi`] and their PM1
+//! ports at 0x600 (ACPI S5 ends the VM as [`StopReason::Halted`]). Both kinds share the rest: the in-kernel PIC/IOAPIC/LAPIC and PIT, the 16550
 //! at 0x3f8 on IRQ 4, the keyboard controller's status port 0x64 (reads 0: "input
 //! buffer empty", so Linux's `reboot=k` writes its 0xFE reset at once), port 0x80
 //! (POST codes / I/O delay: ignored), the debug-exit port 0xf4 (the exit status) and
