@@ -231,7 +231,20 @@ fn acpi_complaints(out: &str) -> Vec<&str> {
 
 #[test]
 fn linux_with_acpi_pings_through_the_prt_route() {
-    let name = "linux_with_acpi_pings_through_the_prt_route";
+    acpi_ping("linux_with_acpi_pings_through_the_prt_route", true);
+}
+
+#[test]
+fn linux_with_acpi_and_the_ioapic_pings_through_the_prt_route() {
+    // Without `noapic` Linux routes PCI INTx through the I/O APIC with the GSI it reads
+    // from the _PRT and the trigger/polarity of the MADT overrides.
+    acpi_ping(
+        "linux_with_acpi_and_the_ioapic_pings_through_the_prt_route",
+        false,
+    );
+}
+
+fn acpi_ping(name: &str, noapic: bool) {
     if !common::kvm_or_skip(name) {
         return;
     }
@@ -240,6 +253,10 @@ fn linux_with_acpi_pings_through_the_prt_route() {
     };
     let mut cfg = VmConfig::linux(kernel, Some(initrd));
     cfg.acpi = true;
+    if !noapic {
+        cfg.cmdline = cfg.cmdline.replace(" noapic", "");
+        assert!(!cfg.cmdline.contains("noapic"));
+    }
     cfg.devices.push(common::local_e1000());
     let (report, out, dev) = run_linux(cfg);
     assert_eq!(report.outcome, StopReason::GuestExit(0), "console:\n{out}");
@@ -252,8 +269,6 @@ fn linux_with_acpi_pings_through_the_prt_route() {
         "ACPI: MCFG 0x",
         "ACPI: Interpreter enabled",
         "ACPI: PM: (supports S0 S5)",
-        // noapic: the 8259s, with the _PRT's GSIs as their lines.
-        "ACPI: Using PIC for interrupt routing",
         "ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00])",
         "pci_bus 0000:00: root bus resource [io  0xc000-0xffff window]",
         "pci_bus 0000:00: root bus resource [mem 0xc0000000-0xdfffffff window]",
@@ -264,9 +279,24 @@ fn linux_with_acpi_pings_through_the_prt_route() {
     ] {
         assert!(out.contains(want), "{want:?} missing from:\n{out}");
     }
-    // The e1000's interrupt came from the _PRT (PIC mode programs the ELCR for the
-    // GSI it finds there), not from a fallback to the config-space line.
-    assert!(out.contains("ACPI: setting ELCR to"), "{out}");
+    if noapic {
+        // The 8259s, with the _PRT's GSIs as their lines: PIC mode programs the ELCR
+        // for the GSI it finds there (the SCI's 9 at least).
+        assert!(
+            out.contains("ACPI: Using PIC for interrupt routing"),
+            "{out}"
+        );
+        assert!(out.contains("ACPI: setting ELCR to"), "{out}");
+    } else {
+        assert!(
+            out.contains("ACPI: Using IOAPIC for interrupt routing"),
+            "{out}"
+        );
+        assert!(
+            out.contains("ACPI: INT_SRC_OVR (bus 0 bus_irq 11 global_irq 11 low level)"),
+            "{out}"
+        );
+    }
     let bad = acpi_complaints(&out);
     assert!(bad.is_empty(), "ACPI complaints {bad:?} in:\n{out}");
     let bad = nestio_vmm::linux::platform::kernel_problems(&out);
