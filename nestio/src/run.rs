@@ -102,6 +102,18 @@ pub struct RunArgs {
     /// running the guest.
     #[arg(long, hide = true)]
     seccomp_test_forbidden_call: bool,
+    /// ACPI tables for a --kernel guest (`on` or `off`; the MP table is there either
+    /// way). Default: on when nestio_vmm::vm::DEFAULT_LINUX_ACPI says so.
+    #[arg(long, value_parser = parse_on_off, requires = "kernel", conflicts_with = "guest")]
+    acpi: Option<bool>,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?}: use on or off")),
+    }
 }
 
 /// `--console-input`.
@@ -440,6 +452,9 @@ pub fn config(args: RunArgs) -> Result<VmConfig, String> {
         cfg.cmdline = c;
     }
     cfg.cpu = args.cpu;
+    if let Some(acpi) = args.acpi {
+        cfg.acpi = acpi;
+    }
     cfg.handle_sigint = true;
     cfg.console_input = args.console_input.resolve();
     cfg.devices = args
@@ -498,6 +513,28 @@ mod tests {
         assert_eq!(cfg.cmdline, "console=ttyS0 nestio.mode=boot");
         assert_eq!(cfg.devices.len(), 1);
         assert!(matches!(cfg.boot, Boot::Linux { initrd: None, .. }));
+    }
+
+    #[test]
+    fn acpi_flag() {
+        let default = parse(&["--kernel", "/k/vmlinux"]).unwrap();
+        assert_eq!(default.acpi, nestio_vmm::vm::DEFAULT_LINUX_ACPI);
+        assert!(
+            parse(&["--kernel", "/k/vmlinux", "--acpi", "on"])
+                .unwrap()
+                .acpi
+        );
+        assert!(
+            !parse(&["--kernel", "/k/vmlinux", "--acpi", "off"])
+                .unwrap()
+                .acpi
+        );
+        assert!(parse(&["--kernel", "/k/vmlinux", "--acpi", "yes"]).is_err());
+        assert!(
+            parse(&["--guest", "hello", "--acpi", "on"]).is_err(),
+            "Linux only"
+        );
+        assert!(!parse(&["--guest", "hello"]).unwrap().acpi);
     }
 
     #[test]

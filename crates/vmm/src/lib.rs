@@ -49,6 +49,7 @@
 //! the payload binaries), built by this crate's build script with the host toolchain;
 //! [`payloads`] has their paths.
 
+pub mod acpi;
 pub mod address_space;
 #[cfg(feature = "harness")]
 pub mod bench;

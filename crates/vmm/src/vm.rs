@@ -17,7 +17,8 @@
 //! PCI INTx on 8259 lines marked level-triggered in the ELCR
 //! ([`crate::irqchip::x86::IntxRouting::Pic`]; the line is in each device's interrupt-line
 //! register and in the MP table), and the kernel loaded with its initrd and command
-//! line. Both kinds share the rest: the in-kernel PIC/IOAPIC/LAPIC and PIT, the 16550
+//! line; with [`VmConfig::acpi`] also the ACPI tables of [`crate::acpi`] and their PM1
+//! ports at 0x600 (ACPI S5 ends the VM as [`StopReason::Halted`]). Both kinds share the rest: the in-kernel PIC/IOAPIC/LAPIC and PIT, the 16550
 //! at 0x3f8 on IRQ 4, the keyboard controller's status port 0x64 (reads 0: "input
 //! buffer empty", so Linux's `reboot=k` writes its 0xFE reset at once), port 0x80
 //! (POST codes / I/O delay: ignored), the debug-exit port 0xf4 (the exit status) and
@@ -139,6 +140,9 @@ pub fn default_linux_cmdline() -> String {
     format!("{} nestio.mode=ping", platform::BASE_CMDLINE)
 }
 
+/// Whether [`VmConfig::linux`] turns ACPI on (`nestio run --kernel` without `--acpi`).
+pub const DEFAULT_LINUX_ACPI: bool = false;
+
 /// Everything `nestio run` needs.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -173,6 +177,9 @@ pub struct VmConfig {
     /// Called by each VMM thread with its role as it starts (e.g. to install a seccomp
     /// filter per thread; see [`crate::threads`]).
     pub thread_hooks: ThreadHooks,
+    /// Linux only: also describe the machine with ACPI tables (`--acpi on|off`; see
+    /// [`crate::acpi`]); a guest power-off through ACPI S5 then ends the VM with status 0.
+    pub acpi: bool,
 }
 
 /// KVM memory slot of the second and later [`crate::memory::RamPart`]s (the PCI slot
@@ -206,6 +213,7 @@ impl VmConfig {
             ram_file: None,
             ram_window: None,
             thread_hooks: ThreadHooks::default(),
+            acpi: false,
         }
     }
 
@@ -219,6 +227,7 @@ impl VmConfig {
             },
             memory: 128 << 20,
             cmdline: default_linux_cmdline(),
+            acpi: DEFAULT_LINUX_ACPI,
             ..VmConfig::new(PathBuf::new())
         }
     }
@@ -341,6 +350,8 @@ pub struct Vm {
     vm: Arc<VmFd>,
     _kvm: Kvm,
     stop: Arc<AtomicBool>,
+    /// Set by the ACPI PM device when the guest enters S5.
+    powered_off: Arc<AtomicBool>,
     stats: Arc<ExitStats>,
     handle_sigint: bool,
     serial: Arc<SerialConsole>,
@@ -522,6 +533,8 @@ impl Vm {
         attach_devices(&cfg.devices, &pci, &platform_bus)?;
 
         let mem = ram.memory().clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let powered_off = Arc::new(AtomicBool::new(false));
         let fd = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let mut cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -539,8 +552,22 @@ impl Vm {
                 let routes = linux_intx_routes(&pci)?;
                 let lines: Vec<u8> = routes.iter().map(|r| r.irq).collect();
                 platform::set_pic_level_triggered(&vm, &lines)?;
+                let acpi = if cfg.acpi {
+                    // The PM1 ports of the FADT; S5 there is a clean power-off.
+                    let (stop, off) = (stop.clone(), powered_off.clone());
+                    let pm = crate::acpi::pm::PmRegisters::new(move || {
+                        off.store(true, Ordering::SeqCst);
+                        stop.store(true, Ordering::SeqCst);
+                    });
+                    let ports = BusRange::new(crate::acpi::PM_BASE.into(), crate::acpi::PM_LEN)?;
+                    pio.insert(ports, Arc::new(pm))?;
+                    Some(crate::acpi::AcpiConfig::new(1, intx).map_err(LinuxBootError::from)?)
+                } else {
+                    None
+                };
                 let layout = LinuxLayout {
                     pci_intx: routes,
+                    acpi,
                     ..LinuxLayout::default()
                 };
                 let lb = crate::linux::load_linux(
@@ -562,7 +589,6 @@ impl Vm {
         let run_size = kvm
             .get_vcpu_mmap_size()
             .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
-        let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ExitStats::default());
         let ctx = VcpuContext {
             pio,
@@ -581,6 +607,7 @@ impl Vm {
             ram,
             vcpu: Some(Vcpu::new(fd, ctx)),
             stop,
+            powered_off,
             stats,
             pci,
             platform: platform_bus,
@@ -693,6 +720,14 @@ impl Vm {
             (Ok(StopReason::Interrupted), Some(e)) => return Err(e),
             (Ok(r), _) => r,
             (Err(e), _) => return Err(e.into()),
+        };
+        // An ACPI power-off stops the vCPU through the stop flag: report it as the
+        // guest's own halt (status 0), not as an interruption.
+        let outcome = match outcome {
+            StopReason::Interrupted if self.powered_off.load(Ordering::SeqCst) => {
+                StopReason::Halted
+            }
+            r => r,
         };
         Ok(VmReport {
             outcome,

@@ -164,6 +164,9 @@ pub struct ZeroPage<'a> {
     pub initrd: Option<(u64, u64)>,
     /// Memory map.
     pub e820: &'a [E820Entry],
+    /// ACPI RSDP address (`acpi_rsdp_addr`, read by kernels of boot protocol 2.14+),
+    /// or `None` without ACPI tables.
+    pub rsdp: Option<u64>,
 }
 
 fn low32(what: &'static str, addr: u64) -> Result<u32, BootParamsError> {
@@ -200,6 +203,7 @@ impl ZeroPage<'_> {
             })?;
         }
         bp.hdr = hdr;
+        bp.acpi_rsdp_addr = self.rsdp.unwrap_or(0);
         for (i, e) in self.e820.iter().enumerate() {
             bp.e820_table[i] = e.to_boot();
         }
@@ -230,6 +234,8 @@ pub struct StartInfo<'a> {
     pub initrd: Option<(u64, u64)>,
     /// Memory map.
     pub e820: &'a [E820Entry],
+    /// ACPI RSDP address (`rsdp_paddr`), or `None` without ACPI tables.
+    pub rsdp: Option<u64>,
 }
 
 /// Bytes from the start info address the PVH structures occupy for `entries` map
@@ -263,7 +269,7 @@ impl StartInfo<'_> {
             nr_modules: u32::from(module.is_some()),
             modlist_paddr: if module.is_some() { modlist } else { 0 },
             cmdline_paddr: self.cmdline,
-            rsdp_paddr: 0,
+            rsdp_paddr: self.rsdp.unwrap_or(0),
             memmap_paddr: memmap,
             memmap_entries: self.e820.len() as u32,
             reserved: 0,
@@ -367,8 +373,17 @@ pub(crate) mod tests {
             cmdline_size: 2048,
             initrd: Some((0x700_0000, 0x1234)),
             e820: &map,
+            rsdp: None,
         };
         let bp = zp.build().unwrap();
+        let rsdp = bp.acpi_rsdp_addr;
+        assert_eq!(rsdp, 0, "no ACPI: no RSDP");
+        let with_acpi = ZeroPage {
+            rsdp: Some(0xf_0000),
+            ..zp.clone()
+        };
+        let rsdp = with_acpi.build().unwrap().acpi_rsdp_addr;
+        assert_eq!(rsdp, 0xf_0000);
         let h = bp.hdr;
         let (flag, magic, loader, cmd, rd, rdsz, cmdsz) = (
             h.boot_flag,
@@ -409,9 +424,16 @@ pub(crate) mod tests {
             cmdline: 0x2_0000,
             initrd: Some((0x300_0000, 0x5000)),
             e820: &map,
+            rsdp: None,
         };
         si.write(&mem).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(0x6000)).unwrap();
+        assert_eq!(info.rsdp_paddr, 0, "no ACPI: no RSDP");
+        let with_acpi = StartInfo {
+            rsdp: Some(0xf_0000),
+            ..si.clone()
+        };
+        assert_eq!(with_acpi.build().0.rsdp_paddr, 0xf_0000);
         assert_eq!(info.magic, PVH_MAGIC);
         assert_eq!(info.version, 1);
         assert_eq!(info.nr_modules, 1);

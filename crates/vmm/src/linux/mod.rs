@@ -13,6 +13,7 @@
 //! | page tables (identity map of 4 GiB with 2 MiB pages) | `0x9000..0xf000` | 64-bit protocol only |
 //! | command line | `0x20000` | at most 2047 bytes for a vmlinux |
 //! | MP table | `0x9fc00` | reserved in the e820 map |
+//! | ACPI tables (RSDP first), with [`LinuxLayout::acpi`] | `0xf0000` | in the reserved BIOS area `[0xf0000, 1 MiB)`; see [`crate::acpi`] |
 //! | kernel | ELF `p_paddr` (16 MiB for 6.1) / 1 MiB for a bzImage | |
 //! | initrd | page aligned, at the top of RAM below the PCI hole | |
 //!
@@ -23,6 +24,12 @@
 //! always uses the 64-bit entry at its load address + 0x200. [`LinuxBoot`] carries the
 //! vCPU state for either ([`LinuxBoot::regs`], [`LinuxBoot::sregs`],
 //! [`LinuxBoot::setup_vcpu`]).
+//!
+//! With ACPI ([`LinuxLayout::acpi`]) the tables of [`crate::acpi`] go to
+//! [`crate::acpi::ACPI_BASE`] and their RSDP address into the zero page
+//! (`acpi_rsdp_addr`) or the PVH start info (`rsdp_paddr`); the MP table is written
+//! either way, for kernels built without ACPI (a kernel with ACPI prefers the tables).
+//! Without ACPI the guest memory and the boot structures are exactly as before.
 //!
 //! [`platform`] has the KVM-side settings Linux also needs (CPUID TSC-deadline, level
 //! triggered PIC lines for PCI INTx, the base command line).
@@ -43,6 +50,7 @@ use std::path::{Path, PathBuf};
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 
+use crate::acpi::{AcpiConfig, AcpiError, AcpiTables, ACPI_BASE};
 use crate::boot::segment;
 use kvm_ioctls::VcpuFd;
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
@@ -125,6 +133,8 @@ pub struct LinuxLayout {
     pub cpus: usize,
     /// PCI INTx routes listed in the MP table.
     pub pci_intx: Vec<PciIntxRoute>,
+    /// ACPI tables to generate at [`ACPI_BASE`] (`None`: MP table only, as before).
+    pub acpi: Option<AcpiConfig>,
     /// Protocol choice.
     pub protocol: ProtocolChoice,
 }
@@ -142,6 +152,7 @@ impl Default for LinuxLayout {
             pci_hole_start: 0xc000_0000,
             cpus: 1,
             pci_intx: Vec::new(),
+            acpi: None,
             protocol: ProtocolChoice::Auto,
         }
     }
@@ -226,6 +237,9 @@ pub enum LinuxBootError {
     /// The MP table could not be built.
     #[error(transparent)]
     MpTable(#[from] MpTableError),
+    /// The ACPI tables could not be built or placed.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     /// Writing to guest memory failed.
     #[error("cannot write the {what} into guest memory at {addr:#x}: {reason}")]
     Write {
@@ -269,6 +283,8 @@ pub struct LinuxBoot {
     pub page_tables: u64,
     /// Initial stack pointer.
     pub stack_top: u64,
+    /// Where the ACPI RSDP is, when the layout asked for ACPI tables.
+    pub acpi_rsdp: Option<u64>,
 }
 
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
@@ -587,6 +603,10 @@ pub fn load_linux(
     };
 
     mptable::write(mem, layout.mptable, layout.cpus, &layout.pci_intx)?;
+    let rsdp = match &layout.acpi {
+        None => None,
+        Some(cfg) => Some(write_acpi(mem, &map, cfg)?),
+    };
 
     let boot_info = match k.protocol {
         BootProtocol::Pvh => {
@@ -595,6 +615,7 @@ pub fn load_linux(
                 cmdline: layout.cmdline,
                 initrd,
                 e820: &map,
+                rsdp,
             }
             .write(mem)?;
             write_gdt_and_tables(mem, layout, false)?;
@@ -607,6 +628,7 @@ pub fn load_linux(
                 cmdline_size,
                 initrd,
                 e820: &map,
+                rsdp,
             }
             .write(mem, layout.zero_page)?;
             write_gdt_and_tables(mem, layout, true)?;
@@ -618,6 +640,7 @@ pub fn load_linux(
         entry = format_args!("{:#x}", k.entry),
         kernel_end = format_args!("{:#x}", k.end),
         initrd = ?initrd,
+        acpi_rsdp = ?rsdp,
         "Linux kernel loaded"
     );
     Ok(LinuxBoot {
@@ -631,7 +654,29 @@ pub fn load_linux(
         gdt: layout.gdt,
         page_tables: layout.page_tables,
         stack_top: layout.stack_top,
+        acpi_rsdp: rsdp,
     })
+}
+
+/// Build the ACPI tables for `cfg` at [`ACPI_BASE`], check that they lie in a range the
+/// memory map keeps from the kernel (not RAM) and write them; returns the RSDP address.
+fn write_acpi(
+    mem: &GuestMemoryMmap,
+    map: &[E820Entry],
+    cfg: &AcpiConfig,
+) -> Result<u64, LinuxBootError> {
+    let tables = AcpiTables::build(ACPI_BASE, cfg)?;
+    let len = tables.bytes().len() as u64;
+    let reserved = map.iter().any(|e| {
+        e.kind() == e820::E820_RESERVED && e.addr() <= ACPI_BASE && ACPI_BASE + len <= e.end()
+    });
+    if !reserved || e820::is_ram(map, ACPI_BASE, len) {
+        return Err(LinuxBootError::Layout(format!(
+            "the ACPI tables ({len:#x} bytes at {ACPI_BASE:#x}) are not inside a reserved e820 range"
+        )));
+    }
+    tables.write(mem)?;
+    Ok(tables.rsdp_addr())
 }
 
 impl LinuxBoot {

@@ -593,3 +593,74 @@ fn boot_real_linux(protocol: ProtocolChoice) {
     );
     assert_eq!(status, Some(0), "/init's exit status on port 0xf4");
 }
+
+#[test]
+fn acpi_tables_land_in_the_reserved_bios_area_and_both_protocols_point_at_them() {
+    let k = TempFile::new("vmlinux", &fake_vmlinux(true));
+    let acpi = crate::acpi::AcpiConfig::new(2, crate::irqchip::x86::IntxRouting::Pic).unwrap();
+    let want = crate::acpi::AcpiTables::build(crate::acpi::ACPI_BASE, &acpi).unwrap();
+    for protocol in [ProtocolChoice::Pvh, ProtocolChoice::Linux64] {
+        let mem = guest(64 * MIB);
+        let layout = LinuxLayout {
+            protocol,
+            acpi: Some(acpi),
+            ..Default::default()
+        };
+        let boot = load_linux(&mem, 64 * MIB, &k.0, None, "", &layout).unwrap();
+        assert_eq!(boot.acpi_rsdp, Some(crate::acpi::ACPI_BASE));
+        let mut back = vec![0u8; want.bytes().len()];
+        mem.read_slice(&mut back, GuestAddress(crate::acpi::ACPI_BASE))
+            .unwrap();
+        assert_eq!(back, want.bytes(), "{protocol:?}: tables in guest memory");
+        // Not RAM for the kernel, and clear of the MP table and the boot structures.
+        assert!(!e820::is_ram(
+            &boot.e820,
+            crate::acpi::ACPI_BASE,
+            back.len() as u64
+        ));
+        assert!(u64::from(layout.mptable) + 0x200 <= crate::acpi::ACPI_BASE);
+        let rsdp = match protocol {
+            ProtocolChoice::Pvh => {
+                let info: hvm_start_info = mem.read_obj(GuestAddress(boot.boot_info)).unwrap();
+                info.rsdp_paddr
+            }
+            _ => {
+                let bp: boot_params = mem.read_obj(GuestAddress(boot.boot_info)).unwrap();
+                bp.acpi_rsdp_addr
+            }
+        };
+        assert_eq!(rsdp, crate::acpi::ACPI_BASE, "{protocol:?}");
+    }
+}
+
+#[test]
+fn without_acpi_nothing_is_written_at_the_acpi_area() {
+    let k = TempFile::new("vmlinux", &fake_vmlinux(true));
+    for protocol in [ProtocolChoice::Pvh, ProtocolChoice::Linux64] {
+        let mem = guest(64 * MIB);
+        let layout = LinuxLayout {
+            protocol,
+            ..Default::default()
+        };
+        let boot = load_linux(&mem, 64 * MIB, &k.0, None, "", &layout).unwrap();
+        assert_eq!(boot.acpi_rsdp, None);
+        let mut area = vec![0xaau8; crate::acpi::ACPI_AREA_LEN as usize];
+        mem.read_slice(&mut area, GuestAddress(crate::acpi::ACPI_BASE))
+            .unwrap();
+        assert!(
+            area.iter().all(|b| *b == 0),
+            "{protocol:?}: the BIOS area stays empty"
+        );
+        let rsdp = match protocol {
+            ProtocolChoice::Pvh => {
+                let info: hvm_start_info = mem.read_obj(GuestAddress(boot.boot_info)).unwrap();
+                info.rsdp_paddr
+            }
+            _ => {
+                let bp: boot_params = mem.read_obj(GuestAddress(boot.boot_info)).unwrap();
+                bp.acpi_rsdp_addr
+            }
+        };
+        assert_eq!(rsdp, 0, "{protocol:?}");
+    }
+}
