@@ -14,6 +14,8 @@
 //!   package), leaves 0xB and 0x1F (x2APIC ID in EDX of every subleaf; SMT level of
 //!   width 0, core level of width ceil(log2 N)), and on AMD leaf 0x8000_0008 ECX (cores
 //!   per package) and 0x8000_001E EAX (extended APIC ID).
+//! - A VM of several vCPUs does not offer KVM's hypercall-based IPIs, remote TLB flushes,
+//!   yields and spinlock kicks ([`hide_pv_ipi`]): the guest uses the in-kernel LAPIC.
 //! - IA32_CORE_CAPABILITIES (0xCF) and MSR_TEST_CTRL (0x33) are denied in KVM's MSR
 //!   filter, so every guest RDMSR/WRMSR of them exits to this model
 //!   (KVM_CAP_X86_USER_SPACE_MSR with the FILTER reason). With split-lock detection
@@ -275,6 +277,22 @@ pub fn set_topology(cpuid: &mut CpuId, apic_id: u8, count: u8) {
     }
 }
 
+/// KVM's paravirtual feature leaf (CPUID 0x4000_0001 EAX).
+pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// KVM_FEATURE_* bits whose hypercalls a multi-vCPU guest would use for IPIs, remote TLB
+/// flushes, yields and spinlock kicks.
+pub const KVM_PV_IPI_FEATURES: u32 = (1 << 7) | (1 << 9) | (1 << 11) | (1 << 13);
+
+/// Hide KVM's hypercall-based IPI features, so that the guest sends IPIs, flushes remote
+/// TLBs and waits on spinlocks through the (in-kernel) local APIC.
+pub fn hide_pv_ipi(cpuid: &mut CpuId) {
+    for e in cpuid.as_mut_slice() {
+        if e.function == KVM_CPUID_FEATURES {
+            e.eax &= !KVM_PV_IPI_FEATURES;
+        }
+    }
+}
+
 /// What the host does about split locks (kernel command line, CPU flag, sysctl).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostSplitLockPolicy {
@@ -491,6 +509,20 @@ mod tests {
             (leaf.eax, leaf.ebx),
             (NESTIO_CPUID_SIGNATURE, CPUID_7_EDX_CORE_CAPABILITIES)
         );
+    }
+
+    #[test]
+    fn pv_ipi_features_hidden() {
+        let mut c = CpuId::from_entries(&[kvm_bindings::kvm_cpuid_entry2 {
+            function: KVM_CPUID_FEATURES,
+            eax: 0xffff,
+            ..Default::default()
+        }])
+        .unwrap();
+        hide_pv_ipi(&mut c);
+        let eax = c.as_slice()[0].eax;
+        assert_eq!(eax & KVM_PV_IPI_FEATURES, 0);
+        assert_eq!(eax | KVM_PV_IPI_FEATURES, 0xffff, "other features stay");
     }
 
     #[test]

@@ -564,6 +564,12 @@ impl Vm {
         if matches!(cfg.boot, Boot::Linux { .. }) {
             platform::linux_cpuid(&mut cpuid)?;
         }
+        if cfg.cpus > 1 {
+            // Measured: with KVM's PV IPI / TLB-flush / spinlock-kick hypercalls offered,
+            // Linux 6.1 hung at SMP bring-up on this project's CI host (vCPU 1 in
+            // __send_ipi_mask, vCPU 0 in queued_spin_lock_slowpath); the LAPIC path works.
+            crate::cpu::hide_pv_ipi(&mut cpuid);
+        }
         for (id, fd) in (0u8..).zip(&fds) {
             let mut own = cpuid.clone();
             crate::cpu::set_topology(&mut own, id, cfg.cpus);
