@@ -16,6 +16,7 @@ const PAYLOADS: &[&str] = &[
     "sampletest",
     "e1000ping",
     "hcalltest",
+    "smptest",
 ];
 
 fn main() {

@@ -27,6 +27,7 @@
  *
  * Markers on the console, for tests and humans:
  *   NESTIO-INIT: start ...        userspace runs
+ *   NESTIO-CPUS: N in /proc/cpuinfo   processors the kernel brought up
  *   NESTIO-NET: eth0 up ...       interface configured (carrier seen or not)
  *   NESTIO-PING: ok 3/3           all echo requests answered ("fail N/M" otherwise)
  *   NESTIO-PING: busybox exit S   busybox ping ended with status S (0: replies came)
@@ -673,6 +674,22 @@ static void mount_one(const char *src, const char *dst, const char *type)
 		say("NESTIO-INIT: mount %s on %s: %s\n", type, dst, strerror(errno));
 }
 
+/* Processors the kernel brought up: the "processor" lines of /proc/cpuinfo. */
+static int count_cpus(void)
+{
+	char line[256];
+	int n = 0;
+	FILE *f = fopen("/proc/cpuinfo", "r");
+
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f))
+		if (strncmp(line, "processor", 9) == 0)
+			n++;
+	fclose(f);
+	return n;
+}
+
 int main(void)
 {
 	struct config c;
@@ -685,6 +702,7 @@ int main(void)
 	defaults(&c);
 	read_cmdline(&c);
 	say("NESTIO-INIT: start mode=%s (uptime %.2f s)\n", c.mode, uptime());
+	say("NESTIO-CPUS: %d in /proc/cpuinfo\n", count_cpus());
 
 	if (strcmp(c.mode, "boot") == 0) {
 		end_vm(&c, 0);

@@ -5,7 +5,9 @@
 //! `nestio demo --linux` does the same with a real Linux guest: the kernel and initramfs
 //! come from `linux/build.sh` (built and cached under `target/linux/` on first use),
 //! Linux's own e1000 driver drives the passed-through NIC and the guest's `/init` pings
-//! the gateway. The transcript shows the key console lines with their arrival time on
+//! the gateway. The guest has [`LINUX_DEMO_CPUS`] vCPUs: the kernel brings the second
+//! up itself (INIT/SIPI through the in-kernel LAPIC) and `/init` reports how many
+//! `/proc/cpuinfo` lists. The transcript shows the key console lines with their arrival time on
 //! the host clock, measured from VM start, and a summary of boot milestones.
 
 use std::path::{Path, PathBuf};
@@ -17,6 +19,9 @@ use clap::Args;
 use nestio_vmm::{ConsoleOutput, DeviceConfig, VmConfig};
 
 use crate::CmdResult;
+
+/// vCPUs of the `--linux` demo guest.
+pub const LINUX_DEMO_CPUS: u8 = 2;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -234,6 +239,8 @@ struct Milestones {
     e1000_probed: Option<f64>,
     init: Option<f64>,
     first_reply: Option<f64>,
+    /// CPUs `/init` found in /proc/cpuinfo.
+    cpus_online: Option<u32>,
 }
 
 /// Assembles the guest console into lines, timestamps them, prints the interesting
@@ -279,6 +286,9 @@ impl Transcript {
         if line.contains(" bytes from ") {
             first(&mut m.first_reply);
         }
+        if let Some(rest) = line.split("NESTIO-CPUS: ").nth(1) {
+            m.cpus_online = rest.split_whitespace().next().and_then(|n| n.parse().ok());
+        }
         if self.full || interesting(&line) {
             println!("    {t:6.2}s | {line}");
         }
@@ -288,8 +298,9 @@ impl Transcript {
 
 /// Lines of the filtered transcript.
 fn interesting(line: &str) -> bool {
-    const KEYS: [&str; 16] = [
+    const KEYS: [&str; 17] = [
         "Linux version",
+        "smp: Brought up",
         "Command line:",
         "Hypervisor detected",
         "pci 0000:00:0",
@@ -334,14 +345,17 @@ fn run_linux(args: DemoArgs) -> CmdResult {
     let socket = dev.socket.clone();
 
     let mut cfg = VmConfig::linux(&kernel, initrd);
+    cfg.cpus = LINUX_DEMO_CPUS;
     let cmdline = cfg.cmdline.clone();
     cfg.handle_sigint = true;
     cfg.devices = vec![DeviceConfig::VfioUser {
         socket: socket.clone(),
     }];
     println!(
-        "[3] VM: {} MiB guest RAM in a memfd shared with the device, the e1000 at PCI 00:01.0 \
-         (INTx on 8259 IRQ 11), kernel command line \"{cmdline}\"",
+        "[3] VM: {} vCPUs (one host thread each, listed in the MP table), {} MiB guest RAM in a \
+         memfd shared with the device, the e1000 at PCI 00:01.0 (INTx on 8259 IRQ 11), kernel \
+         command line \"{cmdline}\"",
+        cfg.cpus,
         cfg.memory >> 20
     );
     println!(
@@ -386,6 +400,13 @@ fn run_linux(args: DemoArgs) -> CmdResult {
     show("/init running (NESTIO-INIT: start)", m.init);
     show("first ping reply", m.first_reply);
     show("VM exit", Some(end));
+    match m.cpus_online {
+        Some(n) => println!(
+            "    {:<34} {n} of {LINUX_DEMO_CPUS} (/proc/cpuinfo in the guest)",
+            "CPUs online"
+        ),
+        None => println!("    {:<34} not reported", "CPUs online"),
+    }
     let ok = status == 0 && tr.lines.iter().any(|l| l.contains("NESTIO-PING: ok"));
     println!(
         "[5] guest finished with status {status}: {}",

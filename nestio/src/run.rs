@@ -45,7 +45,7 @@ use crate::CmdResult;
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Guest payload: a static x86-64 ELF, or the name of a built-in payload
-    /// (hello, cputest, pcitest, sampletest, e1000ping).
+    /// (hello, cputest, pcitest, sampletest, e1000ping, smptest).
     #[arg(long, required_unless_present = "kernel", conflicts_with = "kernel")]
     guest: Option<String>,
     /// Boot this Linux kernel instead of a payload (a vmlinux with a PVH note, or a
@@ -65,6 +65,11 @@ pub struct RunArgs {
     /// `-split-lock-detect`.
     #[arg(long, default_value = "host")]
     cpu: CpuModel,
+    /// Number of vCPUs (1 to 32; local APIC IDs 0..N-1, one host thread each). A Linux
+    /// guest brings the others up itself (INIT/SIPI); the `smptest` payload does it
+    /// when given `--cmdline cpus=N`.
+    #[arg(long, default_value = "1", value_parser = parse_cpus)]
+    cpus: u8,
     /// Command line passed to the payload, or the kernel command line (default for
     /// --kernel: "console=ttyS0 reboot=k noapic noxsave clearcpuid=smap,popcnt
     /// nestio.mode=ping").
@@ -142,6 +147,10 @@ fn parse_memory(s: &str) -> Result<u64, String> {
     nestio_vmm::parse_size(s).map_err(|e| e.to_string())
 }
 
+fn parse_cpus(s: &str) -> Result<u8, String> {
+    nestio_vmm::parse_cpus(s).map_err(|e| e.to_string())
+}
+
 fn parse_device(s: &str) -> Result<PathBuf, String> {
     match s.split_once('=') {
         Some(("vfio-user", path)) if !path.is_empty() => Ok(PathBuf::from(path)),
@@ -160,6 +169,7 @@ pub fn payload_path(name: &str) -> PathBuf {
         "pcitest" => p::PCITEST,
         "sampletest" => p::SAMPLETEST,
         "e1000ping" => p::E1000PING,
+        "smptest" => p::SMPTEST,
         other => other,
     })
 }
@@ -455,6 +465,7 @@ pub fn config(args: RunArgs) -> Result<VmConfig, String> {
     if let Some(acpi) = args.acpi {
         cfg.acpi = acpi;
     }
+    cfg.cpus = args.cpus;
     cfg.handle_sigint = true;
     cfg.console_input = args.console_input.resolve();
     cfg.devices = args
@@ -595,5 +606,24 @@ mod tests {
         assert!(parse(&[]).is_err(), "--guest or --kernel is required");
         assert!(parse(&["--guest", "hello", "--kernel", "/k"]).is_err());
         assert!(parse(&["--guest", "hello", "--initrd", "/rd"]).is_err());
+    }
+
+    #[test]
+    fn cpus_flag_is_checked() {
+        assert_eq!(parse(&["--guest", "hello"]).unwrap().cpus, 1);
+        assert_eq!(
+            parse(&["--kernel", "/k", "--cpus", "2"]).unwrap().cpus,
+            2,
+            "the VM config carries the count (the MP table and MADT read it)"
+        );
+        assert_eq!(
+            parse(&["--guest", "smptest", "--cpus", "32"]).unwrap().cpus,
+            32
+        );
+        for bad in ["0", "33", "256", "x"] {
+            let e = parse(&["--guest", "hello", "--cpus", bad]).unwrap_err();
+            assert!(e.contains("1 to 32"), "{bad}: {e}");
+        }
+        assert!(parse(&["--guest", "hello", "--cpus", "-1"]).is_err());
     }
 }

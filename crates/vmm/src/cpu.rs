@@ -8,6 +8,14 @@
 //!   project's CI host (a PVM-based KVM): the added leaf reaches the guest but leaf 7 is
 //!   replaced by the host's own, so bit 30 cannot be offered there; a guest then relies
 //!   on IA32_CORE_CAPABILITIES (readable or #GP), which the VMM always controls.
+//! - Several vCPUs ([`set_topology`]): vCPU `i` has local APIC ID `i`; the machine is one
+//!   package of `N` cores with one thread each. Each vCPU's CPUID says so: leaf 1 EBX
+//!   (initial APIC ID, logical processor count) and EDX.HTT, leaf 4 EAX[31:26] (cores per
+//!   package), leaves 0xB and 0x1F (x2APIC ID in EDX of every subleaf; SMT level of
+//!   width 0, core level of width ceil(log2 N)), and on AMD leaf 0x8000_0008 ECX (cores
+//!   per package) and 0x8000_001E EAX (extended APIC ID).
+//! - A VM of several vCPUs does not offer KVM's hypercall-based IPIs, remote TLB flushes,
+//!   yields and spinlock kicks ([`hide_pv_ipi`]): the guest uses the in-kernel LAPIC.
 //! - IA32_CORE_CAPABILITIES (0xCF) and MSR_TEST_CTRL (0x33) are denied in KVM's MSR
 //!   filter, so every guest RDMSR/WRMSR of them exits to this model
 //!   (KVM_CAP_X86_USER_SPACE_MSR with the FILTER reason). With split-lock detection
@@ -185,6 +193,102 @@ impl CpuModel {
                 true
             }
             _ => false,
+        }
+    }
+}
+
+/// Bits of an APIC ID that number the cores of a package of `count` cores.
+fn core_bits(count: u8) -> u32 {
+    u32::from(count.max(1)).next_power_of_two().trailing_zeros()
+}
+
+/// Make `cpuid` (one copy per vCPU, after [`CpuModel::apply_cpuid`]) describe vCPU
+/// `apic_id` of a package of `count` single-thread cores: see the module documentation.
+pub fn set_topology(cpuid: &mut CpuId, apic_id: u8, count: u8) {
+    let count = count.max(1);
+    let bits = core_bits(count);
+    let id = u32::from(apic_id);
+    let mut max_basic = 0;
+    let mut has_1f = false;
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            0 => max_basic = e.eax,
+            1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | (u32::from(count) << 16);
+                if count > 1 {
+                    e.edx |= 1 << 28; // HTT: the count field is valid
+                }
+            }
+            4 => {
+                // Cores per package - 1 (a power of two minus one), on every cache level;
+                // each cache is private to its core except the last level.
+                let level = (e.eax >> 5) & 7;
+                if e.eax & 0x1f != 0 {
+                    let sharing = if level >= 3 { (1 << bits) - 1 } else { 0 };
+                    e.eax = (e.eax & 0x3fff) | (((1 << bits) - 1) << 26) | (sharing << 14);
+                }
+            }
+            0x1f => has_1f = true,
+            0x8000_0008 => {
+                e.ecx = (e.ecx & !0xf0ff) | (bits << 12) | (u32::from(count) - 1);
+            }
+            0x8000_001e => {
+                e.eax = id;
+                e.ebx &= !0xff; // core ID = APIC ID >> 0 (one thread per core)
+                e.ebx |= id;
+            }
+            _ => {}
+        }
+    }
+    // Replace leaves 0xB (and 0x1F where offered) with the topology above.
+    let entries: Vec<kvm_bindings::kvm_cpuid_entry2> = cpuid
+        .as_slice()
+        .iter()
+        .filter(|e| e.function != 0xb && e.function != 0x1f)
+        .copied()
+        .collect();
+    let mut leaves = vec![0xbu32];
+    if has_1f || max_basic >= 0x1f {
+        leaves.push(0x1f);
+    }
+    let mut out = entries;
+    for leaf in leaves {
+        if leaf > max_basic && max_basic != 0 {
+            continue;
+        }
+        // (shift to the next level, logical processors at this level, level type)
+        let levels = [(0u32, 1u32, 1u32), (bits, u32::from(count), 2), (0, 0, 0)];
+        for (sub, (shift, n, kind)) in levels.into_iter().enumerate() {
+            out.push(kvm_bindings::kvm_cpuid_entry2 {
+                function: leaf,
+                index: sub as u32,
+                flags: kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                eax: shift,
+                ebx: n,
+                ecx: (kind << 8) | sub as u32,
+                edx: id,
+                ..Default::default()
+            });
+        }
+    }
+    match CpuId::from_entries(&out) {
+        Ok(c) => *cpuid = c,
+        Err(err) => tracing::warn!(?err, "CPUID table full; topology leaves not replaced"),
+    }
+}
+
+/// KVM's paravirtual feature leaf (CPUID 0x4000_0001 EAX).
+pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// KVM_FEATURE_* bits whose hypercalls a multi-vCPU guest would use for IPIs, remote TLB
+/// flushes, yields and spinlock kicks.
+pub const KVM_PV_IPI_FEATURES: u32 = (1 << 7) | (1 << 9) | (1 << 11) | (1 << 13);
+
+/// Hide KVM's hypercall-based IPI features, so that the guest sends IPIs, flushes remote
+/// TLBs and waits on spinlocks through the (in-kernel) local APIC.
+pub fn hide_pv_ipi(cpuid: &mut CpuId) {
+    for e in cpuid.as_mut_slice() {
+        if e.function == KVM_CPUID_FEATURES {
+            e.eax &= !KVM_PV_IPI_FEATURES;
         }
     }
 }
@@ -405,6 +509,73 @@ mod tests {
             (leaf.eax, leaf.ebx),
             (NESTIO_CPUID_SIGNATURE, CPUID_7_EDX_CORE_CAPABILITIES)
         );
+    }
+
+    #[test]
+    fn pv_ipi_features_hidden() {
+        let mut c = CpuId::from_entries(&[kvm_bindings::kvm_cpuid_entry2 {
+            function: KVM_CPUID_FEATURES,
+            eax: 0xffff,
+            ..Default::default()
+        }])
+        .unwrap();
+        hide_pv_ipi(&mut c);
+        let eax = c.as_slice()[0].eax;
+        assert_eq!(eax & KVM_PV_IPI_FEATURES, 0);
+        assert_eq!(eax | KVM_PV_IPI_FEATURES, 0xffff, "other features stay");
+    }
+
+    #[test]
+    fn topology_per_vcpu() {
+        let entries = [
+            kvm_bindings::kvm_cpuid_entry2 {
+                function: 0,
+                eax: 0xd,
+                ..Default::default()
+            },
+            kvm_bindings::kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0x0000_0800,
+                ..Default::default()
+            },
+            kvm_bindings::kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 0,
+                edx: 7,
+                ..Default::default()
+            },
+        ];
+        let mut c = CpuId::from_entries(&entries).unwrap();
+        set_topology(&mut c, 2, 3);
+        let find = |f: u32, i: u32| {
+            *c.as_slice()
+                .iter()
+                .find(|e| e.function == f && e.index == i)
+                .unwrap()
+        };
+        let l1 = find(1, 0);
+        assert_eq!(l1.ebx >> 24, 2, "initial APIC ID");
+        assert_eq!((l1.ebx >> 16) & 0xff, 3, "logical processors");
+        assert_eq!(l1.ebx & 0xffff, 0x800, "the rest of EBX is kept");
+        assert_ne!(l1.edx & (1 << 28), 0, "HTT");
+        let smt = find(0xb, 0);
+        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 2));
+        let core = find(0xb, 1);
+        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (2, 3, 0x201, 2));
+        assert_eq!(find(0xb, 2).ecx >> 8 & 0xff, 0, "the list ends");
+        assert_eq!(
+            c.as_slice().iter().filter(|e| e.function == 0xb).count(),
+            3,
+            "KVM's own leaf 0xB is replaced"
+        );
+        assert!(
+            c.as_slice().iter().all(|e| e.function != 0x1f),
+            "0x1F beyond max leaf"
+        );
+        assert_eq!(core_bits(1), 0);
+        assert_eq!(core_bits(2), 1);
+        assert_eq!(core_bits(4), 2);
+        assert_eq!(core_bits(5), 3);
     }
 
     #[test]

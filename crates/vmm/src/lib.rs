@@ -41,7 +41,8 @@
 //! console is the UART at 0x3f8. A Linux guest ends the same way: nestio's guest /init
 //! writes its status to 0xf4 before rebooting (`reboot=k`: 0xFE to port 0x64); a reset
 //! without a status ends the VM with status 0. A Linux kernel panic or a power-off
-//! (no ACPI) leaves the vCPU halted; stop it with SIGINT or [`VmHandle::stop`]. Not implemented: multiple vCPUs, PCI
+//! (no ACPI) leaves the vCPU halted; stop it with SIGINT or [`VmHandle::stop`]. Several vCPUs
+//! ([`VmConfig::cpus`]) each run on their own thread; [`VmHandle::pause`] parks them all. Not implemented: PCI
 //! bridges and multi-function devices, expansion ROMs, the MSI pending-bits register,
 //! hot-plug.
 //!
@@ -76,10 +77,10 @@ pub use cpu::CpuModel;
 pub use handoff::fuzz_handoff;
 pub use serial::ConsoleOutput;
 pub use threads::{ThreadHooks, ThreadRole};
-pub use vcpu::StopReason;
+pub use vcpu::{PauseError, StopReason};
 pub use vm::{
-    default_linux_cmdline, parse_size, run, Boot, ConfigError, DeviceConfig, RamFile, Vm, VmConfig,
-    VmError, VmHandle, VmReport,
+    default_linux_cmdline, parse_cpus, parse_size, run, Boot, ConfigError, DeviceConfig, RamFile,
+    Vm, VmConfig, VmError, VmHandle, VmReport, MAX_VCPUS,
 };
 
 /// Paths of the guest payloads built with this crate (by build.rs).
@@ -97,4 +98,7 @@ pub mod payloads {
     /// Makes PAPR hypercalls through the hypercall port and checks their return codes
     /// (see `crates/vmm/tests/hypercall.rs` for the handlers it expects).
     pub const HCALLTEST: &str = env!("NESTIO_GUEST_HCALLTEST");
+    /// Brings up every vCPU with INIT/SIPI and counts those that ran code
+    /// (`cpus=N`, `after=exit|spin|reset`, `ap=halt|spin|exit|fault`).
+    pub const SMPTEST: &str = env!("NESTIO_GUEST_SMPTEST");
 }

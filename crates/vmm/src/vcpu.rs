@@ -3,9 +3,18 @@
 //! States: [`RunState::Ready`] (registers set, never entered) -> `Running` (one KVM_RUN
 //! and the handling of its exit per step) -> `Stopped(reason)`. Every exit is handled to
 //! completion in [`Vcpu::step`], which returns the next state; nothing else changes it.
-//! A stop request (SIGINT, a device that died, [`crate::VmHandle::stop`]) sets a flag and
-//! kicks the thread with a signal so that KVM_RUN returns `EINTR`; the loop checks the flag
-//! before every entry.
+//!
+//! Run control ([`VcpuControl`], one per VM, shared by all its vCPU threads): a stop
+//! request (SIGINT, a device that died, another vCPU that stopped,
+//! [`crate::VmHandle::stop`]) or a pause request sets a flag and then kicks every vCPU
+//! thread with a signal ([`kick_signal`]). The signal handler sets the interrupted
+//! thread's `kvm_run.immediate_exit`, so a kick that lands between the flag check and
+//! KVM_RUN still makes KVM_RUN return `EINTR` at once instead of entering the guest (or
+//! blocking in the in-kernel LAPIC, as an AP waiting for its SIPI does). The loop clears
+//! `immediate_exit` and checks the flags before every entry: on stop it ends with
+//! [`StopReason::Interrupted`]; on pause it parks on a condition variable until resumed
+//! (or stopped). [`VcpuControl::pause`] returns once every vCPU of the VM is parked, so
+//! no vCPU is inside KVM_RUN and the vCPU state can be read or written consistently.
 //!
 //! Exits: port I/O and MMIO go to the buses (unclaimed reads are all-ones); the
 //! debug-exit port ends the VM; a 32-bit write to the hypercall port
@@ -15,11 +24,13 @@
 //! are explained ([`crate::cpu`]); a KVM emulation failure stops with the guest RIP and the
 //! instruction bytes; a triple fault stops with the RIP.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, Msrs,
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events, Msrs,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -145,8 +156,10 @@ pub struct VcpuContext {
     pub policy: HostSplitLockPolicy,
     /// Guest memory (for instruction bytes in reports).
     pub mem: GuestMemoryMmap,
-    /// Stop request.
-    pub stop: Arc<AtomicBool>,
+    /// Stop and pause requests (shared by every vCPU of the VM).
+    pub control: Arc<VcpuControl>,
+    /// This vCPU's index (= its local APIC ID; 0 is the boot vCPU).
+    pub index: u8,
     /// Counters.
     pub stats: Arc<ExitStats>,
     /// Size of the vCPU's kvm_run mapping (KVM_GET_VCPU_MMAP_SIZE).
@@ -235,14 +248,24 @@ impl Vcpu {
     }
 
     /// Run until stopped: `Ready`/`Running` -> step -> ... -> `Stopped`.
+    ///
+    /// While it runs, a [`kick_signal`] sent to this thread (see [`VcpuControl`]) makes
+    /// KVM_RUN return at once.
     pub fn run(&mut self) -> Result<StopReason, VcpuError> {
         self.state = RunState::Running;
-        loop {
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        KICK_RUN.with(|c| c.set(run));
+        let r = loop {
             if let Step::Stop(r) = self.step() {
-                self.state = RunState::Stopped;
-                return r;
+                break r;
             }
+        };
+        KICK_RUN.with(|c| c.set(std::ptr::null_mut()));
+        self.state = RunState::Stopped;
+        if let Err(e) = &r {
+            tracing::warn!(vcpu = self.ctx.index, error = %e, "vCPU stopped with an error");
         }
+        r
     }
 
     fn rip(&self) -> u64 {
@@ -251,7 +274,13 @@ impl Vcpu {
 
     /// One KVM_RUN and its exit.
     pub fn step(&mut self) -> Step {
-        if self.ctx.stop.load(Ordering::SeqCst) {
+        // Clear a kick first, then look at the requests: a kick after this point either
+        // finds its flag below or makes the KVM_RUN below return EINTR at once.
+        self.fd.set_kvm_immediate_exit(0);
+        if self.ctx.control.stop_requested() {
+            return Step::Stop(Ok(StopReason::Interrupted));
+        }
+        if self.ctx.control.park_if_paused() {
             return Step::Stop(Ok(StopReason::Interrupted));
         }
         let ctx = &self.ctx;
@@ -430,7 +459,7 @@ impl Vcpu {
             Ok(r) => r,
             Err(err) => return Step::Stop(Err(VcpuError::State { what: "read", err })),
         };
-        let ctx = HcallContext::new(&self.ctx.mem, 0);
+        let ctx = HcallContext::new(&self.ctx.mem, u32::from(self.ctx.index));
         self.ctx.hypercalls.dispatch_regs(&ctx, &mut regs);
         match self.fd.set_regs(&regs) {
             Ok(()) => Step::Continue,
@@ -544,5 +573,219 @@ impl Vcpu {
         self.cpu_state = s.cpu;
         self.state = RunState::Ready;
         Ok(())
+    }
+}
+
+thread_local! {
+    /// The kvm_run page of the vCPU this thread runs (null when none): the kick signal
+    /// handler sets its `immediate_exit`.
+    static KICK_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // A const-initialised thread-local without destructor is a plain TLS slot: safe to
+    // read in a signal handler.
+    let run = KICK_RUN.with(|c| c.get());
+    if !run.is_null() {
+        // SAFETY: `run` is this thread's vCPU kvm_run mapping, set by `Vcpu::run` for as
+        // long as the vCPU (which owns the mapping) runs on this thread; a one-byte
+        // volatile store is what KVM expects of a signal handler (immediate_exit).
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// The real-time signal that kicks a vCPU thread out of KVM_RUN (`SIGRTMIN + 2`).
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 2
+}
+
+/// Install the kick signal's handler (once per process).
+pub fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick) {
+            tracing::warn!(error = %e, "cannot install the vCPU kick signal handler");
+        }
+    });
+}
+
+/// Why [`VcpuControl::pause`] did not pause the VM.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PauseError {
+    /// No vCPU thread is running (the VM has not started or has ended).
+    #[error("the VM is not running: start it with Vm::run before pausing it")]
+    NotRunning,
+    /// The VM stopped while the pause was pending.
+    #[error("the VM stopped while it was being paused")]
+    Stopped,
+    /// Some vCPU did not park in time (the pause was withdrawn).
+    #[error("{parked} of {active} vCPUs parked within {waited:?}; the pause was withdrawn (a vCPU thread may be stuck in a device access): try again")]
+    Timeout {
+        /// vCPUs parked.
+        parked: usize,
+        /// vCPUs running.
+        active: usize,
+        /// How long `pause` waited.
+        waited: Duration,
+    },
+}
+
+#[derive(Default)]
+struct Parking {
+    /// vCPU threads started and not yet finished.
+    active: usize,
+    /// vCPU threads parked by a pause.
+    parked: usize,
+    /// Registered vCPU threads (to kick).
+    threads: Vec<libc::pthread_t>,
+}
+
+/// Stop / pause / resume of all the vCPUs of one VM: see the module documentation.
+#[derive(Default)]
+pub struct VcpuControl {
+    stop: AtomicBool,
+    pause: AtomicBool,
+    parking: Mutex<Parking>,
+    cv: Condvar,
+}
+
+impl VcpuControl {
+    /// A control with nothing requested.
+    pub fn new() -> Arc<Self> {
+        Arc::new(VcpuControl::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Parking> {
+        // A vCPU thread that panicked leaves plain counters behind: still usable.
+        self.parking.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True once a stop was requested.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Ask every vCPU to stop: sets the flag, wakes parked vCPUs and kicks the others.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Taking the lock orders the store before a parked vCPU's re-check.
+        drop(self.lock());
+        self.cv.notify_all();
+        self.kick_all();
+    }
+
+    /// Send the kick signal to every registered vCPU thread.
+    pub fn kick_all(&self) {
+        let p = self.lock();
+        for &t in &p.threads {
+            // SAFETY: `t` is a live thread: vCPU threads deregister (under this lock)
+            // before they end; the kick signal's handler is installed by the VM first.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Called by the VM before it starts `n` vCPU threads.
+    pub fn begin(&self, n: usize) {
+        let mut p = self.lock();
+        p.active = n;
+        p.parked = 0;
+        p.threads.clear();
+    }
+
+    /// Called on a vCPU thread before it runs: registers the thread for kicks.
+    pub fn enter(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.lock().threads.push(me);
+    }
+
+    /// Called on a vCPU thread when its vCPU has stopped.
+    pub fn leave(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let mut p = self.lock();
+        p.threads.retain(|&t| t != me);
+        p.active = p.active.saturating_sub(1);
+        drop(p);
+        self.cv.notify_all();
+    }
+
+    /// On a vCPU thread: park while a pause is requested. Returns true if a stop was
+    /// requested meanwhile (the vCPU then stops).
+    fn park_if_paused(&self) -> bool {
+        if !self.pause.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut p = self.lock();
+        p.parked += 1;
+        self.cv.notify_all();
+        while self.pause.load(Ordering::SeqCst) && !self.stop_requested() {
+            p = self.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        p.parked -= 1;
+        drop(p);
+        self.cv.notify_all();
+        self.stop_requested()
+    }
+
+    /// Pause every vCPU: returns once all running vCPUs are out of KVM_RUN and parked
+    /// (their registers, LAPIC and the guest RAM are then stable until [`Self::resume`]).
+    /// Waits at most `timeout`; on failure the pause is withdrawn.
+    pub fn pause(&self, timeout: Duration) -> Result<(), PauseError> {
+        let start = Instant::now();
+        let mut p = self.lock();
+        if p.active == 0 {
+            return Err(PauseError::NotRunning);
+        }
+        self.pause.store(true, Ordering::SeqCst);
+        loop {
+            if self.stop_requested() || p.active == 0 {
+                self.pause.store(false, Ordering::SeqCst);
+                return Err(PauseError::Stopped);
+            }
+            if p.parked == p.active {
+                tracing::debug!(vcpus = p.active, waited = ?start.elapsed(), "VM paused");
+                return Ok(());
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                let (parked, active) = (p.parked, p.active);
+                self.pause.store(false, Ordering::SeqCst);
+                drop(p);
+                self.cv.notify_all();
+                return Err(PauseError::Timeout {
+                    parked,
+                    active,
+                    waited,
+                });
+            }
+            for &t in &p.threads {
+                // SAFETY: as in `kick_all` (the lock is held, so `t` is live).
+                unsafe { libc::pthread_kill(t, kick_signal()) };
+            }
+            let slice = (timeout - waited).min(Duration::from_millis(20));
+            p = self
+                .cv
+                .wait_timeout(p, slice)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Let paused vCPUs run again (no effect when not paused).
+    pub fn resume(&self) {
+        let _p = self.lock();
+        self.pause.store(false, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    /// True while a pause is requested or in force.
+    pub fn is_paused(&self) -> bool {
+        self.pause.load(Ordering::SeqCst)
+    }
+
+    /// Number of vCPUs parked right now.
+    pub fn parked(&self) -> usize {
+        self.lock().parked
     }
 }

@@ -1,6 +1,18 @@
 //! Building and running a VM: KVM, memfd RAM, in-kernel irqchip, buses, console, PCI,
-//! assigned devices, the CPU model, what to boot ([`Boot`]); then the vCPU thread and
-//! the control loop that watches for SIGINT, stop requests and dead devices.
+//! assigned devices, the CPU model, what to boot ([`Boot`]); then one thread per vCPU
+//! and the control loop that watches for SIGINT, stop requests and dead devices.
+//!
+//! Several vCPUs ([`VmConfig::cpus`], at most [`MAX_VCPUS`]): vCPU `i` has local APIC ID
+//! `i` and its own CPUID ([`crate::cpu::set_topology`]: one package of single-thread
+//! cores). vCPU 0 is the bootstrap processor and starts at the entry point; the others
+//! are application processors left in KVM's `UNINITIALIZED` state: each blocks inside
+//! KVM_RUN until the guest's INIT / STARTUP IPIs, which the in-kernel LAPIC delivers, and
+//! then starts in real mode at the SIPI vector's page. Linux finds the processors in the
+//! MP table (one entry per vCPU). When any vCPU stops (exit port, reset, error), the VM
+//! stops: the others are kicked out of KVM_RUN ([`crate::vcpu::VcpuControl`]) and every
+//! thread is joined; the first vCPU to stop for a reason other than the stop request
+//! gives the outcome. [`VmHandle::pause`] / [`VmHandle::resume`] park and release all
+//! vCPUs (for migration and consistent snapshots).
 //!
 //! The platform's shared services are built once and handed to the buses: the
 //! interrupt controller ([`crate::irqchip::x86::KvmIrqChip`] behind
@@ -26,7 +38,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Once};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region};
@@ -51,7 +63,14 @@ use crate::region_map::RegionMapper;
 use crate::serial::{self, ConsoleOutput, SerialConsole};
 use crate::serial_input::{ConsoleInput, InputPump};
 use crate::threads::{ThreadHooks, ThreadRole};
-use crate::vcpu::{ExitStats, StopReason, Vcpu, VcpuContext, VcpuError, VcpuSnapshot};
+use crate::vcpu::{
+    install_kick_handler, ExitStats, PauseError, StopReason, Vcpu, VcpuContext, VcpuControl,
+    VcpuError, VcpuSnapshot,
+};
+
+/// The most vCPUs a VM may have (`--cpus`): within the xAPIC's 8-bit IDs and the MP
+/// table's limit, and what the test kernel is configured for many times over.
+pub const MAX_VCPUS: u8 = 32;
 
 /// A device to assign to the guest as a PCI function.
 #[derive(Clone)]
@@ -88,6 +107,17 @@ pub enum ConfigError {
     /// A size that is not understood.
     #[error("invalid size {0:?}: use a number with an optional K, M or G suffix (e.g. 64M)")]
     Size(String),
+    /// A vCPU count that is not understood or out of range.
+    #[error("invalid vCPU count {0:?}: use a number from 1 to {MAX_VCPUS}")]
+    Cpus(String),
+}
+
+/// Parse a vCPU count (`--cpus`): 1 ..= [`MAX_VCPUS`].
+pub fn parse_cpus(s: &str) -> Result<u8, ConfigError> {
+    match s.trim().parse::<u8>() {
+        Ok(n) if (1..=MAX_VCPUS).contains(&n) => Ok(n),
+        _ => Err(ConfigError::Cpus(s.into())),
+    }
 }
 
 impl std::str::FromStr for DeviceConfig {
@@ -158,6 +188,9 @@ pub struct VmConfig {
     pub devices: Vec<DeviceConfig>,
     /// The CPU model (`--cpu`).
     pub cpu: CpuModel,
+    /// Number of vCPUs (`--cpus`, 1 ..= [`MAX_VCPUS`]); their local APIC IDs are
+    /// `0..cpus`, 0 being the boot processor (the MP table and an ACPI MADT list them).
+    pub cpus: u8,
     /// Where the serial console goes.
     pub console: ConsoleOutput,
     /// What the serial console receives (`--console-input`; none by default).
@@ -197,7 +230,7 @@ pub struct RamFile {
 }
 
 impl VmConfig {
-    /// A payload config with defaults: 64 MiB, no devices, default CPU, console on
+    /// A payload config with defaults: 64 MiB, one vCPU, no devices, default CPU, console on
     /// stdout, empty command line.
     pub fn new(payload: impl Into<PathBuf>) -> Self {
         VmConfig {
@@ -206,6 +239,7 @@ impl VmConfig {
             hypercalls: Hypercalls::new(),
             devices: Vec::new(),
             cpu: CpuModel::default(),
+            cpus: 1,
             console: ConsoleOutput::Stdout,
             console_input: ConsoleInput::None,
             handle_sigint: false,
@@ -217,7 +251,7 @@ impl VmConfig {
         }
     }
 
-    /// A Linux config with defaults: 128 MiB, no devices, default CPU, console on
+    /// A Linux config with defaults: 128 MiB, one vCPU, no devices, default CPU, console on
     /// stdout, [`default_linux_cmdline`].
     pub fn linux(kernel: impl Into<PathBuf>, initrd: Option<PathBuf>) -> Self {
         VmConfig {
@@ -293,6 +327,16 @@ pub enum VmError {
     /// Thread trouble.
     #[error("the vCPU thread failed: {0}")]
     Thread(String),
+    /// A vCPU count out of range.
+    #[error("cannot run {asked} vCPUs: this VMM supports 1 to {max} (KVM on this host: {kvm}); use a smaller --cpus")]
+    Cpus {
+        /// Requested.
+        asked: u8,
+        /// [`MAX_VCPUS`].
+        max: u8,
+        /// KVM_CAP_MAX_VCPUS of this host.
+        kvm: usize,
+    },
 }
 
 /// How a VM ended.
@@ -302,8 +346,11 @@ pub struct VmReport {
     pub outcome: StopReason,
     /// Exit counters.
     pub stats: Arc<ExitStats>,
-    /// The vCPU state at the end (CPU model included).
+    /// The boot vCPU's state at the end (CPU model included).
     pub snapshot: Option<VcpuSnapshot>,
+    /// Which vCPU gave the outcome (the first to stop for its own reason; 0 when all
+    /// stopped on request).
+    pub vcpu: u8,
 }
 
 impl std::fmt::Debug for VcpuSnapshot {
@@ -327,29 +374,48 @@ impl VmReport {
     }
 }
 
-/// Asks a running VM to stop.
+/// Controls a running VM from another thread: stop, pause, resume.
 #[derive(Clone)]
 pub struct VmHandle {
-    stop: Arc<AtomicBool>,
+    control: Arc<VcpuControl>,
 }
 
 impl VmHandle {
-    /// Request a stop; `run` returns `StopReason::Interrupted` shortly after.
+    /// Request a stop; `run` returns `StopReason::Interrupted` shortly after (every vCPU
+    /// thread is kicked out of KVM_RUN, paused ones are released).
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.control.request_stop();
+    }
+
+    /// Pause every vCPU: returns once all of them are out of KVM_RUN and parked, so the
+    /// guest executes nothing until [`Self::resume`] (devices served by other threads or
+    /// processes keep running). Waits at most `timeout`; fails if the VM is not running
+    /// or stops meanwhile (see [`PauseError`]).
+    pub fn pause(&self, timeout: Duration) -> Result<(), PauseError> {
+        self.control.pause(timeout)
+    }
+
+    /// Let the vCPUs run again after [`Self::pause`] (no effect otherwise).
+    pub fn resume(&self) {
+        self.control.resume()
+    }
+
+    /// True while paused (or a pause is pending).
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
     }
 }
 
 /// A built VM, ready to run.
 ///
-/// Fields drop in order: the vCPU and the devices first, then the VM fd, guest RAM last.
+/// Fields drop in order: the vCPUs and the devices first, then the VM fd, guest RAM last.
 pub struct Vm {
-    vcpu: Option<Vcpu>,
+    vcpus: Vec<Vcpu>,
     pci: Arc<PciRoot>,
     platform: Arc<PlatformBus>,
     vm: Arc<VmFd>,
     _kvm: Kvm,
-    stop: Arc<AtomicBool>,
+    control: Arc<VcpuControl>,
     /// Set by the ACPI PM device when the guest enters S5.
     powered_off: Arc<AtomicBool>,
     stats: Arc<ExitStats>,
@@ -405,21 +471,6 @@ extern "C" fn on_sigint(_: libc::c_int) {
     SIGINT_SEEN.store(true, Ordering::SeqCst);
 }
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-fn kick_signal() -> libc::c_int {
-    vmm_sys_util::signal::SIGRTMIN() + 2
-}
-
-fn install_kick_handler() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick) {
-            tracing::warn!(error = %e, "cannot install the vCPU kick signal handler");
-        }
-    });
-}
-
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |err| VmError::Kvm { what, err }
 }
@@ -428,6 +479,14 @@ impl Vm {
     /// Build the VM described by `cfg`.
     pub fn new(cfg: VmConfig) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
+        let kvm_max = kvm.get_max_vcpus();
+        if cfg.cpus == 0 || cfg.cpus > MAX_VCPUS || usize::from(cfg.cpus) > kvm_max {
+            return Err(VmError::Cpus {
+                asked: cfg.cpus,
+                max: MAX_VCPUS,
+                kvm: kvm_max,
+            });
+        }
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         vm.set_tss_address(KVM_TSS_ADDR)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -533,20 +592,49 @@ impl Vm {
         attach_devices(&cfg.devices, &pci, &platform_bus)?;
 
         let mem = ram.memory().clone();
-        let stop = Arc::new(AtomicBool::new(false));
+        let control = VcpuControl::new();
         let powered_off = Arc::new(AtomicBool::new(false));
-        let fd = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let mut fds = Vec::with_capacity(usize::from(cfg.cpus));
+        for id in 0..cfg.cpus {
+            fds.push(
+                vm.create_vcpu(u64::from(id))
+                    .map_err(kvm_err("KVM_CREATE_VCPU"))?,
+            );
+        }
         let mut cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         cfg.cpu.apply_cpuid(&mut cpuid);
+        if matches!(cfg.boot, Boot::Linux { .. }) {
+            platform::linux_cpuid(&mut cpuid)?;
+        }
+        if cfg.cpus > 1 {
+            // Measured: with KVM's PV IPI / TLB-flush / spinlock-kick hypercalls offered,
+            // Linux 6.1 hung at SMP bring-up on this project's CI host (vCPU 1 in
+            // __send_ipi_mask, vCPU 0 in queued_spin_lock_slowpath); the LAPIC path works.
+            crate::cpu::hide_pv_ipi(&mut cpuid);
+        }
+        for (id, fd) in (0u8..).zip(&fds) {
+            let mut own = cpuid.clone();
+            crate::cpu::set_topology(&mut own, id, cfg.cpus);
+            fd.set_cpuid2(&own).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            if id != 0 {
+                // An application processor waits for INIT / STARTUP from the guest (KVM
+                // makes every vCPU but the BSP so with an in-kernel LAPIC; said here
+                // explicitly).
+                fd.set_mp_state(kvm_bindings::kvm_mp_state {
+                    mp_state: kvm_bindings::KVM_MP_STATE_UNINITIALIZED,
+                })
+                .map_err(kvm_err("KVM_SET_MP_STATE (application processor)"))?;
+            }
+        }
+        let fd = &fds[0];
         match &cfg.boot {
             Boot::Payload(payload) => {
                 boot::write_tables(&mem)?;
                 boot::write_cmdline(&mem, &cfg.cmdline)?;
                 let entry = boot::load_elf(&mem, payload)?;
-                fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-                boot::setup_vcpu(&fd, entry, ram.size())?;
+                boot::setup_vcpu(fd, entry, ram.size())?;
             }
             Boot::Linux { kernel, initrd } => {
                 let routes = linux_intx_routes(&pci)?;
@@ -554,20 +642,24 @@ impl Vm {
                 platform::set_pic_level_triggered(&vm, &lines)?;
                 let acpi = if cfg.acpi {
                     // The PM1 ports of the FADT; S5 there is a clean power-off.
-                    let (stop, off) = (stop.clone(), powered_off.clone());
+                    let (control, off) = (control.clone(), powered_off.clone());
                     let pm = crate::acpi::pm::PmRegisters::new(move || {
                         off.store(true, Ordering::SeqCst);
-                        stop.store(true, Ordering::SeqCst);
+                        control.request_stop();
                     });
                     let ports = BusRange::new(crate::acpi::PM_BASE.into(), crate::acpi::PM_LEN)?;
                     pio.insert(ports, Arc::new(pm))?;
-                    Some(crate::acpi::AcpiConfig::new(1, intx).map_err(LinuxBootError::from)?)
+                    Some(
+                        crate::acpi::AcpiConfig::new(usize::from(cfg.cpus), intx)
+                            .map_err(LinuxBootError::from)?,
+                    )
                 } else {
                     None
                 };
                 let layout = LinuxLayout {
                     pci_intx: routes,
                     acpi,
+                    cpus: usize::from(cfg.cpus),
                     ..LinuxLayout::default()
                 };
                 let lb = crate::linux::load_linux(
@@ -578,9 +670,7 @@ impl Vm {
                     &cfg.cmdline,
                     &layout,
                 )?;
-                platform::linux_cpuid(&mut cpuid)?;
-                fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-                lb.setup_vcpu(&fd)?;
+                lb.setup_vcpu(fd)?;
             }
         }
 
@@ -590,23 +680,32 @@ impl Vm {
             .get_vcpu_mmap_size()
             .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
         let stats = Arc::new(ExitStats::default());
-        let ctx = VcpuContext {
-            pio,
-            mmio,
-            cpu: cfg.cpu,
-            policy: HostSplitLockPolicy::detect(),
-            mem,
-            stop: stop.clone(),
-            stats: stats.clone(),
-            run_size,
-            hypercalls: Arc::new(hypercalls),
-        };
+        let hypercalls = Arc::new(hypercalls);
+        let policy = HostSplitLockPolicy::detect();
+        let vcpus = (0u8..)
+            .zip(fds)
+            .map(|(index, fd)| {
+                let ctx = VcpuContext {
+                    pio: pio.clone(),
+                    mmio: mmio.clone(),
+                    cpu: cfg.cpu,
+                    policy: policy.clone(),
+                    mem: mem.clone(),
+                    control: control.clone(),
+                    index,
+                    stats: stats.clone(),
+                    run_size,
+                    hypercalls: hypercalls.clone(),
+                };
+                Vcpu::new(fd, ctx)
+            })
+            .collect();
         Ok(Vm {
             _kvm: kvm,
             vm,
             ram,
-            vcpu: Some(Vcpu::new(fd, ctx)),
-            stop,
+            vcpus,
+            control,
             powered_off,
             stats,
             pci,
@@ -621,8 +720,18 @@ impl Vm {
     /// A handle to stop the VM from another thread.
     pub fn handle(&self) -> VmHandle {
         VmHandle {
-            stop: self.stop.clone(),
+            control: self.control.clone(),
         }
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// vCPU `i` (None while running or out of range).
+    pub fn vcpu(&self, i: usize) -> Option<&Vcpu> {
+        self.vcpus.get(i)
     }
 
     /// The KVM VM.
@@ -645,19 +754,21 @@ impl Vm {
         &self.platform
     }
 
-    /// The vCPU (None while running).
+    /// The boot vCPU (None while running).
     pub fn vcpu_mut(&mut self) -> Option<&mut Vcpu> {
-        self.vcpu.as_mut()
+        self.vcpus.first_mut()
     }
 
-    /// Run until the guest exits, a stop is requested, or something fails.
+    /// Run until the guest exits, a stop is requested, or something fails (on any
+    /// vCPU: the others are stopped and every vCPU thread is joined before it returns).
     pub fn run(&mut self) -> Result<VmReport, VmError> {
-        let mut vcpu = self
-            .vcpu
-            .take()
-            .ok_or_else(|| VmError::Thread("the VM has already run".into()))?;
+        if self.vcpus.is_empty() {
+            return Err(VmError::Thread("the VM has already run".into()));
+        }
+        let vcpus = std::mem::take(&mut self.vcpus);
+        let n = vcpus.len();
         install_kick_handler();
-        // Console input runs while the vCPU does; stopped (terminal restored) below.
+        // Console input runs while the vCPUs do; stopped (terminal restored) below.
         let hooks = self.thread_hooks.clone();
         let input = InputPump::start(
             std::mem::take(&mut self.console_input),
@@ -671,55 +782,113 @@ impl Vm {
         } else {
             None
         };
-        let (tx, rx) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("vcpu0".into())
-            .spawn(move || {
-                hooks.enter(ThreadRole::Vcpu(0));
-                let r = vcpu.run();
-                let _ = tx.send(());
-                (vcpu, r)
-            })
-            .map_err(|e| VmError::Thread(e.to_string()))?;
+        let (tx, rx) = mpsc::channel::<usize>();
+        self.control.begin(n);
+        let mut threads = Vec::with_capacity(n);
+        let mut spawn_error = None;
+        for (i, mut vcpu) in vcpus.into_iter().enumerate() {
+            let tx = tx.clone();
+            let control = self.control.clone();
+            let hooks = hooks.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || {
+                    hooks.enter(ThreadRole::Vcpu(i as u32));
+                    control.enter();
+                    let r = vcpu.run();
+                    control.leave();
+                    let _ = tx.send(i);
+                    (vcpu, r)
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    spawn_error = Some(VmError::Thread(e.to_string()));
+                    // The threads already started stop; the rest never run.
+                    self.control.request_stop();
+                    for _ in threads.len()..n {
+                        self.control.leave();
+                    }
+                    break;
+                }
+            }
+        }
+        drop(tx);
         self.thread_hooks.enter(ThreadRole::Control);
         let mut lost: Option<VmError> = None;
-        loop {
+        let mut order: Vec<usize> = Vec::with_capacity(n);
+        while order.len() < threads.len() {
             match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Ok(i) => {
+                    order.push(i);
+                    // One vCPU stopped: the VM stops.
+                    self.control.request_stop();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             if self.handle_sigint && SIGINT_SEEN.load(Ordering::SeqCst) {
-                self.stop.store(true, Ordering::SeqCst);
+                self.control.request_stop();
             }
             if lost.is_none() {
                 let dead = self.pci.check_devices();
                 if let Some((device, message)) = dead.or_else(|| self.platform.check_devices()) {
                     lost = Some(VmError::DeviceLost { device, message });
-                    self.stop.store(true, Ordering::SeqCst);
+                    self.control.request_stop();
                 }
             }
-            if self.stop.load(Ordering::SeqCst) {
-                use std::os::unix::thread::JoinHandleExt;
-                // SAFETY: the thread is alive until it sends on the channel (checked above
-                // by the timeout); the kick signal has a no-op handler installed.
-                unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+            if self.control.stop_requested() {
+                // Again, for a vCPU busy in a device access when the first kick came.
+                self.control.kick_all();
             }
         }
-        let joined = thread.join();
+        let mut results: Vec<Option<Result<StopReason, VcpuError>>> = Vec::new();
+        let mut panicked = false;
+        for t in threads {
+            match t.join() {
+                Ok((vcpu, r)) => {
+                    self.vcpus.push(vcpu);
+                    results.push(Some(r));
+                }
+                Err(_) => {
+                    panicked = true;
+                    results.push(None);
+                }
+            }
+        }
         if let Some(p) = input {
             p.stop();
         }
         if let Some(old) = old_sigint {
             set_sigint_handler(old);
         }
-        let (vcpu, result) =
-            joined.map_err(|_| VmError::Thread("the vCPU thread panicked".into()))?;
-        let snapshot = vcpu.save().ok();
-        self.vcpu = Some(vcpu);
-        let outcome = match (result, lost) {
-            (Ok(StopReason::Interrupted), Some(e)) => return Err(e),
-            (Ok(r), _) => r,
-            (Err(e), _) => return Err(e.into()),
+        if let Some(e) = spawn_error {
+            return Err(e);
+        }
+        if panicked {
+            return Err(VmError::Thread("a vCPU thread panicked".into()));
+        }
+        let snapshot = self.vcpus.first().and_then(|v| v.save().ok());
+        // The first vCPU that stopped for its own reason gives the outcome.
+        let mut outcome = None;
+        for &i in &order {
+            match results.get_mut(i).and_then(Option::take) {
+                Some(Ok(StopReason::Interrupted)) | None => {}
+                Some(r) => {
+                    outcome = Some((i, r));
+                    break;
+                }
+            }
+        }
+        let (vcpu, outcome) = match (outcome, lost) {
+            (Some((i, Ok(r))), _) => (i, r),
+            (Some((i, Err(e))), _) => {
+                tracing::error!(vcpu = i, error = %e, "vCPU failed; the VM was stopped");
+                return Err(e.into());
+            }
+            (None, Some(e)) => return Err(e),
+            (None, None) => (0, StopReason::Interrupted),
         };
         // An ACPI power-off stops the vCPU through the stop flag: report it as the
         // guest's own halt (status 0), not as an interruption.
@@ -733,12 +902,13 @@ impl Vm {
             outcome,
             stats: self.stats.clone(),
             snapshot,
+            vcpu: u8::try_from(vcpu).unwrap_or(u8::MAX),
         })
     }
 
-    /// The CPU model state of the vCPU (when not running).
+    /// The CPU model state of the boot vCPU (when not running).
     pub fn cpu_state(&self) -> Option<CpuState> {
-        self.vcpu.as_ref().map(|v| v.cpu_state())
+        self.vcpus.first().map(|v| v.cpu_state())
     }
 }
 
@@ -861,6 +1031,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!("vfio-user=".parse::<DeviceConfig>().is_err());
+        assert_eq!(parse_cpus("1").unwrap(), 1);
+        assert_eq!(parse_cpus("4").unwrap(), 4);
+        assert_eq!(parse_cpus(&MAX_VCPUS.to_string()).unwrap(), MAX_VCPUS);
+        assert!(parse_cpus("0").is_err());
+        assert!(parse_cpus("33").is_err());
+        assert!(parse_cpus("-1").is_err());
+        assert!(parse_cpus("two").is_err());
         assert!("e1000".parse::<DeviceConfig>().is_err());
     }
 }
