@@ -54,9 +54,11 @@ pub struct RunArgs {
     /// Guest RAM (e.g. 64M, 1G; default 64M for a payload, 128M for --kernel).
     #[arg(long, value_parser = parse_memory)]
     memory: Option<u64>,
-    /// A device to assign: `vfio-user=SOCKET` (repeatable; PCI slots in order).
+    /// A device to assign: `vfio-user=SOCKET[,posted-writes=on|off]` (repeatable; PCI
+    /// slots in order). Posted writes (default on): guest MMIO writes to the device's
+    /// memory BARs do not wait for the device's reply.
     #[arg(long = "device", value_parser = parse_device)]
-    devices: Vec<PathBuf>,
+    devices: Vec<DeviceConfig>,
     /// CPU model: `host`, `split-lock-detect=on|off`, `+split-lock-detect`,
     /// `-split-lock-detect`.
     #[arg(long, default_value = "host")]
@@ -117,13 +119,10 @@ fn parse_memory(s: &str) -> Result<u64, String> {
     nestio_vmm::parse_size(s).map_err(|e| e.to_string())
 }
 
-fn parse_device(s: &str) -> Result<PathBuf, String> {
-    match s.split_once('=') {
-        Some(("vfio-user", path)) if !path.is_empty() => Ok(PathBuf::from(path)),
-        _ => Err(format!(
-            "device '{s}' is not understood: use vfio-user=PATH (the socket of `nestio device ...`)"
-        )),
-    }
+fn parse_device(s: &str) -> Result<DeviceConfig, String> {
+    s.parse::<DeviceConfig>().map_err(|e| {
+        format!("device '{s}' is not understood: {e} (PATH: the socket of `nestio device ...`)")
+    })
 }
 
 /// The path of a built-in payload, or `name` itself.
@@ -202,7 +201,9 @@ fn run_exporting(
     no_shared_memory: bool,
 ) -> CmdResult {
     let socket = match cfg.devices.as_slice() {
-        [DeviceConfig::VfioUser { socket }] => socket.clone(),
+        [DeviceConfig::VfioUser { socket } | DeviceConfig::VfioUserWith { socket, .. }] => {
+            socket.clone()
+        }
         _ => {
             return Err("--export passes on exactly one device: give exactly one \
                         --device vfio-user=PATH (it is not assigned to this level's own guest)"
@@ -312,11 +313,7 @@ pub fn config(args: RunArgs) -> Result<VmConfig, String> {
     cfg.cpu = args.cpu;
     cfg.handle_sigint = true;
     cfg.console_input = args.console_input.resolve();
-    cfg.devices = args
-        .devices
-        .into_iter()
-        .map(|socket| DeviceConfig::VfioUser { socket })
-        .collect();
+    cfg.devices = args.devices;
     Ok(cfg)
 }
 
