@@ -62,7 +62,7 @@ impl Default for RemoteOptions {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RemoteSpecError {
     /// Not `vfio-user=PATH...`.
-    #[error("invalid --device {0:?}: use vfio-user=SOCKET_PATH[,posted-writes=on|off]")]
+    #[error("invalid --device {0:?}: use vfio-user=PATH[,posted-writes=on|off]")]
     NotVfioUser(String),
     /// An option this VMM does not know.
     #[error("unknown option {0:?} in --device: the only option is posted-writes=on|off")]
