@@ -57,7 +57,7 @@ pub struct RunArgs {
     /// A device to assign: `vfio-user=SOCKET[,posted-writes=on|off]` (repeatable; PCI
     /// slots in order). Posted writes (default on): guest MMIO writes to the device's
     /// memory BARs do not wait for the device's reply.
-    #[arg(long = "device", value_parser = parse_device)]
+    #[arg(long = "device", value_parser = parse_device_config)]
     devices: Vec<DeviceConfig>,
     /// CPU model: `host`, `split-lock-detect=on|off`, `+split-lock-detect`,
     /// `-split-lock-detect`.
@@ -119,7 +119,17 @@ fn parse_memory(s: &str) -> Result<u64, String> {
     nestio_vmm::parse_size(s).map_err(|e| e.to_string())
 }
 
-fn parse_device(s: &str) -> Result<DeviceConfig, String> {
+fn parse_device(s: &str) -> Result<PathBuf, String> {
+    match s.split_once('=') {
+        Some(("vfio-user", path)) if !path.is_empty() => Ok(PathBuf::from(path)),
+        _ => Err(format!(
+            "device '{s}' is not understood: use vfio-user=PATH (the socket of `nestio device ...`)"
+        )),
+    }
+}
+
+/// `--device vfio-user=PATH[,posted-writes=on|off]`.
+fn parse_device_config(s: &str) -> Result<DeviceConfig, String> {
     s.parse::<DeviceConfig>().map_err(|e| {
         format!("device '{s}' is not understood: {e} (PATH: the socket of `nestio device ...`)")
     })
