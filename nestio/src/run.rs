@@ -58,9 +58,11 @@ pub struct RunArgs {
     /// Guest RAM (e.g. 64M, 1G; default 64M for a payload, 128M for --kernel).
     #[arg(long, value_parser = parse_memory)]
     memory: Option<u64>,
-    /// A device to assign: `vfio-user=SOCKET` (repeatable; PCI slots in order).
-    #[arg(long = "device", value_parser = parse_device)]
-    devices: Vec<PathBuf>,
+    /// A device to assign: `vfio-user=SOCKET[,posted-writes=on|off]` (repeatable; PCI
+    /// slots in order). Posted writes (default on): guest MMIO writes to the device's
+    /// memory BARs do not wait for the device's reply.
+    #[arg(long = "device", value_parser = parse_device_config)]
+    devices: Vec<DeviceConfig>,
     /// CPU model: `host`, `split-lock-detect=on|off`, `+split-lock-detect`,
     /// `-split-lock-detect`.
     #[arg(long, default_value = "host")]
@@ -158,6 +160,13 @@ fn parse_device(s: &str) -> Result<PathBuf, String> {
             "device '{s}' is not understood: use vfio-user=PATH (the socket of `nestio device ...`)"
         )),
     }
+}
+
+/// `--device vfio-user=PATH[,posted-writes=on|off]`.
+fn parse_device_config(s: &str) -> Result<DeviceConfig, String> {
+    s.parse::<DeviceConfig>().map_err(|e| {
+        format!("device '{s}' is not understood: {e} (PATH: the socket of `nestio device ...`)")
+    })
 }
 
 /// The path of a built-in payload, or `name` itself.
@@ -310,7 +319,9 @@ fn run_exporting(
     sandbox: crate::SandboxOpts,
 ) -> CmdResult {
     let socket = match cfg.devices.as_slice() {
-        [DeviceConfig::VfioUser { socket }] => socket.clone(),
+        [DeviceConfig::VfioUser { socket } | DeviceConfig::VfioUserWith { socket, .. }] => {
+            socket.clone()
+        }
         _ => {
             return Err("--export passes on exactly one device: give exactly one \
                         --device vfio-user=PATH (it is not assigned to this level's own guest)"
@@ -468,11 +479,7 @@ pub fn config(args: RunArgs) -> Result<VmConfig, String> {
     cfg.cpus = args.cpus;
     cfg.handle_sigint = true;
     cfg.console_input = args.console_input.resolve();
-    cfg.devices = args
-        .devices
-        .into_iter()
-        .map(|socket| DeviceConfig::VfioUser { socket })
-        .collect();
+    cfg.devices = args.devices;
     Ok(cfg)
 }
 

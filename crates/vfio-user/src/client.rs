@@ -37,8 +37,8 @@ use crate::endpoint::{Endpoint, EndpointError, Incoming};
 use crate::proto::{
     self, dma_flags, feature, irq_set_flags, Capabilities, Command, DeviceFeature, DeviceInfoMsg,
     DmaAccess, DmaMap, DmaUnmap, IoFdsMsg, IoFdsReply, IrqInfoMsg, IrqSet, LoggingControl,
-    LoggingReport, MigData, MultiWrite, RegionAccess, RegionInfoMsg, RegionInfoReply, TwinSocket,
-    Version, WriteMulti,
+    LoggingReport, MigData, MultiWrite, RegionAccess, RegionInfoMsg, RegionInfoReply, Version,
+    WriteMulti,
 };
 use crate::socket::Message;
 
@@ -234,16 +234,13 @@ impl Client {
         let offer = Version {
             major: proto::VERSION_MAJOR,
             minor: proto::VERSION_MINOR,
-            caps: Capabilities {
-                max_msg_fds: config.max_msg_fds,
-                max_data_xfer_size: my_xfer as u32,
-                twin_socket: config.twin_socket.then_some(TwinSocket {
-                    supported: true,
-                    fd_index: None,
-                }),
-                write_multiple: config.write_multiple,
-                ..Capabilities::default()
-            },
+            // Within every server parser's bounds (proto's table).
+            caps: Capabilities::client_offer(
+                config.max_msg_fds,
+                u32::try_from(my_xfer).unwrap_or(u32::MAX),
+                config.twin_socket,
+                config.write_multiple,
+            ),
         };
         let mut b = Vec::new();
         offer.encode_into(&mut b);

@@ -11,6 +11,44 @@
 //!
 //! [`Request::decode`] and [`Reply::decode`] dispatch on the command; the server and the
 //! fuzz target use them. All integers are host-endian (the protocol is host-local).
+//!
+//! # VERSION capabilities every real peer accepts
+//!
+//! The spec bounds no capability, but the parsers in the field do, and a peer outside
+//! them is refused at the first message (QEMU exits with `malformed max_msg_fds`). What
+//! each parser accepts, read from its source (QEMU 10.2 `hw/vfio-user/proxy.c`
+//! `caps_check`; Cloud Hypervisor's `vfio_user` crate 0.1.x `negotiate_version` /
+//! `Capabilities`; libvfio-user `lib/tran.c` `tran_parse_version_json`, used by its
+//! server and by its sample client `samples/client.c`):
+//!
+//! | reply field (server -> client) | QEMU 10.2 client | Cloud Hypervisor (`vfio_user` 0.1) client | libvfio-user client | nestio client |
+//! |---|---|---|---|---|
+//! | minor | ≤ 0 (it proposes 0) | not checked (proposes 1) | ≤ 2 | ≤ 2 |
+//! | JSON | NUL-terminated, object | last byte dropped, then `{"capabilities":{..}}` required | NUL-terminated | NUL optional |
+//! | `max_msg_fds` | unsigned ≤ **16** | u32 | JSON int, cast to C `int` | u32 |
+//! | `max_data_xfer_size` | unsigned ≤ 64 MiB | u32 | JSON int, cast to C `int` | u32, ≠ 0 |
+//! | `pgsizes` | unsigned, no bit below 4 KiB | ignored | ignored | u64, ≠ 0 |
+//! | `max_dma_maps` | unsigned ≤ 65535 | ignored | ignored | u32 |
+//! | `migration` | object: `pgsize` no bit below 4 KiB, `max_bitmap_size` ≤ 256 MiB | object with a u32 `pgsize` (**required**) | object, int `pgsize` | object |
+//! | `write_multiple` | bool | ignored | ignored | bool |
+//! | `twin_socket` | warns "spurious capabilities" | ignored | object with bool `supported`; its sample client crashes on it (passes no out-pointer) | object |
+//!
+//! | proposal field (client -> server) | libvfio-user server (also QEMU's `x-remote-object`) | Cloud Hypervisor (`vfio_user` 0.1) server |
+//! |---|---|---|
+//! | `max_msg_fds` | JSON int, 0..=1024 | u32 |
+//! | `max_data_xfer_size` | JSON int, cast to C `int` | u32 |
+//! | `migration.pgsize` | must equal the host page size when the device migrates | u32, required in a `migration` object |
+//! | `twin_socket` | object with bool `supported` | ignored |
+//!
+//! So nestio's server replies with [`Capabilities::server_reply`]: `max_msg_fds` at most
+//! [`portable::MAX_MSG_FDS`] (16) unless the client itself proposed more (a client that
+//! accepts 64 fds per message does not refuse a server that does; nestio's own client
+//! proposes 64), never more than [`portable::MAX_MSG_FDS_LIMIT`]; `max_data_xfer_size` ≤
+//! 64 MiB; `max_dma_maps` ≤ 65535; `pgsizes` and `migration.pgsize` 4 KiB;
+//! `max_bitmap_size` ≤ 256 MiB; `twin_socket` only when the client offered it. The
+//! server still *accepts* up to its configured limits; it only advertises no more than
+//! every client parses. nestio's client proposes with [`Capabilities::client_offer`]:
+//! `max_msg_fds` ≤ 1024, `max_data_xfer_size` ≤ 64 MiB, no `migration` object.
 
 use serde::{Deserialize, Serialize};
 
@@ -558,6 +596,90 @@ impl Capabilities {
     /// Is twin-socket mode offered / enabled?
     pub fn twin_supported(&self) -> bool {
         self.twin_socket.is_some_and(|t| t.supported)
+    }
+}
+
+/// The capability bounds that every client and server in the field accepts (see the
+/// module documentation's table).
+pub mod portable {
+    /// QEMU's client refuses a server `max_msg_fds` above 16 (`VFIO_USER_MAX_MAX_FDS`).
+    pub const MAX_MSG_FDS: u32 = 16;
+    /// libvfio-user's server refuses a client `max_msg_fds` above 1024; no peer needs
+    /// more, so no side of nestio advertises more even when asked.
+    pub const MAX_MSG_FDS_LIMIT: u32 = 1024;
+    /// QEMU's client refuses a `max_data_xfer_size` above 64 MiB; libvfio-user reads it
+    /// into a C `int`.
+    pub const MAX_DATA_XFER: u32 = 64 << 20;
+    /// QEMU's client refuses a `max_dma_maps` above 65535 (the kernel's
+    /// `dma_entry_limit`).
+    pub const MAX_DMA_MAPS: u32 = 65535;
+    /// QEMU's client refuses a page size with a bit below 4 KiB; libvfio-user's server
+    /// wants exactly the host page size for migration.
+    pub const PGSIZE: u64 = 4096;
+    /// QEMU's client refuses a `migration.max_bitmap_size` above 256 MiB.
+    pub const MAX_BITMAP: u64 = 256 << 20;
+}
+
+/// The limits a server is configured with, before they are fitted to a client by
+/// [`Capabilities::server_reply`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerOffer {
+    /// Most fds the server accepts in one message.
+    pub max_msg_fds: u32,
+    /// Largest data count of one message the server accepts.
+    pub max_data_xfer_size: u32,
+    /// Most DMA mappings.
+    pub max_dma_maps: u32,
+    /// REGION_WRITE_MULTI accepted.
+    pub write_multiple: bool,
+}
+
+impl Capabilities {
+    /// The capabilities of a server's VERSION reply to a client that proposed `client`:
+    /// the server's limits, lowered into the bounds every client parser accepts (module
+    /// documentation). `max_msg_fds` goes above 16 only when the client proposed more
+    /// (it then accepts such a value), and never above 1024. `twin_socket` is left
+    /// unset: the server adds it when it creates one for a client that offered it.
+    pub fn server_reply(offer: &ServerOffer, client: &Capabilities) -> Capabilities {
+        let fds_bound = client
+            .max_msg_fds
+            .clamp(portable::MAX_MSG_FDS, portable::MAX_MSG_FDS_LIMIT);
+        let max_data_xfer_size = offer.max_data_xfer_size.min(portable::MAX_DATA_XFER);
+        Capabilities {
+            max_msg_fds: offer.max_msg_fds.min(fds_bound),
+            max_data_xfer_size,
+            max_dma_maps: offer.max_dma_maps.min(portable::MAX_DMA_MAPS),
+            pgsizes: portable::PGSIZE,
+            twin_socket: None,
+            write_multiple: offer.write_multiple && client.write_multiple,
+            migration: Some(LegacyMigration {
+                pgsize: portable::PGSIZE,
+                max_bitmap_size: u64::from(max_data_xfer_size).min(portable::MAX_BITMAP),
+            }),
+        }
+    }
+
+    /// The capabilities of a client's VERSION proposal: what it accepts, lowered into
+    /// the bounds every server parser accepts (module documentation). Proposing less
+    /// than the client accepts is always safe: the server only sends less.
+    pub fn client_offer(
+        max_msg_fds: u32,
+        max_data_xfer_size: u32,
+        twin_socket: bool,
+        write_multiple: bool,
+    ) -> Capabilities {
+        Capabilities {
+            max_msg_fds: max_msg_fds.min(portable::MAX_MSG_FDS_LIMIT),
+            max_data_xfer_size: max_data_xfer_size.clamp(1, portable::MAX_DATA_XFER),
+            max_dma_maps: DEFAULT_MAX_DMA_MAPS,
+            pgsizes: portable::PGSIZE,
+            twin_socket: twin_socket.then_some(TwinSocket {
+                supported: true,
+                fd_index: None,
+            }),
+            write_multiple,
+            migration: None,
+        }
     }
 }
 

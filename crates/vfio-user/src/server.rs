@@ -51,8 +51,8 @@ use crate::endpoint::{Endpoint, EndpointError, Incoming};
 use crate::proto::{
     self, dma_flags, feature, irq_set_flags, Capabilities, Command, DeviceFeature, DeviceInfoMsg,
     DmaAccess, DmaMap, DmaUnmap, IoFdEntry, IoFdsMsg, IoFdsReply, IrqInfoMsg, IrqSet,
-    LegacyMigration, LoggingControl, LoggingReport, MigData, RegionAccess, RegionInfoMsg,
-    RegionInfoReply, Request, TwinSocket, Version, WriteMulti,
+    LoggingControl, LoggingReport, MigData, RegionAccess, RegionInfoMsg, RegionInfoReply, Request,
+    TwinSocket, Version, WriteMulti,
 };
 use crate::socket::{peer_credentials, Message, PeerCredentials, SocketError};
 
@@ -711,19 +711,15 @@ impl Session<'_> {
             return Ok(Flow::Busy);
         }
         self.owner = true;
-        let cfg = self.cfg();
-        let mut caps = Capabilities {
+        let cfg = self.cfg().clone();
+        // What every client parser accepts (proto's table); we still accept our limits.
+        let offer = proto::ServerOffer {
             max_msg_fds: cfg.max_msg_fds,
             max_data_xfer_size: cfg.max_data_xfer_size,
             max_dma_maps: cfg.max_dma_maps,
-            pgsizes: proto::DEFAULT_PGSIZES,
-            twin_socket: None,
-            write_multiple: cfg.write_multiple && v.caps.write_multiple,
-            migration: Some(LegacyMigration {
-                pgsize: proto::DEFAULT_PGSIZES,
-                max_bitmap_size: cfg.max_data_xfer_size as u64,
-            }),
+            write_multiple: cfg.write_multiple,
         };
+        let mut caps = Capabilities::server_reply(&offer, &v.caps);
         // Client commands are bounded by our own max_data_xfer_size, and replies to our
         // DMA requests by the chunk we ask for, which never exceeds it either: the
         // client's (possibly huge) limit must not raise what we accept (a header alone

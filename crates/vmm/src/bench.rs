@@ -141,11 +141,7 @@ pub fn exit_costs(
     local: Arc<dyn VfioDevice>,
     remote_socket: PathBuf,
 ) -> Result<ExitBenchReport, ExitBenchError> {
-    let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut cfg = VmConfig::new(payload);
-    cfg.console = ConsoleOutput::Buffer(buf.clone());
-    cfg.cmdline = "mode=bench".into();
-    cfg.devices = vec![
+    let devices = vec![
         DeviceConfig::Local {
             name: "sample (in-process)".into(),
             device: local,
@@ -154,14 +150,119 @@ pub fn exit_costs(
             socket: remote_socket,
         },
     ];
+    let c = run_guest(payload.into(), devices)?;
+    Ok(ExitBenchReport {
+        local: c[0],
+        remote: c[1],
+    })
+}
+
+/// Boot the bench guest with `devices` (all sample devices) and return each one's costs
+/// in order.
+fn run_guest(
+    payload: PathBuf,
+    devices: Vec<DeviceConfig>,
+) -> Result<Vec<DeviceCosts>, ExitBenchError> {
+    let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let n = devices.len();
+    let mut cfg = VmConfig::new(payload);
+    cfg.console = ConsoleOutput::Buffer(buf.clone());
+    cfg.cmdline = "mode=bench".into();
+    cfg.devices = devices;
     let report = Vm::new(cfg)?.run()?;
     let console =
         String::from_utf8_lossy(&buf.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
     let status = report.exit_status();
-    match (status, parse(&console, 0), parse(&console, 1)) {
-        (0, Some(local), Some(remote)) => Ok(ExitBenchReport { local, remote }),
+    let costs: Option<Vec<DeviceCosts>> = (0..n).map(|i| parse(&console, i)).collect();
+    match (status, costs) {
+        (0, Some(c)) => Ok(c),
         _ => Err(ExitBenchError::Guest { status, console }),
     }
+}
+
+/// Posted versus synchronous MMIO writes to a vfio-user device, from one run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PostedReport {
+    /// The in-process device.
+    pub local: DeviceCosts,
+    /// The vfio-user device with `posted-writes=off` (every write waits for its reply).
+    pub sync: DeviceCosts,
+    /// The vfio-user device with posted writes (the default).
+    pub posted: DeviceCosts,
+}
+
+impl PostedReport {
+    /// Synchronous vfio-user MMIO write / in-process one ("before").
+    pub fn sync_over_local_write(&self) -> f64 {
+        self.sync.write as f64 / self.local.write.max(1) as f64
+    }
+    /// Posted vfio-user MMIO write / in-process one ("after").
+    pub fn posted_over_local_write(&self) -> f64 {
+        self.posted.write as f64 / self.local.write.max(1) as f64
+    }
+}
+
+impl std::fmt::Display for PostedReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "guest TSC cycles per operation (one run):")?;
+        for (name, c) in [
+            ("in-process", self.local),
+            ("vfio-user, posted-writes=off", self.sync),
+            ("vfio-user, posted-writes=on", self.posted),
+        ] {
+            writeln!(
+                f,
+                "  {name:>28}: MMIO read {:>8}  MMIO write {:>8}  INT_SET->handler {:>8}",
+                c.read, c.write, c.irq
+            )?;
+        }
+        writeln!(f, "ratios:")?;
+        writeln!(
+            f,
+            "  MMIO write, vfio-user / in-process, posted-writes=off (before): {:.2}",
+            self.sync_over_local_write()
+        )?;
+        write!(
+            f,
+            "  MMIO write, vfio-user / in-process, posted-writes=on  (after):  {:.2}",
+            self.posted_over_local_write()
+        )
+    }
+}
+
+/// Run the posted-write benchmark: `local` a sample device object; `sync_socket` and
+/// `posted_socket` two vfio-user servers each serving a sample device (a server serves
+/// one client at a time). The same guest times all three devices in one run.
+pub fn posted_write_costs(
+    payload: impl Into<PathBuf>,
+    local: Arc<dyn VfioDevice>,
+    sync_socket: PathBuf,
+    posted_socket: PathBuf,
+) -> Result<PostedReport, ExitBenchError> {
+    let devices = vec![
+        DeviceConfig::Local {
+            name: "sample (in-process)".into(),
+            device: local,
+        },
+        DeviceConfig::VfioUserWith {
+            socket: sync_socket,
+            options: crate::remote::RemoteOptions {
+                posted_writes: false,
+            },
+        },
+        DeviceConfig::VfioUserWith {
+            socket: posted_socket,
+            options: crate::remote::RemoteOptions {
+                posted_writes: true,
+            },
+        },
+    ];
+    let c = run_guest(payload.into(), devices)?;
+    Ok(PostedReport {
+        local: c[0],
+        sync: c[1],
+        posted: c[2],
+    })
 }
 
 #[cfg(test)]

@@ -66,7 +66,7 @@ pub mod memory;
 pub mod pci;
 pub mod platform;
 pub mod region_map;
-mod remote;
+pub mod remote;
 pub mod serial;
 pub mod serial_input;
 pub mod threads;

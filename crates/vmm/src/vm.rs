@@ -80,6 +80,14 @@ pub enum DeviceConfig {
         /// The server's UNIX socket.
         socket: PathBuf,
     },
+    /// [`DeviceConfig::VfioUser`] with options other than the defaults
+    /// (`vfio-user=PATH,posted-writes=off`; see [`crate::remote`]).
+    VfioUserWith {
+        /// The server's UNIX socket.
+        socket: PathBuf,
+        /// Per-device options.
+        options: crate::remote::RemoteOptions,
+    },
     /// A device object in this process (wired exactly like a remote one).
     Local {
         /// Name used in messages.
@@ -93,6 +101,9 @@ impl std::fmt::Debug for DeviceConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DeviceConfig::VfioUser { socket } => write!(f, "vfio-user={}", socket.display()),
+            DeviceConfig::VfioUserWith { socket, options } => {
+                write!(f, "vfio-user={} {options:?}", socket.display())
+            }
             DeviceConfig::Local { name, .. } => write!(f, "local {name}"),
         }
     }
@@ -102,7 +113,7 @@ impl std::fmt::Debug for DeviceConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// A `--device` value that is not understood.
-    #[error("invalid --device {0:?}: use vfio-user=SOCKET_PATH")]
+    #[error("{0}")]
     Device(String),
     /// A size that is not understood.
     #[error("invalid size {0:?}: use a number with an optional K, M or G suffix (e.g. 64M)")]
@@ -122,13 +133,14 @@ pub fn parse_cpus(s: &str) -> Result<u8, ConfigError> {
 
 impl std::str::FromStr for DeviceConfig {
     type Err = ConfigError;
-    /// `vfio-user=PATH`.
+    /// `vfio-user=PATH[,posted-writes=on|off]` (defaults give [`DeviceConfig::VfioUser`]).
     fn from_str(s: &str) -> Result<Self, ConfigError> {
-        match s.split_once('=') {
-            Some(("vfio-user", path)) if !path.is_empty() => Ok(DeviceConfig::VfioUser {
-                socket: PathBuf::from(path),
-            }),
-            _ => Err(ConfigError::Device(s.into())),
+        match crate::remote::parse_spec(s) {
+            Ok((socket, options)) if options == crate::remote::RemoteOptions::default() => {
+                Ok(DeviceConfig::VfioUser { socket })
+            }
+            Ok((socket, options)) => Ok(DeviceConfig::VfioUserWith { socket, options }),
+            Err(e) => Err(ConfigError::Device(e.to_string())),
         }
     }
 }
@@ -926,6 +938,10 @@ fn attach_devices(
             DeviceConfig::Local { name, device } => (name.clone(), device.clone()),
             DeviceConfig::VfioUser { socket } => {
                 let dev = crate::remote::connect(socket)?;
+                (format!("vfio-user:{}", socket.display()), dev)
+            }
+            DeviceConfig::VfioUserWith { socket, options } => {
+                let dev = crate::remote::connect_with(socket, *options)?;
                 (format!("vfio-user:{}", socket.display()), dev)
             }
         };

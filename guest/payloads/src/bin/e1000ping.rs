@@ -22,6 +22,7 @@ use nestio_guest::{cmdline_value, interrupts, pci, println};
 nestio_guest::entry!(main);
 
 const CTRL: u64 = 0x0;
+const STATUS: u64 = 0x8;
 const EERD: u64 = 0x14;
 const ICR: u64 = 0xc0;
 const IMS: u64 = 0xd0;
@@ -137,6 +138,10 @@ impl Nic {
         self.tx_next = (i + 1) % N;
         RX_MARK.store(RX_IRQS.load(Ordering::SeqCst), Ordering::SeqCst);
         mmio_write32(reg(TDT), self.tx_next as u32);
+        // Flush the posted TDT write (a read is ordered after it), as drivers do
+        // (E1000_WRITE_FLUSH): a VMM may post MMIO writes, so the device may not have
+        // seen TDT yet when the vCPU resumes.
+        mmio_read32(reg(STATUS));
         for _ in 0..1000 {
             // SAFETY: reading the status byte the device writes back.
             let st = unsafe { read_volatile(&(*tx_ring().add(i))[1]) } >> 32;

@@ -1,0 +1,243 @@
+//! Posted MMIO writes to a remote device (`nestio_vmm::remote::PostedWrites`): writes
+//! to plain memory BARs return without waiting for the server, a read after them sees
+//! them (one socket, executed in order), config space stays synchronous, a write the
+//! device refuses does not break the connection, and a dead server is noticed by the
+//! next posted write. Served by nestio's real server; no KVM needed.
+
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nestio_device_model::{
+    pci_index, DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, RegionInfo, Result, VfioDevice,
+};
+use nestio_emulated::sample::{regs, sample_device, SampleDevice, RAM_BAR};
+use nestio_vfio_user::{Client, ClientConfig, Server, ServerConfig};
+use nestio_vmm::remote::PostedWrites;
+
+/// The sample device, with a gate on BAR0 writes: while closed, the server thread stops
+/// inside the device's `region_write` (the client cannot get a reply from it); writes
+/// to `REFUSED` fail.
+struct Gated {
+    inner: Arc<SampleDevice>,
+    gate: Mutex<Option<mpsc::Receiver<()>>>,
+    entered: Mutex<Option<mpsc::Sender<()>>>,
+}
+
+const REFUSED: u64 = 0xf00;
+
+impl VfioDevice for Gated {
+    fn info(&self) -> DeviceInfo {
+        self.inner.info()
+    }
+    fn region_info(&self, index: u32) -> Result<RegionInfo> {
+        self.inner.region_info(index)
+    }
+    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.region_read(index, offset, buf)
+    }
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
+        if index == pci_index::BAR0 {
+            if offset == REFUSED {
+                return Err(DeviceError::Invalid("refused on purpose".into()));
+            }
+            if let Some(tx) = self.entered.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+            if let Some(rx) = self.gate.lock().unwrap().take() {
+                let _ = rx.recv();
+            }
+        }
+        self.inner.region_write(index, offset, data)
+    }
+    fn irq_info(&self, index: u32) -> Result<IrqInfo> {
+        self.inner.irq_info(index)
+    }
+    fn set_irqs(
+        &self,
+        index: u32,
+        action: IrqAction,
+        start: u32,
+        count: u32,
+        data: IrqData,
+    ) -> Result<()> {
+        self.inner.set_irqs(index, action, start, count, data)
+    }
+}
+
+struct Setup {
+    dev: Arc<PostedWrites>,
+    /// The server's end, to kill the connection from the server side.
+    server_end: UnixStream,
+    open_gate: mpsc::Sender<()>,
+    entered: mpsc::Receiver<()>,
+}
+
+fn setup() -> Setup {
+    let (gate_tx, gate_rx) = mpsc::channel();
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let device = Arc::new(Gated {
+        inner: sample_device().unwrap(),
+        gate: Mutex::new(Some(gate_rx)),
+        entered: Mutex::new(Some(entered_tx)),
+    });
+    let server = Server::new(device, ServerConfig::default());
+    let (a, b) = UnixStream::pair().unwrap();
+    let server_end = b.try_clone().unwrap();
+    std::thread::spawn(move || server.serve_stream(b));
+    let client = Client::from_stream(a, ClientConfig::default()).unwrap();
+    Setup {
+        dev: Arc::new(PostedWrites::new(client).unwrap()),
+        server_end,
+        open_gate: gate_tx,
+        entered: entered_rx,
+    }
+}
+
+fn read32(dev: &dyn VfioDevice, index: u32, offset: u64) -> u32 {
+    let mut b = [0u8; 4];
+    dev.region_read(index, offset, &mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+#[test]
+fn only_plain_memory_bars_are_posted() {
+    let s = setup();
+    assert!(s.dev.is_posted(pci_index::BAR0), "BAR0: registers");
+    assert!(!s.dev.is_posted(RAM_BAR), "the RAM BAR is mmappable");
+    assert!(
+        !s.dev.is_posted(pci_index::CONFIG),
+        "config space is synchronous"
+    );
+    assert!(!s.dev.is_posted(pci_index::ROM));
+    assert!(!s.dev.is_posted(1), "an absent BAR");
+    let _ = s.open_gate.send(());
+}
+
+/// Posted writes return while the server is stuck inside the device; a read issued
+/// after them waits for them and sees the last one.
+#[test]
+fn posted_writes_do_not_wait_and_a_later_read_sees_them() {
+    let s = setup();
+    // The first write stops the server inside the device (the gate is closed).
+    s.dev
+        .region_write(pci_index::BAR0, regs::SCRATCH, &0u32.to_le_bytes())
+        .unwrap();
+    s.entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the server executes the write");
+    // 100 more writes return although the server answers nothing meanwhile. (Not many
+    // more: the socket's send buffer holds a few hundred small messages, then a posted
+    // write waits for the server to read — the back-pressure a stuck server exerts.)
+    for i in 1..=100u32 {
+        s.dev
+            .region_write(pci_index::BAR0, regs::SCRATCH, &i.to_le_bytes())
+            .unwrap();
+    }
+    // A read now cannot pass them: it waits until the gate opens.
+    let (tx, rx) = mpsc::channel();
+    let d = s.dev.clone();
+    let reader = std::thread::spawn(move || {
+        let v = read32(&*d, pci_index::BAR0, regs::SCRATCH);
+        tx.send(v).unwrap();
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "a read overtook posted writes"
+    );
+    s.open_gate.send(()).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 100);
+    reader.join().unwrap();
+    // Interleaved: each read sees the write just before it.
+    for i in 0..200u32 {
+        let v = i.wrapping_mul(0x9e37_79b9);
+        s.dev
+            .region_write(pci_index::BAR0, regs::SCRATCH, &v.to_le_bytes())
+            .unwrap();
+        assert_eq!(read32(&*s.dev, pci_index::BAR0, regs::SCRATCH), v);
+    }
+}
+
+/// A config-space write waits for its reply: it does not return while the server is
+/// stuck in an earlier posted write.
+#[test]
+fn config_writes_stay_synchronous() {
+    let s = setup();
+    s.dev
+        .region_write(pci_index::BAR0, regs::SCRATCH, &1u32.to_le_bytes())
+        .unwrap();
+    s.entered.recv_timeout(Duration::from_secs(10)).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let d = s.dev.clone();
+    let writer = std::thread::spawn(move || {
+        // Command register: memory decode + bus master.
+        let r = d.region_write(pci_index::CONFIG, 0x4, &0x6u16.to_le_bytes());
+        tx.send(r.is_ok()).unwrap();
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "a config write returned before the device executed it"
+    );
+    s.open_gate.send(()).unwrap();
+    assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+    writer.join().unwrap();
+    let mut cmd = [0u8; 2];
+    s.dev.region_read(pci_index::CONFIG, 0x4, &mut cmd).unwrap();
+    assert_eq!(u16::from_le_bytes(cmd) & 0x6, 0x6);
+}
+
+/// A posted write the device refuses is dropped (the server logs it); the connection
+/// stays in step and later accesses work. A server that goes away is noticed by the
+/// next posted write: the device is reported disconnected (fatal for the VM).
+#[test]
+fn refused_posted_write_is_dropped_and_a_dead_server_is_noticed() {
+    let s = setup();
+    s.open_gate.send(()).unwrap();
+    s.dev
+        .region_write(pci_index::BAR0, REFUSED, &1u32.to_le_bytes())
+        .expect("a posted write does not wait for the refusal");
+    s.dev
+        .region_write(pci_index::BAR0, regs::SCRATCH, &77u32.to_le_bytes())
+        .unwrap();
+    assert_eq!(read32(&*s.dev, pci_index::BAR0, regs::SCRATCH), 77);
+    // The server side goes away.
+    s.server_end.shutdown(std::net::Shutdown::Both).unwrap();
+    let mut last = Ok(());
+    for i in 0..64u32 {
+        last = s
+            .dev
+            .region_write(pci_index::BAR0, regs::SCRATCH, &i.to_le_bytes());
+        if last.is_err() {
+            break;
+        }
+    }
+    match last {
+        Err(DeviceError::Disconnected(_)) => {}
+        other => panic!("a posted write to a dead server gave {other:?}"),
+    }
+}
+
+/// `posted-writes=off` and the default reach the VMM's device list as options.
+#[test]
+fn the_option_is_per_device() {
+    use nestio_vmm::DeviceConfig;
+    match "vfio-user=/tmp/a.sock,posted-writes=off"
+        .parse::<DeviceConfig>()
+        .unwrap()
+    {
+        DeviceConfig::VfioUserWith { socket, options } => {
+            assert_eq!(socket, std::path::PathBuf::from("/tmp/a.sock"));
+            assert!(!options.posted_writes);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        "vfio-user=/tmp/a.sock,posted-writes=on".parse::<DeviceConfig>(),
+        Ok(DeviceConfig::VfioUser { .. })
+    ));
+    let e = "vfio-user=/tmp/a.sock,posted=off"
+        .parse::<DeviceConfig>()
+        .unwrap_err();
+    assert!(e.to_string().contains("posted-writes=on|off"), "{e}");
+}
