@@ -10,9 +10,10 @@
 //! `/proc/cpuinfo` lists. The transcript shows the key console lines with their arrival time on
 //! the host clock, measured from VM start, and a summary of boot milestones.
 
+use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -135,8 +136,7 @@ pub fn run(args: DemoArgs) -> CmdResult {
     let mut vm = nestio_vmm::Vm::new(cfg)?;
     let report = vm.run()?;
     let elapsed = t0.elapsed();
-    let text =
-        String::from_utf8_lossy(&console.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    let text = String::from_utf8_lossy(&console.lock()).into_owned();
     let tsc_hz = host_tsc_hz();
     for line in text.lines() {
         println!("    | {}", with_time(line, tsc_hz));
@@ -375,15 +375,13 @@ fn run_linux(args: DemoArgs) -> CmdResult {
         lines: Vec::new(),
     }));
     let sink = transcript.clone();
-    cfg.console = ConsoleOutput::Callback(Arc::new(move |b: &[u8]| {
-        sink.lock().unwrap_or_else(|e| e.into_inner()).feed(b)
-    }));
+    cfg.console = ConsoleOutput::Callback(Arc::new(move |b: &[u8]| sink.lock().feed(b)));
     let mut vm = nestio_vmm::Vm::new(cfg)?;
     let report = vm.run()?;
     let end = t0.elapsed().as_secs_f64();
     drop(vm);
     drop(dev);
-    let tr = transcript.lock().unwrap_or_else(|e| e.into_inner());
+    let tr = transcript.lock();
     let status = report.exit_status();
     let m = tr.marks;
     let show = |what: &str, t: Option<f64>| match (t, m.first_line) {

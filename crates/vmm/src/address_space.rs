@@ -105,7 +105,7 @@ impl VmAddressSpace for VmFd {
 pub(crate) mod fake {
     //! A recording [`VmAddressSpace`].
     use super::*;
-    use std::sync::Mutex;
+    use parking_lot::Mutex;
 
     /// One recorded call.
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,7 +121,7 @@ pub(crate) mod fake {
 
     impl RecordingSpace {
         pub(crate) fn take(&self) -> Vec<SpaceCall> {
-            std::mem::take(&mut *self.calls.lock().unwrap())
+            std::mem::take(&mut *self.calls.lock())
         }
     }
 
@@ -133,10 +133,7 @@ pub(crate) mod fake {
             size: u64,
             _host: u64,
         ) -> Result<(), kvm_ioctls::Error> {
-            self.calls
-                .lock()
-                .unwrap()
-                .push(SpaceCall::Slot { slot, gpa, size });
+            self.calls.lock().push(SpaceCall::Slot { slot, gpa, size });
             Ok(())
         }
         fn register_ioevent(
@@ -144,7 +141,7 @@ pub(crate) mod fake {
             _: &EventFd,
             spec: &IoEventSpec,
         ) -> Result<(), kvm_ioctls::Error> {
-            self.calls.lock().unwrap().push(SpaceCall::Ioevent {
+            self.calls.lock().push(SpaceCall::Ioevent {
                 spec: *spec,
                 register: true,
             });
@@ -155,7 +152,7 @@ pub(crate) mod fake {
             _: &EventFd,
             spec: &IoEventSpec,
         ) -> Result<(), kvm_ioctls::Error> {
-            self.calls.lock().unwrap().push(SpaceCall::Ioevent {
+            self.calls.lock().push(SpaceCall::Ioevent {
                 spec: *spec,
                 register: false,
             });

@@ -163,15 +163,14 @@ fn run_guest(
     payload: PathBuf,
     devices: Vec<DeviceConfig>,
 ) -> Result<Vec<DeviceCosts>, ExitBenchError> {
-    let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let buf = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let n = devices.len();
     let mut cfg = VmConfig::new(payload);
     cfg.console = ConsoleOutput::Buffer(buf.clone());
     cfg.cmdline = "mode=bench".into();
     cfg.devices = devices;
     let report = Vm::new(cfg)?.run()?;
-    let console =
-        String::from_utf8_lossy(&buf.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    let console = String::from_utf8_lossy(&buf.lock()).into_owned();
     let status = report.exit_status();
     let costs: Option<Vec<DeviceCosts>> = (0..n).map(|i| parse(&console, i)).collect();
     match (status, costs) {

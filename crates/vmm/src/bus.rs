@@ -10,8 +10,9 @@
 //! The map sits behind an `RwLock`, but the lock is released before the handler runs:
 //! a handler (PCI configuration write) may remap BARs on the same bus.
 
+use parking_lot::RwLock;
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 /// A fatal failure of a bus access: the device behind it is gone or broken, and the VM
 /// must stop with this message.
@@ -120,7 +121,7 @@ impl Bus {
 
     /// Put `dev` at `range`; fails when the range overlaps another.
     pub fn insert(&self, range: BusRange, dev: Arc<dyn BusDevice>) -> Result<(), BusError> {
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.map.write();
         let clash = map
             .range(..=range.last())
             .next_back()
@@ -137,16 +138,12 @@ impl Bus {
 
     /// Remove the range that starts at `base`; true when there was one.
     pub fn remove(&self, base: u64) -> bool {
-        self.map
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&base)
-            .is_some()
+        self.map.write().remove(&base).is_some()
     }
 
     /// The device and offset for an access, if it lies wholly inside one range.
     pub fn resolve(&self, addr: u64, len: u64) -> Option<(Arc<dyn BusDevice>, u64)> {
-        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        let map = self.map.read();
         let (_, e) = map.range(..=addr).next_back()?;
         let off = e.range.offset_of(addr, len)?;
         Some((e.dev.clone(), off))
@@ -175,18 +172,18 @@ impl Bus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use parking_lot::Mutex;
 
     #[derive(Default)]
     struct Rec(Mutex<Vec<(u64, usize)>>);
     impl BusDevice for Rec {
         fn read(&self, offset: u64, data: &mut [u8]) -> Result<(), BusFault> {
-            self.0.lock().unwrap().push((offset, data.len()));
+            self.0.lock().push((offset, data.len()));
             data.fill(0x11);
             Ok(())
         }
         fn write(&self, offset: u64, data: &[u8]) -> Result<(), BusFault> {
-            self.0.lock().unwrap().push((offset, data.len()));
+            self.0.lock().push((offset, data.len()));
             Ok(())
         }
     }
@@ -226,7 +223,7 @@ mod tests {
         assert!(!bus.read(0x10fe, &mut b).unwrap());
         assert_eq!(b, [0xff; 4]);
         assert!(!bus.write(0x2000, &[1]).unwrap());
-        assert_eq!(*d.0.lock().unwrap(), vec![(4, 4)]);
+        assert_eq!(*d.0.lock(), vec![(4, 4)]);
         assert!(bus.remove(0x1000));
         assert!(!bus.read(0x1004, &mut b).unwrap());
     }

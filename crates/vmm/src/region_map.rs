@@ -15,8 +15,9 @@
 //! The mapper owns the memory-slot numbers (slot 0 is guest RAM) and talks to KVM
 //! through [`VmAddressSpace`], so it is testable without `/dev/kvm`.
 
+use parking_lot::Mutex;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 
 use nestio_device_model::{region_flags, DeviceError, VfioDevice};
 use vmm_sys_util::eventfd::EventFd;
@@ -162,7 +163,7 @@ impl RegionMapper {
     }
 
     fn alloc_slot(&self) -> Option<u32> {
-        let mut n = self.next_slot.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = self.next_slot.lock();
         if *n >= SLOT_LIMIT {
             return None;
         }
@@ -381,7 +382,7 @@ impl RegionIo {
 
     fn fault(&self, what: &str, offset: u64, e: DeviceError) -> BusFault {
         let message = format!("{what} of region {} at {offset:#x}: {e}", self.index);
-        *self.lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+        *self.lost.lock() = Some(message.clone());
         BusFault {
             device: self.name.clone(),
             message,

@@ -1,7 +1,8 @@
 //! The 16550 console (vm-superio) at 0x3f8, IRQ 4 through a KVM irqfd.
 
+use parking_lot::Mutex;
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
@@ -58,7 +59,7 @@ impl Write for Out {
                 }
             }
             ConsoleOutput::Sink => {}
-            ConsoleOutput::Buffer(b) => b.lock().unwrap_or_else(|e| e.into_inner()).extend(buf),
+            ConsoleOutput::Buffer(b) => b.lock().extend(buf),
             ConsoleOutput::Callback(f) => f(buf),
         }
         Ok(buf.len())
@@ -100,7 +101,7 @@ impl SerialConsole {
     /// guest enabled it); returns how many fitted — the rest waits for the guest to
     /// read (see [`crate::serial_input`]).
     pub fn feed(&self, bytes: &[u8]) -> usize {
-        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        let mut uart = self.uart.lock();
         match uart.enqueue_raw_bytes(bytes) {
             Ok(n) => n,
             Err(vm_superio::serial::Error::FullFifo) => 0,
@@ -115,7 +116,7 @@ impl SerialConsole {
     /// (the PAPR virtual terminal, [`crate::hypercall::console`]); serialised with the
     /// UART's own output.
     pub fn write_output(&self, bytes: &[u8]) {
-        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        let mut uart = self.uart.lock();
         if let Err(e) = uart.writer_mut().write_all(bytes) {
             tracing::warn!(error = %e, "console write failed");
         }
@@ -129,7 +130,7 @@ impl SerialConsole {
         const LSR: u8 = 5;
         const LCR_DLAB: u8 = 0x80;
         const LSR_DATA_READY: u8 = 0x01;
-        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        let mut uart = self.uart.lock();
         if uart.read(LCR) & LCR_DLAB != 0 {
             return 0;
         }
@@ -146,21 +147,13 @@ impl BusDevice for SerialConsole {
     fn read(&self, offset: u64, data: &mut [u8]) -> Result<(), BusFault> {
         data.fill(0xff);
         if data.len() == 1 {
-            data[0] = self
-                .uart
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read(offset as u8);
+            data[0] = self.uart.lock().read(offset as u8);
         }
         Ok(())
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), BusFault> {
         if data.len() == 1 {
-            let r = self
-                .uart
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .write(offset as u8, data[0]);
+            let r = self.uart.lock().write(offset as u8, data[0]);
             if let Err(e) = r {
                 tracing::warn!(error = ?e, "serial console write failed");
             }
@@ -183,7 +176,7 @@ mod tests {
         for b in b"hi\n" {
             s.write(0, &[*b]).unwrap();
         }
-        assert_eq!(&*buf.lock().unwrap(), b"hi\n");
+        assert_eq!(&*buf.lock(), b"hi\n");
         let mut lsr = [0u8];
         s.read(5, &mut lsr).unwrap();
         assert_ne!(lsr[0] & 0x20, 0, "THR empty");
@@ -191,9 +184,7 @@ mod tests {
         let sink = seen.clone();
         let cb = SerialConsole::new(
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            ConsoleOutput::Callback(Arc::new(move |b: &[u8]| {
-                sink.lock().unwrap().extend_from_slice(b)
-            })),
+            ConsoleOutput::Callback(Arc::new(move |b: &[u8]| sink.lock().extend_from_slice(b))),
         );
         cb.write(0, b"x").unwrap();
         // Input: the FIFO takes 64 bytes, the guest reads them from RBR with LSR.DR set.
@@ -207,7 +198,7 @@ mod tests {
         s.read(0, &mut rbr).unwrap();
         assert_eq!(rbr[0], 0);
         assert_eq!(s.feed(&input[64..]), 1, "one byte of room again");
-        assert_eq!(&*seen.lock().unwrap(), b"x");
+        assert_eq!(&*seen.lock(), b"x");
         let mut wide = [0u8; 2];
         s.read(0, &mut wide).unwrap();
         assert_eq!(wide, [0xff, 0xff], "16-bit access is not a UART access");
@@ -222,7 +213,7 @@ mod tests {
         );
         s.write(0, b"a").unwrap();
         s.write_output(b"bc");
-        assert_eq!(&*buf.lock().unwrap(), b"abc");
+        assert_eq!(&*buf.lock(), b"abc");
         let mut got = [0u8; 4];
         assert_eq!(s.take_input(&mut got), 0, "nothing received");
         assert_eq!(s.feed(b"xyz"), 3);

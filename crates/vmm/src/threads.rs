@@ -55,7 +55,7 @@ impl fmt::Debug for ThreadHooks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use parking_lot::Mutex;
 
     #[test]
     fn hooks_see_each_role_on_the_calling_thread() {
@@ -63,7 +63,6 @@ mod tests {
         let s = seen.clone();
         let hooks = ThreadHooks::new(move |role| {
             s.lock()
-                .unwrap()
                 .push((role, std::thread::current().name().map(String::from)))
         });
         let h = hooks.clone();
@@ -75,7 +74,7 @@ mod tests {
             .unwrap();
         hooks.enter(ThreadRole::Control);
         ThreadHooks::default().enter(ThreadRole::SerialInput);
-        let seen = seen.lock().unwrap();
+        let seen = seen.lock();
         assert_eq!(seen.len(), 2, "no hook, no call");
         assert_eq!(seen[0], (ThreadRole::Vcpu(0), Some("vcpu0".into())));
         assert_eq!(seen[1].0, ThreadRole::Control);

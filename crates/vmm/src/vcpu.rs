@@ -24,9 +24,10 @@
 //! are explained ([`crate::cpu`]); a KVM emulation failure stops with the guest RIP and the
 //! instruction bytes; a triple fault stops with the RIP.
 
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
@@ -657,7 +658,7 @@ impl VcpuControl {
 
     fn lock(&self) -> MutexGuard<'_, Parking> {
         // A vCPU thread that panicked leaves plain counters behind: still usable.
-        self.parking.lock().unwrap_or_else(|p| p.into_inner())
+        self.parking.lock()
     }
 
     /// True once a stop was requested.
@@ -720,7 +721,7 @@ impl VcpuControl {
         p.parked += 1;
         self.cv.notify_all();
         while self.pause.load(Ordering::SeqCst) && !self.stop_requested() {
-            p = self.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+            self.cv.wait(&mut p);
         }
         p.parked -= 1;
         drop(p);
@@ -764,11 +765,7 @@ impl VcpuControl {
                 unsafe { libc::pthread_kill(t, kick_signal()) };
             }
             let slice = (timeout - waited).min(Duration::from_millis(20));
-            p = self
-                .cv
-                .wait_timeout(p, slice)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            self.cv.wait_for(&mut p, slice);
         }
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::testdev::TestDev;
 use nestio_vmm::{payloads, DeviceConfig, StopReason, Vm, VmConfig, VmError};
 
-fn config(dev: &Arc<TestDev>) -> (VmConfig, Arc<std::sync::Mutex<Vec<u8>>>) {
+fn config(dev: &Arc<TestDev>) -> (VmConfig, Arc<parking_lot::Mutex<Vec<u8>>>) {
     let (console, buf) = common::console();
     let mut cfg = VmConfig::new(payloads::PCITEST);
     cfg.console = console;

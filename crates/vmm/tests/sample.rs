@@ -19,7 +19,7 @@ fn child_device_server() {
 fn sample_cfg(
     dev: DeviceConfig,
     mode: &str,
-) -> (VmConfig, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+) -> (VmConfig, std::sync::Arc<parking_lot::Mutex<Vec<u8>>>) {
     let (console, buf) = common::console();
     let mut cfg = VmConfig::new(payloads::SAMPLETEST);
     cfg.console = console;

@@ -19,7 +19,7 @@ const WAIT: Duration = Duration::from_secs(120);
 /// Where `smptest after=spin` keeps its per-vCPU loop counters.
 const SPIN_COUNTERS: u64 = 0x6000;
 
-fn smp_config(cpus: u8, cmdline: &str) -> (VmConfig, Arc<std::sync::Mutex<Vec<u8>>>) {
+fn smp_config(cpus: u8, cmdline: &str) -> (VmConfig, Arc<parking_lot::Mutex<Vec<u8>>>) {
     let (console, buf) = common::console();
     let mut cfg = VmConfig::new(payloads::SMPTEST);
     cfg.console = console;
@@ -28,7 +28,7 @@ fn smp_config(cpus: u8, cmdline: &str) -> (VmConfig, Arc<std::sync::Mutex<Vec<u8
     (cfg, buf)
 }
 
-fn wait_for(buf: &Arc<std::sync::Mutex<Vec<u8>>>, what: &str) {
+fn wait_for(buf: &Arc<parking_lot::Mutex<Vec<u8>>>, what: &str) {
     let t = Instant::now();
     while !common::text(buf).contains(what) {
         assert!(

@@ -13,8 +13,8 @@
 //! (the bus guarantees the access lies inside them), so a guest cannot provoke an
 //! out-of-range index.
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 
 use crate::bus::{BusDevice, BusFault};
 
@@ -54,7 +54,7 @@ impl PmRegisters {
 
 impl BusDevice for PmRegisters {
     fn read(&self, offset: u64, data: &mut [u8]) -> Result<(), BusFault> {
-        let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        let regs = self.regs.lock();
         for (i, b) in data.iter_mut().enumerate() {
             let idx = offset.saturating_add(i as u64);
             *b = match usize::try_from(idx).ok().and_then(|i| regs.get(i)) {
@@ -69,7 +69,7 @@ impl BusDevice for PmRegisters {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), BusFault> {
         let cnt = {
-            let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+            let mut regs = self.regs.lock();
             let mut touched_cnt = false;
             for (i, b) in data.iter().enumerate() {
                 let Some(idx) = usize::try_from(offset.saturating_add(i as u64))

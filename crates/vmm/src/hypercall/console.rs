@@ -99,7 +99,7 @@ impl HypercallHandler for TermHandler {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use parking_lot::Mutex;
 
     use super::super::guest_mem::tests::ram;
     use super::super::papr::H_FUNCTION;
@@ -113,10 +113,10 @@ mod tests {
     }
     impl Terminal for Fake {
         fn put(&self, bytes: &[u8]) {
-            self.out.lock().unwrap().extend_from_slice(bytes);
+            self.out.lock().extend_from_slice(bytes);
         }
         fn get(&self, buf: &mut [u8]) -> usize {
-            let mut i = self.input.lock().unwrap();
+            let mut i = self.input.lock();
             let n = i.len().min(buf.len());
             buf[..n].copy_from_slice(&i[..n]);
             i.drain(..n);
@@ -142,7 +142,7 @@ mod tests {
         assert_eq!(r.status, H_SUCCESS);
         let r = h.hcall(&ctx, &call(H_PUT_TERM_CHAR, &[0, 3, c0, c1]));
         assert_eq!(r.status, H_SUCCESS);
-        assert_eq!(&*fake.out.lock().unwrap(), b"hello, terminal!hel");
+        assert_eq!(&*fake.out.lock(), b"hello, terminal!hel");
         // Too long, another terminal: nothing written.
         for args in [[0, 17, c0, c1], [1, 1, c0, c1], [0, u64::MAX, c0, c1]] {
             assert_eq!(
@@ -150,12 +150,9 @@ mod tests {
                 H_PARAMETER
             );
         }
-        assert_eq!(fake.out.lock().unwrap().len(), 19);
+        assert_eq!(fake.out.lock().len(), 19);
         // Input: 20 bytes waiting come out 16 + 4, then none.
-        fake.input
-            .lock()
-            .unwrap()
-            .extend_from_slice(b"0123456789abcdefWXYZ");
+        fake.input.lock().extend_from_slice(b"0123456789abcdefWXYZ");
         let r = h.hcall(&ctx, &call(H_GET_TERM_CHAR, &[0]));
         assert_eq!(r.status, H_SUCCESS);
         assert_eq!(r.rets[0], 16);

@@ -26,9 +26,10 @@
 //! In-process translation for emulated devices (two stages, TCE windows, nesting) is a
 //! different layer: `DmaSpace` decorators in the device process (like `NestedDma`).
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use nestio_device_model::{DeviceError, VfioDevice};
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
@@ -177,8 +178,8 @@ pub trait DmaDomain: Send + Sync {
 
 type Streams = Mutex<BTreeMap<StreamId, Vec<Arc<dyn VfioDevice>>>>;
 
-fn lock(s: &Streams) -> std::sync::MutexGuard<'_, BTreeMap<StreamId, Vec<Arc<dyn VfioDevice>>>> {
-    s.lock().unwrap_or_else(|e| e.into_inner())
+fn lock(s: &Streams) -> parking_lot::MutexGuard<'_, BTreeMap<StreamId, Vec<Arc<dyn VfioDevice>>>> {
+    s.lock()
 }
 
 /// Take every mapping back from the devices of `stream` and forget them.
@@ -275,7 +276,6 @@ impl DmaDomain for ShadowDomain {
         let current: Vec<(u64, Translation)> = self
             .maps
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .get(&stream)
             .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
             .unwrap_or_default();
@@ -312,7 +312,6 @@ impl DmaDomain for ShadowDomain {
         }
         self.maps
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .entry(stream)
             .or_default()
             .insert(iova, (gpa, size, prot));
@@ -328,12 +327,7 @@ impl DmaDomain for ShadowDomain {
                     err,
                 })?;
         }
-        if let Some(m) = self
-            .maps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&stream)
-        {
+        if let Some(m) = self.maps.lock().get_mut(&stream) {
             m.retain(|&k, &mut (_, s, _)| k.saturating_add(s) <= iova || k >= iova + size);
         }
         Ok(())
@@ -390,16 +384,15 @@ mod tests {
             };
             self.maps
                 .lock()
-                .unwrap()
                 .push((req.range.start(), req.range.len(), req.prot, fd, off));
             Ok(())
         }
         fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
-            self.unmaps.lock().unwrap().push((iova, size));
+            self.unmaps.lock().push((iova, size));
             Ok(())
         }
         fn dma_unmap_all(&self) -> Result<()> {
-            self.unmaps.lock().unwrap().push((0, u64::MAX));
+            self.unmaps.lock().push((0, u64::MAX));
             Ok(())
         }
     }
@@ -418,18 +411,18 @@ mod tests {
         assert_eq!(s.to_string(), "PCI 00:01.0");
         dom.attach(s, dev.clone()).unwrap();
         assert_eq!(
-            *dev.maps.lock().unwrap(),
+            *dev.maps.lock(),
             vec![(0, 4 << 20, Prot::RW, ram.fd().as_raw_fd(), ram.fd_offset())],
             "exactly one map: all of guest RAM, read-write, by fd, IOVA = GPA"
         );
         let e = dom.map(s, 0x1000, 0x1000, 0x1000, Prot::READ).unwrap_err();
         assert!(e.to_string().contains("identity"), "{e}");
         assert!(dom.unmap(s, 0, 0x1000).is_err());
-        assert!(dev.unmaps.lock().unwrap().is_empty());
+        assert!(dev.unmaps.lock().is_empty());
         dom.detach(s);
-        assert_eq!(*dev.unmaps.lock().unwrap(), vec![(0, u64::MAX)]);
+        assert_eq!(*dev.unmaps.lock(), vec![(0, u64::MAX)]);
         dom.detach(s);
-        assert_eq!(dev.unmaps.lock().unwrap().len(), 1, "detached once");
+        assert_eq!(dev.unmaps.lock().len(), 1, "detached once");
         // A refusal names the stream and says what was refused (users grep for it).
         let refusing = Arc::new(DmaRecorder {
             refuse: true,
@@ -458,27 +451,24 @@ mod tests {
         let s = StreamId::Platform(7);
         dom.attach(s, a.clone()).unwrap();
         dom.attach(StreamId::Platform(8), other.clone()).unwrap();
-        assert!(
-            a.maps.lock().unwrap().is_empty(),
-            "a shadow domain starts empty"
-        );
+        assert!(a.maps.lock().is_empty(), "a shadow domain starts empty");
         dom.map(s, 0x10_0000, 0x2000, 0x1000, Prot::READ).unwrap();
         let fd = ram.fd().as_raw_fd();
         assert_eq!(
-            *a.maps.lock().unwrap(),
+            *a.maps.lock(),
             vec![(0x10_0000, 0x1000, Prot::READ, fd, ram.fd_offset() + 0x2000)]
         );
         // A device joining later gets the stream's current mappings.
         dom.attach(s, b.clone()).unwrap();
-        assert_eq!(*b.maps.lock().unwrap(), *a.maps.lock().unwrap());
+        assert_eq!(*b.maps.lock(), *a.maps.lock());
         dom.unmap(s, 0x10_0000, 0x1000).unwrap();
-        assert_eq!(*a.unmaps.lock().unwrap(), vec![(0x10_0000, 0x1000)]);
-        assert_eq!(*b.unmaps.lock().unwrap(), vec![(0x10_0000, 0x1000)]);
-        assert!(other.maps.lock().unwrap().is_empty() && other.unmaps.lock().unwrap().is_empty());
+        assert_eq!(*a.unmaps.lock(), vec![(0x10_0000, 0x1000)]);
+        assert_eq!(*b.unmaps.lock(), vec![(0x10_0000, 0x1000)]);
+        assert!(other.maps.lock().is_empty() && other.unmaps.lock().is_empty());
         // After the unmap a late joiner gets nothing.
         let c = Arc::new(DmaRecorder::default());
         dom.attach(s, c.clone()).unwrap();
-        assert!(c.maps.lock().unwrap().is_empty());
+        assert!(c.maps.lock().is_empty());
         // Hostile ranges are refused before any device sees them.
         assert!(matches!(
             dom.map(s, 0, (4 << 20) - 0x1000, 0x2000, Prot::RW),
@@ -490,10 +480,6 @@ mod tests {
         ));
         assert!(dom.map(s, 0, u64::MAX, 2, Prot::RW).is_err());
         assert!(dom.unmap(s, 0, 0).is_err());
-        assert_eq!(
-            a.maps.lock().unwrap().len(),
-            1,
-            "nothing more reached the device"
-        );
+        assert_eq!(a.maps.lock().len(), 1, "nothing more reached the device");
     }
 }

@@ -2,9 +2,8 @@
 //! as asked, messages from 100 up) and records every call, so the PCI code's interrupt
 //! wiring can be checked without `/dev/kvm`.
 
-use std::sync::Mutex;
-
 use nestio_device_model::pci::MsiMessage;
+use parking_lot::Mutex;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -31,10 +30,10 @@ pub(crate) struct RecordingIrqChip {
 impl RecordingIrqChip {
     /// Every call so far, and forget them.
     pub(crate) fn take(&self) -> Vec<IrqCall> {
-        std::mem::take(&mut *self.calls.lock().unwrap())
+        std::mem::take(&mut *self.calls.lock())
     }
     fn record(&self, c: IrqCall) {
-        self.calls.lock().unwrap().push(c);
+        self.calls.lock().push(c);
     }
 }
 
@@ -50,12 +49,12 @@ impl IrqChip for RecordingIrqChip {
             SourceRequest::Line(n) => (n, SourceKind::Line),
             SourceRequest::PlatformLine => (12, SourceKind::Line),
             SourceRequest::Msi => {
-                let mut m = self.next_msi.lock().unwrap();
+                let mut m = self.next_msi.lock();
                 *m += 1;
                 (99 + *m, SourceKind::Msi)
             }
         };
-        self.state.lock().unwrap().entry(n).or_insert(SourceState {
+        self.state.lock().entry(n).or_insert(SourceState {
             number: n,
             kind,
             message: None,
@@ -71,7 +70,7 @@ impl IrqChip for RecordingIrqChip {
         _trigger: &EventFd,
         resample: Option<&EventFd>,
     ) -> Result<(), IrqChipError> {
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         let s = st
             .get_mut(&source.number())
             .ok_or(IrqChipError::UnknownSource(source.number()))?;
@@ -84,7 +83,7 @@ impl IrqChip for RecordingIrqChip {
         Ok(())
     }
     fn detach(&self, source: IrqSource, _trigger: &EventFd) -> Result<(), IrqChipError> {
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         let s = st
             .get_mut(&source.number())
             .ok_or(IrqChipError::UnknownSource(source.number()))?;
@@ -95,7 +94,7 @@ impl IrqChip for RecordingIrqChip {
         Ok(())
     }
     fn program_msi(&self, updates: &[(IrqSource, Option<MsiMessage>)]) -> Result<(), IrqChipError> {
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         for (s, m) in updates {
             if let Some(x) = st.get_mut(&s.number()) {
                 x.message = m.map(MessageState::from);
@@ -109,7 +108,7 @@ impl IrqChip for RecordingIrqChip {
     fn snapshot(&self) -> IrqChipSnapshot {
         IrqChipSnapshot {
             model: "recording".into(),
-            sources: self.state.lock().unwrap().values().cloned().collect(),
+            sources: self.state.lock().values().cloned().collect(),
         }
     }
 }

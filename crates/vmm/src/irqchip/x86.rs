@@ -14,8 +14,9 @@
 //! with `noapic`. Platform (non-PCI) devices get edge lines from
 //! [`PLATFORM_LINES`], ISA lines no device of this machine uses.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kvm_bindings::{kvm_irq_routing_entry, KvmIrqRouting};
 use kvm_ioctls::VmFd;
@@ -112,8 +113,8 @@ impl KvmIrqChip {
         self.intx
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     fn commit_routes(&self, st: &State) -> Result<(), IrqChipError> {

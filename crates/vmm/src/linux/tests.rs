@@ -488,12 +488,12 @@ impl vm_superio::Trigger for IrqFd {
 
 /// Serial output shared between the UART model and the test.
 #[derive(Clone, Default)]
-struct Console(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+struct Console(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
 
 impl std::io::Write for Console {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let _ = std::io::stderr().write_all(buf);
-        self.0.lock().unwrap().extend_from_slice(buf);
+        self.0.lock().extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -585,7 +585,7 @@ fn boot_real_linux(protocol: ProtocolChoice) {
             other => panic!("unexpected exit {other:?}"),
         }
     };
-    let out = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
+    let out = String::from_utf8_lossy(&console.0.lock()).into_owned();
     assert!(out.contains("Linux version 6.1"), "no kernel banner");
     assert!(
         out.contains("NESTIO-INIT: start mode=boot"),

@@ -12,8 +12,9 @@
 
 pub mod assigned;
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 
 use nestio_device_model::VfioDevice;
 
@@ -180,10 +181,7 @@ impl PciRoot {
             }),
             config_address: Mutex::new(0),
         });
-        root.functions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(0, Arc::new(HostBridge::new()));
+        root.functions.lock().insert(0, Arc::new(HostBridge::new()));
         root
     }
 
@@ -202,23 +200,14 @@ impl PciRoot {
             });
         }
         let dev = AssignedDevice::new(self.clone(), slot, name, device)?;
-        self.functions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(slot, Arc::new(dev.clone()));
-        self.devices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(dev.clone());
+        self.functions.lock().insert(slot, Arc::new(dev.clone()));
+        self.devices.lock().push(dev.clone());
         Ok(dev)
     }
 
     /// Assigned devices.
     pub fn devices(&self) -> Vec<Arc<AssignedDevice>> {
-        self.devices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.devices.lock().clone()
     }
 
     /// First device found dead: (name, what happened).
@@ -240,11 +229,7 @@ impl PciRoot {
         if bus != 0 || func != 0 {
             return None;
         }
-        self.functions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&dev)
-            .cloned()
+        self.functions.lock().get(&dev).cloned()
     }
 
     fn config_access(
@@ -290,7 +275,7 @@ impl PciRoot {
     }
 
     pub(crate) fn alloc_bar(&self, io: bool, size: u64) -> Option<u64> {
-        let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.shared.lock();
         if io {
             s.pio_window.alloc(size)
         } else {
@@ -321,10 +306,7 @@ impl BusDevice for ConfigIo {
 impl PciRoot {
     fn config_io_read(&self, offset: u64, data: &mut [u8]) -> Result<(), BusFault> {
         if offset == 0 && data.len() == 4 {
-            let a = *self
-                .config_address
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let a = *self.config_address.lock();
             data.copy_from_slice(&a.to_le_bytes());
             return Ok(());
         }
@@ -341,10 +323,7 @@ impl PciRoot {
     fn config_io_write(&self, offset: u64, data: &[u8]) -> Result<(), BusFault> {
         if offset == 0 && data.len() == 4 {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-            *self
-                .config_address
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = v & 0x80ff_fffc;
+            *self.config_address.lock() = v & 0x80ff_fffc;
             return Ok(());
         }
         if offset < 4 {
@@ -359,10 +338,7 @@ impl PciRoot {
     /// (bus, device, function, register) that CONFIG_DATA at `offset` (4..8) addresses
     /// through the latched CONFIG_ADDRESS, or `None` while its enable bit is clear.
     fn config_target(&self, offset: u64) -> Option<(u8, u8, u8, u16)> {
-        let a = *self
-            .config_address
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let a = *self.config_address.lock();
         if a & 0x8000_0000 == 0 {
             return None;
         }

@@ -25,7 +25,8 @@
 //! 0xfee0_0000, KVM's TSS at 0xfffb_d000, and 64-bit PCI BARs between 4 GiB and 1 TiB.
 //! [`PlatformMmioAllocator::new`] refuses a window that overlaps any of these.
 
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 
 use nestio_device_model::{flags, irq_flags, IrqAction, IrqData, VfioDevice};
 use vmm_sys_util::eventfd::EventFd;
@@ -223,7 +224,7 @@ impl PlatformDevice {
     /// access, or now on a cheap probe (REGION_INFO, a round trip for a remote device),
     /// so that a guest waiting for an interrupt does not wait forever.
     pub fn check_alive(&self) -> Option<(String, String)> {
-        let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lost = self.lost.lock();
         if lost.is_none() {
             if let Some(e) = self.dev.region_info(0).err().filter(is_fatal) {
                 *lost = Some(format!("liveness probe: {e}"));
@@ -289,10 +290,7 @@ impl PlatformBus {
 
     /// Attached devices.
     pub fn devices(&self) -> Vec<Arc<PlatformDevice>> {
-        self.devices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.devices.lock().clone()
     }
 
     /// First device found dead: (name, what happened).
@@ -319,7 +317,7 @@ impl PlatformBus {
                     .into(),
             ));
         }
-        let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let mut devices = self.devices.lock();
         let stream = StreamId::Platform(devices.len() as u32);
         self.dma
             .attach(stream, dev.clone())
@@ -345,16 +343,13 @@ impl PlatformBus {
             if ri.size == 0 {
                 continue;
             }
-            let addr = self
-                .window
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .alloc(ri.size)
-                .ok_or_else(|| PlatformDeviceError::WindowFull {
+            let addr = self.window.lock().alloc(ri.size).ok_or_else(|| {
+                PlatformDeviceError::WindowFull {
                     device: name.clone(),
                     index,
                     size: ri.size,
-                })?;
+                }
+            })?;
             let len = ri.size.next_multiple_of(PAGE);
             let rerr = |err| PlatformDeviceError::Region {
                 device: name.clone(),

@@ -4,7 +4,7 @@
 pub mod child;
 pub mod testdev;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// True when KVM can be used; otherwise prints a loud SKIP (or panics under CI=true).
 pub fn kvm_or_skip(test: &str) -> bool {
@@ -19,14 +19,14 @@ pub fn kvm_or_skip(test: &str) -> bool {
 }
 
 /// A console buffer and its config value.
-pub fn console() -> (nestio_vmm::ConsoleOutput, Arc<Mutex<Vec<u8>>>) {
-    let b = Arc::new(Mutex::new(Vec::new()));
+pub fn console() -> (nestio_vmm::ConsoleOutput, Arc<parking_lot::Mutex<Vec<u8>>>) {
+    let b = Arc::new(parking_lot::Mutex::new(Vec::new()));
     (nestio_vmm::ConsoleOutput::Buffer(b.clone()), b)
 }
 
 /// The text in a console buffer.
-pub fn text(b: &Arc<Mutex<Vec<u8>>>) -> String {
-    String::from_utf8_lossy(&b.lock().unwrap()).into_owned()
+pub fn text(b: &Arc<parking_lot::Mutex<Vec<u8>>>) -> String {
+    String::from_utf8_lossy(&b.lock()).into_owned()
 }
 
 /// The guest Linux from `linux/build.sh`: `(vmlinux, initramfs.cpio)`.

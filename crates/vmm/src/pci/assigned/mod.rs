@@ -20,7 +20,8 @@ mod bars;
 mod config;
 mod interrupts;
 
-use std::sync::{Arc, Mutex, Weak};
+use parking_lot::Mutex;
+use std::sync::{Arc, Weak};
 
 use nestio_device_model::pci::MsixCap;
 use nestio_device_model::{pci_index, DeviceError, IrqAction, IrqData, VfioDevice};
@@ -178,15 +179,15 @@ impl AssignedDevice {
             .unwrap_or(0)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// `Some((name, what))` once the device is seen dead: a fatal error on an earlier
     /// access, or now on a cheap probe (GET_IRQ_INFO, a round trip for a remote device),
     /// so that a guest waiting in HLT for an interrupt does not wait forever.
     pub fn check_alive(&self) -> Option<(String, String)> {
-        let known = self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let known = self.lost.lock().clone();
         if let Some(m) = known {
             return Some((self.name.clone(), m));
         }
@@ -201,7 +202,7 @@ impl AssignedDevice {
 
     fn fault(&self, what: &str, e: DeviceError) -> BusFault {
         let message = format!("{what}: {e}");
-        *self.lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+        *self.lost.lock() = Some(message.clone());
         BusFault {
             device: self.name.clone(),
             message,
