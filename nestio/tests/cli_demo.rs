@@ -1,17 +1,10 @@
 //! `nestio demo` and `nestio run` as a user runs them.
 
+mod common;
+
 use std::process::Command;
 
-fn kvm_or_skip(name: &str) -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{name}: /dev/kvm is missing and CI=true: KVM tests must run in CI");
-    }
-    eprintln!("SKIP: {name}: /dev/kvm is missing on this machine (KVM tests need it)");
-    false
-}
+use common::kvm_or_skip;
 
 #[test]
 fn demo_pings_the_gateway_through_an_out_of_process_e1000() {

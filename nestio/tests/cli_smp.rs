@@ -1,17 +1,10 @@
 //! `nestio run --cpus N` as a user runs it: the smptest payload brings up every vCPU.
 
+mod common;
+
 use std::process::Command;
 
-fn kvm_or_skip(name: &str) -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{name}: /dev/kvm is missing and CI=true: KVM tests must run in CI");
-    }
-    eprintln!("SKIP: {name}: /dev/kvm is missing on this machine (KVM tests need it)");
-    false
-}
+use common::kvm_or_skip;
 
 #[test]
 fn run_cpus_starts_every_vcpu() {

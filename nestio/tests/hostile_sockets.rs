@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{kvm_or_skip, Dir};
+
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -17,37 +19,6 @@ use nestio_vmm::handoff::RamHandoff;
 
 const NESTIO: &str = env!("CARGO_BIN_EXE_nestio");
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn kvm_or_skip(name: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{name}: /dev/kvm is missing and CI=true: KVM tests must run in CI");
-    }
-    eprintln!("SKIP: {name}: /dev/kvm is missing on this machine (KVM tests need it)");
-    false
-}
-
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("nestio-hostile-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A `nestio` process; killed on drop; stderr to a file.
 struct Proc {
@@ -129,7 +100,7 @@ fn an_export_level_survives_bad_connections_and_hands_down_only_the_window() {
     if !kvm_or_skip(name) {
         return;
     }
-    let dir = Dir::new("export");
+    let dir = Dir::new("hostile", "export");
     let s0 = dir.path("s0");
     let s1 = dir.path("s1");
     let mem = dir.path("s1.mem");
@@ -208,7 +179,7 @@ fn nestio_run_against_a_busy_device_says_it_is_busy() {
     if !kvm_or_skip("nestio_run_against_a_busy_device_says_it_is_busy") {
         return;
     }
-    let dir = Dir::new("busy");
+    let dir = Dir::new("hostile", "busy");
     let s0 = dir.path("s0");
     let _dev = sample(&dir, "device", &s0);
     let _owner = Client::connect(&s0).unwrap();
@@ -236,7 +207,7 @@ fn nestio_run_against_a_busy_device_says_it_is_busy() {
 /// message naming it, and the first keeps serving; the socket is owner-only.
 #[test]
 fn a_second_device_server_never_takes_over_a_live_socket() {
-    let dir = Dir::new("live");
+    let dir = Dir::new("hostile", "live");
     let s = dir.path("dev.sock");
     let mut first = sample(&dir, "first", &s);
     let mut second = Proc::spawn(
@@ -276,7 +247,7 @@ fn nestio_run_says_what_it_waits_for() {
     if !kvm_or_skip("nestio_run_says_what_it_waits_for") {
         return;
     }
-    let dir = Dir::new("waits");
+    let dir = Dir::new("hostile", "waits");
     let s0 = dir.path("mute.sock");
     // Listens (the kernel queues the connection) but never reads or answers.
     let _mute = std::os::unix::net::UnixListener::bind(&s0).unwrap();

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::{kvm_or_skip, Dir};
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -15,38 +17,6 @@ use std::time::{Duration, Instant};
 const NESTIO: &str = env!("CARGO_BIN_EXE_nestio");
 /// Hang guard only (a stuck level fails the test instead of blocking it forever).
 const DEADLINE: Duration = Duration::from_secs(240);
-
-fn kvm_or_skip(name: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{name}: /dev/kvm is missing and CI=true: KVM tests must run in CI");
-    }
-    eprintln!("SKIP: {name}: /dev/kvm is missing on this machine (KVM tests need it)");
-    false
-}
-
-/// A per-test directory for sockets and console logs.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("nestio-levels-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A process of the stack; SIGKILLed on drop. Its stdout and stderr go to files.
 struct Level {
@@ -323,7 +293,7 @@ fn level2_guest_pings_through_a_device_exported_by_level1() {
     if !kvm_or_skip(name) {
         return;
     }
-    let dir = Dir::new("depth2");
+    let dir = Dir::new("levels", "depth2");
     let (mut dev, s0) = device(&dir);
     let s1 = dir.path("s1");
     let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
@@ -349,7 +319,7 @@ fn level2_guest_pings_through_copies_with_no_shared_memory() {
     if !kvm_or_skip(name) {
         return;
     }
-    let dir = Dir::new("copies");
+    let dir = Dir::new("levels", "copies");
     let (mut dev, s0) = device(&dir);
     let s1 = dir.path("s1");
     let mut l1 = exporter(
@@ -381,7 +351,7 @@ fn level3_guest_pings_through_two_exporting_levels_and_inspect_reads_level2() {
     if !kvm_or_skip(name) {
         return;
     }
-    let dir = Dir::new("depth3");
+    let dir = Dir::new("levels", "depth3");
     let (mut dev, mut l1, mut l2, s2) = device_and_two_levels(&dir, &[], "level2-marker");
     assert!(
         l2.stdout().contains("(32 MiB)"),
@@ -454,7 +424,7 @@ fn level3_guest_pings_through_two_exporting_levels_and_inspect_reads_level2() {
 /// Runs the isolation scenario with level 1 started with `extra`; returns level 1's
 /// stderr (its export counters) after checking the guest saw both DMAs refused.
 fn dma_outside_through_level1(tag: &str, extra: &[&str]) -> String {
-    let dir = Dir::new(tag);
+    let dir = Dir::new("levels", tag);
     let (mut dev, s0) = device(&dir);
     let s1 = dir.path("s1");
     let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", extra);
@@ -539,7 +509,7 @@ fn a_level_without_its_parents_memory_is_refused() {
     if !kvm_or_skip(name) {
         return;
     }
-    let dir = Dir::new("foreign");
+    let dir = Dir::new("levels", "foreign");
     let (mut dev, s0) = device(&dir);
     let s1 = dir.path("s1");
     let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
@@ -576,7 +546,7 @@ fn a_dead_intermediate_level_ends_the_levels_below_with_an_error() {
     if !kvm_or_skip(name) {
         return;
     }
-    let dir = Dir::new("dead");
+    let dir = Dir::new("levels", "dead");
     let (mut dev, mut l1, mut l2, s2) = device_and_two_levels(&dir, &[], "l2");
     l1.child.kill().unwrap();
     l1.child.wait().unwrap();
@@ -681,7 +651,7 @@ fn linux_guest_pings_through_two_exporting_levels() {
     let Some((kernel, initrd)) = guest_linux(name) else {
         return;
     };
-    let dir = Dir::new("linux3");
+    let dir = Dir::new("levels", "linux3");
     // 512 MiB at level 1, 256 MiB at level 2, 128 MiB for the Linux guest at level 3.
     let (mut dev, mut l1, mut l2, s2) =
         device_and_two_levels(&dir, &["--memory", "512M"], "level2");
