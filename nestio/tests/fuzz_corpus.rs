@@ -63,3 +63,8 @@ fn corpus_handoff() {
 fn corpus_sessions() {
     replay("sessions", nestio_vfio_user::fuzz_sessions);
 }
+
+#[test]
+fn corpus_hypercall() {
+    replay("hypercall", nestio_vmm::hypercall::fuzz::fuzz_hypercall);
+}

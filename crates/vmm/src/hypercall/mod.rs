@@ -95,6 +95,8 @@
 //! as an ordinary handler once levels are registered per VM.
 
 pub mod console;
+#[cfg(feature = "harness")]
+pub mod fuzz;
 pub mod guest_mem;
 pub mod papr;
 pub mod rtas;
