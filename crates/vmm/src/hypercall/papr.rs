@@ -279,4 +279,58 @@ mod tests {
         assert_eq!(format!("{H_PARAMETER}"), "H_PARAMETER(-4)");
         assert_eq!(format!("{}", HStatus(-1000)), "HStatus(-1000)");
     }
+
+    /// Differential check against Linux's own table
+    /// (`arch/powerpc/include/asm/hvcall.h` of the kernel source `linux/build.sh`
+    /// unpacks into `target/linux`, which `scripts/test.sh` always does): every opcode
+    /// and return code here has Linux's name and value. Only nestio's own
+    /// `H_NESTIO_*` calls are absent from Linux. Without the source this SKIPs loudly,
+    /// and fails in CI.
+    #[test]
+    fn every_number_matches_linux_hvcall_h() {
+        let h = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../target/linux/linux-source-6.1/arch/powerpc/include/asm/hvcall.h");
+        let Ok(text) = std::fs::read_to_string(&h) else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{} is missing in CI: scripts/test.sh unpacks the kernel source",
+                h.display()
+            );
+            eprintln!(
+                "SKIP: {} is missing (run linux/build.sh): PAPR numbers not compared with Linux",
+                h.display()
+            );
+            return;
+        };
+        let mut linux = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            let mut w = line.split_whitespace();
+            if let (Some("#define"), Some(name), Some(value)) = (w.next(), w.next(), w.next()) {
+                let v = match value
+                    .strip_prefix("0x")
+                    .or_else(|| value.strip_prefix("0X"))
+                {
+                    Some(hex) => i64::from_str_radix(hex, 16).ok(),
+                    None => value.parse::<i64>().ok(),
+                };
+                if let Some(v) = v {
+                    linux.insert(name.to_string(), v);
+                }
+            }
+        }
+        let mut compared = 0;
+        for (status, name) in STATUS_NAMES {
+            assert_eq!(linux.get(*name), Some(&status.0), "{name}");
+            compared += 1;
+        }
+        for (op, name) in KNOWN {
+            if name.starts_with("H_NESTIO_") {
+                assert!(!linux.contains_key(*name), "{name} is nestio's own");
+                continue;
+            }
+            assert_eq!(linux.get(*name), Some(&(op.raw() as i64)), "{name}");
+            compared += 1;
+        }
+        assert!(compared > 40, "only {compared} names compared");
+    }
 }
