@@ -1,0 +1,1 @@
+//! ARM SMMUv3 model (see the crate docs).

@@ -1,0 +1,1 @@
+//! sPAPR TCE IOMMU model (see the crate docs).
