@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every nestio test. Installs the system packages the tests use (tshark, iproute2,
-# iputils-ping, and qemu-system-x86 as an independent e1000 peer) when missing and we
+# iputils-ping, qemu-system-x86 as an independent e1000 peer, qemu-system-ppc/-arm and
+# the powerpc64le/aarch64 cross compilers as oracles) when missing and we
 # are root; otherwise the tests that need them SKIP loudly. As root with apt, also builds the guest Linux (linux/build.sh: the first build
 # installs packages and takes a few minutes, later runs reuse target/linux/) so that
 # the Linux guest tests run; elsewhere they use a kernel built before, or SKIP.
@@ -13,6 +14,13 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v iasl >/dev/null 2>&1 || need+=(acpica-tools)   # tests/acpi.rs: iasl -d oracle
+# Independent oracles for the POWER and ARM models (oracle/): QEMU's own XIVE, sPAPR TCE
+# and SMMUv3 models, and the cross compilers for their bare-metal payloads and kernels.
+command -v qemu-system-ppc64 >/dev/null 2>&1 || need+=(qemu-system-ppc)
+command -v qemu-system-aarch64 >/dev/null 2>&1 || need+=(qemu-system-arm)
+command -v powerpc64le-linux-gnu-gcc >/dev/null 2>&1 || need+=(gcc-powerpc64le-linux-gnu)
+command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need+=(gcc-aarch64-linux-gnu)
+[ -e /usr/src/linux-source-6.1.tar.xz ] || need+=(linux-source-6.1)   # kernel headers as oracle (fsl-mc, hvcall.h)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "== installing ${need[*]}"
