@@ -547,9 +547,16 @@ impl VfioDevice for FslMcDevice {
         })
     }
 
+    /// A read of an MC portal waits for a REGION_WRITE in progress on it, so it never
+    /// sees a command half written or not yet executed by that path.
     fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let (m, _) = self.region(index)?;
+        let (m, kind) = self.region(index)?;
         Self::check(index, offset, buf.len())?;
+        let portal = match kind {
+            RegionType::McPortal => self.inner.portal_of(self.dev),
+            RegionType::QbmanPortal => None,
+        };
+        let _g = portal.map(|p| self.inner.portals[p].lock.lock());
         m.read(offset, buf);
         Ok(())
     }

@@ -13,6 +13,8 @@
 //!   count / get object / get region, IRQ set / enable / mask / status / clear, set
 //!   object IRQ, connections, reset), object commands, one MC status for every refusal;
 //! - `container`: the shared state and the VFIO devices ([`FslMcDevice`]).
+//! - [`driver`]: a host-side MC driver (Linux's `mc_send_command` and `dprc_*` wrappers)
+//!   over a portal region or a mapped portal, for tests, fuzzing and tools.
 //!
 //! # VFIO view (as Linux's `drivers/vfio/fsl-mc/` presents it)
 //! Every object, and the DPRC itself, is one VFIO device with
@@ -51,6 +53,7 @@
 
 pub mod container;
 mod dprc;
+pub mod driver;
 pub mod objects;
 pub mod portal;
 
