@@ -54,10 +54,14 @@
 pub mod container;
 mod dprc;
 pub mod driver;
+#[cfg(feature = "harness")]
+mod fuzz;
 pub mod objects;
 pub mod portal;
 
 pub use container::{FslMcContainer, FslMcDevice, FslMcError, ObjectDesc, REGION_OFFSET_SHIFT};
 pub use dprc::{MAX_TOKENS, MC_FIRMWARE_VERSION, ROOT_CONTAINER_ID};
+#[cfg(feature = "harness")]
+pub use fuzz::fuzz_fsl_mc;
 pub use objects::{parse_object_list, ObjType, DEFAULT_OBJECTS};
 pub use portal::{CmdId, Command, Header, McStatus, Params};
