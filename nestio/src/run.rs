@@ -16,6 +16,9 @@
 //!   this process's uid (the child level, `nestio inspect`). A level with fresh RAM keeps
 //!   the window in a memfd of its own, so the child gets its window and nothing else; a
 //!   level whose RAM came from its parent hands down that one file (its own RAM).
+//!   Several `--device`s are exported only as one FSL-MC container (`nestio device
+//!   fsl-mc`'s layout: the DPRC's socket S first, then its objects' `S.<type>.<id>`):
+//!   each is wrapped alike and served at PATH and `PATH.<type>.<id>`.
 //!   Lifetime: this level's own guest runs as usual; when it has exited the process
 //!   keeps serving until its child has connected and gone away, then exits with its own
 //!   guest's status (a guest that exits at once, like `--guest hello`, is fine). The
