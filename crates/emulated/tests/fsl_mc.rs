@@ -279,6 +279,27 @@ fn every_refusal_has_its_mc_status() {
     // Every DPRC token can be closed; then it is gone.
     mc.close(t).unwrap();
     assert_eq!(st(&mut mc, cmd::CLOSE, t, none), McStatus::AuthErr);
+    // Tokens are bounded: a peer opening forever gets NO_RESOURCE, not unbounded state.
+    let mut p = Params::default();
+    p.set_u32(0, 2);
+    let mut opened = 0;
+    let last = loop {
+        match st(&mut mc, ObjType::Dprc.open_cmd(), 0, p) {
+            McStatus::Ok if opened < 5000 => opened += 1,
+            s => break s,
+        }
+    };
+    assert_eq!(last, McStatus::NoResource);
+    assert!(
+        (1000..=nestio_emulated::fsl_mc::MAX_TOKENS).contains(&opened),
+        "{opened}"
+    );
+    // A container reset keeps the DPRC's own tokens (they still count).
+    dprc.reset().unwrap();
+    assert_eq!(
+        st(&mut mc, ObjType::Dprc.open_cmd(), 0, p),
+        McStatus::NoResource
+    );
 }
 
 #[test]
