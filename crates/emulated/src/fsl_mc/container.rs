@@ -1,5 +1,5 @@
 //! The container's state and its VFIO devices: the DPRC and each object, sharing one
-//! [`Inner`] (objects, tokens, interrupt state, portal memory).
+//! `Inner` (objects, tokens, interrupt state, portal memory).
 //!
 //! Portal memory: every device with regions has one sealed memfd in which region `i`
 //! lives at offset `i << 40` (`VFIO_FSL_MC_INDEX_TO_OFFSET`, the offset REGION_INFO
