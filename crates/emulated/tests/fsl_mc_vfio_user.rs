@@ -218,5 +218,21 @@ fn a_client_scans_opens_maps_commands_interrupts_and_resets_the_container() {
         }
     }
     assert_eq!(mc.obj_count(t).unwrap(), 7);
+
+    // Cost of one command each way (printed, not asserted: the host is shared).
+    let n = 200;
+    let t0 = std::time::Instant::now();
+    for _ in 0..n {
+        assert_eq!(mc.container_id().unwrap(), 3);
+    }
+    let by_msg = t0.elapsed() / n;
+    let t0 = std::time::Instant::now();
+    for _ in 0..n {
+        assert_eq!(pmc.container_id().unwrap(), 3);
+    }
+    let mapped = t0.elapsed() / n;
+    eprintln!(
+        "FSL-MC command: {by_msg:?} through REGION_WRITE+READ messages, {mapped:?} through the mapped portal (poller)"
+    );
     std::thread::sleep(Duration::from_millis(1));
 }
