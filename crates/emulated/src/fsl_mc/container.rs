@@ -563,7 +563,9 @@ impl VfioDevice for FslMcDevice {
 
     /// A write to an MC portal stores the bytes beyond the header first and the header
     /// last, then executes the command if the header was written with status READY; the
-    /// write returns once it completed (Linux's vfio-fsl-mc write semantics).
+    /// write returns once it completed (Linux's vfio-fsl-mc write semantics). The
+    /// status byte is in the header's low half: a driver that writes the header as two
+    /// 4-byte halves writes the high half (token, command id) first.
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
         let (m, kind) = self.region(index)?;
         Self::check(index, offset, data.len())?;
