@@ -488,7 +488,10 @@ fn poll_all(inner: &Inner) -> usize {
 /// One VFIO device of the container: the DPRC (index 0) or an object. Device flags
 /// `VFIO_DEVICE_FLAGS_FSL_MC` (+ `RESET` for the DPRC only, as Linux's vfio-fsl-mc);
 /// region `i` at fd offset `i << 40`, 64 KiB, mmappable except the DPRC's portal; one
-/// eventfd irq per MC interrupt (count 1, trigger only).
+/// eventfd irq per MC interrupt (count 1, trigger only). Region reads and writes may be
+/// any size at any offset inside the region (Linux's vfio read/write takes only 64 bytes
+/// at offset 0, but a VMM forwarding a guest's trapped 8-byte stores needs word access);
+/// a 64-byte write at offset 0 behaves as Linux's.
 pub struct FslMcDevice {
     inner: Arc<Inner>,
     dev: usize,
