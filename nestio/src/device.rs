@@ -42,6 +42,22 @@ enum DeviceKind {
         #[command(flatten)]
         server: ServerOpts,
     },
+    /// An NXP FSL-MC DPRC container of DPAA2 objects: the DPRC served on SOCKET, each
+    /// object on SOCKET.<type>.<id> (one VFIO device per socket, as Linux's
+    /// vfio-fsl-mc gives one device fd per object of the container).
+    FslMc {
+        /// UNIX socket path of the DPRC (objects: PATH.dpni.0, ...).
+        #[arg(long)]
+        socket: PathBuf,
+        /// The container's objects, TYPE:COUNT,... (dpni, dpio, dpbp, dpcon, dpmcp, dpmac).
+        #[arg(long, default_value = nestio_emulated::fsl_mc::DEFAULT_OBJECTS)]
+        objects: String,
+        /// The container id (dprc.N; 1 is the root container).
+        #[arg(long, default_value_t = 2)]
+        container_id: u32,
+        #[command(flatten)]
+        server: ServerOpts,
+    },
     /// A 16-pin GPIO card (outputs looped back to inputs, an interrupt on change).
     Gpio {
         /// UNIX socket path to listen on.
@@ -124,6 +140,12 @@ pub fn run(args: DeviceArgs) -> CmdResult {
             }
             (nestio_emulated::e1000::E1000::new(cfg)?, socket, server)
         }
+        DeviceKind::FslMc {
+            socket,
+            objects,
+            container_id,
+            server,
+        } => return run_fsl_mc(socket, &objects, container_id, server),
     };
     let config = ServerConfig {
         twin_socket: !opts.no_twin_socket,
@@ -147,5 +169,58 @@ pub fn run(args: DeviceArgs) -> CmdResult {
         server.serve_listener(listener)
     };
     r.map_err(|e| format!("serving on {}: {e}", socket.display()))?;
+    Ok(0)
+}
+
+/// `nestio device fsl-mc`: every device of the container on its own socket, each served
+/// by its own server thread.
+fn run_fsl_mc(socket: PathBuf, objects: &str, id: u32, opts: ServerOpts) -> CmdResult {
+    use nestio_emulated::fsl_mc::{parse_object_list, FslMcContainer};
+    let list = parse_object_list(objects)?;
+    let container = FslMcContainer::new(id, &list)?;
+    let config = ServerConfig {
+        twin_socket: !opts.no_twin_socket,
+        handshake_timeout: Some(std::time::Duration::from_secs_f64(opts.handshake_timeout)),
+        peers: PeerPolicy::own_uid_and(&opts.allow_uids),
+        ..ServerConfig::default()
+    };
+    let mut listeners = Vec::new();
+    for (i, dev) in container.devices().iter().enumerate() {
+        let path = if i == 0 {
+            socket.clone()
+        } else {
+            PathBuf::from(format!("{}.{}", socket.display(), dev.name()))
+        };
+        let l = bind_for(&path, &config.peers)?;
+        listeners.push((dev.clone(), path, l));
+    }
+    container.start_poller()?;
+    opts.sandbox
+        .install_process(nestio_sandbox::Profile::Device)?;
+    for (dev, path, _) in &listeners {
+        eprintln!("nestio: serving {} on {}", dev.name(), path.display());
+    }
+    if opts.seccomp_test_forbidden_call {
+        crate::forbidden_call_for_tests();
+    }
+    let once = opts.once;
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .map(|(dev, path, l)| {
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let server = Server::new(dev, config);
+                let r = if once {
+                    server.serve_owners(l, 1)
+                } else {
+                    server.serve_listener(l)
+                };
+                r.map_err(|e| format!("serving on {}: {e}", path.display()))
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().map_err(|_| "an FSL-MC server thread panicked")??;
+    }
     Ok(0)
 }

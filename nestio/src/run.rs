@@ -16,6 +16,9 @@
 //!   this process's uid (the child level, `nestio inspect`). A level with fresh RAM keeps
 //!   the window in a memfd of its own, so the child gets its window and nothing else; a
 //!   level whose RAM came from its parent hands down that one file (its own RAM).
+//!   Several `--device`s are exported only as one FSL-MC container (`nestio device
+//!   fsl-mc`'s layout: the DPRC's socket S first, then its objects' `S.<type>.<id>`):
+//!   each is wrapped alike and served at PATH and `PATH.<type>.<id>`.
 //!   Lifetime: this level's own guest runs as usual; when it has exited the process
 //!   keeps serving until its child has connected and gone away, then exits with its own
 //!   guest's status (a guest that exits at once, like `--guest hello`, is fine). The
@@ -179,6 +182,7 @@ pub fn payload_path(name: &str) -> PathBuf {
         "sampletest" => p::SAMPLETEST,
         "e1000ping" => p::E1000PING,
         "smptest" => p::SMPTEST,
+        "fslmctest" => p::FSLMCTEST,
         other => other,
     })
 }
@@ -309,6 +313,104 @@ impl Drop for SocketFiles {
     }
 }
 
+/// The sockets a level exports: `(device socket, exported socket)`. One device is
+/// exported at PATH; several must be one FSL-MC container as `nestio device fsl-mc`
+/// serves it — its DPRC's socket S first, then objects at `S.<type>.<id>` — and are
+/// exported at PATH and `PATH.<type>.<id>` (so the child finds them as it would at
+/// level 0).
+fn export_sockets(
+    devices: &[DeviceConfig],
+    path: &Path,
+) -> Result<Vec<(PathBuf, PathBuf)>, String> {
+    let refuse = || {
+        "--export passes on exactly one device (or one FSL-MC container: its DPRC's \
+         --device vfio-user=S first, then its objects' S.<type>.<id> sockets): give \
+         --device vfio-user=PATH (it is not assigned to this level's own guest)"
+            .to_string()
+    };
+    let sockets: Vec<PathBuf> = devices
+        .iter()
+        .map(|d| match d {
+            DeviceConfig::VfioUser { socket } | DeviceConfig::VfioUserWith { socket, .. } => {
+                Ok(socket.clone())
+            }
+            _ => Err(refuse()),
+        })
+        .collect::<Result<_, _>>()?;
+    let Some(first) = sockets.first() else {
+        return Err(refuse());
+    };
+    let base = first.display().to_string();
+    let mut out = vec![(first.clone(), path.to_path_buf())];
+    for s in &sockets[1..] {
+        let suffix = s
+            .display()
+            .to_string()
+            .strip_prefix(&base)
+            .filter(|x| x.starts_with('.') && x.len() > 1)
+            .map(str::to_string)
+            .ok_or_else(refuse)?;
+        out.push((
+            s.clone(),
+            PathBuf::from(format!("{}{suffix}", path.display())),
+        ));
+    }
+    Ok(out)
+}
+
+/// Several exported devices must be one FSL-MC container: the DPRC (FSL-MC + RESET)
+/// first, FSL-MC objects after it.
+fn check_fsl_mc_container(
+    clients: &[nestio_vfio_user::Client],
+    sockets: &[(PathBuf, PathBuf)],
+) -> Result<(), String> {
+    use nestio_device_model::{flags, VfioDevice};
+    if clients.len() < 2 {
+        return Ok(());
+    }
+    for (i, (c, (s, _))) in clients.iter().zip(sockets).enumerate() {
+        let f = c.info().flags;
+        let want = if i == 0 {
+            flags::FSL_MC | flags::RESET
+        } else {
+            flags::FSL_MC
+        };
+        if f & want != want {
+            return Err(format!(
+                "--export with several devices passes on one FSL-MC container, but {} is not \
+                 {} (VFIO flags {f:#x})",
+                s.display(),
+                if i == 0 {
+                    "its DPRC"
+                } else {
+                    "an FSL-MC object"
+                }
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn add_stats(
+    a: nestio_nested::ExportStats,
+    b: nestio_nested::ExportStats,
+) -> nestio_nested::ExportStats {
+    nestio_nested::ExportStats {
+        maps: a.maps + b.maps,
+        fd_maps: a.fd_maps + b.fd_maps,
+        peer_maps: a.peer_maps + b.peer_maps,
+        refused_maps: a.refused_maps + b.refused_maps,
+        unmaps: a.unmaps + b.unmaps,
+        region_reads: a.region_reads + b.region_reads,
+        region_writes: a.region_writes + b.region_writes,
+        set_irqs: a.set_irqs + b.set_irqs,
+        resets: a.resets + b.resets,
+        copy_ops: a.copy_ops + b.copy_ops,
+        copy_bytes: a.copy_bytes + b.copy_bytes,
+        copy_faults: a.copy_faults + b.copy_faults,
+    }
+}
+
 /// A level that passes its device on (see the module documentation).
 fn run_exporting(
     mut cfg: VmConfig,
@@ -318,16 +420,8 @@ fn run_exporting(
     no_shared_memory: bool,
     sandbox: crate::SandboxOpts,
 ) -> CmdResult {
-    let socket = match cfg.devices.as_slice() {
-        [DeviceConfig::VfioUser { socket } | DeviceConfig::VfioUserWith { socket, .. }] => {
-            socket.clone()
-        }
-        _ => {
-            return Err("--export passes on exactly one device: give exactly one \
-                        --device vfio-user=PATH (it is not assigned to this level's own guest)"
-                .into())
-        }
-    };
+    let sockets = export_sockets(&cfg.devices, path)?;
+    let socket = sockets[0].0.clone();
     let win = export_window(cfg.memory, window)?;
     cfg.devices.clear();
     // Fresh RAM keeps the child's window in a memfd of its own, handed down alone. RAM
@@ -343,13 +437,18 @@ fn run_exporting(
             socket.display()
         ),
     );
-    let client = nestio_vfio_user::Client::connect(&socket).map_err(|e| {
-        format!(
-            "cannot connect to the device to export at {}: {e} (is its server running?)",
-            socket.display()
-        )
-    })?;
+    let mut clients = Vec::new();
+    for (socket, _) in &sockets {
+        let client = nestio_vfio_user::Client::connect(socket).map_err(|e| {
+            format!(
+                "cannot connect to the device to export at {}: {e} (is its server running?)",
+                socket.display()
+            )
+        })?;
+        clients.push(client);
+    }
     drop(waiting);
+    check_fsl_mc_container(&clients, &sockets)?;
     let mut vm = Vm::new(cfg)?;
     let ram = vm.ram();
     let size = ram.size();
@@ -375,25 +474,33 @@ fn run_exporting(
         }
         _ => return Err("this level's RAM is not laid out as its export window needs".into()),
     };
-    let exported = ExportedDevice::new(
-        Arc::new(client),
-        LevelRam::Shared(region),
-        ExportConfig {
-            window: Window::new(base, win)?,
-            no_shared_memory,
-            child: LevelId::from_raw(u64::from(child)).ok_or("bad level id")?,
-        },
-    )?;
+    // One exporter per device (an FSL-MC container: the DPRC and each object), all with
+    // the same window.
+    let mut exports = Vec::new();
+    let mut files = SocketFiles(Vec::new());
+    for (client, (_, out)) in clients.into_iter().zip(&sockets) {
+        let exported = Arc::new(ExportedDevice::new(
+            Arc::new(client),
+            LevelRam::Shared(region.clone()),
+            ExportConfig {
+                window: Window::new(base, win)?,
+                no_shared_memory,
+                child: LevelId::from_raw(u64::from(child)).ok_or("bad level id")?,
+            },
+        )?);
+        let listener = nestio_vfio_user::bind(out).map_err(|e| format!("export socket: {e}"))?;
+        files.0.push(out.clone());
+        let server = nestio_vfio_user::Server::new(
+            exported.clone(),
+            nestio_vfio_user::ServerConfig::default(),
+        );
+        exports.push((exported, server, listener, out.clone()));
+    }
 
     let mem_path = mem_socket_path(path);
-    let listener = nestio_vfio_user::bind(path).map_err(|e| format!("export socket: {e}"))?;
-    let mut files = SocketFiles(vec![path.to_path_buf()]);
     let mem_listener =
         nestio_vfio_user::bind(&mem_path).map_err(|e| format!("memory socket: {e}"))?;
     files.0.push(mem_path);
-    let exported = Arc::new(exported);
-    let server =
-        nestio_vfio_user::Server::new(exported.clone(), nestio_vfio_user::ServerConfig::default());
     // Who may fetch the RAM handoff: this process's uid as it is now, before `--user`.
     let mem_peers = nestio_vfio_user::PeerPolicy::own_uid();
     // Set-up is done (VM built, sockets bound, server configured): every thread from
@@ -409,37 +516,48 @@ fn run_exporting(
                 tracing::warn!(error = %e, "memory socket stopped");
             }
         })?;
-    let export_path = path.to_path_buf();
-    let serve = std::thread::Builder::new().name("export".into()).spawn(
-        move || -> Result<(), String> {
-            confine.confine_thread_or_exit(Profile::Export);
-            // One child session: connections that never negotiate (a stray connect,
-            // garbage, an early close) are dropped and do not use it up.
-            server
-                .serve_owners(listener, 1)
-                .map_err(|e| format!("serving {}: {e}", export_path.display()))
-        },
-    )?;
+    let mut serves = Vec::new();
+    let mut exported_devices = Vec::new();
+    for (exported, server, listener, export_path) in exports {
+        exported_devices.push(exported);
+        serves.push(std::thread::Builder::new().name("export".into()).spawn(
+            move || -> Result<(), String> {
+                confine.confine_thread_or_exit(Profile::Export);
+                // One child session: connections that never negotiate (a stray connect,
+                // garbage, an early close) are dropped and do not use it up.
+                server
+                    .serve_owners(listener, 1)
+                    .map_err(|e| format!("serving {}: {e}", export_path.display()))
+            },
+        )?);
+    }
     tracing::info!(level, export = %path.display(), window_base = base, window_size = win, "exporting the device to level {child}");
 
     let status = vm.run()?.exit_status();
     // The guest is done; keep serving until the child level has come and gone.
-    if !serve.is_finished() {
+    if serves.iter().any(|s| !s.is_finished()) {
         eprintln!(
             "nestio: level {level}: guest done; waiting for the level-{child} child to connect \
              to {} and leave",
             path.display()
         );
     }
-    match serve.join() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            eprintln!("nestio: level {level}: the level-{child} session ended with an error: {e}")
+    for serve in serves {
+        match serve.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                eprintln!(
+                    "nestio: level {level}: the level-{child} session ended with an error: {e}"
+                )
+            }
+            Err(_) => return Err("the export thread panicked".into()),
         }
-        Err(_) => return Err("the export thread panicked".into()),
     }
     drop(files);
-    let st = exported.stats();
+    let st = exported_devices
+        .iter()
+        .map(|e| e.stats())
+        .fold(nestio_nested::ExportStats::default(), add_stats);
     // One line for the user (and the tests): what crossed this level. `copies=0` with
     // `peer_maps=0` means device DMA reached the innermost guest's pages directly.
     eprintln!(

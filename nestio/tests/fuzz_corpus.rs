@@ -68,3 +68,8 @@ fn corpus_sessions() {
 fn corpus_hypercall() {
     replay("hypercall", nestio_vmm::hypercall::fuzz::fuzz_hypercall);
 }
+
+#[test]
+fn corpus_fsl_mc() {
+    replay("fsl_mc", nestio_emulated::fsl_mc::fuzz_fsl_mc);
+}

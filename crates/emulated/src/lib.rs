@@ -4,11 +4,13 @@
 //! - [`gpio`]: a 16-pin GPIO card, the minimal example of a device that is its
 //!   registers ([`nestio_device_model::pci::PciDevice`]);
 //! - [`e1000`]: an Intel 82540EM network card;
+//! - [`fsl_mc`]: an FSL-MC DPRC container of DPAA2 objects (non-PCI, `VFIO_DEVICE_FLAGS_FSL_MC`);
 //! - [`e1000_bench`]: a guest-side e1000 driver used to measure packets per second.
 
 pub mod e1000;
 #[cfg(feature = "harness")]
 pub mod e1000_bench;
+pub mod fsl_mc;
 #[cfg(feature = "harness")]
 mod fuzz_input;
 pub mod gpio;

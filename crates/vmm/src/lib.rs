@@ -101,4 +101,7 @@ pub mod payloads {
     /// Brings up every vCPU with INIT/SIPI and counts those that ran code
     /// (`cpus=N`, `after=exit|spin|reset`, `ap=halt|spin|exit|fault`).
     pub const SMPTEST: &str = env!("NESTIO_GUEST_SMPTEST");
+    /// Drives an FSL-MC DPRC container through its portals (`{fsl-mc}` on the command
+    /// line): scan, open every object, commands, bad statuses, an interrupt, reset.
+    pub const FSLMCTEST: &str = env!("NESTIO_GUEST_FSLMCTEST");
 }

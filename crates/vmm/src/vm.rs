@@ -644,7 +644,8 @@ impl Vm {
         match &cfg.boot {
             Boot::Payload(payload) => {
                 boot::write_tables(&mem)?;
-                boot::write_cmdline(&mem, &cfg.cmdline)?;
+                let cmdline = crate::platform::fsl_mc::expand_cmdline(&cfg.cmdline, &platform_bus);
+                boot::write_cmdline(&mem, &cmdline)?;
                 let entry = boot::load_elf(&mem, payload)?;
                 boot::setup_vcpu(fd, entry, ram.size())?;
             }

@@ -25,6 +25,8 @@
 //! 0xfee0_0000, KVM's TSS at 0xfffb_d000, and 64-bit PCI BARs between 4 GiB and 1 TiB.
 //! [`PlatformMmioAllocator::new`] refuses a window that overlaps any of these.
 
+pub mod fsl_mc;
+
 use parking_lot::Mutex;
 use std::sync::Arc;
 
