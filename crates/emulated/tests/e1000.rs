@@ -155,7 +155,7 @@ impl Guest {
     }
 
     fn with_mem(backend: Box<dyn NetBackend>, mem: Arc<OwnedFd>) -> Guest {
-        let dev = E1000::new(E1000Config::new(backend)).unwrap();
+        let dev = E1000::new(E1000Config::new(backend).with_msi(true)).unwrap();
         dev.dma_map(DmaMapRequest {
             range: DmaRange::new(IOVA, MAPPED).unwrap(),
             prot: Prot::RW,
