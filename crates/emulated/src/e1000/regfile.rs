@@ -2,7 +2,9 @@
 //!
 //! [`Core`] holds every piece of device state: the 32K-entry register array (BAR0 seen
 //! as 32-bit registers; registers without special behaviour read back what was
-//! written), the 64-bit statistics counters, EEPROM and PHY, the transmit assembly
+//! written, limited to the bits the manual's register tables define — reserved bits
+//! read 0, see `write_mask` — and start from the tables' initial values at reset,
+//! e.g. VET 8100h, LEDCTL 07068302h, PBA 00100030h), the 64-bit statistics counters, EEPROM and PHY, the transmit assembly
 //! state, the queue-halt flags, the pending receive queue, the PCI configuration
 //! space and the interrupt throttle. Register accesses are done on whole 32-bit
 //! registers: the device splits narrower accesses (see `mod.rs`).
