@@ -76,7 +76,7 @@ pub fn run(args: BenchArgs) -> CmdResult {
             let _ = server.join();
         }
         let backend = nestio_net::open_backend("user", None)?;
-        let local = E1000::new(E1000Config::new(backend))?;
+        let local = E1000::new(E1000Config::new(backend).with_msi(true))?;
         println!("e1000 in process (no vfio-user hop, MSI):");
         println!(
             "{}",
@@ -90,7 +90,7 @@ pub fn run(args: BenchArgs) -> CmdResult {
 fn served_e1000(
 ) -> Result<(Arc<Client>, std::thread::JoinHandle<()>), Box<dyn std::error::Error + Send + Sync>> {
     let backend = nestio_net::open_backend("user", None)?;
-    let dev = E1000::new(E1000Config::new(backend))?;
+    let dev = E1000::new(E1000Config::new(backend).with_msi(true))?;
     let (a, b) = UnixStream::pair()?;
     let h = std::thread::spawn(move || {
         let server = Server::new(dev, ServerConfig::default());
@@ -154,7 +154,7 @@ fn echo_workload(payload: usize) -> impl FnMut(&NestedStack) -> Result<RoundTrip
 /// throughput, each as a ratio to depth 1.
 fn nested(iterations: u32, rounds: u32) -> CmdResult {
     let backend = nestio_net::open_backend("user", None)?;
-    let dev: Arc<dyn VfioDevice> = E1000::new(E1000Config::new(backend))?;
+    let dev: Arc<dyn VfioDevice> = E1000::new(E1000Config::new(backend).with_msi(true))?;
     let path = nestio_nested::stack::socket_path("bench-l0");
     let listener = nestio_vfio_user::bind(&path)?;
     // Level 0 serves one stack after another; the thread ends with the process.

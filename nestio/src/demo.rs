@@ -71,7 +71,9 @@ fn start_e1000(
     let socket = std::env::temp_dir().join(format!("{tag}-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&socket);
     let mut cmd = Command::new(&exe);
-    cmd.args(["device", "e1000", "--net", "user", "--once", "--socket"])
+    // MSI on: the demo's guest may use message interrupts (`--irq msi`).
+    cmd.args(["device", "e1000", "--net", "user", "--msi", "on", "--once"])
+        .arg("--socket")
         .arg(&socket)
         .stdin(Stdio::null());
     if let Some(p) = pcap {

@@ -39,6 +39,10 @@ enum DeviceKind {
         /// MAC address (default 52:54:00:12:34:56).
         #[arg(long, value_parser = parse_mac)]
         mac: Option<[u8; 6]>,
+        /// Offer an MSI capability (the 82540EM has none: off by default; turn it on for
+        /// a VMM or guest driver that uses message interrupts).
+        #[arg(long, default_value = "off", value_parser = ["on", "off"])]
+        msi: String,
         #[command(flatten)]
         server: ServerOpts,
     },
@@ -130,11 +134,12 @@ pub fn run(args: DeviceArgs) -> CmdResult {
             net,
             pcap,
             mac,
+            msi,
             server,
         } => {
             let backend = nestio_net::open_backend(&net, pcap.as_deref())?;
             eprintln!("nestio: e1000 network backend: {}", backend.describe());
-            let mut cfg = nestio_emulated::e1000::E1000Config::new(backend);
+            let mut cfg = nestio_emulated::e1000::E1000Config::new(backend).with_msi(msi == "on");
             if let Some(mac) = mac {
                 cfg.mac = mac;
             }

@@ -188,6 +188,24 @@ fn e1000_device_process_serves_and_rejects_bad_arguments() {
     let mut ral = [0u8; 4];
     c.region_read(pci_index::BAR0, 0x5400, &mut ral).unwrap();
     assert_eq!(ral, [0x52, 0x54, 0x00, 0xaa]);
+    // As on the chip: power management at 0xDC and no MSI capability by default.
+    let cfg8 = |c: &Client, off: u64| {
+        let mut b = [0u8; 1];
+        c.region_read(pci_index::CONFIG, off, &mut b).unwrap();
+        b[0]
+    };
+    assert_eq!(
+        (cfg8(&c, 0x34), cfg8(&c, 0xDC), cfg8(&c, 0xDD)),
+        (0xDC, 1, 0)
+    );
+    drop(c);
+    drop(served);
+    // --msi on: MSI follows power management in the capability list.
+    let served = serve(&["e1000", "--net", "none", "--msi", "on"], "e1000-msi");
+    let c = Client::connect(&served.path).expect("connect to nestio device e1000");
+    let next = cfg8(&c, 0xDD);
+    assert_ne!(next, 0, "a capability after power management");
+    assert_eq!(cfg8(&c, u64::from(next)), 5, "it is MSI");
     drop(c);
     drop(served);
 

@@ -118,7 +118,16 @@ fn device(dir: &Dir) -> (Level, PathBuf) {
     let mut d = Level::spawn(
         dir,
         "device",
-        &["device", "e1000", "--net", "user", "--socket", &s(&sock)],
+        &[
+            "device",
+            "e1000",
+            "--net",
+            "user",
+            "--msi",
+            "on",
+            "--socket",
+            &s(&sock),
+        ],
     );
     d.wait_for(&sock);
     (d, sock)

@@ -25,7 +25,7 @@ use nestio_vfio_user::{Client, Server, ServerConfig};
 
 fn served_client() -> (Arc<Client>, std::thread::JoinHandle<()>) {
     let backend = nestio_net::open_backend("user", None).expect("user backend");
-    let dev = E1000::new(E1000Config::new(backend)).expect("e1000");
+    let dev = E1000::new(E1000Config::new(backend).with_msi(true)).expect("e1000");
     let path = std::env::temp_dir().join(format!("nestio-e1k-bench-{}.sock", std::process::id()));
     let listener = nestio_vfio_user::bind(&path).expect("bind");
     let p2 = path.clone();
@@ -67,7 +67,7 @@ fn main() {
     }
 
     let backend = nestio_net::open_backend("user", None).expect("user backend");
-    let local = E1000::new(E1000Config::new(backend)).expect("e1000");
+    let local = E1000::new(E1000Config::new(backend).with_msi(true)).expect("e1000");
     println!("== in process (no vfio-user hop, MSI) ==");
     let report = e1000_bench::run(local, IrqMode::Msi, DmaVia::SharedFd, packets)
         .expect("local measurement");

@@ -155,7 +155,7 @@ impl Guest {
     }
 
     fn with_mem(backend: Box<dyn NetBackend>, mem: Arc<OwnedFd>) -> Guest {
-        let dev = E1000::new(E1000Config::new(backend)).unwrap();
+        let dev = E1000::new(E1000Config::new(backend).with_msi(true)).unwrap();
         dev.dma_map(DmaMapRequest {
             range: DmaRange::new(IOVA, MAPPED).unwrap(),
             prot: Prot::RW,
@@ -1179,4 +1179,41 @@ fn e1000_tx_tcp_segmentation() {
     g.wr(TDT, 5);
     assert_eq!(cap.sent().len(), 3);
     assert_eq!(g.rd(TDH), 5);
+}
+
+/// The 82540EM has no MSI: by default the device offers none (INTx only, power
+/// management the only capability); the option adds a one-vector MSI capability after
+/// it, and SET_IRQS on the MSI index is refused without it.
+#[test]
+fn e1000_msi_is_an_explicit_option() {
+    let cfg8 = |d: &E1000, off: u64| {
+        let mut b = [0u8; 1];
+        d.region_read(pci_index::CONFIG, off, &mut b).unwrap();
+        b[0]
+    };
+    let none = || Box::new(nestio_net::NoneBackend::new().unwrap());
+    let plain = E1000::new(E1000Config::new(none())).unwrap();
+    assert_eq!(plain.irq_info(pci_index::MSI_IRQ).unwrap().count, 0);
+    assert_eq!(plain.irq_info(pci_index::INTX_IRQ).unwrap().count, 1);
+    assert_eq!(
+        (cfg8(&plain, 0x34), cfg8(&plain, 0xDC), cfg8(&plain, 0xDD)),
+        (0xDC, 1, 0)
+    );
+    assert!(plain
+        .set_irqs(
+            pci_index::MSI_IRQ,
+            IrqAction::Trigger,
+            0,
+            1,
+            IrqData::Eventfd(vec![Some(eventfd())]),
+        )
+        .is_err());
+    let msi = E1000::new(E1000Config::new(none()).with_msi(true)).unwrap();
+    assert_eq!(msi.irq_info(pci_index::MSI_IRQ).unwrap().count, 1);
+    let next = cfg8(&msi, 0xDD);
+    assert_eq!(
+        cfg8(&msi, u64::from(next)),
+        0x05,
+        "MSI after power management"
+    );
 }

@@ -49,7 +49,7 @@ struct Level0 {
 
 fn level0() -> Level0 {
     let backend = nestio_net::open_backend("user", None).expect("user network backend");
-    let e1000 = E1000::new(E1000Config::new(backend)).expect("e1000");
+    let e1000 = E1000::new(E1000Config::new(backend).with_msi(true)).expect("e1000");
     let path = socket_path("l0");
     let listener = nestio_vfio_user::bind(&path).expect("bind level 0");
     let dev: Arc<dyn VfioDevice> = e1000.clone();

@@ -3,8 +3,10 @@
 //!
 //! Regions (VFIO PCI indices): BAR0 = 128 KiB register file, BAR1 = 64-byte I/O
 //! window (IOADDR at 0 selects a register, IODATA at 4 accesses it), region 7 = the
-//! PCI configuration space (with an MSI capability). Interrupts: INTx (index 0,
-//! maskable, automasked: level) and MSI (index 1, one vector: edge).
+//! PCI configuration space (`config.rs`: power management at 0xDC as on the chip, an
+//! MSI capability only when [`E1000Config::msi`] asks for one). Interrupts: INTx
+//! (index 0, maskable, automasked: level) and, with the option, MSI (index 1, one
+//! vector: edge).
 //!
 //! Structure:
 //! - `regfile.rs`: the register file and interrupt logic behind one mutex (`Core`);
@@ -12,6 +14,7 @@
 //! - `tx.rs`: the transmit ring, walked synchronously inside the TDT write;
 //! - `rx.rs`: filtering and delivery of one received frame into the receive ring;
 //! - `eeprom.rs`, `phy.rs`: EEPROM (EERD and Microwire bit-bang) and the MDIC PHY;
+//! - `config.rs`: the PCI configuration space;
 //! - `state.rs`: the migration stream's format (its transfer in chunks, and the
 //!   errno of a request in the wrong state, are `nestio_device_model::migration::MigrationData`'s);
 //! - this file: the [`E1000`] device (region dispatch, access-size checks, VFIO
@@ -39,7 +42,10 @@
 //! Departures from QEMU's e1000 (the datasheet wins): CTRL.RST resets the registers;
 //! ICS and IMC read 0; TIPG reads back what was written; TXQE is raised only when
 //! descriptors were used and the ring ran dry; RX starts as soon as RCTL.EN is set.
+//! The register-level differences, each with the manual section that decides it, are
+//! the table in `tests/e1000_qtest.rs` (checked against QEMU 7.2 through qtest).
 
+mod config;
 mod delay;
 mod eeprom;
 #[cfg(feature = "harness")]
@@ -60,7 +66,7 @@ use std::time::Instant;
 
 use nestio_device_model::irq::signal_eventfd;
 use nestio_device_model::migration::MigrationFsm;
-use nestio_device_model::pci::{BarKind, PciConfig, PciError, PciFunction};
+use nestio_device_model::pci::{PciError, PciFunction};
 use nestio_device_model::{
     pci_index, DeviceError, DeviceInfo, DmaPort, IrqAction, IrqData, IrqInfo, MigState,
     MigrationFlags, RegionInfo, Result, VfioDevice,
@@ -91,6 +97,9 @@ pub struct E1000Config {
     pub mac: [u8; 6],
     /// Where frames go and come from.
     pub backend: Box<dyn NetBackend>,
+    /// Offer an MSI capability (the 82540EM has none; default off, as on the chip).
+    /// Turn it on for a VMM or driver that uses message interrupts.
+    pub msi: bool,
 }
 
 /// Parse a MAC address `aa:bb:cc:dd:ee:ff` (or with `-`); multicast addresses and the
@@ -130,7 +139,14 @@ impl E1000Config {
         E1000Config {
             mac: DEFAULT_MAC,
             backend,
+            msi: false,
         }
+    }
+
+    /// The same configuration with the MSI capability on or off.
+    pub fn with_msi(mut self, msi: bool) -> Self {
+        self.msi = msi;
+        self
     }
 }
 
@@ -190,24 +206,20 @@ fn drain_eventfd(fd: &OwnedFd) {
     unsafe { libc::read(fd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
 }
 
-fn build_config() -> std::result::Result<PciConfig, PciError> {
-    let mut c = PciConfig::new();
-    c.set_vendor_id(VENDOR_ID);
-    c.set_device_id(DEVICE_ID);
-    c.set_revision(0x03);
-    c.set_class(CLASS_CODE);
-    c.set_subsystem(VENDOR_ID, DEVICE_ID);
-    c.set_interrupt_pin(1)?;
-    c.add_bar(0, BarKind::Mmio32, regs::MMIO_SIZE)?;
-    c.add_bar(1, BarKind::Io, regs::IO_SIZE)?;
-    c.add_msi(1, false)?;
-    Ok(c)
+/// The configuration space of a device with the default EEPROM and an MSI capability
+/// (unit tests of the register file).
+#[cfg(test)]
+fn build_config() -> std::result::Result<nestio_device_model::pci::PciConfig, PciError> {
+    config::build(&Eeprom::new(DEFAULT_MAC), true)
 }
 
 impl E1000 {
     /// Create the device and start its RX worker (stopped when the device is dropped).
     pub fn new(config: E1000Config) -> std::result::Result<Arc<E1000>, E1000Error> {
-        let pci = Arc::new(PciFunction::new(build_config()?));
+        let pci = Arc::new(PciFunction::new(config::build(
+            &Eeprom::new(config.mac),
+            config.msi,
+        )?));
         let core = Core::new(
             config.mac,
             pci.clone(),

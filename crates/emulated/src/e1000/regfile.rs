@@ -2,7 +2,9 @@
 //!
 //! [`Core`] holds every piece of device state: the 32K-entry register array (BAR0 seen
 //! as 32-bit registers; registers without special behaviour read back what was
-//! written), the 64-bit statistics counters, EEPROM and PHY, the transmit assembly
+//! written, limited to the bits the manual's register tables define — reserved bits
+//! read 0, see `write_mask` — and start from the tables' initial values at reset,
+//! e.g. VET 8100h, LEDCTL 07068302h, PBA 00100030h), the 64-bit statistics counters, EEPROM and PHY, the transmit assembly
 //! state, the queue-halt flags, the pending receive queue, the PCI configuration
 //! space and the interrupt throttle. Register accesses are done on whole 32-bit
 //! registers: the device splits narrower accesses (see `mod.rs`).
@@ -172,6 +174,12 @@ impl Core {
         // SLU starts clear: the driver sets it, which raises LSC (link up). STATUS
         // reports link up regardless (the PHY always has link).
         self.set_reg(CTRL, CTRL_FD | CTRL_SPEED_1000);
+        // Initial values of the manual's register tables (chapter 13): VLAN EtherType,
+        // the LED defaults (LED0 link up, LED1 blinking activity, LED2 link 100,
+        // LED3 link 1000), the packet buffer split (48 KB receive, 16 KB transmit).
+        self.set_reg(VET, VET_DEFAULT);
+        self.set_reg(LEDCTL, LEDCTL_DEFAULT);
+        self.write_pba(PBA_RXA_DEFAULT);
         // The receive address 0 is loaded from the EEPROM at reset.
         let mac = self.eeprom.mac();
         self.set_reg(RA, u32::from_le_bytes([mac[0], mac[1], mac[2], mac[3]]));
@@ -338,6 +346,7 @@ impl Core {
                 }
                 self.process_tx(irqs, dma);
             }
+            PBA => self.write_pba(v),
             RDBAL | TDBAL => self.set_reg(off, v & RING_BASE_LOW_MASK),
             RDLEN | TDLEN => self.set_reg(off, v & RING_LEN_MASK),
             RDH | TDH => self.set_reg(off, v & RING_PTR_MASK),
@@ -350,8 +359,16 @@ impl Core {
                 self.process_tx(irqs, dma);
             }
             _ if is_stat(off) => {}
-            _ => self.set_reg(off, v),
+            _ => self.set_reg(off, v & write_mask(off)),
         }
+    }
+
+    /// PBA: the receive allocation (bits 6:0, KB) is written; the transmit allocation
+    /// (bits 31:16) is what remains of the 64 KB packet buffer (read-only).
+    fn write_pba(&mut self, v: u32) {
+        let rxa = v & PBA_RXA_MASK;
+        let txa = PBA_TOTAL_KB.saturating_sub(rxa);
+        self.set_reg(PBA, (txa << 16) | rxa);
     }
 
     fn mdic(&mut self, v: u32, irqs: &PciFunction) {
@@ -359,7 +376,9 @@ impl Core {
         let reg = ((v >> MDIC_REG_SHIFT) & 0x1F) as usize;
         let op = v & (3 << 26);
         let mut out = v & !(MDIC_READY | MDIC_ERROR | (1 << 29));
-        if phy != PHY_ADDR || (op != MDIC_OP_READ && op != MDIC_OP_WRITE) {
+        // A register the PHY does not implement does not answer: MDIC.E, as for an
+        // absent PHY.
+        if phy != PHY_ADDR || (op != MDIC_OP_READ && op != MDIC_OP_WRITE) || !self.phy.exists(reg) {
             out |= MDIC_ERROR;
         } else if op == MDIC_OP_READ {
             out = (out & !MDIC_DATA_MASK) | u32::from(self.phy.read(reg));
@@ -573,6 +592,69 @@ impl Core {
                 }
             }
         }
+    }
+}
+
+/// VET initial value (the 802.1Q EtherType).
+const VET_DEFAULT: u32 = 0x8100;
+/// LEDCTL initial value.
+const LEDCTL_DEFAULT: u32 = 0x0706_8302;
+/// PBA: receive allocation at reset (48 KB), its writable bits, the buffer size.
+const PBA_RXA_DEFAULT: u32 = 0x30;
+const PBA_RXA_MASK: u32 = 0x7F;
+const PBA_TOTAL_KB: u32 = 64;
+
+/// The bits a driver write keeps in a register without special behaviour (the
+/// manual's register tables, chapter 13: reserved bits read as 0). Registers not
+/// listed keep all 32 bits.
+fn write_mask(off: u32) -> u32 {
+    match off {
+        // Bits 3:0 (GPI_EN, 82544 only), 13 (EE_RST, self-clearing), 14, 16,
+        // 21:18 and 31:24 reserved or not on the 82540EM.
+        CTRL_EXT => 0x00C2_9FF0,
+        // 16-bit fields: flow control address high, type, VLAN EtherType, pause time.
+        FCAH | FCT | VET | FCTTV => 0xFFFF,
+        // Transmit configuration word (15:0), TxConfig (30), ANE (31).
+        TXCW => 0xC000_FFFF,
+        // Receive configuration word: status of the TBI / SerDes link, read-only (the
+        // 82540EM is copper only: nothing is received).
+        RXCW => 0,
+        // IPGT 9:0, IPGR1 19:10, IPGR2 29:20; 31:30 reserved.
+        TIPG => 0x3FFF_FFFF,
+        // Per LED: mode 3:0, invert 6, blink 7; bits 5:4 reserved.
+        LEDCTL => 0xCFCF_CFCF,
+        // Thresholds in 8-byte units, bits 15:3 (XONE is not on the 82540EM).
+        FCRTL | FCRTH => 0xFFF8,
+        // PTHRESH 5:0, HTHRESH 13:8, WTHRESH 21:16, GRAN 24.
+        RXDCTL => 0x013F_3F3F,
+        // ... and LWTHRESH 31:25 for transmit.
+        TXDCTL => 0xFF3F_3F3F,
+        // Small receive packet detect size, bits 11:0.
+        RSRPD => 0x0FFF,
+        // Descriptor prefetch prevention (bit 0).
+        TXDMAC => 0x1,
+        // PCSS 7:0, IPOFLD 8, TUOFLD 9.
+        RXCSUM => 0x03FF,
+        // Management control: bits 2:0 and 20:8; 7:3 and 31:21 reserved.
+        MANC => 0x001F_FF07,
+        // Receive address high: address 15:0, select 17:16, valid 31.
+        o if (RA..RA + RA_ENTRIES * 8).contains(&o) && o % 8 == 4 => 0x8003_FFFF,
+        // Flexible filter length (10:0) and mask (3:0) tables: low dword only.
+        o if (FFLT..FFLT + 4 * 8).contains(&o) => {
+            if o % 8 == 0 {
+                0x07FF
+            } else {
+                0
+            }
+        }
+        o if (FFMT..FFMT + 128 * 8).contains(&o) => {
+            if o % 8 == 0 {
+                0xF
+            } else {
+                0
+            }
+        }
+        _ => u32::MAX,
     }
 }
 
@@ -810,18 +892,19 @@ mod tests {
         d.delay_due(&intr2, t1 + ticks(900));
         assert_eq!(icr(&mut d, &intr2), ICR_TXDW);
 
-        // A version 1 stream (no timers) still loads, with nothing pending.
+        // A version 1 stream (no timers, no options byte) still loads, with nothing
+        // pending.
         let mut v1 = s1.clone();
         v1[4..8].copy_from_slice(&1u32.to_le_bytes());
-        v1.truncate(v1.len() - 4 * 9);
+        v1.truncate(v1.len() - 4 * 9 - 1);
         let (mut e, _, _) = core();
         state::load(&mut e, &v1).unwrap();
         assert!(!e.tx_delay.pending() && !e.rx_delay.pending());
         assert_eq!(e.reg(TIDV), 1000);
-        // Hostile timer fields are refused.
-        let n = s1.len();
+        // Hostile timer fields are refused (the timers end before the options byte).
+        let n = s1.len() - 1;
         let mut bad = s1.clone();
-        bad[n - 8..].copy_from_slice(&u64::MAX.to_le_bytes());
+        bad[n - 8..n].copy_from_slice(&u64::MAX.to_le_bytes());
         bad[n - 9] = 1;
         assert!(
             state::load(&mut e, &bad).is_err(),
@@ -834,5 +917,95 @@ mod tests {
         bad[n - 9] = 0;
         bad[n - 1] = 1;
         assert!(state::load(&mut e, &bad).is_err(), "idle with time left");
+    }
+
+    fn core_msi(msi: bool) -> Core {
+        let cfg = super::super::config::build(&Eeprom::new([2, 0, 0, 0, 0, 1]), msi).unwrap();
+        Core::new(
+            [2, 0, 0, 0, 0, 1],
+            Arc::new(PciFunction::new(cfg)),
+            MigrationFsm::new(MigrationFlags(MigrationFlags::STOP_COPY)),
+        )
+    }
+
+    #[test]
+    fn msi_option_travels_in_the_stream() {
+        use nestio_device_model::MigState;
+        let mut src = core_msi(false);
+        src.fsm.transition(MigState::Stop, |_, _| Ok(())).unwrap();
+        let s = state::save(&src);
+        assert_eq!(*s.last().unwrap(), 0, "options: no MSI");
+        let mut same = core_msi(false);
+        state::load(&mut same, &s).unwrap();
+        let mut other = core_msi(true);
+        assert!(matches!(
+            state::load(&mut other, &s),
+            Err(state::StateError::Options {
+                stream_msi: false,
+                device_msi: true
+            })
+        ));
+        // An unknown option bit is refused.
+        let mut bad = s.clone();
+        *bad.last_mut().unwrap() = 0x80;
+        assert!(state::load(&mut same, &bad).is_err());
+        // A version 2 stream (always from a device with MSI) loads only with MSI on.
+        let mut msi = core_msi(true);
+        msi.fsm.transition(MigState::Stop, |_, _| Ok(())).unwrap();
+        let mut v2 = state::save(&msi);
+        v2[4..8].copy_from_slice(&2u32.to_le_bytes());
+        v2.pop();
+        state::load(&mut other, &v2).unwrap();
+        assert!(matches!(
+            state::load(&mut same, &v2),
+            Err(state::StateError::Options {
+                stream_msi: true,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn reserved_bits_read_zero_and_reset_values() {
+        let (mut c, intr, dma) = core();
+        assert_eq!(c.read(VET, &intr), 0x8100);
+        assert_eq!(c.read(PBA, &intr), 0x0010_0030);
+        assert_eq!(c.read(LEDCTL, &intr), 0x0706_8302);
+        for (r, mask) in [
+            (CTRL_EXT, 0x00C2_9FF0),
+            (FCT, 0xFFFF),
+            (TIPG, 0x3FFF_FFFF),
+            (RXCSUM, 0x3FF),
+            (MANC, 0x001F_FF07),
+            (RXCW, 0),
+            (RA + 12, 0x8003_FFFF),
+        ] {
+            c.write(r, u32::MAX, &intr, &dma);
+            assert_eq!(c.read(r, &intr), mask, "register {r:#x}");
+        }
+        // PBA: the transmit share follows the receive share.
+        c.write(PBA, 0x0000_0028, &intr, &dma);
+        assert_eq!(c.read(PBA, &intr), 0x0018_0028);
+        // CTRL.RST brings the initial values back.
+        c.write(CTRL, CTRL_RST, &intr, &dma);
+        assert_eq!(c.read(PBA, &intr), 0x0010_0030);
+        assert_eq!(c.read(TIPG, &intr), 0);
+        // MDIC: an absent PHY register fails the access with MDIC.E.
+        c.write(
+            MDIC,
+            MDIC_OP_READ | (1 << MDIC_PHY_SHIFT) | (11 << MDIC_REG_SHIFT),
+            &intr,
+            &dma,
+        );
+        assert_ne!(c.read(MDIC, &intr) & MDIC_ERROR, 0);
+        c.write(
+            MDIC,
+            MDIC_OP_READ | (1 << MDIC_PHY_SHIFT) | (2 << MDIC_REG_SHIFT),
+            &intr,
+            &dma,
+        );
+        let v = c.read(MDIC, &intr);
+        assert_eq!(v & MDIC_ERROR, 0);
+        assert_eq!(v & 0xFFFF, 0x0141);
     }
 }

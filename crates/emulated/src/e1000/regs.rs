@@ -24,6 +24,27 @@ pub const IMC: u32 = 0x00D8;
 pub const RCTL: u32 = 0x0100;
 pub const TCTL: u32 = 0x0400;
 pub const TIPG: u32 = 0x0410;
+pub const FCAL: u32 = 0x0028;
+pub const FCAH: u32 = 0x002C;
+pub const FCT: u32 = 0x0030;
+pub const VET: u32 = 0x0038;
+pub const FCTTV: u32 = 0x0170;
+pub const TXCW: u32 = 0x0178;
+pub const RXCW: u32 = 0x0180;
+pub const LEDCTL: u32 = 0x0E00;
+pub const PBA: u32 = 0x1000;
+pub const FCRTL: u32 = 0x2160;
+pub const FCRTH: u32 = 0x2168;
+pub const RXDCTL: u32 = 0x2828;
+pub const RSRPD: u32 = 0x2C00;
+pub const TXDMAC: u32 = 0x3000;
+pub const TXDCTL: u32 = 0x3828;
+pub const RXCSUM: u32 = 0x5000;
+pub const MANC: u32 = 0x5820;
+/// Flexible filter length table (4 entries, 8 bytes apart).
+pub const FFLT: u32 = 0x5F00;
+/// Flexible filter mask table (128 entries, 8 bytes apart).
+pub const FFMT: u32 = 0x9000;
 pub const RDBAL: u32 = 0x2800;
 pub const RDBAH: u32 = 0x2804;
 pub const RDLEN: u32 = 0x2808;

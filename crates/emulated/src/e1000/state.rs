@@ -1,14 +1,18 @@
 //! The migration stream of the e1000: a versioned, little-endian byte stream.
 //!
-//! Layout (version 2):
+//! Layout (version 3):
 //! `magic "NE1K" | version u32 | regs: count u32, (index u32, value u32)* (non-zero
 //! registers only) | stats64 4 x u64 | EEPROM 64 x u16 | microwire state | PHY 32 x u16
 //! | transmit assembly (packet, flags, context) | tx_halted u8 | rx_halted u8 | IOADDR u32 |
 //! pending frames: count u32, (len u32, bytes)* | PCI config: len u32, bytes |
-//! delay timers: TIDV, TADV, RDTR, RADV countdowns, each (counting u8, ns left u64)`.
+//! delay timers: TIDV, TADV, RDTR, RADV countdowns, each (counting u8, ns left u64) |
+//! options u8 (bit 0: the device has the MSI capability)`.
 //!
-//! Version 1 is the same without the delay timers; it still loads (no delayed cause
-//! pending). The time left of a delay timer is at most 0xFFFF x 1.024 us; the device
+//! Version 2 is the same without the options byte, version 1 also without the delay
+//! timers (no delayed cause pending); both still load. Devices of those versions always
+//! had the MSI capability, so such a stream loads only into a device created with MSI
+//! on; a stream whose options differ from the destination's is refused (the PCI
+//! configuration layouts would not match: a guest using MSI would lose it). The time left of a delay timer is at most 0xFFFF x 1.024 us; the device
 //! is stopped while saved, so its timers are paused and the values are exact (saving
 //! twice gives the same bytes).
 //!
@@ -34,7 +38,7 @@ use super::tx::{TxContext, TxState, TX_MAX_TSO};
 /// Stream magic.
 pub const MAGIC: &[u8; 4] = b"NE1K";
 /// Stream version written.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Oldest stream version read.
 pub const MIN_VERSION: u32 = 1;
 /// Largest pending frame accepted from a stream.
@@ -63,10 +67,29 @@ pub enum StateError {
     /// Bytes after the end.
     #[error("e1000 migration stream has {0} trailing bytes")]
     Trailing(usize),
+    /// The source and destination were created with different options.
+    #[error("e1000 migration stream comes from a device with MSI {}, this one has MSI {}: create the destination e1000 with the same MSI option (`--msi {}`)", on_off(*.stream_msi), on_off(*.device_msi), on_off(*.stream_msi))]
+    Options {
+        /// The source had the MSI capability.
+        stream_msi: bool,
+        /// This device has it.
+        device_msi: bool,
+    },
     /// The PCI configuration could not be restored.
     #[error("e1000 migration stream: PCI configuration: {0}")]
     Config(String),
 }
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// Bit of the options byte: the MSI capability is present.
+const OPT_MSI: u8 = 1;
 
 struct W(Vec<u8>);
 
@@ -227,6 +250,8 @@ pub(crate) fn save(c: &Core) -> Vec<u8> {
             }
         }
     }
+    let has_msi = c.pci.lock_config().msi().is_some();
+    w.u8(if has_msi { OPT_MSI } else { 0 });
     w.0
 }
 
@@ -341,8 +366,28 @@ pub(crate) fn load(c: &mut Core, b: &[u8]) -> Result<(), StateError> {
             t.absolute = countdown(&mut r, names[1])?;
         }
     }
+    // Streams before version 3 come from devices that always had MSI.
+    let stream_msi = if version >= 3 {
+        let opts = r.u8()?;
+        if opts & !OPT_MSI != 0 {
+            return Err(StateError::Field {
+                field: "options",
+                value: u64::from(opts),
+            });
+        }
+        opts & OPT_MSI != 0
+    } else {
+        true
+    };
     if r.pos != b.len() {
         return Err(StateError::Trailing(b.len() - r.pos));
+    }
+    let device_msi = c.pci.lock_config().msi().is_some();
+    if stream_msi != device_msi {
+        return Err(StateError::Options {
+            stream_msi,
+            device_msi,
+        });
     }
     let mut config: PciConfig = c.pci.power_on_config();
     config

@@ -107,8 +107,10 @@ pub fn child_main() -> bool {
         "sample" => nestio_emulated::sample::sample_device().expect("sample device"),
         "e1000" => {
             let backend = nestio_net::open_backend("user", None).expect("user network");
-            nestio_emulated::e1000::E1000::new(nestio_emulated::e1000::E1000Config::new(backend))
-                .expect("e1000")
+            nestio_emulated::e1000::E1000::new(
+                nestio_emulated::e1000::E1000Config::new(backend).with_msi(true),
+            )
+            .expect("e1000")
         }
         other => panic!("unknown child device {other}"),
     };

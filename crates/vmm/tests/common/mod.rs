@@ -66,8 +66,10 @@ pub fn guest_linux(test: &str) -> Option<(std::path::PathBuf, std::path::PathBuf
 /// An e1000 on the built-in `user` network, attached in process (no vfio-user hop).
 pub fn local_e1000() -> nestio_vmm::DeviceConfig {
     let backend = nestio_net::open_backend("user", None).unwrap();
-    let dev = nestio_emulated::e1000::E1000::new(nestio_emulated::e1000::E1000Config::new(backend))
-        .unwrap();
+    let dev = nestio_emulated::e1000::E1000::new(
+        nestio_emulated::e1000::E1000Config::new(backend).with_msi(true),
+    )
+    .unwrap();
     nestio_vmm::DeviceConfig::Local {
         name: "e1000".into(),
         device: dev,
