@@ -63,34 +63,103 @@ pub fn run(args: BenchArgs) -> CmdResult {
         println!("{}", nestio_dma::bench::copy(5)?);
     }
     if all || args.only == "e1000" {
-        for (mode, via) in [
-            (IrqMode::Msi, DmaVia::SharedFd),
-            (IrqMode::Msi, DmaVia::Messages),
-        ] {
-            let (client, server) = served_e1000()?;
-            println!("e1000 over vfio-user (interrupts {mode:?}, DMA {via:?}):");
-            let dev: Arc<dyn VfioDevice> = client.clone();
-            let report = e1000_bench::run(dev, mode, via, args.packets)?;
-            println!("{report}");
-            drop(client);
-            let _ = server.join();
-        }
-        let backend = nestio_net::open_backend("user", None)?;
-        let local = E1000::new(E1000Config::new(backend))?;
-        println!("e1000 in process (no vfio-user hop, MSI):");
-        println!(
-            "{}",
-            e1000_bench::run(local, IrqMode::Msi, DmaVia::SharedFd, args.packets)?
-        );
+        e1000(args.packets)?;
     }
     Ok(0)
 }
 
-/// An e1000 on the `user` network served over a socketpair by a server thread.
+/// The e1000 measurements: over vfio-user and in process, each with the register
+/// path's inline receive (the default) and without it (every received frame handed to
+/// the RX worker thread, as before), so one run shows the difference; then the ratios.
+fn e1000(packets: u64) -> CmdResult {
+    let mut rows = Vec::new();
+    for (mode, via, inline_rx, posted) in [
+        (IrqMode::Msi, DmaVia::SharedFd, true, true),
+        (IrqMode::Msi, DmaVia::SharedFd, false, true),
+        (IrqMode::Msi, DmaVia::SharedFd, true, false),
+        (IrqMode::Msi, DmaVia::Messages, true, true),
+    ] {
+        let (client, server) = served_e1000(inline_rx)?;
+        println!(
+            "e1000 over vfio-user (interrupts {mode:?}, DMA {via:?}, inline RX {}, posted BAR writes {}):",
+            on_off(inline_rx),
+            on_off(posted)
+        );
+        // Posted: BAR writes as nestio's VMM and QEMU send them (no reply awaited).
+        let dev: Arc<dyn VfioDevice> = if posted {
+            Arc::new(nestio_vmm::remote::PostedWrites::new(client)?)
+        } else {
+            Arc::new(client)
+        };
+        let report = e1000_bench::run(dev, mode, via, packets)?;
+        println!("{report}");
+        if via == DmaVia::SharedFd && posted {
+            rows.push((true, inline_rx, report));
+        }
+        let _ = server.join();
+    }
+    for inline_rx in [true, false] {
+        let backend = nestio_net::open_backend("user", None)?;
+        let local = E1000::new(E1000Config {
+            inline_rx,
+            ..E1000Config::new(backend)
+        })?;
+        println!(
+            "e1000 in process (no vfio-user hop, MSI, inline RX {}):",
+            on_off(inline_rx)
+        );
+        let dev: Arc<dyn VfioDevice> = local.clone();
+        let report = e1000_bench::run(dev, IrqMode::Msi, DmaVia::SharedFd, packets)?;
+        println!("{report}");
+        let (wakeups, inline) = local.rx_counters();
+        let trips: u64 = report.rows.iter().map(|r| r.packets).sum();
+        println!(
+            "  RX worker wake-ups: {wakeups} ({:.2} per round trip); frames received inline by the register path: {inline}",
+            wakeups as f64 / trips.max(1) as f64
+        );
+        rows.push((false, inline_rx, report));
+    }
+    let find = |remote: bool, inline: bool| {
+        rows.iter()
+            .find(|(r, i, _)| *r == remote && *i == inline)
+            .map(|(_, _, rep)| rep)
+    };
+    println!("e1000 60-byte ICMP round trip, ratios (goals: in process <= 2x the socketpair floor, vfio-user <= 1.2x in process; vfio-user with posted BAR writes):");
+    for inline in [false, true] {
+        if let (Some(remote), Some(local)) = (find(true, inline), find(false, inline)) {
+            let (r, l) = (&remote.rows[0], &local.rows[0]);
+            println!(
+                "  inline RX {:>3}: in process {:>6.0} ns = {:.2}x its floor; vfio-user {:>6.0} ns = {:.2}x its floor = {:.2}x in process",
+                on_off(inline),
+                l.ns_per_packet,
+                l.ratio(),
+                r.ns_per_packet,
+                r.ratio(),
+                r.ns_per_packet / l.ns_per_packet
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// An e1000 on the `user` network served over a socketpair by a server thread (the
+/// thread ends when the client is dropped).
 fn served_e1000(
-) -> Result<(Arc<Client>, std::thread::JoinHandle<()>), Box<dyn std::error::Error + Send + Sync>> {
+    inline_rx: bool,
+) -> Result<(Client, std::thread::JoinHandle<()>), Box<dyn std::error::Error + Send + Sync>> {
     let backend = nestio_net::open_backend("user", None)?;
-    let dev = E1000::new(E1000Config::new(backend))?;
+    let dev = E1000::new(E1000Config {
+        inline_rx,
+        ..E1000Config::new(backend)
+    })?;
     let (a, b) = UnixStream::pair()?;
     let h = std::thread::spawn(move || {
         let server = Server::new(dev, ServerConfig::default());
@@ -98,7 +167,7 @@ fn served_e1000(
             eprintln!("nestio bench: e1000 server session ended with an error: {e}");
         }
     });
-    let client = Arc::new(Client::from_stream(a, ClientConfig::default())?);
+    let client = Client::from_stream(a, ClientConfig::default())?;
     Ok((client, h))
 }
 
