@@ -7,7 +7,12 @@
 //! alternating rounds (best of each kept): with a small ICMP echo (round trip, region
 //! access cost) and with 1500-byte IP packets (DMA throughput: the frame bytes the
 //! device moves per round trip over its time, and the marginal DMA cost per KiB between
-//! the two sizes), all as ratios to depth 1.
+//! the two sizes), all as ratios to depth 1 — once with every BAR access forwarded level
+//! by level and once with a BAR channel (`nestio_nested::direct`), interleaved.
+//!
+//! `--only e1000` runs the e1000 over vfio-user (with and without the register path's
+//! inline receive, with and without posted BAR writes) and in process (inline receive
+//! on and off), then prints the 60-byte round trip ratios side by side.
 
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
