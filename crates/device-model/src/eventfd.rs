@@ -624,4 +624,79 @@ mod tests {
         let good = PeerEventFd::from_peer(owned(unsafe { libc::eventfd(0, 0) })).unwrap();
         assert_eq!(good.signal(), Signal::Delivered);
     }
+
+    #[test]
+    fn consume_reads_the_counter_and_a_reblocked_drained_fd_stalls_once() {
+        // SAFETY: eventfd takes no pointers.
+        let raw = owned(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) });
+        let peer = raw.try_clone().unwrap();
+        let ev = PeerEventFd::from_peer(raw).unwrap();
+        assert_eq!(ev.consume(), Consumed::Empty);
+        let three = 3u64;
+        // SAFETY: writes 8 bytes from a local u64.
+        assert_eq!(
+            unsafe { libc::write(peer.as_raw_fd(), (&three as *const u64).cast(), 8) },
+            8
+        );
+        assert_eq!(ev.consume(), Consumed::Signals(3));
+        assert_eq!(ev.consume(), Consumed::Empty);
+        // The peer makes it blocking with the counter at 0: the read would wait forever;
+        // the watchdog interrupts it and the fd is ignored from then on.
+        // SAFETY: F_SETFL with an integer argument.
+        assert_eq!(
+            unsafe { libc::fcntl(peer.as_raw_fd(), libc::F_SETFL, 0) },
+            0
+        );
+        let t = Instant::now();
+        assert_eq!(ev.consume(), Consumed::Stalled);
+        assert!(t.elapsed() >= STALL_LIMIT, "{:?}", t.elapsed());
+        assert!(ev.stalled());
+        let t = Instant::now();
+        assert_eq!(ev.consume(), Consumed::Stalled);
+        assert!(t.elapsed() < STALL_LIMIT);
+    }
+
+    #[test]
+    fn a_watch_calls_back_per_signal_batch_and_stops_on_drop() {
+        use std::sync::atomic::AtomicU32;
+        // SAFETY: eventfd takes no pointers.
+        let raw = owned(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) });
+        let peer = raw.try_clone().unwrap();
+        let calls = Arc::new(AtomicU32::new(0));
+        let c = calls.clone();
+        let w = EventFdWatch::spawn(
+            "test-watch",
+            Arc::new(PeerEventFd::from_peer(raw).unwrap()),
+            move || {
+                c.fetch_add(1, Ordering::SeqCst);
+            },
+        )
+        .unwrap();
+        for i in 1..=3u32 {
+            let one = 1u64;
+            // SAFETY: writes 8 bytes from a local u64.
+            assert_eq!(
+                unsafe { libc::write(peer.as_raw_fd(), (&one as *const u64).cast(), 8) },
+                8
+            );
+            let t = Instant::now();
+            while calls.load(Ordering::SeqCst) < i {
+                assert!(t.elapsed() < Duration::from_secs(5), "no callback {i}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        drop(w);
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local u64.
+        assert_eq!(
+            unsafe { libc::write(peer.as_raw_fd(), (&one as *const u64).cast(), 8) },
+            8
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "a dropped watch still called back"
+        );
+    }
 }
