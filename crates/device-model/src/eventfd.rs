@@ -625,6 +625,18 @@ mod tests {
         assert_eq!(good.signal(), Signal::Delivered);
     }
 
+    fn write_u64(fd: &OwnedFd, v: u64) {
+        // SAFETY: writes 8 bytes from a local u64.
+        let n = unsafe { libc::write(fd.as_raw_fd(), (&v as *const u64).cast(), 8) };
+        assert_eq!(n, 8);
+    }
+
+    fn make_blocking(fd: &OwnedFd) {
+        // SAFETY: F_SETFL with an integer argument.
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, 0) };
+        assert_eq!(r, 0);
+    }
+
     #[test]
     fn consume_reads_the_counter_and_a_reblocked_drained_fd_stalls_once() {
         // SAFETY: eventfd takes no pointers.
@@ -633,20 +645,12 @@ mod tests {
         let ev = PeerEventFd::from_peer(raw).unwrap();
         assert_eq!(ev.consume(), Consumed::Empty);
         let three = 3u64;
-        // SAFETY: writes 8 bytes from a local u64.
-        assert_eq!(
-            unsafe { libc::write(peer.as_raw_fd(), (&three as *const u64).cast(), 8) },
-            8
-        );
+        write_u64(&peer, three);
         assert_eq!(ev.consume(), Consumed::Signals(3));
         assert_eq!(ev.consume(), Consumed::Empty);
         // The peer makes it blocking with the counter at 0: the read would wait forever;
         // the watchdog interrupts it and the fd is ignored from then on.
-        // SAFETY: F_SETFL with an integer argument.
-        assert_eq!(
-            unsafe { libc::fcntl(peer.as_raw_fd(), libc::F_SETFL, 0) },
-            0
-        );
+        make_blocking(&peer);
         let t = Instant::now();
         assert_eq!(ev.consume(), Consumed::Stalled);
         assert!(t.elapsed() >= STALL_LIMIT, "{:?}", t.elapsed());
@@ -674,11 +678,7 @@ mod tests {
         .unwrap();
         for i in 1..=3u32 {
             let one = 1u64;
-            // SAFETY: writes 8 bytes from a local u64.
-            assert_eq!(
-                unsafe { libc::write(peer.as_raw_fd(), (&one as *const u64).cast(), 8) },
-                8
-            );
+            write_u64(&peer, one);
             let t = Instant::now();
             while calls.load(Ordering::SeqCst) < i {
                 assert!(t.elapsed() < Duration::from_secs(5), "no callback {i}");
@@ -687,11 +687,7 @@ mod tests {
         }
         drop(w);
         let one = 1u64;
-        // SAFETY: writes 8 bytes from a local u64.
-        assert_eq!(
-            unsafe { libc::write(peer.as_raw_fd(), (&one as *const u64).cast(), 8) },
-            8
-        );
+        write_u64(&peer, one);
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(
             calls.load(Ordering::SeqCst),
