@@ -228,6 +228,8 @@ pub struct DirectBars {
     inner: Arc<dyn VfioDevice>,
     mask: u8,
     chan: Mutex<Channel>,
+    /// Accesses sent over the channel.
+    sent: std::sync::atomic::AtomicU64,
 }
 
 struct Channel {
@@ -253,7 +255,13 @@ impl DirectBars {
                 next_id: 0,
                 buf: Vec::new(),
             }),
+            sent: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// BAR accesses sent over the channel so far.
+    pub fn channel_accesses(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The mediated device underneath.
@@ -273,6 +281,7 @@ impl DirectBars {
                 "BAR channel: {e}; the device side or the level that opened it went away"
             ))
         };
+        self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut c = self.chan.lock();
         let Channel { sock, next_id, buf } = &mut *c;
         *next_id = next_id.wrapping_add(1);

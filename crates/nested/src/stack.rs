@@ -249,6 +249,10 @@ impl NestedStack {
             None => self.client(),
         }
     }
+    /// BAR accesses the innermost level sent over its BAR channel (None without one).
+    pub fn bar_channel_accesses(&self) -> Option<u64> {
+        self.direct.as_ref().map(|(d, _)| d.channel_accesses())
+    }
     /// True when the innermost level has a BAR channel.
     pub fn has_bar_channel(&self) -> bool {
         self.direct.is_some()
@@ -324,8 +328,9 @@ pub struct DepthRow {
     pub round_trip_ratio: f64,
     /// `region_access_ns` over the first row's.
     pub region_ratio: f64,
-    /// Trapped region accesses per round trip (counted at level 1's exporter, so known
-    /// from depth 2 on; depth-1 rows take the value of the first deeper row).
+    /// Trapped region accesses per round trip (counted at level 1's exporter plus the
+    /// innermost level's BAR channel, so known from depth 2 on; depth-1 rows take the
+    /// value of the first deeper row).
     pub accesses_per_round_trip: Option<f64>,
     /// What is left of a round trip without its region accesses: DMA, interrupts, the
     /// backend (`round_trip_ns - accesses_per_round_trip * region_access_ns`).
@@ -465,10 +470,12 @@ fn measure_depth(
     for _ in 0..iterations.clamp(1, 10) {
         rt().map_err(werr)?; // warm up
     }
+    // Trapped region accesses: those level 1 forwarded plus those the BAR channel took
+    // past every level.
     let count = |st: &NestedStack| {
         st.exporter(1)
             .map(|e| e.stats())
-            .map(|s| s.region_reads + s.region_writes)
+            .map(|s| s.region_reads + s.region_writes + st.bar_channel_accesses().unwrap_or(0))
     };
     let before = count(&stack);
     let round_trip_ns = best_mean(3, iterations, &mut rt).map_err(werr)?;
