@@ -103,6 +103,44 @@ fn e1000(packets: u64) -> CmdResult {
         }
         let _ = server.join();
     }
+    // INTx (level, automasked): the driver unmasks after each interrupt by UNMASK
+    // message, or by writing the unmask eventfd it gave the device.
+    let mut intx = Vec::new();
+    for by_eventfd in [false, true] {
+        let (client, server) = served_e1000(true)?;
+        let dev: Arc<dyn VfioDevice> = Arc::new(nestio_vmm::remote::PostedWrites::new(client)?);
+        let mut drv = Driver::new_via(
+            dev,
+            e1000_bench::guest_memory()?,
+            IrqMode::Intx,
+            DmaVia::SharedFd,
+        )?;
+        drv.reset()?;
+        drv.probe()?;
+        drv.setup()?;
+        if by_eventfd && !drv.use_unmask_eventfd()? {
+            return Err("the e1000 refused an INTx unmask eventfd".into());
+        }
+        let gw = drv.arp(GUEST_IP, GATEWAY_IP, std::time::Duration::from_secs(10))?;
+        let row = e1000_bench::measure_row(&mut drv, gw, 60, packets)?;
+        println!(
+            "e1000 over vfio-user, INTx unmasked by {}: 60-byte frames {:.0} ns/packet, socketpair floor {:.0} ns, ratio {:.1}x; interrupts taken {}",
+            if by_eventfd { "eventfd" } else { "UNMASK message" },
+            row.ns_per_packet,
+            row.floor_ns,
+            row.ratio(),
+            drv.interrupts
+        );
+        intx.push(row);
+        drop(drv);
+        let _ = server.join();
+    }
+    if let [msg, efd] = intx.as_slice() {
+        println!(
+            "  INTx round trip, unmask eventfd over UNMASK message: x{:.2}",
+            efd.ns_per_packet / msg.ns_per_packet
+        );
+    }
     for inline_rx in [true, false] {
         let backend = nestio_net::open_backend("user", None)?;
         let local = E1000::new(E1000Config {
