@@ -89,3 +89,51 @@ fn without_inline_rx_the_worker_delivers() {
     assert_eq!(inline, 0);
     assert!(wakeups >= 11, "{wakeups} worker wake-ups for 11 replies");
 }
+
+#[test]
+fn intx_driver_unmasks_by_eventfd_and_takes_every_interrupt() {
+    // Inline receive off, so each reply comes with an interrupt the driver must take.
+    let backend = nestio_net::open_backend("user", None).unwrap();
+    let e = E1000::new(E1000Config {
+        inline_rx: false,
+        ..E1000Config::new(backend)
+    })
+    .unwrap();
+    let dev: Arc<dyn VfioDevice> = e.clone();
+    let mut drv = Driver::new_via(
+        dev,
+        guest_memory().unwrap(),
+        IrqMode::Intx,
+        DmaVia::SharedFd,
+    )
+    .unwrap();
+    drv.reset().unwrap();
+    drv.probe().unwrap();
+    drv.setup().unwrap();
+    assert!(
+        drv.use_unmask_eventfd().unwrap(),
+        "the e1000 takes an unmask eventfd"
+    );
+    let gw = drv
+        .arp(GUEST_IP, GATEWAY_IP, Duration::from_secs(5))
+        .unwrap();
+    let before = drv.interrupts;
+    for seq in 0..20u16 {
+        drv.ping(
+            GUEST_IP,
+            gw,
+            GATEWAY_IP,
+            3,
+            seq,
+            &[7; 8],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    }
+    // Every reply needed an interrupt, so INTx was unmasked (by eventfd) every time.
+    assert!(
+        drv.interrupts - before >= 20,
+        "{} interrupts",
+        drv.interrupts - before
+    );
+}
