@@ -171,11 +171,7 @@ impl Irqs {
                     .into_iter()
                     .map(|f| f.map(checked_eventfd).transpose())
                     .collect::<Result<Vec<_>>>()?;
-                if action == IrqAction::Unmask {
-                    Data::Watches(self.watches(index, start, checked)?)
-                } else {
-                    Data::Fds(checked)
-                }
+                Data::Fds(checked)
             }
             IrqData::None => Data::None,
             IrqData::Bool(b) => Data::Bool(b),
@@ -198,43 +194,22 @@ impl Irqs {
         }
     }
 
-    /// Start a watch for each unmask eventfd of a SET_IRQS (vectors `start..`), before
-    /// the state lock is taken. The index is checked here first so that a request for
-    /// an index that cannot be masked starts no thread.
-    fn watches(
-        &self,
-        index: u32,
-        start: u32,
-        fds: Vec<Option<Arc<PeerEventFd>>>,
-    ) -> Result<Vec<Option<EventFdWatch>>> {
-        let flags = self.info(index)?.flags;
-        if flags & irq_flags::MASKABLE == 0 {
-            return Err(DeviceError::Invalid(format!(
-                "irq index {index} cannot be masked, so it has no unmask eventfd"
-            )));
-        }
-        let weak = Arc::downgrade(&self.shared);
-        fds.into_iter()
-            .enumerate()
-            .map(|(i, fd)| {
-                let Some(fd) = fd else { return Ok(None) };
-                let vector = start.saturating_add(i as u32);
-                let (target, key) = (weak.clone(), Arc::as_ptr(&fd) as usize);
-                EventFdWatch::spawn(&format!("irq-unmask-{index}.{vector}"), fd, move || {
-                    unmask_by_eventfd(&target, index, vector, key)
-                })
-                .map(Some)
-                .map_err(|e| {
-                    tracing::warn!(error = %e, "unmask eventfd not watched");
-                    match e {
-                        crate::eventfd::EventFdError::Watch { source, .. } => {
-                            DeviceError::Io(source)
-                        }
-                        other => DeviceError::Invalid(other.to_string()),
-                    }
-                })
-            })
-            .collect()
+    /// Start a watch for the unmask eventfd `fd` of vector `vector` of `index`. Called
+    /// with the state lock held, after the request was validated: the watch is
+    /// installed before its thread can take the lock, so a signal that is already
+    /// pending finds it current (spawning takes no lock of ours).
+    fn watch(&self, index: u32, vector: u32, fd: Arc<PeerEventFd>) -> Result<EventFdWatch> {
+        let (target, key) = (Arc::downgrade(&self.shared), Arc::as_ptr(&fd) as usize);
+        EventFdWatch::spawn(&format!("irq-unmask-{index}.{vector}"), fd, move || {
+            unmask_by_eventfd(&target, index, vector, key)
+        })
+        .map_err(|e| {
+            tracing::warn!(error = %e, "unmask eventfd not watched");
+            match e {
+                crate::eventfd::EventFdError::Watch { source, .. } => DeviceError::Io(source),
+                other => DeviceError::Invalid(other.to_string()),
+            }
+        })
     }
 
     fn apply(
@@ -279,7 +254,6 @@ impl Irqs {
         let given = match &*data {
             Data::Bool(b) => Some((b.len(), "bools")),
             Data::Fds(f) => Some((f.len(), "eventfds")),
-            Data::Watches(w) => Some((w.len(), "eventfds")),
             Data::None => None,
         };
         if let Some((len, what)) = given.filter(|&(len, _)| len != n) {
@@ -298,25 +272,40 @@ impl Irqs {
                 let sel: Vec<bool> = match &mut *data {
                     Data::None => vec![true; n],
                     Data::Bool(b) => std::mem::take(b),
-                    Data::Fds(_) => {
+                    Data::Fds(_) if action == IrqAction::Mask => {
                         return Err(DeviceError::Unsupported(
                             "mask by eventfd (Linux's vfio-pci does not offer it either)".into(),
                         ))
                     }
-                    Data::Watches(w) => {
+                    Data::Fds(fds) => {
                         // Unmask eventfds: each vector given one needs a trigger eventfd.
-                        if let Some(i) = w
+                        if let Some(i) = fds
                             .iter()
                             .zip(&idx.vectors[range.clone()])
-                            .position(|(w, v)| w.is_some() && v.fd.is_none())
+                            .position(|(f, v)| f.is_some() && v.fd.is_none())
                         {
                             return Err(DeviceError::Invalid(format!(
                                 "vector {} of irq index {index} has no trigger eventfd: set it before its unmask eventfd",
                                 start as usize + i
                             )));
                         }
-                        for (v, w) in idx.vectors[range].iter_mut().zip(w.iter_mut()) {
-                            graveyard.extend(std::mem::replace(&mut v.unmask, w.take()));
+                        // Start every watch first: a failure changes nothing (the ones
+                        // started are stopped once the lock is released).
+                        let mut watches = Vec::with_capacity(n);
+                        for (i, fd) in fds.iter_mut().enumerate() {
+                            match fd.take() {
+                                None => watches.push(None),
+                                Some(fd) => match self.watch(index, start + i as u32, fd) {
+                                    Ok(w) => watches.push(Some(w)),
+                                    Err(e) => {
+                                        graveyard.extend(watches.into_iter().flatten());
+                                        return Err(e);
+                                    }
+                                },
+                            }
+                        }
+                        for (v, w) in idx.vectors[range].iter_mut().zip(watches) {
+                            graveyard.extend(std::mem::replace(&mut v.unmask, w));
                         }
                         return Ok(fire);
                     }
@@ -355,7 +344,6 @@ impl Irqs {
                         }
                     }
                 }
-                Data::Watches(_) => unreachable!("watches are built for ACTION_UNMASK only"),
             },
         }
         Ok(fire)
@@ -462,8 +450,6 @@ enum Data {
     None,
     Bool(Vec<bool>),
     Fds(Vec<Option<Arc<PeerEventFd>>>),
-    /// Unmask eventfds, each already watched.
-    Watches(Vec<Option<EventFdWatch>>),
 }
 
 fn checked_eventfd(fd: OwnedFd) -> Result<Arc<PeerEventFd>> {
@@ -677,5 +663,40 @@ mod tests {
         irqs.disable_all();
         assert!(!irqs.has_unmask_eventfd(0, 0));
         assert_eq!(count(&trigger), 0);
+    }
+
+    #[test]
+    fn a_signal_pending_at_registration_is_not_lost() {
+        let irqs = Irqs::new(&[IrqInfo {
+            index: 0,
+            flags: irq_flags::EVENTFD | irq_flags::MASKABLE | irq_flags::AUTOMASKED,
+            count: 1,
+        }]);
+        let trigger = eventfd();
+        irqs.set_irqs(
+            0,
+            IrqAction::Trigger,
+            0,
+            1,
+            IrqData::Eventfd(vec![Some(dup(&trigger))]),
+        )
+        .unwrap();
+        assert!(irqs.trigger(0, 0));
+        assert!(irqs.is_masked(0, 0));
+        let unmask = eventfd();
+        crate::irq::signal_eventfd(&unmask).unwrap();
+        irqs.set_irqs(
+            0,
+            IrqAction::Unmask,
+            0,
+            1,
+            IrqData::Eventfd(vec![Some(dup(&unmask))]),
+        )
+        .unwrap();
+        let t = std::time::Instant::now();
+        while irqs.is_masked(0, 0) {
+            assert!(t.elapsed().as_secs() < 5, "the pending unmask was lost");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
