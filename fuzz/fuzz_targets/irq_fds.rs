@@ -1,8 +1,8 @@
 //! SET_IRQS with hostile fds, end to end: a vfio-user `Client` hands the server (serving
 //! the test device) fds of every kind the script picks — eventfds (non-blocking,
 //! blocking, full), pipe ends, a socket with a full buffer, /dev/null, a memfd — then
-//! masks, unmasks and raises vectors while the "peer" flips its copies back to blocking
-//! and fills their counters. Nothing may hang (libFuzzer's -timeout catches a stuck
+//! masks, unmasks (by message or by an unmask eventfd the device watches) and raises
+//! vectors while the "peer" flips its copies back to blocking and fills their counters. Nothing may hang (libFuzzer's -timeout catches a stuck
 //! raise), panic or leak; a refused fd must be answered with EINVAL.
 #![no_main]
 
@@ -140,6 +140,16 @@ fn run(data: &[u8]) {
                 }
                 1 => {
                     let _ = client.set_irqs(index, IrqAction::Mask, start, 1, IrqData::None);
+                }
+                2 if z & 0x80 != 0 => {
+                    // An unmask eventfd (or fd -1): a non-eventfd must be refused; the
+                    // device's watch thread then races the peer's tampering below.
+                    let fd = if z & 0x40 != 0 { None } else { hostile_fd(z ^ y, &mut keep) };
+                    let bad = fd.is_some() && matches!((z ^ y) % 9, 3..=7);
+                    let r = client.set_irqs(index, IrqAction::Unmask, start, 1, IrqData::Eventfd(vec![fd]));
+                    if bad {
+                        assert!(r.is_err(), "a non-eventfd was accepted as an unmask eventfd");
+                    }
                 }
                 2 => {
                     let _ = client.set_irqs(index, IrqAction::Unmask, start, 1, IrqData::None);

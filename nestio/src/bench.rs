@@ -7,7 +7,12 @@
 //! alternating rounds (best of each kept): with a small ICMP echo (round trip, region
 //! access cost) and with 1500-byte IP packets (DMA throughput: the frame bytes the
 //! device moves per round trip over its time, and the marginal DMA cost per KiB between
-//! the two sizes), all as ratios to depth 1.
+//! the two sizes), all as ratios to depth 1 — once with every BAR access forwarded level
+//! by level and once with a BAR channel (`nestio_nested::direct`), interleaved.
+//!
+//! `--only e1000` runs the e1000 over vfio-user (with and without the register path's
+//! inline receive, with and without posted BAR writes) and in process (inline receive
+//! on and off), then prints the 60-byte round trip ratios side by side.
 
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -16,8 +21,8 @@ use clap::Args;
 use nestio_device_model::VfioDevice;
 use nestio_emulated::e1000::{E1000Config, E1000};
 use nestio_emulated::e1000_bench::{self, DmaVia, Driver, IrqMode, GATEWAY_IP, GUEST_IP};
-use nestio_nested::stack::{best_rows, measure_depths, print_rows};
-use nestio_nested::{DepthRow, NestedStack, RoundTrip, StackConfig};
+use nestio_nested::stack::{best_rows, measure_depths_with, print_rows};
+use nestio_nested::{BarChannels, DepthRow, NestedStack, RoundTrip, StackConfig};
 use nestio_vfio_user::{Client, ClientConfig, Server, ServerConfig};
 
 use crate::CmdResult;
@@ -63,34 +68,141 @@ pub fn run(args: BenchArgs) -> CmdResult {
         println!("{}", nestio_dma::bench::copy(5)?);
     }
     if all || args.only == "e1000" {
-        for (mode, via) in [
-            (IrqMode::Msi, DmaVia::SharedFd),
-            (IrqMode::Msi, DmaVia::Messages),
-        ] {
-            let (client, server) = served_e1000()?;
-            println!("e1000 over vfio-user (interrupts {mode:?}, DMA {via:?}):");
-            let dev: Arc<dyn VfioDevice> = client.clone();
-            let report = e1000_bench::run(dev, mode, via, args.packets)?;
-            println!("{report}");
-            drop(client);
-            let _ = server.join();
-        }
-        let backend = nestio_net::open_backend("user", None)?;
-        let local = E1000::new(E1000Config::new(backend).with_msi(true))?;
-        println!("e1000 in process (no vfio-user hop, MSI):");
-        println!(
-            "{}",
-            e1000_bench::run(local, IrqMode::Msi, DmaVia::SharedFd, args.packets)?
-        );
+        e1000(args.packets)?;
     }
     Ok(0)
 }
 
-/// An e1000 on the `user` network served over a socketpair by a server thread.
+/// The e1000 measurements: over vfio-user and in process, each with the register
+/// path's inline receive (the default) and without it (every received frame handed to
+/// the RX worker thread, as before), so one run shows the difference; then the ratios.
+fn e1000(packets: u64) -> CmdResult {
+    let mut rows = Vec::new();
+    for (mode, via, inline_rx, posted) in [
+        (IrqMode::Msi, DmaVia::SharedFd, true, true),
+        (IrqMode::Msi, DmaVia::SharedFd, false, true),
+        (IrqMode::Msi, DmaVia::SharedFd, true, false),
+        (IrqMode::Msi, DmaVia::Messages, true, true),
+    ] {
+        let (client, server) = served_e1000(inline_rx)?;
+        println!(
+            "e1000 over vfio-user (interrupts {mode:?}, DMA {via:?}, inline RX {}, posted BAR writes {}):",
+            on_off(inline_rx),
+            on_off(posted)
+        );
+        // Posted: BAR writes as nestio's VMM and QEMU send them (no reply awaited).
+        let dev: Arc<dyn VfioDevice> = if posted {
+            Arc::new(nestio_vmm::remote::PostedWrites::new(client)?)
+        } else {
+            Arc::new(client)
+        };
+        let report = e1000_bench::run(dev, mode, via, packets)?;
+        println!("{report}");
+        if via == DmaVia::SharedFd && posted {
+            rows.push((true, inline_rx, report));
+        }
+        let _ = server.join();
+    }
+    // INTx (level, automasked): the driver unmasks after each interrupt by UNMASK
+    // message, or by writing the unmask eventfd it gave the device.
+    let mut intx = Vec::new();
+    for by_eventfd in [false, true] {
+        let (client, server) = served_e1000(true)?;
+        let dev: Arc<dyn VfioDevice> = Arc::new(nestio_vmm::remote::PostedWrites::new(client)?);
+        let mut drv = Driver::new_via(
+            dev,
+            e1000_bench::guest_memory()?,
+            IrqMode::Intx,
+            DmaVia::SharedFd,
+        )?;
+        drv.reset()?;
+        drv.probe()?;
+        drv.setup()?;
+        if by_eventfd && !drv.use_unmask_eventfd()? {
+            return Err("the e1000 refused an INTx unmask eventfd".into());
+        }
+        let gw = drv.arp(GUEST_IP, GATEWAY_IP, std::time::Duration::from_secs(10))?;
+        let row = e1000_bench::measure_row(&mut drv, gw, 60, packets)?;
+        println!(
+            "e1000 over vfio-user, INTx unmasked by {}: 60-byte frames {:.0} ns/packet, socketpair floor {:.0} ns, ratio {:.1}x; interrupts taken {}",
+            if by_eventfd { "eventfd" } else { "UNMASK message" },
+            row.ns_per_packet,
+            row.floor_ns,
+            row.ratio(),
+            drv.interrupts
+        );
+        intx.push(row);
+        drop(drv);
+        let _ = server.join();
+    }
+    if let [msg, efd] = intx.as_slice() {
+        println!(
+            "  INTx round trip, unmask eventfd over UNMASK message: x{:.2}",
+            efd.ns_per_packet / msg.ns_per_packet
+        );
+    }
+    for inline_rx in [true, false] {
+        let backend = nestio_net::open_backend("user", None)?;
+        let local = E1000::new(E1000Config {
+            inline_rx,
+            ..E1000Config::new(backend).with_msi(true)
+        })?;
+        println!(
+            "e1000 in process (no vfio-user hop, MSI, inline RX {}):",
+            on_off(inline_rx)
+        );
+        let dev: Arc<dyn VfioDevice> = local.clone();
+        let report = e1000_bench::run(dev, IrqMode::Msi, DmaVia::SharedFd, packets)?;
+        println!("{report}");
+        let (wakeups, inline) = local.rx_counters();
+        let trips: u64 = report.rows.iter().map(|r| r.packets).sum();
+        println!(
+            "  RX worker wake-ups: {wakeups} ({:.2} per round trip); frames received inline by the register path: {inline}",
+            wakeups as f64 / trips.max(1) as f64
+        );
+        rows.push((false, inline_rx, report));
+    }
+    let find = |remote: bool, inline: bool| {
+        rows.iter()
+            .find(|(r, i, _)| *r == remote && *i == inline)
+            .map(|(_, _, rep)| rep)
+    };
+    println!("e1000 60-byte ICMP round trip, ratios (goals: in process <= 2x the socketpair floor, vfio-user <= 1.2x in process; vfio-user with posted BAR writes):");
+    for inline in [false, true] {
+        if let (Some(remote), Some(local)) = (find(true, inline), find(false, inline)) {
+            let (r, l) = (&remote.rows[0], &local.rows[0]);
+            println!(
+                "  inline RX {:>3}: in process {:>6.0} ns = {:.2}x its floor; vfio-user {:>6.0} ns = {:.2}x its floor = {:.2}x in process",
+                on_off(inline),
+                l.ns_per_packet,
+                l.ratio(),
+                r.ns_per_packet,
+                r.ratio(),
+                r.ns_per_packet / l.ns_per_packet
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// An e1000 on the `user` network served over a socketpair by a server thread (the
+/// thread ends when the client is dropped).
 fn served_e1000(
-) -> Result<(Arc<Client>, std::thread::JoinHandle<()>), Box<dyn std::error::Error + Send + Sync>> {
+    inline_rx: bool,
+) -> Result<(Client, std::thread::JoinHandle<()>), Box<dyn std::error::Error + Send + Sync>> {
     let backend = nestio_net::open_backend("user", None)?;
-    let dev = E1000::new(E1000Config::new(backend).with_msi(true))?;
+    let dev = E1000::new(E1000Config {
+        inline_rx,
+        ..E1000Config::new(backend).with_msi(true)
+    })?;
     let (a, b) = UnixStream::pair()?;
     let h = std::thread::spawn(move || {
         let server = Server::new(dev, ServerConfig::default());
@@ -98,7 +210,7 @@ fn served_e1000(
             eprintln!("nestio bench: e1000 server session ended with an error: {e}");
         }
     });
-    let client = Arc::new(Client::from_stream(a, ClientConfig::default())?);
+    let client = Client::from_stream(a, ClientConfig::default())?;
     Ok((client, h))
 }
 
@@ -117,7 +229,7 @@ fn frame_len(payload: usize) -> usize {
 fn echo_workload(payload: usize) -> impl FnMut(&NestedStack) -> Result<RoundTrip, String> {
     let mut seq = 0u16;
     move |stack: &NestedStack| -> Result<RoundTrip, String> {
-        let dev: Arc<dyn VfioDevice> = stack.client();
+        let dev: Arc<dyn VfioDevice> = stack.device();
         let mut drv = Driver::new_via(dev, stack.ram().clone(), IrqMode::Msi, DmaVia::SharedFd)
             .map_err(|e| e.to_string())?;
         drv.reset().map_err(|e| e.to_string())?;
@@ -155,6 +267,8 @@ fn echo_workload(payload: usize) -> impl FnMut(&NestedStack) -> Result<RoundTrip
 fn nested(iterations: u32, rounds: u32) -> CmdResult {
     let backend = nestio_net::open_backend("user", None)?;
     let dev: Arc<dyn VfioDevice> = E1000::new(E1000Config::new(backend).with_msi(true))?;
+    // The device side's BAR channels (level 1 opens one for the innermost level).
+    let channels = BarChannels::new(dev.clone())?;
     let path = nestio_nested::stack::socket_path("bench-l0");
     let listener = nestio_vfio_user::bind(&path)?;
     // Level 0 serves one stack after another; the thread ends with the process.
@@ -169,27 +283,60 @@ fn nested(iterations: u32, rounds: u32) -> CmdResult {
     let mut small = echo_workload(SMALL_PAYLOAD);
     let mut large = echo_workload(LARGE_PAYLOAD);
     // Small and large rounds alternate, so load on the shared machine hits both alike.
-    let mut small_rounds = Vec::new();
-    let mut large_rounds = Vec::new();
+    // Every BAR access passed level by level (mediated), and with a BAR channel from
+    // depth 2 on (direct), interleaved so both see the same machine load.
+    let mut small_rounds = [Vec::new(), Vec::new()];
+    let mut large_rounds = [Vec::new(), Vec::new()];
     let mut measured = || -> Result<(), nestio_nested::StackError> {
         for _ in 0..rounds.max(1) {
-            small_rounds.push(measure_depths(&path, &depths, iterations, cfg, &mut small)?);
-            large_rounds.push(measure_depths(&path, &depths, iterations, cfg, &mut large)?);
+            for (i, ch) in [None, Some(&channels)].into_iter().enumerate() {
+                small_rounds[i].push(measure_depths_with(
+                    &path, &depths, iterations, cfg, ch, &mut small,
+                )?);
+                large_rounds[i].push(measure_depths_with(
+                    &path, &depths, iterations, cfg, ch, &mut large,
+                )?);
+            }
         }
         Ok(())
     };
     let r = measured();
     let _ = std::fs::remove_file(&path);
     r?;
-    let (small_rows, large_rows) = (best_rows(&small_rounds), best_rows(&large_rounds));
-    println!(
-        "nested e1000 (in-process levels over socketpairs, shared-memory DMA, MSI; best of \
-         {rounds} rounds), {SMALL_PAYLOAD}-byte ICMP echo:"
-    );
-    print_rows(&small_rows);
-    println!("nested e1000, {LARGE_PAYLOAD}-byte ICMP echo (1500-byte IP packets):");
-    print_rows(&large_rows);
-    print_dma(&small_rows, &large_rows);
+    let mut summary = Vec::new();
+    for (i, how) in [
+        "every BAR access forwarded by each level",
+        "BAR channel from the innermost level to the device",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (small_rows, large_rows) = (best_rows(&small_rounds[i]), best_rows(&large_rounds[i]));
+        println!(
+            "nested e1000 ({how}; in-process levels over socketpairs, shared-memory DMA, MSI; \
+             best of {rounds} rounds), {SMALL_PAYLOAD}-byte ICMP echo:"
+        );
+        print_rows(&small_rows);
+        println!("nested e1000 ({how}), {LARGE_PAYLOAD}-byte ICMP echo (1500-byte IP packets):");
+        print_rows(&large_rows);
+        print_dma(&small_rows, &large_rows);
+        if let Some(deepest) = small_rows.last() {
+            summary.push((
+                how,
+                deepest.depth,
+                deepest.bar_ratio,
+                deepest.round_trip_ratio,
+            ));
+        }
+    }
+    println!("nested register access at the deepest level over depth 1 (goal <= 1.5x):");
+    for (how, depth, bar, rt) in summary {
+        println!(
+            "  {how}: depth {depth} register read x{}, round trip x{rt:.2}",
+            bar.map(|b| format!("{b:.2}"))
+                .unwrap_or_else(|| "n/a".into())
+        );
+    }
     Ok(0)
 }
 

@@ -32,6 +32,15 @@
 //! stalled: its interrupts are dropped from then on without writing, so a hostile peer
 //! costs one raise at most [`STALL_LIMIT`], once. A signal that arrives after the write
 //! finished stays pending (blocked) and is consumed harmlessly at the next guarded write.
+//!
+//! Some peer eventfds are read rather than written: the INTx *unmask* eventfd (SET_IRQS
+//! ACTION_UNMASK | DATA_EVENTFD), which the peer — typically KVM, through a resampling
+//! irqfd — signals when the guest acknowledges the line. [`EventFdWatch`] gives such an
+//! fd a small thread that polls it and, when readable, consumes the counter with
+//! [`PeerEventFd::consume`]: the same guarded call, so a peer that makes the fd blocking
+//! and drains it between the poll and the read costs one read [`STALL_LIMIT`] and the fd
+//! is ignored from then on. The thread runs the device's callback (unmask) outside every
+//! lock of this module.
 
 use parking_lot::Mutex;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -58,6 +67,15 @@ pub enum EventFdError {
         fd: i32,
         /// What it is, for the message.
         kind: String,
+    },
+    /// No thread could be started to watch the fd.
+    #[error("cannot watch eventfd {fd}: {source} (out of threads or fds?)")]
+    Watch {
+        /// The fd number.
+        fd: i32,
+        /// The system error.
+        #[source]
+        source: std::io::Error,
     },
     /// The fd could not be inspected or made non-blocking.
     #[error("cannot check interrupt fd {fd}: {source} (is /proc mounted?)")]
@@ -229,6 +247,161 @@ impl AsRawFd for PeerEventFd {
     }
 }
 
+/// What [`PeerEventFd::consume`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consumed {
+    /// The counter held this many signals; it is now 0.
+    Signals(u64),
+    /// The counter was 0 (the peer consumed it first, or a spurious wake-up).
+    Empty,
+    /// The read stalled (the peer made the fd blocking and keeps the counter at 0), or
+    /// failed: the fd is ignored from now on.
+    Stalled,
+}
+
+impl PeerEventFd {
+    /// Read and reset the counter, never blocking for long (the same watchdog as
+    /// [`PeerEventFd::signal`]: a peer that clears `O_NONBLOCK` and drains the counter
+    /// first costs one read [`STALL_LIMIT`], once).
+    pub fn consume(&self) -> Consumed {
+        if self.stalled() {
+            return Consumed::Stalled;
+        }
+        let mut buf = [0u8; 8];
+        match guarded_read(self.fd.as_fd(), &mut buf) {
+            Ok(8) => Consumed::Signals(u64::from_ne_bytes(buf)),
+            Ok(n) => {
+                tracing::warn!(read = n, "short read from a peer's eventfd; ignoring it");
+                self.stalled.store(true, Ordering::Relaxed);
+                Consumed::Stalled
+            }
+            Err(WriteError::Io(e)) if e.raw_os_error() == Some(libc::EAGAIN) => Consumed::Empty,
+            Err(WriteError::Stalled) => {
+                self.stalled.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    fd = self.fd.as_raw_fd(),
+                    "the peer made its eventfd blocking and drained it; it is ignored from now on"
+                );
+                Consumed::Stalled
+            }
+            Err(WriteError::Io(e)) => {
+                self.stalled.store(true, Ordering::Relaxed);
+                tracing::warn!(error = %e, "cannot read a peer's eventfd; ignoring it");
+                Consumed::Stalled
+            }
+        }
+    }
+}
+
+/// A thread that waits for a peer's eventfd to be signalled and runs a callback each
+/// time (the INTx unmask eventfd: see `irq.rs`).
+///
+/// The thread polls the eventfd and a private stop socket; when the eventfd is readable
+/// it consumes the counter ([`PeerEventFd::consume`], guarded by the watchdog) and calls
+/// `on_signal` once, however many signals had accumulated (an unmask is idempotent). A
+/// stalled or broken fd ends the thread (logged). Dropping the watch stops the thread
+/// and waits for it, so the fd is closed when `drop` returns — except when the last
+/// reference is dropped by the callback's own thread, which then ends on its own. Drop
+/// it outside any lock the callback takes.
+pub struct EventFdWatch {
+    fd: Arc<PeerEventFd>,
+    stop: std::os::unix::net::UnixStream,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for EventFdWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventFdWatch")
+            .field("fd", &self.fd.as_raw_fd())
+            .finish()
+    }
+}
+
+impl EventFdWatch {
+    /// Start watching `fd` on a new thread named `name`.
+    pub fn spawn(
+        name: &str,
+        fd: Arc<PeerEventFd>,
+        on_signal: impl Fn() + Send + 'static,
+    ) -> Result<EventFdWatch, EventFdError> {
+        let raw = fd.as_raw_fd();
+        let watch_err = |source| EventFdError::Watch { fd: raw, source };
+        let (stop, theirs) = std::os::unix::net::UnixStream::pair().map_err(watch_err)?;
+        let watched = fd.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || watch_loop(&watched, &theirs, on_signal))
+            .map_err(watch_err)?;
+        Ok(EventFdWatch {
+            fd,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The watched eventfd.
+    pub fn fd(&self) -> &Arc<PeerEventFd> {
+        &self.fd
+    }
+}
+
+impl Drop for EventFdWatch {
+    fn drop(&mut self) {
+        // Closing our end wakes the thread (POLLHUP on its end).
+        let _ = self.stop.shutdown(std::net::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn watch_loop(fd: &PeerEventFd, stop: &std::os::unix::net::UnixStream, on_signal: impl Fn()) {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: polls two valid fds (both owned for the thread's life) described by a
+        // local array.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            if io_err().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            tracing::warn!(error = %io_err(), "cannot poll a peer's eventfd; no longer watching it");
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        let r = fds[0].revents;
+        if r & (libc::POLLERR | libc::POLLNVAL) != 0 {
+            tracing::warn!(
+                revents = r,
+                "a peer's eventfd reports an error; no longer watching it"
+            );
+            return;
+        }
+        if r & libc::POLLIN != 0 {
+            match fd.consume() {
+                Consumed::Signals(_) => on_signal(),
+                Consumed::Empty => {}
+                Consumed::Stalled => return,
+            }
+        }
+    }
+}
+
 /// A write that was interrupted or failed.
 #[derive(Debug)]
 enum WriteError {
@@ -345,6 +518,20 @@ fn start_guard() {
 
 /// `write(2)` to a peer's fd, interrupted by the watchdog after [`STALL_LIMIT`].
 fn guarded_write(fd: BorrowedFd<'_>, data: &[u8]) -> Result<usize, WriteError> {
+    // SAFETY: writes `data.len()` bytes from a live slice to a valid fd.
+    guarded(|| unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) })
+}
+
+/// `read(2)` from a peer's fd, interrupted by the watchdog after [`STALL_LIMIT`].
+fn guarded_read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, WriteError> {
+    // SAFETY: reads at most `buf.len()` bytes into a live, exclusively borrowed slice.
+    guarded(|| unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+/// Run one system call `op` on a peer's fd with this thread registered with the
+/// watchdog and the guard signal unblocked, so that it is interrupted after
+/// [`STALL_LIMIT`].
+fn guarded(mut op: impl FnMut() -> isize) -> Result<usize, WriteError> {
     start_guard();
     let sig = guard_signal();
     ME.with(|me| {
@@ -354,8 +541,7 @@ fn guarded_write(fd: BorrowedFd<'_>, data: &[u8]) -> Result<usize, WriteError> {
             w.since
                 .store(epoch().elapsed().as_nanos() as u64 + 1, Ordering::SeqCst);
             set_mask(libc::SIG_UNBLOCK, sig);
-            // SAFETY: writes `data.len()` bytes from a live slice to a valid fd.
-            let r = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+            let r = op();
             let e = io_err();
             set_mask(libc::SIG_BLOCK, sig);
             w.since.store(0, Ordering::SeqCst);
@@ -368,7 +554,7 @@ fn guarded_write(fd: BorrowedFd<'_>, data: &[u8]) -> Result<usize, WriteError> {
             if w.kicked.swap(false, Ordering::SeqCst) {
                 return Err(WriteError::Stalled);
             }
-            // Another signal interrupted the write: try again.
+            // Another signal interrupted the call: try again.
         }
     })
 }
@@ -437,5 +623,76 @@ mod tests {
         // SAFETY: eventfd takes no pointers.
         let good = PeerEventFd::from_peer(owned(unsafe { libc::eventfd(0, 0) })).unwrap();
         assert_eq!(good.signal(), Signal::Delivered);
+    }
+
+    fn write_u64(fd: &OwnedFd, v: u64) {
+        // SAFETY: writes 8 bytes from a local u64.
+        let n = unsafe { libc::write(fd.as_raw_fd(), (&v as *const u64).cast(), 8) };
+        assert_eq!(n, 8);
+    }
+
+    fn make_blocking(fd: &OwnedFd) {
+        // SAFETY: F_SETFL with an integer argument.
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, 0) };
+        assert_eq!(r, 0);
+    }
+
+    #[test]
+    fn consume_reads_the_counter_and_a_reblocked_drained_fd_stalls_once() {
+        // SAFETY: eventfd takes no pointers.
+        let raw = owned(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) });
+        let peer = raw.try_clone().unwrap();
+        let ev = PeerEventFd::from_peer(raw).unwrap();
+        assert_eq!(ev.consume(), Consumed::Empty);
+        let three = 3u64;
+        write_u64(&peer, three);
+        assert_eq!(ev.consume(), Consumed::Signals(3));
+        assert_eq!(ev.consume(), Consumed::Empty);
+        // The peer makes it blocking with the counter at 0: the read would wait forever;
+        // the watchdog interrupts it and the fd is ignored from then on.
+        make_blocking(&peer);
+        let t = Instant::now();
+        assert_eq!(ev.consume(), Consumed::Stalled);
+        assert!(t.elapsed() >= STALL_LIMIT, "{:?}", t.elapsed());
+        assert!(ev.stalled());
+        let t = Instant::now();
+        assert_eq!(ev.consume(), Consumed::Stalled);
+        assert!(t.elapsed() < STALL_LIMIT);
+    }
+
+    #[test]
+    fn a_watch_calls_back_per_signal_batch_and_stops_on_drop() {
+        use std::sync::atomic::AtomicU32;
+        // SAFETY: eventfd takes no pointers.
+        let raw = owned(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) });
+        let peer = raw.try_clone().unwrap();
+        let calls = Arc::new(AtomicU32::new(0));
+        let c = calls.clone();
+        let w = EventFdWatch::spawn(
+            "test-watch",
+            Arc::new(PeerEventFd::from_peer(raw).unwrap()),
+            move || {
+                c.fetch_add(1, Ordering::SeqCst);
+            },
+        )
+        .unwrap();
+        for i in 1..=3u32 {
+            let one = 1u64;
+            write_u64(&peer, one);
+            let t = Instant::now();
+            while calls.load(Ordering::SeqCst) < i {
+                assert!(t.elapsed() < Duration::from_secs(5), "no callback {i}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        drop(w);
+        let one = 1u64;
+        write_u64(&peer, one);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "a dropped watch still called back"
+        );
     }
 }

@@ -10,24 +10,52 @@
 //! allowed: MASKABLE for mask/unmask, AUTOMASKED for level-style interrupts (INTx) that
 //! mask themselves when they fire until the driver unmasks them.
 //!
+//! **Unmask by eventfd.** A maskable vector may also get an *unmask eventfd*
+//! (ACTION_UNMASK | DATA_EVENTFD, as vfio-pci's INTx offers it): a VMM hands the device
+//! the resample eventfd of its level-triggered KVM irqfd, KVM signals it when the guest
+//! EOIs the line, and the device unmasks — no UNMASK message per interrupt. Semantics
+//! follow Linux's `vfio_pci_set_intx_unmask`: the vector must have a trigger eventfd
+//! first (EINVAL otherwise), fd -1 removes the unmask eventfd, and removing the trigger
+//! eventfd (fd -1, or count 0 + DATA_NONE + ACTION_TRIGGER, or the owner leaving)
+//! removes it too; a device reset keeps both (the owner's). MSI / MSI-X indices are not
+//! maskable through VFIO and refuse it (EINVAL); mask by eventfd stays unsupported
+//! (ENOTSUP, as in Linux). Each unmask eventfd is watched by an
+//! [`EventFdWatch`](crate::eventfd::EventFdWatch) thread, which consumes the counter
+//! and unmasks exactly as an ACTION_UNMASK | DATA_NONE message would, then runs the
+//! device's after-unmask hook ([`Irqs::with_unmask_hook`]: a PCI function re-raises
+//! INTx while its level is still high). A stale signal of a replaced or removed unmask
+//! eventfd does nothing.
+//!
 //! The fds come from the peer and are hostile until checked: SET_IRQS accepts only
 //! eventfds ([`PeerEventFd::from_peer`], EINVAL otherwise, and nothing of the request is
 //! applied), and a vector is signalled *after* the state lock is released, through a
 //! write that never blocks: a full counter is a dropped, counted interrupt. So no fd a
-//! peer chooses can stall SET_IRQS, another vector or another device.
+//! peer chooses can stall SET_IRQS, another vector or another device. Watches replaced
+//! or removed are dropped (their threads joined, their fds closed) after the state lock
+//! is released too, so a watch thread waiting for that lock can always finish.
 
 use parking_lot::Mutex;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
-use crate::eventfd::{PeerEventFd, Signal};
+use crate::eventfd::{EventFdWatch, PeerEventFd, Signal};
 use crate::{irq_flags, DeviceError, IrqAction, IrqData, IrqInfo, Result};
 
 #[derive(Default)]
 struct Vector {
     fd: Option<Arc<PeerEventFd>>,
+    /// The unmask eventfd's watch (ACTION_UNMASK | DATA_EVENTFD).
+    unmask: Option<EventFdWatch>,
     masked: bool,
     pending: bool,
+}
+
+impl Vector {
+    /// Back to the power-on state; the unmask watch (if any) goes to `graveyard`, to be
+    /// dropped once the state lock is released.
+    fn clear(&mut self, graveyard: &mut Vec<EventFdWatch>) {
+        graveyard.extend(std::mem::take(self).unmask);
+    }
 }
 
 /// Eventfds to signal once the state lock is released.
@@ -46,9 +74,18 @@ struct Index {
     vectors: Vec<Vector>,
 }
 
+/// Called after vectors of an index were unmasked (by message or by eventfd), outside
+/// the state lock, with the index number.
+pub type UnmaskHook = Box<dyn Fn(&Irqs, u32) + Send + Sync>;
+
+struct Shared {
+    indices: Mutex<Vec<Index>>,
+    after_unmask: Option<UnmaskHook>,
+}
+
 /// The interrupt indices of one device. See the module documentation.
 pub struct Irqs {
-    indices: Mutex<Vec<Index>>,
+    shared: Arc<Shared>,
 }
 
 /// Signal an eventfd the device created itself, non-blocking (add 1 to its counter).
@@ -73,6 +110,15 @@ pub fn signal_eventfd(fd: &OwnedFd) -> std::io::Result<()> {
 impl Irqs {
     /// Irq indices described by `infos` (index `i` is `infos[i]`).
     pub fn new(infos: &[IrqInfo]) -> Self {
+        Self::build(infos, None)
+    }
+
+    /// Like [`Irqs::new`], with `hook` run after every unmask (see [`UnmaskHook`]).
+    pub fn with_unmask_hook(infos: &[IrqInfo], hook: UnmaskHook) -> Self {
+        Self::build(infos, Some(hook))
+    }
+
+    fn build(infos: &[IrqInfo], after_unmask: Option<UnmaskHook>) -> Self {
         let indices = infos
             .iter()
             .enumerate()
@@ -85,12 +131,15 @@ impl Irqs {
             })
             .collect();
         Irqs {
-            indices: Mutex::new(indices),
+            shared: Arc::new(Shared {
+                indices: Mutex::new(indices),
+                after_unmask,
+            }),
         }
     }
 
     fn lock(&self) -> parking_lot::MutexGuard<'_, Vec<Index>> {
-        self.indices.lock()
+        self.shared.indices.lock()
     }
 
     /// Number of indices.
@@ -116,7 +165,7 @@ impl Irqs {
         data: IrqData,
     ) -> Result<()> {
         // Check every fd before touching any state: a refused request changes nothing.
-        let data = match data {
+        let mut data = match data {
             IrqData::Eventfd(fds) => {
                 let checked = fds
                     .into_iter()
@@ -127,9 +176,40 @@ impl Irqs {
             IrqData::None => Data::None,
             IrqData::Bool(b) => Data::Bool(b),
         };
-        let fire = self.apply(index, action, start, count, data)?;
-        signal_all(fire);
+        let mut graveyard = Vec::new();
+        let r = self.apply(index, action, start, count, &mut data, &mut graveyard);
+        // Watches replaced, removed, or of a refused request stop here, unlocked.
+        drop(graveyard);
+        drop(data);
+        signal_all(r?);
+        if action == IrqAction::Unmask {
+            self.after_unmask(index);
+        }
         Ok(())
+    }
+
+    fn after_unmask(&self, index: u32) {
+        if let Some(hook) = &self.shared.after_unmask {
+            hook(self, index);
+        }
+    }
+
+    /// Start a watch for the unmask eventfd `fd` of vector `vector` of `index`. Called
+    /// with the state lock held, after the request was validated: the watch is
+    /// installed before its thread can take the lock, so a signal that is already
+    /// pending finds it current (spawning takes no lock of ours).
+    fn watch(&self, index: u32, vector: u32, fd: Arc<PeerEventFd>) -> Result<EventFdWatch> {
+        let (target, key) = (Arc::downgrade(&self.shared), Arc::as_ptr(&fd) as usize);
+        EventFdWatch::spawn(&format!("irq-unmask-{index}.{vector}"), fd, move || {
+            unmask_by_eventfd(&target, index, vector, key)
+        })
+        .map_err(|e| {
+            tracing::warn!(error = %e, "unmask eventfd not watched");
+            match e {
+                crate::eventfd::EventFdError::Watch { source, .. } => DeviceError::Io(source),
+                other => DeviceError::Invalid(other.to_string()),
+            }
+        })
     }
 
     fn apply(
@@ -138,7 +218,8 @@ impl Irqs {
         action: IrqAction,
         start: u32,
         count: u32,
-        data: Data,
+        data: &mut Data,
+        graveyard: &mut Vec<EventFdWatch>,
     ) -> Result<Fire> {
         let mut fire = Fire::new();
         let mut all = self.lock();
@@ -148,10 +229,10 @@ impl Irqs {
         let flags = idx.info.flags;
         // count 0 + DATA_NONE + TRIGGER: disable every vector of the index.
         if count == 0 {
-            return match (action, &data) {
+            return match (action, &*data) {
                 (IrqAction::Trigger, Data::None) => {
                     for v in &mut idx.vectors {
-                        *v = Vector::default();
+                        v.clear(graveyard);
                     }
                     Ok(fire)
                 }
@@ -170,20 +251,15 @@ impl Irqs {
                 ))
             })?;
         let n = count as usize;
-        match &data {
-            Data::Bool(b) if b.len() != n => {
-                return Err(DeviceError::Invalid(format!(
-                    "{} bools for {count} vectors",
-                    b.len()
-                )))
-            }
-            Data::Fds(f) if f.len() != n => {
-                return Err(DeviceError::Invalid(format!(
-                    "{} eventfds for {count} vectors",
-                    f.len()
-                )))
-            }
-            _ => {}
+        let given = match &*data {
+            Data::Bool(b) => Some((b.len(), "bools")),
+            Data::Fds(f) => Some((f.len(), "eventfds")),
+            Data::None => None,
+        };
+        if let Some((len, what)) = given.filter(|&(len, _)| len != n) {
+            return Err(DeviceError::Invalid(format!(
+                "{len} {what} for {count} vectors"
+            )));
         }
         let range = start as usize..end as usize;
         match action {
@@ -193,13 +269,45 @@ impl Irqs {
                         "irq index {index} cannot be masked"
                     )));
                 }
-                let sel: Vec<bool> = match data {
+                let sel: Vec<bool> = match &mut *data {
                     Data::None => vec![true; n],
-                    Data::Bool(b) => b,
-                    Data::Fds(_) => {
+                    Data::Bool(b) => std::mem::take(b),
+                    Data::Fds(_) if action == IrqAction::Mask => {
                         return Err(DeviceError::Unsupported(
-                            "mask/unmask by eventfd (resampling irqfd)".into(),
+                            "mask by eventfd (Linux's vfio-pci does not offer it either)".into(),
                         ))
+                    }
+                    Data::Fds(fds) => {
+                        // Unmask eventfds: each vector given one needs a trigger eventfd.
+                        if let Some(i) = fds
+                            .iter()
+                            .zip(&idx.vectors[range.clone()])
+                            .position(|(f, v)| f.is_some() && v.fd.is_none())
+                        {
+                            return Err(DeviceError::Invalid(format!(
+                                "vector {} of irq index {index} has no trigger eventfd: set it before its unmask eventfd",
+                                start as usize + i
+                            )));
+                        }
+                        // Start every watch first: a failure changes nothing (the ones
+                        // started are stopped once the lock is released).
+                        let mut watches = Vec::with_capacity(n);
+                        for (i, fd) in fds.iter_mut().enumerate() {
+                            match fd.take() {
+                                None => watches.push(None),
+                                Some(fd) => match self.watch(index, start + i as u32, fd) {
+                                    Ok(w) => watches.push(Some(w)),
+                                    Err(e) => {
+                                        graveyard.extend(watches.into_iter().flatten());
+                                        return Err(e);
+                                    }
+                                },
+                            }
+                        }
+                        for (v, w) in idx.vectors[range].iter_mut().zip(watches) {
+                            graveyard.extend(std::mem::replace(&mut v.unmask, w));
+                        }
+                        return Ok(fire);
                     }
                 };
                 for (v, s) in idx.vectors[range].iter_mut().zip(sel) {
@@ -209,31 +317,31 @@ impl Irqs {
                     if action == IrqAction::Mask {
                         v.masked = true;
                     } else {
-                        v.masked = false;
-                        if v.pending {
-                            v.pending = false;
-                            fire.extend(fire_vector(v, flags));
-                        }
+                        unmask(v, flags, &mut fire);
                     }
                 }
             }
-            IrqAction::Trigger => match data {
+            IrqAction::Trigger => match &mut *data {
                 Data::None => {
                     for v in &mut idx.vectors[range] {
                         fire.extend(deliver(v, flags));
                     }
                 }
                 Data::Bool(b) => {
-                    for (v, s) in idx.vectors[range].iter_mut().zip(b) {
+                    for (v, &s) in idx.vectors[range].iter_mut().zip(b.iter()) {
                         if s {
                             fire.extend(deliver(v, flags));
                         }
                     }
                 }
                 Data::Fds(fds) => {
-                    for (v, fd) in idx.vectors[range].iter_mut().zip(fds) {
-                        v.fd = fd;
+                    for (v, fd) in idx.vectors[range].iter_mut().zip(fds.iter_mut()) {
+                        v.fd = fd.take();
                         v.pending = false;
+                        if v.fd.is_none() {
+                            // No trigger, no unmask eventfd (as vfio_intx_disable).
+                            graveyard.extend(v.unmask.take());
+                        }
                     }
                 }
             },
@@ -278,6 +386,14 @@ impl Irqs {
             .is_some_and(|v| v.fd.is_some())
     }
 
+    /// True when vector `vector` of `index` has an unmask eventfd.
+    pub fn has_unmask_eventfd(&self, index: u32, vector: u32) -> bool {
+        self.lock()
+            .get(index as usize)
+            .and_then(|i| i.vectors.get(vector as usize))
+            .is_some_and(|v| v.unmask.is_some())
+    }
+
     /// True when vector `vector` of `index` is masked.
     pub fn is_masked(&self, index: u32, vector: u32) -> bool {
         self.lock()
@@ -286,14 +402,47 @@ impl Irqs {
             .is_some_and(|v| v.masked)
     }
 
-    /// Drop every eventfd and clear masks (the client went away).
+    /// Drop every eventfd (trigger and unmask) and clear masks (the client went away).
     pub fn disable_all(&self) {
+        let mut graveyard = Vec::new();
         for idx in self.lock().iter_mut() {
             for v in &mut idx.vectors {
-                *v = Vector::default();
+                v.clear(&mut graveyard);
             }
         }
     }
+}
+
+/// A watched unmask eventfd of vector `vector` of `index` was signalled: unmask it, as
+/// ACTION_UNMASK | DATA_NONE does, if `key` is still that vector's unmask eventfd (a
+/// replaced or removed one does nothing) and the device still exists.
+fn unmask_by_eventfd(target: &Weak<Shared>, index: u32, vector: u32, key: usize) {
+    let Some(shared) = target.upgrade() else {
+        return;
+    };
+    let irqs = Irqs { shared };
+    let mut fire = Fire::new();
+    {
+        let mut all = irqs.lock();
+        let Some(idx) = all.get_mut(index as usize) else {
+            return;
+        };
+        let flags = idx.info.flags;
+        let Some(v) = idx.vectors.get_mut(vector as usize) else {
+            return;
+        };
+        let current = v
+            .unmask
+            .as_ref()
+            .is_some_and(|w| Arc::as_ptr(w.fd()) as usize == key);
+        if !current {
+            return;
+        }
+        unmask(v, flags, &mut fire);
+    }
+    tracing::trace!(index, vector, "unmasked by eventfd");
+    signal_all(fire);
+    irqs.after_unmask(index);
 }
 
 /// A SET_IRQS payload whose fds were checked.
@@ -308,6 +457,15 @@ fn checked_eventfd(fd: OwnedFd) -> Result<Arc<PeerEventFd>> {
         tracing::debug!(error = %e, "SET_IRQS fd refused");
         DeviceError::Invalid(e.to_string())
     })
+}
+
+/// Unmask `v`; a pending interrupt fires now.
+fn unmask(v: &mut Vector, flags: u32, fire: &mut Fire) {
+    v.masked = false;
+    if v.pending {
+        v.pending = false;
+        fire.extend(fire_vector(v, flags));
+    }
 }
 
 /// Raise `v`: the eventfd to signal, or None (masked: now pending; or no eventfd).
@@ -434,5 +592,111 @@ mod tests {
         assert!(irqs
             .set_irqs(0, IrqAction::Mask, 0, 0, IrqData::None)
             .is_err());
+    }
+
+    #[test]
+    fn unmask_eventfd_errors() {
+        let irqs = Irqs::new(&[
+            IrqInfo {
+                index: 0,
+                flags: irq_flags::EVENTFD | irq_flags::MASKABLE | irq_flags::AUTOMASKED,
+                count: 1,
+            },
+            IrqInfo {
+                index: 1,
+                flags: irq_flags::EVENTFD | irq_flags::NORESIZE,
+                count: 2,
+            },
+        ]);
+        let trigger = eventfd();
+        irqs.set_irqs(
+            0,
+            IrqAction::Trigger,
+            0,
+            1,
+            IrqData::Eventfd(vec![Some(dup(&trigger))]),
+        )
+        .unwrap();
+        let unmask = |index, fd: OwnedFd| {
+            irqs.set_irqs(
+                index,
+                IrqAction::Unmask,
+                0,
+                1,
+                IrqData::Eventfd(vec![Some(fd)]),
+            )
+            .map_err(|e| e.errno())
+        };
+        // MSI-style index (not maskable): EINVAL, and no thread or fd kept.
+        assert_eq!(unmask(1, eventfd()), Err(libc::EINVAL));
+        // Not an eventfd: EINVAL.
+        let null = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        assert_eq!(unmask(0, null), Err(libc::EINVAL));
+        // No such index; too many vectors.
+        assert_eq!(unmask(7, eventfd()), Err(libc::EINVAL));
+        assert_eq!(
+            irqs.set_irqs(
+                0,
+                IrqAction::Unmask,
+                0,
+                2,
+                IrqData::Eventfd(vec![Some(eventfd()), Some(eventfd())])
+            )
+            .map_err(|e| e.errno()),
+            Err(libc::EINVAL)
+        );
+        // Mask by eventfd stays unsupported.
+        assert_eq!(
+            irqs.set_irqs(
+                0,
+                IrqAction::Mask,
+                0,
+                1,
+                IrqData::Eventfd(vec![Some(eventfd())])
+            )
+            .map_err(|e| e.errno()),
+            Err(libc::ENOTSUP)
+        );
+        assert!(!irqs.has_unmask_eventfd(0, 0));
+        unmask(0, eventfd()).unwrap();
+        assert!(irqs.has_unmask_eventfd(0, 0));
+        irqs.disable_all();
+        assert!(!irqs.has_unmask_eventfd(0, 0));
+        assert_eq!(count(&trigger), 0);
+    }
+
+    #[test]
+    fn a_signal_pending_at_registration_is_not_lost() {
+        let irqs = Irqs::new(&[IrqInfo {
+            index: 0,
+            flags: irq_flags::EVENTFD | irq_flags::MASKABLE | irq_flags::AUTOMASKED,
+            count: 1,
+        }]);
+        let trigger = eventfd();
+        irqs.set_irqs(
+            0,
+            IrqAction::Trigger,
+            0,
+            1,
+            IrqData::Eventfd(vec![Some(dup(&trigger))]),
+        )
+        .unwrap();
+        assert!(irqs.trigger(0, 0));
+        assert!(irqs.is_masked(0, 0));
+        let unmask = eventfd();
+        crate::irq::signal_eventfd(&unmask).unwrap();
+        irqs.set_irqs(
+            0,
+            IrqAction::Unmask,
+            0,
+            1,
+            IrqData::Eventfd(vec![Some(dup(&unmask))]),
+        )
+        .unwrap();
+        let t = std::time::Instant::now();
+        while irqs.is_masked(0, 0) {
+            assert!(t.elapsed().as_secs() < 5, "the pending unmask was lost");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }

@@ -260,6 +260,9 @@ pub struct Driver {
     pub mac: [u8; 6],
     /// Interrupts taken.
     pub interrupts: u64,
+    /// INTx unmask eventfd given to the device ([`Driver::use_unmask_eventfd`]): an
+    /// unmask is a write to it, as KVM's resample irqfd does at EOI, not a message.
+    unmask_fd: Option<OwnedFd>,
 }
 
 impl Driver {
@@ -310,6 +313,7 @@ impl Driver {
             tx_busy: [false; NDESC as usize],
             mac: [0; 6],
             interrupts: 0,
+            unmask_fd: None,
         })
     }
 
@@ -507,9 +511,45 @@ impl Driver {
     }
 
     fn unmask(&self) -> Result<()> {
+        if let Some(fd) = &self.unmask_fd {
+            let one = 1u64;
+            // SAFETY: writes 8 bytes from a local u64 to our own eventfd.
+            let n = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            if n != 8 {
+                return Err(DriverError::Memory(std::io::Error::last_os_error()));
+            }
+            return Ok(());
+        }
         Ok(self
             .dev
             .set_irqs(pci_index::INTX_IRQ, IrqAction::Unmask, 0, 1, IrqData::None)?)
+    }
+
+    /// In INTx mode, give the device an unmask eventfd (SET_IRQS ACTION_UNMASK |
+    /// DATA_EVENTFD) and unmask by writing it from then on, as a VMM with a resampling
+    /// irqfd does. Returns false (and keeps unmasking by message) when the device
+    /// refuses it or the mode is MSI.
+    pub fn use_unmask_eventfd(&mut self) -> Result<bool> {
+        if self.mode != IrqMode::Intx {
+            return Ok(false);
+        }
+        let fd = eventfd()?;
+        let theirs = fd.try_clone().map_err(DriverError::Memory)?;
+        match self.dev.set_irqs(
+            pci_index::INTX_IRQ,
+            IrqAction::Unmask,
+            0,
+            1,
+            IrqData::Eventfd(vec![Some(theirs)]),
+        ) {
+            Ok(()) => {
+                self.unmask_fd = Some(fd);
+                Ok(true)
+            }
+            Err(DeviceError::Unsupported(_)) => Ok(false),
+            Err(DeviceError::Remote { errno, .. }) if errno == libc::ENOTSUP => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Write RX descriptor `idx` afresh: its buffer address, status clear.

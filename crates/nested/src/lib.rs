@@ -15,10 +15,13 @@
 //!   can only reach that guest's window.
 //! - [`export`]: [`ExportedDevice`], a device passed on to the next level (maps checked
 //!   against the child's window and re-issued in this level's terms, interrupts fd-to-fd).
+//! - [`direct`]: a BAR channel from the innermost level straight to the device
+//!   ([`DirectBars`]), so register accesses cost one hop at any depth.
 //! - [`stack`]: a whole stack of exporting levels in one process, and [`bench_depths`].
 //! - [`fuzz`]: [`fuzz_walk`], the fuzzing entry point.
 
 pub mod copy;
+pub mod direct;
 pub mod dma;
 pub mod export;
 #[cfg(feature = "harness")]
@@ -32,6 +35,7 @@ pub use copy::{
     hcall_code, AddressSpace, CopyError, HcallArgs, HcallStatus, LevelMemory, NestedGuests,
     MAX_COPY_LEN, PHYSICAL_PID,
 };
+pub use direct::{BarChannelHandle, BarChannels, DirectBars, DirectError};
 pub use dma::{nested_dma_space, NestedDma};
 pub use export::{ExportConfig, ExportError, ExportStats, ExportedDevice, LevelRam, RamRegion};
 #[cfg(feature = "harness")]

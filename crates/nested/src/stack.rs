@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use nestio_device_model::{pci_index, VfioDevice};
 use nestio_vfio_user::{Client, ClientConfig, Server, ServerConfig};
 
+use crate::direct::{BarChannelHandle, BarChannels, DirectBars, DirectError};
 use crate::export::{ExportConfig, ExportError, ExportedDevice, LevelRam, RamRegion};
 use crate::level::{LevelError, LevelId, Window};
 
@@ -50,6 +51,9 @@ pub enum StackError {
         /// Why.
         reason: String,
     },
+    /// The BAR channel could not be set up.
+    #[error(transparent)]
+    Direct(#[from] DirectError),
     /// The caller's workload failed.
     #[error("benchmark workload at depth {depth} failed: {reason}")]
     Workload {
@@ -101,6 +105,9 @@ pub struct NestedStack {
     regions: Vec<RamRegion>,
     windows: Vec<Window>,
     depth: u32,
+    /// The innermost level's device with a BAR channel, and the channel's handle (held
+    /// by level 1, the owner of the device's session).
+    direct: Option<(Arc<DirectBars>, BarChannelHandle)>,
 }
 
 fn memfd(size: u64) -> Result<Arc<OwnedFd>, StackError> {
@@ -117,6 +124,19 @@ impl NestedStack {
         device_socket: &Path,
         depth: u32,
         cfg: StackConfig,
+    ) -> Result<NestedStack, StackError> {
+        Self::build_with(device_socket, depth, cfg, None)
+    }
+
+    /// [`NestedStack::build`]; with `channels` (the device side's [`BarChannels`]) and
+    /// depth >= 2, level 1 opens a BAR channel and the innermost level's device
+    /// ([`NestedStack::device`]) sends its BAR accesses over it: one hop at any depth,
+    /// while configuration space, interrupts and DMA maps still pass every level.
+    pub fn build_with(
+        device_socket: &Path,
+        depth: u32,
+        cfg: StackConfig,
+        channels: Option<&BarChannels>,
     ) -> Result<NestedStack, StackError> {
         if depth == 0 || depth > crate::level::MAX_DEPTH {
             return Err(StackError::Layout(format!("depth {depth} out of 1..=64")));
@@ -197,6 +217,14 @@ impl NestedStack {
                 })?,
             );
         }
+        let direct = match channels {
+            Some(ch) if depth >= 2 => {
+                let (near, handle) = ch.open()?;
+                let dev: Arc<dyn VfioDevice> = client.clone();
+                Some((Arc::new(DirectBars::new(dev, near)?), handle))
+            }
+            _ => None,
+        };
         Ok(NestedStack {
             ram,
             client: Some(client),
@@ -205,12 +233,29 @@ impl NestedStack {
             regions,
             windows,
             depth,
+            direct,
         })
     }
 
     /// The innermost level's device.
     pub fn client(&self) -> Arc<Client> {
         self.client.clone().expect("client present until drop")
+    }
+    /// The innermost level's device as its guest driver uses it: the client, or the
+    /// client with a BAR channel ([`NestedStack::build_with`]).
+    pub fn device(&self) -> Arc<dyn VfioDevice> {
+        match &self.direct {
+            Some((d, _)) => d.clone(),
+            None => self.client(),
+        }
+    }
+    /// BAR accesses the innermost level sent over its BAR channel (None without one).
+    pub fn bar_channel_accesses(&self) -> Option<u64> {
+        self.direct.as_ref().map(|(d, _)| d.channel_accesses())
+    }
+    /// True when the innermost level has a BAR channel.
+    pub fn has_bar_channel(&self) -> bool {
+        self.direct.is_some()
     }
     /// Depth of the innermost level.
     pub fn depth(&self) -> u32 {
@@ -238,6 +283,10 @@ impl NestedStack {
         let Some(i) = level.checked_sub(1).map(|i| i as usize) else {
             return;
         };
+        if i == 0 {
+            // Level 1 owned the device's session: its BAR channel is revoked with it.
+            self.direct.take();
+        }
         if let Some(l) = self.levels.get_mut(i) {
             let _ = l.stream.shutdown(std::net::Shutdown::Both);
             if let Some(t) = l.thread.take() {
@@ -252,6 +301,7 @@ impl NestedStack {
 
 impl Drop for NestedStack {
     fn drop(&mut self) {
+        self.direct.take();
         self.client.take();
         for i in (0..self.levels.len()).rev() {
             self.kill_level(i as u32 + 1);
@@ -266,14 +316,21 @@ pub struct DepthRow {
     pub depth: u32,
     /// Best batch mean of one workload round trip (for the e1000: an ICMP echo), ns.
     pub round_trip_ns: f64,
-    /// Best batch mean of one 4-byte config-space read, ns.
+    /// Best batch mean of one 4-byte config-space read, ns (always mediated by every
+    /// level).
     pub region_access_ns: f64,
+    /// Best batch mean of one 4-byte register read (BAR 0, offset 0), ns, when the
+    /// device has a readable BAR 0: the access a BAR channel carries.
+    pub bar_access_ns: Option<f64>,
+    /// `bar_access_ns` over the first row's.
+    pub bar_ratio: Option<f64>,
     /// `round_trip_ns` over the first row's.
     pub round_trip_ratio: f64,
     /// `region_access_ns` over the first row's.
     pub region_ratio: f64,
-    /// Trapped region accesses per round trip (counted at level 1's exporter, so known
-    /// from depth 2 on; depth-1 rows take the value of the first deeper row).
+    /// Trapped region accesses per round trip (counted at level 1's exporter plus the
+    /// innermost level's BAR channel, so known from depth 2 on; depth-1 rows take the
+    /// value of the first deeper row).
     pub accesses_per_round_trip: Option<f64>,
     /// What is left of a round trip without its region accesses: DMA, interrupts, the
     /// backend (`round_trip_ns - accesses_per_round_trip * region_access_ns`).
@@ -350,17 +407,27 @@ pub fn measure_depths(
     cfg: StackConfig,
     workload: &mut dyn FnMut(&NestedStack) -> Result<RoundTrip, String>,
 ) -> Result<Vec<DepthRow>, StackError> {
+    measure_depths_with(device_socket, depths, iterations, cfg, None, workload)
+}
+
+/// [`measure_depths`] with stacks built by [`NestedStack::build_with`] (`channels`:
+/// BAR channels from depth 2 on).
+pub fn measure_depths_with(
+    device_socket: &Path,
+    depths: &[u32],
+    iterations: u32,
+    cfg: StackConfig,
+    channels: Option<&BarChannels>,
+    workload: &mut dyn FnMut(&NestedStack) -> Result<RoundTrip, String>,
+) -> Result<Vec<DepthRow>, StackError> {
     let mut raw = Vec::with_capacity(depths.len());
+    let mut bars = Vec::with_capacity(depths.len());
     for &depth in depths {
-        raw.push(measure_depth(
-            device_socket,
-            depth,
-            iterations,
-            cfg,
-            workload,
-        )?);
+        let (r, bar) = measure_depth(device_socket, depth, iterations, cfg, channels, workload)?;
+        raw.push(r);
+        bars.push(bar);
     }
-    Ok(finish_rows(depths, &raw))
+    Ok(finish_rows_bar(depths, &raw, &bars))
 }
 
 /// The best of several rounds of [`measure_depths`] over the same depths: per depth the
@@ -372,34 +439,43 @@ pub fn best_rows(rounds: &[Vec<DepthRow>]) -> Vec<DepthRow> {
     let depths: Vec<u32> = first.iter().map(|r| r.depth).collect();
     let mut best: Vec<(f64, f64, Option<f64>)> =
         vec![(f64::INFINITY, f64::INFINITY, None); depths.len()];
+    let mut bars: Vec<Option<f64>> = vec![None; depths.len()];
     for round in rounds {
-        for (slot, r) in best.iter_mut().zip(round) {
+        for ((slot, bar), r) in best.iter_mut().zip(bars.iter_mut()).zip(round) {
             slot.0 = slot.0.min(r.round_trip_ns);
             slot.1 = slot.1.min(r.region_access_ns);
             slot.2 = slot.2.or(r.accesses_per_round_trip);
+            *bar = match (*bar, r.bar_access_ns) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
     }
-    finish_rows(&depths, &best)
+    finish_rows_bar(&depths, &best, &bars)
 }
 
 /// One depth: (best round trip ns, best region access ns, trapped accesses per trip).
+#[allow(clippy::type_complexity)]
 fn measure_depth(
     device_socket: &Path,
     depth: u32,
     iterations: u32,
     cfg: StackConfig,
+    channels: Option<&BarChannels>,
     workload: &mut dyn FnMut(&NestedStack) -> Result<RoundTrip, String>,
-) -> Result<(f64, f64, Option<f64>), StackError> {
-    let stack = NestedStack::build(device_socket, depth, cfg)?;
+) -> Result<((f64, f64, Option<f64>), Option<f64>), StackError> {
+    let stack = NestedStack::build_with(device_socket, depth, cfg, channels)?;
     let werr = |reason: String| StackError::Workload { depth, reason };
     let mut rt = workload(&stack).map_err(werr)?;
     for _ in 0..iterations.clamp(1, 10) {
         rt().map_err(werr)?; // warm up
     }
+    // Trapped region accesses: those level 1 forwarded plus those the BAR channel took
+    // past every level.
     let count = |st: &NestedStack| {
         st.exporter(1)
             .map(|e| e.stats())
-            .map(|s| s.region_reads + s.region_writes)
+            .map(|s| s.region_reads + s.region_writes + st.bar_channel_accesses().unwrap_or(0))
     };
     let before = count(&stack);
     let round_trip_ns = best_mean(3, iterations, &mut rt).map_err(werr)?;
@@ -410,20 +486,49 @@ fn measure_depth(
         _ => None,
     };
     drop(rt);
-    let dev = stack.client();
+    let dev = stack.device();
     let mut b = [0u8; 4];
     let region_access_ns = best_mean(3, iterations.saturating_mul(4), || {
         dev.region_read(pci_index::CONFIG, 0, &mut b)
             .map_err(|e| e.to_string())
     })
     .map_err(werr)?;
-    Ok((round_trip_ns, region_access_ns, accesses))
+    let bar0_readable = dev
+        .region_info(pci_index::BAR0)
+        .is_ok_and(|r| r.size >= 4 && r.flags & nestio_device_model::region_flags::READ != 0);
+    let bar_access_ns = if bar0_readable {
+        Some(
+            best_mean(3, iterations.saturating_mul(4), || {
+                dev.region_read(pci_index::BAR0, 0, &mut b)
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(werr)?,
+        )
+    } else {
+        None
+    };
+    Ok(((round_trip_ns, region_access_ns, accesses), bar_access_ns))
 }
 
 /// Rows with ratios to the first depth.
+#[cfg(test)]
 fn finish_rows(depths: &[u32], best: &[(f64, f64, Option<f64>)]) -> Vec<DepthRow> {
+    finish_rows_bar(depths, best, &vec![None; best.len()])
+}
+
+/// Rows with ratios to the first depth; `bars[i]`: depth `i`'s register read, if
+/// measured (then it, not the config read, is the cost of the trapped accesses of a
+/// round trip).
+fn finish_rows_bar(
+    depths: &[u32],
+    best: &[(f64, f64, Option<f64>)],
+    bars: &[Option<f64>],
+) -> Vec<DepthRow> {
     let mut rows: Vec<DepthRow> = Vec::new();
-    for (&depth, &(round_trip_ns, region_access_ns, accesses)) in depths.iter().zip(best) {
+    let bar0 = bars.first().copied().flatten();
+    for ((&depth, &(round_trip_ns, region_access_ns, accesses)), &bar) in
+        depths.iter().zip(best).zip(bars)
+    {
         let (rt0, ra0) = rows
             .first()
             .map(|r| (r.round_trip_ns, r.region_access_ns))
@@ -432,6 +537,8 @@ fn finish_rows(depths: &[u32], best: &[(f64, f64, Option<f64>)]) -> Vec<DepthRow
             depth,
             round_trip_ns,
             region_access_ns,
+            bar_access_ns: bar,
+            bar_ratio: bar.zip(bar0).map(|(b, b0)| b / b0),
             round_trip_ratio: round_trip_ns / rt0,
             region_ratio: region_access_ns / ra0,
             accesses_per_round_trip: accesses,
@@ -444,9 +551,10 @@ fn finish_rows(depths: &[u32], best: &[(f64, f64, Option<f64>)]) -> Vec<DepthRow
     let mut base: Option<f64> = None;
     for r in &mut rows {
         r.accesses_per_round_trip = r.accesses_per_round_trip.or(known);
+        let access = r.bar_access_ns.unwrap_or(r.region_access_ns);
         r.dma_irq_ns = r
             .accesses_per_round_trip
-            .map(|a| (r.round_trip_ns - a * r.region_access_ns).max(0.0));
+            .map(|a| (r.round_trip_ns - a * access).max(0.0));
         if base.is_none() {
             base = r.dma_irq_ns;
         }
@@ -462,11 +570,18 @@ fn finish_rows(depths: &[u32], best: &[(f64, f64, Option<f64>)]) -> Vec<DepthRow
 pub fn print_rows(rows: &[DepthRow]) {
     for r in rows {
         println!(
-            "depth {}: round trip {:.1} us (x{:.2}), region access {:.1} us (x{:.2}), \
+            "depth {}: round trip {:.1} us (x{:.2}), register (BAR 0) read {} (x{}), \
+             config read {:.1} us (x{:.2}), \
              {:.1} region accesses per round trip, DMA+irq+backend {} (x{})",
             r.depth,
             r.round_trip_ns / 1e3,
             r.round_trip_ratio,
+            r.bar_access_ns
+                .map(|v| format!("{:.1} us", v / 1e3))
+                .unwrap_or_else(|| "n/a".into()),
+            r.bar_ratio
+                .map(|v| format!("{v:.2}"))
+                .unwrap_or_else(|| "n/a".into()),
             r.region_access_ns / 1e3,
             r.region_ratio,
             r.accesses_per_round_trip.unwrap_or(f64::NAN),

@@ -448,6 +448,26 @@ impl Client {
         Ok(())
     }
 
+    /// Give the device an INTx unmask eventfd (SET_IRQS ACTION_UNMASK | DATA_EVENTFD on
+    /// the INTx index), or remove it with `None` (fd -1). Signalling `fd` then unmasks
+    /// INTx in the device with no message: hand it the resample eventfd of a
+    /// level-triggered KVM irqfd and each EOI unmasks on its own. The INTx trigger
+    /// eventfd must be set first; a server without the feature answers ENOTSUP and the
+    /// caller keeps unmasking by message.
+    pub fn set_intx_unmask_eventfd(&self, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Result<()> {
+        let fd = fd
+            .map(|f| f.try_clone_to_owned())
+            .transpose()
+            .map_err(DeviceError::Io)?;
+        self.set_irqs(
+            nestio_device_model::pci_index::INTX_IRQ,
+            IrqAction::Unmask,
+            0,
+            1,
+            IrqData::Eventfd(vec![fd]),
+        )
+    }
+
     fn feature(&self, what: &str, flags: u32, data: &[u8], reply_data: usize) -> Result<Message> {
         let mut b = Vec::with_capacity(8 + data.len());
         DeviceFeature {

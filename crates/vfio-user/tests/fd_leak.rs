@@ -45,6 +45,20 @@ fn sessions_leave_no_fds_behind() {
                 IrqData::Eventfd((0..4).map(|_| Some(eventfd())).collect()),
             )
             .unwrap();
+            // INTx with an unmask eventfd (a watch thread in the device), left for the
+            // release to drop.
+            c.set_irqs(
+                0,
+                IrqAction::Trigger,
+                0,
+                1,
+                IrqData::Eventfd(vec![Some(eventfd())]),
+            )
+            .unwrap();
+            let unmask = eventfd();
+            c.set_intx_unmask_eventfd(Some(std::os::fd::AsFd::as_fd(&unmask)))
+                .unwrap();
+            drop(unmask);
             let ri = c.region_info(2).unwrap();
             assert!(ri.fd.is_some());
             let io = c.region_io_fds(1).unwrap();

@@ -9,8 +9,11 @@
 //!
 //! INTx is a level: raising it sets the status register's interrupt bit and, unless
 //! the command register's INTx-disable bit is set, signals the INTx eventfd (which
-//! masks itself, AUTOMASKED, until the VMM unmasks it after the guest's EOI). While the
-//! level stays high an unmask or clearing INTx-disable signals again;
+//! masks itself, AUTOMASKED, until the VMM unmasks it after the guest's EOI — with an
+//! UNMASK message, or by signalling the unmask eventfd it gave the device, typically
+//! the resample eventfd of its KVM irqfd, so that an EOI unmasks with no message at
+//! all). While the level stays high an unmask (either way) or clearing INTx-disable
+//! signals again;
 //! [`PciIntr::lower_intx`] drops the level. A raise that finds the vector masked is
 //! remembered by [`Irqs`] and delivered at unmask (a level dropped in between can then
 //! give one spurious INTx, which drivers tolerate).
@@ -22,6 +25,7 @@
 //! [`PciConfig::bus_master`] before its DMA.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use super::config::PciConfig;
 use super::status;
@@ -74,8 +78,31 @@ pub enum Delivery {
 /// documentation.
 pub struct PciIntr {
     irqs: Irqs,
-    intx_level: AtomicBool,
-    intx_disabled: AtomicBool,
+    line: Arc<IntxLine>,
+}
+
+/// The INTx level and the command register's INTx-disable bit, shared with the
+/// after-unmask hook of the irq state (which runs on an unmask eventfd's watch thread
+/// too).
+#[derive(Default)]
+struct IntxLine {
+    level: AtomicBool,
+    disabled: AtomicBool,
+}
+
+impl IntxLine {
+    /// After an unmask of `index`: re-raise INTx while its level is high, INTx is
+    /// enabled and the vector is unmasked (a pending raise already fired and automasked
+    /// it again).
+    fn after_unmask(&self, irqs: &Irqs, index: u32) {
+        if index == INTX_IRQ
+            && self.level.load(Ordering::SeqCst)
+            && !self.disabled.load(Ordering::SeqCst)
+            && !irqs.is_masked(INTX_IRQ, 0)
+        {
+            irqs.trigger(INTX_IRQ, 0);
+        }
+    }
 }
 
 impl PciIntr {
@@ -106,10 +133,14 @@ impl PciIntr {
             info(ERR_IRQ, irq_flags::EVENTFD, 0),
             info(REQ_IRQ, irq_flags::EVENTFD, 0),
         ];
+        let line = Arc::new(IntxLine::default());
+        let hooked = line.clone();
         PciIntr {
-            irqs: Irqs::new(&infos),
-            intx_level: AtomicBool::new(false),
-            intx_disabled: AtomicBool::new(false),
+            irqs: Irqs::with_unmask_hook(
+                &infos,
+                Box::new(move |irqs, index| hooked.after_unmask(irqs, index)),
+            ),
+            line,
         }
     }
 
@@ -138,8 +169,9 @@ impl PciIntr {
         self.irqs.info(index)
     }
 
-    /// `VfioDevice::set_irqs`. An INTx unmask while the level is high and INTx is
-    /// enabled signals again.
+    /// `VfioDevice::set_irqs`. An INTx unmask (by message, or later by the unmask
+    /// eventfd this may install) while the level is high and INTx is enabled signals
+    /// again.
     pub fn set_irqs(
         &self,
         index: u32,
@@ -148,16 +180,7 @@ impl PciIntr {
         count: u32,
         data: IrqData,
     ) -> Result<()> {
-        self.irqs.set_irqs(index, action, start, count, data)?;
-        if index == INTX_IRQ
-            && action == IrqAction::Unmask
-            && self.intx_level.load(Ordering::SeqCst)
-            && !self.intx_disabled.load(Ordering::SeqCst)
-            && !self.irqs.is_masked(INTX_IRQ, 0)
-        {
-            self.irqs.trigger(INTX_IRQ, 0);
-        }
-        Ok(())
+        self.irqs.set_irqs(index, action, start, count, data)
     }
 
     fn any_eventfd(&self, index: u32) -> bool {
@@ -205,10 +228,10 @@ impl PciIntr {
                 self.fire(IntrMode::Msi, MSI_IRQ, v)
             }
             IntrMode::Intx => {
-                self.intx_level.store(true, Ordering::SeqCst);
+                self.line.level.store(true, Ordering::SeqCst);
                 cfg.set_status_bits(status::INTERRUPT, true);
                 let disabled = cfg.intx_disabled();
-                self.intx_disabled.store(disabled, Ordering::SeqCst);
+                self.line.disabled.store(disabled, Ordering::SeqCst);
                 if disabled {
                     Delivery::IntxDisabled
                 } else {
@@ -224,23 +247,23 @@ impl PciIntr {
 
     /// Drop the INTx level (the device's interrupt cause was cleared).
     pub fn lower_intx(&self, cfg: &mut PciConfig) {
-        self.intx_level.store(false, Ordering::SeqCst);
+        self.line.level.store(false, Ordering::SeqCst);
         cfg.set_status_bits(status::INTERRUPT, false);
     }
 
     /// True while the INTx level is high.
     pub fn intx_asserted(&self) -> bool {
-        self.intx_level.load(Ordering::SeqCst)
+        self.line.level.load(Ordering::SeqCst)
     }
 
     /// Call after a driver write to the command register: clearing INTx-disable while
     /// the level is high signals INTx.
     pub fn command_written(&self, cfg: &PciConfig) {
         let disabled = cfg.intx_disabled();
-        let was = self.intx_disabled.swap(disabled, Ordering::SeqCst);
+        let was = self.line.disabled.swap(disabled, Ordering::SeqCst);
         if was
             && !disabled
-            && self.intx_level.load(Ordering::SeqCst)
+            && self.line.level.load(Ordering::SeqCst)
             && self.mode() == IntrMode::Intx
         {
             self.irqs.trigger(INTX_IRQ, 0);
@@ -250,7 +273,8 @@ impl PciIntr {
     /// Device reset: the INTx level drops; eventfds stay wired (the VMM owns them).
     pub fn reset(&self, cfg: &mut PciConfig) {
         self.lower_intx(cfg);
-        self.intx_disabled
+        self.line
+            .disabled
             .store(cfg.intx_disabled(), Ordering::SeqCst);
     }
 }
@@ -440,5 +464,126 @@ mod tests {
                 .is_err(),
             "MSI is not maskable through VFIO"
         );
+    }
+
+    fn signal(fd: &OwnedFd) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local u64.
+        let n = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        assert_eq!(n, 8);
+    }
+
+    /// Wait up to 5 s for `fd`'s counter to become non-zero; returns it (0 on timeout).
+    fn wait_count(fd: &OwnedFd) -> u64 {
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one valid fd described by a local.
+        unsafe { libc::poll(&mut p, 1, 5000) };
+        count(fd)
+    }
+
+    fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let t = std::time::Instant::now();
+        while !f() {
+            assert!(t.elapsed().as_secs() < 5, "timed out waiting for {what}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn intx_unmask_eventfd_unmasks_and_reasserts_without_a_message() {
+        let mut c = config();
+        let p = PciIntr::for_config(&c);
+        let (trigger, unmask) = (eventfd(), eventfd());
+        wire(&p, INTX_IRQ, 0, &[&trigger]);
+        p.set_irqs(
+            INTX_IRQ,
+            IrqAction::Unmask,
+            0,
+            1,
+            IrqData::Eventfd(vec![Some(unmask.try_clone().unwrap())]),
+        )
+        .unwrap();
+        assert!(p.irqs().has_unmask_eventfd(INTX_IRQ, 0));
+        for round in 0..50 {
+            // The device asserts INTx: signalled once, then automasked.
+            assert!(
+                matches!(p.raise(&mut c, 0), Delivery::Signalled { .. }),
+                "round {round}"
+            );
+            assert_eq!(count(&trigger), 1);
+            assert!(p.irqs().is_masked(INTX_IRQ, 0));
+            // The guest EOIs with the level still high: the unmask eventfd unmasks and the
+            // device re-asserts, with no SET_IRQS at all.
+            signal(&unmask);
+            assert_eq!(wait_count(&trigger), 1, "round {round}: re-asserted");
+            // The driver clears the cause; the next EOI just unmasks.
+            p.lower_intx(&mut c);
+            signal(&unmask);
+            wait_until("unmask", || !p.irqs().is_masked(INTX_IRQ, 0));
+            assert_eq!(count(&trigger), 0, "round {round}: no level, no interrupt");
+        }
+        // A reset keeps the owner's eventfds: the unmask eventfd still works after it.
+        p.raise(&mut c, 0);
+        assert_eq!(count(&trigger), 1);
+        p.reset(&mut c);
+        assert!(p.irqs().has_unmask_eventfd(INTX_IRQ, 0));
+        signal(&unmask);
+        wait_until("unmask after reset", || !p.irqs().is_masked(INTX_IRQ, 0));
+        assert_eq!(count(&trigger), 0, "the level dropped at reset");
+    }
+
+    #[test]
+    fn intx_unmask_eventfd_deregistration() {
+        let mut c = config();
+        let p = PciIntr::for_config(&c);
+        let (trigger, unmask) = (eventfd(), eventfd());
+        let set_unmask = |fd: Option<&OwnedFd>| {
+            p.set_irqs(
+                INTX_IRQ,
+                IrqAction::Unmask,
+                0,
+                1,
+                IrqData::Eventfd(vec![fd.map(|f| f.try_clone().unwrap())]),
+            )
+        };
+        // Before the trigger eventfd: refused (as vfio-pci's is_intx check).
+        assert_eq!(set_unmask(Some(&unmask)).unwrap_err().errno(), libc::EINVAL);
+        wire(&p, INTX_IRQ, 0, &[&trigger]);
+        set_unmask(Some(&unmask)).unwrap();
+        // fd -1 removes it: a later signal unmasks nothing.
+        set_unmask(None).unwrap();
+        assert!(!p.irqs().has_unmask_eventfd(INTX_IRQ, 0));
+        p.raise(&mut c, 0);
+        assert_eq!(count(&trigger), 1);
+        signal(&unmask);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            p.irqs().is_masked(INTX_IRQ, 0),
+            "a removed unmask eventfd unmasked"
+        );
+        // Removing the trigger eventfd removes the unmask eventfd too; so does count 0.
+        set_unmask(Some(&unmask)).unwrap();
+        p.set_irqs(
+            INTX_IRQ,
+            IrqAction::Trigger,
+            0,
+            1,
+            IrqData::Eventfd(vec![None]),
+        )
+        .unwrap();
+        assert!(!p.irqs().has_unmask_eventfd(INTX_IRQ, 0));
+        wire(&p, INTX_IRQ, 0, &[&trigger]);
+        set_unmask(Some(&unmask)).unwrap();
+        p.set_irqs(INTX_IRQ, IrqAction::Trigger, 0, 0, IrqData::None)
+            .unwrap();
+        assert!(!p.irqs().has_unmask_eventfd(INTX_IRQ, 0));
+        wire(&p, INTX_IRQ, 0, &[&trigger]);
+        set_unmask(Some(&unmask)).unwrap();
+        p.irqs().disable_all();
+        assert!(!p.irqs().has_unmask_eventfd(INTX_IRQ, 0));
     }
 }

@@ -2,8 +2,12 @@
 //! [`crate::irqchip::IrqChip`]: the device signals eventfds, the interrupt controller
 //! turns them into guest interrupts, and no other process or thread is on the way.
 //!
-//! - **INTx**: a line source for the function's pin, attached with a resample eventfd;
-//!   a small thread unmasks the device's INTx when the guest acknowledges the line.
+//! - **INTx**: a line source for the function's pin, attached with a resample eventfd
+//!   (KVM_IRQFD with KVM_IRQFD_FLAG_RESAMPLE: level-triggered, the resample eventfd
+//!   signalled at the guest's EOI). That resample eventfd is handed to the device as its
+//!   INTx *unmask eventfd* (SET_IRQS ACTION_UNMASK | DATA_EVENTFD), so an EOI unmasks
+//!   the device with no message and no thread in the VMM; a device that refuses it gets
+//!   a small thread here that sends an UNMASK per EOI instead.
 //!   The source number is the interrupt-line register's value.
 //! - **MSI**: the capability is virtualised ([`MsiLayout`]: 32- or 64-bit address, with
 //!   or without per-vector masking). When the guest enables it, each enabled vector
@@ -244,13 +248,30 @@ impl Msix {
 /// The INTx wiring of an assigned device.
 pub(super) struct Intx {
     pub(super) source: IrqSource,
-    /// Stops the resample thread.
+    /// Stops the resample thread (if there is one).
     pub(super) stop: EventFd,
+    /// How the device is unmasked at the guest's EOI (holds the eventfds it needs).
+    pub(super) _unmask: IntxUnmask,
+}
+
+/// How an assigned device's INTx is unmasked after the guest's EOI.
+pub(super) enum IntxUnmask {
+    /// The device holds the irqfd's resample eventfd as its unmask eventfd (SET_IRQS
+    /// ACTION_UNMASK | DATA_EVENTFD): KVM signals it, the device unmasks, no message.
+    ByEventfd {
+        _trigger: EventFd,
+        _resample: EventFd,
+    },
+    /// The device refused that (an older server): a thread here waits for the resample
+    /// eventfd and sends an UNMASK per EOI.
+    ByMessage,
 }
 
 /// Wire INTx `pin` of the device at `slot`, when it has one and offers INTx: a line
-/// source with a resample eventfd, the trigger eventfd handed to the device, and the
-/// resample thread. The interrupt-line register becomes virtual either way.
+/// source with a resample eventfd (level-triggered KVM irqfd), the trigger eventfd
+/// handed to the device, and the resample eventfd handed to it as its unmask eventfd —
+/// or, when the device refuses that, a resample thread that unmasks by message. The
+/// interrupt-line register becomes virtual either way.
 pub(super) fn wire_intx(
     root: &PciRoot,
     dev: &Arc<dyn VfioDevice>,
@@ -296,6 +317,38 @@ pub(super) fn wire_intx(
     )
     .map_err(|e| derr(format!("SET_IRQS(INTx eventfd) refused: {e}")))?;
     let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| derr(e.to_string()))?;
+    // The resample eventfd as the device's unmask eventfd: KVM signals it at the
+    // guest's EOI and the device unmasks itself, with no message and no thread here.
+    let unmask_fd = owned_dup(&resample).map_err(|e| derr(e.to_string()))?;
+    match dev.set_irqs(
+        pci_index::INTX_IRQ,
+        IrqAction::Unmask,
+        0,
+        1,
+        IrqData::Eventfd(vec![Some(unmask_fd)]),
+    ) {
+        Ok(()) => {
+            tracing::debug!(device = %name, "INTx: the device unmasks at EOI through the resample eventfd");
+            let line = u8::try_from(source.number()).unwrap_or(0xff);
+            cfg.set_virtual(INTERRUPT_LINE, &[line], &[0xff]);
+            return Ok(Some(Intx {
+                source,
+                stop,
+                _unmask: IntxUnmask::ByEventfd {
+                    _trigger: trigger,
+                    _resample: resample,
+                },
+            }));
+        }
+        Err(e) if is_fatal(&e) => {
+            return Err(derr(format!("SET_IRQS(INTx unmask eventfd): {e}")));
+        }
+        Err(e) => tracing::debug!(
+            device = %name,
+            error = %e,
+            "INTx: the device takes no unmask eventfd; unmasking by message at each EOI"
+        ),
+    }
     let thread_stop = dup_eventfd(&stop).map_err(|e| derr(e.to_string()))?;
     let (d, n) = (dev.clone(), name.to_string());
     std::thread::Builder::new()
@@ -304,7 +357,11 @@ pub(super) fn wire_intx(
         .map_err(|e| derr(e.to_string()))?;
     let line = u8::try_from(source.number()).unwrap_or(0xff);
     cfg.set_virtual(INTERRUPT_LINE, &[line], &[0xff]);
-    Ok(Some(Intx { source, stop }))
+    Ok(Some(Intx {
+        source,
+        stop,
+        _unmask: IntxUnmask::ByMessage,
+    }))
 }
 
 fn resample_loop(

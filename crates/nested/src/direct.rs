@@ -1,0 +1,413 @@
+//! A direct channel from the innermost level to the device for BAR accesses.
+//!
+//! Passed through `d - 1` exporters, every register access of a level-`d` guest costs
+//! `d` vfio-user round trips: each intermediate level receives the REGION_READ/WRITE,
+//! forwards it to its parent and waits. Nothing in an intermediate level needs to see
+//! those accesses: a BAR register is the device's, with no address in it that a level
+//! must translate. What levels must mediate — DMA maps (translated into each parent's
+//! terms and checked against the child's window), configuration space (it moves BARs
+//! and enables interrupts and bus mastering) and interrupts (fd-to-fd anyway) — never
+//! travels on a BAR access.
+//!
+//! So the level that owns the device's session opens a *BAR channel* to the device's
+//! side — [`BarChannels::open`]: a socketpair whose far end is served, next to the
+//! device, by [`serve_bar_channel`] — and hands the near end down through the levels to
+//! the innermost one (an fd, like the interrupt eventfds that already pass down
+//! unchanged). The innermost level wraps its device in [`DirectBars`]: BAR reads and
+//! writes go over the channel, one round trip at any depth; everything else takes the
+//! mediated path through every level.
+//!
+//! The channel speaks the vfio-user wire format, REGION_READ and REGION_WRITE only
+//! (`no_reply` writes are executed without an answer). Its server is as strict as the
+//! main one — it serves only the device's BAR regions 0–5 that exist and are readable or
+//! writable (configuration space, ROM, VGA and anything else: EINVAL, session kept),
+//! accesses of at most [`MAX_ACCESS`] bytes (bounds checked by the device), any other
+//! command ENOTSUP, received fds closed and refused, a malformed or oversized message
+//! ends the channel. The owner keeps a [`BarChannelHandle`] and revokes the channel
+//! when its session ends (drop), so the channel grants no more than the owner holds.
+//!
+//! Scope: in [`crate::stack::NestedStack`] (all levels in one process) the fd is handed
+//! to the innermost level directly; between processes it would ride on the RAM handoff
+//! socket that already carries the child's window memfd down (`PATH.mem`), which is not
+//! wired yet.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use nestio_device_model::{
+    pci_index, region_flags, DeviceError, DeviceInfo, DmaPort, IoEventFd, IrqAction, IrqData,
+    IrqInfo, MigState, MigrationFlags, RegionInfo, Result, VfioDevice,
+};
+use nestio_dma::{DmaMapRequest, DmaRange, MapTable};
+use nestio_vfio_user::proto::{hdr_flags, Command, Header, RegionAccess, HEADER_SIZE};
+use nestio_vfio_user::socket::{recv_message, send_message};
+use parking_lot::Mutex;
+
+/// Largest access one channel message carries (register accesses are 1–8 bytes).
+pub const MAX_ACCESS: usize = 4096;
+
+/// The last BAR region (BARs are regions 0..=5).
+const LAST_BAR: u32 = pci_index::ROM - 1;
+
+/// Largest message on a channel.
+const MAX_MESSAGE: usize = HEADER_SIZE + RegionAccess::SIZE + MAX_ACCESS;
+
+/// Errors opening or serving a BAR channel.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectError {
+    /// The socketpair or the thread could not be created.
+    #[error("cannot open a BAR channel: {0} (out of fds or threads?)")]
+    Open(#[source] std::io::Error),
+    /// The device's regions could not be described.
+    #[error("cannot describe the device's BARs for a BAR channel: {0}")]
+    Device(#[source] DeviceError),
+    /// The device has no BAR a channel could serve.
+    #[error("the device has no readable or writable BAR: nothing for a BAR channel to carry")]
+    NoBars,
+}
+
+/// Bit `i` set: BAR `i` (0..=5) exists and is readable or writable.
+fn bar_mask(dev: &dyn VfioDevice) -> std::result::Result<u8, DirectError> {
+    let mut mask = 0u8;
+    for index in pci_index::BAR0..=LAST_BAR {
+        let info = match dev.region_info(index) {
+            Ok(i) => i,
+            Err(DeviceError::NoSuchRegion(_)) => continue,
+            Err(e) => return Err(DirectError::Device(e)),
+        };
+        if info.size != 0 && info.flags & (region_flags::READ | region_flags::WRITE) != 0 {
+            mask |= 1 << index;
+        }
+    }
+    if mask == 0 {
+        return Err(DirectError::NoBars);
+    }
+    Ok(mask)
+}
+
+fn allowed(mask: u8, region: u32) -> bool {
+    region <= LAST_BAR && mask & (1 << region) != 0
+}
+
+/// The device side: opens BAR channels to one device (run where the device is).
+#[derive(Clone)]
+pub struct BarChannels {
+    dev: Arc<dyn VfioDevice>,
+    mask: u8,
+}
+
+impl BarChannels {
+    /// Channels to `dev`'s BARs.
+    pub fn new(dev: Arc<dyn VfioDevice>) -> std::result::Result<BarChannels, DirectError> {
+        let mask = bar_mask(dev.as_ref())?;
+        Ok(BarChannels { dev, mask })
+    }
+
+    /// A new channel: the near end to hand down, and the handle that revokes it.
+    pub fn open(&self) -> std::result::Result<(UnixStream, BarChannelHandle), DirectError> {
+        let (near, far) = UnixStream::pair().map_err(DirectError::Open)?;
+        let handle = serve_bar_channel(self.dev.clone(), self.mask, far)?;
+        Ok((near, handle))
+    }
+}
+
+/// Revokes a BAR channel when dropped: the channel's socket is shut down and its
+/// server thread joined.
+pub struct BarChannelHandle {
+    sock: UnixStream,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for BarChannelHandle {
+    fn drop(&mut self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Serve `sock` as a BAR channel to `dev` (BARs in `mask` only) on a new thread.
+pub fn serve_bar_channel(
+    dev: Arc<dyn VfioDevice>,
+    mask: u8,
+    sock: UnixStream,
+) -> std::result::Result<BarChannelHandle, DirectError> {
+    let keep = sock.try_clone().map_err(DirectError::Open)?;
+    let thread = std::thread::Builder::new()
+        .name("nestio-bar-channel".into())
+        .spawn(move || serve(dev.as_ref(), mask, &sock))
+        .map_err(DirectError::Open)?;
+    Ok(BarChannelHandle {
+        sock: keep,
+        thread: Some(thread),
+    })
+}
+
+fn serve(dev: &dyn VfioDevice, mask: u8, sock: &UnixStream) {
+    let mut buf = Vec::new();
+    loop {
+        let m = match recv_message(sock, MAX_MESSAGE) {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "BAR channel: malformed message; channel closed");
+                return;
+            }
+        };
+        let h = m.header;
+        if h.check_flags().is_err() || h.flags & hdr_flags::TYPE_MASK != hdr_flags::TYPE_COMMAND {
+            tracing::warn!(
+                flags = h.flags,
+                "BAR channel: not a command; channel closed"
+            );
+            return;
+        }
+        let r = if !m.fds.is_empty() {
+            // The fds are owned by `m` and closed with it.
+            Err(libc::EINVAL)
+        } else {
+            access(dev, mask, &h, &m.payload, &mut buf)
+        };
+        if h.no_reply() {
+            if let Err(errno) = r {
+                tracing::debug!(errno, cmd = h.cmd, "BAR channel: posted access refused");
+            }
+            continue;
+        }
+        let sent = match r {
+            Ok(payload) => h
+                .reply(payload.len())
+                .map_err(|e| std::io::Error::other(e.to_string()))
+                .and_then(|rh| send_message(sock, &rh, &payload, &[])),
+            Err(errno) => send_message(sock, &h.error_reply(errno), &[], &[]),
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// Execute one access; the reply payload or an errno.
+fn access(
+    dev: &dyn VfioDevice,
+    mask: u8,
+    h: &Header,
+    payload: &[u8],
+    buf: &mut Vec<u8>,
+) -> std::result::Result<Vec<u8>, i32> {
+    let write = match h.cmd {
+        c if c == Command::RegionRead as u16 => false,
+        c if c == Command::RegionWrite as u16 => true,
+        _ => return Err(libc::ENOTSUP),
+    };
+    let a = RegionAccess::decode(payload, write).map_err(|_| libc::EINVAL)?;
+    if !allowed(mask, a.region) || a.count as usize > MAX_ACCESS || a.count == 0 {
+        return Err(libc::EINVAL);
+    }
+    let mut out = Vec::with_capacity(RegionAccess::SIZE + if write { 0 } else { a.count as usize });
+    if write {
+        dev.region_write(a.region, a.offset, a.data)
+            .map_err(|e| e.errno())?;
+        RegionAccess { data: &[], ..a }.encode_into(&mut out);
+    } else {
+        buf.clear();
+        buf.resize(a.count as usize, 0);
+        dev.region_read(a.region, a.offset, buf)
+            .map_err(|e| e.errno())?;
+        RegionAccess { data: buf, ..a }.encode_into(&mut out);
+    }
+    Ok(out)
+}
+
+/// The innermost level's device: BAR accesses over a BAR channel, everything else
+/// (configuration space, interrupts, DMA maps, reset, migration) through `inner`, the
+/// mediated path. See the module documentation.
+pub struct DirectBars {
+    inner: Arc<dyn VfioDevice>,
+    mask: u8,
+    chan: Mutex<Channel>,
+    /// Accesses sent over the channel.
+    sent: std::sync::atomic::AtomicU64,
+}
+
+struct Channel {
+    sock: UnixStream,
+    next_id: u16,
+    buf: Vec<u8>,
+}
+
+impl DirectBars {
+    /// Wrap `inner`, whose BAR accesses then go over `channel` (the near end of
+    /// [`BarChannels::open`]). The BARs carried are those `inner` describes as readable
+    /// or writable.
+    pub fn new(
+        inner: Arc<dyn VfioDevice>,
+        channel: UnixStream,
+    ) -> std::result::Result<DirectBars, DirectError> {
+        let mask = bar_mask(inner.as_ref())?;
+        Ok(DirectBars {
+            inner,
+            mask,
+            chan: Mutex::new(Channel {
+                sock: channel,
+                next_id: 0,
+                buf: Vec::new(),
+            }),
+            sent: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// BAR accesses sent over the channel so far.
+    pub fn channel_accesses(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The mediated device underneath.
+    pub fn inner(&self) -> &Arc<dyn VfioDevice> {
+        &self.inner
+    }
+
+    fn call(&self, cmd: Command, a: RegionAccess<'_>, read: Option<&mut [u8]>) -> Result<()> {
+        if a.count as usize > MAX_ACCESS {
+            return Err(DeviceError::Invalid(format!(
+                "BAR channel access of {} bytes: at most {MAX_ACCESS}",
+                a.count
+            )));
+        }
+        let lost = |e: &dyn std::fmt::Display| {
+            DeviceError::Disconnected(format!(
+                "BAR channel: {e}; the device side or the level that opened it went away"
+            ))
+        };
+        self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut c = self.chan.lock();
+        let Channel { sock, next_id, buf } = &mut *c;
+        *next_id = next_id.wrapping_add(1);
+        buf.clear();
+        a.encode_into(buf);
+        let h = Header::command(*next_id, cmd, buf.len()).map_err(|e| lost(&e))?;
+        send_message(sock, &h, buf, &[]).map_err(|e| lost(&e))?;
+        let m = recv_message(sock, MAX_MESSAGE)
+            .map_err(|e| lost(&e))?
+            .ok_or_else(|| lost(&"closed"))?;
+        let bad = |what: &str| lost(&format!("bad reply ({what}, fd {})", sock.as_raw_fd()));
+        if m.header.msg_id != h.msg_id
+            || m.header.cmd != h.cmd
+            || m.header.msg_type() != nestio_vfio_user::proto::MsgType::Reply
+            || !m.fds.is_empty()
+        {
+            return Err(bad("not the answer to the request"));
+        }
+        if m.header.is_error() {
+            return Err(DeviceError::Remote {
+                what: format!("BAR channel {cmd:?} of region {}", a.region),
+                errno: m.header.error as i32,
+            });
+        }
+        let r = RegionAccess::decode(&m.payload, read.is_some()).map_err(|_| bad("malformed"))?;
+        if r.region != a.region || r.offset != a.offset || r.count != a.count {
+            return Err(bad("another access"));
+        }
+        if let Some(out) = read {
+            out.copy_from_slice(r.data);
+        }
+        Ok(())
+    }
+}
+
+impl VfioDevice for DirectBars {
+    fn info(&self) -> DeviceInfo {
+        self.inner.info()
+    }
+    fn region_info(&self, index: u32) -> Result<RegionInfo> {
+        self.inner.region_info(index)
+    }
+    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if !allowed(self.mask, index) || buf.is_empty() {
+            return self.inner.region_read(index, offset, buf);
+        }
+        let count = u32::try_from(buf.len())
+            .map_err(|_| DeviceError::Invalid("access too large".into()))?;
+        let a = RegionAccess {
+            offset,
+            region: index,
+            count,
+            data: &[],
+        };
+        self.call(Command::RegionRead, a, Some(buf))
+    }
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
+        if !allowed(self.mask, index) || data.is_empty() {
+            return self.inner.region_write(index, offset, data);
+        }
+        let count = u32::try_from(data.len())
+            .map_err(|_| DeviceError::Invalid("access too large".into()))?;
+        let a = RegionAccess {
+            offset,
+            region: index,
+            count,
+            data,
+        };
+        self.call(Command::RegionWrite, a, None)
+    }
+    fn region_io_fds(&self, index: u32) -> Result<Vec<IoEventFd>> {
+        self.inner.region_io_fds(index)
+    }
+    fn irq_info(&self, index: u32) -> Result<IrqInfo> {
+        self.inner.irq_info(index)
+    }
+    fn set_irqs(
+        &self,
+        index: u32,
+        action: IrqAction,
+        start: u32,
+        count: u32,
+        data: IrqData,
+    ) -> Result<()> {
+        self.inner.set_irqs(index, action, start, count, data)
+    }
+    fn reset(&self) -> Result<()> {
+        self.inner.reset()
+    }
+    fn dma_port(&self) -> Option<&DmaPort> {
+        self.inner.dma_port()
+    }
+    fn dma_table(&self) -> Option<&MapTable> {
+        self.inner.dma_table()
+    }
+    fn dma_map(&self, req: DmaMapRequest) -> Result<()> {
+        self.inner.dma_map(req)
+    }
+    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
+        self.inner.dma_unmap(iova, size)
+    }
+    fn dma_unmap_all(&self) -> Result<()> {
+        self.inner.dma_unmap_all()
+    }
+    fn migration_flags(&self) -> Option<MigrationFlags> {
+        self.inner.migration_flags()
+    }
+    fn mig_state(&self) -> Result<MigState> {
+        self.inner.mig_state()
+    }
+    fn mig_set_state(&self, target: MigState) -> Result<MigState> {
+        self.inner.mig_set_state(target)
+    }
+    fn mig_data_read(&self, buf: &mut [u8]) -> Result<usize> {
+        self.inner.mig_data_read(buf)
+    }
+    fn mig_data_write(&self, data: &[u8]) -> Result<()> {
+        self.inner.mig_data_write(data)
+    }
+    fn dma_logging_start(&self, page_size: u64, ranges: &[DmaRange]) -> Result<()> {
+        self.inner.dma_logging_start(page_size, ranges)
+    }
+    fn dma_logging_stop(&self) -> Result<()> {
+        self.inner.dma_logging_stop()
+    }
+    fn dma_logging_report(&self, range: DmaRange, page_size: u64) -> Result<Vec<u64>> {
+        self.inner.dma_logging_report(range, page_size)
+    }
+}
