@@ -195,7 +195,7 @@ mod tests {
             Err(EqError::NotRam { .. })
         ));
         assert!(matches!(
-            EventQueue::configure(&m, u64::MAX & !0xfff, 12, true),
+            EventQueue::configure(&m, !0xfff, 12, true),
             Err(EqError::NotRam { .. })
         ));
         let q = EventQueue::configure(&m, 0x10000, 16, true).unwrap();
