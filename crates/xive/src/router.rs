@@ -28,6 +28,10 @@ use crate::tima::Tima;
 pub trait Notify: Send + Sync {
     /// Server `server`'s OS ring signals an interrupt (NSR set).
     fn notify(&self, server: u32);
+    /// The guest EOId source `lisn` (an EOI load on its management page, or through
+    /// `H_INT_ESB`): a VMM that emulates a level-triggered line with a resample
+    /// eventfd signals it here. The default does nothing.
+    fn eoi(&self, _lisn: u32) {}
 }
 
 impl<F: Fn(u32) + Send + Sync> Notify for F {
@@ -165,9 +169,10 @@ pub(crate) struct State {
     pub(crate) frozen: Option<BTreeMap<u32, Pq>>,
 }
 
-/// Servers to notify once the lock is released.
+/// Servers to notify once the lock is released (and sources EOId, for
+/// [`Notify::eoi`]).
 #[derive(Debug, Default)]
-pub(crate) struct Pending(pub(crate) Vec<u32>);
+pub(crate) struct Pending(pub(crate) Vec<u32>, pub(crate) Vec<u32>);
 
 /// The XIVE model. See the crate documentation.
 pub struct Xive {
@@ -220,6 +225,9 @@ impl Xive {
             let mut st = self.state.lock();
             f(&mut st, &mut pending)
         };
+        for l in pending.1 {
+            self.notify.eoi(l);
+        }
         for s in pending.0 {
             tracing::trace!(server = s, "xive: notify vCPU");
             self.notify.notify(s);
@@ -317,6 +325,7 @@ impl Xive {
             match MgmtLoad::decode(off) {
                 MgmtLoad::Eoi => {
                     let fwd = src.eoi();
+                    p.1.push(lisn);
                     if fwd {
                         self.route(st, p, lisn);
                     }

@@ -42,6 +42,7 @@
 //! code testable without `/dev/kvm`.
 
 pub mod x86;
+pub mod xive;
 
 #[cfg(test)]
 pub(crate) mod fake;
