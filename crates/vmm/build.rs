@@ -17,6 +17,7 @@ const PAYLOADS: &[&str] = &[
     "e1000ping",
     "hcalltest",
     "smptest",
+    "xivetest",
 ];
 
 fn main() {

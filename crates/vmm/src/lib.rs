@@ -101,4 +101,7 @@ pub mod payloads {
     /// Brings up every vCPU with INIT/SIPI and counts those that ran code
     /// (`cpus=N`, `after=exit|spin|reset`, `ap=halt|spin|exit|fault`).
     pub const SMPTEST: &str = env!("NESTIO_GUEST_SMPTEST");
+    /// XIVE from an x86 guest on 2 vCPUs (`--irqchip xive`): queues by hypercall, IPI
+    /// ping-pong, the e1000's INTx routed to each vCPU (`rounds=N`).
+    pub const XIVETEST: &str = env!("NESTIO_GUEST_XIVETEST");
 }
