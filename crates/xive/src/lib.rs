@@ -43,6 +43,8 @@
 pub mod control;
 pub mod eq;
 pub mod esb;
+#[cfg(feature = "harness")]
+pub mod fuzz;
 pub mod hcall;
 pub mod mem;
 pub mod migration;
