@@ -33,3 +33,50 @@ fn xive_ipis_and_e1000_interrupt_on_two_vcpus() {
     assert_eq!(xive.queue_position(0, 6), Some((1, 9)));
     assert_eq!(xive.queue_position(1, 6), Some((1, 9)));
 }
+
+fn bench_run(chip: IrqChipKind, n: u32) -> (u64, u64) {
+    let (console, buf) = common::console();
+    let mut cfg = VmConfig::new(payloads::XIVETEST);
+    cfg.console = console;
+    cfg.irqchip = chip;
+    let name = if chip == IrqChipKind::Xive {
+        "xive"
+    } else {
+        "x86"
+    };
+    cfg.cmdline = format!("bench={n} chip={name}");
+    cfg.devices.push(common::local_e1000());
+    let report = Vm::new(cfg).unwrap().run().unwrap();
+    let out = common::text(&buf);
+    assert_eq!(report.outcome, StopReason::GuestExit(0), "console: {out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("bench: chip={name} ")))
+        .unwrap_or_else(|| panic!("no bench line: {out}"));
+    let field = |k: &str| -> u64 {
+        line.split(' ')
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {line}"))
+    };
+    (field("median_cycles="), field("min_cycles="))
+}
+
+/// Benchmark (runs in the normal suite; numbers with `--nocapture`): device eventfd ->
+/// guest interrupt handler latency, through the XIVE (epoll thread -> model -> LAPIC
+/// MSI) and through KVM's in-kernel IOAPIC (irqfd), in one run.
+#[test]
+fn bench_eventfd_to_guest_interrupt_xive_vs_x86() {
+    if !common::kvm_or_skip("bench_eventfd_to_guest_interrupt_xive_vs_x86") {
+        return;
+    }
+    let n = 200;
+    let (x86_med, x86_min) = bench_run(IrqChipKind::X86, n);
+    let (xive_med, xive_min) = bench_run(IrqChipKind::Xive, n);
+    eprintln!(
+        "eventfd -> guest interrupt, TSC cycles over {n} interrupts: x86 irqfd median \
+         {x86_med} min {x86_min}; XIVE median {xive_med} min {xive_min}; XIVE/x86 median {:.2}",
+        xive_med as f64 / x86_med as f64
+    );
+    assert!(x86_med > 0 && xive_med > 0);
+}

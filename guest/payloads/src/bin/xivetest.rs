@@ -22,6 +22,12 @@
 //!
 //! Prints `xive: ipi rounds N ok`, `xive: e1000 irq on cpu K` and
 //! `xive: done cpu0=A cpu1=B`; exits 0 when all checks passed, else the step number.
+//!
+//! `bench=N` (one vCPU is enough) measures instead the device-interrupt latency: N
+//! times, write the e1000's ICS and halt until the handler has run, timing with the
+//! TSC from the ICS write to the handler's entry; `chip=x86` takes the interrupt
+//! through KVM's IOAPIC (the INTx pin in the interrupt-line register, vector 0x31)
+//! instead of the XIVE. Prints `bench: chip=C n=N median_cycles=A min_cycles=M` (N at most 1000).
 #![no_std]
 #![no_main]
 
@@ -72,6 +78,9 @@ static BAD_ACK: AtomicU32 = AtomicU32::new(0);
 static ARRIVED: AtomicU32 = AtomicU32::new(0);
 static BAR0: AtomicU64 = AtomicU64::new(0);
 static DEVICE_LISN: AtomicU32 = AtomicU32::new(u32::MAX);
+/// TSC at the handler's entry (bench).
+static ENTRY_TSC: AtomicU64 = AtomicU64::new(0);
+const X86_VECTOR: u8 = 0x31;
 
 core::arch::global_asm!(
     r#"
@@ -179,6 +188,12 @@ fn handle(cpu: usize, data: u32) {
 }
 
 fn on_irq(v: u8) {
+    ENTRY_TSC.store(nestio_guest::cpu::rdtsc(), Ordering::SeqCst);
+    if v == X86_VECTOR {
+        io::mmio_read32(BAR0.load(Ordering::SeqCst) + E1000_ICR);
+        DEVICE[0].fetch_add(1, Ordering::SeqCst);
+        return;
+    }
     if v != XIVE_VECTOR {
         return;
     }
@@ -261,10 +276,69 @@ fn route(lisn: u32, cpu: u64, eisn: u32) -> bool {
     r.status == 0 && g.status == 0 && g.rets[..3] == [cpu, PRIO, eisn.into()]
 }
 
+/// Most samples of the `bench=N` mode.
+const SAMPLES: usize = 1000;
+
+/// The `bench=N` mode (see the module documentation).
+fn bench(n: u32, x86: bool) -> u32 {
+    let Some(dev) = pci::find(0x8086, 0x100e) else {
+        return 20;
+    };
+    pci::enable(dev);
+    BAR0.store(pci::bar_address(dev, 0), Ordering::SeqCst);
+    let bar = BAR0.load(Ordering::SeqCst);
+    io::mmio_write32(bar + E1000_IMC, u32::MAX);
+    io::mmio_read32(bar + E1000_ICR);
+    let line = pci::read32(dev, 0x3c) & 0xff;
+    DEVICE_LISN.store(line, Ordering::SeqCst);
+    if x86 {
+        interrupts::ioapic_route(line as u8, X86_VECTOR);
+    } else {
+        // SAFETY: only the address of the static queue is taken.
+        let q = unsafe { addr_of_mut!(QUEUES[0]) } as u64;
+        if hcall(H_INT_SET_QUEUE_CONFIG, &[EQ_ALWAYS_NOTIFY, 0, PRIO, q, 12]).status != 0
+            || !route(line, 0, DEVICE_EISN + line)
+            || esb_load(line, 0xc00) != 1
+        {
+            return 21;
+        }
+        set_cppr(0, 0xff);
+    }
+    io::mmio_write32(bar + E1000_IMS, 1);
+    interrupts::enable();
+    let n = n.min(SAMPLES as u32);
+    let mut samples = [0u64; SAMPLES];
+    for i in 1..=n {
+        interrupts::disable();
+        let t0 = nestio_guest::cpu::rdtsc();
+        io::mmio_write32(bar + E1000_ICS, 1);
+        // Halt until the interrupt (sti; hlt has no window: the interrupt shadow of
+        // sti covers the hlt), so the vCPU does not compete with the delivery thread.
+        while DEVICE[0].load(Ordering::SeqCst) < i {
+            io::wait_for_interrupt();
+            interrupts::disable();
+        }
+        samples[i as usize - 1] = ENTRY_TSC.load(Ordering::SeqCst).wrapping_sub(t0);
+    }
+    let s = &mut samples[..n as usize];
+    s.sort_unstable();
+    println!(
+        "bench: chip={} n={} median_cycles={} min_cycles={}",
+        if x86 { "x86" } else { "xive" },
+        Dec(n.into()),
+        Dec(s[s.len() / 2]),
+        Dec(s[0])
+    );
+    0
+}
+
 fn main(_ram: u64) -> u32 {
     interrupts::init_idt();
     interrupts::set_irq_handler(on_irq);
     interrupts::init_lapic();
+    if let Some(n) = cmdline_value("bench").and_then(|v| v.parse::<u32>().ok()) {
+        return bench(n.max(1), cmdline_value("chip") == Some("x86"));
+    }
     if !start_ap() {
         println!("xive: the second vCPU did not start");
         return 1;
