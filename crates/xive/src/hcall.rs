@@ -124,6 +124,18 @@ impl HcallOutcome {
     }
 }
 
+/// How many return registers (`r4..`) a successful call writes (PAPR; the others keep
+/// whatever they held, as on QEMU).
+pub fn ret_count(opcode: u64) -> usize {
+    match opcode {
+        op::H_INT_GET_SOURCE_INFO | op::H_INT_GET_QUEUE_CONFIG => 4,
+        op::H_INT_GET_SOURCE_CONFIG => 3,
+        op::H_INT_GET_QUEUE_INFO => 2,
+        op::H_INT_ESB | op::H_INT_GET_OS_REPORTING_LINE => 1,
+        _ => 0,
+    }
+}
+
 /// Every `H_INT_*` opcode.
 pub const ALL: [u64; 11] = [
     op::H_INT_GET_SOURCE_INFO,

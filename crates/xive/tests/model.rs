@@ -387,7 +387,7 @@ fn hcall_return_codes() {
     );
     assert_eq!(
         r.h(0, op::H_INT_GET_QUEUE_INFO, &[0, 1, 6]),
-        (rc::H_SUCCESS, [0x6030000000000 + (14 << 17), 0, 0, 0])
+        (rc::H_SUCCESS, [0x6010040000000 + (14 << 17), 0, 0, 0])
     );
     assert_eq!(
         r.h(0, op::H_INT_GET_QUEUE_CONFIG, &[0, 0, 6]),
