@@ -4,7 +4,8 @@
 //! # How an interrupt travels
 //!
 //! 1. A device signals its eventfd (INTx, MSI, a platform line). The chip's delivery
-//!    thread waits on every attached eventfd in one epoll set; a readable one is read
+//!    thread waits on every attached eventfd with `poll` (in the VMM's seccomp
+//!    allowlist, unlike epoll); a readable one is read
 //!    (the count is consumed) and its source is **triggered directly in the model**:
 //!    no message, no other process — the same path for an in-process device and a
 //!    vfio-user device whose process writes the eventfd (at any nesting depth the
@@ -55,7 +56,6 @@ use nestio_xive::router::Layout;
 use nestio_xive::{GuestMemory, MemError, Notify, Xive, XiveConfig};
 use parking_lot::Mutex;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -190,17 +190,18 @@ struct ChipState {
     next: u32,
     attachments: BTreeMap<u64, Attachment>,
     next_token: u64,
+    /// Detached eventfds the delivery thread may still be polling: closed by it once
+    /// it rebuilt its poll set (so a number it polls is never closed and reused).
+    retired: Vec<EventFd>,
 }
-
-const STOP_TOKEN: u64 = u64::MAX;
 
 /// The XIVE interrupt controller of an x86 VM (see the module documentation).
 pub struct XiveIrqChip {
     xive: Arc<Xive>,
     signals: Arc<Signals>,
     state: Mutex<ChipState>,
-    epoll: Arc<Epoll>,
-    stop: EventFd,
+    /// Wakes the delivery thread: the attachments changed, or the chip is going.
+    wake: EventFd,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     cpus: u32,
 }
@@ -258,30 +259,21 @@ impl XiveIrqChip {
             xive.set_source(u64::from(i), 0).map_err(ctl)?;
             st.kinds.insert(i, SourceKind::Msi);
         }
-        let os = |e: std::io::Error| invalid(format!("epoll/eventfd for XIVE delivery: {e}"));
-        let epoll = Arc::new(Epoll::new().map_err(os)?);
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(os)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                stop.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, STOP_TOKEN),
-            )
-            .map_err(os)?;
+        let os = |e: std::io::Error| invalid(format!("eventfd/thread for XIVE delivery: {e}"));
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(os)?;
+        let wake_fd = wake.as_raw_fd();
         let chip = Arc::new(XiveIrqChip {
             xive,
             signals,
             state: Mutex::new(st),
-            epoll,
-            stop,
+            wake,
             thread: Mutex::new(None),
             cpus,
         });
         let weak = Arc::downgrade(&chip);
-        let epoll = chip.epoll.clone();
         let t = std::thread::Builder::new()
             .name("xive-delivery".into())
-            .spawn(move || delivery_loop(&epoll, &weak))
+            .spawn(move || delivery_loop(wake_fd, &weak))
             .map_err(os)?;
         *chip.thread.lock() = Some(t);
         Ok(chip)
@@ -333,30 +325,61 @@ impl XiveIrqChip {
     }
 }
 
-fn delivery_loop(epoll: &Epoll, chip: &std::sync::Weak<XiveIrqChip>) {
-    let mut events = vec![EpollEvent::default(); 32];
+/// The delivery thread: `poll` on the wake eventfd and every attached eventfd; the set
+/// is rebuilt after each wake-up. `wake_fd` stays open as long as the chip (whose Drop
+/// joins this thread before its fields close).
+fn delivery_loop(wake_fd: i32, chip: &std::sync::Weak<XiveIrqChip>) {
+    let mut fds: Vec<libc::pollfd> = Vec::new();
+    let mut tokens: Vec<u64> = Vec::new();
     loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::error!(error = %e, "xive: epoll_wait failed, delivery stops");
-                return;
+        {
+            let Some(c) = chip.upgrade() else { return };
+            let mut st = c.state.lock();
+            st.retired.clear();
+            fds.clear();
+            tokens.clear();
+            fds.push(libc::pollfd {
+                fd: wake_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            for (&t, a) in &st.attachments {
+                fds.push(libc::pollfd {
+                    fd: a.fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                tokens.push(t);
             }
-        };
-        let Some(chip) = chip.upgrade() else { return };
-        for ev in &events[..n] {
-            if ev.data() == STOP_TOKEN {
-                return;
+        }
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd entries; every fd in it
+        // stays open until this thread rebuilds the set (detached ones are retired, not
+        // closed, and the wake eventfd lives as long as the chip, which joins us).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
             }
-            chip.deliver(ev.data());
+            tracing::error!(error = %e, "xive: poll failed, delivery stops");
+            return;
+        }
+        let Some(c) = chip.upgrade() else { return };
+        if fds[0].revents != 0 {
+            // A change or the end: drain the counter and rebuild (or notice the end).
+            let _ = c.wake.read();
+        }
+        for (pfd, &t) in fds[1..].iter().zip(&tokens) {
+            if pfd.revents != 0 {
+                c.deliver(t);
+            }
         }
     }
 }
 
 impl Drop for XiveIrqChip {
     fn drop(&mut self) {
-        let _ = self.stop.write(1);
+        let _ = self.wake.write(1);
         if let Some(t) = self.thread.lock().take() {
             if t.thread().id() != std::thread::current().id() {
                 let _ = t.join();
@@ -446,13 +469,6 @@ impl IrqChip for XiveIrqChip {
         }
         let token = st.next_token;
         st.next_token += 1;
-        self.epoll
-            .ctl(
-                ControlOperation::Add,
-                fd.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token),
-            )
-            .map_err(os)?;
         st.attachments.insert(
             token,
             Attachment {
@@ -461,6 +477,8 @@ impl IrqChip for XiveIrqChip {
                 fd,
             },
         );
+        drop(st);
+        let _ = self.wake.write(1);
         Ok(())
     }
 
@@ -471,15 +489,13 @@ impl IrqChip for XiveIrqChip {
             return Err(IrqChipError::UnknownSource(lisn));
         };
         if let Some(a) = st.attachments.remove(&token) {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                a.fd.as_raw_fd(),
-                EpollEvent::default(),
-            );
+            st.retired.push(a.fd);
         }
         if !st.attachments.values().any(|a| a.lisn == lisn) {
             self.signals.resample.lock().remove(&lisn);
         }
+        drop(st);
+        let _ = self.wake.write(1);
         Ok(())
     }
 
