@@ -5,7 +5,17 @@
 
 mod common;
 
+use common::child::DeviceProcess;
 use nestio_vmm::irqchip::IrqChipKind;
+use nestio_vmm::DeviceConfig;
+
+/// Helper, not a test: serves a device when this binary runs as a device process
+/// (started by `DeviceProcess` with `--ignored --exact child_device_server`).
+#[test]
+#[ignore = "device-process entry point, run only by DeviceProcess"]
+fn child_device_server() {
+    common::child::child_main();
+}
 use nestio_vmm::{payloads, StopReason, Vm, VmConfig};
 
 #[test]
@@ -13,13 +23,31 @@ fn xive_ipis_and_e1000_interrupt_on_two_vcpus() {
     if !common::kvm_or_skip("xive_ipis_and_e1000_interrupt_on_two_vcpus") {
         return;
     }
+    two_vcpus(common::local_e1000());
+}
+
+/// The same with the e1000 in another process over vfio-user: its INTx eventfd is
+/// written by the device process and read by the XIVE delivery thread, which triggers
+/// the source — no other hop.
+#[test]
+fn xive_routes_a_vfio_user_e1000_interrupt() {
+    if !common::kvm_or_skip("xive_routes_a_vfio_user_e1000_interrupt") {
+        return;
+    }
+    let p = DeviceProcess::start("e1000");
+    two_vcpus(DeviceConfig::VfioUser {
+        socket: p.socket.clone(),
+    });
+}
+
+fn two_vcpus(dev: DeviceConfig) {
     let (console, buf) = common::console();
     let mut cfg = VmConfig::new(payloads::XIVETEST);
     cfg.console = console;
     cfg.cpus = 2;
     cfg.irqchip = IrqChipKind::Xive;
     cfg.cmdline = "rounds=8".into();
-    cfg.devices.push(common::local_e1000());
+    cfg.devices.push(dev);
     let mut vm = Vm::new(cfg).expect("build VM");
     let xive = vm.xive().expect("XIVE chip").model().clone();
     let report = vm.run().expect("run VM");

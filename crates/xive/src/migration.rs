@@ -1,5 +1,9 @@
 //! Save and restore of the whole controller, in the seed's order (FACTS §4).
 //!
+//! The guest must be stopped (vCPUs paused: no hcall, ESB or TIMA access) from `save`
+//! until `resume` or `restore`, as KVM's device is saved only with the VM stopped;
+//! devices may keep triggering meanwhile.
+//!
 //! **Save** ([`Xive::save`], one critical section, so no event interleaves):
 //! 1. stop the sources: each source that is not OFF is set to PENDING (its old PQ
 //!    kept), so an event that arrives from now on only sets Q and is not lost — the
