@@ -158,3 +158,24 @@ fn xive_save_resume_mid_traffic_loses_no_interrupt() {
     );
     assert!(saves > 0, "no save happened while the guest ran");
 }
+
+/// The e1000ping guest driver with its interrupts through the XIVE (`irq=xive`): ARP and
+/// an ICMP echo to the user network's gateway, every RX interrupt acknowledged through
+/// the TIMA, its queue drained and EOId through the ESB.
+#[test]
+fn e1000_ping_through_xive() {
+    if !common::kvm_or_skip("e1000_ping_through_xive") {
+        return;
+    }
+    let (console, buf) = common::console();
+    let mut cfg = VmConfig::new(payloads::E1000PING);
+    cfg.console = console;
+    cfg.irqchip = IrqChipKind::Xive;
+    cfg.cmdline = "irq=xive".into();
+    cfg.devices.push(common::local_e1000());
+    let report = Vm::new(cfg).unwrap().run().unwrap();
+    let out = common::text(&buf);
+    assert_eq!(report.outcome, StopReason::GuestExit(0), "console: {out}");
+    assert!(out.contains("interrupts: XIVE source"), "{out}");
+    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+}
