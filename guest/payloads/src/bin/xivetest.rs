@@ -356,7 +356,10 @@ fn main(_ram: u64) -> u32 {
     for cpu in 0..2u64 {
         // SAFETY: only the address of the static queue is taken.
         let q = unsafe { addr_of_mut!(QUEUES[cpu as usize]) } as u64;
-        let r = hcall(H_INT_SET_QUEUE_CONFIG, &[EQ_ALWAYS_NOTIFY, cpu, PRIO, q, 12]);
+        let r = hcall(
+            H_INT_SET_QUEUE_CONFIG,
+            &[EQ_ALWAYS_NOTIFY, cpu, PRIO, q, 12],
+        );
         let g = hcall(H_INT_GET_QUEUE_CONFIG, &[0, cpu, PRIO]);
         if r.status != 0 || g.status != 0 || g.rets[..3] != [EQ_ALWAYS_NOTIFY, q, 12] {
             println!("xive: queue of cpu {} refused ({})", Dec(cpu), r.status);
@@ -404,7 +407,11 @@ fn main(_ram: u64) -> u32 {
                 println!("xive: e1000 irq never reached cpu {}", Dec(cpu as u64));
                 return 7;
             }
-            println!("xive: e1000 irq on cpu {} (source {})", Dec(cpu as u64), Dec(lisn.into()));
+            println!(
+                "xive: e1000 irq on cpu {} (source {})",
+                Dec(cpu as u64),
+                Dec(lisn.into())
+            );
         }
     }
     let (c0, c1) = (
