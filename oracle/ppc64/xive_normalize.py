@@ -3,9 +3,9 @@
 nestio's replay needs, one per line, in log order: `EVENT key=value ...`.
 
 Kept: source claims, device level changes, every H_INT_* hcall with its arguments,
-ESB loads/stores and TIMA loads/stores with their values. Dropped: QEMU-internal
-notifications (router/presenter/accept/notify/cppr traces), which the replay
-recomputes. A `pid@time:` prefix (QEMU's -msg timestamp=on) is removed.
+ESB loads/stores and TIMA loads/stores with their values, and the accept/set_cppr
+traces that name the vCPU of a TIMA access. Dropped: the router's and presenter's
+internal notifications, which the replay recomputes. A `pid@time:` prefix (QEMU's -msg timestamp=on) is removed.
 Usage: xive_normalize.py LOG > TRACE
 """
 import re
@@ -20,6 +20,10 @@ KEEP = {
     "spapr_xive_esb", "spapr_xive_sync", "spapr_xive_reset",
     "xive_source_esb_read", "xive_source_esb_write",
     "xive_tctx_tm_read", "xive_tctx_tm_write",
+    # QEMU 7.2's TIMA access traces do not name the vCPU; these two do (target=N),
+    # next to the access they belong to (accept before the acknowledge load's trace,
+    # set_cppr after the CPPR store's trace).
+    "xive_tctx_accept", "xive_tctx_set_cppr",
 }
 prefix = re.compile(r"^\d+@[\d.]+:")
 
