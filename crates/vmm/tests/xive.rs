@@ -112,8 +112,8 @@ fn bench_eventfd_to_guest_interrupt_xive_vs_x86() {
 /// Save/restore mid-traffic: while the guest plays IPI ping-pong between its two vCPUs,
 /// the host repeatedly pauses the vCPUs, saves the XIVE (sources stopped, EQ pages
 /// marked dirty, state captured) and resumes it; no IPI may be lost (the payload fails
-/// a round whose answer never comes). (The dirty log of EQ_SYNC is checked on the
-/// model: `crates/xive/tests/model.rs`.)
+/// a round whose answer never comes), and every save finds each configured event
+/// queue's pages in the chip's dirty log (EQ_SYNC).
 #[test]
 fn xive_save_resume_mid_traffic_loses_no_interrupt() {
     if !common::kvm_or_skip("xive_save_resume_mid_traffic_loses_no_interrupt") {
@@ -133,6 +133,7 @@ fn xive_save_resume_mid_traffic_loses_no_interrupt() {
     let saver = std::thread::spawn(move || {
         let mut saves = 0u32;
         let mut queued = 0usize;
+        let mut dirty_checked = 0usize;
         while !d.load(std::sync::atomic::Ordering::SeqCst) {
             std::thread::sleep(std::time::Duration::from_millis(2));
             if handle.pause(std::time::Duration::from_secs(30)).is_err() {
@@ -140,23 +141,31 @@ fn xive_save_resume_mid_traffic_loses_no_interrupt() {
             }
             let snap = chip.model().save();
             queued += snap.sources.iter().filter(|s| s.requeue).count();
+            // EQ_SYNC marked both vCPUs' queue pages dirty.
+            let dirty = chip.take_dirty();
+            for q in &snap.queues {
+                assert!(dirty.contains(&(q.qaddr, 1 << q.qshift)), "{dirty:?} {q:?}");
+            }
+            dirty_checked += snap.queues.len();
             std::thread::sleep(std::time::Duration::from_millis(1));
             chip.model().resume().expect("resume");
             handle.resume();
             saves += 1;
         }
-        (saves, queued)
+        (saves, queued, dirty_checked)
     });
     let report = vm.run().expect("run VM");
     done.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (saves, queued) = saver.join().unwrap();
+    let (saves, queued, dirty_checked) = saver.join().unwrap();
     let out = common::text(&buf);
     assert_eq!(report.outcome, StopReason::GuestExit(0), "console: {out}");
     assert!(out.contains("xive: ipi rounds 300 ok"), "{out}");
     eprintln!(
-        "{saves} save/resume cycles during 300 IPI rounds, {queued} events caught while stopped"
+        "{saves} save/resume cycles during 300 IPI rounds, {queued} events caught while \
+         stopped, {dirty_checked} queue pages found in the dirty log"
     );
     assert!(saves > 0, "no save happened while the guest ran");
+    assert!(dirty_checked > 0, "no configured queue was ever saved");
 }
 
 /// The e1000ping guest driver with its interrupts through the XIVE (`irq=xive`): ARP and

@@ -198,6 +198,8 @@ struct ChipState {
 /// The XIVE interrupt controller of an x86 VM (see the module documentation).
 pub struct XiveIrqChip {
     xive: Arc<Xive>,
+    /// Guest RAM with the EQ_SYNC dirty log, when the chip owns one.
+    ram: Option<Arc<VmXiveMemory>>,
     signals: Arc<Signals>,
     state: Mutex<ChipState>,
     /// Wakes the delivery thread: the attachments changed, or the chip is going.
@@ -223,13 +225,28 @@ fn invalid(reason: impl Into<String>) -> IrqChipError {
 
 impl XiveIrqChip {
     /// A XIVE for a KVM VM with `cpus` vCPUs over guest RAM `mem`: notifications are
-    /// LAPIC interrupts.
+    /// LAPIC interrupts; [`XiveIrqChip::take_dirty`] reads the EQ_SYNC dirty log.
     pub fn new(
         vm: Arc<VmFd>,
-        mem: Arc<dyn GuestMemory>,
+        mem: Arc<VmXiveMemory>,
         cpus: u32,
     ) -> Result<Arc<Self>, IrqChipError> {
-        Self::with_injector(mem, cpus, Box::new(move |s| lapic_inject(&vm, s)))
+        let chip = Self::build(
+            mem.clone(),
+            cpus,
+            Box::new(move |s| lapic_inject(&vm, s)),
+            Some(mem),
+        )?;
+        Ok(chip)
+    }
+
+    /// The guest-RAM ranges EQ_SYNC (and so [`Xive::save`]) marked dirty since the
+    /// last call: the event-queue pages a migration must send again.
+    pub fn take_dirty(&self) -> Vec<(u64, u64)> {
+        self.ram
+            .as_ref()
+            .map(|m| m.take_dirty())
+            .unwrap_or_default()
     }
 
     /// A XIVE whose notifications call `inject(server)` (tests, benchmarks).
@@ -237,6 +254,15 @@ impl XiveIrqChip {
         mem: Arc<dyn GuestMemory>,
         cpus: u32,
         inject: Box<dyn Fn(u32) + Send + Sync>,
+    ) -> Result<Arc<Self>, IrqChipError> {
+        Self::build(mem, cpus, inject, None)
+    }
+
+    fn build(
+        mem: Arc<dyn GuestMemory>,
+        cpus: u32,
+        inject: Box<dyn Fn(u32) + Send + Sync>,
+        ram: Option<Arc<VmXiveMemory>>,
     ) -> Result<Arc<Self>, IrqChipError> {
         if cpus == 0 || cpus > MAX_SERVERS {
             return Err(invalid(format!("{cpus} vCPUs (1..={MAX_SERVERS})")));
@@ -264,6 +290,7 @@ impl XiveIrqChip {
         let wake_fd = wake.as_raw_fd();
         let chip = Arc::new(XiveIrqChip {
             xive,
+            ram,
             signals,
             state: Mutex::new(st),
             wake,
