@@ -91,7 +91,7 @@ fn bench_run(chip: IrqChipKind, n: u32) -> (u64, u64) {
 }
 
 /// Benchmark (runs in the normal suite; numbers with `--nocapture`): device eventfd ->
-/// guest interrupt handler latency, through the XIVE (epoll thread -> model -> LAPIC
+/// guest interrupt handler latency, through the XIVE (poll thread -> model -> LAPIC
 /// MSI) and through KVM's in-kernel IOAPIC (irqfd), in one run.
 #[test]
 fn bench_eventfd_to_guest_interrupt_xive_vs_x86() {
