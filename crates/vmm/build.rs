@@ -18,6 +18,7 @@ const PAYLOADS: &[&str] = &[
     "hcalltest",
     "smptest",
     "fslmctest",
+    "xivetest",
 ];
 
 fn main() {

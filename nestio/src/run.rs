@@ -75,6 +75,11 @@ pub struct RunArgs {
     /// when given `--cmdline cpus=N`.
     #[arg(long, default_value = "1", value_parser = parse_cpus)]
     cpus: u8,
+    /// Interrupt controller: `x86` (KVM's IOAPIC/PIC/LAPIC) or `xive` (the XIVE model:
+    /// H_INT_* hypercalls, ESB/TIMA MMIO, notifications as vector 0x3E; see the
+    /// `xivetest` payload).
+    #[arg(long, default_value = "x86", value_parser = parse_irqchip)]
+    irqchip: nestio_vmm::irqchip::IrqChipKind,
     /// Command line passed to the payload, or the kernel command line (default for
     /// --kernel: "console=ttyS0 reboot=k noapic noxsave clearcpuid=smap,popcnt
     /// nestio.mode=ping").
@@ -150,6 +155,16 @@ impl ConsoleInputArg {
 
 fn parse_memory(s: &str) -> Result<u64, String> {
     nestio_vmm::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_irqchip(s: &str) -> Result<nestio_vmm::irqchip::IrqChipKind, String> {
+    match s {
+        "x86" => Ok(nestio_vmm::irqchip::IrqChipKind::X86),
+        "xive" => Ok(nestio_vmm::irqchip::IrqChipKind::Xive),
+        _ => Err(format!(
+            "unknown interrupt controller {s:?}: use x86 or xive"
+        )),
+    }
 }
 
 fn parse_cpus(s: &str) -> Result<u8, String> {
@@ -595,6 +610,7 @@ pub fn config(args: RunArgs) -> Result<VmConfig, String> {
         cfg.acpi = acpi;
     }
     cfg.cpus = args.cpus;
+    cfg.irqchip = args.irqchip;
     cfg.handle_sigint = true;
     cfg.console_input = args.console_input.resolve();
     cfg.devices = args.devices;

@@ -73,3 +73,8 @@ fn corpus_hypercall() {
 fn corpus_fsl_mc() {
     replay("fsl_mc", nestio_emulated::fsl_mc::fuzz_fsl_mc);
 }
+
+#[test]
+fn corpus_xive() {
+    replay("xive", nestio_xive::fuzz::fuzz_xive);
+}

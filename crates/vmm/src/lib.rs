@@ -104,4 +104,7 @@ pub mod payloads {
     /// Drives an FSL-MC DPRC container through its portals (`{fsl-mc}` on the command
     /// line): scan, open every object, commands, bad statuses, an interrupt, reset.
     pub const FSLMCTEST: &str = env!("NESTIO_GUEST_FSLMCTEST");
+    /// XIVE from an x86 guest on 2 vCPUs (`--irqchip xive`): queues by hypercall, IPI
+    /// ping-pong, the e1000's INTx routed to each vCPU (`rounds=N`).
+    pub const XIVETEST: &str = env!("NESTIO_GUEST_XIVETEST");
 }

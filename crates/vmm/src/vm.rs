@@ -225,6 +225,8 @@ pub struct VmConfig {
     /// Linux only: also describe the machine with ACPI tables (`--acpi on|off`; see
     /// [`crate::acpi`]); a guest power-off through ACPI S5 then ends the VM with status 0.
     pub acpi: bool,
+    /// The interrupt controller (`--irqchip x86|xive`; x86 by default).
+    pub irqchip: crate::irqchip::IrqChipKind,
 }
 
 /// KVM memory slot of the second and later [`crate::memory::RamPart`]s (the PCI slot
@@ -258,6 +260,7 @@ impl VmConfig {
             cmdline: String::new(),
             ram_file: None,
             ram_window: None,
+            irqchip: crate::irqchip::IrqChipKind::default(),
             thread_hooks: ThreadHooks::default(),
             acpi: false,
         }
@@ -436,6 +439,7 @@ pub struct Vm {
     console_input: ConsoleInput,
     ram: GuestRam,
     thread_hooks: ThreadHooks,
+    xive: Option<Arc<crate::irqchip::xive::XiveIrqChip>>,
 }
 
 /// Port range of the PCI configuration mechanism #1.
@@ -566,7 +570,23 @@ impl Vm {
         } else {
             IntxRouting::Ioapic
         };
-        let irqchip: Arc<dyn IrqChip> = Arc::new(KvmIrqChip::new(vm.clone(), intx)?);
+        let xive = match cfg.irqchip {
+            crate::irqchip::IrqChipKind::Xive => {
+                let mem = crate::irqchip::xive::VmXiveMemory::new(ram.memory().clone());
+                let x = crate::irqchip::xive::XiveIrqChip::new(
+                    vm.clone(),
+                    Arc::new(mem),
+                    u32::from(cfg.cpus),
+                )?;
+                x.attach_mmio(&mmio)?;
+                Some(x)
+            }
+            crate::irqchip::IrqChipKind::X86 => None,
+        };
+        let irqchip: Arc<dyn IrqChip> = match &xive {
+            Some(x) => x.clone(),
+            None => Arc::new(KvmIrqChip::new(vm.clone(), intx)?),
+        };
 
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Kvm {
             what: "eventfd for the serial IRQ",
@@ -689,6 +709,14 @@ impl Vm {
 
         let mut hypercalls = cfg.hypercalls.clone();
         crate::hypercall::console::register_default(&mut hypercalls, serial.clone());
+        if let Some(x) = &xive {
+            crate::hypercall::xive::register(&mut hypercalls, x.model().clone()).map_err(|e| {
+                IrqChipError::Invalid {
+                    chip: "xive",
+                    reason: e.to_string(),
+                }
+            })?;
+        }
         let run_size = kvm
             .get_vcpu_mmap_size()
             .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
@@ -727,7 +755,13 @@ impl Vm {
             serial,
             console_input: cfg.console_input,
             thread_hooks: cfg.thread_hooks,
+            xive,
         })
+    }
+
+    /// The XIVE interrupt controller, when [`VmConfig::irqchip`] chose it.
+    pub fn xive(&self) -> Option<&Arc<crate::irqchip::xive::XiveIrqChip>> {
+        self.xive.as_ref()
     }
 
     /// A handle to stop the VM from another thread.

@@ -42,6 +42,7 @@
 //! code testable without `/dev/kvm`.
 
 pub mod x86;
+pub mod xive;
 
 #[cfg(test)]
 pub(crate) mod fake;
@@ -49,6 +50,18 @@ pub(crate) mod fake;
 use nestio_device_model::pci::MsiMessage;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
+
+/// Which interrupt controller a VM gets ([`crate::VmConfig::irqchip`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IrqChipKind {
+    /// KVM's in-kernel IOAPIC/PIC/LAPIC with GSI routes ([`x86::KvmIrqChip`]).
+    #[default]
+    X86,
+    /// The XIVE model ([`xive::XiveIrqChip`]): sources, event queues in guest RAM, a
+    /// TIMA per vCPU, the `H_INT_*` hypercalls; notifications arrive as
+    /// [`xive::XIVE_VECTOR`].
+    Xive,
+}
 
 /// What a bus asks the interrupt controller for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

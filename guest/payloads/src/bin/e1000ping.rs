@@ -1,7 +1,11 @@
 //! A guest e1000 (82540EM) driver that pings the gateway: reset, MAC from the EEPROM,
 //! RX/TX rings in guest RAM (the device DMAs into them), interrupts taken through the
-//! IDT/APIC — INTx via the IOAPIC pin in the interrupt-line register (default) or MSI
-//! (`irq=msi`) — then ARP for 10.0.2.2 and an ICMP echo request; exit 0 on the reply.
+//! IDT/APIC — INTx via the IOAPIC pin in the interrupt-line register (default), MSI
+//! (`irq=msi`), or through the XIVE (`irq=xive`, VM with `--irqchip xive`: the
+//! interrupt-line register holds the XIVE source, routed by hypercall to vCPU 0's
+//! priority-6 event queue; each notification, vector 0x3E, is acknowledged through the
+//! TIMA, the queue drained and the source EOId through its ESB page) — then ARP for
+//! 10.0.2.2 and an ICMP echo request; exit 0 on the reply.
 //!
 //! `dma=outside` (isolation check, opt-in): after the echo reply, point the next RX
 //! descriptor's buffer, then a TX descriptor's buffer, at `RAM size + 1 MiB` — a
@@ -75,7 +79,77 @@ fn reg(off: u64) -> u64 {
     unsafe { BAR0 + off }
 }
 
+/// The XIVE mode (`irq=xive`): layout of `nestio_vmm::irqchip::xive` for vCPU 0.
+mod xive {
+    use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+    use core::sync::atomic::{AtomicU32, Ordering};
+
+    pub const VECTOR: u8 = 0x3e;
+    const ESB_BASE: u64 = 0xef00_0000;
+    const TIMA_OS: u64 = 0xefc0_0000 + 0x2000;
+
+    #[repr(C, align(4096))]
+    struct Queue([u32; 1024]);
+    static mut QUEUE: Queue = Queue([0; 1024]);
+    static TOGGLE: AtomicU32 = AtomicU32::new(0);
+    static INDEX: AtomicU32 = AtomicU32::new(0);
+    pub static SOURCE: AtomicU32 = AtomicU32::new(u32::MAX);
+
+    fn eoi(lisn: u32) {
+        nestio_guest::io::mmio_read64(ESB_BASE + u64::from(lisn) * 0x2000 + 0x1000);
+    }
+
+    /// Queue at priority 6 for vCPU 0, `lisn` routed there with EISN = `lisn`, PQ=00.
+    pub fn setup(lisn: u32) -> bool {
+        use nestio_guest::hcall::hcall;
+        SOURCE.store(lisn, Ordering::SeqCst);
+        // SAFETY: only the address of the static queue is taken.
+        let q = unsafe { addr_of_mut!(QUEUE) } as u64;
+        let ok = hcall(0x3B8, &[1, 0, 6, q, 12]).status == 0
+            && hcall(0x3AC, &[2, lisn.into(), 0, 6, lisn.into()]).status == 0;
+        // PQ=00 (a load at 0xC00 of the management page).
+        let old = nestio_guest::io::mmio_read64(ESB_BASE + u64::from(lisn) * 0x2000 + 0x1C00);
+        // SAFETY: 1-byte store of CPPR 0xFF to vCPU 0's TIMA OS page.
+        unsafe { write_volatile((TIMA_OS + 0x11) as *mut u8, 0xff) };
+        ok && u64::from_be(old) == 1
+    }
+
+    /// A notification: ack, drain (calling `f` for the device's events), EOI, CPPR.
+    pub fn take(f: impl Fn()) {
+        // SAFETY: the 2-byte acknowledge load of vCPU 0's TIMA OS page.
+        let ack = u16::from_be(unsafe { read_volatile((TIMA_OS + 0x810) as *const u16) });
+        if ack & 0x8000 == 0 {
+            return;
+        }
+        let (mut t, mut i) = (TOGGLE.load(Ordering::SeqCst), INDEX.load(Ordering::SeqCst));
+        loop {
+            // SAFETY: entry i (< 1024) of the queue the VMM writes: read once, volatile.
+            let e = u32::from_be(unsafe { read_volatile(addr_of!(QUEUE.0[i as usize & 1023])) });
+            if e >> 31 == t {
+                break;
+            }
+            i = (i + 1) % 1024;
+            if i == 0 {
+                t ^= 1;
+            }
+            let lisn = e & 0x7fff_ffff;
+            if lisn == SOURCE.load(Ordering::SeqCst) {
+                f();
+            }
+            eoi(lisn);
+        }
+        TOGGLE.store(t, Ordering::SeqCst);
+        INDEX.store(i, Ordering::SeqCst);
+        // SAFETY: CPPR back to 0xFF on vCPU 0's TIMA OS page.
+        unsafe { write_volatile((TIMA_OS + 0x11) as *mut u8, 0xff) };
+    }
+}
+
 fn on_irq(v: u8) {
+    if v == xive::VECTOR {
+        xive::take(|| on_irq(VECTOR));
+        return;
+    }
     if v == VECTOR {
         // Reading ICR clears it and drops the INTx level before the EOI.
         let icr = mmio_read32(reg(ICR));
@@ -269,7 +343,13 @@ fn main(ram: u64) -> u32 {
     mmio_write32(reg(RCTL), (1 << 1) | (1 << 15) | (1 << 26));
     // Interrupts.
     let use_msi = cmdline_value("irq") == Some("msi");
-    if use_msi {
+    if cmdline_value("irq") == Some("xive") {
+        let line = pci::read32(dev, 0x3c) & 0xff;
+        if !xive::setup(line) {
+            return 13;
+        }
+        println!("interrupts: XIVE source {} -> cpu 0 prio 6", line);
+    } else if use_msi {
         if !pci::enable_msi(dev, VECTOR) {
             return 11;
         }

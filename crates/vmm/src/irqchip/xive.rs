@@ -1,0 +1,894 @@
+//! The XIVE as this x86 VMM's second [`IrqChip`]: the `nestio-xive` model wired to KVM
+//! vCPUs, device eventfds and the MMIO bus.
+//!
+//! # How an interrupt travels
+//!
+//! 1. A device signals its eventfd (INTx, MSI, a platform line). The chip's delivery
+//!    thread waits on every attached eventfd with `poll` (in the VMM's seccomp
+//!    allowlist, unlike epoll); a readable one is read
+//!    (the count is consumed) and its source is **triggered directly in the model**:
+//!    no message, no other process — the same path for an in-process device and a
+//!    vfio-user device whose process writes the eventfd (at any nesting depth the
+//!    eventfd passes down unchanged).
+//! 2. The model runs the PQ machine, writes the event into the guest's event queue
+//!    and updates the target server's TIMA.
+//! 3. When the server's OS ring signals (NSR), the chip injects [`XIVE_VECTOR`] into
+//!    that vCPU's local APIC (`KVM_SIGNAL_MSI`, fixed delivery, physical destination
+//!    = the vCPU's APIC ID, edge). The x86 vector stands in for POWER's external
+//!    exception.
+//! 4. The guest's handler acknowledges through its TIMA OS page (2-byte load at
+//!    `0x810`), pops its queue, EOIs the source through the ESB management page (or
+//!    `H_INT_ESB`) and restores CPPR with a 1-byte store at `0x11`.
+//!
+//! A wired line attached with a resample eventfd (PCI INTx) is an edge source in the
+//! model whose EOI signals the resample eventfd, so the VMM's INTx path unmasks the
+//! device, which signals again if its line is still up — the level semantics of
+//! KVM's resample irqfd.
+//!
+//! # Guest-physical layout (x86)
+//!
+//! | what | where |
+//! |---|---|
+//! | ESB pages (4 KiB), source `n` | trigger page [`ESB_BASE`] `+ n * 8 KiB`, management page `+ 4 KiB` |
+//! | TIMA of vCPU `i` | [`TIMA_BASE`] `+ i * 16 KiB`, four ring pages; the OS page at `+ 8 KiB` |
+//!
+//! KVM's XIVE device maps one region with the TIMA at page 0 and the ESB pages from
+//! page 4 ([`nestio_xive::router::Layout::region_page`]); on POWER the TIMA address
+//! shows the *current* thread's context. This VMM's bus does not know which vCPU made
+//! an access, so each vCPU gets its own TIMA window instead. Both windows lie at the
+//! top of the platform MMIO window (`0xef00_0000..0xf000_0000`); a platform device
+//! placed there is refused by the bus (overlap) rather than shadowed.
+//!
+//! Source numbers: IPIs `0..cpus` (IPI `i` targets whatever the guest routes it to;
+//! by convention vCPU `i`), fixed lines `32 + line`, then PCI INTx, platform lines and
+//! MSIs from 64 up, so a PCI function's source fits its interrupt-line register.
+//! MSI messages are recorded (snapshot) but do not steer delivery: the eventfd is
+//! attached to its source, which the guest routes with `H_INT_SET_SOURCE_CONFIG`.
+
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use kvm_bindings::kvm_msi;
+use kvm_ioctls::VmFd;
+use nestio_device_model::pci::MsiMessage;
+use nestio_xive::router::Layout;
+use nestio_xive::{GuestMemory, MemError, Notify, Xive, XiveConfig};
+use parking_lot::Mutex;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    IrqChip, IrqChipError, IrqChipSnapshot, IrqSource, MessageState, SourceKind, SourceRequest,
+    SourceState,
+};
+use crate::bus::{Bus, BusDevice, BusError, BusFault, BusRange};
+
+const MODEL: &str = "xive";
+
+/// The x86 vector a XIVE notification raises in the target vCPU.
+pub const XIVE_VECTOR: u8 = 0x3e;
+/// Sources of the model.
+pub const NR_IRQS: u32 = 1024;
+/// Most vCPUs (servers).
+pub const MAX_SERVERS: u32 = 32;
+/// First fixed-line source (`Line(n)` is `LINE_BASE + n`).
+pub const LINE_BASE: u32 = 32;
+/// First dynamically allocated source.
+pub const DYNAMIC_BASE: u32 = 64;
+/// ESB page size (log2).
+pub const PAGE_SHIFT: u32 = 12;
+/// Guest address of source 0's trigger page.
+pub const ESB_BASE: u64 = 0xef00_0000;
+/// Guest address of vCPU 0's TIMA (4 ring pages per vCPU).
+pub const TIMA_BASE: u64 = 0xefc0_0000;
+/// Bytes of one vCPU's TIMA window.
+pub const TIMA_STRIDE: u64 = 4 << PAGE_SHIFT;
+/// What `H_INT_GET_QUEUE_INFO` names as queue ESB pages (not backed).
+pub const END_BASE: u64 = 0xefe0_0000;
+
+/// The x86 layout.
+pub const LAYOUT: Layout = Layout {
+    esb_base: ESB_BASE,
+    end_base: END_BASE,
+    page_shift: PAGE_SHIFT,
+};
+
+/// Guest RAM for the model, with the dirty log EQ_SYNC writes.
+pub struct VmXiveMemory {
+    mem: GuestMemoryMmap,
+    dirty: Mutex<Vec<(u64, u64)>>,
+}
+
+impl VmXiveMemory {
+    /// Over `mem`.
+    pub fn new(mem: GuestMemoryMmap) -> Self {
+        VmXiveMemory {
+            mem,
+            dirty: Mutex::new(Vec::new()),
+        }
+    }
+    /// The ranges marked dirty since the last call.
+    pub fn take_dirty(&self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut *self.dirty.lock())
+    }
+}
+
+impl GuestMemory for VmXiveMemory {
+    fn contains(&self, gpa: u64, len: u64) -> bool {
+        len != 0
+            && crate::hypercall::GuestMem::new(&self.mem)
+                .check(gpa, len)
+                .is_ok()
+    }
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        // vm-memory copies with volatile accesses: no reference over guest RAM.
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|_| MemError::OutOfRange {
+                gpa,
+                len: data.len() as u64,
+            })
+    }
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| MemError::OutOfRange {
+                gpa,
+                len: buf.len() as u64,
+            })
+    }
+    fn mark_dirty(&self, gpa: u64, len: u64) {
+        self.dirty.lock().push((gpa, len));
+    }
+}
+
+/// Turns the model's signals into vCPU interrupts and resample signals.
+struct Signals {
+    inject: Box<dyn Fn(u32) + Send + Sync>,
+    resample: Mutex<BTreeMap<u32, EventFd>>,
+}
+
+impl Notify for Signals {
+    fn notify(&self, server: u32) {
+        (self.inject)(server);
+    }
+    fn eoi(&self, lisn: u32) {
+        if let Some(fd) = self.resample.lock().get(&lisn) {
+            if let Err(e) = fd.write(1) {
+                tracing::warn!(lisn, error = %e, "xive: resample eventfd write failed");
+            }
+        }
+    }
+}
+
+/// Inject [`XIVE_VECTOR`] into vCPU `server` through its local APIC.
+fn lapic_inject(vm: &VmFd, server: u32) {
+    let msi = kvm_msi {
+        address_lo: 0xfee0_0000 | ((server & 0xff) << 12),
+        address_hi: 0,
+        data: u32::from(XIVE_VECTOR),
+        ..Default::default()
+    };
+    if let Err(e) = vm.signal_msi(msi) {
+        tracing::warn!(server, error = %e, "xive: KVM_SIGNAL_MSI failed, notification lost");
+    }
+}
+
+struct Attachment {
+    lisn: u32,
+    /// The caller's fd number, to find the attachment at detach.
+    caller_fd: i32,
+    fd: EventFd,
+}
+
+#[derive(Default)]
+struct ChipState {
+    kinds: BTreeMap<u32, SourceKind>,
+    messages: BTreeMap<u32, MsiMessage>,
+    intx: BTreeMap<(u8, u8), u32>,
+    next: u32,
+    attachments: BTreeMap<u64, Attachment>,
+    next_token: u64,
+    /// Detached eventfds the delivery thread may still be polling: closed by it once
+    /// it rebuilt its poll set (so a number it polls is never closed and reused).
+    retired: Vec<EventFd>,
+}
+
+/// The XIVE interrupt controller of an x86 VM (see the module documentation).
+pub struct XiveIrqChip {
+    xive: Arc<Xive>,
+    /// Guest RAM with the EQ_SYNC dirty log, when the chip owns one.
+    ram: Option<Arc<VmXiveMemory>>,
+    signals: Arc<Signals>,
+    state: Mutex<ChipState>,
+    /// Wakes the delivery thread: the attachments changed, or the chip is going.
+    wake: EventFd,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    cpus: u32,
+}
+
+impl std::fmt::Debug for XiveIrqChip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XiveIrqChip")
+            .field("cpus", &self.cpus)
+            .finish()
+    }
+}
+
+fn invalid(reason: impl Into<String>) -> IrqChipError {
+    IrqChipError::Invalid {
+        chip: MODEL,
+        reason: reason.into(),
+    }
+}
+
+impl XiveIrqChip {
+    /// A XIVE for a KVM VM with `cpus` vCPUs over guest RAM `mem`: notifications are
+    /// LAPIC interrupts; [`XiveIrqChip::take_dirty`] reads the EQ_SYNC dirty log.
+    pub fn new(
+        vm: Arc<VmFd>,
+        mem: Arc<VmXiveMemory>,
+        cpus: u32,
+    ) -> Result<Arc<Self>, IrqChipError> {
+        let chip = Self::build(
+            mem.clone(),
+            cpus,
+            Box::new(move |s| lapic_inject(&vm, s)),
+            Some(mem),
+        )?;
+        Ok(chip)
+    }
+
+    /// The guest-RAM ranges EQ_SYNC (and so [`Xive::save`]) marked dirty since the
+    /// last call: the event-queue pages a migration must send again.
+    pub fn take_dirty(&self) -> Vec<(u64, u64)> {
+        self.ram
+            .as_ref()
+            .map(|m| m.take_dirty())
+            .unwrap_or_default()
+    }
+
+    /// A XIVE whose notifications call `inject(server)` (tests, benchmarks).
+    pub fn with_injector(
+        mem: Arc<dyn GuestMemory>,
+        cpus: u32,
+        inject: Box<dyn Fn(u32) + Send + Sync>,
+    ) -> Result<Arc<Self>, IrqChipError> {
+        Self::build(mem, cpus, inject, None)
+    }
+
+    fn build(
+        mem: Arc<dyn GuestMemory>,
+        cpus: u32,
+        inject: Box<dyn Fn(u32) + Send + Sync>,
+        ram: Option<Arc<VmXiveMemory>>,
+    ) -> Result<Arc<Self>, IrqChipError> {
+        if cpus == 0 || cpus > MAX_SERVERS {
+            return Err(invalid(format!("{cpus} vCPUs (1..={MAX_SERVERS})")));
+        }
+        let cfg = XiveConfig::new(NR_IRQS, MAX_SERVERS, LAYOUT)
+            .ok_or_else(|| invalid("bad XIVE configuration"))?;
+        let signals = Arc::new(Signals {
+            inject,
+            resample: Mutex::new(BTreeMap::new()),
+        });
+        let xive = Arc::new(Xive::new(cfg, mem, signals.clone()));
+        let ctl = |e: nestio_xive::ControlError| invalid(e.to_string());
+        xive.set_nr_servers(cpus).map_err(ctl)?;
+        let mut st = ChipState {
+            next: DYNAMIC_BASE,
+            ..Default::default()
+        };
+        for i in 0..cpus {
+            xive.connect_vcpu(i).map_err(ctl)?;
+            xive.set_source(u64::from(i), 0).map_err(ctl)?;
+            st.kinds.insert(i, SourceKind::Msi);
+        }
+        let os = |e: std::io::Error| invalid(format!("eventfd/thread for XIVE delivery: {e}"));
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(os)?;
+        let wake_fd = wake.as_raw_fd();
+        let chip = Arc::new(XiveIrqChip {
+            xive,
+            ram,
+            signals,
+            state: Mutex::new(st),
+            wake,
+            thread: Mutex::new(None),
+            cpus,
+        });
+        let weak = Arc::downgrade(&chip);
+        let t = std::thread::Builder::new()
+            .name("xive-delivery".into())
+            .spawn(move || delivery_loop(wake_fd, &weak))
+            .map_err(os)?;
+        *chip.thread.lock() = Some(t);
+        Ok(chip)
+    }
+
+    /// The model (hypercalls, migration, tests).
+    pub fn model(&self) -> &Arc<Xive> {
+        &self.xive
+    }
+
+    /// Put the ESB and TIMA windows on the MMIO bus.
+    pub fn attach_mmio(&self, mmio: &Bus) -> Result<(), BusError> {
+        let esb_len = u64::from(NR_IRQS) << (PAGE_SHIFT + 1);
+        mmio.insert(
+            BusRange::new(ESB_BASE, esb_len)?,
+            Arc::new(EsbMmio(self.xive.clone())),
+        )?;
+        mmio.insert(
+            BusRange::new(TIMA_BASE, u64::from(self.cpus) * TIMA_STRIDE)?,
+            Arc::new(TimaMmio(self.xive.clone())),
+        )?;
+        Ok(())
+    }
+
+    fn token_of(st: &ChipState, lisn: u32, fd: i32) -> Option<u64> {
+        st.attachments
+            .iter()
+            .find(|(_, a)| a.lisn == lisn && a.caller_fd == fd)
+            .map(|(&t, _)| t)
+    }
+
+    /// Read a ready eventfd and trigger its source.
+    fn deliver(&self, token: u64) {
+        let lisn = {
+            let st = self.state.lock();
+            let Some(a) = st.attachments.get(&token) else {
+                return;
+            };
+            match a.fd.read() {
+                Ok(_) => a.lisn,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!(lisn = a.lisn, error = %e, "xive: eventfd read failed");
+                    return;
+                }
+            }
+        };
+        self.xive.trigger(lisn);
+    }
+}
+
+/// The delivery thread: `poll` on the wake eventfd and every attached eventfd; the set
+/// is rebuilt after each wake-up. `wake_fd` stays open as long as the chip (whose Drop
+/// joins this thread before its fields close).
+fn delivery_loop(wake_fd: i32, chip: &std::sync::Weak<XiveIrqChip>) {
+    let mut fds: Vec<libc::pollfd> = Vec::new();
+    let mut tokens: Vec<u64> = Vec::new();
+    loop {
+        {
+            let Some(c) = chip.upgrade() else { return };
+            let mut st = c.state.lock();
+            st.retired.clear();
+            fds.clear();
+            tokens.clear();
+            fds.push(libc::pollfd {
+                fd: wake_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            for (&t, a) in &st.attachments {
+                fds.push(libc::pollfd {
+                    fd: a.fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                tokens.push(t);
+            }
+        }
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd entries; every fd in it
+        // stays open until this thread rebuilds the set (detached ones are retired, not
+        // closed, and the wake eventfd lives as long as the chip, which joins us).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::error!(error = %e, "xive: poll failed, delivery stops");
+            return;
+        }
+        let Some(c) = chip.upgrade() else { return };
+        if fds[0].revents != 0 {
+            // A change or the end: drain the counter and rebuild (or notice the end).
+            let _ = c.wake.read();
+        }
+        for (pfd, &t) in fds[1..].iter().zip(&tokens) {
+            if pfd.revents != 0 {
+                c.deliver(t);
+            }
+        }
+    }
+}
+
+impl Drop for XiveIrqChip {
+    fn drop(&mut self) {
+        let _ = self.wake.write(1);
+        if let Some(t) = self.thread.lock().take() {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl IrqChip for XiveIrqChip {
+    fn model(&self) -> &'static str {
+        MODEL
+    }
+
+    fn allocate(&self, request: SourceRequest) -> Result<IrqSource, IrqChipError> {
+        let mut st = self.state.lock();
+        let (lisn, kind) = match request {
+            SourceRequest::Line(n) if n < DYNAMIC_BASE - LINE_BASE => {
+                (LINE_BASE + n, SourceKind::Line)
+            }
+            SourceRequest::Line(n) => return Err(invalid(format!("line {n} (0..32)"))),
+            SourceRequest::PciIntx { slot, pin } if (1..=4).contains(&pin) => {
+                match st.intx.get(&(slot, pin)) {
+                    Some(&l) => (l, SourceKind::Line),
+                    None => {
+                        let l = st.next;
+                        st.intx.insert((slot, pin), l);
+                        (l, SourceKind::Line)
+                    }
+                }
+            }
+            SourceRequest::PciIntx { pin, .. } => {
+                return Err(invalid(format!("INTx pin {pin} (use 1..=4)")))
+            }
+            SourceRequest::PlatformLine => (st.next, SourceKind::Line),
+            SourceRequest::Msi => (st.next, SourceKind::Msi),
+        };
+        if lisn >= NR_IRQS {
+            return Err(IrqChipError::Exhausted {
+                chip: MODEL,
+                what: "XIVE sources",
+            });
+        }
+        if lisn == st.next {
+            st.next += 1;
+        }
+        if let std::collections::btree_map::Entry::Vacant(v) = st.kinds.entry(lisn) {
+            v.insert(kind);
+            self.xive
+                .set_source(u64::from(lisn), 0)
+                .map_err(|e| invalid(e.to_string()))?;
+        }
+        Ok(IrqSource::new(lisn, kind))
+    }
+
+    fn attach(
+        &self,
+        source: IrqSource,
+        trigger: &EventFd,
+        resample: Option<&EventFd>,
+    ) -> Result<(), IrqChipError> {
+        let lisn = source.number();
+        let mut st = self.state.lock();
+        if !st.kinds.contains_key(&lisn) {
+            return Err(IrqChipError::UnknownSource(lisn));
+        }
+        if resample.is_some() && st.kinds[&lisn] == SourceKind::Msi {
+            return Err(invalid(
+                "a message source cannot be level-triggered (no resample)",
+            ));
+        }
+        if Self::token_of(&st, lisn, trigger.as_raw_fd()).is_some() {
+            return Ok(());
+        }
+        let os = |e: std::io::Error| invalid(format!("eventfd for source {lisn}: {e}"));
+        let fd = trigger.try_clone().map_err(os)?;
+        // SAFETY: F_SETFL on an fd we own; non-blocking so a read that races with a
+        // detach never blocks the delivery thread (devices' eventfds already are).
+        unsafe {
+            let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            if fl >= 0 {
+                libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+            }
+        }
+        if let Some(rs) = resample {
+            let rs = rs.try_clone().map_err(os)?;
+            self.signals.resample.lock().insert(lisn, rs);
+        }
+        let token = st.next_token;
+        st.next_token += 1;
+        st.attachments.insert(
+            token,
+            Attachment {
+                lisn,
+                caller_fd: trigger.as_raw_fd(),
+                fd,
+            },
+        );
+        drop(st);
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+
+    fn detach(&self, source: IrqSource, trigger: &EventFd) -> Result<(), IrqChipError> {
+        let lisn = source.number();
+        let mut st = self.state.lock();
+        let Some(token) = Self::token_of(&st, lisn, trigger.as_raw_fd()) else {
+            return Err(IrqChipError::UnknownSource(lisn));
+        };
+        if let Some(a) = st.attachments.remove(&token) {
+            st.retired.push(a.fd);
+        }
+        if !st.attachments.values().any(|a| a.lisn == lisn) {
+            self.signals.resample.lock().remove(&lisn);
+        }
+        drop(st);
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+
+    fn program_msi(&self, updates: &[(IrqSource, Option<MsiMessage>)]) -> Result<(), IrqChipError> {
+        let mut st = self.state.lock();
+        for (s, _) in updates {
+            if st.kinds.get(&s.number()) != Some(&SourceKind::Msi) {
+                return Err(IrqChipError::UnknownSource(s.number()));
+            }
+        }
+        for (s, m) in updates {
+            match m {
+                Some(m) => st.messages.insert(s.number(), *m),
+                None => st.messages.remove(&s.number()),
+            };
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> IrqChipSnapshot {
+        let st = self.state.lock();
+        let resample = self.signals.resample.lock();
+        IrqChipSnapshot {
+            model: MODEL.into(),
+            sources: st
+                .kinds
+                .iter()
+                .map(|(&n, &kind)| SourceState {
+                    number: n,
+                    kind,
+                    message: st.messages.get(&n).map(|&m| MessageState::from(m)),
+                    attached: st.attachments.values().filter(|a| a.lisn == n).count() as u32,
+                    resample: resample.contains_key(&n),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One device interrupt as the bus wired it: what it asked for, its eventfds, and
+/// (for a message source) its programmed message.
+pub struct Wire<'a> {
+    /// The request the bus made.
+    pub request: SourceRequest,
+    /// The device's trigger eventfd.
+    pub trigger: &'a EventFd,
+    /// The resample eventfd of a level-triggered line.
+    pub resample: Option<&'a EventFd>,
+    /// The programmed message.
+    pub message: Option<MsiMessage>,
+}
+
+/// Switch a running VM's device interrupts from one interrupt controller to another
+/// (the x86 routing to the XIVE or back, or a XIVE to a re-created one): every wire is
+/// detached from `from` (its eventfd keeps counting meanwhile), allocated on `to`,
+/// re-programmed and re-attached, so a signal raised during the switch is delivered
+/// by the new controller. Returns the new sources, in `wires` order. The old
+/// controller is torn down when its last reference goes (a XIVE's delivery thread
+/// stops; KVM's routes are replaced by the new chip's).
+pub fn rewire(
+    from: &dyn IrqChip,
+    old: &[IrqSource],
+    to: &dyn IrqChip,
+    wires: &[Wire<'_>],
+) -> Result<Vec<IrqSource>, IrqChipError> {
+    if old.len() != wires.len() {
+        return Err(invalid("rewire needs one old source per wire"));
+    }
+    for (s, w) in old.iter().zip(wires) {
+        from.detach(*s, w.trigger)?;
+    }
+    let mut new = Vec::with_capacity(wires.len());
+    for w in wires {
+        let s = to.allocate(w.request)?;
+        if let Some(m) = w.message {
+            to.program_msi(&[(s, Some(m))])?;
+        }
+        to.attach(s, w.trigger, w.resample)?;
+        new.push(s);
+    }
+    tracing::info!(
+        from = from.model(),
+        to = to.model(),
+        wires = wires.len(),
+        "interrupt controller switched"
+    );
+    Ok(new)
+}
+
+/// Big-endian bytes of the low `data.len()` bytes of `v`.
+fn put_be(v: u64, data: &mut [u8]) {
+    let b = v.to_be_bytes();
+    let n = data.len().min(8);
+    data[..n].copy_from_slice(&b[8 - n..]);
+}
+
+fn get_be(data: &[u8]) -> u64 {
+    data.iter().take(8).fold(0, |v, &b| (v << 8) | u64::from(b))
+}
+
+/// The ESB window: 2 pages per source.
+struct EsbMmio(Arc<Xive>);
+
+impl EsbMmio {
+    fn decode(offset: u64) -> (u32, bool, u64) {
+        let page = offset >> PAGE_SHIFT;
+        (
+            (page / 2) as u32,
+            page % 2 == 1,
+            offset & ((1 << PAGE_SHIFT) - 1),
+        )
+    }
+}
+
+impl BusDevice for EsbMmio {
+    fn read(&self, offset: u64, data: &mut [u8]) -> Result<(), BusFault> {
+        let (lisn, mgmt, off) = Self::decode(offset);
+        put_be(self.0.esb_load(lisn, mgmt, off, data.len() as u32), data);
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BusFault> {
+        let (lisn, mgmt, off) = Self::decode(offset);
+        self.0
+            .esb_store(lisn, mgmt, off, data.len() as u32, get_be(data));
+        Ok(())
+    }
+}
+
+/// The per-vCPU TIMA windows.
+struct TimaMmio(Arc<Xive>);
+
+impl TimaMmio {
+    fn decode(offset: u64) -> (u32, u8, u64) {
+        let server = (offset / TIMA_STRIDE) as u32;
+        let in_win = offset % TIMA_STRIDE;
+        (
+            server,
+            (in_win >> PAGE_SHIFT) as u8,
+            in_win & ((1 << PAGE_SHIFT) - 1),
+        )
+    }
+}
+
+impl BusDevice for TimaMmio {
+    fn read(&self, offset: u64, data: &mut [u8]) -> Result<(), BusFault> {
+        let (server, ring, off) = Self::decode(offset);
+        put_be(self.0.tima_load(server, ring, off, data.len() as u32), data);
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BusFault> {
+        let (server, ring, off) = Self::decode(offset);
+        self.0
+            .tima_store(server, ring, off, data.len() as u32, get_be(data));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nestio_xive::hcall::{flags, op};
+    use nestio_xive::VecMemory;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    fn chip(cpus: u32) -> (Arc<XiveIrqChip>, Arc<VecMemory>, mpsc::Receiver<u32>) {
+        let mem = Arc::new(VecMemory::new(0, 1 << 20));
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let c = XiveIrqChip::with_injector(
+            mem.clone(),
+            cpus,
+            Box::new(move |s| {
+                let _ = tx.lock().send(s);
+            }),
+        )
+        .unwrap();
+        (c, mem, rx)
+    }
+
+    fn route(c: &XiveIrqChip, lisn: u32, server: u64) {
+        let x = c.model();
+        for s in 0..c.cpus {
+            let q = 0x1_0000 + u64::from(s) * 0x1000;
+            assert_eq!(
+                x.hcall(s, op::H_INT_SET_QUEUE_CONFIG, &[1, s.into(), 6, q, 12])
+                    .rc,
+                0
+            );
+            x.tima_store(s, 2, 0x11, 1, 0xff);
+        }
+        let r = x.hcall(
+            0,
+            op::H_INT_SET_SOURCE_CONFIG,
+            &[flags::SRC_SET_EISN, lisn.into(), server, 6, lisn.into()],
+        );
+        assert_eq!(r.rc, 0);
+        x.esb_load(lisn, true, 0xc00, 8);
+    }
+
+    #[test]
+    fn eventfd_triggers_its_source_and_notifies_the_target_vcpu() {
+        let (c, mem, rx) = chip(2);
+        let s = c.allocate(SourceRequest::Msi).unwrap();
+        assert_eq!(s.number(), DYNAMIC_BASE);
+        route(&c, s.number(), 1);
+        let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        c.attach(s, &fd, None).unwrap();
+        fd.write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        assert_eq!(mem.read_be32(0x1_1000).unwrap(), 0x8000_0000 | DYNAMIC_BASE);
+        // Masked = detached: the count waits in the eventfd and arrives at unmask.
+        c.model().esb_load(s.number(), true, 0, 8);
+        c.mask(s, &fd).unwrap();
+        fd.write(1).unwrap();
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        c.unmask(s, &fd).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        assert_eq!(
+            c.snapshot()
+                .sources
+                .iter()
+                .find(|x| x.number == s.number())
+                .unwrap()
+                .attached,
+            1
+        );
+    }
+
+    #[test]
+    fn intx_with_resample_signals_at_eoi() {
+        let (c, _mem, rx) = chip(1);
+        let s = c
+            .allocate(SourceRequest::PciIntx { slot: 1, pin: 1 })
+            .unwrap();
+        assert_eq!(
+            c.allocate(SourceRequest::PciIntx { slot: 1, pin: 1 })
+                .unwrap(),
+            s
+        );
+        route(&c, s.number(), 0);
+        let (fd, rs) = (
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
+        c.attach(s, &fd, Some(&rs)).unwrap();
+        fd.write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+        assert!(rs.read().is_err(), "no resample before the EOI");
+        c.model().esb_load(s.number(), true, 0, 8);
+        assert_eq!(rs.read().unwrap(), 1);
+        let msi = c.allocate(SourceRequest::Msi).unwrap();
+        assert!(c.attach(msi, &fd, Some(&rs)).is_err());
+        c.detach(s, &fd).unwrap();
+        assert!(matches!(
+            c.detach(s, &fd),
+            Err(IrqChipError::UnknownSource(_))
+        ));
+    }
+
+    #[test]
+    fn runtime_switch_rewires_devices_and_tears_down() {
+        use crate::irqchip::fake::{IrqCall, RecordingIrqChip};
+        let x86 = RecordingIrqChip::default();
+        let (intx, rs, msi) = (
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
+        let msg = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x31,
+        };
+        let wires = [
+            Wire {
+                request: SourceRequest::PciIntx { slot: 1, pin: 1 },
+                trigger: &intx,
+                resample: Some(&rs),
+                message: None,
+            },
+            Wire {
+                request: SourceRequest::Msi,
+                trigger: &msi,
+                resample: None,
+                message: Some(msg),
+            },
+        ];
+        let old: Vec<_> = wires
+            .iter()
+            .map(|w| {
+                let s = x86.allocate(w.request).unwrap();
+                x86.attach(s, w.trigger, w.resample).unwrap();
+                s
+            })
+            .collect();
+        x86.take();
+        // x86 -> XIVE: a signal raised before the guest configured anything waits in
+        // the source (PQ) and nothing is lost.
+        let (xive, _mem, rx) = chip(2);
+        let new = rewire(&x86, &old, xive.as_ref(), &wires).unwrap();
+        assert_eq!(
+            x86.take(),
+            vec![
+                IrqCall::Detach {
+                    source: old[0].number()
+                },
+                IrqCall::Detach {
+                    source: old[1].number()
+                }
+            ]
+        );
+        let snap = xive.snapshot();
+        assert_eq!(snap.sources.iter().filter(|s| s.attached == 1).count(), 2);
+        assert!(snap
+            .sources
+            .iter()
+            .any(|s| s.message == Some(MessageState::from(msg))));
+        route(&xive, new[1].number(), 1);
+        msi.write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        // XIVE -> a re-created XIVE with the state migrated: routing survives.
+        let saved = xive.model().save();
+        let (xive2, _mem2, rx2) = chip(2);
+        let again = rewire(xive.as_ref(), &new, xive2.as_ref(), &wires).unwrap();
+        assert_eq!(again, new, "same numbers on the same allocation order");
+        drop(xive);
+        xive2.model().restore(&saved).unwrap();
+        xive2.model().esb_load(new[1].number(), true, 0, 8); // the guest's EOI
+        msi.write(1).unwrap();
+        assert_eq!(rx2.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "old XIVE torn down"
+        );
+        // XIVE -> x86.
+        let back = RecordingIrqChip::default();
+        rewire(xive2.as_ref(), &again, &back, &wires).unwrap();
+        assert_eq!(
+            back.snapshot()
+                .sources
+                .iter()
+                .map(|s| s.attached)
+                .sum::<u32>(),
+            2
+        );
+        assert!(xive2.snapshot().sources.iter().all(|s| s.attached == 0));
+    }
+
+    #[test]
+    fn mmio_windows_are_big_endian_and_per_vcpu() {
+        let (c, _mem, rx) = chip(2);
+        let bus = Bus::new();
+        c.attach_mmio(&bus).unwrap();
+        route(&c, 1, 1);
+        // vCPU 0 sends IPI 1 with a store to its trigger page.
+        assert!(bus.write(ESB_BASE + (1 << 13), &[0; 8]).unwrap());
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        let mut ack = [0u8; 2];
+        bus.read(TIMA_BASE + TIMA_STRIDE + 0x2000 + 0x810, &mut ack)
+            .unwrap();
+        assert_eq!(ack, [0x80, 6]);
+        bus.read(TIMA_BASE + 0x2000 + 0x810, &mut ack).unwrap();
+        assert_eq!(ack, [0, 0xff], "vCPU 0's own ring is idle");
+        let mut pq = [0u8; 8];
+        bus.read(ESB_BASE + (1 << 13) + 0x1000 + 0x800, &mut pq)
+            .unwrap();
+        assert_eq!(pq, [0, 0, 0, 0, 0, 0, 0, 2], "PENDING");
+    }
+}
