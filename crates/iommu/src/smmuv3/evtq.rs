@@ -83,9 +83,11 @@ impl Event {
         }
         match self.code {
             code::F_TRANSLATION | code::F_ADDR_SIZE | code::F_ACCESS | code::F_PERMISSION => {
-                d[1] = (u64::from(self.read) << 35)
-                    | (u64::from(self.s2) << 39)
-                    | ((self.class as u64) << 40);
+                // CLASS qualifies stage-2 faults (what the IPA was for); a
+                // stage-1 fault is always on the input address and leaves it 0,
+                // as QEMU's model does.
+                let class = if self.s2 { self.class as u64 } else { 0 };
+                d[1] = (u64::from(self.read) << 35) | (u64::from(self.s2) << 39) | (class << 40);
                 d[2] = self.input_addr;
                 d[3] = self.addr2 & 0x000f_ffff_ffff_f000;
             }

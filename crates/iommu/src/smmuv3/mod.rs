@@ -361,10 +361,11 @@ impl Smmu {
                     return;
                 }
             }
-            let cons = q.inc(self.cmdq_cons) & q.mask();
-            self.cmdq_cons = cons;
+            // CONS.ERR keeps the last error code (it is meaningful only while
+            // GERROR.CMDQ_ERR is active; QEMU keeps it too).
+            self.cmdq_cons =
+                (self.cmdq_cons & regs::CMDQ_CONS_ERR_MASK) | q.inc(self.cmdq_cons) & q.mask();
         }
-        self.cmdq_cons &= !regs::CMDQ_CONS_ERR_MASK;
     }
 
     fn command_error(&mut self, mem: &dyn SmmuMemory, err: u32) {
