@@ -90,6 +90,16 @@ pub enum TranslateError {
     },
 }
 
+/// What a stream's DMA reaches, as a shadowing VMM needs it ([`Smmu::stream_view`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamView {
+    /// Untranslated: input address = output address (SMMU disabled with GBPA
+    /// bypass, or STE bypass).
+    Bypass,
+    /// Nothing reachable (abort, invalid configuration, or no valid leaf).
+    Mapped(Vec<walk::Extent>),
+}
+
 /// Counters for tests and the benchmark.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -514,6 +524,132 @@ impl Smmu {
                 recorded: false,
             }),
         }
+    }
+
+    /// Everything stream `sid` (without substream) can reach through the tables as
+    /// they are in memory now: stage 1 composed with stage 2, split where either
+    /// stage's leaves end, at most `limit` extents. A configuration that would
+    /// fault every transaction gives an empty list. No side effects.
+    pub fn stream_view(
+        &self,
+        mem: &dyn SmmuMemory,
+        sid: u32,
+        limit: usize,
+    ) -> Result<StreamView, walk::EnumerateError> {
+        if !self.enabled() {
+            return Ok(if self.gbpa & regs::GBPA_ABORT == 0 {
+                StreamView::Bypass
+            } else {
+                StreamView::Mapped(Vec::new())
+            });
+        }
+        let none = Ok(StreamView::Mapped(Vec::new()));
+        let st = StreamTable {
+            base: self.strtab_base,
+            cfg: self.strtab_base_cfg,
+        };
+        let (s1, s2, _) = match st.fetch(mem, sid) {
+            Ok(Ste::Bypass) => return Ok(StreamView::Bypass),
+            Ok(Ste::Translate { s1, s2, vmid }) => (s1, s2, vmid),
+            Ok(Ste::Abort) | Err(_) => return none,
+        };
+        let s2_read = |ipa: u64| -> Option<(u64, walk::Leaf)> {
+            match s2 {
+                None => Some((
+                    ipa,
+                    walk::Leaf {
+                        output: ipa,
+                        size_bits: 64,
+                        perm: Perm::RW,
+                    },
+                )),
+                Some(c) => {
+                    match walk::walk::<()>(&c.walk, ipa, |a| Ok(memory::read_u64(mem, a).ok())) {
+                        Ok(Ok(l)) => Some((l.output, l)),
+                        _ => None,
+                    }
+                }
+            }
+        };
+        let s1_extents = match s1 {
+            None => None,
+            Some(s1c) => {
+                let t = Transaction {
+                    sid,
+                    ssid: None,
+                    addr: 0,
+                    write: false,
+                };
+                let ssid = match (s1c.cd_max, s1c.dss) {
+                    (0, _) | (_, S1Dss::Substream0) => Some(0),
+                    (_, S1Dss::Bypass) => None,
+                    (_, S1Dss::Terminate) => return none,
+                };
+                match ssid {
+                    None => None,
+                    Some(ssid) => {
+                        let mut scratch = Smmu::default();
+                        let Ok(cd) = scratch.context(mem, &t, s1c, s2.as_ref(), ssid, false) else {
+                            return none;
+                        };
+                        let Some(w) = cd.walk else { return none };
+                        let mut fetch = |ipa: u64| {
+                            let (pa, l) = s2_read(ipa)?;
+                            if !l.perm.read {
+                                return None;
+                            }
+                            memory::read_u64(mem, pa).ok()
+                        };
+                        Some(walk::enumerate(&w, &mut fetch, limit)?)
+                    }
+                }
+            }
+        };
+        let Some(c2) = s2 else {
+            return Ok(StreamView::Mapped(s1_extents.unwrap_or_default()));
+        };
+        // Compose with stage 2: split each stage-1 extent (or, stage 2 only, the
+        // stage-2 leaves themselves) where the stage-2 leaves end.
+        let inputs = match s1_extents {
+            Some(e) => e,
+            None => walk::enumerate(&c2.walk, &mut |a| memory::read_u64(mem, a).ok(), limit)?
+                .into_iter()
+                .map(|e| walk::Extent {
+                    output: e.input,
+                    perm: Perm::RW,
+                    ..e
+                })
+                .collect(),
+        };
+        let mut out = Vec::new();
+        for e in inputs {
+            let size = 1u64 << e.size_bits;
+            let mut off = 0u64;
+            while off < size {
+                let ipa = e.output + off;
+                let Some((pa, l)) = s2_read(ipa) else {
+                    off += 1 << c2.walk.granule.bits();
+                    continue;
+                };
+                // The largest naturally aligned block inside both leaves.
+                let step_bits = l.size_bits.min(e.size_bits).min(ipa.trailing_zeros());
+                let step = 1u64 << step_bits;
+                let perm = e.perm.and(l.perm);
+                if perm.read || perm.write {
+                    if out.len() >= limit {
+                        return Err(walk::EnumerateError::TooMany(limit));
+                    }
+                    out.push(walk::Extent {
+                        input: e.input + off,
+                        output: pa,
+                        size_bits: step_bits,
+                        perm,
+                    });
+                }
+                off += step;
+            }
+        }
+        Ok(StreamView::Mapped(out))
     }
 
     fn stream(&mut self, mem: &dyn SmmuMemory, sid: u32, cache: bool) -> Result<Ste, SteError> {

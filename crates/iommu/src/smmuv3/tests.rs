@@ -501,3 +501,89 @@ fn probe_has_no_side_effects() {
     assert!(r.smmu.iotlb().is_empty());
     assert!(r.events().is_empty());
 }
+
+#[test]
+fn stream_view_of_s1_s2_nested_bypass() {
+    let mut r = Rig::new();
+    // S1 only.
+    let root = r.s1_stream(4, 1, true);
+    r.map(root, 0x1000, 0x4027_0000 | S1_RW);
+    r.map(root, 0x5000, 0x4028_0000 | S1_RW | (1 << 7));
+    match r.smmu.stream_view(&r.mem, 4, 100).unwrap() {
+        StreamView::Mapped(e) => {
+            let v: Vec<_> = e
+                .iter()
+                .map(|e| (e.input, e.output, e.size_bits, e.perm.write))
+                .collect();
+            assert_eq!(
+                v,
+                vec![
+                    (0x1000, 0x4027_0000, 12, true),
+                    (0x5000, 0x4028_0000, 12, false)
+                ]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // S2 only: one IPA page.
+    let s2root = r.alloc2();
+    r.ste(2, s2_dwords(0b110, 0, 4, s2root));
+    r.map_s2(s2root, 0x1_0000_5000, 0x4021_0000 | S2_RW);
+    match r.smmu.stream_view(&r.mem, 2, 100).unwrap() {
+        StreamView::Mapped(e) => {
+            assert_eq!(e.len(), 1);
+            assert_eq!((e[0].input, e[0].output), (0x1_0000_5000, 0x4021_0000));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Nested: S1 tables, CD and data through S2 at +64 GiB.
+    let s2n = r.alloc2();
+    let off = 0x10_0000_0000u64;
+    let cd_pa = CDS + 0xc00;
+    r.map_s2(s2n, (cd_pa + off) & !0xfff, (cd_pa & !0xfff) | S2_RW);
+    let s1root = r.alloc();
+    r.cd(cd_pa, s1root + off, 3, true);
+    r.ste(7, s2_dwords(0b111, cd_pa + off, 5, s2n));
+    let mut table = s1root;
+    r.map_s2(s2n, table + off, table | S2_RW);
+    for level in 0..3 {
+        let next = r.alloc();
+        r.map_s2(s2n, next + off, next | S2_RW);
+        r.mem
+            .write_u64(
+                table + ((0x3000u64 >> (39 - 9 * level)) & 0x1ff) * 8,
+                (next + off) | 3,
+            )
+            .unwrap();
+        table = next;
+    }
+    r.mem
+        .write_u64(table + 3 * 8, 0x20_0000_0000 | S1_RW)
+        .unwrap();
+    r.map_s2(s2n, 0x20_0000_0000, 0x4029_0000 | (1 << 10) | 3 | (1 << 6)); // S2 read-only
+    match r.smmu.stream_view(&r.mem, 7, 100).unwrap() {
+        StreamView::Mapped(e) => {
+            assert_eq!(e.len(), 1);
+            assert_eq!((e[0].input, e[0].output), (0x3000, 0x4029_0000));
+            assert!(e[0].perm.read && !e[0].perm.write);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Abort STE and bypass STE.
+    r.ste(8, [1, 0, 0, 0]);
+    assert_eq!(
+        r.smmu.stream_view(&r.mem, 8, 100).unwrap(),
+        StreamView::Mapped(vec![])
+    );
+    r.ste(8, [1 | (4 << 1), 0, 0, 0]);
+    assert_eq!(
+        r.smmu.stream_view(&r.mem, 8, 100).unwrap(),
+        StreamView::Bypass
+    );
+    // SMMU disabled: bypass unless GBPA.ABORT.
+    r.w(regs::CR0, 4, 0);
+    assert_eq!(
+        r.smmu.stream_view(&r.mem, 4, 100).unwrap(),
+        StreamView::Bypass
+    );
+}
