@@ -68,6 +68,36 @@ pub enum Smmuv3Error {
     NotPci(StreamId),
 }
 
+/// A vIOMMU the machine gives its guest (`--viommu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Viommu {
+    /// An SMMUv3 in the platform MMIO window (the first range of the window, so a
+    /// payload finds it at [`crate::platform::PLATFORM_MMIO_WINDOW`]`.0`), shadowing
+    /// the guest's translation into DMA_MAP/UNMAP.
+    Smmuv3,
+}
+
+impl std::str::FromStr for Viommu {
+    type Err = String;
+    /// `smmuv3` or `smmuv3,mode=shadow`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        if parts.next() != Some("smmuv3") {
+            return Err(format!("{s:?}: the only vIOMMU is smmuv3[,mode=shadow]"));
+        }
+        for opt in parts {
+            match opt {
+                "mode=shadow" => {}
+                "mode=nested" => {
+                    return Err("smmuv3 mode=nested is not implemented yet: use mode=shadow".into())
+                }
+                other => return Err(format!("{other:?}: smmuv3 takes mode=shadow")),
+            }
+        }
+        Ok(Viommu::Smmuv3)
+    }
+}
+
 /// Where the SMMU's MSIs outside RAM go: `(address, data)`.
 pub type MsiSink = Box<dyn Fn(u64, u32) + Send + Sync>;
 
@@ -523,6 +553,18 @@ mod tests {
             Some(0x80_0004)
         );
         assert_eq!(r.smmu.msi_doorbell(StreamId::pci(0, 1, 0), 0x9000), None);
+    }
+
+    #[test]
+    fn viommu_option() {
+        assert_eq!("smmuv3".parse::<Viommu>(), Ok(Viommu::Smmuv3));
+        assert_eq!("smmuv3,mode=shadow".parse::<Viommu>(), Ok(Viommu::Smmuv3));
+        assert!("smmuv3,mode=nested"
+            .parse::<Viommu>()
+            .unwrap_err()
+            .contains("not implemented"));
+        assert!("intel".parse::<Viommu>().is_err());
+        assert!("smmuv3,x=1".parse::<Viommu>().is_err());
     }
 
     #[test]
