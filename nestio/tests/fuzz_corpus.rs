@@ -68,3 +68,8 @@ fn corpus_sessions() {
 fn corpus_hypercall() {
     replay("hypercall", nestio_vmm::hypercall::fuzz::fuzz_hypercall);
 }
+
+#[test]
+fn corpus_smmuv3() {
+    replay("smmuv3", nestio_iommu::smmuv3::fuzz::fuzz_smmuv3);
+}

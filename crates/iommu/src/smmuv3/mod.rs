@@ -31,6 +31,7 @@
 pub mod cd;
 pub mod cmdq;
 pub mod evtq;
+pub mod fuzz;
 pub mod iotlb;
 pub mod memory;
 pub mod regs;
