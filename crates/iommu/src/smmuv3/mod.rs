@@ -35,6 +35,7 @@ pub mod fuzz;
 pub mod iotlb;
 pub mod memory;
 pub mod regs;
+pub mod stage1_dma;
 pub mod ste;
 pub mod walk;
 
