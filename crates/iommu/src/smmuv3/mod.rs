@@ -109,6 +109,8 @@ pub struct Stats {
     pub commands: u64,
     /// Event records written.
     pub events: u64,
+    /// CMD_SYNCs completed.
+    pub syncs: u64,
     /// Events dropped (queue disabled, full or aborted).
     pub events_lost: u64,
 }
@@ -389,6 +391,9 @@ impl Smmu {
     /// Execute one command; an error is a CERROR code.
     fn execute(&mut self, mem: &dyn SmmuMemory, cmd: Command) -> Result<(), u32> {
         tracing::trace!(?cmd, "smmuv3 command");
+        if matches!(cmd, Command::Sync(_)) {
+            self.stats.syncs += 1;
+        }
         match cmd {
             Command::Prefetch => {}
             Command::CfgiSte { sid } => {

@@ -10,8 +10,9 @@
 //!
 //! **Shadow mode** (works with any vfio-user device, which only knows DMA_MAP and
 //! DMA_UNMAP): the devices live in a [`ShadowDomain`]. Whenever the guest may have
-//! changed what a stream reaches — a write of CMDQ_PROD that consumed commands
-//! (invalidations and CMD_SYNC), of CR0, GBPA or GERRORN — the VMM asks the model
+//! changed what a stream reaches — a write of CMDQ_PROD that consumed a CMD_SYNC
+//! (which completes the invalidations before it), of CR0, GBPA or GERRORN — the
+//! VMM asks the model
 //! for each known stream's complete view ([`Smmu::stream_view`]: stage 1 composed
 //! with stage 2, bypass, or nothing), coalesces it into maximal runs (contiguous
 //! IOVA and GPA, same permission, inside guest RAM) and applies the difference to
@@ -365,9 +366,11 @@ impl BusDevice for Smmuv3 {
             return Ok(());
         }
         let mut inner = self.inner.lock();
-        let before = inner.smmu.stats().commands;
+        let before = inner.smmu.stats().syncs;
         inner.smmu.write(&self.mem, offset, data.len() as u32, v);
-        let consumed = inner.smmu.stats().commands != before;
+        // Invalidations are complete at CMD_SYNC (the architecture's rule, and what
+        // every driver waits for): re-sync once per consumed CMD_SYNC batch.
+        let consumed = inner.smmu.stats().syncs != before;
         let config = matches!(offset, regs::CR0 | regs::GBPA | regs::GERRORN);
         if consumed || config {
             if let Err(e) = self.resync(&mut inner) {
