@@ -116,7 +116,7 @@ fn churn() {
     let floor = start.elapsed().as_nanos() as f64 / n as f64;
     println!(
         "map/unmap churn (one page of 512 mapped; no device attached, so VMM-side cost only): shadow SMMUv3 {:.1} us per unmap+map cycle \
-         (guest PTE + TLBI_NH_VA + CMD_SYNC, a full re-sync of the stream per consumed batch), ShadowDomain map/unmap alone {:.1} us, \
+         (guest PTE + TLBI_NH_VA + CMD_SYNC, a full re-sync of the stream per CMD_SYNC), ShadowDomain map/unmap alone {:.1} us, \
          no vIOMMU: none (all RAM mapped once)",
         shadow / 1000.0,
         floor / 1000.0
