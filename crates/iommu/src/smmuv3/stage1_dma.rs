@@ -365,4 +365,56 @@ mod tests {
         assert!(Stage1Dma::bind(ram.clone(), 1, [1 | (0b110 << 1), 0]).is_err());
         assert!(Stage1Dma::bind(ram, 1, [0, 0]).is_err());
     }
+
+    #[test]
+    fn unmap_while_dma_in_flight_never_reads_another_page_and_ends_at_sync() {
+        let ram = Arc::new(Ram(Mutex::new(vec![0; 1 << 20])));
+        let cd0 = 16 | (1 << 31) | (1 << 41) | (5 << 32) | (1 << 45) | (1 << 46) | (4u64 << 48);
+        w(&ram, 0x1000, cd0);
+        w(&ram, 0x1008, 0x2000);
+        w(&ram, 0x2000, 0x3003);
+        w(&ram, 0x3000 + 8, 0x4003);
+        w(&ram, 0x4000, 0x5003);
+        w(&ram, 0x5000, 0x8000 | 0x443);
+        ram.write(0x8000, &[0x11; 4096]).unwrap();
+        ram.write(0x9000, &[0x22; 4096]).unwrap();
+        let dma =
+            Arc::new(Stage1Dma::bind(ram.clone(), 7, [1 | (0b101 << 1) | 0x1000, 0]).unwrap());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (dma, stop) = (dma.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut ok = 0u64;
+                let mut b = [0u8; 64];
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    if dma.read(0x4000_0100, &mut b).is_ok() {
+                        assert!(b.iter().all(|&x| x == 0x11), "read another page: {b:?}");
+                        ok += 1;
+                    }
+                }
+                ok
+            })
+        };
+        // The guest remaps the IOVA to another page, then unmaps it, invalidating
+        // each time; reads in flight see the old page, the new page or a fault.
+        for _ in 0..200 {
+            w(&ram, 0x5000, 0);
+            dma.command([0x12 | (4u64 << 48), 0x4000_0000]).unwrap();
+            dma.command([0x46, 0]).unwrap();
+            let mut b = [0u8; 8];
+            assert!(
+                dma.read(0x4000_0100, &mut b).is_err(),
+                "after CMD_SYNC no DMA reaches it"
+            );
+            w(&ram, 0x5000, 0x8000 | 0x443);
+            dma.command([0x12 | (4u64 << 48), 0x4000_0000]).unwrap();
+            dma.command([0x46, 0]).unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            reader.join().unwrap() > 0,
+            "some DMA got through while mapped"
+        );
+        assert!(!dma.take_events().is_empty(), "faults were recorded");
+    }
 }
