@@ -178,8 +178,11 @@ impl Smmu {
     }
 
     /// Map guest-physical `gpa..gpa + len` (whole pages) read-write at
-    /// `IOVA_BASE + gpa`, then make the SMMU see it (TLBI + SYNC, as Linux does for
-    /// a non-coherent walker; required here since the VMM shadows on invalidation).
+    /// `IOVA_BASE + gpa`, then issue TLBI_NH_ASID + CMD_SYNC. The architecture does
+    /// not need that (invalid entries are never cached, and Linux does not do it);
+    /// a shadowing VMM does: it learns of a new mapping only from a command. That is
+    /// the requirement shadow mode puts on the guest (VT-d makes it architectural with
+    /// its caching mode; SMMUv3 has no such bit, which is why nested mode exists).
     pub fn map(&mut self, gpa: u64, len: u64) -> Result<(), &'static str> {
         let mut p = gpa & !0xfff;
         while p < gpa + len {

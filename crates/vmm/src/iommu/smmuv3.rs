@@ -32,6 +32,13 @@
 //! The SMMU's own MSIs (event queue, CMD_SYNC, GERROR) go to RAM when they target
 //! RAM (CMD_SYNC polling) and otherwise to the sink given at construction.
 //!
+//! The limit of shadowing an SMMUv3: a new mapping (invalid → valid) needs no
+//! invalidation in the architecture, and Linux issues none on map, so the VMM sees
+//! it only at the next CMD_SYNC the guest sends for any reason (Linux sends them on
+//! unmap and on configuration changes). A guest driver made for shadow mode
+//! invalidates after mapping (`guest/payloads/src/smmu.rs`); for unmodified guests
+//! nested mode, where the device walks stage 1 itself, is the answer.
+//!
 //! Cost: a re-sync walks the valid part of each stream's tables (bounded by
 //! [`MAX_EXTENTS`]), so it is proportional to the mapped size, not to the change;
 //! per-range re-syncs from the TLBI addresses are the next step.
