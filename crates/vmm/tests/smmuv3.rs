@@ -70,6 +70,17 @@ fn dma_to_a_page_unmapped_under_the_live_ring_is_refused() {
 }
 
 #[test]
+fn dma_to_a_page_made_read_only_under_the_live_ring_is_refused() {
+    if !common::kvm_or_skip("dma_to_a_page_made_read_only_under_the_live_ring_is_refused") {
+        return;
+    }
+    let (outcome, out) = run(common::local_e1000(), "dma=readonly");
+    assert_eq!(outcome, StopReason::GuestExit(8), "console: {out}");
+    assert!(out.contains("made read-only under the live ring"), "{out}");
+    assert!(out.contains("buffer untouched"), "{out}");
+}
+
+#[test]
 fn without_the_smmu_programmed_iovas_outside_ram_fail() {
     // Control: the same payload on a machine without the vIOMMU cannot program an
     // SMMU there (unassigned MMIO reads all-ones: CR0ACK never matches) and stops

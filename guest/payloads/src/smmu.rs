@@ -89,7 +89,13 @@ impl Smmu {
             // CD: T0SZ 16, EPD1, V, IPS 48 bits, AA64, R, A, ASID 1; TTB0.
             write_volatile(
                 cdp,
-                16 | (1 << 30) | (1 << 31) | (5 << 32) | (1 << 41) | (1 << 45) | (1 << 46) | (1 << 48),
+                16 | (1 << 30)
+                    | (1 << 31)
+                    | (5 << 32)
+                    | (1 << 41)
+                    | (1 << 45)
+                    | (1 << 46)
+                    | (1 << 48),
             );
             write_volatile(cdp.add(1), l0);
             let i0 = ((IOVA_BASE >> 39) & 0x1ff) as usize;
@@ -197,9 +203,24 @@ impl Smmu {
 
     /// Unmap the page of `iova` and invalidate it (TLBI_NH_VA + CMD_SYNC).
     pub fn unmap_page(&mut self, iova: u64) -> Result<(), &'static str> {
+        self.set_leaf(iova, 0)
+    }
+
+    /// Make the page of `iova` read-only for the device (AP[2]) and invalidate it.
+    pub fn protect_page(&mut self, iova: u64) -> Result<(), &'static str> {
         let e = self.l3_for(iova)?;
         // SAFETY: a leaf of our table.
-        unsafe { write_volatile(e, 0) };
+        let old = unsafe { read_volatile(e) };
+        if old & 1 == 0 {
+            return Err("page not mapped");
+        }
+        self.set_leaf(iova, old | (1 << 7))
+    }
+
+    fn set_leaf(&mut self, iova: u64, v: u64) -> Result<(), &'static str> {
+        let e = self.l3_for(iova)?;
+        // SAFETY: a leaf of our table.
+        unsafe { write_volatile(e, v) };
         self.cmd(0x12 | (1 << 48), iova & !0xfff)?;
         self.sync()
     }

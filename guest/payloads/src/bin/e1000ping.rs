@@ -18,7 +18,8 @@
 //! buffer under the live ring (TLBI_NH_VA + CMD_SYNC), have the gateway answer
 //! another ARP, and check that the NIC's DMA was refused (master abort, descriptor
 //! not written back) and that no byte of the poisoned buffer changed; exits
-//! [`DMA_UNMAP_REFUSED`].
+//! [`DMA_UNMAP_REFUSED`]. `dma=readonly`: the same with the page left mapped
+//! read-only for the device (a permission fault instead of a translation fault).
 #![no_std]
 #![no_main]
 
@@ -440,7 +441,14 @@ fn main(ram: u64) -> u32 {
             println!("dma unmap: needs smmu=");
             return 22;
         };
-        return dma_unmap(dev, iommu, &mut nic, &f);
+        return dma_unmap(dev, iommu, &mut nic, &f, false);
+    }
+    if cmdline_value("dma") == Some("readonly") {
+        let Some(iommu) = iommu.as_mut() else {
+            println!("dma readonly: needs smmu=");
+            return 22;
+        };
+        return dma_unmap(dev, iommu, &mut nic, &f, true);
     }
     0
 }
@@ -521,8 +529,15 @@ fn dma_outside(dev: pci::Bdf, ram: u64, nic: &mut Nic, arp: &[u8]) -> u32 {
     DMA_OUTSIDE_REFUSED
 }
 
-/// The `dma=unmap` check (see the module documentation).
-fn dma_unmap(dev: pci::Bdf, iommu: &mut smmu::Smmu, nic: &mut Nic, arp: &[u8]) -> u32 {
+/// The `dma=unmap` check, or with `readonly` the `dma=readonly` one (the page stays
+/// mapped, read-only: a permission fault). See the module documentation.
+fn dma_unmap(
+    dev: pci::Bdf,
+    iommu: &mut smmu::Smmu,
+    nic: &mut Nic,
+    arp: &[u8],
+    readonly: bool,
+) -> u32 {
     let i = nic.rx_next;
     let buf = rx_buf(i);
     for k in 0..BUF {
@@ -530,11 +545,25 @@ fn dma_unmap(dev: pci::Bdf, iommu: &mut smmu::Smmu, nic: &mut Nic, arp: &[u8]) -
         unsafe { write_volatile(buf.add(k), 0xa5) }
     }
     let iova = dma(buf as u64);
-    if let Err(e) = iommu.unmap_page(iova) {
+    let r = if readonly {
+        iommu.protect_page(iova)
+    } else {
+        iommu.unmap_page(iova)
+    };
+    if let Err(e) = r {
         println!("dma unmap: {}", e);
         return 23;
     }
-    println!("dma unmap: iova {:#x} (rx buffer {}) unmapped under the live ring", iova, i);
+    println!(
+        "dma unmap: iova {:#x} (rx buffer {}) {} under the live ring",
+        iova,
+        i,
+        if readonly {
+            "made read-only"
+        } else {
+            "unmapped"
+        }
+    );
     clear_master_abort(dev);
     if !nic.send(arp) {
         return 13;
