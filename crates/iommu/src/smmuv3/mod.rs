@@ -40,6 +40,7 @@ pub mod ste;
 pub mod walk;
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 
 use cd::{Cd, CdError, CdLocation};
 use cmdq::{Command, SyncSignal};
@@ -571,7 +572,9 @@ impl Smmu {
                     },
                 )),
                 Some(c) => {
-                    match walk::walk::<()>(&c.walk, ipa, |a| Ok(memory::read_u64(mem, a).ok())) {
+                    match walk::walk::<Infallible>(&c.walk, ipa, |a| {
+                        Ok(memory::read_u64(mem, a).ok())
+                    }) {
                         Ok(Ok(l)) => Some((l.output, l)),
                         _ => None,
                     }
@@ -773,14 +776,15 @@ impl Smmu {
                 (l.output, l.perm, l.size_bits, 0)
             }
             Some(s2c) => {
-                let leaf =
-                    match walk::walk::<()>(&s2c.walk, ipa, |a| Ok(memory::read_u64(mem, a).ok())) {
-                        Ok(Ok(l)) => l,
-                        Ok(Err(f)) => {
-                            return Err(self.s2_fault(&t, f, FaultClass::In, ipa, s2c.record))
-                        }
-                        Err(()) => unreachable!("the stage-2 fetch closure never fails"),
-                    };
+                let leaf = match walk::walk::<Infallible>(&s2c.walk, ipa, |a| {
+                    Ok(memory::read_u64(mem, a).ok())
+                }) {
+                    Ok(Ok(l)) => l,
+                    Ok(Err(f)) => {
+                        return Err(self.s2_fault(&t, f, FaultClass::In, ipa, s2c.record))
+                    }
+                    Err(never) => match never {},
+                };
                 if !leaf.perm.allows(t.write) {
                     let f = WalkFault {
                         kind: FaultKind::Permission,
@@ -847,7 +851,7 @@ impl Smmu {
         // IPA → PA of a CD-table access through stage 2 (a stage-2 fault: CLASS CD).
         let to_pa = |this: &mut Self, ipa: u64| -> Result<u64, Pending> {
             let Some(s2c) = s2 else { return Ok(ipa) };
-            match walk::walk::<()>(&s2c.walk, ipa, |a| Ok(memory::read_u64(mem, a).ok())) {
+            match walk::walk::<Infallible>(&s2c.walk, ipa, |a| Ok(memory::read_u64(mem, a).ok())) {
                 Ok(Ok(l)) if l.perm.read => Ok(l.output),
                 Ok(Ok(_)) => {
                     let f = WalkFault {
@@ -858,7 +862,7 @@ impl Smmu {
                     Err(this.s2_fault(t, f, FaultClass::Cd, ipa, s2c.record))
                 }
                 Ok(Err(f)) => Err(this.s2_fault(t, f, FaultClass::Cd, ipa, s2c.record)),
-                Err(()) => unreachable!("the stage-2 fetch closure never fails"),
+                Err(never) => match never {},
             }
         };
         let cd_addr = match cd::locate(s1.cd_ptr, s1.fmt, ssid) {
@@ -897,7 +901,7 @@ impl Smmu {
             let pa = match s2 {
                 None => desc_ipa,
                 Some(s2c) => {
-                    match walk::walk::<()>(&s2c.walk, desc_ipa, |a| {
+                    match walk::walk::<Infallible>(&s2c.walk, desc_ipa, |a| {
                         Ok(memory::read_u64(mem, a).ok())
                     }) {
                         Ok(Ok(l)) if l.perm.read => l.output,
@@ -912,7 +916,7 @@ impl Smmu {
                         Ok(Err(f)) => {
                             return Err(self.s2_fault(t, f, FaultClass::Ttd, desc_ipa, s2c.record))
                         }
-                        Err(()) => unreachable!("the stage-2 fetch closure never fails"),
+                        Err(never) => match never {},
                     }
                 }
             };

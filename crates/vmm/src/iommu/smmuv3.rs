@@ -352,7 +352,9 @@ impl BusDevice for Smmuv3 {
             _ => u64::MAX,
         };
         let bytes = v.to_le_bytes();
-        data.copy_from_slice(&bytes[..data.len().min(8)]);
+        let n = data.len().min(8);
+        data.fill(0xff);
+        data[..n].copy_from_slice(&bytes[..n]);
         Ok(())
     }
 
@@ -583,6 +585,9 @@ mod tests {
         let mut b = [0u8; 2];
         r.smmu.read(0x20, &mut b).unwrap();
         assert_eq!(b, [0xff, 0xff]);
+        let mut big = [0u8; 16];
+        r.smmu.read(0x20, &mut big).unwrap();
+        assert_eq!(big, [0xff; 16], "an oversized access answers all-ones");
         r.smmu.write(0x21, &[1, 2, 3, 4]).unwrap();
         r.smmu.write(0x20, &[1]).unwrap();
         assert_eq!(r.smmu.read_u32(regs::CR0), 0);
