@@ -121,6 +121,10 @@ pub struct RunArgs {
     /// way). Default: on when nestio_vmm::vm::DEFAULT_LINUX_ACPI says so.
     #[arg(long, value_parser = parse_on_off, requires = "kernel", conflicts_with = "guest")]
     acpi: Option<bool>,
+    /// A vIOMMU for the assigned PCI devices: `smmuv3[,mode=shadow]` (an SMMUv3 at
+    /// the start of the platform MMIO window, 0xe8000000; stream ID = requester ID).
+    #[arg(long)]
+    viommu: Option<nestio_vmm::iommu::smmuv3::Viommu>,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -611,6 +615,7 @@ pub fn config(args: RunArgs) -> Result<VmConfig, String> {
     }
     cfg.cpus = args.cpus;
     cfg.irqchip = args.irqchip;
+    cfg.viommu = args.viommu;
     cfg.handle_sigint = true;
     cfg.console_input = args.console_input.resolve();
     cfg.devices = args.devices;
@@ -665,6 +670,19 @@ mod tests {
         assert_eq!(cfg.cmdline, "console=ttyS0 nestio.mode=boot");
         assert_eq!(cfg.devices.len(), 1);
         assert!(matches!(cfg.boot, Boot::Linux { initrd: None, .. }));
+    }
+
+    #[test]
+    fn viommu_flag() {
+        use nestio_vmm::iommu::smmuv3::Viommu;
+        assert_eq!(parse(&["--guest", "hello"]).unwrap().viommu, None);
+        assert_eq!(
+            parse(&["--guest", "hello", "--viommu", "smmuv3,mode=shadow"])
+                .unwrap()
+                .viommu,
+            Some(Viommu::Smmuv3)
+        );
+        assert!(parse(&["--guest", "hello", "--viommu", "smmuv3,mode=nested"]).is_err());
     }
 
     #[test]

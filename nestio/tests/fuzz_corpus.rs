@@ -78,3 +78,8 @@ fn corpus_fsl_mc() {
 fn corpus_xive() {
     replay("xive", nestio_xive::fuzz::fuzz_xive);
 }
+
+#[test]
+fn corpus_smmuv3() {
+    replay("smmuv3", nestio_iommu::smmuv3::fuzz::fuzz_smmuv3);
+}

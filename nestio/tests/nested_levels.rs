@@ -701,3 +701,54 @@ fn linux_guest_pings_through_two_exporting_levels() {
     assert_zero_copy(&l1);
     assert!(dev.running());
 }
+
+/// The innermost level with `--viommu smmuv3`: its guest programs the SMMUv3 and puts
+/// its rings and buffers at IOVA = GPA + 512 GiB (`smmu=`), so the DMA_MAPs that
+/// cross level 1 carry IOVAs that are not the level-2 guest's addresses.
+fn ping_through_smmuv3(dir: &Dir, name: &str, device: &Path) -> (ExitStatus, String, String) {
+    let dev = format!("vfio-user={}", s(device));
+    let mem = format!("{}.mem", s(device));
+    let mut l = Level::spawn(
+        dir,
+        name,
+        &[
+            "run",
+            "--guest",
+            "e1000ping",
+            "--cmdline",
+            "irq=msi smmu=0xe8000000",
+            "--viommu",
+            "smmuv3,mode=shadow",
+            "--memory-from",
+            &mem,
+            "--device",
+            &dev,
+        ],
+    );
+    let st = l.wait();
+    (st, l.stdout(), l.stderr())
+}
+
+#[test]
+fn level2_guest_pings_through_its_smmuv3_with_iova_not_gpa() {
+    let name = "level2_guest_pings_through_its_smmuv3_with_iova_not_gpa";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("levels", "smmuv3");
+    let (_dev, s0) = device(&dir);
+    let s1 = dir.path("s1");
+    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
+    let (st, out, err) = ping_through_smmuv3(&dir, "level2", &s1);
+    assert_pinged(st, &out, &err);
+    assert!(
+        out.contains("smmu: translating sid 0x8 at 0xe8000000: IOVA = GPA + 0x8000000000"),
+        "{out}"
+    );
+    // The level-0 device still DMAs straight into the level-2 guest's pages: the
+    // shadow's maps crossed level 1 by fd, with nothing copied there.
+    let st1 = l1.wait();
+    assert_eq!(st1.code(), Some(42), "{}", l1.stderr());
+    assert_zero_copy(&l1);
+    assert!(export_stat(&l1.stderr(), "maps") >= 4, "{}", l1.stderr());
+}

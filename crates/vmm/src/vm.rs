@@ -227,6 +227,8 @@ pub struct VmConfig {
     pub acpi: bool,
     /// The interrupt controller (`--irqchip x86|xive`; x86 by default).
     pub irqchip: crate::irqchip::IrqChipKind,
+    /// A vIOMMU for the assigned devices (`--viommu`; None: IOVA = GPA, all RAM).
+    pub viommu: Option<crate::iommu::smmuv3::Viommu>,
 }
 
 /// KVM memory slot of the second and later [`crate::memory::RamPart`]s (the PCI slot
@@ -263,6 +265,7 @@ impl VmConfig {
             irqchip: crate::irqchip::IrqChipKind::default(),
             thread_hooks: ThreadHooks::default(),
             acpi: false,
+            viommu: None,
         }
     }
 
@@ -320,6 +323,9 @@ pub enum VmError {
     /// Platform (non-PCI) device wiring.
     #[error(transparent)]
     PlatformDevice(#[from] PlatformDeviceError),
+    /// The vIOMMU.
+    #[error(transparent)]
+    Smmuv3(#[from] crate::iommu::smmuv3::Smmuv3Error),
     /// A device of a type the VMM cannot attach.
     #[error("cannot attach {device}: it is neither a PCI nor a platform device (VFIO device flags {flags:#x}); nestio attaches VFIO PCI, platform, AMBA and FSL-MC devices")]
     UnsupportedDevice {
@@ -607,21 +613,22 @@ impl Vm {
         pio.insert(BusRange::new(POST_PORT, 1)?, Arc::new(PostCode))?;
 
         let mapper = RegionMapper::new(vm.clone(), pio.clone(), mmio.clone());
-        // No vIOMMU: every device reaches all of guest RAM at IOVA = GPA.
-        let dma: Arc<dyn DmaDomain> = Arc::new(IdentityDomain::new(GuestRamFile::of(&ram)));
+        // Without a vIOMMU every device reaches all of guest RAM at IOVA = GPA.
+        let mut window = PlatformMmioAllocator::default_window();
+        let (dma, smmu) = viommu_domain(&cfg, &ram, &mmio, &mut window)?;
         let pci = PciRoot::new(irqchip.clone(), mapper.clone(), dma.clone());
-        let platform_bus = Arc::new(PlatformBus::new(
-            irqchip.clone(),
-            mapper,
-            dma,
-            PlatformMmioAllocator::default_window(),
-        ));
+        let platform_bus = Arc::new(PlatformBus::new(irqchip.clone(), mapper, dma, window));
         pio.insert(BusRange::new(PCI_CONFIG_PORT, 8)?, pci.config_io())?;
         mmio.insert(
             BusRange::new(crate::pci::ECAM_BASE, crate::pci::ECAM_SIZE)?,
             pci.ecam(),
         )?;
         attach_devices(&cfg.devices, &pci, &platform_bus)?;
+        if let Some(smmu) = &smmu {
+            for d in pci.devices() {
+                smmu.add_stream(crate::iommu::StreamId::pci(0, d.slot(), 0))?;
+            }
+        }
 
         let mem = ram.memory().clone();
         let control = VcpuControl::new();
@@ -962,6 +969,46 @@ impl Vm {
 /// Attach each configured device where its VFIO flags say it belongs: PCI devices at
 /// 00:01.0, 00:02.0, ... in order; platform / AMBA / FSL-MC devices in the platform
 /// MMIO window.
+/// The DMA domain of the machine: identity without a vIOMMU; with `--viommu smmuv3`
+/// a shadow domain driven by an SMMUv3 placed first in the platform MMIO window.
+#[allow(clippy::type_complexity)]
+fn viommu_domain(
+    cfg: &VmConfig,
+    ram: &GuestRam,
+    mmio: &Arc<Bus>,
+    window: &mut PlatformMmioAllocator,
+) -> Result<
+    (
+        Arc<dyn DmaDomain>,
+        Option<Arc<crate::iommu::smmuv3::Smmuv3>>,
+    ),
+    VmError,
+> {
+    use crate::iommu::smmuv3::{GuestRamView, Smmuv3, Viommu};
+    match cfg.viommu {
+        None => Ok((Arc::new(IdentityDomain::new(GuestRamFile::of(ram))), None)),
+        Some(Viommu::Smmuv3) => {
+            let shadow = Arc::new(crate::iommu::ShadowDomain::new(GuestRamFile::of(ram)));
+            let smmu = Arc::new(Smmuv3::new(
+                GuestRamView::new(ram.memory().clone(), None),
+                shadow.clone(),
+                ram.size(),
+            ));
+            let base =
+                window
+                    .alloc(Smmuv3::mmio_size())
+                    .ok_or(PlatformDeviceError::WindowFull {
+                        device: "SMMUv3".into(),
+                        index: 0,
+                        size: Smmuv3::mmio_size(),
+                    })?;
+            mmio.insert(BusRange::new(base, Smmuv3::mmio_size())?, smmu.clone())?;
+            tracing::info!(base, "SMMUv3 (shadow mode) in the platform MMIO window");
+            Ok((shadow, Some(smmu)))
+        }
+    }
+}
+
 fn attach_devices(
     devices: &[DeviceConfig],
     pci: &Arc<PciRoot>,

@@ -3,5 +3,6 @@
 //! See [`domain`] for the design.
 
 pub mod domain;
+pub mod smmuv3;
 
 pub use domain::{DmaDomain, DmaDomainError, GuestRamFile, IdentityDomain, ShadowDomain, StreamId};

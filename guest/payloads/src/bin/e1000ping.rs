@@ -14,6 +14,16 @@
 //! is cleared before each step, so each step's fault is seen on its own). Exits
 //! [`DMA_OUTSIDE_REFUSED`] when both faults were seen, 17/18 when the RX/TX DMA was not
 //! refused.
+//!
+//! `smmu=ADDR` (the VMM's `--viommu smmuv3`): before touching the NIC, program the
+//! SMMUv3 at ADDR (see `smmu.rs`) so the NIC's DMA is translated: rings and buffers
+//! are mapped at IOVA = `smmu::IOVA_BASE` + GPA and the NIC is given IOVAs only.
+//! `dma=unmap` (with `smmu=`, after the echo reply): unmap the page of the next RX
+//! buffer under the live ring (TLBI_NH_VA + CMD_SYNC), have the gateway answer
+//! another ARP, and check that the NIC's DMA was refused (master abort, descriptor
+//! not written back) and that no byte of the poisoned buffer changed; exits
+//! [`DMA_UNMAP_REFUSED`]. `dma=readonly`: the same with the page left mapped
+//! read-only for the device (a permission fault instead of a translation fault).
 #![no_std]
 #![no_main]
 
@@ -22,6 +32,9 @@ use core::sync::atomic::{AtomicU32, Ordering};
 
 use nestio_guest::io::{mmio_read32, mmio_write32, wait_for_interrupt};
 use nestio_guest::{cmdline_value, interrupts, pci, println};
+
+#[path = "../smmu.rs"]
+mod smmu;
 
 nestio_guest::entry!(main);
 
@@ -55,6 +68,17 @@ const STATUS_MASTER_ABORT: u32 = 1 << 13;
 /// Exit status of `dma=outside` when the device refused both out-of-RAM DMAs.
 const DMA_OUTSIDE_REFUSED: u32 = 7;
 const GW_IP: [u8; 4] = [10, 0, 2, 2];
+/// Exit status of `dma=unmap` when the NIC's DMA to the unmapped page was refused.
+const DMA_UNMAP_REFUSED: u32 = 8;
+
+/// What the NIC is told for a guest-physical address: IOVA = GPA + this (0 without
+/// an SMMU).
+static mut IOVA_OFF: u64 = 0;
+
+fn dma(gpa: u64) -> u64 {
+    // SAFETY: written once before the NIC is given any address.
+    gpa + unsafe { IOVA_OFF }
+}
 
 #[repr(C, align(128))]
 struct Ring([[u64; 2]; N]);
@@ -206,7 +230,7 @@ impl Nic {
         let d1 = len as u64 | (0x0b << 24);
         // SAFETY: descriptor i of the TX ring.
         unsafe {
-            write_volatile(&mut (*tx_ring().add(i))[0], b as u64);
+            write_volatile(&mut (*tx_ring().add(i))[0], dma(b as u64));
             write_volatile(&mut (*tx_ring().add(i))[1], d1);
         }
         self.tx_next = (i + 1) % N;
@@ -290,6 +314,35 @@ fn main(ram: u64) -> u32 {
     pci::enable(dev);
     // SAFETY: single-threaded init before interrupts are enabled.
     unsafe { BAR0 = pci::bar_address(dev, 0) };
+    let mut iommu = None;
+    if let Some(v) = cmdline_value("smmu") {
+        let Some(base) = smmu::parse_u64(v) else {
+            return 20;
+        };
+        let sid = u16::from(dev.dev) << 3 | u16::from(dev.func);
+        let mapped = smmu::Smmu::init(base, sid).and_then(|mut s| {
+            s.map(rx_ring() as u64, core::mem::size_of::<Ring>() as u64)?;
+            s.map(tx_ring() as u64, core::mem::size_of::<Ring>() as u64)?;
+            s.map(rx_buf(0) as u64, core::mem::size_of::<Bufs>() as u64)?;
+            s.map(tx_buf(0) as u64, core::mem::size_of::<Bufs>() as u64)?;
+            Ok(s)
+        });
+        match mapped {
+            Ok(s) => iommu = Some(s),
+            Err(e) => {
+                println!("smmu: {}", e);
+                return 21;
+            }
+        }
+        // SAFETY: single-threaded, before the NIC is given any address.
+        unsafe { IOVA_OFF = smmu::IOVA_BASE };
+        println!(
+            "smmu: translating sid {:#x} at {:#x}: IOVA = GPA + {:#x}",
+            sid,
+            base,
+            smmu::IOVA_BASE
+        );
+    }
     mmio_write32(reg(IMC), u32::MAX);
     mmio_write32(reg(CTRL), mmio_read32(reg(CTRL)) | (1 << 26));
     let mut n = 0;
@@ -322,12 +375,12 @@ fn main(ram: u64) -> u32 {
     for i in 0..N {
         // SAFETY: descriptor i of the RX ring.
         unsafe {
-            write_volatile(&mut (*rx_ring().add(i))[0], rx_buf(i) as u64);
+            write_volatile(&mut (*rx_ring().add(i))[0], dma(rx_buf(i) as u64));
             write_volatile(&mut (*rx_ring().add(i))[1], 0);
         }
     }
-    let rx = rx_ring() as u64;
-    let tx = tx_ring() as u64;
+    let rx = dma(rx_ring() as u64);
+    let tx = dma(tx_ring() as u64);
     mmio_write32(reg(RDBAL), rx as u32);
     mmio_write32(reg(RDBAH), (rx >> 32) as u32);
     mmio_write32(reg(RDLEN), (N * 16) as u32);
@@ -463,6 +516,20 @@ fn main(ram: u64) -> u32 {
     if cmdline_value("dma") == Some("outside") {
         return dma_outside(dev, ram, &mut nic, &f);
     }
+    if cmdline_value("dma") == Some("unmap") {
+        let Some(iommu) = iommu.as_mut() else {
+            println!("dma unmap: needs smmu=");
+            return 22;
+        };
+        return dma_unmap(dev, iommu, &mut nic, &f, false);
+    }
+    if cmdline_value("dma") == Some("readonly") {
+        let Some(iommu) = iommu.as_mut() else {
+            println!("dma readonly: needs smmu=");
+            return 22;
+        };
+        return dma_unmap(dev, iommu, &mut nic, &f, true);
+    }
     0
 }
 
@@ -540,4 +607,70 @@ fn dma_outside(dev: pci::Bdf, ram: u64, nic: &mut Nic, arp: &[u8]) -> u32 {
     }
     println!("dma outside: TX fault: master abort, descriptor not written back");
     DMA_OUTSIDE_REFUSED
+}
+
+/// The `dma=unmap` check, or with `readonly` the `dma=readonly` one (the page stays
+/// mapped, read-only: a permission fault). See the module documentation.
+fn dma_unmap(
+    dev: pci::Bdf,
+    iommu: &mut smmu::Smmu,
+    nic: &mut Nic,
+    arp: &[u8],
+    readonly: bool,
+) -> u32 {
+    let i = nic.rx_next;
+    let buf = rx_buf(i);
+    for k in 0..BUF {
+        // SAFETY: k < BUF inside buffer i.
+        unsafe { write_volatile(buf.add(k), 0xa5) }
+    }
+    let iova = dma(buf as u64);
+    let r = if readonly {
+        iommu.protect_page(iova)
+    } else {
+        iommu.unmap_page(iova)
+    };
+    if let Err(e) = r {
+        println!("dma unmap: {}", e);
+        return 23;
+    }
+    println!(
+        "dma unmap: iova {:#x} (rx buffer {}) {} under the live ring",
+        iova,
+        i,
+        if readonly {
+            "made read-only"
+        } else {
+            "unmapped"
+        }
+    );
+    clear_master_abort(dev);
+    if !nic.send(arp) {
+        return 13;
+    }
+    let fault = wait_master_abort(dev);
+    // SAFETY: descriptor i of the RX ring.
+    let status = unsafe { read_volatile(&(*rx_ring().add(i))[1]) } >> 32;
+    let mut touched = 0;
+    for k in 0..BUF {
+        // SAFETY: k < BUF inside buffer i.
+        if unsafe { read_volatile(buf.add(k)) } != 0xa5 {
+            touched += 1;
+        }
+    }
+    while let Some(e) = iommu.next_event() {
+        println!(
+            "dma unmap: event {:#x} sid {:#x} iova {:#x} read {}",
+            e.code as u32, e.sid, e.iova, e.read as u32
+        );
+    }
+    if !fault || status & 1 != 0 || touched != 0 {
+        println!(
+            "dma unmap: RX DMA not refused (master abort {}, status {:#x}, {} bytes touched)",
+            fault as u32, status, touched
+        );
+        return 24;
+    }
+    println!("dma unmap: RX fault: master abort, descriptor not written back, buffer untouched");
+    DMA_UNMAP_REFUSED
 }

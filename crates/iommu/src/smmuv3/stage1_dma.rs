@@ -1,0 +1,424 @@
+//! Nested mode, device side: the guest's stage 1 as a [`DmaSpace`] decorator.
+//!
+//! In nested mode the device process translates its own DMA: its map table (what
+//! the VMM DMA_MAPs: the guest's RAM at IPA = GPA) is stage 2, and the guest's
+//! stage-1 configuration — the S1 fields of the guest's STE for this device, bound by
+//! the VMM — is walked here, by the same model as the VMM's, reading the guest's CD
+//! and page tables *through the map table* (their addresses are IPAs).
+//!
+//! How the model is reused: a private [`Smmu`] whose stream table (one STE: the
+//! bound stage-1 fields, Config forced to "S1 translate, S2 bypass" since stage 2 is
+//! the map table), command queue and event queue live in a small private memory
+//! overlaid on the device's DMA space ([`Overlay`], at an address no IPA reaches).
+//! The guest's invalidations arrive as raw 16-byte commands ([`Stage1Dma::command`]:
+//! TLBI_NH_*, CFGI_CD*, CMD_SYNC — anything else is refused), and the model's events
+//! are handed back with the guest's virtual stream ID ([`Stage1Dma::take_events`])
+//! for the VMM to put in the guest's event queue. A fault is also the DMA's error
+//! (`DmaError::Unmapped` / `Permission` at the IOVA), like an unmapped IOVA.
+//!
+//! Status: the device side of nested mode; the vfio-user negotiation that binds it
+//! (`docs/vfio-user-nested-iommu.md`) is not wired yet.
+
+use parking_lot::Mutex;
+use std::sync::Arc;
+
+use nestio_dma::{Access, DmaError, DmaSpace};
+
+use super::evtq::Event;
+use super::memory::{MemoryError, SmmuMemory};
+use super::{regs, Smmu, Transaction, TranslateError};
+
+/// Base of the private overlay: above every 48-bit IPA, below the 52-bit limit of
+/// the SMMU's table addresses.
+const OVERLAY: u64 = 0x000f_ffff_fff0_0000;
+const STRTAB: u64 = OVERLAY;
+const CMDQ: u64 = OVERLAY + 0x1000;
+const EVTQ: u64 = OVERLAY + 0x2000;
+const OVERLAY_SIZE: usize = 0x4000;
+/// Command and event queues of 64 entries.
+const QLOG2: u32 = 6;
+
+/// Errors of binding and forwarding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Stage1Error {
+    /// The bound STE does not enable stage 1.
+    #[error("the bound STE has no stage-1 configuration (Config must have bit 0 set)")]
+    NoStage1,
+    /// A command the guest may not forward (only TLBI_NH_*, CFGI_CD*, CMD_SYNC).
+    #[error(
+        "command {0:#04x} cannot be forwarded to a device (only TLBI_NH_*, CFGI_CD*, CMD_SYNC)"
+    )]
+    NotForwardable(u8),
+    /// The model refused the command (illegal operands).
+    #[error("the forwarded command was illegal (CERROR {0})")]
+    Illegal(u32),
+}
+
+/// The device's DMA space with the private SMMU structures overlaid.
+struct Overlay {
+    lower: Arc<dyn DmaSpace>,
+    bytes: Mutex<Vec<u8>>,
+}
+
+impl Overlay {
+    fn local(&self, addr: u64, len: usize) -> Option<usize> {
+        let off = usize::try_from(addr.checked_sub(OVERLAY)?).ok()?;
+        (off.checked_add(len)? <= OVERLAY_SIZE).then_some(off)
+    }
+}
+
+impl SmmuMemory for Overlay {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        if let Some(off) = self.local(addr, buf.len()) {
+            buf.copy_from_slice(&self.bytes.lock()[off..off + buf.len()]);
+            return Ok(());
+        }
+        self.lower.read(addr, buf).map_err(|_| MemoryError {
+            addr,
+            len: buf.len(),
+        })
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
+        if let Some(off) = self.local(addr, data.len()) {
+            self.bytes.lock()[off..off + data.len()].copy_from_slice(data);
+            return Ok(());
+        }
+        // The guest's tables are read-only to the walker (no HTTU).
+        Err(MemoryError {
+            addr,
+            len: data.len(),
+        })
+    }
+}
+
+struct State {
+    smmu: Smmu,
+    prod: u32,
+    evt_cons: u32,
+}
+
+/// A device's DMA through the guest's bound stage 1 (see the module docs).
+pub struct Stage1Dma {
+    mem: Overlay,
+    state: Mutex<State>,
+    vsid: u32,
+}
+
+impl Stage1Dma {
+    /// Bind the guest's STE (its first two dwords: V, Config, S1Fmt, S1ContextPtr,
+    /// S1CDMax; S1DSS) for virtual stream `vsid` over the device's DMA space `lower`.
+    pub fn bind(lower: Arc<dyn DmaSpace>, vsid: u32, ste: [u64; 2]) -> Result<Self, Stage1Error> {
+        if ste[0] & 1 == 0 || (ste[0] >> 1) & 1 == 0 {
+            return Err(Stage1Error::NoStage1);
+        }
+        let mem = Overlay {
+            lower,
+            bytes: Mutex::new(vec![0; OVERLAY_SIZE]),
+        };
+        // S1-only STE: keep V/S1Fmt/S1ContextPtr/S1CDMax and S1DSS, Config = 0b101.
+        let d0 = (ste[0] & !0xe) | (0b101 << 1);
+        mem.write(STRTAB, &d0.to_le_bytes())
+            .and_then(|()| mem.write(STRTAB + 8, &(ste[1] & 3).to_le_bytes()))
+            .map_err(|_| Stage1Error::NoStage1)?;
+        let mut smmu = Smmu::new();
+        smmu.write(&mem, regs::STRTAB_BASE, 8, STRTAB);
+        smmu.write(&mem, regs::STRTAB_BASE_CFG, 4, 0);
+        smmu.write(&mem, regs::CMDQ_BASE, 8, CMDQ | u64::from(QLOG2));
+        smmu.write(&mem, regs::EVENTQ_BASE, 8, EVTQ | u64::from(QLOG2));
+        smmu.write(&mem, regs::CR0, 4, 0xd);
+        Ok(Stage1Dma {
+            mem,
+            state: Mutex::new(State {
+                smmu,
+                prod: 0,
+                evt_cons: 0,
+            }),
+            vsid,
+        })
+    }
+
+    /// Execute one of the guest's commands forwarded raw (TLBI_NH_ALL/ASID/VA/VAA,
+    /// CFGI_CD, CFGI_CD_ALL, CMD_SYNC); the SID operand of CFGI_CD* is ignored (this
+    /// space has one stream).
+    pub fn command(&self, raw: [u64; 2]) -> Result<(), Stage1Error> {
+        let op = raw[0] as u8;
+        let d0 = match op {
+            // The VMID operand is the guest's: this space has one (0).
+            0x10..=0x13 => raw[0] & !(0xffff << 32),
+            0x46 => raw[0],
+            0x05 | 0x06 => raw[0] & 0xffff_ffff,
+            _ => return Err(Stage1Error::NotForwardable(op)),
+        };
+        let mut st = self.state.lock();
+        let mask = (1u32 << (QLOG2 + 1)) - 1;
+        let slot = CMDQ + u64::from(st.prod & ((1 << QLOG2) - 1)) * 16;
+        let mut rec = [0u8; 16];
+        rec[..8].copy_from_slice(&d0.to_le_bytes());
+        rec[8..].copy_from_slice(&raw[1].to_le_bytes());
+        self.mem
+            .write(slot, &rec)
+            .map_err(|_| Stage1Error::Illegal(regs::CERROR_ABT))?;
+        st.prod = (st.prod + 1) & mask;
+        let prod = u64::from(st.prod);
+        st.smmu.write(&self.mem, regs::CMDQ_PROD, 4, prod);
+        let cons = st.smmu.read(regs::CMDQ_CONS, 4) as u32;
+        let err = (cons & regs::CMDQ_CONS_ERR_MASK) >> regs::CMDQ_CONS_ERR_SHIFT;
+        if cons & mask != st.prod {
+            // Skip the bad command (CONS is writable with the queue disabled) and
+            // acknowledge the error, so the next command runs.
+            let prod = u64::from(st.prod);
+            let gerror = st.smmu.read(regs::GERROR, 4);
+            st.smmu.write(&self.mem, regs::CR0, 4, 0x5);
+            st.smmu.write(&self.mem, regs::CMDQ_CONS, 4, prod);
+            st.smmu.write(&self.mem, regs::GERRORN, 4, gerror);
+            st.smmu.write(&self.mem, regs::CR0, 4, 0xd);
+            return Err(Stage1Error::Illegal(err));
+        }
+        Ok(())
+    }
+
+    /// The events recorded since the last call, with the guest's virtual SID.
+    pub fn take_events(&self) -> Vec<Event> {
+        let mut st = self.state.lock();
+        let prod = st.smmu.read(regs::EVENTQ_PROD, 4) as u32;
+        let mask = (1u32 << (QLOG2 + 1)) - 1;
+        let mut out = Vec::new();
+        while st.evt_cons & mask != prod & mask {
+            let mut rec = [0u8; 32];
+            let a = EVTQ + u64::from(st.evt_cons & ((1 << QLOG2) - 1)) * 32;
+            if self.mem.read(a, &mut rec).is_err() {
+                break;
+            }
+            let mut ev = Event::decode(&rec);
+            ev.sid = self.vsid;
+            out.push(ev);
+            st.evt_cons = (st.evt_cons + 1) & mask;
+        }
+        let cons = u64::from(st.evt_cons | (prod & regs::EVENTQ_OVFLG));
+        st.smmu.write(&self.mem, regs::EVENTQ_CONS, 4, cons);
+        out
+    }
+
+    /// Translate `len` bytes at IOVA `iova` into IPA pieces, calling `f(ipa, off,
+    /// len)` for each page-bounded piece.
+    fn each(
+        &self,
+        iova: u64,
+        len: usize,
+        access: Access,
+        mut f: impl FnMut(u64, usize, usize) -> Result<(), DmaError>,
+    ) -> Result<(), DmaError> {
+        let end = iova.checked_add(len as u64).ok_or(DmaError::Overflow {
+            iova,
+            len: len as u64,
+        })?;
+        let mut a = iova;
+        while a < end {
+            let t = Transaction {
+                sid: 0,
+                ssid: None,
+                addr: a,
+                write: access == Access::Write,
+            };
+            let r = self.state.lock().smmu.translate(&self.mem, t);
+            let tr = match r {
+                Ok(tr) => tr,
+                Err(TranslateError::Fault { event, .. })
+                    if event.code == super::evtq::code::F_PERMISSION =>
+                {
+                    return Err(DmaError::Permission { iova: a, access })
+                }
+                Err(_) => {
+                    return Err(DmaError::Unmapped {
+                        iova: a,
+                        len: end - a,
+                        access,
+                    })
+                }
+            };
+            let page = 1u64 << tr.size_bits.min(12);
+            let n = (page - (a & (page - 1))).min(end - a);
+            f(tr.addr, (a - iova) as usize, n as usize)?;
+            a += n;
+        }
+        Ok(())
+    }
+}
+
+impl DmaSpace for Stage1Dma {
+    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let lower = self.mem.lower.clone();
+        self.each(iova, buf.len(), Access::Read, |ipa, off, n| {
+            lower.read(ipa, &mut buf[off..off + n])
+        })
+    }
+    fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+        let lower = self.mem.lower.clone();
+        self.each(iova, data.len(), Access::Write, |ipa, off, n| {
+            lower.write(ipa, &data[off..off + n])
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stage 2 stand-in: IPA 0..1 MiB backed, everything else unmapped.
+    struct Ram(Mutex<Vec<u8>>);
+
+    impl DmaSpace for Ram {
+        fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+            let m = self.0.lock();
+            let s = iova as usize;
+            let e = s
+                .checked_add(buf.len())
+                .filter(|&e| e <= m.len() && iova < 1 << 20);
+            let Some(e) = e else {
+                return Err(DmaError::Unmapped {
+                    iova,
+                    len: buf.len() as u64,
+                    access: Access::Read,
+                });
+            };
+            buf.copy_from_slice(&m[s..e]);
+            Ok(())
+        }
+        fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+            let mut m = self.0.lock();
+            let s = iova as usize;
+            let e = s
+                .checked_add(data.len())
+                .filter(|&e| e <= m.len() && iova < 1 << 20);
+            let Some(e) = e else {
+                return Err(DmaError::Unmapped {
+                    iova,
+                    len: data.len() as u64,
+                    access: Access::Write,
+                });
+            };
+            m[s..e].copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    fn w(ram: &Ram, a: u64, v: u64) {
+        ram.write(a, &v.to_le_bytes()).unwrap();
+    }
+
+    #[test]
+    fn device_walks_the_bound_stage1_and_reports_faults_with_the_vsid() {
+        let ram = Arc::new(Ram(Mutex::new(vec![0; 1 << 20])));
+        // Guest CD at IPA 0x1000 (ASID 4, R), tables at 0x2000.., IOVA 0x4000_0000 →
+        // IPA 0x8000 read-write, 0x4000_1000 → IPA 0x9000 read-only.
+        let cd0 = 16 | (1 << 31) | (1 << 41) | (5 << 32) | (1 << 45) | (1 << 46) | (4u64 << 48);
+        w(&ram, 0x1000, cd0);
+        w(&ram, 0x1008, 0x2000);
+        w(&ram, 0x2000, 0x3003);
+        w(&ram, 0x3000 + 8, 0x4003);
+        w(&ram, 0x4000, 0x5003);
+        w(&ram, 0x5000, 0x8000 | 0x443);
+        w(&ram, 0x5008, 0x9000 | 0x4c3);
+        let dma = Stage1Dma::bind(ram.clone(), 0x42, [1 | (0b111 << 1) | 0x1000, 0]).unwrap();
+        dma.write(0x4000_0ffc, &[1, 2, 3, 4, 5, 6, 7, 8])
+            .unwrap_err(); // crosses into RO
+        dma.write(0x4000_0010, b"nested!").unwrap();
+        let mut b = [0u8; 7];
+        ram.read(0x8010, &mut b).unwrap();
+        assert_eq!(&b, b"nested!");
+        let mut c = [0u8; 7];
+        dma.read(0x4000_0010, &mut c).unwrap();
+        assert_eq!(c, b);
+        // The cross-page write faulted on the read-only page: F_PERMISSION, vSID.
+        let ev = dma.take_events();
+        assert_eq!(ev.len(), 1);
+        assert_eq!(
+            (ev[0].code, ev[0].sid, ev[0].input_addr),
+            (0x13, 0x42, 0x4000_1000)
+        );
+        // The guest unmaps IOVA 0x4000_0000 and forwards TLBI_NH_VA + CMD_SYNC.
+        w(&ram, 0x5000, 0);
+        assert!(
+            dma.read(0x4000_0010, &mut c).is_ok(),
+            "IOTLB until invalidated"
+        );
+        dma.command([0x12 | (4u64 << 48), 0x4000_0000]).unwrap();
+        dma.command([0x46, 0]).unwrap();
+        assert!(matches!(
+            dma.read(0x4000_0010, &mut c),
+            Err(DmaError::Unmapped {
+                iova: 0x4000_0010,
+                ..
+            })
+        ));
+        let ev = dma.take_events();
+        assert_eq!((ev[0].code, ev[0].sid, ev[0].read), (0x10, 0x42, true));
+        // Commands a guest may not forward, and STEs without stage 1.
+        assert_eq!(
+            dma.command([0x03, 0]),
+            Err(Stage1Error::NotForwardable(0x03))
+        );
+        assert_eq!(
+            dma.command([0x28, 0]),
+            Err(Stage1Error::NotForwardable(0x28))
+        );
+        assert!(Stage1Dma::bind(ram.clone(), 1, [1 | (0b110 << 1), 0]).is_err());
+        assert!(Stage1Dma::bind(ram, 1, [0, 0]).is_err());
+    }
+
+    #[test]
+    fn unmap_while_dma_in_flight_never_reads_another_page_and_ends_at_sync() {
+        let ram = Arc::new(Ram(Mutex::new(vec![0; 1 << 20])));
+        let cd0 = 16 | (1 << 31) | (1 << 41) | (5 << 32) | (1 << 45) | (1 << 46) | (4u64 << 48);
+        w(&ram, 0x1000, cd0);
+        w(&ram, 0x1008, 0x2000);
+        w(&ram, 0x2000, 0x3003);
+        w(&ram, 0x3000 + 8, 0x4003);
+        w(&ram, 0x4000, 0x5003);
+        w(&ram, 0x5000, 0x8000 | 0x443);
+        ram.write(0x8000, &[0x11; 4096]).unwrap();
+        ram.write(0x9000, &[0x22; 4096]).unwrap();
+        let dma =
+            Arc::new(Stage1Dma::bind(ram.clone(), 7, [1 | (0b101 << 1) | 0x1000, 0]).unwrap());
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let reader = {
+            let (dma, stop, ok) = (dma.clone(), stop.clone(), ok.clone());
+            std::thread::spawn(move || {
+                let mut b = [0u8; 64];
+                while !stop.load(SeqCst) {
+                    if dma.read(0x4000_0100, &mut b).is_ok() {
+                        assert!(b.iter().all(|&x| x == 0x11), "read another page: {b:?}");
+                        ok.fetch_add(1, SeqCst);
+                    }
+                }
+            })
+        };
+        // The guest unmaps the IOVA and maps it back, invalidating each time: a DMA
+        // in flight reads the mapped page or faults (never the 0x22 neighbour), and
+        // none gets through between an unmap's CMD_SYNC and the remap.
+        for _ in 0..200 {
+            w(&ram, 0x5000, 0);
+            dma.command([0x12 | (4u64 << 48), 0x4000_0000]).unwrap();
+            dma.command([0x46, 0]).unwrap();
+            let mut b = [0u8; 8];
+            assert!(
+                dma.read(0x4000_0100, &mut b).is_err(),
+                "after CMD_SYNC no DMA reaches it"
+            );
+            w(&ram, 0x5000, 0x8000 | 0x443);
+            dma.command([0x12 | (4u64 << 48), 0x4000_0000]).unwrap();
+            dma.command([0x46, 0]).unwrap();
+        }
+        // Mapped again: the reader gets through (bounded wait).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ok.load(SeqCst) == 0 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        stop.store(true, SeqCst);
+        reader.join().unwrap();
+        assert!(ok.load(SeqCst) > 0, "DMA gets through while mapped");
+        assert!(!dma.take_events().is_empty(), "faults were recorded");
+    }
+}
