@@ -3,13 +3,16 @@
 kernel command line) under several VMMs, one after the other, with 1 and 2 vCPUs, and
 print when each milestone appeared on the serial console (host clock, seconds since the
 VMM process started; in brackets, since the kernel's banner, which leaves out QEMU's
-firmware), the guest's ICMP round trips through the e1000, and every time as a ratio
-to nestio's at the same vCPU count.
+firmware), the guest's ICMP round trips through the e1000, the time of a 64 KiB DMA
+by nestio's sample device into guest RAM (`nestio.dmabench`, linux/README.md; not for
+qemu72, which has no vfio-user), and every time as a ratio to nestio's at the same
+vCPU count.
 
 VMMs (the guest pings 10.0.2.2 through an emulated e1000 in each):
 
 - `nestio`: `nestio run --acpi on`, nestio's e1000 served by `nestio device e1000 --net
-  user` in another process, over vfio-user (nestio's own client);
+  user` and the sample device by `nestio device sample`, each in another process, over
+  vfio-user (nestio's own client);
 - `qemu72`: Debian's QEMU 7.2 + KVM (`qemu-system-x86_64` on PATH) with QEMU's own
   in-process e1000 on its user network — the baseline nobody here wrote;
 - `qemu`: the QEMU in `NESTIO_QEMU` (>= 10.1, vfio-user-pci) with nestio's e1000 over
@@ -22,7 +25,7 @@ The kernel command line has no `noapic` (Cloud Hypervisor routes PCI INTx only t
 the I/O APIC) and ends the guest with an ACPI power-off (`nestio.end=poweroff`; nestio
 and QEMU end it earlier, at the debug-exit port write).
 
-Usage: scripts/boot_compare.py [--runs N] [--cpus 1,2] [--pings N] [--vmms LIST]
+Usage: scripts/boot_compare.py [--runs N] [--cpus 1,2] [--pings N] [--dma N] [--vmms LIST]
 (needs target/release/nestio: run `cargo build --release -p nestio` first, and
 qemu-system-x86_64 for qemu72)
 """
@@ -50,6 +53,7 @@ MILESTONES = [
 ]
 RTT = re.compile(r"bytes from 10\.0\.2\.2: icmp_seq=(\d+) .*time=([0-9.]+) ms")
 CPUS_LINE = re.compile(r"NESTIO-CPUS: (\d+) in /proc/cpuinfo")
+DMA_LINE = re.compile(r"NESTIO-DMA: ok 64 KiB x \d+: median ([0-9.]+) us \(([0-9.]+) MB/s\)")
 VMM_TITLES = {
     "nestio": "nestio (vfio-user e1000)",
     "qemu72": "QEMU 7.2 + KVM (own e1000)",
@@ -76,6 +80,8 @@ class Result:
         self.seen = {}
         self.rtts = []
         self.cpus = None
+        self.dma_us = None
+        self.dma_fail = None
         self.status = None
         self.console = []
 
@@ -107,17 +113,25 @@ def timed(cmd, log, timeout=300):
             m = CPUS_LINE.search(line)
             if m:
                 res.cpus = int(m.group(1))
+            m = DMA_LINE.search(line)
+            if m:
+                res.dma_us = float(m.group(1))
+            if "NESTIO-DMA: fail" in line:
+                res.dma_fail = line.strip()
     res.status = p.wait()
     killer.cancel()
     return res
 
 
 class Device:
-    """`nestio device e1000 --net user --once` on a fresh socket, killed on exit."""
+    """`nestio device KIND --once` on a fresh socket, killed on exit."""
 
-    def __init__(self, nestio, workdir):
-        self.sock = os.path.join(workdir, "e1000.sock")
-        self.proc = subprocess.Popen([nestio, "device", "e1000", "--net", "user", "--once",
+    def __init__(self, nestio, workdir, kind, *extra):
+        self.kind = kind
+        self.sock = os.path.join(workdir, f"{kind}.sock")
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.proc = subprocess.Popen([nestio, "device", kind, *extra, "--once",
                                       "--socket", self.sock], stdin=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
 
@@ -127,7 +141,7 @@ class Device:
             if "serving on" in line:
                 break
         else:
-            sys.exit("nestio device e1000 ended before serving")
+            sys.exit(f"nestio device {self.kind} ended before serving")
         threading.Thread(target=lambda: self.proc.stderr.read(), daemon=True).start()
         return self.sock
 
@@ -136,12 +150,12 @@ class Device:
         self.proc.wait()
 
 
-def command(vmm, bins, kernel, initrd, cpus, cmdline, sock):
-    """The command line of one VMM; `sock` is nestio's e1000 socket (None for qemu72)."""
+def command(vmm, bins, kernel, initrd, cpus, cmdline, socks):
+    """The command line of one VMM; `socks` are nestio's device sockets (none for qemu72)."""
     if vmm == "nestio":
         return [bins["nestio"], "run", "--kernel", kernel, "--initrd", initrd,
                 "--memory", f"{MEMORY_MB}M", "--cpus", str(cpus), "--acpi", "on",
-                "--device", "vfio-user=" + sock, "--cmdline", cmdline]
+                "--cmdline", cmdline] + [a for s in socks for a in ("--device", "vfio-user=" + s)]
     qemu_common = ["-enable-kvm", "-cpu", "qemu64,+xsaveerptr", "-smp", str(cpus),
                    "-m", f"{MEMORY_MB}M", "-nodefaults", "-nographic", "-serial", "stdio",
                    "-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", cmdline,
@@ -150,24 +164,33 @@ def command(vmm, bins, kernel, initrd, cpus, cmdline, sock):
         return [bins["qemu72"]] + qemu_common + [
             "-machine", "q35", "-netdev", "user,id=n0", "-device", "e1000,netdev=n0,romfile="]
     if vmm == "qemu":
-        dev = '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"%s"}}' % sock
+        devs = []
+        for s in socks:
+            devs += ["-device",
+                     '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"%s"}}' % s]
         return [bins["qemu"]] + qemu_common + [
             "-object", f"memory-backend-memfd,id=ram,size={MEMORY_MB}M,share=on",
-            "-machine", "q35,memory-backend=ram", "-device", dev]
+            "-machine", "q35,memory-backend=ram"] + devs
     if vmm == "ch":
         return [bins["ch"], "--kernel", kernel, "--initramfs", initrd, "--cmdline", cmdline,
                 "--cpus", f"boot={cpus}", "--memory", f"size={MEMORY_MB}M,shared=on",
-                "--serial", "tty", "--console", "off", "--user-device", "socket=" + sock]
+                "--serial", "tty", "--console", "off"] + [
+                    a for s in socks for a in ("--user-device", "socket=" + s)]
     raise ValueError(vmm)
 
 
-def boot(vmm, bins, kernel, initrd, cpus, cmdline, workdir):
+def boot(vmm, bins, kernel, initrd, cpus, cmdline, workdir, dma):
     log = os.path.join(workdir, f"{vmm}-{cpus}cpu.log")
     if vmm == "qemu72":
-        res = timed(command(vmm, bins, kernel, initrd, cpus, cmdline, None), log)
+        res = timed(command(vmm, bins, kernel, initrd, cpus, cmdline, []), log)
+    elif dma:
+        with Device(bins["nestio"], workdir, "e1000", "--net", "user") as e1000, \
+                Device(bins["nestio"], workdir, "sample") as sample:
+            res = timed(command(vmm, bins, kernel, initrd, cpus,
+                                f"{cmdline} nestio.dmabench={dma}", [e1000, sample]), log)
     else:
-        with Device(bins["nestio"], workdir) as sock:
-            res = timed(command(vmm, bins, kernel, initrd, cpus, cmdline, sock), log)
+        with Device(bins["nestio"], workdir, "e1000", "--net", "user") as e1000:
+            res = timed(command(vmm, bins, kernel, initrd, cpus, cmdline, [e1000]), log)
     res.log = log
     return res
 
@@ -185,6 +208,8 @@ def main():
     ap.add_argument("--runs", type=int, default=1, help="boots per VMM and vCPU count")
     ap.add_argument("--cpus", default="1,2", help="vCPU counts, comma separated")
     ap.add_argument("--pings", type=int, default=5, help="echo requests per boot (>= 2)")
+    ap.add_argument("--dma", type=int, default=20,
+                    help="timed 64 KiB sample-device DMAs per boot (0: no sample device)")
     ap.add_argument("--vmms", default=None,
                     help="comma separated of nestio,qemu72,qemu,ch (default: nestio, qemu72, "
                          "and qemu/ch when NESTIO_QEMU/NESTIO_CH are set)")
@@ -226,8 +251,11 @@ def main():
     for run in range(args.runs):
         for cpus in cpu_counts:
             for vmm in vmms:
-                res = boot(vmm, bins, kernel, initrd, cpus, cmdline, workdir)
-                ok = len(res.rtts) >= args.pings
+                dma = 0 if vmm == "qemu72" else args.dma
+                res = boot(vmm, bins, kernel, initrd, cpus, cmdline, workdir, dma)
+                ok = len(res.rtts) >= args.pings and (dma == 0 or res.dma_us is not None)
+                if dma and res.dma_us is None:
+                    print(f"  DMA: {res.dma_fail or 'no NESTIO-DMA line'}")
                 print(f"{vmm} {cpus} vCPU run {run + 1}: "
                       f"{'ok' if ok else 'FAILED'} ({len(res.rtts)}/{args.pings} replies, "
                       f"{res.cpus} CPUs seen, exit status {res.status}; {res.log})",
@@ -236,14 +264,17 @@ def main():
 
     names = [n for n, _ in MILESTONES]
     print()
-    print("| VMM | vCPUs | run | " + " | ".join(names) + " | ICMP RTT median (min) ms |")
-    print("|---|---|---|" + "---|" * len(names) + "---|")
+    print("| VMM | vCPUs | run | " + " | ".join(names)
+          + " | ICMP RTT median (min) ms | 64 KiB DMA median us (MB/s) |")
+    print("|---|---|---|" + "---|" * len(names) + "---|---|")
     for vmm, cpus, run, res in rows:
         first = res.seen.get("kernel banner")
         cells = [fmt(res.seen.get(n), None if n == "kernel banner" else first) for n in names]
         med = res.rtt_median()
         rtt = f"{med:.3f} ({min(res.rtts):.3f})" if med is not None else "-"
-        print(f"| {VMM_TITLES[vmm]} | {cpus} | {run} | " + " | ".join(cells) + f" | {rtt} |")
+        dma = f"{res.dma_us:.1f} ({65536 / res.dma_us:.1f})" if res.dma_us else "-"
+        print(f"| {VMM_TITLES[vmm]} | {cpus} | {run} | " + " | ".join(cells)
+              + f" | {rtt} | {dma} |")
 
     # Ratios to nestio at the same vCPU count (best run of each).
     def best(vmm, cpus, key):
@@ -256,25 +287,30 @@ def main():
         vals = [x for x in vals if x is not None]
         return min(vals) if vals else None
 
+    def best_dma(vmm, cpus):
+        vals = [r.dma_us for v, c, _, r in rows if v == vmm and c == cpus and r.dma_us]
+        return min(vals) if vals else None
+
     if "nestio" in vmms:
         print()
         print("Ratios to nestio at the same vCPU count (best run; < 1: faster than nestio):")
         print()
-        print("| VMM | vCPUs | /init | first ping reply | ICMP RTT |")
-        print("|---|---|---|---|---|")
+        print("| VMM | vCPUs | /init | first ping reply | ICMP RTT | 64 KiB DMA time |")
+        print("|---|---|---|---|---|---|")
         for cpus in cpu_counts:
             base = (best("nestio", cpus, "/init"), best("nestio", cpus, "first ping reply"),
-                    best_rtt("nestio", cpus))
+                    best_rtt("nestio", cpus), best_dma("nestio", cpus))
             for vmm in vmms:
                 vals = (best(vmm, cpus, "/init"), best(vmm, cpus, "first ping reply"),
-                        best_rtt(vmm, cpus))
+                        best_rtt(vmm, cpus), best_dma(vmm, cpus))
                 cells = [f"{v / b:.2f}" if v is not None and b else "-"
                          for v, b in zip(vals, base)]
                 print(f"| {VMM_TITLES[vmm]} | {cpus} | " + " | ".join(cells) + " |")
 
-    failed = [f"{v} {c} vCPU run {r}" for v, c, r, res in rows if len(res.rtts) < args.pings]
+    failed = [f"{v} {c} vCPU run {r}" for v, c, r, res in rows
+              if len(res.rtts) < args.pings or (args.dma and v != "qemu72" and not res.dma_us)]
     if failed:
-        print("\nFAILED (missing ping replies): " + ", ".join(failed))
+        print("\nFAILED (missing ping replies or DMA result): " + ", ".join(failed))
         sys.exit(1)
 
 
