@@ -91,7 +91,7 @@ class Result:
         return statistics.median(r) if r else None
 
 
-def timed(cmd, log, timeout=300):
+def timed(cmd, log, timeout):
     """Run cmd; return a Result from its stdout lines (console kept in `log`)."""
     res = Result()
     start = time.monotonic()
@@ -179,18 +179,20 @@ def command(vmm, bins, kernel, initrd, cpus, cmdline, socks):
     raise ValueError(vmm)
 
 
-def boot(vmm, bins, kernel, initrd, cpus, cmdline, workdir, dma):
-    log = os.path.join(workdir, f"{vmm}-{cpus}cpu.log")
+def boot(vmm, bins, kernel, initrd, cpus, cmdline, workdir, dma, timeout):
+    log = os.path.join(workdir, f"{vmm}-{cpus}cpu-{int(time.time())}.log")
     if vmm == "qemu72":
-        res = timed(command(vmm, bins, kernel, initrd, cpus, cmdline, []), log)
+        res = timed(command(vmm, bins, kernel, initrd, cpus, cmdline, []), log, timeout)
     elif dma:
         with Device(bins["nestio"], workdir, "e1000", "--net", "user") as e1000, \
                 Device(bins["nestio"], workdir, "sample") as sample:
             res = timed(command(vmm, bins, kernel, initrd, cpus,
-                                f"{cmdline} nestio.dmabench={dma}", [e1000, sample]), log)
+                                f"{cmdline} nestio.dmabench={dma}", [e1000, sample]), log,
+                        timeout)
     else:
         with Device(bins["nestio"], workdir, "e1000", "--net", "user") as e1000:
-            res = timed(command(vmm, bins, kernel, initrd, cpus, cmdline, [e1000]), log)
+            res = timed(command(vmm, bins, kernel, initrd, cpus, cmdline, [e1000]), log,
+                        timeout)
     res.log = log
     return res
 
@@ -214,6 +216,8 @@ def main():
                     help="comma separated of nestio,qemu72,qemu,ch (default: nestio, qemu72, "
                          "and qemu/ch when NESTIO_QEMU/NESTIO_CH are set)")
     ap.add_argument("--logs", default=None, help="keep the consoles in this directory")
+    ap.add_argument("--timeout", type=float, default=600,
+                    help="seconds one guest may run before it is killed")
     args = ap.parse_args()
 
     bins = {"nestio": os.path.join(REPO, "target/release/nestio"),
@@ -252,7 +256,7 @@ def main():
         for cpus in cpu_counts:
             for vmm in vmms:
                 dma = 0 if vmm == "qemu72" else args.dma
-                res = boot(vmm, bins, kernel, initrd, cpus, cmdline, workdir, dma)
+                res = boot(vmm, bins, kernel, initrd, cpus, cmdline, workdir, dma, args.timeout)
                 ok = len(res.rtts) >= args.pings and (dma == 0 or res.dma_us is not None)
                 if dma and res.dma_us is None:
                     print(f"  DMA: {res.dma_fail or 'no NESTIO-DMA line'}")
