@@ -103,6 +103,7 @@ def timed(cmd, log, timeout):
         for raw in p.stdout:
             line = raw.decode(errors="replace")
             f.write(line)
+            f.flush()
             t = time.monotonic() - start
             for name, hit in MILESTONES:
                 if name not in res.seen and hit(line):
