@@ -24,6 +24,11 @@
  *                        requests from outside (Icmp OutEchoReps in /proc/net/snmp),
  *                        so a test can ping the guest (default 0: do not wait)
  *   nestio.wait=MS       the longest that wait lasts (default 60000)
+ *   nestio.dmabench=N    after pinging, drive nestio's sample device (PCI
+ *                        1b36:7e57, no kernel driver: its BAR0 through sysfs):
+ *                        check one DMA read and one DMA write against a page of
+ *                        this process, then time N 64 KiB checksum DMAs of guest
+ *                        RAM at 16 MiB (default 0: skip)
  *
  * Markers on the console, for tests and humans:
  *   NESTIO-INIT: start ...        userspace runs
@@ -33,10 +38,12 @@
  *   NESTIO-PING: busybox exit S   busybox ping ended with status S (0: replies came)
  *   NESTIO-ANSWER: waiting for N echo requests   (nestio.answer=N) ping me now
  *   NESTIO-ANSWER: ok N/N         the kernel answered them ("fail K/N" on timeout)
+ *   NESTIO-DMA: ok 64 KiB x N: median U us (M MB/s) ...   (nestio.dmabench=N;
+ *                                 "NESTIO-DMA: fail REASON" otherwise)
  *   NESTIO-INIT: exit STATUS      just before the VM is ended
  *
  * Exit status (0 ok, 1 echo replies missing, 2 no interface, 3 not pinged from outside
- * within nestio.wait): before ending the VM, init writes STATUS to the
+ * within nestio.wait, 4 sample device DMA failed): before ending the VM, init writes STATUS to the
  * debug-exit I/O port 0xf4; nestio's VMM makes that byte its process exit status
  * (QEMU's isa-debug-exit reports (STATUS << 1) | 1).
  */
@@ -58,6 +65,7 @@
 #include <dirent.h>
 #include <sys/io.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/socket.h>
@@ -80,6 +88,7 @@ struct config {
 	int answer;
 	int wait_ms;
 	int busybox_ping;
+	int dmabench;
 };
 
 static double uptime(void)
@@ -220,6 +229,8 @@ static void apply_word(struct config *c, const char *word)
 			bad = 1;
 	} else if (KEY("nestio.answer")) {
 		bad = parse_int(v, 0, 1000000, &c->answer);
+	} else if (KEY("nestio.dmabench")) {
+		bad = parse_int(v, 0, 100000, &c->dmabench);
 	} else if (KEY("nestio.wait")) {
 		bad = parse_int(v, 1, 3600000, &c->wait_ms);
 	} else if (KEY("nestio.end")) {
@@ -645,6 +656,265 @@ static int busybox_ping(const struct config *c)
 	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
+/* ---- sample device DMA (nestio.dmabench=N) ------------------------------------ */
+
+/*
+ * nestio's sample device (crates/emulated/src/sample.rs) has no Linux driver, so init
+ * drives it from userspace: sysfs `enable` turns on memory decoding, a config-space
+ * write sets bus mastering, BAR0 (`resource0`) is mapped and its DMA engine
+ * programmed. Physical addresses of a page of this process come from
+ * /proc/self/pagemap (init runs as root). The device reaches guest RAM through
+ * whichever vfio-user client the VMM is, so this checks and times that client's DMA
+ * path: the checksum command reads guest memory, the fill command writes it.
+ */
+#define SAMPLE_VENDOR 0x1b36
+#define SAMPLE_DEVICE 0x7e57
+#define SR_INT_MASK 0x14
+#define SR_SRC_LO 0x20
+#define SR_SRC_HI 0x24
+#define SR_DST_LO 0x28
+#define SR_DST_HI 0x2c
+#define SR_LEN 0x30
+#define SR_CMD 0x34
+#define SR_STATUS 0x38
+#define SR_PATTERN 0x3c
+#define SR_RESULT 0x40
+#define SCMD_FILL 2
+#define SCMD_CHECKSUM 3
+#define SST_DONE (1u << 1)
+#define SST_ERROR (1u << 2)
+#define DMA_BENCH_LEN 65536u
+#define DMA_BENCH_SRC 0x1000000ull /* 16 MiB: the kernel image, RAM in every VMM */
+
+static volatile uint32_t *sample_bar;
+
+static void sr_write(unsigned off, uint32_t v)
+{
+	sample_bar[off / 4] = v;
+}
+
+static uint32_t sr_read(unsigned off)
+{
+	return sample_bar[off / 4];
+}
+
+/* The sysfs directory of the first 1b36:7e57 function, or -1. */
+static int find_sample(char *dir, size_t cap)
+{
+	DIR *d = opendir("/sys/bus/pci/devices");
+	struct dirent *e;
+	int found = -1;
+
+	if (!d)
+		return -1;
+	while (found < 0 && (e = readdir(d)) != NULL) {
+		char path[300], buf[32];
+		unsigned long ven = 0, dev = 0;
+		FILE *f;
+
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/vendor", e->d_name);
+		if ((f = fopen(path, "r")) != NULL) {
+			if (fgets(buf, sizeof(buf), f))
+				ven = strtoul(buf, NULL, 16);
+			fclose(f);
+		}
+		snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/device", e->d_name);
+		if ((f = fopen(path, "r")) != NULL) {
+			if (fgets(buf, sizeof(buf), f))
+				dev = strtoul(buf, NULL, 16);
+			fclose(f);
+		}
+		if (ven == SAMPLE_VENDOR && dev == SAMPLE_DEVICE) {
+			snprintf(dir, cap, "/sys/bus/pci/devices/%s", e->d_name);
+			found = 0;
+		}
+	}
+	closedir(d);
+	return found;
+}
+
+static uint32_t adler32(const unsigned char *p, size_t n)
+{
+	uint32_t a = 1, b = 0;
+
+	while (n--) {
+		a = (a + *p++) % 65521;
+		b = (b + a) % 65521;
+	}
+	return (b << 16) | a;
+}
+
+/* Guest-physical address of the (locked) page at `v`, or 0. */
+static uint64_t phys_of(const void *v)
+{
+	uint64_t entry = 0;
+	long page = sysconf(_SC_PAGESIZE);
+	int fd = open("/proc/self/pagemap", O_RDONLY);
+	off_t at = (off_t)((uintptr_t)v / (uintptr_t)page) * 8;
+
+	if (fd < 0)
+		return 0;
+	if (pread(fd, &entry, sizeof(entry), at) != (ssize_t)sizeof(entry))
+		entry = 0;
+	close(fd);
+	if (!(entry >> 63) || (entry & ((1ull << 55) - 1)) == 0)
+		return 0;
+	return (entry & ((1ull << 55) - 1)) * (uint64_t)page + (uintptr_t)v % (uintptr_t)page;
+}
+
+/* Run one programmed command (CMD write, STATUS polled); 0 or the failing status. */
+static uint32_t dma_go(uint32_t cmd)
+{
+	uint32_t st = 0;
+	int i;
+
+	sr_write(SR_CMD, cmd);
+	for (i = 0; i < 1000000; i++) {
+		st = sr_read(SR_STATUS);
+		if (st & (SST_DONE | SST_ERROR))
+			break;
+	}
+	return (st & SST_DONE) && !(st & SST_ERROR) ? 0 : (st ? st : 0xffffffffu);
+}
+
+static void dma_program(uint64_t src, uint64_t dst, uint32_t len, uint32_t pattern)
+{
+	sr_write(SR_SRC_LO, (uint32_t)src);
+	sr_write(SR_SRC_HI, (uint32_t)(src >> 32));
+	sr_write(SR_DST_LO, (uint32_t)dst);
+	sr_write(SR_DST_HI, (uint32_t)(dst >> 32));
+	sr_write(SR_LEN, len);
+	sr_write(SR_PATTERN, pattern);
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* 0 when every check passed (the NESTIO-DMA: ok line printed), -1 otherwise. */
+static int dma_bench(int n)
+{
+	char dir[300], path[340];
+	unsigned char *page;
+	uint16_t command = 0;
+	uint32_t st, want, first = 0;
+	uint64_t phys;
+	double *us, t0;
+	int fd, i, ok = 1;
+	size_t k;
+
+	if (find_sample(dir, sizeof(dir)) < 0) {
+		say("NESTIO-DMA: fail no sample device 1b36:7e57 in /sys/bus/pci/devices\n");
+		return -1;
+	}
+	snprintf(path, sizeof(path), "%s/enable", dir);
+	fd = open(path, O_WRONLY);
+	if (fd < 0 || write(fd, "1", 1) != 1) {
+		say("NESTIO-DMA: fail %s: %s\n", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	close(fd);
+	snprintf(path, sizeof(path), "%s/config", dir);
+	fd = open(path, O_RDWR);
+	if (fd < 0 || pread(fd, &command, 2, 4) != 2) {
+		say("NESTIO-DMA: fail %s: %s\n", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	command |= 0x6; /* memory space, bus master */
+	if (pwrite(fd, &command, 2, 4) != 2) {
+		say("NESTIO-DMA: fail bus master through %s: %s\n", path, strerror(errno));
+		close(fd);
+		return -1;
+	}
+	close(fd);
+	snprintf(path, sizeof(path), "%s/resource0", dir);
+	fd = open(path, O_RDWR | O_SYNC);
+	if (fd < 0) {
+		say("NESTIO-DMA: fail %s: %s\n", path, strerror(errno));
+		return -1;
+	}
+	sample_bar = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	close(fd);
+	if (sample_bar == MAP_FAILED) {
+		say("NESTIO-DMA: fail mmap %s: %s\n", path, strerror(errno));
+		return -1;
+	}
+	sr_write(SR_INT_MASK, 0x7); /* no interrupts: nobody here handles them */
+
+	/* A DMA read and a DMA write of a page of ours, checked byte for byte. */
+	page = aligned_alloc(4096, 4096);
+	if (!page || mlock(page, 4096) != 0) {
+		say("NESTIO-DMA: fail a locked page: %s\n", strerror(errno));
+		return -1;
+	}
+	for (k = 0; k < 4096; k++)
+		page[k] = (unsigned char)(k * 7 + 3);
+	phys = phys_of(page);
+	if (!phys) {
+		say("NESTIO-DMA: fail no physical address in /proc/self/pagemap\n");
+		return -1;
+	}
+	dma_program(phys, 0, 4096, 0);
+	if ((st = dma_go(SCMD_CHECKSUM)) != 0 || sr_read(SR_RESULT) != adler32(page, 4096)) {
+		say("NESTIO-DMA: fail checksum of the page at %#llx: status %#x result %#x want %#x\n",
+		    (unsigned long long)phys, st, sr_read(SR_RESULT), adler32(page, 4096));
+		return -1;
+	}
+	dma_program(0, phys, 4096, 0x5aa5c33cu);
+	if ((st = dma_go(SCMD_FILL)) != 0) {
+		say("NESTIO-DMA: fail fill of the page at %#llx: status %#x\n",
+		    (unsigned long long)phys, st);
+		return -1;
+	}
+	for (k = 0; k < 4096; k += 4) {
+		uint32_t w;
+
+		memcpy(&w, page + k, 4);
+		if (w != 0x5aa5c33cu) {
+			say("NESTIO-DMA: fail the device's fill left %#x at offset %zu\n", w, k);
+			return -1;
+		}
+	}
+
+	/* The timed part: the same 64 KiB of guest RAM read by N checksum commands. */
+	us = calloc((size_t)n, sizeof(*us));
+	if (!us)
+		return -1;
+	dma_program(DMA_BENCH_SRC, 0, DMA_BENCH_LEN, 0);
+	for (i = 0; i < n && ok; i++) {
+		t0 = now_ms();
+		st = dma_go(SCMD_CHECKSUM);
+		us[i] = (now_ms() - t0) * 1e3;
+		want = sr_read(SR_RESULT);
+		if (st != 0) {
+			say("NESTIO-DMA: fail 64 KiB checksum %d: status %#x\n", i, st);
+			ok = 0;
+		} else if (i == 0) {
+			first = want;
+		} else if (want != first) {
+			say("NESTIO-DMA: fail 64 KiB checksum %d: %#x, the first was %#x\n", i, want, first);
+			ok = 0;
+		}
+	}
+	if (ok) {
+		qsort(us, (size_t)n, sizeof(*us), cmp_double);
+		say("NESTIO-DMA: ok 64 KiB x %d: median %.1f us (%.1f MB/s), best %.1f us; "
+		    "page read + write checked at %#llx\n",
+		    n, us[n / 2], DMA_BENCH_LEN / us[n / 2], us[0], (unsigned long long)phys);
+	}
+	free(us);
+	return ok ? 0 : -1;
+}
+
 /* ---- the end ----------------------------------------------------------------- */
 
 static void end_vm(const struct config *c, int status)
@@ -738,6 +1008,8 @@ int main(void)
 			if (answered != c.answer && status == 0)
 				status = 3;
 		}
+		if (c.dmabench > 0 && dma_bench(c.dmabench) < 0 && status == 0)
+			status = 4;
 	}
 	end_vm(&c, status);
 	return status;

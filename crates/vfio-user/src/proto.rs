@@ -1039,7 +1039,11 @@ impl RegionInfoReply {
         let full = RegionInfoMsg::SIZE + caps_len;
         info.argsz = full as u32;
         let with_caps = caps_len > 0 && room as usize >= full;
-        if caps_len > 0 {
+        // CAPS only when the capabilities are in this reply (as libvfio-user does):
+        // QEMU's client refuses a reply with CAPS whose cap_offset is not inside it
+        // (EINVAL before it retries with the larger argsz), and the grown argsz alone
+        // already tells every client to ask again.
+        if with_caps {
             info.flags |= nestio_device_model::region_flags::CAPS;
         }
         info.cap_offset = if with_caps {

@@ -377,6 +377,21 @@ fn region_info_argsz_retry() {
     assert_eq!(r.info.cap_offset, 0);
     assert!(r.sparse.is_empty());
     assert_eq!(m.payload.len(), 32);
+    // QEMU's client (hw/vfio-user/device.c) refuses CAPS with a cap_offset outside the
+    // reply before it retries: CAPS only comes with the capabilities themselves.
+    assert_eq!(
+        r.info.flags & nestio_device_model::region_flags::CAPS,
+        0,
+        "CAPS set in a reply too short for the capabilities"
+    );
+    p[0] = 64;
+    send(&s, 4, Command::DeviceGetRegionInfo as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    let r = nestio_vfio_user::proto::RegionInfoReply::decode(&m.payload).unwrap();
+    assert_ne!(r.info.flags & nestio_device_model::region_flags::CAPS, 0);
+    assert_eq!((r.info.argsz, r.info.cap_offset), (64, 32));
+    assert_eq!(r.sparse.len(), 1);
+    p[0] = 32;
     // argsz below the fixed part: EINVAL.
     p[0] = 16;
     send(&s, 3, Command::DeviceGetRegionInfo as u16, &p, &[]);

@@ -183,7 +183,7 @@ pub fn default_linux_cmdline() -> String {
 }
 
 /// Whether [`VmConfig::linux`] turns ACPI on (`nestio run --kernel` without `--acpi`).
-pub const DEFAULT_LINUX_ACPI: bool = false;
+pub const DEFAULT_LINUX_ACPI: bool = true;
 
 /// Everything `nestio run` needs.
 #[derive(Debug, Clone)]
