@@ -284,16 +284,12 @@ if [ "$want" = "$(cat "$OUT/vmlinux.hash" 2>/dev/null || true)" ] && [ -e "$OUT/
     log "kernel up to date ($OUT/vmlinux)"
 else
     # --- 3. source (unpacked once, pristine: objects go to $BUILD) -------------------
-    if [ ! -e "$SRC/.unpacked" ]; then
-        log "unpacking $TARBALL (without other architectures and Documentation)"
+    if [ ! -e "$SRC/.unpacked-v4" ]; then
+        # The whole tree: Kconfig sources other architectures' and Documentation's files.
+        log "unpacking $TARBALL"
         rm -rf "$SRC"
-        excl=()
-        for a in alpha arc arm arm64 csky hexagon ia64 loongarch m68k microblaze mips nios2 \
-                 openrisc parisc riscv s390 sh sparc um x86 xtensa; do
-            excl+=(--exclude="linux-source-6.1/arch/$a")
-        done
-        tar -C "$OUT" -xf "$TARBALL" "${excl[@]}" --exclude=linux-source-6.1/Documentation
-        touch "$SRC/.unpacked"
+        tar -C "$OUT" -xf "$TARBALL"
+        touch "$SRC/.unpacked-v4"
     fi
 
     # --- 4. /init (static, ppc64le) ----------------------------------------------------
