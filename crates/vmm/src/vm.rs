@@ -225,6 +225,9 @@ pub struct VmConfig {
     /// Linux only: also describe the machine with ACPI tables (`--acpi on|off`; see
     /// [`crate::acpi`]); a guest power-off through ACPI S5 then ends the VM with status 0.
     pub acpi: bool,
+    /// The platform's DMA domain (a vIOMMU such as [`crate::iommu::tce::TceIommu`]);
+    /// `None`: every device reaches all of guest RAM at IOVA = GPA.
+    pub dma_domain: Option<crate::iommu::DmaDomainFactory>,
 }
 
 /// KVM memory slot of the second and later [`crate::memory::RamPart`]s (the PCI slot
@@ -260,6 +263,7 @@ impl VmConfig {
             ram_window: None,
             thread_hooks: ThreadHooks::default(),
             acpi: false,
+            dma_domain: None,
         }
     }
 
@@ -588,7 +592,10 @@ impl Vm {
 
         let mapper = RegionMapper::new(vm.clone(), pio.clone(), mmio.clone());
         // No vIOMMU: every device reaches all of guest RAM at IOVA = GPA.
-        let dma: Arc<dyn DmaDomain> = Arc::new(IdentityDomain::new(GuestRamFile::of(&ram)));
+        let dma: Arc<dyn DmaDomain> = match &cfg.dma_domain {
+            Some(f) => f.build(GuestRamFile::of(&ram)),
+            None => Arc::new(IdentityDomain::new(GuestRamFile::of(&ram))),
+        };
         let pci = PciRoot::new(irqchip.clone(), mapper.clone(), dma.clone());
         let platform_bus = Arc::new(PlatformBus::new(
             irqchip.clone(),

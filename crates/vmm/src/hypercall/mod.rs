@@ -100,6 +100,7 @@ pub mod fuzz;
 pub mod guest_mem;
 pub mod papr;
 pub mod rtas;
+pub mod tce;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
