@@ -68,3 +68,8 @@ fn corpus_sessions() {
 fn corpus_hypercall() {
     replay("hypercall", nestio_vmm::hypercall::fuzz::fuzz_hypercall);
 }
+
+#[test]
+fn corpus_tce() {
+    replay("tce", nestio_vmm::hypercall::tce::fuzz_tce);
+}
