@@ -453,11 +453,8 @@ impl Pe {
         let mut out = Vec::new();
         if tce == 0 {
             let mut hits = Vec::new();
-            w.table.for_each_populated(|i, _| {
-                if i >= first && i - first < fit {
-                    hits.push(i);
-                }
-            });
+            w.table
+                .for_each_populated_in(first, fit, |i, _| hits.push(i));
             for i in hits {
                 match w.table.set(i, Tce::CLEAR) {
                     Ok(old) => out.push(update(w, i, old, Tce::CLEAR)),
@@ -742,11 +739,7 @@ impl Pe {
         let (slot, first, n) = self.host_range(iova, size)?;
         let w = self.slots[slot].as_mut().ok_or(TceError::Internal)?;
         let mut hits = Vec::new();
-        w.table.for_each_populated(|i, _| {
-            if i >= first && i - first < n {
-                hits.push(i);
-            }
-        });
+        w.table.for_each_populated_in(first, n, |i, _| hits.push(i));
         let mut out = Vec::with_capacity(hits.len());
         for i in hits {
             let old = w.table.set(i, Tce::CLEAR)?;

@@ -142,26 +142,55 @@ impl TceTable {
     }
 
     /// Visit every non-zero TCE with its index, in index order.
-    pub fn for_each_populated(&self, mut f: impl FnMut(u64, Tce)) {
-        fn walk(node: &Node, base: u64, bits: u32, f: &mut dyn FnMut(u64, Tce)) {
-            match node {
-                Node::Leaf(tces) => {
-                    for (i, t) in tces.iter().enumerate() {
-                        if !t.is_clear() {
-                            f(base | i as u64, *t);
+    pub fn for_each_populated(&self, f: impl FnMut(u64, Tce)) {
+        self.for_each_populated_in(0, u64::MAX, f)
+    }
+
+    /// Visit the non-zero TCEs with indices in `first..first + count`, in index order;
+    /// only the table parts overlapping the range are walked.
+    pub fn for_each_populated_in(&self, first: u64, count: u64, mut f: impl FnMut(u64, Tce)) {
+        let end = first.saturating_add(count);
+        let bits = self.geometry.bits_per_level();
+        // Entries covered by one entry at `level` (from the top).
+        let span = |level: u32| -> u64 {
+            let below = self.geometry.levels() - 1 - level;
+            1u64.checked_shl(bits * below).unwrap_or(u64::MAX)
+        };
+        fn walk(
+            node: &Node,
+            level: u32,
+            base: u64,
+            range: (u64, u64),
+            span: &dyn Fn(u32) -> u64,
+            f: &mut dyn FnMut(u64, Tce),
+        ) {
+            let s = span(level);
+            let (first, end) = range;
+            let n = match node {
+                Node::Leaf(t) => t.len(),
+                Node::Dir(c) => c.len(),
+            } as u64;
+            // Entries of this table whose span meets the range.
+            let lo = first.saturating_sub(base) / s;
+            let hi = (end.saturating_sub(base).saturating_add(s - 1) / s).min(n);
+            for i in lo..hi {
+                let at = base + i * s;
+                match node {
+                    Node::Leaf(t) => {
+                        let tce = t[i as usize];
+                        if !tce.is_clear() && at >= first && at < end {
+                            f(at, tce);
                         }
                     }
-                }
-                Node::Dir(children) => {
-                    for (i, c) in children.iter().enumerate() {
-                        if let Some(c) = c {
-                            walk(c, (base | i as u64) << bits, bits, f);
+                    Node::Dir(c) => {
+                        if let Some(c) = &c[i as usize] {
+                            walk(c, level + 1, at, range, span, f);
                         }
                     }
                 }
             }
         }
-        walk(&self.root, 0, self.geometry.bits_per_level(), &mut f);
+        walk(&self.root, 0, 0, (first, end), &span, &mut f);
     }
 
     /// Forget every TCE.
@@ -183,6 +212,28 @@ impl TceTable {
 mod tests {
     use super::super::geometry::PageShift;
     use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn range_walk_equals_a_filtered_full_walk(
+            levels in 1u32..4,
+            idx in proptest::collection::vec(0u64..(1 << 20), 0..40),
+            first in 0u64..(1 << 20),
+            count in 0u64..(1 << 21),
+        ) {
+            let g = TableGeometry::new(super::super::geometry::PageShift::K4, 1 << 32, levels, 12).unwrap();
+            let mut t = TceTable::new(g);
+            for (k, i) in idx.iter().enumerate() {
+                t.set(*i, Tce((k as u64 + 1) << 12 | 3)).unwrap();
+            }
+            let mut all = vec![];
+            t.for_each_populated(|i, v| all.push((i, v)));
+            let want: Vec<_> = all.into_iter().filter(|(i, _)| *i >= first && *i - first < count).collect();
+            let mut got = vec![];
+            t.for_each_populated_in(first, count, |i, v| got.push((i, v)));
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
 
     #[test]
     fn multi_level_tables_allocate_on_write_and_read_back() {
@@ -207,6 +258,12 @@ mod tests {
         assert_eq!(t.get(1 << 20).unwrap(), Tce::CLEAR);
         let mut seen = vec![];
         t.for_each_populated(|i, tce| seen.push((i, tce)));
+        let mut part = vec![];
+        t.for_each_populated_in(12346, last / 2 - 12345, |i, tce| part.push((i, tce)));
+        assert_eq!(part, vec![(last / 2, Tce(0xa002))]);
+        part.clear();
+        t.for_each_populated_in(12345, 1, |i, _| part.push((i, Tce::CLEAR)));
+        assert_eq!(part.len(), 1);
         assert_eq!(
             seen,
             vec![(12345, a), (last / 2, Tce(0xa002)), (last, Tce(0x9001))]

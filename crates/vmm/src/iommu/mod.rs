@@ -4,6 +4,8 @@
 
 pub mod domain;
 pub mod tce;
+#[cfg(feature = "harness")]
+pub mod tce_bench;
 
 pub use domain::{DmaDomain, DmaDomainError, GuestRamFile, IdentityDomain, ShadowDomain, StreamId};
 
