@@ -44,8 +44,14 @@ pub struct BenchArgs {
     /// Live 4 KiB mappings of the DMA map table churn measurement.
     #[arg(long, default_value_t = 100_000)]
     dma_maps: u64,
-    /// Which benchmarks: protocol, e1000, nested (depth 1/2/3), dma (map table churn and copies), or all.
-    #[arg(long, default_value = "all", value_parser = ["all", "protocol", "e1000", "nested", "dma"])]
+    /// TCEs per sPAPR TCE map/unmap rate measurement (a multiple of 512).
+    #[arg(long, default_value_t = 16384)]
+    tce_pages: u64,
+    /// Guest runs of each kind for the e1000 round trip through a TCE window.
+    #[arg(long, default_value_t = 5)]
+    tce_runs: usize,
+    /// Which benchmarks: protocol, e1000, nested (depth 1/2/3), dma (map table churn and copies), tce (sPAPR TCE IOMMU), or all.
+    #[arg(long, default_value = "all", value_parser = ["all", "protocol", "e1000", "nested", "dma", "tce"])]
     only: String,
 }
 
@@ -66,6 +72,20 @@ pub fn run(args: BenchArgs) -> CmdResult {
     if all || args.only == "dma" {
         println!("{}", nestio_dma::bench::churn(args.dma_maps, 5)?);
         println!("{}", nestio_dma::bench::copy(5)?);
+    }
+    if all || args.only == "tce" {
+        let e1000 =
+            || -> Result<nestio_vmm::DeviceConfig, Box<dyn std::error::Error + Send + Sync>> {
+                let backend = nestio_net::open_backend("user", None)?;
+                Ok(nestio_vmm::DeviceConfig::Local {
+                    name: "e1000".into(),
+                    device: E1000::new(E1000Config::new(backend))?,
+                })
+            };
+        println!(
+            "{}",
+            nestio_vmm::iommu::tce_bench::run(args.tce_pages, args.tce_runs, &e1000)?
+        );
     }
     if all || args.only == "e1000" {
         e1000(args.packets)?;

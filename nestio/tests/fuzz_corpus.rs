@@ -83,3 +83,8 @@ fn corpus_xive() {
 fn corpus_smmuv3() {
     replay("smmuv3", nestio_iommu::smmuv3::fuzz::fuzz_smmuv3);
 }
+
+#[test]
+fn corpus_tce() {
+    replay("tce", nestio_vmm::hypercall::tce::fuzz_tce);
+}

@@ -229,6 +229,9 @@ pub struct VmConfig {
     pub irqchip: crate::irqchip::IrqChipKind,
     /// A vIOMMU for the assigned devices (`--viommu`; None: IOVA = GPA, all RAM).
     pub viommu: Option<crate::iommu::smmuv3::Viommu>,
+    /// The platform's DMA domain (a vIOMMU such as [`crate::iommu::tce::TceIommu`]);
+    /// `None`: every device reaches all of guest RAM at IOVA = GPA.
+    pub dma_domain: Option<crate::iommu::DmaDomainFactory>,
 }
 
 /// KVM memory slot of the second and later [`crate::memory::RamPart`]s (the PCI slot
@@ -266,6 +269,7 @@ impl VmConfig {
             thread_hooks: ThreadHooks::default(),
             acpi: false,
             viommu: None,
+            dma_domain: None,
         }
     }
 
@@ -326,6 +330,9 @@ pub enum VmError {
     /// The vIOMMU.
     #[error(transparent)]
     Smmuv3(#[from] crate::iommu::smmuv3::Smmuv3Error),
+    /// Two DMA domains asked for at once.
+    #[error("a VM has one DMA domain: --viommu smmuv3 and a platform DMA domain (the sPAPR TCE IOMMU) cannot both be set; choose one")]
+    TwoDmaDomains,
     /// A device of a type the VMM cannot attach.
     #[error("cannot attach {device}: it is neither a PCI nor a platform device (VFIO device flags {flags:#x}); nestio attaches VFIO PCI, platform, AMBA and FSL-MC devices")]
     UnsupportedDevice {
@@ -986,7 +993,15 @@ fn viommu_domain(
 > {
     use crate::iommu::smmuv3::{GuestRamView, Smmuv3, Viommu};
     match cfg.viommu {
-        None => Ok((Arc::new(IdentityDomain::new(GuestRamFile::of(ram))), None)),
+        // The platform's own DMA domain (a TCE IOMMU), or IOVA = GPA over all RAM.
+        None => Ok((
+            match &cfg.dma_domain {
+                Some(f) => f.build(GuestRamFile::of(ram)),
+                None => Arc::new(IdentityDomain::new(GuestRamFile::of(ram))),
+            },
+            None,
+        )),
+        Some(_) if cfg.dma_domain.is_some() => Err(VmError::TwoDmaDomains),
         Some(Viommu::Smmuv3) => {
             let shadow = Arc::new(crate::iommu::ShadowDomain::new(GuestRamFile::of(ram)));
             let smmu = Arc::new(Smmuv3::new(

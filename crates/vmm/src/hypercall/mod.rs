@@ -101,6 +101,7 @@ pub mod guest_mem;
 pub mod papr;
 pub mod rtas;
 pub mod xive;
+pub mod tce;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

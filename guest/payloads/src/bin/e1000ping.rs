@@ -24,12 +24,22 @@
 //! not written back) and that no byte of the poisoned buffer changed; exits
 //! [`DMA_UNMAP_REFUSED`]. `dma=readonly`: the same with the page left mapped
 //! read-only for the device (a permission fault instead of a translation fault).
+//! `tce=4g` / `tce=59` (the sPAPR TCE IOMMU, `nestio_vmm::iommu::tce`): before the
+//! rings are set up, ask for a dynamic DMA window (`ibm,query-pe-dma-window`,
+//! `ibm,create-pe-dma-window`: 4 KiB pages, as big as RAM), check it lands at 4 GiB /
+//! 1 << 59, map the rings and buffers into it with one `H_PUT_TCE_INDIRECT` each
+//! (bus address = window start + guest-physical address) and give the device only bus
+//! addresses. A refused window exits [`TCE_CREATE_REFUSED`], a window elsewhere
+//! [`TCE_WRONG_START`]. `tce_remove=1`: after the reply, remove the window
+//! (`ibm,remove-pe-dma-window`) and send again: the device must fault (PCI "received
+//! master abort", descriptor not written back): exits [`TCE_REMOVED_FAULTED`].
 #![no_std]
 #![no_main]
 
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{AtomicU32, Ordering};
 
+use nestio_guest::hcall::{hcall, rtas_token, RtasArgs, H_GET_TCE, H_PUT_TCE_INDIRECT, H_SUCCESS};
 use nestio_guest::io::{mmio_read32, mmio_write32, wait_for_interrupt};
 use nestio_guest::{cmdline_value, interrupts, pci, println};
 
@@ -72,12 +82,81 @@ const GW_IP: [u8; 4] = [10, 0, 2, 2];
 const DMA_UNMAP_REFUSED: u32 = 8;
 
 /// What the NIC is told for a guest-physical address: IOVA = GPA + this (0 without
-/// an SMMU).
+/// an SMMU or a TCE window; `smmu::IOVA_BASE` with `smmu=`, the window start with `tce=`).
 static mut IOVA_OFF: u64 = 0;
 
 fn dma(gpa: u64) -> u64 {
     // SAFETY: written once before the NIC is given any address.
     gpa + unsafe { IOVA_OFF }
+}
+
+/// `tce=`: the window could not be created.
+const TCE_CREATE_REFUSED: u32 = 21;
+/// `tce=`: the window is not where it was expected.
+const TCE_WRONG_START: u32 = 22;
+/// `tce=`: an RTAS call or a TCE hypercall failed.
+const TCE_CALL_FAILED: u32 = 23;
+/// `tce_remove=1`: the device faulted after the window was removed.
+const TCE_REMOVED_FAULTED: u32 = 8;
+/// The PHB's BUID (nestio's `PeConfig` default, as QEMU's first PHB).
+const BUID: u64 = 0x0800_0000_2000_0000;
+
+#[repr(C, align(4096))]
+struct TceList([u64; 512]);
+static mut TCE_LIST: TceList = TceList([0; 512]);
+
+/// Create the dynamic window and map `objs` into it: `Ok((liobn, start))`.
+fn tce_setup(ram: u64, want: u64, objs: &[(u64, u64)]) -> Result<(u32, u64), u32> {
+    let (Ok(query), Ok(create)) = (
+        rtas_token("ibm,query-pe-dma-window"),
+        rtas_token("ibm,create-pe-dma-window"),
+    ) else {
+        println!("tce: no DDW RTAS calls");
+        return Err(TCE_CALL_FAILED);
+    };
+    let (hi, lo) = ((BUID >> 32) as u32, BUID as u32);
+    let mut q = RtasArgs::new(query, &[0x800, hi, lo], 5);
+    if q.call() != H_SUCCESS || q.ret(0) != 0 {
+        println!("tce: query-pe-dma-window failed: {:#x}", q.ret(0));
+        return Err(TCE_CALL_FAILED);
+    }
+    println!("tce: {} window(s) available, page sizes {:#x}", q.ret(1), q.ret(3));
+    let shift = 64 - (ram - 1).leading_zeros();
+    let mut c = RtasArgs::new(create, &[0x800, hi, lo, 12, shift], 4);
+    if c.call() != H_SUCCESS || c.ret(0) != 0 {
+        println!("tce: create-pe-dma-window refused: status {}", c.ret(0) as i32);
+        return Err(TCE_CREATE_REFUSED);
+    }
+    let liobn = c.ret(1);
+    let start = u64::from(c.ret(2)) << 32 | u64::from(c.ret(3));
+    println!("tce: window liobn {:#x} at {:#x}, 2^{} bytes of 4 KiB pages", liobn, start, shift);
+    if start != want {
+        println!("tce: expected the window at {:#x}", want);
+        return Err(TCE_WRONG_START);
+    }
+    for &(gpa, len) in objs {
+        let first = gpa & !0xfff;
+        let pages = ((gpa + len + 0xfff) & !0xfff) - first;
+        let n = (pages >> 12).min(512);
+        for k in 0..n {
+            // SAFETY: the list is ours; the VMM reads it during the hypercall only.
+            unsafe { (*addr_of_mut!(TCE_LIST)).0[k as usize] = ((first + (k << 12)) | 3).to_be() };
+        }
+        let list = addr_of_mut!(TCE_LIST) as u64;
+        let r = hcall(H_PUT_TCE_INDIRECT, &[u64::from(liobn), start + first, list, n]);
+        if r.status != H_SUCCESS {
+            println!("tce: H_PUT_TCE_INDIRECT of {} pages at {:#x}: {}", n, first, r.status);
+            return Err(TCE_CALL_FAILED);
+        }
+        let g = hcall(H_GET_TCE, &[u64::from(liobn), start + first]);
+        if g.status != H_SUCCESS || g.rets[0] != first | 3 {
+            println!("tce: H_GET_TCE gave {:#x}", g.rets[0]);
+            return Err(TCE_CALL_FAILED);
+        }
+    }
+    // SAFETY: single-threaded, before the device gets any address.
+    unsafe { IOVA_OFF = start };
+    Ok((liobn, start))
 }
 
 #[repr(C, align(128))]
@@ -371,6 +450,22 @@ fn main(ram: u64) -> u32 {
     for i in 0..128 {
         mmio_write32(reg(MTA + 4 * i), 0);
     }
+    let tce = match cmdline_value("tce") {
+        None => None,
+        Some(mode) => {
+            let want = if mode == "4g" { 1u64 << 32 } else { 1u64 << 59 };
+            let objs = [
+                (rx_ring() as u64, (N * 16) as u64),
+                (tx_ring() as u64, (N * 16) as u64),
+                (rx_buf(0) as u64, (N * BUF) as u64),
+                (tx_buf(0) as u64, (N * BUF) as u64),
+            ];
+            match tce_setup(ram, want, &objs) {
+                Ok(w) => Some(w),
+                Err(code) => return code,
+            }
+        }
+    };
     // Rings: all RX descriptors owned by the device.
     for i in 0..N {
         // SAFETY: descriptor i of the RX ring.
@@ -530,7 +625,35 @@ fn main(ram: u64) -> u32 {
         };
         return dma_unmap(dev, iommu, &mut nic, &f, true);
     }
+    if let (Some((liobn, _)), Some("1")) = (tce, cmdline_value("tce_remove")) {
+        return tce_remove(dev, liobn, &mut nic, &f);
+    }
     0
+}
+
+/// `tce_remove=1` (see the module documentation).
+fn tce_remove(dev: pci::Bdf, liobn: u32, nic: &mut Nic, arp: &[u8]) -> u32 {
+    let Ok(remove) = rtas_token("ibm,remove-pe-dma-window") else {
+        return TCE_CALL_FAILED;
+    };
+    clear_master_abort(dev);
+    let mut r = RtasArgs::new(remove, &[liobn], 1);
+    if r.call() != H_SUCCESS || r.ret(0) != 0 {
+        println!("tce: remove-pe-dma-window failed: {:#x}", r.ret(0));
+        return TCE_CALL_FAILED;
+    }
+    println!("tce: window {:#x} removed; sending again", liobn);
+    let t = nic.tx_next;
+    let sent = nic.send(arp);
+    let fault = wait_master_abort(dev);
+    // SAFETY: descriptor t of the TX ring.
+    let st = unsafe { read_volatile(&(*tx_ring().add(t))[1]) } >> 32;
+    if sent || !fault || st & 1 != 0 {
+        println!("tce: DMA after remove not refused (sent {}, master abort {}, status {:#x})", sent as u32, fault as u32, st);
+        return 24;
+    }
+    println!("tce: device faulted after the window was removed (master abort, no write-back)");
+    TCE_REMOVED_FAULTED
 }
 
 /// PCI status "received master abort", as the device reports it in config space.
