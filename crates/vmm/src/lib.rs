@@ -63,6 +63,7 @@ pub mod iommu;
 pub mod irqchip;
 pub mod linux;
 pub mod memory;
+pub mod migration;
 pub mod pci;
 pub mod platform;
 pub mod region_map;

@@ -1,0 +1,319 @@
+//! Live migration of a VM with an assigned sample device (each side its own device
+//! process): a guest that keeps the device's DMA engine busy and checks its memory
+//! finishes on the destination with every checksum matching; failures roll back.
+
+mod common;
+
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::child::DeviceProcess;
+use nestio_device_model::{MigState, VfioDevice};
+use nestio_vmm::migration::{MigrationError, MigrationParams, Progress};
+use nestio_vmm::{payloads, DeviceConfig, StopReason, Vm, VmConfig};
+
+/// Helper, not a test: serves a device when this binary runs as a device process.
+#[test]
+#[ignore = "device-process entry point, run only by DeviceProcess"]
+fn child_device_server() {
+    common::child::child_main();
+}
+
+type Console = Arc<parking_lot::Mutex<Vec<u8>>>;
+
+fn cfg(socket: &std::path::Path, rounds: u32, cpus: u8) -> (VmConfig, Console) {
+    let (console, buf) = common::console();
+    let mut cfg = VmConfig::new(payloads::SAMPLETEST);
+    cfg.console = console;
+    cfg.cmdline = format!("mode=migrate rounds={rounds}");
+    cfg.cpus = cpus;
+    cfg.devices.push(DeviceConfig::VfioUser {
+        socket: socket.to_path_buf(),
+    });
+    (cfg, buf)
+}
+
+fn wait_for(buf: &Console, what: &str, limit: Duration) {
+    let t = Instant::now();
+    while !common::text(buf).contains(what) {
+        assert!(
+            t.elapsed() < limit,
+            "no {what:?} within {limit:?}: {}",
+            common::text(buf)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Source and destination in this process, each with its own sample device process;
+/// the guest is migrated mid-run (pre-copy with the device in PRE_COPY, then
+/// stop-and-copy), ends on the destination, and its checksums all match.
+#[test]
+fn payload_with_busy_dma_migrates_and_every_checksum_matches() {
+    if !common::kvm_or_skip("payload_with_busy_dma_migrates_and_every_checksum_matches") {
+        return;
+    }
+    let src_dev = DeviceProcess::start("sample");
+    let dst_dev = DeviceProcess::start("sample");
+    let (src_cfg, src_out) = cfg(&src_dev.socket, 4000, 2);
+    let (dst_cfg, dst_out) = cfg(&dst_dev.socket, 4000, 2);
+    let mut src = Vm::new(src_cfg).unwrap();
+    let source = src.migration_source();
+    let src_thread = std::thread::spawn(move || src.run());
+    wait_for(&src_out, "round 200", Duration::from_secs(60));
+
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let dst_thread = std::thread::spawn(move || {
+        let mut vm = Vm::new(dst_cfg).unwrap();
+        let got = vm.receive_migration(&mut b).map_err(|e| e.to_string())?;
+        let report = vm.run().map_err(|e| e.to_string())?;
+        Ok::<_, String>((got, report))
+    });
+    let mut passes = Vec::new();
+    let report = source
+        .migrate(a, MigrationParams::default(), &mut |p: &Progress| {
+            eprintln!("{p}");
+            passes.push(*p);
+        })
+        .expect("migration");
+    eprintln!("{report}");
+    assert!(source.migrated());
+    assert!(report.passes >= 1 && report.bytes > 64 << 20, "{report:?}");
+    assert!(
+        report.device_bytes > 2 * 64 * 1024,
+        "pre-copy and final snapshots: {report:?}"
+    );
+    assert!(passes.first().is_some_and(|p| p.pass == 0 && !p.stop_copy));
+    assert!(passes.last().is_some_and(|p| p.stop_copy));
+    let src_report = src_thread.join().unwrap().unwrap();
+    assert_eq!(
+        src_report.outcome,
+        StopReason::Interrupted,
+        "the source stopped"
+    );
+    let src_text = common::text(&src_out);
+    assert!(!src_text.contains("migtest verified"), "{src_text}");
+
+    let (got, dst_report) = dst_thread.join().unwrap().expect("destination");
+    let out = common::text(&dst_out);
+    assert!(got.pages >= (64 << 20) / 4096, "{got:?}");
+    assert_eq!(
+        dst_report.outcome,
+        StopReason::GuestExit(0),
+        "destination console: {out}\nsource console: {src_text}"
+    );
+    assert!(
+        out.contains("migtest verified 32 blocks, 64 pages"),
+        "{out}"
+    );
+    assert!(!out.contains("MISMATCH"), "{out}");
+    // The destination's console continues where the source stopped: it never printed
+    // the start line itself.
+    assert!(!out.contains("migtest start"), "{out}");
+}
+
+/// The destination dies mid-stream (its end of the connection closes during the RAM
+/// copy): the source rolls back, its device returns to RUNNING, and the guest runs on
+/// to the end on the source with every checksum matching.
+#[test]
+fn destination_dying_during_precopy_rolls_back() {
+    if !common::kvm_or_skip("destination_dying_during_precopy_rolls_back") {
+        return;
+    }
+    let src_dev = DeviceProcess::start("sample");
+    let (src_cfg, src_out) = cfg(&src_dev.socket, 600, 1);
+    let mut src = Vm::new(src_cfg).unwrap();
+    let source = src.migration_source();
+    let src_thread = std::thread::spawn(move || src.run());
+    wait_for(&src_out, "round 100", Duration::from_secs(60));
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let reader = std::thread::spawn(move || {
+        // Take 3 MiB of the stream, then die.
+        let mut buf = vec![0u8; 3 << 20];
+        let _ = std::io::Read::read_exact(&mut b, &mut buf);
+    });
+    let e = source
+        .migrate(a, MigrationParams::default(), &mut |_| {})
+        .unwrap_err();
+    reader.join().unwrap();
+    assert!(matches!(e, MigrationError::Format(_)), "{e}");
+    assert!(!source.migrated());
+    let report = src_thread.join().unwrap().unwrap();
+    let out = common::text(&src_out);
+    assert_eq!(report.outcome, StopReason::GuestExit(0), "{out}");
+    assert!(out.contains("migtest verified"), "{out}");
+}
+
+/// The destination refuses in stop-and-copy (its device is of another kind, so the
+/// machine check fails) — and a truncated stream: each leaves the source running.
+#[test]
+fn destination_refusal_and_truncated_stream_leave_the_source_running() {
+    if !common::kvm_or_skip("destination_refusal_and_truncated_stream_leave_the_source_running") {
+        return;
+    }
+    let src_dev = DeviceProcess::start("sample");
+    let dst_dev = DeviceProcess::start("sample");
+    let (src_cfg, src_out) = cfg(&src_dev.socket, 800, 1);
+    let mut src = Vm::new(src_cfg).unwrap();
+    let source = src.migration_source();
+    let src_thread = std::thread::spawn(move || src.run());
+    wait_for(&src_out, "round 100", Duration::from_secs(60));
+
+    // A destination with different RAM refuses at the machine check.
+    let (mut dst_cfg, _) = cfg(&dst_dev.socket, 800, 1);
+    dst_cfg.memory = 128 << 20;
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let dst = std::thread::spawn(move || {
+        let mut vm = Vm::new(dst_cfg).unwrap();
+        vm.receive_migration(&mut b)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    let e = source
+        .migrate(a, MigrationParams::default(), &mut |_| {})
+        .unwrap_err();
+    let dst_err = dst.join().unwrap().unwrap_err();
+    assert!(dst_err.contains("does not match"), "{dst_err}");
+    assert!(
+        matches!(&e, MigrationError::Refused(m) if m.contains("does not match"))
+            || matches!(&e, MigrationError::Format(_)),
+        "{e}"
+    );
+
+    // A truncated stream: the destination sees the cut and refuses; nothing runs there.
+    let (a, b) = UnixStream::pair().unwrap();
+    let dst_dev2 = DeviceProcess::start("sample");
+    let (dst_cfg, dst_out) = cfg(&dst_dev2.socket, 800, 1);
+    let cut = std::thread::spawn(move || {
+        // Forward only the first 5 MiB, then close both directions.
+        let mut b = b;
+        let (mut x, mut y) = UnixStream::pair().unwrap();
+        let fwd = std::thread::spawn(move || {
+            let mut vm = Vm::new(dst_cfg).unwrap();
+            vm.receive_migration(&mut y)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        let mut buf = vec![0u8; 5 << 20];
+        let _ = std::io::Read::read_exact(&mut b, &mut buf);
+        let _ = std::io::Write::write_all(&mut x, &buf);
+        drop(x);
+        drop(b);
+        fwd.join().unwrap()
+    });
+    let e2 = source
+        .migrate(a, MigrationParams::default(), &mut |_| {})
+        .unwrap_err();
+    let dst_err = cut.join().unwrap().unwrap_err();
+    assert!(
+        dst_err.contains("I/O") || dst_err.contains("ended"),
+        "{dst_err}"
+    );
+    assert!(
+        !common::text(&dst_out).contains("round"),
+        "nothing ran on the destination"
+    );
+    eprintln!("source saw: {e2}");
+
+    let report = src_thread.join().unwrap().unwrap();
+    let out = common::text(&src_out);
+    assert_eq!(report.outcome, StopReason::GuestExit(0), "{out}");
+    assert!(out.contains("migtest verified"), "{out}");
+}
+
+/// A device that refuses STOP_COPY: the source fails loudly naming the device, rolls
+/// back, and the device is back in RUNNING while the guest finishes.
+#[test]
+fn source_device_refusing_a_state_rolls_back() {
+    if !common::kvm_or_skip("source_device_refusing_a_state_rolls_back") {
+        return;
+    }
+    let sample = nestio_emulated::sample::sample_device().unwrap();
+    let dev: Arc<dyn VfioDevice> = Arc::new(RefusingStopCopy(sample.clone()));
+    let (console, out) = common::console();
+    let mut c = VmConfig::new(payloads::SAMPLETEST);
+    c.console = console;
+    c.cmdline = "mode=migrate rounds=600".into();
+    c.devices.push(DeviceConfig::Local {
+        name: "refusing-sample".into(),
+        device: dev,
+    });
+    let mut src = Vm::new(c).unwrap();
+    let source = src.migration_source();
+    let src_thread = std::thread::spawn(move || src.run());
+    wait_for(&out, "round 100", Duration::from_secs(60));
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let sink = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut b, &mut v);
+    });
+    let e = source
+        .migrate(a, MigrationParams::default(), &mut |_| {})
+        .unwrap_err();
+    assert!(e.to_string().contains("refusing-sample"), "{e}");
+    assert!(e.to_string().contains("STOP_COPY"), "{e}");
+    assert_eq!(sample.mig_state().unwrap(), MigState::Running);
+    let report = src_thread.join().unwrap().unwrap();
+    sink.join().unwrap();
+    let text = common::text(&out);
+    assert_eq!(report.outcome, StopReason::GuestExit(0), "{text}");
+    assert!(text.contains("migtest verified"), "{text}");
+}
+
+/// A sample device whose STOP_COPY arc fails (as a device with a fault would).
+struct RefusingStopCopy(Arc<nestio_emulated::sample::SampleDevice>);
+
+impl VfioDevice for RefusingStopCopy {
+    fn info(&self) -> nestio_device_model::DeviceInfo {
+        self.0.info()
+    }
+    fn region_info(&self, i: u32) -> nestio_device_model::Result<nestio_device_model::RegionInfo> {
+        self.0.region_info(i)
+    }
+    fn region_read(&self, i: u32, o: u64, b: &mut [u8]) -> nestio_device_model::Result<()> {
+        self.0.region_read(i, o, b)
+    }
+    fn region_write(&self, i: u32, o: u64, d: &[u8]) -> nestio_device_model::Result<()> {
+        self.0.region_write(i, o, d)
+    }
+    fn irq_info(&self, i: u32) -> nestio_device_model::Result<nestio_device_model::IrqInfo> {
+        self.0.irq_info(i)
+    }
+    fn set_irqs(
+        &self,
+        index: u32,
+        action: nestio_device_model::IrqAction,
+        start: u32,
+        count: u32,
+        data: nestio_device_model::IrqData,
+    ) -> nestio_device_model::Result<()> {
+        self.0.set_irqs(index, action, start, count, data)
+    }
+    fn reset(&self) -> nestio_device_model::Result<()> {
+        self.0.reset()
+    }
+    fn dma_port(&self) -> Option<&nestio_device_model::DmaPort> {
+        self.0.dma_port()
+    }
+    fn migration_flags(&self) -> Option<nestio_device_model::MigrationFlags> {
+        self.0.migration_flags()
+    }
+    fn mig_state(&self) -> nestio_device_model::Result<MigState> {
+        self.0.mig_state()
+    }
+    fn mig_set_state(&self, t: MigState) -> nestio_device_model::Result<MigState> {
+        if t == MigState::StopCopy {
+            return Err(nestio_device_model::DeviceError::Invalid(
+                "injected STOP_COPY failure".into(),
+            ));
+        }
+        self.0.mig_set_state(t)
+    }
+    fn mig_data_read(&self, b: &mut [u8]) -> nestio_device_model::Result<usize> {
+        self.0.mig_data_read(b)
+    }
+    fn mig_data_write(&self, d: &[u8]) -> nestio_device_model::Result<()> {
+        self.0.mig_data_write(d)
+    }
+}
