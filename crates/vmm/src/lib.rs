@@ -56,6 +56,7 @@ pub mod address_space;
 pub mod bench;
 pub mod boot;
 pub mod bus;
+pub mod control;
 pub mod cpu;
 pub mod handoff;
 pub mod hypercall;

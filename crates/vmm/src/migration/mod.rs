@@ -35,6 +35,7 @@
 //! the UART are set, every vCPU is loaded, and the devices go to RUNNING. Only then is
 //! the source told to stop. The stream is hostile input throughout ([`format`]).
 
+pub mod addr;
 pub mod format;
 pub mod state;
 
