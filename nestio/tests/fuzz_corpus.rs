@@ -68,3 +68,8 @@ fn corpus_sessions() {
 fn corpus_hypercall() {
     replay("hypercall", nestio_vmm::hypercall::fuzz::fuzz_hypercall);
 }
+
+#[test]
+fn corpus_vm_migration() {
+    replay("vm_migration", nestio_vmm::migration::fuzz_stream);
+}

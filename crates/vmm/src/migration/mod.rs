@@ -954,24 +954,47 @@ impl Destination<'_> {
 }
 
 /// Fuzz entry (feature `harness`): parse `data` as a migration stream and decode every
-/// section's payload, as the destination does before touching the VM.
+/// section's payload, as the destination does before touching the VM; whatever decodes
+/// must encode back to exactly the bytes it came from (no field silently dropped or
+/// invented).
 #[cfg(feature = "harness")]
 pub fn fuzz_stream(data: &[u8]) {
     let Ok(mut r) = StreamReader::new(data) else {
         return;
     };
     while let Ok(s) = r.next_section() {
-        let _ = match s.tag {
-            Tag::Config => MachineConfig::decode(&s).map(|_| ()),
-            Tag::Ram => state::decode_ram(&s).map(|_| ()),
-            Tag::Vcpu => state::decode_vcpu(&s).map(|_| ()),
-            Tag::Irqchip => PlatformState::decode_irqchip(&s).map(|_| ()),
-            Tag::Pit => PlatformState::decode_pit(&s).map(|_| ()),
-            Tag::Clock => PlatformState::decode_clock(&s).map(|_| ()),
-            Tag::Serial => state::decode_serial(&s).map(|_| ()),
-            Tag::Pci => state::decode_pci(&s).map(|_| ()),
-            Tag::DeviceData | Tag::DeviceEnd => Ok(()),
+        let again: Option<Vec<u8>> = match s.tag {
+            Tag::Config => MachineConfig::decode(&s).ok().map(|c| c.encode()),
+            Tag::Ram => {
+                if let Ok((gpa, d)) = state::decode_ram(&s) {
+                    assert!(gpa.is_multiple_of(PAGE) && !d.is_empty());
+                    assert!((d.len() as u64).is_multiple_of(PAGE));
+                }
+                None
+            }
+            Tag::Vcpu => state::decode_vcpu(&s).ok().map(|v| state::encode_vcpu(&v)),
+            Tag::Irqchip => PlatformState::decode_irqchip(&s).ok().map(|c| {
+                PlatformState {
+                    irqchips: c,
+                    ..Default::default()
+                }
+                .encode_irqchip()
+            }),
+            Tag::Pit => PlatformState::decode_pit(&s)
+                .ok()
+                .map(|p| zerocopy::IntoBytes::as_bytes(&p).to_vec()),
+            Tag::Clock => PlatformState::decode_clock(&s)
+                .ok()
+                .map(|p| zerocopy::IntoBytes::as_bytes(&p).to_vec()),
+            Tag::Serial => state::decode_serial(&s)
+                .ok()
+                .map(|v| state::encode_serial(&v)),
+            Tag::Pci => state::decode_pci(&s).ok().map(|v| state::encode_pci(&v)),
+            Tag::DeviceData | Tag::DeviceEnd => None,
             Tag::End => break,
         };
+        if let Some(a) = again {
+            assert_eq!(a, s.payload, "{:?} does not round-trip", s.tag);
+        }
     }
 }
