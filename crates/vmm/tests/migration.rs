@@ -495,3 +495,61 @@ fn linux_ping_migrates_to_a_new_vmm_and_e1000() {
         "{dst_report:?}"
     );
 }
+
+/// The destination dies in stop-and-copy: it reads the whole stream, up to the end
+/// marker, and closes without answering. The source must not take that for success:
+/// it rolls back, and the guest (paused meanwhile) runs on to a verified end.
+#[test]
+fn destination_dying_in_stop_and_copy_rolls_back() {
+    if !common::kvm_or_skip("destination_dying_in_stop_and_copy_rolls_back") {
+        return;
+    }
+    use nestio_vmm::migration::format::{StreamReader, Tag};
+    let src_dev = DeviceProcess::start("sample");
+    let (src_cfg, src_out) = cfg(&src_dev.socket, 800, 2);
+    let mut src = Vm::new(src_cfg).unwrap();
+    let source = src.migration_source();
+    let src_thread = std::thread::spawn(move || src.run());
+    wait_for(&src_out, "round 100", Duration::from_secs(60));
+    let (a, b) = UnixStream::pair().unwrap();
+    let dst = std::thread::spawn(move || {
+        let mut r = StreamReader::new(b).unwrap();
+        let mut tags = Vec::new();
+        loop {
+            let s = r.next_section().unwrap();
+            tags.push(s.tag);
+            if s.tag == Tag::End {
+                return tags; // dies here: no answer
+            }
+        }
+    });
+    let e = source
+        .migrate(a, MigrationParams::default(), &mut |_| {})
+        .unwrap_err();
+    let tags = dst.join().unwrap();
+    for t in [
+        Tag::Config,
+        Tag::Ram,
+        Tag::DeviceData,
+        Tag::DeviceEnd,
+        Tag::Pci,
+        Tag::Vcpu,
+        Tag::Irqchip,
+        Tag::Pit,
+        Tag::Clock,
+        Tag::Serial,
+    ] {
+        assert!(tags.contains(&t), "{t:?} missing from the stream");
+    }
+    assert_eq!(
+        tags.iter().filter(|&&t| t == Tag::Vcpu).count(),
+        2,
+        "both vCPUs"
+    );
+    assert!(matches!(e, MigrationError::Format(_)), "{e}");
+    assert!(!source.migrated());
+    let report = src_thread.join().unwrap().unwrap();
+    let out = common::text(&src_out);
+    assert_eq!(report.outcome, StopReason::GuestExit(0), "{out}");
+    assert!(out.contains("migtest verified"), "{out}");
+}
