@@ -553,3 +553,68 @@ fn destination_dying_in_stop_and_copy_rolls_back() {
     assert_eq!(report.outcome, StopReason::GuestExit(0), "{out}");
     assert!(out.contains("migtest verified"), "{out}");
 }
+
+/// Benchmark: an idle 256 MiB guest (waiting for an interrupt) and one dirtying memory
+/// by DMA and CPU at a steady rate, each migrated in this run; prints total time,
+/// downtime, bytes and passes (`-- --nocapture`). Checks what must hold whatever the
+/// host's speed: the idle guest sends little more than its RAM once.
+#[test]
+fn migration_benchmark_idle_and_dirtying_256m() {
+    if !common::kvm_or_skip("migration_benchmark_idle_and_dirtying_256m") {
+        return;
+    }
+    let mut rows = Vec::new();
+    for (label, mode, marker) in [
+        ("idle", "mode=halt", "waiting"),
+        ("dirtying", "mode=migrate rounds=100000", "round 100"),
+    ] {
+        let src_dev = DeviceProcess::start("sample");
+        let dst_dev = DeviceProcess::start("sample");
+        let mk = |sock: &std::path::Path| {
+            let (mut c, buf) = cfg(sock, 0, 1);
+            c.memory = 256 << 20;
+            c.cmdline = mode.into();
+            (c, buf)
+        };
+        let (src_cfg, src_out) = mk(&src_dev.socket);
+        let (dst_cfg, _dst_out) = mk(&dst_dev.socket);
+        let mut src = Vm::new(src_cfg).unwrap();
+        let source = src.migration_source();
+        let src_thread = std::thread::spawn(move || src.run());
+        wait_for(&src_out, marker, Duration::from_secs(60));
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dst_thread = std::thread::spawn(move || {
+            let mut vm = Vm::new(dst_cfg).unwrap();
+            vm.receive_migration(&mut b).unwrap();
+            let h = vm.handle();
+            tx.send(h).unwrap();
+            vm.run().unwrap()
+        });
+        let report = source
+            .migrate(a, MigrationParams::default(), &mut |_| {})
+            .expect("migration");
+        src_thread.join().unwrap().unwrap();
+        let h = rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        h.stop();
+        dst_thread.join().unwrap();
+        rows.push((label, report));
+    }
+    eprintln!("guest      total ms  downtime ms  MiB sent  passes");
+    for (label, r) in &rows {
+        eprintln!(
+            "{label:<10} {:>8} {:>12} {:>9.1} {:>7}",
+            r.total.as_millis(),
+            r.downtime.as_millis(),
+            r.bytes as f64 / (1 << 20) as f64,
+            r.passes
+        );
+    }
+    let idle = &rows[0].1;
+    assert!(
+        idle.bytes >= 256 << 20 && idle.bytes < (256 + 16) << 20,
+        "{idle:?}"
+    );
+    assert_eq!(idle.passes, 1, "{idle:?}");
+}
