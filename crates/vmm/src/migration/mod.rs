@@ -19,7 +19,9 @@
 //!    the in-kernel PIC/IOAPIC, PIT and KVM clock, the console UART and each assigned
 //!    function's virtualised configuration and MSI-X table, and the end marker.
 //! 5. The destination answers once it has loaded everything and its devices run. On
-//!    success the source's devices go to STOP and the source VM stops
+//!    success the source confirms (one byte: only then does the destination run, so a
+//!    source that missed the answer and rolls back never leaves a second copy running),
+//!    its devices go to STOP and the source VM stops
 //!    ([`MigrationSource::migrated`]). On any failure — the destination closes, refuses,
 //!    times out, a device refuses a state — the source rolls back: the devices return
 //!    to RUNNING, dirty logging is turned off and the vCPUs resume. Nothing the source
@@ -64,6 +66,8 @@ const RUN_PAGES: u64 = 256;
 const DEVICE_CHUNK: usize = 64 * 1024;
 /// How long the source waits for the destination's answer after the end marker.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The source's confirmation after the destination's answer: the destination runs.
+const GO: u8 = 0x47;
 /// How long a pause / vCPU capture may take.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -666,6 +670,9 @@ impl MigrationSource {
             .set_timeout(Some(ANSWER_TIMEOUT))
             .map_err(FormatError::Io)?;
         read_answer(&mut stream)?;
+        // The destination runs only after this byte; the source stops once it is sent.
+        stream.write_all(&[GO]).map_err(FormatError::Io)?;
+        stream.flush().map_err(FormatError::Io)?;
         self.set_logging(false).ok();
         Ok(MigrationReport {
             total: start.elapsed(),
@@ -746,7 +753,20 @@ impl Destination<'_> {
                 return Err(MigrationError::Format(FormatError::Io(e)));
             }
         }
-        r
+        let report = r?;
+        // Run only once the source has confirmed it stops: a source that did not get
+        // our answer rolls back, and then this copy must not run.
+        let mut go = [0u8; 1];
+        match stream.read_exact(&mut go) {
+            Ok(()) if go[0] == GO => Ok(report),
+            Ok(()) => Err(MigrationError::Refused(format!(
+                "the source sent {:#x} instead of its confirmation",
+                go[0]
+            ))),
+            Err(e) => Err(MigrationError::Incomplete(format!(
+                "the source's confirmation ({e}); the source keeps the VM"
+            ))),
+        }
     }
 
     fn receive_inner<S: Read + Write>(
