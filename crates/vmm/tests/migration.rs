@@ -403,7 +403,6 @@ fn write_fuzz_seeds() {
 /// console goes on on the destination, at most the downtime's worth of sequence numbers
 /// is lost, and the driver reports no error or reset.
 #[test]
-#[ignore = "not yet seen passing: Linux boots took minutes on the loaded development host; run with --ignored"]
 fn linux_ping_migrates_to_a_new_vmm_and_e1000() {
     let name = "linux_ping_migrates_to_a_new_vmm_and_e1000";
     if !common::kvm_or_skip(name) {
