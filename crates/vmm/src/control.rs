@@ -11,8 +11,9 @@
 //!   so the VMM, sandboxed, never creates a socket. The VMM answers `progress ...` lines
 //!   while it migrates and ends with `ok <report>` or `error: <what happened>`.
 //!
-//! Anything else is answered `error: ...`. The server thread is started before the
-//! seccomp filter is installed and inherits it.
+//! Anything else is answered `error: ...`. Each request runs on a thread of its own
+//! (at most [`MAX_ACTIVE`] at once), so `status` answers during a migration. The server
+//! thread is started before the seccomp filter is installed and inherits it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -104,7 +105,11 @@ impl Drop for ControlServer {
     }
 }
 
+/// Requests served at once (a migration takes long; `status` must still answer).
+const MAX_ACTIVE: usize = 4;
+
 fn serve(listener: UnixListener, target: Arc<ControlTarget>) {
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for conn in listener.incoming() {
         let Ok(s) = conn else { continue };
         // SAFETY: geteuid has no preconditions.
@@ -117,8 +122,28 @@ fn serve(listener: UnixListener, target: Arc<ControlTarget>) {
             }
             Err(_) => continue,
         }
-        if let Err(e) = handle(s, &target) {
-            tracing::debug!(error = %e, "control connection");
+        use std::sync::atomic::Ordering::SeqCst;
+        if active.fetch_add(1, SeqCst) >= MAX_ACTIVE {
+            active.fetch_sub(1, SeqCst);
+            let mut s = s;
+            let _ = writeln!(
+                s,
+                "error: {MAX_ACTIVE} control requests are already running; try again"
+            );
+            continue;
+        }
+        let (t, a) = (target.clone(), active.clone());
+        let spawned = std::thread::Builder::new()
+            .name("control-req".into())
+            .spawn(move || {
+                if let Err(e) = handle(s, &t) {
+                    tracing::debug!(error = %e, "control connection");
+                }
+                a.fetch_sub(1, SeqCst);
+            });
+        if let Err(e) = spawned {
+            active.fetch_sub(1, SeqCst);
+            tracing::warn!(error = %e, "cannot start a control request thread");
         }
     }
 }
