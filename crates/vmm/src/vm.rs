@@ -952,6 +952,12 @@ impl Vm {
             cpus: self.vcpus.len(),
             migrated: Arc::new(AtomicBool::new(false)),
             busy: Arc::new(AtomicBool::new(false)),
+            platform_devices: self
+                .platform
+                .devices()
+                .iter()
+                .map(|d| d.name().to_string())
+                .collect(),
         }
     }
 

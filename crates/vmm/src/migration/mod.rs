@@ -235,6 +235,8 @@ pub struct MigrationSource {
     pub(crate) cpus: usize,
     pub(crate) migrated: Arc<AtomicBool>,
     pub(crate) busy: Arc<AtomicBool>,
+    /// Names of attached platform (non-PCI) devices: not migratable yet.
+    pub(crate) platform_devices: Vec<String>,
 }
 
 /// The destination's answer after the end marker: `0` and nothing else, or `1`, a
@@ -333,6 +335,11 @@ impl MigrationSource {
     }
 
     fn devices(&self) -> Result<Vec<MigDevice>, MigrationError> {
+        if let Some(n) = self.platform_devices.first() {
+            return Err(MigrationError::State(format!(
+                "platform device {n} cannot be migrated yet (only PCI devices are): this VM cannot be migrated"
+            )));
+        }
         let mut out = Vec::new();
         for d in self.pci.devices() {
             let flags = d.device().migration_flags().ok_or_else(|| {
@@ -740,9 +747,12 @@ impl Destination<'_> {
         let r = self.receive_inner(stream, &devs);
         let answer = r.as_ref().map(|_| ()).map_err(|e| e.to_string());
         if r.is_err() {
-            // A device left half-loaded goes back to RUNNING (fresh) for a later try.
+            // A device left half-loaded (RESUMING, or ERROR after a refused state) is
+            // reset: back to RUNNING, as fresh as it came.
             for d in &devs {
-                let _ = d.device().mig_set_state(MigState::Running);
+                if let Err(e) = d.device().reset() {
+                    tracing::warn!(device = d.name(), error = %e, "cannot reset the device after a failed incoming migration");
+                }
             }
         }
         if let Err(e) = write_answer(stream, &answer) {
