@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod device;
 mod inspect;
+mod migrate;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,12 @@ enum Command {
     /// Hex-dump a running nested guest's memory by its guest-physical address (through
     /// its parent level's memory socket, `PATH.mem` of `nestio run --export`).
     Inspect(inspect::InspectArgs),
+    /// Show a running VM's state (through its `nestio run --control` socket).
+    Status(migrate::VmArgs),
+    /// Stop a running VM (through its control socket).
+    Stop(migrate::VmArgs),
+    /// Live-migrate a running VM to a `nestio run --migrate-listen` destination.
+    Migrate(migrate::MigrateArgs),
 }
 
 fn main() {
@@ -49,6 +56,9 @@ fn main() {
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Status(a) => migrate::status(a),
+        Command::Stop(a) => migrate::stop(a),
+        Command::Migrate(a) => migrate::migrate(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

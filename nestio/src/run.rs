@@ -125,6 +125,15 @@ pub struct RunArgs {
     /// the start of the platform MMIO window, 0xe8000000; stream ID = requester ID).
     #[arg(long)]
     viommu: Option<nestio_vmm::iommu::smmuv3::Viommu>,
+    /// A control socket for this VM (`nestio status|stop|migrate --vm PATH`).
+    #[arg(long, value_name = "PATH", conflicts_with = "export")]
+    control: Option<PathBuf>,
+    /// Destination of a live migration: wait for the source's stream on this address
+    /// (unix:PATH, a path, or tcp:HOST:PORT on loopback), load it into the VM built from
+    /// the other options (same --memory / --cpus / kinds of --device, each device a new
+    /// process), then run it.
+    #[arg(long, value_name = "ADDR", conflicts_with = "export")]
+    migrate_listen: Option<nestio_vmm::migration::addr::MigrationAddr>,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -213,6 +222,8 @@ pub fn run(args: RunArgs) -> CmdResult {
     let memory_from = args.memory_from.clone();
     let sandbox = args.sandbox.clone();
     let forbidden_call = args.seccomp_test_forbidden_call;
+    let control = args.control.clone();
+    let migrate_listen = args.migrate_listen.clone();
     let mut cfg = config(args)?;
     cfg.thread_hooks = thread_hooks(sandbox.sandbox(), forbidden_call);
     let mut level = 1;
@@ -254,8 +265,34 @@ pub fn run(args: RunArgs) -> CmdResult {
             });
             let mut vm = Vm::new(cfg)?;
             drop(waiting);
+            if let Some(addr) = &migrate_listen {
+                eprintln!("nestio: waiting for an incoming migration on {addr}");
+                let mut stream = addr.accept_one()?;
+                let got = vm.receive_migration(&mut stream)?;
+                eprintln!(
+                    "nestio: migration received ({:.1} MiB, {} pages); the VM resumes here",
+                    got.bytes as f64 / (1 << 20) as f64,
+                    got.pages
+                );
+            }
+            let source = vm.migration_source();
+            let _control = match &control {
+                Some(path) => Some(nestio_vmm::control::ControlServer::start(
+                    path,
+                    nestio_vmm::control::ControlTarget {
+                        handle: vm.handle(),
+                        source: source.clone(),
+                    },
+                )?),
+                None => None,
+            };
             sandbox.install_process(Profile::Vmm)?;
-            Ok(vm.run()?.exit_status())
+            let report = vm.run()?;
+            if source.migrated() {
+                eprintln!("nestio: the VM was migrated away; this VMM ends");
+                return Ok(0);
+            }
+            Ok(report.exit_status())
         }
         Some(path) => run_exporting(cfg, level, &path, window, no_shared_memory, sandbox),
     }

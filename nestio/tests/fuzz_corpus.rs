@@ -88,3 +88,8 @@ fn corpus_smmuv3() {
 fn corpus_tce() {
     replay("tce", nestio_vmm::hypercall::tce::fuzz_tce);
 }
+
+#[test]
+fn corpus_vm_migration() {
+    replay("vm_migration", nestio_vmm::migration::fuzz_stream);
+}

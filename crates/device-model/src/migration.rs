@@ -284,6 +284,16 @@ impl MigrationData {
         self.session = Session::Saving { data, pos: 0 };
     }
 
+    /// Append `more` to the open saving session (PRE_COPY -> STOP_COPY: the final
+    /// state follows what PRE_COPY streamed, unread bytes included); opens a session
+    /// over `more` when none is open.
+    pub fn continue_save(&mut self, more: Vec<u8>) {
+        match &mut self.session {
+            Session::Saving { data, .. } => data.extend_from_slice(&more),
+            _ => self.begin_save(more),
+        }
+    }
+
     /// Open an empty resuming session (on STOP -> RESUMING). Replaces any open session.
     pub fn begin_resume(&mut self) {
         self.session = Session::Resuming { data: Vec::new() };
@@ -458,6 +468,22 @@ mod tests {
             d.read(StopCopy, &mut buf).unwrap_err().errno(),
             libc::EINVAL
         );
+    }
+
+    #[test]
+    fn precopy_stream_continues_into_stop_copy() {
+        let mut d = MigrationData::new("test", 16);
+        let mut buf = [0u8; 2];
+        d.begin_save(vec![1, 2, 3]);
+        assert_eq!(d.read(PreCopy, &mut buf).unwrap(), 2);
+        d.continue_save(vec![4, 5]);
+        assert_eq!(d.remaining(), 3, "the unread PRE_COPY byte stays ahead");
+        let mut rest = [0u8; 8];
+        assert_eq!(d.read(StopCopy, &mut rest).unwrap(), 3);
+        assert_eq!(&rest[..3], &[3, 4, 5]);
+        d.close();
+        d.continue_save(vec![9]);
+        assert_eq!(d.remaining(), 1, "without a session it opens one");
     }
 
     #[test]

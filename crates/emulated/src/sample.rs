@@ -53,6 +53,13 @@
 //! device next enters RUNNING.
 //! The stream itself is kept by [`MigrationData`] (shared with the e1000): a data read
 //! outside STOP_COPY or a write outside RESUMING is refused with EINVAL.
+//!
+//! PRE_COPY is offered too: on RUNNING -> PRE_COPY the device (which keeps running and
+//! doing DMA) opens the stream with a snapshot of that moment — its 64 KiB of BAR2 RAM
+//! being the bulk — and on PRE_COPY -> STOP_COPY it appends the final snapshot. An
+//! incoming stream is therefore one or two complete snapshots; every one is checked and
+//! the last is applied (a resumed device never sees a state older than the source's
+//! final one). PRE_COPY -> RUNNING (a migration given up) closes the stream.
 
 use parking_lot::{Mutex, MutexGuard};
 use std::fs::File;
@@ -104,6 +111,10 @@ pub const VERSION_VALUE: u32 = 0x0001_0000;
 pub const STREAM_MAGIC: u32 = u32::from_le_bytes(*b"NSMP");
 /// Stream format version.
 pub const STREAM_VERSION: u16 = 1;
+/// Header flags of a PRE_COPY snapshot: the final snapshot follows it in the stream.
+const PRECOPY_MARK: u16 = 1;
+/// Migration states offered: STOP_COPY and PRE_COPY.
+const MIGRATION_FLAGS: u64 = MigrationFlags::STOP_COPY | MigrationFlags::PRE_COPY;
 
 /// BAR0 register offsets (all 32-bit).
 pub mod regs {
@@ -295,6 +306,8 @@ struct State {
     mig: MigrationData,
     /// A state was restored: raise its pending interrupts at the next RUNNING.
     resumed: bool,
+    /// The incoming stream starts with a PRE_COPY snapshot (two snapshots allowed).
+    resume_precopy: bool,
 }
 
 /// A DMA command, copied out of the registers.
@@ -411,11 +424,19 @@ impl<'a> Cursor<'a> {
 }
 
 impl Snapshot {
+    #[cfg(test)]
     fn encode(&self) -> Vec<u8> {
+        self.encode_marked(false)
+    }
+
+    /// `more_follows`: a PRE_COPY snapshot, after which the final one comes
+    /// ([`PRECOPY_MARK`] in the header's flags word).
+    fn encode_marked(&self, more_follows: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(STREAM_LEN);
         out.extend_from_slice(&STREAM_MAGIC.to_le_bytes());
         out.extend_from_slice(&STREAM_VERSION.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
+        let flags = if more_follows { PRECOPY_MARK } else { 0 };
+        out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&(BODY_LEN as u32).to_le_bytes());
         for w in self.regs.to_words() {
             out.extend_from_slice(&w.to_le_bytes());
@@ -433,7 +454,18 @@ impl Snapshot {
         out
     }
 
+    #[cfg(test)]
     fn decode(data: &[u8]) -> std::result::Result<Snapshot, SampleError> {
+        match Self::decode_marked(data)? {
+            (snap, false) => Ok(snap),
+            (_, true) => Err(SampleError::Stream(
+                "the stream ends with a PRE_COPY snapshot: the final state is missing".into(),
+            )),
+        }
+    }
+
+    /// Decode one snapshot; also says whether it is a PRE_COPY one (more follows).
+    fn decode_marked(data: &[u8]) -> std::result::Result<(Snapshot, bool), SampleError> {
         let bad = |m: String| SampleError::Stream(m);
         if data.len() != STREAM_LEN {
             return Err(bad(format!(
@@ -455,7 +487,7 @@ impl Snapshot {
         }
         let reserved = c.u16()?;
         let body_len = c.u32()?;
-        if reserved != 0 || body_len as usize != BODY_LEN {
+        if (reserved != 0 && reserved != PRECOPY_MARK) || body_len as usize != BODY_LEN {
             return Err(bad(format!(
                 "header announces {body_len} body bytes (reserved {reserved:#x}), expected {BODY_LEN}"
             )));
@@ -475,13 +507,16 @@ impl Snapshot {
         }
         let pba = c.u64()?;
         let ram = c.take(RAM_SIZE as usize)?.to_vec();
-        Ok(Snapshot {
-            regs: Registers::from_words(&words),
-            config,
-            msix_entries,
-            pba,
-            ram,
-        })
+        Ok((
+            Snapshot {
+                regs: Registers::from_words(&words),
+                config,
+                msix_entries,
+                pba,
+                ram,
+            },
+            reserved == PRECOPY_MARK,
+        ))
     }
 }
 
@@ -514,9 +549,10 @@ impl SampleDevice {
             state: Mutex::new(State {
                 regs: Registers::default(),
                 msix,
-                fsm: MigrationFsm::new(MigrationFlags(MigrationFlags::STOP_COPY)),
-                mig: MigrationData::new("sample device", STREAM_LEN),
+                fsm: MigrationFsm::new(MigrationFlags(MIGRATION_FLAGS)),
+                mig: MigrationData::new("sample device", 2 * STREAM_LEN),
                 resumed: false,
+                resume_precopy: false,
             }),
             dma_lock: Mutex::new(()),
             pci: PciFunction::new(cfg),
@@ -840,6 +876,10 @@ impl SampleDevice {
     }
 
     fn snapshot(&self, st: &State) -> Result<Vec<u8>> {
+        self.snapshot_marked(st, false)
+    }
+
+    fn snapshot_marked(&self, st: &State, more_follows: bool) -> Result<Vec<u8>> {
         let mut msix_entries = Vec::with_capacity(VECTORS.into());
         for v in 0..VECTORS {
             let e = st.msix.entry(v).unwrap_or_default();
@@ -855,7 +895,7 @@ impl SampleDevice {
             pba,
             ram: self.ram_contents()?,
         }
-        .encode())
+        .encode_marked(more_follows))
     }
 
     fn apply(&self, st: &mut State, snap: Snapshot) -> Result<()> {
@@ -883,12 +923,45 @@ impl SampleDevice {
                 let data = self.snapshot(st)?;
                 st.mig.begin_save(data);
             }
+            (MigState::Running, MigState::PreCopy) => {
+                let data = self.snapshot_marked(st, true)?;
+                st.mig.begin_save(data);
+            }
+            (MigState::PreCopy, MigState::StopCopy) => {
+                let data = self.snapshot(st)?;
+                st.mig.continue_save(data);
+            }
+            (MigState::PreCopy, MigState::Running) => st.mig.close(),
             (MigState::StopCopy, MigState::Stop) => st.mig.close(),
             (MigState::Stop, MigState::Resuming) => st.mig.begin_resume(),
             (MigState::Resuming, MigState::Stop) => {
                 let data = st.mig.finish_resume()?;
-                let snap = Snapshot::decode(&data)?;
-                self.apply(st, snap)?;
+                // One snapshot, or a PRE_COPY one followed by the final one: all are
+                // checked, the last applies.
+                if data.is_empty() || data.len() % STREAM_LEN != 0 {
+                    return Err(SampleError::Stream(format!(
+                        "{} bytes received, a stream is one or two snapshots of {STREAM_LEN}",
+                        data.len()
+                    ))
+                    .into());
+                }
+                let n = data.len() / STREAM_LEN;
+                let mut last = None;
+                for (i, chunk) in data.chunks(STREAM_LEN).enumerate() {
+                    let (snap, more) = Snapshot::decode_marked(chunk)?;
+                    if more != (i + 1 < n) {
+                        return Err(SampleError::Stream(format!(
+                            "snapshot {} of {n} is {}marked PRE_COPY",
+                            i + 1,
+                            if more { "" } else { "not " }
+                        ))
+                        .into());
+                    }
+                    last = Some(snap);
+                }
+                if let Some(snap) = last {
+                    self.apply(st, snap)?;
+                }
             }
             (_, MigState::Running) if st.resumed => {
                 st.resumed = false;
@@ -996,7 +1069,7 @@ impl VfioDevice for SampleDevice {
     }
 
     fn migration_flags(&self) -> Option<MigrationFlags> {
-        Some(MigrationFlags(MigrationFlags::STOP_COPY))
+        Some(MigrationFlags(MIGRATION_FLAGS))
     }
 
     fn mig_state(&self) -> Result<MigState> {
@@ -1021,7 +1094,27 @@ impl VfioDevice for SampleDevice {
     fn mig_data_write(&self, data: &[u8]) -> Result<()> {
         let mut st = self.lock();
         let state = st.fsm.state();
-        st.mig.write(state, data)
+        // One snapshot, or two when the first (its header in the first chunk) is
+        // marked PRE_COPY: anything longer is refused at once.
+        let received = st.mig.received();
+        let precopy = if received == 0 {
+            data.len() >= 8 && u16::from_le_bytes([data[6], data[7]]) == PRECOPY_MARK
+        } else {
+            st.resume_precopy
+        };
+        let limit = if precopy { 2 * STREAM_LEN } else { STREAM_LEN };
+        if st.mig.resuming() && received.saturating_add(data.len()) > limit {
+            return Err(SampleError::Stream(format!(
+                "{} bytes would exceed the {limit} bytes of this stream; resume only from a stream saved by a nestio sample device of the same version",
+                received.saturating_add(data.len())
+            ))
+            .into());
+        }
+        st.mig.write(state, data)?;
+        if received == 0 {
+            st.resume_precopy = precopy;
+        }
+        Ok(())
     }
 }
 
@@ -1141,5 +1234,70 @@ mod tests {
         assert!(Snapshot::decode(&bad).is_err());
         assert!(Snapshot::decode(&bytes[..STREAM_LEN - 1]).is_err());
         assert!(Snapshot::decode(&[]).is_err());
+    }
+
+    fn read_all(dev: &SampleDevice) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 10_000];
+        loop {
+            let n = dev.mig_data_read(&mut buf).unwrap();
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// PRE_COPY streams a snapshot while the device runs; STOP_COPY appends the final
+    /// one; a new device resumes from both and gets the final state.
+    #[test]
+    fn precopy_then_stop_copy_resumes_the_final_state() {
+        let src = SampleDevice::new().unwrap();
+        src.region_write(0, regs::SCRATCH, &1u32.to_le_bytes())
+            .unwrap();
+        assert_eq!(
+            src.mig_set_state(MigState::PreCopy).unwrap(),
+            MigState::PreCopy
+        );
+        let mut first = vec![0u8; 1000];
+        assert_eq!(src.mig_data_read(&mut first).unwrap(), 1000);
+        // Still running: registers change during PRE_COPY.
+        src.region_write(0, regs::SCRATCH, &2u32.to_le_bytes())
+            .unwrap();
+        assert_eq!(
+            src.mig_set_state(MigState::StopCopy).unwrap(),
+            MigState::StopCopy
+        );
+        let mut stream = first;
+        stream.extend(read_all(&src));
+        assert_eq!(stream.len(), 2 * STREAM_LEN);
+
+        let dst = SampleDevice::new().unwrap();
+        dst.mig_set_state(MigState::Resuming).unwrap();
+        for c in stream.chunks(64 * 1024) {
+            dst.mig_data_write(c).unwrap();
+        }
+        assert!(dst.mig_data_write(&[0]).is_err(), "two snapshots at most");
+        assert_eq!(
+            dst.mig_set_state(MigState::Running).unwrap(),
+            MigState::Running
+        );
+        assert_eq!(dst.registers().scratch, 2, "the final snapshot applies");
+
+        // The PRE_COPY snapshot alone is not a complete stream.
+        let lone = SampleDevice::new().unwrap();
+        lone.mig_set_state(MigState::Resuming).unwrap();
+        lone.mig_data_write(&stream[..STREAM_LEN]).unwrap();
+        assert!(lone.mig_set_state(MigState::Stop).is_err());
+        assert_eq!(lone.mig_state().unwrap(), MigState::Error);
+
+        // A migration given up in PRE_COPY: back to RUNNING, stream closed.
+        let back = SampleDevice::new().unwrap();
+        back.mig_set_state(MigState::PreCopy).unwrap();
+        assert_eq!(
+            back.mig_set_state(MigState::Running).unwrap(),
+            MigState::Running
+        );
+        assert!(back.mig_data_read(&mut [0u8; 4]).is_err());
     }
 }

@@ -85,14 +85,45 @@ impl Trigger for IrqLine {
 /// The console device.
 pub struct SerialConsole {
     uart: Mutex<Serial<IrqLine, NoEvents, Out>>,
+    /// The UART's interrupt eventfd and output, kept to rebuild it from a migrated state.
+    irq: Option<EventFd>,
+    out: ConsoleOutput,
 }
 
 impl SerialConsole {
     /// A UART signalling `irq` and writing to `out`.
     pub fn new(irq: EventFd, out: ConsoleOutput) -> Self {
+        // A dup of the eventfd (same counter) for `restore`; if the process is out of
+        // fds the console still works, only a restore would fail.
+        let keep = irq.try_clone().ok();
         SerialConsole {
-            uart: Mutex::new(Serial::new(IrqLine(irq), Out(out))),
+            uart: Mutex::new(Serial::new(IrqLine(irq), Out(out.clone()))),
+            irq: keep,
+            out,
         }
+    }
+
+    /// The UART's registers and receive FIFO (for migration).
+    pub fn save(&self) -> vm_superio::serial::SerialState {
+        self.uart.lock().state()
+    }
+
+    /// Replace the UART's registers and receive FIFO with a migrated state (a FIFO
+    /// longer than the UART's is refused); raises the interrupt the state has pending.
+    pub fn restore(&self, state: &vm_superio::serial::SerialState) -> std::io::Result<()> {
+        let irq = match &self.irq {
+            Some(fd) => fd.try_clone()?,
+            None => return Err(std::io::Error::from_raw_os_error(libc::EMFILE)),
+        };
+        let uart = Serial::from_state(state, IrqLine(irq), NoEvents, Out(self.out.clone()))
+            .map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("serial state refused: {e:?}"),
+                )
+            })?;
+        *self.uart.lock() = uart;
+        Ok(())
     }
 }
 

@@ -281,7 +281,13 @@ impl Vcpu {
         if self.ctx.control.stop_requested() {
             return Step::Stop(Ok(StopReason::Interrupted));
         }
-        if self.ctx.control.park_if_paused() {
+        let parked = {
+            let (fd, cpu_state) = (&self.fd, self.cpu_state);
+            self.ctx
+                .control
+                .park_if_paused_with(self.ctx.index, &|| save_migration(fd, cpu_state))
+        };
+        if parked {
             return Step::Stop(Ok(StopReason::Interrupted));
         }
         let ctx = &self.ctx;
@@ -577,6 +583,146 @@ impl Vcpu {
     }
 }
 
+/// The complete architectural state of one vCPU, as live migration moves it: every
+/// register file KVM exposes, the LAPIC, pending events, the multiprocessing state and
+/// every MSR KVM can save (the list is the host's `KVM_GET_MSR_INDEX_LIST`, taken by
+/// [`set_migration_msrs`]), plus the CPU model's own MSR state.
+#[derive(Default)]
+pub struct VcpuMigState {
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers.
+    pub sregs: kvm_sregs,
+    /// FPU / SSE / AVX state in XSAVE layout (`KVM_GET_XSAVE`).
+    pub xsave: kvm_bindings::kvm_xsave,
+    /// Extended control registers (XCR0).
+    pub xcrs: kvm_bindings::kvm_xcrs,
+    /// Local APIC registers.
+    pub lapic: kvm_lapic_state,
+    /// Pending exceptions, interrupts, NMI, SMM.
+    pub events: kvm_vcpu_events,
+    /// Running, halted, or waiting for INIT/SIPI.
+    pub mp_state: kvm_bindings::kvm_mp_state,
+    /// Debug registers.
+    pub debugregs: kvm_bindings::kvm_debugregs,
+    /// MSRs kept by KVM.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// MSRs kept by the CPU model (MSR_TEST_CTRL).
+    pub cpu: CpuState,
+}
+
+static MIGRATION_MSRS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+
+/// Record the MSRs a migration saves (the host's `KVM_GET_MSR_INDEX_LIST`); called once
+/// per process by [`crate::Vm::new`]. Without it the snapshot list is used.
+pub fn set_migration_msrs(list: &[u32]) {
+    let _ = MIGRATION_MSRS.set(list.to_vec());
+}
+
+fn migration_msr_list() -> Vec<u32> {
+    let mut l = MIGRATION_MSRS
+        .get()
+        .cloned()
+        .unwrap_or_else(|| SAVED_MSRS.to_vec());
+    // The TSC first: KVM computes the TSC deadline and offsets relative to it.
+    l.sort_by_key(|&m| (m != 0x10, m));
+    l.dedup();
+    l
+}
+
+/// KVM_GET_MSRS stops at the first MSR it cannot read: read the list in pieces, skipping
+/// each refused MSR.
+fn read_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+    let mut out = Vec::with_capacity(list.len());
+    let mut rest = list;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
+        let mut msrs = Msrs::from_entries(
+            &chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|_| VcpuError::State {
+            what: "save",
+            err: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let n = fd
+            .get_msrs(&mut msrs)
+            .map_err(|err| VcpuError::State { what: "save", err })?
+            .min(chunk.len());
+        out.extend_from_slice(&msrs.as_slice()[..n]);
+        // Entry n (if any) was refused: skip it.
+        let skip = if n < chunk.len() { n + 1 } else { n };
+        rest = &rest[skip..];
+    }
+    Ok(out)
+}
+
+/// Save the full state of the vCPU behind `fd` (see [`VcpuMigState`]).
+pub(crate) fn save_migration(fd: &VcpuFd, cpu: CpuState) -> Result<VcpuMigState, VcpuError> {
+    let e = |err| VcpuError::State { what: "save", err };
+    Ok(VcpuMigState {
+        regs: fd.get_regs().map_err(e)?,
+        sregs: fd.get_sregs().map_err(e)?,
+        xsave: fd.get_xsave().map_err(e)?,
+        xcrs: fd.get_xcrs().map_err(e)?,
+        lapic: fd.get_lapic().map_err(e)?,
+        events: fd.get_vcpu_events().map_err(e)?,
+        mp_state: fd.get_mp_state().map_err(e)?,
+        debugregs: fd.get_debug_regs().map_err(e)?,
+        msrs: read_msrs(fd, &migration_msr_list())?,
+        cpu,
+    })
+}
+
+impl Vcpu {
+    /// Save the full state for migration (when not running; a running VM's vCPUs are
+    /// saved on their own threads by [`VcpuControl::capture`]).
+    pub fn save_migration(&self) -> Result<VcpuMigState, VcpuError> {
+        save_migration(&self.fd, self.cpu_state)
+    }
+
+    /// Load a migrated state (before the VM runs). The order follows KVM's
+    /// dependencies: special registers (mode) before general ones, the MSRs (the TSC
+    /// first) before the LAPIC (its deadline timer), events and MP state last.
+    pub fn restore_migration(&mut self, s: &VcpuMigState) -> Result<(), VcpuError> {
+        let e = |err| VcpuError::State {
+            what: "restore",
+            err,
+        };
+        self.fd.set_sregs(&s.sregs).map_err(e)?;
+        self.fd.set_regs(&s.regs).map_err(e)?;
+        // SAFETY: `xsave` is a full `kvm_xsave` buffer as KVM_GET_XSAVE returns it (the
+        // legacy 4 KiB layout); KVM validates its contents.
+        unsafe { self.fd.set_xsave(&s.xsave) }.map_err(e)?;
+        self.fd.set_xcrs(&s.xcrs).map_err(e)?;
+        let msrs = Msrs::from_entries(&s.msrs).map_err(|_| VcpuError::State {
+            what: "restore",
+            err: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        let n = self.fd.set_msrs(&msrs).map_err(e)?;
+        if n != s.msrs.len() {
+            let refused = s.msrs.get(n).map(|m| m.index).unwrap_or(0);
+            return Err(VcpuError::State {
+                what: "restore (MSR refused by this host's KVM)",
+                err: kvm_ioctls::Error::new(libc::EINVAL),
+            })
+            .inspect_err(|_| tracing::warn!(msr = refused, "migrated MSR refused"));
+        }
+        self.fd.set_lapic(&s.lapic).map_err(e)?;
+        self.fd.set_debug_regs(&s.debugregs).map_err(e)?;
+        self.fd.set_vcpu_events(&s.events).map_err(e)?;
+        self.fd.set_mp_state(s.mp_state).map_err(e)?;
+        self.cpu_state = s.cpu;
+        self.state = RunState::Ready;
+        Ok(())
+    }
+}
+
 thread_local! {
     /// The kvm_run page of the vCPU this thread runs (null when none): the kick signal
     /// handler sets its `immediate_exit`.
@@ -631,6 +777,27 @@ pub enum PauseError {
     },
 }
 
+/// Why [`VcpuControl::capture`] returned no state.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CaptureError {
+    /// The VM is not paused (pause it first), or stopped meanwhile.
+    #[error(
+        "the vCPUs are not all paused (or the VM stopped): pause the VM before saving its vCPUs"
+    )]
+    NotPaused,
+    /// Some vCPU did not answer in time.
+    #[error("the vCPUs did not save their state within {0:?}")]
+    Timeout(Duration),
+    /// A vCPU could not read its state.
+    #[error("vCPU {index} could not save its state: {error}")]
+    Vcpu {
+        /// vCPU index.
+        index: usize,
+        /// What failed.
+        error: String,
+    },
+}
+
 #[derive(Default)]
 struct Parking {
     /// vCPU threads started and not yet finished.
@@ -639,6 +806,10 @@ struct Parking {
     parked: usize,
     /// Registered vCPU threads (to kick).
     threads: Vec<libc::pthread_t>,
+    /// Generation of the latest capture request ([`VcpuControl::capture`]).
+    capture_gen: u64,
+    /// Per vCPU index: the state saved for the latest capture request.
+    captured: Vec<Option<Result<VcpuMigState, String>>>,
 }
 
 /// Stop / pause / resume of all the vCPUs of one VM: see the module documentation.
@@ -711,16 +882,33 @@ impl VcpuControl {
         self.cv.notify_all();
     }
 
-    /// On a vCPU thread: park while a pause is requested. Returns true if a stop was
-    /// requested meanwhile (the vCPU then stops).
-    fn park_if_paused(&self) -> bool {
+    /// On a vCPU thread: park while a pause is requested, saving this vCPU's state for
+    /// every capture request ([`Self::capture`]) that arrives while parked. Returns true
+    /// if a stop was requested meanwhile (the vCPU then stops).
+    fn park_if_paused_with(
+        &self,
+        index: u8,
+        save: &dyn Fn() -> Result<VcpuMigState, VcpuError>,
+    ) -> bool {
         if !self.pause.load(Ordering::SeqCst) {
             return false;
         }
         let mut p = self.lock();
         p.parked += 1;
         self.cv.notify_all();
+        let mut served = 0u64;
         while self.pause.load(Ordering::SeqCst) && !self.stop_requested() {
+            if p.capture_gen != served {
+                served = p.capture_gen;
+                let r = save().map_err(|e| e.to_string());
+                let slot = usize::from(index);
+                if p.captured.len() <= slot {
+                    p.captured.resize_with(slot + 1, || None);
+                }
+                p.captured[slot] = Some(r);
+                self.cv.notify_all();
+                continue;
+            }
             self.cv.wait(&mut p);
         }
         p.parked -= 1;
@@ -767,6 +955,44 @@ impl VcpuControl {
             let slice = (timeout - waited).min(Duration::from_millis(20));
             self.cv.wait_for(&mut p, slice);
         }
+    }
+
+    /// While paused ([`Self::pause`]): have every parked vCPU save its full state
+    /// ([`VcpuMigState`]) on its own thread, and return the states by vCPU index. Waits
+    /// at most `timeout`. The vCPUs stay parked.
+    pub fn capture(&self, timeout: Duration) -> Result<Vec<VcpuMigState>, CaptureError> {
+        let start = Instant::now();
+        let mut p = self.lock();
+        if !self.pause.load(Ordering::SeqCst) || p.parked != p.active || p.active == 0 {
+            return Err(CaptureError::NotPaused);
+        }
+        let n = p.active;
+        p.capture_gen += 1;
+        p.captured.clear();
+        p.captured.resize_with(n, || None);
+        self.cv.notify_all();
+        loop {
+            if p.captured.iter().filter(|c| c.is_some()).count() >= n {
+                break;
+            }
+            if self.stop_requested() || !self.pause.load(Ordering::SeqCst) {
+                return Err(CaptureError::NotPaused);
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(CaptureError::Timeout(waited));
+            }
+            self.cv.wait_for(&mut p, timeout - waited);
+        }
+        let mut out = Vec::with_capacity(n);
+        for (i, c) in p.captured.drain(..).enumerate() {
+            match c {
+                Some(Ok(s)) => out.push(s),
+                Some(Err(e)) => return Err(CaptureError::Vcpu { index: i, error: e }),
+                None => return Err(CaptureError::Timeout(start.elapsed())),
+            }
+        }
+        Ok(out)
     }
 
     /// Let paused vCPUs run again (no effect when not paused).

@@ -517,6 +517,9 @@ impl Vm {
             });
         }
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        if let Ok(list) = kvm.get_msr_index_list() {
+            crate::vcpu::set_migration_msrs(list.as_slice());
+        }
         vm.set_tss_address(KVM_TSS_ADDR)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm.create_irq_chip()
@@ -965,6 +968,69 @@ impl Vm {
             snapshot,
             vcpu: u8::try_from(vcpu).unwrap_or(u8::MAX),
         })
+    }
+
+    /// The source side of a live migration of this VM ([`crate::migration`]): take it
+    /// before [`Vm::run`] and call [`crate::migration::MigrationSource::migrate`] from
+    /// another thread while the VM runs. One per VM.
+    pub fn migration_source(&self) -> crate::migration::MigrationSource {
+        let slots = self
+            .ram
+            .parts()
+            .iter()
+            .enumerate()
+            .map(|(i, part)| crate::migration::RamSlot {
+                slot: if i == 0 {
+                    0
+                } else {
+                    RAM_EXTRA_SLOT + i as u32 - 1
+                },
+                gpa: part.gpa,
+                size: part.size,
+                host: self.ram.host_address_of(part.gpa),
+            })
+            .collect();
+        crate::migration::MigrationSource {
+            vm: self.vm.clone(),
+            mem: self.ram.memory().clone(),
+            memory: self.ram.size(),
+            slots,
+            control: self.control.clone(),
+            pci: self.pci.clone(),
+            serial: self.serial.clone(),
+            cpus: self.vcpus.len(),
+            migrated: Arc::new(AtomicBool::new(false)),
+            busy: Arc::new(AtomicBool::new(false)),
+            platform_devices: self
+                .platform
+                .devices()
+                .iter()
+                .map(|d| d.name().to_string())
+                .collect(),
+        }
+    }
+
+    /// Load an incoming migration from `stream` before the VM first runs (the
+    /// destination, `nestio run --migrate-listen`), then answer the source; see
+    /// [`crate::migration`]. On error nothing of the guest runs here.
+    pub fn receive_migration<S: std::io::Read + std::io::Write>(
+        &mut self,
+        stream: &mut S,
+    ) -> Result<crate::migration::IncomingReport, crate::migration::MigrationError> {
+        if self.vcpus.is_empty() {
+            return Err(crate::migration::MigrationError::State(
+                "the VM has already run: receive a migration into a fresh VM".into(),
+            ));
+        }
+        let mut dest = crate::migration::Destination {
+            vm: &self.vm,
+            mem: self.ram.memory(),
+            memory: self.ram.size(),
+            vcpus: &mut self.vcpus,
+            pci: &self.pci,
+            serial: &self.serial,
+        };
+        dest.receive(stream)
     }
 
     /// The CPU model state of the boot vCPU (when not running).

@@ -98,6 +98,8 @@ pub const DEVICE_ID: u16 = 0x100E;
 pub const CLASS_CODE: u32 = 0x020000;
 /// The default MAC address (QEMU's conventional first NIC).
 pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+/// Migration states offered: STOP_COPY and PRE_COPY (an empty pre-copy stream).
+const MIGRATION_FLAGS: u64 = MigrationFlags::STOP_COPY | MigrationFlags::PRE_COPY;
 /// Largest migration stream accepted while RESUMING.
 pub const MAX_MIG_STREAM: usize = 16 << 20;
 
@@ -260,7 +262,7 @@ impl E1000 {
         let core = Core::new(
             config.mac,
             pci.clone(),
-            MigrationFsm::new(MigrationFlags(MigrationFlags::STOP_COPY)),
+            MigrationFsm::new(MigrationFlags(MIGRATION_FLAGS)),
         );
         let backend_fd = config.backend.poll_fd().as_raw_fd();
         let describe = config.backend.describe();
@@ -653,8 +655,15 @@ impl Inner {
 
     fn mig_step(&self, c: &mut Core, from: MigState, to: MigState) -> Result<()> {
         match (from, to) {
-            // The e1000 offers no PRE_COPY, so STOP_COPY is always entered from STOP and
-            // opens a new stream.
+            // PRE_COPY streams nothing ahead (the whole state is small): it opens an
+            // empty stream while the device keeps running, and STOP_COPY continues it
+            // with the state; entered from STOP, STOP_COPY opens a new stream.
+            (MigState::Running, MigState::PreCopy) => c.mig.begin_save(Vec::new()),
+            (MigState::PreCopy, MigState::Running) => c.mig.close(),
+            (MigState::PreCopy, MigState::StopCopy) => {
+                let data = state::save(c);
+                c.mig.continue_save(data);
+            }
             (MigState::Stop, MigState::StopCopy) => {
                 let data = state::save(c);
                 c.mig.begin_save(data);
@@ -782,7 +791,7 @@ impl VfioDevice for E1000 {
     }
 
     fn migration_flags(&self) -> Option<MigrationFlags> {
-        Some(MigrationFlags(MigrationFlags::STOP_COPY))
+        Some(MigrationFlags(MIGRATION_FLAGS))
     }
 
     fn mig_state(&self) -> Result<MigState> {

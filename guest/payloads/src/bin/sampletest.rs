@@ -6,6 +6,14 @@
 //! - `msix`: MSI-X instead of MSI: table programming, an interrupt, a masked vector left
 //!   pending (PBA bit set, no interrupt) and delivered at unmask;
 //! - `halt`: set up, print "waiting", then wait for an interrupt that never comes;
+//! - `migrate`: keep the DMA engine busy and check memory while the VM may be migrated
+//!   (`rounds=N`, default 1000): each round fills a 64 KiB block of region A by DMA with
+//!   a pattern of the round, copies it by DMA to the same block of region B, has the
+//!   device checksum B's block (Adler-32) into a table, writes a counter into a page of
+//!   region C and a table, raises an MSI and waits for it, and re-checks one earlier
+//!   block of A and B and one C page against the tables. At the end every block and page
+//!   is checked again. Prints `round N` every 100 rounds, `migtest verified ...` at the
+//!   end (exit 0), or `MISMATCH ...` (exit 40+);
 //! - `bench`: MMIO round trips and interrupt delivery, timed with the TSC, for every
 //!   sample device present; prints `bench dev=N read=C write=C irq=C` (cycles/op).
 #![no_std]
@@ -93,6 +101,7 @@ fn main(_ram: u64) -> u32 {
             }
         }
         "msix" => return msix(dev),
+        "migrate" => return migrate(dev),
         "halt" => {
             setup(dev);
             println!("waiting");
@@ -256,6 +265,143 @@ fn msix(dev: pci::Bdf) -> u32 {
     println!(
         "msix: delivered, masked-pending (pba {:#x}), delivered at unmask",
         pending
+    );
+    0
+}
+
+const DMA_SRC_LO: u64 = 0x20;
+const DMA_SRC_HI: u64 = 0x24;
+const DMA_RESULT: u64 = 0x40;
+/// Blocks of 64 KiB in regions A and B; pages in region C.
+const BLOCKS: usize = 32;
+const BLOCK: u64 = 64 * 1024;
+const REGION_A: u64 = 32 << 20;
+const REGION_B: u64 = REGION_A + BLOCKS as u64 * BLOCK;
+const REGION_C: u64 = REGION_B + BLOCKS as u64 * BLOCK;
+const C_PAGES: usize = 64;
+
+static mut SUM_A: [u32; BLOCKS] = [0; BLOCKS];
+static mut SUM_B: [u32; BLOCKS] = [0; BLOCKS];
+static mut C_TABLE: [u64; C_PAGES] = [0; C_PAGES];
+
+fn dma(b0: u64, cmd: u32, src: u64, dst: u64, len: u32, pattern: u32) -> u32 {
+    mmio_write32(b0 + DMA_SRC_LO, src as u32);
+    mmio_write32(b0 + DMA_SRC_HI, (src >> 32) as u32);
+    mmio_write32(b0 + DMA_DST_LO, dst as u32);
+    mmio_write32(b0 + DMA_DST_HI, (dst >> 32) as u32);
+    mmio_write32(b0 + DMA_LEN, len);
+    mmio_write32(b0 + DMA_PATTERN, pattern);
+    mmio_write32(b0 + DMA_CMD, cmd);
+    mmio_read32(b0 + DMA_STATUS)
+}
+
+fn checksum(b0: u64, addr: u64) -> Option<u32> {
+    let st = dma(b0, 3, addr, 0, BLOCK as u32, 0);
+    (st & 2 != 0).then(|| mmio_read32(b0 + DMA_RESULT))
+}
+
+fn check_block(b0: u64, i: usize) -> u32 {
+    // SAFETY: the tables are only touched by this single-threaded guest.
+    let (a, b) = unsafe { (SUM_A[i], SUM_B[i]) };
+    if a == 0 {
+        return 0;
+    }
+    let ga = checksum(b0, REGION_A + i as u64 * BLOCK);
+    let gb = checksum(b0, REGION_B + i as u64 * BLOCK);
+    if ga != Some(a) || gb != Some(b) {
+        println!(
+            "MISMATCH block {}: A {:#x} (want {:#x}) B {:#x} (want {:#x})",
+            Dec(i as u64),
+            ga.unwrap_or(0),
+            a,
+            gb.unwrap_or(0),
+            b
+        );
+        return 41;
+    }
+    0
+}
+
+fn check_page(k: usize) -> u32 {
+    // SAFETY: region C is ours (identity-mapped RAM above the payload); the table is
+    // only touched by this guest.
+    let (got, want) = unsafe {
+        (
+            core::ptr::read_volatile((REGION_C + k as u64 * 4096) as *const u64),
+            core::ptr::read_volatile(core::ptr::addr_of!(C_TABLE[k])),
+        )
+    };
+    if got != want {
+        println!("MISMATCH page {}: {:#x} want {:#x}", Dec(k as u64), got, want);
+        return 42;
+    }
+    0
+}
+
+fn migrate(dev: pci::Bdf) -> u32 {
+    let b0 = setup(dev);
+    BAR0.store(b0, Ordering::SeqCst);
+    let rounds: u64 = cmdline_value("rounds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    println!("migtest start");
+    for r in 1..=rounds {
+        let i = (r as usize) % BLOCKS;
+        let a = REGION_A + i as u64 * BLOCK;
+        let b = REGION_B + i as u64 * BLOCK;
+        let pattern = (r as u32).wrapping_mul(0x9e37_79b9) | 1;
+        if dma(b0, 2, 0, a, BLOCK as u32, pattern) & 2 == 0
+            || dma(b0, 1, a, b, BLOCK as u32, 0) & 2 == 0
+        {
+            println!("MISMATCH dma failed in round {}", Dec(r));
+            return 40;
+        }
+        let (Some(sa), Some(sb)) = (checksum(b0, a), checksum(b0, b)) else {
+            return 40;
+        };
+        if sa != sb {
+            println!("MISMATCH copy in round {}", Dec(r));
+            return 43;
+        }
+        // SAFETY: single-threaded guest; region C is identity-mapped RAM.
+        unsafe {
+            SUM_A[i] = sa;
+            SUM_B[i] = sb;
+            let k = (r as usize * 7) % C_PAGES;
+            core::ptr::write_volatile((REGION_C + k as u64 * 4096) as *mut u64, r);
+            core::ptr::write_volatile(core::ptr::addr_of_mut!(C_TABLE[k]), r);
+        }
+        let n = IRQS.load(Ordering::SeqCst);
+        mmio_write32(b0 + INT_SET, SOFT);
+        if !wait_irq(n + 1) {
+            println!("MISMATCH no MSI in round {}", Dec(r));
+            return 44;
+        }
+        let e = check_block(b0, (r as usize * 13) % BLOCKS) | check_page((r as usize * 5) % C_PAGES);
+        if e != 0 {
+            return e;
+        }
+        if r % 100 == 0 {
+            println!("round {}", Dec(r));
+        }
+    }
+    for i in 0..BLOCKS {
+        let e = check_block(b0, i);
+        if e != 0 {
+            return e;
+        }
+    }
+    for k in 0..C_PAGES {
+        let e = check_page(k);
+        if e != 0 {
+            return e;
+        }
+    }
+    println!(
+        "migtest verified {} blocks, {} pages, {} interrupts",
+        Dec(BLOCKS as u64),
+        Dec(C_PAGES as u64),
+        Dec(IRQS.load(Ordering::SeqCst) as u64)
     );
     0
 }

@@ -77,6 +77,12 @@ impl ConfigShadow {
         }
     }
 
+    /// The shadow bytes, which bytes are virtual, and the guest's command register
+    /// (for migration).
+    pub(super) fn parts(&self) -> (&[u8; CFG], &[bool; CFG], u16) {
+        (&self.shadow, &self.virt, self.command)
+    }
+
     /// A little-endian shadow word.
     pub(super) fn u16(&self, off: usize) -> u16 {
         u16::from_le_bytes([self.shadow[off], self.shadow[off + 1]])

@@ -659,6 +659,61 @@ fn msi_messages(
         .collect()
 }
 
+/// What live migration needs of the interrupt state (`super::migration`).
+impl AssignedDevice {
+    /// Configuration offsets of the MSI and MSI-X message control registers (the
+    /// enables a restore writes last).
+    pub(super) fn control_offsets(st: &State) -> Vec<usize> {
+        let mut v = Vec::new();
+        if let Some(m) = &st.msi {
+            v.push(m.layout.control());
+        }
+        if let Some(m) = &st.msix {
+            v.push(m.cap.offset() + 2);
+        }
+        v
+    }
+
+    /// The guest's MSI-X table entries (address lo, hi, data, control) in the VMM's table.
+    pub(super) fn msix_entries(st: &State) -> Vec<[u32; 4]> {
+        let Some(m) = &st.msix else {
+            return Vec::new();
+        };
+        (0..m.cap.vectors())
+            .map(|v| {
+                let e = m.table.entry(v).unwrap_or_default();
+                [e.addr_lo, e.addr_hi, e.data, e.control]
+            })
+            .collect()
+    }
+
+    /// Write migrated MSI-X table entries into the VMM's table (before the enable).
+    pub(super) fn load_msix_entries(st: &mut State, entries: &[[u32; 4]]) -> Result<(), String> {
+        let Some(m) = st.msix.as_mut() else {
+            return if entries.is_empty() {
+                Ok(())
+            } else {
+                Err("the stream has MSI-X entries, this device has no MSI-X".into())
+            };
+        };
+        if entries.len() != usize::from(m.cap.vectors()) {
+            return Err(format!(
+                "the stream has {} MSI-X entries, this device has {}",
+                entries.len(),
+                m.cap.vectors()
+            ));
+        }
+        for (v, e) in entries.iter().enumerate() {
+            for (i, w) in e.iter().enumerate() {
+                m.table
+                    .write_table((v * 16 + i * 4) as u64, &w.to_le_bytes())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

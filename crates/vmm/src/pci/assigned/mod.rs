@@ -19,6 +19,9 @@
 mod bars;
 mod config;
 mod interrupts;
+mod migration;
+
+pub use migration::PciMigState;
 
 use parking_lot::Mutex;
 use std::sync::{Arc, Weak};
