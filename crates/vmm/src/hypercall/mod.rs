@@ -100,8 +100,8 @@ pub mod fuzz;
 pub mod guest_mem;
 pub mod papr;
 pub mod rtas;
-pub mod xive;
 pub mod tce;
+pub mod xive;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
