@@ -58,6 +58,25 @@ enum DeviceKind {
         #[command(flatten)]
         server: ServerOpts,
     },
+    /// A device bound to a kernel VFIO driver (e.g. vfio-pci), served as it is: regions
+    /// by pread/pwrite on the kernel device fd (BARs mmapped zero-copy by clients),
+    /// interrupts as eventfds handed straight to the kernel, DMA maps through the
+    /// container's IOMMU (none with a noiommu group: the device then DMAs physical
+    /// addresses). Runs without the seccomp sandbox (the VFIO ioctls are not in the
+    /// device allowlist).
+    Vfio {
+        /// The VFIO group node: /dev/vfio/N, or /dev/vfio/noiommu-N.
+        #[arg(long)]
+        group: PathBuf,
+        /// The device's name in the group (PCI address, e.g. 0000:00:01.0).
+        #[arg(long)]
+        device: String,
+        /// UNIX socket path to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        #[command(flatten)]
+        server: ServerOpts,
+    },
     /// A 16-pin GPIO card (outputs looped back to inputs, an interrupt on change).
     Gpio {
         /// UNIX socket path to listen on.
@@ -140,6 +159,20 @@ pub fn run(args: DeviceArgs) -> CmdResult {
             }
             (nestio_emulated::e1000::E1000::new(cfg)?, socket, server)
         }
+        DeviceKind::Vfio {
+            group,
+            device,
+            socket,
+            server,
+        } => {
+            let dev = nestio_kernel_vfio::KernelVfioDevice::open_group(&group, &device)?;
+            eprintln!(
+                "nestio: kernel VFIO device {device} of {} (IOMMU {:?})",
+                group.display(),
+                dev.iommu()
+            );
+            return serve_unsandboxed(Arc::new(dev), socket, server);
+        }
         DeviceKind::FslMc {
             socket,
             objects,
@@ -162,6 +195,26 @@ pub fn run(args: DeviceArgs) -> CmdResult {
     if opts.seccomp_test_forbidden_call {
         crate::forbidden_call_for_tests();
     }
+    let server = Server::new(device, config);
+    let r = if opts.once {
+        server.serve_owners(listener, 1)
+    } else {
+        server.serve_listener(listener)
+    };
+    r.map_err(|e| format!("serving on {}: {e}", socket.display()))?;
+    Ok(0)
+}
+
+/// Serve a device whose every call is a kernel ioctl the device sandbox does not allow.
+fn serve_unsandboxed(device: Arc<dyn VfioDevice>, socket: PathBuf, opts: ServerOpts) -> CmdResult {
+    let config = ServerConfig {
+        twin_socket: !opts.no_twin_socket,
+        handshake_timeout: Some(std::time::Duration::from_secs_f64(opts.handshake_timeout)),
+        peers: PeerPolicy::own_uid_and(&opts.allow_uids),
+        ..ServerConfig::default()
+    };
+    let listener = bind_for(&socket, &config.peers)?;
+    eprintln!("nestio: serving on {}", socket.display());
     let server = Server::new(device, config);
     let r = if opts.once {
         server.serve_owners(listener, 1)

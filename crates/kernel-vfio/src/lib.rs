@@ -46,7 +46,7 @@ use ioctl::{argsz, from_words, ioctl_buf, ioctl_val, to_words, IoctlError};
 pub enum KernelVfioError {
     /// A device node could not be opened.
     #[error(
-        "cannot open {path}: {source} (is the vfio module loaded and are you allowed to open it?)"
+        "cannot open {path} (is the vfio module loaded, the device bound to vfio-pci, and may this user open it?)"
     )]
     Open {
         /// The path.
