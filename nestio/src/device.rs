@@ -74,6 +74,10 @@ enum DeviceKind {
         /// UNIX socket path to listen on.
         #[arg(long)]
         socket: PathBuf,
+        /// Only open the device, print its info, regions, irqs and PCI vendor:device
+        /// (read through the kernel), and exit (used by the guest's /init).
+        #[arg(long)]
+        probe: bool,
         #[command(flatten)]
         server: ServerOpts,
     },
@@ -163,6 +167,7 @@ pub fn run(args: DeviceArgs) -> CmdResult {
             group,
             device,
             socket,
+            probe,
             server,
         } => {
             let dev = nestio_kernel_vfio::KernelVfioDevice::open_group(&group, &device)?;
@@ -171,6 +176,9 @@ pub fn run(args: DeviceArgs) -> CmdResult {
                 group.display(),
                 dev.iommu()
             );
+            if probe {
+                return probe_device(&dev);
+            }
             return serve_unsandboxed(Arc::new(dev), socket, server);
         }
         DeviceKind::FslMc {
@@ -202,6 +210,43 @@ pub fn run(args: DeviceArgs) -> CmdResult {
         server.serve_listener(listener)
     };
     r.map_err(|e| format!("serving on {}: {e}", socket.display()))?;
+    Ok(0)
+}
+
+/// `--probe`: what the kernel says about the device, as one line per item.
+fn probe_device(dev: &dyn VfioDevice) -> CmdResult {
+    let info = dev.info();
+    println!(
+        "NESTIO-VFIO-PROBE: flags {:#x} regions {} irqs {}",
+        info.flags, info.num_regions, info.num_irqs
+    );
+    for i in 0..info.num_regions {
+        let r = dev.region_info(i)?;
+        if r.size > 0 {
+            println!(
+                "NESTIO-VFIO-PROBE: region {i} size {:#x} flags {:#x} mmap-areas {}",
+                r.size,
+                r.flags,
+                r.sparse.len()
+            );
+        }
+    }
+    for i in 0..info.num_irqs {
+        let q = dev.irq_info(i)?;
+        println!(
+            "NESTIO-VFIO-PROBE: irq {i} count {} flags {:#x}",
+            q.count, q.flags
+        );
+    }
+    if info.flags & nestio_device_model::flags::PCI != 0 {
+        let mut id = [0u8; 4];
+        dev.region_read(nestio_device_model::pci_index::CONFIG, 0, &mut id)?;
+        println!(
+            "NESTIO-VFIO-PROBE: pci {:04x}:{:04x}",
+            u16::from_le_bytes([id[0], id[1]]),
+            u16::from_le_bytes([id[2], id[3]])
+        );
+    }
     Ok(0)
 }
 
