@@ -231,7 +231,15 @@ impl KernelVfioDevice {
         );
         let mut regions = Vec::new();
         for index in 0..di.num_regions {
-            regions.push(region_info(&device, index, &device_fd)?);
+            // vfio-pci answers EINVAL for a region the device lacks (e.g. the VGA
+            // region of a non-VGA device): that region is absent, not an error.
+            match region_info(&device, index, &device_fd) {
+                Err(KernelVfioError::Ioctl(e)) if e.errno() == libc::EINVAL => {
+                    tracing::debug!(index, "region absent (EINVAL)");
+                    regions.push(RegionInfo::absent(index));
+                }
+                r => regions.push(r?),
+            }
         }
         let mut irqs = Vec::new();
         for index in 0..di.num_irqs {
@@ -241,12 +249,23 @@ impl KernelVfioDevice {
                 ..Default::default()
             };
             let mut w = to_words(&ii, 0);
-            ioctl_buf(
+            match ioctl_buf(
                 &device,
                 "VFIO_DEVICE_GET_IRQ_INFO",
                 ioctl::DEVICE_GET_IRQ_INFO,
                 &mut w,
-            )?;
+            ) {
+                // An irq index the device lacks: zero vectors.
+                Err(e) if e.errno() == libc::EINVAL => {
+                    irqs.push(IrqInfo {
+                        index,
+                        flags: 0,
+                        count: 0,
+                    });
+                    continue;
+                }
+                r => r?,
+            };
             let ii: vb::vfio_irq_info =
                 from_words(&w, 0).ok_or_else(|| KernelVfioError::Malformed("irq info".into()))?;
             irqs.push(IrqInfo {
