@@ -7,6 +7,9 @@
 #        NESTIO_LINUX_JOBS    make -j (default 2)
 #        NESTIO_LINUX_BZIMAGE=1  also build arch/x86/boot/bzImage
 #        NESTIO_LINUX_NO_INSTALL=1  never call apt-get; fail if something is missing
+#        NESTIO_LINUX_NESTIO=PATH   a static nestio binary: also build initramfs-vfio.cpio
+#                                   (the initramfs plus /bin/nestio, stripped; for
+#                                   nestio.mode=vfio, issue 18)
 #
 # Incremental: the kernel is rebuilt only when config.fragment or patches/ change (the
 # stamp is their hash), the initramfs only when init/init.c changes. Patches are applied
@@ -153,8 +156,25 @@ else
     log "initramfs up to date"
 fi
 
+# --- 6. optional: the initramfs with a static nestio (nestio.mode=vfio) ---------------
+if [ -n "${NESTIO_LINUX_NESTIO:-}" ]; then
+    [ -x "$NESTIO_LINUX_NESTIO" ] || die "NESTIO_LINUX_NESTIO=$NESTIO_LINUX_NESTIO is not an executable"
+    want_vfio="$( (cat "$OUT/initramfs.hash"; sha256sum < "$NESTIO_LINUX_NESTIO") | sha256sum | cut -d' ' -f1)"
+    if [ "$want_vfio" != "$(cat "$OUT/initramfs-vfio.hash" 2>/dev/null || true)" ] || [ ! -e "$OUT/initramfs-vfio.cpio" ]; then
+        log "building initramfs-vfio.cpio with $NESTIO_LINUX_NESTIO"
+        strip -o "$OUT/nestio" "$NESTIO_LINUX_NESTIO"
+        { cat "$OUT/initramfs.list"; echo "file /bin/nestio $OUT/nestio 0755 0 0"; } > "$OUT/initramfs-vfio.list"
+        "$OUT/gen_init_cpio" "$OUT/initramfs-vfio.list" > "$OUT/initramfs-vfio.cpio.new"
+        mv "$OUT/initramfs-vfio.cpio.new" "$OUT/initramfs-vfio.cpio"
+        echo "$want_vfio" > "$OUT/initramfs-vfio.hash"
+    fi
+fi
+
 {
     echo "NESTIO_LINUX_VMLINUX=$OUT/vmlinux"
+    if [ -e "$OUT/initramfs-vfio.cpio" ] && [ -n "${NESTIO_LINUX_NESTIO:-}" ]; then
+        echo "NESTIO_LINUX_INITRAMFS_VFIO=$OUT/initramfs-vfio.cpio"
+    fi
     echo "NESTIO_LINUX_INITRAMFS=$OUT/initramfs.cpio"
     if [ -e "$OUT/bzImage" ]; then echo "NESTIO_LINUX_BZIMAGE=$OUT/bzImage"; fi
 } | tee "$OUT/paths.env"

@@ -8,6 +8,12 @@
  *   nestio.mode=ping     (default) ping the target like `ping -c COUNT TARGET`
  *   nestio.mode=boot     only report that userspace started
  *   nestio.mode=shell    a tiny console command loop (help, ping, cat, ls, exit)
+ *   nestio.mode=vfio     bind the PCI device nestio.pci (default 0000:00:01.0) to
+ *                        vfio-pci (unbinding its driver; needs CONFIG_VFIO_PCI and
+ *                        `vfio.enable_unsafe_noiommu_mode=1`), report its VFIO group,
+ *                        then, when /bin/nestio exists, run
+ *                        `nestio device vfio --probe` on it (issue 18)
+ *   nestio.pci=ADDR      the device of nestio.mode=vfio
  *   nestio.target=IP     ping target            (default 10.0.2.2)
  *   nestio.ip=IP[/LEN]   address of eth0        (default 10.0.2.15/24)
  *   nestio.gw=IP         default gateway        (default 10.0.2.2; "none" for no route)
@@ -40,10 +46,13 @@
  *   NESTIO-ANSWER: ok N/N         the kernel answered them ("fail K/N" on timeout)
  *   NESTIO-DMA: ok 64 KiB x N: median U us (M MB/s) ...   (nestio.dmabench=N;
  *                                 "NESTIO-DMA: fail REASON" otherwise)
+ *   NESTIO-VFIO: bound ADDR group G   the device is on vfio-pci, group /dev/vfio/G
+ *   NESTIO-VFIO: probe exit S     `nestio device vfio --probe` ended with status S
  *   NESTIO-INIT: exit STATUS      just before the VM is ended
  *
  * Exit status (0 ok, 1 echo replies missing, 2 no interface, 3 not pinged from outside
- * within nestio.wait, 4 sample device DMA failed): before ending the VM, init writes STATUS to the
+ * within nestio.wait, 4 a device check failed: the sample device's DMA (nestio.dmabench)
+ * or the vfio mode): before ending the VM, init writes STATUS to the
  * debug-exit I/O port 0xf4; nestio's VMM makes that byte its process exit status
  * (QEMU's isa-debug-exit reports (STATUS << 1) | 1).
  */
@@ -79,6 +88,7 @@
 
 struct config {
 	char mode[16];
+	char pci[16];
 	char iface[IFNAMSIZ];
 	struct in_addr ip, mask, gw, target;
 	int have_gw;
@@ -172,6 +182,7 @@ static void defaults(struct config *c)
 {
 	memset(c, 0, sizeof(*c));
 	copy_word(c->mode, sizeof(c->mode), "ping");
+	copy_word(c->pci, sizeof(c->pci), "0000:00:01.0");
 	copy_word(c->iface, sizeof(c->iface), "eth0");
 	parse_ip_len("10.0.2.15/24", &c->ip, &c->mask);
 	parse_ip("10.0.2.2", &c->gw);
@@ -198,10 +209,16 @@ static void apply_word(struct config *c, const char *word)
 	v++;
 #define KEY(k) (klen == strlen(k) && strncmp(word, k, klen) == 0)
 	if (KEY("nestio.mode")) {
-		if (strcmp(v, "ping") && strcmp(v, "boot") && strcmp(v, "shell"))
+		if (strcmp(v, "ping") && strcmp(v, "boot") && strcmp(v, "shell") &&
+		    strcmp(v, "vfio"))
 			bad = 1;
 		else
 			copy_word(c->mode, sizeof(c->mode), v);
+	} else if (KEY("nestio.pci")) {
+		if (strlen(v) != 12 || strchr(v, '/'))
+			bad = 1;
+		else
+			copy_word(c->pci, sizeof(c->pci), v);
 	} else if (KEY("nestio.target")) {
 		bad = parse_ip(v, &c->target);
 	} else if (KEY("nestio.ip")) {
@@ -915,6 +932,77 @@ static int dma_bench(int n)
 	return ok ? 0 : -1;
 }
 
+/* ---- nestio.mode=vfio: hand the device to vfio-pci (issue 18) --------------- */
+
+static int write_str(const char *path, const char *v)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	ssize_t n;
+
+	if (fd < 0)
+		return -1;
+	n = write(fd, v, strlen(v));
+	close(fd);
+	return n == (ssize_t)strlen(v) ? 0 : -1;
+}
+
+static int vfio_mode(const struct config *c)
+{
+	char path[128], link[128], group[160];
+	char *argv[] = { "nestio", "device", "vfio", "--probe", "--group", group,
+			 "--device", (char *)c->pci, "--socket", "/tmp/vfio.sock", NULL };
+	ssize_t n;
+	const char *g;
+	int st;
+	pid_t pid;
+
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/driver_override", c->pci);
+	if (write_str(path, "vfio-pci") < 0) {
+		say("NESTIO-VFIO: %s: %s\n", path, strerror(errno));
+		return 4;
+	}
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/driver/unbind", c->pci);
+	if (write_str(path, c->pci) < 0 && errno != ENOENT)
+		say("NESTIO-VFIO: unbind: %s\n", strerror(errno));
+	if (write_str("/sys/bus/pci/drivers/vfio-pci/bind", c->pci) < 0) {
+		say("NESTIO-VFIO: bind %s to vfio-pci: %s\n", c->pci, strerror(errno));
+		return 4;
+	}
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/iommu_group", c->pci);
+	n = readlink(path, link, sizeof(link) - 1);
+	if (n < 0) {
+		say("NESTIO-VFIO: %s: %s\n", path, strerror(errno));
+		return 4;
+	}
+	link[n] = 0;
+	g = strrchr(link, '/');
+	g = g ? g + 1 : link;
+	/* A noiommu group's node is /dev/vfio/noiommu-G. */
+	snprintf(group, sizeof(group), "/dev/vfio/noiommu-%s", g);
+	if (access(group, F_OK) < 0)
+		snprintf(group, sizeof(group), "/dev/vfio/%s", g);
+	say("NESTIO-VFIO: bound %s group %s (%s)\n", c->pci, g, group);
+	if (access("/bin/nestio", X_OK) < 0) {
+		say("NESTIO-VFIO: no /bin/nestio in this initramfs; bound only\n");
+		return 0;
+	}
+	pid = fork();
+	if (pid < 0)
+		return 4;
+	if (pid == 0) {
+		execv("/bin/nestio", argv);
+		say("NESTIO-VFIO: exec /bin/nestio: %s\n", strerror(errno));
+		_exit(127);
+	}
+	while (waitpid(pid, &st, 0) < 0) {
+		if (errno != EINTR)
+			return 4;
+	}
+	st = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+	say("NESTIO-VFIO: probe exit %d\n", st);
+	return st == 0 ? 0 : 4;
+}
+
 /* ---- the end ----------------------------------------------------------------- */
 
 static void end_vm(const struct config *c, int status)
@@ -976,6 +1064,9 @@ int main(void)
 
 	if (strcmp(c.mode, "boot") == 0) {
 		end_vm(&c, 0);
+	}
+	if (strcmp(c.mode, "vfio") == 0) {
+		end_vm(&c, vfio_mode(&c));
 	}
 	if (net_setup(&c) < 0) {
 		if (strcmp(c.mode, "shell") != 0)

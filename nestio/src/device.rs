@@ -62,6 +62,29 @@ enum DeviceKind {
         #[command(flatten)]
         server: ServerOpts,
     },
+    /// A device bound to a kernel VFIO driver (e.g. vfio-pci), served as it is: regions
+    /// by pread/pwrite on the kernel device fd (BARs mmapped zero-copy by clients),
+    /// interrupts as eventfds handed straight to the kernel, DMA maps through the
+    /// container's IOMMU (none with a noiommu group: the device then DMAs physical
+    /// addresses). Runs without the seccomp sandbox (the VFIO ioctls are not in the
+    /// device allowlist).
+    Vfio {
+        /// The VFIO group node: /dev/vfio/N, or /dev/vfio/noiommu-N.
+        #[arg(long)]
+        group: PathBuf,
+        /// The device's name in the group (PCI address, e.g. 0000:00:01.0).
+        #[arg(long)]
+        device: String,
+        /// UNIX socket path to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Only open the device, print its info, regions, irqs and PCI vendor:device
+        /// (read through the kernel), and exit (used by the guest's /init).
+        #[arg(long)]
+        probe: bool,
+        #[command(flatten)]
+        server: ServerOpts,
+    },
     /// A 16-pin GPIO card (outputs looped back to inputs, an interrupt on change).
     Gpio {
         /// UNIX socket path to listen on.
@@ -145,6 +168,24 @@ pub fn run(args: DeviceArgs) -> CmdResult {
             }
             (nestio_emulated::e1000::E1000::new(cfg)?, socket, server)
         }
+        DeviceKind::Vfio {
+            group,
+            device,
+            socket,
+            probe,
+            server,
+        } => {
+            let dev = nestio_kernel_vfio::KernelVfioDevice::open_group(&group, &device)?;
+            eprintln!(
+                "nestio: kernel VFIO device {device} of {} (IOMMU {:?})",
+                group.display(),
+                dev.iommu()
+            );
+            if probe {
+                return probe_device(&dev);
+            }
+            return serve_unsandboxed(Arc::new(dev), socket, server);
+        }
         DeviceKind::FslMc {
             socket,
             objects,
@@ -167,6 +208,63 @@ pub fn run(args: DeviceArgs) -> CmdResult {
     if opts.seccomp_test_forbidden_call {
         crate::forbidden_call_for_tests();
     }
+    let server = Server::new(device, config);
+    let r = if opts.once {
+        server.serve_owners(listener, 1)
+    } else {
+        server.serve_listener(listener)
+    };
+    r.map_err(|e| format!("serving on {}: {e}", socket.display()))?;
+    Ok(0)
+}
+
+/// `--probe`: what the kernel says about the device, as one line per item.
+fn probe_device(dev: &dyn VfioDevice) -> CmdResult {
+    let info = dev.info();
+    println!(
+        "NESTIO-VFIO-PROBE: flags {:#x} regions {} irqs {}",
+        info.flags, info.num_regions, info.num_irqs
+    );
+    for i in 0..info.num_regions {
+        let r = dev.region_info(i)?;
+        if r.size > 0 {
+            println!(
+                "NESTIO-VFIO-PROBE: region {i} size {:#x} flags {:#x} mmap-areas {}",
+                r.size,
+                r.flags,
+                r.sparse.len()
+            );
+        }
+    }
+    for i in 0..info.num_irqs {
+        let q = dev.irq_info(i)?;
+        println!(
+            "NESTIO-VFIO-PROBE: irq {i} count {} flags {:#x}",
+            q.count, q.flags
+        );
+    }
+    if info.flags & nestio_device_model::flags::PCI != 0 {
+        let mut id = [0u8; 4];
+        dev.region_read(nestio_device_model::pci_index::CONFIG, 0, &mut id)?;
+        println!(
+            "NESTIO-VFIO-PROBE: pci {:04x}:{:04x}",
+            u16::from_le_bytes([id[0], id[1]]),
+            u16::from_le_bytes([id[2], id[3]])
+        );
+    }
+    Ok(0)
+}
+
+/// Serve a device whose every call is a kernel ioctl the device sandbox does not allow.
+fn serve_unsandboxed(device: Arc<dyn VfioDevice>, socket: PathBuf, opts: ServerOpts) -> CmdResult {
+    let config = ServerConfig {
+        twin_socket: !opts.no_twin_socket,
+        handshake_timeout: Some(std::time::Duration::from_secs_f64(opts.handshake_timeout)),
+        peers: PeerPolicy::own_uid_and(&opts.allow_uids),
+        ..ServerConfig::default()
+    };
+    let listener = bind_for(&socket, &config.peers)?;
+    eprintln!("nestio: serving on {}", socket.display());
     let server = Server::new(device, config);
     let r = if opts.once {
         server.serve_owners(listener, 1)

@@ -1,0 +1,106 @@
+//! Level 1 of issue 18 for real: a nestio VM's Linux guest binds the e1000 that nestio
+//! emulates to Linux's own `vfio-pci` (noiommu mode), from /init (`nestio.mode=vfio`).
+//! With `NESTIO_LINUX_NESTIO` pointing at a static nestio, linux/build.sh also makes an
+//! initramfs with /bin/nestio and the guest runs `nestio device vfio --probe` on the
+//! bound device: KernelVfioDevice against a real kernel VFIO device.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nestio_vmm::{StopReason, Vm, VmConfig};
+
+fn build_guest(test: &str) -> Option<(PathBuf, PathBuf, Option<PathBuf>)> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    if !repo.join("target/linux/out/paths.env").exists() && !ci {
+        eprintln!("SKIP: {test}: no guest kernel; build it with linux/build.sh");
+        return None;
+    }
+    let out = std::process::Command::new(repo.join("linux/build.sh"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run linux/build.sh");
+    assert!(out.status.success(), "{test}: linux/build.sh failed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(PathBuf::from)
+    };
+    Some((
+        get("NESTIO_LINUX_VMLINUX=").expect("vmlinux"),
+        get("NESTIO_LINUX_INITRAMFS=").expect("initramfs"),
+        get("NESTIO_LINUX_INITRAMFS_VFIO="),
+    ))
+}
+
+#[test]
+fn guest_linux_binds_the_emulated_e1000_to_vfio_pci() {
+    let name = "guest_linux_binds_the_emulated_e1000_to_vfio_pci";
+    if !Path::new("/dev/kvm").exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{name}: no /dev/kvm under CI"
+        );
+        eprintln!("SKIP: {name}: /dev/kvm is missing");
+        return;
+    }
+    let Some((kernel, initrd, initrd_vfio)) = build_guest(name) else {
+        return;
+    };
+    let with_nestio = initrd_vfio.is_some();
+    let buf = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut cfg = VmConfig::linux(kernel, Some(initrd_vfio.unwrap_or(initrd)));
+    cfg.console = nestio_vmm::ConsoleOutput::Buffer(buf.clone());
+    cfg.cmdline
+        .push_str(" nestio.mode=vfio vfio.enable_unsafe_noiommu_mode=1");
+    let backend = nestio_net::open_backend("user", None).unwrap();
+    let dev = nestio_emulated::e1000::E1000::new(nestio_emulated::e1000::E1000Config::new(backend))
+        .unwrap();
+    cfg.devices.push(nestio_vmm::DeviceConfig::Local {
+        name: "e1000".into(),
+        device: dev,
+    });
+    let mut vm = Vm::new(cfg).unwrap();
+    let handle = vm.handle();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if rx.recv_timeout(Duration::from_secs(180)).is_err() {
+            handle.stop();
+        }
+    });
+    let report = vm.run().unwrap();
+    let _ = tx.send(());
+    watchdog.join().unwrap();
+    let out = String::from_utf8_lossy(&buf.lock()).into_owned();
+    for l in out
+        .lines()
+        .filter(|l| l.contains("NESTIO") || l.contains("vfio"))
+    {
+        eprintln!("{name}: {l}");
+    }
+    assert_eq!(report.outcome, StopReason::GuestExit(0), "console:\n{out}");
+    assert!(
+        out.contains("NESTIO-VFIO: bound 0000:00:01.0 group 0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("/dev/vfio/noiommu-0"),
+        "noiommu group node:\n{out}"
+    );
+    assert!(
+        out.contains("vfio-pci 0000:00:01.0: Adding kernel taint for vfio-noiommu group"),
+        "vfio-pci took the device in noiommu mode:\n{out}"
+    );
+    if with_nestio {
+        assert!(out.contains("NESTIO-VFIO-PROBE: pci 8086:100e"), "{out}");
+        assert!(out.contains("NESTIO-VFIO: probe exit 0"), "{out}");
+    } else {
+        eprintln!(
+            "{name}: no static nestio in the initramfs (NESTIO_LINUX_NESTIO unset): bind only"
+        );
+    }
+    let bad = nestio_vmm::linux::platform::kernel_problems(&out);
+    assert!(bad.is_empty(), "bad kernel lines {bad:?} in:\n{out}");
+}
