@@ -182,7 +182,7 @@ pub fn run(args: DeviceArgs) -> CmdResult {
                 dev.iommu()
             );
             if probe {
-                return probe_device(&dev);
+                return probe_device(Arc::new(dev), &socket);
             }
             return serve_unsandboxed(Arc::new(dev), socket, server);
         }
@@ -218,11 +218,49 @@ pub fn run(args: DeviceArgs) -> CmdResult {
     Ok(0)
 }
 
-/// `--probe`: what the kernel says about the device, as one line per item.
-fn probe_device(dev: &dyn VfioDevice) -> CmdResult {
+/// `--probe`: what the kernel says about the device, as one line per item; then the
+/// same device served over vfio-user on `socket` to a `Client` in this process, whose
+/// view (identity, config space, BAR0's first register) must equal the direct one.
+fn probe_device(dev: Arc<dyn VfioDevice>, socket: &std::path::Path) -> CmdResult {
+    probe_print(&*dev, "")?;
+    let config = ServerConfig {
+        peers: PeerPolicy::own_uid(),
+        ..ServerConfig::default()
+    };
+    let listener = bind_for(socket, &config.peers)?;
+    let server = Server::new(dev.clone(), config);
+    let thread = std::thread::spawn(move || server.serve_owners(listener, 1));
+    let client = nestio_vfio_user::client::Client::connect(socket)
+        .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
+    probe_print(&client, "client ")?;
+    if client.info() != dev.info() {
+        return Err(format!("client sees {:?}, kernel {:?}", client.info(), dev.info()).into());
+    }
+    let (mut a, mut b) = ([0u8; 64], [0u8; 64]);
+    dev.region_read(nestio_device_model::pci_index::CONFIG, 0, &mut a)?;
+    client.region_read(nestio_device_model::pci_index::CONFIG, 0, &mut b)?;
+    if a != b {
+        return Err("config space differs between the kernel and the vfio-user client".into());
+    }
+    let (mut a, mut b) = ([0u8; 4], [0u8; 4]);
+    dev.region_read(0, 0, &mut a)?;
+    client.region_read(0, 0, &mut b)?;
+    if a != b {
+        return Err(format!("BAR0[0] differs: kernel {a:02x?}, client {b:02x?}").into());
+    }
+    println!("NESTIO-VFIO-PROBE: client view matches (config 64 bytes, BAR0 CTRL {a:02x?})");
+    drop(client);
+    thread
+        .join()
+        .map_err(|_| "the probe's server thread panicked")?
+        .map_err(|e| format!("serving the probe: {e}"))?;
+    Ok(0)
+}
+
+fn probe_print(dev: &dyn VfioDevice, who: &str) -> CmdResult {
     let info = dev.info();
     println!(
-        "NESTIO-VFIO-PROBE: flags {:#x} regions {} irqs {}",
+        "NESTIO-VFIO-PROBE: {who}flags {:#x} regions {} irqs {}",
         info.flags, info.num_regions, info.num_irqs
     );
     for i in 0..info.num_regions {
@@ -247,7 +285,7 @@ fn probe_device(dev: &dyn VfioDevice) -> CmdResult {
         let mut id = [0u8; 4];
         dev.region_read(nestio_device_model::pci_index::CONFIG, 0, &mut id)?;
         println!(
-            "NESTIO-VFIO-PROBE: pci {:04x}:{:04x}",
+            "NESTIO-VFIO-PROBE: {who}pci {:04x}:{:04x}",
             u16::from_le_bytes([id[0], id[1]]),
             u16::from_le_bytes([id[2], id[3]])
         );

@@ -95,6 +95,15 @@ fn guest_linux_binds_the_emulated_e1000_to_vfio_pci() {
     );
     if with_nestio {
         assert!(out.contains("NESTIO-VFIO-PROBE: pci 8086:100e"), "{out}");
+        // The same device through nestio's vfio-user server to a Client, in the guest.
+        assert!(
+            out.contains("NESTIO-VFIO-PROBE: client pci 8086:100e"),
+            "{out}"
+        );
+        assert!(
+            out.contains("NESTIO-VFIO-PROBE: client view matches"),
+            "{out}"
+        );
         assert!(out.contains("NESTIO-VFIO: probe exit 0"), "{out}");
     } else {
         eprintln!(
