@@ -41,5 +41,15 @@ else
     echo "WARNING: not root / no apt and no guest kernel built: the Linux guest tests will SKIP" >&2
 fi
 
+if [ -e target/linux/out/paths.env ]; then
+    # Issue 18: the guest binds the emulated e1000 to vfio-pci and a static nestio in its
+    # initramfs serves it over vfio-user (crates/kernel-vfio/tests/guest_vfio.rs).
+    echo "== static nestio for the guest's initramfs (linux/build.sh NESTIO_LINUX_NESTIO)"
+    RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --release --target x86_64-unknown-linux-gnu -p nestio
+    export NESTIO_LINUX_NESTIO="$PWD/target/x86_64-unknown-linux-gnu/release/nestio"
+    NESTIO_LINUX_NO_INSTALL=1 linux/build.sh >/dev/null
+fi
+
 echo "== cargo test (workspace)"
 cargo test --workspace "$@"
