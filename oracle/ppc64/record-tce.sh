@@ -11,41 +11,25 @@
 # under Debian's qemu-system-ppc64 (TCG, `-M pseries,x-vof=on`) with a 64-bit-DMA
 # virtio-net (`iommu_platform=on,disable-legacy=on`: Linux asks for a DDW, maps all RAM
 # into it with H_PUT_TCE_INDIRECT) and a 32-bit e1000 (default window, H_PUT_TCE),
-# both pinging slirp's gateway from /init:
+# eth0 (the virtio-net) pinging slirp's gateway from the raw-syscall init (xive-init/):
 #   ddw-1shl59.trace  the default 64-bit window address (1 << 59)
 #   ddw-4g.trace      -global spapr-pci-host-bridge.dma64_win_addr=0x100000000
 # Each run's `-trace 'spapr_iommu_*'` log is normalised by tce_normalize.py (every
 # call with its arguments and result; runs of calls differing only by address are
 # compressed; repeated translations deduplicated) and its guest console kept as
-# NAME.console (only the nestio-init lines and the kernel's DMA window lines).
+# NAME.console (only the xive-init lines and the kernel's DMA window lines).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "$HERE/../.." && pwd)"
 OUT="${1:-$HERE/tce}"
-KDIR="${NESTIO_PPC64_LINUX_DIR:-$REPO/target/oracle/ppc64-linux}"
+ORACLE=nestio-record-tce
+# shellcheck source=oracle/ppc64/lib.sh
+. "$HERE/lib.sh"
 
-log() { printf 'nestio-record-tce: %s\n' "$*" >&2; }
-die() { printf 'nestio-record-tce: error: %s\n' "$*" >&2; exit 1; }
-
-need=()
-command -v qemu-system-ppc64 >/dev/null || need+=(qemu-system-ppc)
-command -v python3 >/dev/null || need+=(python3)
-if [ "${#need[@]}" -gt 0 ]; then
-    [ "${NESTIO_PPC64_NO_INSTALL:-0}" = 1 ] && die "missing packages: ${need[*]}"
-    [ "$(id -u)" = 0 ] || die "missing packages: ${need[*]}; run as root or: sudo apt-get install -y ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    touch /tmp/apt.lock 2>/dev/null || true
-    flock /tmp/apt.lock apt-get update -qq
-    flock /tmp/apt.lock apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
-fi
-
-"$HERE/build-linux.sh" "$KDIR" >/dev/null
-VMLINUX="$KDIR/vmlinux"
-[ -e "$VMLINUX" ] || die "no kernel at $VMLINUX"
+need_tools qemu-system-ppc64:qemu-system-ppc python3:python3
+build_kernel
 mkdir -p "$OUT"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+make_work_dir
 # The kernel has no AltiVec/VSX, so a C-library /init dies of SIGILL: use the raw-syscall
 # init of the XIVE recording (xive-init/: eth0 up, 3 pings to 10.0.2.2, power off) as
 # an initrd over the built-in one. eth0 is the virtio-net (the DDW user).

@@ -16,25 +16,14 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUT="${1:-$HERE/xive}"
-log() { printf 'nestio-record-xive-scenario: %s\n' "$*" >&2; }
-die() { printf 'nestio-record-xive-scenario: error: %s\n' "$*" >&2; exit 1; }
+ORACLE=nestio-record-xive-scenario
+# shellcheck source=oracle/ppc64/lib.sh
+. "$HERE/lib.sh"
 
-need=()
-command -v qemu-system-ppc64 >/dev/null || need+=(qemu-system-ppc)
-command -v powerpc64le-linux-gnu-gcc >/dev/null || need+=(gcc-powerpc64le-linux-gnu)
-command -v python3 >/dev/null || need+=(python3)
-if [ "${#need[@]}" -gt 0 ]; then
-    [ "${NESTIO_PPC64_NO_INSTALL:-0}" = 1 ] && die "missing packages: ${need[*]}"
-    [ "$(id -u)" = 0 ] || die "missing packages: ${need[*]}; run as root or: sudo apt-get install -y ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    touch /tmp/apt.lock 2>/dev/null || true
-    flock /tmp/apt.lock apt-get update -qq
-    flock /tmp/apt.lock apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
-fi
-
+need_tools qemu-system-ppc64:qemu-system-ppc powerpc64le-linux-gnu-gcc:gcc-powerpc64le-linux-gnu python3:python3
 mkdir -p "$OUT"
-W="$(mktemp -d)"
-trap 'rm -rf "$W"' EXIT
+make_work_dir
+W="$WORK"
 "$HERE/xive-scenario/build.sh" "$HERE/xive-scenario/scenario.txt" "$W/scenario.elf"
 # The client spins after its last line: QEMU is stopped once "scenario: end" appears
 # (or after 60 s).

@@ -21,31 +21,15 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "$HERE/../.." && pwd)"
 OUT="${1:-$HERE/xive}"
-KDIR="${NESTIO_PPC64_LINUX_DIR:-$REPO/target/oracle/ppc64-linux}"
+ORACLE=nestio-record-xive
+# shellcheck source=oracle/ppc64/lib.sh
+. "$HERE/lib.sh"
 
-log() { printf 'nestio-record-xive: %s\n' "$*" >&2; }
-die() { printf 'nestio-record-xive: error: %s\n' "$*" >&2; exit 1; }
-
-need=()
-command -v qemu-system-ppc64 >/dev/null || need+=(qemu-system-ppc)
-command -v python3 >/dev/null || need+=(python3)
-if [ "${#need[@]}" -gt 0 ]; then
-    [ "${NESTIO_PPC64_NO_INSTALL:-0}" = 1 ] && die "missing packages: ${need[*]}"
-    [ "$(id -u)" = 0 ] || die "missing packages: ${need[*]}; run as root or: sudo apt-get install -y ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    touch /tmp/apt.lock 2>/dev/null || true
-    flock /tmp/apt.lock apt-get update -qq
-    flock /tmp/apt.lock apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
-fi
-
-"$HERE/build-linux.sh" "$KDIR" >/dev/null
-VMLINUX="$KDIR/vmlinux"
-[ -e "$VMLINUX" ] || die "no kernel at $VMLINUX"
+need_tools qemu-system-ppc64:qemu-system-ppc python3:python3
+build_kernel
 mkdir -p "$OUT"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+make_work_dir
 GEN_CPIO="$KDIR/build/usr/gen_init_cpio"
 [ -x "$GEN_CPIO" ] || die "no $GEN_CPIO (built with the kernel by build-linux.sh)"
 "$HERE/xive-init/build.sh" "$WORK/initrd.cpio" "$GEN_CPIO"

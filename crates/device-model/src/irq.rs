@@ -545,8 +545,10 @@ mod tests {
         assert!(!irqs.has_eventfd(0, 1));
     }
 
-    #[test]
-    fn automask_and_bad_requests() {
+    /// Index 0: one automasked, maskable line (INTx-like) with an eventfd trigger
+    /// attached, returned with the `Irqs`; index 1: `count` eventfd vectors that can be
+    /// neither masked nor resized (MSI-like).
+    fn automasked_with_trigger(count: u32) -> (Irqs, OwnedFd) {
         let irqs = Irqs::new(&[
             IrqInfo {
                 index: 0,
@@ -556,18 +558,24 @@ mod tests {
             IrqInfo {
                 index: 1,
                 flags: irq_flags::EVENTFD | irq_flags::NORESIZE,
-                count: 1,
+                count,
             },
         ]);
-        let e = eventfd();
+        let trigger = eventfd();
         irqs.set_irqs(
             0,
             IrqAction::Trigger,
             0,
             1,
-            IrqData::Eventfd(vec![Some(dup(&e))]),
+            IrqData::Eventfd(vec![Some(dup(&trigger))]),
         )
         .unwrap();
+        (irqs, trigger)
+    }
+
+    #[test]
+    fn automask_and_bad_requests() {
+        let (irqs, e) = automasked_with_trigger(1);
         assert!(irqs.trigger(0, 0));
         assert!(irqs.is_masked(0, 0));
         assert!(!irqs.trigger(0, 0));
@@ -596,27 +604,7 @@ mod tests {
 
     #[test]
     fn unmask_eventfd_errors() {
-        let irqs = Irqs::new(&[
-            IrqInfo {
-                index: 0,
-                flags: irq_flags::EVENTFD | irq_flags::MASKABLE | irq_flags::AUTOMASKED,
-                count: 1,
-            },
-            IrqInfo {
-                index: 1,
-                flags: irq_flags::EVENTFD | irq_flags::NORESIZE,
-                count: 2,
-            },
-        ]);
-        let trigger = eventfd();
-        irqs.set_irqs(
-            0,
-            IrqAction::Trigger,
-            0,
-            1,
-            IrqData::Eventfd(vec![Some(dup(&trigger))]),
-        )
-        .unwrap();
+        let (irqs, trigger) = automasked_with_trigger(2);
         let unmask = |index, fd: OwnedFd| {
             irqs.set_irqs(
                 index,

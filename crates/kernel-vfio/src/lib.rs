@@ -300,6 +300,32 @@ impl KernelVfioDevice {
             .get(index as usize)
             .ok_or(DeviceError::NoSuchRegion(index))
     }
+
+    /// Where `len` bytes at `offset` of region `index` are in the device fd, once the
+    /// range is inside the region and the region allows `access`.
+    fn region_access(&self, index: u32, offset: u64, len: usize, access: Access) -> DevResult<u64> {
+        let r = self.region(index)?;
+        r.check(offset, len)?;
+        let (flag, what) = match access {
+            Access::Read => (vb::VFIO_REGION_INFO_FLAG_READ, "readable"),
+            Access::Write => (vb::VFIO_REGION_INFO_FLAG_WRITE, "writable"),
+        };
+        if r.flags & flag == 0 {
+            return Err(DeviceError::Invalid(format!(
+                "region {index} is not {what}"
+            )));
+        }
+        r.fd_offset
+            .checked_add(offset)
+            .ok_or(DeviceError::Invalid("offset overflows".into()))
+    }
+}
+
+/// A region access's direction.
+#[derive(Debug, Clone, Copy)]
+enum Access {
+    Read,
+    Write,
 }
 
 /// GET_REGION_INFO with its capability chain (sparse mmap areas).
@@ -425,33 +451,13 @@ impl VfioDevice for KernelVfioDevice {
     }
 
     fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> DevResult<()> {
-        let r = self.region(index)?;
-        r.check(offset, buf.len())?;
-        if r.flags & vb::VFIO_REGION_INFO_FLAG_READ == 0 {
-            return Err(DeviceError::Invalid(format!(
-                "region {index} is not readable"
-            )));
-        }
-        let at = r
-            .fd_offset
-            .checked_add(offset)
-            .ok_or(DeviceError::Invalid("offset overflows".into()))?;
+        let at = self.region_access(index, offset, buf.len(), Access::Read)?;
         self.device.read_exact_at(buf, at)?;
         Ok(())
     }
 
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> DevResult<()> {
-        let r = self.region(index)?;
-        r.check(offset, data.len())?;
-        if r.flags & vb::VFIO_REGION_INFO_FLAG_WRITE == 0 {
-            return Err(DeviceError::Invalid(format!(
-                "region {index} is not writable"
-            )));
-        }
-        let at = r
-            .fd_offset
-            .checked_add(offset)
-            .ok_or(DeviceError::Invalid("offset overflows".into()))?;
+        let at = self.region_access(index, offset, data.len(), Access::Write)?;
         self.device.write_all_at(data, at)?;
         Ok(())
     }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::child::DeviceProcess;
 use nestio_device_model::{MigState, VfioDevice};
-use nestio_vmm::migration::{MigrationError, MigrationParams, Progress};
-use nestio_vmm::{payloads, DeviceConfig, StopReason, Vm, VmConfig};
+use nestio_vmm::migration::{MigrationError, MigrationParams, MigrationSource, Progress};
+use nestio_vmm::{payloads, DeviceConfig, StopReason, Vm, VmConfig, VmError, VmReport};
 
 /// Helper, not a test: serves a device when this binary runs as a device process.
 #[test]
@@ -46,6 +46,33 @@ fn wait_for(buf: &Console, what: &str, limit: Duration) {
     }
 }
 
+/// The source VM's run thread.
+type SourceThread = std::thread::JoinHandle<Result<VmReport, VmError>>;
+
+/// Starts the source VM on its own thread and waits (up to `limit`) until its console
+/// shows `marker`; returns its migration handle and its run thread.
+fn start_source(
+    cfg: VmConfig,
+    out: &Console,
+    marker: &str,
+    limit: Duration,
+) -> (MigrationSource, SourceThread) {
+    let mut src = Vm::new(cfg).unwrap();
+    let source = src.migration_source();
+    let thread = std::thread::spawn(move || src.run());
+    wait_for(out, marker, limit);
+    (source, thread)
+}
+
+/// The source kept running after a failed migration: its guest finishes there, exits
+/// with 0 and verified its memory.
+fn assert_source_finished(thread: SourceThread, out: &Console) {
+    let report = thread.join().unwrap().unwrap();
+    let text = common::text(out);
+    assert_eq!(report.outcome, StopReason::GuestExit(0), "{text}");
+    assert!(text.contains("migtest verified"), "{text}");
+}
+
 /// Source and destination in this process, each with its own sample device process;
 /// the guest is migrated mid-run (pre-copy with the device in PRE_COPY, then
 /// stop-and-copy), ends on the destination, and its checksums all match.
@@ -58,10 +85,8 @@ fn payload_with_busy_dma_migrates_and_every_checksum_matches() {
     let dst_dev = DeviceProcess::start("sample");
     let (src_cfg, src_out) = cfg(&src_dev.socket, 4000, 2);
     let (dst_cfg, dst_out) = cfg(&dst_dev.socket, 4000, 2);
-    let mut src = Vm::new(src_cfg).unwrap();
-    let source = src.migration_source();
-    let src_thread = std::thread::spawn(move || src.run());
-    wait_for(&src_out, "round 200", Duration::from_secs(60));
+    let (source, src_thread) =
+        start_source(src_cfg, &src_out, "round 200", Duration::from_secs(60));
 
     let (a, mut b) = UnixStream::pair().unwrap();
     let dst_thread = std::thread::spawn(move || {
@@ -123,10 +148,8 @@ fn destination_dying_during_precopy_rolls_back() {
     }
     let src_dev = DeviceProcess::start("sample");
     let (src_cfg, src_out) = cfg(&src_dev.socket, 600, 1);
-    let mut src = Vm::new(src_cfg).unwrap();
-    let source = src.migration_source();
-    let src_thread = std::thread::spawn(move || src.run());
-    wait_for(&src_out, "round 100", Duration::from_secs(60));
+    let (source, src_thread) =
+        start_source(src_cfg, &src_out, "round 100", Duration::from_secs(60));
     let (a, mut b) = UnixStream::pair().unwrap();
     let reader = std::thread::spawn(move || {
         // Take 3 MiB of the stream, then die.
@@ -139,10 +162,7 @@ fn destination_dying_during_precopy_rolls_back() {
     reader.join().unwrap();
     assert!(matches!(e, MigrationError::Format(_)), "{e}");
     assert!(!source.migrated());
-    let report = src_thread.join().unwrap().unwrap();
-    let out = common::text(&src_out);
-    assert_eq!(report.outcome, StopReason::GuestExit(0), "{out}");
-    assert!(out.contains("migtest verified"), "{out}");
+    assert_source_finished(src_thread, &src_out);
 }
 
 /// The destination refuses in stop-and-copy (its device is of another kind, so the
@@ -155,10 +175,8 @@ fn destination_refusal_and_truncated_stream_leave_the_source_running() {
     let src_dev = DeviceProcess::start("sample");
     let dst_dev = DeviceProcess::start("sample");
     let (src_cfg, src_out) = cfg(&src_dev.socket, 800, 1);
-    let mut src = Vm::new(src_cfg).unwrap();
-    let source = src.migration_source();
-    let src_thread = std::thread::spawn(move || src.run());
-    wait_for(&src_out, "round 100", Duration::from_secs(60));
+    let (source, src_thread) =
+        start_source(src_cfg, &src_out, "round 100", Duration::from_secs(60));
 
     // A destination with different RAM refuses at the machine check.
     let (mut dst_cfg, _) = cfg(&dst_dev.socket, 800, 1);
@@ -216,10 +234,7 @@ fn destination_refusal_and_truncated_stream_leave_the_source_running() {
     );
     eprintln!("source saw: {e2}");
 
-    let report = src_thread.join().unwrap().unwrap();
-    let out = common::text(&src_out);
-    assert_eq!(report.outcome, StopReason::GuestExit(0), "{out}");
-    assert!(out.contains("migtest verified"), "{out}");
+    assert_source_finished(src_thread, &src_out);
 }
 
 /// A device that refuses STOP_COPY: the source fails loudly naming the device, rolls
@@ -239,10 +254,7 @@ fn source_device_refusing_a_state_rolls_back() {
         name: "refusing-sample".into(),
         device: dev,
     });
-    let mut src = Vm::new(c).unwrap();
-    let source = src.migration_source();
-    let src_thread = std::thread::spawn(move || src.run());
-    wait_for(&out, "round 100", Duration::from_secs(60));
+    let (source, src_thread) = start_source(c, &out, "round 100", Duration::from_secs(60));
     let (a, mut b) = UnixStream::pair().unwrap();
     let sink = std::thread::spawn(move || {
         let mut v = Vec::new();
@@ -254,11 +266,8 @@ fn source_device_refusing_a_state_rolls_back() {
     assert!(e.to_string().contains("refusing-sample"), "{e}");
     assert!(e.to_string().contains("STOP_COPY"), "{e}");
     assert_eq!(sample.mig_state().unwrap(), MigState::Running);
-    let report = src_thread.join().unwrap().unwrap();
+    assert_source_finished(src_thread, &out);
     sink.join().unwrap();
-    let text = common::text(&out);
-    assert_eq!(report.outcome, StopReason::GuestExit(0), "{text}");
-    assert!(text.contains("migtest verified"), "{text}");
 }
 
 /// A sample device whose STOP_COPY arc fails (as a device with a fault would).
@@ -429,10 +438,8 @@ fn linux_ping_migrates_to_a_new_vmm_and_e1000() {
     };
     let (src_cfg, src_out) = mk(&src_dev.socket);
     let (dst_cfg, dst_out) = mk(&dst_dev.socket);
-    let mut src = Vm::new(src_cfg).unwrap();
-    let source = src.migration_source();
-    let src_thread = std::thread::spawn(move || src.run());
-    wait_for(&src_out, "icmp_seq=10 ", Duration::from_secs(400));
+    let (source, src_thread) =
+        start_source(src_cfg, &src_out, "icmp_seq=10 ", Duration::from_secs(400));
 
     let (a, mut b) = UnixStream::pair().unwrap();
     let dst_thread = std::thread::spawn(move || {
@@ -506,10 +513,8 @@ fn destination_dying_in_stop_and_copy_rolls_back() {
     use nestio_vmm::migration::format::{StreamReader, Tag};
     let src_dev = DeviceProcess::start("sample");
     let (src_cfg, src_out) = cfg(&src_dev.socket, 800, 2);
-    let mut src = Vm::new(src_cfg).unwrap();
-    let source = src.migration_source();
-    let src_thread = std::thread::spawn(move || src.run());
-    wait_for(&src_out, "round 100", Duration::from_secs(60));
+    let (source, src_thread) =
+        start_source(src_cfg, &src_out, "round 100", Duration::from_secs(60));
     let (a, b) = UnixStream::pair().unwrap();
     let dst = std::thread::spawn(move || {
         let mut r = StreamReader::new(b).unwrap();
@@ -547,10 +552,7 @@ fn destination_dying_in_stop_and_copy_rolls_back() {
     );
     assert!(matches!(e, MigrationError::Format(_)), "{e}");
     assert!(!source.migrated());
-    let report = src_thread.join().unwrap().unwrap();
-    let out = common::text(&src_out);
-    assert_eq!(report.outcome, StopReason::GuestExit(0), "{out}");
-    assert!(out.contains("migtest verified"), "{out}");
+    assert_source_finished(src_thread, &src_out);
 }
 
 /// Benchmark: an idle 256 MiB guest (waiting for an interrupt) and one dirtying memory
@@ -577,10 +579,7 @@ fn migration_benchmark_idle_and_dirtying_256m() {
         };
         let (src_cfg, src_out) = mk(&src_dev.socket);
         let (dst_cfg, _dst_out) = mk(&dst_dev.socket);
-        let mut src = Vm::new(src_cfg).unwrap();
-        let source = src.migration_source();
-        let src_thread = std::thread::spawn(move || src.run());
-        wait_for(&src_out, marker, Duration::from_secs(60));
+        let (source, src_thread) = start_source(src_cfg, &src_out, marker, Duration::from_secs(60));
         let (a, mut b) = UnixStream::pair().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let dst_thread = std::thread::spawn(move || {

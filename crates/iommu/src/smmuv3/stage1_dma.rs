@@ -306,11 +306,10 @@ mod tests {
         ram.write(a, &v.to_le_bytes()).unwrap();
     }
 
-    #[test]
-    fn device_walks_the_bound_stage1_and_reports_faults_with_the_vsid() {
+    /// 1 MiB of guest RAM holding a stage 1: CD at IPA 0x1000 (ASID 4, R), tables at
+    /// 0x2000.., IOVA 0x4000_0000 → IPA 0x8000 read-write.
+    fn guest_stage1() -> Arc<Ram> {
         let ram = Arc::new(Ram(Mutex::new(vec![0; 1 << 20])));
-        // Guest CD at IPA 0x1000 (ASID 4, R), tables at 0x2000.., IOVA 0x4000_0000 →
-        // IPA 0x8000 read-write, 0x4000_1000 → IPA 0x9000 read-only.
         let cd0 = 16 | (1 << 31) | (1 << 41) | (5 << 32) | (1 << 45) | (1 << 46) | (4u64 << 48);
         w(&ram, 0x1000, cd0);
         w(&ram, 0x1008, 0x2000);
@@ -318,6 +317,13 @@ mod tests {
         w(&ram, 0x3000 + 8, 0x4003);
         w(&ram, 0x4000, 0x5003);
         w(&ram, 0x5000, 0x8000 | 0x443);
+        ram
+    }
+
+    #[test]
+    fn device_walks_the_bound_stage1_and_reports_faults_with_the_vsid() {
+        // 0x4000_1000 → IPA 0x9000 read-only too.
+        let ram = guest_stage1();
         w(&ram, 0x5008, 0x9000 | 0x4c3);
         let dma = Stage1Dma::bind(ram.clone(), 0x42, [1 | (0b111 << 1) | 0x1000, 0]).unwrap();
         dma.write(0x4000_0ffc, &[1, 2, 3, 4, 5, 6, 7, 8])
@@ -368,14 +374,7 @@ mod tests {
 
     #[test]
     fn unmap_while_dma_in_flight_never_reads_another_page_and_ends_at_sync() {
-        let ram = Arc::new(Ram(Mutex::new(vec![0; 1 << 20])));
-        let cd0 = 16 | (1 << 31) | (1 << 41) | (5 << 32) | (1 << 45) | (1 << 46) | (4u64 << 48);
-        w(&ram, 0x1000, cd0);
-        w(&ram, 0x1008, 0x2000);
-        w(&ram, 0x2000, 0x3003);
-        w(&ram, 0x3000 + 8, 0x4003);
-        w(&ram, 0x4000, 0x5003);
-        w(&ram, 0x5000, 0x8000 | 0x443);
+        let ram = guest_stage1();
         ram.write(0x8000, &[0x11; 4096]).unwrap();
         ram.write(0x9000, &[0x22; 4096]).unwrap();
         let dma =

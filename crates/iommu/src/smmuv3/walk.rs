@@ -143,6 +143,14 @@ pub enum ConfigError {
     },
 }
 
+/// The input address size a T0SZ (or S2T0SZ) field selects: 64 - t0sz bits, 25 to 48.
+fn input_bits(t0sz: u32) -> Result<u32, ConfigError> {
+    if !(16..=39).contains(&t0sz) {
+        return Err(ConfigError::T0sz(t0sz));
+    }
+    Ok(64 - t0sz)
+}
+
 impl WalkConfig {
     /// A stage-1 regime from CD fields.
     pub fn stage1(
@@ -152,10 +160,7 @@ impl WalkConfig {
         output_bits: u32,
         affd: bool,
     ) -> Result<Self, ConfigError> {
-        if !(16..=39).contains(&t0sz) {
-            return Err(ConfigError::T0sz(t0sz));
-        }
-        let ia = 64 - t0sz;
+        let ia = input_bits(t0sz)?;
         let g = granule.bits();
         let s = granule.stride();
         let levels = (ia - g).div_ceil(s);
@@ -179,10 +184,7 @@ impl WalkConfig {
         output_bits: u32,
         affd: bool,
     ) -> Result<Self, ConfigError> {
-        if !(16..=39).contains(&t0sz) {
-            return Err(ConfigError::T0sz(t0sz));
-        }
-        let ia = 64 - t0sz;
+        let ia = input_bits(t0sz)?;
         let bad = ConfigError::StartLevel { sl0, t0sz };
         let start_level = match (granule, sl0) {
             (Granule::K4, 0..=2) => 2 - sl0 as u32,

@@ -121,50 +121,10 @@ pub fn register(hc: &mut Hypercalls, iommu: &Arc<TceIommu>) -> Result<(), Hyperc
 #[cfg(feature = "harness")]
 pub fn fuzz_tce(data: &[u8]) {
     use super::papr::{H_PARAMETER, H_RTAS, H_SUCCESS};
+    use crate::iommu::table_device::TableDevice;
     use crate::iommu::{GuestRamFile, StreamId};
     use crate::memory::GuestRam;
-    use nestio_device_model::{
-        DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, RegionInfo, Result as DevResult,
-        VfioDevice,
-    };
-    use nestio_dma::{DmaMapRequest, MapTable};
     use nestio_iommu::tce::PeConfig;
-
-    struct Dev(MapTable);
-    impl VfioDevice for Dev {
-        fn info(&self) -> DeviceInfo {
-            DeviceInfo {
-                flags: nestio_device_model::flags::PCI,
-                num_regions: 0,
-                num_irqs: 0,
-            }
-        }
-        fn region_info(&self, index: u32) -> DevResult<RegionInfo> {
-            Ok(RegionInfo::absent(index))
-        }
-        fn region_read(&self, i: u32, _: u64, _: &mut [u8]) -> DevResult<()> {
-            Err(DeviceError::NoSuchRegion(i))
-        }
-        fn region_write(&self, i: u32, _: u64, _: &[u8]) -> DevResult<()> {
-            Err(DeviceError::NoSuchRegion(i))
-        }
-        fn irq_info(&self, i: u32) -> DevResult<IrqInfo> {
-            Err(DeviceError::NoSuchIrq(i))
-        }
-        fn set_irqs(&self, i: u32, _: IrqAction, _: u32, _: u32, _: IrqData) -> DevResult<()> {
-            Err(DeviceError::NoSuchIrq(i))
-        }
-        fn dma_map(&self, req: DmaMapRequest) -> DevResult<()> {
-            Ok(self.0.map(req)?)
-        }
-        fn dma_unmap(&self, iova: u64, size: u64) -> DevResult<()> {
-            Ok(self.0.unmap(iova, size)?)
-        }
-        fn dma_unmap_all(&self) -> DevResult<()> {
-            self.0.unmap_all();
-            Ok(())
-        }
-    }
 
     const RAM: u64 = 4 << 20;
     let Ok(ram) = GuestRam::new(RAM) else { return };
@@ -181,7 +141,7 @@ pub fn fuzz_tce(data: &[u8]) {
         return;
     };
     let dom = iommu.domain_factory().build(GuestRamFile::of(&ram));
-    let dev = Arc::new(Dev(MapTable::new(65535)));
+    let dev = Arc::new(TableDevice::new(65535));
     if dom.attach(StreamId::pci(0, 1, 0), dev.clone()).is_err() {
         return;
     }
@@ -251,7 +211,7 @@ pub fn fuzz_tce(data: &[u8]) {
             r.status
         );
         let runs = iommu.mappings();
-        let maps = dev.0.mappings();
+        let maps = dev.table.mappings();
         assert_eq!(runs.len(), maps.len(), "device and IOMMU disagree");
         let pe = iommu.pe();
         for (iova, gpa, size, _) in runs {

@@ -4,6 +4,8 @@
 
 pub mod domain;
 pub mod smmuv3;
+#[cfg(any(test, feature = "harness"))]
+pub(crate) mod table_device;
 pub mod tce;
 #[cfg(feature = "harness")]
 pub mod tce_bench;

@@ -311,53 +311,9 @@ mod tests {
         H_SUCCESS,
     };
     use crate::hypercall::{HcallContext, Hypercalls};
+    use crate::iommu::table_device::TableDevice;
     use crate::memory::GuestRam;
-    use nestio_device_model::{
-        DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, RegionInfo, Result as DevResult,
-    };
-    use nestio_dma::{DmaMapRequest, DmaSpace, MapTable};
-
-    /// A device whose DMA goes through a real map table (exact unmaps, like vfio-user).
-    struct TableDevice {
-        table: MapTable,
-        maps: AtomicU64,
-    }
-
-    impl VfioDevice for TableDevice {
-        fn info(&self) -> DeviceInfo {
-            DeviceInfo {
-                flags: nestio_device_model::flags::PCI,
-                num_regions: 0,
-                num_irqs: 0,
-            }
-        }
-        fn region_info(&self, index: u32) -> DevResult<RegionInfo> {
-            Ok(RegionInfo::absent(index))
-        }
-        fn region_read(&self, i: u32, _: u64, _: &mut [u8]) -> DevResult<()> {
-            Err(DeviceError::NoSuchRegion(i))
-        }
-        fn region_write(&self, i: u32, _: u64, _: &[u8]) -> DevResult<()> {
-            Err(DeviceError::NoSuchRegion(i))
-        }
-        fn irq_info(&self, i: u32) -> DevResult<IrqInfo> {
-            Err(DeviceError::NoSuchIrq(i))
-        }
-        fn set_irqs(&self, i: u32, _: IrqAction, _: u32, _: u32, _: IrqData) -> DevResult<()> {
-            Err(DeviceError::NoSuchIrq(i))
-        }
-        fn dma_map(&self, req: DmaMapRequest) -> DevResult<()> {
-            self.maps.fetch_add(1, Ordering::Relaxed);
-            Ok(self.table.map(req)?)
-        }
-        fn dma_unmap(&self, iova: u64, size: u64) -> DevResult<()> {
-            Ok(self.table.unmap(iova, size)?)
-        }
-        fn dma_unmap_all(&self) -> DevResult<()> {
-            self.table.unmap_all();
-            Ok(())
-        }
-    }
+    use nestio_dma::DmaSpace;
 
     const L0: u64 = 0x8000_0000;
     const BUID: u32 = 0x2000_0000;
@@ -373,10 +329,7 @@ mod tests {
         let ram = GuestRam::new(8 << 20).unwrap();
         let iommu = TceIommu::new(cfg).unwrap();
         let dom = iommu.domain_factory().build(GuestRamFile::of(&ram));
-        let dev = Arc::new(TableDevice {
-            table: MapTable::new(65535),
-            maps: AtomicU64::new(0),
-        });
+        let dev = Arc::new(TableDevice::new(65535));
         dom.attach(StreamId::pci(0, 1, 0), dev.clone()).unwrap();
         let mut hc = Hypercalls::new();
         crate::hypercall::tce::register(&mut hc, &iommu).unwrap();

@@ -10,64 +10,18 @@
 //!   1 << 59 against the same guest without an IOMMU (identity domain), in TSC cycles
 //!   as the guest measures them, median of alternating runs.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use nestio_device_model::{
-    DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, RegionInfo, Result as DevResult,
-    VfioDevice,
-};
-use nestio_dma::{DmaMapRequest, MapTable};
 use nestio_iommu::tce::PeConfig;
 
+use super::table_device::TableDevice;
 use super::tce::TceIommu;
 use super::{GuestRamFile, StreamId};
 use crate::hypercall::papr::{H_PUT_TCE, H_PUT_TCE_INDIRECT, H_STUFF_TCE, H_SUCCESS};
 use crate::hypercall::{HcallContext, Hypercalls};
 use crate::memory::GuestRam;
-
-/// A device whose DMA is a map table (what an e1000 behind vfio-user keeps).
-struct TableDevice {
-    table: MapTable,
-    maps: AtomicU64,
-}
-
-impl VfioDevice for TableDevice {
-    fn info(&self) -> DeviceInfo {
-        DeviceInfo {
-            flags: nestio_device_model::flags::PCI,
-            num_regions: 0,
-            num_irqs: 0,
-        }
-    }
-    fn region_info(&self, index: u32) -> DevResult<RegionInfo> {
-        Ok(RegionInfo::absent(index))
-    }
-    fn region_read(&self, i: u32, _: u64, _: &mut [u8]) -> DevResult<()> {
-        Err(DeviceError::NoSuchRegion(i))
-    }
-    fn region_write(&self, i: u32, _: u64, _: &[u8]) -> DevResult<()> {
-        Err(DeviceError::NoSuchRegion(i))
-    }
-    fn irq_info(&self, i: u32) -> DevResult<IrqInfo> {
-        Err(DeviceError::NoSuchIrq(i))
-    }
-    fn set_irqs(&self, i: u32, _: IrqAction, _: u32, _: u32, _: IrqData) -> DevResult<()> {
-        Err(DeviceError::NoSuchIrq(i))
-    }
-    fn dma_map(&self, req: DmaMapRequest) -> DevResult<()> {
-        self.maps.fetch_add(1, Ordering::Relaxed);
-        Ok(self.table.map(req)?)
-    }
-    fn dma_unmap(&self, iova: u64, size: u64) -> DevResult<()> {
-        Ok(self.table.unmap(iova, size)?)
-    }
-    fn dma_unmap_all(&self) -> DevResult<()> {
-        self.table.unmap_all();
-        Ok(())
-    }
-}
 
 type BenchError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -148,10 +102,7 @@ fn rig(with_device: bool) -> Result<Rig, BenchError> {
     let ram = GuestRam::new(64 << 20)?;
     let iommu = TceIommu::new(PeConfig::default())?;
     let dom = iommu.domain_factory().build(GuestRamFile::of(&ram));
-    let dev = Arc::new(TableDevice {
-        table: MapTable::new(1 << 20),
-        maps: AtomicU64::new(0),
-    });
+    let dev = Arc::new(TableDevice::new(1 << 20));
     if with_device {
         dom.attach(StreamId::pci(0, 1, 0), dev.clone())?;
     }
