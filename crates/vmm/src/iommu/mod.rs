@@ -3,6 +3,8 @@
 //! See [`domain`] for the design; [`tce`] is the sPAPR TCE IOMMU.
 
 pub mod domain;
+#[cfg(test)]
+pub(crate) mod recorder;
 pub mod smmuv3;
 #[cfg(any(test, feature = "harness"))]
 pub(crate) mod table_device;

@@ -395,56 +395,9 @@ impl BusDevice for Smmuv3 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iommu::recorder::DmaRecorder;
     use crate::iommu::GuestRamFile;
     use crate::memory::GuestRam;
-    use nestio_device_model::{
-        DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, RegionInfo, Result, VfioDevice,
-    };
-    use nestio_dma::DmaMapRequest;
-
-    #[derive(Default)]
-    struct Rec {
-        maps: Mutex<Vec<(u64, u64, Prot)>>,
-        unmaps: Mutex<Vec<(u64, u64)>>,
-    }
-
-    impl VfioDevice for Rec {
-        fn info(&self) -> DeviceInfo {
-            DeviceInfo {
-                flags: nestio_device_model::flags::PCI,
-                num_regions: 0,
-                num_irqs: 0,
-            }
-        }
-        fn region_info(&self, index: u32) -> Result<RegionInfo> {
-            Ok(RegionInfo::absent(index))
-        }
-        fn region_read(&self, i: u32, _: u64, _: &mut [u8]) -> Result<()> {
-            Err(DeviceError::NoSuchRegion(i))
-        }
-        fn region_write(&self, i: u32, _: u64, _: &[u8]) -> Result<()> {
-            Err(DeviceError::NoSuchRegion(i))
-        }
-        fn irq_info(&self, i: u32) -> Result<IrqInfo> {
-            Err(DeviceError::NoSuchIrq(i))
-        }
-        fn set_irqs(&self, i: u32, _: IrqAction, _: u32, _: u32, _: IrqData) -> Result<()> {
-            Err(DeviceError::NoSuchIrq(i))
-        }
-        fn dma_map(&self, req: DmaMapRequest) -> Result<()> {
-            self.maps
-                .lock()
-                .push((req.range.start(), req.range.len(), req.prot));
-            Ok(())
-        }
-        fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
-            self.unmaps.lock().push((iova, size));
-            Ok(())
-        }
-        fn dma_unmap_all(&self) -> Result<()> {
-            Ok(())
-        }
-    }
 
     const RAM: u64 = 16 << 20;
     const STRTAB: u64 = 0x10_0000;
@@ -457,7 +410,7 @@ mod tests {
     struct Rig {
         ram: GuestRam,
         smmu: Smmuv3,
-        dev: Arc<Rec>,
+        dev: Arc<DmaRecorder>,
         prod: u32,
     }
 
@@ -465,7 +418,7 @@ mod tests {
         fn new() -> Self {
             let ram = GuestRam::new(RAM).unwrap();
             let domain = Arc::new(ShadowDomain::new(GuestRamFile::of(&ram)));
-            let dev = Arc::new(Rec::default());
+            let dev = Arc::new(DmaRecorder::default());
             let stream = StreamId::pci(0, 1, 0);
             domain.attach(stream, dev.clone()).unwrap();
             let smmu = Smmuv3::new(GuestRamView::new(ram.memory().clone(), None), domain, RAM);
@@ -507,7 +460,7 @@ mod tests {
     fn shadow_follows_the_guest_tables_on_invalidation() {
         let mut r = Rig::new();
         // Disabled SMMU: all of RAM at IOVA = GPA.
-        assert_eq!(*r.dev.maps.lock(), vec![(0, RAM, Prot::RW)]);
+        assert_eq!(r.dev.map_ranges(), vec![(0, RAM, Prot::RW)]);
         assert_eq!(r.smmu.shadow(8), vec![(0, 0, RAM, Prot::RW)]);
         // Guest programs tables: SID 8 → CD → two contiguous pages and one apart.
         r.w64(STRTAB + 8 * 64, 1 | (5 << 1) | CD);
@@ -533,7 +486,7 @@ mod tests {
             "coalesced runs of the guest's translation"
         );
         assert_eq!(*r.dev.unmaps.lock(), vec![(0, RAM)]);
-        assert!(r.dev.maps.lock().contains(&(0x1000, 0x2000, Prot::RW)));
+        assert!(r.dev.map_ranges().contains(&(0x1000, 0x2000, Prot::RW)));
         // Unmap 0x2000 in the guest: nothing changes until the invalidation.
         r.w64(0x15_2000 + 2 * 8, 0);
         r.reg(regs::IRQ_CTRL, 0, 4);
