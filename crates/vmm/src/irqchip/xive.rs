@@ -42,8 +42,36 @@
 //! Source numbers: IPIs `0..cpus` (IPI `i` targets whatever the guest routes it to;
 //! by convention vCPU `i`), fixed lines `32 + line`, then PCI INTx, platform lines and
 //! MSIs from 64 up, so a PCI function's source fits its interrupt-line register.
-//! MSI messages are recorded (snapshot) but do not steer delivery: the eventfd is
-//! attached to its source, which the guest routes with `H_INT_SET_SOURCE_CONFIG`.
+//!
+//! # MSI messages steer delivery
+//!
+//! As on sPAPR, where a device's MSI is a write of the interrupt number (data) to the
+//! PHB's MSI window and QEMU triggers the source the data names, a message whose
+//! address is [`MSI_ADDRESS`] selects the source its vector triggers: data = the XIVE
+//! source number (LISN) of a message source allocated for a device (not an IPI, not a
+//! line). So a device's MSI / MSI-X vectors reach distinct sources, each routed by
+//! the guest (`H_INT_SET_SOURCE_CONFIG`) to its own server and priority, and the guest
+//! can move a vector to another source by rewriting the message alone. A message to
+//! [`MSI_ADDRESS`] whose data names no such source is refused ([`IrqChipError`]) and
+//! that vector's events are dropped (counted, traced) until it is programmed again —
+//! the write a real MSI window would ignore. A message to any other address (an x86
+//! `0xfee0_0000` one left from before a run-time switch) or none keeps the vector on
+//! the source allocated for it. The device's eventfd is still read by the delivery
+//! thread; steering is a table lookup there (no message, no hop). The window is not
+//! backed on the bus: device MSIs are eventfds here, never memory writes.
+//!
+//! # Cede and escalation (the vCPU halt/wake hook)
+//!
+//! `H_CEDE` (registered with the `H_INT_*` calls, [`XiveIrqChip::cede`]) takes the
+//! calling vCPU's VP off its thread in the model ([`nestio_xive::escalation`]): its
+//! queues' escalations are armed, and the vCPU thread sleeps on a per-vCPU condition
+//! variable. An event for that VP then does not inject [`XIVE_VECTOR`] but fires the
+//! queue's escalation once, whose handler ([`Notify::escalate`]) wakes the thread;
+//! the VP is dispatched again (escalations off) and, the event having been presented
+//! meanwhile, the vector is injected then. Further events while ceded coalesce in the
+//! escalation's PQ (no storm of wake-ups). The sleep is bounded by [`CEDE_SLICE`]
+//! (as a POWER decrementer would end it) so a VM pause never waits on a ceded vCPU;
+//! a cede that finds an exception already signalled returns at once.
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
@@ -86,6 +114,11 @@ pub const TIMA_BASE: u64 = 0xefc0_0000;
 pub const TIMA_STRIDE: u64 = 4 << PAGE_SHIFT;
 /// What `H_INT_GET_QUEUE_INFO` names as queue ESB pages (not backed).
 pub const END_BASE: u64 = 0xefe0_0000;
+/// The MSI address whose data names the XIVE source a vector triggers (see the
+/// module documentation); between the ESB pages and the TIMA windows, not backed.
+pub const MSI_ADDRESS: u64 = 0xef80_0000;
+/// The longest an `H_CEDE` sleeps without an escalation.
+pub const CEDE_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The x86 layout.
 pub const LAYOUT: Layout = Layout {
@@ -143,15 +176,43 @@ impl GuestMemory for VmXiveMemory {
     }
 }
 
-/// Turns the model's signals into vCPU interrupts and resample signals.
+/// Turns the model's signals into vCPU interrupts, resample signals and wake-ups of
+/// ceded vCPUs.
 struct Signals {
     inject: Box<dyn Fn(u32) + Send + Sync>,
     resample: Mutex<BTreeMap<u32, EventFd>>,
+    /// Per vCPU: an escalation fired since it ceded.
+    wakers: Vec<Waker>,
+}
+
+#[derive(Default)]
+struct Waker {
+    woken: Mutex<bool>,
+    cv: parking_lot::Condvar,
+}
+
+/// How an `H_CEDE` ended ([`XiveIrqChip::cede`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CedeOutcome {
+    /// An exception was already signalled: no sleep.
+    Signalled,
+    /// An escalation woke the vCPU.
+    Escalated,
+    /// [`CEDE_SLICE`] passed.
+    TimedOut,
+    /// No such vCPU.
+    UnknownVcpu,
 }
 
 impl Notify for Signals {
     fn notify(&self, server: u32) {
         (self.inject)(server);
+    }
+    fn escalate(&self, server: u32, _prio: u8) {
+        if let Some(w) = self.wakers.get(server as usize) {
+            *w.woken.lock() = true;
+            w.cv.notify_all();
+        }
     }
     fn eoi(&self, lisn: u32) {
         if let Some(fd) = self.resample.lock().get(&lisn) {
@@ -182,10 +243,23 @@ struct Attachment {
     fd: EventFd,
 }
 
+/// Where a message source's events go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Steer {
+    /// To this source (the message's data).
+    To(u32),
+    /// Nowhere: the message named no source.
+    Nowhere,
+}
+
 #[derive(Default)]
 struct ChipState {
     kinds: BTreeMap<u32, SourceKind>,
     messages: BTreeMap<u32, MsiMessage>,
+    /// Vectors whose message names their source ([`MSI_ADDRESS`]).
+    steer: BTreeMap<u32, Steer>,
+    /// Events dropped because their vector's message named no source.
+    dropped: u64,
     intx: BTreeMap<(u8, u8), u32>,
     next: u32,
     attachments: BTreeMap<u64, Attachment>,
@@ -272,6 +346,7 @@ impl XiveIrqChip {
         let signals = Arc::new(Signals {
             inject,
             resample: Mutex::new(BTreeMap::new()),
+            wakers: (0..cpus).map(|_| Waker::default()).collect(),
         });
         let xive = Arc::new(Xive::new(cfg, mem, signals.clone()));
         let ctl = |e: nestio_xive::ControlError| invalid(e.to_string());
@@ -332,23 +407,84 @@ impl XiveIrqChip {
             .map(|(&t, _)| t)
     }
 
-    /// Read a ready eventfd and trigger its source.
+    /// Read a ready eventfd and trigger its source (or the source its message
+    /// names).
     fn deliver(&self, token: u64) {
         let lisn = {
-            let st = self.state.lock();
+            let mut st = self.state.lock();
             let Some(a) = st.attachments.get(&token) else {
                 return;
             };
-            match a.fd.read() {
+            let own = match a.fd.read() {
                 Ok(_) => a.lisn,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     tracing::warn!(lisn = a.lisn, error = %e, "xive: eventfd read failed");
                     return;
                 }
+            };
+            match st.steer.get(&own) {
+                None => own,
+                Some(Steer::To(l)) => *l,
+                Some(Steer::Nowhere) => {
+                    st.dropped += 1;
+                    tracing::debug!(
+                        lisn = own,
+                        "xive: event dropped, its MSI message names no source"
+                    );
+                    return;
+                }
             }
         };
         self.xive.trigger(lisn);
+    }
+
+    /// The source the events of message source `vector` trigger now (itself unless
+    /// its message steers them; `None` when they are dropped).
+    pub fn msi_target(&self, vector: IrqSource) -> Option<u32> {
+        match self.state.lock().steer.get(&vector.number()) {
+            None => Some(vector.number()),
+            Some(Steer::To(l)) => Some(*l),
+            Some(Steer::Nowhere) => None,
+        }
+    }
+
+    /// Events dropped because their vector's message named no source.
+    pub fn dropped_events(&self) -> u64 {
+        self.state.lock().dropped
+    }
+
+    /// `H_CEDE` of vCPU `vcpu` (see the module documentation): the VP leaves its
+    /// thread in the model, the calling thread sleeps until an escalation or
+    /// `max` (at most [`CEDE_SLICE`]), then the VP is dispatched again.
+    pub fn cede(&self, vcpu: u32, max: std::time::Duration) -> CedeOutcome {
+        let Some(w) = self.signals.wakers.get(vcpu as usize) else {
+            return CedeOutcome::UnknownVcpu;
+        };
+        *w.woken.lock() = false;
+        let outcome = match self.xive.cede(vcpu) {
+            None => return CedeOutcome::UnknownVcpu,
+            Some(true) => CedeOutcome::Signalled,
+            Some(false) => {
+                let deadline = std::time::Instant::now() + max.min(CEDE_SLICE);
+                let mut woken = w.woken.lock();
+                while !*woken {
+                    if w.cv.wait_until(&mut woken, deadline).timed_out() {
+                        break;
+                    }
+                }
+                let o = if *woken {
+                    CedeOutcome::Escalated
+                } else {
+                    CedeOutcome::TimedOut
+                };
+                *woken = false;
+                o
+            }
+        };
+        self.xive.dispatch(vcpu);
+        tracing::trace!(vcpu, ?outcome, "xive: H_CEDE");
+        outcome
     }
 }
 
@@ -533,13 +669,39 @@ impl IrqChip for XiveIrqChip {
                 return Err(IrqChipError::UnknownSource(s.number()));
             }
         }
+        let mut refused = None;
         for (s, m) in updates {
+            let n = s.number();
             match m {
-                Some(m) => st.messages.insert(s.number(), *m),
-                None => st.messages.remove(&s.number()),
-            };
+                Some(m) => {
+                    st.messages.insert(n, *m);
+                    if m.address == MSI_ADDRESS {
+                        let target = m.data;
+                        let ok = target >= DYNAMIC_BASE
+                            && st.kinds.get(&target) == Some(&SourceKind::Msi);
+                        if ok {
+                            st.steer.insert(n, Steer::To(target));
+                        } else {
+                            st.steer.insert(n, Steer::Nowhere);
+                            refused.get_or_insert(target);
+                        }
+                    } else {
+                        st.steer.remove(&n);
+                    }
+                }
+                None => {
+                    st.messages.remove(&n);
+                    st.steer.remove(&n);
+                }
+            }
         }
-        Ok(())
+        match refused {
+            None => Ok(()),
+            Some(t) => Err(invalid(format!(
+                "MSI data {t:#x} names no device message source: program the source \
+                 number of an MSI/MSI-X vector (its events are dropped until then)"
+            ))),
+        }
     }
 
     fn snapshot(&self) -> IrqChipSnapshot {
@@ -869,6 +1031,213 @@ mod tests {
             2
         );
         assert!(xive2.snapshot().sources.iter().all(|s| s.attached == 0));
+    }
+
+    /// Configure a priority-`prio` queue on every server and CPPR 0xFF.
+    fn queues(c: &XiveIrqChip, prio: u8) {
+        let x = c.model();
+        for s in 0..c.cpus {
+            let q = 0x2_0000 + u64::from(s) * 0x8000 + u64::from(prio) * 0x1000;
+            assert_eq!(
+                x.hcall(
+                    s,
+                    op::H_INT_SET_QUEUE_CONFIG,
+                    &[1, s.into(), prio.into(), q, 12]
+                )
+                .rc,
+                0
+            );
+            x.tima_store(s, 2, 0x11, 1, 0xff);
+        }
+    }
+
+    fn route_to(c: &XiveIrqChip, lisn: u32, server: u32, prio: u8) {
+        let r = c.model().hcall(
+            0,
+            op::H_INT_SET_SOURCE_CONFIG,
+            &[
+                flags::SRC_SET_EISN,
+                lisn.into(),
+                server.into(),
+                prio.into(),
+                lisn.into(),
+            ],
+        );
+        assert_eq!(r.rc, 0);
+        c.model().esb_load(lisn, true, 0xc00, 8);
+    }
+
+    /// A device with three MSI-X vectors: each message names a source (data = LISN at
+    /// [`MSI_ADDRESS`]) routed to its own (server, priority); each vector's eventfd
+    /// lands in that queue — including a vector steered to another vector's source
+    /// and back. A message naming no message source is refused and its events dropped;
+    /// an x86 message keeps the vector on its own source.
+    #[test]
+    fn msi_data_selects_the_source_and_so_the_queue() {
+        let (c, mem, rx) = chip(2);
+        for p in [3, 5, 6] {
+            queues(&c, p);
+        }
+        let v: Vec<IrqSource> = (0..3)
+            .map(|_| c.allocate(SourceRequest::Msi).unwrap())
+            .collect();
+        let fds: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        for (s, fd) in v.iter().zip(&fds) {
+            c.attach(*s, fd, None).unwrap();
+        }
+        // Vector i -> source of vector (2 - i) (crossed on purpose), routed:
+        // v[0]'s source -> server 1 prio 3, v[1]'s -> server 0 prio 5,
+        // v[2]'s -> server 1 prio 6.
+        let dest = [(1u32, 3u8), (0, 5), (1, 6)];
+        for (i, s) in v.iter().enumerate() {
+            route_to(&c, s.number(), dest[i].0, dest[i].1);
+        }
+        let msg = |lisn: u32| MsiMessage {
+            address: MSI_ADDRESS,
+            data: lisn,
+        };
+        let updates: Vec<_> = (0..3)
+            .map(|i| (v[i], Some(msg(v[2 - i].number()))))
+            .collect();
+        c.program_msi(&updates).unwrap();
+        let q = |server: u32, prio: u8| {
+            0x2_0000 + u64::from(server) * 0x8000 + u64::from(prio) * 0x1000
+        };
+        for i in 0..3 {
+            assert_eq!(c.msi_target(v[i]), Some(v[2 - i].number()));
+            fds[i].write(1).unwrap();
+            let (server, prio) = dest[2 - i];
+            assert_eq!(
+                rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+                server,
+                "vector {i}"
+            );
+            let pos = c.model().queue_position(server, prio).unwrap();
+            assert_eq!(
+                pos,
+                (1, 1),
+                "vector {i}: one event in queue {server}/{prio}"
+            );
+            assert_eq!(
+                mem.read_be32(q(server, prio)).unwrap(),
+                0x8000_0000 | v[2 - i].number(),
+                "vector {i}: the EISN of the source its data named"
+            );
+        }
+        // The guest moves vector 0 to its own source by rewriting the message alone.
+        c.model().esb_load(v[2].number(), true, 0, 8);
+        c.model().esb_load(v[0].number(), true, 0, 8);
+        c.program_msi(&[(v[0], Some(msg(v[0].number())))]).unwrap();
+        fds[0].write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        assert_eq!(
+            c.model().queue_position(1, 3),
+            Some((1, 2)),
+            "server 1 prio 3"
+        );
+        assert_eq!(c.model().queue_position(1, 6), Some((1, 1)), "unchanged");
+        // Data naming an IPI, a line or nothing: refused, the vector drops its events.
+        let line = c.allocate(SourceRequest::PlatformLine).unwrap();
+        for bad in [1, line.number(), NR_IRQS + 5, 0xffff_ffff] {
+            assert!(
+                c.program_msi(&[(v[1], Some(msg(bad)))]).is_err(),
+                "{bad:#x}"
+            );
+            assert_eq!(c.msi_target(v[1]), None);
+        }
+        fds[1].write(1).unwrap();
+        let t = std::time::Instant::now();
+        while c.dropped_events() == 0 {
+            assert!(t.elapsed() < Duration::from_secs(5), "event not dropped");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        // An x86 message (left from before a switch): back to its own source.
+        c.program_msi(&[(
+            v[1],
+            Some(MsiMessage {
+                address: 0xfee0_0000,
+                data: 0x31,
+            }),
+        )])
+        .unwrap();
+        assert_eq!(c.msi_target(v[1]), Some(v[1].number()));
+        c.model().esb_load(v[1].number(), true, 0, 8);
+        fds[1].write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+        assert_eq!(
+            c.model().queue_position(0, 5),
+            Some((1, 2)),
+            "server 0 prio 5"
+        );
+        // Removing the message removes the steering too.
+        c.program_msi(&[(v[2], None)]).unwrap();
+        assert_eq!(c.msi_target(v[2]), Some(v[2].number()));
+    }
+
+    /// `H_CEDE`: a ceded vCPU is woken by an event for its queue (escalation), not by
+    /// an injection; 100 more events while it sleeps do not wake it again (one
+    /// escalation per cede); at dispatch the vector is injected once. A cede with an
+    /// exception already signalled does not sleep; without any event it times out.
+    #[test]
+    fn cede_sleeps_until_an_escalation_and_never_storms() {
+        let (c, _mem, rx) = chip(2);
+        let s = c.allocate(SourceRequest::Msi).unwrap();
+        queues(&c, 6);
+        route_to(&c, s.number(), 1, 6);
+        let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        c.attach(s, &fd, None).unwrap();
+        assert_eq!(
+            c.cede(1, Duration::from_millis(1)),
+            CedeOutcome::TimedOut,
+            "nothing pending"
+        );
+        assert_eq!(c.cede(7, CEDE_SLICE), CedeOutcome::UnknownVcpu);
+        let c2 = c.clone();
+        let sleeper = std::thread::spawn(move || c2.cede(1, Duration::from_secs(60)));
+        // Wait until the VP is off its thread, then signal the device's eventfd.
+        let t = std::time::Instant::now();
+        while c.model().escalation(1).unwrap().dispatched {
+            assert!(t.elapsed() < Duration::from_secs(5));
+            std::thread::yield_now();
+        }
+        fd.write(1).unwrap();
+        let outcome = sleeper.join().unwrap();
+        // CEDE_SLICE bounds the sleep: either the escalation woke it, or (on a very
+        // slow host) the slice ended first; the counters tell which.
+        let e = c.model().escalation(1).unwrap();
+        if outcome == CedeOutcome::Escalated {
+            assert_eq!(e.fired, 1);
+            assert_eq!(
+                rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+                1,
+                "injected at dispatch"
+            );
+        } else {
+            assert_eq!(outcome, CedeOutcome::TimedOut);
+        }
+        assert!(e.dispatched);
+        // Now a storm while ceded, with the guest never acking (the VP is away).
+        c.model().tima_load(1, 2, 0x810, 2);
+        c.model().esb_load(s.number(), true, 0, 8);
+        c.model().tima_store(1, 2, 0x11, 1, 0xff);
+        while rx.try_recv().is_ok() {}
+        let before = c.model().escalation(1).unwrap();
+        assert_eq!(c.model().cede(1), Some(false));
+        for _ in 0..100 {
+            c.model().trigger(s.number());
+            c.model().esb_load(s.number(), true, 0, 8); // EOI: the next one forwards
+        }
+        let after = c.model().escalation(1).unwrap();
+        assert_eq!(after.fired, before.fired + 1, "one escalation per cede");
+        assert_eq!(after.coalesced, before.coalesced + 99);
+        assert!(rx.try_recv().is_err(), "no injection while ceded");
+        // A cede with the exception still signalled does not sleep.
+        assert_eq!(c.cede(1, Duration::from_secs(60)), CedeOutcome::Signalled);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        assert!(c.model().escalation(1).unwrap().dispatched);
     }
 
     #[test]
