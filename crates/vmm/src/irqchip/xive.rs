@@ -191,6 +191,19 @@ struct Waker {
     cv: parking_lot::Condvar,
 }
 
+/// What the `H_CEDE` calls of a VM came to ([`XiveIrqChip::cede_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CedeStats {
+    /// Calls.
+    pub cedes: u64,
+    /// Ended by an escalation.
+    pub escalated: u64,
+    /// Ended by [`CEDE_SLICE`].
+    pub timed_out: u64,
+    /// Returned at once (an exception was signalled).
+    pub signalled: u64,
+}
+
 /// How an `H_CEDE` ended ([`XiveIrqChip::cede`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CedeOutcome {
@@ -280,6 +293,7 @@ pub struct XiveIrqChip {
     wake: EventFd,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     cpus: u32,
+    cede_stats: Mutex<CedeStats>,
 }
 
 impl std::fmt::Debug for XiveIrqChip {
@@ -371,6 +385,7 @@ impl XiveIrqChip {
             wake,
             thread: Mutex::new(None),
             cpus,
+            cede_stats: Mutex::new(CedeStats::default()),
         });
         let weak = Arc::downgrade(&chip);
         let t = std::thread::Builder::new()
@@ -484,7 +499,20 @@ impl XiveIrqChip {
         };
         self.xive.dispatch(vcpu);
         tracing::trace!(vcpu, ?outcome, "xive: H_CEDE");
+        let mut st = self.cede_stats.lock();
+        st.cedes += 1;
+        match outcome {
+            CedeOutcome::Escalated => st.escalated += 1,
+            CedeOutcome::TimedOut => st.timed_out += 1,
+            CedeOutcome::Signalled => st.signalled += 1,
+            CedeOutcome::UnknownVcpu => {}
+        }
         outcome
+    }
+
+    /// What the `H_CEDE` calls came to so far.
+    pub fn cede_stats(&self) -> CedeStats {
+        *self.cede_stats.lock()
     }
 }
 
