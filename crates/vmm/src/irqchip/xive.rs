@@ -802,6 +802,133 @@ pub fn rewire(
     Ok(new)
 }
 
+/// Fuzz entry point (feature `harness`, the `xive` fuzz target with the model's): a
+/// byte string drives one chip with 2 vCPUs through source allocation of every kind,
+/// attach/detach of eventfds, eventfd signals, MSI messages with any address and data
+/// (the steering of the module documentation), `H_CEDE` of any vCPU (no sleep), and
+/// the `H_INT_*` routing calls. Checks: nothing panics; a vector's events go to itself
+/// or to a device message source its message named, or nowhere only after a refused
+/// message; a refused `program_msi` is exactly a message to [`MSI_ADDRESS`] naming no
+/// such source; a cede of an unknown vCPU is refused and leaves every VP dispatched.
+#[cfg(feature = "harness")]
+pub fn fuzz_xive_chip(data: &[u8]) {
+    use nestio_xive::VecMemory;
+    let mem = Arc::new(VecMemory::new(0, 1 << 20));
+    let Ok(chip) = XiveIrqChip::with_injector(mem, 2, Box::new(|_| {})) else {
+        return;
+    };
+    let mut it = data.iter().copied();
+    let mut sources: Vec<IrqSource> = Vec::new();
+    let mut fds: BTreeMap<u32, EventFd> = BTreeMap::new();
+    let pick = |b: u8, v: &[IrqSource]| v.get(usize::from(b) % v.len().max(1)).copied();
+    let word = |it: &mut dyn Iterator<Item = u8>| {
+        (0..4).fold(0u32, |w, _| (w << 8) | u32::from(it.next().unwrap_or(0)))
+    };
+    while let Some(op) = it.next() {
+        let arg = it.next().unwrap_or(0);
+        match op % 7 {
+            0 => {
+                let req = match arg % 4 {
+                    0 => SourceRequest::Msi,
+                    1 => SourceRequest::PlatformLine,
+                    2 => SourceRequest::PciIntx {
+                        slot: arg >> 3,
+                        pin: arg & 7,
+                    },
+                    _ => SourceRequest::Line(u32::from(arg >> 2)),
+                };
+                if let Ok(s) = chip.allocate(req) {
+                    sources.push(s);
+                }
+            }
+            1 => {
+                let Some(s) = pick(arg, &sources) else {
+                    continue;
+                };
+                let to_window = it.next().unwrap_or(0) & 1 == 1;
+                let data = match it.next().unwrap_or(0) % 3 {
+                    0 => pick(it.next().unwrap_or(0), &sources).map_or(0, |t| t.number()),
+                    1 => u32::from(it.next().unwrap_or(0)),
+                    _ => word(&mut it),
+                };
+                let address = if to_window { MSI_ADDRESS } else { 0xfee0_0000 };
+                let r = chip.program_msi(&[(s, Some(MsiMessage { address, data }))]);
+                let kinds = chip.state.lock().kinds.clone();
+                if s.kind() != SourceKind::Msi || kinds.get(&s.number()) != Some(&SourceKind::Msi) {
+                    assert!(r.is_err(), "a line took a message");
+                    continue;
+                }
+                let valid = data >= DYNAMIC_BASE && kinds.get(&data) == Some(&SourceKind::Msi);
+                assert_eq!(r.is_err(), to_window && !valid, "{address:#x} {data:#x}");
+                let want = match (to_window, valid) {
+                    (false, _) => Some(s.number()),
+                    (true, true) => Some(data),
+                    (true, false) => None,
+                };
+                assert_eq!(chip.msi_target(s), want);
+            }
+            2 => {
+                let Some(s) = pick(arg, &sources) else {
+                    continue;
+                };
+                let Ok(fd) = EventFd::new(libc::EFD_NONBLOCK) else {
+                    continue;
+                };
+                let resample = EventFd::new(libc::EFD_NONBLOCK).ok();
+                let rs = if it.next().unwrap_or(0) & 1 == 1 {
+                    resample.as_ref()
+                } else {
+                    None
+                };
+                if chip.attach(s, &fd, rs).is_ok() {
+                    if let Some(old) = fds.insert(s.number(), fd) {
+                        let _ = chip.detach(s, &old);
+                    }
+                }
+            }
+            3 => {
+                let Some(s) = pick(arg, &sources) else {
+                    continue;
+                };
+                if let Some(fd) = fds.remove(&s.number()) {
+                    chip.detach(s, &fd).expect("detach an attached eventfd");
+                }
+            }
+            4 => {
+                if let Some(fd) = pick(arg, &sources).and_then(|s| fds.get(&s.number())) {
+                    let _ = fd.write(u64::from(it.next().unwrap_or(1)).max(1));
+                }
+            }
+            5 => {
+                let vcpu = u32::from(arg % 4);
+                let o = chip.cede(vcpu, std::time::Duration::ZERO);
+                assert_eq!(o == CedeOutcome::UnknownVcpu, vcpu >= 2, "{o:?}");
+                for v in 0..2 {
+                    assert!(chip.xive.escalation(v).is_some_and(|e| e.dispatched));
+                }
+            }
+            _ => {
+                // Route a source (or an IPI) to a vCPU's queue, as the guest does.
+                let lisn = pick(arg, &sources).map_or(u32::from(arg % 2), |s| s.number());
+                let server = u64::from(it.next().unwrap_or(0) % 3);
+                let prio = u64::from(it.next().unwrap_or(6) % 8);
+                let q = 0x1_0000 + server * 0x8000 + prio * 0x1000;
+                chip.xive.hcall(
+                    0,
+                    nestio_xive::hcall::op::H_INT_SET_QUEUE_CONFIG,
+                    &[1, server, prio, q, 12],
+                );
+                chip.xive.hcall(
+                    0,
+                    nestio_xive::hcall::op::H_INT_SET_SOURCE_CONFIG,
+                    &[2, lisn.into(), server, prio, lisn.into()],
+                );
+                chip.xive.esb_load(lisn, true, 0xc00, 8);
+            }
+        }
+    }
+}
+
 /// Big-endian bytes of the low `data.len()` bytes of `v`.
 fn put_be(v: u64, data: &mut [u8]) {
     let b = v.to_be_bytes();
