@@ -767,8 +767,9 @@ pub struct Wire<'a> {
 
 /// Switch a running VM's device interrupts from one interrupt controller to another
 /// (the x86 routing to the XIVE or back, or a XIVE to a re-created one): every wire is
-/// detached from `from` (its eventfd keeps counting meanwhile), allocated on `to`,
-/// re-programmed and re-attached, so a signal raised during the switch is delivered
+/// detached from `from` (its eventfd keeps counting meanwhile), allocated on `to`, then
+/// all messages are programmed (so a message steering to another wire's source finds
+/// it allocated) and the wires re-attached, so a signal raised during the switch is delivered
 /// by the new controller. Returns the new sources, in `wires` order. The old
 /// controller is torn down when its last reference goes (a XIVE's delivery thread
 /// stops; KVM's routes are replaced by the new chip's).
@@ -784,14 +785,22 @@ pub fn rewire(
     for (s, w) in old.iter().zip(wires) {
         from.detach(*s, w.trigger)?;
     }
-    let mut new = Vec::with_capacity(wires.len());
-    for w in wires {
-        let s = to.allocate(w.request)?;
-        if let Some(m) = w.message {
-            to.program_msi(&[(s, Some(m))])?;
-        }
-        to.attach(s, w.trigger, w.resample)?;
-        new.push(s);
+    // Every source first, then the messages (a message may name another wire's source,
+    // [`MSI_ADDRESS`]), then the eventfds.
+    let new = wires
+        .iter()
+        .map(|w| to.allocate(w.request))
+        .collect::<Result<Vec<_>, _>>()?;
+    let messages: Vec<_> = new
+        .iter()
+        .zip(wires)
+        .filter_map(|(s, w)| w.message.map(|m| (*s, Some(m))))
+        .collect();
+    if !messages.is_empty() {
+        to.program_msi(&messages)?;
+    }
+    for (s, w) in new.iter().zip(wires) {
+        to.attach(*s, w.trigger, w.resample)?;
     }
     tracing::info!(
         from = from.model(),
@@ -1330,6 +1339,51 @@ mod tests {
         // Removing the message removes the steering too.
         c.program_msi(&[(v[2], None)]).unwrap();
         assert_eq!(c.msi_target(v[2]), Some(v[2].number()));
+    }
+
+    /// A vector steered to another vector's source keeps its steering across a switch
+    /// to a re-created XIVE (all sources exist before any message is programmed).
+    #[test]
+    fn rewire_keeps_msi_steering_between_wires() {
+        let (a, _m, _rx) = chip(2);
+        let fds: Vec<EventFd> = (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let first = a.allocate(SourceRequest::Msi).unwrap();
+        let second = a.allocate(SourceRequest::Msi).unwrap();
+        let msg = MsiMessage {
+            address: MSI_ADDRESS,
+            data: second.number(),
+        };
+        a.program_msi(&[(first, Some(msg))]).unwrap();
+        let wires = [
+            Wire {
+                request: SourceRequest::Msi,
+                trigger: &fds[0],
+                resample: None,
+                message: Some(msg),
+            },
+            Wire {
+                request: SourceRequest::Msi,
+                trigger: &fds[1],
+                resample: None,
+                message: None,
+            },
+        ];
+        for (s, w) in [first, second].iter().zip(&wires) {
+            a.attach(*s, w.trigger, None).unwrap();
+        }
+        let (b, mem, rx) = chip(2);
+        let new = rewire(a.as_ref(), &[first, second], b.as_ref(), &wires).unwrap();
+        assert_eq!(b.msi_target(new[0]), Some(new[1].number()));
+        queues(&b, 6);
+        route_to(&b, new[1].number(), 1, 6);
+        fds[0].write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        assert_eq!(
+            mem.read_be32(0x2_0000 + 0x8000 + 6 * 0x1000).unwrap(),
+            0x8000_0000 | new[1].number()
+        );
     }
 
     /// `H_CEDE`: a ceded vCPU is woken by an event for its queue (escalation), not by
