@@ -71,10 +71,14 @@ fn test_device_passes_every_applicable_check() {
 enum Flaw {
     /// Reads outside a region succeed (zeros) instead of EINVAL.
     IgnoresBounds,
-    /// An overlapping DMA map is refused with EBUSY instead of the spec's EEXIST.
-    OverlapIsBusy,
+    /// A read-only DMA map is refused (EINVAL).
+    RefusesReadOnlyMaps,
     /// SET_IRQS loopback triggers never signal the eventfd.
     NoLoopback,
+    /// Not a flaw: a device without DMA (the trait's default: every map accepted,
+    /// nothing recorded). The server itself must still refuse overlapping maps and
+    /// unmaps of ranges never mapped.
+    NoDmaTable,
 }
 
 /// The TestDevice with one deliberate flaw.
@@ -128,17 +132,24 @@ impl VfioDevice for Broken {
         self.inner.reset()
     }
     fn dma_map(&self, req: DmaMapRequest) -> Result<()> {
-        match self.inner.dma_map(req) {
-            Err(e) if self.flaw == Flaw::OverlapIsBusy && e.errno() == libc::EEXIST => {
-                Err(DeviceError::Busy("overlap".into()))
-            }
-            r => r,
+        if self.flaw == Flaw::NoDmaTable {
+            return Ok(());
         }
+        if self.flaw == Flaw::RefusesReadOnlyMaps && !req.prot.writable() {
+            return Err(DeviceError::Invalid("read-only maps refused".into()));
+        }
+        self.inner.dma_map(req)
     }
     fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
+        if self.flaw == Flaw::NoDmaTable {
+            return Ok(());
+        }
         self.inner.dma_unmap(iova, size)
     }
     fn dma_unmap_all(&self) -> Result<()> {
+        if self.flaw == Flaw::NoDmaTable {
+            return Ok(());
+        }
         self.inner.dma_unmap_all()
     }
 }
@@ -178,9 +189,9 @@ fn a_server_that_ignores_region_bounds_fails_region_bounds() {
 }
 
 #[test]
-fn a_server_that_answers_overlap_with_ebusy_fails_dma_overlap() {
-    let r = broken(Flaw::OverlapIsBusy);
-    assert_only_fails(&r, "dma.overlap", "refused with EBUSY (expected EEXIST)");
+fn a_device_that_refuses_read_only_maps_fails_dma_map_unmap() {
+    let r = broken(Flaw::RefusesReadOnlyMaps);
+    assert_only_fails(&r, "dma.map_unmap", "DMA_MAP read-only: error reply EINVAL");
 }
 
 #[test]
@@ -217,4 +228,15 @@ fn a_server_that_goes_away_fails_the_rest() {
         matches!(report.verdict("version.repeat"), Some(Verdict::Fail(r)) if r.contains("connection lost")),
         "{report}"
     );
+}
+
+/// The server keeps the owner's mappings itself: a device that records none still gets
+/// EEXIST for an overlapping map and ENOENT for an unmap of a range never mapped.
+#[test]
+fn a_device_without_a_map_table_still_gets_spec_dma_semantics() {
+    let r = broken(Flaw::NoDmaTable);
+    assert_eq!(failures(&r), ["device_info"], "{r}");
+    for name in ["dma.map_unmap", "dma.overlap", "dma.unmap_unmapped"] {
+        assert!(r.verdict(name).is_some_and(Verdict::is_pass), "{name}: {r}");
+    }
 }
