@@ -797,14 +797,27 @@ impl Suite {
             caps: Capabilities::default(),
         }
         .encode_into(&mut b);
-        let e = self.refused(
-            "a second VERSION on a negotiated session",
-            Command::Version as u16,
-            &b,
-            &[],
-            &[],
-        )?;
-        Ok(Verdict::Pass(format!("refused with {}", errno_name(e))))
+        match self
+            .wire
+            .request(Command::Version as u16, &b, &[])
+            .map_err(Verdict::Fail)?
+        {
+            Reply::Err(e) => {
+                self.in_sync("a second VERSION")?;
+                Ok(Verdict::Pass(format!("refused with {}", errno_name(e))))
+            }
+            // The spec defines VERSION as the first message only; answering a second one
+            // with a valid VERSION reply is a re-negotiation, not a protocol error.
+            Reply::Ok(m) => match Version::decode(&m.payload) {
+                Ok(_) => {
+                    self.in_sync("a second VERSION")?;
+                    Ok(Verdict::NotApplicable(
+                        "a second VERSION is answered as a re-negotiation (the spec defines only the first)".into(),
+                    ))
+                }
+                Err(e) => fail(format!("a second VERSION got a malformed reply: {e}")),
+            },
+        }
     }
 
     // -- DEVICE_GET_INFO -------------------------------------------------------------
@@ -894,7 +907,9 @@ impl Suite {
 
     /// One region's info, checked: fixed part first with argsz 32, then (if the server
     /// needs more room) again with the size it asked for.
-    fn one_region(&mut self, index: u32) -> Step<Region> {
+    /// `shape` gets the region's flags and size as soon as the fixed part is read, so
+    /// later checks can use a region whose capability chain (say) is broken.
+    fn one_region(&mut self, index: u32, shape: &mut Option<Region>) -> Step<Region> {
         let what = format!("region {index}");
         let b = Self::region_info_request(index, RegionInfoMsg::SIZE as u32);
         let m = self.ok(&what, Command::DeviceGetRegionInfo, &b, &[])?;
@@ -910,6 +925,11 @@ impl Suite {
         if fixed.index != index {
             return fail(format!("{what}: reply names index {}", fixed.index));
         }
+        *shape = Some(Region {
+            index,
+            flags: fixed.flags,
+            size: fixed.size,
+        });
         if m.payload.len() > RegionInfoMsg::SIZE {
             return fail(format!(
                 "{what}: {} bytes returned with argsz 32 (more than the client accepts)",
@@ -987,8 +1007,21 @@ impl Suite {
     fn region_info(&mut self) -> Step<Verdict> {
         let info = self.need_info()?;
         let mut regions = Vec::new();
+        let mut first_failure = None;
         for index in 0..info.num_regions {
-            regions.push(self.one_region(index)?);
+            let mut shape = None;
+            if let Err(v) = self.one_region(index, &mut shape) {
+                first_failure.get_or_insert(v);
+            }
+            regions.extend(shape);
+            if self.wire.lost.is_some() {
+                break;
+            }
+        }
+        // Later checks use what could be read, even past a failing region.
+        self.regions = regions.clone();
+        if let Some(v) = first_failure {
+            return Err(v);
         }
         if self.is_pci() {
             let cfg = regions[pci_index::CONFIG as usize];
@@ -1007,7 +1040,6 @@ impl Suite {
             .iter()
             .filter(|r| r.flags & region_flags::MMAP != 0)
             .count();
-        self.regions = regions;
         Ok(Verdict::Pass(format!(
             "{} regions ({present} present, {mmap} mmappable)",
             self.regions.len()
@@ -1205,6 +1237,8 @@ impl Suite {
                 count: q.count,
             });
         }
+        let vectors: u64 = irqs.iter().map(|q| q.count as u64).sum();
+        self.irqs = irqs;
         let b = Self::irq_info_request(0, 8);
         if info.num_irqs > 0 {
             self.refused(
@@ -1215,8 +1249,6 @@ impl Suite {
                 &[libc::EINVAL],
             )?;
         }
-        let vectors: u64 = irqs.iter().map(|q| q.count as u64).sum();
-        self.irqs = irqs;
         Ok(Verdict::Pass(format!(
             "{} indices, {vectors} vectors; argsz 8 refused",
             self.irqs.len()
