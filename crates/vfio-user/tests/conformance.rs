@@ -79,6 +79,9 @@ enum Flaw {
     /// nothing recorded). The server itself must still refuse overlapping maps and
     /// unmaps of ranges never mapped.
     NoDmaTable,
+    /// Not a flaw: a device that cannot translate DMA addresses (as a noiommu kernel
+    /// device whose IOVAs must be physical) refuses ordinary maps with ENOTSUP.
+    NoTranslation,
 }
 
 /// The TestDevice with one deliberate flaw.
@@ -134,6 +137,11 @@ impl VfioDevice for Broken {
     fn dma_map(&self, req: DmaMapRequest) -> Result<()> {
         if self.flaw == Flaw::NoDmaTable {
             return Ok(());
+        }
+        if self.flaw == Flaw::NoTranslation {
+            return Err(DeviceError::Unsupported(
+                "no IOMMU: IOVA must be physical".into(),
+            ));
         }
         if self.flaw == Flaw::RefusesReadOnlyMaps && !req.prot.writable() {
             return Err(DeviceError::Invalid("read-only maps refused".into()));
@@ -239,4 +247,27 @@ fn a_device_without_a_map_table_still_gets_spec_dma_semantics() {
     for name in ["dma.map_unmap", "dma.overlap", "dma.unmap_unmapped"] {
         assert!(r.verdict(name).is_some_and(Verdict::is_pass), "{name}: {r}");
     }
+}
+
+/// A device-declared DMA restriction: every DMA check is RESTRICTED (naming the
+/// errno), none passes silently and none fails.
+#[test]
+fn a_device_that_cannot_translate_dma_is_reported_restricted() {
+    let r = broken(Flaw::NoTranslation);
+    assert_eq!(failures(&r), ["device_info"], "{r}");
+    let dma: Vec<&str> = CHECKS
+        .iter()
+        .copied()
+        .filter(|c| c.starts_with("dma."))
+        .collect();
+    assert_eq!(r.restricted(), dma.len(), "{r}");
+    for name in dma {
+        assert!(
+            matches!(r.verdict(name), Some(Verdict::Restricted(why)) if why.contains("ENOTSUP")),
+            "{name}: {r}"
+        );
+    }
+    assert!(r
+        .summary()
+        .ends_with(&format!("restricted {}", r.restricted())));
 }
