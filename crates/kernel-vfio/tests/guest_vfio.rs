@@ -162,6 +162,7 @@ mod conformance {
             if !l.starts_with("CONFORMANCE ") || !CHECKS.contains(&name) {
                 continue;
             }
+            eprintln!("guest: {l}");
             match tag {
                 "PASS" => guest_pass.push(name),
                 "RESTRICTED" => guest_restricted.push(name),
