@@ -971,6 +971,7 @@ static int vfio_conformance(const struct config *c, const char *group)
 	pid_t srv, cli;
 	double t0 = now_ms();
 
+	say("NESTIO-VFIO: conformance start (uptime %.2f s)\n", uptime());
 	unlink(sock);
 	if (pipe2(pfd, O_CLOEXEC) < 0)
 		return 4;
@@ -987,7 +988,9 @@ static int vfio_conformance(const struct config *c, const char *group)
 		return 4;
 	}
 	if (cli == 0) {
+		/* stdout and stderr through one pipe: their lines stay whole and in order. */
 		dup2(pfd[1], 1);
+		dup2(pfd[1], 2);
 		execv("/bin/nestio", cli_argv);
 		_exit(127);
 	}

@@ -80,12 +80,19 @@ fn connect(args: &ConformanceArgs) -> Result<UnixStream, ConformanceCliError> {
 }
 
 pub fn run(args: ConformanceArgs) -> CmdResult {
+    let t0 = Instant::now();
     let stream = connect(&args)?;
+    let connected = t0.elapsed();
     let opts = Options {
         reply_timeout: Duration::from_secs_f64(args.reply_timeout),
         ..Options::default()
     };
     let report = conformance::run(stream, &opts).map_err(ConformanceCliError::from)?;
     println!("{report}");
+    eprintln!(
+        "nestio: conformance: connected after {:.2} s, suite ran in {:.2} s",
+        connected.as_secs_f64(),
+        (t0.elapsed() - connected).as_secs_f64()
+    );
     Ok(if report.failed() > 0 { 1 } else { 0 })
 }

@@ -146,7 +146,10 @@ mod conformance {
     pub fn assert_guest_matches_host_e1000(out: &str) {
         let summary = out
             .lines()
-            .find_map(|l| l.split("NESTIO-VFIO: conformance ").nth(1))
+            .find_map(|l| {
+                l.find("NESTIO-VFIO: conformance pass ")
+                    .map(|i| &l[i + "NESTIO-VFIO: conformance ".len()..])
+            })
             .unwrap_or_else(|| panic!("no conformance summary in:\n{out}"));
         eprintln!("guest conformance: {summary}");
         assert!(
@@ -156,6 +159,9 @@ mod conformance {
         assert!(summary.contains("(exit 0, server exit 0)"), "{summary}");
         let mut guest_pass = Vec::new();
         let mut guest_restricted = Vec::new();
+        for l in out.lines().filter(|l| l.contains("nestio: conformance:")) {
+            eprintln!("guest: {l}");
+        }
         for l in out.lines() {
             let w: Vec<&str> = l.split_whitespace().collect();
             let [_, tag, name, ..] = w[..] else { continue };
