@@ -10,12 +10,14 @@
 //!   handshake bounded, a second client refused with EBUSY, the device released when its
 //!   owner leaves);
 //! - [`client`]: `Client`, a `VfioDevice` backed by a remote server;
+//! - [`conformance`]: a conformance suite of named spec checks run against any server;
 //! - [`testdev`]: a small device used by tests, the fuzzer and the benchmark;
 //! - [`bench`]: round-trip and throughput measurement.
 
 #[cfg(feature = "harness")]
 pub mod bench;
 pub mod client;
+pub mod conformance;
 pub mod endpoint;
 #[cfg(feature = "harness")]
 pub mod fuzzing;
