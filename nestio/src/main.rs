@@ -2,6 +2,7 @@
 //! devices passed through, run the demo, measure.
 
 mod bench;
+mod check;
 mod demo;
 mod device;
 mod inspect;
@@ -39,6 +40,9 @@ enum Command {
     Stop(migrate::VmArgs),
     /// Live-migrate a running VM to a `nestio run --migrate-listen` destination.
     Migrate(migrate::MigrateArgs),
+    /// Drive a device served over vfio-user as a guest driver would (e.g. ping through
+    /// an e1000 that `nestio device vfio` serves): checks a whole chain.
+    Check(check::CheckArgs),
 }
 
 fn main() {
@@ -59,6 +63,7 @@ fn main() {
         Command::Status(a) => migrate::status(a),
         Command::Stop(a) => migrate::stop(a),
         Command::Migrate(a) => migrate::migrate(a),
+        Command::Check(a) => check::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,0 +1,227 @@
+//! `nestio check …`: drive a device served over vfio-user from this process, as a guest
+//! driver would, and report whether a whole chain works.
+//!
+//! `nestio check e1000-ping --socket S` connects a vfio-user `Client` to an e1000 on `S`
+//! and runs nestio's own e1000 driver (`nestio_emulated::e1000_bench::Driver`, the one
+//! `nestio bench --only e1000` measures with) over it: reset, EEPROM, rings, ARP for the
+//! peer, then `--count` ICMP echoes, each timed, and one summary line
+//! (`NESTIO-E1000-PING: ok 3/3 median … ms`, or `fail N/M` and exit status 1).
+//!
+//! How the device reaches the driver's memory (`--dma`):
+//! - `physical` (default): for a server whose device has **no IOMMU** — a kernel device
+//!   on vfio-pci in noiommu mode, as inside a nestio Linux guest. The driver's memory is
+//!   a sealed memfd; the pages the device touches (both rings, every packet buffer; each
+//!   ring fits one page, so it is physically contiguous) are locked here, their
+//!   physical addresses read from `/proc/self/pagemap` (root only), and each physically
+//!   contiguous run is DMA_MAPped at IOVA = its physical address, which is also what the
+//!   device is programmed with. `nestio device vfio` accepts exactly such maps and
+//!   checks them (`nestio_kernel_vfio::noiommu`). The pages stay locked until the
+//!   driver is done.
+//! - `iova`: the memfd is mapped at one fixed IOVA (a server with an IOMMU, or an
+//!   emulated device whose map table translates).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use nestio_device_model::VfioDevice;
+use nestio_emulated::e1000_bench::{
+    self, device_pages, DmaVia, Driver, DriverError, IrqMode, PAGE,
+};
+use nestio_kernel_vfio::noiommu::LockedMapping;
+
+use crate::CmdResult;
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[command(subcommand)]
+    what: CheckKind,
+}
+
+#[derive(Subcommand, Debug)]
+enum CheckKind {
+    /// Ping a peer through an e1000 served on a vfio-user socket, with nestio's e1000
+    /// driver running in this process over a vfio-user client.
+    E1000Ping {
+        /// The vfio-user socket of the e1000 (e.g. `nestio device vfio --socket S`).
+        #[arg(long)]
+        socket: PathBuf,
+        /// ICMP echo requests.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+        count: u16,
+        /// Who to ping (the `user` network's gateway answers ARP and ICMP echo).
+        #[arg(long, default_value = "10.0.2.2")]
+        peer: Ipv4Addr,
+        /// This driver's IPv4 address.
+        #[arg(long, default_value = "10.0.2.15")]
+        ip: Ipv4Addr,
+        /// How the device reaches the driver's memory: `physical` (no IOMMU: locked
+        /// pages mapped at IOVA = physical address, needs root) or `iova` (one mapping
+        /// at a fixed IOVA, for a device behind an IOMMU or an emulated one).
+        #[arg(long, default_value = "physical", value_parser = ["physical", "iova"])]
+        dma: String,
+        /// Seconds to wait for each reply.
+        #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
+        timeout: f64,
+    },
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!("'{s}' is not a number of seconds in (0, 3600]")),
+    }
+}
+
+pub fn run(args: CheckArgs) -> CmdResult {
+    match args.what {
+        CheckKind::E1000Ping {
+            socket,
+            count,
+            peer,
+            ip,
+            dma,
+            timeout,
+        } => e1000_ping(
+            &socket,
+            count,
+            peer,
+            ip,
+            dma == "physical",
+            Duration::from_secs_f64(timeout),
+        ),
+    }
+}
+
+/// Lock the pages of `mem` the e1000 touches and read their physical addresses: the
+/// table `Driver::new_physical` wants, and the mappings that keep the pages locked.
+fn lock_device_pages(
+    mem: &std::os::fd::OwnedFd,
+) -> Result<(BTreeMap<u64, u64>, Vec<LockedMapping>), nestio_kernel_vfio::noiommu::NoIommuError> {
+    // Consecutive memfd pages are locked as one mapping.
+    let mut groups: Vec<(u64, u64)> = Vec::new();
+    for page in device_pages() {
+        match groups.last_mut() {
+            Some((start, len)) if *start + *len == page => *len += PAGE,
+            _ => groups.push((page, PAGE)),
+        }
+    }
+    let mut table = BTreeMap::new();
+    let mut locked = Vec::new();
+    for (start, len) in groups {
+        let m = LockedMapping::new(mem.as_fd(), start, len)?;
+        for (i, pa) in m.physical_addresses()?.into_iter().enumerate() {
+            table.insert(start + i as u64 * PAGE, pa);
+        }
+        locked.push(m);
+    }
+    Ok((table, locked))
+}
+
+fn e1000_ping(
+    socket: &std::path::Path,
+    count: u16,
+    peer: Ipv4Addr,
+    ip: Ipv4Addr,
+    physical: bool,
+    timeout: Duration,
+) -> CmdResult {
+    const TAG: &str = "NESTIO-E1000-PING:";
+    let client = nestio_vfio_user::client::Client::connect(socket)
+        .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
+    let dev: Arc<dyn VfioDevice> = Arc::new(client);
+    let mem = e1000_bench::guest_memory()?;
+    let t0 = Instant::now();
+    // `_locked` keeps the pages resident at their physical addresses until the end.
+    let (mut drv, _locked) = if physical {
+        let (table, locked) = lock_device_pages(&mem)?;
+        let runs = nestio_kernel_vfio::noiommu::contiguous_runs(
+            &table.values().copied().collect::<Vec<_>>(),
+        );
+        println!(
+            "{TAG} {} pages locked at physical addresses {:#x}..{:#x} ({} physically contiguous runs)",
+            table.len(),
+            table.values().min().copied().unwrap_or(0),
+            table.values().max().copied().unwrap_or(0) + PAGE,
+            runs.len()
+        );
+        (
+            Driver::new_physical(dev, mem, IrqMode::Intx, table)?,
+            locked,
+        )
+    } else {
+        (
+            Driver::new_via(dev, mem, IrqMode::Intx, DmaVia::SharedFd)?,
+            Vec::new(),
+        )
+    };
+    drv.reset()?;
+    let result = ping_with(&mut drv, count, peer, ip, timeout, t0);
+    // Quiesce the device before its memory goes away: without an IOMMU a device left
+    // running would go on writing received frames into pages this process frees.
+    let quiesced = drv.reset().and_then(|()| drv.cfg_write16(4, 0));
+    let status = result?;
+    quiesced?;
+    Ok(status)
+}
+
+/// Probe, set up, ARP, then `count` timed echoes; the exit status.
+fn ping_with(
+    drv: &mut Driver,
+    count: u16,
+    peer: Ipv4Addr,
+    ip: Ipv4Addr,
+    timeout: Duration,
+    t0: Instant,
+) -> CmdResult {
+    const TAG: &str = "NESTIO-E1000-PING:";
+    let mac = drv.probe()?;
+    drv.setup()?;
+    let gw = drv.arp(ip, peer, timeout)?;
+    println!(
+        "{TAG} e1000 {} ready in {:.0} ms; {peer} is at {gw}",
+        mac.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    let payload: Vec<u8> = (0..56u8).collect();
+    let mut rtts = Vec::new();
+    for seq in 1..=count {
+        let sent = Instant::now();
+        match drv.ping(ip, gw, peer, 0x4e18, seq, &payload, timeout) {
+            Ok(reply) => {
+                let ms = sent.elapsed().as_secs_f64() * 1e3;
+                println!(
+                    "{TAG} {} bytes from {peer}: icmp_seq={seq} time={ms:.3} ms",
+                    reply.len().saturating_sub(14 + 20)
+                );
+                rtts.push(ms);
+            }
+            Err(DriverError::Timeout(..)) => {
+                println!("{TAG} no reply from {peer} for icmp_seq={seq} within {timeout:?}");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let got = rtts.len();
+    rtts.sort_by(f64::total_cmp);
+    if got == usize::from(count) {
+        println!(
+            "{TAG} ok {got}/{count} median {:.3} ms min {:.3} ms max {:.3} ms (interrupts {})",
+            rtts[got / 2],
+            rtts[0],
+            rtts[got - 1],
+            drv.interrupts
+        );
+        Ok(0)
+    } else {
+        println!("{TAG} fail {got}/{count}");
+        Ok(1)
+    }
+}
