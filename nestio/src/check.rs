@@ -67,6 +67,10 @@ enum CheckKind {
         /// Seconds to wait for each reply.
         #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
         timeout: f64,
+        /// Seconds to keep retrying the connection while nothing listens on the socket
+        /// yet (a server just started creates the file before it listens).
+        #[arg(long, default_value_t = 30.0, value_parser = parse_seconds)]
+        connect_timeout: f64,
     },
 }
 
@@ -86,14 +90,41 @@ pub fn run(args: CheckArgs) -> CmdResult {
             ip,
             dma,
             timeout,
-        } => e1000_ping(
-            &socket,
-            count,
-            peer,
-            ip,
-            dma == "physical",
-            Duration::from_secs_f64(timeout),
-        ),
+            connect_timeout,
+        } => {
+            let client = connect(&socket, Duration::from_secs_f64(connect_timeout))?;
+            e1000_ping(
+                client,
+                count,
+                peer,
+                ip,
+                dma == "physical",
+                Duration::from_secs_f64(timeout),
+            )
+        }
+    }
+}
+
+/// Connect to `socket`, retrying while it does not exist or refuses connections, for
+/// at most `wait`.
+fn connect(
+    socket: &std::path::Path,
+    wait: Duration,
+) -> Result<nestio_vfio_user::client::Client, String> {
+    use nestio_vfio_user::client::{Client, ClientError};
+    let t0 = Instant::now();
+    loop {
+        match Client::connect(socket) {
+            Err(ClientError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && t0.elapsed() < wait =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r.map_err(|e| format!("connecting to {}: {e}", socket.display())),
+        }
     }
 }
 
@@ -123,7 +154,7 @@ fn lock_device_pages(
 }
 
 fn e1000_ping(
-    socket: &std::path::Path,
+    client: nestio_vfio_user::client::Client,
     count: u16,
     peer: Ipv4Addr,
     ip: Ipv4Addr,
@@ -131,8 +162,6 @@ fn e1000_ping(
     timeout: Duration,
 ) -> CmdResult {
     const TAG: &str = "NESTIO-E1000-PING:";
-    let client = nestio_vfio_user::client::Client::connect(socket)
-        .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
     let dev: Arc<dyn VfioDevice> = Arc::new(client);
     let mem = e1000_bench::guest_memory()?;
     let t0 = Instant::now();
@@ -159,8 +188,8 @@ fn e1000_ping(
             Vec::new(),
         )
     };
-    drv.reset()?;
-    let result = ping_with(&mut drv, count, peer, ip, timeout, t0);
+    let mapped_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let result = ping_with(&mut drv, count, peer, ip, timeout, mapped_ms);
     // Quiesce the device before its memory goes away: without an IOMMU a device left
     // running would go on writing received frames into pages this process frees.
     let quiesced = drv.reset().and_then(|()| drv.cfg_write16(4, 0));
@@ -176,19 +205,29 @@ fn ping_with(
     peer: Ipv4Addr,
     ip: Ipv4Addr,
     timeout: Duration,
-    t0: Instant,
+    mapped_ms: f64,
 ) -> CmdResult {
     const TAG: &str = "NESTIO-E1000-PING:";
+    let mut t = Instant::now();
+    let mut lap = || {
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        t = Instant::now();
+        ms
+    };
+    drv.reset()?;
     let mac = drv.probe()?;
+    let probe_ms = lap();
     drv.setup()?;
+    let setup_ms = lap();
     let gw = drv.arp(ip, peer, timeout)?;
+    let arp_ms = lap();
     println!(
-        "{TAG} e1000 {} ready in {:.0} ms; {peer} is at {gw}",
+        "{TAG} e1000 {} ready: DMA maps {mapped_ms:.0} ms, reset + EEPROM {probe_ms:.0} ms, \
+         rings {setup_ms:.0} ms, ARP {arp_ms:.0} ms; {peer} is at {gw}",
         mac.iter()
             .map(|b| format!("{b:02x}"))
             .collect::<Vec<_>>()
             .join(":"),
-        t0.elapsed().as_secs_f64() * 1e3
     );
     let payload: Vec<u8> = (0..56u8).collect();
     let mut rtts = Vec::new();
