@@ -113,6 +113,11 @@ fn guest_linux_binds_the_emulated_e1000_to_vfio_pci() {
             "{out}"
         );
         assert!(out.contains("NESTIO-VFIO: probe exit 0"), "{out}");
+        // Linux's vfio-pci handed the device to nestio (the probe, then the server).
+        assert!(
+            out.contains("vfio-pci 0000:00:01.0: vfio-noiommu device opened by user (nestio"),
+            "{out}"
+        );
         // The ping through the in-guest chain, answered 3/3.
         assert!(out.contains("NESTIO-E1000-PING: ok 3/3 median"), "{out}");
         assert!(out.contains("NESTIO-VFIO: chain ping ok"), "{out}");
