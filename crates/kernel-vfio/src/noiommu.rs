@@ -12,9 +12,12 @@
 //!    memory always is) large enough for the range — a file that may shrink could lose
 //!    pages the device still writes, and page-cache pages of a disk file are not
 //!    marked dirty by DMA;
-//! 2. the range is mmapped here and **locked** (`mlock`, which also populates it), so
-//!    its pages stay resident while mapped ([`LockedMapping`], unlocked by `munmap` when
-//!    the mapping is dropped at DMA_UNMAP or when the client leaves);
+//! 2. the range is mmapped here; every page must already be in memory (`mincore`: the
+//!    client locked them, as it must to know their addresses), so the server never
+//!    allocates memory on a client's behalf — a hostile client cannot make it populate
+//!    a huge sparse file; then it is **locked** (`mlock`), so its pages stay resident
+//!    while mapped ([`LockedMapping::of_resident`], unlocked by `munmap` when the
+//!    mapping is dropped at DMA_UNMAP or when the client leaves);
 //! 3. every page's physical address is read from `/proc/self/pagemap` (which shows
 //!    frame numbers to `CAP_SYS_ADMIN` only: the server runs as root, as noiommu VFIO
 //!    needs `CAP_SYS_RAWIO` anyway) and the map is **refused with EINVAL** when any
@@ -101,6 +104,15 @@ pub enum NoIommuError {
     /// The kernel hides frame numbers from this process.
     #[error("/proc/self/pagemap hides physical addresses from this process: reading them needs CAP_SYS_ADMIN (run as root)")]
     Hidden,
+    /// A page of the map is not in memory (the client did not lock it).
+    #[error("noiommu DMA map refused: page {index} of the range is not in memory; a client without an IOMMU must lock its pages (mlock) and DMA_MAP them at their physical addresses")]
+    NotResident {
+        /// Page index in the mapping.
+        index: u64,
+    },
+    /// mincore failed.
+    #[error("cannot tell which pages of the mapping are in memory: mincore: {0}")]
+    Mincore(io::Error),
     /// A locked page is not resident (should not happen).
     #[error("page {index} of a locked mapping is not resident")]
     NotPresent {
@@ -131,11 +143,13 @@ impl NoIommuError {
             | NoIommuError::NoFd
             | NoIommuError::File(_)
             | NoIommuError::Mismatch { .. }
+            | NoIommuError::NotResident { .. }
             | NoIommuError::NotPresent { .. } => libc::EINVAL,
             NoIommuError::FileErrno { errno, .. } => *errno,
             NoIommuError::TooLarge(_) => libc::ENOMEM,
             NoIommuError::Mmap { source, .. }
             | NoIommuError::Lock { source, .. }
+            | NoIommuError::Mincore(source)
             | NoIommuError::Pagemap(source) => source.raw_os_error().unwrap_or(libc::EIO),
             NoIommuError::Hidden => libc::EPERM,
         }
@@ -171,8 +185,20 @@ impl std::fmt::Debug for LockedMapping {
 
 impl LockedMapping {
     /// Map `len` bytes of `fd` from `offset` (both page aligned, `len` > 0) shared and
-    /// read-only, and lock them in memory (which faults every page in).
+    /// read-only, and lock them in memory (which faults every page in: the owner's
+    /// side, e.g. a driver locking its own memory).
     pub fn new(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<Self> {
+        Self::map_and_lock(fd, offset, len, false)
+    }
+
+    /// [`LockedMapping::new`] for memory someone else owns (a server locking a
+    /// client's pages): refused unless every page is already in memory, so nothing is
+    /// allocated here.
+    pub fn of_resident(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<Self> {
+        Self::map_and_lock(fd, offset, len, true)
+    }
+
+    fn map_and_lock(fd: BorrowedFd<'_>, offset: u64, len: u64, resident: bool) -> Result<Self> {
         check_aligned("file offset", offset)?;
         check_aligned("size", len)?;
         if len == 0 {
@@ -208,6 +234,9 @@ impl LockedMapping {
         }
         // Owned from here: an error below unmaps it.
         let m = LockedMapping { addr, len: ulen };
+        if resident {
+            m.check_resident()?;
+        }
         // SAFETY: `addr`/`ulen` are exactly the mapping made above.
         if unsafe { libc::mlock(m.addr, m.len) } != 0 {
             return Err(NoIommuError::Lock {
@@ -216,6 +245,39 @@ impl LockedMapping {
             });
         }
         Ok(m)
+    }
+
+    /// Fail unless every page of the mapping is in the page cache (without faulting any
+    /// in). `mincore` is asked in chunks, so a huge mapping costs no huge vector.
+    fn check_resident(&self) -> Result<()> {
+        const CHUNK: usize = 4096; // pages per mincore call
+        let pages = self.pages();
+        let mut vec = vec![0u8; CHUNK.min(pages)];
+        let mut first = 0usize;
+        while first < pages {
+            let n = CHUNK.min(pages - first);
+            // SAFETY: the range is inside our own mapping (page `first`, `n` pages) and
+            // `vec` has room for `n` bytes, one per page.
+            let r = unsafe {
+                libc::mincore(
+                    (self.addr as *mut u8)
+                        .add(first * PAGE_SIZE as usize)
+                        .cast(),
+                    n * PAGE_SIZE as usize,
+                    vec.as_mut_ptr(),
+                )
+            };
+            if r != 0 {
+                return Err(NoIommuError::Mincore(io::Error::last_os_error()));
+            }
+            if let Some(i) = vec[..n].iter().position(|&b| b & 1 == 0) {
+                return Err(NoIommuError::NotResident {
+                    index: (first + i) as u64,
+                });
+            }
+            first += n;
+        }
+        Ok(())
     }
 
     /// Length in bytes.
@@ -366,7 +428,7 @@ pub fn pin_for_noiommu(req: &DmaMapRequest) -> Result<LockedMapping> {
             )))
         }
     }
-    let m = LockedMapping::new(fd.as_fd(), *offset, len)?;
+    let m = LockedMapping::of_resident(fd.as_fd(), *offset, len)?;
     check_identity(iova, &m.physical_addresses()?)?;
     Ok(m)
 }

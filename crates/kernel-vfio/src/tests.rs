@@ -400,6 +400,31 @@ mod noiommu_maps {
         assert_eq!(vm_locked_kib(), before);
     }
 
+    #[test]
+    fn pages_the_client_never_touched_are_refused_without_allocating_them() {
+        let _s = SERIAL.lock();
+        // A sparse 1 GiB memfd: nothing in memory, so no physical address to check.
+        let fd = memfd(1 << 18);
+        let before = vm_locked_kib();
+        let e = pin_for_noiommu(&req(0x4000_0000, 1 << 30, &fd, 0)).unwrap_err();
+        assert!(matches!(e, NoIommuError::NotResident { index: 0 }), "{e}");
+        assert_eq!(e.errno(), libc::EINVAL);
+        // Nothing was populated or left locked on the client's behalf.
+        // SAFETY: fstat fills a plain-data struct we own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above, on our own descriptor.
+        assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
+        assert_eq!(st.st_blocks, 0, "the server allocated the client's pages");
+        assert_eq!(vm_locked_kib(), before);
+        // One page touched, the next not: the refusal names the first missing page.
+        // SAFETY: writes one byte from a local array to our own descriptor.
+        let n = unsafe { libc::pwrite(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1, 0) };
+        assert_eq!(n, 1);
+        let e = pin_for_noiommu(&req(0x4000_0000, 2 * PAGE_SIZE, &fd, 0)).unwrap_err();
+        assert!(matches!(e, NoIommuError::NotResident { index: 1 }), "{e}");
+        assert_eq!(vm_locked_kib(), before);
+    }
+
     struct NoPeer;
     impl DmaPeer for NoPeer {
         fn dma_read(&self, _: u64, _: &mut [u8]) -> std::result::Result<(), i32> {
