@@ -168,15 +168,19 @@ fn e1000_ping(
     // `_locked` keeps the pages resident at their physical addresses until the end.
     let (mut drv, _locked) = if physical {
         let (table, locked) = lock_device_pages(&mem)?;
-        let runs = nestio_kernel_vfio::noiommu::contiguous_runs(
-            &table.values().copied().collect::<Vec<_>>(),
-        );
+        // DMA maps the driver makes: runs consecutive in the memfd and in memory.
+        let runs = table
+            .iter()
+            .zip(table.iter().skip(1))
+            .filter(|((o, p), (o2, p2))| **o2 != *o + PAGE || p.checked_add(PAGE) != Some(**p2))
+            .count()
+            + 1;
         println!(
-            "{TAG} {} pages locked at physical addresses {:#x}..{:#x} ({} physically contiguous runs)",
+            "{TAG} {} pages locked at physical addresses {:#x}..{:#x} ({} DMA maps at IOVA = physical address)",
             table.len(),
             table.values().min().copied().unwrap_or(0),
             table.values().max().copied().unwrap_or(0) + PAGE,
-            runs.len()
+            runs
         );
         (
             Driver::new_physical(dev, mem, IrqMode::Intx, table)?,

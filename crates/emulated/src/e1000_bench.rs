@@ -447,7 +447,7 @@ impl Driver {
                 };
                 let off = iova.checked_sub(IOVA).ok_or_else(bad)?;
                 let in_page = off % PAGE;
-                if len == 0 || in_page + len > PAGE {
+                if len == 0 || len > PAGE - in_page {
                     return Err(bad());
                 }
                 let pa = pages.get(&(off - in_page)).ok_or_else(bad)?;

@@ -100,6 +100,7 @@ fn addresses_outside_the_table_or_across_pages_are_refused() {
         (IOVA + 0x5000, 16),      // a page the device never touches
         (IOVA - 0x1000, 16),      // below the driver's memory
         (TX_RING, 0),
+        (TX_RING, u64::MAX), // a length that would wrap
     ] {
         let e = drv.dev_addr(iova, len).unwrap_err();
         assert!(

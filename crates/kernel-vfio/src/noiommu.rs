@@ -312,7 +312,11 @@ impl LockedMapping {
                 }
                 match e & PM_PFN_MASK {
                     0 => Err(NoIommuError::Hidden),
-                    pfn => Ok(pfn * PAGE_SIZE),
+                    pfn => pfn.checked_mul(PAGE_SIZE).ok_or_else(|| {
+                        NoIommuError::Pagemap(io::Error::other(format!(
+                            "frame number {pfn:#x} of page {index} is beyond 64-bit addresses"
+                        )))
+                    }),
                 }
             })
             .collect()
