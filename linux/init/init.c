@@ -1038,7 +1038,8 @@ static int vfio_chain_ping(const struct config *c, const char *group, double *me
 	int pipefd[2], st, sst, ok = 0, got = 0, want = 0;
 	FILE *out;
 
-	snprintf(count, sizeof(count), "%d", c->count > 0 ? c->count : 3);
+	snprintf(count, sizeof(count), "%d",
+		 c->count <= 0 ? 3 : c->count > VFIO_MAX_PINGS ? VFIO_MAX_PINGS : c->count);
 	inet_ntop(AF_INET, &c->target, peer, sizeof(peer));
 	inet_ntop(AF_INET, &c->ip, ip, sizeof(ip));
 	unlink(VFIO_CHAIN_SOCKET);
