@@ -100,7 +100,8 @@ impl IommuType {
 /// Most DMA maps one client may hold (vfio-user's advertised default).
 pub const MAX_DMA_MAPS: usize = 65535;
 
-/// What keeps a DMA map's memory usable while it exists.
+/// What keeps a DMA map's memory usable while it exists (held only for its `Drop`,
+/// which unmaps — and for noiommu unlocks — the client's memory; hence never read).
 enum Keep {
     /// The client's memory mapped here for VFIO_IOMMU_MAP_DMA (the kernel pins it).
     Iommu(#[allow(dead_code)] Mapping),
