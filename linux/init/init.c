@@ -12,7 +12,13 @@
  *                        vfio-pci (unbinding its driver; needs CONFIG_VFIO_PCI and
  *                        `vfio.enable_unsafe_noiommu_mode=1`), report its VFIO group,
  *                        then, when /bin/nestio exists, run
- *                        `nestio device vfio --probe` on it (issue 18)
+ *                        `nestio device vfio --probe` on it, then ping
+ *                        nestio.target nestio.count times through the in-guest
+ *                        chain (`nestio device vfio --once` serving the device,
+ *                        `nestio check e1000-ping` driving it from user space with
+ *                        DMA to physical addresses), then hand the device back to
+ *                        Linux's e1000 driver and ping the same way with it, for
+ *                        the timing comparison (issue 18)
  *   nestio.pci=ADDR      the device of nestio.mode=vfio
  *   nestio.target=IP     ping target            (default 10.0.2.2)
  *   nestio.ip=IP[/LEN]   address of eth0        (default 10.0.2.15/24)
@@ -51,6 +57,11 @@
  *   NESTIO-VFIO: conformance pass N fail M na K restricted R (exit S, server exit T)
  *                                 then the vfio-user conformance suite against
  *                                 `nestio device vfio --once` on the same device
+ *   NESTIO-E1000-PING: ...        the user-space driver's lines (per-echo round trips,
+ *                                 then "ok N/N median X ms" or "fail K/N")
+ *   NESTIO-VFIO: chain ping ok    every echo through the in-guest chain was answered
+ *   NESTIO-VFIO: linux e1000 ping ok N/N median Y ms   the same with Linux's driver
+ *   NESTIO-VFIO: median round trip: user-space chain X ms, Linux e1000 Y ms (ratio R)
  *   NESTIO-INIT: exit STATUS      just before the VM is ended
  *
  * Exit status (0 ok, 1 echo replies missing, 2 no interface, 3 not pinged from outside
@@ -83,6 +94,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <signal.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -407,8 +419,11 @@ static uint16_t checksum(const void *data, size_t len)
 
 #define PING_DATA 56
 
-/* Returns the number of replies; prints like iputils ping. */
-static int ping(struct in_addr target, int count, int timeout_ms)
+/*
+ * Returns the number of replies; prints like iputils ping. When `rtts` is not NULL it
+ * receives the round trip (ms) of each reply, in order (room for `count`).
+ */
+static int ping_rtts(struct in_addr target, int count, int timeout_ms, double *rtts)
 {
 	struct sockaddr_in to = { .sin_family = AF_INET, .sin_addr = target };
 	uint16_t id = (uint16_t)getpid();
@@ -481,6 +496,8 @@ static int ping(struct in_addr target, int count, int timeout_ms)
 				if (rtt > max)
 					max = rtt;
 				sum += rtt;
+				if (rtts)
+					rtts[received] = rtt;
 				received++;
 				got = 1;
 			}
@@ -495,6 +512,11 @@ static int ping(struct in_addr target, int count, int timeout_ms)
 	if (received)
 		say("rtt min/avg/max = %.3f/%.3f/%.3f ms\n", min, sum / received, max);
 	return received;
+}
+
+static int ping(struct in_addr target, int count, int timeout_ms)
+{
+	return ping_rtts(target, count, timeout_ms, NULL);
 }
 
 /* ---- being pinged ------------------------------------------------------------ */
@@ -1036,6 +1058,185 @@ static int vfio_conformance(const struct config *c, const char *group)
 	return (cli_st == 0 && fail == 0 && pass > 0) ? 0 : 4;
 }
 
+/* fork + exec /bin/nestio with `argv`, stdout to `out_fd` when >= 0; the pid or -1. */
+static pid_t spawn_nestio(char *const argv[], int out_fd)
+{
+	pid_t pid = fork();
+
+	if (pid < 0) {
+		say("NESTIO-VFIO: fork: %s\n", strerror(errno));
+		return -1;
+	}
+	if (pid == 0) {
+		if (out_fd >= 0 && dup2(out_fd, STDOUT_FILENO) < 0)
+			_exit(127);
+		execv("/bin/nestio", argv);
+		say("NESTIO-VFIO: exec /bin/nestio: %s\n", strerror(errno));
+		_exit(127);
+	}
+	return pid;
+}
+
+/* The exit status of `pid` (-1: killed or not waitable); waits at most `wait_ms`
+ * (0: forever), then kills it. */
+static int reap(pid_t pid, int wait_ms)
+{
+	double t0 = now_ms();
+	int st;
+
+	for (;;) {
+		pid_t r = waitpid(pid, &st, wait_ms ? WNOHANG : 0);
+
+		if (r == pid)
+			return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+		if (r < 0 && errno != EINTR)
+			return -1;
+		if (wait_ms && now_ms() - t0 > wait_ms) {
+			say("NESTIO-VFIO: pid %d still running after %d ms: killing it\n", (int)pid,
+			    wait_ms);
+			kill(pid, SIGKILL);
+			wait_ms = 0;
+		} else if (r == 0) {
+			usleep(20000);
+		}
+	}
+}
+
+static int cmp_double(const void *a, const void *b);
+
+#define VFIO_CHAIN_SOCKET "/tmp/e1000.sock"
+#define VFIO_MAX_PINGS 64
+
+/*
+ * The ping through the in-guest chain (issue 18): `nestio device vfio --once` serves
+ * the vfio-pci device on a socket, `nestio check e1000-ping` drives it from another
+ * process (nestio's e1000 driver over a vfio-user client, DMA at IOVA = physical
+ * address of locked pages: noiommu). Its output is copied to the console; the median
+ * round trip of its "ok" line goes to `*median_ms`. 0 when every echo was answered.
+ */
+static int vfio_chain_ping(const struct config *c, const char *group, double *median_ms)
+{
+	char count[16], peer[INET_ADDRSTRLEN], ip[INET_ADDRSTRLEN];
+	char *serve[] = { "nestio", "device", "vfio", "--group", (char *)group, "--device",
+			  (char *)c->pci, "--socket", VFIO_CHAIN_SOCKET, "--once", NULL };
+	char *check[] = { "nestio", "check", "e1000-ping", "--socket", VFIO_CHAIN_SOCKET,
+			  "--count", count, "--peer", peer, "--ip", ip, NULL };
+	char line[512];
+	struct stat sb;
+	double t0;
+	pid_t server, client;
+	int pipefd[2], st, sst, ok = 0, got = 0, want = 0;
+	FILE *out;
+
+	snprintf(count, sizeof(count), "%d",
+		 c->count <= 0 ? 3 : c->count > VFIO_MAX_PINGS ? VFIO_MAX_PINGS : c->count);
+	inet_ntop(AF_INET, &c->target, peer, sizeof(peer));
+	inet_ntop(AF_INET, &c->ip, ip, sizeof(ip));
+	unlink(VFIO_CHAIN_SOCKET);
+	server = spawn_nestio(serve, -1);
+	if (server < 0)
+		return -1;
+	t0 = now_ms();
+	while (stat(VFIO_CHAIN_SOCKET, &sb) < 0) {
+		if (waitpid(server, &st, WNOHANG) == server) {
+			say("NESTIO-VFIO: the vfio-user server ended before listening (status %d)\n",
+			    WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+			return -1;
+		}
+		if (now_ms() - t0 > 30000) {
+			say("NESTIO-VFIO: no %s after 30 s\n", VFIO_CHAIN_SOCKET);
+			reap(server, 1);
+			return -1;
+		}
+		usleep(20000);
+	}
+	if (pipe2(pipefd, O_CLOEXEC) < 0) {
+		say("NESTIO-VFIO: pipe: %s\n", strerror(errno));
+		reap(server, 1);
+		return -1;
+	}
+	client = spawn_nestio(check, pipefd[1]);
+	close(pipefd[1]);
+	out = fdopen(pipefd[0], "r");
+	while (out && fgets(line, sizeof(line), out)) {
+		double m;
+
+		say("%s", line);
+		if (sscanf(line, "NESTIO-E1000-PING: ok %d/%d median %lf", &got, &want, &m) == 3) {
+			*median_ms = m;
+			ok = got == want;
+		}
+	}
+	if (out)
+		fclose(out);
+	else
+		close(pipefd[0]);
+	st = client < 0 ? -1 : reap(client, 0);
+	/* The server ends once its one owner (the check) has gone. */
+	sst = reap(server, 10000);
+	say("NESTIO-VFIO: user-space chain ping exit %d, server exit %d\n", st, sst);
+	return st == 0 && ok ? 0 : -1;
+}
+
+/* Hand the device back from vfio-pci to Linux's e1000 driver. */
+static int rebind_e1000(const struct config *c)
+{
+	char path[128];
+
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/driver_override", c->pci);
+	if (write_str(path, "\n") < 0) {
+		say("NESTIO-VFIO: clear %s: %s\n", path, strerror(errno));
+		return -1;
+	}
+	if (write_str("/sys/bus/pci/drivers/vfio-pci/unbind", c->pci) < 0) {
+		say("NESTIO-VFIO: unbind %s from vfio-pci: %s\n", c->pci, strerror(errno));
+		return -1;
+	}
+	if (write_str("/sys/bus/pci/drivers/e1000/bind", c->pci) < 0) {
+		say("NESTIO-VFIO: bind %s to e1000: %s\n", c->pci, strerror(errno));
+		return -1;
+	}
+	say("NESTIO-VFIO: %s back on Linux's e1000 driver (uptime %.2f s)\n", c->pci, uptime());
+	return 0;
+}
+
+/*
+ * The same pings with Linux's own e1000 driver on the same device, for the timing
+ * comparison; the median round trip goes to `*median_ms`. 0 when all were answered.
+ */
+static int vfio_kernel_ping(const struct config *c, double *median_ms)
+{
+	double rtts[VFIO_MAX_PINGS];
+	int n = c->count > 0 ? c->count : 3, got;
+
+	if (n > VFIO_MAX_PINGS)
+		n = VFIO_MAX_PINGS;
+	if (rebind_e1000(c) < 0 || net_setup(c) < 0)
+		return -1;
+	got = ping_rtts(c->target, n, c->timeout_ms, rtts);
+	if (got > 0) {
+		qsort(rtts, (size_t)got, sizeof(rtts[0]), cmp_double);
+		*median_ms = rtts[got / 2];
+	}
+	say("NESTIO-VFIO: linux e1000 ping %s %d/%d median %.3f ms\n", got == n ? "ok" : "fail",
+	    got, n, got > 0 ? *median_ms : 0.0);
+	return got == n ? 0 : -1;
+}
+
+/* Ping through the chain, then with Linux's driver; both medians. 0 or 4 (failed). */
+static int vfio_ping_both(const struct config *c, const char *group)
+{
+	double chain = 0, kern = 0;
+	int chain_ok = vfio_chain_ping(c, group, &chain) == 0;
+
+	say("NESTIO-VFIO: chain ping %s\n", chain_ok ? "ok" : "fail");
+	if (!chain_ok || vfio_kernel_ping(c, &kern) < 0)
+		return 4;
+	say("NESTIO-VFIO: median round trip: user-space chain %.3f ms, Linux e1000 %.3f ms "
+	    "(ratio %.2f)\n", chain, kern, kern > 0 ? chain / kern : 0.0);
+	return 0;
+}
+
 static int vfio_mode(const struct config *c)
 {
 	char path[128], link[128], group[160];
@@ -1090,9 +1291,12 @@ static int vfio_mode(const struct config *c)
 	}
 	st = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 	say("NESTIO-VFIO: probe exit %d\n", st);
-	if (st == 0)
-		st = vfio_conformance(c, group);
-	return st == 0 ? 0 : 4;
+	if (st != 0)
+		return 4;
+	/* Conformance first (it ends with a device reset), then the pings. */
+	if (vfio_conformance(c, group) != 0)
+		return 4;
+	return vfio_ping_both(c, group);
 }
 
 /* ---- the end ----------------------------------------------------------------- */

@@ -2,6 +2,7 @@
 //! devices passed through, run the demo, measure.
 
 mod bench;
+mod check;
 mod conformance;
 mod demo;
 mod device;
@@ -42,6 +43,9 @@ enum Command {
     Migrate(migrate::MigrateArgs),
     /// Run the vfio-user conformance suite against a server; exit 1 on any failure.
     Conformance(conformance::ConformanceArgs),
+    /// Drive a device served over vfio-user as a guest driver would (e.g. ping through
+    /// an e1000 that `nestio device vfio` serves): checks a whole chain.
+    Check(check::CheckArgs),
 }
 
 fn main() {
@@ -63,6 +67,7 @@ fn main() {
         Command::Stop(a) => migrate::stop(a),
         Command::Migrate(a) => migrate::migrate(a),
         Command::Conformance(a) => conformance::run(a),
+        Command::Check(a) => check::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -8,6 +8,13 @@
 //! `region_read`/`region_write`. It therefore drives an in-process `E1000` and a
 //! vfio-user `Client` (the device in another thread or process) alike.
 //!
+//! Without an IOMMU (a VFIO noiommu device) the device sees physical addresses: a
+//! driver built with [`Driver::new_physical`] is given the physical address of every
+//! page the device touches ([`device_pages`]: both rings and all buffers, each inside
+//! one page), DMA_MAPs each physically contiguous run at its physical address, and
+//! programs the device with those addresses ([`DeviceAddresses`]); its own accesses
+//! still go through the memfd.
+//!
 //! It depends on nothing of the device model: register offsets are its own (from the
 //! 8254x manual), so it checks the model rather than mirroring it. Guest memory is
 //! accessed with `pread`/`pwrite` on the memfd, never through a Rust slice over shared
@@ -17,6 +24,7 @@
 //! 10.0.2.2) for 60-byte (64 on the wire with FCS) and 1500-byte frames, and compares
 //! the per-packet cost with a raw socketpair round trip measured in the same run.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
@@ -69,6 +77,42 @@ pub const RX_BUF: u64 = IOVA + 0x4_0000;
 pub const BUF_SIZE: u64 = 0x800;
 /// Words 0x00-0x3F of the EEPROM sum to this.
 pub const EEPROM_SUM: u16 = 0xBABA;
+
+/// Where the device finds the driver's memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DeviceAddresses {
+    /// The device sees the memfd at [`IOVA`] onwards (an IOMMU, or the device's own map
+    /// table, translates): a driver address is a device address.
+    #[default]
+    Linear,
+    /// No translation (VFIO noiommu): the device sees each page of [`device_pages`] at
+    /// its physical address. Keys: memfd offsets of those pages; values: their
+    /// physical addresses (the caller keeps the pages locked while the driver lives).
+    Physical(BTreeMap<u64, u64>),
+}
+
+/// Page size of [`DeviceAddresses::Physical`].
+pub const PAGE: u64 = 4096;
+
+/// The memfd offsets of every page the device reads or writes (the rings and every
+/// packet buffer), in order: what a noiommu driver must lock and map.
+pub fn device_pages() -> Vec<u64> {
+    let ring_bytes = u64::from(NDESC) * 16;
+    let buf_bytes = u64::from(NDESC) * BUF_SIZE;
+    let mut pages = Vec::new();
+    for (start, len) in [
+        (TX_RING, ring_bytes),
+        (RX_RING, ring_bytes),
+        (TX_BUF, buf_bytes),
+        (RX_BUF, buf_bytes),
+    ] {
+        let first = (start - IOVA) / PAGE;
+        let last = (start - IOVA + len - 1) / PAGE;
+        pages.extend((first..=last).map(|p| p * PAGE));
+    }
+    pages.dedup();
+    pages
+}
 
 /// Errors of the driver and the measurement.
 #[derive(Debug, thiserror::Error)]
@@ -263,6 +307,8 @@ pub struct Driver {
     /// INTx unmask eventfd given to the device ([`Driver::use_unmask_eventfd`]): an
     /// unmask is a write to it, as KVM's resample irqfd does at EOI, not a message.
     unmask_fd: Option<OwnedFd>,
+    /// How driver addresses become device addresses.
+    addrs: DeviceAddresses,
 }
 
 impl Driver {
@@ -286,11 +332,25 @@ impl Driver {
             },
             DmaVia::Messages => DmaBacking::Peer(Arc::new(MemfdPeer { mem: mem.clone() })),
         };
-        dev.dma_map(DmaMapRequest {
+        let map = DmaMapRequest {
             range: DmaRange::new(IOVA, MAPPED)?,
             prot: Prot::RW,
             backing,
-        })?;
+        };
+        Self::attach_maps(dev, mem, mode, vec![map], DeviceAddresses::Linear)
+    }
+
+    /// Map `maps`, then wire the interrupt eventfd.
+    fn attach_maps(
+        dev: Arc<dyn VfioDevice>,
+        mem: Arc<OwnedFd>,
+        mode: IrqMode,
+        maps: Vec<DmaMapRequest>,
+        addrs: DeviceAddresses,
+    ) -> Result<Driver> {
+        for map in maps {
+            dev.dma_map(map)?;
+        }
         let irq = eventfd()?;
         let index = match mode {
             IrqMode::Intx => pci_index::INTX_IRQ,
@@ -314,7 +374,86 @@ impl Driver {
             mac: [0; 6],
             interrupts: 0,
             unmask_fd: None,
+            addrs,
         })
+    }
+
+    /// A driver for a device without an IOMMU (module documentation): `pages` maps the
+    /// memfd offset of every page of [`device_pages`] to its physical address. Each
+    /// physically contiguous run is DMA_MAPped at its physical address (IOVA = PA),
+    /// then memory space and bus mastering are enabled.
+    pub fn new_physical(
+        dev: Arc<dyn VfioDevice>,
+        mem: Arc<OwnedFd>,
+        mode: IrqMode,
+        pages: BTreeMap<u64, u64>,
+    ) -> Result<Driver> {
+        let mut maps: Vec<DmaMapRequest> = Vec::new();
+        let mut run: Option<(u64, u64, u64)> = None; // (memfd offset, PA, bytes)
+        let mut flush = |run: Option<(u64, u64, u64)>| -> Result<()> {
+            if let Some((offset, pa, len)) = run {
+                maps.push(DmaMapRequest {
+                    range: DmaRange::new(pa, len)?,
+                    prot: Prot::RW,
+                    backing: DmaBacking::Fd {
+                        fd: mem.clone(),
+                        offset,
+                    },
+                });
+            }
+            Ok(())
+        };
+        for page in device_pages() {
+            let pa = *pages.get(&page).ok_or(DriverError::OutOfMemory {
+                iova: IOVA + page,
+                len: PAGE as usize,
+            })?;
+            if pa % PAGE != 0 {
+                return Err(DriverError::Misbehaved(format!(
+                    "physical address {pa:#x} of page {page:#x} is not page aligned"
+                )));
+            }
+            run = match run {
+                Some((o, p, l)) if o + l == page && p.checked_add(l) == Some(pa) => {
+                    Some((o, p, l + PAGE))
+                }
+                other => {
+                    flush(other)?;
+                    Some((page, pa, PAGE))
+                }
+            };
+        }
+        flush(run)?;
+        let d = Self::attach_maps(
+            dev,
+            mem.clone(),
+            mode,
+            maps,
+            DeviceAddresses::Physical(pages),
+        )?;
+        d.cfg_write16(4, 0x6)?;
+        Ok(d)
+    }
+
+    /// The address the device must be given for `len` bytes at driver address `iova`
+    /// (which must lie in one page when the device sees physical addresses).
+    pub fn dev_addr(&self, iova: u64, len: u64) -> Result<u64> {
+        match &self.addrs {
+            DeviceAddresses::Linear => Ok(iova),
+            DeviceAddresses::Physical(pages) => {
+                let bad = || DriverError::OutOfMemory {
+                    iova,
+                    len: len as usize,
+                };
+                let off = iova.checked_sub(IOVA).ok_or_else(bad)?;
+                let in_page = off % PAGE;
+                if len == 0 || len > PAGE - in_page {
+                    return Err(bad());
+                }
+                let pa = pages.get(&(off - in_page)).ok_or_else(bad)?;
+                Ok(pa + in_page)
+            }
+        }
     }
 
     /// [`Driver::attach`], then enable memory space and bus mastering (and MSI in
@@ -480,8 +619,9 @@ impl Driver {
         )?;
         // TX.
         self.wr(reg::TCTL, 0)?;
-        self.wr(reg::TDBAL, TX_RING as u32)?;
-        self.wr(reg::TDBAH, (TX_RING >> 32) as u32)?;
+        let tx_ring = self.dev_addr(TX_RING, u64::from(NDESC) * 16)?;
+        self.wr(reg::TDBAL, tx_ring as u32)?;
+        self.wr(reg::TDBAH, (tx_ring >> 32) as u32)?;
         self.wr(reg::TDLEN, NDESC * 16)?;
         self.wr(reg::TDH, 0)?;
         self.wr(reg::TDT, 0)?;
@@ -491,8 +631,9 @@ impl Driver {
             self.rx_give(i)?;
         }
         self.wr(reg::RCTL, 0)?;
-        self.wr(reg::RDBAL, RX_RING as u32)?;
-        self.wr(reg::RDBAH, (RX_RING >> 32) as u32)?;
+        let rx_ring = self.dev_addr(RX_RING, u64::from(NDESC) * 16)?;
+        self.wr(reg::RDBAL, rx_ring as u32)?;
+        self.wr(reg::RDBAH, (rx_ring >> 32) as u32)?;
         self.wr(reg::RDLEN, NDESC * 16)?;
         self.wr(reg::RDH, 0)?;
         self.wr(reg::RDT, NDESC - 1)?;
@@ -555,7 +696,8 @@ impl Driver {
     /// Write RX descriptor `idx` afresh: its buffer address, status clear.
     fn rx_give(&self, idx: u32) -> Result<()> {
         let mut d = [0u8; 16];
-        d[..8].copy_from_slice(&(RX_BUF + u64::from(idx) * BUF_SIZE).to_le_bytes());
+        let buf = self.dev_addr(RX_BUF + u64::from(idx) * BUF_SIZE, BUF_SIZE)?;
+        d[..8].copy_from_slice(&buf.to_le_bytes());
         self.mem_write(RX_RING + u64::from(idx) * 16, &d)
     }
 
@@ -594,7 +736,7 @@ impl Driver {
         self.mem_write(buf, frame)?;
         self.tx_desc_raw(
             idx,
-            buf,
+            self.dev_addr(buf, BUF_SIZE)?,
             frame.len() as u16,
             reg::TXD_EOP | reg::TXD_IFCS | reg::TXD_RS,
         )?;

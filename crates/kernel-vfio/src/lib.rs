@@ -16,13 +16,16 @@
 //!   a vfio-user client maps BARs zero-copy from the kernel.
 //! - **Interrupts**: SET_IRQS is passed to the kernel as is; eventfds the client sent
 //!   go straight into the kernel's irq set, so an interrupt goes fd-to-fd.
-//! - **DMA**: a client's DMA map carries an fd; it is mmapped here (kept while mapped)
-//!   and VFIO_IOMMU_MAP_DMA maps that virtual range at the iova. With a **noiommu**
-//!   group there is no IOMMU: the kernel offers no MAP_DMA, the device DMAs physical
-//!   addresses, and maps are accepted and recorded only (the client must program the
-//!   device with physical addresses of pinned memory — see ARCHITECTURE.md).
+//! - **DMA**: a client's DMA map carries an fd; IOVA, size and file offset must be
+//!   page aligned and the map may not overlap another (EEXIST). With an IOMMU
+//!   (type1) the fd is mmapped here (kept while mapped) and VFIO_IOMMU_MAP_DMA maps
+//!   that virtual range at the IOVA; the kernel pins the pages. With a **noiommu**
+//!   group there is no IOMMU and no MAP_DMA: the device DMAs physical addresses, so a
+//!   map is accepted only when its IOVA *is* the physical address of every page of the
+//!   range, which stays locked while mapped ([`noiommu`]; still unsafe, as Linux says).
 
 pub mod ioctl;
+pub mod noiommu;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -35,7 +38,7 @@ use nestio_device_model::{
     DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, RegionInfo, Result as DevResult,
     SparseArea, VfioDevice,
 };
-use nestio_dma::{DmaBacking, DmaMapRequest};
+use nestio_dma::{DmaBacking, DmaError, DmaMapRequest};
 use parking_lot::Mutex;
 use vfio_bindings::bindings::vfio as vb;
 
@@ -94,6 +97,18 @@ impl IommuType {
     }
 }
 
+/// Most DMA maps one client may hold (vfio-user's advertised default).
+pub const MAX_DMA_MAPS: usize = 65535;
+
+/// What keeps a DMA map's memory usable while it exists (held only for its `Drop`,
+/// which unmaps — and for noiommu unlocks — the client's memory; hence never read).
+enum Keep {
+    /// The client's memory mapped here for VFIO_IOMMU_MAP_DMA (the kernel pins it).
+    Iommu(#[allow(dead_code)] Mapping),
+    /// The client's memory locked here, its physical addresses checked (noiommu).
+    NoIommu(#[allow(dead_code)] noiommu::LockedMapping),
+}
+
 /// A client memory mapping made for VFIO_IOMMU_MAP_DMA.
 struct Mapping {
     addr: *mut libc::c_void,
@@ -124,7 +139,7 @@ pub struct KernelVfioDevice {
     info: DeviceInfo,
     regions: Vec<RegionInfo>,
     irqs: Vec<IrqInfo>,
-    maps: Mutex<BTreeMap<u64, (u64, Option<Mapping>)>>,
+    maps: Mutex<DmaMaps<Keep>>,
 }
 
 fn open_rw(path: &str) -> Result<File, KernelVfioError> {
@@ -189,6 +204,13 @@ impl KernelVfioDevice {
             ioctl::SET_IOMMU,
             iommu.raw() as _,
         )?;
+        if iommu == IommuType::NoIommu {
+            tracing::warn!(
+                group = %gp,
+                "noiommu VFIO: nothing confines the device's DMA; DMA maps are accepted only \
+                 at IOVA = physical address of locked pages (see nestio_kernel_vfio::noiommu)"
+            );
+        }
         let device = ioctl::group_get_device_fd(&group, name)?;
         tracing::info!(group = %gp, device = name, ?iommu, "kernel VFIO device opened");
         Self::from_parts(container, group, device, iommu)
@@ -286,7 +308,7 @@ impl KernelVfioDevice {
             },
             regions,
             irqs,
-            maps: Mutex::new(BTreeMap::new()),
+            maps: Mutex::new(DmaMaps::new()),
         })
     }
 
@@ -568,23 +590,43 @@ impl VfioDevice for KernelVfioDevice {
         let iova = req.range.start();
         let len = req.range.len();
         let mut maps = self.maps.lock();
-        if let Some((&s, &(l, _))) = maps.range(..iova.saturating_add(len)).next_back() {
-            if s.saturating_add(l) > iova {
-                return Err(DeviceError::Busy(format!(
-                    "iova {iova:#x} overlaps an existing mapping"
-                )));
-            }
-        }
+        maps.check_insert(iova, len)?;
         if self.iommu == IommuType::NoIommu {
-            // No translation exists: record only (see the crate documentation).
-            maps.insert(iova, (len, None));
+            // No translation exists: only memory whose IOVA is its physical address.
+            let locked = noiommu::pin_for_noiommu(&req).map_err(|e| {
+                tracing::warn!(iova, len, "{e}");
+                DeviceError::Dma(DmaError::BadFile {
+                    iova,
+                    size: len,
+                    errno: e.errno(),
+                    reason: e.to_string(),
+                })
+            })?;
+            tracing::debug!(
+                iova,
+                len,
+                "noiommu DMA map: physical addresses checked, pages locked"
+            );
+            maps.insert(iova, len, Keep::NoIommu(locked));
             return Ok(());
+        }
+        for (what, v) in [("IOVA", iova), ("size", len)] {
+            if !v.is_multiple_of(noiommu::PAGE_SIZE) {
+                return Err(DeviceError::Dma(DmaError::Invalid(format!(
+                    "the DMA map's {what} {v:#x} is not a multiple of the 4 KiB page size"
+                ))));
+            }
         }
         let DmaBacking::Fd { fd, offset } = &req.backing else {
             return Err(DeviceError::Unsupported(
                 "DMA map without an fd (kernel VFIO needs memory it can pin)".into(),
             ));
         };
+        if !offset.is_multiple_of(noiommu::PAGE_SIZE) {
+            return Err(DeviceError::Dma(DmaError::Invalid(format!(
+                "the DMA map's file offset {offset:#x} is not a multiple of the 4 KiB page size"
+            ))));
+        }
         let ulen =
             usize::try_from(len).map_err(|_| DeviceError::Invalid("map too large".into()))?;
         let off = libc::off_t::try_from(*offset)
@@ -631,20 +673,13 @@ impl VfioDevice for KernelVfioDevice {
             &mut w,
         )
         .map_err(dev_err)?;
-        maps.insert(iova, (len, Some(m)));
+        maps.insert(iova, len, Keep::Iommu(m));
         Ok(())
     }
 
     fn dma_unmap(&self, iova: u64, size: u64) -> DevResult<()> {
         let mut maps = self.maps.lock();
-        match maps.get(&iova) {
-            Some(&(l, _)) if l == size => {}
-            _ => {
-                return Err(DeviceError::Invalid(format!(
-                    "no mapping of exactly {size:#x} bytes at {iova:#x}"
-                )))
-            }
-        }
+        maps.check_exact(iova, size)?;
         if self.iommu != IommuType::NoIommu {
             let um = vb::vfio_iommu_type1_dma_unmap {
                 argsz: argsz::<vb::vfio_iommu_type1_dma_unmap>(),
@@ -661,21 +696,67 @@ impl VfioDevice for KernelVfioDevice {
             )
             .map_err(dev_err)?;
         }
-        maps.remove(&iova);
+        // Dropping the entry unmaps (and, for noiommu, unlocks) our view of the memory.
+        maps.remove(iova);
         Ok(())
     }
 
     fn dma_unmap_all(&self) -> DevResult<()> {
-        let keys: Vec<(u64, u64)> = self
-            .maps
-            .lock()
-            .iter()
-            .map(|(&k, &(l, _))| (k, l))
-            .collect();
+        let keys = self.maps.lock().ranges();
         for (k, l) in keys {
             self.dma_unmap(k, l)?;
         }
         Ok(())
+    }
+}
+
+/// The DMA maps of a device by IOVA: the bookkeeping shared by both IOMMU models.
+struct DmaMaps<T> {
+    by_iova: BTreeMap<u64, (u64, T)>,
+}
+
+impl<T> DmaMaps<T> {
+    fn new() -> Self {
+        DmaMaps {
+            by_iova: BTreeMap::new(),
+        }
+    }
+
+    /// May `[iova, +len)` be added? (EEXIST on overlap, ENOSPC past [`MAX_DMA_MAPS`].)
+    fn check_insert(&self, iova: u64, len: u64) -> Result<(), DmaError> {
+        let range = nestio_dma::DmaRange::new(iova, len)?;
+        if let Some((&s, &(l, _))) = self.by_iova.range(..=range.last()).next_back() {
+            // `s <= last`; it overlaps unless it ends before `iova`.
+            if s.checked_add(l).is_none_or(|end| end > iova) {
+                return Err(DmaError::Overlap { iova, size: len });
+            }
+        }
+        if self.by_iova.len() >= MAX_DMA_MAPS {
+            return Err(DmaError::TooManyMappings {
+                limit: MAX_DMA_MAPS,
+            });
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, iova: u64, len: u64, keep: T) {
+        self.by_iova.insert(iova, (len, keep));
+    }
+
+    /// Is there a map of exactly `[iova, +size)`? (ENOENT otherwise.)
+    fn check_exact(&self, iova: u64, size: u64) -> Result<(), DmaError> {
+        match self.by_iova.get(&iova) {
+            Some(&(l, _)) if l == size => Ok(()),
+            _ => Err(DmaError::NotMapped { iova, size }),
+        }
+    }
+
+    fn remove(&mut self, iova: u64) -> Option<T> {
+        self.by_iova.remove(&iova).map(|(_, t)| t)
+    }
+
+    fn ranges(&self) -> Vec<(u64, u64)> {
+        self.by_iova.iter().map(|(&k, &(l, _))| (k, l)).collect()
     }
 }
 
