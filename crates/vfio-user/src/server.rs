@@ -642,12 +642,13 @@ impl Session<'_> {
     /// The connection is over: close it; if it owned the device, release the device and
     /// let the next owner in.
     fn cleanup(&mut self) {
-        let server = self.server;
-        self.nested.end(server.device.dma_port());
         self.ep.shutdown("session ended");
         if let Some(t) = self.twin.take() {
             t.shutdown("session ended");
         }
+        // After the sockets: a fault reporter blocked in a send fails at once.
+        let server = self.server;
+        self.nested.end(server.device.dma_port());
         if std::mem::take(&mut self.owner) {
             if self.exclusive {
                 self.server.end_owner();

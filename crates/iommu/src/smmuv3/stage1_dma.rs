@@ -459,4 +459,93 @@ mod tests {
         assert!(ok.load(SeqCst) > 0, "DMA gets through while mapped");
         assert!(!dma.take_events().is_empty(), "faults were recorded");
     }
+
+    #[test]
+    fn a_faulting_access_touches_nothing() {
+        let ram = guest_stage1();
+        w(&ram, 0x5008, 0x9000 | 0x4c3); // 0x4000_1000 → 0x9000 read-only
+        let dma = Stage1Dma::bind(ram.clone(), 3, [1 | (0b101 << 1) | 0x1000, 0]).unwrap();
+        assert_eq!(
+            dma.write(0x4000_0ff0, &[0xee; 32]),
+            Err(DmaError::Permission {
+                iova: 0x4000_1000,
+                access: Access::Write
+            })
+        );
+        let mut b = [0u8; 16];
+        ram.read(0x8ff0, &mut b).unwrap();
+        assert_eq!(b, [0; 16], "the mapped first page was not written either");
+        // An unmapped third page: the read fails without filling the buffer.
+        let mut big = [0x77u8; 0x2010];
+        assert!(dma.read(0x4000_0000, &mut big).is_err());
+        assert!(big.iter().all(|&x| x == 0x77));
+    }
+
+    /// Stage 2 that holds every read for a while, flagging when it finished.
+    struct SlowRam {
+        ram: Arc<Ram>,
+        entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+        finished: std::sync::atomic::AtomicBool,
+    }
+
+    impl DmaSpace for SlowRam {
+        fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+            // Table walks read 8-byte descriptors; the DMA itself reads 64 bytes.
+            if buf.len() == 64 {
+                if let Some(tx) = self.entered.lock().take() {
+                    let _ = tx.send(());
+                    std::thread::sleep(std::time::Duration::from_millis(150));
+                    self.finished
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            self.ram.read(iova, buf)
+        }
+        fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+            self.ram.write(iova, data)
+        }
+    }
+
+    #[test]
+    fn quiesce_returns_only_after_dma_in_flight_completed() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let slow = Arc::new(SlowRam {
+            ram: guest_stage1(),
+            entered: Mutex::new(Some(tx)),
+            finished: std::sync::atomic::AtomicBool::new(false),
+        });
+        let dma =
+            Arc::new(Stage1Dma::bind(slow.clone(), 3, [1 | (0b101 << 1) | 0x1000, 0]).unwrap());
+        let d2 = dma.clone();
+        let t = std::thread::spawn(move || {
+            let mut b = [0u8; 64];
+            d2.read(0x4000_0000, &mut b)
+        });
+        rx.recv().unwrap();
+        // The DMA is inside stage 2 with its translation: invalidate, then quiesce.
+        dma.command([0x10, 0]).unwrap();
+        dma.command([0x46, 0]).unwrap();
+        assert!(
+            !slow.finished.load(std::sync::atomic::Ordering::SeqCst),
+            "commands alone do not wait"
+        );
+        dma.quiesce();
+        assert!(
+            slow.finished.load(std::sync::atomic::Ordering::SeqCst),
+            "quiesce returned while a DMA using the old translation was running"
+        );
+        t.join().unwrap().unwrap();
+        // CMD_SYNC's completion signal is dropped (no MSI written into guest memory),
+        // a reserved CS is still illegal.
+        dma.command([0x46 | (1 << 12) | (0xabcd << 32), 0x8000])
+            .unwrap();
+        let mut b = [0u8; 4];
+        slow.ram.read(0x8000, &mut b).unwrap();
+        assert_eq!(b, [0; 4]);
+        assert_eq!(
+            dma.command([0x46 | (3 << 12), 0]),
+            Err(Stage1Error::Illegal(regs::CERROR_ILL))
+        );
+        assert!(forwardable(0x12) && forwardable(0x46) && !forwardable(0x03));
+    }
 }
