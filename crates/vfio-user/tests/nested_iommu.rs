@@ -429,6 +429,14 @@ fn malformed_messages_and_enotsup() {
     }
     .encode_into(&mut no_s1);
     bad.push((bind, no_s1));
+    let mut bad_dss = Vec::new();
+    IommuBind {
+        vsid: 1,
+        ste0: tables::ste_stage1(CD)[0],
+        ste1: 3, // reserved S1DSS
+    }
+    .encode_into(&mut bad_dss);
+    bad.push((bind, bad_dss));
     bad.push((Command::NestioIommuUnbind as u16, vec![0]));
     let mut fault = Vec::new();
     IommuFault {

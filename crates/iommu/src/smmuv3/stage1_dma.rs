@@ -42,8 +42,11 @@ const QLOG2: u32 = 6;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Stage1Error {
     /// The bound STE does not enable stage 1.
-    #[error("the bound STE has no stage-1 configuration (Config must have bit 0 set)")]
+    #[error("the bound STE has no stage-1 configuration (V and Config bit 0 must be set)")]
     NoStage1,
+    /// The STE's stage-1 fields are illegal or unsupported.
+    #[error("the bound STE is illegal: {0}")]
+    BadSte(super::ste::SteError),
     /// A command the guest may not forward (only TLBI_NH_*, CFGI_CD*, CMD_SYNC).
     #[error(
         "command {0:#04x} cannot be forwarded to a device (only TLBI_NH_*, CFGI_CD*, CMD_SYNC)"
@@ -122,12 +125,15 @@ impl Stage1Dma {
         if ste[0] & 1 == 0 || (ste[0] >> 1) & 1 == 0 {
             return Err(Stage1Error::NoStage1);
         }
+        // The fields that are kept must be legal for the model (S1Fmt, S1CDMax,
+        // S1DSS), as the guest's SMMU would check them at CFGI_STE.
+        let d0 = (ste[0] & !0xe) | (0b101 << 1);
+        super::ste::Ste::decode(&[d0, ste[1] & 3, 0, 0]).map_err(Stage1Error::BadSte)?;
         let mem = Overlay {
             lower,
             bytes: Mutex::new(vec![0; OVERLAY_SIZE]),
         };
         // S1-only STE: keep V/S1Fmt/S1ContextPtr/S1CDMax and S1DSS, Config = 0b101.
-        let d0 = (ste[0] & !0xe) | (0b101 << 1);
         mem.write(STRTAB, &d0.to_le_bytes())
             .and_then(|()| mem.write(STRTAB + 8, &(ste[1] & 3).to_le_bytes()))
             .map_err(|_| Stage1Error::NoStage1)?;
@@ -408,7 +414,23 @@ mod tests {
             Err(Stage1Error::NotForwardable(0x28))
         );
         assert!(Stage1Dma::bind(ram.clone(), 1, [1 | (0b110 << 1), 0]).is_err());
-        assert!(Stage1Dma::bind(ram, 1, [0, 0]).is_err());
+        assert!(Stage1Dma::bind(ram.clone(), 1, [0, 0]).is_err());
+        // Illegal stage-1 fields: reserved S1Fmt, S1CDMax beyond 8 bits, a two-level
+        // CD table with S1CDMax 0, reserved S1DSS.
+        for bad in [
+            [0xb | (3 << 4) | (1 << 59), 0],
+            [0xb | (9 << 59), 0],
+            [0xb | (1 << 4), 0],
+            [0xb, 3],
+        ] {
+            assert!(
+                matches!(
+                    Stage1Dma::bind(ram.clone(), 1, bad),
+                    Err(Stage1Error::BadSte(_))
+                ),
+                "{bad:x?}"
+            );
+        }
     }
 
     #[test]
