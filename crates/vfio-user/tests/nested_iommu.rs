@@ -559,3 +559,28 @@ fn undrained_faults_are_bounded_and_flagged() {
         (code::F_TRANSLATION, VSID, IOVA + 0x3000)
     );
 }
+
+/// A guest that rewrites its CD: the old one stays cached (even across TLBI_NH_ALL)
+/// until CFGI_CD; then the new table is walked.
+#[test]
+fn cfgi_cd_rereads_the_context_descriptor() {
+    let r = Rig::new(true);
+    r.bind();
+    assert_eq!(r.dma_to_guest(IOVA, b"old"), 0);
+    assert_eq!(r.ram.bytes(PAGE_RW, 3), b"old");
+    let mut t2 = Stage1Tables::new(RAM + 0xb000, RAM + 0xc000, 0x4000).unwrap();
+    t2.map(&r.ram, IOVA, PAGE_RW + 0x2000, LEAF_RW).unwrap();
+    tables::write_words(&r.ram, CD, &tables::cd(t2.root(), 9, true)).unwrap();
+    let sync = cmd(CMD_SYNC, 0);
+    r.c.iommu_invalidate(&[cmd(TLBI_NH_ALL, 0), sync]).unwrap();
+    assert_eq!(r.dma_to_guest(IOVA, b"still"), 0);
+    assert_eq!(r.ram.bytes(PAGE_RW, 5), b"still", "the cached CD's table");
+    // CFGI_CD (SID and SSID operands are the guest's; the device has one stream).
+    let rep =
+        r.c.iommu_invalidate(&[cmd(0x05 | (u64::from(VSID) << 32), 0), sync])
+            .unwrap();
+    assert_eq!(rep, InvalidateReply { done: 2, cerror: 0 });
+    assert_eq!(r.dma_to_guest(IOVA, b"new"), 0);
+    assert_eq!(r.ram.bytes(PAGE_RW + 0x2000, 3), b"new");
+    assert_eq!(r.ram.bytes(PAGE_RW, 5), b"still");
+}
