@@ -727,6 +727,12 @@ impl FaultInbox {
         self.rx.lock().take()
     }
 
+    /// The channel the server's FAULTs arrive on has closed: the receiver sees the
+    /// end (after the records already queued) instead of waiting for ever.
+    pub fn close(&self) {
+        self.tx.lock().take();
+    }
+
     /// Handle a FAULT message from the server: checked, queued for the VMM. The reply
     /// (sent only if the server asked for one) is empty; ENOTSUP when the capability
     /// was not negotiated, EINVAL for a malformed record or attached fds.

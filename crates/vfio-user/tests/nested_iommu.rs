@@ -584,3 +584,76 @@ fn cfgi_cd_rereads_the_context_descriptor() {
     assert_eq!(r.ram.bytes(PAGE_RW + 0x2000, 3), b"new");
     assert_eq!(r.ram.bytes(PAGE_RW, 5), b"still");
 }
+
+/// A fake server that negotiates the extension (with a twin socket if `twin`), answers
+/// every request with an empty reply (GET_INFO with zeros) until `requests` have
+/// been answered, then hangs up.
+fn hang_up_server(
+    sock: std::os::unix::net::UnixStream,
+    twin: bool,
+    requests: usize,
+) -> std::thread::JoinHandle<()> {
+    use nestio_vfio_user::nested_iommu::NestedIommuCap;
+    use nestio_vfio_user::proto::TwinSocket;
+    use nestio_vfio_user::socket::send_message;
+    std::thread::spawn(move || {
+        let m = recv(&sock).unwrap();
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let v = Version {
+            major: 0,
+            minor: 2,
+            caps: Capabilities {
+                twin_socket: twin.then_some(TwinSocket {
+                    supported: true,
+                    fd_index: Some(0),
+                }),
+                nestio_nested_iommu: Some(NestedIommuCap::smmuv3(NestedIommuCaps::default())),
+                ..Capabilities::default()
+            },
+        };
+        let mut p = Vec::new();
+        v.encode_into(&mut p);
+        let fds: Vec<_> = if twin {
+            vec![theirs.as_raw_fd()]
+        } else {
+            vec![]
+        };
+        send_message(&sock, &m.header.reply(p.len()).unwrap(), &p, &fds).unwrap();
+        drop(theirs);
+        for _ in 0..requests {
+            let m = recv(&sock).unwrap();
+            let p = if m.header.cmd == Command::DeviceGetInfo as u16 {
+                vec![16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+            } else {
+                vec![]
+            };
+            send_message(&sock, &m.header.reply(p.len()).unwrap(), &p, &[]).unwrap();
+        }
+        drop(ours);
+        drop(sock);
+    })
+}
+
+/// The fault receiver ends when the connection does (twin socket, or the main
+/// socket's reader once bound), so a VMM thread waiting on it is not left hanging.
+#[test]
+fn fault_receiver_ends_with_the_connection() {
+    for twin in [true, false] {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        // GET_INFO at connect, then BIND.
+        let srv = hang_up_server(b, twin, 2);
+        let c = Client::from_stream(a, nested_config(twin)).unwrap();
+        assert_eq!(c.twin_socket(), twin);
+        let rx = c.take_iommu_faults().unwrap();
+        c.iommu_bind(1, 0xb, 0).unwrap();
+        srv.join().unwrap();
+        assert!(
+            matches!(
+                rx.recv_timeout(Duration::from_secs(10)),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+            ),
+            "twin {twin}"
+        );
+        assert!(c.iommu_unbind().is_err(), "the connection is gone");
+    }
+}
