@@ -657,3 +657,63 @@ fn fault_receiver_ends_with_the_connection() {
         assert!(c.iommu_unbind().is_err(), "the connection is gone");
     }
 }
+
+/// Guest RAM the server reaches only by message (a peer mapping, no fd): the stage-1
+/// walk itself reads the CD and tables with DMA_READ, and the data moves by
+/// DMA_READ/DMA_WRITE at the translated IPA.
+#[test]
+fn stage1_over_peer_backed_memory() {
+    use nestio_dma::DmaPeer;
+    struct PeerMem(Arc<common::VecPeer>);
+    impl SmmuMemory for PeerMem {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+            self.0.dma_read(addr, buf).map_err(|_| MemoryError {
+                addr,
+                len: buf.len(),
+            })
+        }
+        fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
+            self.0.dma_write(addr, data).map_err(|_| MemoryError {
+                addr,
+                len: data.len(),
+            })
+        }
+    }
+    for twin in [true, false] {
+        let h = Harness::new(ServerConfig::default());
+        let (c, _t) = h.client(nested_config(twin));
+        let peer = common::VecPeer::new(RAM, RAM_SIZE as usize);
+        c.dma_map(DmaMapRequest {
+            range: DmaRange::new(RAM, RAM_SIZE).unwrap(),
+            prot: Prot::from_bits(3).unwrap(),
+            backing: DmaBacking::Peer(peer.clone()),
+        })
+        .unwrap();
+        let mem = PeerMem(peer.clone());
+        let mut t = Stage1Tables::new(ROOT, POOL, 0x8000).unwrap();
+        t.map(&mem, IOVA, PAGE_RW, LEAF_RW).unwrap();
+        tables::write_words(&mem, CD, &tables::cd(t.root(), ASID, true)).unwrap();
+        let ste = tables::ste_stage1(CD);
+        c.iommu_bind(VSID, ste[0], ste[1]).unwrap();
+        let faults = c.take_iommu_faults().unwrap();
+        let ops = *peer.ops.lock().unwrap();
+        c.region_write(0, 0x100, b"by message").unwrap();
+        assert_eq!(device_dma(&c, IOVA + 0x20, 10, 0x100, 2), 0, "twin {twin}");
+        let mut b = [0u8; 10];
+        mem.read(PAGE_RW + 0x20, &mut b).unwrap();
+        assert_eq!(&b, b"by message");
+        assert!(
+            *peer.ops.lock().unwrap() >= ops + 5,
+            "CD, four table levels and the data went by message"
+        );
+        assert_eq!(
+            device_dma(&c, IOVA + 0x5000, 4, 0x100, 1),
+            libc::EFAULT as u64
+        );
+        let (_, ev) = next_fault(&faults);
+        assert_eq!(
+            (ev.code, ev.sid, ev.input_addr),
+            (code::F_TRANSLATION, VSID, IOVA + 0x5000)
+        );
+    }
+}
