@@ -628,9 +628,14 @@ impl NestedSession {
             }
             let r = match &self.bound {
                 Some(b) => b.stage1.command(d),
-                // Nothing cached while unbound: only the opcode is checked.
-                None if stage1_dma::forwardable(d[0] as u8) => Ok(()),
-                None => Err(Stage1Error::NotForwardable(d[0] as u8)),
+                // Nothing cached while unbound: only legality is checked, as the
+                // model would (opcode forwardable, operands legal).
+                None if !stage1_dma::forwardable(d[0] as u8) => {
+                    Err(Stage1Error::NotForwardable(d[0] as u8))
+                }
+                None => nestio_iommu::smmuv3::cmdq::Command::decode(&d)
+                    .map(|_| ())
+                    .map_err(|_| Stage1Error::Illegal(CERROR_ILL)),
             };
             if let Err(e) = r {
                 tracing::debug!(index = reply.done, error = %e, "nested IOMMU: command refused");

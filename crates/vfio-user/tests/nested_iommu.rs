@@ -262,6 +262,21 @@ fn nested_dma_through_stage1(twin: bool) {
     assert_eq!(r.dma_to_guest(PAGE_RW + 0x80, b"ipa again"), 0);
     assert_eq!(r.ram.bytes(PAGE_RW + 0x80, 9), b"ipa again");
     assert_eq!(r.dma_to_guest(IOVA, b"x"), libc::EFAULT as u64);
+    // Unbound, the same legality checks apply (nothing is cached to invalidate).
+    for (cmds, done, cerror) in [
+        (vec![cmd(TLBI_NH_ALL, 0), cmd(CMD_SYNC, 0)], 2, 0),
+        (
+            vec![cmd(TLBI_NH_ALL, 0), cmd(CMD_SYNC | (3 << 12), 0)],
+            1,
+            CERROR_ILL,
+        ),
+        (vec![cmd(CFGI_STE, 0)], 0, CERROR_ILL),
+    ] {
+        assert_eq!(
+            r.c.iommu_invalidate(&cmds).unwrap(),
+            InvalidateReply { done, cerror }
+        );
+    }
     // No fault message for a stage-2 miss (no stage 1 bound).
     assert!(faults.recv_timeout(Duration::from_millis(100)).is_err());
     // An STE without stage 1 is refused (EINVAL), the binding unchanged.
