@@ -19,7 +19,7 @@
 //! Status: the device side of nested mode; the vfio-user negotiation that binds it
 //! (`docs/vfio-user-nested-iommu.md`) is not wired yet.
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::sync::Arc;
 
 use nestio_dma::{Access, DmaError, DmaSpace};
@@ -42,8 +42,11 @@ const QLOG2: u32 = 6;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Stage1Error {
     /// The bound STE does not enable stage 1.
-    #[error("the bound STE has no stage-1 configuration (Config must have bit 0 set)")]
+    #[error("the bound STE has no stage-1 configuration (V and Config bit 0 must be set)")]
     NoStage1,
+    /// The STE's stage-1 fields are illegal or unsupported.
+    #[error("the bound STE is illegal: {0}")]
+    BadSte(super::ste::SteError),
     /// A command the guest may not forward (only TLBI_NH_*, CFGI_CD*, CMD_SYNC).
     #[error(
         "command {0:#04x} cannot be forwarded to a device (only TLBI_NH_*, CFGI_CD*, CMD_SYNC)"
@@ -52,6 +55,12 @@ pub enum Stage1Error {
     /// The model refused the command (illegal operands).
     #[error("the forwarded command was illegal (CERROR {0})")]
     Illegal(u32),
+}
+
+/// Opcodes a guest may forward to a device: TLBI_NH_ALL/ASID/VA/VAA, CFGI_CD,
+/// CFGI_CD_ALL and CMD_SYNC.
+pub fn forwardable(opcode: u8) -> bool {
+    matches!(opcode, 0x10..=0x13 | 0x05 | 0x06 | 0x46)
 }
 
 /// The device's DMA space with the private SMMU structures overlaid.
@@ -95,6 +104,8 @@ struct State {
     smmu: Smmu,
     prod: u32,
     evt_cons: u32,
+    /// `Stats::events_lost` already reported by [`Stage1Dma::drain_events`].
+    lost_seen: u64,
 }
 
 /// A device's DMA through the guest's bound stage 1 (see the module docs).
@@ -102,6 +113,9 @@ pub struct Stage1Dma {
     mem: Overlay,
     state: Mutex<State>,
     vsid: u32,
+    /// Held shared by every access from its first translation to its last byte,
+    /// exclusively by [`Stage1Dma::quiesce`].
+    inflight: RwLock<()>,
 }
 
 impl Stage1Dma {
@@ -111,12 +125,15 @@ impl Stage1Dma {
         if ste[0] & 1 == 0 || (ste[0] >> 1) & 1 == 0 {
             return Err(Stage1Error::NoStage1);
         }
+        // The fields that are kept must be legal for the model (S1Fmt, S1CDMax,
+        // S1DSS), as the guest's SMMU would check them at CFGI_STE.
+        let d0 = (ste[0] & !0xe) | (0b101 << 1);
+        super::ste::Ste::decode(&[d0, ste[1] & 3, 0, 0]).map_err(Stage1Error::BadSte)?;
         let mem = Overlay {
             lower,
             bytes: Mutex::new(vec![0; OVERLAY_SIZE]),
         };
         // S1-only STE: keep V/S1Fmt/S1ContextPtr/S1CDMax and S1DSS, Config = 0b101.
-        let d0 = (ste[0] & !0xe) | (0b101 << 1);
         mem.write(STRTAB, &d0.to_le_bytes())
             .and_then(|()| mem.write(STRTAB + 8, &(ste[1] & 3).to_le_bytes()))
             .map_err(|_| Stage1Error::NoStage1)?;
@@ -132,21 +149,37 @@ impl Stage1Dma {
                 smmu,
                 prod: 0,
                 evt_cons: 0,
+                lost_seen: 0,
             }),
             vsid,
+            inflight: RwLock::new(()),
         })
+    }
+
+    /// The guest's virtual stream ID this binding reports faults with.
+    pub fn vsid(&self) -> u32 {
+        self.vsid
+    }
+
+    /// Wait until every access that started before this call has finished (see the
+    /// module docs: call it after invalidating, before acknowledging).
+    pub fn quiesce(&self) {
+        drop(self.inflight.write());
     }
 
     /// Execute one of the guest's commands forwarded raw (TLBI_NH_ALL/ASID/VA/VAA,
     /// CFGI_CD, CFGI_CD_ALL, CMD_SYNC); the SID operand of CFGI_CD* is ignored (this
-    /// space has one stream).
+    /// space has one stream). A CMD_SYNC's completion signal is dropped (no MSI is
+    /// written anywhere: the caller's reply is the completion); a reserved CS value is
+    /// still illegal.
     pub fn command(&self, raw: [u64; 2]) -> Result<(), Stage1Error> {
         let op = raw[0] as u8;
-        let d0 = match op {
+        let (d0, d1) = match op {
             // The VMID operand is the guest's: this space has one (0).
-            0x10..=0x13 => raw[0] & !(0xffff << 32),
-            0x46 => raw[0],
-            0x05 | 0x06 => raw[0] & 0xffff_ffff,
+            0x10..=0x13 => (raw[0] & !(0xffff << 32), raw[1]),
+            0x46 if (raw[0] >> 12) & 3 == 3 => return Err(Stage1Error::Illegal(regs::CERROR_ILL)),
+            0x46 => (raw[0] & 0xff, 0),
+            0x05 | 0x06 => (raw[0] & 0xffff_ffff, raw[1]),
             _ => return Err(Stage1Error::NotForwardable(op)),
         };
         let mut st = self.state.lock();
@@ -154,7 +187,7 @@ impl Stage1Dma {
         let slot = CMDQ + u64::from(st.prod & ((1 << QLOG2) - 1)) * 16;
         let mut rec = [0u8; 16];
         rec[..8].copy_from_slice(&d0.to_le_bytes());
-        rec[8..].copy_from_slice(&raw[1].to_le_bytes());
+        rec[8..].copy_from_slice(&d1.to_le_bytes());
         self.mem
             .write(slot, &rec)
             .map_err(|_| Stage1Error::Illegal(regs::CERROR_ABT))?;
@@ -179,6 +212,13 @@ impl Stage1Dma {
 
     /// The events recorded since the last call, with the guest's virtual SID.
     pub fn take_events(&self) -> Vec<Event> {
+        self.drain_events().0
+    }
+
+    /// [`Stage1Dma::take_events`], plus how many events the private queue dropped
+    /// since the last call (it holds 64; the caller drains it after every fault, so
+    /// only many concurrent faulting DMAs can overflow it).
+    pub fn drain_events(&self) -> (Vec<Event>, u64) {
         let mut st = self.state.lock();
         let prod = st.smmu.read(regs::EVENTQ_PROD, 4) as u32;
         let mask = (1u32 << (QLOG2 + 1)) - 1;
@@ -196,23 +236,27 @@ impl Stage1Dma {
         }
         let cons = u64::from(st.evt_cons | (prod & regs::EVENTQ_OVFLG));
         st.smmu.write(&self.mem, regs::EVENTQ_CONS, 4, cons);
-        out
+        let lost_total = st.smmu.stats().events_lost;
+        let lost = lost_total - st.lost_seen;
+        st.lost_seen = lost_total;
+        (out, lost)
     }
 
-    /// Translate `len` bytes at IOVA `iova` into IPA pieces, calling `f(ipa, off,
-    /// len)` for each page-bounded piece.
-    fn each(
+    /// Translate `len` bytes at IOVA `iova` into page-bounded IPA pieces `(ipa, off,
+    /// len)`, all of them before any access (a fault anywhere touches nothing).
+    fn pieces(
         &self,
         iova: u64,
         len: usize,
         access: Access,
-        mut f: impl FnMut(u64, usize, usize) -> Result<(), DmaError>,
-    ) -> Result<(), DmaError> {
+    ) -> Result<Vec<(u64, usize, usize)>, DmaError> {
         let end = iova.checked_add(len as u64).ok_or(DmaError::Overflow {
             iova,
             len: len as u64,
         })?;
+        let mut out = Vec::with_capacity(1);
         let mut a = iova;
+        let mut st = self.state.lock();
         while a < end {
             let t = Transaction {
                 sid: 0,
@@ -220,8 +264,7 @@ impl Stage1Dma {
                 addr: a,
                 write: access == Access::Write,
             };
-            let r = self.state.lock().smmu.translate(&self.mem, t);
-            let tr = match r {
+            let tr = match st.smmu.translate(&self.mem, t) {
                 Ok(tr) => tr,
                 Err(TranslateError::Fault { event, .. })
                     if event.code == super::evtq::code::F_PERMISSION =>
@@ -238,25 +281,27 @@ impl Stage1Dma {
             };
             let page = 1u64 << tr.size_bits.min(12);
             let n = (page - (a & (page - 1))).min(end - a);
-            f(tr.addr, (a - iova) as usize, n as usize)?;
+            out.push((tr.addr, (a - iova) as usize, n as usize));
             a += n;
         }
-        Ok(())
+        Ok(out)
     }
 }
 
 impl DmaSpace for Stage1Dma {
     fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        let lower = self.mem.lower.clone();
-        self.each(iova, buf.len(), Access::Read, |ipa, off, n| {
-            lower.read(ipa, &mut buf[off..off + n])
-        })
+        let _inflight = self.inflight.read();
+        for (ipa, off, n) in self.pieces(iova, buf.len(), Access::Read)? {
+            self.mem.lower.read(ipa, &mut buf[off..off + n])?;
+        }
+        Ok(())
     }
     fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
-        let lower = self.mem.lower.clone();
-        self.each(iova, data.len(), Access::Write, |ipa, off, n| {
-            lower.write(ipa, &data[off..off + n])
-        })
+        let _inflight = self.inflight.read();
+        for (ipa, off, n) in self.pieces(iova, data.len(), Access::Write)? {
+            self.mem.lower.write(ipa, &data[off..off + n])?;
+        }
+        Ok(())
     }
 }
 
@@ -369,7 +414,23 @@ mod tests {
             Err(Stage1Error::NotForwardable(0x28))
         );
         assert!(Stage1Dma::bind(ram.clone(), 1, [1 | (0b110 << 1), 0]).is_err());
-        assert!(Stage1Dma::bind(ram, 1, [0, 0]).is_err());
+        assert!(Stage1Dma::bind(ram.clone(), 1, [0, 0]).is_err());
+        // Illegal stage-1 fields: reserved S1Fmt, S1CDMax beyond 8 bits, a two-level
+        // CD table with S1CDMax 0, reserved S1DSS.
+        for bad in [
+            [0xb | (3 << 4) | (1 << 59), 0],
+            [0xb | (9 << 59), 0],
+            [0xb | (1 << 4), 0],
+            [0xb, 3],
+        ] {
+            assert!(
+                matches!(
+                    Stage1Dma::bind(ram.clone(), 1, bad),
+                    Err(Stage1Error::BadSte(_))
+                ),
+                "{bad:x?}"
+            );
+        }
     }
 
     #[test]
@@ -419,5 +480,106 @@ mod tests {
         reader.join().unwrap();
         assert!(ok.load(SeqCst) > 0, "DMA gets through while mapped");
         assert!(!dma.take_events().is_empty(), "faults were recorded");
+    }
+
+    #[test]
+    fn a_faulting_access_touches_nothing() {
+        let ram = guest_stage1();
+        w(&ram, 0x5008, 0x9000 | 0x4c3); // 0x4000_1000 → 0x9000 read-only
+        let dma = Stage1Dma::bind(ram.clone(), 3, [1 | (0b101 << 1) | 0x1000, 0]).unwrap();
+        assert_eq!(
+            dma.write(0x4000_0ff0, &[0xee; 32]),
+            Err(DmaError::Permission {
+                iova: 0x4000_1000,
+                access: Access::Write
+            })
+        );
+        let mut b = [0u8; 16];
+        ram.read(0x8ff0, &mut b).unwrap();
+        assert_eq!(b, [0; 16], "the mapped first page was not written either");
+        // An unmapped third page: the read fails without filling the buffer.
+        let mut big = [0x77u8; 0x2010];
+        assert!(dma.read(0x4000_0000, &mut big).is_err());
+        assert!(big.iter().all(|&x| x == 0x77));
+    }
+
+    /// Stage 2 that holds the DMA's data read until released, flagging when it
+    /// finished.
+    struct SlowRam {
+        ram: Arc<Ram>,
+        entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+        release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+        finished: std::sync::atomic::AtomicBool,
+    }
+
+    impl DmaSpace for SlowRam {
+        fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+            // Table walks read 8-byte descriptors; the DMA itself reads 64 bytes.
+            if buf.len() == 64 {
+                if let Some(tx) = self.entered.lock().take() {
+                    let _ = tx.send(());
+                    if let Some(rx) = self.release.lock().take() {
+                        let _ = rx.recv();
+                    }
+                    self.finished
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            self.ram.read(iova, buf)
+        }
+        fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+            self.ram.write(iova, data)
+        }
+    }
+
+    #[test]
+    fn quiesce_returns_only_after_dma_in_flight_completed() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel();
+        let slow = Arc::new(SlowRam {
+            ram: guest_stage1(),
+            entered: Mutex::new(Some(tx)),
+            release: Mutex::new(Some(release_rx)),
+            finished: std::sync::atomic::AtomicBool::new(false),
+        });
+        let dma =
+            Arc::new(Stage1Dma::bind(slow.clone(), 3, [1 | (0b101 << 1) | 0x1000, 0]).unwrap());
+        let d2 = dma.clone();
+        let t = std::thread::spawn(move || {
+            let mut b = [0u8; 64];
+            d2.read(0x4000_0000, &mut b)
+        });
+        rx.recv().unwrap();
+        // The DMA is inside stage 2 with its translation: invalidate, then quiesce.
+        dma.command([0x10, 0]).unwrap();
+        dma.command([0x46, 0]).unwrap();
+        assert!(
+            !slow.finished.load(std::sync::atomic::Ordering::SeqCst),
+            "commands alone do not wait"
+        );
+        // Release the DMA a little later: quiesce must wait for it.
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            release_tx.send(()).unwrap();
+        });
+        dma.quiesce();
+        assert!(
+            slow.finished.load(std::sync::atomic::Ordering::SeqCst),
+            "quiesce returned while a DMA using the old translation was running"
+        );
+        t.join().unwrap().unwrap();
+        releaser.join().unwrap();
+        // CMD_SYNC's completion signal is dropped (no MSI written into guest memory),
+        // a reserved CS is still illegal.
+        dma.command([0x46 | (1 << 12) | (0xabcd << 32), 0x8000])
+            .unwrap();
+        let mut b = [0u8; 4];
+        slow.ram.read(0x8000, &mut b).unwrap();
+        assert_eq!(b, [0; 4]);
+        assert_eq!(
+            dma.command([0x46 | (3 << 12), 0]),
+            Err(Stage1Error::Illegal(regs::CERROR_ILL))
+        );
+        assert!(forwardable(0x12) && forwardable(0x46) && !forwardable(0x03));
     }
 }
