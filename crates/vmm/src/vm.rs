@@ -1084,6 +1084,7 @@ fn viommu_domain(
                         size: Smmuv3::mmio_size(),
                     })?;
             mmio.insert(BusRange::new(base, Smmuv3::mmio_size())?, smmu.clone())?;
+            smmu.translate_msis();
             tracing::info!(base, "SMMUv3 (shadow mode) in the platform MMIO window");
             Ok((shadow, Some(smmu)))
         }
