@@ -20,10 +20,14 @@ fn child_device_server() {
 }
 
 fn run(dev: DeviceConfig, extra: &str) -> (StopReason, String) {
+    run_irq(dev, "intx", extra)
+}
+
+fn run_irq(dev: DeviceConfig, irq: &str, extra: &str) -> (StopReason, String) {
     let (console, buf) = common::console();
     let mut cfg = VmConfig::new(payloads::E1000PING);
     cfg.console = console;
-    cfg.cmdline = format!("irq=intx smmu={:#x} {extra}", PLATFORM_MMIO_WINDOW.0);
+    cfg.cmdline = format!("irq={irq} smmu={:#x} {extra}", PLATFORM_MMIO_WINDOW.0);
     cfg.viommu = Some(Viommu::Smmuv3);
     cfg.devices.push(dev);
     let report = Vm::new(cfg).unwrap().run().unwrap();
@@ -55,6 +59,58 @@ fn guest_pings_through_smmuv3_shadow_over_vfio_user() {
     );
     assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
     assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+}
+
+#[test]
+fn msi_through_a_doorbell_iova_in_process() {
+    // The MSI address is an IOVA (not 0xFEE00000) the guest maps to the doorbell:
+    // the VMM translates it through the SMMU and routes the real MSI.
+    if !common::kvm_or_skip("msi_through_a_doorbell_iova_in_process") {
+        return;
+    }
+    let (outcome, out) = run_irq(common::local_e1000(), "msi", "");
+    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
+    assert!(
+        out.contains("msi: address 0x803fe00000 is an IOVA"),
+        "{out}"
+    );
+    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+}
+
+#[test]
+fn msi_through_a_doorbell_iova_over_vfio_user() {
+    if !common::kvm_or_skip("msi_through_a_doorbell_iova_over_vfio_user") {
+        return;
+    }
+    let p = DeviceProcess::start("e1000");
+    let (outcome, out) = run_irq(
+        DeviceConfig::VfioUser {
+            socket: p.socket.clone(),
+        },
+        "msi",
+        "",
+    );
+    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
+    assert!(
+        out.contains("msi: address 0x803fe00000 is an IOVA"),
+        "{out}"
+    );
+    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+}
+
+#[test]
+fn an_unmapped_doorbell_iova_is_one_event_and_no_interrupt() {
+    if !common::kvm_or_skip("an_unmapped_doorbell_iova_is_one_event_and_no_interrupt") {
+        return;
+    }
+    let (outcome, out) = run_irq(common::local_e1000(), "msi", "msi=unmap");
+    assert_eq!(outcome, StopReason::GuestExit(9), "console: {out}");
+    assert!(
+        out.contains("event 0x10 sid 0x8 iova 0x803fe00000 write; 0 more"),
+        "{out}"
+    );
+    assert!(out.contains("0 interrupts delivered"), "{out}");
+    println!("{out}");
 }
 
 #[test]

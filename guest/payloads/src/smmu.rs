@@ -15,6 +15,9 @@ use nestio_guest::io::{mmio_read32, mmio_write32};
 
 /// Where the payload's pages appear to the device.
 pub const IOVA_BASE: u64 = 0x80_0000_0000;
+/// The IOVA of the MSI doorbell page (mapped to 0xFEE0_0000 by [`Smmu::map_at`]):
+/// in the first GiB above `IOVA_BASE`, so it shares the L1/L2 tables.
+pub const MSI_IOVA: u64 = IOVA_BASE + 0x3fe0_0000;
 
 const CR0: u64 = 0x20;
 const CR0ACK: u64 = 0x24;
@@ -198,6 +201,19 @@ impl Smmu {
             p += 0x1000;
         }
         self.cmd(0x11 | (1 << 48), 0)?; // TLBI_NH_ASID 1
+        self.sync()
+    }
+
+    /// Map the page at `iova` (in the first GiB above `IOVA_BASE`) to physical page
+    /// `pa` read-write, then TLBI_NH_ASID + CMD_SYNC (see [`Smmu::map`]).
+    pub fn map_at(&mut self, iova: u64, pa: u64) -> Result<(), &'static str> {
+        if iova.wrapping_sub(IOVA_BASE) >> 30 != 0 {
+            return Err("IOVA outside the first GiB above IOVA_BASE");
+        }
+        let e = self.l3_for(iova)?;
+        // SAFETY: a leaf of our table.
+        unsafe { write_volatile(e, (pa & !0xfff) | PTE_RW) };
+        self.cmd(0x11 | (1 << 48), 0)?;
         self.sync()
     }
 

@@ -24,6 +24,12 @@
 //! not written back) and that no byte of the poisoned buffer changed; exits
 //! [`DMA_UNMAP_REFUSED`]. `dma=readonly`: the same with the page left mapped
 //! read-only for the device (a permission fault instead of a translation fault).
+//! With `smmu=` and `irq=msi` the MSI address is an IOVA (`smmu::MSI_IOVA`) the
+//! payload maps to the doorbell 0xFEE0_0000; `msi=unmap` (after the echo reply):
+//! unmap that page (TLBI_NH_VA + CMD_SYNC), exchange three ARPs with the RX ring
+//! polled and interrupts enabled, and check that no interrupt arrived, the NIC has
+//! RXT0 pending, and the event queue holds exactly one F_TRANSLATION for the NIC's
+//! SID at the doorbell IOVA (a write); exits [`MSI_UNMAPPED_FAULTED`].
 //! `tce=4g` / `tce=59` (the sPAPR TCE IOMMU, `nestio_vmm::iommu::tce`): before the
 //! rings are set up, ask for a dynamic DMA window (`ibm,query-pe-dma-window`,
 //! `ibm,create-pe-dma-window`: 4 KiB pages, as big as RAM), check it lands at 4 GiB /
@@ -80,6 +86,8 @@ const DMA_OUTSIDE_REFUSED: u32 = 7;
 const GW_IP: [u8; 4] = [10, 0, 2, 2];
 /// Exit status of `dma=unmap` when the NIC's DMA to the unmapped page was refused.
 const DMA_UNMAP_REFUSED: u32 = 8;
+/// `msi=unmap`: the unmapped doorbell IOVA gave one event and no interrupt.
+const MSI_UNMAPPED_FAULTED: u32 = 9;
 
 /// What the NIC is told for a guest-physical address: IOVA = GPA + this (0 without
 /// an SMMU or a TCE window; `smmu::IOVA_BASE` with `smmu=`, the window start with `tce=`).
@@ -120,16 +128,26 @@ fn tce_setup(ram: u64, want: u64, objs: &[(u64, u64)]) -> Result<(u32, u64), u32
         println!("tce: query-pe-dma-window failed: {:#x}", q.ret(0));
         return Err(TCE_CALL_FAILED);
     }
-    println!("tce: {} window(s) available, page sizes {:#x}", q.ret(1), q.ret(3));
+    println!(
+        "tce: {} window(s) available, page sizes {:#x}",
+        q.ret(1),
+        q.ret(3)
+    );
     let shift = 64 - (ram - 1).leading_zeros();
     let mut c = RtasArgs::new(create, &[0x800, hi, lo, 12, shift], 4);
     if c.call() != H_SUCCESS || c.ret(0) != 0 {
-        println!("tce: create-pe-dma-window refused: status {}", c.ret(0) as i32);
+        println!(
+            "tce: create-pe-dma-window refused: status {}",
+            c.ret(0) as i32
+        );
         return Err(TCE_CREATE_REFUSED);
     }
     let liobn = c.ret(1);
     let start = u64::from(c.ret(2)) << 32 | u64::from(c.ret(3));
-    println!("tce: window liobn {:#x} at {:#x}, 2^{} bytes of 4 KiB pages", liobn, start, shift);
+    println!(
+        "tce: window liobn {:#x} at {:#x}, 2^{} bytes of 4 KiB pages",
+        liobn, start, shift
+    );
     if start != want {
         println!("tce: expected the window at {:#x}", want);
         return Err(TCE_WRONG_START);
@@ -143,9 +161,15 @@ fn tce_setup(ram: u64, want: u64, objs: &[(u64, u64)]) -> Result<(u32, u64), u32
             unsafe { (*addr_of_mut!(TCE_LIST)).0[k as usize] = ((first + (k << 12)) | 3).to_be() };
         }
         let list = addr_of_mut!(TCE_LIST) as u64;
-        let r = hcall(H_PUT_TCE_INDIRECT, &[u64::from(liobn), start + first, list, n]);
+        let r = hcall(
+            H_PUT_TCE_INDIRECT,
+            &[u64::from(liobn), start + first, list, n],
+        );
         if r.status != H_SUCCESS {
-            println!("tce: H_PUT_TCE_INDIRECT of {} pages at {:#x}: {}", n, first, r.status);
+            println!(
+                "tce: H_PUT_TCE_INDIRECT of {} pages at {:#x}: {}",
+                n, first, r.status
+            );
             return Err(TCE_CALL_FAILED);
         }
         let g = hcall(H_GET_TCE, &[u64::from(liobn), start + first]);
@@ -498,10 +522,27 @@ fn main(ram: u64) -> u32 {
         }
         println!("interrupts: XIVE source {} -> cpu 0 prio 6", line);
     } else if use_msi {
-        if !pci::enable_msi(dev, VECTOR) {
+        // Behind the SMMU the MSI address is an IOVA the SMMU maps to the doorbell.
+        let addr = match iommu.as_mut() {
+            Some(s) => match s.map_at(smmu::MSI_IOVA, 0xfee0_0000) {
+                Ok(()) => smmu::MSI_IOVA,
+                Err(e) => {
+                    println!("smmu: {}", e);
+                    return 21;
+                }
+            },
+            None => 0xfee0_0000,
+        };
+        if !pci::enable_msi_at(dev, addr, VECTOR) {
             return 11;
         }
         println!("interrupts: MSI vector {:#x}", VECTOR);
+        if addr != 0xfee0_0000 {
+            println!(
+                "msi: address {:#x} is an IOVA mapped to the doorbell 0xfee00000",
+                addr
+            );
+        }
     } else {
         let line = (pci::read32(dev, 0x3c) & 0xff) as u8;
         if line == 0xff || line >= 24 {
@@ -625,10 +666,79 @@ fn main(ram: u64) -> u32 {
         };
         return dma_unmap(dev, iommu, &mut nic, &f, true);
     }
+    if cmdline_value("msi") == Some("unmap") {
+        let (Some(iommu), true) = (iommu.as_mut(), use_msi) else {
+            println!("msi unmap: needs smmu= and irq=msi");
+            return 22;
+        };
+        let sid = u32::from(dev.dev) << 3 | u32::from(dev.func);
+        return msi_unmap(iommu, &mut nic, &f, sid);
+    }
     if let (Some((liobn, _)), Some("1")) = (tce, cmdline_value("tce_remove")) {
         return tce_remove(dev, liobn, &mut nic, &f);
     }
     0
+}
+
+/// `msi=unmap` (see the module documentation).
+fn msi_unmap(iommu: &mut smmu::Smmu, nic: &mut Nic, arp: &[u8], sid: u32) -> u32 {
+    while iommu.next_event().is_some() {}
+    if let Err(e) = iommu.unmap_page(smmu::MSI_IOVA) {
+        println!("msi unmap: {}", e);
+        return 26;
+    }
+    let irqs = IRQS.load(Ordering::SeqCst);
+    interrupts::enable();
+    // Three ARP exchanges, each a TX and an RX the NIC would interrupt for; the RX
+    // ring is polled (interrupts enabled, so a delivered one would be counted).
+    let mut frames = 0;
+    for _ in 0..3 {
+        if !nic.send(arp) {
+            return 13;
+        }
+        for _ in 0..2_000_000 {
+            let i = nic.rx_next;
+            // SAFETY: descriptor i of the RX ring, written by the device.
+            let d1 = unsafe { read_volatile(&(*rx_ring().add(i))[1]) };
+            if (d1 >> 32) as u8 & 1 != 0 {
+                // SAFETY: give the descriptor back.
+                unsafe { write_volatile(&mut (*rx_ring().add(i))[1], 0) };
+                mmio_write32(reg(RDT), i as u32);
+                nic.rx_next = (i + 1) % N;
+                frames += 1;
+                break;
+            }
+        }
+    }
+    interrupts::disable();
+    let delivered = IRQS.load(Ordering::SeqCst) - irqs;
+    let pending = mmio_read32(reg(ICR));
+    let ev = iommu.next_event();
+    let more = iommu.next_event().is_some();
+    let Some(ev) = ev else {
+        println!("msi unmap: no event recorded");
+        return 27;
+    };
+    println!(
+        "msi: doorbell IOVA {:#x} unmapped: event {:#x} sid {:#x} iova {:#x} {}; {} more; {} frames received, {} interrupts delivered, causes {:#x} pending",
+        smmu::MSI_IOVA,
+        ev.code,
+        ev.sid,
+        ev.iova,
+        if ev.read { "read" } else { "write" },
+        more as u32,
+        frames,
+        delivered,
+        pending
+    );
+    if ev.code != 0x10 || ev.sid != sid || ev.iova != smmu::MSI_IOVA || ev.read || more {
+        return 27;
+    }
+    if delivered != 0 || frames == 0 || pending & ICR_RXT0 == 0 {
+        return 28;
+    }
+    println!("msi: no interrupt through the unmapped doorbell, one F_TRANSLATION event");
+    MSI_UNMAPPED_FAULTED
 }
 
 /// `tce_remove=1` (see the module documentation).
@@ -649,7 +759,10 @@ fn tce_remove(dev: pci::Bdf, liobn: u32, nic: &mut Nic, arp: &[u8]) -> u32 {
     // SAFETY: descriptor t of the TX ring.
     let st = unsafe { read_volatile(&(*tx_ring().add(t))[1]) } >> 32;
     if sent || !fault || st & 1 != 0 {
-        println!("tce: DMA after remove not refused (sent {}, master abort {}, status {:#x})", sent as u32, fault as u32, st);
+        println!(
+            "tce: DMA after remove not refused (sent {}, master abort {}, status {:#x})",
+            sent as u32, fault as u32, st
+        );
         return 24;
     }
     println!("tce: device faulted after the window was removed (master abort, no write-back)");
