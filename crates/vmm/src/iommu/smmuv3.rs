@@ -55,7 +55,10 @@
 //! redoes only the runs that overlap or touch them. The shadow keeps each stream's
 //! leaves (for the widening) and its coalesced runs (what the domain holds).
 
+mod nested;
 mod range;
+
+pub use nested::{InvalidateOutcome, NestedCaps, NestedIommuPort, NestedPortError, PortFault};
 
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet};
@@ -96,6 +99,14 @@ pub enum Smmuv3Error {
     /// A stream ID that is not a PCI requester ID.
     #[error("{0}: the SMMUv3 serves PCI requester IDs only")]
     NotPci(StreamId),
+    /// A nested-mode device refused or lost a request.
+    #[error("SMMUv3 nested mode of {stream}: {err}")]
+    Nested {
+        /// The stream.
+        stream: StreamId,
+        /// Cause.
+        err: NestedPortError,
+    },
 }
 
 /// A vIOMMU the machine gives its guest (`--viommu`).
@@ -221,6 +232,8 @@ struct Inner {
     msi_faults: BTreeSet<(u32, u64)>,
     /// Invalidations consumed since the last CMD_SYNC.
     pending: range::Pending,
+    /// The streams in nested mode (by SID), not shadowed.
+    nested: BTreeMap<u32, nested::NestedStream>,
 }
 
 /// The VMM's SMMUv3 (see the module documentation).
@@ -290,6 +303,7 @@ impl Smmuv3 {
                 stats: ShadowStats::default(),
                 msi_faults: BTreeSet::new(),
                 pending: range::Pending::default(),
+                nested: BTreeMap::new(),
             }),
             mem,
             domain,
@@ -547,6 +561,19 @@ impl Smmuv3 {
         r
     }
 
+    /// The command at queue index `idx` of the queue at `base` (2^`log2` slots).
+    fn read_command(&self, base: u64, log2: u32, idx: u32) -> Option<[u64; 2]> {
+        let slot = idx & ((1u32 << log2) - 1);
+        let addr = (base & regs::Q_BASE_ADDR_MASK) + u64::from(slot) * 16;
+        let mut b = [0u8; 16];
+        SmmuMemory::read(&self.mem, addr, &mut b).ok()?;
+        let (d0, d1) = b.split_at(8);
+        Some([
+            u64::from_le_bytes(d0.try_into().ok()?),
+            u64::from_le_bytes(d1.try_into().ok()?),
+        ])
+    }
+
     /// The commands the model consumed between CMDQ_CONS `before` and now.
     fn consumed(&self, inner: &Inner, before: u32) -> Option<Vec<[u64; 2]>> {
         let base = inner.smmu.read(regs::CMDQ_BASE, 8);
@@ -557,20 +584,65 @@ impl Smmuv3 {
         if n > range::MAX_SCAN {
             return None;
         }
-        let addr = base & regs::Q_BASE_ADDR_MASK;
-        let slots = 1u32 << log2;
         (0..n)
-            .map(|i| {
-                let slot = (before.wrapping_add(i)) & (slots - 1);
-                let mut b = [0u8; 16];
-                SmmuMemory::read(&self.mem, addr + u64::from(slot) * 16, &mut b).ok()?;
-                let (d0, d1) = b.split_at(8);
-                Some([
-                    u64::from_le_bytes(d0.try_into().ok()?),
-                    u64::from_le_bytes(d1.try_into().ok()?),
-                ])
-            })
+            .map(|i| self.read_command(base, log2, before.wrapping_add(i)))
             .collect()
+    }
+
+    /// Whether a write of `v` at `offset` leaves the command queue enabled without
+    /// an active command error (so the model consumes commands at it).
+    fn consumes_after(inner: &Inner, offset: u64, v: u32) -> bool {
+        let r = |o| inner.smmu.read(o, 4) as u32;
+        let enabled = if offset == regs::CR0 { v } else { r(regs::CR0) } & regs::CR0_CMDQEN != 0;
+        let gerrorn = if offset == regs::GERRORN {
+            v
+        } else {
+            r(regs::GERRORN)
+        };
+        let error = (r(regs::GERROR) ^ gerrorn) & regs::GERROR_CMDQ_ERR != 0;
+        enabled && !error
+    }
+
+    /// The model's MMIO write, with nested-mode forwarding first: the guest's
+    /// commands go to the nested devices before the model consumes them, and a
+    /// command a device refused stops the guest's queue at its index.
+    fn model_write(&self, inner: &mut Inner, offset: u64, size: u32, v: u64) {
+        let trigger = matches!(offset, regs::CMDQ_PROD | regs::GERRORN | regs::CR0);
+        let refused = if trigger
+            && !inner.nested.is_empty()
+            && Self::consumes_after(inner, offset, v as u32)
+        {
+            let mask =
+                (2u32 << regs::queue_log2(inner.smmu.read(regs::CMDQ_BASE, 8), regs::CMDQS)) - 1;
+            let prod = if offset == regs::CMDQ_PROD {
+                v as u32 & mask
+            } else {
+                inner.smmu.read(regs::CMDQ_PROD, 4) as u32
+            };
+            self.forward(inner, prod).map(|k| (k, prod))
+        } else {
+            None
+        };
+        let Some((k, prod)) = refused else {
+            inner.smmu.write(&self.mem, offset, size, v);
+            return;
+        };
+        // Consume up to the refused command, stop there with CERROR_ILL, then let
+        // PROD be the guest's (nothing more is consumed while the error is active).
+        inner
+            .smmu
+            .write(&self.mem, regs::CMDQ_PROD, 4, u64::from(k));
+        if offset != regs::CMDQ_PROD {
+            inner.smmu.write(&self.mem, offset, size, v);
+        }
+        let mask = (2u32 << regs::queue_log2(inner.smmu.read(regs::CMDQ_BASE, 8), regs::CMDQS)) - 1;
+        let at_k = inner.smmu.read(regs::CMDQ_CONS, 4) as u32 & mask == k;
+        if at_k && Self::consumes_after(inner, regs::CMDQ_PROD, 0) {
+            inner.smmu.raise_command_error(&self.mem, regs::CERROR_ILL);
+        }
+        inner
+            .smmu
+            .write(&self.mem, regs::CMDQ_PROD, 4, u64::from(prod));
     }
 
     /// Report a DMA fault of `stream` at `iova` as the SMMU would: the model
@@ -691,14 +763,20 @@ impl BusDevice for Smmuv3 {
             let mut inner = self.inner.lock();
             let before = inner.smmu.stats().syncs;
             let cons = inner.smmu.read(regs::CMDQ_CONS, 4) as u32;
-            inner.smmu.write(&self.mem, offset, data.len() as u32, v);
+            self.model_write(&mut inner, offset, data.len() as u32, v);
             // Invalidations are complete at CMD_SYNC (the architecture's rule, and what
             // every driver waits for): re-sync once per consumed CMD_SYNC batch, only
             // the ranges it invalidated when it invalidated only ranges.
             let synced = inner.smmu.stats().syncs != before;
             let config = matches!(offset, regs::CR0 | regs::GBPA | regs::GERRORN);
             let ril = inner.smmu.read(regs::IDR3, 4) & (1 << 10) != 0;
-            let completed = match self.consumed(&inner, cons) {
+            let cmds = self.consumed(&inner, cons);
+            let nested_config = config || cmds.as_deref().is_none_or(Self::has_cfgi_ste);
+            if !inner.nested.is_empty() && nested_config {
+                // The device's errors are logged; the guest's view stays as it was.
+                let _ = self.rebind(&mut inner, None);
+            }
+            let completed = match cmds {
                 Some(cmds) => inner.pending.consume(&cmds, ril),
                 None => {
                     // Too many to classify: whatever they were, all of it.
