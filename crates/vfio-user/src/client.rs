@@ -34,6 +34,10 @@ use nestio_device_model::{
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaPeer, DmaRange, Prot};
 
 use crate::endpoint::{Endpoint, EndpointError, Incoming};
+use crate::nested_iommu::{
+    FaultInbox, InvalidateReply, IommuBind, IommuFault, IommuInvalidate, NestedIommuCap,
+    NestedIommuCaps,
+};
 use crate::proto::{
     self, dma_flags, feature, irq_set_flags, Capabilities, Command, DeviceFeature, DeviceInfoMsg,
     DmaAccess, DmaMap, DmaUnmap, IoFdsMsg, IoFdsReply, IrqInfoMsg, IrqSet, LoggingControl,
@@ -57,6 +61,10 @@ pub struct ClientConfig {
     /// closed and every call fails with `Disconnected`). None: wait forever, as a
     /// DEVICE_RESET or migration step may legitimately take long.
     pub reply_timeout: Option<std::time::Duration>,
+    /// Propose nestio's nested-IOMMU extension with these SMMUv3 parameters (what the
+    /// client's vIOMMU can describe to its guest); `None`: not proposed (the default,
+    /// so servers that do not know the key never see it).
+    pub nested_iommu: Option<NestedIommuCaps>,
 }
 
 impl Default for ClientConfig {
@@ -67,6 +75,7 @@ impl Default for ClientConfig {
             max_data_xfer_size: proto::DEFAULT_MAX_DATA_XFER,
             max_msg_fds: 64,
             reply_timeout: None,
+            nested_iommu: None,
         }
     }
 }
@@ -181,6 +190,10 @@ pub struct Client {
     max_xfer: usize,
     max_fds: usize,
     write_multiple: bool,
+    /// The negotiated nested-IOMMU parameters (`crate::nested_iommu`).
+    nested: Option<NestedIommuCaps>,
+    /// FAULT messages from the server, for [`Client::take_iommu_faults`].
+    faults: Arc<FaultInbox>,
 }
 
 fn disconnected(e: EndpointError) -> DeviceError {
@@ -222,12 +235,15 @@ impl Client {
         config: ClientConfig,
     ) -> std::result::Result<Client, ClientError> {
         let peers = Arc::new(PeerMap::default());
+        let faults = Arc::new(FaultInbox::default());
         let my_xfer = config.max_data_xfer_size.max(1) as usize;
-        let hp = peers.clone();
+        let (hp, hf) = (peers.clone(), faults.clone());
         let ep = Arc::new(Endpoint::new(
             stream,
             my_xfer.max(1 << 16) + 4096,
-            Incoming::Handle(Box::new(move |m| hp.serve(my_xfer, m))),
+            Incoming::Handle(Box::new(move |m| {
+                serve_server_command(&hp, &hf, my_xfer, m)
+            })),
             "client",
         ));
         ep.set_reply_timeout(config.reply_timeout);
@@ -242,6 +258,8 @@ impl Client {
                 config.write_multiple,
             ),
         };
+        let mut offer = offer;
+        offer.caps.nestio_nested_iommu = config.nested_iommu.clone().map(NestedIommuCap::smmuv3);
         let mut b = Vec::new();
         offer.encode_into(&mut b);
         let mut reply = ep.request(Command::Version, &b, &[])?;
@@ -267,6 +285,24 @@ impl Client {
         // sides' max_data_xfer_size, and what we accept is bounded by our own limit (or
         // the 1 MiB we allow a capability chain), never by the server's word.
         let server_xfer = (v.caps.max_data_xfer_size as usize).min(my_xfer);
+        let nested = match (&config.nested_iommu, &v.caps.nestio_nested_iommu) {
+            (
+                Some(ours),
+                Some(NestedIommuCap {
+                    smmuv3: Some(theirs),
+                }),
+            ) => ours.negotiate(theirs),
+            (None, Some(_)) => {
+                tracing::warn!(
+                    "server answered nestio_nested_iommu, which we did not propose; ignored"
+                );
+                None
+            }
+            _ => None,
+        };
+        if nested.is_some() {
+            faults.enable();
+        }
         ep.set_max_msg_size(my_xfer.max(1 << 20) + 4096);
         let mut twin = None;
         if v.caps.twin_supported() {
@@ -292,10 +328,10 @@ impl Client {
                 Incoming::Queue,
                 "client-twin",
             ));
-            let (t2, p2) = (tep.clone(), peers.clone());
+            let (t2, p2, f2) = (tep.clone(), peers.clone(), faults.clone());
             let handle = std::thread::Builder::new()
                 .name("vfio-user-twin".into())
-                .spawn(move || twin_loop(&t2, &p2, my_xfer))?;
+                .spawn(move || twin_loop(&t2, &p2, &f2, my_xfer))?;
             twin = Some((tep, handle));
         }
         drop(reply);
@@ -306,6 +342,8 @@ impl Client {
             max_xfer: server_xfer.max(1),
             max_fds: (v.caps.max_msg_fds as usize).max(1),
             write_multiple: config.write_multiple && v.caps.write_multiple,
+            nested,
+            faults,
             version: v,
             info: DeviceInfo {
                 flags: 0,
@@ -535,14 +573,28 @@ fn check_region_reply(
     Ok(())
 }
 
-fn twin_loop(ep: &Endpoint, peers: &PeerMap, max_xfer: usize) {
+/// A command from the server: DMA_READ/WRITE for the peer mappings, or a nested-IOMMU
+/// fault record for the VMM.
+fn serve_server_command(
+    peers: &PeerMap,
+    faults: &FaultInbox,
+    max_xfer: usize,
+    m: &Message,
+) -> std::result::Result<Vec<u8>, i32> {
+    if m.header.cmd == Command::NestioIommuFault as u16 {
+        return faults.deliver(m);
+    }
+    peers.serve(max_xfer, m)
+}
+
+fn twin_loop(ep: &Endpoint, peers: &PeerMap, faults: &FaultInbox, max_xfer: usize) {
     loop {
         match ep.next_command() {
             Ok(Some(m)) => {
                 let r = if m.header.check_flags().is_err() {
                     Err(libc::EINVAL)
                 } else {
-                    peers.serve(max_xfer, &m)
+                    serve_server_command(peers, faults, max_xfer, &m)
                 };
                 let res = match &r {
                     Ok(p) => ep.reply(&m.header, Ok(p), &[]),
@@ -599,6 +651,93 @@ impl Client {
             })?;
         *slot = Some(h);
         Ok(())
+    }
+}
+
+/// nestio's nested-IOMMU extension (`crate::nested_iommu`, spec in
+/// `docs/vfio-user-nested-iommu.md`).
+impl Client {
+    /// The negotiated nested-IOMMU parameters (the smaller of ours and the server's),
+    /// or `None` when [`ClientConfig::nested_iommu`] was not set or the server did not
+    /// answer the capability (then use shadow mode).
+    pub fn nested_iommu(&self) -> Option<NestedIommuCaps> {
+        self.nested.clone()
+    }
+
+    fn require_nested(&self, what: &str) -> Result<()> {
+        if self.nested.is_none() {
+            return Err(DeviceError::Unsupported(format!(
+                "{what}: the server did not negotiate the nested IOMMU extension \
+                 (propose it with ClientConfig::nested_iommu, or use shadow mode)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bind the guest's STE (dwords 0 and 1) for virtual stream `vsid`: from the reply
+    /// on, every DMA of the device goes through the guest's stage 1. Replaces an
+    /// earlier binding. EINVAL (as `DeviceError::Remote`) for an STE without stage 1.
+    pub fn iommu_bind(&self, vsid: u32, ste0: u64, ste1: u64) -> Result<()> {
+        self.require_nested("NESTIO_IOMMU_BIND")?;
+        // Faults come as server commands: without a twin socket, make sure a thread
+        // reads the main socket while the client is idle.
+        self.ensure_idle_reader()?;
+        let mut b = Vec::with_capacity(IommuBind::SIZE);
+        IommuBind { vsid, ste0, ste1 }.encode_into(&mut b);
+        self.call("NESTIO_IOMMU_BIND", Command::NestioIommuBind, &b, &[])?;
+        Ok(())
+    }
+
+    /// Drop the binding: the device's DMA addresses are IPAs (stage 2 only) again.
+    pub fn iommu_unbind(&self) -> Result<()> {
+        self.require_nested("NESTIO_IOMMU_UNBIND")?;
+        self.call("NESTIO_IOMMU_UNBIND", Command::NestioIommuUnbind, &[], &[])?;
+        Ok(())
+    }
+
+    /// Forward the guest's raw 16-byte SMMUv3 commands (TLBI_NH_*, CFGI_CD*, CMD_SYNC)
+    /// in order, in messages of at most 256. Returns once every DMA that used an
+    /// invalidated translation has completed. `done` counts the commands executed;
+    /// a nonzero `cerror` (`CERROR_ILL`) is for the command at index `done`, and
+    /// nothing after it was sent. An empty list sends nothing.
+    pub fn iommu_invalidate(&self, commands: &[[u8; 16]]) -> Result<InvalidateReply> {
+        self.require_nested("NESTIO_IOMMU_INVALIDATE")?;
+        let mut total = InvalidateReply::default();
+        let mut b = Vec::with_capacity(IommuInvalidate::HEAD + 16 * commands.len().min(256));
+        for chunk in commands.chunks(crate::nested_iommu::MAX_COMMANDS) {
+            b.clear();
+            IommuInvalidate::encode_into(chunk, &mut b);
+            let m = self.call(
+                "NESTIO_IOMMU_INVALIDATE",
+                Command::NestioIommuInvalidate,
+                &b,
+                &[],
+            )?;
+            let r = InvalidateReply::decode(&m.payload)
+                .map_err(|e| bad_reply("NESTIO_IOMMU_INVALIDATE", e))?;
+            let n = chunk.len() as u32;
+            if r.done > n || (r.cerror == 0) != (r.done == n) {
+                return Err(bad_reply(
+                    "NESTIO_IOMMU_INVALIDATE",
+                    format!("done {} cerror {} for {n} commands", r.done, r.cerror),
+                ));
+            }
+            total.done += r.done;
+            if r.cerror != 0 {
+                total.cerror = r.cerror;
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    /// The fault records the server reports (once: later calls return `None`; also
+    /// `None` without the extension). Each carries the guest's vSID as StreamID; put
+    /// it in the guest's event queue. At most 1024 wait here: a full queue drops new
+    /// records and flags the next one delivered `lost_before`.
+    pub fn take_iommu_faults(&self) -> Option<std::sync::mpsc::Receiver<IommuFault>> {
+        self.nested.as_ref()?;
+        self.faults.take_receiver()
     }
 }
 

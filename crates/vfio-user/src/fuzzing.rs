@@ -225,6 +225,7 @@ fn client_run(data: &[u8]) -> usize {
         // A silent server costs one timeout: the connection is closed after it, and
         // every later call fails at once.
         reply_timeout: Some(std::time::Duration::from_millis(25)),
+        nested_iommu: None,
     };
     let Ok((client_end, server_end)) = UnixStream::pair() else {
         return 0;
@@ -810,12 +811,24 @@ fn build_reply(
             }
             .encode_into(&mut b);
         }
+        Request::IommuInvalidate(i) => {
+            let n = i.commands.len() as u32;
+            let done = if s.b() & 1 != 0 { s.u32() % (n + 2) } else { n };
+            crate::nested_iommu::InvalidateReply {
+                done,
+                cerror: u32::from(done < n),
+            }
+            .encode_into(&mut b)
+        }
         Request::SetIrqs(_)
         | Request::Reset
         | Request::DmaMap(_)
         | Request::MigDataWrite(_)
         | Request::DmaRead(_)
-        | Request::DmaWrite(_) => {}
+        | Request::DmaWrite(_)
+        | Request::IommuBind(_)
+        | Request::IommuUnbind
+        | Request::IommuFault(_) => {}
     }
     (b, fds)
 }

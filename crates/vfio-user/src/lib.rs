@@ -10,6 +10,8 @@
 //!   handshake bounded, a second client refused with EBUSY, the device released when its
 //!   owner leaves);
 //! - [`client`]: `Client`, a `VfioDevice` backed by a remote server;
+//! - [`nested_iommu`]: nestio's extension giving the device the guest's SMMUv3 stage 1
+//!   (capability, BIND/UNBIND/INVALIDATE/FAULT, the server's bound DMA space);
 //! - [`testdev`]: a small device used by tests, the fuzzer and the benchmark;
 //! - [`bench`]: round-trip and throughput measurement.
 
@@ -19,6 +21,7 @@ pub mod client;
 pub mod endpoint;
 #[cfg(feature = "harness")]
 pub mod fuzzing;
+pub mod nested_iommu;
 pub mod proto;
 pub mod server;
 pub mod socket;

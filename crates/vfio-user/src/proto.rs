@@ -483,6 +483,14 @@ pub enum Command {
     MigDataRead = 17,
     /// Write migration data.
     MigDataWrite = 18,
+    /// nestio extension: bind the guest's stage-1 STE (`crate::nested_iommu`).
+    NestioIommuBind = 0x1001,
+    /// nestio extension: unbind stage 1.
+    NestioIommuUnbind = 0x1002,
+    /// nestio extension: forward the guest's invalidation commands.
+    NestioIommuInvalidate = 0x1003,
+    /// nestio extension: a fault record, server to client.
+    NestioIommuFault = 0x1004,
 }
 
 impl Command {
@@ -508,6 +516,10 @@ impl Command {
             16 => DeviceFeature,
             17 => MigDataRead,
             18 => MigDataWrite,
+            0x1001 => NestioIommuBind,
+            0x1002 => NestioIommuUnbind,
+            0x1003 => NestioIommuInvalidate,
+            0x1004 => NestioIommuFault,
             _ => return None,
         })
     }
@@ -576,6 +588,10 @@ pub struct Capabilities {
     /// Legacy migration capability.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<LegacyMigration>,
+    /// nestio's nested-IOMMU extension (`crate::nested_iommu`): sent by a client that
+    /// asks for it, answered only to such a client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nestio_nested_iommu: Option<crate::nested_iommu::NestedIommuCap>,
 }
 
 impl Default for Capabilities {
@@ -588,6 +604,7 @@ impl Default for Capabilities {
             twin_socket: None,
             write_multiple: false,
             migration: None,
+            nestio_nested_iommu: None,
         }
     }
 }
@@ -656,6 +673,7 @@ impl Capabilities {
                 pgsize: portable::PGSIZE,
                 max_bitmap_size: u64::from(max_data_xfer_size).min(portable::MAX_BITMAP),
             }),
+            nestio_nested_iommu: None,
         }
     }
 
@@ -679,6 +697,7 @@ impl Capabilities {
             }),
             write_multiple,
             migration: None,
+            nestio_nested_iommu: None,
         }
     }
 }
@@ -1799,6 +1818,14 @@ pub enum Request<'a> {
     MigDataRead(MigData<'a>),
     /// MIG_DATA_WRITE.
     MigDataWrite(MigData<'a>),
+    /// NESTIO_IOMMU_BIND.
+    IommuBind(crate::nested_iommu::IommuBind),
+    /// NESTIO_IOMMU_UNBIND.
+    IommuUnbind,
+    /// NESTIO_IOMMU_INVALIDATE.
+    IommuInvalidate(crate::nested_iommu::IommuInvalidate),
+    /// NESTIO_IOMMU_FAULT (server to client).
+    IommuFault(crate::nested_iommu::IommuFault),
 }
 
 impl<'a> Request<'a> {
@@ -1827,6 +1854,19 @@ impl<'a> Request<'a> {
             Command::DeviceFeature => Request::Feature(DeviceFeature::decode(p)?),
             Command::MigDataRead => Request::MigDataRead(MigData::decode(p, false)?),
             Command::MigDataWrite => Request::MigDataWrite(MigData::decode(p, true)?),
+            Command::NestioIommuBind => {
+                Request::IommuBind(crate::nested_iommu::IommuBind::decode(p)?)
+            }
+            Command::NestioIommuUnbind => {
+                Cursor::new(p, "NESTIO_IOMMU_UNBIND").finish()?;
+                Request::IommuUnbind
+            }
+            Command::NestioIommuInvalidate => {
+                Request::IommuInvalidate(crate::nested_iommu::IommuInvalidate::decode(p)?)
+            }
+            Command::NestioIommuFault => {
+                Request::IommuFault(crate::nested_iommu::IommuFault::decode(p)?)
+            }
         })
     }
 }
@@ -1859,6 +1899,8 @@ pub enum Reply<'a> {
     Feature(DeviceFeature<'a>),
     /// MIG_DATA_READ.
     MigData(MigData<'a>),
+    /// NESTIO_IOMMU_INVALIDATE.
+    IommuInvalidate(crate::nested_iommu::InvalidateReply),
 }
 
 impl<'a> Reply<'a> {
@@ -1885,6 +1927,12 @@ impl<'a> Reply<'a> {
             Command::RegionWriteMulti => Reply::WriteMulti(decode_write_multi_reply(p)?),
             Command::DeviceFeature => Reply::Feature(DeviceFeature::decode(p)?),
             Command::MigDataRead => Reply::MigData(MigData::decode(p, true)?),
+            Command::NestioIommuBind | Command::NestioIommuUnbind | Command::NestioIommuFault => {
+                empty("reply")?
+            }
+            Command::NestioIommuInvalidate => {
+                Reply::IommuInvalidate(crate::nested_iommu::InvalidateReply::decode(p)?)
+            }
         })
     }
 }
@@ -1904,6 +1952,10 @@ pub fn fuzz_decode(data: &[u8]) {
     let _ = RegionInfoReply::decode(p);
     let _ = LoggingControl::decode(p);
     let _ = LoggingReport::decode(p);
+    let _ = crate::nested_iommu::IommuBind::decode(p);
+    let _ = crate::nested_iommu::IommuInvalidate::decode(p);
+    let _ = crate::nested_iommu::InvalidateReply::decode(p);
+    let _ = crate::nested_iommu::IommuFault::decode(p);
 }
 
 #[cfg(test)]
@@ -2231,6 +2283,22 @@ mod tests {
         }
         .encode_into(&mut b);
         v.push((Command::MigDataWrite, std::mem::take(&mut b)));
+        crate::nested_iommu::IommuBind {
+            vsid: 8,
+            ste0: 0xb,
+            ste1: 0,
+        }
+        .encode_into(&mut b);
+        v.push((Command::NestioIommuBind, std::mem::take(&mut b)));
+        crate::nested_iommu::IommuInvalidate::encode_into(&[[0x12; 16], [0x46; 16]], &mut b);
+        v.push((Command::NestioIommuInvalidate, std::mem::take(&mut b)));
+        crate::nested_iommu::IommuFault {
+            lost_before: false,
+            sequence: 1,
+            record: [0x10; 32],
+        }
+        .encode_into(&mut b);
+        v.push((Command::NestioIommuFault, std::mem::take(&mut b)));
         v
     }
 

@@ -48,6 +48,7 @@ use nestio_device_model::{region_flags, DeviceError, IrqAction, IrqData, MigStat
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaPeer, DmaRange, Prot};
 
 use crate::endpoint::{Endpoint, EndpointError, Incoming};
+use crate::nested_iommu::{self, IommuBind, NestedSession};
 use crate::proto::{
     self, dma_flags, feature, irq_set_flags, Capabilities, Command, DeviceFeature, DeviceInfoMsg,
     DmaAccess, DmaMap, DmaUnmap, IoFdEntry, IoFdsMsg, IoFdsReply, IrqInfoMsg, IrqSet,
@@ -84,6 +85,10 @@ pub struct ServerConfig {
     /// EBUSY. A client that closes and reconnects at once (a VMM restarting) races with
     /// the server noticing the close; this grace covers that race.
     pub busy_grace: Duration,
+    /// Answer a client's `nestio_nested_iommu` proposal (the device walks the guest's
+    /// stage 1, `crate::nested_iommu`) when the device has a DMA port. Off: the
+    /// capability is never answered, so the client falls back to shadowing.
+    pub nested_iommu: bool,
 }
 
 /// Who may talk to the server, by the peer's effective uid at connect time.
@@ -144,6 +149,7 @@ impl Default for ServerConfig {
             peers: PeerPolicy::own_uid(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             busy_grace: DEFAULT_BUSY_GRACE,
+            nested_iommu: true,
         }
     }
 }
@@ -499,6 +505,7 @@ impl Server {
             exclusive,
             owner: false,
             out: Vec::with_capacity(4096),
+            nested: NestedSession::default(),
         };
         let handshake = self
             .config
@@ -607,6 +614,8 @@ struct Session<'a> {
     /// This session owns the device (its VERSION was accepted).
     owner: bool,
     out: Vec<u8>,
+    /// The nested-IOMMU extension's state (`crate::nested_iommu`).
+    nested: NestedSession,
 }
 
 /// What a handler hands back: fds to attach to the reply.
@@ -633,6 +642,8 @@ impl Session<'_> {
     /// The connection is over: close it; if it owned the device, release the device and
     /// let the next owner in.
     fn cleanup(&mut self) {
+        let server = self.server;
+        self.nested.end(server.device.dma_port());
         self.ep.shutdown("session ended");
         if let Some(t) = self.twin.take() {
             t.shutdown("session ended");
@@ -679,6 +690,11 @@ impl Session<'_> {
             return Ok(Flow::Continue);
         }
         let r = match Request::decode(h.cmd, &m.payload) {
+            // An extension command without the capability: ENOTSUP, whatever it holds.
+            _ if nested_iommu::is_extension(h.cmd) && !self.nested.negotiated() => {
+                tracing::warn!(cmd = h.cmd, "nested IOMMU command without the capability");
+                Err(libc::ENOTSUP)
+            }
             Ok(req) => self.dispatch(req, &m),
             Err(e) => {
                 tracing::warn!(cmd = h.cmd, error = %e, "malformed request");
@@ -731,6 +747,11 @@ impl Session<'_> {
         } else {
             None
         };
+        caps.nestio_nested_iommu = self.nested.negotiate(
+            cfg.nested_iommu,
+            self.device().dma_port().is_some(),
+            v.caps.nestio_nested_iommu.as_ref(),
+        );
         let twin = client_end.is_some();
         if twin {
             caps.twin_socket = Some(TwinSocket {
@@ -840,7 +861,39 @@ impl Session<'_> {
             }
             Request::MigDataRead(d) => self.mig_data_read(d, m),
             Request::MigDataWrite(d) => self.mig_data_write(d, m),
+            Request::IommuBind(b) => self.iommu_bind(b, m),
+            Request::IommuUnbind => {
+                Self::no_fds(m)?;
+                let server = self.server;
+                let port = server.device.dma_port().ok_or(libc::ENOTSUP)?;
+                self.nested.unbind(port).map_err(|e| e.errno())?;
+                Ok(Vec::new())
+            }
+            Request::IommuInvalidate(i) => {
+                Self::no_fds(m)?;
+                let r = self.nested.invalidate(&i).map_err(|e| e.errno())?;
+                r.encode_into(&mut self.out);
+                Ok(Vec::new())
+            }
+            Request::IommuFault(_) => {
+                tracing::warn!("client sent NESTIO_IOMMU_FAULT, a server->client command");
+                Err(libc::EINVAL)
+            }
         }
+    }
+
+    /// NESTIO_IOMMU_BIND: the device's DMA goes through the guest's stage 1 from the
+    /// reply on (`crate::nested_iommu`); faults go out on the twin socket if any.
+    fn iommu_bind(&mut self, b: IommuBind, m: &Message) -> Result<Fds, i32> {
+        Self::no_fds(m)?;
+        let server = self.server;
+        let port = server.device.dma_port().ok_or(libc::ENOTSUP)?;
+        let ep = self.twin.as_ref().unwrap_or(&self.ep).clone();
+        self.nested.bind(port, b, &ep).map_err(|e| {
+            tracing::warn!(error = %e, "nested IOMMU BIND refused");
+            e.errno()
+        })?;
+        Ok(Vec::new())
     }
 
     /// DMA_MAP: the client's memory by fd (mapped in place) or, without an fd, reached

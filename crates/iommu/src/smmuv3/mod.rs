@@ -37,6 +37,7 @@ pub mod memory;
 pub mod regs;
 pub mod stage1_dma;
 pub mod ste;
+pub mod tables;
 pub mod walk;
 
 use std::collections::HashMap;

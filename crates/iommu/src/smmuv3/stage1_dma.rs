@@ -19,7 +19,7 @@
 //! Status: the device side of nested mode; the vfio-user negotiation that binds it
 //! (`docs/vfio-user-nested-iommu.md`) is not wired yet.
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::sync::Arc;
 
 use nestio_dma::{Access, DmaError, DmaSpace};
@@ -52,6 +52,12 @@ pub enum Stage1Error {
     /// The model refused the command (illegal operands).
     #[error("the forwarded command was illegal (CERROR {0})")]
     Illegal(u32),
+}
+
+/// Opcodes a guest may forward to a device: TLBI_NH_ALL/ASID/VA/VAA, CFGI_CD,
+/// CFGI_CD_ALL and CMD_SYNC.
+pub fn forwardable(opcode: u8) -> bool {
+    matches!(opcode, 0x10..=0x13 | 0x05 | 0x06 | 0x46)
 }
 
 /// The device's DMA space with the private SMMU structures overlaid.
@@ -95,6 +101,8 @@ struct State {
     smmu: Smmu,
     prod: u32,
     evt_cons: u32,
+    /// `Stats::events_lost` already reported by [`Stage1Dma::drain_events`].
+    lost_seen: u64,
 }
 
 /// A device's DMA through the guest's bound stage 1 (see the module docs).
@@ -102,6 +110,9 @@ pub struct Stage1Dma {
     mem: Overlay,
     state: Mutex<State>,
     vsid: u32,
+    /// Held shared by every access from its first translation to its last byte,
+    /// exclusively by [`Stage1Dma::quiesce`].
+    inflight: RwLock<()>,
 }
 
 impl Stage1Dma {
@@ -132,21 +143,37 @@ impl Stage1Dma {
                 smmu,
                 prod: 0,
                 evt_cons: 0,
+                lost_seen: 0,
             }),
             vsid,
+            inflight: RwLock::new(()),
         })
+    }
+
+    /// The guest's virtual stream ID this binding reports faults with.
+    pub fn vsid(&self) -> u32 {
+        self.vsid
+    }
+
+    /// Wait until every access that started before this call has finished (see the
+    /// module docs: call it after invalidating, before acknowledging).
+    pub fn quiesce(&self) {
+        drop(self.inflight.write());
     }
 
     /// Execute one of the guest's commands forwarded raw (TLBI_NH_ALL/ASID/VA/VAA,
     /// CFGI_CD, CFGI_CD_ALL, CMD_SYNC); the SID operand of CFGI_CD* is ignored (this
-    /// space has one stream).
+    /// space has one stream). A CMD_SYNC's completion signal is dropped (no MSI is
+    /// written anywhere: the caller's reply is the completion); a reserved CS value is
+    /// still illegal.
     pub fn command(&self, raw: [u64; 2]) -> Result<(), Stage1Error> {
         let op = raw[0] as u8;
-        let d0 = match op {
+        let (d0, d1) = match op {
             // The VMID operand is the guest's: this space has one (0).
-            0x10..=0x13 => raw[0] & !(0xffff << 32),
-            0x46 => raw[0],
-            0x05 | 0x06 => raw[0] & 0xffff_ffff,
+            0x10..=0x13 => (raw[0] & !(0xffff << 32), raw[1]),
+            0x46 if (raw[0] >> 12) & 3 == 3 => return Err(Stage1Error::Illegal(regs::CERROR_ILL)),
+            0x46 => (raw[0] & 0xff, 0),
+            0x05 | 0x06 => (raw[0] & 0xffff_ffff, raw[1]),
             _ => return Err(Stage1Error::NotForwardable(op)),
         };
         let mut st = self.state.lock();
@@ -154,7 +181,7 @@ impl Stage1Dma {
         let slot = CMDQ + u64::from(st.prod & ((1 << QLOG2) - 1)) * 16;
         let mut rec = [0u8; 16];
         rec[..8].copy_from_slice(&d0.to_le_bytes());
-        rec[8..].copy_from_slice(&raw[1].to_le_bytes());
+        rec[8..].copy_from_slice(&d1.to_le_bytes());
         self.mem
             .write(slot, &rec)
             .map_err(|_| Stage1Error::Illegal(regs::CERROR_ABT))?;
@@ -179,6 +206,13 @@ impl Stage1Dma {
 
     /// The events recorded since the last call, with the guest's virtual SID.
     pub fn take_events(&self) -> Vec<Event> {
+        self.drain_events().0
+    }
+
+    /// [`Stage1Dma::take_events`], plus how many events the private queue dropped
+    /// since the last call (it holds 64; the caller drains it after every fault, so
+    /// only many concurrent faulting DMAs can overflow it).
+    pub fn drain_events(&self) -> (Vec<Event>, u64) {
         let mut st = self.state.lock();
         let prod = st.smmu.read(regs::EVENTQ_PROD, 4) as u32;
         let mask = (1u32 << (QLOG2 + 1)) - 1;
@@ -196,23 +230,27 @@ impl Stage1Dma {
         }
         let cons = u64::from(st.evt_cons | (prod & regs::EVENTQ_OVFLG));
         st.smmu.write(&self.mem, regs::EVENTQ_CONS, 4, cons);
-        out
+        let lost_total = st.smmu.stats().events_lost;
+        let lost = lost_total - st.lost_seen;
+        st.lost_seen = lost_total;
+        (out, lost)
     }
 
-    /// Translate `len` bytes at IOVA `iova` into IPA pieces, calling `f(ipa, off,
-    /// len)` for each page-bounded piece.
-    fn each(
+    /// Translate `len` bytes at IOVA `iova` into page-bounded IPA pieces `(ipa, off,
+    /// len)`, all of them before any access (a fault anywhere touches nothing).
+    fn pieces(
         &self,
         iova: u64,
         len: usize,
         access: Access,
-        mut f: impl FnMut(u64, usize, usize) -> Result<(), DmaError>,
-    ) -> Result<(), DmaError> {
+    ) -> Result<Vec<(u64, usize, usize)>, DmaError> {
         let end = iova.checked_add(len as u64).ok_or(DmaError::Overflow {
             iova,
             len: len as u64,
         })?;
+        let mut out = Vec::with_capacity(1);
         let mut a = iova;
+        let mut st = self.state.lock();
         while a < end {
             let t = Transaction {
                 sid: 0,
@@ -220,8 +258,7 @@ impl Stage1Dma {
                 addr: a,
                 write: access == Access::Write,
             };
-            let r = self.state.lock().smmu.translate(&self.mem, t);
-            let tr = match r {
+            let tr = match st.smmu.translate(&self.mem, t) {
                 Ok(tr) => tr,
                 Err(TranslateError::Fault { event, .. })
                     if event.code == super::evtq::code::F_PERMISSION =>
@@ -238,25 +275,27 @@ impl Stage1Dma {
             };
             let page = 1u64 << tr.size_bits.min(12);
             let n = (page - (a & (page - 1))).min(end - a);
-            f(tr.addr, (a - iova) as usize, n as usize)?;
+            out.push((tr.addr, (a - iova) as usize, n as usize));
             a += n;
         }
-        Ok(())
+        Ok(out)
     }
 }
 
 impl DmaSpace for Stage1Dma {
     fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        let lower = self.mem.lower.clone();
-        self.each(iova, buf.len(), Access::Read, |ipa, off, n| {
-            lower.read(ipa, &mut buf[off..off + n])
-        })
+        let _inflight = self.inflight.read();
+        for (ipa, off, n) in self.pieces(iova, buf.len(), Access::Read)? {
+            self.mem.lower.read(ipa, &mut buf[off..off + n])?;
+        }
+        Ok(())
     }
     fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
-        let lower = self.mem.lower.clone();
-        self.each(iova, data.len(), Access::Write, |ipa, off, n| {
-            lower.write(ipa, &data[off..off + n])
-        })
+        let _inflight = self.inflight.read();
+        for (ipa, off, n) in self.pieces(iova, data.len(), Access::Write)? {
+            self.mem.lower.write(ipa, &data[off..off + n])?;
+        }
+        Ok(())
     }
 }
 
