@@ -24,11 +24,15 @@ fn run(dev: DeviceConfig, extra: &str) -> (StopReason, String) {
 }
 
 fn run_irq(dev: DeviceConfig, irq: &str, extra: &str) -> (StopReason, String) {
+    run_mode(Viommu::Smmuv3, dev, irq, extra)
+}
+
+fn run_mode(mode: Viommu, dev: DeviceConfig, irq: &str, extra: &str) -> (StopReason, String) {
     let (console, buf) = common::console();
     let mut cfg = VmConfig::new(payloads::E1000PING);
     cfg.console = console;
     cfg.cmdline = format!("irq={irq} smmu={:#x} {extra}", PLATFORM_MMIO_WINDOW.0);
-    cfg.viommu = Some(Viommu::Smmuv3);
+    cfg.viommu = Some(mode);
     cfg.devices.push(dev);
     let report = Vm::new(cfg).unwrap().run().unwrap();
     (report.outcome, common::text(&buf))
@@ -110,6 +114,80 @@ fn an_unmapped_doorbell_iova_is_one_event_and_no_interrupt() {
         "{out}"
     );
     assert!(out.contains("0 interrupts delivered"), "{out}");
+    println!("{out}");
+}
+
+fn remote_e1000(p: &DeviceProcess) -> DeviceConfig {
+    DeviceConfig::VfioUser {
+        socket: p.socket.clone(),
+    }
+}
+
+#[test]
+fn nested_mode_pings_through_tables_the_vmm_never_saw_invalidated() {
+    // The guest maps its rings without any invalidation (as Linux does). In nested
+    // mode the e1000 server walks the guest's live stage 1 itself and pings; the
+    // shadowing VMM (the control) never learns of the mappings and the ping fails.
+    if !common::kvm_or_skip("nested_mode_pings_through_tables_the_vmm_never_saw_invalidated") {
+        return;
+    }
+    let p = DeviceProcess::start("e1000");
+    let (outcome, out) = run_mode(
+        Viommu::Smmuv3Nested,
+        remote_e1000(&p),
+        "intx",
+        "smmu_map=noinval",
+    );
+    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
+    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+    drop(p);
+    let p = DeviceProcess::start("e1000");
+    let (outcome, out) = run_mode(Viommu::Smmuv3, remote_e1000(&p), "intx", "smmu_map=noinval");
+    assert_ne!(
+        outcome,
+        StopReason::GuestExit(0),
+        "shadow mode cannot see it: {out}"
+    );
+    assert!(!out.contains("ping: echo reply"), "{out}");
+}
+
+#[test]
+fn nested_mode_with_msi_through_a_doorbell_iova() {
+    if !common::kvm_or_skip("nested_mode_with_msi_through_a_doorbell_iova") {
+        return;
+    }
+    let p = DeviceProcess::start("e1000");
+    let (outcome, out) = run_mode(Viommu::Smmuv3Nested, remote_e1000(&p), "msi", "");
+    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
+    assert!(
+        out.contains("msi: address 0x803fe00000 is an IOVA"),
+        "{out}"
+    );
+    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+}
+
+#[test]
+fn nested_mode_device_faults_are_the_guests_events() {
+    // A page unmapped under the live RX ring: the device's own stage-1 walk faults,
+    // the fault record comes back over vfio-user and the VMM puts it in the guest's
+    // event queue with the guest's SID and the IOVA (a write: RnW clear).
+    if !common::kvm_or_skip("nested_mode_device_faults_are_the_guests_events") {
+        return;
+    }
+    let p = DeviceProcess::start("e1000");
+    let (outcome, out) = run_mode(Viommu::Smmuv3Nested, remote_e1000(&p), "intx", "dma=unmap");
+    assert_eq!(outcome, StopReason::GuestExit(8), "console: {out}");
+    assert!(out.contains("buffer untouched"), "{out}");
+    let iova = out
+        .lines()
+        .find_map(|l| l.strip_prefix("dma unmap: iova "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the unmapped IOVA")
+        .to_string();
+    assert!(
+        out.contains(&format!("dma unmap: event 0x10 sid 0x8 iova {iova} read 0")),
+        "F_TRANSLATION for SID 8 at {iova}: {out}"
+    );
     println!("{out}");
 }
 

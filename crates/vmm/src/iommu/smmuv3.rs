@@ -57,6 +57,7 @@
 
 mod nested;
 mod range;
+mod remote_port;
 
 pub use nested::{InvalidateOutcome, NestedCaps, NestedIommuPort, NestedPortError, PortFault};
 
@@ -116,26 +117,35 @@ pub enum Viommu {
     /// payload finds it at [`crate::platform::PLATFORM_MMIO_WINDOW`]`.0`), shadowing
     /// the guest's translation into DMA_MAP/UNMAP.
     Smmuv3,
+    /// The same SMMUv3 in nested mode ([`nested`]): vfio-user devices whose server
+    /// negotiates nestio's nested-IOMMU extension walk the guest's stage 1
+    /// themselves; the others are shadowed.
+    Smmuv3Nested,
 }
 
 impl std::str::FromStr for Viommu {
     type Err = String;
-    /// `smmuv3` or `smmuv3,mode=shadow`.
+    /// `smmuv3`, `smmuv3,mode=shadow` or `smmuv3,mode=nested`.
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
         if parts.next() != Some("smmuv3") {
-            return Err(format!("{s:?}: the only vIOMMU is smmuv3[,mode=shadow]"));
+            return Err(format!(
+                "{s:?}: the only vIOMMU is smmuv3[,mode=shadow|nested]"
+            ));
         }
+        let mut v = Viommu::Smmuv3;
         for opt in parts {
-            match opt {
-                "mode=shadow" => {}
-                "mode=nested" => {
-                    return Err("smmuv3 mode=nested is not implemented yet: use mode=shadow".into())
+            v = match opt {
+                "mode=shadow" => Viommu::Smmuv3,
+                "mode=nested" => Viommu::Smmuv3Nested,
+                other => {
+                    return Err(format!(
+                        "{other:?}: smmuv3 takes mode=shadow or mode=nested"
+                    ))
                 }
-                other => return Err(format!("{other:?}: smmuv3 takes mode=shadow")),
-            }
+            };
         }
-        Ok(Viommu::Smmuv3)
+        Ok(v)
     }
 }
 
@@ -1213,10 +1223,14 @@ mod tests {
     fn viommu_option() {
         assert_eq!("smmuv3".parse::<Viommu>(), Ok(Viommu::Smmuv3));
         assert_eq!("smmuv3,mode=shadow".parse::<Viommu>(), Ok(Viommu::Smmuv3));
-        assert!("smmuv3,mode=nested"
+        assert_eq!(
+            "smmuv3,mode=nested".parse::<Viommu>(),
+            Ok(Viommu::Smmuv3Nested)
+        );
+        assert!("smmuv3,mode=both"
             .parse::<Viommu>()
             .unwrap_err()
-            .contains("not implemented"));
+            .contains("mode=shadow or mode=nested"));
         assert!("intel".parse::<Viommu>().is_err());
         assert!("smmuv3,x=1".parse::<Viommu>().is_err());
     }
