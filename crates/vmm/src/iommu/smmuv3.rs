@@ -469,7 +469,9 @@ impl Smmuv3 {
         }
         let size = 1u64 << tr.size_bits;
         let base = addr & !(size - 1);
-        let gpa = tr.addr - (addr - base);
+        let Some(gpa) = tr.addr.checked_sub(addr - base) else {
+            return Ok(None);
+        };
         let prot = prot_of(tr.perm);
         let inside = gpa.checked_add(size).is_some_and(|e| e <= self.ram_size);
         Ok((inside && prot != Prot::NONE).then_some((base, gpa, size, prot)))
