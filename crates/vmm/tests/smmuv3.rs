@@ -192,6 +192,29 @@ fn nested_mode_device_faults_are_the_guests_events() {
 }
 
 #[test]
+fn nested_mode_a_read_only_page_is_a_permission_event() {
+    // The same with the page left mapped read-only: the device's walk finds a
+    // permission fault (F_PERMISSION, 0x13) and reports it.
+    if !common::kvm_or_skip("nested_mode_a_read_only_page_is_a_permission_event") {
+        return;
+    }
+    let p = DeviceProcess::start("e1000");
+    let (outcome, out) = run_mode(
+        Viommu::Smmuv3Nested,
+        remote_e1000(&p),
+        "intx",
+        "dma=readonly",
+    );
+    assert_eq!(outcome, StopReason::GuestExit(8), "console: {out}");
+    assert!(out.contains("made read-only under the live ring"), "{out}");
+    assert!(out.contains("buffer untouched"), "{out}");
+    assert!(
+        out.contains("dma unmap: event 0x13 sid 0x8 iova 0x80"),
+        "{out}"
+    );
+}
+
+#[test]
 fn dma_to_a_page_unmapped_under_the_live_ring_is_refused() {
     if !common::kvm_or_skip("dma_to_a_page_unmapped_under_the_live_ring_is_refused") {
         return;
