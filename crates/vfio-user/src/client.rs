@@ -16,6 +16,14 @@
 //! own (a NIC receiving while its driver is idle) is served too. That thread costs each
 //! request a hand-off, so it is started only when memory is mapped by message.
 //!
+//! Nested IOMMU (nestio's extension, [`crate::nested_iommu`]): proposed in VERSION only
+//! when [`ClientConfig::nested_iommu`] is set; once negotiated, [`Client::iommu_bind`],
+//! [`Client::iommu_unbind`] and [`Client::iommu_invalidate`] are plain requests, and the
+//! server's FAULT records are taken wherever server commands are served (twin socket or
+//! the main socket's reader; `iommu_bind` starts the idle reader without a twin socket)
+//! and queued for [`Client::take_iommu_faults`]. Without negotiation these methods fail
+//! locally with `DeviceError::Unsupported` and nothing is sent.
+//!
 //! A server that goes away turns every call into `DeviceError::Disconnected`; no call
 //! hangs on a dead socket.
 

@@ -1,7 +1,8 @@
 //! Entry points for the fuzz targets (kept in the crate so each target is two lines).
 //!
 //! [`fuzz_dispatch`] plays a client: it negotiates VERSION (with a twin socket, whose
-//! DMA requests it answers with EFAULT so the server never waits forever), writes the
+//! DMA requests it answers with EFAULT so the server never waits forever, and the
+//! nested-IOMMU extension, so BIND/INVALIDATE/UNBIND reach their handlers), writes the
 //! fuzz bytes as the rest of the stream, closes its write side and drains every reply
 //! until the server ends the session. The server must neither panic nor hang.
 //!
@@ -21,6 +22,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
+use crate::nested_iommu::{NestedIommuCap, NestedIommuCaps};
 use crate::proto::{Capabilities, Command, Header, TwinSocket, Version};
 use crate::server::{Server, ServerConfig};
 use crate::socket::{recv_message, send_message};
@@ -63,6 +65,7 @@ fn drive<'s>(s: &'s std::thread::Scope<'s, '_>, client: &UnixStream, data: &[u8]
                 fd_index: None,
             }),
             write_multiple: true,
+            nestio_nested_iommu: Some(NestedIommuCap::smmuv3(NestedIommuCaps::default())),
             ..Capabilities::default()
         },
     };
@@ -225,7 +228,8 @@ fn client_run(data: &[u8]) -> usize {
         // A silent server costs one timeout: the connection is closed after it, and
         // every later call fails at once.
         reply_timeout: Some(std::time::Duration::from_millis(25)),
-        nested_iommu: None,
+        // v0 bit 6: propose the nested-IOMMU extension.
+        nested_iommu: (v0 & 0x40 != 0).then(NestedIommuCaps::default),
     };
     let Ok((client_end, server_end)) = UnixStream::pair() else {
         return 0;
@@ -385,6 +389,30 @@ fn run_client(stream: UnixStream, config: crate::ClientConfig, p: &mut Script<'_
         t.join().unwrap_or(0)
     });
     count(other > 0);
+    // The nested-IOMMU extension (refused locally unless negotiated).
+    let negotiated = c.nested_iommu();
+    if let Some(n) = &negotiated {
+        assert!(n.version >= 1 && n.ias >= 32 && n.oas >= 32 && !n.granules.is_empty());
+    }
+    let faults = c.take_iommu_faults();
+    assert_eq!(faults.is_some(), negotiated.is_some());
+    count(c.iommu_bind(p.u32(), p.u64() | 0xb, p.u64()).is_ok());
+    let cmds: Vec<[u8; 16]> = (0..1 + usize::from(p.b()) * 2)
+        .map(|i| {
+            let mut c = [0u8; 16];
+            c[0] = [0x10, 0x12, 0x46, 0x05][i % 4];
+            c
+        })
+        .collect();
+    if let Ok(r) = c.iommu_invalidate(&cmds) {
+        assert!(r.done as usize <= cmds.len());
+        assert_eq!(r.cerror == 0, r.done as usize == cmds.len());
+        count(true);
+    }
+    count(c.iommu_unbind().is_ok());
+    if let Some(rx) = faults {
+        count(rx.try_iter().count() > 0);
+    }
     count(c.dma_unmap(PEER_IOVA, PEER_LEN as u64).is_ok());
     count(c.dma_unmap_all().is_ok());
     count(c.region_read(0, 0, &mut small).is_ok());
@@ -503,6 +531,31 @@ fn answer_version(
             }
         }
         _ => {}
+    }
+    // The nested-IOMMU capability: mirrored to a client that proposed it (bit 7 of v0:
+    // with the script's values, any of them possibly unusable), or sent unasked.
+    let proposed = crate::proto::Version::decode(&req.payload)
+        .ok()
+        .and_then(|v| v.caps.nestio_nested_iommu)
+        .is_some();
+    if proposed || mode == 7 {
+        let n = if v0 & 0x80 != 0 {
+            NestedIommuCaps {
+                version: u32::from(s.b() % 3),
+                ias: u32::from(s.b()),
+                oas: u32::from(s.b()),
+                granules: [4096u64, 8192, 16384, 65536]
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| s.b() & (1 << i) != 0)
+                    .map(|(_, g)| g)
+                    .collect(),
+                ssid_bits: u32::from(s.b()),
+            }
+        } else {
+            NestedIommuCaps::default()
+        };
+        caps.nestio_nested_iommu = Some(NestedIommuCap::smmuv3(n));
     }
     v.caps = caps;
     let mut p = Vec::new();
@@ -635,7 +688,27 @@ fn dma_command(s: &mut Script<'_>) -> (Header, Vec<u8>) {
         u64::from(s.u16() % 4096)
     };
     let mut p = Vec::new();
-    let cmd = if sel & 1 != 0 {
+    let cmd = if sel & 0x40 != 0 {
+        // A nested-IOMMU fault record (maybe malformed: argsz, flags, reserved, length).
+        crate::nested_iommu::IommuFault {
+            lost_before: sel & 0x80 != 0,
+            sequence: s.u32(),
+            record: {
+                let mut r = [0u8; 32];
+                r.copy_from_slice(&s.fill(32));
+                r
+            },
+        }
+        .encode_into(&mut p);
+        if sel & 8 != 0 {
+            let at = usize::from(s.b()) % p.len();
+            p[at] ^= s.b() | 1;
+        }
+        if sel & 1 != 0 {
+            p.truncate(usize::from(s.b()) % p.len());
+        }
+        Command::NestioIommuFault
+    } else if sel & 1 != 0 {
         crate::proto::DmaAccess {
             addr,
             count,
@@ -862,6 +935,30 @@ mod tests {
         }
     }
 
+    /// With the nested-IOMMU extension proposed and mirrored, BIND, INVALIDATE and
+    /// UNBIND get through too (three more operations than without), and a FAULT the
+    /// server sends (DMA command mode 0x10 with selector bit 6) reaches the receiver.
+    #[test]
+    fn nested_iommu_operations_reach_the_server() {
+        let mut script = vec![8, 0, 2];
+        script.resize(2000, 0);
+        let plain = client_run(&input(0x30, 0x03, &script));
+        let nested = client_run(&input(0x70, 0x03, &script));
+        assert_eq!(nested, plain + 3, "BIND, INVALIDATE, UNBIND");
+        // The reply to the first request (GET_INFO at connect) is preceded by a
+        // well-formed FAULT (mode 0x10, selector 0x40: address u64, count u16,
+        // sequence, record, msg_id): the client delivers it, one more success.
+        let mut faulty = vec![8, 0, 2, 0x10, 0x40];
+        faulty.extend_from_slice(&[0; 10]);
+        faulty.extend_from_slice(&7u32.to_le_bytes());
+        faulty.extend_from_slice(&[0x10; 32]);
+        faulty.extend_from_slice(&[0; 2]);
+        faulty.resize(2000, 0);
+        assert_eq!(client_run(&input(0x70, 0x03, &faulty)), nested + 1);
+        // Without the capability the same FAULT is refused (not delivered).
+        assert_eq!(client_run(&input(0x30, 0x03, &faulty)), plain);
+    }
+
     /// Running out of script closes the connection: the client fails fast, and a
     /// refused VERSION or a silent server ends the run too.
     #[test]
@@ -966,10 +1063,10 @@ const SESSION_CONNS: usize = 6;
 /// abstract UNIX socket (one owner at a time, 30 ms handshake timeout, at most 4
 /// connections): each step picks an op and a connection slot — connect, send VERSION,
 /// send garbage, send a valid command (DMA_MAP of a memfd, SET_IRQS with an eventfd,
-/// migration to STOP, dirty logging start, GET_INFO), half-close, close, drain replies.
-/// At the end every connection is closed and the server stopped; then nobody owns the
-/// device and it is released (no DMA maps, no eventfds, logging off, RUNNING). Never
-/// panics, never hangs, never leaks an fd.
+/// migration to STOP, dirty logging start, nested-IOMMU BIND, GET_INFO), half-close,
+/// close, drain replies. At the end every connection is closed and the server stopped;
+/// then nobody owns the device and it is released (no DMA maps, no eventfds, logging
+/// off, RUNNING, no stage-1 binding). Never panics, never hangs, never leaks an fd.
 pub fn fuzz_sessions(data: &[u8]) {
     use nestio_device_model::VfioDevice;
     use std::os::linux::net::SocketAddrExt;
@@ -1012,10 +1109,15 @@ pub fn fuzz_sessions(data: &[u8]) {
                 }
                 2 | 3 => {
                     if let Some(c) = &conns[slot] {
+                        let b = script.b();
                         let v = Version {
-                            major: script.b() as u16 & 1,
+                            major: u16::from(b & 1),
                             minor: crate::proto::VERSION_MINOR,
-                            caps: Capabilities::default(),
+                            caps: Capabilities {
+                                nestio_nested_iommu: (b & 2 != 0)
+                                    .then(|| NestedIommuCap::smmuv3(NestedIommuCaps::default())),
+                                ..Capabilities::default()
+                            },
                         };
                         let mut p = Vec::new();
                         v.encode_into(&mut p);
@@ -1066,6 +1168,12 @@ pub fn fuzz_sessions(data: &[u8]) {
     assert!(!server.owned());
     let st = server.stats();
     assert!(st.owner_sessions <= st.sessions);
+    if let Some(port) = dev.dma_port() {
+        assert!(
+            !port.is_translated(),
+            "a nested-IOMMU binding left after the owner went"
+        );
+    }
     if let Some(t) = dev.dma_table() {
         assert_eq!(t.len(), 0, "DMA maps left after the owner went");
         assert!(!t.logging(), "dirty logging left on after the owner went");
@@ -1135,6 +1243,17 @@ fn session_command(c: &UnixStream, id: u16, which: u8, script: &mut Script<'_>) 
             p.extend_from_slice(&0u64.to_ne_bytes());
             p.extend_from_slice(&0x4000u64.to_ne_bytes());
             session_send(c, id, Command::DeviceFeature as u16, &p, &[]);
+        }
+        _ if script.b() & 1 != 0 => {
+            // NESTIO_IOMMU_BIND of a stage-1 STE: the binding must not outlive the owner.
+            let mut p = Vec::new();
+            crate::nested_iommu::IommuBind {
+                vsid: 1,
+                ste0: 0xb | (u64::from(script.b()) << 12),
+                ste1: 0,
+            }
+            .encode_into(&mut p);
+            session_send(c, id, Command::NestioIommuBind as u16, &p, &[]);
         }
         _ => {
             let p = words(&[16, 0, 0, 0]);

@@ -23,9 +23,11 @@
 //! no capability.
 //!
 //! BIND swaps the port's DMA space for a [`BoundSpace`]: the guest's stage 1
-//! ([`Stage1Dma`]) over the space the port had before the first BIND (normally the map
-//! table, i.e. stage 2 = the client's DMA_MAPs). A new BIND replaces the binding (fresh
-//! caches); UNBIND and the end of the session put the old space back. Every swap waits
+//! ([`Stage1Dma`]) over the port's map table (stage 2 = the client's DMA_MAPs, as the
+//! spec says; a served device's port carries no other decorator). A new BIND replaces
+//! the binding (fresh caches); UNBIND and the end of the session send the DMA straight
+//! to the table again, unless another session sharing the device (`serve_stream`) has
+//! bound it since. Every swap waits
 //! for the DMAs still running on the replaced binding ([`Stage1Dma::quiesce`]) before
 //! the reply goes out, and so does INVALIDATE, so a guest's CMD_SYNC completes only
 //! after every DMA that used an invalidated translation.
@@ -516,8 +518,6 @@ impl DmaSpace for BoundSpace {
 pub struct NestedSession {
     /// The negotiated values, when the capability was agreed on.
     caps: Option<NestedIommuCaps>,
-    /// The port's space before the first BIND.
-    base: Option<Arc<dyn DmaSpace>>,
     bound: Option<Arc<BoundSpace>>,
     faults: Arc<FaultQueue>,
     reporter: Option<JoinHandle<()>>,
@@ -558,8 +558,8 @@ impl NestedSession {
         if !self.negotiated() {
             return Err(NestedIommuError::NotNegotiated);
         }
-        let base = self.base.get_or_insert_with(|| port.space()).clone();
-        let stage1 = Stage1Dma::bind(base, b.vsid, [b.ste0, b.ste1])?;
+        let stage2: Arc<dyn DmaSpace> = port.shared_table();
+        let stage1 = Stage1Dma::bind(stage2, b.vsid, [b.ste0, b.ste1])?;
         self.start_reporter(reporter_ep);
         let bound = Arc::new(BoundSpace {
             stage1,
@@ -581,12 +581,27 @@ impl NestedSession {
         if !self.negotiated() {
             return Err(NestedIommuError::NotNegotiated);
         }
-        if let Some(base) = self.base.take() {
-            port.set_space(base);
-        }
-        let old = self.bound.take();
-        Self::retire(old);
+        self.restore(port);
         Ok(())
+    }
+
+    /// Send the device's DMA straight to its map table again — only if it still goes
+    /// through this session's binding (sessions side by side on one device,
+    /// `Server::serve_stream`, must not undo each other's) — and retire the binding.
+    fn restore(&mut self, port: &nestio_device_model::DmaPort) {
+        let bound = self.bound.take();
+        if let Some(ours) = &bound {
+            let ours = Arc::as_ptr(ours) as *const ();
+            let table: Arc<dyn DmaSpace> = port.shared_table();
+            port.stack(|cur| {
+                if Arc::as_ptr(&cur) as *const () == ours {
+                    table
+                } else {
+                    cur
+                }
+            });
+        }
+        Self::retire(bound);
     }
 
     /// Wait for the DMAs still running on a replaced binding, then report its faults.
@@ -649,13 +664,9 @@ impl NestedSession {
 
     /// The session is over: restore the port's space, stop the reporter.
     pub fn end(&mut self, port: Option<&nestio_device_model::DmaPort>) {
-        if let Some(port) = port {
-            if let Some(base) = self.base.take() {
-                port.set_space(base);
-            }
-        }
-        if let Some(b) = self.bound.take() {
-            b.stage1.quiesce();
+        match port {
+            Some(port) => self.restore(port),
+            None => Self::retire(self.bound.take()),
         }
         self.faults.close();
         if let Some(h) = self.reporter.take() {

@@ -49,6 +49,11 @@
 //! server still *accepts* up to its configured limits; it only advertises no more than
 //! every client parses. nestio's client proposes with [`Capabilities::client_offer`]:
 //! `max_msg_fds` ≤ 1024, `max_data_xfer_size` ≤ 64 MiB, no `migration` object.
+//!
+//! nestio's own `nestio_nested_iommu` key ([`crate::nested_iommu`]) is sent by nestio's
+//! client only when asked for, and answered by its server only to a client that sent
+//! it, so no other peer ever sees it (QEMU's client warns about keys it does not know).
+//! Its commands (0x1001–0x1004) are in [`Command`] like the standard ones.
 
 use serde::{Deserialize, Serialize};
 

@@ -29,6 +29,13 @@
 //! [`Endpoint`] (the server thread waiting for the DMA reply becomes the reader and
 //! queues any client command it reads meanwhile).
 //!
+//! Nested IOMMU (nestio's extension, [`crate::nested_iommu`]): answered in VERSION only
+//! to a client that proposed it, for a device with a `DmaPort`, unless
+//! [`ServerConfig::nested_iommu`] is off. Its commands get ENOTSUP on a session without
+//! it (whatever the payload); BIND/UNBIND/INVALIDATE are handled by the session's
+//! `NestedSession`, whose reporter thread sends FAULT records where DMA_READ/WRITE go.
+//! The session's end unbinds.
+//!
 //! The server survives its client. When the owner goes away (disconnect, crash
 //! mid-message, garbage) the device is *released* as Linux releases a VFIO device fd
 //! ([`release_device`]): every DMA mapping removed (`dma_unmap_all`), every irq eventfd
@@ -642,12 +649,13 @@ impl Session<'_> {
     /// The connection is over: close it; if it owned the device, release the device and
     /// let the next owner in.
     fn cleanup(&mut self) {
-        let server = self.server;
-        self.nested.end(server.device.dma_port());
         self.ep.shutdown("session ended");
         if let Some(t) = self.twin.take() {
             t.shutdown("session ended");
         }
+        // After the sockets: a fault reporter blocked in a send fails at once.
+        let server = self.server;
+        self.nested.end(server.device.dma_port());
         if std::mem::take(&mut self.owner) {
             if self.exclusive {
                 self.server.end_owner();

@@ -690,3 +690,76 @@ fn device_feature_probe_unknown_and_short_argsz() {
     expect_error(&s, 8, libc::E2BIG);
     assert_eq!(raw_get_info(&s, 9), 3);
 }
+
+/// nestio's nested-IOMMU commands: with the capability, a malformed one gets EINVAL
+/// (a no_reply one nothing) and an unassigned number of the private range ENOSYS;
+/// without it every number of the range gets ENOTSUP. The stream stays in sync.
+#[test]
+fn nested_iommu_commands_malformed_and_unnegotiated() {
+    use nestio_vfio_user::nested_iommu::{
+        IommuBind, IommuInvalidate, NestedIommuCap, NestedIommuCaps,
+    };
+    use nestio_vfio_user::proto::Capabilities;
+    let h = Harness::new(ServerConfig::default());
+    let (s, _t) = h.session();
+    let v = raw_version_with(
+        &s,
+        Capabilities {
+            nestio_nested_iommu: Some(NestedIommuCap::smmuv3(NestedIommuCaps::default())),
+            ..Capabilities::default()
+        },
+    );
+    assert!(v.caps.nestio_nested_iommu.is_some());
+    let bind = Command::NestioIommuBind as u16;
+    let inv = Command::NestioIommuInvalidate as u16;
+    let mut good = Vec::new();
+    IommuBind {
+        vsid: 3,
+        ste0: 0xb | 0x1000,
+        ste1: 0,
+    }
+    .encode_into(&mut good);
+    // Truncated, extended, and a count that promises more than is there.
+    send(&s, 2, bind, &good[..31], &[]);
+    expect_error(&s, 2, libc::EINVAL);
+    let mut long = good.clone();
+    long.extend_from_slice(&[0; 8]);
+    send(&s, 3, bind, &long, &[]);
+    expect_error(&s, 3, libc::EINVAL);
+    let mut p = Vec::new();
+    IommuInvalidate::encode_into(&[[0x10; 16]; 2], &mut p);
+    p[4] = 200;
+    send(&s, 4, inv, &p, &[]);
+    expect_error(&s, 4, libc::EINVAL);
+    // A malformed no_reply BIND: no reply, and the next message is answered.
+    let hdr = nestio_vfio_user::Header {
+        msg_id: 5,
+        cmd: bind,
+        size: 16 + 31,
+        flags: hdr_flags::NO_REPLY,
+        error: 0,
+    };
+    nestio_vfio_user::socket::send_message(&s, &hdr, &good[..31], &[]).unwrap();
+    // Unassigned numbers of the private range.
+    send(&s, 6, 0x1005, &[], &[]);
+    expect_error(&s, 6, libc::ENOSYS);
+    send(&s, 7, 0x10ff, &[1, 2, 3], &[]);
+    expect_error(&s, 7, libc::ENOSYS);
+    assert_eq!(raw_get_info(&s, 8), 3);
+    assert!(!h.dev.dma_port().unwrap().is_translated());
+
+    // Without the capability: ENOTSUP for every number of the range.
+    let (s2, _t2) = h.session();
+    assert!(raw_version(&s2).caps.nestio_nested_iommu.is_none());
+    for (id, cmd) in [
+        (2u16, 0x1000u16),
+        (3, bind),
+        (4, 0x1002),
+        (5, inv),
+        (6, 0x1004),
+    ] {
+        send(&s2, id, cmd, &good, &[]);
+        expect_error(&s2, id, libc::ENOTSUP);
+    }
+    assert_eq!(raw_get_info(&s2, 9), 3);
+}

@@ -429,6 +429,14 @@ fn malformed_messages_and_enotsup() {
     }
     .encode_into(&mut no_s1);
     bad.push((bind, no_s1));
+    let mut bad_dss = Vec::new();
+    IommuBind {
+        vsid: 1,
+        ste0: tables::ste_stage1(CD)[0],
+        ste1: 3, // reserved S1DSS
+    }
+    .encode_into(&mut bad_dss);
+    bad.push((bind, bad_dss));
     bad.push((Command::NestioIommuUnbind as u16, vec![0]));
     let mut fault = Vec::new();
     IommuFault {
@@ -469,4 +477,110 @@ fn malformed_messages_and_enotsup() {
     send(&s2, 8, 0x10ff, &[], &[]);
     expect_error(&s2, 8, libc::ENOTSUP);
     assert_eq!(common::raw_get_info(&s2, 9), 3);
+}
+
+/// Two sessions side by side on one device (`serve_stream`): one's end does not undo
+/// the other's binding, and the last one's end leaves the device untranslated.
+#[test]
+fn side_by_side_sessions_do_not_undo_each_other() {
+    let a = Rig::new(true);
+    let (b, tb) = a.h.client(nested_config(true));
+    a.bind();
+    // B binds the same guest's STE (the device's map table is shared).
+    let ste = tables::ste_stage1(CD);
+    b.iommu_bind(7, ste[0], ste[1]).unwrap();
+    assert!(port_of(&a.h).is_translated());
+    let Rig { h, c, _server, .. } = a;
+    drop(c);
+    _server.join().unwrap().unwrap();
+    assert!(port_of(&h).is_translated(), "A's end kept B's binding");
+    drop(b);
+    tb.join().unwrap().unwrap();
+    assert!(!port_of(&h).is_translated(), "B's end unbound");
+}
+
+fn port_of(h: &Harness) -> &nestio_device_model::DmaPort {
+    h.dev.dma_port().unwrap()
+}
+
+/// Faults the VMM does not read: the client keeps 1024, the server buffers 64 (plus
+/// what the socket holds), the rest are dropped and the next record delivered after a drop is flagged;
+/// `sequence` counts every fault, so the gaps show exactly what was lost.
+#[test]
+fn undrained_faults_are_bounded_and_flagged() {
+    use nestio_vfio_user::testdev::reg;
+    let r = Rig::new(true);
+    r.bind();
+    let faults = r.c.take_iommu_faults().unwrap();
+    // A device → guest DMA to an unmapped IOVA, repeated by rewriting DMA_CMD only.
+    let n = 3000u32;
+    assert_eq!(r.dma_to_guest(IOVA + 0x3000, &[1; 8]), libc::EFAULT as u64);
+    for _ in 1..=n {
+        r.c.region_write(1, reg::DMA_CMD, &2u64.to_le_bytes())
+            .unwrap();
+    }
+    // Faults 0..=n happened. Read what arrives until the stream has been quiet for a
+    // while, then one more fault (a marker, sequence > n) must get through: the
+    // client's queue is empty again and the server's has drained.
+    let mut got: Vec<IommuFault> = Vec::new();
+    for _ in 0..10 {
+        while let Ok(f) = faults.recv_timeout(Duration::from_millis(300)) {
+            got.push(f);
+        }
+        if got.last().is_some_and(|f| f.sequence > n) {
+            break;
+        }
+        r.c.region_write(1, reg::DMA_CMD, &2u64.to_le_bytes())
+            .unwrap();
+    }
+    assert!(
+        got.last().is_some_and(|f| f.sequence > n),
+        "the marker fault after the burst was delivered"
+    );
+    assert_eq!(got[0].sequence, 0);
+    assert!(!got[0].lost_before);
+    // More than the client's queue, the server's buffer and a socket buffer hold.
+    let burst = got.iter().filter(|f| f.sequence <= n).count();
+    assert!(burst < n as usize + 1, "{burst} of {} delivered", n + 1);
+    for w in got.windows(2) {
+        assert!(w[1].sequence > w[0].sequence, "in order");
+        assert_eq!(
+            w[1].lost_before,
+            w[1].sequence != w[0].sequence + 1,
+            "LOST_EVENTS exactly after a gap ({} -> {})",
+            w[0].sequence,
+            w[1].sequence
+        );
+    }
+    assert!(got.iter().any(|f| f.lost_before), "some were dropped");
+    let ev = Event::decode(&got.last().unwrap().record);
+    assert_eq!(
+        (ev.code, ev.sid, ev.input_addr),
+        (code::F_TRANSLATION, VSID, IOVA + 0x3000)
+    );
+}
+
+/// A guest that rewrites its CD: the old one stays cached (even across TLBI_NH_ALL)
+/// until CFGI_CD; then the new table is walked.
+#[test]
+fn cfgi_cd_rereads_the_context_descriptor() {
+    let r = Rig::new(true);
+    r.bind();
+    assert_eq!(r.dma_to_guest(IOVA, b"old"), 0);
+    assert_eq!(r.ram.bytes(PAGE_RW, 3), b"old");
+    let mut t2 = Stage1Tables::new(RAM + 0xb000, RAM + 0xc000, 0x4000).unwrap();
+    t2.map(&r.ram, IOVA, PAGE_RW + 0x2000, LEAF_RW).unwrap();
+    tables::write_words(&r.ram, CD, &tables::cd(t2.root(), 9, true)).unwrap();
+    let sync = cmd(CMD_SYNC, 0);
+    r.c.iommu_invalidate(&[cmd(TLBI_NH_ALL, 0), sync]).unwrap();
+    assert_eq!(r.dma_to_guest(IOVA, b"still"), 0);
+    assert_eq!(r.ram.bytes(PAGE_RW, 5), b"still", "the cached CD's table");
+    // CFGI_CD (SID and SSID operands are the guest's; the device has one stream).
+    let rep =
+        r.c.iommu_invalidate(&[cmd(0x05 | (u64::from(VSID) << 32), 0), sync])
+            .unwrap();
+    assert_eq!(rep, InvalidateReply { done: 2, cerror: 0 });
+    assert_eq!(r.dma_to_guest(IOVA, b"new"), 0);
+    assert_eq!(r.ram.bytes(PAGE_RW + 0x2000, 3), b"new");
+    assert_eq!(r.ram.bytes(PAGE_RW, 5), b"still");
 }

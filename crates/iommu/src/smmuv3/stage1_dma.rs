@@ -42,8 +42,11 @@ const QLOG2: u32 = 6;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Stage1Error {
     /// The bound STE does not enable stage 1.
-    #[error("the bound STE has no stage-1 configuration (Config must have bit 0 set)")]
+    #[error("the bound STE has no stage-1 configuration (V and Config bit 0 must be set)")]
     NoStage1,
+    /// The STE's stage-1 fields are illegal or unsupported.
+    #[error("the bound STE is illegal: {0}")]
+    BadSte(super::ste::SteError),
     /// A command the guest may not forward (only TLBI_NH_*, CFGI_CD*, CMD_SYNC).
     #[error(
         "command {0:#04x} cannot be forwarded to a device (only TLBI_NH_*, CFGI_CD*, CMD_SYNC)"
@@ -122,12 +125,15 @@ impl Stage1Dma {
         if ste[0] & 1 == 0 || (ste[0] >> 1) & 1 == 0 {
             return Err(Stage1Error::NoStage1);
         }
+        // The fields that are kept must be legal for the model (S1Fmt, S1CDMax,
+        // S1DSS), as the guest's SMMU would check them at CFGI_STE.
+        let d0 = (ste[0] & !0xe) | (0b101 << 1);
+        super::ste::Ste::decode(&[d0, ste[1] & 3, 0, 0]).map_err(Stage1Error::BadSte)?;
         let mem = Overlay {
             lower,
             bytes: Mutex::new(vec![0; OVERLAY_SIZE]),
         };
         // S1-only STE: keep V/S1Fmt/S1ContextPtr/S1CDMax and S1DSS, Config = 0b101.
-        let d0 = (ste[0] & !0xe) | (0b101 << 1);
         mem.write(STRTAB, &d0.to_le_bytes())
             .and_then(|()| mem.write(STRTAB + 8, &(ste[1] & 3).to_le_bytes()))
             .map_err(|_| Stage1Error::NoStage1)?;
@@ -408,7 +414,23 @@ mod tests {
             Err(Stage1Error::NotForwardable(0x28))
         );
         assert!(Stage1Dma::bind(ram.clone(), 1, [1 | (0b110 << 1), 0]).is_err());
-        assert!(Stage1Dma::bind(ram, 1, [0, 0]).is_err());
+        assert!(Stage1Dma::bind(ram.clone(), 1, [0, 0]).is_err());
+        // Illegal stage-1 fields: reserved S1Fmt, S1CDMax beyond 8 bits, a two-level
+        // CD table with S1CDMax 0, reserved S1DSS.
+        for bad in [
+            [0xb | (3 << 4) | (1 << 59), 0],
+            [0xb | (9 << 59), 0],
+            [0xb | (1 << 4), 0],
+            [0xb, 3],
+        ] {
+            assert!(
+                matches!(
+                    Stage1Dma::bind(ram.clone(), 1, bad),
+                    Err(Stage1Error::BadSte(_))
+                ),
+                "{bad:x?}"
+            );
+        }
     }
 
     #[test]
@@ -458,5 +480,94 @@ mod tests {
         reader.join().unwrap();
         assert!(ok.load(SeqCst) > 0, "DMA gets through while mapped");
         assert!(!dma.take_events().is_empty(), "faults were recorded");
+    }
+
+    #[test]
+    fn a_faulting_access_touches_nothing() {
+        let ram = guest_stage1();
+        w(&ram, 0x5008, 0x9000 | 0x4c3); // 0x4000_1000 → 0x9000 read-only
+        let dma = Stage1Dma::bind(ram.clone(), 3, [1 | (0b101 << 1) | 0x1000, 0]).unwrap();
+        assert_eq!(
+            dma.write(0x4000_0ff0, &[0xee; 32]),
+            Err(DmaError::Permission {
+                iova: 0x4000_1000,
+                access: Access::Write
+            })
+        );
+        let mut b = [0u8; 16];
+        ram.read(0x8ff0, &mut b).unwrap();
+        assert_eq!(b, [0; 16], "the mapped first page was not written either");
+        // An unmapped third page: the read fails without filling the buffer.
+        let mut big = [0x77u8; 0x2010];
+        assert!(dma.read(0x4000_0000, &mut big).is_err());
+        assert!(big.iter().all(|&x| x == 0x77));
+    }
+
+    /// Stage 2 that holds every read for a while, flagging when it finished.
+    struct SlowRam {
+        ram: Arc<Ram>,
+        entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+        finished: std::sync::atomic::AtomicBool,
+    }
+
+    impl DmaSpace for SlowRam {
+        fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+            // Table walks read 8-byte descriptors; the DMA itself reads 64 bytes.
+            if buf.len() == 64 {
+                if let Some(tx) = self.entered.lock().take() {
+                    let _ = tx.send(());
+                    std::thread::sleep(std::time::Duration::from_millis(150));
+                    self.finished
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            self.ram.read(iova, buf)
+        }
+        fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+            self.ram.write(iova, data)
+        }
+    }
+
+    #[test]
+    fn quiesce_returns_only_after_dma_in_flight_completed() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let slow = Arc::new(SlowRam {
+            ram: guest_stage1(),
+            entered: Mutex::new(Some(tx)),
+            finished: std::sync::atomic::AtomicBool::new(false),
+        });
+        let dma =
+            Arc::new(Stage1Dma::bind(slow.clone(), 3, [1 | (0b101 << 1) | 0x1000, 0]).unwrap());
+        let d2 = dma.clone();
+        let t = std::thread::spawn(move || {
+            let mut b = [0u8; 64];
+            d2.read(0x4000_0000, &mut b)
+        });
+        rx.recv().unwrap();
+        // The DMA is inside stage 2 with its translation: invalidate, then quiesce.
+        dma.command([0x10, 0]).unwrap();
+        dma.command([0x46, 0]).unwrap();
+        assert!(
+            !slow.finished.load(std::sync::atomic::Ordering::SeqCst),
+            "commands alone do not wait"
+        );
+        dma.quiesce();
+        assert!(
+            slow.finished.load(std::sync::atomic::Ordering::SeqCst),
+            "quiesce returned while a DMA using the old translation was running"
+        );
+        t.join().unwrap().unwrap();
+        // CMD_SYNC's completion signal is dropped (no MSI written into guest memory),
+        // a reserved CS is still illegal.
+        dma.command([0x46 | (1 << 12) | (0xabcd << 32), 0x8000])
+            .unwrap();
+        let mut b = [0u8; 4];
+        slow.ram.read(0x8000, &mut b).unwrap();
+        assert_eq!(b, [0; 4]);
+        assert_eq!(
+            dma.command([0x46 | (3 << 12), 0]),
+            Err(Stage1Error::Illegal(regs::CERROR_ILL))
+        );
+        assert!(forwardable(0x12) && forwardable(0x46) && !forwardable(0x03));
     }
 }

@@ -68,6 +68,11 @@ pub fn expect_error(sock: &UnixStream, id: u16, errno: i32) {
 
 /// Negotiate VERSION on a raw socket (no twin socket).
 pub fn raw_version(sock: &UnixStream) -> Version {
+    raw_version_with(sock, Capabilities::default())
+}
+
+/// [`raw_version`] proposing `caps` (its twin socket turned off).
+pub fn raw_version_with(sock: &UnixStream, caps: Capabilities) -> Version {
     let v = Version {
         major: 0,
         minor: 2,
@@ -76,7 +81,7 @@ pub fn raw_version(sock: &UnixStream) -> Version {
                 supported: false,
                 fd_index: None,
             }),
-            ..Capabilities::default()
+            ..caps
         },
     };
     let mut p = Vec::new();
