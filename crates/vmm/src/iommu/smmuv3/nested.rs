@@ -16,7 +16,9 @@
 //!   dwords 0 and 1, re-sent every time: a re-BIND also drops the device's cached
 //!   translations), unbound for a bypass (SMMU disabled with GBPA bypass, or a
 //!   bypass STE: IOVA = IPA), and unbound with its stage 2 removed for an abort, an
-//!   invalid STE or one this mode cannot forward (a guest stage 2).
+//!   invalid STE or one this mode cannot forward (a guest stage 2). An STE the
+//!   device refuses (EINVAL: illegal for its walker) aborts the stream the same way
+//!   and puts a C_BAD_STE event in the guest's queue.
 //! - **Invalidations**: before the model consumes the guest's commands (the write of
 //!   CMDQ_PROD, or of GERRORN / CR0 that restarts the queue), the VMM reads them and
 //!   forwards, in order, the TLBI_NH_* commands to every nested device and CFGI_CD /
@@ -249,31 +251,58 @@ impl Smmuv3 {
 
     fn apply_binding(&self, inner: &mut Inner, sid: u32, want: Binding) -> Result<(), Smmuv3Error> {
         let stream = StreamId::Pci(sid as u16);
-        let n = inner.nested.get_mut(&sid).expect("a nested stream");
         let perr = |err| Smmuv3Error::Nested { stream, err };
         let dom = |err| Smmuv3Error::Domain { stream, err };
+        let Some(n) = inner.nested.get(&sid) else {
+            return Ok(());
+        };
+        let (port, was, s2_mapped) = (n.port.clone(), n.binding, n.s2_mapped);
         let s2 = !matches!(want, Binding::Abort);
-        if s2 && !n.s2_mapped {
+        if s2 && !s2_mapped {
             self.domain
                 .map(stream, 0, 0, self.ram_size, nestio_dma::Prot::RW)
                 .map_err(dom)?;
-            n.s2_mapped = true;
+            Self::nested_mut(inner, sid).s2_mapped = true;
         }
         match want {
-            Binding::Bound(ste) => n.port.bind(sid, ste).map_err(perr)?,
+            Binding::Bound(ste) => match port.bind(sid, ste) {
+                Ok(()) => {}
+                Err(NestedPortError::Refused { what, detail }) => {
+                    // The device found the STE illegal: the stream aborts, as the
+                    // SMMU would, and the guest gets the C_BAD_STE it would get.
+                    tracing::warn!(
+                        sid,
+                        what,
+                        detail,
+                        "SMMUv3 nested: the device refused the guest's STE; the stream aborts"
+                    );
+                    let ev = Event::config(nestio_iommu::smmuv3::evtq::code::C_BAD_STE, sid, None);
+                    inner.smmu.inject_event(&self.mem, &ev);
+                    return self.apply_binding(inner, sid, Binding::Abort);
+                }
+                Err(e) => return Err(perr(e)),
+            },
             Binding::Bypass | Binding::Abort | Binding::Unset => {
-                if matches!(n.binding, Binding::Bound(_)) {
-                    n.port.unbind().map_err(perr)?;
+                if matches!(was, Binding::Bound(_)) {
+                    port.unbind().map_err(perr)?;
+                    Self::nested_mut(inner, sid).binding = Binding::Unset;
                 }
             }
         }
-        if !s2 && n.s2_mapped {
+        if !s2 && Self::nested_mut(inner, sid).s2_mapped {
             self.domain.unmap(stream, 0, self.ram_size).map_err(dom)?;
-            n.s2_mapped = false;
+            Self::nested_mut(inner, sid).s2_mapped = false;
         }
         tracing::debug!(sid, ?want, "SMMUv3 nested binding");
-        n.binding = want;
+        Self::nested_mut(inner, sid).binding = want;
         Ok(())
+    }
+
+    fn nested_mut(inner: &mut Inner, sid: u32) -> &mut NestedStream {
+        inner
+            .nested
+            .get_mut(&sid)
+            .expect("a nested stream (checked by the caller)")
     }
 
     /// The guest commands from CMDQ_CONS up to `prod` (index with wrap bit) the
@@ -431,6 +460,7 @@ mod tests {
         unbinds: Mutex<u32>,
         invalidations: Mutex<Vec<Vec<[u64; 2]>>>,
         refuse: Mutex<Option<u8>>,
+        refuse_bind: Mutex<bool>,
         faults: Mutex<Option<Receiver<PortFault>>>,
     }
 
@@ -444,6 +474,12 @@ mod tests {
             })
         }
         fn bind(&self, vsid: u32, ste: [u64; 2]) -> Result<(), NestedPortError> {
+            if *self.refuse_bind.lock() {
+                return Err(NestedPortError::Refused {
+                    what: "BIND",
+                    detail: "EINVAL".into(),
+                });
+            }
             self.binds.lock().push((vsid, ste));
             Ok(())
         }
@@ -797,6 +833,28 @@ mod tests {
             s.full > 100 && s.ranged > 0 && binds > 0 && invs > 0,
             "{s:?} {binds} {invs}"
         );
+    }
+
+    #[test]
+    fn an_ste_the_device_refuses_aborts_the_stream_with_c_bad_ste() {
+        let (mut r, _) = Rig::new(true);
+        r.enable();
+        assert_eq!(r.port.binds.lock().len(), 1);
+        *r.port.refuse_bind.lock() = true;
+        r.w64(STRTAB + 8 * 64, Rig::ste0(CD) | (3 << 4)); // a reserved S1Fmt, say
+        r.cmds(&[[0x03 | (8 << 32), 0], SYNC]);
+        assert_eq!(r.smmu.nested_binding(8), Some(None));
+        assert_eq!(*r.port.unbinds.lock(), 1, "the old binding is dropped");
+        assert_eq!(*r.dev.unmaps.lock(), vec![(0, RAM)], "stage 2 removed");
+        assert_eq!(r.read32(regs::EVENTQ_PROD), 1);
+        let d0 = r.r64(EVTQ);
+        assert_eq!((d0 & 0xff, d0 >> 32), (0x04, 8), "C_BAD_STE for SID 8");
+        // Fixed and re-validated: bound again, stage 2 back.
+        *r.port.refuse_bind.lock() = false;
+        r.w64(STRTAB + 8 * 64, Rig::ste0(CD));
+        r.cmds(&[[0x03 | (8 << 32), 0], SYNC]);
+        assert_eq!(r.smmu.nested_binding(8), Some(Some([Rig::ste0(CD), 0])));
+        assert_eq!(r.dev.maps.lock().len(), 2);
     }
 
     #[test]
