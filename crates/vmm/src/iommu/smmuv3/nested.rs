@@ -152,7 +152,7 @@ impl Smmuv3 {
             return Err(Smmuv3Error::NotPci(stream));
         };
         let Some(caps) = port.nested_caps() else {
-            tracing::info!(%stream, "SMMUv3: the device has no nested IOMMU (capability not negotiated); shadow mode");
+            tracing::warn!(%stream, "SMMUv3 mode=nested: the device has no nested IOMMU (capability not negotiated); shadow mode for it");
             self.add_stream(stream)?;
             return Ok(false);
         };
