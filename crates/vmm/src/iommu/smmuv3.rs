@@ -1,4 +1,4 @@
-//! The emulated SMMUv3 of the VMM (`--viommu smmuv3`), in shadow mode.
+//! The emulated SMMUv3 of the VMM (`--viommu smmuv3[,mode=shadow|nested]`).
 //!
 //! # Design
 //!
@@ -23,8 +23,14 @@
 //! (SMMUEN = 0, GBPA bypass) every stream reaches all of RAM at IOVA = GPA, the
 //! machine's behaviour without a vIOMMU.
 //!
-//! A device's DMA fault does not come back through vfio-user (the protocol has no
-//! such message); the VMM reports faults it learns of with [`Smmuv3::report_fault`],
+//! **Nested mode** ([`nested`], `mode=nested`): a vfio-user device whose server
+//! negotiates nestio's nested-IOMMU extension walks the guest's stage 1 itself; the
+//! SMMU gives it all of RAM as stage 2, binds the guest's STE, forwards the guest's
+//! invalidations before the model consumes them and puts the device's fault records
+//! in the guest's event queue. Other devices of the machine are shadowed.
+//!
+//! A shadowed device's DMA fault does not come back through vfio-user (the protocol
+//! has no such message); the VMM reports faults it learns of with [`Smmuv3::report_fault`],
 //! which runs the model's translation and so records the guest's event (its SID,
 //! IOVA and direction) in the guest's event queue.
 //!
