@@ -23,7 +23,7 @@
 //! (SMMUEN = 0, GBPA bypass) every stream reaches all of RAM at IOVA = GPA, the
 //! machine's behaviour without a vIOMMU.
 //!
-//! **Nested mode** ([`nested`], `mode=nested`): a vfio-user device whose server
+//! **Nested mode** (`smmuv3/nested.rs`, `mode=nested`): a vfio-user device whose server
 //! negotiates nestio's nested-IOMMU extension walks the guest's stage 1 itself; the
 //! SMMU gives it all of RAM as stage 2, binds the guest's STE, forwards the guest's
 //! invalidations before the model consumes them and puts the device's fault records
@@ -123,7 +123,7 @@ pub enum Viommu {
     /// payload finds it at [`crate::platform::PLATFORM_MMIO_WINDOW`]`.0`), shadowing
     /// the guest's translation into DMA_MAP/UNMAP.
     Smmuv3,
-    /// The same SMMUv3 in nested mode ([`nested`]): vfio-user devices whose server
+    /// The same SMMUv3 in nested mode (`smmuv3/nested.rs`): vfio-user devices whose server
     /// negotiates nestio's nested-IOMMU extension walk the guest's stage 1
     /// themselves; the others are shadowed.
     Smmuv3Nested,
