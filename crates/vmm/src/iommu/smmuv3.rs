@@ -789,10 +789,13 @@ impl BusDevice for Smmuv3 {
             let config = matches!(offset, regs::CR0 | regs::GBPA | regs::GERRORN);
             let ril = inner.smmu.read(regs::IDR3, 4) & (1 << 10) != 0;
             let cmds = self.consumed(&inner, cons);
-            let nested_config = config || cmds.as_deref().is_none_or(Self::has_cfgi_ste);
-            if !inner.nested.is_empty() && nested_config {
-                // The device's errors are logged; the guest's view stays as it was.
-                let _ = self.rebind(&mut inner, None);
+            if !inner.nested.is_empty() {
+                // Re-read the STEs the guest may have changed: all of them at a
+                // configuration write or an unreadable batch, else those its CFGI_STE*
+                // commands name. The device's errors are logged (in `rebind`).
+                let pick =
+                    |sid| config || cmds.as_deref().is_none_or(|c| Self::reconfigures(c, sid));
+                let _ = self.rebind(&mut inner, &pick);
             }
             let completed = match cmds {
                 Some(cmds) => inner.pending.consume(&cmds, ril),

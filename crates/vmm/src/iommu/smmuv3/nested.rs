@@ -181,7 +181,7 @@ impl Smmuv3 {
                 s2_mapped: false,
             },
         );
-        self.rebind(&mut inner, Some(sid))?;
+        self.rebind(&mut inner, &|s| s == sid)?;
         Ok(true)
     }
 
@@ -229,15 +229,14 @@ impl Smmuv3 {
         }
     }
 
-    /// Bind every nested stream (or only `only`) to what the guest's configuration
+    /// Bind every nested stream `pick` selects to what the guest's configuration
     /// says now.
-    pub(super) fn rebind(&self, inner: &mut Inner, only: Option<u32>) -> Result<(), Smmuv3Error> {
-        let sids: Vec<u32> = inner
-            .nested
-            .keys()
-            .copied()
-            .filter(|s| only.is_none_or(|o| o == *s))
-            .collect();
+    pub(super) fn rebind(
+        &self,
+        inner: &mut Inner,
+        pick: &dyn Fn(u32) -> bool,
+    ) -> Result<(), Smmuv3Error> {
+        let sids: Vec<u32> = inner.nested.keys().copied().filter(|s| pick(*s)).collect();
         let mut first_err = None;
         for sid in sids {
             let want = self.wanted_binding(inner, sid);
@@ -397,10 +396,17 @@ impl Smmuv3 {
         refused.map(|r| r.1)
     }
 
-    /// Whether a consumed batch reconfigured streams (CFGI_STE*, CFGI_ALL).
-    pub(super) fn has_cfgi_ste(cmds: &[[u64; 2]]) -> bool {
-        cmds.iter()
-            .any(|c| matches!(c[0] as u8, op::CFGI_STE | op::CFGI_STE_RANGE | op::CFGI_ALL))
+    /// Whether the consumed commands reconfigured stream `sid` (CFGI_STE of it,
+    /// CFGI_STE_RANGE covering it, CFGI_ALL).
+    pub(super) fn reconfigures(cmds: &[[u64; 2]], sid: u32) -> bool {
+        cmds.iter().any(|c| match Command::decode(c) {
+            Ok(Command::CfgiSte { sid: s }) => s == sid,
+            Ok(Command::CfgiSteRange { sid: s, range }) => {
+                range >= 31 || (u64::from(s) ^ u64::from(sid)) >> (range + 1) == 0
+            }
+            Ok(Command::CfgiAll) => true,
+            _ => false,
+        })
     }
 
     /// Append a device's fault record to the guest's event queue with `sid`.
@@ -600,6 +606,8 @@ mod tests {
         r.w64(STRTAB + 8 * 64, Rig::ste0(CD + 0x1000));
         r.cmds(&[[0x11 | (1 << 48), 0]]);
         assert_eq!(r.port.binds.lock().len(), 1);
+        r.cmds(&[[0x03 | (16 << 32), 0], [0x04 | (16 << 32), 2], SYNC]);
+        assert_eq!(r.port.binds.lock().len(), 1, "other streams' CFGI_STE*");
         r.cmds(&[[0x03 | (8 << 32), 0], SYNC]);
         assert_eq!(
             r.port.binds.lock().last(),
@@ -855,6 +863,28 @@ mod tests {
         r.cmds(&[[0x03 | (8 << 32), 0], SYNC]);
         assert_eq!(r.smmu.nested_binding(8), Some(Some([Rig::ste0(CD), 0])));
         assert_eq!(r.dev.maps.lock().len(), 2);
+    }
+
+    #[test]
+    fn which_cfgi_commands_reconfigure_a_stream() {
+        let r = |cmds: &[[u64; 2]]| Smmuv3::reconfigures(cmds, 8);
+        assert!(r(&[[0x03 | (8 << 32), 0]]));
+        assert!(!r(&[[0x03 | (9 << 32), 0]]));
+        // CFGI_STE_RANGE: 2^(range + 1) streams from SID aligned down.
+        assert!(r(&[[0x04 | (9 << 32), 0]]), "8..=9");
+        assert!(!r(&[[0x04 | (10 << 32), 0]]), "10..=11");
+        assert!(r(&[[0x04 | (15 << 32), 2]]), "8..=15");
+        assert!(!r(&[[0x04 | (16 << 32), 2]]), "16..=23");
+        assert!(r(&[[0x04 | (0x1234 << 32), 31]]), "all");
+        assert!(r(&[[0x07, 0]]), "CFGI_ALL");
+        assert!(
+            !r(&[[0x05 | (8 << 32), 0], [0x11, 0], SYNC]),
+            "CDs and TLBs are not STEs"
+        );
+        assert!(
+            !r(&[[0x03 | (8 << 32) | (1 << 10), 0]]),
+            "illegal (SSec): not executed"
+        );
     }
 
     #[test]
