@@ -48,6 +48,9 @@
  *                                 "NESTIO-DMA: fail REASON" otherwise)
  *   NESTIO-VFIO: bound ADDR group G   the device is on vfio-pci, group /dev/vfio/G
  *   NESTIO-VFIO: probe exit S     `nestio device vfio --probe` ended with status S
+ *   NESTIO-VFIO: conformance pass N fail M na K restricted R (exit S, server exit T)
+ *                                 then the vfio-user conformance suite against
+ *                                 `nestio device vfio --once` on the same device
  *   NESTIO-INIT: exit STATUS      just before the VM is ended
  *
  * Exit status (0 ok, 1 echo replies missing, 2 no interface, 3 not pinged from outside
@@ -946,6 +949,93 @@ static int write_str(const char *path, const char *v)
 	return n == (ssize_t)strlen(v) ? 0 : -1;
 }
 
+/*
+ * The vfio-user conformance suite against the kernel-bound device (issue 18): a
+ * `nestio device vfio --once` server and `nestio conformance` against it, the
+ * suite's report copied to the console and its summary line parsed into
+ *   NESTIO-VFIO: conformance pass N fail M na K restricted R (exit S, server exit T)
+ * Returns 0 when the suite ran and nothing failed, 4 otherwise.
+ */
+static int vfio_conformance(const struct config *c, const char *group)
+{
+	static const char sock[] = "/tmp/conformance.sock";
+	char *srv_argv[] = { "nestio", "device", "vfio", "--once", "--group", (char *)group,
+			     "--device", (char *)c->pci, "--socket", (char *)sock, NULL };
+	char *cli_argv[] = { "nestio", "conformance", "--socket", (char *)sock,
+			     "--wait", "60", NULL };
+	char out[32768], *sum;
+	size_t len = 0;
+	ssize_t n;
+	int pfd[2], st, srv_st = -1, cli_st = -1;
+	int pass = -1, fail = -1, na = -1, restricted = -1;
+	pid_t srv, cli;
+	double t0 = now_ms();
+
+	say("NESTIO-VFIO: conformance start (uptime %.2f s)\n", uptime());
+	unlink(sock);
+	if (pipe2(pfd, O_CLOEXEC) < 0)
+		return 4;
+	srv = fork();
+	if (srv < 0)
+		return 4;
+	if (srv == 0) {
+		execv("/bin/nestio", srv_argv);
+		_exit(127);
+	}
+	cli = fork();
+	if (cli < 0) {
+		kill(srv, SIGKILL);
+		return 4;
+	}
+	if (cli == 0) {
+		/* stdout and stderr through one pipe: their lines stay whole and in order. */
+		dup2(pfd[1], 1);
+		dup2(pfd[1], 2);
+		execv("/bin/nestio", cli_argv);
+		_exit(127);
+	}
+	close(pfd[1]);
+	/* Copy the report to the console as it comes; keep it to find the summary. */
+	for (;;) {
+		char buf[1024];
+
+		n = read(pfd[0], buf, sizeof(buf));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		fwrite(buf, 1, (size_t)n, stdout);
+		fflush(stdout);
+		if (len + (size_t)n < sizeof(out)) {
+			memcpy(out + len, buf, (size_t)n);
+			len += (size_t)n;
+		}
+	}
+	close(pfd[0]);
+	out[len] = 0;
+	while (waitpid(cli, &st, 0) < 0 && errno == EINTR)
+		;
+	cli_st = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+	/* --once: the server ends with its client; give it 10 s, then end it. */
+	for (int i = 0; i < 1000 && waitpid(srv, &st, WNOHANG) != srv; i++)
+		usleep(10000);
+	if (kill(srv, 0) == 0 && waitpid(srv, &st, WNOHANG) != srv) {
+		kill(srv, SIGKILL);
+		while (waitpid(srv, &st, 0) < 0 && errno == EINTR)
+			;
+		st = -1;
+	}
+	srv_st = (st != -1 && WIFEXITED(st)) ? WEXITSTATUS(st) : -1;
+	sum = strstr(out, "CONFORMANCE summary: ");
+	if (sum)
+		sscanf(sum, "CONFORMANCE summary: pass %d fail %d na %d restricted %d",
+		       &pass, &fail, &na, &restricted);
+	say("NESTIO-VFIO: conformance pass %d fail %d na %d restricted %d (exit %d, server exit %d)\n",
+	    pass, fail, na, restricted, cli_st, srv_st);
+	say("NESTIO-VFIO: conformance took %.2f s\n", (now_ms() - t0) / 1000.0);
+	return (cli_st == 0 && fail == 0 && pass > 0) ? 0 : 4;
+}
+
 static int vfio_mode(const struct config *c)
 {
 	char path[128], link[128], group[160];
@@ -1000,6 +1090,8 @@ static int vfio_mode(const struct config *c)
 	}
 	st = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 	say("NESTIO-VFIO: probe exit %d\n", st);
+	if (st == 0)
+		st = vfio_conformance(c, group);
 	return st == 0 ? 0 : 4;
 }
 

@@ -2,6 +2,7 @@
 //! devices passed through, run the demo, measure.
 
 mod bench;
+mod conformance;
 mod demo;
 mod device;
 mod inspect;
@@ -39,6 +40,8 @@ enum Command {
     Stop(migrate::VmArgs),
     /// Live-migrate a running VM to a `nestio run --migrate-listen` destination.
     Migrate(migrate::MigrateArgs),
+    /// Run the vfio-user conformance suite against a server; exit 1 on any failure.
+    Conformance(conformance::ConformanceArgs),
 }
 
 fn main() {
@@ -59,6 +62,7 @@ fn main() {
         Command::Status(a) => migrate::status(a),
         Command::Stop(a) => migrate::stop(a),
         Command::Migrate(a) => migrate::migrate(a),
+        Command::Conformance(a) => conformance::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -76,7 +76,10 @@ fn corpus_fsl_mc() {
 
 #[test]
 fn corpus_xive() {
-    replay("xive", nestio_xive::fuzz::fuzz_xive);
+    replay("xive", |d| {
+        nestio_xive::fuzz::fuzz_xive(d);
+        nestio_vmm::irqchip::xive::fuzz_xive_chip(d);
+    });
 }
 
 #[test]

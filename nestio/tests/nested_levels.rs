@@ -783,3 +783,89 @@ fn level2_nested_smmuv3_falls_back_to_shadow_through_a_level1_exporter() {
     );
     assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
 }
+
+/// Seed 002's passthrough interrupts at nesting depth 2: the e1000 emulated at level 0,
+/// exported by level 1, used by a level-2 VM whose interrupt controller is the XIVE
+/// (`--irqchip xive`, e1000ping `irq=xive`: the INTx source routed by hypercall to
+/// vCPU 0's queue, acknowledged through the TIMA, EOId through the ESB). The device's
+/// INTx eventfd and its unmask (resample) eventfd were handed down through level 1
+/// unchanged at setup, so each interrupt goes device -> level-2 XIVE delivery thread
+/// (which triggers the source) and each EOI goes level-2 XIVE -> device, with no
+/// message and no other process in between: level 1 forwarded a fixed number of
+/// SET_IRQS, whatever the number of interrupts (compared between a 1-ping and a
+/// 12-ping run through two identical stacks).
+#[test]
+fn level2_xive_guest_takes_passthrough_interrupts_with_no_message_per_interrupt() {
+    let name = "level2_xive_guest_takes_passthrough_interrupts_with_no_message_per_interrupt";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let run = |tag: &str, pings: u32| -> (u64, u64, u64) {
+        let dir = Dir::new("levels", tag);
+        let (_dev, s0) = device(&dir);
+        let s1 = dir.path("s1");
+        let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
+        let dev = format!("vfio-user={}", s(&s1));
+        let mem = format!("{}.mem", s(&s1));
+        let cmdline = format!("irq=xive pings={pings}");
+        let mut l2 = Level::spawn(
+            &dir,
+            "level2",
+            &[
+                "run",
+                "--guest",
+                "e1000ping",
+                "--cmdline",
+                &cmdline,
+                "--irqchip",
+                "xive",
+                "--memory-from",
+                &mem,
+                "--device",
+                &dev,
+            ],
+        );
+        let st = l2.wait();
+        let (out, err) = (l2.stdout(), l2.stderr());
+        assert!(st.success(), "level 2 failed ({st}): {out}\n{err}");
+        assert!(out.contains("interrupts: XIVE source"), "{out}");
+        let last = format!("ping: echo reply from 10.0.2.2 seq={pings} ");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&last))
+            .unwrap_or_else(|| panic!("no reply {pings}: {out}"));
+        // "(rtt N tsc cycles; K interrupts, R with RXT0, ...)"
+        let count = |what: &str| -> u64 {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let at = words
+                .iter()
+                .position(|w| w.trim_end_matches(',') == what)
+                .unwrap_or_else(|| panic!("{what} in {line}"));
+            words[at - 1].parse().unwrap()
+        };
+        let (irqs, rx) = (count("interrupts"), count("with"));
+        assert!(
+            rx > u64::from(pings),
+            "ARP + {pings} replies, each RXT0: {line}"
+        );
+        let st1 = l1.wait();
+        assert_eq!(st1.code(), Some(42), "{}", l1.stderr());
+        assert_zero_copy(&l1);
+        (irqs, export_stat(&l1.stderr(), "set_irqs"), rx)
+    };
+    let (irqs1, set_irqs1, _) = run("xive-1", 1);
+    let (irqs12, set_irqs12, rx12) = run("xive-12", 12);
+    eprintln!(
+        "{name}: 1 ping: {irqs1} interrupts, {set_irqs1} SET_IRQS crossed level 1; \
+         12 pings: {irqs12} interrupts ({rx12} RX), {set_irqs12} SET_IRQS"
+    );
+    assert!(irqs12 >= irqs1 + 11, "{irqs1} -> {irqs12}");
+    assert_eq!(
+        set_irqs12, set_irqs1,
+        "SET_IRQS crossing level 1 grew with the interrupts: a message per interrupt"
+    );
+    assert!(
+        set_irqs12 < irqs12,
+        "{set_irqs12} SET_IRQS for {irqs12} interrupts"
+    );
+}

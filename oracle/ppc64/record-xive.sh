@@ -18,6 +18,9 @@
 # TIMA access with the value QEMU returned; xive_normalize.py keeps those lines (in
 # order, one event per line) in OUTDIR/linux-e1000.trace, and the guest console's
 # interrupt lines in OUTDIR/linux-e1000.console.
+# crates/xive/tests/qemu_replay.rs runs this script live (CI=true, or a built kernel:
+# ~6 s) into a temporary OUTDIR and replays that recording too; only the guest's XIVE
+# setup calls must equal the committed ones (IPI and line counts vary with timing).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -105,6 +105,7 @@ fn guest_linux_binds_the_emulated_e1000_to_vfio_pci() {
             "{out}"
         );
         assert!(out.contains("NESTIO-VFIO: probe exit 0"), "{out}");
+        conformance::assert_guest_matches_host_e1000(&out);
     } else {
         eprintln!(
             "{name}: no static nestio in the initramfs (NESTIO_LINUX_NESTIO unset): bind only"
@@ -112,4 +113,76 @@ fn guest_linux_binds_the_emulated_e1000_to_vfio_pci() {
     }
     let bad = nestio_vmm::linux::platform::kernel_problems(&out);
     assert!(bad.is_empty(), "bad kernel lines {bad:?} in:\n{out}");
+}
+
+/// The vfio-user conformance suite run inside the guest (`nestio conformance` against
+/// `nestio device vfio --once` on the kernel-bound e1000, from /init) compared with the
+/// same suite against nestio's own e1000 served on the host.
+mod conformance {
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+
+    use nestio_vfio_user::conformance::{self, Options, CHECKS};
+    use nestio_vfio_user::{Server, ServerConfig};
+
+    /// The checks the host's emulated e1000 passes.
+    fn host_e1000_passes() -> Vec<&'static str> {
+        let backend = nestio_net::open_backend("user", None).unwrap();
+        let dev =
+            nestio_emulated::e1000::E1000::new(nestio_emulated::e1000::E1000Config::new(backend))
+                .unwrap();
+        let server = Arc::new(Server::new(dev, ServerConfig::default()));
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || server.serve_stream(b));
+        let report = conformance::run(a, &Options::default()).unwrap();
+        t.join().unwrap().unwrap();
+        assert_eq!(report.failed(), 0, "host e1000:\n{report}");
+        report.passed_names()
+    }
+
+    /// The guest printed one line per check (`CONFORMANCE TAG NAME detail`) and the
+    /// summary `NESTIO-VFIO: conformance pass N fail 0 ...`; the checks it passed are the
+    /// host e1000's, except those the kernel device reports RESTRICTED (noiommu).
+    pub fn assert_guest_matches_host_e1000(out: &str) {
+        let summary = out
+            .lines()
+            .find_map(|l| {
+                l.find("NESTIO-VFIO: conformance pass ")
+                    .map(|i| &l[i + "NESTIO-VFIO: conformance ".len()..])
+            })
+            .unwrap_or_else(|| panic!("no conformance summary in:\n{out}"));
+        eprintln!("guest conformance: {summary}");
+        assert!(
+            summary.contains(" fail 0 "),
+            "a check failed in the guest: {summary}\n{out}"
+        );
+        assert!(summary.contains("(exit 0, server exit 0)"), "{summary}");
+        let mut guest_pass = Vec::new();
+        let mut guest_restricted = Vec::new();
+        for l in out.lines().filter(|l| l.contains("nestio: conformance:")) {
+            eprintln!("guest: {l}");
+        }
+        for l in out.lines() {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let [_, tag, name, ..] = w[..] else { continue };
+            if !l.starts_with("CONFORMANCE ") || !CHECKS.contains(&name) {
+                continue;
+            }
+            eprintln!("guest: {l}");
+            match tag {
+                "PASS" => guest_pass.push(name),
+                "RESTRICTED" => guest_restricted.push(name),
+                "FAIL" => panic!("guest check {name} failed: {l}"),
+                _ => {}
+            }
+        }
+        let expected: Vec<&str> = host_e1000_passes()
+            .into_iter()
+            .filter(|n| !guest_restricted.contains(n))
+            .collect();
+        assert_eq!(
+            guest_pass, expected,
+            "checks passed in the guest (kernel vfio-pci e1000) vs on the host (emulated e1000), restricted in the guest: {guest_restricted:?}"
+        );
+    }
 }

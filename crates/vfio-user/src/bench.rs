@@ -309,3 +309,280 @@ mod tests {
         );
     }
 }
+
+/// Results of [`nested_dma`] (nanoseconds per operation, median round).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NestedDmaReport {
+    /// Iterations of each measurement.
+    pub iterations: u64,
+    /// The floor: a REGION_WRITE to a register that starts nothing.
+    pub register_write_ns: f64,
+    /// A 4 KiB device → guest DMA at an IPA (no stage 1 bound).
+    pub dma_ipa_ns: f64,
+    /// The same DMA at an IOVA through the bound stage 1, translation cached.
+    pub dma_stage1_ns: f64,
+    /// INVALIDATE of [TLBI_NH_ALL, CMD_SYNC].
+    pub invalidate_ns: f64,
+    /// INVALIDATE of [TLBI_NH_ALL, CMD_SYNC] followed by the DMA (a full 4-level walk).
+    pub invalidate_dma_ns: f64,
+    /// In process, no socket: a 4 KiB read from the map table.
+    pub table_read_ns: f64,
+    /// In process: the same read through the bound stage 1, translation cached.
+    pub stage1_read_ns: f64,
+    /// In process: TLBI_NH_ALL, then the read (a full 4-level walk through the table).
+    pub stage1_walk_read_ns: f64,
+}
+
+impl NestedDmaReport {
+    /// What the cached stage-1 translation adds to a 4 KiB DMA.
+    pub fn stage1_cost_ns(&self) -> f64 {
+        self.dma_stage1_ns - self.dma_ipa_ns
+    }
+    /// What a walk after invalidation adds to a 4 KiB DMA.
+    pub fn walk_cost_ns(&self) -> f64 {
+        self.invalidate_dma_ns - self.invalidate_ns - self.dma_ipa_ns
+    }
+}
+
+impl std::fmt::Display for NestedDmaReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "nested IOMMU over vfio-user ({} iterations each, median of {} rounds, one CPU)",
+            self.iterations, ROUNDS
+        )?;
+        writeln!(
+            f,
+            "  REGION_WRITE, no DMA (floor)      : {:>9.0} ns",
+            self.register_write_ns
+        )?;
+        writeln!(
+            f,
+            "  4 KiB DMA at an IPA               : {:>9.0} ns  ({:.2}x floor)",
+            self.dma_ipa_ns,
+            self.dma_ipa_ns / self.register_write_ns
+        )?;
+        writeln!(
+            f,
+            "  4 KiB DMA through stage 1 (cached): {:>9.0} ns  ({:.2}x the IPA DMA, +{:.0} ns)",
+            self.dma_stage1_ns,
+            self.dma_stage1_ns / self.dma_ipa_ns,
+            self.stage1_cost_ns()
+        )?;
+        writeln!(
+            f,
+            "  INVALIDATE [TLBI_NH_ALL, SYNC]    : {:>9.0} ns  ({:.2}x floor)",
+            self.invalidate_ns,
+            self.invalidate_ns / self.register_write_ns
+        )?;
+        writeln!(
+            f,
+            "  INVALIDATE + DMA (4-level walk)   : {:>9.0} ns  (walk +{:.0} ns)",
+            self.invalidate_dma_ns,
+            self.walk_cost_ns()
+        )?;
+        writeln!(
+            f,
+            "  in process: 4 KiB read, map table: {:>9.0} ns",
+            self.table_read_ns
+        )?;
+        writeln!(
+            f,
+            "  in process: through stage 1 (hit) : {:>9.0} ns  ({:.2}x, +{:.0} ns per translation)",
+            self.stage1_read_ns,
+            self.stage1_read_ns / self.table_read_ns,
+            self.stage1_read_ns - self.table_read_ns
+        )?;
+        write!(
+            f,
+            "  in process: TLBI + walk + read    : {:>9.0} ns  ({:.2}x)",
+            self.stage1_walk_read_ns,
+            self.stage1_walk_read_ns / self.table_read_ns
+        )
+    }
+}
+
+/// Measure the device side of nested mode over a client/server pair: the test device's
+/// 4 KiB DMA at an IPA, through the guest's bound stage 1 (IOTLB hit), and after an
+/// invalidation (full walk), against a plain register write as the floor. Tables are
+/// built with `nestio_iommu::smmuv3::tables` in a memfd the client maps.
+pub fn nested_dma(iterations: u64) -> Result<NestedDmaReport, ProtocolBenchError> {
+    let pin = Pin::current();
+    let r = measure_nested(iterations);
+    drop(pin);
+    r
+}
+
+fn measure_nested(iterations: u64) -> Result<NestedDmaReport, ProtocolBenchError> {
+    use crate::nested_iommu::NestedIommuCaps;
+    use crate::testdev::reg;
+    use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
+    use nestio_iommu::smmuv3::memory::{MemoryError, SmmuMemory};
+    use nestio_iommu::smmuv3::tables::{self, Stage1Tables, LEAF_RW};
+
+    const RAM: u64 = 0x10_0000;
+    const SIZE: u64 = 0x10_0000;
+    const IOVA: u64 = 0x4000_0000;
+    struct Ram(std::fs::File);
+    impl SmmuMemory for Ram {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+            use std::os::unix::fs::FileExt;
+            let err = MemoryError {
+                addr,
+                len: buf.len(),
+            };
+            let off = addr.checked_sub(RAM).ok_or(err)?;
+            self.0.read_exact_at(buf, off).map_err(|_| err)
+        }
+        fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
+            use std::os::unix::fs::FileExt;
+            let err = MemoryError {
+                addr,
+                len: data.len(),
+            };
+            let off = addr.checked_sub(RAM).ok_or(err)?;
+            self.0.write_all_at(data, off).map_err(|_| err)
+        }
+    }
+
+    let dev = Arc::new(TestDevice::new()?);
+    let server = Arc::new(Server::new(dev, ServerConfig::default()));
+    let (a, b) = UnixStream::pair()?;
+    let s2 = server.clone();
+    let t = std::thread::spawn(move || s2.serve_stream(b));
+    let client = Client::from_stream(
+        a,
+        ClientConfig {
+            nested_iommu: Some(NestedIommuCaps::default()),
+            ..ClientConfig::default()
+        },
+    )?;
+    let fd = nestio_dma::memfd::sealed_memfd(c"nestio-bench-nested", SIZE)?;
+    let ram = Ram(std::fs::File::from(fd.try_clone()?));
+    client.dma_map(DmaMapRequest {
+        range: DmaRange::new(RAM, SIZE).map_err(nestio_device_model::DeviceError::from)?,
+        prot: Prot::RW,
+        backing: DmaBacking::Fd {
+            fd: Arc::new(fd),
+            offset: 0,
+        },
+    })?;
+    let bad = |e: tables::TableError| {
+        nestio_device_model::DeviceError::Invalid(format!("building the bench's tables: {e}"))
+    };
+    let mut t1 = Stage1Tables::new(RAM + 0x2000, RAM + 0x3000, 0x8000).map_err(bad)?;
+    t1.map(&ram, IOVA, RAM + 0x2_0000, LEAF_RW).map_err(bad)?;
+    tables::write_words(&ram, RAM + 0x1000, &tables::cd(t1.root(), 1, false))
+        .map_err(|e| bad(e.into()))?;
+    let regs = |addr: u64| -> Result<(), ProtocolBenchError> {
+        client.region_write(1, reg::DMA_ADDR, &addr.to_le_bytes())?;
+        client.region_write(1, reg::DMA_LEN, &4096u64.to_le_bytes())?;
+        client.region_write(1, reg::DMA_OFF, &0u64.to_le_bytes())?;
+        Ok(())
+    };
+    let go = 2u64.to_le_bytes();
+    let cmd = |d0: u64| {
+        let mut c = [0u8; 16];
+        c[..8].copy_from_slice(&d0.to_le_bytes());
+        c
+    };
+    let inv = [cmd(0x10), cmd(0x46)];
+    let per_round = (iterations / ROUNDS).max(1);
+    let (mut floor, mut ipa, mut s1, mut invl, mut walk) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let ste = tables::ste_stage1(RAM + 0x1000);
+    for _ in 0..ROUNDS {
+        let t0 = Instant::now();
+        for _ in 0..per_round {
+            client.region_write(1, reg::DMA_LEN, &4096u64.to_le_bytes())?;
+        }
+        floor.push(per_op(t0, per_round));
+        client.iommu_unbind()?;
+        regs(RAM + 0x2_0000)?;
+        let t0 = Instant::now();
+        for _ in 0..per_round {
+            client.region_write(1, reg::DMA_CMD, &go)?;
+        }
+        ipa.push(per_op(t0, per_round));
+        client.iommu_bind(1, ste[0], ste[1])?;
+        regs(IOVA)?;
+        let t0 = Instant::now();
+        for _ in 0..per_round {
+            client.region_write(1, reg::DMA_CMD, &go)?;
+        }
+        s1.push(per_op(t0, per_round));
+        let t0 = Instant::now();
+        for _ in 0..per_round {
+            client.iommu_invalidate(&inv)?;
+        }
+        invl.push(per_op(t0, per_round));
+        let t0 = Instant::now();
+        for _ in 0..per_round {
+            client.iommu_invalidate(&inv)?;
+            client.region_write(1, reg::DMA_CMD, &go)?;
+        }
+        walk.push(per_op(t0, per_round));
+    }
+    let mut status = [0u8; 8];
+    client.region_read(1, reg::DMA_STATUS, &mut status)?;
+    if status != [0; 8] {
+        return Err(nestio_device_model::DeviceError::Invalid(format!(
+            "the benchmark's DMA failed (status {})",
+            u64::from_le_bytes(status)
+        ))
+        .into());
+    }
+    drop(client);
+    let _ = t.join();
+
+    // In process: the decorator itself over a map table of the same memory.
+    use nestio_dma::DmaSpace;
+    let table = Arc::new(nestio_dma::MapTable::default());
+    table
+        .map(DmaMapRequest {
+            range: DmaRange::new(RAM, SIZE).map_err(nestio_device_model::DeviceError::from)?,
+            prot: Prot::RW,
+            backing: DmaBacking::Fd {
+                fd: Arc::new(ram.0.try_clone()?.into()),
+                offset: 0,
+            },
+        })
+        .map_err(nestio_device_model::DeviceError::from)?;
+    let stage1 = nestio_iommu::smmuv3::stage1_dma::Stage1Dma::bind(table.clone(), 1, ste)
+        .map_err(|e| nestio_device_model::DeviceError::Invalid(format!("bench stage 1: {e}")))?;
+    let mut buf = vec![0u8; 4096];
+    let inproc = per_round.saturating_mul(4);
+    let (mut tr, mut sr, mut wr) = (Vec::new(), Vec::new(), Vec::new());
+    let dma_err = |e: nestio_dma::DmaError| nestio_device_model::DeviceError::from(e);
+    for _ in 0..ROUNDS {
+        let t0 = Instant::now();
+        for _ in 0..inproc {
+            table.read(RAM + 0x2_0000, &mut buf).map_err(dma_err)?;
+        }
+        tr.push(per_op(t0, inproc));
+        let t0 = Instant::now();
+        for _ in 0..inproc {
+            stage1.read(IOVA, &mut buf).map_err(dma_err)?;
+        }
+        sr.push(per_op(t0, inproc));
+        let t0 = Instant::now();
+        for _ in 0..inproc {
+            stage1.command([0x10, 0]).map_err(|e| {
+                nestio_device_model::DeviceError::Invalid(format!("bench TLBI: {e}"))
+            })?;
+            stage1.read(IOVA, &mut buf).map_err(dma_err)?;
+        }
+        wr.push(per_op(t0, inproc));
+    }
+    Ok(NestedDmaReport {
+        iterations: per_round * ROUNDS,
+        register_write_ns: median(floor),
+        dma_ipa_ns: median(ipa),
+        dma_stage1_ns: median(s1),
+        invalidate_ns: median(invl),
+        invalidate_dma_ns: median(walk),
+        table_read_ns: median(tr),
+        stage1_read_ns: median(sr),
+        stage1_walk_read_ns: median(wr),
+    })
+}

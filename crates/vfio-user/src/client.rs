@@ -619,6 +619,8 @@ fn twin_loop(ep: &Endpoint, peers: &PeerMap, faults: &FaultInbox, max_xfer: usiz
             }
         }
     }
+    // The server's FAULTs came here: a receiver waiting for them sees the end.
+    faults.close();
 }
 
 impl Drop for Client {
@@ -648,6 +650,7 @@ impl Client {
             return Ok(());
         }
         let ep = self.ep.clone();
+        let faults = self.faults.clone();
         let h = std::thread::Builder::new()
             .name("vfio-user-reader".into())
             .spawn(move || {
@@ -656,6 +659,8 @@ impl Client {
                 if let Err(e) = ep.next_command() {
                     tracing::debug!(error = %e, "vfio-user reader stopped");
                 }
+                // The connection is gone: a receiver of FAULTs sees the end.
+                faults.close();
             })?;
         *slot = Some(h);
         Ok(())
@@ -742,7 +747,8 @@ impl Client {
     /// The fault records the server reports (once: later calls return `None`; also
     /// `None` without the extension). Each carries the guest's vSID as StreamID; put
     /// it in the guest's event queue. At most 1024 wait here: a full queue drops new
-    /// records and flags the next one delivered `lost_before`.
+    /// records and flags the next one delivered `lost_before`. The channel ends (`recv`
+    /// fails) when the connection does (or the client is dropped).
     pub fn take_iommu_faults(&self) -> Option<std::sync::mpsc::Receiver<IommuFault>> {
         self.nested.as_ref()?;
         self.faults.take_receiver()

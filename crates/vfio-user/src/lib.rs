@@ -12,12 +12,14 @@
 //! - [`client`]: `Client`, a `VfioDevice` backed by a remote server;
 //! - [`nested_iommu`]: nestio's extension giving the device the guest's SMMUv3 stage 1
 //!   (capability, BIND/UNBIND/INVALIDATE/FAULT, the server's bound DMA space);
+//! - [`conformance`]: a conformance suite of named spec checks run against any server;
 //! - [`testdev`]: a small device used by tests, the fuzzer and the benchmark;
 //! - [`bench`]: round-trip and throughput measurement.
 
 #[cfg(feature = "harness")]
 pub mod bench;
 pub mod client;
+pub mod conformance;
 pub mod endpoint;
 #[cfg(feature = "harness")]
 pub mod fuzzing;

@@ -628,9 +628,14 @@ impl NestedSession {
             }
             let r = match &self.bound {
                 Some(b) => b.stage1.command(d),
-                // Nothing cached while unbound: only the opcode is checked.
-                None if stage1_dma::forwardable(d[0] as u8) => Ok(()),
-                None => Err(Stage1Error::NotForwardable(d[0] as u8)),
+                // Nothing cached while unbound: only legality is checked, as the
+                // model would (opcode forwardable, operands legal).
+                None if !stage1_dma::forwardable(d[0] as u8) => {
+                    Err(Stage1Error::NotForwardable(d[0] as u8))
+                }
+                None => nestio_iommu::smmuv3::cmdq::Command::decode(&d)
+                    .map(|_| ())
+                    .map_err(|_| Stage1Error::Illegal(CERROR_ILL)),
             };
             if let Err(e) = r {
                 tracing::debug!(index = reply.done, error = %e, "nested IOMMU: command refused");
@@ -725,6 +730,12 @@ impl FaultInbox {
     /// The receiver, once.
     pub fn take_receiver(&self) -> Option<Receiver<IommuFault>> {
         self.rx.lock().take()
+    }
+
+    /// The channel the server's FAULTs arrive on has closed: the receiver sees the
+    /// end (after the records already queued) instead of waiting for ever.
+    pub fn close(&self) {
+        self.tx.lock().take();
     }
 
     /// Handle a FAULT message from the server: checked, queued for the VMM. The reply

@@ -513,6 +513,7 @@ impl Server {
             owner: false,
             out: Vec::with_capacity(4096),
             nested: NestedSession::default(),
+            dma_ranges: std::collections::BTreeMap::new(),
         };
         let handshake = self
             .config
@@ -623,6 +624,10 @@ struct Session<'a> {
     out: Vec<u8>,
     /// The nested-IOMMU extension's state (`crate::nested_iommu`).
     nested: NestedSession,
+    /// The owner's DMA mappings (start -> size), so DMA_MAP over an existing mapping is
+    /// EEXIST and DMA_UNMAP must name one exactly (ENOENT) whatever the device keeps: a
+    /// device without a map table (no DMA of its own) records nothing itself.
+    dma_ranges: std::collections::BTreeMap<u64, u64>,
 }
 
 /// What a handler hands back: fds to attach to the reply.
@@ -912,6 +917,12 @@ impl Session<'_> {
         }
         let range = DmaRange::new(d.addr, d.size).map_err(|e| e.errno())?;
         let prot = Prot::from_bits(d.flags).ok_or(libc::EINVAL)?;
+        // Spec: a map over an existing mapping fails with EEXIST.
+        if let Some((&s, &l)) = self.dma_ranges.range(..=range.last()).next_back() {
+            if s.saturating_add(l - 1) >= range.start() {
+                return Err(libc::EEXIST);
+            }
+        }
         let backing = match m.fds.first() {
             Some(fd) => DmaBacking::Fd {
                 fd: Arc::new(
@@ -940,6 +951,7 @@ impl Session<'_> {
                 backing,
             })
             .map_err(dev_err)?;
+        self.dma_ranges.insert(range.start(), range.len());
         Ok(Vec::new())
     }
 
@@ -951,8 +963,14 @@ impl Session<'_> {
         }
         if u.flags & dma_flags::UNMAP_ALL != 0 {
             self.device().dma_unmap_all().map_err(dev_err)?;
+            self.dma_ranges.clear();
         } else {
+            // Spec: the range must match a previous mapping exactly.
+            if self.dma_ranges.get(&u.addr) != Some(&u.size) {
+                return Err(libc::ENOENT);
+            }
             self.device().dma_unmap(u.addr, u.size).map_err(dev_err)?;
+            self.dma_ranges.remove(&u.addr);
         }
         DmaUnmap {
             argsz: DmaUnmap::SIZE as u32,

@@ -413,3 +413,37 @@ fn every_server_accepts_our_proposal() {
     let v = Version::decode(&client_proposal(ClientConfig::default())).unwrap();
     assert_eq!(v.caps.max_msg_fds, 64);
 }
+
+/// nestio's `nestio_nested_iommu` key: never in the reply to a real client's proposal
+/// (QEMU would warn about it), on the raw JSON; and a nestio client that proposes it
+/// is still accepted by every server parser (they ignore keys they do not know).
+#[test]
+fn nested_iommu_key_only_between_nestio_peers() {
+    for (minor, json) in [
+        QEMU_PROPOSAL,
+        CLOUD_HYPERVISOR_PROPOSAL,
+        LIBVFIO_USER_PROPOSAL,
+    ] {
+        let r = ask(ServerConfig::default(), &proposal(minor, json));
+        let (_, _, v) = split(&r).unwrap();
+        let caps = caps_of(&v).unwrap().unwrap();
+        assert!(
+            !caps.contains_key("nestio_nested_iommu"),
+            "sent unasked in reply to {json}"
+        );
+    }
+    let p = client_proposal(ClientConfig {
+        nested_iommu: Some(nestio_vfio_user::nested_iommu::NestedIommuCaps::default()),
+        ..ClientConfig::default()
+    });
+    let (_, _, v) = split(&p).unwrap();
+    assert!(caps_of(&v).unwrap().unwrap()["nestio_nested_iommu"]["smmuv3"]["version"] == 1);
+    libvfio_user_server_accepts(&p).unwrap();
+    cloud_hypervisor_accepts(&p).unwrap();
+    // Not proposed by default.
+    let (_, _, v) = split(&client_proposal(ClientConfig::default())).unwrap();
+    assert!(!caps_of(&v)
+        .unwrap()
+        .unwrap()
+        .contains_key("nestio_nested_iommu"));
+}

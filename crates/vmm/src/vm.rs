@@ -734,12 +734,12 @@ impl Vm {
         let mut hypercalls = cfg.hypercalls.clone();
         crate::hypercall::console::register_default(&mut hypercalls, serial.clone());
         if let Some(x) = &xive {
-            crate::hypercall::xive::register(&mut hypercalls, x.model().clone()).map_err(|e| {
-                IrqChipError::Invalid {
+            crate::hypercall::xive::register(&mut hypercalls, x.model().clone())
+                .and_then(|()| crate::hypercall::xive::register_cede(&mut hypercalls, x.clone()))
+                .map_err(|e| IrqChipError::Invalid {
                     chip: "xive",
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
         }
         let run_size = kvm
             .get_vcpu_mmap_size()

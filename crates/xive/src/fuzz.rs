@@ -1,7 +1,8 @@
 //! The fuzz entry point (feature `harness`): a byte string becomes a sequence of
 //! operations on one model — hypercalls with any opcode and arguments, control-API
 //! attributes with any group/attribute/data, ESB and TIMA accesses of any offset and
-//! size, triggers, vCPU connections, VP state, save/resume/restore — and checks that
+//! size, triggers, vCPU connections, VP state, save/resume/restore, a VP ceding and
+//! being dispatched again (escalations) — and checks that
 //! nothing panics, every hypercall answers a PAPR code of [`crate::hcall::rc`], every
 //! control error has one of KVM's errno, and every queue producer stays inside its
 //! ring. Used by `fuzz/fuzz_targets/xive.rs` and the corpus replay.
@@ -67,7 +68,7 @@ pub fn fuzz_xive(data: &[u8]) {
     let mut snap = None;
     while let Some(op) = b.u8() {
         let small = |v: Option<u64>| v.unwrap_or(0) % 80;
-        match op % 12 {
+        match op % 14 {
             0 | 1 => {
                 let sel = b.u8().unwrap_or(0);
                 let opcode = if sel < 200 {
@@ -143,6 +144,19 @@ pub fn fuzz_xive(data: &[u8]) {
                 let _ = x.vp_state(s);
             }
             10 => snap = Some(x.save()),
+            12 | 13 => {
+                let s = u32::from(b.u8().unwrap_or(0) % 10);
+                let before = x.escalation(s);
+                if op % 14 == 12 {
+                    let _ = x.cede(s);
+                } else {
+                    x.dispatch(s);
+                }
+                if let (Some(a), Some(e)) = (before, x.escalation(s)) {
+                    assert!(e.fired >= a.fired && e.coalesced >= a.coalesced);
+                    assert_eq!(e.dispatched, op % 14 == 13, "server {s}");
+                }
+            }
             _ => {
                 let _ = x.resume();
                 if let Some(s) = &snap {
@@ -155,6 +169,15 @@ pub fn fuzz_xive(data: &[u8]) {
             }
         }
         for s in x.servers() {
+            if x.escalation(s).is_some_and(|e| e.dispatched) {
+                for p in 0..8 {
+                    assert_eq!(
+                        x.escalation_pq(s, p),
+                        Some(crate::Pq::Off),
+                        "escalation on while dispatched"
+                    );
+                }
+            }
             for p in 0..8 {
                 if let Some((t, i)) = x.queue_position(s, p) {
                     assert!(t <= 1 && i < (1 << 22), "queue {s}/{p} at {t}/{i}");

@@ -29,6 +29,9 @@
 //! [`Layout::region_page`]). Migration ([`migration`]) saves and restores it in the
 //! seed's order, and the per-vCPU VP state is [`vp`].
 //!
+//! A VP that is off its thread (its vCPU ceded) is not notified: the event escalates
+//! instead, once per cede, and the VMM wakes the vCPU ([`escalation`]).
+//!
 //! Guest memory is reached only through the small [`GuestMemory`] trait, so the crate
 //! depends on no VMM.
 //!
@@ -43,6 +46,7 @@
 pub mod control;
 pub mod eq;
 pub mod esb;
+pub mod escalation;
 #[cfg(feature = "harness")]
 pub mod fuzz;
 pub mod hcall;

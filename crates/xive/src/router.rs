@@ -11,7 +11,10 @@
 //!    `ALWAYS_NOTIFY`, its ESn bits coalesce notifications;
 //! 4. the server's TIMA records the priority in IPB; when PIPR < CPPR it raises NSR
 //!    and the VMM's [`Notify::notify`] is called for that server (after the lock is
-//!    released).
+//!    released);
+//! 5. unless the server's VP is off its thread (ceded): then the vCPU is not
+//!    notified and the queue's escalation source is triggered instead, which calls
+//!    [`Notify::escalate`] at most once per cede ([`crate::escalation`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use parking_lot::Mutex;
 
 use crate::eq::EventQueue;
 use crate::esb::{MgmtLoad, MgmtStore, Pq};
+use crate::escalation::Escalation;
 use crate::mem::GuestMemory;
 use crate::source::Source;
 use crate::tima::Tima;
@@ -32,6 +36,10 @@ pub trait Notify: Send + Sync {
     /// `H_INT_ESB`): a VMM that emulates a level-triggered line with a resample
     /// eventfd signals it here. The default does nothing.
     fn eoi(&self, _lisn: u32) {}
+    /// The escalation of queue (`server`, `prio`) fired: an event arrived for a VP
+    /// that is off its thread ([`Xive::cede`]); the VMM wakes that vCPU. The default
+    /// does nothing.
+    fn escalate(&self, _server: u32, _prio: u8) {}
 }
 
 impl<F: Fn(u32) + Send + Sync> Notify for F {
@@ -145,6 +153,7 @@ pub(crate) struct Server {
     pub(crate) tima: Tima,
     pub(crate) eqs: [EventQueue; 8],
     pub(crate) reporting_line: u64,
+    pub(crate) escalation: Escalation,
 }
 
 impl Server {
@@ -153,6 +162,7 @@ impl Server {
             tima: Tima::new(id),
             eqs: [EventQueue::RESET; 8],
             reporting_line: 0,
+            escalation: Escalation::default(),
         }
     }
 }
@@ -171,9 +181,13 @@ pub(crate) struct State {
 }
 
 /// Servers to notify once the lock is released (and sources EOId, for
-/// [`Notify::eoi`]).
+/// [`Notify::eoi`]; escalations fired, for [`Notify::escalate`]).
 #[derive(Debug, Default)]
-pub(crate) struct Pending(pub(crate) Vec<u32>, pub(crate) Vec<u32>);
+pub(crate) struct Pending(
+    pub(crate) Vec<u32>,
+    pub(crate) Vec<u32>,
+    pub(crate) Vec<(u32, u8)>,
+);
 
 /// The XIVE model. See the crate documentation.
 pub struct Xive {
@@ -229,6 +243,10 @@ impl Xive {
         for l in pending.1 {
             self.notify.eoi(l);
         }
+        for (s, prio) in pending.2 {
+            tracing::trace!(server = s, prio, "xive: escalation fired");
+            self.notify.escalate(s, prio);
+        }
         for s in pending.0 {
             tracing::trace!(server = s, "xive: notify vCPU");
             self.notify.notify(s);
@@ -268,8 +286,13 @@ impl Xive {
         }
         match eq.push(self.mem.as_ref(), eas.eisn) {
             Ok(true) => {
-                if server.tima.present(eas.prio) {
-                    p.0.push(eas.server);
+                let signal = server.tima.present(eas.prio);
+                if server.escalation.dispatched {
+                    if signal {
+                        p.0.push(eas.server);
+                    }
+                } else if server.escalation.trigger(eas.prio) {
+                    p.2.push((eas.server, eas.prio));
                 }
             }
             Ok(false) => {}

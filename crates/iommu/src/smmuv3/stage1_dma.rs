@@ -503,10 +503,12 @@ mod tests {
         assert!(big.iter().all(|&x| x == 0x77));
     }
 
-    /// Stage 2 that holds every read for a while, flagging when it finished.
+    /// Stage 2 that holds the DMA's data read until released, flagging when it
+    /// finished.
     struct SlowRam {
         ram: Arc<Ram>,
         entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+        release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
         finished: std::sync::atomic::AtomicBool,
     }
 
@@ -516,7 +518,9 @@ mod tests {
             if buf.len() == 64 {
                 if let Some(tx) = self.entered.lock().take() {
                     let _ = tx.send(());
-                    std::thread::sleep(std::time::Duration::from_millis(150));
+                    if let Some(rx) = self.release.lock().take() {
+                        let _ = rx.recv();
+                    }
                     self.finished
                         .store(true, std::sync::atomic::Ordering::SeqCst);
                 }
@@ -531,9 +535,11 @@ mod tests {
     #[test]
     fn quiesce_returns_only_after_dma_in_flight_completed() {
         let (tx, rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel();
         let slow = Arc::new(SlowRam {
             ram: guest_stage1(),
             entered: Mutex::new(Some(tx)),
+            release: Mutex::new(Some(release_rx)),
             finished: std::sync::atomic::AtomicBool::new(false),
         });
         let dma =
@@ -551,12 +557,18 @@ mod tests {
             !slow.finished.load(std::sync::atomic::Ordering::SeqCst),
             "commands alone do not wait"
         );
+        // Release the DMA a little later: quiesce must wait for it.
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            release_tx.send(()).unwrap();
+        });
         dma.quiesce();
         assert!(
             slow.finished.load(std::sync::atomic::Ordering::SeqCst),
             "quiesce returned while a DMA using the old translation was running"
         );
         t.join().unwrap().unwrap();
+        releaser.join().unwrap();
         // CMD_SYNC's completion signal is dropped (no MSI written into guest memory),
         // a reserved CS is still illegal.
         dma.command([0x46 | (1 << 12) | (0xabcd << 32), 0x8000])

@@ -4,6 +4,11 @@
 //! returns its PAPR code with up to four values. The model's return codes and opcodes
 //! are its own constants (the crate depends on no VMM); the tests below pin them to
 //! [`super::papr`], which is itself checked against Linux's `hvcall.h`.
+//!
+//! With a XIVE VM, `H_CEDE` is served too ([`register_cede`]): the calling vCPU's VP
+//! leaves its thread and the thread sleeps until the VP's escalation fires (an event
+//! for it) or [`crate::irqchip::xive::CEDE_SLICE`] passes — the one hypercall that
+//! waits, boundedly (see `irqchip::xive`'s "Cede and escalation").
 
 use std::sync::Arc;
 
@@ -19,6 +24,21 @@ pub fn register(hc: &mut Hypercalls, xive: Arc<Xive>) -> Result<(), HypercallErr
         Arc::new(move |ctx: &HcallContext<'_>, c: &Hcall| {
             let o = xive.hcall(ctx.vcpu, c.opcode.raw(), &c.args);
             HcallReturn::with_rets(HStatus(o.rc), o.rets)
+        }),
+    )
+}
+
+/// Serve `H_CEDE` with the XIVE chip's cede (always `H_SUCCESS`: PAPR's cede returns
+/// when an interrupt may be pending, and spurious returns are allowed).
+pub fn register_cede(
+    hc: &mut Hypercalls,
+    chip: Arc<crate::irqchip::xive::XiveIrqChip>,
+) -> Result<(), HypercallError> {
+    hc.register(
+        super::papr::H_CEDE,
+        Arc::new(move |ctx: &HcallContext<'_>, _c: &Hcall| {
+            chip.cede(ctx.vcpu, crate::irqchip::xive::CEDE_SLICE);
+            HcallReturn::status(HStatus(0))
         }),
     )
 }

@@ -35,10 +35,11 @@
 //!    [`IrqChipSnapshot`] of every source, its message and attachment state.
 //!
 //! Implementations: [`x86::KvmIrqChip`] (KVM's in-kernel irqchip; the PCI INTx wiring
-//! policy [`x86::IntxRouting`] lives there) is the first. A XIVE model plugs in as a
-//! second implementation (sources are XIVE interrupt numbers; `program_msi` becomes
-//! the PAPR `ibm,change-msi` / ESB programming, `attach` the event-queue wiring), with
-//! no change to `crate::pci`. A recording fake (`fake.rs`, tests only) makes the PCI
+//! policy [`x86::IntxRouting`] lives there) is the first. [`xive::XiveIrqChip`] is the
+//! second (sources are XIVE interrupt numbers; `attach` hands the eventfd to the chip's
+//! delivery thread, which triggers the source in the model; `program_msi` steers a
+//! vector by its data, the source number, when the address is the XIVE MSI address, as
+//! sPAPR's MSI window does), with no change to `crate::pci`. A recording fake (`fake.rs`, tests only) makes the PCI
 //! code testable without `/dev/kvm`.
 
 pub mod x86;

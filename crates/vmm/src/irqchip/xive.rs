@@ -42,8 +42,36 @@
 //! Source numbers: IPIs `0..cpus` (IPI `i` targets whatever the guest routes it to;
 //! by convention vCPU `i`), fixed lines `32 + line`, then PCI INTx, platform lines and
 //! MSIs from 64 up, so a PCI function's source fits its interrupt-line register.
-//! MSI messages are recorded (snapshot) but do not steer delivery: the eventfd is
-//! attached to its source, which the guest routes with `H_INT_SET_SOURCE_CONFIG`.
+//!
+//! # MSI messages steer delivery
+//!
+//! As on sPAPR, where a device's MSI is a write of the interrupt number (data) to the
+//! PHB's MSI window and QEMU triggers the source the data names, a message whose
+//! address is [`MSI_ADDRESS`] selects the source its vector triggers: data = the XIVE
+//! source number (LISN) of a message source allocated for a device (not an IPI, not a
+//! line). So a device's MSI / MSI-X vectors reach distinct sources, each routed by
+//! the guest (`H_INT_SET_SOURCE_CONFIG`) to its own server and priority, and the guest
+//! can move a vector to another source by rewriting the message alone. A message to
+//! [`MSI_ADDRESS`] whose data names no such source is refused ([`IrqChipError`]) and
+//! that vector's events are dropped (counted, traced) until it is programmed again —
+//! the write a real MSI window would ignore. A message to any other address (an x86
+//! `0xfee0_0000` one left from before a run-time switch) or none keeps the vector on
+//! the source allocated for it. The device's eventfd is still read by the delivery
+//! thread; steering is a table lookup there (no message, no hop). The window is not
+//! backed on the bus: device MSIs are eventfds here, never memory writes.
+//!
+//! # Cede and escalation (the vCPU halt/wake hook)
+//!
+//! `H_CEDE` (registered with the `H_INT_*` calls, [`XiveIrqChip::cede`]) takes the
+//! calling vCPU's VP off its thread in the model ([`nestio_xive::escalation`]): its
+//! queues' escalations are armed, and the vCPU thread sleeps on a per-vCPU condition
+//! variable. An event for that VP then does not inject [`XIVE_VECTOR`] but fires the
+//! queue's escalation once, whose handler ([`Notify::escalate`]) wakes the thread;
+//! the VP is dispatched again (escalations off) and, the event having been presented
+//! meanwhile, the vector is injected then. Further events while ceded coalesce in the
+//! escalation's PQ (no storm of wake-ups). The sleep is bounded by [`CEDE_SLICE`]
+//! (as a POWER decrementer would end it) so a VM pause never waits on a ceded vCPU;
+//! a cede that finds an exception already signalled returns at once.
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
@@ -86,6 +114,11 @@ pub const TIMA_BASE: u64 = 0xefc0_0000;
 pub const TIMA_STRIDE: u64 = 4 << PAGE_SHIFT;
 /// What `H_INT_GET_QUEUE_INFO` names as queue ESB pages (not backed).
 pub const END_BASE: u64 = 0xefe0_0000;
+/// The MSI address whose data names the XIVE source a vector triggers (see the
+/// module documentation); between the ESB pages and the TIMA windows, not backed.
+pub const MSI_ADDRESS: u64 = 0xef80_0000;
+/// The longest an `H_CEDE` sleeps without an escalation.
+pub const CEDE_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The x86 layout.
 pub const LAYOUT: Layout = Layout {
@@ -143,15 +176,56 @@ impl GuestMemory for VmXiveMemory {
     }
 }
 
-/// Turns the model's signals into vCPU interrupts and resample signals.
+/// Turns the model's signals into vCPU interrupts, resample signals and wake-ups of
+/// ceded vCPUs.
 struct Signals {
     inject: Box<dyn Fn(u32) + Send + Sync>,
     resample: Mutex<BTreeMap<u32, EventFd>>,
+    /// Per vCPU: an escalation fired since it ceded.
+    wakers: Vec<Waker>,
+}
+
+#[derive(Default)]
+struct Waker {
+    woken: Mutex<bool>,
+    cv: parking_lot::Condvar,
+}
+
+/// What the `H_CEDE` calls of a VM came to ([`XiveIrqChip::cede_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CedeStats {
+    /// Calls.
+    pub cedes: u64,
+    /// Ended by an escalation.
+    pub escalated: u64,
+    /// Ended by [`CEDE_SLICE`].
+    pub timed_out: u64,
+    /// Returned at once (an exception was signalled).
+    pub signalled: u64,
+}
+
+/// How an `H_CEDE` ended ([`XiveIrqChip::cede`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CedeOutcome {
+    /// An exception was already signalled: no sleep.
+    Signalled,
+    /// An escalation woke the vCPU.
+    Escalated,
+    /// [`CEDE_SLICE`] passed.
+    TimedOut,
+    /// No such vCPU.
+    UnknownVcpu,
 }
 
 impl Notify for Signals {
     fn notify(&self, server: u32) {
         (self.inject)(server);
+    }
+    fn escalate(&self, server: u32, _prio: u8) {
+        if let Some(w) = self.wakers.get(server as usize) {
+            *w.woken.lock() = true;
+            w.cv.notify_all();
+        }
     }
     fn eoi(&self, lisn: u32) {
         if let Some(fd) = self.resample.lock().get(&lisn) {
@@ -182,10 +256,23 @@ struct Attachment {
     fd: EventFd,
 }
 
+/// Where a message source's events go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Steer {
+    /// To this source (the message's data).
+    To(u32),
+    /// Nowhere: the message named no source.
+    Nowhere,
+}
+
 #[derive(Default)]
 struct ChipState {
     kinds: BTreeMap<u32, SourceKind>,
     messages: BTreeMap<u32, MsiMessage>,
+    /// Vectors whose message names their source ([`MSI_ADDRESS`]).
+    steer: BTreeMap<u32, Steer>,
+    /// Events dropped because their vector's message named no source.
+    dropped: u64,
     intx: BTreeMap<(u8, u8), u32>,
     next: u32,
     attachments: BTreeMap<u64, Attachment>,
@@ -206,6 +293,7 @@ pub struct XiveIrqChip {
     wake: EventFd,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     cpus: u32,
+    cede_stats: Mutex<CedeStats>,
 }
 
 impl std::fmt::Debug for XiveIrqChip {
@@ -272,6 +360,7 @@ impl XiveIrqChip {
         let signals = Arc::new(Signals {
             inject,
             resample: Mutex::new(BTreeMap::new()),
+            wakers: (0..cpus).map(|_| Waker::default()).collect(),
         });
         let xive = Arc::new(Xive::new(cfg, mem, signals.clone()));
         let ctl = |e: nestio_xive::ControlError| invalid(e.to_string());
@@ -296,6 +385,7 @@ impl XiveIrqChip {
             wake,
             thread: Mutex::new(None),
             cpus,
+            cede_stats: Mutex::new(CedeStats::default()),
         });
         let weak = Arc::downgrade(&chip);
         let t = std::thread::Builder::new()
@@ -332,23 +422,97 @@ impl XiveIrqChip {
             .map(|(&t, _)| t)
     }
 
-    /// Read a ready eventfd and trigger its source.
+    /// Read a ready eventfd and trigger its source (or the source its message
+    /// names).
     fn deliver(&self, token: u64) {
         let lisn = {
-            let st = self.state.lock();
+            let mut st = self.state.lock();
             let Some(a) = st.attachments.get(&token) else {
                 return;
             };
-            match a.fd.read() {
+            let own = match a.fd.read() {
                 Ok(_) => a.lisn,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     tracing::warn!(lisn = a.lisn, error = %e, "xive: eventfd read failed");
                     return;
                 }
+            };
+            match st.steer.get(&own) {
+                None => own,
+                Some(Steer::To(l)) => *l,
+                Some(Steer::Nowhere) => {
+                    st.dropped += 1;
+                    tracing::debug!(
+                        lisn = own,
+                        "xive: event dropped, its MSI message names no source"
+                    );
+                    return;
+                }
             }
         };
         self.xive.trigger(lisn);
+    }
+
+    /// The source the events of message source `vector` trigger now (itself unless
+    /// its message steers them; `None` when they are dropped).
+    pub fn msi_target(&self, vector: IrqSource) -> Option<u32> {
+        match self.state.lock().steer.get(&vector.number()) {
+            None => Some(vector.number()),
+            Some(Steer::To(l)) => Some(*l),
+            Some(Steer::Nowhere) => None,
+        }
+    }
+
+    /// Events dropped because their vector's message named no source.
+    pub fn dropped_events(&self) -> u64 {
+        self.state.lock().dropped
+    }
+
+    /// `H_CEDE` of vCPU `vcpu` (see the module documentation): the VP leaves its
+    /// thread in the model, the calling thread sleeps until an escalation or
+    /// `max` (at most [`CEDE_SLICE`]), then the VP is dispatched again.
+    pub fn cede(&self, vcpu: u32, max: std::time::Duration) -> CedeOutcome {
+        let Some(w) = self.signals.wakers.get(vcpu as usize) else {
+            return CedeOutcome::UnknownVcpu;
+        };
+        *w.woken.lock() = false;
+        let outcome = match self.xive.cede(vcpu) {
+            None => return CedeOutcome::UnknownVcpu,
+            Some(true) => CedeOutcome::Signalled,
+            Some(false) => {
+                let deadline = std::time::Instant::now() + max.min(CEDE_SLICE);
+                let mut woken = w.woken.lock();
+                while !*woken {
+                    if w.cv.wait_until(&mut woken, deadline).timed_out() {
+                        break;
+                    }
+                }
+                let o = if *woken {
+                    CedeOutcome::Escalated
+                } else {
+                    CedeOutcome::TimedOut
+                };
+                *woken = false;
+                o
+            }
+        };
+        self.xive.dispatch(vcpu);
+        tracing::trace!(vcpu, ?outcome, "xive: H_CEDE");
+        let mut st = self.cede_stats.lock();
+        st.cedes += 1;
+        match outcome {
+            CedeOutcome::Escalated => st.escalated += 1,
+            CedeOutcome::TimedOut => st.timed_out += 1,
+            CedeOutcome::Signalled => st.signalled += 1,
+            CedeOutcome::UnknownVcpu => {}
+        }
+        outcome
+    }
+
+    /// What the `H_CEDE` calls came to so far.
+    pub fn cede_stats(&self) -> CedeStats {
+        *self.cede_stats.lock()
     }
 }
 
@@ -533,13 +697,39 @@ impl IrqChip for XiveIrqChip {
                 return Err(IrqChipError::UnknownSource(s.number()));
             }
         }
+        let mut refused = None;
         for (s, m) in updates {
+            let n = s.number();
             match m {
-                Some(m) => st.messages.insert(s.number(), *m),
-                None => st.messages.remove(&s.number()),
-            };
+                Some(m) => {
+                    st.messages.insert(n, *m);
+                    if m.address == MSI_ADDRESS {
+                        let target = m.data;
+                        let ok = target >= DYNAMIC_BASE
+                            && st.kinds.get(&target) == Some(&SourceKind::Msi);
+                        if ok {
+                            st.steer.insert(n, Steer::To(target));
+                        } else {
+                            st.steer.insert(n, Steer::Nowhere);
+                            refused.get_or_insert(target);
+                        }
+                    } else {
+                        st.steer.remove(&n);
+                    }
+                }
+                None => {
+                    st.messages.remove(&n);
+                    st.steer.remove(&n);
+                }
+            }
         }
-        Ok(())
+        match refused {
+            None => Ok(()),
+            Some(t) => Err(invalid(format!(
+                "MSI data {t:#x} names no device message source: program the source \
+                 number of an MSI/MSI-X vector (its events are dropped until then)"
+            ))),
+        }
     }
 
     fn snapshot(&self) -> IrqChipSnapshot {
@@ -577,8 +767,9 @@ pub struct Wire<'a> {
 
 /// Switch a running VM's device interrupts from one interrupt controller to another
 /// (the x86 routing to the XIVE or back, or a XIVE to a re-created one): every wire is
-/// detached from `from` (its eventfd keeps counting meanwhile), allocated on `to`,
-/// re-programmed and re-attached, so a signal raised during the switch is delivered
+/// detached from `from` (its eventfd keeps counting meanwhile), allocated on `to`, then
+/// all messages are programmed (so a message steering to another wire's source finds
+/// it allocated) and the wires re-attached, so a signal raised during the switch is delivered
 /// by the new controller. Returns the new sources, in `wires` order. The old
 /// controller is torn down when its last reference goes (a XIVE's delivery thread
 /// stops; KVM's routes are replaced by the new chip's).
@@ -594,14 +785,22 @@ pub fn rewire(
     for (s, w) in old.iter().zip(wires) {
         from.detach(*s, w.trigger)?;
     }
-    let mut new = Vec::with_capacity(wires.len());
-    for w in wires {
-        let s = to.allocate(w.request)?;
-        if let Some(m) = w.message {
-            to.program_msi(&[(s, Some(m))])?;
-        }
-        to.attach(s, w.trigger, w.resample)?;
-        new.push(s);
+    // Every source first, then the messages (a message may name another wire's source,
+    // [`MSI_ADDRESS`]), then the eventfds.
+    let new = wires
+        .iter()
+        .map(|w| to.allocate(w.request))
+        .collect::<Result<Vec<_>, _>>()?;
+    let messages: Vec<_> = new
+        .iter()
+        .zip(wires)
+        .filter_map(|(s, w)| w.message.map(|m| (*s, Some(m))))
+        .collect();
+    if !messages.is_empty() {
+        to.program_msi(&messages)?;
+    }
+    for (s, w) in new.iter().zip(wires) {
+        to.attach(*s, w.trigger, w.resample)?;
     }
     tracing::info!(
         from = from.model(),
@@ -610,6 +809,133 @@ pub fn rewire(
         "interrupt controller switched"
     );
     Ok(new)
+}
+
+/// Fuzz entry point (feature `harness`, the `xive` fuzz target with the model's): a
+/// byte string drives one chip with 2 vCPUs through source allocation of every kind,
+/// attach/detach of eventfds, eventfd signals, MSI messages with any address and data
+/// (the steering of the module documentation), `H_CEDE` of any vCPU (no sleep), and
+/// the `H_INT_*` routing calls. Checks: nothing panics; a vector's events go to itself
+/// or to a device message source its message named, or nowhere only after a refused
+/// message; a refused `program_msi` is exactly a message to [`MSI_ADDRESS`] naming no
+/// such source; a cede of an unknown vCPU is refused and leaves every VP dispatched.
+#[cfg(feature = "harness")]
+pub fn fuzz_xive_chip(data: &[u8]) {
+    use nestio_xive::VecMemory;
+    let mem = Arc::new(VecMemory::new(0, 1 << 20));
+    let Ok(chip) = XiveIrqChip::with_injector(mem, 2, Box::new(|_| {})) else {
+        return;
+    };
+    let mut it = data.iter().copied();
+    let mut sources: Vec<IrqSource> = Vec::new();
+    let mut fds: BTreeMap<u32, EventFd> = BTreeMap::new();
+    let pick = |b: u8, v: &[IrqSource]| v.get(usize::from(b) % v.len().max(1)).copied();
+    let word = |it: &mut dyn Iterator<Item = u8>| {
+        (0..4).fold(0u32, |w, _| (w << 8) | u32::from(it.next().unwrap_or(0)))
+    };
+    while let Some(op) = it.next() {
+        let arg = it.next().unwrap_or(0);
+        match op % 7 {
+            0 => {
+                let req = match arg % 4 {
+                    0 => SourceRequest::Msi,
+                    1 => SourceRequest::PlatformLine,
+                    2 => SourceRequest::PciIntx {
+                        slot: arg >> 3,
+                        pin: arg & 7,
+                    },
+                    _ => SourceRequest::Line(u32::from(arg >> 2)),
+                };
+                if let Ok(s) = chip.allocate(req) {
+                    sources.push(s);
+                }
+            }
+            1 => {
+                let Some(s) = pick(arg, &sources) else {
+                    continue;
+                };
+                let to_window = it.next().unwrap_or(0) & 1 == 1;
+                let data = match it.next().unwrap_or(0) % 3 {
+                    0 => pick(it.next().unwrap_or(0), &sources).map_or(0, |t| t.number()),
+                    1 => u32::from(it.next().unwrap_or(0)),
+                    _ => word(&mut it),
+                };
+                let address = if to_window { MSI_ADDRESS } else { 0xfee0_0000 };
+                let r = chip.program_msi(&[(s, Some(MsiMessage { address, data }))]);
+                let kinds = chip.state.lock().kinds.clone();
+                if s.kind() != SourceKind::Msi || kinds.get(&s.number()) != Some(&SourceKind::Msi) {
+                    assert!(r.is_err(), "a line took a message");
+                    continue;
+                }
+                let valid = data >= DYNAMIC_BASE && kinds.get(&data) == Some(&SourceKind::Msi);
+                assert_eq!(r.is_err(), to_window && !valid, "{address:#x} {data:#x}");
+                let want = match (to_window, valid) {
+                    (false, _) => Some(s.number()),
+                    (true, true) => Some(data),
+                    (true, false) => None,
+                };
+                assert_eq!(chip.msi_target(s), want);
+            }
+            2 => {
+                let Some(s) = pick(arg, &sources) else {
+                    continue;
+                };
+                let Ok(fd) = EventFd::new(libc::EFD_NONBLOCK) else {
+                    continue;
+                };
+                let resample = EventFd::new(libc::EFD_NONBLOCK).ok();
+                let rs = if it.next().unwrap_or(0) & 1 == 1 {
+                    resample.as_ref()
+                } else {
+                    None
+                };
+                if chip.attach(s, &fd, rs).is_ok() {
+                    if let Some(old) = fds.insert(s.number(), fd) {
+                        let _ = chip.detach(s, &old);
+                    }
+                }
+            }
+            3 => {
+                let Some(s) = pick(arg, &sources) else {
+                    continue;
+                };
+                if let Some(fd) = fds.remove(&s.number()) {
+                    chip.detach(s, &fd).expect("detach an attached eventfd");
+                }
+            }
+            4 => {
+                if let Some(fd) = pick(arg, &sources).and_then(|s| fds.get(&s.number())) {
+                    let _ = fd.write(u64::from(it.next().unwrap_or(1)).max(1));
+                }
+            }
+            5 => {
+                let vcpu = u32::from(arg % 4);
+                let o = chip.cede(vcpu, std::time::Duration::ZERO);
+                assert_eq!(o == CedeOutcome::UnknownVcpu, vcpu >= 2, "{o:?}");
+                for v in 0..2 {
+                    assert!(chip.xive.escalation(v).is_some_and(|e| e.dispatched));
+                }
+            }
+            _ => {
+                // Route a source (or an IPI) to a vCPU's queue, as the guest does.
+                let lisn = pick(arg, &sources).map_or(u32::from(arg % 2), |s| s.number());
+                let server = u64::from(it.next().unwrap_or(0) % 3);
+                let prio = u64::from(it.next().unwrap_or(6) % 8);
+                let q = 0x1_0000 + server * 0x8000 + prio * 0x1000;
+                chip.xive.hcall(
+                    0,
+                    nestio_xive::hcall::op::H_INT_SET_QUEUE_CONFIG,
+                    &[1, server, prio, q, 12],
+                );
+                chip.xive.hcall(
+                    0,
+                    nestio_xive::hcall::op::H_INT_SET_SOURCE_CONFIG,
+                    &[2, lisn.into(), server, prio, lisn.into()],
+                );
+                chip.xive.esb_load(lisn, true, 0xc00, 8);
+            }
+        }
+    }
 }
 
 /// Big-endian bytes of the low `data.len()` bytes of `v`.
@@ -869,6 +1195,258 @@ mod tests {
             2
         );
         assert!(xive2.snapshot().sources.iter().all(|s| s.attached == 0));
+    }
+
+    /// Configure a priority-`prio` queue on every server and CPPR 0xFF.
+    fn queues(c: &XiveIrqChip, prio: u8) {
+        let x = c.model();
+        for s in 0..c.cpus {
+            let q = 0x2_0000 + u64::from(s) * 0x8000 + u64::from(prio) * 0x1000;
+            assert_eq!(
+                x.hcall(
+                    s,
+                    op::H_INT_SET_QUEUE_CONFIG,
+                    &[1, s.into(), prio.into(), q, 12]
+                )
+                .rc,
+                0
+            );
+            x.tima_store(s, 2, 0x11, 1, 0xff);
+        }
+    }
+
+    fn route_to(c: &XiveIrqChip, lisn: u32, server: u32, prio: u8) {
+        let r = c.model().hcall(
+            0,
+            op::H_INT_SET_SOURCE_CONFIG,
+            &[
+                flags::SRC_SET_EISN,
+                lisn.into(),
+                server.into(),
+                prio.into(),
+                lisn.into(),
+            ],
+        );
+        assert_eq!(r.rc, 0);
+        c.model().esb_load(lisn, true, 0xc00, 8);
+    }
+
+    /// A device with three MSI-X vectors: each message names a source (data = LISN at
+    /// [`MSI_ADDRESS`]) routed to its own (server, priority); each vector's eventfd
+    /// lands in that queue — including a vector steered to another vector's source
+    /// and back. A message naming no message source is refused and its events dropped;
+    /// an x86 message keeps the vector on its own source.
+    #[test]
+    fn msi_data_selects_the_source_and_so_the_queue() {
+        let (c, mem, rx) = chip(2);
+        for p in [3, 5, 6] {
+            queues(&c, p);
+        }
+        let v: Vec<IrqSource> = (0..3)
+            .map(|_| c.allocate(SourceRequest::Msi).unwrap())
+            .collect();
+        let fds: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        for (s, fd) in v.iter().zip(&fds) {
+            c.attach(*s, fd, None).unwrap();
+        }
+        // Vector i -> source of vector (2 - i) (crossed on purpose), routed:
+        // v[0]'s source -> server 1 prio 3, v[1]'s -> server 0 prio 5,
+        // v[2]'s -> server 1 prio 6.
+        let dest = [(1u32, 3u8), (0, 5), (1, 6)];
+        for (i, s) in v.iter().enumerate() {
+            route_to(&c, s.number(), dest[i].0, dest[i].1);
+        }
+        let msg = |lisn: u32| MsiMessage {
+            address: MSI_ADDRESS,
+            data: lisn,
+        };
+        let updates: Vec<_> = (0..3)
+            .map(|i| (v[i], Some(msg(v[2 - i].number()))))
+            .collect();
+        c.program_msi(&updates).unwrap();
+        let q = |server: u32, prio: u8| {
+            0x2_0000 + u64::from(server) * 0x8000 + u64::from(prio) * 0x1000
+        };
+        for i in 0..3 {
+            assert_eq!(c.msi_target(v[i]), Some(v[2 - i].number()));
+            fds[i].write(1).unwrap();
+            let (server, prio) = dest[2 - i];
+            assert_eq!(
+                rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+                server,
+                "vector {i}"
+            );
+            let pos = c.model().queue_position(server, prio).unwrap();
+            assert_eq!(
+                pos,
+                (1, 1),
+                "vector {i}: one event in queue {server}/{prio}"
+            );
+            assert_eq!(
+                mem.read_be32(q(server, prio)).unwrap(),
+                0x8000_0000 | v[2 - i].number(),
+                "vector {i}: the EISN of the source its data named"
+            );
+        }
+        // The guest moves vector 0 to its own source by rewriting the message alone.
+        c.model().esb_load(v[2].number(), true, 0, 8);
+        c.model().esb_load(v[0].number(), true, 0, 8);
+        c.program_msi(&[(v[0], Some(msg(v[0].number())))]).unwrap();
+        fds[0].write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        assert_eq!(
+            c.model().queue_position(1, 3),
+            Some((1, 2)),
+            "server 1 prio 3"
+        );
+        assert_eq!(c.model().queue_position(1, 6), Some((1, 1)), "unchanged");
+        // Data naming an IPI, a line or nothing: refused, the vector drops its events.
+        let line = c.allocate(SourceRequest::PlatformLine).unwrap();
+        for bad in [1, line.number(), NR_IRQS + 5, 0xffff_ffff] {
+            assert!(
+                c.program_msi(&[(v[1], Some(msg(bad)))]).is_err(),
+                "{bad:#x}"
+            );
+            assert_eq!(c.msi_target(v[1]), None);
+        }
+        fds[1].write(1).unwrap();
+        let t = std::time::Instant::now();
+        while c.dropped_events() == 0 {
+            assert!(t.elapsed() < Duration::from_secs(5), "event not dropped");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        // An x86 message (left from before a switch): back to its own source.
+        c.program_msi(&[(
+            v[1],
+            Some(MsiMessage {
+                address: 0xfee0_0000,
+                data: 0x31,
+            }),
+        )])
+        .unwrap();
+        assert_eq!(c.msi_target(v[1]), Some(v[1].number()));
+        c.model().esb_load(v[1].number(), true, 0, 8);
+        fds[1].write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+        assert_eq!(
+            c.model().queue_position(0, 5),
+            Some((1, 2)),
+            "server 0 prio 5"
+        );
+        // Removing the message removes the steering too.
+        c.program_msi(&[(v[2], None)]).unwrap();
+        assert_eq!(c.msi_target(v[2]), Some(v[2].number()));
+    }
+
+    /// A vector steered to another vector's source keeps its steering across a switch
+    /// to a re-created XIVE (all sources exist before any message is programmed).
+    #[test]
+    fn rewire_keeps_msi_steering_between_wires() {
+        let (a, _m, _rx) = chip(2);
+        let fds: Vec<EventFd> = (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let first = a.allocate(SourceRequest::Msi).unwrap();
+        let second = a.allocate(SourceRequest::Msi).unwrap();
+        let msg = MsiMessage {
+            address: MSI_ADDRESS,
+            data: second.number(),
+        };
+        a.program_msi(&[(first, Some(msg))]).unwrap();
+        let wires = [
+            Wire {
+                request: SourceRequest::Msi,
+                trigger: &fds[0],
+                resample: None,
+                message: Some(msg),
+            },
+            Wire {
+                request: SourceRequest::Msi,
+                trigger: &fds[1],
+                resample: None,
+                message: None,
+            },
+        ];
+        for (s, w) in [first, second].iter().zip(&wires) {
+            a.attach(*s, w.trigger, None).unwrap();
+        }
+        let (b, mem, rx) = chip(2);
+        let new = rewire(a.as_ref(), &[first, second], b.as_ref(), &wires).unwrap();
+        assert_eq!(b.msi_target(new[0]), Some(new[1].number()));
+        queues(&b, 6);
+        route_to(&b, new[1].number(), 1, 6);
+        fds[0].write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        assert_eq!(
+            mem.read_be32(0x2_0000 + 0x8000 + 6 * 0x1000).unwrap(),
+            0x8000_0000 | new[1].number()
+        );
+    }
+
+    /// `H_CEDE`: a ceded vCPU is woken by an event for its queue (escalation), not by
+    /// an injection; 100 more events while it sleeps do not wake it again (one
+    /// escalation per cede); at dispatch the vector is injected once. A cede with an
+    /// exception already signalled does not sleep; without any event it times out.
+    #[test]
+    fn cede_sleeps_until_an_escalation_and_never_storms() {
+        let (c, _mem, rx) = chip(2);
+        let s = c.allocate(SourceRequest::Msi).unwrap();
+        queues(&c, 6);
+        route_to(&c, s.number(), 1, 6);
+        let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        c.attach(s, &fd, None).unwrap();
+        assert_eq!(
+            c.cede(1, Duration::from_millis(1)),
+            CedeOutcome::TimedOut,
+            "nothing pending"
+        );
+        assert_eq!(c.cede(7, CEDE_SLICE), CedeOutcome::UnknownVcpu);
+        let c2 = c.clone();
+        let sleeper = std::thread::spawn(move || c2.cede(1, Duration::from_secs(60)));
+        // Wait until the VP is off its thread, then signal the device's eventfd.
+        let t = std::time::Instant::now();
+        while c.model().escalation(1).unwrap().dispatched {
+            assert!(t.elapsed() < Duration::from_secs(5));
+            std::thread::yield_now();
+        }
+        fd.write(1).unwrap();
+        let outcome = sleeper.join().unwrap();
+        // CEDE_SLICE bounds the sleep: either the escalation woke it, or (on a very
+        // slow host) the slice ended first; the counters tell which.
+        let e = c.model().escalation(1).unwrap();
+        if outcome == CedeOutcome::Escalated {
+            assert_eq!(e.fired, 1);
+            assert_eq!(
+                rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+                1,
+                "injected at dispatch"
+            );
+        } else {
+            assert_eq!(outcome, CedeOutcome::TimedOut);
+        }
+        assert!(e.dispatched);
+        // Now a storm while ceded, with the guest never acking (the VP is away).
+        c.model().tima_load(1, 2, 0x810, 2);
+        c.model().esb_load(s.number(), true, 0, 8);
+        c.model().tima_store(1, 2, 0x11, 1, 0xff);
+        while rx.try_recv().is_ok() {}
+        let before = c.model().escalation(1).unwrap();
+        assert_eq!(c.model().cede(1), Some(false));
+        for _ in 0..100 {
+            c.model().trigger(s.number());
+            c.model().esb_load(s.number(), true, 0, 8); // EOI: the next one forwards
+        }
+        let after = c.model().escalation(1).unwrap();
+        assert_eq!(after.fired, before.fired + 1, "one escalation per cede");
+        assert_eq!(after.coalesced, before.coalesced + 99);
+        assert!(rx.try_recv().is_err(), "no injection while ceded");
+        // A cede with the exception still signalled does not sleep.
+        assert_eq!(c.cede(1, Duration::from_secs(60)), CedeOutcome::Signalled);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        assert!(c.model().escalation(1).unwrap().dispatched);
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! interrupt-line register holds the XIVE source, routed by hypercall to vCPU 0's
 //! priority-6 event queue; each notification, vector 0x3E, is acknowledged through the
 //! TIMA, the queue drained and the source EOId through its ESB page) — then ARP for
-//! 10.0.2.2 and an ICMP echo request; exit 0 on the reply.
+//! 10.0.2.2 and an ICMP echo request; exit 0 on the reply. `pings=N` sends N echo
+//! requests one after another (sequence 1..=N, each reply awaited; the reply line is
+//! printed for the first and the last).
 //!
 //! `dma=outside` (isolation check, opt-in): after the echo reply, point the next RX
 //! descriptor's buffer, then a TX descriptor's buffer, at `RAM size + 1 MiB` — a
@@ -587,55 +589,66 @@ fn main(ram: u64) -> u32 {
         nestio_guest::fmt::Dec(arp_cycles)
     );
 
-    // ICMP echo request.
-    let payload = b"nestio-ping-0001";
-    let mut p = [0u8; 14 + 20 + 8 + 16];
-    p[0..6].copy_from_slice(&gw);
-    p[6..12].copy_from_slice(&nic.mac);
-    p[12..14].copy_from_slice(&[0x08, 0x00]);
-    let ip = &mut p[14..34];
-    ip[0] = 0x45;
-    let total = (20 + 8 + payload.len()) as u16;
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip[4..6].copy_from_slice(&[0x4e, 0x53]);
-    ip[8] = 64;
-    ip[9] = 1;
-    ip[12..16].copy_from_slice(&MY_IP);
-    ip[16..20].copy_from_slice(&GW_IP);
-    let c = csum(ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let icmp = &mut p[34..];
-    icmp[0] = 8;
-    icmp[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
-    icmp[6..8].copy_from_slice(&1u16.to_be_bytes());
-    icmp[8..].copy_from_slice(payload);
-    let c = csum(icmp);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let t_ping = nestio_guest::cpu::rdtsc();
-    if !nic.send(&p) {
-        return 15;
+    // ICMP echo requests (`pings=N`, default 1, at most 1000; sequence 1..=N).
+    let pings: u16 = cmdline_value("pings")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .clamp(1, 1000);
+    for seq in 1..=pings {
+        let payload = b"nestio-ping-0001";
+        let mut p = [0u8; 14 + 20 + 8 + 16];
+        p[0..6].copy_from_slice(&gw);
+        p[6..12].copy_from_slice(&nic.mac);
+        p[12..14].copy_from_slice(&[0x08, 0x00]);
+        let ip = &mut p[14..34];
+        ip[0] = 0x45;
+        let total = (20 + 8 + payload.len()) as u16;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+        ip[4..6].copy_from_slice(&[0x4e, 0x53]);
+        ip[8] = 64;
+        ip[9] = 1;
+        ip[12..16].copy_from_slice(&MY_IP);
+        ip[16..20].copy_from_slice(&GW_IP);
+        let c = csum(ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let icmp = &mut p[34..];
+        icmp[0] = 8;
+        icmp[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        icmp[6..8].copy_from_slice(&seq.to_be_bytes());
+        icmp[8..].copy_from_slice(payload);
+        let c = csum(icmp);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        let t_ping = nestio_guest::cpu::rdtsc();
+        if !nic.send(&p) {
+            return 15;
+        }
+        let got = nic.receive(|fr| {
+            fr.len() >= 42 + 16
+                && fr[12..14] == [0x08, 0x00]
+                && fr[23] == 1
+                && fr[26..30] == GW_IP
+                && fr[34] == 0
+                && fr[38..40] == 0x1234u16.to_be_bytes()
+                && fr[40..42] == seq.to_be_bytes()
+                && &fr[42..58] == payload
+        });
+        if !got {
+            println!("no echo reply");
+            return 16;
+        }
+        let ping_cycles = nestio_guest::cpu::rdtsc().wrapping_sub(t_ping);
+        if seq != 1 && seq != pings {
+            continue;
+        }
+        println!(
+            "ping: echo reply from 10.0.2.2 seq={} (rtt {} tsc cycles; {} interrupts, {} with RXT0, causes {:#x})",
+            nestio_guest::fmt::Dec(seq.into()),
+            nestio_guest::fmt::Dec(ping_cycles),
+            nestio_guest::fmt::Dec(IRQS.load(Ordering::SeqCst) as u64),
+            nestio_guest::fmt::Dec(RX_IRQS.load(Ordering::SeqCst) as u64),
+            CAUSES.load(Ordering::SeqCst)
+        );
     }
-    let got = nic.receive(|fr| {
-        fr.len() >= 42 + 16
-            && fr[12..14] == [0x08, 0x00]
-            && fr[23] == 1
-            && fr[26..30] == GW_IP
-            && fr[34] == 0
-            && fr[38..40] == 0x1234u16.to_be_bytes()
-            && &fr[42..58] == payload
-    });
-    if !got {
-        println!("no echo reply");
-        return 16;
-    }
-    let ping_cycles = nestio_guest::cpu::rdtsc().wrapping_sub(t_ping);
-    println!(
-        "ping: echo reply from 10.0.2.2 seq=1 (rtt {} tsc cycles; {} interrupts, {} with RXT0, causes {:#x})",
-        nestio_guest::fmt::Dec(ping_cycles),
-        nestio_guest::fmt::Dec(IRQS.load(Ordering::SeqCst) as u64),
-        nestio_guest::fmt::Dec(RX_IRQS.load(Ordering::SeqCst) as u64),
-        CAUSES.load(Ordering::SeqCst)
-    );
     if cmdline_value("dma") == Some("outside") {
         return dma_outside(dev, ram, &mut nic, &f);
     }

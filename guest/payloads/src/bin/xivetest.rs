@@ -20,6 +20,11 @@
 //! e1000's ICR read lowers the line), EOIs each source with an 8-byte load at offset 0
 //! of its management page, and restores CPPR 0xFF with a 1-byte store at 0x11.
 //!
+//! `cede=1`: the second vCPU does not halt between interrupts but cedes with
+//! `H_CEDE` (interrupts off around the call, on right after it, as a PAPR guest
+//! does): the VMM takes its VP off its thread, and an IPI for it must wake it through
+//! the queue's escalation. Prints `xive: cedes=N` (calls made by the second vCPU).
+//!
 //! Prints `xive: ipi rounds N ok`, `xive: e1000 irq on cpu K` and
 //! `xive: done cpu0=A cpu1=B`; exits 0 when all checks passed, else the step number.
 //!
@@ -51,6 +56,7 @@ const H_INT_SET_SOURCE_CONFIG: u64 = 0x3AC;
 const H_INT_GET_SOURCE_CONFIG: u64 = 0x3B0;
 const H_INT_SET_QUEUE_CONFIG: u64 = 0x3B8;
 const H_INT_GET_QUEUE_CONFIG: u64 = 0x3BC;
+const H_CEDE: u64 = 0xE0;
 const H_P4: i64 = -57;
 const SRC_SET_EISN: u64 = 2;
 const EQ_ALWAYS_NOTIFY: u64 = 1;
@@ -76,6 +82,9 @@ static DEVICE: [AtomicU32; 2] = [AtomicU32::new(0), AtomicU32::new(0)];
 static SPURIOUS: AtomicU32 = AtomicU32::new(0);
 static BAD_ACK: AtomicU32 = AtomicU32::new(0);
 static ARRIVED: AtomicU32 = AtomicU32::new(0);
+/// `cede=1`: the second vCPU cedes instead of halting; H_CEDE calls it made.
+static CEDE: AtomicU32 = AtomicU32::new(0);
+static CEDES: AtomicU32 = AtomicU32::new(0);
 static BAR0: AtomicU64 = AtomicU64::new(0);
 static DEVICE_LISN: AtomicU32 = AtomicU32::new(u32::MAX);
 /// TSC at the handler's entry (bench).
@@ -236,7 +245,25 @@ extern "C" fn xive_ap_main(_apic_id: u32) -> ! {
     set_cppr(1, 0xff);
     ARRIVED.fetch_add(1, Ordering::SeqCst);
     loop {
-        io::wait_for_interrupt();
+        if CEDE.load(Ordering::SeqCst) == 1 {
+            // PAPR's idle loop: interrupts off, cede, then take what woke us.
+            interrupts::disable();
+            hcall(H_CEDE, &[]);
+            CEDES.fetch_add(1, Ordering::SeqCst);
+            // Woken with an exception signalled (NSR.EO in a raw TIMA load of the OS
+            // ring's first word): the vector is on its way, halt until it is taken
+            // (sti; hlt has no window); otherwise just open a window and cede again.
+            // SAFETY: a 4-byte load of this vCPU's TIMA OS page.
+            let w0 = u32::from_be(unsafe { read_volatile((tima_os(1) + 0x10) as *const u32) });
+            if w0 >> 24 & 0x80 != 0 {
+                io::wait_for_interrupt();
+            } else {
+                interrupts::enable();
+                core::hint::spin_loop();
+            }
+        } else {
+            io::wait_for_interrupt();
+        }
     }
 }
 
@@ -339,6 +366,9 @@ fn main(_ram: u64) -> u32 {
     if let Some(n) = cmdline_value("bench").and_then(|v| v.parse::<u32>().ok()) {
         return bench(n.max(1), cmdline_value("chip") == Some("x86"));
     }
+    if cmdline_value("cede") == Some("1") {
+        CEDE.store(1, Ordering::SeqCst);
+    }
     if !start_ap() {
         println!("xive: the second vCPU did not start");
         return 1;
@@ -425,6 +455,9 @@ fn main(_ram: u64) -> u32 {
         Dec(SPURIOUS.load(Ordering::SeqCst).into()),
         Dec(BAD_ACK.load(Ordering::SeqCst).into())
     );
+    if CEDE.load(Ordering::SeqCst) == 1 {
+        println!("xive: cedes={}", Dec(CEDES.load(Ordering::SeqCst).into()));
+    }
     if BAD_ACK.load(Ordering::SeqCst) != 0 {
         return 8;
     }
