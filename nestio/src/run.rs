@@ -121,8 +121,9 @@ pub struct RunArgs {
     /// way). Default: on when nestio_vmm::vm::DEFAULT_LINUX_ACPI says so.
     #[arg(long, value_parser = parse_on_off, requires = "kernel", conflicts_with = "guest")]
     acpi: Option<bool>,
-    /// A vIOMMU for the assigned PCI devices: `smmuv3[,mode=shadow]` (an SMMUv3 at
-    /// the start of the platform MMIO window, 0xe8000000; stream ID = requester ID).
+    /// A vIOMMU for the assigned PCI devices: `smmuv3[,mode=shadow|nested]` (an SMMUv3
+    /// at the start of the platform MMIO window, 0xe8000000; stream ID = requester ID;
+    /// nested: vfio-user devices that negotiate it walk the guest's stage 1).
     #[arg(long)]
     viommu: Option<nestio_vmm::iommu::smmuv3::Viommu>,
     /// A control socket for this VM (`nestio status|stop|migrate --vm PATH`).
@@ -719,7 +720,13 @@ mod tests {
                 .viommu,
             Some(Viommu::Smmuv3)
         );
-        assert!(parse(&["--guest", "hello", "--viommu", "smmuv3,mode=nested"]).is_err());
+        assert_eq!(
+            parse(&["--guest", "hello", "--viommu", "smmuv3,mode=nested"])
+                .unwrap()
+                .viommu,
+            Some(Viommu::Smmuv3Nested)
+        );
+        assert!(parse(&["--guest", "hello", "--viommu", "smmuv3,mode=both"]).is_err());
     }
 
     #[test]

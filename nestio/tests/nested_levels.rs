@@ -706,6 +706,15 @@ fn linux_guest_pings_through_two_exporting_levels() {
 /// its rings and buffers at IOVA = GPA + 512 GiB (`smmu=`), so the DMA_MAPs that
 /// cross level 1 carry IOVAs that are not the level-2 guest's addresses.
 fn ping_through_smmuv3(dir: &Dir, name: &str, device: &Path) -> (ExitStatus, String, String) {
+    ping_through_smmuv3_mode(dir, name, device, "smmuv3,mode=shadow")
+}
+
+fn ping_through_smmuv3_mode(
+    dir: &Dir,
+    name: &str,
+    device: &Path,
+    viommu: &str,
+) -> (ExitStatus, String, String) {
     let dev = format!("vfio-user={}", s(device));
     let mem = format!("{}.mem", s(device));
     let mut l = Level::spawn(
@@ -718,7 +727,7 @@ fn ping_through_smmuv3(dir: &Dir, name: &str, device: &Path) -> (ExitStatus, Str
             "--cmdline",
             "irq=msi smmu=0xe8000000",
             "--viommu",
-            "smmuv3,mode=shadow",
+            viommu,
             "--memory-from",
             &mem,
             "--device",
@@ -751,6 +760,28 @@ fn level2_guest_pings_through_its_smmuv3_with_iova_not_gpa() {
     assert_eq!(st1.code(), Some(42), "{}", l1.stderr());
     assert_zero_copy(&l1);
     assert!(export_stat(&l1.stderr(), "maps") >= 4, "{}", l1.stderr());
+}
+
+#[test]
+fn level2_nested_smmuv3_falls_back_to_shadow_through_a_level1_exporter() {
+    // A level-1 exporter does not offer the nested-IOMMU extension (its device's DMA
+    // happens in level 0), so a level-2 VMM asking for mode=nested says so and
+    // shadows the device: the guest still pings with IOVA != GPA.
+    let name = "level2_nested_smmuv3_falls_back_to_shadow_through_a_level1_exporter";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("levels", "smmuv3-fallback");
+    let (_dev, s0) = device(&dir);
+    let s1 = dir.path("s1");
+    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
+    let (st, out, err) = ping_through_smmuv3_mode(&dir, "level2", &s1, "smmuv3,mode=nested");
+    assert_pinged(st, &out, &err);
+    assert!(
+        err.contains("(capability not negotiated); shadow mode for it"),
+        "{err}"
+    );
+    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
 }
 
 /// Seed 002's passthrough interrupts at nesting depth 2: the e1000 emulated at level 0,

@@ -126,26 +126,56 @@ pub fn connect_with(
     socket: &Path,
     options: RemoteOptions,
 ) -> std::result::Result<Arc<dyn VfioDevice>, PciHostError> {
+    connect_nested(socket, options, false).map(|(d, _)| d)
+}
+
+/// A connected device, and its nested-IOMMU port when one was asked for.
+pub type Connected = (
+    Arc<dyn VfioDevice>,
+    Option<Arc<dyn crate::iommu::smmuv3::NestedIommuPort>>,
+);
+
+/// Connect to the vfio-user server at `socket`; with `nested`, propose nestio's
+/// nested-IOMMU extension (`docs/vfio-user-nested-iommu.md`) and return the
+/// connection as a port too (whether the server agreed is the port's
+/// `nested_caps`).
+pub fn connect_nested(
+    socket: &Path,
+    options: RemoteOptions,
+    nested: bool,
+) -> std::result::Result<Connected, PciHostError> {
     let connect_err = |message: String| PciHostError::Connect {
         socket: socket.display().to_string(),
         message,
     };
-    let client = nestio_vfio_user::Client::connect(socket).map_err(|e| {
-        connect_err(match e {
-            // The server is up and answered: it has another client.
-            nestio_vfio_user::ClientError::Busy => e.to_string(),
-            _ => format!(
-                "{e} (is `nestio device ... --socket {}` running?)",
-                socket.display()
-            ),
-        })
-    })?;
+    let config = nestio_vfio_user::ClientConfig {
+        nested_iommu: nested.then(nestio_vfio_user::nested_iommu::NestedIommuCaps::default),
+        ..nestio_vfio_user::ClientConfig::default()
+    };
+    let client = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(nestio_vfio_user::ClientError::from)
+        .and_then(|s| nestio_vfio_user::Client::from_stream(s, config))
+        .map_err(|e| {
+            connect_err(match e {
+                // The server is up and answered: it has another client.
+                nestio_vfio_user::ClientError::Busy => e.to_string(),
+                _ => format!(
+                    "{e} (is `nestio device ... --socket {}` running?)",
+                    socket.display()
+                ),
+            })
+        })?;
     if !options.posted_writes {
-        return Ok(Arc::new(client));
+        let c = Arc::new(client);
+        let port = nested.then(|| c.clone() as Arc<dyn crate::iommu::smmuv3::NestedIommuPort>);
+        return Ok((c, port));
     }
-    let dev = PostedWrites::new(client)
-        .map_err(|e| connect_err(format!("cannot read the device's BARs: {e}")))?;
-    Ok(Arc::new(dev))
+    let dev = Arc::new(
+        PostedWrites::new(client)
+            .map_err(|e| connect_err(format!("cannot read the device's BARs: {e}")))?,
+    );
+    let port = nested.then(|| dev.clone() as Arc<dyn crate::iommu::smmuv3::NestedIommuPort>);
+    Ok((dev, port))
 }
 
 /// A vfio-user client whose writes to plain memory BARs are posted (see the module

@@ -633,10 +633,17 @@ impl Vm {
             BusRange::new(crate::pci::ECAM_BASE, crate::pci::ECAM_SIZE)?,
             pci.ecam(),
         )?;
-        attach_devices(&cfg.devices, &pci, &platform_bus)?;
+        let nested = cfg.viommu == Some(crate::iommu::smmuv3::Viommu::Smmuv3Nested);
+        let mut ports = attach_devices(&cfg.devices, &pci, &platform_bus, nested)?;
         if let Some(smmu) = &smmu {
             for d in pci.devices() {
-                smmu.add_stream(crate::iommu::StreamId::pci(0, d.slot(), 0))?;
+                let stream = crate::iommu::StreamId::pci(0, d.slot(), 0);
+                match ports.remove(&d.slot()) {
+                    Some(port) => {
+                        smmu.add_nested_stream(stream, port)?;
+                    }
+                    None => smmu.add_stream(stream)?,
+                }
             }
         }
 
@@ -1068,7 +1075,7 @@ fn viommu_domain(
             None,
         )),
         Some(_) if cfg.dma_domain.is_some() => Err(VmError::TwoDmaDomains),
-        Some(Viommu::Smmuv3) => {
+        Some(mode @ (Viommu::Smmuv3 | Viommu::Smmuv3Nested)) => {
             let shadow = Arc::new(crate::iommu::ShadowDomain::new(GuestRamFile::of(ram)));
             let smmu = Arc::new(Smmuv3::new(
                 GuestRamView::new(ram.memory().clone(), None),
@@ -1084,33 +1091,47 @@ fn viommu_domain(
                         size: Smmuv3::mmio_size(),
                     })?;
             mmio.insert(BusRange::new(base, Smmuv3::mmio_size())?, smmu.clone())?;
-            tracing::info!(base, "SMMUv3 (shadow mode) in the platform MMIO window");
+            smmu.translate_msis();
+            tracing::info!(base, ?mode, "SMMUv3 in the platform MMIO window");
             Ok((shadow, Some(smmu)))
         }
     }
 }
 
+/// With `nested` (`--viommu smmuv3,mode=nested`) vfio-user devices are asked for
+/// nestio's nested-IOMMU extension; their ports are returned by PCI slot.
+#[allow(clippy::type_complexity)]
 fn attach_devices(
     devices: &[DeviceConfig],
     pci: &Arc<PciRoot>,
     platform: &PlatformBus,
-) -> Result<(), VmError> {
+    nested: bool,
+) -> Result<std::collections::BTreeMap<u8, Arc<dyn crate::iommu::smmuv3::NestedIommuPort>>, VmError>
+{
     let mut slot = 1u8;
+    let mut ports = std::collections::BTreeMap::new();
     for d in devices {
-        let (name, dev): (String, Arc<dyn VfioDevice>) = match d {
-            DeviceConfig::Local { name, device } => (name.clone(), device.clone()),
+        let (name, dev, port): (String, Arc<dyn VfioDevice>, _) = match d {
+            DeviceConfig::Local { name, device } => (name.clone(), device.clone(), None),
             DeviceConfig::VfioUser { socket } => {
-                let dev = crate::remote::connect(socket)?;
-                (format!("vfio-user:{}", socket.display()), dev)
+                let (dev, port) = crate::remote::connect_nested(
+                    socket,
+                    crate::remote::RemoteOptions::default(),
+                    nested,
+                )?;
+                (format!("vfio-user:{}", socket.display()), dev, port)
             }
             DeviceConfig::VfioUserWith { socket, options } => {
-                let dev = crate::remote::connect_with(socket, *options)?;
-                (format!("vfio-user:{}", socket.display()), dev)
+                let (dev, port) = crate::remote::connect_nested(socket, *options, nested)?;
+                (format!("vfio-user:{}", socket.display()), dev, port)
             }
         };
         let flags = dev.info().flags;
         if flags & nestio_device_model::flags::PCI != 0 {
             pci.assign(slot, name, dev)?;
+            if let Some(p) = port {
+                ports.insert(slot, p);
+            }
             slot = slot.saturating_add(1);
         } else if flags & PLATFORM_FLAGS != 0 {
             platform.attach(name, dev)?;
@@ -1121,7 +1142,7 @@ fn attach_devices(
             });
         }
     }
-    Ok(())
+    Ok(ports)
 }
 
 /// The MP-table routes of the assigned devices' INTx lines (8259 lines under

@@ -20,11 +20,19 @@ fn child_device_server() {
 }
 
 fn run(dev: DeviceConfig, extra: &str) -> (StopReason, String) {
+    run_irq(dev, "intx", extra)
+}
+
+fn run_irq(dev: DeviceConfig, irq: &str, extra: &str) -> (StopReason, String) {
+    run_mode(Viommu::Smmuv3, dev, irq, extra)
+}
+
+fn run_mode(mode: Viommu, dev: DeviceConfig, irq: &str, extra: &str) -> (StopReason, String) {
     let (console, buf) = common::console();
     let mut cfg = VmConfig::new(payloads::E1000PING);
     cfg.console = console;
-    cfg.cmdline = format!("irq=intx smmu={:#x} {extra}", PLATFORM_MMIO_WINDOW.0);
-    cfg.viommu = Some(Viommu::Smmuv3);
+    cfg.cmdline = format!("irq={irq} smmu={:#x} {extra}", PLATFORM_MMIO_WINDOW.0);
+    cfg.viommu = Some(mode);
     cfg.devices.push(dev);
     let report = Vm::new(cfg).unwrap().run().unwrap();
     (report.outcome, common::text(&buf))
@@ -55,6 +63,155 @@ fn guest_pings_through_smmuv3_shadow_over_vfio_user() {
     );
     assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
     assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+}
+
+#[test]
+fn msi_through_a_doorbell_iova_in_process() {
+    // The MSI address is an IOVA (not 0xFEE00000) the guest maps to the doorbell:
+    // the VMM translates it through the SMMU and routes the real MSI.
+    if !common::kvm_or_skip("msi_through_a_doorbell_iova_in_process") {
+        return;
+    }
+    let (outcome, out) = run_irq(common::local_e1000(), "msi", "");
+    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
+    assert!(
+        out.contains("msi: address 0x803fe00000 is an IOVA"),
+        "{out}"
+    );
+    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+}
+
+#[test]
+fn msi_through_a_doorbell_iova_over_vfio_user() {
+    if !common::kvm_or_skip("msi_through_a_doorbell_iova_over_vfio_user") {
+        return;
+    }
+    let p = DeviceProcess::start("e1000");
+    let (outcome, out) = run_irq(
+        DeviceConfig::VfioUser {
+            socket: p.socket.clone(),
+        },
+        "msi",
+        "",
+    );
+    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
+    assert!(
+        out.contains("msi: address 0x803fe00000 is an IOVA"),
+        "{out}"
+    );
+    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+}
+
+#[test]
+fn an_unmapped_doorbell_iova_is_one_event_and_no_interrupt() {
+    if !common::kvm_or_skip("an_unmapped_doorbell_iova_is_one_event_and_no_interrupt") {
+        return;
+    }
+    let (outcome, out) = run_irq(common::local_e1000(), "msi", "msi=unmap");
+    assert_eq!(outcome, StopReason::GuestExit(9), "console: {out}");
+    assert!(
+        out.contains("event 0x10 sid 0x8 iova 0x803fe00000 write; 0 more"),
+        "{out}"
+    );
+    assert!(out.contains("0 interrupts delivered"), "{out}");
+    println!("{out}");
+}
+
+fn remote_e1000(p: &DeviceProcess) -> DeviceConfig {
+    DeviceConfig::VfioUser {
+        socket: p.socket.clone(),
+    }
+}
+
+#[test]
+fn nested_mode_pings_through_tables_the_vmm_never_saw_invalidated() {
+    // The guest maps its rings without any invalidation (as Linux does). In nested
+    // mode the e1000 server walks the guest's live stage 1 itself and pings; the
+    // shadowing VMM (the control) never learns of the mappings and the ping fails.
+    if !common::kvm_or_skip("nested_mode_pings_through_tables_the_vmm_never_saw_invalidated") {
+        return;
+    }
+    let p = DeviceProcess::start("e1000");
+    let (outcome, out) = run_mode(
+        Viommu::Smmuv3Nested,
+        remote_e1000(&p),
+        "intx",
+        "smmu_map=noinval",
+    );
+    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
+    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+    drop(p);
+    let p = DeviceProcess::start("e1000");
+    let (outcome, out) = run_mode(Viommu::Smmuv3, remote_e1000(&p), "intx", "smmu_map=noinval");
+    assert_ne!(
+        outcome,
+        StopReason::GuestExit(0),
+        "shadow mode cannot see it: {out}"
+    );
+    assert!(!out.contains("ping: echo reply"), "{out}");
+}
+
+#[test]
+fn nested_mode_with_msi_through_a_doorbell_iova() {
+    if !common::kvm_or_skip("nested_mode_with_msi_through_a_doorbell_iova") {
+        return;
+    }
+    let p = DeviceProcess::start("e1000");
+    let (outcome, out) = run_mode(Viommu::Smmuv3Nested, remote_e1000(&p), "msi", "");
+    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
+    assert!(
+        out.contains("msi: address 0x803fe00000 is an IOVA"),
+        "{out}"
+    );
+    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+}
+
+#[test]
+fn nested_mode_device_faults_are_the_guests_events() {
+    // A page unmapped under the live RX ring: the device's own stage-1 walk faults,
+    // the fault record comes back over vfio-user and the VMM puts it in the guest's
+    // event queue with the guest's SID and the IOVA (a write: RnW clear).
+    if !common::kvm_or_skip("nested_mode_device_faults_are_the_guests_events") {
+        return;
+    }
+    let p = DeviceProcess::start("e1000");
+    let (outcome, out) = run_mode(Viommu::Smmuv3Nested, remote_e1000(&p), "intx", "dma=unmap");
+    assert_eq!(outcome, StopReason::GuestExit(8), "console: {out}");
+    assert!(out.contains("buffer untouched"), "{out}");
+    let iova = out
+        .lines()
+        .find_map(|l| l.strip_prefix("dma unmap: iova "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the unmapped IOVA")
+        .to_string();
+    assert!(
+        out.contains(&format!("dma unmap: event 0x10 sid 0x8 iova {iova} read 0")),
+        "F_TRANSLATION for SID 8 at {iova}: {out}"
+    );
+    println!("{out}");
+}
+
+#[test]
+fn nested_mode_a_read_only_page_is_a_permission_event() {
+    // The same with the page left mapped read-only: the device's walk finds a
+    // permission fault (F_PERMISSION, 0x13) and reports it.
+    if !common::kvm_or_skip("nested_mode_a_read_only_page_is_a_permission_event") {
+        return;
+    }
+    let p = DeviceProcess::start("e1000");
+    let (outcome, out) = run_mode(
+        Viommu::Smmuv3Nested,
+        remote_e1000(&p),
+        "intx",
+        "dma=readonly",
+    );
+    assert_eq!(outcome, StopReason::GuestExit(8), "console: {out}");
+    assert!(out.contains("made read-only under the live ring"), "{out}");
+    assert!(out.contains("buffer untouched"), "{out}");
+    assert!(
+        out.contains("dma unmap: event 0x13 sid 0x8 iova 0x80"),
+        "{out}"
+    );
 }
 
 #[test]

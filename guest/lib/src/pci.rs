@@ -110,14 +110,24 @@ pub fn find_capability(b: Bdf, id: u8) -> Option<u8> {
 
 /// Program and enable the MSI capability: single vector `vector` to the boot CPU.
 pub fn enable_msi(b: Bdf, vector: u8) -> bool {
+    enable_msi_at(b, 0xfee0_0000, vector)
+}
+
+/// [`enable_msi`] with the message address `addr` (behind an IOMMU: an IOVA the
+/// IOMMU maps to the doorbell). False without MSI or when `addr` needs 64 bits and
+/// the capability has 32.
+pub fn enable_msi_at(b: Bdf, addr: u64, vector: u8) -> bool {
     let Some(cap) = find_capability(b, 0x05) else {
         return false;
     };
     let ctrl = read32(b, cap) >> 16;
     let is64 = ctrl & (1 << 7) != 0;
-    write32(b, cap + 4, 0xfee0_0000);
+    if !is64 && addr >> 32 != 0 {
+        return false;
+    }
+    write32(b, cap + 4, addr as u32);
     if is64 {
-        write32(b, cap + 8, 0);
+        write32(b, cap + 8, (addr >> 32) as u32);
         write32(b, cap + 12, vector as u32);
     } else {
         write32(b, cap + 8, vector as u32);

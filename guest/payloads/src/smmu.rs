@@ -15,6 +15,9 @@ use nestio_guest::io::{mmio_read32, mmio_write32};
 
 /// Where the payload's pages appear to the device.
 pub const IOVA_BASE: u64 = 0x80_0000_0000;
+/// The IOVA of the MSI doorbell page (mapped to 0xFEE0_0000 by [`Smmu::map_at`]):
+/// in the first GiB above `IOVA_BASE`, so it shares the L1/L2 tables.
+pub const MSI_IOVA: u64 = IOVA_BASE + 0x3fe0_0000;
 
 const CR0: u64 = 0x20;
 const CR0ACK: u64 = 0x24;
@@ -69,6 +72,8 @@ pub struct Smmu {
     evt_cons: u32,
     /// L2 index each L3 table serves (u64::MAX: free).
     l3_of: [u64; L3_TABLES],
+    /// [`Smmu::map`] invalidates after mapping (a shadowing VMM needs it).
+    inval_on_map: bool,
 }
 
 impl Smmu {
@@ -122,6 +127,7 @@ impl Smmu {
             prod: 0,
             evt_cons: 0,
             l3_of: [u64::MAX; L3_TABLES],
+            inval_on_map: true,
         };
         s.cmd(0x4, 31)?; // CFGI_ALL (CFGI_STE_RANGE, Range 31)
         s.cmd(0x30, 0)?; // TLBI_NSNH_ALL
@@ -183,6 +189,13 @@ impl Smmu {
         Ok(unsafe { addr_of_mut!(L3[slot].0[((iova >> 12) & 0x1ff) as usize]) })
     }
 
+    /// Whether [`Smmu::map`] / [`Smmu::map_at`] invalidate after mapping (default
+    /// on). Off is what Linux does: correct on hardware, and on a nested vIOMMU
+    /// (the device walks the live tables), invisible to a shadowing one.
+    pub fn set_invalidate_on_map(&mut self, on: bool) {
+        self.inval_on_map = on;
+    }
+
     /// Map guest-physical `gpa..gpa + len` (whole pages) read-write at
     /// `IOVA_BASE + gpa`, then issue TLBI_NH_ASID + CMD_SYNC. The architecture does
     /// not need that (invalid entries are never cached, and Linux does not do it);
@@ -197,7 +210,26 @@ impl Smmu {
             unsafe { write_volatile(e, p | PTE_RW) };
             p += 0x1000;
         }
+        if !self.inval_on_map {
+            return Ok(());
+        }
         self.cmd(0x11 | (1 << 48), 0)?; // TLBI_NH_ASID 1
+        self.sync()
+    }
+
+    /// Map the page at `iova` (in the first GiB above `IOVA_BASE`) to physical page
+    /// `pa` read-write, then TLBI_NH_ASID + CMD_SYNC (see [`Smmu::map`]).
+    pub fn map_at(&mut self, iova: u64, pa: u64) -> Result<(), &'static str> {
+        if iova.wrapping_sub(IOVA_BASE) >> 30 != 0 {
+            return Err("IOVA outside the first GiB above IOVA_BASE");
+        }
+        let e = self.l3_for(iova)?;
+        // SAFETY: a leaf of our table.
+        unsafe { write_volatile(e, (pa & !0xfff) | PTE_RW) };
+        if !self.inval_on_map {
+            return Ok(());
+        }
+        self.cmd(0x11 | (1 << 48), 0)?;
         self.sync()
     }
 

@@ -491,6 +491,21 @@ impl Smmu {
         }
     }
 
+    /// Record `ev` in the event queue as if this SMMU had found it (the queue's
+    /// enable and overflow rules apply, and its interrupt is signalled): for a VMM
+    /// whose device walks stage 1 itself and reports its faults (nested mode).
+    /// Returns whether the record was written.
+    pub fn inject_event(&mut self, mem: &dyn SmmuMemory, ev: &Event) -> bool {
+        self.record(mem, ev)
+    }
+
+    /// Stop the command queue at CMDQ_CONS with command error `cerror` (a
+    /// `regs::CERROR_*` code), as if the command there had failed: for a VMM whose
+    /// device refused that command when it was forwarded (nested mode).
+    pub fn raise_command_error(&mut self, mem: &dyn SmmuMemory, cerror: u32) {
+        self.command_error(mem, cerror);
+    }
+
     /// Translate one transaction, recording its fault event.
     pub fn translate(
         &mut self,

@@ -34,6 +34,7 @@ use std::sync::Arc;
 use nestio_device_model::{DeviceError, VfioDevice};
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
 
+use crate::iommu::msi::MsiTranslator;
 use crate::memory::GuestRam;
 
 /// The requester a DMA comes from. See the module documentation.
@@ -174,6 +175,11 @@ pub trait DmaDomain: Send + Sync {
     ) -> Result<(), DmaDomainError>;
     /// The guest removed the translation of `iova..iova + size` for `stream`.
     fn unmap(&self, stream: StreamId, iova: u64, size: u64) -> Result<(), DmaDomainError>;
+    /// What a device's MSI address means here ([`crate::iommu::msi`]): the identity
+    /// unless a vIOMMU translates it.
+    fn msi_translator(&self) -> Arc<dyn MsiTranslator> {
+        crate::iommu::msi::identity()
+    }
 }
 
 type Streams = Mutex<BTreeMap<StreamId, Vec<Arc<dyn VfioDevice>>>>;
@@ -248,6 +254,8 @@ pub struct ShadowDomain {
     streams: Streams,
     /// The current mappings of each stream: IOVA -> (GPA, size, prot).
     maps: Mutex<BTreeMap<StreamId, BTreeMap<u64, Translation>>>,
+    /// The vIOMMU translating MSI addresses (weak: the vIOMMU owns this domain).
+    msi: Mutex<Option<std::sync::Weak<dyn MsiTranslator>>>,
 }
 
 impl ShadowDomain {
@@ -257,7 +265,13 @@ impl ShadowDomain {
             ram,
             streams: Mutex::new(BTreeMap::new()),
             maps: Mutex::new(BTreeMap::new()),
+            msi: Mutex::new(None),
         }
+    }
+
+    /// The vIOMMU driving this domain translates its devices' MSI addresses.
+    pub fn set_msi_translator(&self, t: std::sync::Weak<dyn MsiTranslator>) {
+        *self.msi.lock() = Some(t);
     }
 
     fn devices(&self, stream: StreamId) -> Vec<Arc<dyn VfioDevice>> {
@@ -331,6 +345,12 @@ impl DmaDomain for ShadowDomain {
             m.retain(|&k, &mut (_, s, _)| k.saturating_add(s) <= iova || k >= iova + size);
         }
         Ok(())
+    }
+    fn msi_translator(&self) -> Arc<dyn MsiTranslator> {
+        match self.msi.lock().as_ref().and_then(|w| w.upgrade()) {
+            Some(t) => t,
+            None => crate::iommu::msi::identity(),
+        }
     }
 }
 

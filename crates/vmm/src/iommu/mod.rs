@@ -3,6 +3,7 @@
 //! See [`domain`] for the design; [`tce`] is the sPAPR TCE IOMMU.
 
 pub mod domain;
+pub mod msi;
 #[cfg(test)]
 pub(crate) mod recorder;
 pub mod smmuv3;

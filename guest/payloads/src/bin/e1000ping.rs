@@ -26,6 +26,14 @@
 //! not written back) and that no byte of the poisoned buffer changed; exits
 //! [`DMA_UNMAP_REFUSED`]. `dma=readonly`: the same with the page left mapped
 //! read-only for the device (a permission fault instead of a translation fault).
+//! `smmu_map=noinval` (with `smmu=`): map without invalidating, as Linux does
+//! (enough on hardware and on a nested vIOMMU; a shadowing VMM never sees it).
+//! With `smmu=` and `irq=msi` the MSI address is an IOVA (`smmu::MSI_IOVA`) the
+//! payload maps to the doorbell 0xFEE0_0000; `msi=unmap` (after the echo reply):
+//! unmap that page (TLBI_NH_VA + CMD_SYNC), exchange three ARPs with the RX ring
+//! polled and interrupts enabled, and check that no interrupt arrived, the NIC has
+//! RXT0 pending, and the event queue holds exactly one F_TRANSLATION for the NIC's
+//! SID at the doorbell IOVA (a write); exits [`MSI_UNMAPPED_FAULTED`].
 //! `tce=4g` / `tce=59` (the sPAPR TCE IOMMU, `nestio_vmm::iommu::tce`): before the
 //! rings are set up, ask for a dynamic DMA window (`ibm,query-pe-dma-window`,
 //! `ibm,create-pe-dma-window`: 4 KiB pages, as big as RAM), check it lands at 4 GiB /
@@ -82,6 +90,8 @@ const DMA_OUTSIDE_REFUSED: u32 = 7;
 const GW_IP: [u8; 4] = [10, 0, 2, 2];
 /// Exit status of `dma=unmap` when the NIC's DMA to the unmapped page was refused.
 const DMA_UNMAP_REFUSED: u32 = 8;
+/// `msi=unmap`: the unmapped doorbell IOVA gave one event and no interrupt.
+const MSI_UNMAPPED_FAULTED: u32 = 9;
 
 /// What the NIC is told for a guest-physical address: IOVA = GPA + this (0 without
 /// an SMMU or a TCE window; `smmu::IOVA_BASE` with `smmu=`, the window start with `tce=`).
@@ -402,6 +412,7 @@ fn main(ram: u64) -> u32 {
         };
         let sid = u16::from(dev.dev) << 3 | u16::from(dev.func);
         let mapped = smmu::Smmu::init(base, sid).and_then(|mut s| {
+            s.set_invalidate_on_map(cmdline_value("smmu_map") != Some("noinval"));
             s.map(rx_ring() as u64, core::mem::size_of::<Ring>() as u64)?;
             s.map(tx_ring() as u64, core::mem::size_of::<Ring>() as u64)?;
             s.map(rx_buf(0) as u64, core::mem::size_of::<Bufs>() as u64)?;
@@ -500,10 +511,27 @@ fn main(ram: u64) -> u32 {
         }
         println!("interrupts: XIVE source {} -> cpu 0 prio 6", line);
     } else if use_msi {
-        if !pci::enable_msi(dev, VECTOR) {
+        // Behind the SMMU the MSI address is an IOVA the SMMU maps to the doorbell.
+        let addr = match iommu.as_mut() {
+            Some(s) => match s.map_at(smmu::MSI_IOVA, 0xfee0_0000) {
+                Ok(()) => smmu::MSI_IOVA,
+                Err(e) => {
+                    println!("smmu: {}", e);
+                    return 21;
+                }
+            },
+            None => 0xfee0_0000,
+        };
+        if !pci::enable_msi_at(dev, addr, VECTOR) {
             return 11;
         }
         println!("interrupts: MSI vector {:#x}", VECTOR);
+        if addr != 0xfee0_0000 {
+            println!(
+                "msi: address {:#x} is an IOVA mapped to the doorbell 0xfee00000",
+                addr
+            );
+        }
     } else {
         let line = (pci::read32(dev, 0x3c) & 0xff) as u8;
         if line == 0xff || line >= 24 {
@@ -638,10 +666,79 @@ fn main(ram: u64) -> u32 {
         };
         return dma_unmap(dev, iommu, &mut nic, &f, true);
     }
+    if cmdline_value("msi") == Some("unmap") {
+        let (Some(iommu), true) = (iommu.as_mut(), use_msi) else {
+            println!("msi unmap: needs smmu= and irq=msi");
+            return 22;
+        };
+        let sid = u32::from(dev.dev) << 3 | u32::from(dev.func);
+        return msi_unmap(iommu, &mut nic, &f, sid);
+    }
     if let (Some((liobn, _)), Some("1")) = (tce, cmdline_value("tce_remove")) {
         return tce_remove(dev, liobn, &mut nic, &f);
     }
     0
+}
+
+/// `msi=unmap` (see the module documentation).
+fn msi_unmap(iommu: &mut smmu::Smmu, nic: &mut Nic, arp: &[u8], sid: u32) -> u32 {
+    while iommu.next_event().is_some() {}
+    if let Err(e) = iommu.unmap_page(smmu::MSI_IOVA) {
+        println!("msi unmap: {}", e);
+        return 26;
+    }
+    let irqs = IRQS.load(Ordering::SeqCst);
+    interrupts::enable();
+    // Three ARP exchanges, each a TX and an RX the NIC would interrupt for; the RX
+    // ring is polled (interrupts enabled, so a delivered one would be counted).
+    let mut frames = 0;
+    for _ in 0..3 {
+        if !nic.send(arp) {
+            return 13;
+        }
+        for _ in 0..2_000_000 {
+            let i = nic.rx_next;
+            // SAFETY: descriptor i of the RX ring, written by the device.
+            let d1 = unsafe { read_volatile(&(*rx_ring().add(i))[1]) };
+            if (d1 >> 32) as u8 & 1 != 0 {
+                // SAFETY: give the descriptor back.
+                unsafe { write_volatile(&mut (*rx_ring().add(i))[1], 0) };
+                mmio_write32(reg(RDT), i as u32);
+                nic.rx_next = (i + 1) % N;
+                frames += 1;
+                break;
+            }
+        }
+    }
+    interrupts::disable();
+    let delivered = IRQS.load(Ordering::SeqCst) - irqs;
+    let pending = mmio_read32(reg(ICR));
+    let ev = iommu.next_event();
+    let more = iommu.next_event().is_some();
+    let Some(ev) = ev else {
+        println!("msi unmap: no event recorded");
+        return 27;
+    };
+    println!(
+        "msi: doorbell IOVA {:#x} unmapped: event {:#x} sid {:#x} iova {:#x} {}; {} more; {} frames received, {} interrupts delivered, causes {:#x} pending",
+        smmu::MSI_IOVA,
+        ev.code,
+        ev.sid,
+        ev.iova,
+        if ev.read { "read" } else { "write" },
+        more as u32,
+        frames,
+        delivered,
+        pending
+    );
+    if ev.code != 0x10 || ev.sid != sid || ev.iova != smmu::MSI_IOVA || ev.read || more {
+        return 27;
+    }
+    if delivered != 0 || frames == 0 || pending & ICR_RXT0 == 0 {
+        return 28;
+    }
+    println!("msi: no interrupt through the unmapped doorbell, one F_TRANSLATION event");
+    MSI_UNMAPPED_FAULTED
 }
 
 /// `tce_remove=1` (see the module documentation).
@@ -794,7 +891,16 @@ fn dma_unmap(
             touched += 1;
         }
     }
-    while let Some(e) = iommu.next_event() {
+    // A device that walks stage 1 itself (nested vIOMMU) reports its fault through
+    // the VMM a little later: wait (bounded) for the first record.
+    let mut first = None;
+    for _ in 0..20_000 {
+        first = iommu.next_event();
+        if first.is_some() {
+            break;
+        }
+    }
+    while let Some(e) = first.take().or_else(|| iommu.next_event()) {
         println!(
             "dma unmap: event {:#x} sid {:#x} iova {:#x} read {}",
             e.code as u32, e.sid, e.iova, e.read as u32

@@ -485,6 +485,7 @@ impl AssignedDevice {
                 .enumerate()
                 .map(|(v, x)| (x.source, m.table.entry(v as u16).map(|e| e.message())))
                 .collect();
+            let routes = self.translate_routes(routes);
             if let Err(e) = root.irqchip().program_msi(&routes) {
                 tracing::warn!(device = %self.name, error = %e, "cannot program MSI-X messages");
             }
@@ -570,7 +571,7 @@ impl AssignedDevice {
         let want = want.min(msi.vectors.len() as u32);
         // One batch for all vectors, not one per vector.
         let sources: Vec<IrqSource> = msi.vectors.iter().map(|v| v.source).collect();
-        let routes = msi_messages(enable, want, address, data, &sources);
+        let routes = self.translate_routes(msi_messages(enable, want, address, data, &sources));
         if let Err(e) = root.irqchip().program_msi(&routes) {
             tracing::warn!(device = %self.name, error = %e, "cannot program MSI messages");
         }
@@ -596,6 +597,44 @@ impl AssignedDevice {
                 }
             }
         }
+    }
+
+    /// The messages as the interrupt controller must see them: each address
+    /// translated by the DMA domain's MSI translator (the identity without a vIOMMU,
+    /// `crate::iommu::msi`); a message that does not reach the doorbell gets no route,
+    /// so its vector stays masked.
+    fn translate_routes(
+        &self,
+        routes: Vec<(IrqSource, Option<MsiMessage>)>,
+    ) -> Vec<(IrqSource, Option<MsiMessage>)> {
+        let t = self.dma.msi_translator();
+        routes
+            .into_iter()
+            .map(|(src, msg)| {
+                let msg = msg.and_then(|m| match t.translate(self.stream, m.address) {
+                    Ok(address) => Some(MsiMessage { address, ..m }),
+                    Err(e) => {
+                        tracing::warn!(device = %self.name, error = %e, "MSI vector not routed");
+                        None
+                    }
+                });
+                (src, msg)
+            })
+            .collect()
+    }
+
+    /// The MSI and MSI-X addresses the guest has programmed (enabled or not).
+    fn programmed_msi_addresses(st: &State) -> Vec<u64> {
+        let mut v = Vec::new();
+        if let Some(m) = &st.msi {
+            v.push(m.layout.address(&st.cfg));
+        }
+        if let Some(m) = &st.msix {
+            v.extend(
+                (0..m.cap.vectors()).filter_map(|i| m.table.entry(i).map(|e| e.message().address)),
+            );
+        }
+        v
     }
 
     /// Give the device the eventfds of the first `want` MSI vectors (none: MSI off).
@@ -711,6 +750,22 @@ impl AssignedDevice {
             }
         }
         Ok(())
+    }
+}
+
+impl crate::iommu::msi::MsiWatcher for AssignedDevice {
+    /// The vIOMMU invalidated `range`: program again the messages whose address lies
+    /// in it (all of them for `None`).
+    fn retranslate(&self, range: Option<(u64, u64)>) {
+        let mut st = self.lock();
+        let hit = Self::programmed_msi_addresses(&st)
+            .into_iter()
+            .any(|a| range.is_none_or(|(start, len)| a >= start && a - start < len));
+        if hit {
+            tracing::debug!(device = %self.name, ?range, "MSI addresses translated again");
+            self.update_msi(&mut st);
+            self.update_msix(&mut st);
+        }
     }
 }
 

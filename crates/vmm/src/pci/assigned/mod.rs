@@ -97,7 +97,7 @@ impl AssignedDevice {
             }
         };
         let msix_cap = state.msix.as_ref().map(Msix::cap);
-        Ok(Arc::new(AssignedDevice {
+        let this = Arc::new(AssignedDevice {
             root: Arc::downgrade(&root),
             slot,
             name,
@@ -110,7 +110,14 @@ impl AssignedDevice {
             intx_pin: raw[INTERRUPT_PIN],
             dma,
             stream,
-        }))
+        });
+        // Behind a vIOMMU the MSI addresses are IOVAs: translate them again when the
+        // guest invalidates (crate::iommu::msi).
+        let watcher: Arc<dyn crate::iommu::msi::MsiWatcher> = this.clone();
+        this.dma
+            .msi_translator()
+            .watch(stream, Arc::downgrade(&watcher));
+        Ok(this)
     }
 
     /// Configuration virtualisation, BARs and interrupts of a new device.
