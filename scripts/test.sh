@@ -51,5 +51,11 @@ if [ -e target/linux/out/paths.env ]; then
     NESTIO_LINUX_NO_INSTALL=1 linux/build.sh >/dev/null
 fi
 
+# The fuzz targets are a separate workspace (cargo-fuzz builds them with sanitizers);
+# their corpora are replayed by nestio/tests/fuzz_corpus.rs, and this keeps every
+# target compiling (a broken fuzz/Cargo.toml once went unnoticed).
+echo "== fuzz targets compile (fuzz/, cargo check --bins)"
+(cd fuzz && CARGO_TARGET_DIR="$PWD/../target/fuzz-check" cargo check --bins --quiet)
+
 echo "== cargo test (workspace)"
 cargo test --workspace "$@"
