@@ -16,6 +16,7 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v iasl >/dev/null 2>&1 || need+=(acpica-tools)   # tests/acpi.rs: iasl -d oracle
 # Independent oracles for the POWER and ARM models (oracle/): QEMU's own XIVE, sPAPR TCE
 # and SMMUv3 models, and the cross compilers for their bare-metal payloads and kernels.
+command -v g++ >/dev/null 2>&1 || need+=(g++)   # libfuzzer-sys's build script (fuzz/ check)
 command -v qemu-system-ppc64 >/dev/null 2>&1 || need+=(qemu-system-ppc)
 command -v qemu-system-aarch64 >/dev/null 2>&1 || need+=(qemu-system-arm)
 command -v powerpc64le-linux-gnu-gcc >/dev/null 2>&1 || need+=(gcc-powerpc64le-linux-gnu)
