@@ -2,6 +2,7 @@
 //! devices passed through, run the demo, measure.
 
 mod bench;
+mod bench_levels;
 mod channel;
 mod demo;
 mod device;
