@@ -1206,15 +1206,33 @@ impl VfioDevice for ChannelBars {
     }
 }
 
-/// The fuzz target's entry point (`fuzz/fuzz_targets/bar_channel.rs`): a hostile grant
-/// (its bytes, with 0..2 fds of the first byte's choosing: a UNIX stream socket, a
-/// datagram socket, an eventfd) through [`Grant::from_reply`], and a grant's checked
-/// fields against [`GrantInfo::carries`]. Never panics, never leaks an fd.
-pub fn fuzz_grant(data: &[u8]) {
-    use std::os::fd::FromRawFd;
+/// The fuzz target's entry point (`fuzz/fuzz_targets/bar_channel.rs`). The first byte
+/// picks what is hostile:
+/// - bit 7 clear: a grant as a level receives it — the rest as a [`GrantInfo`], with
+///   0..2 fds of bits 0-3's choosing (a UNIX stream socket, a datagram socket, an
+///   eventfd), through [`Grant::from_reply`]; an accepted grant must round-trip and
+///   route nothing to an exclusion, configuration space or an oversized access.
+/// - bit 7 set: a channel peer — a grant from [`ChannelGrants::for_device`] over a small
+///   PCI device with an MSI-X table and PBA page in BAR 0, the rest written raw into the
+///   channel, its answers read until the end; the device must never see an access to
+///   the excluded page, and the grants must release (thread joined) without hanging.
+///
+/// Never panics, never leaks an fd.
+#[cfg(feature = "harness")]
+pub fn fuzz_bar_channel(data: &[u8]) {
     let Some((&sel, rest)) = data.split_first() else {
         return;
     };
+    if sel & 0x80 != 0 {
+        fuzz_channel_peer(rest);
+    } else {
+        fuzz_grant(sel, rest);
+    }
+}
+
+#[cfg(feature = "harness")]
+fn fuzz_grant(sel: u8, rest: &[u8]) {
+    use std::os::fd::FromRawFd;
     let mut fds: Vec<OwnedFd> = Vec::new();
     for kind in [sel & 3, (sel >> 2) & 3] {
         match kind {
@@ -1256,6 +1274,120 @@ pub fn fuzz_grant(data: &[u8]) {
         assert!(kinds.contains(&1), "only a stream socket is accepted");
         assert_ne!(g.sock.as_fd().as_raw_fd(), -1);
     }
+}
+
+/// BAR 0 (8 KiB) of scratch with the MSI-X table and PBA on its second page.
+#[cfg(feature = "harness")]
+struct FuzzDevice {
+    bar: Mutex<Vec<u8>>,
+    touched_msix: std::sync::atomic::AtomicBool,
+}
+
+#[cfg(feature = "harness")]
+impl VfioDevice for FuzzDevice {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            flags: flags::PCI,
+            num_regions: pci_index::NUM_REGIONS,
+            num_irqs: 0,
+        }
+    }
+    fn region_info(&self, index: u32) -> DevResult<RegionInfo> {
+        Ok(match index {
+            0 => RegionInfo::rw(0, 0x2000),
+            pci_index::CONFIG => RegionInfo::rw(index, 256),
+            i => RegionInfo::absent(i),
+        })
+    }
+    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> DevResult<()> {
+        self.region_info(index)?.check(offset, buf.len())?;
+        match index {
+            0 => {
+                if offset + buf.len() as u64 > 0x1000 {
+                    self.touched_msix.store(true, Ordering::SeqCst);
+                }
+                buf.copy_from_slice(&self.bar.lock()[offset as usize..][..buf.len()]);
+            }
+            pci_index::CONFIG => {
+                let mut cfg = [0u8; 256];
+                cfg[6] = 0x10;
+                cfg[0x34] = 0x40;
+                cfg[0x40] = 0x11;
+                cfg[0x44..0x48].copy_from_slice(&0x1000u32.to_le_bytes());
+                cfg[0x48..0x4c].copy_from_slice(&0x1800u32.to_le_bytes());
+                buf.copy_from_slice(&cfg[offset as usize..][..buf.len()]);
+            }
+            _ => return Err(DeviceError::NoSuchRegion(index)),
+        }
+        Ok(())
+    }
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> DevResult<()> {
+        self.region_info(index)?.check(offset, data.len())?;
+        if index != 0 {
+            return Err(DeviceError::NoSuchRegion(index));
+        }
+        if offset + data.len() as u64 > 0x1000 {
+            self.touched_msix.store(true, Ordering::SeqCst);
+        }
+        self.bar.lock()[offset as usize..][..data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn irq_info(&self, index: u32) -> DevResult<IrqInfo> {
+        Err(DeviceError::NoSuchIrq(index))
+    }
+    fn set_irqs(&self, index: u32, _: IrqAction, _: u32, _: u32, _: IrqData) -> DevResult<()> {
+        Err(DeviceError::NoSuchIrq(index))
+    }
+}
+
+#[cfg(feature = "harness")]
+fn fuzz_channel_peer(bytes: &[u8]) {
+    use std::io::{Read, Write};
+    let dev = Arc::new(FuzzDevice {
+        bar: Mutex::new(vec![0; 0x2000]),
+        touched_msix: std::sync::atomic::AtomicBool::new(false),
+    });
+    let grants = ChannelGrants::for_device(dev.clone()).expect("the fuzz device has BAR 0");
+    let Ok(g) = grants.grant() else {
+        return;
+    };
+    let (info, mut sock) = g.into_parts();
+    assert_eq!(info.exclusions().len(), 2);
+    let _ = sock.set_write_timeout(Some(Duration::from_secs(2)));
+    let _ = sock.write_all(bytes);
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    // Wait until the server has consumed everything sent (our bytes still queued to it:
+    // SIOCOUTQ) or stopped making progress (it ended the channel on garbage), draining
+    // its answers meanwhile; then release the grant, which joins its thread after the
+    // message in hand.
+    let _ = sock.set_read_timeout(Some(Duration::from_millis(2)));
+    let unread = |s: &UnixStream| -> Option<libc::c_int> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) on a valid socket writes one int into `n`.
+        let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+        (r == 0).then_some(n)
+    };
+    let t0 = std::time::Instant::now();
+    let (mut last, mut since) = (None, std::time::Instant::now());
+    let mut sink = [0u8; 4096];
+    loop {
+        let q = unread(&sock);
+        if q.is_none_or(|q| q == 0) || t0.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        if q != last {
+            (last, since) = (q, std::time::Instant::now());
+        } else if since.elapsed() > Duration::from_millis(20) {
+            break;
+        }
+        let _ = sock.read(&mut sink);
+    }
+    drop(grants);
+    drop(sock);
+    assert!(
+        !dev.touched_msix.load(Ordering::SeqCst),
+        "a channel access reached the MSI-X page"
+    );
 }
 
 #[cfg(test)]
@@ -1376,15 +1508,36 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "harness")]
     #[test]
     fn fuzz_entry_survives_samples() {
         let good = info().encode();
         for sel in 0..16u8 {
             let mut d = vec![sel];
             d.extend_from_slice(&good);
-            fuzz_grant(&d);
-            fuzz_grant(&d[..d.len() / 2]);
+            fuzz_bar_channel(&d);
+            fuzz_bar_channel(&d[..d.len() / 2]);
         }
-        fuzz_grant(&[]);
+        fuzz_bar_channel(&[]);
+        // A channel peer: an honest read, a read of the MSI-X page, a write of it, a
+        // truncated message.
+        let mut peer = vec![0x80u8];
+        for (id, cmd, offset) in [(1u16, 9u16, 0u64), (2, 9, 0x1000), (3, 10, 0x1800)] {
+            let write = cmd == 10;
+            let body = 16 + if write { 4 } else { 0 };
+            peer.extend_from_slice(&id.to_ne_bytes());
+            peer.extend_from_slice(&cmd.to_ne_bytes());
+            peer.extend_from_slice(&((16 + body) as u32).to_ne_bytes());
+            peer.extend_from_slice(&0u64.to_ne_bytes());
+            peer.extend_from_slice(&offset.to_le_bytes());
+            peer.extend_from_slice(&0u32.to_le_bytes());
+            peer.extend_from_slice(&4u32.to_le_bytes());
+            if write {
+                peer.extend_from_slice(&[1, 2, 3, 4]);
+            }
+        }
+        fuzz_bar_channel(&peer);
+        peer.extend_from_slice(&[9, 9, 9]);
+        fuzz_bar_channel(&peer);
     }
 }

@@ -36,6 +36,8 @@ pub mod memory;
 pub mod stack;
 pub mod walk;
 
+#[cfg(feature = "harness")]
+pub use channel_handoff::fuzz_bar_channel;
 pub use channel_handoff::{
     request_grant, ChannelBars, ChannelBarsStats, ChannelError, ChannelGate, ChannelGrants,
     GateStats, Grant, GrantInfo, GrantStats,
