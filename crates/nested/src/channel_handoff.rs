@@ -84,7 +84,8 @@
 //! reading: its replies time out after [`CHANNEL_SEND_TIMEOUT`] and end the channel. A
 //! grant is checked field by field before its fd is used; every fd is owned from the
 //! moment it arrives and closed on every error path. A level keeps at most
-//! [`MAX_GRANTS`] grants: beyond, the oldest revoked ones are released, and if none is
+//! [`MAX_GRANTS`] grants: beyond, the oldest revoked ones (here or, seen by a zero-length
+//! send failing with EPIPE, by another level) are released, and if none is
 //! revoked a new GET is refused with EBUSY.
 
 use std::collections::VecDeque;
@@ -572,6 +573,22 @@ struct Live {
 }
 
 impl Live {
+    /// Has another holder revoked the channel (`shutdown(SHUT_WR)` on the shared
+    /// socket)? A zero-length send transmits nothing and fails with EPIPE exactly then.
+    fn shut_elsewhere(&self) -> bool {
+        // SAFETY: a zero-length send on a valid socket reads no memory (the pointer is
+        // never dereferenced for length 0) and does not block (MSG_DONTWAIT).
+        let r = unsafe {
+            libc::send(
+                self.near.as_raw_fd(),
+                std::ptr::null(),
+                0,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPIPE)
+    }
+
     fn revoke(&mut self) -> bool {
         if std::mem::replace(&mut self.revoked, true) {
             return false;
@@ -681,6 +698,10 @@ impl ChannelGrants {
                 return Err(libc::EBUSY);
             }
             if st.grants.len() >= MAX_GRANTS {
+                // Grants another level revoked count as revoked here too.
+                for g in st.grants.iter_mut().filter(|g| !g.revoked) {
+                    g.revoked = g.shut_elsewhere();
+                }
                 // Release the oldest revoked grant (long drained by now), if any.
                 match st.grants.iter().position(|g| g.revoked) {
                     Some(i) => drop(st.grants.remove(i)),

@@ -448,3 +448,19 @@ fn an_old_parent_gives_no_channel_and_bad_requests_are_refused() {
     }
     assert!(ChannelGrants::for_device(Arc::new(NoBars)).is_err());
 }
+
+/// A child that keeps asking gets at most MAX_GRANTS live channels (threads in the
+/// device process); revoked ones make room again.
+#[test]
+fn grants_are_bounded() {
+    use nestio_nested::channel_handoff::MAX_GRANTS;
+    let c = chain();
+    let mut kept = Vec::new();
+    for _ in 0..MAX_GRANTS {
+        kept.push(request_grant(&c.level2).unwrap().expect("within the bound"));
+    }
+    assert!(request_grant(&c.level2).unwrap().is_none(), "EBUSY beyond");
+    assert_eq!(c.gate1.grants().live(), MAX_GRANTS);
+    c.gate1.grants().revoke_all("test");
+    assert!(request_grant(&c.level2).unwrap().is_some(), "room again");
+}
