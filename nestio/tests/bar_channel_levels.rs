@@ -283,3 +283,24 @@ fn without_channels_every_bar_access_crosses_the_level() {
     assert!(export(&e, "bar_accesses") >= 20, "{e}");
     assert_eq!(export(&e, "channel_grants"), 0, "{e}");
 }
+
+/// A device process that grants no channels (`nestio device --bar-channel off`, like an
+/// older nestio): level 1's GET upwards is refused, so the innermost level gets none.
+#[test]
+fn a_device_without_channels_gives_none_down_the_stack() {
+    let name = "a_device_without_channels_gives_none_down_the_stack";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("barchan", "olddev");
+    let (_dev, s0) = device(&dir, &["--bar-channel", "off"]);
+    let s1 = dir.path("s1");
+    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, &[]);
+    let (st, out, err) = ping(&dir, &s1, &[]);
+    assert_pinged(st, &out, &err);
+    assert!(!err.contains("bar channel: "), "{err}");
+    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
+    let e = l1.stderr();
+    assert!(export(&e, "bar_accesses") >= 20, "{e}");
+    assert_eq!(export(&e, "channel_grants"), 0, "{e}");
+}
