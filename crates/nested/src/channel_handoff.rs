@@ -73,8 +73,9 @@
 //! DEVICE_RESET passing through it, and when the device leaves the RUNNING migration
 //! state (grants are refused, EBUSY, until it is RUNNING again) — [`ChannelGate`], the
 //! device wrapper each level serves, does that; `nestio run` also revokes on a test
-//! trigger (`--bar-channel revoke-after-set-irqs=N`). The device process drops a
-//! channel's handle (shutdown of both ends, thread joined) when its owner leaves.
+//! trigger (`--bar-channel-test-revoke-at-set-irqs N`). The device process drops a
+//! channel's handle (shutdown of both ends, thread joined) when its owner leaves. The
+//! innermost level shuts a channel it replaces (a new grant after a reset) or drops.
 //!
 //! # Hostile peers
 //!
@@ -1028,6 +1029,9 @@ pub struct ChannelBarsStats {
 pub struct ChannelBars {
     inner: Arc<dyn VfioDevice>,
     chan: RwLock<Option<(Arc<DirectBars>, GrantInfo)>>,
+    /// A duplicate of the channel in use: shut when it is replaced or this device is
+    /// dropped, so the device side's server ends and every level sees it revoked.
+    chan_fd: Mutex<Option<UnixStream>>,
     regrant: Option<Regrant>,
     channel: AtomicU64,
     mediated: AtomicU64,
@@ -1046,6 +1050,7 @@ impl ChannelBars {
         let b = ChannelBars {
             inner,
             chan: RwLock::new(None),
+            chan_fd: Mutex::new(None),
             regrant,
             channel: AtomicU64::new(0),
             mediated: AtomicU64::new(0),
@@ -1058,8 +1063,12 @@ impl ChannelBars {
 
     fn install(&self, grant: Grant) -> Result<(), ChannelError> {
         let (info, sock) = grant.into_parts();
+        let dup = sock.try_clone()?;
         let direct = DirectBars::new(self.inner.clone(), sock)?;
         *self.chan.write() = Some((Arc::new(direct), info));
+        if let Some(old) = self.chan_fd.lock().replace(dup) {
+            let _ = old.shutdown(std::net::Shutdown::Write);
+        }
         self.grants.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -1109,6 +1118,14 @@ impl ChannelBars {
                 Ok(true)
             }
             e => Err(e),
+        }
+    }
+}
+
+impl Drop for ChannelBars {
+    fn drop(&mut self) {
+        if let Some(c) = self.chan_fd.get_mut().take() {
+            let _ = c.shutdown(std::net::Shutdown::Write);
         }
     }
 }
