@@ -53,7 +53,14 @@
 //! interrupts), the ROM, interrupts (SET_IRQS), DMA maps, reset and migration — they
 //! keep passing every level, which keeps mediating them. The device side enforces the
 //! mask and the exclusions; the innermost level's routing only spares the round trip
-//! of a refusal.
+//! of a refusal. A BAR being moved or its decoding turned off (configuration writes,
+//! which every level sees) revokes nothing: a channel addresses a BAR by region index
+//! and offset, which a move does not change, and the innermost VMM stops issuing
+//! accesses to a BAR its guest no longer decodes (Linux sizes every BAR at probe;
+//! revoking there would cost every guest its channel). A level that must see some
+//! BAR's accesses itself (one that virtualises its contents) must not pass channels
+//! down: the device side cannot know what it wants to see, and the innermost level is
+//! not trusted to route around it.
 //!
 //! # Revocation
 //!
@@ -90,7 +97,7 @@
 //! revoked a new GET is refused with EBUSY.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -1310,7 +1317,7 @@ fn fuzz_grant(sel: u8, rest: &[u8]) {
         assert_eq!(Some(g.info()), decoded.as_ref().ok());
         let kinds = [sel & 3, (sel >> 2) & 3];
         assert!(kinds.contains(&1), "only a stream socket is accepted");
-        assert_ne!(g.sock.as_fd().as_raw_fd(), -1);
+        assert_ne!(g.sock.as_raw_fd(), -1);
     }
 }
 
