@@ -7,7 +7,7 @@ set -euo pipefail
 secs="${1:-60}"
 cd "$(dirname "$0")"
 export RUSTC_BOOTSTRAP=1
-for t in ${TARGETS:-decode dispatch net_user e1000 nested_walk client migration handoff irq_fds sessions dma_guarded hypercall fsl_mc xive smmuv3 tce vm_migration}; do
+for t in ${TARGETS:-decode dispatch net_user e1000 nested_walk client migration handoff irq_fds sessions dma_guarded hypercall fsl_mc xive smmuv3 tce vm_migration bar_channel}; do
     mkdir -p "corpus/$t"
     # Findings go to artifacts/<target>/; new inputs to a scratch dir so the committed
     # corpus stays small (merge by hand with `cargo fuzz cmin`).
@@ -15,7 +15,7 @@ for t in ${TARGETS:-decode dispatch net_user e1000 nested_walk client migration 
     extra=()
     # dispatch spawns threads; LeakSanitizer reports glibc's per-thread TLS-destructor
     # list (__cxa_thread_atexit_impl) as a 32-byte leak: a known false positive.
-    case "$t" in dispatch|e1000|client|migration|irq_fds|sessions) extra=(-detect_leaks=0) ;; esac
+    case "$t" in dispatch|e1000|client|migration|irq_fds|sessions|bar_channel) extra=(-detect_leaks=0) ;; esac
     cargo fuzz run "$t" "$scratch" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=1024 -timeout=10 "${extra[@]}"
     rm -rf "$scratch"
 done

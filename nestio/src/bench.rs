@@ -68,6 +68,7 @@ pub fn run(args: BenchArgs) -> CmdResult {
     }
     if all || args.only == "nested" {
         nested(args.nested_iterations, args.nested_rounds)?;
+        crate::bench_levels::cross_process(args.nested_iterations, args.nested_rounds)?;
     }
     if all || args.only == "dma" {
         println!("{}", nestio_dma::bench::churn(args.dma_maps, 5)?);

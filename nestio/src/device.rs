@@ -112,6 +112,11 @@ struct ServerOpts {
     /// Seconds a new connection has to complete VERSION before it is closed.
     #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
     handshake_timeout: f64,
+    /// Grant BAR channels to the device's owner (`on`, the default, for PCI devices):
+    /// the innermost of a stack of `nestio run --export` levels then reaches the BARs in
+    /// one hop (see `nestio_nested::channel_handoff`).
+    #[arg(long, default_value = "on", value_parser = crate::channel::parse_on_off, action = clap::ArgAction::Set)]
+    bar_channel: bool,
     #[command(flatten)]
     sandbox: crate::SandboxOpts,
     /// Test only: make a system call outside the allowlist once serving (the sandbox
@@ -208,7 +213,8 @@ pub fn run(args: DeviceArgs) -> CmdResult {
     if opts.seccomp_test_forbidden_call {
         crate::forbidden_call_for_tests();
     }
-    let server = Server::new(device, config);
+    let (device, grants) = crate::channel::offer_device(device, opts.bar_channel);
+    let server = crate::channel::with_grants(Server::new(device, config), grants);
     let r = if opts.once {
         server.serve_owners(listener, 1)
     } else {

@@ -2,6 +2,8 @@
 //! devices passed through, run the demo, measure.
 
 mod bench;
+mod bench_levels;
+mod channel;
 mod check;
 mod conformance;
 mod demo;

@@ -99,6 +99,17 @@ pub struct RunArgs {
     /// Exact for a level whose child is the innermost guest.
     #[arg(long, requires = "export")]
     no_shared_memory: bool,
+    /// BAR channels (`on`, the default): as an exporting level, pass the device's BAR
+    /// channel grants down to the child (and revoke them when its session ends, on a
+    /// device reset, or while the device is migrating); as the innermost level (with
+    /// --memory-from and no --export), ask for one, so the guest's BAR accesses skip
+    /// the exporting levels (configuration space, interrupts and DMA still pass them).
+    #[arg(long, default_value = "on", value_parser = crate::channel::parse_on_off, action = clap::ArgAction::Set)]
+    bar_channel: bool,
+    /// Test only: an exporting level revokes its BAR channel grants when its child's
+    /// N-th SET_IRQS arrives.
+    #[arg(long, hide = true, requires = "export")]
+    bar_channel_test_revoke_at_set_irqs: Option<u64>,
     /// Take guest RAM from the parent level's memory socket (`PATH.mem` of the parent's
     /// `--export vfio-user=PATH`); the RAM size is the parent's window.
     #[arg(long, conflicts_with = "memory")]
@@ -225,6 +236,8 @@ pub fn run(args: RunArgs) -> CmdResult {
     let forbidden_call = args.seccomp_test_forbidden_call;
     let control = args.control.clone();
     let migrate_listen = args.migrate_listen.clone();
+    let bar_channel = args.bar_channel;
+    let revoke_at = args.bar_channel_test_revoke_at_set_irqs;
     let mut cfg = config(args)?;
     cfg.thread_hooks = thread_hooks(sandbox.sandbox(), forbidden_call);
     let mut level = 1;
@@ -264,6 +277,21 @@ pub fn run(args: RunArgs) -> CmdResult {
                     ),
                 )
             });
+            // A nested level's vfio-user devices ask their parent for a BAR channel.
+            let mut channels = Vec::new();
+            if bar_channel && memory_from.is_some() {
+                for d in cfg.devices.iter_mut() {
+                    let DeviceConfig::VfioUser { socket } = d else {
+                        continue;
+                    };
+                    let (device, bars) = crate::channel::innermost_device(socket)?;
+                    channels.extend(bars);
+                    *d = DeviceConfig::Local {
+                        name: format!("vfio-user:{}", socket.display()),
+                        device,
+                    };
+                }
+            }
             let mut vm = Vm::new(cfg)?;
             drop(waiting);
             if let Some(addr) = &migrate_listen {
@@ -289,13 +317,22 @@ pub fn run(args: RunArgs) -> CmdResult {
             };
             sandbox.install_process(Profile::Vmm)?;
             let report = vm.run()?;
+            crate::channel::report(&channels);
             if source.migrated() {
                 eprintln!("nestio: the VM was migrated away; this VMM ends");
                 return Ok(0);
             }
             Ok(report.exit_status())
         }
-        Some(path) => run_exporting(cfg, level, &path, window, no_shared_memory, sandbox),
+        Some(path) => run_exporting(
+            cfg,
+            level,
+            &path,
+            window,
+            no_shared_memory,
+            sandbox,
+            (bar_channel, revoke_at),
+        ),
     }
 }
 
@@ -476,6 +513,7 @@ fn run_exporting(
     window: Option<u64>,
     no_shared_memory: bool,
     sandbox: crate::SandboxOpts,
+    (bar_channel, revoke_at): (bool, Option<u64>),
 ) -> CmdResult {
     let sockets = export_sockets(&cfg.devices, path)?;
     let socket = sockets[0].0.clone();
@@ -535,9 +573,13 @@ fn run_exporting(
     // the same window.
     let mut exports = Vec::new();
     let mut files = SocketFiles(Vec::new());
+    // BAR channels for a single exported device (an FSL-MC container has no BARs).
+    let pass_channels = bar_channel && sockets.len() == 1;
     for (client, (_, out)) in clients.into_iter().zip(&sockets) {
+        let client = Arc::new(client);
+        let grants = nestio_nested::ChannelGrants::from_parent(client.clone());
         let exported = Arc::new(ExportedDevice::new(
-            Arc::new(client),
+            client,
             LevelRam::Shared(region.clone()),
             ExportConfig {
                 window: Window::new(base, win)?,
@@ -545,13 +587,22 @@ fn run_exporting(
                 child: LevelId::from_raw(u64::from(child)).ok_or("bad level id")?,
             },
         )?);
+        // Served behind a gate: it counts what crosses this level and revokes the
+        // child's BAR channels on a reset or a migration.
+        let gate = Arc::new(nestio_nested::ChannelGate::new(
+            exported.clone(),
+            grants.clone(),
+        ));
+        if let Some(n) = revoke_at {
+            gate.revoke_at_set_irqs(n);
+        }
         let listener = nestio_vfio_user::bind(out).map_err(|e| format!("export socket: {e}"))?;
         files.0.push(out.clone());
-        let server = nestio_vfio_user::Server::new(
-            exported.clone(),
-            nestio_vfio_user::ServerConfig::default(),
+        let server = crate::channel::with_grants(
+            nestio_vfio_user::Server::new(gate.clone(), nestio_vfio_user::ServerConfig::default()),
+            pass_channels.then_some(grants),
         );
-        exports.push((exported, server, listener, out.clone()));
+        exports.push(((exported, gate), server, listener, out.clone()));
     }
 
     let mem_path = mem_socket_path(path);
@@ -575,8 +626,10 @@ fn run_exporting(
         })?;
     let mut serves = Vec::new();
     let mut exported_devices = Vec::new();
-    for (exported, server, listener, export_path) in exports {
+    let mut gates = Vec::new();
+    for ((exported, gate), server, listener, export_path) in exports {
         exported_devices.push(exported);
+        gates.push(gate);
         serves.push(std::thread::Builder::new().name("export".into()).spawn(
             move || -> Result<(), String> {
                 confine.confine_thread_or_exit(Profile::Export);
@@ -617,9 +670,21 @@ fn run_exporting(
         .fold(nestio_nested::ExportStats::default(), add_stats);
     // One line for the user (and the tests): what crossed this level. `copies=0` with
     // `peer_maps=0` means device DMA reached the innermost guest's pages directly.
+    let (mut bar_accesses, mut config_accesses, mut granted, mut revoked) = (0, 0, 0, 0);
+    for g in &gates {
+        let (gs, cs) = (g.stats(), g.grants().stats());
+        bar_accesses += gs.bar_accesses;
+        config_accesses += gs.config_accesses;
+        granted += cs.granted;
+        revoked += cs.revoked;
+    }
+    // `bar_accesses`: the child's BAR accesses that crossed this level (0 when its BAR
+    // channel carried them all); `channel_grants`: BAR channels passed down.
     eprintln!(
         "nestio: level {level} export: maps={} fd_maps={} peer_maps={} refused_maps={} \
-         unmaps={} copies={} copy_bytes={} set_irqs={} region_reads={} region_writes={}",
+         unmaps={} copies={} copy_bytes={} set_irqs={} region_reads={} region_writes={} \
+         bar_accesses={bar_accesses} config_accesses={config_accesses} \
+         channel_grants={granted} channel_revocations={revoked}",
         st.maps,
         st.fd_maps,
         st.peer_maps,

@@ -60,6 +60,11 @@ fn corpus_handoff() {
 }
 
 #[test]
+fn corpus_bar_channel() {
+    replay("bar_channel", nestio_nested::fuzz_bar_channel);
+}
+
+#[test]
 fn corpus_sessions() {
     replay("sessions", nestio_vfio_user::fuzz_sessions);
 }

@@ -27,9 +27,9 @@
 //! when its session ends (drop), so the channel grants no more than the owner holds.
 //!
 //! Scope: in [`crate::stack::NestedStack`] (all levels in one process) the fd is handed
-//! to the innermost level directly; between processes it would ride on the RAM handoff
-//! socket that already carries the child's window memfd down (`PATH.mem`), which is not
-//! wired yet.
+//! to the innermost level directly; between `nestio run` processes it is granted by the
+//! device process and carried down each level's vfio-user session
+//! ([`crate::channel_handoff`]).
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;

@@ -17,9 +17,14 @@
 //!   against the child's window and re-issued in this level's terms, interrupts fd-to-fd).
 //! - [`direct`]: a BAR channel from the innermost level straight to the device
 //!   ([`DirectBars`]), so register accesses cost one hop at any depth.
+//! - [`channel_handoff`]: BAR channels between `nestio run` processes: granted by the
+//!   device process on a nestio-private DEVICE_FEATURE, carried down level by level on
+//!   each export session, used by the innermost level ([`ChannelBars`]), revocable by
+//!   every level ([`ChannelGrants`], [`ChannelGate`]).
 //! - [`stack`]: a whole stack of exporting levels in one process, and [`bench_depths`].
 //! - [`fuzz`]: [`fuzz_walk`], the fuzzing entry point.
 
+pub mod channel_handoff;
 pub mod copy;
 pub mod direct;
 pub mod dma;
@@ -31,6 +36,12 @@ pub mod memory;
 pub mod stack;
 pub mod walk;
 
+#[cfg(feature = "harness")]
+pub use channel_handoff::fuzz_bar_channel;
+pub use channel_handoff::{
+    request_grant, ChannelBars, ChannelBarsStats, ChannelError, ChannelGate, ChannelGrants,
+    GateStats, Grant, GrantInfo, GrantStats,
+};
 pub use copy::{
     hcall_code, AddressSpace, CopyError, HcallArgs, HcallStatus, LevelMemory, NestedGuests,
     MAX_COPY_LEN, PHYSICAL_PID,

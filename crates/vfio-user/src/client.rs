@@ -525,6 +525,33 @@ impl Client {
         self.call(what, Command::DeviceFeature, &b, &[])
     }
 
+    /// DEVICE_FEATURE `index` with `flags` (GET/SET/PROBE) and `data`, leaving room for
+    /// `reply_data` bytes of reply data: the reply's feature data and the fds that came
+    /// with it (owned; the caller checks them). For features this client has no method
+    /// for (a server answering ENOTTY does not have the feature).
+    pub fn device_feature(
+        &self,
+        index: u16,
+        flags: u32,
+        data: &[u8],
+        reply_data: usize,
+    ) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
+        let flags = (flags & !proto::feature::INDEX_MASK) | u32::from(index);
+        let m = self.feature("DEVICE_FEATURE", flags, data, reply_data)?;
+        let f = DeviceFeature::decode(&m.payload).map_err(|e| bad_reply("DEVICE_FEATURE", e))?;
+        if f.data.len() > reply_data.max(data.len()) {
+            return Err(bad_reply(
+                "DEVICE_FEATURE",
+                format!(
+                    "{} data bytes, at most {reply_data} asked for",
+                    f.data.len()
+                ),
+            ));
+        }
+        let data = f.data.to_vec();
+        Ok((data, m.fds))
+    }
+
     fn feature_data<'a>(what: &str, m: &'a Message, len: usize) -> Result<&'a [u8]> {
         let f = DeviceFeature::decode(&m.payload).map_err(|e| bad_reply(what, e))?;
         if f.data.len() != len {

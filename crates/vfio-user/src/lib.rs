@@ -38,3 +38,4 @@ pub use server::{
     bind, bind_for, listening, release_device, PeerPolicy, Server, ServerConfig, ServerError,
     ServerStats,
 };
+pub use server::{FeatureExtension, FeatureReply};

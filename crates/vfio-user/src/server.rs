@@ -211,6 +211,35 @@ pub enum ServerError {
     HandshakeTimeout(Duration),
 }
 
+/// A DEVICE_FEATURE the server itself does not know, handled by its owner's code (a
+/// nestio-private feature such as the BAR channel grant of `nestio_nested`). Routed only
+/// for feature indexes the server has no handler of its own for; an old server simply
+/// answers ENOTTY to them, which is how a client learns the feature is absent.
+pub trait FeatureExtension: Send + Sync {
+    /// Handle DEVICE_FEATURE `index` (`flags`: GET/SET/PROBE bits, `data`: the
+    /// request's data, `room`: the request's argsz, the most the reply may hold). `None`:
+    /// not this extension's feature (ENOTTY).
+    fn feature(
+        &self,
+        index: u16,
+        flags: u32,
+        data: &[u8],
+        room: usize,
+    ) -> Option<Result<FeatureReply, i32>>;
+    /// The session that owned the device has ended (before the device is released).
+    fn owner_left(&self) {}
+}
+
+/// What a [`FeatureExtension`] answers: the feature data after the reply's
+/// `argsz, flags` header, and fds to attach to the reply.
+#[derive(Debug, Default)]
+pub struct FeatureReply {
+    /// Feature data.
+    pub data: Vec<u8>,
+    /// Fds sent with the reply (closed here once sent).
+    pub fds: Vec<OwnedFd>,
+}
+
 /// A vfio-user server for one device. See the module documentation.
 pub struct Server {
     device: Arc<dyn VfioDevice>,
@@ -230,6 +259,8 @@ pub struct Server {
     owner_budget: AtomicU64,
     /// Set by [`Server::stop`]: serving loops return.
     stop: AtomicBool,
+    /// DEVICE_FEATUREs handled outside the server ([`Server::with_extension`]).
+    extension: Option<Arc<dyn FeatureExtension>>,
 }
 
 /// Listen on an owner-only (0600) socket at `path`; a stale socket file there is
@@ -307,7 +338,15 @@ impl Server {
             owned: AtomicBool::new(false),
             owner_budget: AtomicU64::new(u64::MAX),
             stop: AtomicBool::new(false),
+            extension: None,
         }
+    }
+
+    /// Route the DEVICE_FEATUREs this server does not know to `ext`, and tell it when
+    /// an owner session ends.
+    pub fn with_extension(mut self, ext: Arc<dyn FeatureExtension>) -> Self {
+        self.extension = Some(ext);
+        self
     }
 
     /// The served device.
@@ -662,6 +701,9 @@ impl Session<'_> {
         let server = self.server;
         self.nested.end(server.device.dma_port());
         if std::mem::take(&mut self.owner) {
+            if let Some(x) = &self.server.extension {
+                x.owner_left();
+            }
             if self.exclusive {
                 self.server.end_owner();
             } else {
@@ -869,6 +911,9 @@ impl Session<'_> {
             Request::WriteMulti(w) => self.write_multi(w, m),
             Request::Feature(f) => {
                 Self::no_fds(m)?;
+                if let Some(r) = self.extension_feature(&f) {
+                    return r;
+                }
                 self.feature(f)?;
                 Ok(Vec::new())
             }
@@ -1236,6 +1281,37 @@ impl Session<'_> {
         }
         self.device().mig_data_write(d.data).map_err(dev_err)?;
         Ok(Vec::new())
+    }
+
+    /// A DEVICE_FEATURE the server has no handler for, given to the extension (if any):
+    /// the reply (`argsz, flags` + its data) is written into `self.out`.
+    fn extension_feature(&mut self, f: &DeviceFeature<'_>) -> Option<Result<Fds, i32>> {
+        let index = f.index();
+        let known = [
+            feature::MIGRATION,
+            feature::MIG_DEVICE_STATE,
+            feature::DMA_LOGGING_START,
+            feature::DMA_LOGGING_STOP,
+            feature::DMA_LOGGING_REPORT,
+        ];
+        if known.contains(&index) {
+            return None;
+        }
+        let ext = self.server.extension.clone()?;
+        let r = ext.feature(index, f.flags, f.data, f.argsz as usize)?;
+        Some(r.and_then(|reply| {
+            let size = DeviceFeature::SIZE + reply.data.len();
+            if size > f.argsz as usize || size > self.max_xfer() {
+                return Err(libc::EINVAL);
+            }
+            DeviceFeature {
+                argsz: size as u32,
+                flags: f.flags,
+                data: &reply.data,
+            }
+            .encode_into(&mut self.out);
+            Ok(reply.fds.into_iter().map(Arc::new).collect())
+        }))
     }
 
     /// DEVICE_FEATURE: routed by feature index. Writes the reply into `self.out`.

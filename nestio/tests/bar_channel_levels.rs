@@ -1,0 +1,306 @@
+//! BAR channels between `nestio run` processes (issue 12, item 5): the e1000 device
+//! process grants a channel, each `nestio run --export` level passes it down on its
+//! export session, and the innermost level's guest (`e1000ping`) reaches the BARs
+//! without crossing any level, while configuration space, interrupts and DMA maps still
+//! flow through every level. Each exporting level prints what crossed it
+//! (`bar_accesses=`, `config_accesses=`, `set_irqs=`, `channel_grants=`), the innermost
+//! level what its channel carried (`nestio: bar channel: channel= mediated= fallbacks=`).
+
+mod common;
+
+use common::{kvm_or_skip, Dir};
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const NESTIO: &str = env!("CARGO_BIN_EXE_nestio");
+/// Hang guard only.
+const DEADLINE: Duration = Duration::from_secs(240);
+
+/// A process of the stack; killed on drop. Its stdout and stderr go to files.
+struct Level {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Level {
+    fn spawn(dir: &Dir, name: &str, args: &[&str]) -> Level {
+        let out = dir.path(&format!("{name}.out"));
+        let err = dir.path(&format!("{name}.err"));
+        let child = Command::new(NESTIO)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).unwrap())
+            .stderr(File::create(&err).unwrap())
+            .spawn()
+            .expect("spawn nestio");
+        Level { child, out, err }
+    }
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+    fn wait(&mut self) -> ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if t.elapsed() > DEADLINE {
+                let _ = self.child.kill();
+                panic!("a level did not end: {}\n{}", self.stdout(), self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    fn wait_for(&mut self, path: &Path) {
+        let t = Instant::now();
+        while !common::listening(self.child.id(), path) {
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "the process ended before binding {}: {}",
+                path.display(),
+                self.stderr()
+            );
+            assert!(
+                t.elapsed() < DEADLINE,
+                "nothing listened on {}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Level {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Level 0: the e1000 (MSI on) on the user network.
+fn device(dir: &Dir, extra: &[&str]) -> (Level, PathBuf) {
+    let sock = dir.path("s0");
+    let ss = s(&sock);
+    let mut args = vec![
+        "device", "e1000", "--net", "user", "--msi", "on", "--socket", &ss,
+    ];
+    args.extend(extra);
+    let mut d = Level::spawn(dir, "device", &args);
+    d.wait_for(&sock);
+    (d, sock)
+}
+
+/// An exporting level (`--guest hello`) passing `device` on at `export`.
+fn exporter(
+    dir: &Dir,
+    name: &str,
+    device: &Path,
+    export: &Path,
+    memory_from: Option<&Path>,
+    extra: &[&str],
+) -> Level {
+    let dev = format!("vfio-user={}", s(device));
+    let exp = format!("vfio-user={}", s(export));
+    let mem = memory_from.map(s);
+    let mut args = vec![
+        "run", "--guest", "hello", "--device", &dev, "--export", &exp,
+    ];
+    if let Some(m) = &mem {
+        args.extend(["--memory-from", m.as_str()]);
+    }
+    args.extend(extra);
+    let mut l = Level::spawn(dir, name, &args);
+    l.wait_for(&PathBuf::from(format!("{}.mem", s(export))));
+    l
+}
+
+/// The innermost level: e1000ping (MSI) on its parent's memory.
+fn ping(dir: &Dir, device: &Path, extra: &[&str]) -> (ExitStatus, String, String) {
+    let dev = format!("vfio-user={}", s(device));
+    let mem = format!("{}.mem", s(device));
+    let mut args = vec![
+        "run",
+        "--guest",
+        "e1000ping",
+        "--cmdline",
+        "irq=msi",
+        "--memory-from",
+        &mem,
+        "--device",
+        &dev,
+    ];
+    args.extend(extra);
+    let mut l = Level::spawn(dir, "inner", &args);
+    let st = l.wait();
+    (st, l.stdout(), l.stderr())
+}
+
+fn assert_pinged(st: ExitStatus, out: &str, err: &str) {
+    assert!(st.success(), "innermost level failed ({st}): {out}\n{err}");
+    assert!(out.contains("interrupts: MSI vector"), "{out}");
+    assert!(
+        out.contains("ping: echo reply from 10.0.2.2"),
+        "{out}\n{err}"
+    );
+}
+
+/// `key=N` from the line of `stderr` containing `marker`.
+fn stat(stderr: &str, marker: &str, key: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(marker))
+        .unwrap_or_else(|| panic!("no {marker:?} line in: {stderr}"));
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in: {line}"))
+}
+
+fn export(stderr: &str, key: &str) -> u64 {
+    stat(stderr, " export: ", key)
+}
+
+fn channel(stderr: &str, key: &str) -> u64 {
+    stat(stderr, "bar channel: ", key)
+}
+
+/// No BAR access crossed this level; configuration space and interrupts did.
+fn assert_bypassed(level: &Level) {
+    let e = level.stderr();
+    assert_eq!(export(&e, "bar_accesses"), 0, "{e}");
+    assert!(export(&e, "config_accesses") >= 10, "{e}");
+    assert!(export(&e, "set_irqs") >= 1, "{e}");
+    assert!(export(&e, "fd_maps") >= 1, "DMA maps still cross: {e}");
+    assert_eq!(export(&e, "channel_grants"), 1, "{e}");
+}
+
+#[test]
+fn depth2_guest_bar_accesses_go_over_the_channel() {
+    let name = "depth2_guest_bar_accesses_go_over_the_channel";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("barchan", "depth2");
+    let (_dev, s0) = device(&dir, &[]);
+    let s1 = dir.path("s1");
+    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, &[]);
+    let (st, out, err) = ping(&dir, &s1, &[]);
+    assert_pinged(st, &out, &err);
+    assert!(channel(&err, "channel") >= 20, "{err}");
+    assert_eq!(channel(&err, "mediated"), 0, "{err}");
+    assert_eq!(channel(&err, "fallbacks"), 0, "{err}");
+    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
+    assert_bypassed(&l1);
+}
+
+#[test]
+fn depth3_guest_pings_with_bar_accesses_past_both_levels() {
+    let name = "depth3_guest_pings_with_bar_accesses_past_both_levels";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("barchan", "depth3");
+    let (_dev, s0) = device(&dir, &[]);
+    let (s1, s2) = (dir.path("s1"), dir.path("s2"));
+    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, &[]);
+    let mut l2 = exporter(&dir, "level2", &s1, &s2, Some(&dir.path("s1.mem")), &[]);
+    let (st, out, err) = ping(&dir, &s2, &[]);
+    assert_pinged(st, &out, &err);
+    assert!(channel(&err, "channel") >= 20, "{err}");
+    assert_eq!(channel(&err, "mediated"), 0, "{err}");
+    assert_eq!(l2.wait().code(), Some(42), "{}", l2.stderr());
+    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
+    assert_bypassed(&l2);
+    assert_bypassed(&l1);
+}
+
+/// Level 1 revokes the channel when the guest's MSI is wired (its child's third
+/// SET_IRQS; the first two wire the VMM's interrupts before the guest runs): the
+/// guest's reset, probe and ring setup went over the channel, its ARP and ping
+/// through level 1,
+/// and level 1 saw exactly the innermost level's mediated ones — none lost, none twice,
+/// and the ping still works.
+#[test]
+fn a_revoked_channel_falls_back_to_the_levels() {
+    let name = "a_revoked_channel_falls_back_to_the_levels";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("barchan", "revoke");
+    let (_dev, s0) = device(&dir, &[]);
+    let s1 = dir.path("s1");
+    let mut l1 = exporter(
+        &dir,
+        "level1",
+        &s0,
+        &s1,
+        None,
+        &["--bar-channel-test-revoke-at-set-irqs", "3"],
+    );
+    let (st, out, err) = ping(&dir, &s1, &[]);
+    assert_pinged(st, &out, &err);
+    assert!(channel(&err, "channel") >= 10, "{err}");
+    assert!(channel(&err, "mediated") >= 5, "{err}");
+    assert_eq!(channel(&err, "fallbacks"), 1, "{err}");
+    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
+    let e = l1.stderr();
+    assert_eq!(export(&e, "channel_revocations"), 1, "{e}");
+    assert_eq!(
+        export(&e, "bar_accesses"),
+        channel(&err, "mediated"),
+        "level 1 saw exactly the accesses that fell back: {e}\n{err}"
+    );
+}
+
+/// A level that does not pass channels (as an older nestio): the innermost level gets
+/// none and every BAR access crosses the level, as before.
+#[test]
+fn without_channels_every_bar_access_crosses_the_level() {
+    let name = "without_channels_every_bar_access_crosses_the_level";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("barchan", "off");
+    let (_dev, s0) = device(&dir, &[]);
+    let s1 = dir.path("s1");
+    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, &["--bar-channel", "off"]);
+    let (st, out, err) = ping(&dir, &s1, &[]);
+    assert_pinged(st, &out, &err);
+    assert!(!err.contains("bar channel: "), "{err}");
+    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
+    let e = l1.stderr();
+    assert!(export(&e, "bar_accesses") >= 20, "{e}");
+    assert_eq!(export(&e, "channel_grants"), 0, "{e}");
+}
+
+/// A device process that grants no channels (`nestio device --bar-channel off`, like an
+/// older nestio): level 1's GET upwards is refused, so the innermost level gets none.
+#[test]
+fn a_device_without_channels_gives_none_down_the_stack() {
+    let name = "a_device_without_channels_gives_none_down_the_stack";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("barchan", "olddev");
+    let (_dev, s0) = device(&dir, &["--bar-channel", "off"]);
+    let s1 = dir.path("s1");
+    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, &[]);
+    let (st, out, err) = ping(&dir, &s1, &[]);
+    assert_pinged(st, &out, &err);
+    assert!(!err.contains("bar channel: "), "{err}");
+    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
+    let e = l1.stderr();
+    assert!(export(&e, "bar_accesses") >= 20, "{e}");
+    assert_eq!(export(&e, "channel_grants"), 0, "{e}");
+}
