@@ -34,6 +34,7 @@ use nestio_device_model::{
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaPeer, DmaRange, Prot};
 
 use crate::endpoint::{Endpoint, EndpointError, Incoming};
+use crate::posted_ring::{PushError, RingProducer};
 use crate::proto::{
     self, dma_flags, feature, irq_set_flags, Capabilities, Command, DeviceFeature, DeviceInfoMsg,
     DmaAccess, DmaMap, DmaUnmap, IoFdsMsg, IoFdsReply, IrqInfoMsg, IrqSet, LoggingControl,
@@ -57,6 +58,9 @@ pub struct ClientConfig {
     /// closed and every call fails with `Disconnected`). None: wait forever, as a
     /// DEVICE_RESET or migration step may legitimately take long.
     pub reply_timeout: Option<std::time::Duration>,
+    /// Offer nestio's posted-write ring ([`crate::posted_ring`]); a server without it
+    /// gets posted writes over the socket.
+    pub posted_ring: bool,
 }
 
 impl Default for ClientConfig {
@@ -67,6 +71,7 @@ impl Default for ClientConfig {
             max_data_xfer_size: proto::DEFAULT_MAX_DATA_XFER,
             max_msg_fds: 64,
             reply_timeout: None,
+            posted_ring: true,
         }
     }
 }
@@ -181,6 +186,8 @@ pub struct Client {
     max_xfer: usize,
     max_fds: usize,
     write_multiple: bool,
+    /// nestio's posted-write ring, when the server enabled it.
+    ring: Option<RingProducer>,
 }
 
 fn disconnected(e: EndpointError) -> DeviceError {
@@ -231,7 +238,7 @@ impl Client {
             "client",
         ));
         ep.set_reply_timeout(config.reply_timeout);
-        let offer = Version {
+        let mut offer = Version {
             major: proto::VERSION_MAJOR,
             minor: proto::VERSION_MINOR,
             // Within every server parser's bounds (proto's table).
@@ -242,6 +249,10 @@ impl Client {
                 config.write_multiple,
             ),
         };
+        offer.caps.nestio_posted_ring = config.posted_ring.then_some(proto::PostedRingCap {
+            supported: true,
+            ..Default::default()
+        });
         let mut b = Vec::new();
         offer.encode_into(&mut b);
         let mut reply = ep.request(Command::Version, &b, &[])?;
@@ -268,6 +279,9 @@ impl Client {
         // the 1 MiB we allow a capability chain), never by the server's word.
         let server_xfer = (v.caps.max_data_xfer_size as usize).min(my_xfer);
         ep.set_max_msg_size(my_xfer.max(1 << 20) + 4096);
+        // Taken out by index (the twin socket's and the ring's), so none moves.
+        let mut fds: Vec<Option<OwnedFd>> = reply.fds.drain(..).map(Some).collect();
+        let ring = ring_from_reply(&config, &v.caps, &mut fds)?;
         let mut twin = None;
         if v.caps.twin_supported() {
             if !config.twin_socket {
@@ -278,13 +292,15 @@ impl Client {
             let idx = v.caps.twin_socket.and_then(|t| t.fd_index).ok_or_else(|| {
                 ClientError::Protocol("twin socket enabled without fd_index".into())
             })?;
-            if idx as usize >= reply.fds.len() {
-                return Err(ClientError::Protocol(format!(
-                    "twin socket fd_index {idx} but the reply carries {} fds",
-                    reply.fds.len()
-                )));
-            }
-            let fd: OwnedFd = reply.fds.swap_remove(idx as usize);
+            let n = fds.len();
+            let fd: OwnedFd = fds
+                .get_mut(idx as usize)
+                .and_then(Option::take)
+                .ok_or_else(|| {
+                    ClientError::Protocol(format!(
+                        "twin socket fd_index {idx} but the reply carries {n} fds (or the index is taken)"
+                    ))
+                })?;
             let stream = UnixStream::from(fd);
             let tep = Arc::new(Endpoint::new(
                 stream,
@@ -306,6 +322,7 @@ impl Client {
             max_xfer: server_xfer.max(1),
             max_fds: (v.caps.max_msg_fds as usize).max(1),
             write_multiple: config.write_multiple && v.caps.write_multiple,
+            ring,
             version: v,
             info: DeviceInfo {
                 flags: 0,
@@ -433,8 +450,23 @@ impl Client {
     }
 
     /// A region write that asks for no reply (posted, like PCI MMIO writes). Errors are
-    /// only logged by the server.
+    /// only logged by the server. With nestio's posted-write ring, a write of at most 8
+    /// bytes goes into the ring; a larger one, or one that finds the ring full, is sent
+    /// synchronously (which keeps the order, see [`crate::posted_ring`]).
     pub fn region_write_posted(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
+        if let Some(ring) = &self.ring {
+            return match ring.push(index, offset, data) {
+                Ok(()) => Ok(()),
+                Err(PushError::Full | PushError::TooLarge) => {
+                    self.region_write(index, offset, data)
+                }
+                Err(PushError::Closed) => Err(DeviceError::Disconnected(
+                    "vfio-user server ended the session (its posted-write ring is closed); \
+                     the device must be reset or reconnected"
+                        .into(),
+                )),
+            };
+        }
         let mut done = 0usize;
         let mut b = Vec::with_capacity(RegionAccess::SIZE + data.len().min(self.max_xfer));
         while done < data.len() {
@@ -446,6 +478,11 @@ impl Client {
             done += n;
         }
         Ok(())
+    }
+
+    /// nestio's posted-write ring, when the server enabled it.
+    pub fn posted_ring(&self) -> Option<&RingProducer> {
+        self.ring.as_ref()
     }
 
     /// Give the device an INTx unmask eventfd (SET_IRQS ACTION_UNMASK | DATA_EVENTFD on
@@ -518,6 +555,49 @@ impl Client {
         .encode_into(&mut b);
         self.call("DEVICE_SET_IRQS", Command::DeviceSetIrqs, &b, fds)?;
         Ok(())
+    }
+}
+
+/// The posted-write ring the server's VERSION reply enables, taking its fds out of
+/// `fds`. Indices that do not name two distinct fds break the protocol; memory that is
+/// unsafe to map (not sealed, too small) is refused with a warning and posted writes go
+/// over the socket.
+fn ring_from_reply(
+    config: &ClientConfig,
+    caps: &Capabilities,
+    fds: &mut [Option<OwnedFd>],
+) -> std::result::Result<Option<RingProducer>, ClientError> {
+    let Some(r) = caps.nestio_posted_ring.filter(|r| r.supported) else {
+        return Ok(None);
+    };
+    if !config.posted_ring {
+        return Err(ClientError::Protocol(
+            "server enabled a posted-write ring we did not offer".into(),
+        ));
+    }
+    let (Some(entries), Some(mi), Some(ki)) = (r.entries, r.fd_index, r.kick_fd_index) else {
+        return Err(ClientError::Protocol(
+            "posted-write ring enabled without entries, fd_index and kick_fd_index".into(),
+        ));
+    };
+    let n = fds.len();
+    let mut take = |i: u32, what: &str| {
+        fds.get_mut(i as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| {
+                ClientError::Protocol(format!(
+                    "posted-write ring {what} {i} but the reply carries {n} fds (or the index is taken)"
+                ))
+            })
+    };
+    let memfd = take(mi, "fd_index")?;
+    let kick = take(ki, "kick_fd_index")?;
+    match RingProducer::attach(memfd, kick, entries) {
+        Ok(p) => Ok(Some(p)),
+        Err(e) => {
+            tracing::warn!(error = %e, "not using the server's posted-write ring");
+            Ok(None)
+        }
     }
 }
 

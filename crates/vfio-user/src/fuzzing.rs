@@ -225,6 +225,7 @@ fn client_run(data: &[u8]) -> usize {
         // A silent server costs one timeout: the connection is closed after it, and
         // every later call fails at once.
         reply_timeout: Some(std::time::Duration::from_millis(25)),
+        posted_ring: settings & 0x80 != 0,
     };
     let Ok((client_end, server_end)) = UnixStream::pair() else {
         return 0;

@@ -10,6 +10,8 @@
 //!   handshake bounded, a second client refused with EBUSY, the device released when its
 //!   owner leaves);
 //! - [`client`]: `Client`, a `VfioDevice` backed by a remote server;
+//! - [`posted_ring`]: nestio's extension: posted BAR writes through a shared-memory
+//!   ring instead of a message each;
 //! - [`testdev`]: a small device used by tests, the fuzzer and the benchmark;
 //! - [`bench`]: round-trip and throughput measurement.
 
@@ -19,6 +21,7 @@ pub mod client;
 pub mod endpoint;
 #[cfg(feature = "harness")]
 pub mod fuzzing;
+pub mod posted_ring;
 pub mod proto;
 pub mod server;
 pub mod socket;

@@ -48,6 +48,7 @@ use nestio_device_model::{region_flags, DeviceError, IrqAction, IrqData, MigStat
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaPeer, DmaRange, Prot};
 
 use crate::endpoint::{Endpoint, EndpointError, Incoming};
+use crate::posted_ring::{PostedRing, RingConfig};
 use crate::proto::{
     self, dma_flags, feature, irq_set_flags, Capabilities, Command, DeviceFeature, DeviceInfoMsg,
     DmaAccess, DmaMap, DmaUnmap, IoFdEntry, IoFdsMsg, IoFdsReply, IrqInfoMsg, IrqSet,
@@ -84,6 +85,9 @@ pub struct ServerConfig {
     /// EBUSY. A client that closes and reconnects at once (a VMM restarting) races with
     /// the server noticing the close; this grace covers that race.
     pub busy_grace: Duration,
+    /// Answer nestio's client's posted-write ring proposal ([`crate::posted_ring`]);
+    /// None: posted writes keep coming over the socket.
+    pub posted_ring: Option<RingConfig>,
 }
 
 /// Who may talk to the server, by the peer's effective uid at connect time.
@@ -144,6 +148,7 @@ impl Default for ServerConfig {
             peers: PeerPolicy::own_uid(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             busy_grace: DEFAULT_BUSY_GRACE,
+            posted_ring: Some(RingConfig::default()),
         }
     }
 }
@@ -499,6 +504,7 @@ impl Server {
             exclusive,
             owner: false,
             out: Vec::with_capacity(4096),
+            ring: None,
         };
         let handshake = self
             .config
@@ -607,6 +613,9 @@ struct Session<'a> {
     /// This session owns the device (its VERSION was accepted).
     owner: bool,
     out: Vec<u8>,
+    /// nestio's posted-write ring, when the client proposed it: drained before every
+    /// socket message.
+    ring: Option<PostedRing>,
 }
 
 /// What a handler hands back: fds to attach to the reply.
@@ -633,6 +642,9 @@ impl Session<'_> {
     /// The connection is over: close it; if it owned the device, release the device and
     /// let the next owner in.
     fn cleanup(&mut self) {
+        // No ring write runs after the session: the ring thread is joined (and the
+        // ring marked closed for the client) before the device is released.
+        drop(self.ring.take());
         self.ep.shutdown("session ended");
         if let Some(t) = self.twin.take() {
             t.shutdown("session ended");
@@ -671,6 +683,13 @@ impl Session<'_> {
         }
         if self.client.is_none() {
             return self.version(m);
+        }
+        // Ordering: every posted write in the ring before this message runs first.
+        if let Some(ring) = &self.ring {
+            if let Err(e) = ring.drain() {
+                tracing::warn!(error = %e, "posted-write ring");
+                return Ok(Flow::Close(e.to_string()));
+            }
         }
         if m.fds.len() > self.cfg().max_msg_fds as usize {
             tracing::warn!(fds = m.fds.len(), "too many fds in one message");
@@ -738,15 +757,20 @@ impl Session<'_> {
                 fd_index: Some(0),
             });
         }
+        let ring_fds = self.open_ring(&v.caps, &mut caps, usize::from(twin));
         let reply = Version {
             major: proto::VERSION_MAJOR,
             minor: v.minor.min(proto::VERSION_MINOR),
             caps,
         };
         reply.encode_into(&mut self.out);
-        let raw: Vec<RawFd> = client_end.iter().map(|f| f.as_raw_fd()).collect();
+        let mut raw: Vec<RawFd> = client_end.iter().map(|f| f.as_raw_fd()).collect();
+        if let Some(r) = &ring_fds {
+            raw.extend([r.memfd.as_raw_fd(), r.kick.as_raw_fd()]);
+        }
         self.ep.reply(&m.header, Ok(&self.out), &raw)?;
         drop(client_end);
+        drop(ring_fds);
         tracing::info!(
             minor = reply.minor,
             twin,
@@ -782,6 +806,43 @@ impl Session<'_> {
             return Err((libc::EINVAL, "VERSION carried file descriptors".into()));
         }
         Ok(v)
+    }
+
+    /// Start nestio's posted-write ring when the client proposed it and we offer it, and
+    /// describe it in `caps` with its fds at `first_fd` and `first_fd + 1` of the reply.
+    /// A ring that cannot be set up is logged and left out: writes come by socket.
+    fn open_ring(
+        &mut self,
+        client: &Capabilities,
+        caps: &mut Capabilities,
+        first_fd: usize,
+    ) -> Option<crate::posted_ring::RingFds> {
+        let config = self.cfg().posted_ring?;
+        if !client.nestio_posted_ring.is_some_and(|r| r.supported) {
+            return None;
+        }
+        let ep = Arc::downgrade(&self.ep);
+        let on_corrupt = Box::new(move |e: &crate::posted_ring::RingError| {
+            if let Some(ep) = ep.upgrade() {
+                ep.shutdown(&e.to_string());
+            }
+        });
+        match PostedRing::start(self.server.device.clone(), config, on_corrupt) {
+            Ok((ring, fds)) => {
+                caps.nestio_posted_ring = Some(proto::PostedRingCap {
+                    supported: true,
+                    entries: Some(ring.entries()),
+                    fd_index: Some(first_fd as u32),
+                    kick_fd_index: Some(first_fd as u32 + 1),
+                });
+                self.ring = Some(ring);
+                Some(fds)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "continuing without the posted-write ring");
+                None
+            }
+        }
     }
 
     /// Create the twin socket (server->client commands); returns the client's end, or
