@@ -98,17 +98,21 @@ pub fn run(args: BenchArgs) -> CmdResult {
 /// the RX worker thread, as before), so one run shows the difference; then the ratios.
 fn e1000(packets: u64) -> CmdResult {
     let mut rows = Vec::new();
-    for (mode, via, inline_rx, posted) in [
-        (IrqMode::Msi, DmaVia::SharedFd, true, true),
-        (IrqMode::Msi, DmaVia::SharedFd, false, true),
-        (IrqMode::Msi, DmaVia::SharedFd, true, false),
-        (IrqMode::Msi, DmaVia::Messages, true, true),
+    // (remote, inline RX, posted writes through nestio's ring) -> report.
+    let mut ring_rows = Vec::new();
+    for (mode, via, inline_rx, posted, ring) in [
+        (IrqMode::Msi, DmaVia::SharedFd, true, true, true),
+        (IrqMode::Msi, DmaVia::SharedFd, true, true, false),
+        (IrqMode::Msi, DmaVia::SharedFd, false, true, true),
+        (IrqMode::Msi, DmaVia::SharedFd, true, false, false),
+        (IrqMode::Msi, DmaVia::Messages, true, true, true),
     ] {
-        let (client, server) = served_e1000(inline_rx)?;
+        let (client, server) = served_e1000_with(inline_rx, ring)?;
         println!(
-            "e1000 over vfio-user (interrupts {mode:?}, DMA {via:?}, inline RX {}, posted BAR writes {}):",
+            "e1000 over vfio-user (interrupts {mode:?}, DMA {via:?}, inline RX {}, posted BAR writes {}{}):",
             on_off(inline_rx),
-            on_off(posted)
+            on_off(posted),
+            if !posted { "" } else if ring { " through the ring" } else { " over the socket" }
         );
         // Posted: BAR writes as nestio's VMM and QEMU send them (no reply awaited).
         let dev: Arc<dyn VfioDevice> = if posted {
@@ -118,7 +122,10 @@ fn e1000(packets: u64) -> CmdResult {
         };
         let report = e1000_bench::run(dev, mode, via, packets)?;
         println!("{report}");
-        if via == DmaVia::SharedFd && posted {
+        if via == DmaVia::SharedFd && posted && inline_rx {
+            ring_rows.push((ring, report.rows[0].ns_per_packet));
+        }
+        if via == DmaVia::SharedFd && posted && ring {
             rows.push((true, inline_rx, report));
         }
         let _ = server.join();
@@ -188,6 +195,14 @@ fn e1000(packets: u64) -> CmdResult {
             .map(|(_, _, rep)| rep)
     };
     println!("e1000 60-byte ICMP round trip, ratios (goals: in process <= 2x the socketpair floor, vfio-user <= 1.2x in process; vfio-user with posted BAR writes):");
+    if let (Some(local), [(true, ring), (false, socket)]) = (find(false, true), &ring_rows[..]) {
+        let l = local.rows[0].ns_per_packet;
+        println!(
+            "  inline RX on, posted BAR writes over the socket (before): {socket:>6.0} ns = {:.2}x in process; through nestio's ring (after): {ring:>6.0} ns = {:.2}x in process",
+            socket / l,
+            ring / l
+        );
+    }
     for inline in [false, true] {
         if let (Some(remote), Some(local)) = (find(true, inline), find(false, inline)) {
             let (r, l) = (&remote.rows[0], &local.rows[0]);
@@ -218,6 +233,14 @@ fn on_off(b: bool) -> &'static str {
 fn served_e1000(
     inline_rx: bool,
 ) -> Result<(Client, std::thread::JoinHandle<()>), Box<dyn std::error::Error + Send + Sync>> {
+    served_e1000_with(inline_rx, true)
+}
+
+/// [`served_e1000`], with nestio's posted-write ring offered or not (`ring`).
+fn served_e1000_with(
+    inline_rx: bool,
+    ring: bool,
+) -> Result<(Client, std::thread::JoinHandle<()>), Box<dyn std::error::Error + Send + Sync>> {
     let backend = nestio_net::open_backend("user", None)?;
     let dev = E1000::new(E1000Config {
         inline_rx,
@@ -230,7 +253,13 @@ fn served_e1000(
             eprintln!("nestio bench: e1000 server session ended with an error: {e}");
         }
     });
-    let client = Client::from_stream(a, ClientConfig::default())?;
+    let client = Client::from_stream(
+        a,
+        ClientConfig {
+            posted_ring: ring,
+            ..ClientConfig::default()
+        },
+    )?;
     Ok((client, h))
 }
 

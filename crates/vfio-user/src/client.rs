@@ -38,9 +38,9 @@ use crate::posted_ring::{PushError, RingProducer};
 use crate::proto::{
     self, dma_flags, feature, irq_set_flags, Capabilities, Command, DeviceFeature, DeviceInfoMsg,
     DmaAccess, DmaMap, DmaUnmap, IoFdsMsg, IoFdsReply, IrqInfoMsg, IrqSet, LoggingControl,
-    LoggingReport, MigData, MultiWrite, RegionAccess, RegionInfoMsg, RegionInfoReply, Version,
-    WriteMulti,
+    LoggingReport, MigData, MultiWrite, RegionInfoMsg, RegionInfoReply, Version, WriteMulti,
 };
+use crate::region_port::RegionPort;
 use crate::socket::Message;
 
 /// Client settings.
@@ -190,7 +190,7 @@ pub struct Client {
     ring: Option<RingProducer>,
 }
 
-fn disconnected(e: EndpointError) -> DeviceError {
+pub(crate) fn disconnected(e: EndpointError) -> DeviceError {
     match e {
         EndpointError::Closed(why) => DeviceError::Disconnected(format!(
             "vfio-user server went away ({why}); the device must be reset or reconnected"
@@ -203,14 +203,14 @@ fn disconnected(e: EndpointError) -> DeviceError {
     }
 }
 
-fn reply_errno(m: &Message) -> i32 {
+pub(crate) fn reply_errno(m: &Message) -> i32 {
     match m.header.error as i32 {
         0 => libc::EIO,
         e => e,
     }
 }
 
-fn bad_reply(what: &str, e: impl std::fmt::Display) -> DeviceError {
+pub(crate) fn bad_reply(what: &str, e: impl std::fmt::Display) -> DeviceError {
     DeviceError::Invalid(format!(
         "malformed {what} reply from the vfio-user server: {e}"
     ))
@@ -414,39 +414,10 @@ impl Client {
         Ok(())
     }
 
-    /// Encodes into `b` the REGION_READ/WRITE request for the next chunk (at most
-    /// `max_xfer` bytes) of a `len`-byte access at `offset`, `done` bytes in; `data` is
-    /// the whole write buffer (`None` for a read). Returns the chunk's offset and length.
-    fn encode_region_chunk(
-        &self,
-        b: &mut Vec<u8>,
-        index: u32,
-        offset: u64,
-        len: usize,
-        done: usize,
-        data: Option<&[u8]>,
-    ) -> Result<(u64, usize)> {
-        let n = len.saturating_sub(done).min(self.max_xfer);
-        let off = offset
-            .checked_add(done as u64)
-            .ok_or_else(|| DeviceError::Invalid("offset overflows".into()))?;
-        let count =
-            u32::try_from(n).map_err(|_| DeviceError::Invalid("access too large".into()))?;
-        let chunk = match data {
-            Some(d) => d
-                .get(done..done + n)
-                .ok_or_else(|| DeviceError::Invalid("access outside the buffer".into()))?,
-            None => &[],
-        };
-        b.clear();
-        RegionAccess {
-            offset: off,
-            region: index,
-            count,
-            data: chunk,
-        }
-        .encode_into(b);
-        Ok((off, n))
+    /// Region accesses over the main socket (shared with the BAR channel, see
+    /// [`crate::region_port`]).
+    fn port(&self) -> RegionPort<'_> {
+        RegionPort::new(&self.ep, self.max_xfer)
     }
 
     /// A region write that asks for no reply (posted, like PCI MMIO writes). Errors are
@@ -467,17 +438,7 @@ impl Client {
                 )),
             };
         }
-        let mut done = 0usize;
-        let mut b = Vec::with_capacity(RegionAccess::SIZE + data.len().min(self.max_xfer));
-        while done < data.len() {
-            let (_, n) =
-                self.encode_region_chunk(&mut b, index, offset, data.len(), done, Some(data))?;
-            self.ep
-                .post(Command::RegionWrite, &b, &[])
-                .map_err(disconnected)?;
-            done += n;
-        }
-        Ok(())
+        self.port().write_posted(index, offset, data)
     }
 
     /// nestio's posted-write ring, when the server enabled it.
@@ -599,20 +560,6 @@ fn ring_from_reply(
             Ok(None)
         }
     }
-}
-
-/// A REGION_READ/WRITE reply must echo the access it answers (offset, region, count).
-fn check_region_reply(
-    what: &str,
-    r: &RegionAccess<'_>,
-    offset: u64,
-    region: u32,
-    count: usize,
-) -> Result<()> {
-    if r.offset != offset || r.region != region || r.count as usize != count {
-        return Err(bad_reply(what, "reply describes a different access"));
-    }
-    Ok(())
 }
 
 fn twin_loop(ep: &Endpoint, peers: &PeerMap, max_xfer: usize) {
@@ -765,40 +712,11 @@ impl VfioDevice for Client {
     }
 
     fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let mut done = 0usize;
-        let mut b = Vec::with_capacity(RegionAccess::SIZE);
-        while done < buf.len() || (buf.is_empty() && done == 0) {
-            let (off, n) =
-                self.encode_region_chunk(&mut b, index, offset, buf.len(), done, None)?;
-            let m = self.call("REGION_READ", Command::RegionRead, &b, &[])?;
-            let r =
-                RegionAccess::decode(&m.payload, true).map_err(|e| bad_reply("REGION_READ", e))?;
-            check_region_reply("REGION_READ", &r, off, index, n)?;
-            buf[done..done + n].copy_from_slice(r.data);
-            done += n;
-            if n == 0 {
-                break;
-            }
-        }
-        Ok(())
+        self.port().read(index, offset, buf)
     }
 
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
-        let mut done = 0usize;
-        let mut b = Vec::with_capacity(RegionAccess::SIZE + data.len().min(self.max_xfer));
-        while done < data.len() || (data.is_empty() && done == 0) {
-            let (off, n) =
-                self.encode_region_chunk(&mut b, index, offset, data.len(), done, Some(data))?;
-            let m = self.call("REGION_WRITE", Command::RegionWrite, &b, &[])?;
-            let r = RegionAccess::decode(&m.payload, false)
-                .map_err(|e| bad_reply("REGION_WRITE", e))?;
-            check_region_reply("REGION_WRITE", &r, off, index, n)?;
-            done += n;
-            if n == 0 {
-                break;
-            }
-        }
-        Ok(())
+        self.port().write(index, offset, data)
     }
 
     fn region_io_fds(&self, index: u32) -> Result<Vec<IoEventFd>> {

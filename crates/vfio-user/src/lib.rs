@@ -12,6 +12,9 @@
 //! - [`client`]: `Client`, a `VfioDevice` backed by a remote server;
 //! - [`posted_ring`]: nestio's extension: posted BAR writes through a shared-memory
 //!   ring instead of a message each;
+//! - [`region_port`]: region accesses (synchronous and posted) over a connection, and
+//!   which BARs take posted writes — shared by the client, the VMM and the nested BAR
+//!   channel;
 //! - [`testdev`]: a small device used by tests, the fuzzer and the benchmark;
 //! - [`bench`]: round-trip and throughput measurement.
 
@@ -23,6 +26,7 @@ pub mod endpoint;
 pub mod fuzzing;
 pub mod posted_ring;
 pub mod proto;
+pub mod region_port;
 pub mod server;
 pub mod socket;
 #[cfg(feature = "harness")]

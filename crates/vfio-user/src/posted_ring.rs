@@ -197,14 +197,20 @@ impl Mapping {
     }
 
     fn u32_at(&self, off: usize) -> &AtomicU32 {
-        assert!(off.is_multiple_of(4) && off + 4 <= self.len, "ring layout offset");
+        assert!(
+            off.is_multiple_of(4) && off + 4 <= self.len,
+            "ring layout offset"
+        );
         // SAFETY: in bounds and aligned (checked above; the mapping is page aligned);
         // the memory lives as long as `self`, and is only accessed atomically.
         unsafe { &*self.ptr.add(off).cast::<AtomicU32>() }
     }
 
     fn u64_at(&self, off: usize) -> &AtomicU64 {
-        assert!(off.is_multiple_of(8) && off + 8 <= self.len, "ring layout offset");
+        assert!(
+            off.is_multiple_of(8) && off + 8 <= self.len,
+            "ring layout offset"
+        );
         // SAFETY: as in `u32_at`.
         unsafe { &*self.ptr.add(off).cast::<AtomicU64>() }
     }
