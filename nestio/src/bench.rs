@@ -130,6 +130,7 @@ fn e1000(packets: u64) -> CmdResult {
         }
         let _ = server.join();
     }
+    where_the_time_goes(packets)?;
     // INTx (level, automasked): the driver unmasks after each interrupt by UNMASK
     // message, or by writing the unmask eventfd it gave the device.
     let mut intx = Vec::new();
@@ -220,6 +221,47 @@ fn e1000(packets: u64) -> CmdResult {
     Ok(0)
 }
 
+/// Per 60-byte round trip over vfio-user (MSI, shared-fd DMA, inline RX), posted BAR
+/// writes over the socket and through nestio's ring: socket messages the server
+/// handled, ring writes, kicks of a sleeping ring thread, interrupts, and the time.
+fn where_the_time_goes(packets: u64) -> CmdResult {
+    println!("e1000 over vfio-user, per 60-byte round trip (MSI, shared-fd DMA, inline RX on):");
+    for ring in [false, true] {
+        let (client, thread, server) = served_e1000_counted(true, ring)?;
+        let dev = Arc::new(nestio_vmm::remote::PostedWrites::new(client)?);
+        let mut drv = Driver::new_via(
+            dev.clone(),
+            e1000_bench::guest_memory()?,
+            IrqMode::Msi,
+            DmaVia::SharedFd,
+        )?;
+        drv.reset()?;
+        drv.probe()?;
+        drv.setup()?;
+        let gw = drv.arp(GUEST_IP, GATEWAY_IP, std::time::Duration::from_secs(10))?;
+        let ring_stats = || dev.client().posted_ring().map_or((0, 0), |r| r.stats());
+        let (c0, (p0, k0), i0) = (server.stats().commands, ring_stats(), drv.interrupts);
+        let row = e1000_bench::measure_row(&mut drv, gw, 60, packets)?;
+        let (c1, (p1, k1), i1) = (server.stats().commands, ring_stats(), drv.interrupts);
+        // Warm-up pings included: 16 of them.
+        let trips = (row.packets + 16) as f64;
+        println!(
+            "  posted BAR writes {:<17} {:>6.0} ns = {:.2}x socketpair floor; socket messages {:.2}, ring writes {:.2}, kicks {:.2}, interrupts {:.2}",
+            if ring { "through the ring:" } else { "over the socket:" },
+            row.ns_per_packet,
+            row.ratio(),
+            (c1 - c0) as f64 / trips,
+            (p1 - p0) as f64 / trips,
+            (k1 - k0) as f64 / trips,
+            (i1 - i0) as f64 / trips,
+        );
+        drop(drv);
+        drop(dev);
+        let _ = thread.join();
+    }
+    Ok(0)
+}
+
 fn on_off(b: bool) -> &'static str {
     if b {
         "on"
@@ -241,15 +283,39 @@ fn served_e1000_with(
     inline_rx: bool,
     ring: bool,
 ) -> Result<(Client, std::thread::JoinHandle<()>), Box<dyn std::error::Error + Send + Sync>> {
+    served_e1000_counted(inline_rx, ring).map(|(c, t, _)| (c, t))
+}
+
+/// [`served_e1000_with`], and the server (for its message counters).
+#[allow(clippy::type_complexity)]
+fn served_e1000_counted(
+    inline_rx: bool,
+    ring: bool,
+) -> Result<
+    (Client, std::thread::JoinHandle<()>, Arc<Server>),
+    Box<dyn std::error::Error + Send + Sync>,
+> {
     let backend = nestio_net::open_backend("user", None)?;
     let dev = E1000::new(E1000Config {
         inline_rx,
         ..E1000Config::new(backend).with_msi(true)
     })?;
     let (a, b) = UnixStream::pair()?;
+    let mut config = ServerConfig::default();
+    // The ring thread's polling window, for experiments (default 50 µs).
+    if let Some(us) = std::env::var("NESTIO_RING_POLL_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.posted_ring = Some(nestio_vfio_user::posted_ring::RingConfig {
+            poll: std::time::Duration::from_micros(us),
+            ..Default::default()
+        });
+    }
+    let server = Arc::new(Server::new(dev, config));
+    let s2 = server.clone();
     let h = std::thread::spawn(move || {
-        let server = Server::new(dev, ServerConfig::default());
-        if let Err(e) = server.serve_stream(b) {
+        if let Err(e) = s2.serve_stream(b) {
             eprintln!("nestio bench: e1000 server session ended with an error: {e}");
         }
     });
@@ -260,7 +326,7 @@ fn served_e1000_with(
             ..ClientConfig::default()
         },
     )?;
-    Ok((client, h))
+    Ok((client, h, server))
 }
 
 /// ICMP payload of the small echo (42 + 16 = 58-byte frames, padded to 60).
