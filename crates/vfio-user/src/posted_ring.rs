@@ -101,8 +101,10 @@ pub enum RingError {
         "a posted-write ring has a power-of-two number of entries up to {MAX_ENTRIES}, not {0}"
     )]
     BadSize(u32),
-    /// The peer's ring memfd is not sealed or too small.
-    #[error("the server's posted-write ring memory is unsafe to map: {0}; posting over the socket instead")]
+    /// The peer's ring memfd is not sealed or too small, or its kick fd no eventfd.
+    #[error(
+        "the server's posted-write ring is unsafe to use: {0}; posting over the socket instead"
+    )]
     UnsafeMemory(&'static str),
     /// The producer index is further ahead than the ring holds: the ring is corrupted.
     #[error("corrupted posted-write ring: producer {producer} is more than {entries} entries past consumer {consumer}; the session ends")]
@@ -319,6 +321,13 @@ impl RingProducer {
             .len();
         if size < geo.bytes() as u64 {
             return Err(RingError::UnsafeMemory("it is smaller than its entries"));
+        }
+        // The kick is written on every vCPU's path: it must be an eventfd (a pipe or
+        // socket could block the writer, a file would be written to).
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", kick.as_raw_fd()))
+            .map_err(RingError::Setup)?;
+        if link.as_os_str() != "anon_inode:[eventfd]" {
+            return Err(RingError::UnsafeMemory("its kick fd is not an eventfd"));
         }
         let map = Mapping::new(memfd.as_fd(), geo.bytes()).map_err(RingError::Setup)?;
         let start = map.u32_at(PRODUCER).load(Ordering::Acquire);
@@ -775,6 +784,17 @@ mod tests {
         let kick = kick_fd().unwrap();
         assert!(matches!(
             RingProducer::attach(fd, kick, 256),
+            Err(RingError::UnsafeMemory(_))
+        ));
+    }
+
+    #[test]
+    fn a_kick_fd_that_is_no_eventfd_is_refused() {
+        let geo = Geometry::new(8).unwrap();
+        let memfd = ring_memfd(geo.bytes()).unwrap();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(matches!(
+            RingProducer::attach(memfd, OwnedFd::from(a), 8),
             Err(RingError::UnsafeMemory(_))
         ));
     }

@@ -642,13 +642,14 @@ impl Session<'_> {
     /// The connection is over: close it; if it owned the device, release the device and
     /// let the next owner in.
     fn cleanup(&mut self) {
-        // No ring write runs after the session: the ring thread is joined (and the
-        // ring marked closed for the client) before the device is released.
-        drop(self.ring.take());
         self.ep.shutdown("session ended");
         if let Some(t) = self.twin.take() {
             t.shutdown("session ended");
         }
+        // No ring write runs after the session: the ring thread is joined (and the
+        // ring marked closed for the client) before the device is released. (After the
+        // sockets: a ring write waiting for DMA by message then fails at once.)
+        drop(self.ring.take());
         if std::mem::take(&mut self.owner) {
             if self.exclusive {
                 self.server.end_owner();
