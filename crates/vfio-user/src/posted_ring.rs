@@ -243,9 +243,46 @@ impl RingWrite {
     }
 }
 
-/// The memfd sealed the way [`nestio_dma::memfd::sealed_memfd`] seals guest RAM.
+/// A close-on-exec memfd of `bytes` (> 0) zero bytes, sealed with
+/// [`nestio_dma::memfd::RAM_SEALS`] as guest RAM is. Sized by writing its last byte
+/// rather than `ftruncate`, which a sandboxed device process may not call (it could
+/// shrink a peer's file); `nestio_sandbox` allows exactly these calls.
 fn ring_memfd(bytes: usize) -> Result<OwnedFd, RingError> {
-    nestio_dma::memfd::sealed_memfd(c"nestio-posted-ring", bytes as u64).map_err(RingError::Setup)
+    let err = |_| RingError::Setup(std::io::Error::last_os_error());
+    // SAFETY: memfd_create reads a NUL-terminated literal; the result is checked.
+    let raw = unsafe {
+        libc::memfd_create(
+            c"nestio-posted-ring".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if raw < 0 {
+        return Err(err(()));
+    }
+    // SAFETY: `raw` is a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let last = libc::off_t::try_from(bytes.saturating_sub(1)).map_err(|_| {
+        RingError::Setup(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "ring too large",
+        ))
+    })?;
+    // SAFETY: writes one byte from a live buffer into our memfd.
+    if unsafe { libc::pwrite(fd.as_raw_fd(), [0u8].as_ptr().cast(), 1, last) } != 1 {
+        return Err(err(()));
+    }
+    // SAFETY: F_ADD_SEALS on our own memfd takes an int argument; checked.
+    if unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            nestio_dma::memfd::RAM_SEALS,
+        )
+    } < 0
+    {
+        return Err(err(()));
+    }
+    Ok(fd)
 }
 
 /// A kick eventfd: non-blocking (a kick never blocks the writer), close-on-exec.
