@@ -425,6 +425,9 @@ impl Client {
     /// bytes goes into the ring; a larger one, or one that finds the ring full, is sent
     /// synchronously (which keeps the order, see [`crate::posted_ring`]).
     pub fn region_write_posted(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
         if let Some(ring) = &self.ring {
             return match ring.push(index, offset, data) {
                 Ok(()) => Ok(()),
