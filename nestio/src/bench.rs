@@ -99,17 +99,21 @@ pub fn run(args: BenchArgs) -> CmdResult {
 /// the RX worker thread, as before), so one run shows the difference; then the ratios.
 fn e1000(packets: u64) -> CmdResult {
     let mut rows = Vec::new();
-    for (mode, via, inline_rx, posted) in [
-        (IrqMode::Msi, DmaVia::SharedFd, true, true),
-        (IrqMode::Msi, DmaVia::SharedFd, false, true),
-        (IrqMode::Msi, DmaVia::SharedFd, true, false),
-        (IrqMode::Msi, DmaVia::Messages, true, true),
+    // (remote, inline RX, posted writes through nestio's ring) -> report.
+    let mut ring_rows = Vec::new();
+    for (mode, via, inline_rx, posted, ring) in [
+        (IrqMode::Msi, DmaVia::SharedFd, true, true, true),
+        (IrqMode::Msi, DmaVia::SharedFd, true, true, false),
+        (IrqMode::Msi, DmaVia::SharedFd, false, true, true),
+        (IrqMode::Msi, DmaVia::SharedFd, true, false, false),
+        (IrqMode::Msi, DmaVia::Messages, true, true, true),
     ] {
-        let (client, server) = served_e1000(inline_rx)?;
+        let (client, server) = served_e1000_with(inline_rx, ring)?;
         println!(
-            "e1000 over vfio-user (interrupts {mode:?}, DMA {via:?}, inline RX {}, posted BAR writes {}):",
+            "e1000 over vfio-user (interrupts {mode:?}, DMA {via:?}, inline RX {}, posted BAR writes {}{}):",
             on_off(inline_rx),
-            on_off(posted)
+            on_off(posted),
+            if !posted { "" } else if ring { " through the ring" } else { " over the socket" }
         );
         // Posted: BAR writes as nestio's VMM and QEMU send them (no reply awaited).
         let dev: Arc<dyn VfioDevice> = if posted {
@@ -119,11 +123,15 @@ fn e1000(packets: u64) -> CmdResult {
         };
         let report = e1000_bench::run(dev, mode, via, packets)?;
         println!("{report}");
-        if via == DmaVia::SharedFd && posted {
+        if via == DmaVia::SharedFd && posted && inline_rx {
+            ring_rows.push((ring, report.rows[0].ns_per_packet));
+        }
+        if via == DmaVia::SharedFd && posted && ring {
             rows.push((true, inline_rx, report));
         }
         let _ = server.join();
     }
+    where_the_time_goes(packets)?;
     // INTx (level, automasked): the driver unmasks after each interrupt by UNMASK
     // message, or by writing the unmask eventfd it gave the device.
     let mut intx = Vec::new();
@@ -189,6 +197,14 @@ fn e1000(packets: u64) -> CmdResult {
             .map(|(_, _, rep)| rep)
     };
     println!("e1000 60-byte ICMP round trip, ratios (goals: in process <= 2x the socketpair floor, vfio-user <= 1.2x in process; vfio-user with posted BAR writes):");
+    if let (Some(local), [(true, ring), (false, socket)]) = (find(false, true), &ring_rows[..]) {
+        let l = local.rows[0].ns_per_packet;
+        println!(
+            "  inline RX on, posted BAR writes over the socket (before): {socket:>6.0} ns = {:.2}x in process; through nestio's ring (after): {ring:>6.0} ns = {:.2}x in process",
+            socket / l,
+            ring / l
+        );
+    }
     for inline in [false, true] {
         if let (Some(remote), Some(local)) = (find(true, inline), find(false, inline)) {
             let (r, l) = (&remote.rows[0], &local.rows[0]);
@@ -206,6 +222,47 @@ fn e1000(packets: u64) -> CmdResult {
     Ok(0)
 }
 
+/// Per 60-byte round trip over vfio-user (MSI, shared-fd DMA, inline RX), posted BAR
+/// writes over the socket and through nestio's ring: socket messages the server
+/// handled, ring writes, kicks of a sleeping ring thread, interrupts, and the time.
+fn where_the_time_goes(packets: u64) -> CmdResult {
+    println!("e1000 over vfio-user, per 60-byte round trip (MSI, shared-fd DMA, inline RX on):");
+    for ring in [false, true] {
+        let (client, thread, server) = served_e1000_counted(true, ring)?;
+        let dev = Arc::new(nestio_vmm::remote::PostedWrites::new(client)?);
+        let mut drv = Driver::new_via(
+            dev.clone(),
+            e1000_bench::guest_memory()?,
+            IrqMode::Msi,
+            DmaVia::SharedFd,
+        )?;
+        drv.reset()?;
+        drv.probe()?;
+        drv.setup()?;
+        let gw = drv.arp(GUEST_IP, GATEWAY_IP, std::time::Duration::from_secs(10))?;
+        let ring_stats = || dev.client().posted_ring().map_or((0, 0), |r| r.stats());
+        let (c0, (p0, k0), i0) = (server.stats().commands, ring_stats(), drv.interrupts);
+        let row = e1000_bench::measure_row(&mut drv, gw, 60, packets)?;
+        let (c1, (p1, k1), i1) = (server.stats().commands, ring_stats(), drv.interrupts);
+        // Warm-up pings included: 16 of them.
+        let trips = (row.packets + 16) as f64;
+        println!(
+            "  posted BAR writes {:<17} {:>6.0} ns = {:.2}x socketpair floor; socket messages {:.2}, ring writes {:.2}, kicks {:.2}, interrupts {:.2}",
+            if ring { "through the ring:" } else { "over the socket:" },
+            row.ns_per_packet,
+            row.ratio(),
+            (c1 - c0) as f64 / trips,
+            (p1 - p0) as f64 / trips,
+            (k1 - k0) as f64 / trips,
+            (i1 - i0) as f64 / trips,
+        );
+        drop(drv);
+        drop(dev);
+        let _ = thread.join();
+    }
+    Ok(0)
+}
+
 fn on_off(b: bool) -> &'static str {
     if b {
         "on"
@@ -219,20 +276,58 @@ fn on_off(b: bool) -> &'static str {
 fn served_e1000(
     inline_rx: bool,
 ) -> Result<(Client, std::thread::JoinHandle<()>), Box<dyn std::error::Error + Send + Sync>> {
+    served_e1000_with(inline_rx, true)
+}
+
+/// [`served_e1000`], with nestio's posted-write ring offered or not (`ring`).
+fn served_e1000_with(
+    inline_rx: bool,
+    ring: bool,
+) -> Result<(Client, std::thread::JoinHandle<()>), Box<dyn std::error::Error + Send + Sync>> {
+    served_e1000_counted(inline_rx, ring).map(|(c, t, _)| (c, t))
+}
+
+/// [`served_e1000_with`], and the server (for its message counters).
+#[allow(clippy::type_complexity)]
+fn served_e1000_counted(
+    inline_rx: bool,
+    ring: bool,
+) -> Result<
+    (Client, std::thread::JoinHandle<()>, Arc<Server>),
+    Box<dyn std::error::Error + Send + Sync>,
+> {
     let backend = nestio_net::open_backend("user", None)?;
     let dev = E1000::new(E1000Config {
         inline_rx,
         ..E1000Config::new(backend).with_msi(true)
     })?;
     let (a, b) = UnixStream::pair()?;
+    let mut config = ServerConfig::default();
+    // The ring thread's polling window, for experiments (default 50 µs).
+    if let Some(us) = std::env::var("NESTIO_RING_POLL_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.posted_ring = Some(nestio_vfio_user::posted_ring::RingConfig {
+            poll: std::time::Duration::from_micros(us),
+            ..Default::default()
+        });
+    }
+    let server = Arc::new(Server::new(dev, config));
+    let s2 = server.clone();
     let h = std::thread::spawn(move || {
-        let server = Server::new(dev, ServerConfig::default());
-        if let Err(e) = server.serve_stream(b) {
+        if let Err(e) = s2.serve_stream(b) {
             eprintln!("nestio bench: e1000 server session ended with an error: {e}");
         }
     });
-    let client = Client::from_stream(a, ClientConfig::default())?;
-    Ok((client, h))
+    let client = Client::from_stream(
+        a,
+        ClientConfig {
+            posted_ring: ring,
+            ..ClientConfig::default()
+        },
+    )?;
+    Ok((client, h, server))
 }
 
 /// ICMP payload of the small echo (42 + 16 = 58-byte frames, padded to 60).

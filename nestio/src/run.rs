@@ -61,9 +61,11 @@ pub struct RunArgs {
     /// Guest RAM (e.g. 64M, 1G; default 64M for a payload, 128M for --kernel).
     #[arg(long, value_parser = parse_memory)]
     memory: Option<u64>,
-    /// A device to assign: `vfio-user=SOCKET[,posted-writes=on|off]` (repeatable; PCI
-    /// slots in order). Posted writes (default on): guest MMIO writes to the device's
-    /// memory BARs do not wait for the device's reply.
+    /// A device to assign: `vfio-user=SOCKET[,posted-writes=on|off][,posted-ring=on|off]`
+    /// (repeatable; PCI slots in order). Posted writes (default on): guest MMIO writes to
+    /// the device's memory BARs do not wait for the device's reply; with a nestio device
+    /// server they go through a shared-memory ring, not a message each (posted-ring,
+    /// default on).
     #[arg(long = "device", value_parser = parse_device_config)]
     devices: Vec<DeviceConfig>,
     /// CPU model: `host`, `split-lock-detect=on|off`, `+split-lock-detect`,
@@ -205,7 +207,7 @@ fn parse_device(s: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// `--device vfio-user=PATH[,posted-writes=on|off]`.
+/// `--device vfio-user=PATH[,posted-writes=on|off][,posted-ring=on|off]`.
 fn parse_device_config(s: &str) -> Result<DeviceConfig, String> {
     s.parse::<DeviceConfig>().map_err(|e| {
         format!("device '{s}' is not understood: {e} (PATH: the socket of `nestio device ...`)")

@@ -101,3 +101,8 @@ fn corpus_tce() {
 fn corpus_vm_migration() {
     replay("vm_migration", nestio_vmm::migration::fuzz_stream);
 }
+
+#[test]
+fn corpus_posted_ring() {
+    replay("posted_ring", nestio_vfio_user::posted_ring::fuzz_ring);
+}

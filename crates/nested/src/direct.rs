@@ -18,7 +18,18 @@
 //! mediated path through every level.
 //!
 //! The channel speaks the vfio-user wire format, REGION_READ and REGION_WRITE only
-//! (`no_reply` writes are executed without an answer). Its server is as strict as the
+//! (`no_reply` writes are executed without an answer). [`DirectBars`] sends its accesses
+//! with the same code as nestio's vfio-user client
+//! ([`nestio_vfio_user::region_port::RegionPort`] over an
+//! [`nestio_vfio_user::endpoint::Endpoint`]), and posts writes to the BARs the VMM posts
+//! ([`nestio_vfio_user::region_port::posted_bar_mask`]: plain memory BARs) as no_reply
+//! messages: the channel's server executes them in order, so a BAR read after them sees
+//! them. The mediated path is another connection, so before any mediated access that
+//! could observe or change the device (config space, interrupts, DMA maps, reset,
+//! migration) a `DirectBars` with posted writes outstanding first sends a *barrier* on
+//! the channel — a zero-byte REGION_READ, which the channel answers (EINVAL) only after
+//! every message before it — so a config write cannot overtake a BAR write posted before
+//! it, as in PCI. Its server is as strict as the
 //! main one — it serves only the device's BAR regions 0–5 that exist and are readable or
 //! writable (configuration space, ROM, VGA and anything else: EINVAL, session kept),
 //! accesses of at most [`MAX_ACCESS`] bytes (bounds checked by the device), any other
@@ -31,8 +42,8 @@
 //! device process and carried down each level's vfio-user session
 //! ([`crate::channel_handoff`]).
 
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use nestio_device_model::{
@@ -40,9 +51,10 @@ use nestio_device_model::{
     IrqInfo, MigState, MigrationFlags, RegionInfo, Result, VfioDevice,
 };
 use nestio_dma::{DmaMapRequest, DmaRange, MapTable};
+use nestio_vfio_user::endpoint::{Endpoint, Incoming};
 use nestio_vfio_user::proto::{hdr_flags, Command, Header, RegionAccess, HEADER_SIZE};
+use nestio_vfio_user::region_port::{posted_bar_mask, RegionPort};
 use nestio_vfio_user::socket::{recv_message, send_message};
-use parking_lot::Mutex;
 
 /// Largest access one channel message carries (register accesses are 1–8 bytes).
 pub const MAX_ACCESS: usize = 4096;
@@ -227,15 +239,15 @@ fn access(
 pub struct DirectBars {
     inner: Arc<dyn VfioDevice>,
     mask: u8,
-    chan: Mutex<Channel>,
+    /// BARs whose writes are posted over the channel.
+    posted: u8,
+    chan: Endpoint,
     /// Accesses sent over the channel.
-    sent: std::sync::atomic::AtomicU64,
-}
-
-struct Channel {
-    sock: UnixStream,
-    next_id: u16,
-    buf: Vec<u8>,
+    sent: AtomicU64,
+    /// Posted writes sent so far, and how many of them a reply on the channel has
+    /// since shown executed (a barrier is due while they differ).
+    posted_sent: AtomicU64,
+    posted_synced: AtomicU64,
 }
 
 impl DirectBars {
@@ -247,21 +259,21 @@ impl DirectBars {
         channel: UnixStream,
     ) -> std::result::Result<DirectBars, DirectError> {
         let mask = bar_mask(inner.as_ref())?;
+        let posted = posted_bar_mask(inner.as_ref()).map_err(DirectError::Device)? & mask;
         Ok(DirectBars {
             inner,
             mask,
-            chan: Mutex::new(Channel {
-                sock: channel,
-                next_id: 0,
-                buf: Vec::new(),
-            }),
-            sent: std::sync::atomic::AtomicU64::new(0),
+            posted,
+            chan: Endpoint::new(channel, MAX_MESSAGE, Incoming::Refuse, "bar-channel"),
+            sent: AtomicU64::new(0),
+            posted_sent: AtomicU64::new(0),
+            posted_synced: AtomicU64::new(0),
         })
     }
 
     /// BAR accesses sent over the channel so far.
     pub fn channel_accesses(&self) -> u64 {
-        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+        self.sent.load(Ordering::Relaxed)
     }
 
     /// The mediated device underneath.
@@ -269,51 +281,49 @@ impl DirectBars {
         &self.inner
     }
 
-    fn call(&self, cmd: Command, a: RegionAccess<'_>, read: Option<&mut [u8]>) -> Result<()> {
-        if a.count as usize > MAX_ACCESS {
+    fn port(&self) -> RegionPort<'_> {
+        RegionPort::new(&self.chan, MAX_ACCESS)
+    }
+
+    /// One access over the channel; a lost channel is reported as such.
+    fn on_channel(&self, len: usize, f: impl FnOnce(RegionPort<'_>) -> Result<()>) -> Result<()> {
+        if len > MAX_ACCESS {
             return Err(DeviceError::Invalid(format!(
-                "BAR channel access of {} bytes: at most {MAX_ACCESS}",
-                a.count
+                "BAR channel access of {len} bytes: at most {MAX_ACCESS}"
             )));
         }
-        let lost = |e: &dyn std::fmt::Display| {
-            DeviceError::Disconnected(format!(
-                "BAR channel: {e}; the device side or the level that opened it went away"
-            ))
-        };
-        self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut c = self.chan.lock();
-        let Channel { sock, next_id, buf } = &mut *c;
-        *next_id = next_id.wrapping_add(1);
-        buf.clear();
-        a.encode_into(buf);
-        let h = Header::command(*next_id, cmd, buf.len()).map_err(|e| lost(&e))?;
-        send_message(sock, &h, buf, &[]).map_err(|e| lost(&e))?;
-        let m = recv_message(sock, MAX_MESSAGE)
-            .map_err(|e| lost(&e))?
-            .ok_or_else(|| lost(&"closed"))?;
-        let bad = |what: &str| lost(&format!("bad reply ({what}, fd {})", sock.as_raw_fd()));
-        if m.header.msg_id != h.msg_id
-            || m.header.cmd != h.cmd
-            || m.header.msg_type() != nestio_vfio_user::proto::MsgType::Reply
-            || !m.fds.is_empty()
-        {
-            return Err(bad("not the answer to the request"));
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        f(self.port()).map_err(|e| match e {
+            DeviceError::Disconnected(why) => DeviceError::Disconnected(format!(
+                "BAR channel: {why}; the device side or the level that opened it went away"
+            )),
+            e => e,
+        })
+    }
+
+    /// A reply came for a request sent when `posted` writes had been posted: those
+    /// have been executed.
+    fn synced(&self, posted: u64) {
+        self.posted_synced.fetch_max(posted, Ordering::AcqRel);
+    }
+
+    /// Before a mediated access: make sure every write posted on the channel has been
+    /// executed (the barrier of the module documentation).
+    fn barrier(&self) -> Result<()> {
+        let posted = self.posted_sent.load(Ordering::Acquire);
+        if self.posted_synced.load(Ordering::Acquire) >= posted {
+            return Ok(());
         }
-        if m.header.is_error() {
-            return Err(DeviceError::Remote {
-                what: format!("BAR channel {cmd:?} of region {}", a.region),
-                errno: m.header.error as i32,
-            });
+        let first = self.mask.trailing_zeros();
+        let r = self.on_channel(0, |p| p.read(first, 0, &mut []));
+        match r {
+            // The channel refuses a zero-byte access: any answer is the barrier.
+            Ok(()) | Err(DeviceError::Remote { .. }) => {
+                self.synced(posted);
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
-        let r = RegionAccess::decode(&m.payload, read.is_some()).map_err(|_| bad("malformed"))?;
-        if r.region != a.region || r.offset != a.offset || r.count != a.count {
-            return Err(bad("another access"));
-        }
-        if let Some(out) = read {
-            out.copy_from_slice(r.data);
-        }
-        Ok(())
     }
 }
 
@@ -326,31 +336,28 @@ impl VfioDevice for DirectBars {
     }
     fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         if !allowed(self.mask, index) || buf.is_empty() {
+            self.barrier()?;
             return self.inner.region_read(index, offset, buf);
         }
-        let count = u32::try_from(buf.len())
-            .map_err(|_| DeviceError::Invalid("access too large".into()))?;
-        let a = RegionAccess {
-            offset,
-            region: index,
-            count,
-            data: &[],
-        };
-        self.call(Command::RegionRead, a, Some(buf))
+        let posted = self.posted_sent.load(Ordering::Acquire);
+        self.on_channel(buf.len(), |p| p.read(index, offset, buf))?;
+        self.synced(posted);
+        Ok(())
     }
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
         if !allowed(self.mask, index) || data.is_empty() {
+            self.barrier()?;
             return self.inner.region_write(index, offset, data);
         }
-        let count = u32::try_from(data.len())
-            .map_err(|_| DeviceError::Invalid("access too large".into()))?;
-        let a = RegionAccess {
-            offset,
-            region: index,
-            count,
-            data,
-        };
-        self.call(Command::RegionWrite, a, None)
+        if self.posted & (1 << index) != 0 {
+            self.on_channel(data.len(), |p| p.write_posted(index, offset, data))?;
+            self.posted_sent.fetch_add(1, Ordering::AcqRel);
+            return Ok(());
+        }
+        let posted = self.posted_sent.load(Ordering::Acquire);
+        self.on_channel(data.len(), |p| p.write(index, offset, data))?;
+        self.synced(posted);
+        Ok(())
     }
     fn region_io_fds(&self, index: u32) -> Result<Vec<IoEventFd>> {
         self.inner.region_io_fds(index)
@@ -366,9 +373,11 @@ impl VfioDevice for DirectBars {
         count: u32,
         data: IrqData,
     ) -> Result<()> {
+        self.barrier()?;
         self.inner.set_irqs(index, action, start, count, data)
     }
     fn reset(&self) -> Result<()> {
+        self.barrier()?;
         self.inner.reset()
     }
     fn dma_port(&self) -> Option<&DmaPort> {
@@ -378,24 +387,30 @@ impl VfioDevice for DirectBars {
         self.inner.dma_table()
     }
     fn dma_map(&self, req: DmaMapRequest) -> Result<()> {
+        self.barrier()?;
         self.inner.dma_map(req)
     }
     fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
+        self.barrier()?;
         self.inner.dma_unmap(iova, size)
     }
     fn dma_unmap_all(&self) -> Result<()> {
+        self.barrier()?;
         self.inner.dma_unmap_all()
     }
     fn migration_flags(&self) -> Option<MigrationFlags> {
         self.inner.migration_flags()
     }
     fn mig_state(&self) -> Result<MigState> {
+        self.barrier()?;
         self.inner.mig_state()
     }
     fn mig_set_state(&self, target: MigState) -> Result<MigState> {
+        self.barrier()?;
         self.inner.mig_set_state(target)
     }
     fn mig_data_read(&self, buf: &mut [u8]) -> Result<usize> {
+        self.barrier()?;
         self.inner.mig_data_read(buf)
     }
     fn mig_data_write(&self, data: &[u8]) -> Result<()> {
@@ -408,6 +423,7 @@ impl VfioDevice for DirectBars {
         self.inner.dma_logging_stop()
     }
     fn dma_logging_report(&self, range: DmaRange, page_size: u64) -> Result<Vec<u64>> {
+        self.barrier()?;
         self.inner.dma_logging_report(range, page_size)
     }
 }

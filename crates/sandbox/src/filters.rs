@@ -93,6 +93,7 @@ impl Profile {
                 Files,
                 OpenNoCreate,
                 Signals,
+                PostedRing,
             ],
             Profile::Vmm => &[
                 Base,
@@ -107,11 +108,20 @@ impl Profile {
                 Signals,
                 Unlink,
                 Narrowing,
+                PostedRing,
             ],
             Profile::Vcpu => &[Base, Threads, PeerSockets, Files, Kvm, Eventfds],
             Profile::Control => &[Base, PeerSockets, Kvm, Terminal, Signals, Unlink],
             Profile::SerialInput => &[Base, Kvm],
-            Profile::Export => &[Base, Threads, PeerSockets, Accept, Files, OpenNoCreate],
+            Profile::Export => &[
+                Base,
+                Threads,
+                PeerSockets,
+                Accept,
+                Files,
+                OpenNoCreate,
+                PostedRing,
+            ],
         }
     }
 
@@ -199,6 +209,11 @@ enum Group {
     Signals,
     /// Removing the level's own socket files on exit.
     Unlink,
+    /// A vfio-user server's posted-write ring (`nestio_vfio_user::posted_ring`), made
+    /// per session: a close-on-exec sealable memfd, sized by `pwrite` (no `ftruncate`,
+    /// which could shrink a peer's file), sealed with exactly the ring's seals, and a
+    /// non-blocking kick eventfd.
+    PostedRing,
     /// A thread adding its own, narrower filter (what seccompiler's install does:
     /// `PR_SET_NO_NEW_PRIVS`, then `seccomp(SECCOMP_SET_MODE_FILTER)`). A filter can
     /// only take rights away, so this widens nothing.
@@ -365,6 +380,23 @@ impl Group {
                 ),
             )],
             Group::Eventfds => any(&[SYS_eventfd2]),
+            Group::PostedRing => vec![
+                (
+                    SYS_memfd_create,
+                    Some(vec![vec![eq(1, (MFD_CLOEXEC | MFD_ALLOW_SEALING) as u64)]]),
+                ),
+                (
+                    SYS_fcntl,
+                    Some(vec![vec![
+                        eq(1, F_ADD_SEALS as u64),
+                        eq(2, (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) as u64),
+                    ]]),
+                ),
+                (
+                    SYS_eventfd2,
+                    Some(vec![vec![eq(1, (EFD_NONBLOCK | EFD_CLOEXEC) as u64)]]),
+                ),
+            ],
             // Any signal's disposition but SIGSYS's: the blocked-call report stays.
             Group::Signals => vec![(
                 SYS_rt_sigaction,

@@ -46,12 +46,13 @@ use crate::nested_iommu::{
     FaultInbox, InvalidateReply, IommuBind, IommuFault, IommuInvalidate, NestedIommuCap,
     NestedIommuCaps,
 };
+use crate::posted_ring::{PushError, RingProducer};
 use crate::proto::{
     self, dma_flags, feature, irq_set_flags, Capabilities, Command, DeviceFeature, DeviceInfoMsg,
     DmaAccess, DmaMap, DmaUnmap, IoFdsMsg, IoFdsReply, IrqInfoMsg, IrqSet, LoggingControl,
-    LoggingReport, MigData, MultiWrite, RegionAccess, RegionInfoMsg, RegionInfoReply, Version,
-    WriteMulti,
+    LoggingReport, MigData, MultiWrite, RegionInfoMsg, RegionInfoReply, Version, WriteMulti,
 };
+use crate::region_port::RegionPort;
 use crate::socket::Message;
 
 /// Client settings.
@@ -73,6 +74,9 @@ pub struct ClientConfig {
     /// client's vIOMMU can describe to its guest); `None`: not proposed (the default,
     /// so servers that do not know the key never see it).
     pub nested_iommu: Option<NestedIommuCaps>,
+    /// Offer nestio's posted-write ring ([`crate::posted_ring`]); a server without it
+    /// gets posted writes over the socket.
+    pub posted_ring: bool,
 }
 
 impl Default for ClientConfig {
@@ -84,6 +88,7 @@ impl Default for ClientConfig {
             max_msg_fds: 64,
             reply_timeout: None,
             nested_iommu: None,
+            posted_ring: true,
         }
     }
 }
@@ -202,9 +207,11 @@ pub struct Client {
     nested: Option<NestedIommuCaps>,
     /// FAULT messages from the server, for [`Client::take_iommu_faults`].
     faults: Arc<FaultInbox>,
+    /// nestio's posted-write ring, when the server enabled it.
+    ring: Option<RingProducer>,
 }
 
-fn disconnected(e: EndpointError) -> DeviceError {
+pub(crate) fn disconnected(e: EndpointError) -> DeviceError {
     match e {
         EndpointError::Closed(why) => DeviceError::Disconnected(format!(
             "vfio-user server went away ({why}); the device must be reset or reconnected"
@@ -217,14 +224,14 @@ fn disconnected(e: EndpointError) -> DeviceError {
     }
 }
 
-fn reply_errno(m: &Message) -> i32 {
+pub(crate) fn reply_errno(m: &Message) -> i32 {
     match m.header.error as i32 {
         0 => libc::EIO,
         e => e,
     }
 }
 
-fn bad_reply(what: &str, e: impl std::fmt::Display) -> DeviceError {
+pub(crate) fn bad_reply(what: &str, e: impl std::fmt::Display) -> DeviceError {
     DeviceError::Invalid(format!(
         "malformed {what} reply from the vfio-user server: {e}"
     ))
@@ -255,7 +262,7 @@ impl Client {
             "client",
         ));
         ep.set_reply_timeout(config.reply_timeout);
-        let offer = Version {
+        let mut offer = Version {
             major: proto::VERSION_MAJOR,
             minor: proto::VERSION_MINOR,
             // Within every server parser's bounds (proto's table).
@@ -266,8 +273,11 @@ impl Client {
                 config.write_multiple,
             ),
         };
-        let mut offer = offer;
         offer.caps.nestio_nested_iommu = config.nested_iommu.clone().map(NestedIommuCap::smmuv3);
+        offer.caps.nestio_posted_ring = config.posted_ring.then_some(proto::PostedRingCap {
+            supported: true,
+            ..Default::default()
+        });
         let mut b = Vec::new();
         offer.encode_into(&mut b);
         let mut reply = ep.request(Command::Version, &b, &[])?;
@@ -312,6 +322,9 @@ impl Client {
             faults.enable();
         }
         ep.set_max_msg_size(my_xfer.max(1 << 20) + 4096);
+        // Taken out by index (the twin socket's and the ring's), so none moves.
+        let mut fds: Vec<Option<OwnedFd>> = reply.fds.drain(..).map(Some).collect();
+        let ring = ring_from_reply(&config, &v.caps, &mut fds)?;
         let mut twin = None;
         if v.caps.twin_supported() {
             if !config.twin_socket {
@@ -322,13 +335,15 @@ impl Client {
             let idx = v.caps.twin_socket.and_then(|t| t.fd_index).ok_or_else(|| {
                 ClientError::Protocol("twin socket enabled without fd_index".into())
             })?;
-            if idx as usize >= reply.fds.len() {
-                return Err(ClientError::Protocol(format!(
-                    "twin socket fd_index {idx} but the reply carries {} fds",
-                    reply.fds.len()
-                )));
-            }
-            let fd: OwnedFd = reply.fds.swap_remove(idx as usize);
+            let n = fds.len();
+            let fd: OwnedFd = fds
+                .get_mut(idx as usize)
+                .and_then(Option::take)
+                .ok_or_else(|| {
+                    ClientError::Protocol(format!(
+                        "twin socket fd_index {idx} but the reply carries {n} fds (or the index is taken)"
+                    ))
+                })?;
             let stream = UnixStream::from(fd);
             let tep = Arc::new(Endpoint::new(
                 stream,
@@ -352,6 +367,7 @@ impl Client {
             write_multiple: config.write_multiple && v.caps.write_multiple,
             nested,
             faults,
+            ring,
             version: v,
             info: DeviceInfo {
                 flags: 0,
@@ -443,55 +459,39 @@ impl Client {
         Ok(())
     }
 
-    /// Encodes into `b` the REGION_READ/WRITE request for the next chunk (at most
-    /// `max_xfer` bytes) of a `len`-byte access at `offset`, `done` bytes in; `data` is
-    /// the whole write buffer (`None` for a read). Returns the chunk's offset and length.
-    fn encode_region_chunk(
-        &self,
-        b: &mut Vec<u8>,
-        index: u32,
-        offset: u64,
-        len: usize,
-        done: usize,
-        data: Option<&[u8]>,
-    ) -> Result<(u64, usize)> {
-        let n = len.saturating_sub(done).min(self.max_xfer);
-        let off = offset
-            .checked_add(done as u64)
-            .ok_or_else(|| DeviceError::Invalid("offset overflows".into()))?;
-        let count =
-            u32::try_from(n).map_err(|_| DeviceError::Invalid("access too large".into()))?;
-        let chunk = match data {
-            Some(d) => d
-                .get(done..done + n)
-                .ok_or_else(|| DeviceError::Invalid("access outside the buffer".into()))?,
-            None => &[],
-        };
-        b.clear();
-        RegionAccess {
-            offset: off,
-            region: index,
-            count,
-            data: chunk,
-        }
-        .encode_into(b);
-        Ok((off, n))
+    /// Region accesses over the main socket (shared with the BAR channel, see
+    /// [`crate::region_port`]).
+    fn port(&self) -> RegionPort<'_> {
+        RegionPort::new(&self.ep, self.max_xfer)
     }
 
     /// A region write that asks for no reply (posted, like PCI MMIO writes). Errors are
-    /// only logged by the server.
+    /// only logged by the server. With nestio's posted-write ring, a write of at most 8
+    /// bytes goes into the ring; a larger one, or one that finds the ring full, is sent
+    /// synchronously (which keeps the order, see [`crate::posted_ring`]).
     pub fn region_write_posted(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
-        let mut done = 0usize;
-        let mut b = Vec::with_capacity(RegionAccess::SIZE + data.len().min(self.max_xfer));
-        while done < data.len() {
-            let (_, n) =
-                self.encode_region_chunk(&mut b, index, offset, data.len(), done, Some(data))?;
-            self.ep
-                .post(Command::RegionWrite, &b, &[])
-                .map_err(disconnected)?;
-            done += n;
+        if data.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        if let Some(ring) = &self.ring {
+            return match ring.push(index, offset, data) {
+                Ok(()) => Ok(()),
+                Err(PushError::Full | PushError::TooLarge) => {
+                    self.region_write(index, offset, data)
+                }
+                Err(PushError::Closed) => Err(DeviceError::Disconnected(
+                    "vfio-user server ended the session (its posted-write ring is closed); \
+                     the device must be reset or reconnected"
+                        .into(),
+                )),
+            };
+        }
+        self.port().write_posted(index, offset, data)
+    }
+
+    /// nestio's posted-write ring, when the server enabled it.
+    pub fn posted_ring(&self) -> Option<&RingProducer> {
+        self.ring.as_ref()
     }
 
     /// Give the device an INTx unmask eventfd (SET_IRQS ACTION_UNMASK | DATA_EVENTFD on
@@ -594,18 +594,47 @@ impl Client {
     }
 }
 
-/// A REGION_READ/WRITE reply must echo the access it answers (offset, region, count).
-fn check_region_reply(
-    what: &str,
-    r: &RegionAccess<'_>,
-    offset: u64,
-    region: u32,
-    count: usize,
-) -> Result<()> {
-    if r.offset != offset || r.region != region || r.count as usize != count {
-        return Err(bad_reply(what, "reply describes a different access"));
+/// The posted-write ring the server's VERSION reply enables, taking its fds out of
+/// `fds`. Indices that do not name two distinct fds break the protocol; memory that is
+/// unsafe to map (not sealed, too small) is refused with a warning and posted writes go
+/// over the socket.
+fn ring_from_reply(
+    config: &ClientConfig,
+    caps: &Capabilities,
+    fds: &mut [Option<OwnedFd>],
+) -> std::result::Result<Option<RingProducer>, ClientError> {
+    let Some(r) = caps.nestio_posted_ring.filter(|r| r.supported) else {
+        return Ok(None);
+    };
+    if !config.posted_ring {
+        return Err(ClientError::Protocol(
+            "server enabled a posted-write ring we did not offer".into(),
+        ));
     }
-    Ok(())
+    let (Some(entries), Some(mi), Some(ki)) = (r.entries, r.fd_index, r.kick_fd_index) else {
+        return Err(ClientError::Protocol(
+            "posted-write ring enabled without entries, fd_index and kick_fd_index".into(),
+        ));
+    };
+    let n = fds.len();
+    let mut take = |i: u32, what: &str| {
+        fds.get_mut(i as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| {
+                ClientError::Protocol(format!(
+                    "posted-write ring {what} {i} but the reply carries {n} fds (or the index is taken)"
+                ))
+            })
+    };
+    let memfd = take(mi, "fd_index")?;
+    let kick = take(ki, "kick_fd_index")?;
+    match RingProducer::attach(memfd, kick, entries) {
+        Ok(p) => Ok(Some(p)),
+        Err(e) => {
+            tracing::warn!(error = %e, "not using the server's posted-write ring");
+            Ok(None)
+        }
+    }
 }
 
 /// A command from the server: DMA_READ/WRITE for the peer mappings, or a nested-IOMMU
@@ -865,40 +894,11 @@ impl VfioDevice for Client {
     }
 
     fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let mut done = 0usize;
-        let mut b = Vec::with_capacity(RegionAccess::SIZE);
-        while done < buf.len() || (buf.is_empty() && done == 0) {
-            let (off, n) =
-                self.encode_region_chunk(&mut b, index, offset, buf.len(), done, None)?;
-            let m = self.call("REGION_READ", Command::RegionRead, &b, &[])?;
-            let r =
-                RegionAccess::decode(&m.payload, true).map_err(|e| bad_reply("REGION_READ", e))?;
-            check_region_reply("REGION_READ", &r, off, index, n)?;
-            buf[done..done + n].copy_from_slice(r.data);
-            done += n;
-            if n == 0 {
-                break;
-            }
-        }
-        Ok(())
+        self.port().read(index, offset, buf)
     }
 
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
-        let mut done = 0usize;
-        let mut b = Vec::with_capacity(RegionAccess::SIZE + data.len().min(self.max_xfer));
-        while done < data.len() || (data.is_empty() && done == 0) {
-            let (off, n) =
-                self.encode_region_chunk(&mut b, index, offset, data.len(), done, Some(data))?;
-            let m = self.call("REGION_WRITE", Command::RegionWrite, &b, &[])?;
-            let r = RegionAccess::decode(&m.payload, false)
-                .map_err(|e| bad_reply("REGION_WRITE", e))?;
-            check_region_reply("REGION_WRITE", &r, off, index, n)?;
-            done += n;
-            if n == 0 {
-                break;
-            }
-        }
-        Ok(())
+        self.port().write(index, offset, data)
     }
 
     fn region_io_fds(&self, index: u32) -> Result<Vec<IoEventFd>> {

@@ -236,6 +236,7 @@ fn client_run_timeout(data: &[u8], timeout: std::time::Duration) -> usize {
         reply_timeout: Some(timeout),
         // v0 bit 6: propose the nested-IOMMU extension.
         nested_iommu: (v0 & 0x40 != 0).then(NestedIommuCaps::default),
+        posted_ring: settings & 0x80 != 0,
     };
     let Ok((client_end, server_end)) = UnixStream::pair() else {
         return 0;

@@ -13,6 +13,11 @@
 //! - [`nested_iommu`]: nestio's extension giving the device the guest's SMMUv3 stage 1
 //!   (capability, BIND/UNBIND/INVALIDATE/FAULT, the server's bound DMA space);
 //! - [`conformance`]: a conformance suite of named spec checks run against any server;
+//! - [`posted_ring`]: nestio's extension: posted BAR writes through a shared-memory
+//!   ring instead of a message each;
+//! - [`region_port`]: region accesses (synchronous and posted) over a connection, and
+//!   which BARs take posted writes — shared by the client, the VMM and the nested BAR
+//!   channel;
 //! - [`testdev`]: a small device used by tests, the fuzzer and the benchmark;
 //! - [`bench`]: round-trip and throughput measurement.
 
@@ -24,7 +29,9 @@ pub mod endpoint;
 #[cfg(feature = "harness")]
 pub mod fuzzing;
 pub mod nested_iommu;
+pub mod posted_ring;
 pub mod proto;
+pub mod region_port;
 pub mod server;
 pub mod socket;
 #[cfg(feature = "harness")]

@@ -544,6 +544,25 @@ pub struct TwinSocket {
     pub fd_index: Option<u32>,
 }
 
+/// `nestio_posted_ring` capability: nestio's posted-write ring
+/// ([`crate::posted_ring`]). Proposed only by nestio's client, answered only by nestio's
+/// server; every other peer ignores the unknown key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PostedRingCap {
+    /// The sender supports (request) / enabled (reply) the ring.
+    #[serde(default)]
+    pub supported: bool,
+    /// Reply only: entries in the ring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<u32>,
+    /// Reply only: index of the ring memfd in the reply's fds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd_index: Option<u32>,
+    /// Reply only: index of the kick eventfd in the reply's fds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kick_fd_index: Option<u32>,
+}
+
 /// The legacy `migration` capability (sent for compatibility).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LegacyMigration {
@@ -597,6 +616,9 @@ pub struct Capabilities {
     /// asks for it, answered only to such a client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nestio_nested_iommu: Option<crate::nested_iommu::NestedIommuCap>,
+    /// nestio's posted-write ring (an extension; see [`PostedRingCap`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nestio_posted_ring: Option<PostedRingCap>,
 }
 
 impl Default for Capabilities {
@@ -610,6 +632,7 @@ impl Default for Capabilities {
             write_multiple: false,
             migration: None,
             nestio_nested_iommu: None,
+            nestio_posted_ring: None,
         }
     }
 }
@@ -679,6 +702,7 @@ impl Capabilities {
                 max_bitmap_size: u64::from(max_data_xfer_size).min(portable::MAX_BITMAP),
             }),
             nestio_nested_iommu: None,
+            nestio_posted_ring: None,
         }
     }
 
@@ -703,6 +727,7 @@ impl Capabilities {
             write_multiple,
             migration: None,
             nestio_nested_iommu: None,
+            nestio_posted_ring: None,
         }
     }
 }

@@ -56,6 +56,7 @@ use nestio_dma::{DmaBacking, DmaMapRequest, DmaPeer, DmaRange, Prot};
 
 use crate::endpoint::{Endpoint, EndpointError, Incoming};
 use crate::nested_iommu::{self, IommuBind, NestedSession};
+use crate::posted_ring::{PostedRing, RingConfig};
 use crate::proto::{
     self, dma_flags, feature, irq_set_flags, Capabilities, Command, DeviceFeature, DeviceInfoMsg,
     DmaAccess, DmaMap, DmaUnmap, IoFdEntry, IoFdsMsg, IoFdsReply, IrqInfoMsg, IrqSet,
@@ -96,6 +97,9 @@ pub struct ServerConfig {
     /// stage 1, `crate::nested_iommu`) when the device has a DMA port. Off: the
     /// capability is never answered, so the client falls back to shadowing.
     pub nested_iommu: bool,
+    /// Answer nestio's client's posted-write ring proposal ([`crate::posted_ring`]);
+    /// None: posted writes keep coming over the socket.
+    pub posted_ring: Option<RingConfig>,
 }
 
 /// Who may talk to the server, by the peer's effective uid at connect time.
@@ -157,6 +161,7 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             busy_grace: DEFAULT_BUSY_GRACE,
             nested_iommu: true,
+            posted_ring: Some(RingConfig::default()),
         }
     }
 }
@@ -553,6 +558,7 @@ impl Server {
             out: Vec::with_capacity(4096),
             nested: NestedSession::default(),
             dma_ranges: std::collections::BTreeMap::new(),
+            ring: None,
         };
         let handshake = self
             .config
@@ -667,6 +673,9 @@ struct Session<'a> {
     /// EEXIST and DMA_UNMAP must name one exactly (ENOENT) whatever the device keeps: a
     /// device without a map table (no DMA of its own) records nothing itself.
     dma_ranges: std::collections::BTreeMap<u64, u64>,
+    /// nestio's posted-write ring, when the client proposed it: drained before every
+    /// socket message.
+    ring: Option<PostedRing>,
 }
 
 /// What a handler hands back: fds to attach to the reply.
@@ -700,6 +709,10 @@ impl Session<'_> {
         // After the sockets: a fault reporter blocked in a send fails at once.
         let server = self.server;
         self.nested.end(server.device.dma_port());
+        // No ring write runs after the session: the ring thread is joined (and the
+        // ring marked closed for the client) before the device is released. (After the
+        // sockets: a ring write waiting for DMA by message then fails at once.)
+        drop(self.ring.take());
         if std::mem::take(&mut self.owner) {
             if let Some(x) = &self.server.extension {
                 x.owner_left();
@@ -737,6 +750,13 @@ impl Session<'_> {
         }
         if self.client.is_none() {
             return self.version(m);
+        }
+        // Ordering: every posted write in the ring before this message runs first.
+        if let Some(ring) = &self.ring {
+            if let Err(e) = ring.drain() {
+                tracing::warn!(error = %e, "posted-write ring");
+                return Ok(Flow::Close(e.to_string()));
+            }
         }
         if m.fds.len() > self.cfg().max_msg_fds as usize {
             tracing::warn!(fds = m.fds.len(), "too many fds in one message");
@@ -814,15 +834,20 @@ impl Session<'_> {
                 fd_index: Some(0),
             });
         }
+        let ring_fds = self.open_ring(&v.caps, &mut caps, usize::from(twin));
         let reply = Version {
             major: proto::VERSION_MAJOR,
             minor: v.minor.min(proto::VERSION_MINOR),
             caps,
         };
         reply.encode_into(&mut self.out);
-        let raw: Vec<RawFd> = client_end.iter().map(|f| f.as_raw_fd()).collect();
+        let mut raw: Vec<RawFd> = client_end.iter().map(|f| f.as_raw_fd()).collect();
+        if let Some(r) = &ring_fds {
+            raw.extend([r.memfd.as_raw_fd(), r.kick.as_raw_fd()]);
+        }
         self.ep.reply(&m.header, Ok(&self.out), &raw)?;
         drop(client_end);
+        drop(ring_fds);
         tracing::info!(
             minor = reply.minor,
             twin,
@@ -858,6 +883,43 @@ impl Session<'_> {
             return Err((libc::EINVAL, "VERSION carried file descriptors".into()));
         }
         Ok(v)
+    }
+
+    /// Start nestio's posted-write ring when the client proposed it and we offer it, and
+    /// describe it in `caps` with its fds at `first_fd` and `first_fd + 1` of the reply.
+    /// A ring that cannot be set up is logged and left out: writes come by socket.
+    fn open_ring(
+        &mut self,
+        client: &Capabilities,
+        caps: &mut Capabilities,
+        first_fd: usize,
+    ) -> Option<crate::posted_ring::RingFds> {
+        let config = self.cfg().posted_ring?;
+        if !client.nestio_posted_ring.is_some_and(|r| r.supported) {
+            return None;
+        }
+        let ep = Arc::downgrade(&self.ep);
+        let on_corrupt = Box::new(move |e: &crate::posted_ring::RingError| {
+            if let Some(ep) = ep.upgrade() {
+                ep.shutdown(&e.to_string());
+            }
+        });
+        match PostedRing::start(self.server.device.clone(), config, on_corrupt) {
+            Ok((ring, fds)) => {
+                caps.nestio_posted_ring = Some(proto::PostedRingCap {
+                    supported: true,
+                    entries: Some(ring.entries()),
+                    fd_index: Some(first_fd as u32),
+                    kick_fd_index: Some(first_fd as u32 + 1),
+                });
+                self.ring = Some(ring);
+                Some(fds)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "continuing without the posted-write ring");
+                None
+            }
+        }
     }
 
     /// Create the twin socket (server->client commands); returns the client's end, or

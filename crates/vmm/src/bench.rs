@@ -186,8 +186,11 @@ pub struct PostedReport {
     pub local: DeviceCosts,
     /// The vfio-user device with `posted-writes=off` (every write waits for its reply).
     pub sync: DeviceCosts,
-    /// The vfio-user device with posted writes (the default).
+    /// The vfio-user device with posted writes over the socket (`posted-ring=off`).
     pub posted: DeviceCosts,
+    /// The vfio-user device with posted writes through nestio's shared-memory ring (the
+    /// default).
+    pub ring: DeviceCosts,
 }
 
 impl PostedReport {
@@ -195,9 +198,13 @@ impl PostedReport {
     pub fn sync_over_local_write(&self) -> f64 {
         self.sync.write as f64 / self.local.write.max(1) as f64
     }
-    /// Posted vfio-user MMIO write / in-process one ("after").
+    /// Posted (socket) vfio-user MMIO write / in-process one.
     pub fn posted_over_local_write(&self) -> f64 {
         self.posted.write as f64 / self.local.write.max(1) as f64
+    }
+    /// Posted (ring) vfio-user MMIO write / in-process one.
+    pub fn ring_over_local_write(&self) -> f64 {
+        self.ring.write as f64 / self.local.write.max(1) as f64
     }
 }
 
@@ -207,7 +214,8 @@ impl std::fmt::Display for PostedReport {
         for (name, c) in [
             ("in-process", self.local),
             ("vfio-user, posted-writes=off", self.sync),
-            ("vfio-user, posted-writes=on", self.posted),
+            ("vfio-user, posted, socket", self.posted),
+            ("vfio-user, posted, ring", self.ring),
         ] {
             writeln!(
                 f,
@@ -218,25 +226,32 @@ impl std::fmt::Display for PostedReport {
         writeln!(f, "ratios:")?;
         writeln!(
             f,
-            "  MMIO write, vfio-user / in-process, posted-writes=off (before): {:.2}",
+            "  MMIO write, vfio-user / in-process, posted-writes=off:               {:.2}",
             self.sync_over_local_write()
+        )?;
+        writeln!(
+            f,
+            "  MMIO write, vfio-user / in-process, posted over the socket (before): {:.2}",
+            self.posted_over_local_write()
         )?;
         write!(
             f,
-            "  MMIO write, vfio-user / in-process, posted-writes=on  (after):  {:.2}",
-            self.posted_over_local_write()
+            "  MMIO write, vfio-user / in-process, posted through the ring (after): {:.2}",
+            self.ring_over_local_write()
         )
     }
 }
 
-/// Run the posted-write benchmark: `local` a sample device object; `sync_socket` and
-/// `posted_socket` two vfio-user servers each serving a sample device (a server serves
-/// one client at a time). The same guest times all three devices in one run.
+/// Run the posted-write benchmark: `local` a sample device object; `sync_socket`,
+/// `posted_socket` and `ring_socket` three vfio-user servers each serving a sample
+/// device (a server serves one client at a time). The same guest times all four
+/// devices in one run.
 pub fn posted_write_costs(
     payload: impl Into<PathBuf>,
     local: Arc<dyn VfioDevice>,
     sync_socket: PathBuf,
     posted_socket: PathBuf,
+    ring_socket: PathBuf,
 ) -> Result<PostedReport, ExitBenchError> {
     let devices = vec![
         DeviceConfig::Local {
@@ -247,13 +262,19 @@ pub fn posted_write_costs(
             socket: sync_socket,
             options: crate::remote::RemoteOptions {
                 posted_writes: false,
+                posted_ring: false,
             },
         },
         DeviceConfig::VfioUserWith {
             socket: posted_socket,
             options: crate::remote::RemoteOptions {
                 posted_writes: true,
+                posted_ring: false,
             },
+        },
+        DeviceConfig::VfioUserWith {
+            socket: ring_socket,
+            options: crate::remote::RemoteOptions::default(),
         },
     ];
     let c = run_guest(payload.into(), devices)?;
@@ -261,6 +282,7 @@ pub fn posted_write_costs(
         local: c[0],
         sync: c[1],
         posted: c[2],
+        ring: c[3],
     })
 }
 

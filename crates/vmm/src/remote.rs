@@ -1,4 +1,5 @@
-//! Devices served by another process: `--device vfio-user=PATH[,posted-writes=on|off]`
+//! Devices served by another process:
+//! `--device vfio-user=PATH[,posted-writes=on|off][,posted-ring=on|off]`
 //! connects the vfio-user client ([`nestio_vfio_user::Client`]), which is itself a
 //! [`VfioDevice`], so the VMM wires it exactly like an in-process device.
 //!
@@ -9,6 +10,16 @@
 //! sent as REGION_WRITE with the header's no_reply flag (`VFIO_USER_F_NO_REPLY`) and the
 //! vCPU resumes as soon as the message is in the socket, instead of waiting for a reply
 //! ([`PostedWrites`] wraps the client and decides per region, once, at connect).
+//!
+//! With a nestio server (and `posted-ring=on`, the default) the client does not even
+//! send a message: a posted write of up to 8 bytes goes into nestio's shared-memory
+//! ring ([`nestio_vfio_user::posted_ring`]), and the server's ring thread is kicked
+//! through an eventfd only when it sleeps. The server executes every ring entry before
+//! it handles any socket message, so the ordering below holds unchanged; a refused ring
+//! write is logged by the server and counted in the ring; a session the server ended is
+//! reported by the next posted write (`Disconnected`), and a server that died without
+//! ending it when the ring fills (the overflow is sent synchronously and fails). Other
+//! servers (libvfio-user, Cloud Hypervisor's) get today's no_reply messages.
 //!
 //! - **What is posted**: writes to PCI BARs 0–5 that are memory BARs (bit 0 of the BAR
 //!   register clear: I/O writes are non-posted in PCI), writable, and not mmappable
@@ -35,8 +46,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nestio_device_model::{
-    pci_index, region_flags, DeviceInfo, IoEventFd, IrqAction, IrqData, IrqInfo, MigState,
-    MigrationFlags, RegionInfo, Result, VfioDevice,
+    DeviceInfo, IoEventFd, IrqAction, IrqData, IrqInfo, MigState, MigrationFlags, RegionInfo,
+    Result, VfioDevice,
 };
 use nestio_dma::{DmaMapRequest, DmaRange, MapTable};
 use nestio_vfio_user::Client;
@@ -48,12 +59,15 @@ use crate::pci::PciHostError;
 pub struct RemoteOptions {
     /// Send guest writes to memory BARs as posted (no-reply) REGION_WRITEs.
     pub posted_writes: bool,
+    /// Offer nestio's shared-memory ring for posted writes (nestio servers only).
+    pub posted_ring: bool,
 }
 
 impl Default for RemoteOptions {
     fn default() -> Self {
         RemoteOptions {
             posted_writes: true,
+            posted_ring: true,
         }
     }
 }
@@ -62,10 +76,12 @@ impl Default for RemoteOptions {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RemoteSpecError {
     /// Not `vfio-user=PATH...`.
-    #[error("invalid --device {0:?}: use vfio-user=PATH[,posted-writes=on|off]")]
+    #[error(
+        "invalid --device {0:?}: use vfio-user=PATH[,posted-writes=on|off][,posted-ring=on|off]"
+    )]
     NotVfioUser(String),
     /// An option this VMM does not know.
-    #[error("unknown option {0:?} in --device: the only option is posted-writes=on|off")]
+    #[error("unknown option {0:?} in --device: the options are posted-writes=on|off and posted-ring=on|off")]
     UnknownOption(String),
     /// A known option with a value that is not understood.
     #[error("invalid value {value:?} for {key} in --device: use on or off")]
@@ -77,7 +93,7 @@ pub enum RemoteSpecError {
     },
 }
 
-/// Parse `vfio-user=PATH[,posted-writes=on|off]`. Options are peeled off the end, so a
+/// Parse `vfio-user=PATH[,posted-writes=on|off][,posted-ring=on|off]`. Options are peeled off the end, so a
 /// path may contain commas as long as no comma is followed by `word=`.
 pub fn parse_spec(s: &str) -> std::result::Result<(PathBuf, RemoteOptions), RemoteSpecError> {
     let rest = match s.split_once('=') {
@@ -93,19 +109,17 @@ pub fn parse_spec(s: &str) -> std::result::Result<(PathBuf, RemoteOptions), Remo
         if key.is_empty() || !key.chars().all(|c| c.is_ascii_lowercase() || c == '-') {
             break;
         }
+        let on = || match value {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            _ => Err(RemoteSpecError::BadValue {
+                key: key.into(),
+                value: value.into(),
+            }),
+        };
         match key {
-            "posted-writes" => {
-                opts.posted_writes = match value {
-                    "on" => true,
-                    "off" => false,
-                    _ => {
-                        return Err(RemoteSpecError::BadValue {
-                            key: key.into(),
-                            value: value.into(),
-                        })
-                    }
-                }
-            }
+            "posted-writes" => opts.posted_writes = on()?,
+            "posted-ring" => opts.posted_ring = on()?,
             _ => return Err(RemoteSpecError::UnknownOption(tail.into())),
         }
         path = head;
@@ -150,6 +164,7 @@ pub fn connect_nested(
     };
     let config = nestio_vfio_user::ClientConfig {
         nested_iommu: nested.then(nestio_vfio_user::nested_iommu::NestedIommuCaps::default),
+        posted_ring: options.posted_writes && options.posted_ring,
         ..nestio_vfio_user::ClientConfig::default()
     };
     let client = std::os::unix::net::UnixStream::connect(socket)
@@ -189,7 +204,7 @@ pub struct PostedWrites {
 impl PostedWrites {
     /// Wrap `client`, reading once which of its regions take posted writes.
     pub fn new(client: Client) -> Result<Self> {
-        let posted = posted_regions(&client)?;
+        let posted = nestio_vfio_user::region_port::posted_bar_mask(&client)?;
         tracing::debug!(regions = format!("{posted:#08b}"), "posted-write BARs");
         Ok(PostedWrites { client, posted })
     }
@@ -203,30 +218,6 @@ impl PostedWrites {
     pub fn client(&self) -> &Client {
         &self.client
     }
-}
-
-/// The BAR regions of a PCI device whose writes may be posted.
-fn posted_regions(dev: &dyn VfioDevice) -> Result<u8> {
-    if dev.info().flags & nestio_device_model::flags::PCI == 0 {
-        return Ok(0);
-    }
-    let mut mask = 0u8;
-    let bars = dev.info().num_regions.min(pci_index::ROM);
-    for index in 0..bars {
-        let info = dev.region_info(index)?;
-        let plain = info.size != 0
-            && info.flags & region_flags::WRITE != 0
-            && info.flags & region_flags::MMAP == 0;
-        if !plain {
-            continue;
-        }
-        let mut bar = [0u8; 4];
-        dev.region_read(pci_index::CONFIG, 0x10 + 4 * u64::from(index), &mut bar)?;
-        if u32::from_le_bytes(bar) & 1 == 0 {
-            mask |= 1 << index;
-        }
-    }
-    Ok(mask)
 }
 
 impl VfioDevice for PostedWrites {
@@ -331,5 +322,14 @@ mod tests {
         assert!(parse_spec("vfio-user=").is_err());
         assert!(parse_spec("vfio-user=,posted-writes=off").is_err());
         assert!(parse_spec("e1000").is_err());
+        let (p, o) = parse_spec("vfio-user=/tmp/e.sock,posted-ring=off").unwrap();
+        assert_eq!(p, PathBuf::from("/tmp/e.sock"));
+        assert!(o.posted_writes && !o.posted_ring);
+        let (_, o) = parse_spec("vfio-user=/e,posted-ring=on,posted-writes=off").unwrap();
+        assert!(!o.posted_writes && o.posted_ring);
+        assert!(matches!(
+            parse_spec("vfio-user=/x,posted-ring=yes"),
+            Err(RemoteSpecError::BadValue { .. })
+        ));
     }
 }

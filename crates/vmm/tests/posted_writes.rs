@@ -2,7 +2,9 @@
 //! to plain memory BARs return without waiting for the server, a read after them sees
 //! them (one socket, executed in order), config space stays synchronous, a write the
 //! device refuses does not break the connection, and a dead server is noticed by the
-//! next posted write. Served by nestio's real server; no KVM needed.
+//! next posted write. Served by nestio's real server; no KVM needed. Each behaviour is
+//! checked with posted writes through nestio's shared-memory ring (the default between
+//! nestio's client and server) and over the socket (what other servers get).
 
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
@@ -74,7 +76,10 @@ struct Setup {
     entered: mpsc::Receiver<()>,
 }
 
-fn setup() -> Setup {
+/// The two ways a posted write travels: nestio's ring, and no_reply messages.
+const MODES: [bool; 2] = [true, false];
+
+fn setup(ring: bool) -> Setup {
     let (gate_tx, gate_rx) = mpsc::channel();
     let (entered_tx, entered_rx) = mpsc::channel();
     let device = Arc::new(Gated {
@@ -86,7 +91,15 @@ fn setup() -> Setup {
     let (a, b) = UnixStream::pair().unwrap();
     let server_end = b.try_clone().unwrap();
     std::thread::spawn(move || server.serve_stream(b));
-    let client = Client::from_stream(a, ClientConfig::default()).unwrap();
+    let client = Client::from_stream(
+        a,
+        ClientConfig {
+            posted_ring: ring,
+            ..ClientConfig::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(client.posted_ring().is_some(), ring);
     Setup {
         dev: Arc::new(PostedWrites::new(client).unwrap()),
         server_end,
@@ -103,7 +116,7 @@ fn read32(dev: &dyn VfioDevice, index: u32, offset: u64) -> u32 {
 
 #[test]
 fn only_plain_memory_bars_are_posted() {
-    let s = setup();
+    let s = setup(true);
     assert!(s.dev.is_posted(pci_index::BAR0), "BAR0: registers");
     assert!(!s.dev.is_posted(RAM_BAR), "the RAM BAR is mmappable");
     assert!(
@@ -119,7 +132,13 @@ fn only_plain_memory_bars_are_posted() {
 /// after them waits for them and sees the last one.
 #[test]
 fn posted_writes_do_not_wait_and_a_later_read_sees_them() {
-    let s = setup();
+    for ring in MODES {
+        posted_writes_do_not_wait_and_a_later_read_sees_them_with(ring);
+    }
+}
+
+fn posted_writes_do_not_wait_and_a_later_read_sees_them_with(ring: bool) {
+    let s = setup(ring);
     // The first write stops the server inside the device (the gate is closed).
     s.dev
         .region_write(pci_index::BAR0, regs::SCRATCH, &0u32.to_le_bytes())
@@ -163,7 +182,13 @@ fn posted_writes_do_not_wait_and_a_later_read_sees_them() {
 /// stuck in an earlier posted write.
 #[test]
 fn config_writes_stay_synchronous() {
-    let s = setup();
+    for ring in MODES {
+        config_writes_stay_synchronous_with(ring);
+    }
+}
+
+fn config_writes_stay_synchronous_with(ring: bool) {
+    let s = setup(ring);
     s.dev
         .region_write(pci_index::BAR0, regs::SCRATCH, &1u32.to_le_bytes())
         .unwrap();
@@ -192,7 +217,7 @@ fn config_writes_stay_synchronous() {
 /// next posted write: the device is reported disconnected (fatal for the VM).
 #[test]
 fn refused_posted_write_is_dropped_and_a_dead_server_is_noticed() {
-    let s = setup();
+    let s = setup(false);
     s.open_gate.send(()).unwrap();
     s.dev
         .region_write(pci_index::BAR0, REFUSED, &1u32.to_le_bytes())
@@ -212,6 +237,38 @@ fn refused_posted_write_is_dropped_and_a_dead_server_is_noticed() {
             break;
         }
     }
+    match last {
+        Err(DeviceError::Disconnected(_)) => {}
+        other => panic!("a posted write to a dead server gave {other:?}"),
+    }
+}
+
+/// The same through nestio's ring: the refused write is counted in the ring, and the
+/// end of the session (the server closes the ring when its socket goes) is noticed by
+/// a later posted write; with the server gone, at the latest when the ring is full.
+#[test]
+fn through_the_ring_a_refused_write_is_counted_and_a_dead_server_is_noticed() {
+    let s = setup(true);
+    s.open_gate.send(()).unwrap();
+    s.dev
+        .region_write(pci_index::BAR0, REFUSED, &1u32.to_le_bytes())
+        .expect("a posted write does not wait for the refusal");
+    s.dev
+        .region_write(pci_index::BAR0, regs::SCRATCH, &77u32.to_le_bytes())
+        .unwrap();
+    assert_eq!(read32(&*s.dev, pci_index::BAR0, regs::SCRATCH), 77);
+    assert_eq!(s.dev.client().posted_ring().unwrap().errors(), 1);
+    s.server_end.shutdown(std::net::Shutdown::Both).unwrap();
+    let t0 = std::time::Instant::now();
+    let last = loop {
+        let r = s
+            .dev
+            .region_write(pci_index::BAR0, regs::SCRATCH, &1u32.to_le_bytes());
+        if r.is_err() || t0.elapsed() > Duration::from_secs(10) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
     match last {
         Err(DeviceError::Disconnected(_)) => {}
         other => panic!("a posted write to a dead server gave {other:?}"),
