@@ -72,8 +72,10 @@
 //! waits for its answer before the next, each access is either answered on the channel
 //! or refused at its send and never executed: [`ChannelBars`] then re-issues it on the
 //! mediated path, which is ordered after every channel access. Nothing is lost and
-//! nothing is done twice. (Should channel writes ever be posted, a fallback must first
-//! wait for the channel's end-of-stream, or the mediated path could overtake them.)
+//! nothing is done twice. That is why [`ChannelBars`] builds its [`DirectBars`] with
+//! [`DirectBars::new_unposted`]: were channel writes posted, a fallback would first
+//! have to wait for the channel's end-of-stream, or the mediated path could overtake
+//! them. (The in-process `NestedStack`, whose channels nobody revokes, posts them.)
 //!
 //! A level revokes every grant it made: when its child's session ends (owner gone:
 //! mandatory, a leaked fd must not outlive the session that was granted it), on a
@@ -1071,7 +1073,8 @@ impl ChannelBars {
     fn install(&self, grant: Grant) -> Result<(), ChannelError> {
         let (info, sock) = grant.into_parts();
         let dup = sock.try_clone()?;
-        let direct = DirectBars::new(self.inner.clone(), sock)?;
+        // Unposted: see the module documentation's revocation rule.
+        let direct = DirectBars::new_unposted(self.inner.clone(), sock)?;
         *self.chan.write() = Some((Arc::new(direct), info));
         if let Some(old) = self.chan_fd.lock().replace(dup) {
             let _ = old.shutdown(std::net::Shutdown::Write);

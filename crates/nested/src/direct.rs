@@ -271,6 +271,20 @@ impl DirectBars {
         })
     }
 
+    /// Like [`DirectBars::new`], but every write waits for its answer (nothing is
+    /// posted), so each access is either answered on the channel or refused at its send.
+    /// A channel that another process may revoke needs this: after a revocation the
+    /// caller re-issues refused accesses on the mediated path, which could otherwise
+    /// overtake writes still queued on the channel.
+    pub fn new_unposted(
+        inner: Arc<dyn VfioDevice>,
+        channel: UnixStream,
+    ) -> std::result::Result<DirectBars, DirectError> {
+        let mut d = DirectBars::new(inner, channel)?;
+        d.posted = 0;
+        Ok(d)
+    }
+
     /// BAR accesses sent over the channel so far.
     pub fn channel_accesses(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
