@@ -496,12 +496,21 @@ fn run_exporting(
     );
     let mut clients = Vec::new();
     for (socket, _) in &sockets {
-        let client = nestio_vfio_user::Client::connect(socket).map_err(|e| {
-            format!(
-                "cannot connect to the device to export at {}: {e} (is its server running?)",
-                socket.display()
-            )
-        })?;
+        // Propose the nested-IOMMU extension: what the level below agrees to is what
+        // this level offers its child (`nestio_nested::ForwardIommu`).
+        let config = nestio_vfio_user::ClientConfig {
+            nested_iommu: Some(nestio_vfio_user::nested_iommu::NestedIommuCaps::default()),
+            ..nestio_vfio_user::ClientConfig::default()
+        };
+        let client = std::os::unix::net::UnixStream::connect(socket)
+            .map_err(nestio_vfio_user::ClientError::from)
+            .and_then(|s| nestio_vfio_user::Client::from_stream(s, config))
+            .map_err(|e| {
+                format!(
+                    "cannot connect to the device to export at {}: {e} (is its server running?)",
+                    socket.display()
+                )
+            })?;
         clients.push(client);
     }
     drop(waiting);
@@ -536,8 +545,10 @@ fn run_exporting(
     let mut exports = Vec::new();
     let mut files = SocketFiles(Vec::new());
     for (client, (_, out)) in clients.into_iter().zip(&sockets) {
+        let client = Arc::new(client);
+        let iommu = Arc::new(nestio_nested::ForwardIommu::new(client.clone()));
         let exported = Arc::new(ExportedDevice::new(
-            Arc::new(client),
+            client,
             LevelRam::Shared(region.clone()),
             ExportConfig {
                 window: Window::new(base, win)?,
@@ -550,7 +561,8 @@ fn run_exporting(
         let server = nestio_vfio_user::Server::new(
             exported.clone(),
             nestio_vfio_user::ServerConfig::default(),
-        );
+        )
+        .with_nested_backend(iommu);
         exports.push((exported, server, listener, out.clone()));
     }
 
