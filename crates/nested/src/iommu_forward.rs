@@ -113,28 +113,42 @@ impl ForwardIommu {
     }
 }
 
-impl Shared {
-    fn relay(&self, f: IommuFault) {
-        let mut guard = self.sink.lock();
-        let sink = &mut *guard;
+impl Sink {
+    /// Where `f` goes: the child session's queue with the record (flagged
+    /// `lost_before` when this relay dropped any since the last one), or `None` (and
+    /// counted as dropped) when no child is bound or the record names another stream.
+    fn accept(&mut self, f: IommuFault) -> Option<(Arc<FaultQueue>, IommuFault)> {
         let sid = record_sid(&f.record);
-        match (&sink.queue, sink.vsid) {
+        match (&self.queue, self.vsid) {
             (Some(q), Some(vsid)) if vsid == sid => {
-                let lost = std::mem::take(&mut sink.dropped) > 0;
-                q.relay(IommuFault {
-                    lost_before: f.lost_before || lost,
-                    ..f
-                });
+                let lost = std::mem::take(&mut self.dropped) > 0;
+                Some((
+                    q.clone(),
+                    IommuFault {
+                        lost_before: f.lost_before || lost,
+                        ..f
+                    },
+                ))
             }
             (_, vsid) => {
-                sink.dropped += 1;
+                self.dropped += 1;
                 tracing::warn!(
                     sid,
                     bound = ?vsid,
                     sequence = f.sequence,
                     "nested IOMMU: dropped a fault record from the level below that names no bound stream of the child"
                 );
+                None
             }
+        }
+    }
+}
+
+impl Shared {
+    fn relay(&self, f: IommuFault) {
+        let accepted = self.sink.lock().accept(f);
+        if let Some((q, f)) = accepted {
+            q.relay(f);
         }
     }
 }
@@ -250,11 +264,60 @@ impl NestedIommuBinding for ForwardBinding {
 mod tests {
     use super::*;
 
-    #[test]
-    fn record_sid_reads_dword0_high_half() {
+    fn record(sid: u32) -> [u8; 32] {
         let mut r = [0u8; 32];
         r[0] = 0x10;
-        r[4..8].copy_from_slice(&0x0000_0108u32.to_le_bytes());
-        assert_eq!(record_sid(&r), 0x108);
+        r[4..8].copy_from_slice(&sid.to_le_bytes());
+        r
+    }
+
+    fn fault(sid: u32, sequence: u32) -> IommuFault {
+        IommuFault {
+            lost_before: false,
+            sequence,
+            record: record(sid),
+        }
+    }
+
+    #[test]
+    fn record_sid_reads_dword0_high_half() {
+        assert_eq!(record_sid(&record(0x108)), 0x108);
+    }
+
+    #[test]
+    fn only_the_bound_vsid_is_relayed_and_drops_are_flagged() {
+        let q = Arc::new(FaultQueue::default());
+        let mut sink = Sink::default();
+        // No child session: dropped.
+        assert!(sink.accept(fault(8, 0)).is_none());
+        sink.queue = Some(q.clone());
+        // A child session that has not bound yet: dropped.
+        assert!(sink.accept(fault(8, 1)).is_none());
+        sink.vsid = Some(8);
+        // A hostile level below naming another stream: dropped.
+        assert!(sink.accept(fault(9, 2)).is_none());
+        // The bound stream: relayed unchanged but for the flag saying records were lost.
+        let (to, f) = sink.accept(fault(8, 3)).expect("relayed");
+        assert!(Arc::ptr_eq(&to, &q));
+        assert_eq!((f.sequence, f.lost_before), (3, true));
+        assert_eq!(f.record, record(8));
+        let (_, f) = sink.accept(fault(8, 4)).expect("relayed");
+        assert_eq!((f.sequence, f.lost_before), (4, false));
+        // The level below's own LOST_EVENTS is kept.
+        let (_, f) = sink
+            .accept(IommuFault {
+                lost_before: true,
+                ..fault(8, 9)
+            })
+            .expect("relayed");
+        assert!(f.lost_before);
+    }
+
+    #[test]
+    fn relayed_records_keep_their_sequence_in_the_queue() {
+        let q = FaultQueue::default();
+        q.relay(fault(8, 41));
+        q.relay(fault(8, 42));
+        assert_eq!(q.len(), 2);
     }
 }

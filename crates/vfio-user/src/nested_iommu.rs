@@ -1040,6 +1040,95 @@ mod tests {
         assert!(ours.negotiate(&v0).is_none());
     }
 
+    /// A backend answering INVALIDATE with a fixed reply (a forwarding backend relays
+    /// another process's answer, which may be anything).
+    struct Fixed {
+        offer: Option<NestedIommuCaps>,
+        reply: InvalidateReply,
+    }
+    struct FixedBinding(InvalidateReply);
+    impl NestedIommuBackend for Fixed {
+        fn offer(&self) -> Option<NestedIommuCaps> {
+            self.offer.clone()
+        }
+        fn open(&self, _: Arc<FaultQueue>) -> Box<dyn NestedIommuBinding> {
+            Box::new(FixedBinding(self.reply))
+        }
+    }
+    impl NestedIommuBinding for FixedBinding {
+        fn bind(&mut self, _: IommuBind) -> Result<(), NestedIommuError> {
+            Ok(())
+        }
+        fn unbind(&mut self) -> Result<(), NestedIommuError> {
+            Ok(())
+        }
+        fn invalidate(&mut self, _: &IommuInvalidate) -> Result<InvalidateReply, NestedIommuError> {
+            Ok(self.0)
+        }
+        fn end(&mut self) {}
+    }
+
+    fn session_with(offer: Option<NestedIommuCaps>, reply: InvalidateReply) -> NestedSession {
+        let mut s = NestedSession::default();
+        let proposal = NestedIommuCap::smmuv3(NestedIommuCaps::default());
+        let answer = s.negotiate(true, Some(&Fixed { offer, reply }), Some(&proposal));
+        assert_eq!(answer.is_some(), s.negotiated());
+        s
+    }
+
+    #[test]
+    fn the_backend_decides_the_offer() {
+        let r = InvalidateReply::default();
+        assert!(!session_with(None, r).negotiated());
+        let narrow = NestedIommuCaps {
+            ias: 40,
+            granules: vec![4096],
+            ..NestedIommuCaps::default()
+        };
+        let mut s = NestedSession::default();
+        let proposal = NestedIommuCap::smmuv3(NestedIommuCaps::default());
+        let backend = Fixed {
+            offer: Some(narrow.clone()),
+            reply: r,
+        };
+        assert_eq!(
+            s.negotiate(true, Some(&backend), Some(&proposal)),
+            Some(NestedIommuCap::smmuv3(narrow))
+        );
+        // The server's switch still wins.
+        let mut off = NestedSession::default();
+        assert!(off
+            .negotiate(false, Some(&backend), Some(&proposal))
+            .is_none());
+        assert!(!off.negotiated());
+    }
+
+    #[test]
+    fn an_inconsistent_backend_reply_is_refused_with_eio() {
+        let three = IommuInvalidate {
+            commands: vec![[0u8; 16]; 3],
+        };
+        for (done, cerror, ok) in [
+            (3, 0, true),
+            (1, CERROR_ILL, true),
+            (4, 0, false),
+            (2, 0, false),
+            (3, CERROR_ILL, false),
+            (0, 7, false),
+        ] {
+            let mut s = session_with(
+                Some(NestedIommuCaps::default()),
+                InvalidateReply { done, cerror },
+            );
+            let r = s.invalidate(&three);
+            assert_eq!(r.is_ok(), ok, "done {done} cerror {cerror}");
+            if let Err(e) = r {
+                assert_eq!(e.errno(), libc::EIO);
+            }
+            s.end();
+        }
+    }
+
     #[test]
     fn fault_queue_drops_past_64_and_flags_the_next_record() {
         let q = FaultQueue::default();
