@@ -15,9 +15,16 @@
 //!
 //! # Server side ([`NestedSession`])
 //!
-//! Which devices can do it: the server owns a device's DMA whenever the device
-//! exposes its [`nestio_device_model::DmaPort`] (every nestio device that does DMA
-//! does); the capability is answered for such a device unless
+//! The seam: what executes the commands is the server's [`NestedIommuBackend`] (one
+//! [`NestedIommuBinding`] per session); [`NestedSession`] only negotiates, runs the
+//! fault reporter and checks the backend's INVALIDATE answer before it goes out. The
+//! default backend is [`Stage1Backend`], described below; an exporting level gives its
+//! server a forwarding one (`nestio_nested::ForwardIommu`: commands to the level below,
+//! its FAULT records relayed with [`FaultQueue::relay`]).
+//!
+//! Which devices [`Stage1Backend`] serves: the server owns a device's DMA whenever the
+//! device exposes its [`nestio_device_model::DmaPort`] (every nestio device that does
+//! DMA does); the capability is answered for such a device unless
 //! [`crate::ServerConfig::nested_iommu`] turns it off (tests of the VMM's shadow
 //! fallback do). A device without a port does its DMA outside the library and gets
 //! no capability.

@@ -96,7 +96,8 @@ pub struct ServerConfig {
     /// the server noticing the close; this grace covers that race.
     pub busy_grace: Duration,
     /// Answer a client's `nestio_nested_iommu` proposal (the device walks the guest's
-    /// stage 1, `crate::nested_iommu`) when the device has a DMA port. Off: the
+    /// stage 1, `crate::nested_iommu`) when the server's nested IOMMU backend offers
+    /// it (the default one: when the device has a DMA port). Off: the
     /// capability is never answered, so the client falls back to shadowing.
     pub nested_iommu: bool,
 }
