@@ -848,6 +848,34 @@ fn level2_nested_smmuv3_device_faults_reach_the_level2_guests_event_queue() {
     assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
 }
 
+/// Depth 3: each exporter forwards to the next (level 2 to level 1, level 1 to level
+/// 0), so the level-0 device walks the level-3 guest's stage 1, whose IPAs crossed two
+/// exporters' map translations by fd.
+#[test]
+fn level3_nested_smmuv3_walks_stage1_at_level0_through_two_exporters() {
+    let name = "level3_nested_smmuv3_walks_stage1_at_level0_through_two_exporters";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("levels", "smmuv3-nested-depth3");
+    let (_dev, mut l1, mut l2, s2) = device_and_two_levels(&dir, &[], "level2");
+    let (st, out, err) = ping_through_smmuv3_cmdline(
+        &dir,
+        "level3",
+        &s2,
+        "smmuv3,mode=nested",
+        "irq=msi smmu=0xe8000000 smmu_map=noinval",
+    );
+    assert_pinged(st, &out, &err);
+    assert!(!err.contains("shadow mode for it"), "no fallback: {err}");
+    assert_eq!(l2.wait().code(), Some(42), "{}", l2.stderr());
+    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
+    for l in [&l1, &l2] {
+        assert_eq!(export_stat(&l.stderr(), "maps"), 1, "{}", l.stderr());
+        assert_zero_copy(l);
+    }
+}
+
 #[test]
 fn level2_nested_smmuv3_falls_back_to_shadow_when_level0_refuses_the_extension() {
     // Level 0 does not answer the nested-IOMMU extension (`--no-nested-iommu`), so
