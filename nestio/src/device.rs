@@ -100,6 +100,10 @@ struct ServerOpts {
     /// Do not offer a twin socket (server->client DMA then uses the main socket).
     #[arg(long)]
     no_twin_socket: bool,
+    /// Do not answer a client's `nestio_nested_iommu` proposal (its vIOMMU then
+    /// shadows this device: `docs/vfio-user-nested-iommu.md`).
+    #[arg(long)]
+    no_nested_iommu: bool,
     /// Serve one client only, then exit (default: serve clients one after another).
     /// Connections that never complete VERSION do not count.
     #[arg(long)]
@@ -200,6 +204,7 @@ pub fn run(args: DeviceArgs) -> CmdResult {
     };
     let config = ServerConfig {
         twin_socket: !opts.no_twin_socket,
+        nested_iommu: !opts.no_nested_iommu,
         handshake_timeout: Some(std::time::Duration::from_secs_f64(opts.handshake_timeout)),
         peers: PeerPolicy::own_uid_and(&opts.allow_uids),
         ..ServerConfig::default()
@@ -303,6 +308,7 @@ fn probe_print(dev: &dyn VfioDevice, who: &str) -> CmdResult {
 fn serve_unsandboxed(device: Arc<dyn VfioDevice>, socket: PathBuf, opts: ServerOpts) -> CmdResult {
     let config = ServerConfig {
         twin_socket: !opts.no_twin_socket,
+        nested_iommu: !opts.no_nested_iommu,
         handshake_timeout: Some(std::time::Duration::from_secs_f64(opts.handshake_timeout)),
         peers: PeerPolicy::own_uid_and(&opts.allow_uids),
         ..ServerConfig::default()
@@ -327,6 +333,7 @@ fn run_fsl_mc(socket: PathBuf, objects: &str, id: u32, opts: ServerOpts) -> CmdR
     let container = FslMcContainer::new(id, &list)?;
     let config = ServerConfig {
         twin_socket: !opts.no_twin_socket,
+        nested_iommu: !opts.no_nested_iommu,
         handshake_timeout: Some(std::time::Duration::from_secs_f64(opts.handshake_timeout)),
         peers: PeerPolicy::own_uid_and(&opts.allow_uids),
         ..ServerConfig::default()

@@ -536,12 +536,21 @@ fn run_exporting(
     );
     let mut clients = Vec::new();
     for (socket, _) in &sockets {
-        let client = nestio_vfio_user::Client::connect(socket).map_err(|e| {
-            format!(
-                "cannot connect to the device to export at {}: {e} (is its server running?)",
-                socket.display()
-            )
-        })?;
+        // Propose the nested-IOMMU extension: what the level below agrees to is what
+        // this level offers its child (`nestio_nested::ForwardIommu`).
+        let config = nestio_vfio_user::ClientConfig {
+            nested_iommu: Some(nestio_vfio_user::nested_iommu::NestedIommuCaps::default()),
+            ..nestio_vfio_user::ClientConfig::default()
+        };
+        let client = std::os::unix::net::UnixStream::connect(socket)
+            .map_err(nestio_vfio_user::ClientError::from)
+            .and_then(|s| nestio_vfio_user::Client::from_stream(s, config))
+            .map_err(|e| {
+                format!(
+                    "cannot connect to the device to export at {}: {e} (is its server running?)",
+                    socket.display()
+                )
+            })?;
         clients.push(client);
     }
     drop(waiting);
@@ -580,6 +589,7 @@ fn run_exporting(
     for (client, (_, out)) in clients.into_iter().zip(&sockets) {
         let client = Arc::new(client);
         let grants = nestio_nested::ChannelGrants::from_parent(client.clone());
+        let iommu = Arc::new(nestio_nested::ForwardIommu::new(client.clone()));
         let exported = Arc::new(ExportedDevice::new(
             client,
             LevelRam::Shared(region.clone()),
@@ -601,7 +611,8 @@ fn run_exporting(
         let listener = nestio_vfio_user::bind(out).map_err(|e| format!("export socket: {e}"))?;
         files.0.push(out.clone());
         let server = crate::channel::with_grants(
-            nestio_vfio_user::Server::new(gate.clone(), nestio_vfio_user::ServerConfig::default()),
+            nestio_vfio_user::Server::new(gate.clone(), nestio_vfio_user::ServerConfig::default())
+                .with_nested_backend(iommu),
             pass_channels.then_some(grants),
         );
         exports.push(((exported, gate), server, listener, out.clone()));

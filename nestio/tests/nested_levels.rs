@@ -114,21 +114,18 @@ fn s(p: &Path) -> String {
 
 /// Level 0: the e1000 on the user network, serving clients one after another.
 fn device(dir: &Dir) -> (Level, PathBuf) {
+    device_with(dir, &[])
+}
+
+/// Level 0 with `extra` server options.
+fn device_with(dir: &Dir, extra: &[&str]) -> (Level, PathBuf) {
     let sock = dir.path("s0");
-    let mut d = Level::spawn(
-        dir,
-        "device",
-        &[
-            "device",
-            "e1000",
-            "--net",
-            "user",
-            "--msi",
-            "on",
-            "--socket",
-            &s(&sock),
-        ],
-    );
+    let sock_s = s(&sock);
+    let mut args = vec![
+        "device", "e1000", "--net", "user", "--msi", "on", "--socket", &sock_s,
+    ];
+    args.extend(extra);
+    let mut d = Level::spawn(dir, "device", &args);
     d.wait_for(&sock);
     (d, sock)
 }
@@ -715,6 +712,16 @@ fn ping_through_smmuv3_mode(
     device: &Path,
     viommu: &str,
 ) -> (ExitStatus, String, String) {
+    ping_through_smmuv3_cmdline(dir, name, device, viommu, "irq=msi smmu=0xe8000000")
+}
+
+fn ping_through_smmuv3_cmdline(
+    dir: &Dir,
+    name: &str,
+    device: &Path,
+    viommu: &str,
+    cmdline: &str,
+) -> (ExitStatus, String, String) {
     let dev = format!("vfio-user={}", s(device));
     let mem = format!("{}.mem", s(device));
     let mut l = Level::spawn(
@@ -725,7 +732,7 @@ fn ping_through_smmuv3_mode(
             "--guest",
             "e1000ping",
             "--cmdline",
-            "irq=msi smmu=0xe8000000",
+            cmdline,
             "--viommu",
             viommu,
             "--memory-from",
@@ -762,17 +769,125 @@ fn level2_guest_pings_through_its_smmuv3_with_iova_not_gpa() {
     assert!(export_stat(&l1.stderr(), "maps") >= 4, "{}", l1.stderr());
 }
 
+/// Issue 13 at depth 2: level 1 agreed the nested-IOMMU extension with level 0 and
+/// offers it to level 2, forwarding BIND/INVALIDATE down and FAULT records up
+/// (`nestio_nested::ForwardIommu`). The level-2 VMM asks for `mode=nested`, so the
+/// level-0 device walks the level-2 guest's stage-1 tables itself (their addresses are
+/// level-2 IPAs, resolved through level 0's map table, which level 1 filled with the
+/// level-2 window by fd). `smmu_map=noinval` maps the rings with no invalidation at
+/// all, so no VMM ever learns of the mappings: only a device walking the live tables
+/// can ping (a shadowing VMM cannot: `crates/vmm/tests/smmuv3.rs`).
 #[test]
-fn level2_nested_smmuv3_falls_back_to_shadow_through_a_level1_exporter() {
-    // A level-1 exporter does not offer the nested-IOMMU extension (its device's DMA
-    // happens in level 0), so a level-2 VMM asking for mode=nested says so and
-    // shadows the device: the guest still pings with IOVA != GPA.
-    let name = "level2_nested_smmuv3_falls_back_to_shadow_through_a_level1_exporter";
+fn level2_nested_smmuv3_walks_stage1_at_level0_through_a_level1_exporter() {
+    let name = "level2_nested_smmuv3_walks_stage1_at_level0_through_a_level1_exporter";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("levels", "smmuv3-nested");
+    let (_dev, s0) = device(&dir);
+    let s1 = dir.path("s1");
+    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
+    let (st, out, err) = ping_through_smmuv3_cmdline(
+        &dir,
+        "level2",
+        &s1,
+        "smmuv3,mode=nested",
+        "irq=msi smmu=0xe8000000 smmu_map=noinval",
+    );
+    assert_pinged(st, &out, &err);
+    assert!(
+        out.contains("smmu: translating sid 0x8 at 0xe8000000: IOVA = GPA + 0x8000000000"),
+        "{out}"
+    );
+    assert!(!err.contains("shadow mode for it"), "no fallback: {err}");
+    let st1 = l1.wait();
+    assert_eq!(st1.code(), Some(42), "{}", l1.stderr());
+    // Nested: stage 2 is the level-2 RAM in one DMA_MAP (a shadow maps each page
+    // range), re-issued to level 0 by fd, nothing copied at level 1.
+    assert_eq!(export_stat(&l1.stderr(), "maps"), 1, "{}", l1.stderr());
+    assert_zero_copy(&l1);
+}
+
+/// A page unmapped under the live RX ring of the level-2 guest: the level-0 device's
+/// own stage-1 walk faults, level 0 sends the record (level 2's SID: the BIND level 1
+/// forwarded carried it) to level 1, which relays it unchanged to level 2, whose VMM
+/// puts it in its guest's event queue: F_TRANSLATION (0x10) with SID 8 and the
+/// level-2 IOVA, and the device touched no byte of the buffer.
+#[test]
+fn level2_nested_smmuv3_device_faults_reach_the_level2_guests_event_queue() {
+    let name = "level2_nested_smmuv3_device_faults_reach_the_level2_guests_event_queue";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("levels", "smmuv3-nested-fault");
+    let (_dev, s0) = device(&dir);
+    let s1 = dir.path("s1");
+    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
+    let (st, out, err) = ping_through_smmuv3_cmdline(
+        &dir,
+        "level2",
+        &s1,
+        "smmuv3,mode=nested",
+        "irq=msi smmu=0xe8000000 dma=unmap",
+    );
+    assert_eq!(st.code(), Some(8), "{out}\n{err}");
+    assert!(!err.contains("shadow mode for it"), "no fallback: {err}");
+    assert!(out.contains("buffer untouched"), "{out}");
+    let iova = out
+        .lines()
+        .find_map(|l| l.strip_prefix("dma unmap: iova "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the unmapped IOVA")
+        .to_string();
+    // A level-2 IOVA (GPA + 512 GiB), not a level-2 or level-1 guest-physical address.
+    assert!(iova.starts_with("0x80"), "{iova}");
+    assert!(
+        out.contains(&format!("dma unmap: event 0x10 sid 0x8 iova {iova} read 0")),
+        "F_TRANSLATION for SID 8 at {iova}: {out}"
+    );
+    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
+}
+
+/// Depth 3: each exporter forwards to the next (level 2 to level 1, level 1 to level
+/// 0), so the level-0 device walks the level-3 guest's stage 1, whose IPAs crossed two
+/// exporters' map translations by fd.
+#[test]
+fn level3_nested_smmuv3_walks_stage1_at_level0_through_two_exporters() {
+    let name = "level3_nested_smmuv3_walks_stage1_at_level0_through_two_exporters";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = Dir::new("levels", "smmuv3-nested-depth3");
+    let (_dev, mut l1, mut l2, s2) = device_and_two_levels(&dir, &[], "level2");
+    let (st, out, err) = ping_through_smmuv3_cmdline(
+        &dir,
+        "level3",
+        &s2,
+        "smmuv3,mode=nested",
+        "irq=msi smmu=0xe8000000 smmu_map=noinval",
+    );
+    assert_pinged(st, &out, &err);
+    assert!(!err.contains("shadow mode for it"), "no fallback: {err}");
+    assert_eq!(l2.wait().code(), Some(42), "{}", l2.stderr());
+    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
+    for l in [&l1, &l2] {
+        assert_eq!(export_stat(&l.stderr(), "maps"), 1, "{}", l.stderr());
+        assert_zero_copy(l);
+    }
+}
+
+#[test]
+fn level2_nested_smmuv3_falls_back_to_shadow_when_level0_refuses_the_extension() {
+    // Level 0 does not answer the nested-IOMMU extension (`--no-nested-iommu`), so
+    // level 1, whose device's DMA happens in level 0, does not offer it either: a
+    // level-2 VMM asking for mode=nested says so and shadows the device; the guest
+    // still pings with IOVA != GPA.
+    let name = "level2_nested_smmuv3_falls_back_to_shadow_when_level0_refuses_the_extension";
     if !kvm_or_skip(name) {
         return;
     }
     let dir = Dir::new("levels", "smmuv3-fallback");
-    let (_dev, s0) = device(&dir);
+    let (_dev, s0) = device_with(&dir, &["--no-nested-iommu"]);
     let s1 = dir.path("s1");
     let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
     let (st, out, err) = ping_through_smmuv3_mode(&dir, "level2", &s1, "smmuv3,mode=nested");

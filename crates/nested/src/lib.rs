@@ -15,6 +15,8 @@
 //!   can only reach that guest's window.
 //! - [`export`]: [`ExportedDevice`], a device passed on to the next level (maps checked
 //!   against the child's window and re-issued in this level's terms, interrupts fd-to-fd).
+//! - [`iommu_forward`]: [`ForwardIommu`], an exporter's nested IOMMU (the vfio-user
+//!   extension's BIND/INVALIDATE/FAULT passed on to the level below).
 //! - [`direct`]: a BAR channel from the innermost level straight to the device
 //!   ([`DirectBars`]), so register accesses cost one hop at any depth.
 //! - [`channel_handoff`]: BAR channels between `nestio run` processes: granted by the
@@ -31,6 +33,7 @@ pub mod dma;
 pub mod export;
 #[cfg(feature = "harness")]
 pub mod fuzz;
+pub mod iommu_forward;
 pub mod level;
 pub mod memory;
 pub mod stack;
@@ -51,6 +54,7 @@ pub use dma::{nested_dma_space, NestedDma};
 pub use export::{ExportConfig, ExportError, ExportStats, ExportedDevice, LevelRam, RamRegion};
 #[cfg(feature = "harness")]
 pub use fuzz::fuzz_walk;
+pub use iommu_forward::ForwardIommu;
 pub use level::{Level, LevelError, LevelId, Levels, Window, MAX_DEPTH};
 pub use memory::{DmaMemory, GuestPhysMemory, MemError, MmapMemory};
 pub use stack::{bench_depths, DepthRow, NestedStack, RoundTrip, StackConfig, StackError};

@@ -15,9 +15,16 @@
 //!
 //! # Server side ([`NestedSession`])
 //!
-//! Which devices can do it: the server owns a device's DMA whenever the device
-//! exposes its [`nestio_device_model::DmaPort`] (every nestio device that does DMA
-//! does); the capability is answered for such a device unless
+//! The seam: what executes the commands is the server's [`NestedIommuBackend`] (one
+//! [`NestedIommuBinding`] per session); [`NestedSession`] only negotiates, runs the
+//! fault reporter and checks the backend's INVALIDATE answer before it goes out. The
+//! default backend is [`Stage1Backend`], described below; an exporting level gives its
+//! server a forwarding one (`nestio_nested::ForwardIommu`: commands to the level below,
+//! its FAULT records relayed with [`FaultQueue::relay`]).
+//!
+//! Which devices [`Stage1Backend`] serves: the server owns a device's DMA whenever the
+//! device exposes its [`nestio_device_model::DmaPort`] (every nestio device that does
+//! DMA does); the capability is answered for such a device unless
 //! [`crate::ServerConfig::nested_iommu`] turns it off (tests of the VMM's shadow
 //! fallback do). A device without a port does its DMA outside the library and gets
 //! no capability.
@@ -386,6 +393,27 @@ pub enum NestedIommuError {
     /// The guest's STE cannot be bound.
     #[error("cannot bind the guest's STE: {0}")]
     Bind(#[from] Stage1Error),
+    /// A forwarding backend's level below refused or failed the command (its errno is
+    /// the reply's).
+    #[error("the level below refused {what}: {source}")]
+    Upstream {
+        /// The command forwarded.
+        what: &'static str,
+        /// The level below's error.
+        #[source]
+        source: nestio_device_model::DeviceError,
+    },
+    /// The backend's INVALIDATE answer does not fit the request (a hostile or broken
+    /// level below).
+    #[error("inconsistent INVALIDATE answer: done {done} cerror {cerror} for {count} commands; the level below is broken")]
+    BadReply {
+        /// Commands said done.
+        done: u32,
+        /// The error code.
+        cerror: u32,
+        /// Commands sent.
+        count: u32,
+    },
 }
 
 impl NestedIommuError {
@@ -394,6 +422,8 @@ impl NestedIommuError {
         match self {
             NestedIommuError::NotNegotiated | NestedIommuError::NoDmaPort => libc::ENOTSUP,
             NestedIommuError::Bind(_) => libc::EINVAL,
+            NestedIommuError::Upstream { source, .. } => source.errno(),
+            NestedIommuError::BadReply { .. } => libc::EIO,
         }
     }
 }
@@ -437,6 +467,29 @@ impl FaultQueue {
             sequence,
             record,
         });
+        drop(st);
+        self.cond.notify_one();
+    }
+
+    /// Queue a record another level's server produced, unchanged (its `sequence`, so
+    /// a gap still counts what was lost below; `lost_before` kept, and set when this
+    /// queue dropped one since the last record it sent).
+    pub fn relay(&self, f: IommuFault) {
+        let mut st = self.state.lock();
+        if st.closed {
+            return;
+        }
+        st.next_sequence = f.sequence.wrapping_add(1);
+        if st.records.len() >= FAULT_BUFFER {
+            st.lost = true;
+            tracing::debug!(
+                sequence = f.sequence,
+                "nested IOMMU fault buffer full; relayed record dropped"
+            );
+            return;
+        }
+        let lost_before = std::mem::take(&mut st.lost) || f.lost_before;
+        st.records.push_back(IommuFault { lost_before, ..f });
         drop(st);
         self.cond.notify_one();
     }
@@ -513,84 +566,81 @@ impl DmaSpace for BoundSpace {
     }
 }
 
-/// One session's nested-IOMMU state (server side). See the module documentation.
-#[derive(Default)]
-pub struct NestedSession {
-    /// The negotiated values, when the capability was agreed on.
-    caps: Option<NestedIommuCaps>,
-    bound: Option<Arc<BoundSpace>>,
-    faults: Arc<FaultQueue>,
-    reporter: Option<JoinHandle<()>>,
+/// What a served device puts behind the extension's commands: the *nested IOMMU
+/// backend* hook of the server. The server asks it what it offers in VERSION and opens
+/// one [`NestedIommuBinding`] per session that negotiated the capability.
+///
+/// Two implementations exist: [`Stage1Backend`] (the default for a device with a
+/// `DmaPort`: the device walks the guest's stage 1 itself, in this process) and the
+/// level-1 exporter's forwarding backend (`nestio_nested::ForwardIommu`: every command
+/// goes on to the level below, whose device walks, and its FAULT records come back).
+pub trait NestedIommuBackend: Send + Sync {
+    /// The values this backend offers; `None`: the capability is not answered.
+    fn offer(&self) -> Option<NestedIommuCaps>;
+    /// One session's state; its fault records go to `faults` (the server's reporter
+    /// thread sends them as FAULT messages).
+    fn open(&self, faults: Arc<FaultQueue>) -> Box<dyn NestedIommuBinding>;
 }
 
-impl NestedSession {
-    /// The server's answer to a client's proposal: our values when the client proposed
-    /// usable ones, the device can do it and the server allows it; else nothing (and
-    /// the key stays out of the reply).
-    pub fn negotiate(
-        &mut self,
-        enabled: bool,
-        device_has_port: bool,
-        proposed: Option<&NestedIommuCap>,
-    ) -> Option<NestedIommuCap> {
-        let theirs = proposed?.smmuv3.as_ref()?;
-        if !enabled || !device_has_port {
-            return None;
-        }
-        let ours = NestedIommuCaps::default();
-        self.caps = Some(ours.negotiate(theirs)?);
-        Some(NestedIommuCap::smmuv3(ours))
-    }
-
-    /// Was the capability agreed on?
-    pub fn negotiated(&self) -> bool {
-        self.caps.is_some()
-    }
-
-    /// BIND: replace the binding with the guest's STE; `reporter_ep` is where FAULT
-    /// messages go (the twin socket when there is one).
-    pub fn bind(
-        &mut self,
-        port: &nestio_device_model::DmaPort,
-        b: IommuBind,
-        reporter_ep: &Arc<Endpoint>,
-    ) -> Result<(), NestedIommuError> {
-        if !self.negotiated() {
-            return Err(NestedIommuError::NotNegotiated);
-        }
-        let stage2: Arc<dyn DmaSpace> = port.shared_table();
-        let stage1 = Stage1Dma::bind(stage2, b.vsid, [b.ste0, b.ste1])?;
-        self.start_reporter(reporter_ep);
-        let bound = Arc::new(BoundSpace {
-            stage1,
-            faults: self.faults.clone(),
-        });
-        port.set_space(bound.clone());
-        let old = self.bound.replace(bound);
-        Self::retire(old);
-        tracing::info!(
-            vsid = b.vsid,
-            ste0 = format_args!("{:#x}", b.ste0),
-            "nested IOMMU: guest stage 1 bound"
-        );
-        Ok(())
-    }
-
+/// One session's binding, opened by a [`NestedIommuBackend`]. Each call returns only
+/// once the spec's ordering holds (every DMA on a replaced binding or an invalidated
+/// translation has completed).
+pub trait NestedIommuBinding: Send {
+    /// BIND: replace the binding with the guest's STE.
+    fn bind(&mut self, b: IommuBind) -> Result<(), NestedIommuError>;
     /// UNBIND: the device's DMA addresses are IPAs again.
-    pub fn unbind(&mut self, port: &nestio_device_model::DmaPort) -> Result<(), NestedIommuError> {
-        if !self.negotiated() {
-            return Err(NestedIommuError::NotNegotiated);
-        }
-        self.restore(port);
-        Ok(())
+    fn unbind(&mut self) -> Result<(), NestedIommuError>;
+    /// INVALIDATE: the commands in order, stopping at the first illegal one.
+    fn invalidate(&mut self, cmds: &IommuInvalidate) -> Result<InvalidateReply, NestedIommuError>;
+    /// The session is over: unbind (the device's next owner starts with IPAs).
+    fn end(&mut self);
+}
+
+/// The default backend: the served device's DMA goes through the guest's stage 1
+/// ([`Stage1Dma`]) over its `DmaPort`'s map table, in this process.
+pub struct Stage1Backend {
+    device: Arc<dyn nestio_device_model::VfioDevice>,
+}
+
+impl Stage1Backend {
+    /// The backend for `device`; it offers the capability only when the device
+    /// exposes its `DmaPort`.
+    pub fn new(device: Arc<dyn nestio_device_model::VfioDevice>) -> Stage1Backend {
+        Stage1Backend { device }
+    }
+}
+
+impl NestedIommuBackend for Stage1Backend {
+    fn offer(&self) -> Option<NestedIommuCaps> {
+        self.device.dma_port().map(|_| NestedIommuCaps::default())
+    }
+    fn open(&self, faults: Arc<FaultQueue>) -> Box<dyn NestedIommuBinding> {
+        Box::new(Stage1Binding {
+            device: self.device.clone(),
+            bound: None,
+            faults,
+        })
+    }
+}
+
+/// One session's binding of a [`Stage1Backend`].
+struct Stage1Binding {
+    device: Arc<dyn nestio_device_model::VfioDevice>,
+    bound: Option<Arc<BoundSpace>>,
+    faults: Arc<FaultQueue>,
+}
+
+impl Stage1Binding {
+    fn port(&self) -> Result<&nestio_device_model::DmaPort, NestedIommuError> {
+        self.device.dma_port().ok_or(NestedIommuError::NoDmaPort)
     }
 
     /// Send the device's DMA straight to its map table again — only if it still goes
     /// through this session's binding (sessions side by side on one device,
     /// `Server::serve_stream`, must not undo each other's) — and retire the binding.
-    fn restore(&mut self, port: &nestio_device_model::DmaPort) {
+    fn restore(&mut self) {
         let bound = self.bound.take();
-        if let Some(ours) = &bound {
+        if let (Some(ours), Some(port)) = (&bound, self.device.dma_port()) {
             let ours = Arc::as_ptr(ours) as *const ();
             let table: Arc<dyn DmaSpace> = port.shared_table();
             port.stack(|cur| {
@@ -601,23 +651,45 @@ impl NestedSession {
                 }
             });
         }
-        Self::retire(bound);
+        retire(bound);
+    }
+}
+
+/// Wait for the DMAs still running on a replaced binding, then report its faults.
+fn retire(old: Option<Arc<BoundSpace>>) {
+    if let Some(old) = old {
+        old.stage1.quiesce();
+        old.report();
+    }
+}
+
+impl NestedIommuBinding for Stage1Binding {
+    fn bind(&mut self, b: IommuBind) -> Result<(), NestedIommuError> {
+        let port = self.port()?;
+        let stage2: Arc<dyn DmaSpace> = port.shared_table();
+        let stage1 = Stage1Dma::bind(stage2, b.vsid, [b.ste0, b.ste1])?;
+        let bound = Arc::new(BoundSpace {
+            stage1,
+            faults: self.faults.clone(),
+        });
+        port.set_space(bound.clone());
+        let old = self.bound.replace(bound);
+        retire(old);
+        tracing::info!(
+            vsid = b.vsid,
+            ste0 = format_args!("{:#x}", b.ste0),
+            "nested IOMMU: guest stage 1 bound"
+        );
+        Ok(())
     }
 
-    /// Wait for the DMAs still running on a replaced binding, then report its faults.
-    fn retire(old: Option<Arc<BoundSpace>>) {
-        if let Some(old) = old {
-            old.stage1.quiesce();
-            old.report();
-        }
+    fn unbind(&mut self) -> Result<(), NestedIommuError> {
+        self.port()?;
+        self.restore();
+        Ok(())
     }
 
-    /// INVALIDATE: forward the commands in order, stop at the first illegal one, then
-    /// wait for every DMA that may have used an invalidated translation.
-    pub fn invalidate(&self, cmds: &IommuInvalidate) -> Result<InvalidateReply, NestedIommuError> {
-        if !self.negotiated() {
-            return Err(NestedIommuError::NotNegotiated);
-        }
+    fn invalidate(&mut self, cmds: &IommuInvalidate) -> Result<InvalidateReply, NestedIommuError> {
         let mut reply = InvalidateReply::default();
         for c in &cmds.commands {
             let mut d = [0u64; 2];
@@ -650,6 +722,90 @@ impl NestedSession {
         Ok(reply)
     }
 
+    fn end(&mut self) {
+        self.restore();
+    }
+}
+
+/// One session's nested-IOMMU state (server side): the negotiated values, the
+/// backend's binding for this session, its fault queue and reporter. See the module
+/// documentation.
+#[derive(Default)]
+pub struct NestedSession {
+    /// The negotiated values, when the capability was agreed on.
+    caps: Option<NestedIommuCaps>,
+    binding: Option<Box<dyn NestedIommuBinding>>,
+    faults: Arc<FaultQueue>,
+    reporter: Option<JoinHandle<()>>,
+}
+
+impl NestedSession {
+    /// The server's answer to a client's proposal: the backend's values when the
+    /// client proposed usable ones, the server allows it and the backend offers it;
+    /// else nothing (and the key stays out of the reply).
+    pub fn negotiate(
+        &mut self,
+        enabled: bool,
+        backend: Option<&dyn NestedIommuBackend>,
+        proposed: Option<&NestedIommuCap>,
+    ) -> Option<NestedIommuCap> {
+        let theirs = proposed?.smmuv3.as_ref()?;
+        if !enabled {
+            return None;
+        }
+        let backend = backend?;
+        let ours = backend.offer()?;
+        self.caps = Some(ours.negotiate(theirs)?);
+        self.binding = Some(backend.open(self.faults.clone()));
+        Some(NestedIommuCap::smmuv3(ours))
+    }
+
+    /// Was the capability agreed on?
+    pub fn negotiated(&self) -> bool {
+        self.caps.is_some()
+    }
+
+    fn binding(&mut self) -> Result<&mut Box<dyn NestedIommuBinding>, NestedIommuError> {
+        self.binding.as_mut().ok_or(NestedIommuError::NotNegotiated)
+    }
+
+    /// BIND: replace the binding with the guest's STE; `reporter_ep` is where FAULT
+    /// messages go (the twin socket when there is one).
+    pub fn bind(
+        &mut self,
+        b: IommuBind,
+        reporter_ep: &Arc<Endpoint>,
+    ) -> Result<(), NestedIommuError> {
+        self.binding()?;
+        self.start_reporter(reporter_ep);
+        self.binding()?.bind(b)
+    }
+
+    /// UNBIND: the device's DMA addresses are IPAs again.
+    pub fn unbind(&mut self) -> Result<(), NestedIommuError> {
+        self.binding()?.unbind()
+    }
+
+    /// INVALIDATE: forward the commands in order, stop at the first illegal one, then
+    /// wait for every DMA that may have used an invalidated translation.
+    pub fn invalidate(
+        &mut self,
+        cmds: &IommuInvalidate,
+    ) -> Result<InvalidateReply, NestedIommuError> {
+        let r = self.binding()?.invalidate(cmds)?;
+        let n = cmds.commands.len() as u32;
+        // Whatever the backend (a forwarding one relays another process's answer):
+        // only a consistent reply goes out.
+        if r.done > n || r.cerror > CERROR_ILL || (r.cerror == 0) != (r.done == n) {
+            return Err(NestedIommuError::BadReply {
+                done: r.done,
+                cerror: r.cerror,
+                count: n,
+            });
+        }
+        Ok(r)
+    }
+
     fn start_reporter(&mut self, ep: &Arc<Endpoint>) {
         if self.reporter.is_some() {
             return;
@@ -667,11 +823,10 @@ impl NestedSession {
         }
     }
 
-    /// The session is over: restore the port's space, stop the reporter.
-    pub fn end(&mut self, port: Option<&nestio_device_model::DmaPort>) {
-        match port {
-            Some(port) => self.restore(port),
-            None => Self::retire(self.bound.take()),
+    /// The session is over: the backend unbinds, the reporter stops.
+    pub fn end(&mut self) {
+        if let Some(mut b) = self.binding.take() {
+            b.end();
         }
         self.faults.close();
         if let Some(h) = self.reporter.take() {
@@ -890,6 +1045,95 @@ mod tests {
             ..theirs
         };
         assert!(ours.negotiate(&v0).is_none());
+    }
+
+    /// A backend answering INVALIDATE with a fixed reply (a forwarding backend relays
+    /// another process's answer, which may be anything).
+    struct Fixed {
+        offer: Option<NestedIommuCaps>,
+        reply: InvalidateReply,
+    }
+    struct FixedBinding(InvalidateReply);
+    impl NestedIommuBackend for Fixed {
+        fn offer(&self) -> Option<NestedIommuCaps> {
+            self.offer.clone()
+        }
+        fn open(&self, _: Arc<FaultQueue>) -> Box<dyn NestedIommuBinding> {
+            Box::new(FixedBinding(self.reply))
+        }
+    }
+    impl NestedIommuBinding for FixedBinding {
+        fn bind(&mut self, _: IommuBind) -> Result<(), NestedIommuError> {
+            Ok(())
+        }
+        fn unbind(&mut self) -> Result<(), NestedIommuError> {
+            Ok(())
+        }
+        fn invalidate(&mut self, _: &IommuInvalidate) -> Result<InvalidateReply, NestedIommuError> {
+            Ok(self.0)
+        }
+        fn end(&mut self) {}
+    }
+
+    fn session_with(offer: Option<NestedIommuCaps>, reply: InvalidateReply) -> NestedSession {
+        let mut s = NestedSession::default();
+        let proposal = NestedIommuCap::smmuv3(NestedIommuCaps::default());
+        let answer = s.negotiate(true, Some(&Fixed { offer, reply }), Some(&proposal));
+        assert_eq!(answer.is_some(), s.negotiated());
+        s
+    }
+
+    #[test]
+    fn the_backend_decides_the_offer() {
+        let r = InvalidateReply::default();
+        assert!(!session_with(None, r).negotiated());
+        let narrow = NestedIommuCaps {
+            ias: 40,
+            granules: vec![4096],
+            ..NestedIommuCaps::default()
+        };
+        let mut s = NestedSession::default();
+        let proposal = NestedIommuCap::smmuv3(NestedIommuCaps::default());
+        let backend = Fixed {
+            offer: Some(narrow.clone()),
+            reply: r,
+        };
+        assert_eq!(
+            s.negotiate(true, Some(&backend), Some(&proposal)),
+            Some(NestedIommuCap::smmuv3(narrow))
+        );
+        // The server's switch still wins.
+        let mut off = NestedSession::default();
+        assert!(off
+            .negotiate(false, Some(&backend), Some(&proposal))
+            .is_none());
+        assert!(!off.negotiated());
+    }
+
+    #[test]
+    fn an_inconsistent_backend_reply_is_refused_with_eio() {
+        let three = IommuInvalidate {
+            commands: vec![[0u8; 16]; 3],
+        };
+        for (done, cerror, ok) in [
+            (3, 0, true),
+            (1, CERROR_ILL, true),
+            (4, 0, false),
+            (2, 0, false),
+            (3, CERROR_ILL, false),
+            (0, 7, false),
+        ] {
+            let mut s = session_with(
+                Some(NestedIommuCaps::default()),
+                InvalidateReply { done, cerror },
+            );
+            let r = s.invalidate(&three);
+            assert_eq!(r.is_ok(), ok, "done {done} cerror {cerror}");
+            if let Err(e) = r {
+                assert_eq!(e.errno(), libc::EIO);
+            }
+            s.end();
+        }
     }
 
     #[test]

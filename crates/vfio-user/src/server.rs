@@ -34,6 +34,9 @@
 //! [`ServerConfig::nested_iommu`] is off. Its commands get ENOTSUP on a session without
 //! it (whatever the payload); BIND/UNBIND/INVALIDATE are handled by the session's
 //! `NestedSession`, whose reporter thread sends FAULT records where DMA_READ/WRITE go.
+//! What executes them is the server's [`NestedIommuBackend`] hook: by default
+//! [`Stage1Backend`] (the device's own `DmaPort`), or one given with
+//! [`Server::with_nested_backend`] (a level-1 exporter forwards to the level below).
 //! The session's end unbinds.
 //!
 //! The server survives its client. When the owner goes away (disconnect, crash
@@ -55,7 +58,7 @@ use nestio_device_model::{region_flags, DeviceError, IrqAction, IrqData, MigStat
 use nestio_dma::{DmaBacking, DmaMapRequest, DmaPeer, DmaRange, Prot};
 
 use crate::endpoint::{Endpoint, EndpointError, Incoming};
-use crate::nested_iommu::{self, IommuBind, NestedSession};
+use crate::nested_iommu::{self, IommuBind, NestedIommuBackend, NestedSession, Stage1Backend};
 use crate::posted_ring::{PostedRing, RingConfig};
 use crate::proto::{
     self, dma_flags, feature, irq_set_flags, Capabilities, Command, DeviceFeature, DeviceInfoMsg,
@@ -94,7 +97,8 @@ pub struct ServerConfig {
     /// the server noticing the close; this grace covers that race.
     pub busy_grace: Duration,
     /// Answer a client's `nestio_nested_iommu` proposal (the device walks the guest's
-    /// stage 1, `crate::nested_iommu`) when the device has a DMA port. Off: the
+    /// stage 1, `crate::nested_iommu`) when the server's nested IOMMU backend offers
+    /// it (the default one: when the device has a DMA port). Off: the
     /// capability is never answered, so the client falls back to shadowing.
     pub nested_iommu: bool,
     /// Answer nestio's client's posted-write ring proposal ([`crate::posted_ring`]);
@@ -248,6 +252,8 @@ pub struct FeatureReply {
 /// A vfio-user server for one device. See the module documentation.
 pub struct Server {
     device: Arc<dyn VfioDevice>,
+    /// What handles the nested-IOMMU extension's commands (`crate::nested_iommu`).
+    nested_backend: Arc<dyn NestedIommuBackend>,
     config: ServerConfig,
     sessions: AtomicU64,
     commands: AtomicU64,
@@ -329,6 +335,7 @@ impl Server {
     /// A server for `device`.
     pub fn new(device: Arc<dyn VfioDevice>, config: ServerConfig) -> Self {
         Server {
+            nested_backend: Arc::new(Stage1Backend::new(device.clone())),
             device,
             config,
             sessions: AtomicU64::new(0),
@@ -351,6 +358,14 @@ impl Server {
     /// an owner session ends.
     pub fn with_extension(mut self, ext: Arc<dyn FeatureExtension>) -> Self {
         self.extension = Some(ext);
+        self
+    }
+
+    /// Put `backend` behind the nested-IOMMU extension instead of the default
+    /// [`Stage1Backend`] over the device's `DmaPort` (a level-1 exporter forwards the
+    /// commands to the level below: `nestio_nested::ForwardIommu`).
+    pub fn with_nested_backend(mut self, backend: Arc<dyn NestedIommuBackend>) -> Self {
+        self.nested_backend = backend;
         self
     }
 
@@ -707,8 +722,7 @@ impl Session<'_> {
             t.shutdown("session ended");
         }
         // After the sockets: a fault reporter blocked in a send fails at once.
-        let server = self.server;
-        self.nested.end(server.device.dma_port());
+        self.nested.end();
         // No ring write runs after the session: the ring thread is joined (and the
         // ring marked closed for the client) before the device is released. (After the
         // sockets: a ring write waiting for DMA by message then fails at once.)
@@ -824,7 +838,7 @@ impl Session<'_> {
         };
         caps.nestio_nested_iommu = self.nested.negotiate(
             cfg.nested_iommu,
-            self.device().dma_port().is_some(),
+            Some(&*self.server.nested_backend),
             v.caps.nestio_nested_iommu.as_ref(),
         );
         let twin = client_end.is_some();
@@ -984,14 +998,15 @@ impl Session<'_> {
             Request::IommuBind(b) => self.iommu_bind(b, m),
             Request::IommuUnbind => {
                 Self::no_fds(m)?;
-                let server = self.server;
-                let port = server.device.dma_port().ok_or(libc::ENOTSUP)?;
-                self.nested.unbind(port).map_err(|e| e.errno())?;
+                self.nested.unbind().map_err(|e| e.errno())?;
                 Ok(Vec::new())
             }
             Request::IommuInvalidate(i) => {
                 Self::no_fds(m)?;
-                let r = self.nested.invalidate(&i).map_err(|e| e.errno())?;
+                let r = self.nested.invalidate(&i).map_err(|e| {
+                    tracing::warn!(error = %e, "nested IOMMU INVALIDATE failed");
+                    e.errno()
+                })?;
                 r.encode_into(&mut self.out);
                 Ok(Vec::new())
             }
@@ -1006,10 +1021,8 @@ impl Session<'_> {
     /// reply on (`crate::nested_iommu`); faults go out on the twin socket if any.
     fn iommu_bind(&mut self, b: IommuBind, m: &Message) -> Result<Fds, i32> {
         Self::no_fds(m)?;
-        let server = self.server;
-        let port = server.device.dma_port().ok_or(libc::ENOTSUP)?;
         let ep = self.twin.as_ref().unwrap_or(&self.ep).clone();
-        self.nested.bind(port, b, &ep).map_err(|e| {
+        self.nested.bind(b, &ep).map_err(|e| {
             tracing::warn!(error = %e, "nested IOMMU BIND refused");
             e.errno()
         })?;
