@@ -8,65 +8,19 @@
 
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use nestio_device_model::{
-    pci_index, DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, RegionInfo, Result, VfioDevice,
-};
-use nestio_emulated::sample::{regs, sample_device, SampleDevice, RAM_BAR};
+use nestio_device_model::{pci_index, DeviceError, VfioDevice};
+use nestio_emulated::gated_sample::{read32, GatedSample};
+use nestio_emulated::sample::{regs, RAM_BAR};
 use nestio_vfio_user::{Client, ClientConfig, Server, ServerConfig};
 use nestio_vmm::remote::PostedWrites;
 
-/// The sample device, with a gate on BAR0 writes: while closed, the server thread stops
-/// inside the device's `region_write` (the client cannot get a reply from it); writes
-/// to `REFUSED` fail.
-struct Gated {
-    inner: Arc<SampleDevice>,
-    gate: Mutex<Option<mpsc::Receiver<()>>>,
-    entered: Mutex<Option<mpsc::Sender<()>>>,
-}
-
+/// BAR0 writes here fail (the device behind the server is a [`GatedSample`]: while its
+/// gate is closed, the server thread stops inside its first BAR0 write, and the client
+/// cannot get a reply from it).
 const REFUSED: u64 = 0xf00;
-
-impl VfioDevice for Gated {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
-    fn region_info(&self, index: u32) -> Result<RegionInfo> {
-        self.inner.region_info(index)
-    }
-    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.region_read(index, offset, buf)
-    }
-    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
-        if index == pci_index::BAR0 {
-            if offset == REFUSED {
-                return Err(DeviceError::Invalid("refused on purpose".into()));
-            }
-            if let Some(tx) = self.entered.lock().unwrap().take() {
-                let _ = tx.send(());
-            }
-            if let Some(rx) = self.gate.lock().unwrap().take() {
-                let _ = rx.recv();
-            }
-        }
-        self.inner.region_write(index, offset, data)
-    }
-    fn irq_info(&self, index: u32) -> Result<IrqInfo> {
-        self.inner.irq_info(index)
-    }
-    fn set_irqs(
-        &self,
-        index: u32,
-        action: IrqAction,
-        start: u32,
-        count: u32,
-        data: IrqData,
-    ) -> Result<()> {
-        self.inner.set_irqs(index, action, start, count, data)
-    }
-}
 
 struct Setup {
     dev: Arc<PostedWrites>,
@@ -80,13 +34,7 @@ struct Setup {
 const MODES: [bool; 2] = [true, false];
 
 fn setup(ring: bool) -> Setup {
-    let (gate_tx, gate_rx) = mpsc::channel();
-    let (entered_tx, entered_rx) = mpsc::channel();
-    let device = Arc::new(Gated {
-        inner: sample_device().unwrap(),
-        gate: Mutex::new(Some(gate_rx)),
-        entered: Mutex::new(Some(entered_tx)),
-    });
+    let (device, gate) = GatedSample::new(Some(REFUSED)).unwrap();
     let server = Server::new(device, ServerConfig::default());
     let (a, b) = UnixStream::pair().unwrap();
     let server_end = b.try_clone().unwrap();
@@ -103,15 +51,9 @@ fn setup(ring: bool) -> Setup {
     Setup {
         dev: Arc::new(PostedWrites::new(client).unwrap()),
         server_end,
-        open_gate: gate_tx,
-        entered: entered_rx,
+        open_gate: gate.open,
+        entered: gate.entered,
     }
-}
-
-fn read32(dev: &dyn VfioDevice, index: u32, offset: u64) -> u32 {
-    let mut b = [0u8; 4];
-    dev.region_read(index, offset, &mut b).unwrap();
-    u32::from_le_bytes(b)
 }
 
 #[test]
