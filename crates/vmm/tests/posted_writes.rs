@@ -154,12 +154,9 @@ fn config_writes_stay_synchronous_with(ring: bool) {
     assert_eq!(u16::from_le_bytes(cmd) & 0x6, 0x6);
 }
 
-/// A posted write the device refuses is dropped (the server logs it); the connection
-/// stays in step and later accesses work. A server that goes away is noticed by the
-/// next posted write: the device is reported disconnected (fatal for the VM).
-#[test]
-fn refused_posted_write_is_dropped_and_a_dead_server_is_noticed() {
-    let s = setup(false);
+/// With the gate open: a posted write the device refuses returns at once, and a
+/// posted write after it (77 to `SCRATCH`) is read back.
+fn post_refused_then_77(s: &Setup) {
     s.open_gate.send(()).unwrap();
     s.dev
         .region_write(pci_index::BAR0, REFUSED, &1u32.to_le_bytes())
@@ -168,6 +165,15 @@ fn refused_posted_write_is_dropped_and_a_dead_server_is_noticed() {
         .region_write(pci_index::BAR0, regs::SCRATCH, &77u32.to_le_bytes())
         .unwrap();
     assert_eq!(read32(&*s.dev, pci_index::BAR0, regs::SCRATCH), 77);
+}
+
+/// A posted write the device refuses is dropped (the server logs it); the connection
+/// stays in step and later accesses work. A server that goes away is noticed by the
+/// next posted write: the device is reported disconnected (fatal for the VM).
+#[test]
+fn refused_posted_write_is_dropped_and_a_dead_server_is_noticed() {
+    let s = setup(false);
+    post_refused_then_77(&s);
     // The server side goes away.
     s.server_end.shutdown(std::net::Shutdown::Both).unwrap();
     let mut last = Ok(());
@@ -191,14 +197,7 @@ fn refused_posted_write_is_dropped_and_a_dead_server_is_noticed() {
 #[test]
 fn through_the_ring_a_refused_write_is_counted_and_a_dead_server_is_noticed() {
     let s = setup(true);
-    s.open_gate.send(()).unwrap();
-    s.dev
-        .region_write(pci_index::BAR0, REFUSED, &1u32.to_le_bytes())
-        .expect("a posted write does not wait for the refusal");
-    s.dev
-        .region_write(pci_index::BAR0, regs::SCRATCH, &77u32.to_le_bytes())
-        .unwrap();
-    assert_eq!(read32(&*s.dev, pci_index::BAR0, regs::SCRATCH), 77);
+    post_refused_then_77(&s);
     assert_eq!(s.dev.client().posted_ring().unwrap().errors(), 1);
     s.server_end.shutdown(std::net::Shutdown::Both).unwrap();
     let t0 = std::time::Instant::now();
