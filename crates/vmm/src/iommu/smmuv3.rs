@@ -910,13 +910,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn shadow_follows_the_guest_tables_on_invalidation() {
-        let mut r = Rig::new();
-        // Disabled SMMU: all of RAM at IOVA = GPA.
-        assert_eq!(r.dev.map_ranges(), vec![(0, RAM, Prot::RW)]);
-        assert_eq!(r.smmu.shadow(8), vec![(0, 0, RAM, Prot::RW)]);
-        // Guest programs tables: SID 8 → CD → two contiguous pages and one apart.
+    /// The guest programs tables (SID 8 → CD → 0x1000-0x2fff → 0x400000, two
+    /// contiguous pages, and 0x5000 → 0x800000 apart) and enables the SMMU.
+    fn program_sid8(r: &Rig) {
         r.w64(STRTAB + 8 * 64, 1 | (5 << 1) | CD);
         r.w64(
             CD,
@@ -931,6 +927,15 @@ mod tests {
         r.reg(regs::CMDQ_BASE, CMDQ | 4, 8);
         r.reg(regs::EVENTQ_BASE, EVTQ | 4, 8);
         r.reg(regs::CR0, 0xd, 4);
+    }
+
+    #[test]
+    fn shadow_follows_the_guest_tables_on_invalidation() {
+        let mut r = Rig::new();
+        // Disabled SMMU: all of RAM at IOVA = GPA.
+        assert_eq!(r.dev.map_ranges(), vec![(0, RAM, Prot::RW)]);
+        assert_eq!(r.smmu.shadow(8), vec![(0, 0, RAM, Prot::RW)]);
+        program_sid8(&r);
         assert_eq!(
             r.smmu.shadow(8),
             vec![
@@ -978,20 +983,7 @@ mod tests {
     /// 0x1000-0x2fff → 0x400000 and 0x5000 → 0x800000; the recorder cleared.
     fn enabled_rig() -> Rig {
         let r = Rig::new();
-        r.w64(STRTAB + 8 * 64, 1 | (5 << 1) | CD);
-        r.w64(
-            CD,
-            16 | (1 << 31) | (1 << 41) | (5 << 32) | (1 << 45) | (1 << 46) | (1 << 48),
-        );
-        r.w64(CD + 8, L0);
-        r.map(0x1000, 0x40_0000);
-        r.map(0x2000, 0x40_1000);
-        r.map(0x5000, 0x80_0000);
-        r.reg(regs::STRTAB_BASE, STRTAB, 8);
-        r.reg(regs::STRTAB_BASE_CFG, 5, 4);
-        r.reg(regs::CMDQ_BASE, CMDQ | 4, 8);
-        r.reg(regs::EVENTQ_BASE, EVTQ | 4, 8);
-        r.reg(regs::CR0, 0xd, 4);
+        program_sid8(&r);
         r.dev.maps.lock().clear();
         r.dev.unmaps.lock().clear();
         r
