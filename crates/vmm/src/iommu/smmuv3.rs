@@ -910,15 +910,21 @@ mod tests {
         }
     }
 
-    /// The guest programs tables (SID 8 → CD → 0x1000-0x2fff → 0x400000, two
-    /// contiguous pages, and 0x5000 → 0x800000 apart) and enables the SMMU.
-    fn program_sid8(r: &Rig) {
-        r.w64(STRTAB + 8 * 64, 1 | (5 << 1) | CD);
-        r.w64(
+    /// Through `w64` (a 64-bit guest RAM write): SID 8's STE (stage 1, its CD at `CD`)
+    /// and that CD (valid, AArch64, 4 KiB granule, 48-bit input, ASID 1, table at `L0`).
+    fn ste_and_cd_of_sid8(w64: &dyn Fn(u64, u64)) {
+        w64(STRTAB + 8 * 64, 1 | (5 << 1) | CD);
+        w64(
             CD,
             16 | (1 << 31) | (1 << 41) | (5 << 32) | (1 << 45) | (1 << 46) | (1 << 48),
         );
-        r.w64(CD + 8, L0);
+        w64(CD + 8, L0);
+    }
+
+    /// The guest programs tables (SID 8 → CD → 0x1000-0x2fff → 0x400000, two
+    /// contiguous pages, and 0x5000 → 0x800000 apart) and enables the SMMU.
+    fn program_sid8(r: &Rig) {
+        ste_and_cd_of_sid8(&|a, v| r.w64(a, v));
         r.map(0x1000, 0x40_0000);
         r.map(0x2000, 0x40_1000);
         r.map(0x5000, 0x80_0000);
@@ -1142,12 +1148,7 @@ mod tests {
         let w64 = |a: u64, v: u64| ram.memory().write_obj(v, GuestAddress(a)).unwrap();
         let reg = |o: u64, v: u64, n: usize| smmu.write(o, &v.to_le_bytes()[..n]).unwrap();
         // Tables: SID 8 → CD → IOVA 0x7000 → the doorbell page.
-        w64(STRTAB + 8 * 64, 1 | (5 << 1) | CD);
-        w64(
-            CD,
-            16 | (1 << 31) | (1 << 41) | (5 << 32) | (1 << 45) | (1 << 46) | (1 << 48),
-        );
-        w64(CD + 8, L0);
+        ste_and_cd_of_sid8(&w64);
         w64(L0, 0x15_0000 | 3);
         w64(0x15_0000, 0x15_1000 | 3);
         w64(0x15_1000, 0x15_2000 | 3);
@@ -1252,12 +1253,7 @@ mod tests {
                 _ => (0x40_0000 + (page + rnd(2)) * 0x1000) | PTE_RW,
             }
         };
-        w64(STRTAB + 8 * 64, 1 | (5 << 1) | CD);
-        w64(
-            CD,
-            16 | (1 << 31) | (1 << 41) | (5 << 32) | (1 << 45) | (1 << 46) | (1 << 48),
-        );
-        w64(CD + 8, L0);
+        ste_and_cd_of_sid8(&w64);
         w64(L0, 0x15_0000 | 3);
         w64(0x15_0000, 0x15_1000 | 3);
         for t in 0..4u64 {
