@@ -1534,10 +1534,14 @@ impl Suite {
     }
 
     fn dma_unmap_payload(addr: u64, size: u64) -> Vec<u8> {
+        Self::dma_unmap_flags_payload(0, addr, size)
+    }
+
+    fn dma_unmap_flags_payload(flags: u32, addr: u64, size: u64) -> Vec<u8> {
         let mut b = Vec::new();
         DmaUnmap {
             argsz: DmaUnmap::SIZE as u32,
-            flags: 0,
+            flags,
             addr,
             size,
         }
@@ -1653,14 +1657,7 @@ impl Suite {
         let v = self.dma_bad_flags(&fd, iova, page);
         self.record("dma.bad_flags", v);
         // Leave nothing mapped (DMA_UNMAP with the ALL flag).
-        let mut b = Vec::new();
-        DmaUnmap {
-            argsz: DmaUnmap::SIZE as u32,
-            flags: dma_flags::UNMAP_ALL,
-            addr: 0,
-            size: 0,
-        }
-        .encode_into(&mut b);
+        let b = Self::dma_unmap_flags_payload(dma_flags::UNMAP_ALL, 0, 0);
         if let Err(Verdict::Fail(why)) = self.ok("DMA_UNMAP all", Command::DmaUnmap, &b, &[]) {
             if let Some(r) = self
                 .report
@@ -1850,14 +1847,7 @@ impl Suite {
                 "DEVICE_GET_INFO with 8 trailing bytes",
                 Command::DeviceGetInfo as u16,
                 {
-                    let mut b = Vec::new();
-                    DeviceInfoMsg {
-                        argsz: 16,
-                        flags: 0,
-                        num_regions: 0,
-                        num_irqs: 0,
-                    }
-                    .encode_into(&mut b);
+                    let mut b = Self::device_info_request(16);
                     b.extend_from_slice(&[0; 8]);
                     b
                 },
