@@ -304,14 +304,8 @@ fn served_e1000_counted(
     let (a, b) = UnixStream::pair()?;
     let mut config = ServerConfig::default();
     // The ring thread's polling window, for experiments (default 50 µs).
-    if let Some(us) = std::env::var("NESTIO_RING_POLL_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        config.posted_ring = Some(nestio_vfio_user::posted_ring::RingConfig {
-            poll: std::time::Duration::from_micros(us),
-            ..Default::default()
-        });
+    if let Some(ring) = nestio_vfio_user::bench::ring_config_from_env() {
+        config.posted_ring = Some(ring);
     }
     let server = Arc::new(Server::new(dev, config));
     let s2 = server.clone();

@@ -8,85 +8,10 @@
 
 mod common;
 
-use common::{kvm_or_skip, Dir};
+use common::{kvm_or_skip, s, stat, Dir, Level};
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
-
-const NESTIO: &str = env!("CARGO_BIN_EXE_nestio");
-/// Hang guard only.
-const DEADLINE: Duration = Duration::from_secs(240);
-
-/// A process of the stack; killed on drop. Its stdout and stderr go to files.
-struct Level {
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Level {
-    fn spawn(dir: &Dir, name: &str, args: &[&str]) -> Level {
-        let out = dir.path(&format!("{name}.out"));
-        let err = dir.path(&format!("{name}.err"));
-        let child = Command::new(NESTIO)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap())
-            .spawn()
-            .expect("spawn nestio");
-        Level { child, out, err }
-    }
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
-    }
-    fn wait(&mut self) -> ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            if t.elapsed() > DEADLINE {
-                let _ = self.child.kill();
-                panic!("a level did not end: {}\n{}", self.stdout(), self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    fn wait_for(&mut self, path: &Path) {
-        let t = Instant::now();
-        while !common::listening(self.child.id(), path) {
-            assert!(
-                self.child.try_wait().unwrap().is_none(),
-                "the process ended before binding {}: {}",
-                path.display(),
-                self.stderr()
-            );
-            assert!(
-                t.elapsed() < DEADLINE,
-                "nothing listened on {}",
-                path.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Level {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
+use std::process::ExitStatus;
 
 /// Level 0: the e1000 (MSI on) on the user network.
 fn device(dir: &Dir, extra: &[&str]) -> (Level, PathBuf) {
@@ -155,18 +80,6 @@ fn assert_pinged(st: ExitStatus, out: &str, err: &str) {
     );
 }
 
-/// `key=N` from the line of `stderr` containing `marker`.
-fn stat(stderr: &str, marker: &str, key: &str) -> u64 {
-    let line = stderr
-        .lines()
-        .find(|l| l.contains(marker))
-        .unwrap_or_else(|| panic!("no {marker:?} line in: {stderr}"));
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in: {line}"))
-}
-
 fn export(stderr: &str, key: &str) -> u64 {
     stat(stderr, " export: ", key)
 }
@@ -185,18 +98,47 @@ fn assert_bypassed(level: &Level) {
     assert_eq!(export(&e, "channel_grants"), 1, "{e}");
 }
 
-#[test]
-fn depth2_guest_bar_accesses_go_over_the_channel() {
-    let name = "depth2_guest_bar_accesses_go_over_the_channel";
+/// Test `name` (skipped without KVM) on a depth-2 stack in `Dir` `tag`: the device
+/// (with `device_extra`), level 1 exporting it (with `l1_extra`) and the innermost
+/// level, whose ping must work. Returns `(dir, device, level 1, innermost stderr)`.
+fn depth2(
+    name: &str,
+    tag: &str,
+    device_extra: &[&str],
+    l1_extra: &[&str],
+) -> Option<(Dir, Level, Level, String)> {
     if !kvm_or_skip(name) {
-        return;
+        return None;
     }
-    let dir = Dir::new("barchan", "depth2");
-    let (_dev, s0) = device(&dir, &[]);
+    let dir = Dir::new("barchan", tag);
+    let (dev, s0) = device(&dir, device_extra);
     let s1 = dir.path("s1");
-    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, &[]);
+    let l1 = exporter(&dir, "level1", &s0, &s1, None, l1_extra);
     let (st, out, err) = ping(&dir, &s1, &[]);
     assert_pinged(st, &out, &err);
+    Some((dir, dev, l1, err))
+}
+
+/// Level 1 ended as its guest does and no channel was granted: every BAR access
+/// crossed it.
+fn assert_no_channel(l1: &mut Level, err: &str) {
+    assert!(!err.contains("bar channel: "), "{err}");
+    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
+    let e = l1.stderr();
+    assert!(export(&e, "bar_accesses") >= 20, "{e}");
+    assert_eq!(export(&e, "channel_grants"), 0, "{e}");
+}
+
+#[test]
+fn depth2_guest_bar_accesses_go_over_the_channel() {
+    let Some((_dir, _dev, mut l1, err)) = depth2(
+        "depth2_guest_bar_accesses_go_over_the_channel",
+        "depth2",
+        &[],
+        &[],
+    ) else {
+        return;
+    };
     assert!(channel(&err, "channel") >= 20, "{err}");
     assert_eq!(channel(&err, "mediated"), 0, "{err}");
     assert_eq!(channel(&err, "fallbacks"), 0, "{err}");
@@ -233,23 +175,14 @@ fn depth3_guest_pings_with_bar_accesses_past_both_levels() {
 /// and the ping still works.
 #[test]
 fn a_revoked_channel_falls_back_to_the_levels() {
-    let name = "a_revoked_channel_falls_back_to_the_levels";
-    if !kvm_or_skip(name) {
-        return;
-    }
-    let dir = Dir::new("barchan", "revoke");
-    let (_dev, s0) = device(&dir, &[]);
-    let s1 = dir.path("s1");
-    let mut l1 = exporter(
-        &dir,
-        "level1",
-        &s0,
-        &s1,
-        None,
+    let Some((_dir, _dev, mut l1, err)) = depth2(
+        "a_revoked_channel_falls_back_to_the_levels",
+        "revoke",
+        &[],
         &["--bar-channel-test-revoke-at-set-irqs", "3"],
-    );
-    let (st, out, err) = ping(&dir, &s1, &[]);
-    assert_pinged(st, &out, &err);
+    ) else {
+        return;
+    };
     assert!(channel(&err, "channel") >= 10, "{err}");
     assert!(channel(&err, "mediated") >= 5, "{err}");
     assert_eq!(channel(&err, "fallbacks"), 1, "{err}");
@@ -267,40 +200,28 @@ fn a_revoked_channel_falls_back_to_the_levels() {
 /// none and every BAR access crosses the level, as before.
 #[test]
 fn without_channels_every_bar_access_crosses_the_level() {
-    let name = "without_channels_every_bar_access_crosses_the_level";
-    if !kvm_or_skip(name) {
+    let Some((_dir, _dev, mut l1, err)) = depth2(
+        "without_channels_every_bar_access_crosses_the_level",
+        "off",
+        &[],
+        &["--bar-channel", "off"],
+    ) else {
         return;
-    }
-    let dir = Dir::new("barchan", "off");
-    let (_dev, s0) = device(&dir, &[]);
-    let s1 = dir.path("s1");
-    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, &["--bar-channel", "off"]);
-    let (st, out, err) = ping(&dir, &s1, &[]);
-    assert_pinged(st, &out, &err);
-    assert!(!err.contains("bar channel: "), "{err}");
-    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
-    let e = l1.stderr();
-    assert!(export(&e, "bar_accesses") >= 20, "{e}");
-    assert_eq!(export(&e, "channel_grants"), 0, "{e}");
+    };
+    assert_no_channel(&mut l1, &err);
 }
 
 /// A device process that grants no channels (`nestio device --bar-channel off`, like an
 /// older nestio): level 1's GET upwards is refused, so the innermost level gets none.
 #[test]
 fn a_device_without_channels_gives_none_down_the_stack() {
-    let name = "a_device_without_channels_gives_none_down_the_stack";
-    if !kvm_or_skip(name) {
+    let Some((_dir, _dev, mut l1, err)) = depth2(
+        "a_device_without_channels_gives_none_down_the_stack",
+        "olddev",
+        &["--bar-channel", "off"],
+        &[],
+    ) else {
         return;
-    }
-    let dir = Dir::new("barchan", "olddev");
-    let (_dev, s0) = device(&dir, &["--bar-channel", "off"]);
-    let s1 = dir.path("s1");
-    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, &[]);
-    let (st, out, err) = ping(&dir, &s1, &[]);
-    assert_pinged(st, &out, &err);
-    assert!(!err.contains("bar channel: "), "{err}");
-    assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
-    let e = l1.stderr();
-    assert!(export(&e, "bar_accesses") >= 20, "{e}");
-    assert_eq!(export(&e, "channel_grants"), 0, "{e}");
+    };
+    assert_no_channel(&mut l1, &err);
 }

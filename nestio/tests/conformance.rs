@@ -8,6 +8,7 @@
 mod common;
 
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -157,6 +158,18 @@ fn wait_listening(child: &mut std::process::Child, path: &std::path::Path) {
     }
 }
 
+/// `nestio conformance --socket path`: its output and its stdout (also printed).
+fn cli_conformance(path: &Path) -> (std::process::Output, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nestio"))
+        .args(["conformance", "--socket"])
+        .arg(path)
+        .output()
+        .expect("run nestio conformance");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{text}");
+    (out, text)
+}
+
 #[test]
 fn cli_conformance_passes_against_nestio_device_gpio() {
     let path = std::env::temp_dir().join(format!("nestio-conf-gpio-{}.sock", std::process::id()));
@@ -168,13 +181,7 @@ fn cli_conformance_passes_against_nestio_device_gpio() {
         .spawn()
         .expect("spawn nestio device gpio");
     wait_listening(&mut server, &path);
-    let out = Command::new(env!("CARGO_BIN_EXE_nestio"))
-        .args(["conformance", "--socket"])
-        .arg(&path)
-        .output()
-        .expect("run nestio conformance");
-    let text = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{text}");
+    let (out, text) = cli_conformance(&path);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert_eq!(
         text.lines()
@@ -254,13 +261,7 @@ fn cli_conformance_fails_against_a_wrong_server() {
     ));
     let server = Server::new(dev, ServerConfig::default());
     let t = std::thread::spawn(move || server.serve_owners(listener, 1));
-    let out = Command::new(env!("CARGO_BIN_EXE_nestio"))
-        .args(["conformance", "--socket"])
-        .arg(&path)
-        .output()
-        .expect("run nestio conformance");
-    let text = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{text}");
+    let (out, text) = cli_conformance(&path);
     assert_eq!(
         out.status.code(),
         Some(1),

@@ -7,78 +7,12 @@
 
 mod common;
 
-use common::{kvm_or_skip, Dir};
+use common::{kvm_or_skip, Dir, Level, NESTIO};
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-const NESTIO: &str = env!("CARGO_BIN_EXE_nestio");
-const DEADLINE: Duration = Duration::from_secs(240);
 const OBJECTS: [&str; 3] = ["dpni.0", "dpbp.0", "dpmcp.0"];
-
-struct Proc {
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Proc {
-    fn spawn(dir: &Dir, name: &str, args: &[String]) -> Proc {
-        let out = dir.path(&format!("{name}.out"));
-        let err = dir.path(&format!("{name}.err"));
-        let child = Command::new(NESTIO)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap())
-            .spawn()
-            .expect("spawn nestio");
-        Proc { child, out, err }
-    }
-    fn text(&self) -> String {
-        format!(
-            "stdout: {}\nstderr: {}",
-            std::fs::read_to_string(&self.out).unwrap_or_default(),
-            std::fs::read_to_string(&self.err).unwrap_or_default()
-        )
-    }
-    fn wait_for(&mut self, path: &Path) {
-        let t = Instant::now();
-        while !common::listening(self.child.id(), path) {
-            assert!(
-                self.child.try_wait().unwrap().is_none(),
-                "ended before {}: {}",
-                path.display(),
-                self.text()
-            );
-            assert!(
-                t.elapsed() < DEADLINE,
-                "nothing listened on {}",
-                path.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    fn wait(&mut self) -> ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(t.elapsed() < DEADLINE, "did not end: {}", self.text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn devices(base: &Path) -> Vec<String> {
     let mut v = vec![
@@ -100,7 +34,7 @@ fn level2_guest_drives_a_container_exported_by_level1() {
     let dir = Dir::new("fslmc", "nested");
     let s0 = dir.path("mc0");
     let s1 = dir.path("mc1");
-    let mut dev = Proc::spawn(
+    let mut dev = Level::spawn(
         &dir,
         "device",
         &[
@@ -126,7 +60,7 @@ fn level2_guest_drives_a_container_exported_by_level1() {
         .collect();
     l1_args.extend(devices(&s0));
     l1_args.extend(["--export".into(), format!("vfio-user={}", s1.display())]);
-    let mut l1 = Proc::spawn(&dir, "level1", &l1_args);
+    let mut l1 = Level::spawn(&dir, "level1", &l1_args);
     l1.wait_for(&PathBuf::from(format!("{}.mem", s1.display())));
     for o in OBJECTS {
         l1.wait_for(&PathBuf::from(format!("{}.{o}", s1.display())));
@@ -145,7 +79,7 @@ fn level2_guest_drives_a_container_exported_by_level1() {
     .collect();
     l2_args.push(format!("{}.mem", s1.display()));
     l2_args.extend(devices(&s1));
-    let mut l2 = Proc::spawn(&dir, "level2", &l2_args);
+    let mut l2 = Level::spawn(&dir, "level2", &l2_args);
     let st = l2.wait();
     let out = l2.text();
     assert_eq!(st.code(), Some(0), "{out}");

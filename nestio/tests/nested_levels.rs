@@ -7,110 +7,10 @@
 
 mod common;
 
-use common::{kvm_or_skip, Dir};
+use common::{kvm_or_skip, s, stat, Dir, Level, NESTIO};
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
-
-const NESTIO: &str = env!("CARGO_BIN_EXE_nestio");
-/// Hang guard only (a stuck level fails the test instead of blocking it forever).
-const DEADLINE: Duration = Duration::from_secs(240);
-
-/// A process of the stack; SIGKILLed on drop. Its stdout and stderr go to files.
-struct Level {
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Level {
-    fn spawn(dir: &Dir, name: &str, args: &[&str]) -> Level {
-        let out = dir.path(&format!("{name}.out"));
-        let err = dir.path(&format!("{name}.err"));
-        let child = Command::new(NESTIO)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap())
-            .spawn()
-            .expect("spawn nestio");
-        Level { child, out, err }
-    }
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
-    }
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-    fn wait(&mut self) -> ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            if t.elapsed() > DEADLINE {
-                let _ = self.child.kill();
-                panic!(
-                    "a level did not end: stdout {}\nstderr {}",
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    /// Wait until this process listens on the socket `path` while the process lives
-    /// (the file alone appears before listen(), when a connect is still refused).
-    fn wait_for(&mut self, path: &Path) {
-        let t = Instant::now();
-        while !common::listening(self.child.id(), path) {
-            assert!(
-                self.running(),
-                "the process ended before binding {}: {}",
-                path.display(),
-                self.stderr()
-            );
-            assert!(
-                t.elapsed() < DEADLINE,
-                "nothing ever listened on {}",
-                path.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    /// Wait until the console shows a whole line containing `text` (the serial console
-    /// arrives byte by byte, so a prefix alone may be followed by the rest later).
-    fn wait_for_output(&mut self, text: &str) {
-        let t = Instant::now();
-        let complete = |out: String| out.find(text).is_some_and(|at| out[at..].contains('\n'));
-        while !complete(self.stdout()) {
-            assert!(
-                self.running(),
-                "the process ended without printing {text:?}: {}{}",
-                self.stdout(),
-                self.stderr()
-            );
-            assert!(t.elapsed() < DEADLINE, "{text:?} never appeared");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Level {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
+use std::process::{Command, ExitStatus, Stdio};
 
 /// Level 0: the e1000 on the user network, serving clients one after another.
 fn device(dir: &Dir) -> (Level, PathBuf) {
@@ -236,14 +136,7 @@ fn inspect(mem: &Path, addr: &str, len: &str) -> std::process::Output {
 
 /// The counters an exporting level prints when it ends (`nestio: level N export: k=v ...`).
 fn export_stat(stderr: &str, key: &str) -> u64 {
-    let line = stderr
-        .lines()
-        .find(|l| l.contains(" export: "))
-        .unwrap_or_else(|| panic!("no export summary in: {stderr}"));
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in: {line}"))
+    stat(stderr, " export: ", key)
 }
 
 /// Device DMA went to the innermost guest's pages by fd (no copy at this level), and

@@ -13,6 +13,8 @@ pub mod e1000_bench;
 pub mod fsl_mc;
 #[cfg(feature = "harness")]
 mod fuzz_input;
+#[cfg(feature = "harness")]
+pub mod gated_sample;
 pub mod gpio;
 #[cfg(feature = "harness")]
 mod migration_fuzz;

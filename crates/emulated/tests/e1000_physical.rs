@@ -63,31 +63,24 @@ fn pings_through_scattered_physical_pages() {
     let gw = drv
         .arp(GUEST_IP, GATEWAY_IP, Duration::from_secs(5))
         .unwrap();
-    for seq in 1..=3u16 {
-        let payload = [seq as u8; 56];
+    let mut ping = |seq: u16, payload: &[u8]| {
         drv.ping(
             GUEST_IP,
             gw,
             GATEWAY_IP,
             0x77,
             seq,
-            &payload,
+            payload,
             Duration::from_secs(5),
         )
-        .unwrap();
+        .unwrap()
+    };
+    for seq in 1..=3u16 {
+        ping(seq, &[seq as u8; 56]);
     }
     // 40 frames: both rings wrap, so every buffer page was used.
     for seq in 4..44u16 {
-        drv.ping(
-            GUEST_IP,
-            gw,
-            GATEWAY_IP,
-            0x77,
-            seq,
-            &[1; 8],
-            Duration::from_secs(5),
-        )
-        .unwrap();
+        ping(seq, &[1; 8]);
     }
 }
 

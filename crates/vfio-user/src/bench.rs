@@ -130,6 +130,17 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The server's posted-write ring settings a benchmark was asked for: the ring thread's
+/// polling window in µs from `NESTIO_RING_POLL_US` (for experiments), or `None` (the
+/// default ring) when it is unset or not a number.
+pub fn ring_config_from_env() -> Option<crate::posted_ring::RingConfig> {
+    let us = std::env::var("NESTIO_RING_POLL_US").ok()?.parse().ok()?;
+    Some(crate::posted_ring::RingConfig {
+        poll: std::time::Duration::from_micros(us),
+        ..Default::default()
+    })
+}
+
 /// Run every measurement about `iterations` times (at least one per round). Raw and
 /// client/server round trips alternate round by round so both see the same load.
 pub fn run(iterations: u64) -> Result<ProtocolBenchReport, ProtocolBenchError> {

@@ -23,14 +23,8 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     // Three servers (a server serves one client at a time).
     let mut config = nestio_vfio_user::ServerConfig::default();
-    if let Some(us) = std::env::var("NESTIO_RING_POLL_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        config.posted_ring = Some(nestio_vfio_user::posted_ring::RingConfig {
-            poll: std::time::Duration::from_micros(us),
-            ..Default::default()
-        });
+    if let Some(ring) = nestio_vfio_user::bench::ring_config_from_env() {
+        config.posted_ring = Some(ring);
     }
     println!("server ring config: {:?}", config.posted_ring);
     let mut sockets = Vec::new();

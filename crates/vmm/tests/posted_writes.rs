@@ -8,65 +8,19 @@
 
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use nestio_device_model::{
-    pci_index, DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, RegionInfo, Result, VfioDevice,
-};
-use nestio_emulated::sample::{regs, sample_device, SampleDevice, RAM_BAR};
+use nestio_device_model::{pci_index, DeviceError, VfioDevice};
+use nestio_emulated::gated_sample::{read32, GatedSample};
+use nestio_emulated::sample::{regs, RAM_BAR};
 use nestio_vfio_user::{Client, ClientConfig, Server, ServerConfig};
 use nestio_vmm::remote::PostedWrites;
 
-/// The sample device, with a gate on BAR0 writes: while closed, the server thread stops
-/// inside the device's `region_write` (the client cannot get a reply from it); writes
-/// to `REFUSED` fail.
-struct Gated {
-    inner: Arc<SampleDevice>,
-    gate: Mutex<Option<mpsc::Receiver<()>>>,
-    entered: Mutex<Option<mpsc::Sender<()>>>,
-}
-
+/// BAR0 writes here fail (the device behind the server is a [`GatedSample`]: while its
+/// gate is closed, the server thread stops inside its first BAR0 write, and the client
+/// cannot get a reply from it).
 const REFUSED: u64 = 0xf00;
-
-impl VfioDevice for Gated {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
-    fn region_info(&self, index: u32) -> Result<RegionInfo> {
-        self.inner.region_info(index)
-    }
-    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.region_read(index, offset, buf)
-    }
-    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
-        if index == pci_index::BAR0 {
-            if offset == REFUSED {
-                return Err(DeviceError::Invalid("refused on purpose".into()));
-            }
-            if let Some(tx) = self.entered.lock().unwrap().take() {
-                let _ = tx.send(());
-            }
-            if let Some(rx) = self.gate.lock().unwrap().take() {
-                let _ = rx.recv();
-            }
-        }
-        self.inner.region_write(index, offset, data)
-    }
-    fn irq_info(&self, index: u32) -> Result<IrqInfo> {
-        self.inner.irq_info(index)
-    }
-    fn set_irqs(
-        &self,
-        index: u32,
-        action: IrqAction,
-        start: u32,
-        count: u32,
-        data: IrqData,
-    ) -> Result<()> {
-        self.inner.set_irqs(index, action, start, count, data)
-    }
-}
 
 struct Setup {
     dev: Arc<PostedWrites>,
@@ -80,13 +34,7 @@ struct Setup {
 const MODES: [bool; 2] = [true, false];
 
 fn setup(ring: bool) -> Setup {
-    let (gate_tx, gate_rx) = mpsc::channel();
-    let (entered_tx, entered_rx) = mpsc::channel();
-    let device = Arc::new(Gated {
-        inner: sample_device().unwrap(),
-        gate: Mutex::new(Some(gate_rx)),
-        entered: Mutex::new(Some(entered_tx)),
-    });
+    let (device, gate) = GatedSample::new(Some(REFUSED)).unwrap();
     let server = Server::new(device, ServerConfig::default());
     let (a, b) = UnixStream::pair().unwrap();
     let server_end = b.try_clone().unwrap();
@@ -103,15 +51,9 @@ fn setup(ring: bool) -> Setup {
     Setup {
         dev: Arc::new(PostedWrites::new(client).unwrap()),
         server_end,
-        open_gate: gate_tx,
-        entered: entered_rx,
+        open_gate: gate.open,
+        entered: gate.entered,
     }
-}
-
-fn read32(dev: &dyn VfioDevice, index: u32, offset: u64) -> u32 {
-    let mut b = [0u8; 4];
-    dev.region_read(index, offset, &mut b).unwrap();
-    u32::from_le_bytes(b)
 }
 
 #[test]
@@ -212,12 +154,9 @@ fn config_writes_stay_synchronous_with(ring: bool) {
     assert_eq!(u16::from_le_bytes(cmd) & 0x6, 0x6);
 }
 
-/// A posted write the device refuses is dropped (the server logs it); the connection
-/// stays in step and later accesses work. A server that goes away is noticed by the
-/// next posted write: the device is reported disconnected (fatal for the VM).
-#[test]
-fn refused_posted_write_is_dropped_and_a_dead_server_is_noticed() {
-    let s = setup(false);
+/// With the gate open: a posted write the device refuses returns at once, and a
+/// posted write after it (77 to `SCRATCH`) is read back.
+fn post_refused_then_77(s: &Setup) {
     s.open_gate.send(()).unwrap();
     s.dev
         .region_write(pci_index::BAR0, REFUSED, &1u32.to_le_bytes())
@@ -226,6 +165,15 @@ fn refused_posted_write_is_dropped_and_a_dead_server_is_noticed() {
         .region_write(pci_index::BAR0, regs::SCRATCH, &77u32.to_le_bytes())
         .unwrap();
     assert_eq!(read32(&*s.dev, pci_index::BAR0, regs::SCRATCH), 77);
+}
+
+/// A posted write the device refuses is dropped (the server logs it); the connection
+/// stays in step and later accesses work. A server that goes away is noticed by the
+/// next posted write: the device is reported disconnected (fatal for the VM).
+#[test]
+fn refused_posted_write_is_dropped_and_a_dead_server_is_noticed() {
+    let s = setup(false);
+    post_refused_then_77(&s);
     // The server side goes away.
     s.server_end.shutdown(std::net::Shutdown::Both).unwrap();
     let mut last = Ok(());
@@ -249,14 +197,7 @@ fn refused_posted_write_is_dropped_and_a_dead_server_is_noticed() {
 #[test]
 fn through_the_ring_a_refused_write_is_counted_and_a_dead_server_is_noticed() {
     let s = setup(true);
-    s.open_gate.send(()).unwrap();
-    s.dev
-        .region_write(pci_index::BAR0, REFUSED, &1u32.to_le_bytes())
-        .expect("a posted write does not wait for the refusal");
-    s.dev
-        .region_write(pci_index::BAR0, regs::SCRATCH, &77u32.to_le_bytes())
-        .unwrap();
-    assert_eq!(read32(&*s.dev, pci_index::BAR0, regs::SCRATCH), 77);
+    post_refused_then_77(&s);
     assert_eq!(s.dev.client().posted_ring().unwrap().errors(), 1);
     s.server_end.shutdown(std::net::Shutdown::Both).unwrap();
     let t0 = std::time::Instant::now();

@@ -38,15 +38,50 @@ fn run_mode(mode: Viommu, dev: DeviceConfig, irq: &str, extra: &str) -> (StopRea
     (report.outcome, common::text(&buf))
 }
 
+fn remote_e1000(p: &DeviceProcess) -> DeviceConfig {
+    DeviceConfig::VfioUser {
+        socket: p.socket.clone(),
+    }
+}
+
+/// [`run_mode`] on an e1000 served by a fresh device process (stopped after the run).
+fn run_remote(mode: Viommu, irq: &str, extra: &str) -> (StopReason, String) {
+    let p = DeviceProcess::start("e1000");
+    run_mode(mode, remote_e1000(&p), irq, extra)
+}
+
+/// The guest exited 0 after the gateway answered its ping.
+fn assert_pinged(outcome: StopReason, out: &str) {
+    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
+    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+}
+
+/// [`assert_pinged`], with the MSI address an IOVA the SMMU translated.
+fn assert_pinged_by_doorbell_iova(outcome: StopReason, out: &str) {
+    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
+    assert!(
+        out.contains("msi: address 0x803fe00000 is an IOVA"),
+        "{out}"
+    );
+    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+}
+
+/// The payload's DMA check (exit 8) found the NIC's write refused: the buffer was
+/// untouched and the console says `what` was done to the page.
+fn assert_dma_refused(outcome: StopReason, out: &str, what: &str) {
+    assert_eq!(outcome, StopReason::GuestExit(8), "console: {out}");
+    assert!(out.contains(what), "{out}");
+    assert!(out.contains("buffer untouched"), "{out}");
+}
+
 #[test]
 fn guest_pings_through_smmuv3_shadow_in_process() {
     if !common::kvm_or_skip("guest_pings_through_smmuv3_shadow_in_process") {
         return;
     }
     let (outcome, out) = run(common::local_e1000(), "");
-    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
     assert!(out.contains("smmu: translating sid 0x8"), "{out}");
-    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+    assert_pinged(outcome, &out);
 }
 
 #[test]
@@ -54,15 +89,8 @@ fn guest_pings_through_smmuv3_shadow_over_vfio_user() {
     if !common::kvm_or_skip("guest_pings_through_smmuv3_shadow_over_vfio_user") {
         return;
     }
-    let p = DeviceProcess::start("e1000");
-    let (outcome, out) = run(
-        DeviceConfig::VfioUser {
-            socket: p.socket.clone(),
-        },
-        "",
-    );
-    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
-    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+    let (outcome, out) = run_remote(Viommu::Smmuv3, "intx", "");
+    assert_pinged(outcome, &out);
 }
 
 #[test]
@@ -73,12 +101,7 @@ fn msi_through_a_doorbell_iova_in_process() {
         return;
     }
     let (outcome, out) = run_irq(common::local_e1000(), "msi", "");
-    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
-    assert!(
-        out.contains("msi: address 0x803fe00000 is an IOVA"),
-        "{out}"
-    );
-    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+    assert_pinged_by_doorbell_iova(outcome, &out);
 }
 
 #[test]
@@ -86,20 +109,8 @@ fn msi_through_a_doorbell_iova_over_vfio_user() {
     if !common::kvm_or_skip("msi_through_a_doorbell_iova_over_vfio_user") {
         return;
     }
-    let p = DeviceProcess::start("e1000");
-    let (outcome, out) = run_irq(
-        DeviceConfig::VfioUser {
-            socket: p.socket.clone(),
-        },
-        "msi",
-        "",
-    );
-    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
-    assert!(
-        out.contains("msi: address 0x803fe00000 is an IOVA"),
-        "{out}"
-    );
-    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+    let (outcome, out) = run_remote(Viommu::Smmuv3, "msi", "");
+    assert_pinged_by_doorbell_iova(outcome, &out);
 }
 
 #[test]
@@ -117,12 +128,6 @@ fn an_unmapped_doorbell_iova_is_one_event_and_no_interrupt() {
     println!("{out}");
 }
 
-fn remote_e1000(p: &DeviceProcess) -> DeviceConfig {
-    DeviceConfig::VfioUser {
-        socket: p.socket.clone(),
-    }
-}
-
 #[test]
 fn nested_mode_pings_through_tables_the_vmm_never_saw_invalidated() {
     // The guest maps its rings without any invalidation (as Linux does). In nested
@@ -131,18 +136,9 @@ fn nested_mode_pings_through_tables_the_vmm_never_saw_invalidated() {
     if !common::kvm_or_skip("nested_mode_pings_through_tables_the_vmm_never_saw_invalidated") {
         return;
     }
-    let p = DeviceProcess::start("e1000");
-    let (outcome, out) = run_mode(
-        Viommu::Smmuv3Nested,
-        remote_e1000(&p),
-        "intx",
-        "smmu_map=noinval",
-    );
-    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
-    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
-    drop(p);
-    let p = DeviceProcess::start("e1000");
-    let (outcome, out) = run_mode(Viommu::Smmuv3, remote_e1000(&p), "intx", "smmu_map=noinval");
+    let (outcome, out) = run_remote(Viommu::Smmuv3Nested, "intx", "smmu_map=noinval");
+    assert_pinged(outcome, &out);
+    let (outcome, out) = run_remote(Viommu::Smmuv3, "intx", "smmu_map=noinval");
     assert_ne!(
         outcome,
         StopReason::GuestExit(0),
@@ -156,14 +152,8 @@ fn nested_mode_with_msi_through_a_doorbell_iova() {
     if !common::kvm_or_skip("nested_mode_with_msi_through_a_doorbell_iova") {
         return;
     }
-    let p = DeviceProcess::start("e1000");
-    let (outcome, out) = run_mode(Viommu::Smmuv3Nested, remote_e1000(&p), "msi", "");
-    assert_eq!(outcome, StopReason::GuestExit(0), "console: {out}");
-    assert!(
-        out.contains("msi: address 0x803fe00000 is an IOVA"),
-        "{out}"
-    );
-    assert!(out.contains("ping: echo reply from 10.0.2.2"), "{out}");
+    let (outcome, out) = run_remote(Viommu::Smmuv3Nested, "msi", "");
+    assert_pinged_by_doorbell_iova(outcome, &out);
 }
 
 #[test]
@@ -174,10 +164,8 @@ fn nested_mode_device_faults_are_the_guests_events() {
     if !common::kvm_or_skip("nested_mode_device_faults_are_the_guests_events") {
         return;
     }
-    let p = DeviceProcess::start("e1000");
-    let (outcome, out) = run_mode(Viommu::Smmuv3Nested, remote_e1000(&p), "intx", "dma=unmap");
-    assert_eq!(outcome, StopReason::GuestExit(8), "console: {out}");
-    assert!(out.contains("buffer untouched"), "{out}");
+    let (outcome, out) = run_remote(Viommu::Smmuv3Nested, "intx", "dma=unmap");
+    assert_dma_refused(outcome, &out, "unmapped under the live ring");
     let iova = out
         .lines()
         .find_map(|l| l.strip_prefix("dma unmap: iova "))
@@ -198,16 +186,8 @@ fn nested_mode_a_read_only_page_is_a_permission_event() {
     if !common::kvm_or_skip("nested_mode_a_read_only_page_is_a_permission_event") {
         return;
     }
-    let p = DeviceProcess::start("e1000");
-    let (outcome, out) = run_mode(
-        Viommu::Smmuv3Nested,
-        remote_e1000(&p),
-        "intx",
-        "dma=readonly",
-    );
-    assert_eq!(outcome, StopReason::GuestExit(8), "console: {out}");
-    assert!(out.contains("made read-only under the live ring"), "{out}");
-    assert!(out.contains("buffer untouched"), "{out}");
+    let (outcome, out) = run_remote(Viommu::Smmuv3Nested, "intx", "dma=readonly");
+    assert_dma_refused(outcome, &out, "made read-only under the live ring");
     assert!(
         out.contains("dma unmap: event 0x13 sid 0x8 iova 0x80"),
         "{out}"
@@ -220,9 +200,7 @@ fn dma_to_a_page_unmapped_under_the_live_ring_is_refused() {
         return;
     }
     let (outcome, out) = run(common::local_e1000(), "dma=unmap");
-    assert_eq!(outcome, StopReason::GuestExit(8), "console: {out}");
-    assert!(out.contains("buffer untouched"), "{out}");
-    assert!(out.contains("unmapped under the live ring"), "{out}");
+    assert_dma_refused(outcome, &out, "unmapped under the live ring");
     println!("{out}");
 }
 
@@ -232,9 +210,7 @@ fn dma_to_a_page_made_read_only_under_the_live_ring_is_refused() {
         return;
     }
     let (outcome, out) = run(common::local_e1000(), "dma=readonly");
-    assert_eq!(outcome, StopReason::GuestExit(8), "console: {out}");
-    assert!(out.contains("made read-only under the live ring"), "{out}");
-    assert!(out.contains("buffer untouched"), "{out}");
+    assert_dma_refused(outcome, &out, "made read-only under the live ring");
 }
 
 #[test]

@@ -40,15 +40,24 @@ fn xive_routes_a_vfio_user_e1000_interrupt() {
     });
 }
 
-fn two_vcpus(dev: DeviceConfig) {
+/// The xivetest payload on a 2-vCPU XIVE machine with `cmdline` and `devices`; the VM
+/// and its console buffer.
+fn xivetest_on_two_vcpus(
+    cmdline: &str,
+    devices: Vec<DeviceConfig>,
+) -> (Vm, std::sync::Arc<parking_lot::Mutex<Vec<u8>>>) {
     let (console, buf) = common::console();
     let mut cfg = VmConfig::new(payloads::XIVETEST);
     cfg.console = console;
     cfg.cpus = 2;
     cfg.irqchip = IrqChipKind::Xive;
-    cfg.cmdline = "rounds=8".into();
-    cfg.devices.push(dev);
-    let mut vm = Vm::new(cfg).expect("build VM");
+    cfg.cmdline = cmdline.into();
+    cfg.devices = devices;
+    (Vm::new(cfg).expect("build VM"), buf)
+}
+
+fn two_vcpus(dev: DeviceConfig) {
+    let (mut vm, buf) = xivetest_on_two_vcpus("rounds=8", vec![dev]);
     let xive = vm.xive().expect("XIVE chip").model().clone();
     let report = vm.run().expect("run VM");
     let out = common::text(&buf);
@@ -119,13 +128,7 @@ fn xive_save_resume_mid_traffic_loses_no_interrupt() {
     if !common::kvm_or_skip("xive_save_resume_mid_traffic_loses_no_interrupt") {
         return;
     }
-    let (console, buf) = common::console();
-    let mut cfg = VmConfig::new(payloads::XIVETEST);
-    cfg.console = console;
-    cfg.cpus = 2;
-    cfg.irqchip = IrqChipKind::Xive;
-    cfg.cmdline = "rounds=300".into();
-    let mut vm = Vm::new(cfg).expect("build VM");
+    let (mut vm, buf) = xivetest_on_two_vcpus("rounds=300", Vec::new());
     let chip = vm.xive().expect("XIVE chip").clone();
     let handle = vm.handle();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -198,13 +201,7 @@ fn xive_ceded_vcpu_is_woken_by_its_queue_escalation() {
     if !common::kvm_or_skip("xive_ceded_vcpu_is_woken_by_its_queue_escalation") {
         return;
     }
-    let (console, buf) = common::console();
-    let mut cfg = VmConfig::new(payloads::XIVETEST);
-    cfg.console = console;
-    cfg.cpus = 2;
-    cfg.irqchip = IrqChipKind::Xive;
-    cfg.cmdline = "rounds=40 cede=1".into();
-    let mut vm = Vm::new(cfg).expect("build VM");
+    let (mut vm, buf) = xivetest_on_two_vcpus("rounds=40 cede=1", Vec::new());
     let chip = vm.xive().expect("XIVE chip").clone();
     let t = std::time::Instant::now();
     let report = vm.run().expect("run VM");

@@ -910,19 +910,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn shadow_follows_the_guest_tables_on_invalidation() {
-        let mut r = Rig::new();
-        // Disabled SMMU: all of RAM at IOVA = GPA.
-        assert_eq!(r.dev.map_ranges(), vec![(0, RAM, Prot::RW)]);
-        assert_eq!(r.smmu.shadow(8), vec![(0, 0, RAM, Prot::RW)]);
-        // Guest programs tables: SID 8 → CD → two contiguous pages and one apart.
-        r.w64(STRTAB + 8 * 64, 1 | (5 << 1) | CD);
-        r.w64(
+    /// Through `w64` (a 64-bit guest RAM write): SID 8's STE (stage 1, its CD at `CD`)
+    /// and that CD (valid, AArch64, 4 KiB granule, 48-bit input, ASID 1, table at `L0`).
+    fn ste_and_cd_of_sid8(w64: &dyn Fn(u64, u64)) {
+        w64(STRTAB + 8 * 64, 1 | (5 << 1) | CD);
+        w64(
             CD,
             16 | (1 << 31) | (1 << 41) | (5 << 32) | (1 << 45) | (1 << 46) | (1 << 48),
         );
-        r.w64(CD + 8, L0);
+        w64(CD + 8, L0);
+    }
+
+    /// The guest programs tables (SID 8 → CD → 0x1000-0x2fff → 0x400000, two
+    /// contiguous pages, and 0x5000 → 0x800000 apart) and enables the SMMU.
+    fn program_sid8(r: &Rig) {
+        ste_and_cd_of_sid8(&|a, v| r.w64(a, v));
         r.map(0x1000, 0x40_0000);
         r.map(0x2000, 0x40_1000);
         r.map(0x5000, 0x80_0000);
@@ -931,6 +933,15 @@ mod tests {
         r.reg(regs::CMDQ_BASE, CMDQ | 4, 8);
         r.reg(regs::EVENTQ_BASE, EVTQ | 4, 8);
         r.reg(regs::CR0, 0xd, 4);
+    }
+
+    #[test]
+    fn shadow_follows_the_guest_tables_on_invalidation() {
+        let mut r = Rig::new();
+        // Disabled SMMU: all of RAM at IOVA = GPA.
+        assert_eq!(r.dev.map_ranges(), vec![(0, RAM, Prot::RW)]);
+        assert_eq!(r.smmu.shadow(8), vec![(0, 0, RAM, Prot::RW)]);
+        program_sid8(&r);
         assert_eq!(
             r.smmu.shadow(8),
             vec![
@@ -978,20 +989,7 @@ mod tests {
     /// 0x1000-0x2fff → 0x400000 and 0x5000 → 0x800000; the recorder cleared.
     fn enabled_rig() -> Rig {
         let r = Rig::new();
-        r.w64(STRTAB + 8 * 64, 1 | (5 << 1) | CD);
-        r.w64(
-            CD,
-            16 | (1 << 31) | (1 << 41) | (5 << 32) | (1 << 45) | (1 << 46) | (1 << 48),
-        );
-        r.w64(CD + 8, L0);
-        r.map(0x1000, 0x40_0000);
-        r.map(0x2000, 0x40_1000);
-        r.map(0x5000, 0x80_0000);
-        r.reg(regs::STRTAB_BASE, STRTAB, 8);
-        r.reg(regs::STRTAB_BASE_CFG, 5, 4);
-        r.reg(regs::CMDQ_BASE, CMDQ | 4, 8);
-        r.reg(regs::EVENTQ_BASE, EVTQ | 4, 8);
-        r.reg(regs::CR0, 0xd, 4);
+        program_sid8(&r);
         r.dev.maps.lock().clear();
         r.dev.unmaps.lock().clear();
         r
@@ -1150,12 +1148,7 @@ mod tests {
         let w64 = |a: u64, v: u64| ram.memory().write_obj(v, GuestAddress(a)).unwrap();
         let reg = |o: u64, v: u64, n: usize| smmu.write(o, &v.to_le_bytes()[..n]).unwrap();
         // Tables: SID 8 → CD → IOVA 0x7000 → the doorbell page.
-        w64(STRTAB + 8 * 64, 1 | (5 << 1) | CD);
-        w64(
-            CD,
-            16 | (1 << 31) | (1 << 41) | (5 << 32) | (1 << 45) | (1 << 46) | (1 << 48),
-        );
-        w64(CD + 8, L0);
+        ste_and_cd_of_sid8(&w64);
         w64(L0, 0x15_0000 | 3);
         w64(0x15_0000, 0x15_1000 | 3);
         w64(0x15_1000, 0x15_2000 | 3);
@@ -1260,12 +1253,7 @@ mod tests {
                 _ => (0x40_0000 + (page + rnd(2)) * 0x1000) | PTE_RW,
             }
         };
-        w64(STRTAB + 8 * 64, 1 | (5 << 1) | CD);
-        w64(
-            CD,
-            16 | (1 << 31) | (1 << 41) | (5 << 32) | (1 << 45) | (1 << 46) | (1 << 48),
-        );
-        w64(CD + 8, L0);
+        ste_and_cd_of_sid8(&w64);
         w64(L0, 0x15_0000 | 3);
         w64(0x15_0000, 0x15_1000 | 3);
         for t in 0..4u64 {
