@@ -10,6 +10,7 @@ use std::sync::Arc;
 use nestio_device_model::VfioDevice;
 use nestio_nested::{request_grant, ChannelBars, ChannelGate, ChannelGrants};
 use nestio_vfio_user::{Client, Server};
+use nestio_vmm::iommu::smmuv3::NestedIommuPort;
 
 /// `--bar-channel on|off`.
 pub fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -51,14 +52,28 @@ pub fn with_grants(server: Server, grants: Option<Arc<ChannelGrants>>) -> Server
 }
 
 /// The device to attach, and its BAR channel wrapper when it has one.
-pub type Innermost = (Arc<dyn VfioDevice>, Option<Arc<ChannelBars>>);
+pub type Innermost = (
+    Arc<dyn VfioDevice>,
+    Option<Arc<ChannelBars>>,
+    Option<Arc<dyn NestedIommuPort>>,
+);
 
 /// The innermost level's device at `socket`: one session, and a BAR channel over it
 /// when the level above grants one that crossed at least one exporting level (straight
 /// from the device process a channel saves nothing). Without a channel the session is
 /// wrapped with posted writes, as `--device vfio-user=PATH` would be.
-pub fn innermost_device(socket: &Path) -> Result<Innermost, String> {
-    let client = Client::connect(socket).map_err(|e| match e {
+///
+/// With `nested` (`--viommu smmuv3,mode=nested`) the session proposes nestio's
+/// nested-IOMMU extension, and its port comes back when the levels above agreed.
+pub fn innermost_device(socket: &Path, nested: bool) -> Result<Innermost, String> {
+    let config = nestio_vfio_user::ClientConfig {
+        nested_iommu: nested.then(nestio_vfio_user::nested_iommu::NestedIommuCaps::default),
+        ..nestio_vfio_user::ClientConfig::default()
+    };
+    let client = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(nestio_vfio_user::ClientError::from)
+        .and_then(|s| Client::from_stream(s, config))
+        .map_err(|e| match e {
         nestio_vfio_user::ClientError::Busy => format!("{}: {e}", socket.display()),
         _ => format!(
             "cannot connect to {}: {e} (is `nestio run --export` or `nestio device` running there?)",
@@ -85,7 +100,8 @@ pub fn innermost_device(socket: &Path) -> Result<Innermost, String> {
                     "BAR channel to the device: BAR accesses skip the {levels} exporting level(s)"
                 );
                 let bars = Arc::new(bars);
-                return Ok((bars.clone(), Some(bars)));
+                let port = nested.then(|| client.clone() as Arc<dyn NestedIommuPort>);
+                return Ok((bars.clone(), Some(bars), port));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "BAR channel unusable; BAR accesses pass every level")
@@ -95,7 +111,9 @@ pub fn innermost_device(socket: &Path) -> Result<Innermost, String> {
     let client = Arc::into_inner(client).ok_or("the device session is still shared")?;
     let dev = nestio_vmm::remote::PostedWrites::new(client)
         .map_err(|e| format!("cannot read the device's BARs at {}: {e}", socket.display()))?;
-    Ok((Arc::new(dev), None))
+    let dev = Arc::new(dev);
+    let port = nested.then(|| dev.clone() as Arc<dyn NestedIommuPort>);
+    Ok((dev, None, port))
 }
 
 /// The line the innermost level prints at its end (the tests read it).

@@ -281,16 +281,19 @@ pub fn run(args: RunArgs) -> CmdResult {
             });
             // A nested level's vfio-user devices ask their parent for a BAR channel.
             let mut channels = Vec::new();
+            let nested_viommu = cfg.viommu == Some(nestio_vmm::iommu::smmuv3::Viommu::Smmuv3Nested);
             if bar_channel && memory_from.is_some() {
                 for d in cfg.devices.iter_mut() {
                     let DeviceConfig::VfioUser { socket } = d else {
                         continue;
                     };
-                    let (device, bars) = crate::channel::innermost_device(socket)?;
+                    let (device, bars, nested) =
+                        crate::channel::innermost_device(socket, nested_viommu)?;
                     channels.extend(bars);
-                    *d = DeviceConfig::Local {
+                    *d = DeviceConfig::Connected {
                         name: format!("vfio-user:{}", socket.display()),
                         device,
+                        nested,
                     };
                 }
             }

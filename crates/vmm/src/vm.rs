@@ -95,6 +95,17 @@ pub enum DeviceConfig {
         /// The device.
         device: Arc<dyn VfioDevice>,
     },
+    /// A vfio-user session the caller opened itself (e.g. the innermost nesting level,
+    /// whose session is wrapped in a BAR channel), with the session's nested-IOMMU
+    /// port when it negotiated nestio's extension (`--viommu smmuv3,mode=nested`).
+    Connected {
+        /// Name used in messages.
+        name: String,
+        /// The device (the session, possibly wrapped).
+        device: Arc<dyn VfioDevice>,
+        /// The session's nested-IOMMU port; None: the vIOMMU shadows this device.
+        nested: Option<Arc<dyn crate::iommu::smmuv3::NestedIommuPort>>,
+    },
 }
 
 impl std::fmt::Debug for DeviceConfig {
@@ -105,6 +116,9 @@ impl std::fmt::Debug for DeviceConfig {
                 write!(f, "vfio-user={} {options:?}", socket.display())
             }
             DeviceConfig::Local { name, .. } => write!(f, "local {name}"),
+            DeviceConfig::Connected { name, nested, .. } => {
+                write!(f, "connected {name} (nested iommu: {})", nested.is_some())
+            }
         }
     }
 }
@@ -1113,6 +1127,14 @@ fn attach_devices(
     for d in devices {
         let (name, dev, port): (String, Arc<dyn VfioDevice>, _) = match d {
             DeviceConfig::Local { name, device } => (name.clone(), device.clone(), None),
+            DeviceConfig::Connected {
+                name,
+                device,
+                nested: port,
+            } => {
+                let port = if nested { port.clone() } else { None };
+                (name.clone(), device.clone(), port)
+            }
             DeviceConfig::VfioUser { socket } => {
                 let (dev, port) = crate::remote::connect_nested(
                     socket,
