@@ -95,6 +95,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <signal.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -1304,6 +1305,12 @@ static int vfio_mode(const struct config *c)
 static void end_vm(const struct config *c, int status)
 {
 	say("NESTIO-INIT: exit %d (uptime %.2f s)\n", status, uptime());
+	/*
+	 * fflush only hands the lines to the tty layer; the serial driver sends them
+	 * byte by byte afterwards. Wait until the console has transmitted everything, or
+	 * the VM ends with the last lines (the results the host reads) still queued.
+	 */
+	tcdrain(STDOUT_FILENO);
 	sync();
 	if (ioperm(DEBUG_EXIT_PORT, 1, 1) == 0)
 		outb((unsigned char)status, DEBUG_EXIT_PORT);
