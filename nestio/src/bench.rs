@@ -12,7 +12,11 @@
 //!
 //! `--only e1000` runs the e1000 over vfio-user (with and without the register path's
 //! inline receive, with and without posted BAR writes) and in process (inline receive
-//! on and off), then prints the 60-byte round trip ratios side by side.
+//! on and off), then prints the 60-byte round trip ratios side by side; then the
+//! driver's interrupt wait (blocking, halt-polling as KVM's `halt_poll_ns` does, or
+//! polling with yields: `e1000_bench::IrqWait`) over vfio-user and in process, with all
+//! threads on one CPU and unpinned, with the per-round-trip counts of socket messages,
+//! ring writes, ring kicks, interrupts and blocking waits.
 
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -20,7 +24,7 @@ use std::sync::Arc;
 use clap::Args;
 use nestio_device_model::VfioDevice;
 use nestio_emulated::e1000::{E1000Config, E1000};
-use nestio_emulated::e1000_bench::{self, DmaVia, Driver, IrqMode, GATEWAY_IP, GUEST_IP};
+use nestio_emulated::e1000_bench::{self, DmaVia, Driver, IrqMode, IrqWait, GATEWAY_IP, GUEST_IP};
 use nestio_nested::stack::{best_rows, measure_depths_with, print_rows};
 use nestio_nested::{BarChannels, DepthRow, NestedStack, RoundTrip, StackConfig};
 use nestio_vfio_user::{Client, ClientConfig, Server, ServerConfig};
@@ -132,6 +136,7 @@ fn e1000(packets: u64) -> CmdResult {
         let _ = server.join();
     }
     where_the_time_goes(packets)?;
+    irq_wait_comparison(packets)?;
     // INTx (level, automasked): the driver unmasks after each interrupt by UNMASK
     // message, or by writing the unmask eventfd it gave the device.
     let mut intx = Vec::new();
@@ -261,6 +266,192 @@ fn where_the_time_goes(packets: u64) -> CmdResult {
         let _ = thread.join();
     }
     Ok(0)
+}
+
+/// One 60-byte round trip measurement of [`irq_wait_comparison`].
+struct WaitRow {
+    row: e1000_bench::PpsRow,
+    /// Per round trip: socket messages the server handled, ring writes, kicks of a
+    /// sleeping ring thread, interrupts, waits ended by the driver's look, waits that
+    /// blocked.
+    per_trip: [f64; 6],
+}
+
+/// The driver's interrupt wait, blocking vs halt-polling ([`IrqWait`]), over vfio-user
+/// (posted writes through the ring, inline RX, MSI) and in process, pinned to one CPU
+/// and unpinned, in alternating rounds (best of each kept); with the per-round-trip
+/// counts of everything that could send a message or wake a thread.
+fn irq_wait_comparison(packets: u64) -> CmdResult {
+    const ROUNDS: usize = 3;
+    let waits = [
+        IrqWait::Block,
+        IrqWait::HaltPoll(IrqWait::DEFAULT_WINDOW),
+        IrqWait::YieldPoll(IrqWait::DEFAULT_WINDOW),
+    ];
+    println!(
+        "e1000 60-byte round trip, driver's interrupt wait: blocking, halt-polling (spin) or yield-polling ({} rounds, best kept):",
+        ROUNDS
+    );
+    // The fastest in-process round trip so far (any pinning, any wait).
+    let mut fastest_local = f64::INFINITY;
+    for pinned in [true, false] {
+        let _unpin = (!pinned).then(Unpin::all_cpus);
+        // [remote][wait] -> best row.
+        let mut best: [[Option<WaitRow>; 3]; 2] = Default::default();
+        for _ in 0..ROUNDS {
+            for (remote, slot) in best.iter_mut().enumerate() {
+                for (w, wait) in waits.iter().enumerate() {
+                    let r = wait_row(remote == 1, *wait, packets)?;
+                    if slot[w]
+                        .as_ref()
+                        .is_none_or(|b| r.row.ns_per_packet < b.row.ns_per_packet)
+                    {
+                        slot[w] = Some(r);
+                    }
+                }
+            }
+        }
+        println!(
+            "  {}:",
+            if pinned {
+                "all threads pinned to one CPU"
+            } else {
+                "unpinned"
+            }
+        );
+        for (w, wait) in waits.iter().enumerate() {
+            let (Some(local), Some(remote)) = (&best[0][w], &best[1][w]) else {
+                continue;
+            };
+            fastest_local = fastest_local.min(local.row.ns_per_packet);
+            for (name, r) in [("in process", local), ("vfio-user ", remote)] {
+                let [m, p, k, i, lk, bl] = r.per_trip;
+                println!(
+                    "    {wait}, {name}: {:>6.0} ns = {:.2}x socketpair floor ({:.0} ns); per round trip: socket messages {m:.2}, ring writes {p:.2}, kicks {k:.2}, interrupts {i:.2}, waits ended by the look {lk:.2}, blocked {bl:.2}",
+                    r.row.ns_per_packet,
+                    r.row.ratio(),
+                    r.row.floor_ns,
+                );
+            }
+            println!(
+                "    {wait}: vfio-user = {:.2}x in process (goal <= 1.2x); {:.2}x the fastest in-process round trip so far ({:.0} ns)",
+                remote.row.ns_per_packet / local.row.ns_per_packet,
+                remote.row.ns_per_packet / fastest_local,
+                fastest_local
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// One 60-byte round trip measurement with the driver waiting as `wait` says, over
+/// vfio-user (`remote`) or in process.
+fn wait_row(
+    remote: bool,
+    wait: IrqWait,
+    packets: u64,
+) -> Result<WaitRow, Box<dyn std::error::Error + Send + Sync>> {
+    let measure = |dev: Arc<dyn VfioDevice>,
+                   counters: &dyn Fn() -> (u64, u64, u64)|
+     -> Result<WaitRow, Box<dyn std::error::Error + Send + Sync>> {
+        let mut drv = Driver::new_via(
+            dev,
+            e1000_bench::guest_memory()?,
+            IrqMode::Msi,
+            DmaVia::SharedFd,
+        )?;
+        drv.set_irq_wait(wait);
+        drv.reset()?;
+        drv.probe()?;
+        drv.setup()?;
+        let gw = drv.arp(GUEST_IP, GATEWAY_IP, std::time::Duration::from_secs(10))?;
+        let before = (
+            counters(),
+            drv.interrupts,
+            drv.polled_waits,
+            drv.blocked_waits,
+        );
+        let row = e1000_bench::measure_row(&mut drv, gw, 60, packets)?;
+        let after = (
+            counters(),
+            drv.interrupts,
+            drv.polled_waits,
+            drv.blocked_waits,
+        );
+        // Warm-up pings included: 16 of them.
+        let trips = (row.packets + 16) as f64;
+        let d = |a: u64, b: u64| (a - b) as f64 / trips;
+        Ok(WaitRow {
+            row,
+            per_trip: [
+                d(after.0 .0, before.0 .0),
+                d(after.0 .1, before.0 .1),
+                d(after.0 .2, before.0 .2),
+                d(after.1, before.1),
+                d(after.2, before.2),
+                d(after.3, before.3),
+            ],
+        })
+    };
+    if remote {
+        let (client, thread, server) = served_e1000_counted(true, true)?;
+        let dev = Arc::new(nestio_vmm::remote::PostedWrites::new(client)?);
+        let d2 = dev.clone();
+        let counters = move || {
+            let (p, k) = d2.client().posted_ring().map_or((0, 0), |r| r.stats());
+            (server.stats().commands, p, k)
+        };
+        let r = measure(dev, &counters);
+        drop(counters);
+        let _ = thread.join();
+        r
+    } else {
+        let backend = nestio_net::open_backend("user", None)?;
+        let local = E1000::new(E1000Config::new(backend).with_msi(true))?;
+        measure(local, &|| (0, 0, 0))
+    }
+}
+
+/// Lets the calling thread (and the threads it spawns) run on every CPU until dropped,
+/// then restores the affinity it replaced (the bench pins itself to one CPU).
+struct Unpin(Option<libc::cpu_set_t>);
+
+impl Unpin {
+    fn all_cpus() -> Unpin {
+        // SAFETY: an all-zero cpu_set_t is a valid empty set.
+        let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: sched_getaffinity writes at most size_of::<cpu_set_t>() bytes to `old`.
+        if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) }
+            != 0
+        {
+            return Unpin(None);
+        }
+        // Not `available_parallelism`: it reads this thread's (pinned) affinity.
+        // SAFETY: sysconf has no preconditions.
+        let n = usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }).unwrap_or(1);
+        // SAFETY: an all-zero cpu_set_t is a valid empty set.
+        let mut all: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for cpu in 0..n.min(libc::CPU_SETSIZE as usize) {
+            // SAFETY: `cpu` is below CPU_SETSIZE; writes only into the local set.
+            unsafe { libc::CPU_SET(cpu, &mut all) };
+        }
+        // SAFETY: passes a valid cpu_set_t of the stated size (the kernel intersects it
+        // with the CPUs this process may use).
+        if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &all) } != 0
+        {
+            return Unpin(None);
+        }
+        Unpin(Some(old))
+    }
+}
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            // SAFETY: restores a mask previously read from the kernel.
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), old) };
+        }
+    }
 }
 
 fn on_off(b: bool) -> &'static str {

@@ -23,6 +23,11 @@
 //! [`run`] measures round trips through the `user` network's gateway (ICMP echo to
 //! 10.0.2.2) for 60-byte (64 on the wire with FCS) and 1500-byte frames, and compares
 //! the per-packet cost with a raw socketpair round trip measured in the same run.
+//!
+//! The driver waits for an interrupt by blocking in `poll()` on the eventfd, or, as
+//! KVM halt-polls a halted vCPU, by looking at it for a bounded window first
+//! ([`IrqWait`]); it counts which way each wait ended, so a benchmark can show whether
+//! a round trip still wakes the driver's thread.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -245,6 +250,80 @@ fn poll_in(fd: &OwnedFd, timeout: Duration) -> bool {
     r > 0 && p.revents & libc::POLLIN != 0
 }
 
+/// How the driver waits for its interrupt eventfd.
+///
+/// A VMM's vCPU that halts waiting for an interrupt is not put to sleep at once: KVM
+/// *halt-polls* (`halt_poll_ns`), checking for a pending interrupt for a bounded time
+/// before it schedules the vCPU thread out, because a wake-up costs more than a short
+/// spin when the interrupt comes soon (the irqfd then only sets a flag the spinning
+/// vCPU sees). [`IrqWait::HaltPoll`] models that: look at the eventfd (a poll with a
+/// zero timeout) for up to a window, spinning between looks, then block in `poll()`.
+/// It only pays when the device runs on another CPU: on the same CPU the spin keeps
+/// the device from running until the window ends. [`IrqWait::YieldPoll`] gives the CPU
+/// away between looks instead (as the posted-write ring's thread does), so a device
+/// thread on the same CPU runs. [`IrqWait::Block`] (the default) blocks at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IrqWait {
+    /// Block in `poll()` at once: every interrupt that finds the driver waiting wakes
+    /// its thread.
+    #[default]
+    Block,
+    /// Spin (looking at the eventfd) for up to this long, then block; never longer
+    /// than the caller's timeout.
+    HaltPoll(Duration),
+    /// Like [`IrqWait::HaltPoll`], yielding the CPU between looks.
+    YieldPoll(Duration),
+}
+
+impl IrqWait {
+    /// The polling window the benchmark uses (KVM's default `halt_poll_ns` ceiling is
+    /// 200 µs; the posted-write ring's thread polls 50 µs).
+    pub const DEFAULT_WINDOW: Duration = Duration::from_micros(50);
+
+    /// The polling window (zero when blocking at once).
+    pub fn window(self) -> Duration {
+        match self {
+            IrqWait::Block => Duration::ZERO,
+            IrqWait::HaltPoll(w) | IrqWait::YieldPoll(w) => w,
+        }
+    }
+}
+
+impl std::fmt::Display for IrqWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IrqWait::Block => write!(f, "blocking wait"),
+            IrqWait::HaltPoll(w) => write!(f, "halt-polling wait ({} µs spin)", w.as_micros()),
+            IrqWait::YieldPoll(w) => write!(f, "yield-polling wait ({} µs)", w.as_micros()),
+        }
+    }
+}
+
+/// Wait as `how` says until `fd` is readable or `timeout` passes. Returns
+/// `(readable, looked)`: `looked` is true when the bounded look found it (no blocking
+/// wait, so no wake-up of this thread).
+fn wait_in(fd: &OwnedFd, how: IrqWait, timeout: Duration) -> (bool, bool) {
+    let window = how.window().min(timeout);
+    if window.is_zero() {
+        return (poll_in(fd, timeout), false);
+    }
+    let t0 = Instant::now();
+    loop {
+        if poll_in(fd, Duration::ZERO) {
+            return (true, true);
+        }
+        if t0.elapsed() >= window {
+            break;
+        }
+        std::hint::spin_loop();
+        if matches!(how, IrqWait::YieldPoll(_)) {
+            std::thread::yield_now();
+        }
+    }
+    let left = timeout.saturating_sub(t0.elapsed());
+    (!left.is_zero() && poll_in(fd, left), false)
+}
+
 /// Write `data` at file offset `off` of `fd`.
 pub fn file_write(fd: &OwnedFd, off: u64, data: &[u8]) -> Result<()> {
     // SAFETY: the kernel reads `data.len()` bytes from a valid slice.
@@ -309,6 +388,12 @@ pub struct Driver {
     unmask_fd: Option<OwnedFd>,
     /// How driver addresses become device addresses.
     addrs: DeviceAddresses,
+    /// How the driver waits for an interrupt ([`Driver::set_irq_wait`]).
+    irq_wait: IrqWait,
+    /// Interrupt waits the bounded look ended (no blocking wait, no wake-up).
+    pub polled_waits: u64,
+    /// Interrupt waits that blocked in `poll()`.
+    pub blocked_waits: u64,
 }
 
 impl Driver {
@@ -375,6 +460,9 @@ impl Driver {
             interrupts: 0,
             unmask_fd: None,
             addrs,
+            irq_wait: IrqWait::default(),
+            polled_waits: 0,
+            blocked_waits: 0,
         })
     }
 
@@ -715,6 +803,23 @@ impl Driver {
         Ok(self.mem_read(TX_RING + u64::from(idx % NDESC) * 16 + 12, 1)?[0])
     }
 
+    /// Choose how the driver waits for its interrupts (see [`IrqWait`]).
+    pub fn set_irq_wait(&mut self, how: IrqWait) {
+        self.irq_wait = how;
+    }
+
+    /// Wait for the interrupt eventfd as [`Driver::set_irq_wait`] chose; counts which
+    /// way each wait ended.
+    fn wait_irq_fd(&mut self, timeout: Duration) -> bool {
+        let (ready, polled) = wait_in(&self.irq, self.irq_wait, timeout);
+        if polled {
+            self.polled_waits += 1;
+        } else {
+            self.blocked_waits += 1;
+        }
+        ready
+    }
+
     /// Queue one frame and ring the doorbell (TDT).
     pub fn send(&mut self, frame: &[u8]) -> Result<()> {
         if frame.is_empty() || frame.len() as u64 > BUF_SIZE {
@@ -792,7 +897,7 @@ impl Driver {
                 return Ok(Some(f));
             }
             let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() || !poll_in(&self.irq, left) {
+            if left.is_zero() || !self.wait_irq_fd(left) {
                 return Ok(None);
             }
             self.interrupts += take(&self.irq);
@@ -807,7 +912,7 @@ impl Driver {
     /// Wait up to `timeout` for one interrupt and acknowledge it; returns the causes
     /// read from ICR (INTx) or 0 (MSI, where the driver does not read ICR).
     pub fn wait_irq(&mut self, timeout: Duration) -> Result<u32> {
-        if !poll_in(&self.irq, timeout) {
+        if !self.wait_irq_fd(timeout) {
             return Err(DriverError::Timeout(timeout, "an interrupt".into()));
         }
         self.interrupts += take(&self.irq);
@@ -947,6 +1052,10 @@ pub struct PpsReport {
     pub register_read_ns: f64,
     /// Interrupts the driver took.
     pub interrupts: u64,
+    /// How the driver waited for them.
+    pub wait: IrqWait,
+    /// Waits the bounded look ended, and waits that blocked in `poll()`.
+    pub waits: (u64, u64),
 }
 
 impl std::fmt::Display for PpsReport {
@@ -969,8 +1078,8 @@ impl std::fmt::Display for PpsReport {
         }
         write!(
             f,
-            "  one register read: {:.0} ns; interrupts taken: {}",
-            self.register_read_ns, self.interrupts
+            "  one register read: {:.0} ns; interrupts taken: {}; {}: {} waits ended by the look, {} blocked",
+            self.register_read_ns, self.interrupts, self.wait, self.waits.0, self.waits.1
         )
     }
 }
@@ -1074,7 +1183,19 @@ pub fn run(
     via: DmaVia,
     packets: u64,
 ) -> Result<PpsReport> {
+    run_waiting(dev, mode, via, packets, IrqWait::default())
+}
+
+/// [`run`] with the driver waiting for interrupts as `wait` says.
+pub fn run_waiting(
+    dev: Arc<dyn VfioDevice>,
+    mode: IrqMode,
+    via: DmaVia,
+    packets: u64,
+    wait: IrqWait,
+) -> Result<PpsReport> {
     let mut drv = Driver::new_via(dev, guest_memory()?, mode, via)?;
+    drv.set_irq_wait(wait);
     drv.reset()?;
     drv.probe()?;
     drv.setup()?;
@@ -1097,5 +1218,90 @@ pub fn run(
         rows,
         register_read_ns,
         interrupts: drv.interrupts,
+        wait,
+        waits: (drv.polled_waits, drv.blocked_waits),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal(fd: &OwnedFd) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local u64.
+        let r = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        assert_eq!(r, 8, "eventfd write: {}", errno());
+    }
+
+    const POLLING: [fn(Duration) -> IrqWait; 2] = [IrqWait::HaltPoll, IrqWait::YieldPoll];
+
+    #[test]
+    fn bounded_look_times_out_when_nothing_is_signalled() {
+        let fd = eventfd().unwrap();
+        for how in POLLING {
+            let t0 = Instant::now();
+            let r = wait_in(
+                &fd,
+                how(Duration::from_millis(5)),
+                Duration::from_millis(30),
+            );
+            let took = t0.elapsed();
+            assert_eq!(r, (false, false));
+            // It looked for the whole window, then blocked until the timeout.
+            assert!(took >= Duration::from_millis(25), "returned after {took:?}");
+            // A timeout shorter than the window bounds the look too.
+            let t0 = Instant::now();
+            let r = wait_in(&fd, how(Duration::from_secs(5)), Duration::from_millis(2));
+            assert!(!r.0);
+            assert!(
+                t0.elapsed() < Duration::from_secs(1),
+                "looked past the timeout"
+            );
+        }
+    }
+
+    #[test]
+    fn bounded_look_returns_on_a_signal_during_the_look_and_after_it() {
+        let fd = Arc::new(eventfd().unwrap());
+        for how in POLLING {
+            // Already signalled: found by the look.
+            signal(&fd);
+            let r = wait_in(&fd, how(Duration::from_millis(50)), Duration::from_secs(5));
+            assert_eq!(r, (true, true));
+            assert_eq!(take(&fd), 1);
+            // Signalled by another thread during a long look.
+            let f2 = fd.clone();
+            let t = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(5));
+                signal(&f2);
+            });
+            let r = wait_in(&fd, how(Duration::from_secs(3)), Duration::from_secs(5));
+            t.join().unwrap();
+            assert_eq!(r, (true, true));
+            assert_eq!(take(&fd), 1);
+            // Signalled after a short look ended: the blocking wait returns on it.
+            let f2 = fd.clone();
+            let t = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                signal(&f2);
+            });
+            let t0 = Instant::now();
+            let r = wait_in(&fd, how(Duration::from_micros(100)), Duration::from_secs(5));
+            t.join().unwrap();
+            assert!(r.0, "the signal after the look was missed");
+            assert!(t0.elapsed() < Duration::from_secs(4));
+            assert_eq!(take(&fd), 1);
+        }
+        // Blocking at once, and a zero window is blocking.
+        for how in [IrqWait::Block, IrqWait::HaltPoll(Duration::ZERO)] {
+            signal(&fd);
+            assert_eq!(wait_in(&fd, how, Duration::from_secs(5)), (true, false));
+            assert_eq!(take(&fd), 1);
+        }
+        assert_eq!(
+            wait_in(&fd, IrqWait::Block, Duration::from_millis(1)),
+            (false, false)
+        );
+    }
 }
