@@ -7,7 +7,7 @@ set -euo pipefail
 secs="${1:-60}"
 cd "$(dirname "$0")"
 export RUSTC_BOOTSTRAP=1
-for t in ${TARGETS:-decode dispatch net_user e1000 nested_walk client migration handoff irq_fds sessions dma_guarded hypercall fsl_mc xive smmuv3 tce vm_migration bar_channel posted_ring}; do
+for t in ${TARGETS:-decode dispatch net_user e1000 nested_walk client migration handoff irq_fds sessions dma_guarded hypercall fsl_mc xive smmuv3 tce vm_migration bar_channel posted_ring conformance}; do
     mkdir -p "corpus/$t"
     # Findings go to artifacts/<target>/; new inputs to a scratch dir so the committed
     # corpus stays small (merge by hand with `cargo fuzz cmin`).

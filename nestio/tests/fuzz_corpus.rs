@@ -106,3 +106,8 @@ fn corpus_vm_migration() {
 fn corpus_posted_ring() {
     replay("posted_ring", nestio_vfio_user::posted_ring::fuzz_ring);
 }
+
+#[test]
+fn corpus_conformance() {
+    replay("conformance", nestio_vfio_user::fuzzing::fuzz_conformance);
+}

@@ -248,6 +248,43 @@ fn client_run_timeout(data: &[u8], timeout: std::time::Duration) -> usize {
     })
 }
 
+/// The conformance suite ([`crate::conformance`]) against the same scripted hostile
+/// server the client target plays: whatever the server answers, the suite ends with one
+/// verdict per check and never panics or hangs.
+pub fn fuzz_conformance(data: &[u8]) {
+    let (prefix, script) = data.split_at(data.len().min(CLIENT_PREFIX));
+    let v0 = Script { d: prefix }.b();
+    let Ok((suite_end, server_end)) = UnixStream::pair() else {
+        return;
+    };
+    let opts = crate::conformance::Options {
+        reply_timeout: std::time::Duration::from_millis(20),
+        irq_timeout: std::time::Duration::from_millis(5),
+        ..crate::conformance::Options::default()
+    };
+    let report = std::thread::scope(|s| {
+        s.spawn(move || fake_server(server_end, v0, false, Script { d: script }));
+        crate::conformance::run(suite_end, &opts)
+    });
+    if let Ok(r) = report {
+        let names: Vec<&str> = r.results.iter().map(|c| c.name).collect();
+        assert_eq!(
+            names,
+            crate::conformance::CHECKS,
+            "every check gets exactly one verdict, in order"
+        );
+    }
+}
+
+/// [`fuzz_conformance`], then check that no fd stayed open (the single-threaded fuzz
+/// target only, as for [`fuzz_client_no_fd_leak`]).
+pub fn fuzz_conformance_no_fd_leak(data: &[u8]) {
+    let before = crate::socket::open_fd_count().ok();
+    fuzz_conformance(data);
+    let after = crate::socket::open_fd_count().ok();
+    assert_eq!(before, after, "fuzz_conformance leaked fds");
+}
+
 /// [`fuzz_client`], then check that no fd stayed open. Only meaningful when nothing else
 /// in the process opens or closes fds meanwhile (the single-threaded fuzz target).
 pub fn fuzz_client_no_fd_leak(data: &[u8]) {
