@@ -312,6 +312,7 @@ pub type Result<T> = std::result::Result<T, DeviceError>;
 /// in [`VFIO_DEVICE_METHODS`] (a test checks every one is forwarded).
 macro_rules! vfio_device_trait {
     (
+        $d:tt
         $(#[$tmeta:meta])*
         pub trait VfioDevice {
             $(
@@ -338,6 +339,43 @@ macro_rules! vfio_device_trait {
             )*
         }
 
+        /// A device that wraps another and forwards to it every method it does not
+        /// override: implement [`Forwarding::forward_to`] and the methods the wrapper
+        /// changes, then [`impl_vfio_device_by_forwarding!`] gives it [`VfioDevice`]. Both
+        /// are generated from the same list as the trait, so a wrapper can no more forget
+        /// to forward a method than `Arc<T>` can.
+        pub trait Forwarding: Send + Sync {
+            /// The wrapped device.
+            fn forward_to(&self) -> &dyn VfioDevice;
+            $(
+                $(#[$meta])*
+                #[inline]
+                fn $name(&$self $(, $arg: $ty)*) -> $ret {
+                    $self.forward_to().$name($($arg),*)
+                }
+            )*
+        }
+
+        /// `impl VfioDevice for T` where `T: Forwarding`: every method as the
+        /// [`Forwarding`] impl defines it (forwarded unless overridden there).
+        #[macro_export]
+        macro_rules! impl_vfio_device_by_forwarding {
+            ($d t:ty) => {
+                const _: () = {
+                    #[allow(unused_imports)]
+                    use $d crate::forwarding_types::*;
+                    impl $d crate::VfioDevice for $d t {
+                        $(
+                            #[inline]
+                            fn $name(&$self $(, $arg: $ty)*) -> $ret {
+                                <$d t as $d crate::Forwarding>::$name($self $(, $arg)*)
+                            }
+                        )*
+                    }
+                };
+            };
+        }
+
         /// The names of [`VfioDevice`]'s methods, in declaration order (generated with the
         /// trait: used to check that wrappers forward every one).
         pub const VFIO_DEVICE_METHODS: &[&str] = &[$(stringify!($name)),*];
@@ -350,7 +388,19 @@ macro_rules! vfio_device_trait {
     };
 }
 
+/// The types [`VfioDevice`]'s signatures name, for [`impl_vfio_device_by_forwarding!`]
+/// (which expands in the wrapper's crate).
+#[doc(hidden)]
+pub mod forwarding_types {
+    pub use crate::{
+        DeviceInfo, DmaPort, IoEventFd, IrqAction, IrqData, IrqInfo, MigState, MigrationFlags,
+        RegionInfo, Result,
+    };
+    pub use nestio_dma::{DmaMapRequest, DmaRange, MapTable};
+}
+
 vfio_device_trait! {
+    $
     /// A device with VFIO semantics. See the crate documentation.
     ///
     /// Default methods give the behaviour of a device without the feature; a local device

@@ -185,3 +185,43 @@ fn arc_forwards_every_method() {
         assert_eq!(seen.len(), VFIO_DEVICE_METHODS.len());
     }
 }
+
+/// A wrapper that overrides nothing: `impl_vfio_device_by_forwarding!` must forward every
+/// method to the wrapped device, exactly as `Arc<T>` does.
+struct Plain(Arc<Probe>);
+
+impl nestio_device_model::Forwarding for Plain {
+    fn forward_to(&self) -> &dyn VfioDevice {
+        &*self.0
+    }
+}
+nestio_device_model::impl_vfio_device_by_forwarding!(Plain);
+
+/// A wrapper that overrides one method: that one is its own, the rest are forwarded.
+struct Hiding(Arc<Probe>);
+
+impl nestio_device_model::Forwarding for Hiding {
+    fn forward_to(&self) -> &dyn VfioDevice {
+        &*self.0
+    }
+    fn reset(&self) -> Result<()> {
+        Ok(())
+    }
+}
+nestio_device_model::impl_vfio_device_by_forwarding!(Hiding);
+
+#[test]
+fn forwarding_wrappers_forward_every_method_they_do_not_override() {
+    let probe = Arc::new(Probe::default());
+    let all: BTreeSet<&str> = VFIO_DEVICE_METHODS.iter().copied().collect();
+    call_every_method(&Plain(probe.clone()));
+    let seen = probe.calls.lock().unwrap().clone();
+    assert_eq!(seen, all, "a Forwarding wrapper must forward every method");
+
+    probe.calls.lock().unwrap().clear();
+    call_every_method(&Hiding(probe.clone()));
+    let seen = probe.calls.lock().unwrap().clone();
+    let mut want = all.clone();
+    want.remove("reset");
+    assert_eq!(seen, want, "only the overridden method stays with the wrapper");
+}

@@ -107,10 +107,9 @@ use std::time::Duration;
 
 use nestio_device_model::pci::MsixCap;
 use nestio_device_model::{
-    flags, pci_index, region_flags, DeviceError, DeviceInfo, DmaPort, IoEventFd, IrqAction,
-    IrqData, IrqInfo, MigState, MigrationFlags, RegionInfo, Result as DevResult, VfioDevice,
+    flags, pci_index, region_flags, DeviceError, DeviceInfo, Forwarding, IrqAction, IrqData,
+    IrqInfo, MigState, RegionInfo, Result as DevResult, VfioDevice,
 };
-use nestio_dma::{DmaMapRequest, DmaRange, MapTable};
 use nestio_vfio_user::proto::feature;
 use nestio_vfio_user::{Client, FeatureExtension, FeatureReply};
 use parking_lot::{Mutex, RwLock};
@@ -927,12 +926,9 @@ impl ChannelGate {
     }
 }
 
-impl VfioDevice for ChannelGate {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
-    fn region_info(&self, index: u32) -> DevResult<RegionInfo> {
-        self.inner.region_info(index)
+impl Forwarding for ChannelGate {
+    fn forward_to(&self) -> &dyn VfioDevice {
+        &*self.inner
     }
     fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> DevResult<()> {
         self.count(index);
@@ -941,12 +937,6 @@ impl VfioDevice for ChannelGate {
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> DevResult<()> {
         self.count(index);
         self.inner.region_write(index, offset, data)
-    }
-    fn region_io_fds(&self, index: u32) -> DevResult<Vec<IoEventFd>> {
-        self.inner.region_io_fds(index)
-    }
-    fn irq_info(&self, index: u32) -> DevResult<IrqInfo> {
-        self.inner.irq_info(index)
     }
     fn set_irqs(
         &self,
@@ -967,27 +957,6 @@ impl VfioDevice for ChannelGate {
         self.grants.revoke_all("device reset");
         self.inner.reset()
     }
-    fn dma_port(&self) -> Option<&DmaPort> {
-        self.inner.dma_port()
-    }
-    fn dma_table(&self) -> Option<&MapTable> {
-        self.inner.dma_table()
-    }
-    fn dma_map(&self, req: DmaMapRequest) -> DevResult<()> {
-        self.inner.dma_map(req)
-    }
-    fn dma_unmap(&self, iova: u64, size: u64) -> DevResult<()> {
-        self.inner.dma_unmap(iova, size)
-    }
-    fn dma_unmap_all(&self) -> DevResult<()> {
-        self.inner.dma_unmap_all()
-    }
-    fn migration_flags(&self) -> Option<MigrationFlags> {
-        self.inner.migration_flags()
-    }
-    fn mig_state(&self) -> DevResult<MigState> {
-        self.inner.mig_state()
-    }
     fn mig_set_state(&self, target: MigState) -> DevResult<MigState> {
         if target != MigState::Running {
             self.grants.block("device migration in progress");
@@ -998,22 +967,8 @@ impl VfioDevice for ChannelGate {
         }
         r
     }
-    fn mig_data_read(&self, buf: &mut [u8]) -> DevResult<usize> {
-        self.inner.mig_data_read(buf)
-    }
-    fn mig_data_write(&self, data: &[u8]) -> DevResult<()> {
-        self.inner.mig_data_write(data)
-    }
-    fn dma_logging_start(&self, page_size: u64, ranges: &[DmaRange]) -> DevResult<()> {
-        self.inner.dma_logging_start(page_size, ranges)
-    }
-    fn dma_logging_stop(&self) -> DevResult<()> {
-        self.inner.dma_logging_stop()
-    }
-    fn dma_logging_report(&self, range: DmaRange, page_size: u64) -> DevResult<Vec<u64>> {
-        self.inner.dma_logging_report(range, page_size)
-    }
 }
+nestio_device_model::impl_vfio_device_by_forwarding!(ChannelGate);
 
 /// How [`ChannelBars`] asks for a new grant after a reset (the level above, through the
 /// mediated session).
@@ -1140,12 +1095,9 @@ impl Drop for ChannelBars {
     }
 }
 
-impl VfioDevice for ChannelBars {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
-    fn region_info(&self, index: u32) -> DevResult<RegionInfo> {
-        self.inner.region_info(index)
+impl Forwarding for ChannelBars {
+    fn forward_to(&self) -> &dyn VfioDevice {
+        &*self.inner
     }
     fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> DevResult<()> {
         if let Some(d) = self.route(index, offset, buf.len()) {
@@ -1181,22 +1133,6 @@ impl VfioDevice for ChannelBars {
         }
         self.inner.region_write(index, offset, data)
     }
-    fn region_io_fds(&self, index: u32) -> DevResult<Vec<IoEventFd>> {
-        self.inner.region_io_fds(index)
-    }
-    fn irq_info(&self, index: u32) -> DevResult<IrqInfo> {
-        self.inner.irq_info(index)
-    }
-    fn set_irqs(
-        &self,
-        index: u32,
-        action: IrqAction,
-        start: u32,
-        count: u32,
-        data: IrqData,
-    ) -> DevResult<()> {
-        self.inner.set_irqs(index, action, start, count, data)
-    }
     fn reset(&self) -> DevResult<()> {
         // Every level revokes its grants on the way down; ask again afterwards.
         self.inner.reset()?;
@@ -1213,46 +1149,8 @@ impl VfioDevice for ChannelBars {
         }
         Ok(())
     }
-    fn dma_port(&self) -> Option<&DmaPort> {
-        self.inner.dma_port()
-    }
-    fn dma_table(&self) -> Option<&MapTable> {
-        self.inner.dma_table()
-    }
-    fn dma_map(&self, req: DmaMapRequest) -> DevResult<()> {
-        self.inner.dma_map(req)
-    }
-    fn dma_unmap(&self, iova: u64, size: u64) -> DevResult<()> {
-        self.inner.dma_unmap(iova, size)
-    }
-    fn dma_unmap_all(&self) -> DevResult<()> {
-        self.inner.dma_unmap_all()
-    }
-    fn migration_flags(&self) -> Option<MigrationFlags> {
-        self.inner.migration_flags()
-    }
-    fn mig_state(&self) -> DevResult<MigState> {
-        self.inner.mig_state()
-    }
-    fn mig_set_state(&self, target: MigState) -> DevResult<MigState> {
-        self.inner.mig_set_state(target)
-    }
-    fn mig_data_read(&self, buf: &mut [u8]) -> DevResult<usize> {
-        self.inner.mig_data_read(buf)
-    }
-    fn mig_data_write(&self, data: &[u8]) -> DevResult<()> {
-        self.inner.mig_data_write(data)
-    }
-    fn dma_logging_start(&self, page_size: u64, ranges: &[DmaRange]) -> DevResult<()> {
-        self.inner.dma_logging_start(page_size, ranges)
-    }
-    fn dma_logging_stop(&self) -> DevResult<()> {
-        self.inner.dma_logging_stop()
-    }
-    fn dma_logging_report(&self, range: DmaRange, page_size: u64) -> DevResult<Vec<u64>> {
-        self.inner.dma_logging_report(range, page_size)
-    }
 }
+nestio_device_model::impl_vfio_device_by_forwarding!(ChannelBars);
 
 /// The fuzz target's entry point (`fuzz/fuzz_targets/bar_channel.rs`). The first byte
 /// picks what is hostile:

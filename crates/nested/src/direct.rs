@@ -47,10 +47,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use nestio_device_model::{
-    pci_index, region_flags, DeviceError, DeviceInfo, DmaPort, IoEventFd, IrqAction, IrqData,
-    IrqInfo, MigState, MigrationFlags, RegionInfo, Result, VfioDevice,
+    pci_index, region_flags, DeviceError, Forwarding, IrqAction, IrqData, MigState, Result,
+    VfioDevice,
 };
-use nestio_dma::{DmaMapRequest, DmaRange, MapTable};
+use nestio_dma::{DmaMapRequest, DmaRange};
 use nestio_vfio_user::endpoint::{Endpoint, Incoming};
 use nestio_vfio_user::proto::{hdr_flags, Command, Header, RegionAccess, HEADER_SIZE};
 use nestio_vfio_user::region_port::{posted_bar_mask, RegionPort};
@@ -341,12 +341,9 @@ impl DirectBars {
     }
 }
 
-impl VfioDevice for DirectBars {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
-    fn region_info(&self, index: u32) -> Result<RegionInfo> {
-        self.inner.region_info(index)
+impl Forwarding for DirectBars {
+    fn forward_to(&self) -> &dyn VfioDevice {
+        &*self.inner
     }
     fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         if !allowed(self.mask, index) || buf.is_empty() {
@@ -373,12 +370,6 @@ impl VfioDevice for DirectBars {
         self.synced(posted);
         Ok(())
     }
-    fn region_io_fds(&self, index: u32) -> Result<Vec<IoEventFd>> {
-        self.inner.region_io_fds(index)
-    }
-    fn irq_info(&self, index: u32) -> Result<IrqInfo> {
-        self.inner.irq_info(index)
-    }
     fn set_irqs(
         &self,
         index: u32,
@@ -394,12 +385,6 @@ impl VfioDevice for DirectBars {
         self.barrier()?;
         self.inner.reset()
     }
-    fn dma_port(&self) -> Option<&DmaPort> {
-        self.inner.dma_port()
-    }
-    fn dma_table(&self) -> Option<&MapTable> {
-        self.inner.dma_table()
-    }
     fn dma_map(&self, req: DmaMapRequest) -> Result<()> {
         self.barrier()?;
         self.inner.dma_map(req)
@@ -411,9 +396,6 @@ impl VfioDevice for DirectBars {
     fn dma_unmap_all(&self) -> Result<()> {
         self.barrier()?;
         self.inner.dma_unmap_all()
-    }
-    fn migration_flags(&self) -> Option<MigrationFlags> {
-        self.inner.migration_flags()
     }
     fn mig_state(&self) -> Result<MigState> {
         self.barrier()?;
@@ -427,17 +409,9 @@ impl VfioDevice for DirectBars {
         self.barrier()?;
         self.inner.mig_data_read(buf)
     }
-    fn mig_data_write(&self, data: &[u8]) -> Result<()> {
-        self.inner.mig_data_write(data)
-    }
-    fn dma_logging_start(&self, page_size: u64, ranges: &[DmaRange]) -> Result<()> {
-        self.inner.dma_logging_start(page_size, ranges)
-    }
-    fn dma_logging_stop(&self) -> Result<()> {
-        self.inner.dma_logging_stop()
-    }
     fn dma_logging_report(&self, range: DmaRange, page_size: u64) -> Result<Vec<u64>> {
         self.barrier()?;
         self.inner.dma_logging_report(range, page_size)
     }
 }
+nestio_device_model::impl_vfio_device_by_forwarding!(DirectBars);
