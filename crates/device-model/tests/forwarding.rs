@@ -223,5 +223,8 @@ fn forwarding_wrappers_forward_every_method_they_do_not_override() {
     let seen = probe.calls.lock().unwrap().clone();
     let mut want = all.clone();
     want.remove("reset");
-    assert_eq!(seen, want, "only the overridden method stays with the wrapper");
+    assert_eq!(
+        seen, want,
+        "only the overridden method stays with the wrapper"
+    );
 }

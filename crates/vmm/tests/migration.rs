@@ -327,16 +327,20 @@ impl VfioDevice for RefusingStopCopy {
     }
 }
 
-/// Not a test: writes the seed corpus of `fuzz/fuzz_targets/vm_migration.rs` from the
-/// real encoders (`cargo test -p nestio-vmm --test migration -- --ignored write_fuzz_seeds`).
+/// The seed corpus of `fuzz/fuzz_targets/vm_migration.rs` is what the real encoders
+/// write today: a format change that leaves the seeds stale fails here. With
+/// `NESTIO_WRITE_FUZZ_SEEDS=1` the seeds are (re)written instead
+/// (`NESTIO_WRITE_FUZZ_SEEDS=1 cargo test -p nestio-vmm --test migration fuzz_seeds`).
 #[test]
-#[ignore = "writes fuzz/corpus/vm_migration seeds; run by hand"]
-fn write_fuzz_seeds() {
+fn fuzz_seeds_are_the_encoders_output() {
+    let write = std::env::var("NESTIO_WRITE_FUZZ_SEEDS").as_deref() == Ok("1");
     use nestio_vmm::migration::format::{StreamWriter, Tag};
     use nestio_vmm::migration::state;
     let dir =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/vm_migration");
-    std::fs::create_dir_all(&dir).unwrap();
+    if write {
+        std::fs::create_dir_all(&dir).unwrap();
+    }
     let mut vcpu = nestio_vmm::vcpu::VcpuMigState::default();
     vcpu.regs.rip = 0x20_0000;
     vcpu.msrs.push(kvm_bindings::kvm_msr_entry {
@@ -403,7 +407,23 @@ fn write_fuzz_seeds() {
         for (t, i, p) in secs {
             w.section(t, i, &p).unwrap();
         }
-        std::fs::write(dir.join(name), w.get_mut()).unwrap();
+        let path = dir.join(name);
+        if write {
+            std::fs::write(&path, w.get_mut()).unwrap();
+        } else {
+            let committed = std::fs::read(&path).unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (write the seeds: see this test's doc)",
+                    path.display()
+                )
+            });
+            assert!(
+                committed == *w.get_mut(),
+                "{} is stale: the encoders now write something else; rewrite the seeds \
+                 with NESTIO_WRITE_FUZZ_SEEDS=1 (see this test's doc)",
+                path.display()
+            );
+        }
     }
 }
 
