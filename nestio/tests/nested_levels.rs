@@ -662,6 +662,19 @@ fn level2_guest_pings_through_its_smmuv3_with_iova_not_gpa() {
     assert!(export_stat(&l1.stderr(), "maps") >= 4, "{}", l1.stderr());
 }
 
+/// A level-0 e1000, a level-1 exporter, and a level-2 `--viommu smmuv3,mode=nested`
+/// payload run with `guest` arguments: (level 0, level 1, the payload's status, stdout,
+/// stderr), once it is checked that the level-2 VMM did not fall back to shadowing.
+fn nested_smmuv3_at_depth2(dir: &Dir, guest: &str) -> (Level, Level, ExitStatus, String, String) {
+    let (dev, s0) = device(dir);
+    let s1 = dir.path("s1");
+    let l1 = exporter(dir, "level1", &s0, &s1, None, "level1", &[]);
+    let (st, out, err) =
+        ping_through_smmuv3_cmdline(dir, "level2", &s1, "smmuv3,mode=nested", guest);
+    assert!(!err.contains("shadow mode for it"), "no fallback: {err}");
+    (dev, l1, st, out, err)
+}
+
 /// Issue 13 at depth 2: level 1 agreed the nested-IOMMU extension with level 0 and
 /// offers it to level 2, forwarding BIND/INVALIDATE down and FAULT records up
 /// (`nestio_nested::ForwardIommu`). The level-2 VMM asks for `mode=nested`, so the
@@ -677,22 +690,13 @@ fn level2_nested_smmuv3_walks_stage1_at_level0_through_a_level1_exporter() {
         return;
     }
     let dir = Dir::new("levels", "smmuv3-nested");
-    let (_dev, s0) = device(&dir);
-    let s1 = dir.path("s1");
-    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
-    let (st, out, err) = ping_through_smmuv3_cmdline(
-        &dir,
-        "level2",
-        &s1,
-        "smmuv3,mode=nested",
-        "irq=msi smmu=0xe8000000 smmu_map=noinval",
-    );
+    let (_dev, mut l1, st, out, err) =
+        nested_smmuv3_at_depth2(&dir, "irq=msi smmu=0xe8000000 smmu_map=noinval");
     assert_pinged(st, &out, &err);
     assert!(
         out.contains("smmu: translating sid 0x8 at 0xe8000000: IOVA = GPA + 0x8000000000"),
         "{out}"
     );
-    assert!(!err.contains("shadow mode for it"), "no fallback: {err}");
     let st1 = l1.wait();
     assert_eq!(st1.code(), Some(42), "{}", l1.stderr());
     // Nested: stage 2 is the level-2 RAM in one DMA_MAP (a shadow maps each page
@@ -713,18 +717,9 @@ fn level2_nested_smmuv3_device_faults_reach_the_level2_guests_event_queue() {
         return;
     }
     let dir = Dir::new("levels", "smmuv3-nested-fault");
-    let (_dev, s0) = device(&dir);
-    let s1 = dir.path("s1");
-    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
-    let (st, out, err) = ping_through_smmuv3_cmdline(
-        &dir,
-        "level2",
-        &s1,
-        "smmuv3,mode=nested",
-        "irq=msi smmu=0xe8000000 dma=unmap",
-    );
+    let (_dev, mut l1, st, out, err) =
+        nested_smmuv3_at_depth2(&dir, "irq=msi smmu=0xe8000000 dma=unmap");
     assert_eq!(st.code(), Some(8), "{out}\n{err}");
-    assert!(!err.contains("shadow mode for it"), "no fallback: {err}");
     assert!(out.contains("buffer untouched"), "{out}");
     let iova = out
         .lines()
