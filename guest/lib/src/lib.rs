@@ -8,7 +8,8 @@
 //! ([`serial`], `println!`), the debug-exit port ([`exit`]), PCI configuration access
 //! and enumeration ([`pci`]), an IDT with exception and interrupt dispatch plus the
 //! local APIC ([`interrupts`]), CPUID / MSR access that survives #GP ([`cpu`]), and
-//! PAPR hypercalls through the VMM's hypercall port ([`hcall`]).
+//! PAPR hypercalls through the VMM's hypercall port ([`hcall`]), and starting the
+//! other vCPUs ([`smp`]).
 #![no_std]
 
 pub mod cpu;
@@ -20,6 +21,7 @@ pub mod io;
 mod mem;
 pub mod pci;
 pub mod serial;
+pub mod smp;
 
 /// Guest/VMM contract: the port whose 32-bit write ends the VM; the low byte is the exit
 /// status of the VMM process.

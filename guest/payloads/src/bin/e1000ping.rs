@@ -132,16 +132,26 @@ fn tce_setup(ram: u64, want: u64, objs: &[(u64, u64)]) -> Result<(u32, u64), u32
         println!("tce: query-pe-dma-window failed: {:#x}", q.ret(0));
         return Err(TCE_CALL_FAILED);
     }
-    println!("tce: {} window(s) available, page sizes {:#x}", q.ret(1), q.ret(3));
+    println!(
+        "tce: {} window(s) available, page sizes {:#x}",
+        q.ret(1),
+        q.ret(3)
+    );
     let shift = 64 - (ram - 1).leading_zeros();
     let mut c = RtasArgs::new(create, &[0x800, hi, lo, 12, shift], 4);
     if c.call() != H_SUCCESS || c.ret(0) != 0 {
-        println!("tce: create-pe-dma-window refused: status {}", c.ret(0) as i32);
+        println!(
+            "tce: create-pe-dma-window refused: status {}",
+            c.ret(0) as i32
+        );
         return Err(TCE_CREATE_REFUSED);
     }
     let liobn = c.ret(1);
     let start = u64::from(c.ret(2)) << 32 | u64::from(c.ret(3));
-    println!("tce: window liobn {:#x} at {:#x}, 2^{} bytes of 4 KiB pages", liobn, start, shift);
+    println!(
+        "tce: window liobn {:#x} at {:#x}, 2^{} bytes of 4 KiB pages",
+        liobn, start, shift
+    );
     if start != want {
         println!("tce: expected the window at {:#x}", want);
         return Err(TCE_WRONG_START);
@@ -155,9 +165,15 @@ fn tce_setup(ram: u64, want: u64, objs: &[(u64, u64)]) -> Result<(u32, u64), u32
             unsafe { (*addr_of_mut!(TCE_LIST)).0[k as usize] = ((first + (k << 12)) | 3).to_be() };
         }
         let list = addr_of_mut!(TCE_LIST) as u64;
-        let r = hcall(H_PUT_TCE_INDIRECT, &[u64::from(liobn), start + first, list, n]);
+        let r = hcall(
+            H_PUT_TCE_INDIRECT,
+            &[u64::from(liobn), start + first, list, n],
+        );
         if r.status != H_SUCCESS {
-            println!("tce: H_PUT_TCE_INDIRECT of {} pages at {:#x}: {}", n, first, r.status);
+            println!(
+                "tce: H_PUT_TCE_INDIRECT of {} pages at {:#x}: {}",
+                n, first, r.status
+            );
             return Err(TCE_CALL_FAILED);
         }
         let g = hcall(H_GET_TCE, &[u64::from(liobn), start + first]);
@@ -759,7 +775,10 @@ fn tce_remove(dev: pci::Bdf, liobn: u32, nic: &mut Nic, arp: &[u8]) -> u32 {
     // SAFETY: descriptor t of the TX ring.
     let st = unsafe { read_volatile(&(*tx_ring().add(t))[1]) } >> 32;
     if sent || !fault || st & 1 != 0 {
-        println!("tce: DMA after remove not refused (sent {}, master abort {}, status {:#x})", sent as u32, fault as u32, st);
+        println!(
+            "tce: DMA after remove not refused (sent {}, master abort {}, status {:#x})",
+            sent as u32, fault as u32, st
+        );
         return 24;
     }
     println!("tce: device faulted after the window was removed (master abort, no write-back)");

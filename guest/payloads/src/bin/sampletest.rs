@@ -332,7 +332,12 @@ fn check_page(k: usize) -> u32 {
         )
     };
     if got != want {
-        println!("MISMATCH page {}: {:#x} want {:#x}", Dec(k as u64), got, want);
+        println!(
+            "MISMATCH page {}: {:#x} want {:#x}",
+            Dec(k as u64),
+            got,
+            want
+        );
         return 42;
     }
     0
@@ -377,7 +382,8 @@ fn migrate(dev: pci::Bdf) -> u32 {
             println!("MISMATCH no MSI in round {}", Dec(r));
             return 44;
         }
-        let e = check_block(b0, (r as usize * 13) % BLOCKS) | check_page((r as usize * 5) % C_PAGES);
+        let e =
+            check_block(b0, (r as usize * 13) % BLOCKS) | check_page((r as usize * 5) % C_PAGES);
         if e != 0 {
             return e;
         }

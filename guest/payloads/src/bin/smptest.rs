@@ -1,13 +1,10 @@
-//! Runs code on every vCPU. The boot vCPU copies a real-mode trampoline to
-//! [`TRAMPOLINE`] (below 1 MiB, where a STARTUP IPI can point), sends INIT and STARTUP
-//! to all other processors through its local APIC (xAPIC MMIO, "all excluding self"),
-//! and waits until every application processor has reported in; it prints the masks of
+//! Runs code on every vCPU. The boot vCPU starts the others with
+//! `nestio_guest::smp::start_aps` (INIT and STARTUP to a real-mode trampoline) and
+//! waits until every application processor has reported in; it prints the masks of
 //! the APIC IDs seen and exits with the number of processors that ran code (itself
 //! included).
 //!
-//! Each AP starts in real mode at the trampoline, loads the VMM's GDT (0x500), turns on
-//! PAE, long mode and paging with the VMM's identity page tables (0x9000) in one step,
-//! jumps to 64-bit code, takes a stack from its local APIC ID and calls [`ap_main`], which
+//! Each AP, in 64-bit mode on its own stack, calls [`ap_main`], which
 //! sets its bits in the masks (by LAPIC ID register and by CPUID's initial APIC ID) and
 //! counts itself.
 //!
@@ -28,15 +25,7 @@ use nestio_guest::{cmdline_value, io, println};
 
 nestio_guest::entry!(main);
 
-/// Where the trampoline is copied: SIPI vector 0x08.
-const TRAMPOLINE: u64 = 0x8000;
 const LAPIC: u64 = 0xfee0_0000;
-const ICR_LOW: u64 = LAPIC + 0x300;
-const ICR_HIGH: u64 = LAPIC + 0x310;
-/// ICR: INIT, level assert, destination shorthand "all excluding self".
-const ICR_INIT_ALL_BUT_SELF: u32 = 0x000c_4500;
-/// ICR: STARTUP, shorthand "all excluding self"; the vector is the page number.
-const ICR_SIPI_ALL_BUT_SELF: u32 = 0x000c_4600 | (TRAMPOLINE >> 12) as u32;
 /// The spin counters (one u64 per APIC ID), in free RAM below the command line.
 const SPIN_COUNTERS: u64 = 0x6000;
 /// Unbacked guest-physical address (no RAM, no device) for `ap=fault`.
@@ -53,66 +42,8 @@ const AP_SPIN: u32 = 1;
 const AP_EXIT: u32 = 2;
 const AP_FAULT: u32 = 3;
 
-core::arch::global_asm!(
-    r#"
-    .section .text.nestio_ap_trampoline, "ax"
-    .global nestio_ap_tramp_start
-    .global nestio_ap_tramp_end
-    .code16
-nestio_ap_tramp_start:
-    cli
-    xorw %ax, %ax
-    movw %ax, %ds
-    lgdtl (2f - nestio_ap_tramp_start + 0x8000)
-    movl $0x20, %eax
-    movl %eax, %cr4
-    movl $0x9000, %eax
-    movl %eax, %cr3
-    movl $0xc0000080, %ecx
-    rdmsr
-    orl $0x100, %eax
-    wrmsr
-    movl $0x80000011, %eax
-    movl %eax, %cr0
-    ljmpl $0x08, $(1f - nestio_ap_tramp_start + 0x8000)
-    .code64
-1:
-    movw $0x10, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movl $0xfee00020, %eax
-    movl (%rax), %eax
-    shrl $24, %eax
-    movl %eax, %edi
-    incl %eax
-    shll $12, %eax
-    addl $0x20000, %eax
-    movq %rax, %rsp
-    movabsq $nestio_ap_main, %rax
-    callq *%rax
-3:
-    cli
-    hlt
-    jmp 3b
-    .balign 8
-2:
-    .word 0x27
-    .long 0x500
-nestio_ap_tramp_end:
-    .text
-"#,
-    options(att_syntax)
-);
-
-extern "C" {
-    static nestio_ap_tramp_start: u8;
-    static nestio_ap_tramp_end: u8;
-}
-
 /// An application processor, in 64-bit mode on its own stack (`0x20000 + (id+1) * 4K`).
-#[no_mangle]
-extern "C" fn nestio_ap_main(apic_id: u32) -> ! {
+extern "C" fn ap_main(apic_id: u32) -> ! {
     let cpuid_id = nestio_guest::cpu::cpuid(1, 0).1 >> 24;
     LAPIC_MASK.fetch_or(1u64 << (apic_id & 63), Ordering::SeqCst);
     CPUID_MASK.fetch_or(1u64 << (cpuid_id & 63), Ordering::SeqCst);
@@ -148,20 +79,6 @@ fn spin() -> ! {
     }
 }
 
-fn wait_icr_idle() {
-    for _ in 0..1000 {
-        if io::mmio_read32(ICR_LOW) & (1 << 12) == 0 {
-            return;
-        }
-    }
-}
-
-fn send_ipi(icr: u32) {
-    io::mmio_write32(ICR_HIGH, 0);
-    io::mmio_write32(ICR_LOW, icr);
-    wait_icr_idle();
-}
-
 /// Spin until `n` APs arrived or about `rounds` polls passed.
 fn wait_arrivals(n: u32, rounds: u32) -> bool {
     for _ in 0..rounds {
@@ -194,23 +111,10 @@ fn main(_ram: u64) -> u32 {
     CPUID_MASK.fetch_or(1 << (bsp_cpuid & 63), Ordering::SeqCst);
     let aps = cpus - 1;
     if aps > 0 {
-        // Both symbols are labels of the trampoline above, in this order, in the same
-        // section; the range is about a hundred bytes of code and data.
-        let (start, end) = (
-            core::ptr::addr_of!(nestio_ap_tramp_start),
-            core::ptr::addr_of!(nestio_ap_tramp_end),
-        );
-        let len = end as usize - start as usize;
-        // SAFETY: copies the trampoline to guest RAM at 0x8000..0x9000, which the VMM's
-        // layout leaves free (between the command line page and the page tables).
-        unsafe { core::ptr::copy_nonoverlapping(start, TRAMPOLINE as *mut u8, len.min(0x1000)) };
         nestio_guest::interrupts::init_lapic();
-        send_ipi(ICR_INIT_ALL_BUT_SELF);
-        send_ipi(ICR_SIPI_ALL_BUT_SELF);
+        nestio_guest::smp::start_aps(ap_main);
         if !wait_arrivals(aps, 200_000) {
-            // Real hardware wants a second STARTUP; one that finds an AP running is
-            // ignored.
-            send_ipi(ICR_SIPI_ALL_BUT_SELF);
+            nestio_guest::smp::resend_startup();
             wait_arrivals(aps, 2_000_000);
         }
     }

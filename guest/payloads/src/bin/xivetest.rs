@@ -63,7 +63,6 @@ const EQ_ALWAYS_NOTIFY: u64 = 1;
 const PRIO: u64 = 6;
 
 const LAPIC: u64 = 0xfee0_0000;
-const TRAMPOLINE: u64 = 0x8000;
 const E1000_ICR: u64 = 0xc0;
 const E1000_ICS: u64 = 0xc8;
 const E1000_IMS: u64 = 0xd0;
@@ -90,63 +89,6 @@ static DEVICE_LISN: AtomicU32 = AtomicU32::new(u32::MAX);
 /// TSC at the handler's entry (bench).
 static ENTRY_TSC: AtomicU64 = AtomicU64::new(0);
 const X86_VECTOR: u8 = 0x31;
-
-core::arch::global_asm!(
-    r#"
-    .section .text.nestio_ap_trampoline, "ax"
-    .global xive_ap_tramp_start
-    .global xive_ap_tramp_end
-    .code16
-xive_ap_tramp_start:
-    cli
-    xorw %ax, %ax
-    movw %ax, %ds
-    lgdtl (2f - xive_ap_tramp_start + 0x8000)
-    movl $0x20, %eax
-    movl %eax, %cr4
-    movl $0x9000, %eax
-    movl %eax, %cr3
-    movl $0xc0000080, %ecx
-    rdmsr
-    orl $0x100, %eax
-    wrmsr
-    movl $0x80000011, %eax
-    movl %eax, %cr0
-    ljmpl $0x08, $(1f - xive_ap_tramp_start + 0x8000)
-    .code64
-1:
-    movw $0x10, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movl $0xfee00020, %eax
-    movl (%rax), %eax
-    shrl $24, %eax
-    movl %eax, %edi
-    incl %eax
-    shll $12, %eax
-    addl $0x20000, %eax
-    movq %rax, %rsp
-    movabsq $xive_ap_main, %rax
-    callq *%rax
-3:
-    cli
-    hlt
-    jmp 3b
-    .balign 8
-2:
-    .word 0x27
-    .long 0x500
-xive_ap_tramp_end:
-    .text
-"#,
-    options(att_syntax)
-);
-
-extern "C" {
-    static xive_ap_tramp_start: u8;
-    static xive_ap_tramp_end: u8;
-}
 
 fn apic_id() -> usize {
     (io::mmio_read32(LAPIC + 0x20) >> 24) as usize & 1
@@ -236,8 +178,7 @@ fn on_irq(v: u8) {
     set_cppr(cpu, 0xff);
 }
 
-#[no_mangle]
-extern "C" fn xive_ap_main(_apic_id: u32) -> ! {
+extern "C" fn ap_main(_apic_id: u32) -> ! {
     // The boot vCPU filled the shared IDT before starting this one; init_idt writes the
     // same entries again and loads the IDT register of this vCPU.
     interrupts::init_idt();
@@ -279,18 +220,7 @@ fn wait_until(what: impl Fn() -> bool) -> bool {
 }
 
 fn start_ap() -> bool {
-    let (start, end) = (
-        core::ptr::addr_of!(xive_ap_tramp_start),
-        core::ptr::addr_of!(xive_ap_tramp_end),
-    );
-    let len = end as usize - start as usize;
-    // SAFETY: copies the trampoline (about a hundred bytes) to 0x8000, free guest RAM
-    // below the VMM's page tables.
-    unsafe { core::ptr::copy_nonoverlapping(start, TRAMPOLINE as *mut u8, len.min(0x1000)) };
-    for icr in [0x000c_4500u32, 0x000c_4600 | (TRAMPOLINE >> 12) as u32] {
-        io::mmio_write32(LAPIC + 0x310, 0);
-        io::mmio_write32(LAPIC + 0x300, icr);
-    }
+    nestio_guest::smp::start_aps(ap_main);
     wait_until(|| ARRIVED.load(Ordering::SeqCst) == 1)
 }
 
