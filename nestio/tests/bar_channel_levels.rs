@@ -8,47 +8,10 @@
 
 mod common;
 
-use common::{kvm_or_skip, s, stat, Dir, Level};
+use common::{e1000_level0, exporter, kvm_or_skip, s, stat, Dir, Level};
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitStatus;
-
-/// Level 0: the e1000 (MSI on) on the user network.
-fn device(dir: &Dir, extra: &[&str]) -> (Level, PathBuf) {
-    let sock = dir.path("s0");
-    let ss = s(&sock);
-    let mut args = vec![
-        "device", "e1000", "--net", "user", "--msi", "on", "--socket", &ss,
-    ];
-    args.extend(extra);
-    let mut d = Level::spawn(dir, "device", &args);
-    d.wait_for(&sock);
-    (d, sock)
-}
-
-/// An exporting level (`--guest hello`) passing `device` on at `export`.
-fn exporter(
-    dir: &Dir,
-    name: &str,
-    device: &Path,
-    export: &Path,
-    memory_from: Option<&Path>,
-    extra: &[&str],
-) -> Level {
-    let dev = format!("vfio-user={}", s(device));
-    let exp = format!("vfio-user={}", s(export));
-    let mem = memory_from.map(s);
-    let mut args = vec![
-        "run", "--guest", "hello", "--device", &dev, "--export", &exp,
-    ];
-    if let Some(m) = &mem {
-        args.extend(["--memory-from", m.as_str()]);
-    }
-    args.extend(extra);
-    let mut l = Level::spawn(dir, name, &args);
-    l.wait_for(&PathBuf::from(format!("{}.mem", s(export))));
-    l
-}
 
 /// The innermost level: e1000ping (MSI) on its parent's memory.
 fn ping(dir: &Dir, device: &Path, extra: &[&str]) -> (ExitStatus, String, String) {
@@ -111,9 +74,9 @@ fn depth2(
         return None;
     }
     let dir = Dir::new("barchan", tag);
-    let (dev, s0) = device(&dir, device_extra);
+    let (dev, s0) = e1000_level0(&dir, device_extra);
     let s1 = dir.path("s1");
-    let l1 = exporter(&dir, "level1", &s0, &s1, None, l1_extra);
+    let l1 = exporter(&dir, "level1", &s0, &s1, None, "", l1_extra);
     let (st, out, err) = ping(&dir, &s1, &[]);
     assert_pinged(st, &out, &err);
     Some((dir, dev, l1, err))
@@ -153,10 +116,10 @@ fn depth3_guest_pings_with_bar_accesses_past_both_levels() {
         return;
     }
     let dir = Dir::new("barchan", "depth3");
-    let (_dev, s0) = device(&dir, &[]);
+    let (_dev, s0) = e1000_level0(&dir, &[]);
     let (s1, s2) = (dir.path("s1"), dir.path("s2"));
-    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, &[]);
-    let mut l2 = exporter(&dir, "level2", &s1, &s2, Some(&dir.path("s1.mem")), &[]);
+    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "", &[]);
+    let mut l2 = exporter(&dir, "level2", &s1, &s2, Some(&dir.path("s1.mem")), "", &[]);
     let (st, out, err) = ping(&dir, &s2, &[]);
     assert_pinged(st, &out, &err);
     assert!(channel(&err, "channel") >= 20, "{err}");

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{kvm_or_skip, s, stat, Dir, Level, NESTIO};
+use common::{e1000_level0, exporter, kvm_or_skip, s, stat, Dir, Level, NESTIO};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -19,15 +19,7 @@ fn device(dir: &Dir) -> (Level, PathBuf) {
 
 /// Level 0 with `extra` server options.
 fn device_with(dir: &Dir, extra: &[&str]) -> (Level, PathBuf) {
-    let sock = dir.path("s0");
-    let sock_s = s(&sock);
-    let mut args = vec![
-        "device", "e1000", "--net", "user", "--msi", "on", "--socket", &sock_s,
-    ];
-    args.extend(extra);
-    let mut d = Level::spawn(dir, "device", &args);
-    d.wait_for(&sock);
-    (d, sock)
+    e1000_level0(dir, extra)
 }
 
 /// An exporting level running `--guest hello` (its guest exits at once; the level keeps
@@ -54,41 +46,6 @@ fn device_and_two_levels(
         &[],
     );
     (dev, l1, l2, s2)
-}
-
-fn exporter(
-    dir: &Dir,
-    name: &str,
-    device: &Path,
-    export: &Path,
-    memory_from: Option<&Path>,
-    cmdline: &str,
-    extra: &[&str],
-) -> Level {
-    let dev = format!("vfio-user={}", s(device));
-    let exp = format!("vfio-user={}", s(export));
-    let mem = memory_from.map(s);
-    let mut args = vec![
-        "run",
-        "--guest",
-        "hello",
-        "--cmdline",
-        cmdline,
-        "--device",
-        &dev,
-        "--export",
-        &exp,
-    ];
-    if let Some(m) = &mem {
-        args.extend(["--memory-from", m.as_str()]);
-    }
-    args.extend(extra);
-    let mut l = Level::spawn(dir, name, &args);
-    l.wait_for(&PathBuf::from(format!("{}.mem", s(export))));
-    // Its guest is done, yet the level stays to serve its child.
-    l.wait_for_output("hello from the guest");
-    assert!(l.running(), "an exporting level waits for its child");
-    l
 }
 
 /// The innermost level: e1000ping on the parent's memory; returns (status, console).

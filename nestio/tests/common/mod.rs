@@ -171,3 +171,50 @@ pub fn stat(stderr: &str, marker: &str, key: &str) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {key} in: {line}"))
 }
+
+/// Level 0 of a nesting test: `nestio device e1000` (MSI on, user network) at
+/// `dir/s0`, with `extra` server options; waits until it listens.
+pub fn e1000_level0(dir: &Dir, extra: &[&str]) -> (Level, PathBuf) {
+    let sock = dir.path("s0");
+    let sock_s = s(&sock);
+    let mut args = vec![
+        "device", "e1000", "--net", "user", "--msi", "on", "--socket", &sock_s,
+    ];
+    args.extend(extra);
+    let mut d = Level::spawn(dir, "device", &args);
+    d.wait_for(&sock);
+    (d, sock)
+}
+
+/// An exporting level (`nestio run --guest hello`, its payload command line `cmdline`
+/// when not empty) passing `device` on at `export`, optionally on its parent's memory.
+/// Returns once its guest is done and it serves its child (`export.mem` exists).
+pub fn exporter(
+    dir: &Dir,
+    name: &str,
+    device: &Path,
+    export: &Path,
+    memory_from: Option<&Path>,
+    cmdline: &str,
+    extra: &[&str],
+) -> Level {
+    let dev = format!("vfio-user={}", s(device));
+    let exp = format!("vfio-user={}", s(export));
+    let mem = memory_from.map(s);
+    let mut args = vec![
+        "run", "--guest", "hello", "--device", &dev, "--export", &exp,
+    ];
+    if !cmdline.is_empty() {
+        args.extend(["--cmdline", cmdline]);
+    }
+    if let Some(m) = &mem {
+        args.extend(["--memory-from", m.as_str()]);
+    }
+    args.extend(extra);
+    let mut l = Level::spawn(dir, name, &args);
+    l.wait_for(&PathBuf::from(format!("{}.mem", s(export))));
+    // Its guest is done, yet the level stays to serve its child.
+    l.wait_for_output("hello from the guest");
+    assert!(l.running(), "an exporting level waits for its child");
+    l
+}
