@@ -1065,6 +1065,32 @@ impl ChannelBars {
         info.carries(index, offset, len).then(|| d.clone())
     }
 
+    /// One BAR access `op`: over the channel when it carries the range, else (or when
+    /// the channel was revoked under it: not executed there) on the mediated path.
+    fn access(
+        &self,
+        index: u32,
+        offset: u64,
+        len: usize,
+        mut op: impl FnMut(&dyn VfioDevice) -> DevResult<()>,
+    ) -> DevResult<()> {
+        if let Some(d) = self.route(index, offset, len) {
+            match op(&*d) {
+                Ok(()) => {
+                    self.channel.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.channel_failed(&d, e)?;
+                }
+            }
+        }
+        if index < pci_index::ROM {
+            self.mediated.fetch_add(1, Ordering::Relaxed);
+        }
+        op(&*self.inner)
+    }
+
     /// An access over `d` failed: a revoked or lost channel is dropped (the access was
     /// not executed and is re-issued mediated: `Ok(true)`); the device's own refusal is
     /// the access's result.
@@ -1100,38 +1126,14 @@ impl Forwarding for ChannelBars {
         &*self.inner
     }
     fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> DevResult<()> {
-        if let Some(d) = self.route(index, offset, buf.len()) {
-            match d.region_read(index, offset, buf) {
-                Ok(()) => {
-                    self.channel.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Err(e) => {
-                    self.channel_failed(&d, e)?;
-                }
-            }
-        }
-        if index < pci_index::ROM {
-            self.mediated.fetch_add(1, Ordering::Relaxed);
-        }
-        self.inner.region_read(index, offset, buf)
+        self.access(index, offset, buf.len(), |dev| {
+            dev.region_read(index, offset, buf)
+        })
     }
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> DevResult<()> {
-        if let Some(d) = self.route(index, offset, data.len()) {
-            match d.region_write(index, offset, data) {
-                Ok(()) => {
-                    self.channel.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Err(e) => {
-                    self.channel_failed(&d, e)?;
-                }
-            }
-        }
-        if index < pci_index::ROM {
-            self.mediated.fetch_add(1, Ordering::Relaxed);
-        }
-        self.inner.region_write(index, offset, data)
+        self.access(index, offset, data.len(), |dev| {
+            dev.region_write(index, offset, data)
+        })
     }
     fn reset(&self) -> DevResult<()> {
         // Every level revokes its grants on the way down; ask again afterwards.
