@@ -121,8 +121,18 @@ pub trait NetBackend: Send {
     /// `Ok(None)` when nothing is pending. A frame longer than `buf` is dropped and
     /// `Err(NetError::FrameTooLarge{..})` returned.
     fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, NetError>;
-    /// An fd that polls readable (POLLIN) whenever `recv` may return a frame.
+    /// An fd that polls readable (POLLIN) whenever `recv` may return a frame (except
+    /// while notifications are held: [`NetBackend::hold_notifications`]).
     fn poll_fd(&self) -> BorrowedFd<'_>;
+    /// Event suppression, as virtio's `VRING_F_NO_NOTIFY`: while held, frames the
+    /// backend queues in answer to `send` do not make `poll_fd` readable, because the
+    /// caller receives them itself right after sending (a device's register path
+    /// receiving a synchronous peer's answer), so a thread waiting on the fd would be
+    /// woken for nothing. Releasing makes the fd readable again if any frame is still
+    /// pending. A caller that holds must release before anyone relies on the fd. The
+    /// default ignores it: backends whose frames come from outside (a TAP, a socket)
+    /// always notify.
+    fn hold_notifications(&mut self, _hold: bool) {}
     /// Short human description, e.g. "user (10.0.2.0/24)", "tap nestio0".
     fn describe(&self) -> String;
 }

@@ -139,6 +139,10 @@ impl NetBackend for PcapBackend {
         self.inner.poll_fd()
     }
 
+    fn hold_notifications(&mut self, hold: bool) {
+        self.inner.hold_notifications(hold)
+    }
+
     fn describe(&self) -> String {
         format!("{}, pcap {}", self.inner.describe(), self.path.display())
     }

@@ -347,6 +347,53 @@ fn eventfd_is_readable_exactly_while_frames_are_queued() {
 }
 
 #[test]
+fn held_notifications_keep_the_fd_quiet_until_released_with_frames_left() {
+    let mut b = UserBackend::new().unwrap();
+    let arp = build_arp_request(GUEST_MAC, GUEST_IP, GATEWAY_IP);
+    let mut buf = [0u8; 1514];
+    // Held: the answer is queued but the fd stays quiet; the caller receives it.
+    b.hold_notifications(true);
+    b.send(&arp).unwrap();
+    assert!(!readable(b.poll_fd(), 0), "a held answer woke the fd");
+    assert_eq!(b.recv(&mut buf).unwrap(), Some(60));
+    b.hold_notifications(false);
+    assert!(
+        !readable(b.poll_fd(), 0),
+        "nothing is left, nothing to signal"
+    );
+    // Held with two answers, one taken: releasing signals the one left.
+    b.hold_notifications(true);
+    b.send(&arp).unwrap();
+    b.send(&arp).unwrap();
+    assert_eq!(b.recv(&mut buf).unwrap(), Some(60));
+    assert!(!readable(b.poll_fd(), 0));
+    b.hold_notifications(false);
+    assert!(readable(b.poll_fd(), 0), "the frame left was not signalled");
+    assert_eq!(b.recv(&mut buf).unwrap(), Some(60));
+    assert!(!readable(b.poll_fd(), 0));
+    // Not held: every answer signals, as before.
+    b.send(&arp).unwrap();
+    assert!(readable(b.poll_fd(), 0));
+    // A wrapper forwards the hold.
+    let mut p = nestio_net::PcapBackend::create(
+        Box::new(UserBackend::new().unwrap()),
+        &std::env::temp_dir().join(format!("nestio-hold-{}.pcap", std::process::id())),
+    )
+    .unwrap();
+    p.hold_notifications(true);
+    p.send(&arp).unwrap();
+    assert!(
+        !readable(p.poll_fd(), 0),
+        "the pcap wrapper dropped the hold"
+    );
+    p.hold_notifications(false);
+    assert!(readable(p.poll_fd(), 0));
+    let _ = std::fs::remove_file(
+        std::env::temp_dir().join(format!("nestio-hold-{}.pcap", std::process::id())),
+    );
+}
+
+#[test]
 fn frame_larger_than_buffer_is_dropped_with_error() {
     let mut b = UserBackend::new().unwrap();
     b.send(&build_arp_request(GUEST_MAC, GUEST_IP, GATEWAY_IP))

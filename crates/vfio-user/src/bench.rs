@@ -162,6 +162,41 @@ pub struct Pin(Option<libc::cpu_set_t>);
 impl Pin {
     /// Pin to the current CPU (a no-op `Pin` when the affinity cannot be changed).
     pub fn current() -> Pin {
+        // SAFETY: sched_getcpu has no preconditions.
+        let cpu = unsafe { libc::sched_getcpu() };
+        match usize::try_from(cpu) {
+            Ok(cpu) => Pin::to(cpu),
+            Err(_) => Pin(None),
+        }
+    }
+
+    /// Pin to CPU `cpu` (a no-op `Pin` when the affinity cannot be changed, or `cpu`
+    /// is not below `CPU_SETSIZE`).
+    pub fn to(cpu: usize) -> Pin {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Pin(None);
+        }
+        // SAFETY: an all-zero cpu_set_t is a valid empty set.
+        let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `cpu` is below CPU_SETSIZE; writes only into the local set.
+        unsafe { libc::CPU_SET(cpu, &mut one) };
+        Pin::set(&one)
+    }
+
+    /// Let the calling thread run on every configured CPU (the kernel intersects the
+    /// set with the CPUs this process may use).
+    pub fn all() -> Pin {
+        // SAFETY: an all-zero cpu_set_t is a valid empty set.
+        let mut all: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for cpu in 0..cpus().min(libc::CPU_SETSIZE as usize) {
+            // SAFETY: `cpu` is below CPU_SETSIZE; writes only into the local set.
+            unsafe { libc::CPU_SET(cpu, &mut all) };
+        }
+        Pin::set(&all)
+    }
+
+    /// Replace the calling thread's affinity with `set`, keeping the old one.
+    fn set(set: &libc::cpu_set_t) -> Pin {
         // SAFETY: an all-zero cpu_set_t is a valid empty set.
         let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         // SAFETY: sched_getaffinity writes at most size_of::<cpu_set_t>() bytes to `old`.
@@ -170,23 +205,19 @@ impl Pin {
         {
             return Pin(None);
         }
-        // SAFETY: sched_getcpu has no preconditions.
-        let cpu = unsafe { libc::sched_getcpu() };
-        if cpu < 0 {
-            return Pin(None);
-        }
-        // SAFETY: an all-zero cpu_set_t is a valid empty set.
-        let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: CPU_SET stays in bounds for a cpu number the kernel returned (below
-        // CPU_SETSIZE) and writes only into the local set.
-        unsafe { libc::CPU_SET(cpu as usize, &mut one) };
         // SAFETY: passes a valid cpu_set_t of the stated size.
-        if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) } != 0
-        {
+        if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) } != 0 {
             return Pin(None);
         }
         Pin(Some(old))
     }
+}
+
+/// CPUs configured on this machine (not `available_parallelism`, which reads the
+/// calling thread's affinity, perhaps pinned).
+pub fn cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }).unwrap_or(1)
 }
 
 impl Drop for Pin {

@@ -362,6 +362,9 @@ impl Inner {
         };
         if !frames.is_empty() {
             let mut net = self.backend.lock();
+            // Answers this thread receives inline must not wake the worker polling the
+            // backend's fd (two context switches per round trip, for nothing).
+            net.backend.hold_notifications(self.inline_rx);
             for f in frames {
                 if let Err(e) = net.backend.send(&f) {
                     tracing::debug!(error = %e, "e1000: backend dropped a frame");
@@ -371,6 +374,8 @@ impl Inner {
                 // Receiving may have armed a timer or deferred an interrupt.
                 wake |= std::mem::take(&mut self.lock().wake_worker);
             }
+            // Whatever is left (more than a batch, or a full ring) is the worker's.
+            net.backend.hold_notifications(false);
         }
         if wake {
             if let Err(e) = signal_eventfd(&self.wake) {

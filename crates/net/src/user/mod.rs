@@ -317,6 +317,10 @@ pub struct UserBackend {
     net: UserNetwork,
     queue: VecDeque<Vec<u8>>,
     event: OwnedFd,
+    /// The eventfd holds a count (written and not read back since).
+    signalled: bool,
+    /// Notifications held ([`NetBackend::hold_notifications`]).
+    held: bool,
 }
 
 impl UserBackend {
@@ -333,6 +337,8 @@ impl UserBackend {
             net: UserNetwork::new(),
             queue: VecDeque::new(),
             event,
+            signalled: false,
+            held: false,
         })
     }
 
@@ -351,7 +357,11 @@ impl UserBackend {
         self.queue.len()
     }
 
-    fn signal(&self) {
+    fn signal(&mut self) {
+        if self.signalled {
+            return;
+        }
+        self.signalled = true;
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
         let r = unsafe { libc::write(self.event.as_raw_fd(), (&one as *const u64).cast(), 8) };
@@ -364,7 +374,11 @@ impl UserBackend {
         }
     }
 
-    fn unsignal(&self) {
+    fn unsignal(&mut self) {
+        if !self.signalled {
+            return;
+        }
+        self.signalled = false;
         let mut v: u64 = 0;
         // SAFETY: reads at most 8 bytes into a live u64 from our own eventfd.
         let _ = unsafe { libc::read(self.event.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
@@ -379,7 +393,9 @@ impl NetBackend for UserBackend {
                 debug!("user net: reply queue full ({MAX_QUEUED_FRAMES}), reply dropped");
             } else {
                 self.queue.push_back(reply);
-                self.signal();
+                if !self.held {
+                    self.signal();
+                }
             }
         }
         Ok(())
@@ -405,6 +421,13 @@ impl NetBackend for UserBackend {
 
     fn poll_fd(&self) -> BorrowedFd<'_> {
         self.event.as_fd()
+    }
+
+    fn hold_notifications(&mut self, hold: bool) {
+        self.held = hold;
+        if !hold && !self.queue.is_empty() {
+            self.signal();
+        }
     }
 
     fn describe(&self) -> String {
