@@ -314,7 +314,7 @@ struct Verdict {
     /// The fastest in-process round trip (any placement, any wait), ns.
     local: f64,
     /// Per placement: the vfio-user round trip with the default (adaptive) wait, and
-    /// the hand-off floor ([`e1000_bench::handoff_floor`]), ns.
+    /// the hand-off floor ([`e1000_bench::handoff_floor_between`]), ns.
     rows: Vec<(Placement, f64, f64)>,
 }
 
@@ -390,7 +390,13 @@ fn irq_wait_comparison(packets: u64) -> Result<Verdict, Box<dyn std::error::Erro
         for _ in 0..ROUNDS {
             handoff = handoff.min(e1000_bench::handoff_floor_between(
                 (packets / 10).max(1),
-                device_cpu,
+                move || {
+                    // The peer stands for the device: placed as its threads are, for the
+                    // peer's whole life.
+                    if let Some(c) = device_cpu {
+                        std::mem::forget(nestio_vfio_user::bench::Pin::to(c));
+                    }
+                },
             ));
             for (remote, slot) in best.iter_mut().enumerate() {
                 for (w, wait) in waits.iter().enumerate() {

@@ -486,20 +486,18 @@ fn wait_in(
 /// caller's thread costs (no system call but `sched_yield`). On one CPU it is two
 /// context switches; on two, two cache-line transfers. Best of 10 batches, nanoseconds.
 pub fn handoff_floor(iterations: u64) -> f64 {
-    handoff_floor_between(iterations, None)
+    handoff_floor_between(iterations, || {})
 }
 
-/// [`handoff_floor`] with the peer thread pinned to `peer_cpu` when given (the caller's
-/// thread stays where it is).
-pub fn handoff_floor_between(iterations: u64, peer_cpu: Option<usize>) -> f64 {
+/// [`handoff_floor`] with the peer thread first running `place_peer` (to set its CPU
+/// affinity, say; the caller's thread stays where it is).
+pub fn handoff_floor_between(iterations: u64, place_peer: impl FnOnce() + Send + 'static) -> f64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     let word = Arc::new(AtomicU64::new(0));
     let total = iterations.max(1) * BATCHES;
     let w2 = word.clone();
     let peer = std::thread::spawn(move || {
-        if let Some(cpu) = peer_cpu {
-            pin_to(cpu);
-        }
+        place_peer();
         for i in 0..total {
             // Wait for the ping numbered 2i+1, answer with 2i+2.
             while w2.load(Ordering::Acquire) != 2 * i + 1 {
@@ -523,20 +521,6 @@ pub fn handoff_floor_between(iterations: u64, peer_cpu: Option<usize>) -> f64 {
     }
     let _ = peer.join();
     best(&batches)
-}
-
-/// Pin the calling thread to CPU `cpu` (left as it is when that fails).
-fn pin_to(cpu: usize) {
-    if cpu >= libc::CPU_SETSIZE as usize {
-        return;
-    }
-    // SAFETY: an all-zero cpu_set_t is a valid empty set; `cpu` is below CPU_SETSIZE,
-    // so CPU_SET writes only into it.
-    let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::CPU_SET(cpu, &mut one) };
-    // SAFETY: passes a valid cpu_set_t of the stated size.
-    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) };
 }
 
 /// Write `data` at file offset `off` of `fd`.
@@ -1660,7 +1644,7 @@ mod tests {
             // The CPU this thread runs on now (one it is allowed to use).
             // SAFETY: sched_getcpu has no preconditions.
             let here = usize::try_from(unsafe { libc::sched_getcpu() }).unwrap_or(0);
-            pin_to(here);
+            let _pin = nestio_vfio_user::bench::Pin::to(here);
             let h = HaltPoll::new(HaltPoll::KVM_MAX);
             let alone = (0..64).all(|_| {
                 let t = Instant::now();
@@ -1670,7 +1654,7 @@ mod tests {
             // A busy peer on the same CPU: yields hand it the CPU.
             let stop = cpu.clone();
             let peer = std::thread::spawn(move || {
-                pin_to(here);
+                let _pin = nestio_vfio_user::bench::Pin::to(here);
                 let t0 = Instant::now();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed)
                     && t0.elapsed() < Duration::from_secs(5)
