@@ -374,6 +374,14 @@ fn fail<T>(why: impl Into<String>) -> Step<T> {
     Err(Verdict::Fail(why.into()))
 }
 
+/// A request payload: what `encode` appends to an empty buffer (every message type's
+/// `encode_into` takes the buffer it appends to).
+fn encoded(encode: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut b = Vec::new();
+    encode(&mut b);
+    b
+}
+
 // ---------------------------------------------------------------------------------
 // Local resources: eventfds, memfds
 
@@ -654,15 +662,15 @@ impl Suite {
 
     /// A DEVICE_GET_INFO request payload with `argsz`.
     fn device_info_request(argsz: u32) -> Vec<u8> {
-        let mut b = Vec::new();
-        DeviceInfoMsg {
-            argsz,
-            flags: 0,
-            num_regions: 0,
-            num_irqs: 0,
-        }
-        .encode_into(&mut b);
-        b
+        encoded(|b| {
+            DeviceInfoMsg {
+                argsz,
+                flags: 0,
+                num_regions: 0,
+                num_irqs: 0,
+            }
+            .encode_into(b)
+        })
     }
 
     fn get_info(&mut self, argsz: u32) -> Step<Reply> {
@@ -712,15 +720,15 @@ impl Suite {
     }
 
     fn region_access(offset: u64, region: u32, count: u32, data: &[u8]) -> Vec<u8> {
-        let mut b = Vec::new();
-        RegionAccess {
-            offset,
-            region,
-            count,
-            data,
-        }
-        .encode_into(&mut b);
-        b
+        encoded(|b| {
+            RegionAccess {
+                offset,
+                region,
+                count,
+                data,
+            }
+            .encode_into(b)
+        })
     }
 
     /// REGION_READ that must succeed; returns the data after checking the echo.
@@ -756,16 +764,16 @@ impl Suite {
     }
 
     fn irq_set(flags: u32, index: u32, start: u32, count: u32, data: &[u8]) -> Vec<u8> {
-        let mut b = Vec::new();
-        IrqSet {
-            flags,
-            index,
-            start,
-            count,
-            data,
-        }
-        .encode_into(&mut b);
-        b
+        encoded(|b| {
+            IrqSet {
+                flags,
+                index,
+                start,
+                count,
+                data,
+            }
+            .encode_into(b)
+        })
     }
 
     // -- VERSION ---------------------------------------------------------------------
@@ -785,8 +793,7 @@ impl Suite {
                 ..Capabilities::default()
             },
         };
-        let mut b = Vec::new();
-        offer.encode_into(&mut b);
+        let b = encoded(|b| offer.encode_into(b));
         let m = self.ok("VERSION", Command::Version, &b, &[])?;
         if !m.fds.is_empty() {
             return fail(format!(
@@ -835,13 +842,14 @@ impl Suite {
     }
 
     fn version_repeat(&mut self) -> Step<Verdict> {
-        let mut b = Vec::new();
-        Version {
-            major: proto::VERSION_MAJOR,
-            minor: proto::VERSION_MINOR,
-            caps: Capabilities::default(),
-        }
-        .encode_into(&mut b);
+        let b = encoded(|b| {
+            Version {
+                major: proto::VERSION_MAJOR,
+                minor: proto::VERSION_MINOR,
+                caps: Capabilities::default(),
+            }
+            .encode_into(b)
+        });
         match self
             .wire
             .request(Command::Version as u16, &b, &[])
@@ -928,14 +936,14 @@ impl Suite {
     // -- DEVICE_GET_REGION_INFO ------------------------------------------------------
 
     fn region_info_request(index: u32, argsz: u32) -> Vec<u8> {
-        let mut b = Vec::new();
-        RegionInfoMsg {
-            argsz,
-            index,
-            ..RegionInfoMsg::default()
-        }
-        .encode_into(&mut b);
-        b
+        encoded(|b| {
+            RegionInfoMsg {
+                argsz,
+                index,
+                ..RegionInfoMsg::default()
+            }
+            .encode_into(b)
+        })
     }
 
     /// One region's info, checked: fixed part first with argsz 32, then (if the server
@@ -1218,15 +1226,15 @@ impl Suite {
     // -- DEVICE_GET_IRQ_INFO ---------------------------------------------------------
 
     fn irq_info_request(index: u32, argsz: u32) -> Vec<u8> {
-        let mut b = Vec::new();
-        IrqInfoMsg {
-            argsz,
-            flags: 0,
-            index,
-            count: 0,
-        }
-        .encode_into(&mut b);
-        b
+        encoded(|b| {
+            IrqInfoMsg {
+                argsz,
+                flags: 0,
+                index,
+                count: 0,
+            }
+            .encode_into(b)
+        })
     }
 
     fn irq_info(&mut self) -> Step<Verdict> {
@@ -1522,15 +1530,15 @@ impl Suite {
     // -- DMA_MAP / DMA_UNMAP ---------------------------------------------------------
 
     fn dma_map_payload(flags: u32, offset: u64, addr: u64, size: u64) -> Vec<u8> {
-        let mut b = Vec::new();
-        DmaMap {
-            flags,
-            offset,
-            addr,
-            size,
-        }
-        .encode_into(&mut b);
-        b
+        encoded(|b| {
+            DmaMap {
+                flags,
+                offset,
+                addr,
+                size,
+            }
+            .encode_into(b)
+        })
     }
 
     fn dma_unmap_payload(addr: u64, size: u64) -> Vec<u8> {
@@ -1538,15 +1546,15 @@ impl Suite {
     }
 
     fn dma_unmap_flags_payload(flags: u32, addr: u64, size: u64) -> Vec<u8> {
-        let mut b = Vec::new();
-        DmaUnmap {
-            argsz: DmaUnmap::SIZE as u32,
-            flags,
-            addr,
-            size,
-        }
-        .encode_into(&mut b);
-        b
+        encoded(|b| {
+            DmaUnmap {
+                argsz: DmaUnmap::SIZE as u32,
+                flags,
+                addr,
+                size,
+            }
+            .encode_into(b)
+        })
     }
 
     fn unmap(&mut self, addr: u64, size: u64) -> Step<()> {
