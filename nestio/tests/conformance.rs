@@ -13,10 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nestio_device_model::{
-    DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, RegionInfo, Result, VfioDevice,
-};
-use nestio_dma::DmaMapRequest;
+use nestio_device_model::{Forwarding, RegionInfo, Result, VfioDevice};
 use nestio_vfio_user::conformance::{self, Options, Report, Verdict, CHECKS};
 use nestio_vfio_user::{Server, ServerConfig};
 
@@ -204,9 +201,9 @@ fn cli_conformance_passes_against_nestio_device_gpio() {
 /// it has no fd to give: `region_info` must FAIL and the CLI exit 1.
 struct MmapWithoutFd(Arc<dyn VfioDevice>);
 
-impl VfioDevice for MmapWithoutFd {
-    fn info(&self) -> DeviceInfo {
-        self.0.info()
+impl Forwarding for MmapWithoutFd {
+    fn forward_to(&self) -> &dyn VfioDevice {
+        &*self.0
     }
     fn region_info(&self, index: u32) -> Result<RegionInfo> {
         let mut r = self.0.region_info(index)?;
@@ -218,38 +215,8 @@ impl VfioDevice for MmapWithoutFd {
         }
         Ok(r)
     }
-    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.0.region_read(index, offset, buf)
-    }
-    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
-        self.0.region_write(index, offset, data)
-    }
-    fn irq_info(&self, index: u32) -> Result<IrqInfo> {
-        self.0.irq_info(index)
-    }
-    fn set_irqs(
-        &self,
-        index: u32,
-        action: IrqAction,
-        start: u32,
-        count: u32,
-        data: IrqData,
-    ) -> Result<()> {
-        self.0.set_irqs(index, action, start, count, data)
-    }
-    fn reset(&self) -> Result<()> {
-        self.0.reset()
-    }
-    fn dma_map(&self, req: DmaMapRequest) -> Result<()> {
-        self.0.dma_map(req)
-    }
-    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
-        self.0.dma_unmap(iova, size)
-    }
-    fn dma_unmap_all(&self) -> std::result::Result<(), DeviceError> {
-        self.0.dma_unmap_all()
-    }
 }
+nestio_device_model::impl_vfio_device_by_forwarding!(MmapWithoutFd);
 
 #[test]
 fn cli_conformance_fails_against_a_wrong_server() {

@@ -7,14 +7,13 @@
 //! (the `entered` receiver of [`GatedSample::new`]) and then waits, inside
 //! `region_write`, until the test sends on the `open` sender (or drops it); later
 //! writes pass straight through. Optionally, every BAR0 write at one offset is refused
-//! (a device error), to test what a refused posted write does.
+//! (a device error), to test what a refused posted write does. Every other method is
+//! the sample device's own (a [`Forwarding`] wrapper).
 
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
-use nestio_device_model::{
-    pci_index, DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, RegionInfo, Result, VfioDevice,
-};
+use nestio_device_model::{pci_index, DeviceError, Forwarding, Result, VfioDevice};
 
 use crate::sample::{sample_device, SampleDevice, SampleError};
 
@@ -57,15 +56,10 @@ pub fn read32(dev: &dyn VfioDevice, index: u32, offset: u64) -> u32 {
     u32::from_le_bytes(b)
 }
 
-impl VfioDevice for GatedSample {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
-    fn region_info(&self, index: u32) -> Result<RegionInfo> {
-        self.inner.region_info(index)
-    }
-    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.region_read(index, offset, buf)
+/// Everything but BAR0 writes is the sample device's own.
+impl Forwarding for GatedSample {
+    fn forward_to(&self) -> &dyn VfioDevice {
+        &*self.inner
     }
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
         if index == pci_index::BAR0 {
@@ -84,17 +78,5 @@ impl VfioDevice for GatedSample {
         }
         self.inner.region_write(index, offset, data)
     }
-    fn irq_info(&self, index: u32) -> Result<IrqInfo> {
-        self.inner.irq_info(index)
-    }
-    fn set_irqs(
-        &self,
-        index: u32,
-        action: IrqAction,
-        start: u32,
-        count: u32,
-        data: IrqData,
-    ) -> Result<()> {
-        self.inner.set_irqs(index, action, start, count, data)
-    }
 }
+nestio_device_model::impl_vfio_device_by_forwarding!(GatedSample);

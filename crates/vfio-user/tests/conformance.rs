@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use common::Harness;
 use nestio_device_model::{
-    DeviceError, DeviceInfo, IrqAction, IrqData, IrqInfo, RegionInfo, Result, VfioDevice,
+    DeviceError, DmaPort, Forwarding, IrqAction, IrqData, Result, VfioDevice,
 };
-use nestio_dma::DmaMapRequest;
+use nestio_dma::{DmaMapRequest, MapTable};
 use nestio_vfio_user::conformance::{self, Options, Report, Verdict, CHECKS};
 use nestio_vfio_user::testdev::TestDevice;
 use nestio_vfio_user::{Server, ServerConfig};
@@ -90,12 +90,10 @@ struct Broken {
     flaw: Flaw,
 }
 
-impl VfioDevice for Broken {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
-    fn region_info(&self, index: u32) -> Result<RegionInfo> {
-        self.inner.region_info(index)
+/// Every method the flaw does not touch is the TestDevice's own.
+impl Forwarding for Broken {
+    fn forward_to(&self) -> &dyn VfioDevice {
+        &self.inner
     }
     fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         match self.inner.region_read(index, offset, buf) {
@@ -107,12 +105,6 @@ impl VfioDevice for Broken {
             }
             r => r,
         }
-    }
-    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
-        self.inner.region_write(index, offset, data)
-    }
-    fn irq_info(&self, index: u32) -> Result<IrqInfo> {
-        self.inner.irq_info(index)
     }
     fn set_irqs(
         &self,
@@ -131,8 +123,17 @@ impl VfioDevice for Broken {
         }
         self.inner.set_irqs(index, action, start, count, data)
     }
-    fn reset(&self) -> Result<()> {
-        self.inner.reset()
+    fn dma_port(&self) -> Option<&DmaPort> {
+        match self.flaw {
+            Flaw::NoDmaTable => None,
+            _ => self.inner.dma_port(),
+        }
+    }
+    fn dma_table(&self) -> Option<&MapTable> {
+        match self.flaw {
+            Flaw::NoDmaTable => None,
+            _ => self.inner.dma_table(),
+        }
     }
     fn dma_map(&self, req: DmaMapRequest) -> Result<()> {
         if self.flaw == Flaw::NoDmaTable {
@@ -161,6 +162,7 @@ impl VfioDevice for Broken {
         self.inner.dma_unmap_all()
     }
 }
+nestio_device_model::impl_vfio_device_by_forwarding!(Broken);
 
 fn broken(flaw: Flaw) -> Report {
     run_against(Arc::new(Broken {
