@@ -8,30 +8,16 @@
 
 mod common;
 
-use common::{e1000_level0, exporter, kvm_or_skip, s, stat, Dir, Level};
+use common::{child_level, e1000_level0, exporter, kvm_or_skip, stat, Dir, Level};
 
 use std::path::Path;
 use std::process::ExitStatus;
 
 /// The innermost level: e1000ping (MSI) on its parent's memory.
 fn ping(dir: &Dir, device: &Path, extra: &[&str]) -> (ExitStatus, String, String) {
-    let dev = format!("vfio-user={}", s(device));
-    let mem = format!("{}.mem", s(device));
-    let mut args = vec![
-        "run",
-        "--guest",
-        "e1000ping",
-        "--cmdline",
-        "irq=msi",
-        "--memory-from",
-        &mem,
-        "--device",
-        &dev,
-    ];
+    let mut args = vec!["run", "--guest", "e1000ping", "--cmdline", "irq=msi"];
     args.extend(extra);
-    let mut l = Level::spawn(dir, "inner", &args);
-    let st = l.wait();
-    (st, l.stdout(), l.stderr())
+    child_level(dir, "inner", device, &args).finish()
 }
 
 fn assert_pinged(st: ExitStatus, out: &str, err: &str) {

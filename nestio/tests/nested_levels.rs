@@ -7,35 +7,34 @@
 
 mod common;
 
-use common::{e1000_level0, exporter, kvm_or_skip, s, stat, Dir, Level, NESTIO};
+use common::{child_level, e1000_level0, exporter, kvm_or_skip, s, stat, Dir, Level, NESTIO};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
-/// Level 0: the e1000 on the user network, serving clients one after another.
-fn device(dir: &Dir) -> (Level, PathBuf) {
-    device_with(dir, &[])
+/// The level-0 device (with `device_extra` server options) at `s0` and `level1`
+/// (`--guest hello` with `l1_extra`: its guest exits at once, the level keeps serving
+/// its child) exporting it at `s1`. Returns `(device, level1, s1)`.
+fn device_and_level1(
+    dir: &Dir,
+    device_extra: &[&str],
+    l1_extra: &[&str],
+) -> (Level, Level, PathBuf) {
+    let (dev, s0) = e1000_level0(dir, device_extra);
+    let s1 = dir.path("s1");
+    let l1 = exporter(dir, "level1", &s0, &s1, None, "level1", l1_extra);
+    (dev, l1, s1)
 }
 
-/// Level 0 with `extra` server options.
-fn device_with(dir: &Dir, extra: &[&str]) -> (Level, PathBuf) {
-    e1000_level0(dir, extra)
-}
-
-/// An exporting level running `--guest hello` (its guest exits at once; the level keeps
-/// serving its child), optionally on its parent's memory.
-/// The level-0 device at `s0`, `level1` exporting it at `s1`, and `level2` (its memory
-/// from level 1's `s1.mem`) exporting it again at `s2`. Returns
-/// `(device, level1, level2, s2)`.
+/// [`device_and_level1`], and `level2` (its memory from level 1's `s1.mem`) exporting
+/// the device again at `s2`. Returns `(device, level1, level2, s2)`.
 fn device_and_two_levels(
     dir: &Dir,
     l1_extra: &[&str],
     l2_cmdline: &str,
 ) -> (Level, Level, Level, PathBuf) {
-    let (dev, s0) = device(dir);
-    let s1 = dir.path("s1");
+    let (dev, l1, s1) = device_and_level1(dir, &[], l1_extra);
     let s2 = dir.path("s2");
-    let l1 = exporter(dir, "level1", &s0, &s1, None, "level1", l1_extra);
     let l2 = exporter(
         dir,
         "level2",
@@ -55,40 +54,27 @@ fn ping(dir: &Dir, name: &str, device: &Path) -> (ExitStatus, String, String) {
 
 /// [`ping`] with the payload command line `cmdline`.
 fn ping_with(dir: &Dir, name: &str, device: &Path, cmdline: &str) -> (ExitStatus, String, String) {
-    let dev = format!("vfio-user={}", s(device));
-    let mem = format!("{}.mem", s(device));
-    let mut l = Level::spawn(
+    child_level(
         dir,
         name,
-        &[
-            "run",
-            "--guest",
-            "e1000ping",
-            "--cmdline",
-            cmdline,
-            "--memory-from",
-            &mem,
-            "--device",
-            &dev,
-        ],
-    );
-    let st = l.wait();
-    (st, l.stdout(), l.stderr())
+        device,
+        &["run", "--guest", "e1000ping", "--cmdline", cmdline],
+    )
+    .finish()
 }
 
-fn inspect(mem: &Path, addr: &str, len: &str) -> std::process::Output {
+/// `nestio inspect --memory-from mem args...`.
+fn nestio_inspect(mem: &Path, args: &[&str]) -> std::process::Output {
     Command::new(NESTIO)
-        .args([
-            "inspect",
-            "--memory-from",
-            &s(mem),
-            "--addr",
-            addr,
-            "--len",
-            len,
-        ])
+        .args(["inspect", "--memory-from", &s(mem)])
+        .args(args)
         .output()
         .unwrap()
+}
+
+/// `len` bytes at guest-physical `addr` of the memory behind `mem`.
+fn inspect(mem: &Path, addr: &str, len: &str) -> std::process::Output {
+    nestio_inspect(mem, &["--addr", addr, "--len", len])
 }
 
 /// The counters an exporting level prints when it ends (`nestio: level N export: k=v ...`).
@@ -116,21 +102,9 @@ fn assert_copied(stderr: &str) {
     assert!(export_stat(stderr, "copies") >= 4, "{stderr}");
 }
 
+/// [`inspect`] by guest-virtual `addr`, through the page tables rooted at `cr3`.
 fn inspect_va(mem: &Path, cr3: &str, addr: &str, len: &str) -> std::process::Output {
-    Command::new(NESTIO)
-        .args([
-            "inspect",
-            "--memory-from",
-            &s(mem),
-            "--cr3",
-            cr3,
-            "--addr",
-            addr,
-            "--len",
-            len,
-        ])
-        .output()
-        .unwrap()
+    nestio_inspect(mem, &["--cr3", cr3, "--addr", addr, "--len", len])
 }
 
 fn assert_pinged(st: ExitStatus, out: &str, err: &str) {
@@ -150,9 +124,7 @@ fn level2_guest_pings_through_a_device_exported_by_level1() {
         return;
     }
     let dir = Dir::new("levels", "depth2");
-    let (mut dev, s0) = device(&dir);
-    let s1 = dir.path("s1");
-    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
+    let (mut dev, mut l1, s1) = device_and_level1(&dir, &[], &[]);
     assert!(l1.stdout().contains("(64 MiB)"), "{}", l1.stdout());
 
     let (st, out, err) = ping(&dir, "level2", &s1);
@@ -176,17 +148,7 @@ fn level2_guest_pings_through_copies_with_no_shared_memory() {
         return;
     }
     let dir = Dir::new("levels", "copies");
-    let (mut dev, s0) = device(&dir);
-    let s1 = dir.path("s1");
-    let mut l1 = exporter(
-        &dir,
-        "level1",
-        &s0,
-        &s1,
-        None,
-        "level1",
-        &["--no-shared-memory"],
-    );
+    let (mut dev, mut l1, s1) = device_and_level1(&dir, &[], &["--no-shared-memory"]);
     let (st, out, err) = ping(&dir, "level2", &s1);
     assert_pinged(st, &out, &err);
     assert_eq!(l1.wait().code(), Some(42), "{}", l1.stderr());
@@ -281,9 +243,7 @@ fn level3_guest_pings_through_two_exporting_levels_and_inspect_reads_level2() {
 /// stderr (its export counters) after checking the guest saw both DMAs refused.
 fn dma_outside_through_level1(tag: &str, extra: &[&str]) -> String {
     let dir = Dir::new("levels", tag);
-    let (mut dev, s0) = device(&dir);
-    let s1 = dir.path("s1");
-    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", extra);
+    let (mut dev, mut l1, s1) = device_and_level1(&dir, &[], extra);
     // The target address is outside level 2's window as level 1 serves it.
     let o = inspect(&dir.path("s1.mem"), "0x2100000", "1");
     assert!(!o.status.success());
@@ -366,9 +326,7 @@ fn a_level_without_its_parents_memory_is_refused() {
         return;
     }
     let dir = Dir::new("levels", "foreign");
-    let (mut dev, s0) = device(&dir);
-    let s1 = dir.path("s1");
-    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
+    let (mut dev, mut l1, s1) = device_and_level1(&dir, &[], &[]);
     // A "child" with RAM of its own (no --memory-from): its DMA map names a file that is
     // not level 1's RAM, so level 1's exporter refuses it before it reaches the device.
     let dev1 = format!("vfio-user={}", s(&s1));
@@ -511,22 +469,11 @@ fn linux_guest_pings_through_two_exporting_levels() {
     // 512 MiB at level 1, 256 MiB at level 2, 128 MiB for the Linux guest at level 3.
     let (mut dev, mut l1, mut l2, s2) =
         device_and_two_levels(&dir, &["--memory", "512M"], "level2");
-    let dev2 = format!("vfio-user={}", s(&s2));
-    let mem2 = format!("{}.mem", s(&s2));
-    let mut l3 = Level::spawn(
+    let mut l3 = child_level(
         &dir,
         "level3",
-        &[
-            "run",
-            "--kernel",
-            &kernel,
-            "--initrd",
-            &initrd,
-            "--memory-from",
-            &mem2,
-            "--device",
-            &dev2,
-        ],
+        &s2,
+        &["run", "--kernel", &kernel, "--initrd", &initrd],
     );
     let st = l3.wait();
     let console = l3.stdout();
@@ -572,11 +519,10 @@ fn ping_through_smmuv3_cmdline(
     viommu: &str,
     cmdline: &str,
 ) -> (ExitStatus, String, String) {
-    let dev = format!("vfio-user={}", s(device));
-    let mem = format!("{}.mem", s(device));
-    let mut l = Level::spawn(
+    child_level(
         dir,
         name,
+        device,
         &[
             "run",
             "--guest",
@@ -585,14 +531,9 @@ fn ping_through_smmuv3_cmdline(
             cmdline,
             "--viommu",
             viommu,
-            "--memory-from",
-            &mem,
-            "--device",
-            &dev,
         ],
-    );
-    let st = l.wait();
-    (st, l.stdout(), l.stderr())
+    )
+    .finish()
 }
 
 #[test]
@@ -602,9 +543,7 @@ fn level2_guest_pings_through_its_smmuv3_with_iova_not_gpa() {
         return;
     }
     let dir = Dir::new("levels", "smmuv3");
-    let (_dev, s0) = device(&dir);
-    let s1 = dir.path("s1");
-    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
+    let (_dev, mut l1, s1) = device_and_level1(&dir, &[], &[]);
     let (st, out, err) = ping_through_smmuv3(&dir, "level2", &s1);
     assert_pinged(st, &out, &err);
     assert!(
@@ -623,9 +562,7 @@ fn level2_guest_pings_through_its_smmuv3_with_iova_not_gpa() {
 /// payload run with `guest` arguments: (level 0, level 1, the payload's status, stdout,
 /// stderr), once it is checked that the level-2 VMM did not fall back to shadowing.
 fn nested_smmuv3_at_depth2(dir: &Dir, guest: &str) -> (Level, Level, ExitStatus, String, String) {
-    let (dev, s0) = device(dir);
-    let s1 = dir.path("s1");
-    let l1 = exporter(dir, "level1", &s0, &s1, None, "level1", &[]);
+    let (dev, l1, s1) = device_and_level1(dir, &[], &[]);
     let (st, out, err) =
         ping_through_smmuv3_cmdline(dir, "level2", &s1, "smmuv3,mode=nested", guest);
     assert!(!err.contains("shadow mode for it"), "no fallback: {err}");
@@ -732,9 +669,7 @@ fn level2_nested_smmuv3_falls_back_to_shadow_when_level0_refuses_the_extension()
         return;
     }
     let dir = Dir::new("levels", "smmuv3-fallback");
-    let (_dev, s0) = device_with(&dir, &["--no-nested-iommu"]);
-    let s1 = dir.path("s1");
-    let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
+    let (_dev, mut l1, s1) = device_and_level1(&dir, &["--no-nested-iommu"], &[]);
     let (st, out, err) = ping_through_smmuv3_mode(&dir, "level2", &s1, "smmuv3,mode=nested");
     assert_pinged(st, &out, &err);
     assert!(
@@ -762,15 +697,12 @@ fn level2_xive_guest_takes_passthrough_interrupts_with_no_message_per_interrupt(
     }
     let run = |tag: &str, pings: u32| -> (u64, u64, u64) {
         let dir = Dir::new("levels", tag);
-        let (_dev, s0) = device(&dir);
-        let s1 = dir.path("s1");
-        let mut l1 = exporter(&dir, "level1", &s0, &s1, None, "level1", &[]);
-        let dev = format!("vfio-user={}", s(&s1));
-        let mem = format!("{}.mem", s(&s1));
+        let (_dev, mut l1, s1) = device_and_level1(&dir, &[], &[]);
         let cmdline = format!("irq=xive pings={pings}");
-        let mut l2 = Level::spawn(
+        let (st, out, err) = child_level(
             &dir,
             "level2",
+            &s1,
             &[
                 "run",
                 "--guest",
@@ -779,14 +711,9 @@ fn level2_xive_guest_takes_passthrough_interrupts_with_no_message_per_interrupt(
                 &cmdline,
                 "--irqchip",
                 "xive",
-                "--memory-from",
-                &mem,
-                "--device",
-                &dev,
             ],
-        );
-        let st = l2.wait();
-        let (out, err) = (l2.stdout(), l2.stderr());
+        )
+        .finish();
         assert!(st.success(), "level 2 failed ({st}): {out}\n{err}");
         assert!(out.contains("interrupts: XIVE source"), "{out}");
         let last = format!("ping: echo reply from 10.0.2.2 seq={pings} ");

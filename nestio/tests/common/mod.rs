@@ -111,6 +111,11 @@ impl Level {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    /// Wait for the process to end (as [`Level::wait`]): its status, stdout and stderr.
+    pub fn finish(mut self) -> (ExitStatus, String, String) {
+        let st = self.wait();
+        (st, self.stdout(), self.stderr())
+    }
     /// Wait until this process listens on the socket `path` while the process lives
     /// (the file alone appears before listen(), when a connect is still refused).
     pub fn wait_for(&mut self, path: &Path) {
@@ -217,4 +222,15 @@ pub fn exporter(
     l.wait_for_output("hello from the guest");
     assert!(l.running(), "an exporting level waits for its child");
     l
+}
+
+/// A level using `device`, a parent level's export, on that parent's memory (a window
+/// of it): `nestio args... --memory-from <device>.mem --device vfio-user=<device>` as
+/// process `name` of the test in `dir`.
+pub fn child_level(dir: &Dir, name: &str, device: &Path, args: &[&str]) -> Level {
+    let dev = format!("vfio-user={}", s(device));
+    let mem = format!("{}.mem", s(device));
+    let mut all = args.to_vec();
+    all.extend(["--memory-from", &mem, "--device", &dev]);
+    Level::spawn(dir, name, &all)
 }
