@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -18,12 +17,9 @@ use nestio_vfio_user::conformance::{self, Options, Report, Verdict, CHECKS};
 use nestio_vfio_user::{Server, ServerConfig};
 
 fn run_against(name: &str, dev: Arc<dyn VfioDevice>) -> Report {
-    let server = Arc::new(Server::new(dev, ServerConfig::default()));
-    let (a, b) = UnixStream::pair().unwrap();
-    let s = server.clone();
-    let t = std::thread::spawn(move || s.serve_stream(b));
-    let report = conformance::run(a, &Options::default()).unwrap();
-    t.join().unwrap().expect("the session ends cleanly");
+    let server = Server::new(dev, ServerConfig::default());
+    let report = conformance::run_in_process(&server, &Options::default())
+        .expect("the suite runs and the session ends cleanly");
     eprintln!("{name}:\n{report}");
     let names: Vec<&str> = report.results.iter().map(|r| r.name).collect();
     assert_eq!(names, CHECKS, "{name}: every check runs once, in order");

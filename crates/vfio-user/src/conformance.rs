@@ -30,7 +30,8 @@
 //!   check's name, the detail) and a summary line.
 //!
 //! Use it with `nestio conformance --socket PATH`, or from a test with
-//! [`run`] on a `UnixStream` connected to a server.
+//! [`run`] on a `UnixStream` connected to a server, or with [`run_in_process`] against
+//! a [`Server`] of this process.
 
 use std::fmt;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -43,6 +44,7 @@ use crate::proto::{
     self, dma_flags, irq_set_flags, Capabilities, Command, DeviceInfoMsg, DmaMap, DmaUnmap, Header,
     IrqInfoMsg, IrqSet, RegionAccess, RegionInfoMsg, RegionInfoReply, TwinSocket, Version,
 };
+use crate::server::{Server, ServerError};
 use crate::socket::{recv_message, send_message, Message};
 
 /// Errors that stop the suite before any check runs.
@@ -51,6 +53,9 @@ pub enum ConformanceError {
     /// The socket could not be set up.
     #[error("cannot prepare the vfio-user socket for the conformance suite: {0}")]
     Socket(#[from] std::io::Error),
+    /// [`run_in_process`]: the server's session did not end cleanly.
+    #[error("the in-process server's session failed (see the server error): {0}")]
+    Server(#[from] ServerError),
 }
 
 /// The outcome of one check.
@@ -245,6 +250,24 @@ pub fn run(stream: UnixStream, opts: &Options) -> Result<Report, ConformanceErro
     s.run_all();
     let _ = s.wire.sock.shutdown(std::net::Shutdown::Both);
     Ok(s.report)
+}
+
+/// [`run`] against `server` in this process: a thread serves one end of a socket pair
+/// ([`Server::serve_stream`]) while the suite drives the other. Succeeds only if the
+/// server's session also ended cleanly once the suite closed the connection.
+pub fn run_in_process(server: &Server, opts: &Options) -> Result<Report, ConformanceError> {
+    let (suite_end, server_end) = UnixStream::pair()?;
+    std::thread::scope(|scope| {
+        let session = scope.spawn(move || server.serve_stream(server_end));
+        // `run` closes (or drops) its end on every path, so the session ends.
+        let report = run(suite_end, opts);
+        let ended = session
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let report = report?;
+        ended?;
+        Ok(report)
+    })
 }
 
 // ---------------------------------------------------------------------------------

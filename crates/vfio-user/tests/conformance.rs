@@ -17,12 +17,9 @@ use nestio_vfio_user::testdev::TestDevice;
 use nestio_vfio_user::{Server, ServerConfig};
 
 fn run_against(dev: Arc<dyn VfioDevice>) -> Report {
-    let server = Arc::new(Server::new(dev, ServerConfig::default()));
-    let (a, b) = UnixStream::pair().unwrap();
-    let s = server.clone();
-    let t = std::thread::spawn(move || s.serve_stream(b));
-    let report = conformance::run(a, &Options::default()).unwrap();
-    t.join().unwrap().expect("the session ends cleanly");
+    let server = Server::new(dev, ServerConfig::default());
+    let report = conformance::run_in_process(&server, &Options::default())
+        .expect("the suite runs and the session ends cleanly");
     eprintln!("{report}");
     report
 }
