@@ -13,7 +13,7 @@
 //! leaves READY under the lock). The mmapped words are only touched through atomics.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 
 use super::dprc::{raise, DPNI_DEFAULT_MFL};
 use super::objects::{ObjType, RegionType, DPMCP_IRQ_EVENT_CMD_DONE, REGION_SIZE};
-use super::portal::{Command, Header, McStatus, FLAG_INTR_DIS};
+use super::portal::{Header, McStatus, PortalMapping, FLAG_INTR_DIS};
 
 /// `VFIO_FSL_MC_OFFSET_SHIFT`: region `i` is at offset `i << 40`.
 pub const REGION_OFFSET_SHIFT: u32 = 40;
@@ -117,85 +117,10 @@ pub(crate) struct State {
     pub next_token: u16,
 }
 
-/// One shared mapping of a region of a device's memfd.
-struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is shared memory that other processes write concurrently anyway;
-// this process touches it only through atomics (header and parameter words) and
-// volatile byte copies, never through Rust references to plain bytes.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    fn new(fd: &OwnedFd, offset: u64, len: usize) -> std::io::Result<Mapping> {
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-        // SAFETY: a new shared mapping of `len` bytes of a file we own; the result is
-        // checked, and unmapped exactly once in Drop.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Mapping { ptr: p.cast(), len })
-    }
-    fn word(&self, i: usize) -> &AtomicU64 {
-        assert!(i < 8, "portal word index");
-        // SAFETY: the mapping is page aligned and at least 64 bytes long, so word `i`
-        // (< 8) is an aligned u64 inside it that lives as long as `self`; AtomicU64
-        // tolerates concurrent writers (guest, other processes).
-        unsafe { &*(self.ptr.add(i * 8) as *const AtomicU64) }
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) {
-        let off = offset as usize;
-        if buf.len() == 8 && off.is_multiple_of(8) && off < 64 {
-            buf.copy_from_slice(&self.word(off / 8).load(Ordering::Acquire).to_le_bytes());
-            return;
-        }
-        for (i, b) in buf.iter_mut().enumerate() {
-            // SAFETY: the caller checked offset + len <= self.len.
-            *b = unsafe { std::ptr::read_volatile(self.ptr.add(off + i)) };
-        }
-    }
-    fn write(&self, offset: u64, data: &[u8]) {
-        let off = offset as usize;
-        if data.len() == 8 && off.is_multiple_of(8) && off < 64 {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(data);
-            self.word(off / 8)
-                .store(u64::from_le_bytes(a), Ordering::Release);
-            return;
-        }
-        for (i, b) in data.iter().enumerate() {
-            // SAFETY: the caller checked offset + len <= self.len.
-            unsafe { std::ptr::write_volatile(self.ptr.add(off + i), *b) };
-        }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping created in `new`.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 /// A device's portal memory: its memfd and one mapping per region.
 struct DeviceMem {
     fd: Arc<OwnedFd>,
-    maps: Vec<Mapping>,
+    maps: Vec<PortalMapping>,
 }
 
 /// An MC portal: device `dev`'s region 0, with its command lock.
@@ -246,17 +171,12 @@ impl Inner {
             return false;
         };
         let m = &mem.maps[0];
-        let h = m.word(0).load(Ordering::Acquire);
+        let h = m.header();
         let hdr = Header::decode(h);
         if hdr.status != McStatus::Ready as u8 {
             return false;
         }
-        let mut w = [0u64; 8];
-        w[0] = h;
-        for (i, x) in w.iter_mut().enumerate().skip(1) {
-            *x = m.word(i).load(Ordering::Relaxed);
-        }
-        let c = Command::from_words(w);
+        let c = m.command(h);
         let (out, mut fire) = {
             let mut st = self.state.lock();
             let mut out = self.execute(&mut st, p, &c);
@@ -272,10 +192,8 @@ impl Inner {
             }
             (out, fire)
         };
-        if let Some(params) = out.params {
-            for (i, v) in params.0.iter().enumerate() {
-                m.word(i + 1).store(*v, Ordering::Relaxed);
-            }
+        if let Some(params) = &out.params {
+            m.store_params(params);
         }
         let mut rh = hdr;
         rh.status = out.status.unwrap_or(McStatus::ConfigErr) as u8;
@@ -363,7 +281,11 @@ impl FslMcContainer {
                 let fd = nestio_dma::memfd::sealed_memfd(&cname, size).map_err(merr)?;
                 let maps = (0..regions.len())
                     .map(|i| {
-                        Mapping::new(&fd, (i as u64) << REGION_OFFSET_SHIFT, REGION_SIZE as usize)
+                        PortalMapping::new(
+                            &fd,
+                            (i as u64) << REGION_OFFSET_SHIFT,
+                            REGION_SIZE as usize,
+                        )
                     })
                     .collect::<std::io::Result<Vec<_>>>()
                     .map_err(merr)?;
@@ -506,7 +428,7 @@ impl FslMcDevice {
     pub fn obj_type(&self) -> ObjType {
         self.inner.ty(self.dev)
     }
-    fn region(&self, index: u32) -> Result<(&Mapping, RegionType)> {
+    fn region(&self, index: u32) -> Result<(&PortalMapping, RegionType)> {
         let ty = self.obj_type();
         let kind = *ty
             .regions()

@@ -6,7 +6,7 @@
 use nestio_device_model::{DeviceError, VfioDevice};
 
 use super::objects::{cmd, layout as l, ObjType};
-use super::portal::{CmdId, Command, McStatus, Params, COMMAND_SIZE};
+use super::portal::{CmdId, Command, McStatus, Params, PortalMapping, COMMAND_SIZE};
 
 /// Errors of a command.
 #[derive(Debug, thiserror::Error)]
@@ -223,68 +223,29 @@ impl<P: PortalIo> Mc<P> {
 /// MMAP): commands are plain stores — parameters, then the header — and completion is
 /// polled on the header's status, as Linux's `mc_send_command` polls the hardware.
 pub struct MappedPortal {
-    ptr: *mut u64,
-    len: usize,
+    map: PortalMapping,
     /// How long to poll for completion.
     pub timeout: std::time::Duration,
 }
 
-// SAFETY: the mapping is owned by this value and accessed only through atomics.
-unsafe impl Send for MappedPortal {}
-
 impl MappedPortal {
     /// Map `len` bytes (at least 64, page multiple) of `fd` at `offset`.
     pub fn new(fd: &std::os::fd::OwnedFd, offset: u64, len: usize) -> std::io::Result<Self> {
-        use std::os::fd::AsRawFd;
-        if len < COMMAND_SIZE {
-            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-        // SAFETY: a new shared mapping of a file the caller lent us; checked below and
-        // unmapped once in Drop.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
         Ok(MappedPortal {
-            ptr: p.cast(),
-            len,
+            map: PortalMapping::new(fd, offset, len)?,
             timeout: std::time::Duration::from_secs(10),
         })
     }
-    fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
-        assert!(i < 8, "portal word index");
-        // SAFETY: page-aligned mapping of at least 64 bytes, alive as long as `self`.
-        unsafe { &*(self.ptr.add(i) as *const std::sync::atomic::AtomicU64) }
-    }
     /// Store a command without waiting (parameters, then the header).
     pub fn post(&self, c: &Command) {
-        use std::sync::atomic::Ordering;
-        let w = c.to_words();
-        for (i, v) in w.iter().enumerate().skip(1) {
-            self.word(i).store(*v, Ordering::Relaxed);
-        }
-        self.word(0).store(w[0], Ordering::Release);
+        self.map.store_params(&c.params);
+        self.map
+            .word(0)
+            .store(c.header.encode(), std::sync::atomic::Ordering::Release);
     }
     /// The portal's eight words now.
     pub fn read(&self) -> Command {
-        use std::sync::atomic::Ordering;
-        let mut w = [0u64; 8];
-        w[0] = self.word(0).load(Ordering::Acquire);
-        for (i, x) in w.iter_mut().enumerate().skip(1) {
-            *x = self.word(i).load(Ordering::Relaxed);
-        }
-        Command::from_words(w)
+        self.map.command(self.map.header())
     }
 }
 
@@ -305,12 +266,5 @@ impl PortalIo for MappedPortal {
             }
             std::thread::sleep(std::time::Duration::from_micros(20));
         }
-    }
-}
-
-impl Drop for MappedPortal {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }

@@ -10,6 +10,14 @@
 //! Every value here is built through a checked constructor and every parameter access
 //! through [`Params`], which is bounds-checked by construction (offsets are constants
 //! below 56). `tests/fsl_mc_linux.rs` checks these numbers against Linux's headers.
+//!
+//! A portal shared through memory (the container's own region memory, or a driver's
+//! mapping of a region fd) is a `PortalMapping`: the eight command words are atomics,
+//! written parameters first and header last (Release) and read header first (Acquire),
+//! so whoever sees a header sees its parameters.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Bytes of one command (header + 7 parameters).
 pub const COMMAND_SIZE: usize = 64;
@@ -334,6 +342,118 @@ impl Command {
             c.copy_from_slice(&w.to_le_bytes());
         }
         b
+    }
+}
+
+/// A shared mapping of `len` bytes (page aligned, at least [`COMMAND_SIZE`]) of a file
+/// at `offset`, holding an MC portal (see the module docs). Unmapped on drop.
+pub(crate) struct PortalMapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory that other processes write concurrently anyway;
+// this process touches it only through atomics (header and parameter words) and
+// volatile byte copies, never through Rust references to plain bytes.
+unsafe impl Send for PortalMapping {}
+// SAFETY: as above.
+unsafe impl Sync for PortalMapping {}
+
+impl PortalMapping {
+    /// Map `len` bytes of `fd` at `offset`, shared and read/write (EINVAL below
+    /// [`COMMAND_SIZE`]: the command words must lie inside).
+    pub(crate) fn new(fd: &OwnedFd, offset: u64, len: usize) -> std::io::Result<PortalMapping> {
+        if len < COMMAND_SIZE {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: a new shared mapping of `len` bytes of a file the caller lent us; the
+        // result is checked, and unmapped exactly once in Drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(PortalMapping { ptr: p.cast(), len })
+    }
+
+    /// Command word `i` (0: the header).
+    pub(crate) fn word(&self, i: usize) -> &AtomicU64 {
+        assert!(i < 8, "portal word index");
+        // SAFETY: the mapping is page aligned and at least 64 bytes long, so word `i`
+        // (< 8) is an aligned u64 inside it that lives as long as `self`; AtomicU64
+        // tolerates concurrent writers (guest, other processes).
+        unsafe { &*(self.ptr.add(i * 8) as *const AtomicU64) }
+    }
+
+    /// The header word (Acquire: the parameters written before it are visible).
+    pub(crate) fn header(&self) -> u64 {
+        self.word(0).load(Ordering::Acquire)
+    }
+
+    /// The command whose header word is `header` (read with [`Self::header`]) and
+    /// whose parameters are in the portal now.
+    pub(crate) fn command(&self, header: u64) -> Command {
+        let mut w = [0u64; 8];
+        w[0] = header;
+        for (i, x) in w.iter_mut().enumerate().skip(1) {
+            *x = self.word(i).load(Ordering::Relaxed);
+        }
+        Command::from_words(w)
+    }
+
+    /// Store parameters (before the header that publishes them).
+    pub(crate) fn store_params(&self, params: &Params) {
+        for (i, v) in params.0.iter().enumerate() {
+            self.word(i + 1).store(*v, Ordering::Relaxed);
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset` (the caller checked `offset + len <= len`):
+    /// an aligned command word atomically, anything else byte by byte.
+    pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) {
+        let off = offset as usize;
+        if buf.len() == 8 && off.is_multiple_of(8) && off < COMMAND_SIZE {
+            buf.copy_from_slice(&self.word(off / 8).load(Ordering::Acquire).to_le_bytes());
+            return;
+        }
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: the caller checked offset + len <= self.len.
+            *b = unsafe { std::ptr::read_volatile(self.ptr.add(off + i)) };
+        }
+    }
+
+    /// Write `data` at `offset` (the caller checked `offset + len <= len`): an aligned
+    /// command word atomically, anything else byte by byte.
+    pub(crate) fn write(&self, offset: u64, data: &[u8]) {
+        let off = offset as usize;
+        if data.len() == 8 && off.is_multiple_of(8) && off < COMMAND_SIZE {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(data);
+            self.word(off / 8)
+                .store(u64::from_le_bytes(a), Ordering::Release);
+            return;
+        }
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: the caller checked offset + len <= self.len.
+            unsafe { std::ptr::write_volatile(self.ptr.add(off + i), *b) };
+        }
+    }
+}
+
+impl Drop for PortalMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `new`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 
