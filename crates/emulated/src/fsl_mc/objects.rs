@@ -119,286 +119,128 @@ pub mod cmd {
 }
 
 /// Byte offsets inside the parameter words, named `struct.field` as in Linux (the
-/// encoders below use exactly these; the Linux header test compares each).
+/// encoders use exactly these; the Linux header test compares each). Each constant is
+/// declared once with the `struct.field`s it stands for: its doc and the table
+/// [`layout::ALL`] come from that one list.
 pub mod layout {
-    /// `(struct, field, offset)` for every offset nestio encodes or decodes.
-    pub const ALL: &[(&str, &str, usize)] = &[
-        ("dprc_cmd_open", "container_id", DPRC_OPEN_CONTAINER_ID),
-        ("fsl_mc_obj_cmd_open", "obj_id", OBJ_OPEN_ID),
-        ("mc_rsp_api_ver", "major_ver", API_MAJOR),
-        ("mc_rsp_api_ver", "minor_ver", API_MINOR),
-        ("mc_rsp_create", "object_id", CONT_ID),
-        (
-            "dprc_cmd_reset_container",
-            "child_container_id",
-            RESET_CHILD_ID,
-        ),
-        ("dprc_cmd_reset_container", "options", RESET_OPTIONS),
-        ("dprc_cmd_set_irq", "irq_val", IRQ_VAL),
-        ("dprc_cmd_set_irq", "irq_index", IRQ_INDEX),
-        ("dprc_cmd_set_irq", "irq_addr", IRQ_ADDR),
-        ("dprc_cmd_set_irq", "irq_num", IRQ_NUM),
-        ("dprc_cmd_set_irq_enable", "enable", IRQ_ENABLE),
-        ("dprc_cmd_set_irq_enable", "irq_index", IRQ_INDEX),
-        ("dprc_cmd_set_irq_mask", "mask", IRQ_MASK),
-        ("dprc_cmd_set_irq_mask", "irq_index", IRQ_INDEX),
-        ("dprc_cmd_get_irq_status", "status", IRQ_STATUS),
-        ("dprc_cmd_get_irq_status", "irq_index", IRQ_INDEX),
-        ("dprc_rsp_get_irq_status", "status", IRQ_STATUS),
-        ("dprc_cmd_clear_irq_status", "status", IRQ_STATUS),
-        ("dprc_cmd_clear_irq_status", "irq_index", IRQ_INDEX),
-        ("dpni_cmd_get_irq_enable", "irq_index", IRQ_INDEX),
-        ("dpni_rsp_get_irq_enable", "enabled", IRQ_ENABLE),
-        ("dpni_cmd_get_irq_mask", "irq_index", IRQ_INDEX),
-        ("dpni_rsp_get_irq_mask", "mask", IRQ_MASK),
-        ("dprc_rsp_get_attributes", "container_id", ATTR_CONTAINER_ID),
-        ("dprc_rsp_get_attributes", "icid", ATTR_ICID),
-        ("dprc_rsp_get_attributes", "options", ATTR_OPTIONS),
-        ("dprc_rsp_get_attributes", "portal_id", ATTR_PORTAL_ID),
-        ("dprc_rsp_get_obj_count", "obj_count", OBJ_COUNT),
-        ("dprc_cmd_get_obj", "obj_index", GET_OBJ_INDEX),
-        ("dprc_rsp_get_obj", "id", OBJ_ID),
-        ("dprc_rsp_get_obj", "vendor", OBJ_VENDOR),
-        ("dprc_rsp_get_obj", "irq_count", OBJ_IRQ_COUNT),
-        ("dprc_rsp_get_obj", "region_count", OBJ_REGION_COUNT),
-        ("dprc_rsp_get_obj", "state", OBJ_STATE),
-        ("dprc_rsp_get_obj", "version_major", OBJ_VER_MAJOR),
-        ("dprc_rsp_get_obj", "version_minor", OBJ_VER_MINOR),
-        ("dprc_rsp_get_obj", "flags", OBJ_FLAGS),
-        ("dprc_rsp_get_obj", "type", OBJ_TYPE),
-        ("dprc_rsp_get_obj", "label", OBJ_LABEL),
-        ("dprc_cmd_get_obj_region", "obj_id", REG_OBJ_ID),
-        ("dprc_cmd_get_obj_region", "region_index", REG_INDEX),
-        ("dprc_cmd_get_obj_region", "obj_type", REG_OBJ_TYPE),
-        ("dprc_rsp_get_obj_region", "base_offset", REG_BASE_OFFSET),
-        ("dprc_rsp_get_obj_region", "size", REG_SIZE),
-        ("dprc_rsp_get_obj_region", "type", REG_TYPE),
-        ("dprc_rsp_get_obj_region", "flags", REG_FLAGS),
-        ("dprc_rsp_get_obj_region", "base_addr", REG_BASE_ADDR),
-        ("dprc_cmd_set_obj_irq", "irq_val", IRQ_VAL),
-        ("dprc_cmd_set_obj_irq", "irq_index", IRQ_INDEX),
-        ("dprc_cmd_set_obj_irq", "irq_addr", IRQ_ADDR),
-        ("dprc_cmd_set_obj_irq", "irq_num", IRQ_NUM),
-        ("dprc_cmd_set_obj_irq", "obj_id", SET_OBJ_IRQ_OBJ_ID),
-        ("dprc_cmd_set_obj_irq", "obj_type", SET_OBJ_IRQ_OBJ_TYPE),
-        ("dprc_cmd_get_connection", "ep1_id", CONN_EP1_ID),
-        ("dprc_cmd_get_connection", "ep1_interface_id", CONN_EP1_IF),
-        ("dprc_cmd_get_connection", "ep1_type", CONN_EP1_TYPE),
-        ("dprc_rsp_get_connection", "ep2_id", CONN_EP2_ID),
-        ("dprc_rsp_get_connection", "ep2_interface_id", CONN_EP2_IF),
-        ("dprc_rsp_get_connection", "ep2_type", CONN_EP2_TYPE),
-        ("dprc_rsp_get_connection", "state", CONN_STATE),
-        ("dpni_rsp_is_enabled", "enabled", IS_ENABLED),
-        ("dpni_rsp_get_attr", "options", DPNI_ATTR_OPTIONS),
-        ("dpni_rsp_get_attr", "num_queues", DPNI_ATTR_NUM_QUEUES),
-        ("dpni_rsp_get_attr", "num_tcs", DPNI_ATTR_NUM_TCS),
-        (
-            "dpni_rsp_get_attr",
-            "mac_filter_entries",
-            DPNI_ATTR_MAC_FILTERS,
-        ),
-        ("dpni_rsp_get_attr", "fs_entries", DPNI_ATTR_FS_ENTRIES),
-        ("dpni_rsp_get_attr", "wriop_version", DPNI_ATTR_WRIOP),
-        ("dpni_rsp_get_link_state", "flags", DPNI_LINK_FLAGS),
-        ("dpni_rsp_get_link_state", "rate", DPNI_LINK_RATE),
-        ("dpni_rsp_get_link_state", "options", DPNI_LINK_OPTIONS),
-        (
-            "dpni_cmd_set_max_frame_length",
-            "max_frame_length",
-            DPNI_MFL,
-        ),
-        (
-            "dpni_rsp_get_max_frame_length",
-            "max_frame_length",
-            DPNI_MFL,
-        ),
-        ("dpio_rsp_get_attr", "id", DPIO_ATTR_ID),
-        ("dpio_rsp_get_attr", "qbman_portal_id", DPIO_ATTR_PORTAL_ID),
-        ("dpio_rsp_get_attr", "num_priorities", DPIO_ATTR_NUM_PRIO),
-        (
-            "dpio_rsp_get_attr",
-            "qbman_portal_ce_addr",
-            DPIO_ATTR_CE_ADDR,
-        ),
-        (
-            "dpio_rsp_get_attr",
-            "qbman_portal_ci_addr",
-            DPIO_ATTR_CI_ADDR,
-        ),
-        (
-            "dpio_rsp_get_attr",
-            "qbman_version",
-            DPIO_ATTR_QBMAN_VERSION,
-        ),
-        ("dpbp_rsp_get_attributes", "bpid", DPBP_ATTR_BPID),
-        ("dpbp_rsp_get_attributes", "id", DPBP_ATTR_ID),
-        ("dpcon_rsp_get_attr", "id", DPCON_ATTR_ID),
-        ("dpcon_rsp_get_attr", "qbman_ch_id", DPCON_ATTR_CH_ID),
-        ("dpcon_rsp_get_attr", "num_priorities", DPCON_ATTR_NUM_PRIO),
-        ("dpmac_rsp_get_attributes", "eth_if", DPMAC_ATTR_ETH_IF),
-        (
-            "dpmac_rsp_get_attributes",
-            "link_type",
-            DPMAC_ATTR_LINK_TYPE,
-        ),
-        ("dpmac_rsp_get_attributes", "id", DPMAC_ATTR_ID),
-        ("dpmac_rsp_get_attributes", "max_rate", DPMAC_ATTR_MAX_RATE),
-        ("dpmng_rsp_get_version", "revision", DPMNG_REVISION),
-        ("dpmng_rsp_get_version", "version_major", DPMNG_MAJOR),
-        ("dpmng_rsp_get_version", "version_minor", DPMNG_MINOR),
-    ];
-    /// `dprc_cmd_open.container_id`.
-    pub const DPRC_OPEN_CONTAINER_ID: usize = 0;
-    /// `fsl_mc_obj_cmd_open.obj_id`.
-    pub const OBJ_OPEN_ID: usize = 0;
-    /// `mc_rsp_api_ver.major_ver`.
-    pub const API_MAJOR: usize = 0;
-    /// `mc_rsp_api_ver.minor_ver`.
-    pub const API_MINOR: usize = 2;
-    /// `mc_rsp_create.object_id` (GET_CONT_ID answers with it).
-    pub const CONT_ID: usize = 0;
-    /// `dprc_cmd_reset_container.child_container_id`.
-    pub const RESET_CHILD_ID: usize = 0;
-    /// `dprc_cmd_reset_container.options`.
-    pub const RESET_OPTIONS: usize = 4;
-    /// `*_cmd_set_irq.irq_val`.
-    pub const IRQ_VAL: usize = 0;
-    /// `irq_index` of every irq command.
-    pub const IRQ_INDEX: usize = 4;
-    /// `*_cmd_set_irq.irq_addr`.
-    pub const IRQ_ADDR: usize = 8;
-    /// `*_cmd_set_irq.irq_num`.
-    pub const IRQ_NUM: usize = 16;
-    /// `*_cmd_set_irq_enable.enable`.
-    pub const IRQ_ENABLE: usize = 0;
-    /// `*_cmd_set_irq_mask.mask`.
-    pub const IRQ_MASK: usize = 0;
-    /// `*_irq_status.status`.
-    pub const IRQ_STATUS: usize = 0;
-    /// `dprc_rsp_get_attributes.container_id`.
-    pub const ATTR_CONTAINER_ID: usize = 0;
-    /// `dprc_rsp_get_attributes.icid`.
-    pub const ATTR_ICID: usize = 4;
-    /// `dprc_rsp_get_attributes.options`.
-    pub const ATTR_OPTIONS: usize = 8;
-    /// `dprc_rsp_get_attributes.portal_id`.
-    pub const ATTR_PORTAL_ID: usize = 12;
-    /// `dprc_rsp_get_obj_count.obj_count`.
-    pub const OBJ_COUNT: usize = 4;
-    /// `dprc_cmd_get_obj.obj_index`.
-    pub const GET_OBJ_INDEX: usize = 0;
-    /// `dprc_rsp_get_obj.id`.
-    pub const OBJ_ID: usize = 4;
-    /// `dprc_rsp_get_obj.vendor`.
-    pub const OBJ_VENDOR: usize = 8;
-    /// `dprc_rsp_get_obj.irq_count`.
-    pub const OBJ_IRQ_COUNT: usize = 10;
-    /// `dprc_rsp_get_obj.region_count`.
-    pub const OBJ_REGION_COUNT: usize = 11;
-    /// `dprc_rsp_get_obj.state`.
-    pub const OBJ_STATE: usize = 12;
-    /// `dprc_rsp_get_obj.version_major`.
-    pub const OBJ_VER_MAJOR: usize = 16;
-    /// `dprc_rsp_get_obj.version_minor`.
-    pub const OBJ_VER_MINOR: usize = 18;
-    /// `dprc_rsp_get_obj.flags`.
-    pub const OBJ_FLAGS: usize = 20;
-    /// `dprc_rsp_get_obj.type`.
-    pub const OBJ_TYPE: usize = 24;
-    /// `dprc_rsp_get_obj.label`.
-    pub const OBJ_LABEL: usize = 40;
-    /// `dprc_cmd_get_obj_region.obj_id`.
-    pub const REG_OBJ_ID: usize = 0;
-    /// `dprc_cmd_get_obj_region.region_index`.
-    pub const REG_INDEX: usize = 6;
-    /// `dprc_cmd_get_obj_region.obj_type`.
-    pub const REG_OBJ_TYPE: usize = 24;
-    /// `dprc_rsp_get_obj_region.base_offset`.
-    pub const REG_BASE_OFFSET: usize = 8;
-    /// `dprc_rsp_get_obj_region.size`.
-    pub const REG_SIZE: usize = 16;
-    /// `dprc_rsp_get_obj_region.type`.
-    pub const REG_TYPE: usize = 20;
-    /// `dprc_rsp_get_obj_region.flags`.
-    pub const REG_FLAGS: usize = 24;
-    /// `dprc_rsp_get_obj_region.base_addr`.
-    pub const REG_BASE_ADDR: usize = 32;
-    /// `dprc_cmd_set_obj_irq.obj_id`.
-    pub const SET_OBJ_IRQ_OBJ_ID: usize = 20;
-    /// `dprc_cmd_set_obj_irq.obj_type`.
-    pub const SET_OBJ_IRQ_OBJ_TYPE: usize = 24;
-    /// `dprc_cmd_get_connection.ep1_id`.
-    pub const CONN_EP1_ID: usize = 0;
-    /// `dprc_cmd_get_connection.ep1_interface_id`.
-    pub const CONN_EP1_IF: usize = 4;
-    /// `dprc_cmd_get_connection.ep1_type`.
-    pub const CONN_EP1_TYPE: usize = 8;
-    /// `dprc_rsp_get_connection.ep2_id`.
-    pub const CONN_EP2_ID: usize = 24;
-    /// `dprc_rsp_get_connection.ep2_interface_id`.
-    pub const CONN_EP2_IF: usize = 28;
-    /// `dprc_rsp_get_connection.ep2_type`.
-    pub const CONN_EP2_TYPE: usize = 32;
-    /// `dprc_rsp_get_connection.state`.
-    pub const CONN_STATE: usize = 48;
-    /// `dpni_rsp_is_enabled.enabled` (bit `DPNI_ENABLE_SHIFT` = 0).
-    pub const IS_ENABLED: usize = 0;
-    /// `dpni_rsp_get_attr.options`.
-    pub const DPNI_ATTR_OPTIONS: usize = 0;
-    /// `dpni_rsp_get_attr.num_queues`.
-    pub const DPNI_ATTR_NUM_QUEUES: usize = 4;
-    /// `dpni_rsp_get_attr.num_tcs`.
-    pub const DPNI_ATTR_NUM_TCS: usize = 5;
-    /// `dpni_rsp_get_attr.mac_filter_entries`.
-    pub const DPNI_ATTR_MAC_FILTERS: usize = 6;
-    /// `dpni_rsp_get_attr.fs_entries`.
-    pub const DPNI_ATTR_FS_ENTRIES: usize = 12;
-    /// `dpni_rsp_get_attr.wriop_version`.
-    pub const DPNI_ATTR_WRIOP: usize = 18;
-    /// `dpni_rsp_get_link_state.flags` (bit 0: up).
-    pub const DPNI_LINK_FLAGS: usize = 4;
-    /// `dpni_rsp_get_link_state.rate`.
-    pub const DPNI_LINK_RATE: usize = 8;
-    /// `dpni_rsp_get_link_state.options`.
-    pub const DPNI_LINK_OPTIONS: usize = 16;
-    /// `dpni_*_max_frame_length.max_frame_length`.
-    pub const DPNI_MFL: usize = 0;
-    /// `dpio_rsp_get_attr.id`.
-    pub const DPIO_ATTR_ID: usize = 0;
-    /// `dpio_rsp_get_attr.qbman_portal_id`.
-    pub const DPIO_ATTR_PORTAL_ID: usize = 4;
-    /// `dpio_rsp_get_attr.num_priorities`.
-    pub const DPIO_ATTR_NUM_PRIO: usize = 6;
-    /// `dpio_rsp_get_attr.qbman_portal_ce_addr`.
-    pub const DPIO_ATTR_CE_ADDR: usize = 8;
-    /// `dpio_rsp_get_attr.qbman_portal_ci_addr`.
-    pub const DPIO_ATTR_CI_ADDR: usize = 16;
-    /// `dpio_rsp_get_attr.qbman_version`.
-    pub const DPIO_ATTR_QBMAN_VERSION: usize = 24;
-    /// `dpbp_rsp_get_attributes.bpid`.
-    pub const DPBP_ATTR_BPID: usize = 2;
-    /// `dpbp_rsp_get_attributes.id`.
-    pub const DPBP_ATTR_ID: usize = 4;
-    /// `dpcon_rsp_get_attr.id`.
-    pub const DPCON_ATTR_ID: usize = 0;
-    /// `dpcon_rsp_get_attr.qbman_ch_id`.
-    pub const DPCON_ATTR_CH_ID: usize = 4;
-    /// `dpcon_rsp_get_attr.num_priorities`.
-    pub const DPCON_ATTR_NUM_PRIO: usize = 6;
-    /// `dpmac_rsp_get_attributes.eth_if`.
-    pub const DPMAC_ATTR_ETH_IF: usize = 0;
-    /// `dpmac_rsp_get_attributes.link_type`.
-    pub const DPMAC_ATTR_LINK_TYPE: usize = 1;
-    /// `dpmac_rsp_get_attributes.id`.
-    pub const DPMAC_ATTR_ID: usize = 2;
-    /// `dpmac_rsp_get_attributes.max_rate`.
-    pub const DPMAC_ATTR_MAX_RATE: usize = 4;
-    /// `dpmng_rsp_get_version.revision`.
-    pub const DPMNG_REVISION: usize = 0;
-    /// `dpmng_rsp_get_version.version_major`.
-    pub const DPMNG_MAJOR: usize = 4;
-    /// `dpmng_rsp_get_version.version_minor`.
-    pub const DPMNG_MINOR: usize = 8;
+    /// `NAME = offset => [struct, field], ...;` declares `pub const NAME: usize = offset`
+    /// documented with its `struct.field`s, and puts each `(struct, field, NAME)` in
+    /// [`ALL`].
+    macro_rules! offsets {
+        ($($(#[$note:meta])* $name:ident = $off:literal => $([$s:literal, $f:literal]),+;)*) => {
+            $(
+                #[doc = concat!($("`", $s, ".", $f, "` "),+)]
+                $(#[$note])*
+                pub const $name: usize = $off;
+            )*
+            /// `(struct, field, offset)` for every offset nestio encodes or decodes.
+            pub const ALL: &[(&str, &str, usize)] = &[$($(($s, $f, $name)),+),*];
+        };
+    }
+
+    offsets! {
+        DPRC_OPEN_CONTAINER_ID = 0 => ["dprc_cmd_open", "container_id"];
+        OBJ_OPEN_ID = 0 => ["fsl_mc_obj_cmd_open", "obj_id"];
+        API_MAJOR = 0 => ["mc_rsp_api_ver", "major_ver"];
+        API_MINOR = 2 => ["mc_rsp_api_ver", "minor_ver"];
+        /// (GET_CONT_ID answers with it)
+        CONT_ID = 0 => ["mc_rsp_create", "object_id"];
+        RESET_CHILD_ID = 0 => ["dprc_cmd_reset_container", "child_container_id"];
+        RESET_OPTIONS = 4 => ["dprc_cmd_reset_container", "options"];
+        IRQ_VAL = 0 => ["dprc_cmd_set_irq", "irq_val"], ["dprc_cmd_set_obj_irq", "irq_val"];
+        /// (every irq command)
+        IRQ_INDEX = 4 =>
+            ["dprc_cmd_set_irq", "irq_index"],
+            ["dprc_cmd_set_irq_enable", "irq_index"],
+            ["dprc_cmd_set_irq_mask", "irq_index"],
+            ["dprc_cmd_get_irq_status", "irq_index"],
+            ["dprc_cmd_clear_irq_status", "irq_index"],
+            ["dpni_cmd_get_irq_enable", "irq_index"],
+            ["dpni_cmd_get_irq_mask", "irq_index"],
+            ["dprc_cmd_set_obj_irq", "irq_index"];
+        IRQ_ADDR = 8 =>
+            ["dprc_cmd_set_irq", "irq_addr"],
+            ["dprc_cmd_set_obj_irq", "irq_addr"];
+        IRQ_NUM = 16 =>
+            ["dprc_cmd_set_irq", "irq_num"],
+            ["dprc_cmd_set_obj_irq", "irq_num"];
+        IRQ_ENABLE = 0 =>
+            ["dprc_cmd_set_irq_enable", "enable"],
+            ["dpni_rsp_get_irq_enable", "enabled"];
+        IRQ_MASK = 0 =>
+            ["dprc_cmd_set_irq_mask", "mask"],
+            ["dpni_rsp_get_irq_mask", "mask"];
+        IRQ_STATUS = 0 =>
+            ["dprc_cmd_get_irq_status", "status"],
+            ["dprc_rsp_get_irq_status", "status"],
+            ["dprc_cmd_clear_irq_status", "status"];
+        ATTR_CONTAINER_ID = 0 => ["dprc_rsp_get_attributes", "container_id"];
+        ATTR_ICID = 4 => ["dprc_rsp_get_attributes", "icid"];
+        ATTR_OPTIONS = 8 => ["dprc_rsp_get_attributes", "options"];
+        ATTR_PORTAL_ID = 12 => ["dprc_rsp_get_attributes", "portal_id"];
+        OBJ_COUNT = 4 => ["dprc_rsp_get_obj_count", "obj_count"];
+        GET_OBJ_INDEX = 0 => ["dprc_cmd_get_obj", "obj_index"];
+        OBJ_ID = 4 => ["dprc_rsp_get_obj", "id"];
+        OBJ_VENDOR = 8 => ["dprc_rsp_get_obj", "vendor"];
+        OBJ_IRQ_COUNT = 10 => ["dprc_rsp_get_obj", "irq_count"];
+        OBJ_REGION_COUNT = 11 => ["dprc_rsp_get_obj", "region_count"];
+        OBJ_STATE = 12 => ["dprc_rsp_get_obj", "state"];
+        OBJ_VER_MAJOR = 16 => ["dprc_rsp_get_obj", "version_major"];
+        OBJ_VER_MINOR = 18 => ["dprc_rsp_get_obj", "version_minor"];
+        OBJ_FLAGS = 20 => ["dprc_rsp_get_obj", "flags"];
+        OBJ_TYPE = 24 => ["dprc_rsp_get_obj", "type"];
+        OBJ_LABEL = 40 => ["dprc_rsp_get_obj", "label"];
+        REG_OBJ_ID = 0 => ["dprc_cmd_get_obj_region", "obj_id"];
+        REG_INDEX = 6 => ["dprc_cmd_get_obj_region", "region_index"];
+        REG_OBJ_TYPE = 24 => ["dprc_cmd_get_obj_region", "obj_type"];
+        REG_BASE_OFFSET = 8 => ["dprc_rsp_get_obj_region", "base_offset"];
+        REG_SIZE = 16 => ["dprc_rsp_get_obj_region", "size"];
+        REG_TYPE = 20 => ["dprc_rsp_get_obj_region", "type"];
+        REG_FLAGS = 24 => ["dprc_rsp_get_obj_region", "flags"];
+        REG_BASE_ADDR = 32 => ["dprc_rsp_get_obj_region", "base_addr"];
+        SET_OBJ_IRQ_OBJ_ID = 20 => ["dprc_cmd_set_obj_irq", "obj_id"];
+        SET_OBJ_IRQ_OBJ_TYPE = 24 => ["dprc_cmd_set_obj_irq", "obj_type"];
+        CONN_EP1_ID = 0 => ["dprc_cmd_get_connection", "ep1_id"];
+        CONN_EP1_IF = 4 => ["dprc_cmd_get_connection", "ep1_interface_id"];
+        CONN_EP1_TYPE = 8 => ["dprc_cmd_get_connection", "ep1_type"];
+        CONN_EP2_ID = 24 => ["dprc_rsp_get_connection", "ep2_id"];
+        CONN_EP2_IF = 28 => ["dprc_rsp_get_connection", "ep2_interface_id"];
+        CONN_EP2_TYPE = 32 => ["dprc_rsp_get_connection", "ep2_type"];
+        CONN_STATE = 48 => ["dprc_rsp_get_connection", "state"];
+        /// (bit `DPNI_ENABLE_SHIFT` = 0)
+        IS_ENABLED = 0 => ["dpni_rsp_is_enabled", "enabled"];
+        DPNI_ATTR_OPTIONS = 0 => ["dpni_rsp_get_attr", "options"];
+        DPNI_ATTR_NUM_QUEUES = 4 => ["dpni_rsp_get_attr", "num_queues"];
+        DPNI_ATTR_NUM_TCS = 5 => ["dpni_rsp_get_attr", "num_tcs"];
+        DPNI_ATTR_MAC_FILTERS = 6 => ["dpni_rsp_get_attr", "mac_filter_entries"];
+        DPNI_ATTR_FS_ENTRIES = 12 => ["dpni_rsp_get_attr", "fs_entries"];
+        DPNI_ATTR_WRIOP = 18 => ["dpni_rsp_get_attr", "wriop_version"];
+        /// (bit 0: up)
+        DPNI_LINK_FLAGS = 4 => ["dpni_rsp_get_link_state", "flags"];
+        DPNI_LINK_RATE = 8 => ["dpni_rsp_get_link_state", "rate"];
+        DPNI_LINK_OPTIONS = 16 => ["dpni_rsp_get_link_state", "options"];
+        DPNI_MFL = 0 =>
+            ["dpni_cmd_set_max_frame_length", "max_frame_length"],
+            ["dpni_rsp_get_max_frame_length", "max_frame_length"];
+        DPIO_ATTR_ID = 0 => ["dpio_rsp_get_attr", "id"];
+        DPIO_ATTR_PORTAL_ID = 4 => ["dpio_rsp_get_attr", "qbman_portal_id"];
+        DPIO_ATTR_NUM_PRIO = 6 => ["dpio_rsp_get_attr", "num_priorities"];
+        DPIO_ATTR_CE_ADDR = 8 => ["dpio_rsp_get_attr", "qbman_portal_ce_addr"];
+        DPIO_ATTR_CI_ADDR = 16 => ["dpio_rsp_get_attr", "qbman_portal_ci_addr"];
+        DPIO_ATTR_QBMAN_VERSION = 24 => ["dpio_rsp_get_attr", "qbman_version"];
+        DPBP_ATTR_BPID = 2 => ["dpbp_rsp_get_attributes", "bpid"];
+        DPBP_ATTR_ID = 4 => ["dpbp_rsp_get_attributes", "id"];
+        DPCON_ATTR_ID = 0 => ["dpcon_rsp_get_attr", "id"];
+        DPCON_ATTR_CH_ID = 4 => ["dpcon_rsp_get_attr", "qbman_ch_id"];
+        DPCON_ATTR_NUM_PRIO = 6 => ["dpcon_rsp_get_attr", "num_priorities"];
+        DPMAC_ATTR_ETH_IF = 0 => ["dpmac_rsp_get_attributes", "eth_if"];
+        DPMAC_ATTR_LINK_TYPE = 1 => ["dpmac_rsp_get_attributes", "link_type"];
+        DPMAC_ATTR_ID = 2 => ["dpmac_rsp_get_attributes", "id"];
+        DPMAC_ATTR_MAX_RATE = 4 => ["dpmac_rsp_get_attributes", "max_rate"];
+        DPMNG_REVISION = 0 => ["dpmng_rsp_get_version", "revision"];
+        DPMNG_MAJOR = 4 => ["dpmng_rsp_get_version", "version_major"];
+        DPMNG_MINOR = 8 => ["dpmng_rsp_get_version", "version_minor"];
+    }
 }
 
 /// The object types the MC knows (FACTS §8); [`ObjType::emulated`] says which nestio
