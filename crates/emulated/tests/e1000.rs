@@ -1,21 +1,24 @@
 //! The e1000 driven through the VfioDevice trait the way a guest driver (behind a
 //! VMM) would: guest memory is a memfd mapped with dma_map, rings and buffers live in
-//! it, interrupts arrive on eventfds set with set_irqs.
+//! it, interrupts arrive on eventfds set with set_irqs (the guest: `e1000_guest`).
+
+mod e1000_guest;
 
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nestio_device_model::{pci_index, IrqAction, IrqData, MigState, VfioDevice};
-use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
+use nestio_dma::DmaRange;
 use nestio_emulated::e1000::regs::*;
 use nestio_emulated::e1000::{mta_hash, E1000Config, RxOutcome, DEFAULT_MAC, E1000};
 use nestio_net::packet::arp::build_arp_request;
 use nestio_net::packet::icmp::build_icmp_echo_request;
 use nestio_net::{MacAddr, NetBackend, NetError};
 
-const IOVA: u64 = 0x10_0000;
+use e1000_guest::{eventfd, take, wait_for, Guest, IOVA};
+
 const MAPPED: u64 = 2 << 20;
 const FILE_SIZE: u64 = 3 << 20;
 const TX_RING: u64 = 0x0;
@@ -26,36 +29,10 @@ const NDESC: u32 = 16;
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 const GW_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 
-fn eventfd() -> OwnedFd {
-    // SAFETY: eventfd takes no pointers; checked below.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    assert!(fd >= 0, "eventfd failed");
-    // SAFETY: fresh descriptor owned by nobody else.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
-/// Read and reset an eventfd counter (0 when not signalled).
-fn take(fd: &OwnedFd) -> u64 {
-    let mut v = 0u64;
-    // SAFETY: reads 8 bytes into a local u64.
-    let r = unsafe { libc::read(fd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
-    if r == 8 {
-        v
-    } else {
-        0
-    }
-}
-
 /// Wait until `fd` is readable (up to 60 s: the bound only avoids hanging forever, and
 /// is generous for a loaded CI machine).
 fn wait(fd: &OwnedFd) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, 60_000) > 0 }
+    wait_for(fd, Duration::from_secs(60))
 }
 
 /// A backend recording sent frames; `push` makes a frame receivable.
@@ -137,14 +114,6 @@ impl NetBackend for Capture {
     }
 }
 
-/// A guest: device, memory, interrupt eventfds.
-struct Guest {
-    dev: Arc<E1000>,
-    mem: Arc<OwnedFd>,
-    intx: OwnedFd,
-    msi: OwnedFd,
-}
-
 fn memfd(size: u64) -> OwnedFd {
     nestio_dma::memfd::sealed_memfd(c"guest", size).unwrap()
 }
@@ -155,109 +124,9 @@ impl Guest {
     }
 
     fn with_mem(backend: Box<dyn NetBackend>, mem: Arc<OwnedFd>) -> Guest {
-        let dev = E1000::new(E1000Config::new(backend).with_msi(true)).unwrap();
-        dev.dma_map(DmaMapRequest {
-            range: DmaRange::new(IOVA, MAPPED).unwrap(),
-            prot: Prot::RW,
-            backing: DmaBacking::Fd {
-                fd: mem.clone(),
-                offset: 0,
-            },
-        })
-        .unwrap();
-        let intx = eventfd();
-        let msi = eventfd();
-        dev.set_irqs(
-            pci_index::INTX_IRQ,
-            IrqAction::Trigger,
-            0,
-            1,
-            IrqData::Eventfd(vec![Some(intx.try_clone().unwrap())]),
-        )
-        .unwrap();
-        let g = Guest {
-            dev,
-            mem,
-            intx,
-            msi,
-        };
-        // Memory + bus master.
-        g.cfg_write16(4, 0x6);
-        g
+        Guest::on_memory(E1000Config::new(backend).with_msi(true), mem, MAPPED)
     }
 
-    /// What a VMM does when the guest enables MSI: wire the MSI eventfd.
-    fn wire_msi(&self) {
-        self.dev
-            .set_irqs(
-                pci_index::MSI_IRQ,
-                IrqAction::Trigger,
-                0,
-                1,
-                IrqData::Eventfd(vec![Some(self.msi.try_clone().unwrap())]),
-            )
-            .unwrap();
-    }
-
-    fn rd(&self, off: u32) -> u32 {
-        let mut b = [0u8; 4];
-        self.dev.region_read(0, u64::from(off), &mut b).unwrap();
-        u32::from_le_bytes(b)
-    }
-    fn wr(&self, off: u32, v: u32) {
-        self.dev
-            .region_write(0, u64::from(off), &v.to_le_bytes())
-            .unwrap();
-    }
-    fn cfg_read16(&self, off: u64) -> u16 {
-        let mut b = [0u8; 2];
-        self.dev
-            .region_read(pci_index::CONFIG, off, &mut b)
-            .unwrap();
-        u16::from_le_bytes(b)
-    }
-    fn cfg_read8(&self, off: u64) -> u8 {
-        let mut b = [0u8; 1];
-        self.dev
-            .region_read(pci_index::CONFIG, off, &mut b)
-            .unwrap();
-        b[0]
-    }
-    fn cfg_write16(&self, off: u64, v: u16) {
-        self.dev
-            .region_write(pci_index::CONFIG, off, &v.to_le_bytes())
-            .unwrap();
-    }
-    fn mem_write(&self, iova: u64, data: &[u8]) {
-        let off = iova - IOVA;
-        // SAFETY: writes from a valid slice to our memfd.
-        let r = unsafe {
-            libc::pwrite(
-                self.mem.as_raw_fd(),
-                data.as_ptr() as *const libc::c_void,
-                data.len(),
-                off as libc::off_t,
-            )
-        };
-        assert_eq!(r, data.len() as isize);
-    }
-    fn mem_read_file(&self, off: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        // SAFETY: reads into a valid buffer from our memfd.
-        let r = unsafe {
-            libc::pread(
-                self.mem.as_raw_fd(),
-                v.as_mut_ptr() as *mut libc::c_void,
-                len,
-                off as libc::off_t,
-            )
-        };
-        assert_eq!(r, len as isize);
-        v
-    }
-    fn mem_read(&self, iova: u64, len: usize) -> Vec<u8> {
-        self.mem_read_file(iova - IOVA, len)
-    }
     /// Bytes of the file that are not mapped for DMA must stay zero.
     fn assert_outside_untouched(&self) {
         let rest = self.mem_read_file(MAPPED, (FILE_SIZE - MAPPED) as usize);

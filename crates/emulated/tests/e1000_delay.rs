@@ -6,18 +6,20 @@
 //! a generous 10 s. Where a property can only be shown if the machine kept up (e.g.
 //! "the cap fired, not the packet timer"), the attempt is checked for that and
 //! repeated; the exact timing logic is unit-tested with synthetic time in
-//! `src/e1000/regfile.rs` and `src/e1000/delay.rs`.
+//! `src/e1000/regfile.rs` and `src/e1000/delay.rs`. The guest is `e1000_guest`'s.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+mod e1000_guest;
+
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nestio_device_model::{pci_index, IrqAction, IrqData, MigState, VfioDevice};
-use nestio_dma::{DmaBacking, DmaMapRequest, DmaRange, Prot};
 use nestio_emulated::e1000::regs::*;
-use nestio_emulated::e1000::{E1000Config, RxOutcome, DEFAULT_MAC, E1000};
+use nestio_emulated::e1000::{E1000Config, RxOutcome, DEFAULT_MAC};
 
-const IOVA: u64 = 0x10_0000;
+use e1000_guest::{take, wait_for, Guest, IOVA};
+
 const MAPPED: u64 = 1 << 20;
 const TX_RING: u64 = 0x0;
 const RX_RING: u64 = 0x1000;
@@ -29,44 +31,6 @@ const MAX_DELAY: Duration = Duration::from_nanos(0xFFFF * 1024);
 /// How long an interrupt may take to arrive before the test fails (a hang bound).
 const ARRIVAL_BOUND: Duration = Duration::from_secs(10);
 
-fn eventfd() -> OwnedFd {
-    // SAFETY: eventfd takes no pointers; checked below.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    assert!(fd >= 0, "eventfd failed");
-    // SAFETY: fresh descriptor owned by nobody else.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
-/// Read and reset an eventfd counter (0 when not signalled).
-fn take(fd: &OwnedFd) -> u64 {
-    let mut v = 0u64;
-    // SAFETY: reads 8 bytes into a local u64.
-    let r = unsafe { libc::read(fd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
-    if r == 8 {
-        v
-    } else {
-        0
-    }
-}
-
-/// Wait until `fd` is readable, at most `d`.
-fn wait_for(fd: &OwnedFd, d: Duration) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, ms) > 0 }
-}
-
-struct Guest {
-    dev: Arc<E1000>,
-    mem: Arc<OwnedFd>,
-    intx: OwnedFd,
-}
-
 impl Guest {
     fn new() -> Guest {
         Self::with_mem(Arc::new(
@@ -75,59 +39,8 @@ impl Guest {
     }
 
     fn with_mem(mem: Arc<OwnedFd>) -> Guest {
-        let dev = E1000::new(E1000Config::new(Box::new(
-            nestio_net::NoneBackend::new().unwrap(),
-        )))
-        .unwrap();
-        dev.dma_map(DmaMapRequest {
-            range: DmaRange::new(IOVA, MAPPED).unwrap(),
-            prot: Prot::RW,
-            backing: DmaBacking::Fd {
-                fd: mem.clone(),
-                offset: 0,
-            },
-        })
-        .unwrap();
-        let intx = eventfd();
-        dev.set_irqs(
-            pci_index::INTX_IRQ,
-            IrqAction::Trigger,
-            0,
-            1,
-            IrqData::Eventfd(vec![Some(intx.try_clone().unwrap())]),
-        )
-        .unwrap();
-        let g = Guest { dev, mem, intx };
-        // Memory + bus master.
-        g.dev
-            .region_write(pci_index::CONFIG, 4, &0x6u16.to_le_bytes())
-            .unwrap();
-        g
-    }
-
-    fn rd(&self, off: u32) -> u32 {
-        let mut b = [0u8; 4];
-        self.dev.region_read(0, u64::from(off), &mut b).unwrap();
-        u32::from_le_bytes(b)
-    }
-
-    fn wr(&self, off: u32, v: u32) {
-        self.dev
-            .region_write(0, u64::from(off), &v.to_le_bytes())
-            .unwrap();
-    }
-
-    fn mem_write(&self, iova: u64, data: &[u8]) {
-        // SAFETY: writes from a valid slice to our memfd.
-        let r = unsafe {
-            libc::pwrite(
-                self.mem.as_raw_fd(),
-                data.as_ptr() as *const libc::c_void,
-                data.len(),
-                (iova - IOVA) as libc::off_t,
-            )
-        };
-        assert_eq!(r, data.len() as isize);
+        let backend = Box::new(nestio_net::NoneBackend::new().unwrap());
+        Guest::on_memory(E1000Config::new(backend), mem, MAPPED)
     }
 
     fn setup_tx(&self) {
