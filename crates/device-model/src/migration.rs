@@ -14,7 +14,22 @@
 
 use std::collections::VecDeque;
 
-use crate::{DeviceError, Result};
+use crate::{DeviceError, Result, VfioDevice};
+
+/// The whole data stream `dev` has to send in its current saving state (PRE_COPY or
+/// STOP_COPY): MIG_DATA_READs of `chunk` bytes until one returns nothing. The first
+/// failed read is the error.
+pub fn read_stream<D: VfioDevice + ?Sized>(dev: &D, chunk: usize) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; chunk];
+    loop {
+        let n = dev.mig_data_read(&mut buf)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
 
 /// `enum vfio_device_mig_state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

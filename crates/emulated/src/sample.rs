@@ -1121,6 +1121,7 @@ impl VfioDevice for SampleDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nestio_device_model::migration::read_stream;
 
     #[test]
     fn config_space_layout() {
@@ -1236,18 +1237,6 @@ mod tests {
         assert!(Snapshot::decode(&[]).is_err());
     }
 
-    fn read_all(dev: &SampleDevice) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 10_000];
-        loop {
-            let n = dev.mig_data_read(&mut buf).unwrap();
-            if n == 0 {
-                return out;
-            }
-            out.extend_from_slice(&buf[..n]);
-        }
-    }
-
     /// PRE_COPY streams a snapshot while the device runs; STOP_COPY appends the final
     /// one; a new device resumes from both and gets the final state.
     #[test]
@@ -1269,7 +1258,7 @@ mod tests {
             MigState::StopCopy
         );
         let mut stream = first;
-        stream.extend(read_all(&src));
+        stream.extend(read_stream(&src, 10_000).unwrap());
         assert_eq!(stream.len(), 2 * STREAM_LEN);
 
         let dst = SampleDevice::new().unwrap();

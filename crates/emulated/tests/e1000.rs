@@ -9,6 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nestio_device_model::migration::read_stream;
 use nestio_device_model::{pci_index, IrqAction, IrqData, MigState, VfioDevice};
 use nestio_dma::DmaRange;
 use nestio_emulated::e1000::regs::*;
@@ -848,15 +849,7 @@ fn e1000_migration_round_trip() {
         a.dev.mig_set_state(MigState::StopCopy).unwrap(),
         MigState::StopCopy
     );
-    let mut stream = Vec::new();
-    let mut chunk = [0u8; 1000];
-    loop {
-        let n = a.dev.mig_data_read(&mut chunk).unwrap();
-        if n == 0 {
-            break;
-        }
-        stream.extend_from_slice(&chunk[..n]);
-    }
+    let stream = read_stream(&*a.dev, 1000).unwrap();
     assert!(stream.starts_with(b"NE1K"));
 
     // A corrupted stream is refused and the device enters ERROR.
@@ -899,7 +892,7 @@ fn e1000_migration_round_trip() {
     b.send(&frame_to([2, 0, 0, 0, 0, 1], 60));
     assert_eq!(b.rd(TDH), 2);
     // Reading migration data outside STOP_COPY is refused.
-    assert!(b.dev.mig_data_read(&mut chunk).is_err());
+    assert!(b.dev.mig_data_read(&mut [0u8; 1000]).is_err());
 }
 
 #[test]

@@ -14,6 +14,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nestio_device_model::migration::read_stream;
 use nestio_device_model::{pci_index, IrqAction, IrqData, MigState, VfioDevice};
 use nestio_emulated::e1000::regs::*;
 use nestio_emulated::e1000::{E1000Config, RxOutcome, DEFAULT_MAC};
@@ -350,15 +351,7 @@ fn e1000_migration_keeps_pending_delayed_cause() {
         );
         assert_eq!(take(&a.intx), 0);
         a.dev.mig_set_state(MigState::StopCopy).unwrap();
-        let mut stream = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = a.dev.mig_data_read(&mut chunk).unwrap();
-            if n == 0 {
-                break;
-            }
-            stream.extend_from_slice(&chunk[..n]);
-        }
+        let stream = read_stream(&*a.dev, 4096).unwrap();
         drop(a);
 
         let b = Guest::with_mem(mem);

@@ -1,24 +1,13 @@
 //! The e1000's PRE_COPY: an empty pre-copy stream while it keeps running, the state in
 //! STOP_COPY, and a PRE_COPY given up goes back to RUNNING with its stream closed.
 
+use nestio_device_model::migration::read_stream;
 use nestio_device_model::{MigState, MigrationFlags, VfioDevice};
 use nestio_emulated::e1000::{E1000Config, E1000};
 
 fn e1000() -> std::sync::Arc<E1000> {
     let backend = nestio_net::open_backend("user", None).unwrap();
     E1000::new(E1000Config::new(backend)).unwrap()
-}
-
-fn read_all(d: &E1000) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 4096];
-    loop {
-        let n = d.mig_data_read(&mut buf).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.extend_from_slice(&buf[..n]);
-    }
 }
 
 #[test]
@@ -32,14 +21,17 @@ fn e1000_precopy_then_stop_copy_resumes() {
         src.mig_set_state(MigState::PreCopy).unwrap(),
         MigState::PreCopy
     );
-    assert!(read_all(&src).is_empty(), "nothing streams ahead");
+    assert!(
+        read_stream(&src, 4096).unwrap().is_empty(),
+        "nothing streams ahead"
+    );
     src.region_write(0, RAL0, &0x1234_5678u32.to_le_bytes())
         .unwrap();
     assert_eq!(
         src.mig_set_state(MigState::StopCopy).unwrap(),
         MigState::StopCopy
     );
-    let stream = read_all(&src);
+    let stream = read_stream(&src, 4096).unwrap();
     assert!(
         stream.starts_with(b"NE1K"),
         "the state follows in STOP_COPY"

@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use nestio_device_model::migration::read_stream;
 use nestio_device_model::pci::{command, status};
 use nestio_device_model::{
     pci_index, region_flags, IrqAction, IrqData, MigState, SparseArea, VfioDevice,
@@ -535,16 +536,7 @@ fn save(dev: &SampleDevice) -> Vec<u8> {
         dev.mig_set_state(MigState::StopCopy).unwrap(),
         MigState::StopCopy
     );
-    let mut out = Vec::new();
-    let mut buf = [0u8; 1000];
-    loop {
-        let n = dev.mig_data_read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        out.extend_from_slice(&buf[..n]);
-    }
-    out
+    read_stream(dev, 1000).unwrap()
 }
 
 fn load(dev: &SampleDevice, stream: &[u8]) -> nestio_device_model::Result<MigState> {
