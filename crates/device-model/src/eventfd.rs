@@ -559,6 +559,33 @@ fn guarded(mut op: impl FnMut() -> isize) -> Result<usize, WriteError> {
     })
 }
 
+/// Eventfds for the crate's unit tests: one the test owns, and its counter.
+#[cfg(test)]
+pub(crate) mod test_fds {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    /// A fresh non-blocking eventfd.
+    pub(crate) fn eventfd() -> OwnedFd {
+        // SAFETY: eventfd returns a new fd or -1; we check and take ownership.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh, valid descriptor owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    /// Read and reset `fd`'s counter (0 when not signalled).
+    pub(crate) fn count(fd: &OwnedFd) -> u64 {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a local u64.
+        let r = unsafe { libc::read(fd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+        if r == 8 {
+            v
+        } else {
+            0
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -282,27 +282,9 @@ impl PciIntr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eventfd::test_fds::{count, eventfd};
     use crate::pci::command;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-
-    fn eventfd() -> OwnedFd {
-        // SAFETY: eventfd returns a new fd or -1; we check and take ownership.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fd is a fresh, valid descriptor owned by nobody else.
-        unsafe { OwnedFd::from_raw_fd(fd) }
-    }
-
-    fn count(fd: &OwnedFd) -> u64 {
-        let mut v = 0u64;
-        // SAFETY: reads 8 bytes into a local u64.
-        let r = unsafe { libc::read(fd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
-        if r == 8 {
-            v
-        } else {
-            0
-        }
-    }
+    use std::os::fd::{AsRawFd, OwnedFd};
 
     fn wire(p: &PciIntr, index: u32, start: u32, fds: &[&OwnedFd]) {
         p.set_irqs(
