@@ -18,14 +18,10 @@ use nestio_net::packet::arp::build_arp_request;
 use nestio_net::packet::icmp::build_icmp_echo_request;
 use nestio_net::{MacAddr, NetBackend, NetError};
 
-use e1000_guest::{eventfd, take, wait_for, Guest, IOVA};
+use e1000_guest::{eventfd, take, wait_for, Guest, IOVA, RX_BUF, RX_RING, TX_BUF, TX_RING};
 
 const MAPPED: u64 = 2 << 20;
 const FILE_SIZE: u64 = 3 << 20;
-const TX_RING: u64 = 0x0;
-const RX_RING: u64 = 0x1000;
-const TX_BUF: u64 = 0x1_0000;
-const RX_BUF: u64 = 0x4_0000;
 const NDESC: u32 = 16;
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 const GW_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);

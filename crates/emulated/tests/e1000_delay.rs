@@ -19,13 +19,9 @@ use nestio_device_model::{pci_index, IrqAction, IrqData, MigState, VfioDevice};
 use nestio_emulated::e1000::regs::*;
 use nestio_emulated::e1000::{E1000Config, RxOutcome, DEFAULT_MAC};
 
-use e1000_guest::{take, wait_for, Guest, IOVA};
+use e1000_guest::{take, wait_for, Guest, IOVA, RX_BUF, RX_RING, TX_BUF, TX_RING};
 
 const MAPPED: u64 = 1 << 20;
-const TX_RING: u64 = 0x0;
-const RX_RING: u64 = 0x1000;
-const TX_BUF: u64 = 0x1_0000;
-const RX_BUF: u64 = 0x4_0000;
 const NDESC: u32 = 64;
 /// The longest delay (0xFFFF x 1.024 us).
 const MAX_DELAY: Duration = Duration::from_nanos(0xFFFF * 1024);

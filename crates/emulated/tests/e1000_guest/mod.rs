@@ -15,6 +15,13 @@ use nestio_emulated::e1000::{E1000Config, E1000};
 
 /// Where guest memory starts in the device's DMA space (file offset 0).
 pub const IOVA: u64 = 0x10_0000;
+/// The guest's memory layout, as offsets from [`IOVA`]: the TX descriptor ring (up to
+/// 256 descriptors), the RX ring, and the 2 KiB TX and RX buffers (one per descriptor:
+/// up to 96 TX buffers before the RX ones).
+pub const TX_RING: u64 = 0x0;
+pub const RX_RING: u64 = 0x1000;
+pub const TX_BUF: u64 = 0x1_0000;
+pub const RX_BUF: u64 = 0x4_0000;
 
 /// A fresh non-blocking eventfd.
 pub fn eventfd() -> OwnedFd {
