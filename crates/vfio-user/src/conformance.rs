@@ -397,6 +397,15 @@ fn fail<T>(why: impl Into<String>) -> Step<T> {
     Err(Verdict::Fail(why.into()))
 }
 
+/// A reply's `flags` must set no bit outside `known`; a failure says `unknown` and the
+/// unknown bits.
+fn only_known_flags(unknown: &str, flags: u32, known: u32) -> Step<()> {
+    match flags & !known {
+        0 => Ok(()),
+        bits => fail(format!("{unknown} {bits:#x}")),
+    }
+}
+
 /// A request payload: what `encode` appends to an empty buffer (every message type's
 /// `encode_into` takes the buffer it appends to).
 fn encoded(encode: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
@@ -911,12 +920,7 @@ impl Suite {
         if (d.argsz as usize) < DeviceInfoMsg::SIZE {
             return fail(format!("reply argsz {} below the 16-byte reply", d.argsz));
         }
-        if d.flags & !DEVICE_FLAGS_KNOWN != 0 {
-            return fail(format!(
-                "unknown device flag bits {:#x}",
-                d.flags & !DEVICE_FLAGS_KNOWN
-            ));
-        }
+        only_known_flags("unknown device flag bits", d.flags, DEVICE_FLAGS_KNOWN)?;
         if (d.flags & DEVICE_BUS_FLAGS).count_ones() > 1 {
             return fail(format!("flags {:#x} name more than one bus type", d.flags));
         }
@@ -1020,12 +1024,11 @@ impl Suite {
         let r = RegionInfoReply::decode(&full.payload)
             .map_err(|e| Verdict::Fail(format!("{what}: capability chain malformed: {e}")))?;
         let i = r.info;
-        if i.flags & !REGION_FLAGS_KNOWN != 0 {
-            return fail(format!(
-                "{what}: unknown flag bits {:#x}",
-                i.flags & !REGION_FLAGS_KNOWN
-            ));
-        }
+        only_known_flags(
+            &format!("{what}: unknown flag bits"),
+            i.flags,
+            REGION_FLAGS_KNOWN,
+        )?;
         let has_caps = i.cap_offset != 0;
         if has_caps != (i.flags & region_flags::CAPS != 0) {
             return fail(format!(
@@ -1275,12 +1278,11 @@ impl Suite {
             if (q.argsz as usize) < IrqInfoMsg::SIZE {
                 return fail(format!("{what}: reply argsz {}", q.argsz));
             }
-            if q.flags & !IRQ_FLAGS_KNOWN != 0 {
-                return fail(format!(
-                    "{what}: unknown flag bits {:#x}",
-                    q.flags & !IRQ_FLAGS_KNOWN
-                ));
-            }
+            only_known_flags(
+                &format!("{what}: unknown flag bits"),
+                q.flags,
+                IRQ_FLAGS_KNOWN,
+            )?;
             if info.flags & flags::PCI != 0 && index == pci_index::INTX_IRQ && q.count > 1 {
                 return fail(format!("PCI INTx with {} vectors", q.count));
             }
