@@ -1601,20 +1601,14 @@ impl Suite {
     }
 
     fn dma_checks(&mut self) {
-        const NAMES: [&str; 6] = [
-            "dma.map_unmap",
-            "dma.overlap",
-            "dma.unmap_unmapped",
-            "dma.unaligned",
-            "dma.fd_count",
-            "dma.bad_flags",
-        ];
+        // The DMA checks' names, in order: those of CHECKS under `dma.`.
+        let names = || CHECKS.iter().copied().filter(|n| n.starts_with("dma."));
         let page = 4096u64;
         let len = 4 * page;
         let fd = match dma_memfd(len) {
             Ok(fd) => fd,
             Err(e) => {
-                for n in NAMES {
+                for n in names() {
                     self.record(n, Ok(Verdict::Fail(format!("cannot create a memfd: {e}"))));
                 }
                 return;
@@ -1634,7 +1628,7 @@ impl Suite {
                     "the device refuses an ordinary DMA_MAP with {} (a device restriction, e.g. no IOMMU: IOVA must be physical)",
                     errno_name(e)
                 );
-                for n in NAMES {
+                for n in names() {
                     self.record(n, Ok(Verdict::Restricted(why.clone())));
                 }
                 return;
@@ -1653,13 +1647,13 @@ impl Suite {
                         errno_name(e)
                     ))),
                 );
-                for n in &NAMES[1..] {
+                for n in names().skip(1) {
                     self.record(n, Ok(Verdict::Fail(why.clone())));
                 }
                 return;
             }
             Err(v) => {
-                for n in NAMES {
+                for n in names() {
                     self.record(n, Ok(v.clone()));
                 }
                 return;
