@@ -6,7 +6,9 @@
 //! SET_IRQS eventfd lists longer than its `max_msg_fds` are sent in pieces. Every trait
 //! method becomes the matching command; the device info is fetched once at connect.
 //!
-//! DMA: a mapping backed by an fd sends the fd (the server maps it in place). A mapping
+//! DMA: a mapping backed by an fd sends the fd (the server maps it in place) — unless
+//! the server accepts no fds (`max_msg_fds` 0): the mapping then goes without one and
+//! the server's DMA_READ/DMA_WRITE are served from the file. A mapping
 //! backed by a [`DmaPeer`] sends no fd; the server then reaches that memory with
 //! DMA_READ/DMA_WRITE, which this client serves by calling the peer — on the twin socket's
 //! thread when negotiated, and inline on the main socket while one of our threads waits
@@ -189,6 +191,65 @@ impl PeerMap {
     }
 }
 
+/// Memory shared with us by file, reached by the server through DMA_READ/WRITE
+/// messages when it cannot receive the fd (its `max_msg_fds` is 0): `pread`/`pwrite` at
+/// the mapping's file offset.
+struct FilePeer {
+    file: std::fs::File,
+    /// IOVA of the mapping's first byte.
+    start: u64,
+    /// File offset of the mapping's first byte.
+    offset: u64,
+}
+
+impl FilePeer {
+    fn new(fd: &OwnedFd, offset: u64, range: DmaRange) -> Result<FilePeer> {
+        let file = std::fs::File::from(fd.try_clone().map_err(DeviceError::Io)?);
+        Ok(FilePeer {
+            file,
+            start: range.start(),
+            offset,
+        })
+    }
+
+    /// The file offset of IOVA `addr` (the peer map already checked it is mapped).
+    fn at(&self, addr: u64) -> std::result::Result<u64, i32> {
+        addr.checked_sub(self.start)
+            .and_then(|d| d.checked_add(self.offset))
+            .ok_or(libc::EFAULT)
+    }
+}
+
+impl DmaPeer for FilePeer {
+    fn dma_read(&self, addr: u64, buf: &mut [u8]) -> std::result::Result<(), i32> {
+        use std::os::unix::fs::FileExt;
+        // A read past the end of the file is a fault, not zeros.
+        self.file
+            .read_exact_at(buf, self.at(addr)?)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EFAULT))
+    }
+
+    fn dma_write(&self, addr: u64, data: &[u8]) -> std::result::Result<(), i32> {
+        use std::os::unix::fs::FileExt;
+        let at = self.at(addr)?;
+        // pwrite past the end would grow the file: memory that is not there is a fault.
+        let size = self
+            .file
+            .metadata()
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?
+            .len();
+        if at
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > size)
+        {
+            return Err(libc::EFAULT);
+        }
+        self.file
+            .write_all_at(data, at)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
 /// A connection to a vfio-user server, usable as a [`VfioDevice`].
 pub struct Client {
     ep: Arc<Endpoint>,
@@ -363,7 +424,9 @@ impl Client {
             twin,
             idle_reader: Mutex::new(None),
             max_xfer: server_xfer.max(1),
-            max_fds: (v.caps.max_msg_fds as usize).max(1),
+            // 0 is a real value (spec: "maximum number of file descriptors that can be
+            // received"): such a server gets no fd at all (see `dma_map`, `set_irqs`).
+            max_fds: v.caps.max_msg_fds as usize,
             write_multiple: config.write_multiple && v.caps.write_multiple,
             nested,
             faults,
@@ -1050,6 +1113,12 @@ impl VfioDevice for Client {
                 if fds.iter().all(|f| f.is_none()) {
                     return self.send_irqs(index, flags, start, count, &[], &[]);
                 }
+                if self.max_fds == 0 {
+                    return Err(DeviceError::Unsupported(format!(
+                        "eventfds for irq index {index}: the vfio-user server accepts no \
+                         file descriptors (max_msg_fds 0); use interrupts by message"
+                    )));
+                }
                 // Runs of present fds (at most max_fds per message) and runs of absent
                 // ones (sent without fds: de-assign).
                 let mut i = 0usize;
@@ -1076,7 +1145,17 @@ impl VfioDevice for Client {
         Ok(())
     }
 
-    fn dma_map(&self, req: DmaMapRequest) -> Result<()> {
+    fn dma_map(&self, mut req: DmaMapRequest) -> Result<()> {
+        // A server that takes no fds (max_msg_fds 0) cannot map the file: the mapping is
+        // sent without it and we serve the server's DMA_READ/WRITE from the file (spec,
+        // DMA_MAP: "if the DMA region cannot be directly mapped by the server, no file
+        // descriptor must be sent").
+        if self.max_fds == 0 {
+            if let DmaBacking::Fd { fd, offset } = &req.backing {
+                let peer = FilePeer::new(fd, *offset, req.range)?;
+                req.backing = DmaBacking::Peer(Arc::new(peer));
+            }
+        }
         let mut b = Vec::with_capacity(DmaMap::SIZE);
         let (offset, fd) = match &req.backing {
             DmaBacking::Fd { fd, offset } => (*offset, Some(fd.as_raw_fd())),
@@ -1160,7 +1239,18 @@ impl VfioDevice for Client {
             )
             .ok()?;
         let d = Self::feature_data("MIGRATION", &m, 8).ok()?;
-        proto::decode_migration_flags(d).ok().map(MigrationFlags)
+        let flags = proto::decode_migration_flags(d).ok()?;
+        // Spec, VFIO_DEVICE_FEATURE_MIGRATION: "at least VFIO_MIGRATION_STOP_COPY must be
+        // set". Without it no migration can be driven (STOP_COPY and RESUMING are the
+        // states that move the data), so such a device does not migrate.
+        if flags & MigrationFlags::STOP_COPY == 0 {
+            tracing::warn!(
+                flags,
+                "vfio-user server offers migration without STOP_COPY; treating the device as not migratable"
+            );
+            return None;
+        }
+        Some(MigrationFlags(flags))
     }
 
     fn mig_state(&self) -> Result<MigState> {

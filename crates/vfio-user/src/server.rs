@@ -831,7 +831,10 @@ impl Session<'_> {
         // would otherwise size our payload buffer).
         let limit = self.server.max_msg_size();
         self.ep.set_max_msg_size(limit);
-        let client_end = if cfg.twin_socket && v.caps.twin_supported() {
+        // Spec, max_msg_fds: the most fds the client receives in one message; this
+        // reply's fds (twin socket, then the ring's two) stay within it.
+        let fd_room = v.caps.max_msg_fds as usize;
+        let client_end = if cfg.twin_socket && v.caps.twin_supported() && fd_room >= 1 {
             self.open_twin(limit)
         } else {
             None
@@ -848,7 +851,11 @@ impl Session<'_> {
                 fd_index: Some(0),
             });
         }
-        let ring_fds = self.open_ring(&v.caps, &mut caps, usize::from(twin));
+        let ring_fds = if fd_room >= usize::from(twin) + 2 {
+            self.open_ring(&v.caps, &mut caps, usize::from(twin))
+        } else {
+            None
+        };
         let reply = Version {
             major: proto::VERSION_MAJOR,
             minor: v.minor.min(proto::VERSION_MINOR),
@@ -1125,25 +1132,36 @@ impl Session<'_> {
             return Err(libc::EINVAL);
         }
         let ri = self.device().region_info(r.index).map_err(dev_err)?;
+        // Spec: with MMAP "the reply will include a file descriptor", and a client
+        // receives at most its max_msg_fds per message: a client that takes none gets
+        // the region as not mappable (no MMAP, no sparse mmap areas), reached by
+        // REGION_READ/WRITE.
+        let fd_ok = self.client.as_ref().is_none_or(|c| c.max_msg_fds >= 1);
+        let fd = ri
+            .fd
+            .filter(|_| ri.flags & region_flags::MMAP != 0 && fd_ok);
+        let mut flags = ri.flags & !region_flags::CAPS;
+        if !fd_ok {
+            flags &= !region_flags::MMAP;
+        }
+        let sparse = if fd_ok {
+            ri.sparse.iter().map(|a| (a.offset, a.size)).collect()
+        } else {
+            Vec::new()
+        };
         let reply = RegionInfoReply {
             info: RegionInfoMsg {
                 argsz: 0,
-                flags: ri.flags & !region_flags::CAPS,
+                flags,
                 index: r.index,
                 cap_offset: 0,
                 size: ri.size,
                 offset: ri.fd_offset,
             },
-            sparse: ri.sparse.iter().map(|a| (a.offset, a.size)).collect(),
+            sparse,
         };
         reply.encode_into(r.argsz, &mut self.out);
-        let mut fds = Vec::new();
-        if ri.flags & region_flags::MMAP != 0 {
-            if let Some(fd) = ri.fd {
-                fds.push(fd);
-            }
-        }
-        Ok(fds)
+        Ok(fd.into_iter().collect())
     }
 
     /// DEVICE_GET_REGION_IO_FDS: the region's ioeventfds, each distinct fd sent once.

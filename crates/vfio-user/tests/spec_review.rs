@@ -12,8 +12,8 @@ use std::time::Duration;
 use common::*;
 use nestio_device_model::VfioDevice;
 use nestio_vfio_user::proto::{
-    dma_flags, irq_set_flags, Capabilities, Command, DeviceInfoMsg, DmaMap, DmaUnmap, Header,
-    IoFdsMsg, IrqSet, RegionInfoMsg, Version,
+    dma_flags, irq_set_flags, Capabilities, Command, DeviceFeature, DeviceInfoMsg, DmaMap,
+    DmaUnmap, Header, IoFdsMsg, IrqSet, RegionInfoMsg, Version,
 };
 use nestio_vfio_user::socket::{recv_message, send_message, Message};
 use nestio_vfio_user::{Client, ClientConfig, ServerConfig};
@@ -360,6 +360,11 @@ fn io_fds_server(offset: u64) -> (UnixStream, JoinHandle<()>) {
 
 /// [`io_fds_server`] with the entry's KVM ioeventfd `flags`.
 fn io_fds_server_flags(offset: u64, flags: u32) -> (UnixStream, JoinHandle<()>) {
+    io_fds_server_entry(offset, flags, IoFdsMsg::ENTRY)
+}
+
+/// [`io_fds_server_flags`] with entries of `stride` bytes (40 known, then zeros).
+fn io_fds_server_entry(offset: u64, flags: u32, stride: usize) -> (UnixStream, JoinHandle<()>) {
     let (a, b) = UnixStream::pair().unwrap();
     let t = std::thread::spawn(move || {
         let efd = eventfd();
@@ -391,7 +396,7 @@ fn io_fds_server_flags(offset: u64, flags: u32) -> (UnixStream, JoinHandle<()>) 
                 .encode_into(&mut p),
                 Some(Command::DeviceGetRegionIoFds) => {
                     IoFdsMsg {
-                        argsz: 56,
+                        argsz: (IoFdsMsg::SIZE + stride) as u32,
                         flags: 0,
                         index: 0,
                         count: 1,
@@ -404,6 +409,7 @@ fn io_fds_server_flags(offset: u64, flags: u32) -> (UnixStream, JoinHandle<()>) 
                     p.extend_from_slice(&flags.to_ne_bytes());
                     p.extend_from_slice(&0u32.to_ne_bytes()); // padding
                     p.extend_from_slice(&0u64.to_ne_bytes());
+                    p.resize(IoFdsMsg::SIZE + stride, 0);
                     fds.push(efd_raw(&efd));
                 }
                 _ => {
@@ -729,4 +735,220 @@ fn client_mig_data_write_argsz_covers_the_data() {
     assert_eq!(seen, vec![(108, 100)]);
     drop(c);
     t.join().unwrap();
+}
+
+/// Spec, GET_REGION_IO_FDS reply: entry i is at `i * (entries' size / count)`; "currently
+/// this is 40 bytes for both IO FD types, but this is not to be relied on". The client
+/// refused a reply whose entries were larger than 40 bytes.
+#[test]
+fn client_reads_io_fd_entries_of_any_size() {
+    let (a, t) = io_fds_server_entry(0x10, 1, 48);
+    let c = Client::from_stream(a, client_config()).unwrap();
+    let r = c.region_io_fds(0).expect("48-byte entries");
+    assert_eq!(r.len(), 1);
+    assert_eq!((r[0].offset, r[0].size, r[0].datamatch), (0x10, 4, Some(0)));
+    drop(c);
+    t.join().unwrap();
+    // Shorter than the 40 bytes every entry type has: malformed.
+    let (a, t) = io_fds_server_entry(0x10, 1, 32);
+    let c = Client::from_stream(a, client_config()).unwrap();
+    assert!(c.region_io_fds(0).is_err());
+    drop(c);
+    t.join().unwrap();
+}
+
+/// Spec, VFIO_DEVICE_FEATURE_MIGRATION: "Support for additional states is indicated via
+/// the flags field; at least VFIO_MIGRATION_STOP_COPY must be set." The client reported a
+/// server's flags without STOP_COPY as a migratable device.
+#[test]
+fn client_needs_stop_copy_for_migration() {
+    for (flags, migratable) in [(4u64, false), (0, false), (1 | 4, true)] {
+        let (a, t) = fake_server(Capabilities::default(), move |m| {
+            let req = DeviceFeature::decode(&m.payload).unwrap();
+            let mut p = Vec::new();
+            DeviceFeature {
+                argsz: 16,
+                flags: req.flags,
+                data: &flags.to_ne_bytes(),
+            }
+            .encode_into(&mut p);
+            vec![(m.header.reply(p.len()).unwrap(), p)]
+        });
+        let c = Client::from_stream(a, client_config()).unwrap();
+        let got = c.migration_flags();
+        assert_eq!(got.is_some(), migratable, "flags {flags:#x}: {got:?}");
+        drop(c);
+        t.join().unwrap();
+    }
+}
+
+/// Spec, VERSION: max_msg_fds is the "maximum number of file descriptors that can be
+/// received by the sender in one message"; DMA_MAP: "if the DMA region cannot be
+/// directly mapped by the server, no file descriptor must be sent ... and the DMA region
+/// can be accessed by the server using DMA_READ and DMA_WRITE". The client treated a
+/// server's `max_msg_fds: 0` as 1 and sent it fds anyway.
+#[test]
+fn client_sends_no_fds_to_a_server_that_takes_none() {
+    use std::sync::mpsc;
+    let (a, b) = UnixStream::pair().unwrap();
+    let (tx, rx) = mpsc::channel::<(usize, Vec<u8>)>();
+    let t = std::thread::spawn(move || {
+        while let Ok(Some(m)) = recv_message(&b, 1 << 24) {
+            let mut p = Vec::new();
+            match Command::from_u16(m.header.cmd) {
+                Some(Command::Version) => Version {
+                    major: 0,
+                    minor: 2,
+                    caps: Capabilities {
+                        max_msg_fds: 0,
+                        ..Capabilities::default()
+                    },
+                }
+                .encode_into(&mut p),
+                Some(Command::DeviceGetInfo) => DeviceInfoMsg {
+                    argsz: 16,
+                    flags: 2,
+                    num_regions: 9,
+                    num_irqs: 5,
+                }
+                .encode_into(&mut p),
+                Some(Command::DmaMap) => {
+                    let fds = m.fds.len();
+                    send_message(&b, &m.header.reply(0).unwrap(), &[], &[]).unwrap();
+                    // Reach the mapping by message: 8 bytes at 0x10010.
+                    let mut q = Vec::new();
+                    nestio_vfio_user::proto::DmaAccess {
+                        addr: 0x10010,
+                        count: 8,
+                        data: &[],
+                    }
+                    .encode_into(&mut q);
+                    let h = Header::command(0x100, Command::DmaRead, q.len()).unwrap();
+                    send_message(&b, &h, &q, &[]).unwrap();
+                    let r = recv_message(&b, 1 << 24).unwrap().unwrap();
+                    assert_eq!(r.header.msg_id, 0x100);
+                    assert!(!r.header.is_error(), "DMA_READ failed: {:?}", r.header);
+                    tx.send((fds, r.payload[16..].to_vec())).unwrap();
+                    continue;
+                }
+                _ => {
+                    let _ = send_message(&b, &m.header.error_reply(libc::ENOSYS), &[], &[]);
+                    continue;
+                }
+            }
+            if send_message(&b, &m.header.reply(p.len()).unwrap(), &p, &[]).is_err() {
+                return;
+            }
+        }
+    });
+    let c = Client::from_stream(a, client_config()).unwrap();
+    let mem = memfd(0x4000);
+    pwrite(&mem, 0x1010, b"vfiouser");
+    c.dma_map(nestio_dma::DmaMapRequest {
+        range: nestio_dma::DmaRange::new(0x10000, 0x2000).unwrap(),
+        prot: nestio_dma::Prot::RW,
+        backing: nestio_dma::DmaBacking::Fd {
+            fd: std::sync::Arc::new(mem),
+            offset: 0x1000,
+        },
+    })
+    .unwrap();
+    let (fds, data) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(fds, 0, "DMA_MAP carried an fd to a server that takes none");
+    assert_eq!(data, b"vfiouser", "DMA_READ served from the file");
+    // Eventfds cannot go by message: refused locally.
+    let efd = eventfd();
+    let r = c.set_irqs(
+        1,
+        nestio_device_model::IrqAction::Trigger,
+        0,
+        1,
+        nestio_device_model::IrqData::Eventfd(vec![Some(efd)]),
+    );
+    assert!(
+        matches!(r, Err(nestio_device_model::DeviceError::Unsupported(_))),
+        "{r:?}"
+    );
+    drop(c);
+    t.join().unwrap();
+}
+
+/// Spec, VERSION: a client's max_msg_fds bounds the fds the server sends it in one
+/// message. With `max_msg_fds: 0` the server still attached a mappable region's fd to
+/// GET_REGION_INFO and a twin socket to the VERSION reply. Such a client now gets the
+/// region as not mappable (no MMAP flag, no sparse areas) and no twin socket.
+#[test]
+fn server_sends_no_fds_to_a_client_that_takes_none() {
+    let h = Harness::new(ServerConfig::default());
+    let (s, _t) = h.session();
+    let v = Version {
+        major: 0,
+        minor: 2,
+        caps: Capabilities {
+            max_msg_fds: 0,
+            twin_socket: Some(nestio_vfio_user::proto::TwinSocket {
+                supported: true,
+                fd_index: None,
+            }),
+            ..Capabilities::default()
+        },
+    };
+    let mut p = Vec::new();
+    v.encode_into(&mut p);
+    send(&s, 1, Command::Version as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    assert!(!m.header.is_error());
+    assert!(
+        m.fds.is_empty(),
+        "VERSION reply carried {} fds",
+        m.fds.len()
+    );
+    let r = Version::decode(&m.payload).unwrap();
+    assert!(!r.caps.twin_supported());
+    // Region 2 of the test device is mappable, with a sparse area.
+    let mut p = Vec::new();
+    RegionInfoMsg {
+        argsz: 256,
+        index: 2,
+        ..RegionInfoMsg::default()
+    }
+    .encode_into(&mut p);
+    send(&s, 2, Command::DeviceGetRegionInfo as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    assert!(!m.header.is_error());
+    assert!(
+        m.fds.is_empty(),
+        "GET_REGION_INFO carried {} fds",
+        m.fds.len()
+    );
+    let info = RegionInfoMsg::decode(&m.payload[..32]).unwrap();
+    assert_eq!(info.flags & 4, 0, "MMAP without an fd: {:#x}", info.flags);
+    assert_eq!(m.payload.len(), 32, "sparse mmap areas without an fd");
+    assert_eq!(info.argsz, 32);
+    // The region is still reachable by message.
+    let mut p = 0x10u64.to_ne_bytes().to_vec();
+    p.extend_from_slice(&2u32.to_ne_bytes());
+    p.extend_from_slice(&4u32.to_ne_bytes());
+    send(&s, 3, Command::RegionRead as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    assert!(!m.header.is_error());
+    // A client taking one fd still gets it.
+    let (s, _t) = h.session();
+    raw_version_with(
+        &s,
+        Capabilities {
+            max_msg_fds: 1,
+            ..Capabilities::default()
+        },
+    );
+    let mut p = Vec::new();
+    RegionInfoMsg {
+        argsz: 256,
+        index: 2,
+        ..RegionInfoMsg::default()
+    }
+    .encode_into(&mut p);
+    send(&s, 2, Command::DeviceGetRegionInfo as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    assert_eq!(m.fds.len(), 1);
 }
