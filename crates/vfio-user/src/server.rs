@@ -1050,6 +1050,16 @@ impl Session<'_> {
                 return Err(libc::EEXIST);
             }
         }
+        // Spec, max_dma_maps: the "maximum number [of] DMA map windows that can be valid
+        // simultaneously" — our configured limit (what we advertise is at most that), not
+        // whatever the device's own table would take. ENOSPC as VFIO's type1 IOMMU.
+        if self.dma_ranges.len() >= self.cfg().max_dma_maps as usize {
+            tracing::warn!(
+                limit = self.cfg().max_dma_maps,
+                "DMA_MAP beyond max_dma_maps refused"
+            );
+            return Err(libc::ENOSPC);
+        }
         let backing = match m.fds.first() {
             Some(fd) => DmaBacking::Fd {
                 fd: Arc::new(

@@ -952,3 +952,40 @@ fn server_sends_no_fds_to_a_client_that_takes_none() {
     let m = recv(&s).unwrap();
     assert_eq!(m.fds.len(), 1);
 }
+
+/// Spec, VERSION: max_dma_maps is the "maximum number DMA map windows that can be valid
+/// simultaneously". The server advertised its configured limit but never enforced it:
+/// only the device's own table (much larger) bounded the mappings.
+#[test]
+fn server_enforces_its_max_dma_maps() {
+    let h = Harness::new(ServerConfig {
+        max_dma_maps: 2,
+        ..ServerConfig::default()
+    });
+    let (s, _t) = h.session();
+    let v = raw_version(&s);
+    assert_eq!(v.caps.max_dma_maps, 2);
+    dma_map_peer(&s, 2, 0x10000, 0x1000);
+    dma_map_peer(&s, 3, 0x20000, 0x1000);
+    let mut p = Vec::new();
+    DmaMap {
+        flags: dma_flags::READ | dma_flags::WRITE,
+        offset: 0,
+        addr: 0x30000,
+        size: 0x1000,
+    }
+    .encode_into(&mut p);
+    send(&s, 4, Command::DmaMap as u16, &p, &[]);
+    expect_error(&s, 4, libc::ENOSPC);
+    // A window freed is a window available again.
+    let u = dma_unmap_payload(24, 0, 0x10000, 0x1000);
+    send(&s, 5, Command::DmaUnmap as u16, &u, &[]);
+    assert!(!recv(&s).unwrap().header.is_error());
+    dma_map_peer(&s, 6, 0x30000, 0x1000);
+    // Unmap-all frees every window.
+    let u = dma_unmap_payload(24, dma_flags::UNMAP_ALL, 0, 0);
+    send(&s, 7, Command::DmaUnmap as u16, &u, &[]);
+    assert!(!recv(&s).unwrap().header.is_error());
+    dma_map_peer(&s, 8, 0x40000, 0x1000);
+    dma_map_peer(&s, 9, 0x50000, 0x1000);
+}
