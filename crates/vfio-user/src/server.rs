@@ -1109,11 +1109,9 @@ impl Session<'_> {
             self.device().dma_unmap(u.addr, u.size).map_err(dev_err)?;
             self.dma_ranges.remove(&u.addr);
         }
-        DmaUnmap {
-            argsz: DmaUnmap::SIZE as u32,
-            ..u
-        }
-        .encode_into(&mut self.out);
+        // Spec: "The server responds with the original DMA entry in the request" — argsz
+        // included, as libvfio-user does.
+        u.encode_into(&mut self.out);
         Ok(Vec::new())
     }
 

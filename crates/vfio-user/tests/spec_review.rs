@@ -989,3 +989,23 @@ fn server_enforces_its_max_dma_maps() {
     dma_map_peer(&s, 8, 0x40000, 0x1000);
     dma_map_peer(&s, 9, 0x50000, 0x1000);
 }
+
+/// Spec, DMA_UNMAP reply: "The server responds with the original DMA entry in the
+/// request." The server rewrote argsz to 24 when the client's was larger.
+#[test]
+fn dma_unmap_reply_is_the_original_entry() {
+    let h = Harness::new(ServerConfig::default());
+    let (s, _t) = h.session();
+    raw_version(&s);
+    dma_map_peer(&s, 2, 0x10000, 0x1000);
+    let p = dma_unmap_payload(4096, 0, 0x10000, 0x1000);
+    send(&s, 3, Command::DmaUnmap as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    assert!(!m.header.is_error(), "{:?}", m.header);
+    assert_eq!(m.payload, p, "the reply echoes the entry as sent");
+    let p = dma_unmap_payload(64, dma_flags::UNMAP_ALL, 0, 0);
+    send(&s, 4, Command::DmaUnmap as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    assert!(!m.header.is_error(), "{:?}", m.header);
+    assert_eq!(m.payload, p);
+}
