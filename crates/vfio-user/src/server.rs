@@ -1418,6 +1418,7 @@ impl Session<'_> {
     /// DEVICE_FEATURE: routed by feature index. Writes the reply into `self.out`.
     fn feature(&mut self, f: DeviceFeature<'_>) -> Result<(), i32> {
         let index = f.index();
+        let request = f.clone();
         let req = FeatureReq {
             get: f.flags & feature::GET != 0,
             set: f.flags & feature::SET != 0,
@@ -1432,7 +1433,21 @@ impl Session<'_> {
             feature::DMA_LOGGING_STOP => self.logging_stop(&req),
             feature::DMA_LOGGING_REPORT => self.logging_report(&req),
             _ => Err(libc::ENOTTY),
+        }?;
+        // Spec: "The reply payload must be the same as the request payload for setting or
+        // probing a feature" (argsz and data included). A state change still reports the
+        // state it reached (the one asked for, as it succeeded).
+        if req.probe || req.set {
+            let reached = (index == feature::MIG_DEVICE_STATE && !req.probe)
+                .then(|| self.out.get(8..12).map(<[u8]>::to_vec))
+                .flatten();
+            self.out.clear();
+            request.encode_into(&mut self.out);
+            if let (Some(s), Some(dst)) = (reached, self.out.get_mut(8..12)) {
+                dst.copy_from_slice(&s);
+            }
         }
+        Ok(())
     }
 
     /// Dirty logging is offered by devices with a DMA table or with migration.

@@ -1009,3 +1009,46 @@ fn dma_unmap_reply_is_the_original_entry() {
     assert!(!m.header.is_error(), "{:?}", m.header);
     assert_eq!(m.payload, p);
 }
+
+/// Spec, DEVICE_FEATURE reply: "The reply payload must be the same as the request
+/// payload for setting or probing a feature." The server answered a probe or a SET with
+/// its own argsz (8 + what it wrote) and a MIG_DEVICE_STATE SET with data_fd -1 in
+/// place of the request's.
+#[test]
+fn feature_set_and_probe_replies_echo_the_request() {
+    use nestio_vfio_user::proto::feature;
+    let h = Harness::new(ServerConfig::default());
+    let (s, _t) = h.session();
+    raw_version(&s);
+    let with = |argsz: u32, flags: u32, data: &[u8]| {
+        let mut p = Vec::new();
+        DeviceFeature { argsz, flags, data }.encode_into(&mut p);
+        p
+    };
+    let mut state = Vec::new();
+    state.extend_from_slice(&1u32.to_ne_bytes()); // STOP
+    state.extend_from_slice(&0u32.to_ne_bytes()); // data_fd: unused in vfio-user
+    let cases = [
+        with(
+            64,
+            feature::PROBE | feature::GET | feature::MIGRATION as u32,
+            &[],
+        ),
+        with(32, feature::SET | feature::DMA_LOGGING_STOP as u32, &[]),
+        with(32, feature::SET | feature::MIG_DEVICE_STATE as u32, &state),
+    ];
+    for (i, p) in cases.iter().enumerate() {
+        let id = 2 + i as u16;
+        send(&s, id, Command::DeviceFeature as u16, p, &[]);
+        let m = recv(&s).unwrap();
+        assert_eq!(m.header.msg_id, id);
+        assert!(!m.header.is_error(), "case {i}: {:?}", m.header);
+        assert_eq!(&m.payload, p, "case {i}: the reply echoes the request");
+    }
+    // The state change happened.
+    let p = with(16, feature::GET | feature::MIG_DEVICE_STATE as u32, &[]);
+    send(&s, 9, Command::DeviceFeature as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    assert!(!m.header.is_error());
+    assert_eq!(&m.payload[8..12], &1u32.to_ne_bytes());
+}
