@@ -1175,7 +1175,9 @@ impl Session<'_> {
     /// DEVICE_GET_REGION_IO_FDS: the region's ioeventfds, each distinct fd sent once.
     fn get_region_io_fds(&mut self, r: IoFdsMsg, m: &Message) -> Result<Fds, i32> {
         Self::no_fds(m)?;
-        if (r.argsz as usize) < IoFdsMsg::SIZE {
+        // Spec: "index is the index of memory region being queried; all other fields
+        // must be zero" (flags is checked by the parser; libvfio-user refuses both).
+        if (r.argsz as usize) < IoFdsMsg::SIZE || r.count != 0 {
             return Err(libc::EINVAL);
         }
         let list = self.device().region_io_fds(r.index).map_err(dev_err)?;

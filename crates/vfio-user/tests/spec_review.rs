@@ -1052,3 +1052,30 @@ fn feature_set_and_probe_replies_echo_the_request() {
     assert!(!m.header.is_error());
     assert_eq!(&m.payload[8..12], &1u32.to_ne_bytes());
 }
+
+/// Spec, GET_REGION_IO_FDS request: "index is the index of memory region being queried;
+/// all other fields must be zero". A request with a non-zero count was answered as if
+/// count were 0 (libvfio-user refuses it: EINVAL).
+#[test]
+fn io_fds_request_count_must_be_zero() {
+    let h = Harness::new(ServerConfig::default());
+    let (s, _t) = h.session();
+    raw_version(&s);
+    let req = |count: u32| {
+        let mut p = Vec::new();
+        IoFdsMsg {
+            argsz: 256,
+            flags: 0,
+            index: 1,
+            count,
+        }
+        .encode_into(&mut p);
+        p
+    };
+    send(&s, 2, Command::DeviceGetRegionIoFds as u16, &req(3), &[]);
+    expect_error(&s, 2, libc::EINVAL);
+    send(&s, 3, Command::DeviceGetRegionIoFds as u16, &req(0), &[]);
+    let m = recv(&s).unwrap();
+    assert!(!m.header.is_error(), "{:?}", m.header);
+    assert_eq!(m.fds.len(), 1, "region 1's doorbell ioeventfd");
+}
