@@ -1079,3 +1079,109 @@ fn io_fds_request_count_must_be_zero() {
     assert!(!m.header.is_error(), "{:?}", m.header);
     assert_eq!(m.fds.len(), 1, "region 1's doorbell ioeventfd");
 }
+
+/// Spec, read and write operations: "Note that all of these operations must be supported
+/// by the client and/or server, even if the corresponding memory or device region has
+/// been shared as mappable." The client answered a server's DMA_READ/DMA_WRITE of memory
+/// it had shared by fd with EFAULT.
+#[test]
+fn client_serves_dma_messages_for_memory_shared_by_fd() {
+    use nestio_vfio_user::proto::{DmaAccess, TwinSocket};
+    use std::os::fd::AsRawFd;
+    use std::sync::mpsc;
+    let (a, b) = UnixStream::pair().unwrap();
+    let (tx, rx) = mpsc::channel::<(Message, Message)>();
+    let t = std::thread::spawn(move || {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        while let Ok(Some(m)) = recv_message(&b, 1 << 24) {
+            let mut p = Vec::new();
+            let mut fds = Vec::new();
+            match Command::from_u16(m.header.cmd) {
+                Some(Command::Version) => {
+                    Version {
+                        major: 0,
+                        minor: 2,
+                        caps: Capabilities {
+                            twin_socket: Some(TwinSocket {
+                                supported: true,
+                                fd_index: Some(0),
+                            }),
+                            ..Capabilities::default()
+                        },
+                    }
+                    .encode_into(&mut p);
+                    fds.push(theirs.as_raw_fd());
+                }
+                Some(Command::DeviceGetInfo) => DeviceInfoMsg {
+                    argsz: 16,
+                    flags: 2,
+                    num_regions: 9,
+                    num_irqs: 5,
+                }
+                .encode_into(&mut p),
+                Some(Command::DmaMap) => {
+                    assert_eq!(m.fds.len(), 1, "the memory goes by fd");
+                    send_message(&b, &m.header.reply(0).unwrap(), &[], &[]).unwrap();
+                    // Write 4 bytes at 0x10020, then read 8 at 0x1001c, by message.
+                    let mut q = Vec::new();
+                    DmaAccess {
+                        addr: 0x10020,
+                        count: 4,
+                        data: b"dma!",
+                    }
+                    .encode_into(&mut q);
+                    let h = Header::command(0x100, Command::DmaWrite, q.len()).unwrap();
+                    send_message(&ours, &h, &q, &[]).unwrap();
+                    let w = recv_message(&ours, 1 << 24).unwrap().unwrap();
+                    q.clear();
+                    DmaAccess {
+                        addr: 0x1001c,
+                        count: 8,
+                        data: &[],
+                    }
+                    .encode_into(&mut q);
+                    let h = Header::command(0x101, Command::DmaRead, q.len()).unwrap();
+                    send_message(&ours, &h, &q, &[]).unwrap();
+                    let r = recv_message(&ours, 1 << 24).unwrap().unwrap();
+                    tx.send((w, r)).unwrap();
+                    continue;
+                }
+                _ => {
+                    let _ = send_message(&b, &m.header.error_reply(libc::ENOSYS), &[], &[]);
+                    continue;
+                }
+            }
+            if send_message(&b, &m.header.reply(p.len()).unwrap(), &p, &fds).is_err() {
+                return;
+            }
+        }
+    });
+    let c = Client::from_stream(
+        a,
+        ClientConfig {
+            twin_socket: true,
+            ..client_config()
+        },
+    )
+    .unwrap();
+    assert!(c.twin_socket());
+    let mem = memfd(0x4000);
+    pwrite(&mem, 0x101c, b"abcdefgh");
+    let mem = std::sync::Arc::new(mem);
+    c.dma_map(nestio_dma::DmaMapRequest {
+        range: nestio_dma::DmaRange::new(0x10000, 0x2000).unwrap(),
+        prot: nestio_dma::Prot::RW,
+        backing: nestio_dma::DmaBacking::Fd {
+            fd: mem.clone(),
+            offset: 0x1000,
+        },
+    })
+    .unwrap();
+    let (w, r) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(!w.header.is_error(), "DMA_WRITE refused: {:?}", w.header);
+    assert!(!r.header.is_error(), "DMA_READ refused: {:?}", r.header);
+    assert_eq!(&r.payload[16..], b"abcddma!");
+    assert_eq!(pread(&mem, 0x1020, 4), b"dma!");
+    drop(c);
+    t.join().unwrap();
+}
