@@ -6,7 +6,10 @@
 //! SET_IRQS eventfd lists longer than its `max_msg_fds` are sent in pieces. Every trait
 //! method becomes the matching command; the device info is fetched once at connect.
 //!
-//! DMA: a mapping backed by an fd sends the fd (the server maps it in place). A mapping
+//! DMA: a mapping backed by an fd sends the fd (the server maps it in place) — unless
+//! the server accepts no fds (`max_msg_fds` 0): the mapping then goes without one. Either
+//! way the server may also reach that memory by DMA_READ/DMA_WRITE (the spec requires
+//! it), served from the file with `pread`/`pwrite`. A mapping
 //! backed by a [`DmaPeer`] sends no fd; the server then reaches that memory with
 //! DMA_READ/DMA_WRITE, which this client serves by calling the peer — on the twin socket's
 //! thread when negotiated, and inline on the main socket while one of our threads waits
@@ -189,6 +192,117 @@ impl PeerMap {
     }
 }
 
+/// Memory shared with us by file, reached by the server through DMA_READ/WRITE
+/// messages: always allowed (spec: the operations "must be supported ... even if the
+/// corresponding memory ... has been shared as mappable"), and the only way when the
+/// server takes no fds (`max_msg_fds` 0). `pread`/`pwrite` at the mapping's file offset;
+/// the fd is the caller's, shared (no dup: a client may hold tens of thousands of
+/// mappings).
+struct FilePeer {
+    fd: Arc<OwnedFd>,
+    /// IOVA of the mapping's first byte.
+    start: u64,
+    /// File offset of the mapping's first byte.
+    offset: u64,
+}
+
+impl FilePeer {
+    /// The file offset of IOVA `addr` (the peer map already checked it is mapped).
+    fn at(&self, addr: u64) -> std::result::Result<u64, i32> {
+        addr.checked_sub(self.start)
+            .and_then(|d| d.checked_add(self.offset))
+            .filter(|&at| i64::try_from(at).is_ok())
+            .ok_or(libc::EFAULT)
+    }
+
+    fn file_size(&self) -> std::result::Result<u64, i32> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat writes a `struct stat` into the uninitialised buffer we own; the
+        // fd is open for as long as `self.fd` lives.
+        let r = unsafe { libc::fstat(self.fd.as_raw_fd(), st.as_mut_ptr()) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO));
+        }
+        // SAFETY: fstat succeeded, so it initialised the buffer.
+        let st = unsafe { st.assume_init() };
+        Ok(st.st_size as u64)
+    }
+}
+
+impl DmaPeer for FilePeer {
+    fn dma_read(&self, addr: u64, buf: &mut [u8]) -> std::result::Result<(), i32> {
+        let mut at = self.at(addr)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            // SAFETY: pread into `rest`, a live, exclusively borrowed buffer of
+            // `rest.len()` bytes; the fd stays open while `self.fd` lives.
+            let n = unsafe {
+                libc::pread(
+                    self.fd.as_raw_fd(),
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    at as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.raw_os_error().unwrap_or(libc::EIO));
+            }
+            // End of file: memory that is not there is a fault, not zeros.
+            if n == 0 {
+                return Err(libc::EFAULT);
+            }
+            done += n as usize;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn dma_write(&self, addr: u64, data: &[u8]) -> std::result::Result<(), i32> {
+        let mut at = self.at(addr)?;
+        // pwrite past the end would grow the file: memory that is not there is a fault.
+        if at
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > self.file_size().unwrap_or(0))
+        {
+            return Err(libc::EFAULT);
+        }
+        let mut done = 0usize;
+        while done < data.len() {
+            let rest = &data[done..];
+            // SAFETY: pwrite from `rest`, a live buffer of `rest.len()` bytes; the fd
+            // stays open while `self.fd` lives.
+            let n = unsafe {
+                libc::pwrite(
+                    self.fd.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    at as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.raw_os_error().unwrap_or(libc::EIO));
+            }
+            if n == 0 {
+                return Err(libc::EFAULT);
+            }
+            done += n as usize;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
 /// A connection to a vfio-user server, usable as a [`VfioDevice`].
 pub struct Client {
     ep: Arc<Endpoint>,
@@ -363,7 +477,9 @@ impl Client {
             twin,
             idle_reader: Mutex::new(None),
             max_xfer: server_xfer.max(1),
-            max_fds: (v.caps.max_msg_fds as usize).max(1),
+            // 0 is a real value (spec: "maximum number of file descriptors that can be
+            // received"): such a server gets no fd at all (see `dma_map`, `set_irqs`).
+            max_fds: v.caps.max_msg_fds as usize,
             write_multiple: config.write_multiple && v.caps.write_multiple,
             nested,
             faults,
@@ -1050,6 +1166,12 @@ impl VfioDevice for Client {
                 if fds.iter().all(|f| f.is_none()) {
                     return self.send_irqs(index, flags, start, count, &[], &[]);
                 }
+                if self.max_fds == 0 {
+                    return Err(DeviceError::Unsupported(format!(
+                        "eventfds for irq index {index}: the vfio-user server accepts no \
+                         file descriptors (max_msg_fds 0); use interrupts by message"
+                    )));
+                }
                 // Runs of present fds (at most max_fds per message) and runs of absent
                 // ones (sent without fds: de-assign).
                 let mut i = 0usize;
@@ -1076,7 +1198,26 @@ impl VfioDevice for Client {
         Ok(())
     }
 
-    fn dma_map(&self, req: DmaMapRequest) -> Result<()> {
+    fn dma_map(&self, mut req: DmaMapRequest) -> Result<()> {
+        // Spec, read and write operations: "all of these operations must be supported by
+        // the client and/or server, even if the corresponding memory or device region
+        // has been shared as mappable" — so memory shared by fd is also served to the
+        // server's DMA_READ/WRITE, from the file.
+        let file_peer = |fd: &Arc<OwnedFd>, offset: u64| FilePeer {
+            fd: fd.clone(),
+            start: req.range.start(),
+            offset,
+        };
+        // A server that takes no fds (max_msg_fds 0) cannot map the file: the mapping is
+        // sent without it and reached by message only (spec, DMA_MAP: "if the DMA region
+        // cannot be directly mapped by the server, no file descriptor must be sent").
+        if self.max_fds == 0 {
+            if let DmaBacking::Fd { fd, offset } = &req.backing {
+                let p = file_peer(fd, *offset);
+                req.backing = DmaBacking::Peer(Arc::new(p));
+            }
+        }
+        let by_message = matches!(req.backing, DmaBacking::Peer(_));
         let mut b = Vec::with_capacity(DmaMap::SIZE);
         let (offset, fd) = match &req.backing {
             DmaBacking::Fd { fd, offset } => (*offset, Some(fd.as_raw_fd())),
@@ -1090,30 +1231,44 @@ impl VfioDevice for Client {
         }
         .encode_into(&mut b);
         let start = req.range.start();
-        if let DmaBacking::Peer(p) = &req.backing {
+        let peer: Arc<dyn DmaPeer> = match &req.backing {
+            DmaBacking::Peer(p) => p.clone(),
+            DmaBacking::Fd { fd, offset } => Arc::new(file_peer(fd, *offset)),
+        };
+        let registered = {
             let mut maps = self.peers.maps.write();
-            if maps.values().any(|m| m.range.overlaps(&req.range)) {
+            // Mappings never overlap: only the last one starting at or before our end
+            // can reach into our range.
+            let overlap = maps
+                .range(..=req.range.last())
+                .next_back()
+                .is_some_and(|(_, m)| m.range.overlaps(&req.range));
+            if overlap && by_message {
                 return Err(nestio_dma::DmaError::Overlap {
                     iova: start,
                     size: req.range.len(),
                 }
                 .into());
             }
-            maps.insert(
-                start,
-                PeerMapping {
-                    range: req.range,
-                    prot: req.prot,
-                    peer: p.clone(),
-                },
-            );
-        }
-        if matches!(req.backing, DmaBacking::Peer(_)) {
+            // An overlapping fd mapping is the server's to refuse (EEXIST).
+            if !overlap {
+                maps.insert(
+                    start,
+                    PeerMapping {
+                        range: req.range,
+                        prot: req.prot,
+                        peer,
+                    },
+                );
+            }
+            !overlap
+        };
+        if by_message {
             self.ensure_idle_reader()?;
         }
         let fds: Vec<RawFd> = fd.into_iter().collect();
         let r = self.call("DMA_MAP", Command::DmaMap, &b, &fds);
-        if r.is_err() && matches!(req.backing, DmaBacking::Peer(_)) {
+        if r.is_err() && registered {
             self.peers.maps.write().remove(&start);
         }
         r.map(|_| ())
@@ -1160,7 +1315,18 @@ impl VfioDevice for Client {
             )
             .ok()?;
         let d = Self::feature_data("MIGRATION", &m, 8).ok()?;
-        proto::decode_migration_flags(d).ok().map(MigrationFlags)
+        let flags = proto::decode_migration_flags(d).ok()?;
+        // Spec, VFIO_DEVICE_FEATURE_MIGRATION: "at least VFIO_MIGRATION_STOP_COPY must be
+        // set". Without it no migration can be driven (STOP_COPY and RESUMING are the
+        // states that move the data), so such a device does not migrate.
+        if flags & MigrationFlags::STOP_COPY == 0 {
+            tracing::warn!(
+                flags,
+                "vfio-user server offers migration without STOP_COPY; treating the device as not migratable"
+            );
+            return None;
+        }
+        Some(MigrationFlags(flags))
     }
 
     fn mig_state(&self) -> Result<MigState> {

@@ -1245,7 +1245,10 @@ impl IoFdsReply {
             put_u64(b, e.datamatch);
         }
     }
-    /// Parse a reply. Entries are present only when the payload holds them all.
+    /// Parse a reply. Entries are present only when the payload holds them all. The
+    /// entry size is the entries' bytes divided by `count`, at least 40 (spec: "currently
+    /// this is 40 bytes for both IO FD types, but this is not to be relied on"); bytes of
+    /// a larger entry past the 40 known ones are skipped.
     pub fn decode(p: &[u8]) -> Result<IoFdsReply> {
         const WHAT: &str = "DEVICE_GET_REGION_IO_FDS reply";
         let mut c = Cursor::new(p, WHAT);
@@ -1258,12 +1261,14 @@ impl IoFdsReply {
         let mut entries = Vec::new();
         if c.remaining() > 0 {
             let n = hdr.count as usize;
-            if c.remaining() != n.saturating_mul(IoFdsMsg::ENTRY) {
+            let have = c.remaining();
+            if n == 0 || !have.is_multiple_of(n) || have / n < IoFdsMsg::ENTRY {
                 return Err(ProtoError::invalid(
                     WHAT,
-                    format!("{} bytes of entries for count {n}", c.remaining()),
+                    format!("{have} bytes of entries for count {n}"),
                 ));
             }
+            let stride = have / n;
             for _ in 0..n {
                 let offset = c.u64()?;
                 let size = c.u64()?;
@@ -1272,6 +1277,7 @@ impl IoFdsReply {
                 let flags = c.u32()?;
                 let _pad = c.u32()?;
                 let datamatch = c.u64()?;
+                c.bytes(stride - IoFdsMsg::ENTRY)?;
                 entries.push(IoFdEntry {
                     offset,
                     size,

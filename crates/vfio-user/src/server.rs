@@ -831,7 +831,10 @@ impl Session<'_> {
         // would otherwise size our payload buffer).
         let limit = self.server.max_msg_size();
         self.ep.set_max_msg_size(limit);
-        let client_end = if cfg.twin_socket && v.caps.twin_supported() {
+        // Spec, max_msg_fds: the most fds the client receives in one message; this
+        // reply's fds (twin socket, then the ring's two) stay within it.
+        let fd_room = v.caps.max_msg_fds as usize;
+        let client_end = if cfg.twin_socket && v.caps.twin_supported() && fd_room >= 1 {
             self.open_twin(limit)
         } else {
             None
@@ -848,7 +851,11 @@ impl Session<'_> {
                 fd_index: Some(0),
             });
         }
-        let ring_fds = self.open_ring(&v.caps, &mut caps, usize::from(twin));
+        let ring_fds = if fd_room >= usize::from(twin) + 2 {
+            self.open_ring(&v.caps, &mut caps, usize::from(twin))
+        } else {
+            None
+        };
         let reply = Version {
             major: proto::VERSION_MAJOR,
             minor: v.minor.min(proto::VERSION_MINOR),
@@ -1043,6 +1050,16 @@ impl Session<'_> {
                 return Err(libc::EEXIST);
             }
         }
+        // Spec, max_dma_maps: the "maximum number [of] DMA map windows that can be valid
+        // simultaneously" — our configured limit (what we advertise is at most that), not
+        // whatever the device's own table would take. ENOSPC as VFIO's type1 IOMMU.
+        if self.dma_ranges.len() >= self.cfg().max_dma_maps as usize {
+            tracing::warn!(
+                limit = self.cfg().max_dma_maps,
+                "DMA_MAP beyond max_dma_maps refused"
+            );
+            return Err(libc::ENOSPC);
+        }
         let backing = match m.fds.first() {
             Some(fd) => DmaBacking::Fd {
                 fd: Arc::new(
@@ -1092,11 +1109,9 @@ impl Session<'_> {
             self.device().dma_unmap(u.addr, u.size).map_err(dev_err)?;
             self.dma_ranges.remove(&u.addr);
         }
-        DmaUnmap {
-            argsz: DmaUnmap::SIZE as u32,
-            ..u
-        }
-        .encode_into(&mut self.out);
+        // Spec: "The server responds with the original DMA entry in the request" — argsz
+        // included, as libvfio-user does.
+        u.encode_into(&mut self.out);
         Ok(Vec::new())
     }
 
@@ -1125,31 +1140,44 @@ impl Session<'_> {
             return Err(libc::EINVAL);
         }
         let ri = self.device().region_info(r.index).map_err(dev_err)?;
+        // Spec: with MMAP "the reply will include a file descriptor", and a client
+        // receives at most its max_msg_fds per message: a client that takes none gets
+        // the region as not mappable (no MMAP, no sparse mmap areas), reached by
+        // REGION_READ/WRITE.
+        let fd_ok = self.client.as_ref().is_none_or(|c| c.max_msg_fds >= 1);
+        let fd = ri
+            .fd
+            .filter(|_| ri.flags & region_flags::MMAP != 0 && fd_ok);
+        let mut flags = ri.flags & !region_flags::CAPS;
+        if !fd_ok {
+            flags &= !region_flags::MMAP;
+        }
+        let sparse = if fd_ok {
+            ri.sparse.iter().map(|a| (a.offset, a.size)).collect()
+        } else {
+            Vec::new()
+        };
         let reply = RegionInfoReply {
             info: RegionInfoMsg {
                 argsz: 0,
-                flags: ri.flags & !region_flags::CAPS,
+                flags,
                 index: r.index,
                 cap_offset: 0,
                 size: ri.size,
                 offset: ri.fd_offset,
             },
-            sparse: ri.sparse.iter().map(|a| (a.offset, a.size)).collect(),
+            sparse,
         };
         reply.encode_into(r.argsz, &mut self.out);
-        let mut fds = Vec::new();
-        if ri.flags & region_flags::MMAP != 0 {
-            if let Some(fd) = ri.fd {
-                fds.push(fd);
-            }
-        }
-        Ok(fds)
+        Ok(fd.into_iter().collect())
     }
 
     /// DEVICE_GET_REGION_IO_FDS: the region's ioeventfds, each distinct fd sent once.
     fn get_region_io_fds(&mut self, r: IoFdsMsg, m: &Message) -> Result<Fds, i32> {
         Self::no_fds(m)?;
-        if (r.argsz as usize) < IoFdsMsg::SIZE {
+        // Spec: "index is the index of memory region being queried; all other fields
+        // must be zero" (flags is checked by the parser; libvfio-user refuses both).
+        if (r.argsz as usize) < IoFdsMsg::SIZE || r.count != 0 {
             return Err(libc::EINVAL);
         }
         let list = self.device().region_io_fds(r.index).map_err(dev_err)?;
@@ -1392,6 +1420,7 @@ impl Session<'_> {
     /// DEVICE_FEATURE: routed by feature index. Writes the reply into `self.out`.
     fn feature(&mut self, f: DeviceFeature<'_>) -> Result<(), i32> {
         let index = f.index();
+        let request = f.clone();
         let req = FeatureReq {
             get: f.flags & feature::GET != 0,
             set: f.flags & feature::SET != 0,
@@ -1406,7 +1435,21 @@ impl Session<'_> {
             feature::DMA_LOGGING_STOP => self.logging_stop(&req),
             feature::DMA_LOGGING_REPORT => self.logging_report(&req),
             _ => Err(libc::ENOTTY),
+        }?;
+        // Spec: "The reply payload must be the same as the request payload for setting or
+        // probing a feature" (argsz and data included). A state change still reports the
+        // state it reached (the one asked for, as it succeeded).
+        if req.probe || req.set {
+            let reached = (index == feature::MIG_DEVICE_STATE && !req.probe)
+                .then(|| self.out.get(8..12).map(<[u8]>::to_vec))
+                .flatten();
+            self.out.clear();
+            request.encode_into(&mut self.out);
+            if let (Some(s), Some(dst)) = (reached, self.out.get_mut(8..12)) {
+                dst.copy_from_slice(&s);
+            }
         }
+        Ok(())
     }
 
     /// Dirty logging is offered by devices with a DMA table or with migration.

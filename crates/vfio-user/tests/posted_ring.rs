@@ -137,6 +137,9 @@ fn a_corrupted_ring_ends_only_its_session() {
                 supported: true,
                 ..PostedRingCap::default()
             }),
+            // The reply carries the ring's two fds: a client takes them (spec,
+            // max_msg_fds: "if not specified then the receiver must assume 1").
+            max_msg_fds: 2,
             ..Capabilities::default()
         },
     };

@@ -12,8 +12,8 @@ use std::time::Duration;
 use common::*;
 use nestio_device_model::VfioDevice;
 use nestio_vfio_user::proto::{
-    dma_flags, irq_set_flags, Capabilities, Command, DeviceInfoMsg, DmaMap, DmaUnmap, Header,
-    IoFdsMsg, IrqSet, RegionInfoMsg, Version,
+    dma_flags, irq_set_flags, Capabilities, Command, DeviceFeature, DeviceInfoMsg, DmaMap,
+    DmaUnmap, Header, IoFdsMsg, IrqSet, RegionInfoMsg, Version,
 };
 use nestio_vfio_user::socket::{recv_message, send_message, Message};
 use nestio_vfio_user::{Client, ClientConfig, ServerConfig};
@@ -360,6 +360,11 @@ fn io_fds_server(offset: u64) -> (UnixStream, JoinHandle<()>) {
 
 /// [`io_fds_server`] with the entry's KVM ioeventfd `flags`.
 fn io_fds_server_flags(offset: u64, flags: u32) -> (UnixStream, JoinHandle<()>) {
+    io_fds_server_entry(offset, flags, IoFdsMsg::ENTRY)
+}
+
+/// [`io_fds_server_flags`] with entries of `stride` bytes (40 known, then zeros).
+fn io_fds_server_entry(offset: u64, flags: u32, stride: usize) -> (UnixStream, JoinHandle<()>) {
     let (a, b) = UnixStream::pair().unwrap();
     let t = std::thread::spawn(move || {
         let efd = eventfd();
@@ -391,7 +396,7 @@ fn io_fds_server_flags(offset: u64, flags: u32) -> (UnixStream, JoinHandle<()>) 
                 .encode_into(&mut p),
                 Some(Command::DeviceGetRegionIoFds) => {
                     IoFdsMsg {
-                        argsz: 56,
+                        argsz: (IoFdsMsg::SIZE + stride) as u32,
                         flags: 0,
                         index: 0,
                         count: 1,
@@ -404,6 +409,7 @@ fn io_fds_server_flags(offset: u64, flags: u32) -> (UnixStream, JoinHandle<()>) 
                     p.extend_from_slice(&flags.to_ne_bytes());
                     p.extend_from_slice(&0u32.to_ne_bytes()); // padding
                     p.extend_from_slice(&0u64.to_ne_bytes());
+                    p.resize(IoFdsMsg::SIZE + stride, 0);
                     fds.push(efd_raw(&efd));
                 }
                 _ => {
@@ -727,6 +733,455 @@ fn client_mig_data_write_argsz_covers_the_data() {
     let seen = seen.lock().unwrap().clone();
     assert!(r.is_ok(), "{r:?} (argsz, size) sent: {seen:?}");
     assert_eq!(seen, vec![(108, 100)]);
+    drop(c);
+    t.join().unwrap();
+}
+
+/// Spec, GET_REGION_IO_FDS reply: entry i is at `i * (entries' size / count)`; "currently
+/// this is 40 bytes for both IO FD types, but this is not to be relied on". The client
+/// refused a reply whose entries were larger than 40 bytes.
+#[test]
+fn client_reads_io_fd_entries_of_any_size() {
+    let (a, t) = io_fds_server_entry(0x10, 1, 48);
+    let c = Client::from_stream(a, client_config()).unwrap();
+    let r = c.region_io_fds(0).expect("48-byte entries");
+    assert_eq!(r.len(), 1);
+    assert_eq!((r[0].offset, r[0].size, r[0].datamatch), (0x10, 4, Some(0)));
+    drop(c);
+    t.join().unwrap();
+    // Shorter than the 40 bytes every entry type has: malformed.
+    let (a, t) = io_fds_server_entry(0x10, 1, 32);
+    let c = Client::from_stream(a, client_config()).unwrap();
+    assert!(c.region_io_fds(0).is_err());
+    drop(c);
+    t.join().unwrap();
+}
+
+/// Spec, VFIO_DEVICE_FEATURE_MIGRATION: "Support for additional states is indicated via
+/// the flags field; at least VFIO_MIGRATION_STOP_COPY must be set." The client reported a
+/// server's flags without STOP_COPY as a migratable device.
+#[test]
+fn client_needs_stop_copy_for_migration() {
+    for (flags, migratable) in [(4u64, false), (0, false), (1 | 4, true)] {
+        let (a, t) = fake_server(Capabilities::default(), move |m| {
+            let req = DeviceFeature::decode(&m.payload).unwrap();
+            let mut p = Vec::new();
+            DeviceFeature {
+                argsz: 16,
+                flags: req.flags,
+                data: &flags.to_ne_bytes(),
+            }
+            .encode_into(&mut p);
+            vec![(m.header.reply(p.len()).unwrap(), p)]
+        });
+        let c = Client::from_stream(a, client_config()).unwrap();
+        let got = c.migration_flags();
+        assert_eq!(got.is_some(), migratable, "flags {flags:#x}: {got:?}");
+        drop(c);
+        t.join().unwrap();
+    }
+}
+
+/// Spec, VERSION: max_msg_fds is the "maximum number of file descriptors that can be
+/// received by the sender in one message"; DMA_MAP: "if the DMA region cannot be
+/// directly mapped by the server, no file descriptor must be sent ... and the DMA region
+/// can be accessed by the server using DMA_READ and DMA_WRITE". The client treated a
+/// server's `max_msg_fds: 0` as 1 and sent it fds anyway.
+#[test]
+fn client_sends_no_fds_to_a_server_that_takes_none() {
+    use std::sync::mpsc;
+    let (a, b) = UnixStream::pair().unwrap();
+    let (tx, rx) = mpsc::channel::<(usize, Vec<u8>)>();
+    let t = std::thread::spawn(move || {
+        while let Ok(Some(m)) = recv_message(&b, 1 << 24) {
+            let mut p = Vec::new();
+            match Command::from_u16(m.header.cmd) {
+                Some(Command::Version) => Version {
+                    major: 0,
+                    minor: 2,
+                    caps: Capabilities {
+                        max_msg_fds: 0,
+                        ..Capabilities::default()
+                    },
+                }
+                .encode_into(&mut p),
+                Some(Command::DeviceGetInfo) => DeviceInfoMsg {
+                    argsz: 16,
+                    flags: 2,
+                    num_regions: 9,
+                    num_irqs: 5,
+                }
+                .encode_into(&mut p),
+                Some(Command::DmaMap) => {
+                    let fds = m.fds.len();
+                    send_message(&b, &m.header.reply(0).unwrap(), &[], &[]).unwrap();
+                    // Reach the mapping by message: 8 bytes at 0x10010.
+                    let mut q = Vec::new();
+                    nestio_vfio_user::proto::DmaAccess {
+                        addr: 0x10010,
+                        count: 8,
+                        data: &[],
+                    }
+                    .encode_into(&mut q);
+                    let h = Header::command(0x100, Command::DmaRead, q.len()).unwrap();
+                    send_message(&b, &h, &q, &[]).unwrap();
+                    let r = recv_message(&b, 1 << 24).unwrap().unwrap();
+                    assert_eq!(r.header.msg_id, 0x100);
+                    assert!(!r.header.is_error(), "DMA_READ failed: {:?}", r.header);
+                    tx.send((fds, r.payload[16..].to_vec())).unwrap();
+                    continue;
+                }
+                _ => {
+                    let _ = send_message(&b, &m.header.error_reply(libc::ENOSYS), &[], &[]);
+                    continue;
+                }
+            }
+            if send_message(&b, &m.header.reply(p.len()).unwrap(), &p, &[]).is_err() {
+                return;
+            }
+        }
+    });
+    let c = Client::from_stream(a, client_config()).unwrap();
+    let mem = memfd(0x4000);
+    pwrite(&mem, 0x1010, b"vfiouser");
+    c.dma_map(nestio_dma::DmaMapRequest {
+        range: nestio_dma::DmaRange::new(0x10000, 0x2000).unwrap(),
+        prot: nestio_dma::Prot::RW,
+        backing: nestio_dma::DmaBacking::Fd {
+            fd: std::sync::Arc::new(mem),
+            offset: 0x1000,
+        },
+    })
+    .unwrap();
+    let (fds, data) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(fds, 0, "DMA_MAP carried an fd to a server that takes none");
+    assert_eq!(data, b"vfiouser", "DMA_READ served from the file");
+    // Eventfds cannot go by message: refused locally.
+    let efd = eventfd();
+    let r = c.set_irqs(
+        1,
+        nestio_device_model::IrqAction::Trigger,
+        0,
+        1,
+        nestio_device_model::IrqData::Eventfd(vec![Some(efd)]),
+    );
+    assert!(
+        matches!(r, Err(nestio_device_model::DeviceError::Unsupported(_))),
+        "{r:?}"
+    );
+    drop(c);
+    t.join().unwrap();
+}
+
+/// Spec, VERSION: a client's max_msg_fds bounds the fds the server sends it in one
+/// message. With `max_msg_fds: 0` the server still attached a mappable region's fd to
+/// GET_REGION_INFO and a twin socket to the VERSION reply. Such a client now gets the
+/// region as not mappable (no MMAP flag, no sparse areas) and no twin socket.
+#[test]
+fn server_sends_no_fds_to_a_client_that_takes_none() {
+    let h = Harness::new(ServerConfig::default());
+    let (s, _t) = h.session();
+    let v = Version {
+        major: 0,
+        minor: 2,
+        caps: Capabilities {
+            max_msg_fds: 0,
+            twin_socket: Some(nestio_vfio_user::proto::TwinSocket {
+                supported: true,
+                fd_index: None,
+            }),
+            ..Capabilities::default()
+        },
+    };
+    let mut p = Vec::new();
+    v.encode_into(&mut p);
+    send(&s, 1, Command::Version as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    assert!(!m.header.is_error());
+    assert!(
+        m.fds.is_empty(),
+        "VERSION reply carried {} fds",
+        m.fds.len()
+    );
+    let r = Version::decode(&m.payload).unwrap();
+    assert!(!r.caps.twin_supported());
+    // Region 2 of the test device is mappable, with a sparse area.
+    let mut p = Vec::new();
+    RegionInfoMsg {
+        argsz: 256,
+        index: 2,
+        ..RegionInfoMsg::default()
+    }
+    .encode_into(&mut p);
+    send(&s, 2, Command::DeviceGetRegionInfo as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    assert!(!m.header.is_error());
+    assert!(
+        m.fds.is_empty(),
+        "GET_REGION_INFO carried {} fds",
+        m.fds.len()
+    );
+    let info = RegionInfoMsg::decode(&m.payload[..32]).unwrap();
+    assert_eq!(info.flags & 4, 0, "MMAP without an fd: {:#x}", info.flags);
+    assert_eq!(m.payload.len(), 32, "sparse mmap areas without an fd");
+    assert_eq!(info.argsz, 32);
+    // The region is still reachable by message.
+    let mut p = 0x10u64.to_ne_bytes().to_vec();
+    p.extend_from_slice(&2u32.to_ne_bytes());
+    p.extend_from_slice(&4u32.to_ne_bytes());
+    send(&s, 3, Command::RegionRead as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    assert!(!m.header.is_error());
+    // A client taking one fd still gets it.
+    let (s, _t) = h.session();
+    raw_version_with(
+        &s,
+        Capabilities {
+            max_msg_fds: 1,
+            ..Capabilities::default()
+        },
+    );
+    let mut p = Vec::new();
+    RegionInfoMsg {
+        argsz: 256,
+        index: 2,
+        ..RegionInfoMsg::default()
+    }
+    .encode_into(&mut p);
+    send(&s, 2, Command::DeviceGetRegionInfo as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    assert_eq!(m.fds.len(), 1);
+}
+
+/// Spec, VERSION: max_dma_maps is the "maximum number DMA map windows that can be valid
+/// simultaneously". The server advertised its configured limit but never enforced it:
+/// only the device's own table (much larger) bounded the mappings.
+#[test]
+fn server_enforces_its_max_dma_maps() {
+    let h = Harness::new(ServerConfig {
+        max_dma_maps: 2,
+        ..ServerConfig::default()
+    });
+    let (s, _t) = h.session();
+    let v = raw_version(&s);
+    assert_eq!(v.caps.max_dma_maps, 2);
+    dma_map_peer(&s, 2, 0x10000, 0x1000);
+    dma_map_peer(&s, 3, 0x20000, 0x1000);
+    let mut p = Vec::new();
+    DmaMap {
+        flags: dma_flags::READ | dma_flags::WRITE,
+        offset: 0,
+        addr: 0x30000,
+        size: 0x1000,
+    }
+    .encode_into(&mut p);
+    send(&s, 4, Command::DmaMap as u16, &p, &[]);
+    expect_error(&s, 4, libc::ENOSPC);
+    // A window freed is a window available again.
+    let u = dma_unmap_payload(24, 0, 0x10000, 0x1000);
+    send(&s, 5, Command::DmaUnmap as u16, &u, &[]);
+    assert!(!recv(&s).unwrap().header.is_error());
+    dma_map_peer(&s, 6, 0x30000, 0x1000);
+    // Unmap-all frees every window.
+    let u = dma_unmap_payload(24, dma_flags::UNMAP_ALL, 0, 0);
+    send(&s, 7, Command::DmaUnmap as u16, &u, &[]);
+    assert!(!recv(&s).unwrap().header.is_error());
+    dma_map_peer(&s, 8, 0x40000, 0x1000);
+    dma_map_peer(&s, 9, 0x50000, 0x1000);
+}
+
+/// Spec, DMA_UNMAP reply: "The server responds with the original DMA entry in the
+/// request." The server rewrote argsz to 24 when the client's was larger.
+#[test]
+fn dma_unmap_reply_is_the_original_entry() {
+    let h = Harness::new(ServerConfig::default());
+    let (s, _t) = h.session();
+    raw_version(&s);
+    dma_map_peer(&s, 2, 0x10000, 0x1000);
+    let p = dma_unmap_payload(4096, 0, 0x10000, 0x1000);
+    send(&s, 3, Command::DmaUnmap as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    assert!(!m.header.is_error(), "{:?}", m.header);
+    assert_eq!(m.payload, p, "the reply echoes the entry as sent");
+    let p = dma_unmap_payload(64, dma_flags::UNMAP_ALL, 0, 0);
+    send(&s, 4, Command::DmaUnmap as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    assert!(!m.header.is_error(), "{:?}", m.header);
+    assert_eq!(m.payload, p);
+}
+
+/// Spec, DEVICE_FEATURE reply: "The reply payload must be the same as the request
+/// payload for setting or probing a feature." The server answered a probe or a SET with
+/// its own argsz (8 + what it wrote) and a MIG_DEVICE_STATE SET with data_fd -1 in
+/// place of the request's.
+#[test]
+fn feature_set_and_probe_replies_echo_the_request() {
+    use nestio_vfio_user::proto::feature;
+    let h = Harness::new(ServerConfig::default());
+    let (s, _t) = h.session();
+    raw_version(&s);
+    let with = |argsz: u32, flags: u32, data: &[u8]| {
+        let mut p = Vec::new();
+        DeviceFeature { argsz, flags, data }.encode_into(&mut p);
+        p
+    };
+    let mut state = Vec::new();
+    state.extend_from_slice(&1u32.to_ne_bytes()); // STOP
+    state.extend_from_slice(&0u32.to_ne_bytes()); // data_fd: unused in vfio-user
+    let cases = [
+        with(
+            64,
+            feature::PROBE | feature::GET | feature::MIGRATION as u32,
+            &[],
+        ),
+        with(32, feature::SET | feature::DMA_LOGGING_STOP as u32, &[]),
+        with(32, feature::SET | feature::MIG_DEVICE_STATE as u32, &state),
+    ];
+    for (i, p) in cases.iter().enumerate() {
+        let id = 2 + i as u16;
+        send(&s, id, Command::DeviceFeature as u16, p, &[]);
+        let m = recv(&s).unwrap();
+        assert_eq!(m.header.msg_id, id);
+        assert!(!m.header.is_error(), "case {i}: {:?}", m.header);
+        assert_eq!(&m.payload, p, "case {i}: the reply echoes the request");
+    }
+    // The state change happened.
+    let p = with(16, feature::GET | feature::MIG_DEVICE_STATE as u32, &[]);
+    send(&s, 9, Command::DeviceFeature as u16, &p, &[]);
+    let m = recv(&s).unwrap();
+    assert!(!m.header.is_error());
+    assert_eq!(&m.payload[8..12], &1u32.to_ne_bytes());
+}
+
+/// Spec, GET_REGION_IO_FDS request: "index is the index of memory region being queried;
+/// all other fields must be zero". A request with a non-zero count was answered as if
+/// count were 0 (libvfio-user refuses it: EINVAL).
+#[test]
+fn io_fds_request_count_must_be_zero() {
+    let h = Harness::new(ServerConfig::default());
+    let (s, _t) = h.session();
+    raw_version(&s);
+    let req = |count: u32| {
+        let mut p = Vec::new();
+        IoFdsMsg {
+            argsz: 256,
+            flags: 0,
+            index: 1,
+            count,
+        }
+        .encode_into(&mut p);
+        p
+    };
+    send(&s, 2, Command::DeviceGetRegionIoFds as u16, &req(3), &[]);
+    expect_error(&s, 2, libc::EINVAL);
+    send(&s, 3, Command::DeviceGetRegionIoFds as u16, &req(0), &[]);
+    let m = recv(&s).unwrap();
+    assert!(!m.header.is_error(), "{:?}", m.header);
+    assert_eq!(m.fds.len(), 1, "region 1's doorbell ioeventfd");
+}
+
+/// Spec, read and write operations: "Note that all of these operations must be supported
+/// by the client and/or server, even if the corresponding memory or device region has
+/// been shared as mappable." The client answered a server's DMA_READ/DMA_WRITE of memory
+/// it had shared by fd with EFAULT.
+#[test]
+fn client_serves_dma_messages_for_memory_shared_by_fd() {
+    use nestio_vfio_user::proto::{DmaAccess, TwinSocket};
+    use std::os::fd::AsRawFd;
+    use std::sync::mpsc;
+    let (a, b) = UnixStream::pair().unwrap();
+    let (tx, rx) = mpsc::channel::<(Message, Message)>();
+    let t = std::thread::spawn(move || {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        while let Ok(Some(m)) = recv_message(&b, 1 << 24) {
+            let mut p = Vec::new();
+            let mut fds = Vec::new();
+            match Command::from_u16(m.header.cmd) {
+                Some(Command::Version) => {
+                    Version {
+                        major: 0,
+                        minor: 2,
+                        caps: Capabilities {
+                            twin_socket: Some(TwinSocket {
+                                supported: true,
+                                fd_index: Some(0),
+                            }),
+                            ..Capabilities::default()
+                        },
+                    }
+                    .encode_into(&mut p);
+                    fds.push(theirs.as_raw_fd());
+                }
+                Some(Command::DeviceGetInfo) => DeviceInfoMsg {
+                    argsz: 16,
+                    flags: 2,
+                    num_regions: 9,
+                    num_irqs: 5,
+                }
+                .encode_into(&mut p),
+                Some(Command::DmaMap) => {
+                    assert_eq!(m.fds.len(), 1, "the memory goes by fd");
+                    send_message(&b, &m.header.reply(0).unwrap(), &[], &[]).unwrap();
+                    // Write 4 bytes at 0x10020, then read 8 at 0x1001c, by message.
+                    let mut q = Vec::new();
+                    DmaAccess {
+                        addr: 0x10020,
+                        count: 4,
+                        data: b"dma!",
+                    }
+                    .encode_into(&mut q);
+                    let h = Header::command(0x100, Command::DmaWrite, q.len()).unwrap();
+                    send_message(&ours, &h, &q, &[]).unwrap();
+                    let w = recv_message(&ours, 1 << 24).unwrap().unwrap();
+                    q.clear();
+                    DmaAccess {
+                        addr: 0x1001c,
+                        count: 8,
+                        data: &[],
+                    }
+                    .encode_into(&mut q);
+                    let h = Header::command(0x101, Command::DmaRead, q.len()).unwrap();
+                    send_message(&ours, &h, &q, &[]).unwrap();
+                    let r = recv_message(&ours, 1 << 24).unwrap().unwrap();
+                    tx.send((w, r)).unwrap();
+                    continue;
+                }
+                _ => {
+                    let _ = send_message(&b, &m.header.error_reply(libc::ENOSYS), &[], &[]);
+                    continue;
+                }
+            }
+            if send_message(&b, &m.header.reply(p.len()).unwrap(), &p, &fds).is_err() {
+                return;
+            }
+        }
+    });
+    let c = Client::from_stream(
+        a,
+        ClientConfig {
+            twin_socket: true,
+            ..client_config()
+        },
+    )
+    .unwrap();
+    assert!(c.twin_socket());
+    let mem = memfd(0x4000);
+    pwrite(&mem, 0x101c, b"abcdefgh");
+    let mem = std::sync::Arc::new(mem);
+    c.dma_map(nestio_dma::DmaMapRequest {
+        range: nestio_dma::DmaRange::new(0x10000, 0x2000).unwrap(),
+        prot: nestio_dma::Prot::RW,
+        backing: nestio_dma::DmaBacking::Fd {
+            fd: mem.clone(),
+            offset: 0x1000,
+        },
+    })
+    .unwrap();
+    let (w, r) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(!w.header.is_error(), "DMA_WRITE refused: {:?}", w.header);
+    assert!(!r.header.is_error(), "DMA_READ refused: {:?}", r.header);
+    assert_eq!(&r.payload[16..], b"abcddma!");
+    assert_eq!(pread(&mem, 0x1020, 4), b"dma!");
     drop(c);
     t.join().unwrap();
 }
