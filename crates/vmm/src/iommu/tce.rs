@@ -214,7 +214,12 @@ impl TceIommu {
         let mut merged: Vec<(u64, Run)> = Vec::new();
         for (iova, (gpa, len, prot)) in pages {
             if let Some((li, lr)) = merged.last_mut() {
-                if *li + lr.size == iova && lr.gpa + lr.size == gpa && lr.prot == prot {
+                // A hostile TCE may name a page at the very top of the address space:
+                // an end that does not fit in 64 bits continues nothing.
+                if li.checked_add(lr.size) == Some(iova)
+                    && lr.gpa.checked_add(lr.size) == Some(gpa)
+                    && lr.prot == prot
+                {
                     lr.size += len;
                     continue;
                 }
@@ -379,6 +384,24 @@ mod tests {
                 ctx.mem.write_be_u64(gpa + 8 * i as u64, *t).unwrap();
             }
         }
+    }
+
+    #[test]
+    fn tce_at_the_top_of_the_address_space_is_not_merged_and_not_mapped() {
+        // Fuzz finding (tce target): a TCE naming the last page of the 64-bit space,
+        // followed by a page it could be coalesced with, overflowed `gpa + size` while
+        // the runs were merged. The hostile page is refused (outside RAM), the good one
+        // is mapped alone, and the call succeeds.
+        let r = rig(PeConfig::default());
+        r.tce_list(0x1000, &[0xffff_ffff_ffff_f003, 0x20_0003]);
+        assert_eq!(
+            r.call(H_PUT_TCE_INDIRECT, &[L0, 0x10_0000, 0x1000, 2]).0,
+            H_SUCCESS
+        );
+        assert_eq!(
+            r.iommu.mappings(),
+            vec![(0x10_1000, 0x20_0000, 0x1000, Prot::RW)]
+        );
     }
 
     #[test]

@@ -280,6 +280,8 @@ struct ChipState {
     /// Detached eventfds the delivery thread may still be polling: closed by it once
     /// it rebuilt its poll set (so a number it polls is never closed and reused).
     retired: Vec<EventFd>,
+    /// Set by the chip's Drop: the delivery thread ends at its next wake-up.
+    closing: bool,
 }
 
 /// The XIVE interrupt controller of an x86 VM (see the module documentation).
@@ -288,7 +290,9 @@ pub struct XiveIrqChip {
     /// Guest RAM with the EQ_SYNC dirty log, when the chip owns one.
     ram: Option<Arc<VmXiveMemory>>,
     signals: Arc<Signals>,
-    state: Mutex<ChipState>,
+    /// Shared with the delivery thread, which holds no reference to the chip itself:
+    /// the chip's last owner always runs its Drop, which joins the thread.
+    state: Arc<Mutex<ChipState>>,
     /// Wakes the delivery thread: the attachments changed, or the chip is going.
     wake: EventFd,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -376,21 +380,22 @@ impl XiveIrqChip {
         }
         let os = |e: std::io::Error| invalid(format!("eventfd/thread for XIVE delivery: {e}"));
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(os)?;
-        let wake_fd = wake.as_raw_fd();
+        let thread_wake = wake.try_clone().map_err(os)?;
+        let state = Arc::new(Mutex::new(st));
         let chip = Arc::new(XiveIrqChip {
             xive,
             ram,
             signals,
-            state: Mutex::new(st),
+            state: state.clone(),
             wake,
             thread: Mutex::new(None),
             cpus,
             cede_stats: Mutex::new(CedeStats::default()),
         });
-        let weak = Arc::downgrade(&chip);
+        let xive = chip.xive.clone();
         let t = std::thread::Builder::new()
             .name("xive-delivery".into())
-            .spawn(move || delivery_loop(wake_fd, &weak))
+            .spawn(move || delivery_loop(&thread_wake, &state, &xive))
             .map_err(os)?;
         *chip.thread.lock() = Some(t);
         Ok(chip)
@@ -424,9 +429,9 @@ impl XiveIrqChip {
 
     /// Read a ready eventfd and trigger its source (or the source its message
     /// names).
-    fn deliver(&self, token: u64) {
+    fn deliver(state: &Mutex<ChipState>, xive: &Xive, token: u64) {
         let lisn = {
-            let mut st = self.state.lock();
+            let mut st = state.lock();
             let Some(a) = st.attachments.get(&token) else {
                 return;
             };
@@ -451,7 +456,7 @@ impl XiveIrqChip {
                 }
             }
         };
-        self.xive.trigger(lisn);
+        xive.trigger(lisn);
     }
 
     /// The source the events of message source `vector` trigger now (itself unless
@@ -516,16 +521,22 @@ impl XiveIrqChip {
     }
 }
 
-/// The delivery thread: `poll` on the wake eventfd and every attached eventfd; the set
-/// is rebuilt after each wake-up. `wake_fd` stays open as long as the chip (whose Drop
-/// joins this thread before its fields close).
-fn delivery_loop(wake_fd: i32, chip: &std::sync::Weak<XiveIrqChip>) {
+/// The delivery thread: `poll` on the wake eventfd (its own duplicate) and every
+/// attached eventfd; the set is rebuilt after each wake-up. It holds the chip's state
+/// and model but never the chip, so the chip's Drop always runs on its owner's thread
+/// and joins this one: no delivery thread outlives its chip. (It used to upgrade a
+/// `Weak` to the chip; when the owner let go meanwhile, the chip was dropped here and
+/// the thread ran on detached after the owner had returned — a fuzz finding.)
+fn delivery_loop(wake: &EventFd, state: &Mutex<ChipState>, xive: &Xive) {
+    let wake_fd = wake.as_raw_fd();
     let mut fds: Vec<libc::pollfd> = Vec::new();
     let mut tokens: Vec<u64> = Vec::new();
     loop {
         {
-            let Some(c) = chip.upgrade() else { return };
-            let mut st = c.state.lock();
+            let mut st = state.lock();
+            if st.closing {
+                return;
+            }
             st.retired.clear();
             fds.clear();
             tokens.clear();
@@ -555,14 +566,13 @@ fn delivery_loop(wake_fd: i32, chip: &std::sync::Weak<XiveIrqChip>) {
             tracing::error!(error = %e, "xive: poll failed, delivery stops");
             return;
         }
-        let Some(c) = chip.upgrade() else { return };
         if fds[0].revents != 0 {
             // A change or the end: drain the counter and rebuild (or notice the end).
-            let _ = c.wake.read();
+            let _ = wake.read();
         }
         for (pfd, &t) in fds[1..].iter().zip(&tokens) {
             if pfd.revents != 0 {
-                c.deliver(t);
+                XiveIrqChip::deliver(state, xive, t);
             }
         }
     }
@@ -570,6 +580,7 @@ fn delivery_loop(wake_fd: i32, chip: &std::sync::Weak<XiveIrqChip>) {
 
 impl Drop for XiveIrqChip {
     fn drop(&mut self) {
+        self.state.lock().closing = true;
         let _ = self.wake.write(1);
         if let Some(t) = self.thread.lock().take() {
             if t.thread().id() != std::thread::current().id() {
@@ -1047,6 +1058,43 @@ mod tests {
         );
         assert_eq!(r.rc, 0);
         x.esb_load(lisn, true, 0xc00, 8);
+    }
+
+    #[test]
+    fn dropping_the_chip_during_a_delivery_joins_the_delivery_thread() {
+        // Fuzz finding (xive target, LeakSanitizer): the delivery thread upgraded a
+        // `Weak` to the chip for each delivery; an owner letting go meanwhile returned at
+        // once, the chip was dropped on the delivery thread and that thread ran on,
+        // detached. Now the owner's drop joins it, whatever it is doing.
+        let mem = Arc::new(VecMemory::new(0, 1 << 20));
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (entered_tx, go_rx) = (Mutex::new(entered_tx), Mutex::new(go_rx));
+        let c = XiveIrqChip::with_injector(
+            mem,
+            1,
+            Box::new(move |_| {
+                let _ = entered_tx.lock().send(());
+                // Hold this delivery while the owner drops the chip (bounded: the
+                // fixed chip's Drop waits for it).
+                let _ = go_rx.lock().recv_timeout(Duration::from_millis(300));
+            }),
+        )
+        .unwrap();
+        let s = c.allocate(SourceRequest::Msi).unwrap();
+        route(&c, s.number(), 0);
+        let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        c.attach(s, &fd, None).unwrap();
+        let model = c.model().clone();
+        fd.write(1).unwrap();
+        entered_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        drop(c);
+        assert_eq!(
+            Arc::strong_count(&model),
+            1,
+            "the delivery thread (holding the model) ended before the owner's drop returned"
+        );
+        drop(go_tx);
     }
 
     #[test]
