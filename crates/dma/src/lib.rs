@@ -29,6 +29,7 @@
 pub mod bench;
 mod dirty;
 mod error;
+pub mod file_io;
 #[cfg(feature = "harness")]
 pub mod fuzzing;
 mod guard;

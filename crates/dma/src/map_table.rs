@@ -88,7 +88,6 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -1053,9 +1052,9 @@ impl DmaSpace for MapTable {
                 let done = unsafe { crate::guard::load(buf.as_mut_ptr(), src, n) };
                 guarded_result(done)
             }
-            Seg::File(file, at, pos, n) => file
-                .read_exact_at(&mut buf[pos..pos + n], at)
-                .map_err(|e| e.raw_os_error().unwrap_or(0)),
+            Seg::File(file, at, pos, n) => {
+                crate::file_io::read_at(file, at, &mut buf[pos..pos + n])
+            }
             Seg::Peer(peer, addr, pos, n) => peer.dma_read(addr, &mut buf[pos..pos + n]),
         })
     }
@@ -1075,21 +1074,8 @@ impl DmaSpace for MapTable {
                 let done = unsafe { crate::guard::store(dst, data.as_ptr(), n) };
                 guarded_result(done)
             }
-            Seg::File(file, at, pos, n) => {
-                // pwrite past the end would grow the file back; a write to memory the
-                // owner has cut off is a fault, like a read of it. (A truncate between
-                // this check and the pwrite still grows the file back — sparse, and
-                // harmless to us.)
-                let size = file
-                    .metadata()
-                    .map_err(|e| e.raw_os_error().unwrap_or(0))?
-                    .len();
-                if size < at + n as u64 {
-                    return Err(0);
-                }
-                file.write_all_at(&data[pos..pos + n], at)
-                    .map_err(|e| e.raw_os_error().unwrap_or(0))
-            }
+            // A write to memory the owner has cut off is a fault, like a read of it.
+            Seg::File(file, at, pos, n) => crate::file_io::write_at(file, at, &data[pos..pos + n]),
             Seg::Peer(peer, addr, pos, n) => peer.dma_write(addr, &data[pos..pos + n]),
         })
     }

@@ -214,92 +214,32 @@ impl FilePeer {
             .filter(|&at| i64::try_from(at).is_ok())
             .ok_or(libc::EFAULT)
     }
+}
 
-    fn file_size(&self) -> std::result::Result<u64, i32> {
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: fstat writes a `struct stat` into the uninitialised buffer we own; the
-        // fd is open for as long as `self.fd` lives.
-        let r = unsafe { libc::fstat(self.fd.as_raw_fd(), st.as_mut_ptr()) };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO));
-        }
-        // SAFETY: fstat succeeded, so it initialised the buffer.
-        let st = unsafe { st.assume_init() };
-        Ok(st.st_size as u64)
+/// End of file (0 from [`nestio_dma::file_io`]) is memory that is not there: a fault.
+fn fault_at_eof(errno: i32) -> i32 {
+    if errno == 0 {
+        libc::EFAULT
+    } else {
+        errno
     }
 }
 
 impl DmaPeer for FilePeer {
     fn dma_read(&self, addr: u64, buf: &mut [u8]) -> std::result::Result<(), i32> {
-        let mut at = self.at(addr)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let rest = &mut buf[done..];
-            // SAFETY: pread into `rest`, a live, exclusively borrowed buffer of
-            // `rest.len()` bytes; the fd stays open while `self.fd` lives.
-            let n = unsafe {
-                libc::pread(
-                    self.fd.as_raw_fd(),
-                    rest.as_mut_ptr().cast(),
-                    rest.len(),
-                    at as libc::off_t,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e.raw_os_error().unwrap_or(libc::EIO));
-            }
-            // End of file: memory that is not there is a fault, not zeros.
-            if n == 0 {
-                return Err(libc::EFAULT);
-            }
-            done += n as usize;
-            at += n as u64;
-        }
-        Ok(())
+        let at = self.at(addr)?;
+        nestio_dma::file_io::with_file(std::os::fd::AsFd::as_fd(&*self.fd), |f| {
+            nestio_dma::file_io::read_at(f, at, buf)
+        })
+        .map_err(fault_at_eof)
     }
 
     fn dma_write(&self, addr: u64, data: &[u8]) -> std::result::Result<(), i32> {
-        let mut at = self.at(addr)?;
-        // pwrite past the end would grow the file: memory that is not there is a fault.
-        if at
-            .checked_add(data.len() as u64)
-            .is_none_or(|end| end > self.file_size().unwrap_or(0))
-        {
-            return Err(libc::EFAULT);
-        }
-        let mut done = 0usize;
-        while done < data.len() {
-            let rest = &data[done..];
-            // SAFETY: pwrite from `rest`, a live buffer of `rest.len()` bytes; the fd
-            // stays open while `self.fd` lives.
-            let n = unsafe {
-                libc::pwrite(
-                    self.fd.as_raw_fd(),
-                    rest.as_ptr().cast(),
-                    rest.len(),
-                    at as libc::off_t,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e.raw_os_error().unwrap_or(libc::EIO));
-            }
-            if n == 0 {
-                return Err(libc::EFAULT);
-            }
-            done += n as usize;
-            at += n as u64;
-        }
-        Ok(())
+        let at = self.at(addr)?;
+        nestio_dma::file_io::with_file(std::os::fd::AsFd::as_fd(&*self.fd), |f| {
+            nestio_dma::file_io::write_at(f, at, data)
+        })
+        .map_err(fault_at_eof)
     }
 }
 
