@@ -68,8 +68,7 @@ fn dma_unmap_all_requires_zero_iova_and_size() {
     dma_map_peer(&s, 7, 0x30000, 0x1000);
     let p = dma_unmap_payload(24, dma_flags::UNMAP_ALL, 0, 0);
     send(&s, 8, Command::DmaUnmap as u16, &p, &[]);
-    let m = recv(&s).unwrap();
-    assert!(!m.header.is_error());
+    expect_ok(&s, 8);
     let p = dma_unmap_payload(24, 0, 0x30000, 0x1000);
     send(&s, 9, Command::DmaUnmap as u16, &p, &[]);
     assert!(recv(&s).unwrap().header.is_error(), "ALL removed it");
@@ -111,8 +110,7 @@ fn dma_unmap_argsz_below_reply_size_is_einval() {
     // Not unmapped by the refused request.
     let p = dma_unmap_payload(24, 0, 0x10000, 0x1000);
     send(&s, 4, Command::DmaUnmap as u16, &p, &[]);
-    let m = recv(&s).unwrap();
-    assert!(!m.header.is_error());
+    let m = expect_ok(&s, 4);
     assert_eq!(m.payload, p, "reply echoes the entry");
 }
 
@@ -574,8 +572,7 @@ fn server_accepts_header_only_dma_write_reply() {
     }
     .encode_into(&mut p);
     send(&s, 8, Command::RegionRead as u16, &p, &[]);
-    let m = recv(&s).unwrap();
-    assert!(!m.header.is_error());
+    let m = expect_ok(&s, 8);
     let status = u64::from_le_bytes(m.payload[16..24].try_into().unwrap());
     assert_eq!(status, 0, "DMA failed with errno {status}");
 }
@@ -607,8 +604,7 @@ fn feature_argsz_must_hold_the_reply() {
     let mut p = feature_payload(40, feature::SET | feature::DMA_LOGGING_START as u32);
     p.extend_from_slice(&data);
     send(&s, 4, Command::DeviceFeature as u16, &p, &[]);
-    let m = recv(&s).unwrap();
-    assert!(!m.header.is_error(), "{:?}", m.header);
+    let m = expect_ok(&s, 4);
     assert_eq!(m.payload, p);
 }
 
@@ -896,8 +892,7 @@ fn server_sends_no_fds_to_a_client_that_takes_none() {
     let mut p = Vec::new();
     v.encode_into(&mut p);
     send(&s, 1, Command::Version as u16, &p, &[]);
-    let m = recv(&s).unwrap();
-    assert!(!m.header.is_error());
+    let m = expect_ok(&s, 1);
     assert!(
         m.fds.is_empty(),
         "VERSION reply carried {} fds",
@@ -914,8 +909,7 @@ fn server_sends_no_fds_to_a_client_that_takes_none() {
     }
     .encode_into(&mut p);
     send(&s, 2, Command::DeviceGetRegionInfo as u16, &p, &[]);
-    let m = recv(&s).unwrap();
-    assert!(!m.header.is_error());
+    let m = expect_ok(&s, 2);
     assert!(
         m.fds.is_empty(),
         "GET_REGION_INFO carried {} fds",
@@ -930,8 +924,7 @@ fn server_sends_no_fds_to_a_client_that_takes_none() {
     p.extend_from_slice(&2u32.to_ne_bytes());
     p.extend_from_slice(&4u32.to_ne_bytes());
     send(&s, 3, Command::RegionRead as u16, &p, &[]);
-    let m = recv(&s).unwrap();
-    assert!(!m.header.is_error());
+    expect_ok(&s, 3);
     // A client taking one fd still gets it.
     let (s, _t) = h.session();
     raw_version_with(
@@ -1000,13 +993,11 @@ fn dma_unmap_reply_is_the_original_entry() {
     dma_map_peer(&s, 2, 0x10000, 0x1000);
     let p = dma_unmap_payload(4096, 0, 0x10000, 0x1000);
     send(&s, 3, Command::DmaUnmap as u16, &p, &[]);
-    let m = recv(&s).unwrap();
-    assert!(!m.header.is_error(), "{:?}", m.header);
+    let m = expect_ok(&s, 3);
     assert_eq!(m.payload, p, "the reply echoes the entry as sent");
     let p = dma_unmap_payload(64, dma_flags::UNMAP_ALL, 0, 0);
     send(&s, 4, Command::DmaUnmap as u16, &p, &[]);
-    let m = recv(&s).unwrap();
-    assert!(!m.header.is_error(), "{:?}", m.header);
+    let m = expect_ok(&s, 4);
     assert_eq!(m.payload, p);
 }
 
@@ -1048,8 +1039,7 @@ fn feature_set_and_probe_replies_echo_the_request() {
     // The state change happened.
     let p = with(16, feature::GET | feature::MIG_DEVICE_STATE as u32, &[]);
     send(&s, 9, Command::DeviceFeature as u16, &p, &[]);
-    let m = recv(&s).unwrap();
-    assert!(!m.header.is_error());
+    let m = expect_ok(&s, 9);
     assert_eq!(&m.payload[8..12], &1u32.to_ne_bytes());
 }
 
@@ -1075,8 +1065,7 @@ fn io_fds_request_count_must_be_zero() {
     send(&s, 2, Command::DeviceGetRegionIoFds as u16, &req(3), &[]);
     expect_error(&s, 2, libc::EINVAL);
     send(&s, 3, Command::DeviceGetRegionIoFds as u16, &req(0), &[]);
-    let m = recv(&s).unwrap();
-    assert!(!m.header.is_error(), "{:?}", m.header);
+    let m = expect_ok(&s, 3);
     assert_eq!(m.fds.len(), 1, "region 1's doorbell ioeventfd");
 }
 

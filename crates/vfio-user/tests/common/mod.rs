@@ -53,6 +53,14 @@ pub fn recv(sock: &UnixStream) -> Option<Message> {
     recv_message(sock, 1 << 22).unwrap()
 }
 
+/// Expect a successful reply to message `id`; returns it.
+pub fn expect_ok(sock: &UnixStream, id: u16) -> Message {
+    let m = recv(sock).expect("a reply");
+    assert_eq!(m.header.msg_id, id);
+    assert!(!m.header.is_error(), "expected a reply, got {:?}", m.header);
+    m
+}
+
 /// Expect an error reply with `errno` to message `id`.
 pub fn expect_error(sock: &UnixStream, id: u16, errno: i32) {
     let m = recv(sock).expect("a reply");
